@@ -1,0 +1,131 @@
+// The Backend interface: one virtual entry per op. The model, optimizers and trainer call only
+// this, never branching on the device. CpuBackend (fp32, OpenMP + OpenBLAS) is the reference;
+// CudaBackend (bf16 activations/weights, fp32 master/grads/state) must honour the same contracts.
+//
+// Conventions for every op:
+//  - Outputs are pre-allocated by the caller with the documented shapes.
+//  - "(=)" outputs are overwritten; "(+=)" outputs are accumulated into (gradients of weights
+//    and of tensors that feed several consumers).
+//  - Optional outputs are passed as nullptr.
+//  - N = B*T rows; d = model width; activations row-major [B, T, ...].
+//  - Activation tensors have dtype act_dtype(); rstd / lse / losses / grads / optimizer state
+//    are always f32; token ids are i32.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace mf {
+
+struct AttnShape {
+  int B = 0, T = 0, H = 0, Hkv = 0, hd = 0;  // batch, sequence, query heads, kv heads, head dim
+  float scale = 0.f;                          // softmax scale, usually 1/sqrt(hd)
+};
+
+// One AdamW step on one tensor. PyTorch semantics: p *= (1 - decay); then
+// m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (m/bc1) / (sqrt(v/bc2) + eps).
+// g is multiplied by grad_scale first (clipping, averaging). bc1 = 1 - b1^t, bc2 = 1 - b2^t.
+struct AdamWArgs {
+  float lr = 0, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, decay = 0, bc1 = 1, bc2 = 1, grad_scale = 1;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+  virtual DType act_dtype() const = 0;  // dtype of activations and of compute weights
+
+  // ---- memory --------------------------------------------------------------------------
+  // Zero-filled tensor on this backend.
+  virtual Tensor empty(const Shape& s, DType t) = 0;
+  virtual void zero(Tensor& t) = 0;
+  // dst (this backend, any float dtype or i32) <- src (host tensor of f32 or i32), converting.
+  virtual void upload(const Tensor& host_src, Tensor& dst) = 0;
+  // host dst (f32 or i32) <- src (this backend), converting.
+  virtual void download(const Tensor& src, Tensor& host_dst) = 0;
+  // dst <- src on this backend; converts between f32 and bf16 (the master -> compute weight cast).
+  virtual void copy(const Tensor& src, Tensor& dst) = 0;
+  virtual void synchronize() {}
+
+  // ---- model ops -----------------------------------------------------------------------
+  // out[n,:] (=) wte[tokens[n],:].  tokens i32 [N], wte [V,d], out [N,d]
+  virtual void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) = 0;
+  // dwte[tokens[n],:] (+=) dout[n,:]; deterministic (fixed order of accumulation).
+  virtual void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) = 0;
+
+  // Fused residual add + RMSNorm: if branch != nullptr, resid_out (=) resid_in + branch, else
+  // resid_out (=) resid_in (resid_out may alias resid_in). Then
+  // y (=) resid_out * rsqrt(mean(resid_out^2) + eps) * w;  rstd f32 [N] (=) the rsqrt.
+  virtual void add_rmsnorm_fwd(const Tensor& resid_in, const Tensor* branch, Tensor& resid_out,
+                               const Tensor& w, float eps, Tensor& y, Tensor& rstd) = 0;
+  // Backward of y = rmsnorm(x) * w given rstd from forward: dx (+=), dw (+=).
+  virtual void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w,
+                           const Tensor& rstd, Tensor& dx, Tensor& dw) = 0;
+
+  // y (=) x W^T.  x [N,in], W [out,in], y [N,out]
+  virtual void matmul_fwd(const Tensor& x, const Tensor& W, Tensor& y) = 0;
+  // dx (= or += when accumulate_dx) dy W;  dW (+=) dy^T x.  Either output may be nullptr.
+  virtual void matmul_bwd(const Tensor& dy, const Tensor& x, const Tensor& W, Tensor* dx,
+                          Tensor* dW, bool accumulate_dx) = 0;
+
+  // Rotary embedding, Hugging Face rotate-half form, position = t in [0, T):
+  // for i < hd/2: f = t * theta^(-2i/hd); y[i] = x[i] cos f - x[i+hd/2] sin f;
+  // y[i+hd/2] = x[i+hd/2] cos f + x[i] sin f.  x, y [B,T,H,hd] (y may alias x).
+  virtual void rope_fwd(const Tensor& x, Tensor& y, float theta) = 0;
+  // dx (=) the transpose rotation of dy (dx may alias dy).
+  virtual void rope_bwd(const Tensor& dy, Tensor& dx, float theta) = 0;
+
+  // Causal grouped-query attention; query head h uses kv head h / (H/Hkv).
+  // q [B,T,H,hd], k,v [B,T,Hkv,hd], out [B,T,H,hd] (=), lse f32 [B,H,T] (=) log-sum-exp of the
+  // scaled scores of each query row (what a flash backward needs). No T x T matrix is stored.
+  virtual void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                             Tensor& lse, const AttnShape& s) = 0;
+  // dq, dk, dv (=).
+  virtual void attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                             const Tensor& v, const Tensor& out, const Tensor& lse, Tensor& dq,
+                             Tensor& dk, Tensor& dv, const AttnShape& s) = 0;
+
+  // h (=) silu(gate) * up.  gate, up, h [N,f]
+  virtual void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) = 0;
+  // dgate (=), dup (=).
+  virtual void swiglu_bwd(const Tensor& dh, const Tensor& gate, const Tensor& up, Tensor& dgate,
+                          Tensor& dup) = 0;
+
+  // Fused lm-head + softmax cross-entropy, never holding all B*T*V fp32 logits at once.
+  // logits = logit_scale * x W^T;  losses f32 [N] (=) -log softmax(logits)[n, targets[n]].
+  // If dx / dW are given, computes the gradient of (loss_scale * sum_n losses[n]):
+  // dx [N,d] (=), dW [V,d] (+=).   x [N,d], W [V,d], targets i32 [N] in [0,V).
+  virtual void lmhead_xent(const Tensor& x, const Tensor& W, const Tensor& targets,
+                           float logit_scale, Tensor& losses, Tensor* dx, Tensor* dW,
+                           float loss_scale) = 0;
+
+  // ---- reductions and elementwise ---------------------------------------------------------
+  // sum of squares of all elements, accumulated in double (synchronizes).
+  virtual double sum_squares(const Tensor& x) = 0;
+  // sum of all elements (synchronizes).
+  virtual double sum(const Tensor& x) = 0;
+  // x (=) alpha * x
+  virtual void scale(Tensor& x, float alpha) = 0;
+  // y (=) y + alpha * x
+  virtual void axpy(float alpha, const Tensor& x, Tensor& y) = 0;
+
+  // ---- optimizer primitives (all f32) ----------------------------------------------------
+  virtual void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+                            const AdamWArgs& a) = 0;
+  // M (=) mu M + grad_scale*g;  U (=) nesterov ? grad_scale*g + mu M : M.
+  virtual void muon_momentum(const Tensor& g, Tensor& M, Tensor& U, float mu, bool nesterov,
+                             float grad_scale) = 0;
+  // O (=) NS(U) for U [r,c]: X = U / (||U||_F + 1e-7), transposed when r > c; `steps` times
+  // A = X X^T; X = a X + (b A + c A^2) X; transposed back. O may alias U.
+  virtual void newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b,
+                             float c) = 0;
+};
+
+// "cpu", "cuda" or "auto" (cuda when built with CUDA and a device is present, else cpu).
+std::unique_ptr<Backend> make_backend(const std::string& device);
+bool cuda_available();  // built with CUDA and at least one device visible
+
+}  // namespace mf

@@ -1,0 +1,55 @@
+// The fp32 reference backend: plain loops + OpenMP, OpenBLAS sgemm for matmuls.
+// Op implementations are split by family across cpu_*.cpp files.
+#pragma once
+#include "backend/backend.h"
+
+namespace mf {
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+  Device device() const override { return Device::CPU; }
+  DType act_dtype() const override { return DType::F32; }
+
+  Tensor empty(const Shape& s, DType t) override;
+  void zero(Tensor& t) override;
+  void upload(const Tensor& host_src, Tensor& dst) override;
+  void download(const Tensor& src, Tensor& host_dst) override;
+  void copy(const Tensor& src, Tensor& dst) override;
+
+  void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
+  void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
+  void add_rmsnorm_fwd(const Tensor& resid_in, const Tensor* branch, Tensor& resid_out,
+                       const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                   Tensor& dx, Tensor& dw) override;
+  void matmul_fwd(const Tensor& x, const Tensor& W, Tensor& y) override;
+  void matmul_bwd(const Tensor& dy, const Tensor& x, const Tensor& W, Tensor* dx, Tensor* dW,
+                  bool accumulate_dx) override;
+  void rope_fwd(const Tensor& x, Tensor& y, float theta) override;
+  void rope_bwd(const Tensor& dy, Tensor& dx, float theta) override;
+  void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                     Tensor& lse, const AttnShape& s) override;
+  void attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& out, const Tensor& lse, Tensor& dq, Tensor& dk, Tensor& dv,
+                     const AttnShape& s) override;
+  void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) override;
+  void swiglu_bwd(const Tensor& dh, const Tensor& gate, const Tensor& up, Tensor& dgate,
+                  Tensor& dup) override;
+  void lmhead_xent(const Tensor& x, const Tensor& W, const Tensor& targets, float logit_scale,
+                   Tensor& losses, Tensor* dx, Tensor* dW, float loss_scale) override;
+
+  double sum_squares(const Tensor& x) override;
+  double sum(const Tensor& x) override;
+  void scale(Tensor& x, float alpha) override;
+  void axpy(float alpha, const Tensor& x, Tensor& y) override;
+
+  void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+                    const AdamWArgs& a) override;
+  void muon_momentum(const Tensor& g, Tensor& M, Tensor& U, float mu, bool nesterov,
+                     float grad_scale) override;
+  void newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b,
+                     float c) override;
+};
+
+}  // namespace mf

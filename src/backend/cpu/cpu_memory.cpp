@@ -1,0 +1,59 @@
+// CpuBackend: memory, transfers and simple reductions.
+#include <cmath>
+#include <cstring>
+
+#include "backend/cpu/cpu_backend.h"
+
+namespace mf {
+
+Tensor CpuBackend::empty(const Shape& s, DType t) {
+  MF_CHECK(t != DType::BF16, "the CPU backend is fp32 only (asked for bf16 ", shape_str(s), ")");
+  return host_tensor(s, t);
+}
+
+void CpuBackend::zero(Tensor& t) { std::memset(t.ptr, 0, t.nbytes()); }
+
+void CpuBackend::upload(const Tensor& src, Tensor& dst) {
+  MF_CHECK(src.numel() == dst.numel() && src.dtype == dst.dtype, "upload ", shape_str(src.shape),
+           " ", dtype_name(src.dtype), " into ", shape_str(dst.shape), " ", dtype_name(dst.dtype));
+  if (src.ptr != dst.ptr) std::memcpy(dst.ptr, src.ptr, src.nbytes());
+}
+
+void CpuBackend::download(const Tensor& src, Tensor& dst) { upload(src, dst); }
+void CpuBackend::copy(const Tensor& src, Tensor& dst) { upload(src, dst); }
+
+double CpuBackend::sum_squares(const Tensor& x) {
+  const float* p = x.f32();
+  double s = 0;
+  const int64_t n = x.numel();
+#pragma omp parallel for reduction(+ : s) schedule(static)
+  for (int64_t i = 0; i < n; ++i) s += double(p[i]) * p[i];
+  return s;
+}
+
+double CpuBackend::sum(const Tensor& x) {
+  const float* p = x.f32();
+  double s = 0;
+  const int64_t n = x.numel();
+#pragma omp parallel for reduction(+ : s) schedule(static)
+  for (int64_t i = 0; i < n; ++i) s += p[i];
+  return s;
+}
+
+void CpuBackend::scale(Tensor& x, float alpha) {
+  float* p = x.f32();
+  const int64_t n = x.numel();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) p[i] *= alpha;
+}
+
+void CpuBackend::axpy(float alpha, const Tensor& x, Tensor& y) {
+  MF_CHECK(x.numel() == y.numel(), "axpy ", shape_str(x.shape), " vs ", shape_str(y.shape));
+  const float* a = x.f32();
+  float* b = y.f32();
+  const int64_t n = x.numel();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) b[i] += alpha * a[i];
+}
+
+}  // namespace mf

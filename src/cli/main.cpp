@@ -1,0 +1,63 @@
+// muonforge: pretraining Llama-style dense and MoE models with Muon and AdamW.
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/log.h"
+
+namespace {
+
+struct Command {
+  std::function<int(const mf::Args&)> fn;
+  const char* summary;
+};
+
+const std::map<std::string, Command>& commands() {
+  static const std::map<std::string, Command> c = {
+      {"train", {mf::cmd_train, "train a model from a JSON config (resumes automatically)"}},
+      {"eval", {mf::cmd_eval, "evaluate a checkpoint on the validation shards"}},
+      {"export", {mf::cmd_export, "export a checkpoint as a Hugging Face model directory"}},
+      {"inspect", {mf::cmd_inspect, "print header and token statistics of a token shard"}},
+      {"config", {mf::cmd_config, "resolve, validate and print a config"}},
+  };
+  return c;
+}
+
+void usage() {
+  std::printf(
+      "usage: muonforge <command> [options]\n\n"
+      "Pretrain Llama-style dense and Mixture-of-Experts models with Muon and AdamW.\n\n"
+      "commands:\n");
+  for (auto& [name, c] : commands()) std::printf("  %-9s %s\n", name.c_str(), c.summary);
+  std::printf("\nRun 'muonforge <command> --help' for the options of a command.\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  mf::setup_logging();
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
+      !std::strcmp(argv[1], "help")) {
+    usage();
+    return argc < 2 ? 2 : 0;
+  }
+  auto it = commands().find(argv[1]);
+  if (it == commands().end()) {
+    std::fprintf(stderr, "muonforge: unknown command '%s'\n\n", argv[1]);
+    usage();
+    return 2;
+  }
+  mf::Args args(argv + 2, argv + argc);
+  try {
+    return it->second.fn(args);
+  } catch (const mf::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}

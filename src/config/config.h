@@ -1,0 +1,139 @@
+// Typed run configuration (DESIGN §5). JSON -> these structs, with defaults, "base" inheritance,
+// --set overrides and validation that names the file and key path of every problem.
+#pragma once
+#include <array>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace mf {
+
+struct MoeConfig {
+  int n_experts = 0;          // 0 = dense model
+  int top_k = 2;
+  int n_shared = 0;           // shared experts, always active
+  int d_expert = 512;         // hidden width of each expert
+  int first_dense = 0;        // leading layers that stay dense
+  std::string score = "softmax";   // softmax | sigmoid
+  bool norm_topk = true;      // renormalise the top-k weights to sum to 1
+  double route_scale = 1.0;
+  std::string balance = "aux_loss";  // aux_loss | bias | none
+  double aux_coef = 0.01;
+  double bias_rate = 0.001;
+  double capacity_factor = 0.0;  // 0 = dropless
+};
+
+struct ModelConfig {
+  std::string arch = "llama";
+  int vocab_size = 50304;
+  int d_model = 768;
+  int n_layers = 12;
+  int n_heads = 12;
+  int n_kv_heads = 12;
+  int d_ff = 2048;
+  int max_seq_len = 1024;
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-5;
+  bool tie_embeddings = false;
+  double init_std = 0.02;
+  std::string attention = "auto";     // flash | cudnn | auto (CUDA only)
+  std::string recompute = "none";     // none | mlp | full (CUDA only)
+  MoeConfig moe;
+  int head_dim() const { return d_model / n_heads; }
+};
+
+struct MupConfig {
+  bool enabled = false;
+  int base_width = 256;
+  int base_depth = 12;
+};
+
+struct AdamWGroupConfig {
+  double lr = 3e-3;
+  std::array<double, 2> betas{0.9, 0.95};
+  double eps = 1e-8;
+  double wd = 0.0;
+};
+
+struct OptimConfig {
+  std::string name = "muon";          // muon | adamw
+  double lr = 0.02;                   // Muon lr (or AdamW lr of hidden matrices when name=adamw)
+  double wd = 0.0;
+  std::string wd_mode = "coupled";    // coupled | independent
+  double momentum = 0.95;
+  bool nesterov = true;
+  int ns_steps = 5;
+  std::string scale = "shape";        // shape | rms | spectral
+  std::array<double, 2> betas{0.9, 0.95};  // AdamW betas when name=adamw (hidden matrices)
+  double eps = 1e-8;
+  AdamWGroupConfig adamw;             // embeddings, lm_head, norm gains, router
+  double grad_clip = 1.0;             // 0 disables clipping
+};
+
+struct ScheduleConfig {
+  int warmup = 100;
+  std::string decay = "cosine";       // constant | cosine | linear | wsd
+  double min_lr_ratio = 0.1;
+  double wsd_decay_frac = 0.2;        // wsd: fraction of steps in the final decay
+};
+
+struct TrainConfig {
+  int seq_len = 1024;
+  int micro_batch = 16;
+  long long batch_tokens = 524288;
+  int max_steps = 5000;
+  unsigned long long seed = 1337;
+  int eval_every = 250;               // 0 disables eval
+  int eval_batches = 20;
+  int ckpt_every = 1000;              // 0: only at the end
+  int keep_ckpts = 3;
+  int log_every = 10;
+  std::optional<std::string> init_from;  // Hugging Face Llama directory
+  std::string device = "auto";        // auto | cpu | cuda
+  std::string precision = "bf16";     // bf16 | fp32 (CUDA); CPU is always fp32
+  bool deterministic = false;
+  int zero = 0;                       // 0 | 1 (ZeRO-1 optimizer state sharding)
+  int world_size = 1;                 // filled from the environment, not from JSON
+};
+
+struct DataConfig {
+  std::string train = "";             // glob of llm.c shards
+  std::string val = "";
+  bool shuffle = true;
+};
+
+struct RunConfig {
+  std::string dir = "runs/{name}";
+  std::string name = "run";
+};
+
+struct Config {
+  ModelConfig model;
+  MupConfig mup;
+  OptimConfig optim;
+  ScheduleConfig schedule;
+  TrainConfig train;
+  DataConfig data;
+  RunConfig run;
+
+  std::string source;  // file the config came from (for messages)
+  int grad_accum() const;  // batch_tokens / (micro_batch * seq_len * world_size)
+  std::string run_dir() const;  // run.dir with {name} substituted
+};
+
+// Loads `path` (following "base" chains), applies `overrides` ("a.b=value", type-checked against
+// the schema), validates, and returns the typed config. Throws mf::Error naming file and key path.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Same from an in-memory JSON object (`origin` is used in messages; relative bases resolve
+// against `base_dir`).
+Config config_from_json(const nlohmann::json& j, const std::string& origin,
+                        const std::string& base_dir = ".",
+                        const std::vector<std::string>& overrides = {});
+// Cross-field validation (also called by load_config); `world_size` from the environment.
+void validate_config(const Config& c);
+// The fully resolved config as JSON (every key, defaults included).
+nlohmann::json config_to_json(const Config& c);
+
+}  // namespace mf

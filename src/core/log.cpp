@@ -1,0 +1,34 @@
+#include "core/log.h"
+
+#include <cstdlib>
+
+#include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/stdout_sinks.h>
+
+namespace mf {
+
+void setup_logging(int rank) {
+  auto logger = spdlog::default_logger();
+  static bool done = false;
+  if (!done) {
+    logger = std::make_shared<spdlog::logger>("muonforge",
+                                              std::make_shared<spdlog::sinks::stdout_sink_mt>());
+    spdlog::set_default_logger(logger);
+    done = true;
+  }
+  spdlog::set_pattern("[%H:%M:%S] %^%l%$: %v");
+  // Info lines carry no level tag: they are the normal output.
+  logger->set_pattern("[%H:%M:%S] %v");
+  const char* all = std::getenv("MF_LOG_ALL_RANKS");
+  bool quiet = rank != 0 && !(all && std::string(all) == "1");
+  logger->set_level(quiet ? spdlog::level::warn : spdlog::level::info);
+  logger->flush_on(spdlog::level::info);
+}
+
+void add_log_file(const std::string& path) {
+  auto sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>(path, /*truncate=*/false);
+  sink->set_pattern("[%Y-%m-%d %H:%M:%S] %v");
+  spdlog::default_logger()->sinks().push_back(sink);
+}
+
+}  // namespace mf

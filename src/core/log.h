@@ -1,0 +1,15 @@
+// Logging: spdlog with one console format for every subcommand. Rank-aware once distributed
+// training sets the rank (non-zero ranks log warnings and errors only, unless MF_LOG_ALL_RANKS=1).
+#pragma once
+#include <string>
+
+#include <spdlog/spdlog.h>
+
+namespace mf {
+
+// Console sink, pattern "[HH:MM:SS] message" (warnings/errors tagged). Idempotent.
+void setup_logging(int rank = 0);
+// Also append everything to `path` (the run directory's log.txt).
+void add_log_file(const std::string& path);
+
+}  // namespace mf

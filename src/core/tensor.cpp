@@ -1,0 +1,83 @@
+#include "core/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+namespace mf {
+
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::BF16: return 2;
+    case DType::I32: return 4;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::BF16: return "bf16";
+    case DType::I32: return "i32";
+  }
+  return "?";
+}
+
+std::string shape_str(const Shape& s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? "," : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (auto d : s) n *= d;
+  return n;
+}
+
+float* Tensor::f32() const {
+  MF_CHECK(dtype == DType::F32, "tensor is ", dtype_name(dtype), ", expected f32");
+  return static_cast<float*>(ptr);
+}
+
+int32_t* Tensor::i32() const {
+  MF_CHECK(dtype == DType::I32, "tensor is ", dtype_name(dtype), ", expected i32");
+  return static_cast<int32_t*>(ptr);
+}
+
+Tensor Tensor::view(const Shape& s) const {
+  MF_CHECK(shape_numel(s) == numel(), "view ", shape_str(s), " of tensor ", shape_str(shape));
+  Tensor t = *this;
+  t.shape = s;
+  return t;
+}
+
+Tensor Tensor::slice0(int64_t begin, int64_t end) const {
+  MF_CHECK(ndim() >= 1 && begin >= 0 && begin <= end && end <= shape[0], "slice0 [", begin, ",",
+           end, ") of ", shape_str(shape));
+  Tensor t = *this;
+  int64_t row = shape[0] ? numel() / shape[0] : 0;
+  t.ptr = static_cast<char*>(ptr) + size_t(begin * row) * dtype_size(dtype);
+  t.shape[0] = end - begin;
+  return t;
+}
+
+Tensor host_tensor(const Shape& s, DType t) {
+  Tensor x;
+  x.shape = s;
+  x.dtype = t;
+  x.device = Device::CPU;
+  size_t bytes = std::max<size_t>(x.nbytes(), 1);
+  // 64-byte alignment for vector loads; calloc-like zero fill.
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  MF_CHECK(p, "out of host memory allocating ", bytes, " bytes");
+  std::memset(p, 0, bytes);
+  x.owner = std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+  x.ptr = p;
+  return x;
+}
+
+}  // namespace mf
