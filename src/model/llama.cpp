@@ -1,0 +1,286 @@
+#include "model/llama.h"
+
+#include <cmath>
+
+#include "core/rng.h"
+
+namespace mf {
+
+struct LlamaModel::Layer {
+  Param *ln1, *wq, *wk, *wv, *wo, *ln2, *wgate, *wup, *wdown;
+};
+
+// Activations kept for backward, and scratch for the gradient pass. Shapes in comments.
+struct LlamaModel::Acts {
+  Tensor tokens, targets;               // i32 (N)
+  struct PerLayer {
+    Tensor r_attn, rstd1, xn1;          // (N,d) (N) (N,d): residual entering attention, its norm
+    Tensor q, k, v, ao, lse;            // (N,H*hd) (N,Hkv*hd) x2 (N,H*hd) (B,H,T)
+    Tensor r_mlp, rstd2, xn2;           // residual entering the MLP, its norm
+    Tensor gate, up, h;                 // (N,f) x3
+  };
+  std::vector<PerLayer> L;
+  Tensor branch;                        // (N,d) output of o_proj / down_proj before the add
+  Tensor r_final, rstd_f, xf;           // final norm
+  Tensor losses;                        // (N) f32
+  // backward scratch
+  Tensor dresid, dbranch, dxf, dxn;     // (N,d)
+  Tensor dh, dgate, dup;                // (N,f)
+  Tensor dao, dq, dk, dv;               // (N,H*hd) (N,Hkv*hd)
+};
+
+LlamaModel::LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelScales scales)
+    : cfg_(cfg), be_(be), B_(B), T_(T), scales_(scales) {
+  MF_CHECK(cfg.moe.n_experts == 0, "model.moe.n_experts = ", cfg.moe.n_experts,
+           ": Mixture-of-Experts layers are not implemented yet; set it to 0");
+  MF_CHECK(T <= cfg.max_seq_len, "seq_len ", T, " exceeds model.max_seq_len ", cfg.max_seq_len);
+  build_params();
+
+  const int64_t N = int64_t(B) * T, d = cfg.d_model, f = cfg.d_ff, hd = cfg.head_dim();
+  const int64_t qd = cfg.n_heads * hd, kvd = cfg.n_kv_heads * hd;
+  const DType act = be.act_dtype();
+  auto A = [&](Shape s) { return be_.empty(s, act); };
+  auto F = [&](Shape s) { return be_.empty(s, DType::F32); };
+  acts_ = std::make_unique<Acts>();
+  Acts& a = *acts_;
+  a.tokens = be_.empty({N}, DType::I32);
+  a.targets = be_.empty({N}, DType::I32);
+  a.L.resize(cfg.n_layers);
+  for (auto& l : a.L) {
+    l.r_attn = A({N, d}); l.rstd1 = F({N}); l.xn1 = A({N, d});
+    l.q = A({N, qd}); l.k = A({N, kvd}); l.v = A({N, kvd}); l.ao = A({N, qd});
+    l.lse = F({int64_t(B), int64_t(cfg.n_heads), int64_t(T)});
+    l.r_mlp = A({N, d}); l.rstd2 = F({N}); l.xn2 = A({N, d});
+    l.gate = A({N, f}); l.up = A({N, f}); l.h = A({N, f});
+  }
+  a.branch = A({N, d});
+  a.r_final = A({N, d}); a.rstd_f = F({N}); a.xf = A({N, d});
+  a.losses = F({N});
+  a.dresid = A({N, d}); a.dbranch = A({N, d}); a.dxf = A({N, d}); a.dxn = A({N, d});
+  a.dh = A({N, f}); a.dgate = A({N, f}); a.dup = A({N, f});
+  a.dao = A({N, qd}); a.dq = A({N, qd}); a.dk = A({N, kvd}); a.dv = A({N, kvd});
+}
+
+LlamaModel::~LlamaModel() = default;
+
+void LlamaModel::build_params() {
+  const int64_t V = cfg_.vocab_size, d = cfg_.d_model, f = cfg_.d_ff, hd = cfg_.head_dim();
+  const int64_t qd = cfg_.n_heads * hd, kvd = cfg_.n_kv_heads * hd;
+  const double out_std = cfg_.init_std / std::sqrt(2.0 * cfg_.n_layers);
+  auto add = [&](const std::string& name, ParamKind kind, Shape shape, double std) {
+    auto p = std::make_unique<Param>();
+    p->name = name;
+    p->kind = kind;
+    p->shape = shape;
+    p->init_std = std;
+    p->master = be_.empty(shape, DType::F32);
+    p->weight = be_.act_dtype() == DType::F32 ? p->master : be_.empty(shape, be_.act_dtype());
+    p->grad = be_.empty(shape, DType::F32);
+    params_.push_back(std::move(p));
+    return params_.back().get();
+  };
+  wte_ = add("model.embed_tokens.weight", ParamKind::Embedding, {V, d}, cfg_.init_std);
+  for (int i = 0; i < cfg_.n_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    Layer l;
+    l.ln1 = add(p + "input_layernorm.weight", ParamKind::Norm, {d}, 0);
+    l.wq = add(p + "self_attn.q_proj.weight", ParamKind::Hidden, {qd, d}, cfg_.init_std);
+    l.wk = add(p + "self_attn.k_proj.weight", ParamKind::Hidden, {kvd, d}, cfg_.init_std);
+    l.wv = add(p + "self_attn.v_proj.weight", ParamKind::Hidden, {kvd, d}, cfg_.init_std);
+    l.wo = add(p + "self_attn.o_proj.weight", ParamKind::Hidden, {d, qd}, out_std);
+    l.ln2 = add(p + "post_attention_layernorm.weight", ParamKind::Norm, {d}, 0);
+    l.wgate = add(p + "mlp.gate_proj.weight", ParamKind::Hidden, {f, d}, cfg_.init_std);
+    l.wup = add(p + "mlp.up_proj.weight", ParamKind::Hidden, {f, d}, cfg_.init_std);
+    l.wdown = add(p + "mlp.down_proj.weight", ParamKind::Hidden, {d, f}, out_std);
+    layers_.push_back(l);
+  }
+  norm_f_ = add("model.norm.weight", ParamKind::Norm, {d}, 0);
+  lm_head_ = cfg_.tie_embeddings ? wte_
+                                 : add("lm_head.weight", ParamKind::LmHead, {V, d}, cfg_.init_std);
+}
+
+ParamList LlamaModel::params() {
+  ParamList out;
+  for (auto& p : params_) out.push_back(p.get());
+  return out;
+}
+
+Param* LlamaModel::find(const std::string& name) {
+  for (auto& p : params_)
+    if (p->name == name) return p.get();
+  return nullptr;
+}
+
+int64_t LlamaModel::num_params() const {
+  int64_t n = 0;
+  for (auto& p : params_) n += p->numel();
+  return n;
+}
+
+void LlamaModel::init_weights(uint64_t seed) {
+  // One host RNG stream walked in table order, so every backend starts from identical weights.
+  Rng rng(seed, /*stream=*/0x1a11a);
+  for (auto& p : params_) {
+    Tensor h = host_tensor(p->shape);
+    float* w = h.f32();
+    if (p->kind == ParamKind::Norm) {
+      for (int64_t i = 0; i < h.numel(); ++i) w[i] = 1.0f;
+    } else {
+      for (int64_t i = 0; i < h.numel(); ++i) w[i] = float(rng.normal() * p->init_std);
+    }
+    be_.upload(h, p->master);
+  }
+  sync_weights();
+}
+
+void LlamaModel::sync_weights() {
+  for (auto& p : params_)
+    if (p->weight.ptr != p->master.ptr) be_.copy(p->master, p->weight);
+}
+
+void LlamaModel::zero_grads() {
+  for (auto& p : params_) be_.zero(p->grad);
+}
+
+void LlamaModel::run_forward(const int32_t* inputs) {
+  Acts& a = *acts_;
+  const int64_t N = int64_t(B_) * T_;
+  Tensor in_host;
+  in_host.ptr = const_cast<int32_t*>(inputs);
+  in_host.shape = {N};
+  in_host.dtype = DType::I32;
+  be_.upload(in_host, a.tokens);
+
+  const float eps = float(cfg_.norm_eps), theta = float(cfg_.rope_theta);
+  const float rmult = float(scales_.residual_mult);
+  AttnShape s{B_, T_, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim(),
+              float(scales_.attn_scale > 0 ? scales_.attn_scale
+                                           : 1.0 / std::sqrt(double(cfg_.head_dim())))};
+
+  be_.embedding_fwd(a.tokens, wte_->weight, a.L[0].r_attn);  // (N,d)
+  for (int i = 0; i < cfg_.n_layers; ++i) {
+    Layer& w = layers_[i];
+    Acts::PerLayer& l = a.L[i];
+    // Residual stream entering attention: the embedding, or the last layer's stream + MLP out.
+    if (i == 0)
+      be_.add_rmsnorm_fwd(l.r_attn, nullptr, l.r_attn, w.ln1->weight, eps, l.xn1, l.rstd1);
+    else
+      be_.add_rmsnorm_fwd(a.L[i - 1].r_mlp, &a.branch, l.r_attn, w.ln1->weight, eps, l.xn1,
+                          l.rstd1);
+    be_.matmul_fwd(l.xn1, w.wq->weight, l.q);  // (N,H*hd)
+    be_.matmul_fwd(l.xn1, w.wk->weight, l.k);  // (N,Hkv*hd)
+    be_.matmul_fwd(l.xn1, w.wv->weight, l.v);
+    be_.rope_fwd(l.q, l.q, theta);
+    be_.rope_fwd(l.k, l.k, theta);
+    be_.attention_fwd(l.q, l.k, l.v, l.ao, l.lse, s);
+    be_.matmul_fwd(l.ao, w.wo->weight, a.branch);  // (N,d)
+    if (rmult != 1.f) be_.scale(a.branch, rmult);
+    be_.add_rmsnorm_fwd(l.r_attn, &a.branch, l.r_mlp, w.ln2->weight, eps, l.xn2, l.rstd2);
+    be_.matmul_fwd(l.xn2, w.wgate->weight, l.gate);  // (N,f)
+    be_.matmul_fwd(l.xn2, w.wup->weight, l.up);
+    be_.swiglu_fwd(l.gate, l.up, l.h);
+    be_.matmul_fwd(l.h, w.wdown->weight, a.branch);  // (N,d)
+    if (rmult != 1.f) be_.scale(a.branch, rmult);
+  }
+  be_.add_rmsnorm_fwd(a.L.back().r_mlp, &a.branch, a.r_final, norm_f_->weight, eps, a.xf,
+                      a.rstd_f);
+}
+
+double LlamaModel::loss_from_host(const Tensor& losses) {
+  Tensor h = host_tensor(losses.shape);
+  be_.download(losses, h);
+  double s = 0;
+  for (int64_t i = 0; i < h.numel(); ++i) s += h.f32()[i];
+  return s / double(h.numel());
+}
+
+double LlamaModel::forward(const int32_t* inputs, const int32_t* targets) {
+  Acts& a = *acts_;
+  run_forward(inputs);
+  Tensor t_host;
+  t_host.ptr = const_cast<int32_t*>(targets);
+  t_host.shape = {int64_t(B_) * T_};
+  t_host.dtype = DType::I32;
+  be_.upload(t_host, a.targets);
+  be_.lmhead_xent(a.xf, lm_head_->weight, a.targets, float(scales_.logit_mult), a.losses,
+                  nullptr, nullptr, 1.f);
+  return loss_from_host(a.losses);
+}
+
+double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* targets,
+                                    float loss_scale) {
+  Acts& a = *acts_;
+  run_forward(inputs);
+  Tensor t_host;
+  t_host.ptr = const_cast<int32_t*>(targets);
+  t_host.shape = {int64_t(B_) * T_};
+  t_host.dtype = DType::I32;
+  be_.upload(t_host, a.targets);
+  // Loss and its gradient w.r.t. the final normed stream and the lm head, in one fused pass.
+  be_.lmhead_xent(a.xf, lm_head_->weight, a.targets, float(scales_.logit_mult), a.losses, &a.dxf,
+                  &lm_head_->grad, loss_scale);
+
+  const float theta = float(cfg_.rope_theta);
+  const float rmult = float(scales_.residual_mult);
+  AttnShape s{B_, T_, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim(),
+              float(scales_.attn_scale > 0 ? scales_.attn_scale
+                                           : 1.0 / std::sqrt(double(cfg_.head_dim())))};
+  // dresid holds dL/d(residual stream) as we walk back; branch gradients are read from it
+  // (times the residual multiplier) before the norm's backward adds into it.
+  be_.zero(a.dresid);
+  be_.rmsnorm_bwd(a.dxf, a.r_final, norm_f_->weight, a.rstd_f, a.dresid, norm_f_->grad);
+  auto branch_grad = [&]() -> Tensor& {
+    if (rmult == 1.f) return a.dresid;
+    be_.copy(a.dresid, a.dbranch);
+    be_.scale(a.dbranch, rmult);
+    return a.dbranch;
+  };
+  for (int i = cfg_.n_layers - 1; i >= 0; --i) {
+    Layer& w = layers_[i];
+    Acts::PerLayer& l = a.L[i];
+    // MLP branch: r_out = r_mlp + down(silu(gate(xn2)) * up(xn2))
+    Tensor& dmlp = branch_grad();
+    be_.matmul_bwd(dmlp, l.h, w.wdown->weight, &a.dh, &w.wdown->grad, false);
+    be_.swiglu_bwd(a.dh, l.gate, l.up, a.dgate, a.dup);
+    be_.matmul_bwd(a.dgate, l.xn2, w.wgate->weight, &a.dxn, &w.wgate->grad, false);
+    be_.matmul_bwd(a.dup, l.xn2, w.wup->weight, &a.dxn, &w.wup->grad, true);
+    be_.rmsnorm_bwd(a.dxn, l.r_mlp, w.ln2->weight, l.rstd2, a.dresid, w.ln2->grad);
+    // Attention branch: r_mlp = r_attn + o(attn(rope(q), rope(k), v))
+    Tensor& dattn = branch_grad();
+    be_.matmul_bwd(dattn, l.ao, w.wo->weight, &a.dao, &w.wo->grad, false);
+    be_.attention_bwd(a.dao, l.q, l.k, l.v, l.ao, l.lse, a.dq, a.dk, a.dv, s);
+    be_.rope_bwd(a.dq, a.dq, theta);
+    be_.rope_bwd(a.dk, a.dk, theta);
+    be_.matmul_bwd(a.dq, l.xn1, w.wq->weight, &a.dxn, &w.wq->grad, false);
+    be_.matmul_bwd(a.dk, l.xn1, w.wk->weight, &a.dxn, &w.wk->grad, true);
+    be_.matmul_bwd(a.dv, l.xn1, w.wv->weight, &a.dxn, &w.wv->grad, true);
+    be_.rmsnorm_bwd(a.dxn, l.r_attn, w.ln1->weight, l.rstd1, a.dresid, w.ln1->grad);
+  }
+  be_.embedding_bwd(a.tokens, a.dresid, wte_->grad);
+  return loss_from_host(a.losses);
+}
+
+std::vector<float> LlamaModel::logits(const int32_t* inputs) {
+  run_forward(inputs);
+  const int64_t N = int64_t(B_) * T_, V = cfg_.vocab_size;
+  Tensor lg = be_.empty({N, V}, be_.act_dtype());
+  be_.matmul_fwd(acts_->xf, lm_head_->weight, lg);
+  Tensor h = host_tensor({N, V});
+  be_.download(lg, h);
+  std::vector<float> out(h.f32(), h.f32() + N * V);
+  for (auto& x : out) x *= float(scales_.logit_mult);
+  return out;
+}
+
+double LlamaModel::flops_per_token() const {
+  // PaLM / llm.c convention: 6 FLOPs per weight per token (forward + backward) for every matrix
+  // that is multiplied (embedding lookup excluded, lm head included), plus 12 * L * d * T for
+  // the attention scores and values (not halved for causality).
+  double n = 0;
+  for (auto& p : params_)
+    if (p->kind != ParamKind::Embedding && p->kind != ParamKind::Norm) n += double(p->numel());
+  if (cfg_.tie_embeddings) n += double(wte_->numel());
+  return 6.0 * n + 12.0 * cfg_.n_layers * double(cfg_.d_model) * T_;
+}
+
+}  // namespace mf

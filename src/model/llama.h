@@ -1,0 +1,74 @@
+// The Llama model written once against the Backend interface (llm.c style: forward and backward
+// spelled out layer by layer, every buffer allocated once for a fixed micro-batch B x T).
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/params.h"
+
+namespace mf {
+
+// Scalars the µP section (or the standard parametrisation) decides; all 1 when µP is off.
+struct ModelScales {
+  double logit_mult = 1.0;     // readout multiplier applied to the logits
+  double attn_scale = 0.0;     // softmax scale; 0 = 1/sqrt(head_dim)
+  double residual_mult = 1.0;  // branch multiplier (CompleteP: base_depth / depth)
+};
+
+class LlamaModel {
+ public:
+  LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelScales scales = {});
+  ~LlamaModel();
+  LlamaModel(const LlamaModel&) = delete;
+  LlamaModel& operator=(const LlamaModel&) = delete;
+
+  // Every parameter, in a fixed order (the Hugging Face table order).
+  ParamList params();
+  Param* find(const std::string& name);
+  int64_t num_params() const;
+  // Normal(0, init_std) init from a host RNG (identical on every backend); residual output
+  // projections (o_proj, down_proj) use init_std / sqrt(2 n_layers); norm gains are 1.
+  // Param::init_std, when already set > 0 by the caller (µP), overrides the default.
+  void init_weights(uint64_t seed);
+  // Master -> compute copies (no-op on CPU), after loading or updating master weights.
+  void sync_weights();
+  void zero_grads();
+
+  // One micro-batch: tokens i32 host [B*T]. Returns the mean loss over B*T positions.
+  // Forward only:
+  double forward(const int32_t* inputs, const int32_t* targets);
+  // Forward + backward; gradients of (loss_scale * sum of per-position losses) are added into
+  // Param::grad. Returns the mean loss of this micro-batch.
+  double forward_backward(const int32_t* inputs, const int32_t* targets, float loss_scale);
+  // Full logits [B*T, V] of the last forward (recomputed; for tests and inspection).
+  std::vector<float> logits(const int32_t* inputs);
+
+  // 6N + attention FLOPs per token for a forward+backward pass (MFU accounting).
+  double flops_per_token() const;
+  const ModelConfig& config() const { return cfg_; }
+  int B() const { return B_; }
+  int T() const { return T_; }
+
+ private:
+  struct Layer;
+  struct Acts;
+  void build_params();
+  void run_forward(const int32_t* inputs);
+  double loss_from_host(const Tensor& losses);
+
+  ModelConfig cfg_;
+  Backend& be_;
+  int B_, T_;
+  ModelScales scales_;
+  std::vector<std::unique_ptr<Param>> params_;
+  Param* wte_ = nullptr;
+  Param* lm_head_ = nullptr;  // == wte_ when tied
+  Param* norm_f_ = nullptr;
+  std::vector<Layer> layers_;
+  std::unique_ptr<Acts> acts_;
+};
+
+}  // namespace mf
