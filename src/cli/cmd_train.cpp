@@ -1,7 +1,138 @@
-// Placeholder until the trainer lands (issue 3).
+// `muonforge train` and `muonforge eval`.
+#include <cstdio>
+#include <filesystem>
+
 #include "cli/commands.h"
+#include "config/config.h"
 #include "core/error.h"
+#include "core/log.h"
+#include "data/loader.h"
+#include "model/llama.h"
+#include "train/checkpoint.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+
 namespace mf {
-int cmd_train(const Args&) { MF_FAIL("train: not built yet"); }
-int cmd_eval(const Args&) { MF_FAIL("eval: not built yet"); }
+
+namespace {
+
+const char* kTrainUsage =
+    "usage: muonforge train CONFIG.json [--set key.path=value]... [--resume CKPT_DIR | --no-resume]\n"
+    "\n"
+    "Trains the model described by CONFIG.json (see docs/config.md). The run directory\n"
+    "(run.dir, default runs/{name}) receives config.json, log.txt, metrics.jsonl and ckpt-NNNNNN/.\n"
+    "When it already holds a checkpoint the run resumes from the latest one.\n"
+    "\n"
+    "options:\n"
+    "  --set k=v      override a config value, e.g. --set optim.lr=0.01 --set train.max_steps=50\n"
+    "  --resume DIR   resume from this checkpoint directory\n"
+    "  --no-resume    start from scratch even if the run directory has checkpoints\n"
+    "  --quiet        no per-step lines\n"
+    "Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits.\n";
+
+const char* kEvalUsage =
+    "usage: muonforge eval CKPT_DIR [--data GLOB] [--batches N] [--device auto|cpu|cuda]\n"
+    "\n"
+    "Evaluates the weights of a checkpoint on token shards (default: the run's data.val) and\n"
+    "prints the mean cross-entropy loss and perplexity.\n";
+
+std::string need_value(const Args& a, size_t& i) {
+  MF_CHECK(i + 1 < a.size(), "option ", a[i], " needs a value");
+  return a[++i];
+}
+
+}  // namespace
+
+int cmd_train(const Args& args) {
+  std::string path;
+  std::vector<std::string> sets;
+  TrainOptions opts;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "-h" || a == "--help") {
+      std::fputs(kTrainUsage, stdout);
+      return 0;
+    } else if (a == "--set") {
+      sets.push_back(need_value(args, i));
+    } else if (a.rfind("--set=", 0) == 0) {
+      sets.push_back(a.substr(6));
+    } else if (a == "--resume") {
+      opts.resume = need_value(args, i);
+    } else if (a == "--no-resume") {
+      opts.no_resume = true;
+    } else if (a == "--quiet") {
+      opts.quiet = true;
+    } else if (!a.empty() && a[0] == '-') {
+      MF_FAIL("train: unknown option ", a, " (see muonforge train --help)");
+    } else {
+      MF_CHECK(path.empty(), "train: more than one config given (", path, ", ", a, ")");
+      path = a;
+    }
+  }
+  if (path.empty()) {
+    std::fputs(kTrainUsage, stderr);
+    return 2;
+  }
+  Config cfg = load_config(path, sets);
+  spdlog::info("config {} resolved:\n{}", path, config_to_json(cfg).dump(2));
+  Trainer t(cfg, opts);
+  TrainResult r = t.run();
+  return r.interrupted ? 130 : 0;
+}
+
+int cmd_eval(const Args& args) {
+  std::string ckpt, data, device;
+  int batches = -1;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "-h" || a == "--help") {
+      std::fputs(kEvalUsage, stdout);
+      return 0;
+    } else if (a == "--data") {
+      data = need_value(args, i);
+    } else if (a == "--batches") {
+      batches = std::stoi(need_value(args, i));
+    } else if (a == "--device") {
+      device = need_value(args, i);
+    } else if (!a.empty() && a[0] == '-') {
+      MF_FAIL("eval: unknown option ", a, " (see muonforge eval --help)");
+    } else {
+      ckpt = a;
+    }
+  }
+  if (ckpt.empty()) {
+    std::fputs(kEvalUsage, stderr);
+    return 2;
+  }
+  const std::string cpath = (fs::path(ckpt) / "config.json").string();
+  MF_CHECK(fs::exists(cpath), "eval: ", ckpt, " is not a checkpoint directory (no config.json)");
+  Config cfg = load_config(cpath);
+  if (!device.empty()) cfg.train.device = device;
+  if (data.empty()) data = cfg.data.val;
+  MF_CHECK(!data.empty(), "eval: the run has no data.val; pass --data GLOB");
+  if (batches <= 0) batches = cfg.train.eval_batches;
+  auto be = make_backend(cfg.train.device);
+  LlamaModel model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
+  load_checkpoint(ckpt, model.params(), *be, nullptr);
+  model.sync_weights();
+  DataLoaderOptions lo;
+  lo.B = cfg.train.micro_batch;
+  lo.T = cfg.train.seq_len;
+  lo.vocab_size = cfg.model.vocab_size;
+  lo.label = "--data";
+  DataLoader loader(data, lo);
+  const int64_t N = lo.B * lo.T;
+  std::vector<int32_t> in(N), tg(N);
+  double s = 0;
+  for (int i = 0; i < batches; ++i) {
+    loader.next(in.data(), tg.data());
+    s += model.forward(in.data(), tg.data());
+  }
+  s /= batches;
+  std::printf("eval %s: loss %.6f  perplexity %.3f  (%d x %lld tokens from %s)\n", ckpt.c_str(), s,
+              std::exp(s), batches, (long long)N, data.c_str());
+  return 0;
+}
+
 }  // namespace mf

@@ -1,0 +1,48 @@
+// Checkpoints (DESIGN §6): run_dir/ckpt-NNNNNN/ holding
+//   model.safetensors      master weights (F32) under the Hugging Face names
+//   optimizer.safetensors  optimizer state tensors ("<param>.exp_avg", ...)
+//   state.json             step, tokens, optimizer scalars, data-loader state, RNG, config hash
+//   config.json            the resolved config of the run
+// A checkpoint is written into a hidden temporary directory, every file fsynced, then renamed
+// into place; `latest` (a one-line text file) is replaced atomically last. A crash at any point
+// leaves the previous checkpoints and `latest` intact.
+#pragma once
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/params.h"
+
+namespace mf {
+
+class Optimizer;
+
+std::string checkpoint_dir_name(int step);  // "ckpt-000123"
+
+// Writes a checkpoint for `step` (the number of completed steps) and keeps the newest `keep`.
+// Returns the checkpoint directory.
+std::string save_checkpoint(const std::string& run_dir, int step, const ParamList& params,
+                            const Optimizer& opt, Backend& be, const nlohmann::json& state,
+                            const Config& cfg, int keep);
+
+// The newest complete checkpoint in run_dir ("" when there is none). Follows `latest`, falling
+// back to scanning ckpt-* directories if the pointer is missing or stale.
+std::string find_latest_checkpoint(const std::string& run_dir);
+
+// Loads master weights (and syncs compute copies by the caller), optimizer state when opt is
+// given, and returns state.json. Errors name the checkpoint file and the tensor.
+nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& params, Backend& be,
+                               Optimizer* opt);
+
+// Loads weights from a safetensors file by name into params (shape-checked). Missing names are
+// an error unless allow_missing lists them.
+void load_weights(const std::string& path, const ParamList& params, Backend& be);
+
+// Writes params' master weights to a safetensors file (F32 or BF16) under their names.
+void save_weights(const std::string& path, const ParamList& params, Backend& be,
+                  DType store_as = DType::F32);
+
+}  // namespace mf

@@ -1,0 +1,272 @@
+#include "train/trainer.h"
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/log.h"
+#include "data/loader.h"
+#include "io/atomic_file.h"
+#include "model/llama.h"
+#include "optim/optimizer.h"
+#include "train/checkpoint.h"
+
+namespace fs = std::filesystem;
+
+namespace mf {
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+
+void on_signal(int sig) {
+  // A second signal aborts at once, as users expect from Ctrl-C twice.
+  if (g_stop_signal.exchange(sig) != 0) std::_Exit(128 + sig);
+}
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string fmt_duration(double s) {
+  char buf[32];
+  if (!std::isfinite(s) || s < 0) return "?";
+  long t = long(s + 0.5);
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+  else if (t >= 60)
+    std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+  else
+    std::snprintf(buf, sizeof buf, "%lds", t);
+  return buf;
+}
+
+std::string fmt_rate(double r) {
+  char buf[32];
+  if (r >= 1e6)
+    std::snprintf(buf, sizeof buf, "%.2fM", r / 1e6);
+  else if (r >= 1e3)
+    std::snprintf(buf, sizeof buf, "%.1fk", r / 1e3);
+  else
+    std::snprintf(buf, sizeof buf, "%.0f", r);
+  return buf;
+}
+
+// Peak dense bf16 FLOP/s used for MFU (H100/H200 SXM: 989 TFLOP/s); none for the CPU.
+double peak_flops(const Backend& be) { return be.device() == Device::CUDA ? 989e12 : 0.0; }
+
+}  // namespace
+
+void install_stop_handlers() {
+  g_stop_signal = 0;
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+}
+bool stop_requested() { return g_stop_signal.load() != 0; }
+
+Trainer::Trainer(const Config& cfg, const TrainOptions& opts) : cfg_(cfg), opts_(opts) {
+  setup();
+}
+Trainer::~Trainer() = default;
+LlamaModel& Trainer::model() { return *model_; }
+Backend& Trainer::backend() { return *be_; }
+
+void Trainer::setup() {
+  world_ = cfg_.train.world_size;
+  run_dir_ = cfg_.run_dir();
+  fs::create_directories(run_dir_);
+  if (rank_ == 0) add_log_file((fs::path(run_dir_) / "log.txt").string());
+
+  be_ = make_backend(cfg_.train.device);
+  const int B = cfg_.train.micro_batch, T = cfg_.train.seq_len;
+  model_ = std::make_unique<LlamaModel>(cfg_.model, *be_, B, T);
+  spdlog::info("model: {} parameters ({} layers, d_model {}, {} heads / {} kv heads, d_ff {}, "
+               "vocab {}), backend {}",
+               model_->num_params(), cfg_.model.n_layers, cfg_.model.d_model, cfg_.model.n_heads,
+               cfg_.model.n_kv_heads, cfg_.model.d_ff, cfg_.model.vocab_size, be_->name());
+  opt_ = std::make_unique<Optimizer>(cfg_, model_->params(), *be_);
+
+  DataLoaderOptions lo;
+  lo.B = B;
+  lo.T = T;
+  lo.rank = rank_;
+  lo.world_size = world_;
+  lo.shuffle = cfg_.data.shuffle;
+  lo.seed = cfg_.train.seed;
+  lo.vocab_size = cfg_.model.vocab_size;
+  lo.label = "data.train";
+  MF_CHECK(!cfg_.data.train.empty(), cfg_.source, ": data.train is empty; point it at token shards "
+           "(see data/README.md, e.g. scripts/prepare_data.py default)");
+  train_loader_ = std::make_unique<DataLoader>(cfg_.data.train, lo);
+  if (!cfg_.data.val.empty() && cfg_.train.eval_every > 0) {
+    lo.label = "data.val";
+    lo.shuffle = false;
+    val_loader_ = std::make_unique<DataLoader>(cfg_.data.val, lo);
+  }
+
+  // Where the weights come from: a checkpoint of this run, a Hugging Face model, or fresh init.
+  std::string ckpt = opts_.resume;
+  if (ckpt.empty() && !opts_.no_resume) ckpt = find_latest_checkpoint(run_dir_);
+  if (!ckpt.empty()) {
+    nlohmann::json st = load_checkpoint(ckpt, model_->params(), *be_, opt_.get());
+    model_->sync_weights();
+    start_step_ = st.at("step").get<int>();
+    tokens_seen_ = st.value("tokens", 0LL);
+    LoaderState ls = st.at("loader").get<LoaderState>();
+    train_loader_->restore(ls);
+    spdlog::info("resumed from {} at step {}", ckpt, start_step_);
+  } else {
+    model_->init_weights(cfg_.train.seed);
+    if (cfg_.train.init_from) {
+      MF_FAIL("train.init_from: loading Hugging Face weights is not wired in yet");
+    }
+  }
+
+  // metrics.jsonl: after a resume, drop records past the checkpoint so the file tells one story.
+  const std::string mpath = (fs::path(run_dir_) / "metrics.jsonl").string();
+  if (rank_ == 0) {
+    std::ifstream in(mpath);
+    std::ostringstream kept;
+    std::string line;
+    while (in && std::getline(in, line)) {
+      if (line.empty()) continue;
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded()) continue;  // a torn last line from a crash
+      if (j.value("step", 0) <= start_step_) kept << line << "\n";
+    }
+    atomic_write_text(mpath, start_step_ > 0 ? kept.str() : "");
+    atomic_write_text((fs::path(run_dir_) / "config.json").string(),
+                      config_to_json(cfg_).dump(2) + "\n");
+  }
+  spdlog::info("optimizer groups:\n{}", opt_->describe());
+  spdlog::info("batch: {} tokens = {} micro-batches x {} x {} x {} rank(s); {} steps; run dir {}",
+               cfg_.train.batch_tokens, cfg_.grad_accum(), B, T, world_, cfg_.train.max_steps,
+               run_dir_);
+}
+
+void Trainer::append_metrics(const nlohmann::json& rec) {
+  if (rank_ != 0) return;
+  std::ofstream f(fs::path(run_dir_) / "metrics.jsonl", std::ios::app);
+  f << rec.dump() << "\n";
+}
+
+double Trainer::evaluate() {
+  if (!val_loader_) return -1;
+  val_loader_->reset();
+  const int64_t N = int64_t(cfg_.train.micro_batch) * cfg_.train.seq_len;
+  std::vector<int32_t> in(N), tg(N);
+  double s = 0;
+  for (int i = 0; i < cfg_.train.eval_batches; ++i) {
+    val_loader_->next(in.data(), tg.data());
+    s += model_->forward(in.data(), tg.data());
+  }
+  return s / cfg_.train.eval_batches;
+}
+
+nlohmann::json Trainer::state_json(int step) const {
+  nlohmann::json st;
+  st["step"] = step;
+  st["tokens"] = tokens_seen_;
+  st["loader"] = train_loader_->state();
+  st["world_size"] = world_;
+  return st;
+}
+
+TrainResult Trainer::run() {
+  TrainResult res;
+  res.run_dir = run_dir_;
+  const int max_steps = cfg_.train.max_steps, accum = cfg_.grad_accum();
+  const int B = cfg_.train.micro_batch, T = cfg_.train.seq_len;
+  const int64_t N = int64_t(B) * T;
+  const float loss_scale = float(1.0 / (double(N) * accum));
+  std::vector<int32_t> in(N), tg(N);
+  const double fpt = model_->flops_per_token(), peak = peak_flops(*be_);
+
+  install_stop_handlers();
+  if (start_step_ >= max_steps) {
+    spdlog::info("run already complete ({} of {} steps)", start_step_, max_steps);
+    res.steps_done = start_step_;
+    return res;
+  }
+  auto t_start = Clock::now(), t_log = Clock::now();
+  long long tokens_log = 0;
+  int step = start_step_;
+  for (; step < max_steps; ++step) {
+    opt_->zero_grad();
+    double loss = 0;
+    for (int micro = 0; micro < accum; ++micro) {
+      train_loader_->next(in.data(), tg.data());
+      loss += model_->forward_backward(in.data(), tg.data(), loss_scale) / accum;
+    }
+    const double gnorm = global_grad_norm(model_->params(), *be_);
+    if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
+      std::string last = find_latest_checkpoint(run_dir_);
+      MF_FAIL("step ", step + 1, ": non-finite ", (!std::isfinite(loss) ? "loss" : "gradient norm"),
+              " (loss ", loss, ", grad norm ", gnorm, "); stopping before the update. ",
+              last.empty() ? std::string("No checkpoint was written yet.")
+                           : "The last good checkpoint is " + last + ".",
+              " Try a lower optim.lr / optim.adamw.lr or a longer schedule.warmup.");
+    }
+    const double clip = clip_factor(gnorm, cfg_.optim.grad_clip);
+    opt_->step(step, float(clip));
+    const long long step_tokens = cfg_.train.batch_tokens;
+    tokens_seen_ += step_tokens;
+    tokens_log += step_tokens;
+    res.losses.push_back(loss);
+    const int done = step + 1;
+
+    const bool last = done == max_steps;
+    if (done % cfg_.train.log_every == 0 || last || done == start_step_ + 1) {
+      const double dt = seconds_since(t_log);
+      const double tps = tokens_log / std::max(dt, 1e-9);
+      const double elapsed = seconds_since(t_start);
+      const double eta = elapsed / (done - start_step_) * (max_steps - done);
+      nlohmann::json rec = {{"step", done},          {"tokens", tokens_seen_},
+                            {"loss", loss},          {"lr", opt_->lr(step)},
+                            {"grad_norm", gnorm},    {"tok_per_s", tps},
+                            {"elapsed_s", elapsed}};
+      rec["mfu"] = peak > 0 ? nlohmann::json(fpt * tps / peak) : nlohmann::json(nullptr);
+      append_metrics(rec);
+      if (!opts_.quiet)
+        spdlog::info("step {:>{}}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {} tok/s | "
+                     "ETA {}",
+                     done, int(std::to_string(max_steps).size()), max_steps, loss, opt_->lr(step),
+                     gnorm, fmt_rate(tps), fmt_duration(eta));
+      t_log = Clock::now();
+      tokens_log = 0;
+    }
+    if (val_loader_ && (done % cfg_.train.eval_every == 0 || last)) {
+      const double vl = evaluate();
+      res.final_val_loss = vl;
+      append_metrics({{"step", done}, {"val_loss", vl}});
+      if (!opts_.quiet) spdlog::info("step {} | val loss {:.4f}", done, vl);
+    }
+    const bool stopping = stop_requested();
+    if ((cfg_.train.ckpt_every > 0 && done % cfg_.train.ckpt_every == 0) || last || stopping) {
+      if (rank_ == 0)
+        res.last_checkpoint = save_checkpoint(run_dir_, done, model_->params(), *opt_, *be_,
+                                              state_json(done), cfg_, cfg_.train.keep_ckpts);
+      if (!opts_.quiet && rank_ == 0) spdlog::info("checkpoint {}", res.last_checkpoint);
+    }
+    if (stopping) {
+      spdlog::warn("stopped by signal {} after step {}; resume with the same command",
+                   g_stop_signal.load(), done);
+      res.interrupted = true;
+      ++step;
+      break;
+    }
+  }
+  res.steps_done = step;
+  const double total = seconds_since(t_start);
+  spdlog::info("done: {} steps in {}, {} tok/s average", step - start_step_, fmt_duration(total),
+               fmt_rate(double(step - start_step_) * cfg_.train.batch_tokens / std::max(total, 1e-9)));
+  return res;
+}
+
+}  // namespace mf

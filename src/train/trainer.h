@@ -1,0 +1,65 @@
+// The training loop (DESIGN §6): gradient accumulation, clipping, optimizer step, eval, metrics,
+// checkpoints, resume, graceful stop on SIGINT/SIGTERM, and a clear stop on a non-finite loss.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "config/config.h"
+
+namespace mf {
+
+class LlamaModel;
+class Optimizer;
+class DataLoader;
+
+struct TrainOptions {
+  std::string resume;      // checkpoint dir; "" = automatic (latest in the run dir, if any)
+  bool no_resume = false;  // start fresh even when the run dir holds checkpoints
+  bool quiet = false;      // no per-step console lines (tests)
+};
+
+struct TrainResult {
+  int steps_done = 0;                 // completed optimizer steps (including resumed ones)
+  std::vector<double> losses;         // train loss of each step run in this call
+  double final_val_loss = -1;         // last eval (-1 when never evaluated)
+  std::string run_dir;
+  std::string last_checkpoint;
+  bool interrupted = false;           // stopped early by a signal (checkpoint saved)
+};
+
+class Trainer {
+ public:
+  Trainer(const Config& cfg, const TrainOptions& opts);
+  ~Trainer();
+  TrainResult run();
+
+  LlamaModel& model();
+  Backend& backend();
+
+ private:
+  void setup();
+  double evaluate();
+  nlohmann::json state_json(int step) const;
+  void append_metrics(const nlohmann::json& rec);
+
+  Config cfg_;
+  TrainOptions opts_;
+  int rank_ = 0, world_ = 1;
+  std::unique_ptr<Backend> be_;
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<Optimizer> opt_;
+  std::unique_ptr<DataLoader> train_loader_, val_loader_;
+  std::string run_dir_;
+  int start_step_ = 0;
+  long long tokens_seen_ = 0;
+};
+
+// Stop requests from SIGINT/SIGTERM: the loop finishes its step, checkpoints and returns.
+void install_stop_handlers();
+bool stop_requested();
+
+}  // namespace mf
