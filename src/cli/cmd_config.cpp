@@ -1,6 +1,66 @@
-// Placeholder until this subcommand lands.
+// `muonforge config FILE [--set k=v ...] [--json]`: resolve, validate and print a config.
+#include <cstdio>
+#include <string>
+
 #include "cli/commands.h"
+#include "config/config.h"
 #include "core/error.h"
+
 namespace mf {
-int cmd_config(const Args&) { MF_FAIL("config: not built yet"); }
+namespace {
+
+void config_usage() {
+  std::printf(
+      "usage: muonforge config FILE [--set KEY=VALUE ...] [--json]\n\n"
+      "Resolves FILE (following \"base\" inheritance), applies the overrides, validates the result\n"
+      "and prints the full config with every default filled in.\n\n"
+      "options:\n"
+      "  --set KEY=VALUE  override one key, e.g. --set optim.lr=3e-3, --set model.tie_embeddings=true,\n"
+      "                   --set optim.adamw.betas=[0.9,0.99], --set train.init_from=null\n"
+      "                   (VALUE is read as JSON when it parses, else as a string; repeatable)\n"
+      "  --json           print only the JSON (no summary lines), for scripts\n"
+      "  -h, --help       show this help\n\n"
+      "The world size comes from the WORLD_SIZE environment variable (default 1); preview another\n"
+      "one with --set train.world_size=N. Exit status: 0 valid, 1 error.\n");
+}
+
+}  // namespace
+
+int cmd_config(const Args& args) {
+  std::string file;
+  std::vector<std::string> overrides;
+  bool json_only = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "-h" || a == "--help") {
+      config_usage();
+      return 0;
+    } else if (a == "--json") {
+      json_only = true;
+    } else if (a == "--set") {
+      MF_CHECK(i + 1 < args.size(), "config: --set needs KEY=VALUE, e.g. --set optim.lr=3e-3");
+      overrides.push_back(args[++i]);
+    } else if (a.rfind("--set=", 0) == 0) {
+      overrides.push_back(a.substr(6));
+    } else if (!a.empty() && a[0] == '-') {
+      MF_FAIL("config: unknown option '", a, "' (see muonforge config --help)");
+    } else {
+      MF_CHECK(file.empty(), "config: more than one FILE given ('", file, "' and '", a, "')");
+      file = a;
+    }
+  }
+  MF_CHECK(!file.empty(), "config: missing FILE (usage: muonforge config FILE [--set KEY=VALUE ...] [--json])");
+
+  Config c = load_config(file, overrides);
+  std::printf("%s\n", config_to_string(c).c_str());
+  if (!json_only) {
+    std::printf(
+        "# valid: %s\n# world_size %d, grad_accum %d (batch_tokens %lld = micro_batch %d x seq_len %d "
+        "x world_size %d x grad_accum %d)\n# run dir: %s\n",
+        file.c_str(), c.train.world_size, c.grad_accum(), c.train.batch_tokens, c.train.micro_batch,
+        c.train.seq_len, c.train.world_size, c.grad_accum(), c.run_dir().c_str());
+  }
+  return 0;
+}
+
 }  // namespace mf

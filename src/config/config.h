@@ -2,6 +2,7 @@
 // --set overrides and validation that names the file and key path of every problem.
 #pragma once
 #include <array>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -119,10 +120,18 @@ struct Config {
   RunConfig run;
 
   std::string source;  // file the config came from (for messages)
+  // Where each explicitly set key came from, as the prefix used in messages: "configs/x.json",
+  // "configs/base.json (base of configs/x.json)" or "configs/x.json (--set optim.lr=1)".
+  // Keys absent here hold defaults and are reported against `source`.
+  std::map<std::string, std::string> key_source;
   int grad_accum() const;  // batch_tokens / (micro_batch * seq_len * world_size)
   std::string run_dir() const;  // run.dir with {name} substituted
 };
 
+// `train.world_size` is not a JSON key: load_config and config_from_json take it from the
+// WORLD_SIZE environment variable (default 1); an override "train.world_size=N" may replace it
+// (useful in tests and `muonforge config` to preview another world size).
+//
 // Loads `path` (following "base" chains), applies `overrides` ("a.b=value", type-checked against
 // the schema), validates, and returns the typed config. Throws mf::Error naming file and key path.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
@@ -133,7 +142,10 @@ Config config_from_json(const nlohmann::json& j, const std::string& origin,
                         const std::vector<std::string>& overrides = {});
 // Cross-field validation (also called by load_config); `world_size` from the environment.
 void validate_config(const Config& c);
-// The fully resolved config as JSON (every key, defaults included).
+// The fully resolved config as JSON (every key, defaults included; train.world_size is left out
+// because it is not a JSON key). config_from_json(config_to_json(c)) reproduces c.
 nlohmann::json config_to_json(const Config& c);
+// The same, pretty-printed in schema order (model, mup, optim, ...) for humans and run dirs.
+std::string config_to_string(const Config& c, int indent = 2);
 
 }  // namespace mf

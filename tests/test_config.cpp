@@ -1,0 +1,491 @@
+// Config system: defaults, JSON round trip, "base" inheritance, --set overrides, and one case per
+// error class checking that the message names the file and the key path. Also loads every shipped
+// configs/*.json and runs `muonforge config` end to end.
+#include <catch2/catch.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <sstream>
+
+#include <unistd.h>
+
+#include "config/config.h"
+#include "core/error.h"
+#include "core/rng.h"
+
+using Catch::Contains;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A scratch directory per test case, removed afterwards.
+struct TempDir {
+  fs::path root;
+  TempDir() {
+    static int counter = 0;
+    root = fs::temp_directory_path() /
+           ("mf_test_config_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
+    fs::remove_all(root);
+    fs::create_directories(root);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(root, ec);
+  }
+  std::string write(const std::string& rel, const std::string& text) const {
+    fs::path p = root / rel;
+    fs::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+    return p.string();
+  }
+};
+
+// Tests pin the world size unless they set it themselves.
+struct WorldSize {
+  explicit WorldSize(const char* v) {
+    if (v)
+      setenv("WORLD_SIZE", v, 1);
+    else
+      unsetenv("WORLD_SIZE");
+  }
+  ~WorldSize() { unsetenv("WORLD_SIZE"); }
+};
+
+// A small valid config (the shape of configs/tiny.json) to break one key at a time.
+json small() {
+  return json::parse(R"({
+    "model": {"vocab_size": 256, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+              "d_ff": 384, "max_seq_len": 128},
+    "train": {"seq_len": 128, "micro_batch": 8, "batch_tokens": 2048, "max_steps": 300},
+    "schedule": {"warmup": 20},
+    "run": {"name": "small"}
+  })");
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const mf::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+int count_leaves(const json& j) {
+  if (!j.is_object()) return 1;
+  int n = 0;
+  for (auto& v : j) n += count_leaves(v);
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("defaults follow DESIGN section 5 and validate", "[config]") {
+  mf::Config c;
+  CHECK(c.model.vocab_size == 50304);
+  CHECK(c.model.d_model == 768);
+  CHECK(c.model.n_heads == 12);
+  CHECK(c.model.head_dim() == 64);
+  CHECK(c.model.moe.n_experts == 0);
+  CHECK(c.optim.name == "muon");
+  CHECK(c.optim.lr == Approx(0.02));
+  CHECK(c.optim.adamw.betas[1] == Approx(0.95));
+  CHECK(c.schedule.decay == "cosine");
+  CHECK(c.train.batch_tokens == 524288);
+  CHECK(!c.train.init_from.has_value());
+  CHECK(c.train.world_size == 1);
+  CHECK_NOTHROW(mf::validate_config(c));
+  CHECK(c.grad_accum() == 32);  // 524288 / (16 * 1024)
+  CHECK(c.run_dir() == "runs/run");
+
+  // An empty JSON object resolves to exactly the defaults.
+  WorldSize ws(nullptr);
+  mf::Config e = mf::config_from_json(json::object(), "empty.json");
+  CHECK(mf::config_to_json(e) == mf::config_to_json(c));
+  CHECK(e.key_source.empty());
+}
+
+TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
+  WorldSize ws(nullptr);
+  mf::Config c;
+  json j = mf::config_to_json(c);
+  CHECK(count_leaves(j) == 68);  // every schema key except train.world_size
+  CHECK(j["train"]["init_from"].is_null());
+  CHECK(!j["train"].contains("world_size"));
+  CHECK(j["model"]["moe"].contains("capacity_factor"));
+
+  // Non-default values everywhere the type allows, drawn from a fixed seed.
+  mf::Rng rng(20240520, 7);
+  c.model.d_model = 96;
+  c.model.n_heads = 6;
+  c.model.n_kv_heads = 3;
+  c.model.rope_theta = 500000.0 + rng.uniform();
+  c.model.norm_eps = 1e-6 * (1 + rng.uniform());
+  c.model.tie_embeddings = true;
+  c.model.attention = "cudnn";
+  c.model.moe.n_experts = 7;
+  c.model.moe.top_k = 3;
+  c.model.moe.score = "sigmoid";
+  c.model.moe.aux_coef = rng.uniform();
+  c.mup.enabled = true;
+  c.optim.name = "adamw";
+  c.optim.lr = 1e-3 * (1 + rng.uniform());
+  c.optim.betas = {0.8 + 0.1 * rng.uniform(), 0.99};
+  c.optim.adamw.betas = {0.85, 0.9 + 0.05 * rng.uniform()};
+  c.schedule.decay = "wsd";
+  c.schedule.min_lr_ratio = rng.uniform();
+  c.train.seed = 18446744073709551557ull;  // above INT64_MAX: must stay unsigned
+  c.train.batch_tokens = 16LL * 1024 * 4096;
+  c.train.init_from = "hf/llama";
+  c.train.zero = 1;
+  c.data.train = "x/train_*.bin";
+  c.run.name = "rt";
+  mf::validate_config(c);
+
+  json j1 = mf::config_to_json(c);
+  mf::Config back = mf::config_from_json(j1, "roundtrip.json");
+  json j2 = mf::config_to_json(back);
+  CHECK(j1 == j2);
+  CHECK(back.model.rope_theta == c.model.rope_theta);  // doubles survive exactly
+  CHECK(back.optim.betas == c.optim.betas);
+  CHECK(back.train.seed == c.train.seed);
+  CHECK(back.train.init_from == c.train.init_from);
+  // The string form parses to the same JSON (it only orders keys differently).
+  CHECK(json::parse(mf::config_to_string(back)) == j1);
+  // Schema order, not alphabetical: model first, run last.
+  std::string text = mf::config_to_string(back);
+  CHECK(text.find("\"model\"") < text.find("\"data\""));
+  CHECK(text.find("\"data\"") < text.find("\"run\""));
+}
+
+TEST_CASE("base inheritance: relative paths, deep merge, chains, cycles", "[config]") {
+  WorldSize ws(nullptr);
+  TempDir t;
+  json base = small();
+  base["model"]["d_model"] = 256;
+  base["optim"] = {{"lr", 0.05}, {"adamw", {{"lr", 1e-3}, {"betas", {0.8, 0.9}}}}};
+  t.write("shared/base.json", base.dump());
+
+  SECTION("relative base across folders, deep merge of objects") {
+    std::string child = t.write("runs/sub/child.json", R"({
+      "base": "../../shared/base.json",
+      "model": {"n_heads": 8},
+      "optim": {"adamw": {"lr": 2e-3}},
+      "run": {"name": "child"}
+    })");
+    mf::Config c = mf::load_config(child);
+    CHECK(c.model.d_model == 256);  // from base
+    CHECK(c.model.n_heads == 8);    // child wins
+    CHECK(c.model.vocab_size == 256);
+    CHECK(c.optim.lr == Approx(0.05));
+    CHECK(c.optim.adamw.lr == Approx(2e-3));           // merged inside a nested object
+    CHECK(c.optim.adamw.betas[0] == Approx(0.8));      // sibling kept from base
+    CHECK(c.run.name == "child");
+    CHECK(c.source == child);
+    CHECK_THAT(c.key_source.at("model.d_model"), Contains("base.json") && Contains("base of"));
+    CHECK(c.key_source.at("model.n_heads") == child);
+  }
+
+  SECTION("chain of three") {
+    t.write("a/one.json", R"({"base": "../shared/base.json", "train": {"max_steps": 50}})");
+    t.write("b/two.json", R"({"base": "../a/one.json", "schedule": {"warmup": 5}})");
+    std::string three = t.write("three.json", R"({"base": "b/two.json", "train": {"seed": 7}})");
+    mf::Config c = mf::load_config(three);
+    CHECK(c.model.d_model == 256);
+    CHECK(c.train.max_steps == 50);
+    CHECK(c.schedule.warmup == 5);
+    CHECK(c.train.seed == 7);
+    CHECK(c.train.batch_tokens == 2048);
+  }
+
+  SECTION("a cycle is an error naming the chain") {
+    t.write("cyc/x.json", R"({"base": "y.json"})");
+    t.write("cyc/y.json", R"({"base": "../cyc2/z.json"})");
+    t.write("cyc2/z.json", R"({"base": "../cyc/x.json"})");
+    std::string msg = error_of([&] { mf::load_config((t.root / "cyc/x.json").string()); });
+    CHECK_THAT(msg, Contains("inheritance cycle") && Contains("x.json -> ") &&
+                        Contains("y.json -> ") && Contains("z.json -> ") && Contains("base"));
+    std::string self = t.write("self.json", R"({"base": "self.json"})");
+    CHECK_THROWS_WITH(mf::load_config(self), Contains("self.json") && Contains("cycle"));
+  }
+
+  SECTION("missing or malformed base") {
+    std::string m = t.write("missing.json", R"({"base": "nowhere/none.json"})");
+    CHECK_THROWS_WITH(mf::load_config(m), Contains("missing.json: base: cannot open") &&
+                                              Contains("none.json"));
+    std::string n = t.write("num.json", R"({"base": 3})");
+    CHECK_THROWS_WITH(mf::load_config(n), Contains("num.json: base: expected the path"));
+  }
+
+  SECTION("an error inside a base names the base file") {
+    t.write("bad/base.json", R"({"model": {"n_headz": 4}})");
+    std::string c = t.write("bad/top.json", R"({"base": "base.json"})");
+    CHECK_THROWS_WITH(mf::load_config(c), Contains("base.json (base of ") &&
+                                              Contains("model.n_headz: unknown key (did you mean n_heads?)"));
+  }
+
+  SECTION("config_from_json resolves bases against base_dir") {
+    json j = {{"base", "shared/base.json"}, {"run", {{"name", "mem"}}}};
+    mf::Config c = mf::config_from_json(j, "<memory>", t.root.string());
+    CHECK(c.model.d_model == 256);
+    CHECK(c.run.name == "mem");
+  }
+}
+
+TEST_CASE("--set overrides", "[config]") {
+  WorldSize ws(nullptr);
+  TempDir t;
+  json j = small();
+  j["train"]["init_from"] = "hf/model";
+  std::string f = t.write("over.json", j.dump());
+
+  mf::Config c = mf::load_config(
+      f, {"optim.lr=3e-3", "model.tie_embeddings=true", "train.init_from=null",
+          "optim.adamw.betas=[0.9,0.99]", "model.moe.n_experts=4", "model.moe.score=sigmoid",
+          "run.name=123", "train.seed=99", "optim.name=adamw"});
+  CHECK(c.optim.lr == Approx(3e-3));
+  CHECK(c.model.tie_embeddings);
+  CHECK(!c.train.init_from.has_value());
+  CHECK(c.optim.adamw.betas[0] == Approx(0.9));
+  CHECK(c.optim.adamw.betas[1] == Approx(0.99));
+  CHECK(c.model.moe.n_experts == 4);
+  CHECK(c.model.moe.score == "sigmoid");
+  CHECK(c.run.name == "123");  // a string key keeps the raw text
+  CHECK(c.train.seed == 99);
+  CHECK(c.optim.name == "adamw");
+  CHECK_THAT(c.key_source.at("optim.lr"), Contains("over.json (--set optim.lr=3e-3)"));
+
+  // Later overrides win; an object at a section path merges into it.
+  mf::Config d = mf::load_config(f, {"optim.lr=1", "optim.lr=0.5",
+                                     R"(model.moe={"n_experts": 6, "top_k": 3})",
+                                     "train.init_from=other/dir"});
+  CHECK(d.optim.lr == Approx(0.5));
+  CHECK(d.model.moe.n_experts == 6);
+  CHECK(d.model.moe.top_k == 3);
+  CHECK(d.model.moe.d_expert == 512);  // untouched sibling keeps its default
+  CHECK(d.train.init_from == std::optional<std::string>("other/dir"));
+
+  // The world size may be previewed by an override, but not written in a file.
+  mf::Config w = mf::load_config(f, {"train.world_size=2"});
+  CHECK(w.train.world_size == 2);
+  CHECK(w.grad_accum() == 1);
+
+  CHECK_THROWS_WITH(mf::load_config(f, {"model.d_model=abc"}),
+                    Contains("over.json (--set model.d_model=abc): model.d_model: expected integer, got string \"abc\""));
+  CHECK_THROWS_WITH(mf::load_config(f, {"model.tie_embeddings=1"}),
+                    Contains("over.json") && Contains("model.tie_embeddings: expected boolean"));
+  CHECK_THROWS_WITH(mf::load_config(f, {"optim.adamw.betas=[0.9]"}),
+                    Contains("over.json") && Contains("optim.adamw.betas: expected array of 2 numbers"));
+  CHECK_THROWS_WITH(mf::load_config(f, {"model.n_headz=4"}),
+                    Contains("over.json") && Contains("model.n_headz: unknown key (did you mean n_heads?)"));
+  CHECK_THROWS_WITH(mf::load_config(f, {"modle.d_model=4"}),
+                    Contains("over.json") && Contains("modle: unknown key (did you mean model?)"));
+  CHECK_THROWS_WITH(mf::load_config(f, {"optim.lr.x=4"}),
+                    Contains("over.json") && Contains("optim.lr.x: unknown key"));
+  CHECK_THROWS_WITH(mf::load_config(f, {"optim.lr"}), Contains("over.json") && Contains("expected key=value"));
+  CHECK_THROWS_WITH(mf::load_config(f, {"model.moe=3"}),
+                    Contains("over.json") && Contains("model.moe: expected object, got integer 3"));
+  CHECK_THROWS_WITH(mf::load_config(f, {"base=x.json"}), Contains("over.json") && Contains("base"));
+  // Range checks apply to overridden values and name the override.
+  CHECK_THROWS_WITH(mf::load_config(f, {"optim.lr=-0.1"}),
+                    Contains("over.json (--set optim.lr=-0.1): optim.lr: must be > 0"));
+}
+
+TEST_CASE("every error class names the file and the key path", "[config]") {
+  WorldSize ws(nullptr);
+  TempDir t;
+  struct Case {
+    const char* patch;  // merged into small()
+    const char* key;    // key path the message must name
+    const char* text;   // and this explanation
+  };
+  const Case cases[] = {
+      // unknown keys and wrong types
+      {R"({"model": {"n_headz": 4}})", "model.n_headz", "unknown key (did you mean n_heads?)"},
+      {R"({"optimizer": {}})", "optimizer", "unknown key (did you mean optim?)"},
+      {R"({"model": {"moe": {"zzz": 1}}})", "model.moe.zzz", "unknown key (valid keys in model.moe: n_experts"},
+      {R"({"model": {"d_model": "768"}})", "model.d_model", "expected integer, got string \"768\""},
+      {R"({"model": {"d_model": 64.5}})", "model.d_model", "expected integer, got number 64.5"},
+      {R"({"model": {"n_layers": 3000000000}})", "model.n_layers", "integer out of range"},
+      {R"({"optim": {"lr": "fast"}})", "optim.lr", "expected number"},
+      {R"({"optim": {"nesterov": "yes"}})", "optim.nesterov", "expected boolean"},
+      {R"({"run": {"name": 5}})", "run.name", "expected string, got integer 5"},
+      {R"({"train": {"init_from": 5}})", "train.init_from", "expected string or null"},
+      {R"({"train": {"seed": -3}})", "train.seed", "expected non-negative integer"},
+      {R"({"optim": {"betas": [0.9, "x"]}})", "optim.betas", "expected array of 2 numbers"},
+      {R"({"model": {"moe": 4}})", "model.moe", "expected object, got integer 4"},
+      {R"({"train": {"world_size": 2}})", "train.world_size", "WORLD_SIZE environment variable"},
+      // ranges
+      {R"({"model": {"vocab_size": 0}})", "model.vocab_size", "must be > 0, got 0"},
+      {R"({"model": {"d_ff": -4}})", "model.d_ff", "must be > 0"},
+      {R"({"model": {"norm_eps": 0}})", "model.norm_eps", "must be > 0"},
+      {R"({"model": {"moe": {"n_experts": -1}}})", "model.moe.n_experts", "must be >= 0"},
+      {R"({"optim": {"momentum": 1.0}})", "optim.momentum", "must be in [0, 1), got 1.0"},
+      {R"({"optim": {"momentum": -0.1}})", "optim.momentum", "must be in [0, 1)"},
+      {R"({"optim": {"lr": 0}})", "optim.lr", "must be > 0"},
+      {R"({"optim": {"adamw": {"lr": -1e-3}}})", "optim.adamw.lr", "must be > 0"},
+      {R"({"optim": {"eps": 0}})", "optim.eps", "must be > 0"},
+      {R"({"optim": {"adamw": {"eps": -1}}})", "optim.adamw.eps", "must be > 0"},
+      {R"({"optim": {"adamw": {"betas": [0.9, 1.0]}}})", "optim.adamw.betas", "each beta must be in [0, 1)"},
+      {R"({"optim": {"betas": [-0.1, 0.9]}})", "optim.betas", "each beta must be in [0, 1)"},
+      {R"({"optim": {"wd": -0.1}})", "optim.wd", "must be >= 0"},
+      {R"({"optim": {"grad_clip": -1}})", "optim.grad_clip", "must be >= 0"},
+      {R"({"train": {"keep_ckpts": 0}})", "train.keep_ckpts", "must be >= 1"},
+      {R"({"train": {"micro_batch": 0}})", "train.micro_batch", "must be > 0"},
+      {R"({"schedule": {"min_lr_ratio": 1.5}})", "schedule.min_lr_ratio", "must be in [0, 1]"},
+      {R"({"schedule": {"min_lr_ratio": -0.5}})", "schedule.min_lr_ratio", "must be in [0, 1]"},
+      // enums list their valid values
+      {R"({"optim": {"name": "sgd"}})", "optim.name", "expected one of muon|adamw, got \"sgd\""},
+      {R"({"optim": {"wd_mode": "decoupled"}})", "optim.wd_mode", "expected one of coupled|independent"},
+      {R"({"optim": {"scale": "none"}})", "optim.scale", "expected one of shape|rms|spectral"},
+      {R"({"schedule": {"decay": "step"}})", "schedule.decay", "expected one of constant|cosine|linear|wsd"},
+      {R"({"train": {"device": "gpu"}})", "train.device", "expected one of auto|cpu|cuda"},
+      {R"({"train": {"precision": "fp16"}})", "train.precision", "expected one of bf16|fp32"},
+      {R"({"model": {"moe": {"score": "relu"}}})", "model.moe.score", "expected one of softmax|sigmoid"},
+      {R"({"model": {"moe": {"balance": "loss"}}})", "model.moe.balance", "expected one of aux_loss|bias|none"},
+      {R"({"model": {"attention": "sdpa"}})", "model.attention", "expected one of flash|cudnn|auto"},
+      {R"({"model": {"recompute": "all"}})", "model.recompute", "expected one of none|mlp|full"},
+      {R"({"model": {"arch": "gpt2"}})", "model.arch", "expected one of llama"},
+      {R"({"train": {"zero": 2}})", "train.zero", "expected one of 0|1, got 2"},
+      // cross-field rules
+      {R"({"model": {"n_heads": 5}})", "model.d_model", "128 is not divisible by model.n_heads = 5"},
+      {R"({"model": {"d_model": 12, "n_heads": 4, "n_kv_heads": 4}})", "model.n_heads",
+       "head_dim = d_model / n_heads = 12 / 4 = 3 must be even for RoPE"},
+      {R"({"model": {"n_kv_heads": 3}})", "model.n_kv_heads", "3 does not divide model.n_heads = 4"},
+      {R"({"model": {"moe": {"n_experts": 4, "top_k": 5}}})", "model.moe.top_k",
+       "5 exceeds model.moe.n_experts = 4"},
+      {R"({"model": {"moe": {"first_dense": 5}}})", "model.moe.first_dense", "5 exceeds model.n_layers = 4"},
+      {R"({"train": {"batch_tokens": 3000}})", "train.batch_tokens",
+       "3000 is not a multiple of micro_batch * seq_len * world_size = 8 * 128 * 1 = 1024; use e.g. 2048 or 3072"},
+      {R"({"train": {"batch_tokens": 512}})", "train.batch_tokens", "use e.g. 1024"},
+      {R"({"train": {"seq_len": 256}})", "train.seq_len", "256 exceeds model.max_seq_len = 128"},
+      {R"({"schedule": {"warmup": 301}})", "schedule.warmup", "301 exceeds train.max_steps = 300"},
+  };
+  int i = 0;
+  for (const auto& c : cases) {
+    json j = small();
+    j.merge_patch(json::parse(c.patch));
+    std::string name = "err" + std::to_string(i++) + ".json";
+    std::string file = t.write(name, j.dump(2));
+    INFO("case " << c.patch);
+    std::string expect = name + ": " + c.key + ": ";
+    CHECK_THROWS_WITH(mf::load_config(file), Contains(expect) && Contains(c.text));
+  }
+  // The unpatched config is valid (so each case fails for its own reason).
+  CHECK_NOTHROW(mf::load_config(t.write("ok.json", small().dump())));
+}
+
+TEST_CASE("file-level errors: unreadable, invalid JSON, not an object", "[config]") {
+  WorldSize ws(nullptr);
+  TempDir t;
+  CHECK_THROWS_WITH(mf::load_config((t.root / "absent.json").string()),
+                    Contains("absent.json") && Contains("cannot open"));
+  std::string bad = t.write("broken.json", "{\n  \"model\": {\"d_model\": 64,,}\n}");
+  CHECK_THROWS_WITH(mf::load_config(bad), Contains("broken.json: invalid JSON") && Contains("line 2"));
+  std::string arr = t.write("array.json", "[1, 2]");
+  CHECK_THROWS_WITH(mf::load_config(arr), Contains("array.json: the top level must be a JSON object"));
+  // Comments are allowed in config files.
+  std::string com = t.write("comments.json", "{\n // a comment\n \"run\": {\"name\": \"c\"} /* x */\n}");
+  CHECK(mf::load_config(com).run.name == "c");
+}
+
+TEST_CASE("world size comes from WORLD_SIZE", "[config]") {
+  TempDir t;
+  std::string f = t.write("ws.json", small().dump());
+  {
+    WorldSize ws("2");
+    mf::Config c = mf::load_config(f);
+    CHECK(c.train.world_size == 2);
+    CHECK(c.grad_accum() == 1);  // 2048 / (8 * 128 * 2)
+    CHECK(mf::config_to_json(c)["train"].count("world_size") == 0);
+  }
+  {
+    WorldSize ws("4");  // 2048 tokens cannot be split over 4 ranks of 8 x 128
+    CHECK_THROWS_WITH(mf::load_config(f), Contains("ws.json: train.batch_tokens: 2048 is not a multiple") &&
+                                              Contains("8 * 128 * 4 = 4096; use e.g. 4096"));
+  }
+  {
+    WorldSize ws("zero");
+    CHECK_THROWS_WITH(mf::load_config(f), Contains("WORLD_SIZE") && Contains("'zero'"));
+  }
+  {
+    WorldSize ws("0");
+    CHECK_THROWS_WITH(mf::load_config(f), Contains("WORLD_SIZE") && Contains("positive integer"));
+  }
+}
+
+TEST_CASE("run_dir substitutes {name}", "[config]") {
+  mf::Config c;
+  c.run.dir = "out/{name}/x-{name}";
+  c.run.name = "abc";
+  CHECK(c.run_dir() == "out/abc/x-abc");
+  c.run.dir = "fixed";
+  CHECK(c.run_dir() == "fixed");
+}
+
+TEST_CASE("every shipped config loads and validates", "[config]") {
+  WorldSize ws(nullptr);
+  fs::path dir = fs::path(MF_TEST_DIR) / ".." / "configs";
+  int n = 0;
+  for (auto& e : fs::directory_iterator(dir)) {
+    if (e.path().extension() != ".json") continue;
+    INFO("config " << e.path().string());
+    mf::Config c;
+    REQUIRE_NOTHROW(c = mf::load_config(e.path().string()));
+    CHECK(c.grad_accum() >= 1);
+    CHECK(!c.run_dir().empty());
+    CHECK(c.run_dir().find("{name}") == std::string::npos);
+    // Resolved configs round-trip as well.
+    CHECK(mf::config_to_json(mf::config_from_json(mf::config_to_json(c), "rt")) == mf::config_to_json(c));
+    ++n;
+  }
+  CHECK(n >= 5);
+
+  mf::Config tiny = mf::load_config((dir / "tiny.json").string());
+  CHECK(tiny.model.vocab_size == 256);
+  CHECK(tiny.data.shuffle == false);
+  CHECK(tiny.run_dir() == "runs/tiny");
+  CHECK(tiny.grad_accum() == 2);
+  mf::Config adamw = mf::load_config((dir / "tiny-adamw.json").string());
+  CHECK(adamw.optim.name == "adamw");
+  CHECK(adamw.model.d_model == tiny.model.d_model);  // inherited
+}
+
+TEST_CASE("muonforge config prints the resolved config or an error", "[config][cli]") {
+  WorldSize ws(nullptr);
+  TempDir t;
+  std::string root = fs::path(MF_TEST_DIR).parent_path().string();
+  std::string out = (t.root / "out.txt").string();
+  auto run = [&](const std::string& args) {
+    std::string cmd = "cd '" + root + "' && '" + MF_BINARY + "' config " + args + " > '" + out + "' 2>&1";
+    int rc = std::system(cmd.c_str());
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  };
+  auto output = [&] {
+    std::ifstream in(out);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  };
+
+  REQUIRE(run("configs/tiny-adamw.json --set optim.lr=0.004 --json") == 0);
+  json printed = json::parse(output());
+  mf::Config c = mf::load_config(root + "/configs/tiny-adamw.json", {"optim.lr=0.004"});
+  CHECK(printed == mf::config_to_json(c));
+
+  CHECK(run("configs/tiny.json") == 0);
+  CHECK_THAT(output(), Contains("grad_accum 2") && Contains("runs/tiny"));
+
+  CHECK(run("configs/tiny.json --set model.n_headz=2") == 1);
+  CHECK_THAT(output(), Contains("configs/tiny.json (--set model.n_headz=2): model.n_headz: unknown key"));
+  CHECK(run("configs/none.json") == 1);
+  CHECK_THAT(output(), Contains("none.json"));
+  CHECK(run("") == 1);
+  CHECK_THAT(output(), Contains("missing FILE"));
+  CHECK(run("--help") == 0);
+  CHECK_THAT(output(), Contains("usage: muonforge config FILE"));
+}
