@@ -1,0 +1,289 @@
+#include "optim/optimizer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <sstream>
+
+#include "core/error.h"
+#include "optim/schedule.h"
+
+namespace mf {
+
+// ---- free helpers --------------------------------------------------------------------------
+
+namespace {
+bool is_optimized(const Param& p) { return p.trainable && p.kind != ParamKind::Bias; }
+
+std::string in_file(const Config& c) { return c.source.empty() ? "" : " (in " + c.source + ")"; }
+
+void validate_optim(const Config& c) {
+  const OptimConfig& o = c.optim;
+  const std::string where = in_file(c);
+  MF_CHECK(o.name == "muon" || o.name == "adamw", "optim.name is \"", o.name,
+           "\"; expected one of: muon, adamw", where);
+  MF_CHECK(o.wd_mode == "coupled" || o.wd_mode == "independent", "optim.wd_mode is \"",
+           o.wd_mode, "\"; expected one of: coupled, independent", where);
+  MF_CHECK(o.scale == "shape" || o.scale == "rms" || o.scale == "spectral", "optim.scale is \"",
+           o.scale, "\"; expected one of: shape, rms, spectral", where);
+  MF_CHECK(o.lr >= 0, "optim.lr must be >= 0, got ", o.lr, where);
+  MF_CHECK(o.adamw.lr >= 0, "optim.adamw.lr must be >= 0, got ", o.adamw.lr, where);
+  MF_CHECK(o.wd >= 0, "optim.wd must be >= 0, got ", o.wd, where);
+  MF_CHECK(o.adamw.wd >= 0, "optim.adamw.wd must be >= 0, got ", o.adamw.wd, where);
+  MF_CHECK(o.momentum >= 0 && o.momentum < 1, "optim.momentum must be in [0, 1), got ",
+           o.momentum, where);
+  MF_CHECK(o.ns_steps >= 1 && o.ns_steps <= 100, "optim.ns_steps must be in [1, 100], got ",
+           o.ns_steps, where);
+  MF_CHECK(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables), got ", o.grad_clip,
+           where);
+  for (int i = 0; i < 2; ++i) {
+    MF_CHECK(o.betas[i] >= 0 && o.betas[i] < 1, "optim.betas[", i, "] must be in [0, 1), got ",
+             o.betas[i], where);
+    MF_CHECK(o.adamw.betas[i] >= 0 && o.adamw.betas[i] < 1, "optim.adamw.betas[", i,
+             "] must be in [0, 1), got ", o.adamw.betas[i], where);
+  }
+  MF_CHECK(o.eps > 0, "optim.eps must be > 0, got ", o.eps, where);
+  MF_CHECK(o.adamw.eps > 0, "optim.adamw.eps must be > 0, got ", o.adamw.eps, where);
+}
+}  // namespace
+
+double global_grad_norm(const ParamList& params, Backend& be) {
+  double ss = 0;
+  for (const Param* p : params) {
+    if (!p || !is_optimized(*p) || !p->grad.defined()) continue;
+    ss += be.sum_squares(p->grad);
+  }
+  return std::sqrt(ss);
+}
+
+double clip_factor(double norm, double clip) {
+  if (clip <= 0) return 1.0;
+  return std::min(1.0, clip / (norm + 1e-6));
+}
+
+double muon_scale(const std::string& mode, int64_t rows, int64_t cols) {
+  const double r = double(rows), c = double(cols);
+  if (mode == "shape") return std::sqrt(std::max(1.0, r / c));
+  if (mode == "rms") return 0.2 * std::sqrt(std::max(r, c));
+  if (mode == "spectral") return std::sqrt(r / c);
+  MF_FAIL("optim.scale is \"", mode, "\"; expected one of: shape, rms, spectral");
+}
+
+const char* opt_kind_name(OptKind k) { return k == OptKind::Muon ? "muon" : "adamw"; }
+
+// ---- Optimizer -----------------------------------------------------------------------------
+
+Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
+    : ocfg_(cfg.optim), scfg_(cfg.schedule), max_steps_(cfg.train.max_steps), be_(be) {
+  validate_optim(cfg);
+  validate_schedule(cfg.schedule);
+  const bool muon = ocfg_.name == "muon";
+  std::map<std::string, int> seen;
+  int64_t scratch = 0;
+  for (Param* p : params) {
+    MF_CHECK(p, "optimizer: null entry in the parameter list");
+    MF_CHECK(seen.emplace(p->name, 1).second, "optimizer: parameter \"", p->name,
+             "\" appears twice in the parameter list");
+    if (!is_optimized(*p)) continue;
+    MF_CHECK(p->master.defined() && p->master.dtype == DType::F32 && p->master.shape == p->shape,
+             "optimizer: parameter \"", p->name, "\" needs an f32 master tensor of shape ",
+             shape_str(p->shape));
+    MF_CHECK(p->grad.defined() && p->grad.dtype == DType::F32 && p->grad.shape == p->shape,
+             "optimizer: parameter \"", p->name, "\" needs an f32 grad tensor of shape ",
+             shape_str(p->shape));
+    OptEntry e;
+    e.param = p;
+    e.wd_mult = p->wd_mult;
+    if (p->kind == ParamKind::Hidden && muon) {
+      MF_CHECK(p->shape.size() == 2 || p->shape.size() == 3, "optimizer: Muon parameter \"",
+               p->name, "\" must be a matrix [out,in] or a stack [E,out,in], got ",
+               shape_str(p->shape));
+      const int64_t rows = p->shape[p->shape.size() - 2], cols = p->shape.back();
+      e.kind = OptKind::Muon;
+      e.lr = ocfg_.lr * p->lr_mult;
+      e.wd = ocfg_.wd;
+      e.scale = muon_scale(ocfg_.scale, rows, cols);
+      e.momentum = be.empty(p->shape, DType::F32);
+      scratch = std::max(scratch, p->numel());
+    } else {
+      e.kind = OptKind::AdamW;
+      const bool hidden = p->kind == ParamKind::Hidden;  // only when optim.name == adamw
+      e.lr = (hidden ? ocfg_.lr : ocfg_.adamw.lr) * p->lr_mult;
+      e.wd = hidden ? ocfg_.wd : ocfg_.adamw.wd;
+      e.b1 = hidden ? ocfg_.betas[0] : ocfg_.adamw.betas[0];
+      e.b2 = hidden ? ocfg_.betas[1] : ocfg_.adamw.betas[1];
+      e.eps = hidden ? ocfg_.eps : ocfg_.adamw.eps;
+      e.exp_avg = be.empty(p->shape, DType::F32);
+      e.exp_avg_sq = be.empty(p->shape, DType::F32);
+    }
+    entries_.push_back(std::move(e));
+  }
+  if (scratch > 0) muon_scratch_ = be.empty({scratch}, DType::F32);
+}
+
+double Optimizer::lr_multiplier(int step) const { return mf::lr_multiplier(scfg_, max_steps_, step); }
+double Optimizer::lr(int step) const { return ocfg_.lr * lr_multiplier(step); }
+
+double Optimizer::decay_factor(const OptEntry& e, double lr_eff, double sched) const {
+  if (ocfg_.wd_mode == "independent") return sched * e.wd * e.wd_mult;
+  return lr_eff * e.wd * e.wd_mult;
+}
+
+void Optimizer::step(int step, float grad_scale) {
+  const double sched = lr_multiplier(step);
+  for (OptEntry& e : entries_) {
+    if (e.kind == OptKind::Muon)
+      step_muon(e, sched, grad_scale);
+    else
+      step_adamw(e, sched, grad_scale);
+  }
+  ++t_;
+  // CUDA: refresh the bf16 compute copy from the fp32 master.
+  for (OptEntry& e : entries_) {
+    Param& p = *e.param;
+    if (p.weight.defined() && p.weight.ptr != p.master.ptr) be_.copy(p.master, p.weight);
+  }
+}
+
+void Optimizer::step_adamw(OptEntry& e, double sched, float grad_scale) {
+  Param& p = *e.param;
+  const double lr_eff = e.lr * sched;
+  const double t = double(t_ + 1);
+  AdamWArgs a;
+  a.lr = float(lr_eff);
+  a.b1 = float(e.b1);
+  a.b2 = float(e.b2);
+  a.eps = float(e.eps);
+  a.decay = float(decay_factor(e, lr_eff, sched));
+  a.bc1 = float(1.0 - std::pow(e.b1, t));
+  a.bc2 = float(1.0 - std::pow(e.b2, t));
+  a.grad_scale = grad_scale;
+  be_.adamw_update(p.master, p.grad, e.exp_avg, e.exp_avg_sq, a);
+}
+
+void Optimizer::step_muon(OptEntry& e, double sched, float grad_scale) {
+  Param& p = *e.param;
+  const double lr_eff = e.lr * sched;
+  Tensor U = muon_scratch_.slice0(0, p.numel()).view(p.shape);
+  be_.muon_momentum(p.grad, e.momentum, U, float(ocfg_.momentum), ocfg_.nesterov, grad_scale);
+  const int64_t rows = p.shape[p.shape.size() - 2], cols = p.shape.back();
+  if (p.shape.size() == 2) {
+    be_.newton_schulz(U, U, ocfg_.ns_steps, kNsA, kNsB, kNsC);
+  } else {
+    // Stacked experts: orthogonalize each [out, in] matrix on its own.
+    for (int64_t x = 0; x < p.shape[0]; ++x) {
+      Tensor m = U.slice0(x, x + 1).view({rows, cols});
+      be_.newton_schulz(m, m, ocfg_.ns_steps, kNsA, kNsB, kNsC);
+    }
+  }
+  const double decay = decay_factor(e, lr_eff, sched);
+  if (decay != 0) be_.scale(p.master, float(1.0 - decay));
+  be_.axpy(float(-lr_eff * e.scale), U, p.master);
+}
+
+void Optimizer::zero_grad() {
+  for (OptEntry& e : entries_) be_.zero(e.param->grad);
+}
+
+// ---- description ---------------------------------------------------------------------------
+
+std::string Optimizer::describe() const {
+  size_t wname = 5;
+  for (const OptEntry& e : entries_) wname = std::max(wname, e.param->name.size());
+  std::ostringstream os;
+  int64_t n_muon = 0, n_adamw = 0;
+  for (const OptEntry& e : entries_) (e.kind == OptKind::Muon ? n_muon : n_adamw) += e.param->numel();
+  os << "optimizer " << ocfg_.name << ": " << n_muon << " params in Muon, " << n_adamw
+     << " in AdamW; wd_mode " << ocfg_.wd_mode << "; schedule " << scfg_.decay << " (warmup "
+     << scfg_.warmup << ", min_lr_ratio " << scfg_.min_lr_ratio << ", max_steps " << max_steps_
+     << "); grad_clip " << ocfg_.grad_clip << "\n";
+  if (ocfg_.name == "muon")
+    os << "muon: momentum " << ocfg_.momentum << (ocfg_.nesterov ? " nesterov" : "")
+       << ", ns_steps " << ocfg_.ns_steps << ", scale " << ocfg_.scale << "\n";
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-5s  %-10s  %-10s  %-7s  %s\n", int(wname),
+                "param", "kind", "shape", "opt", "lr", "wd", "scale", "betas/eps");
+  os << buf;
+  for (const OptEntry& e : entries_) {
+    const Param& p = *e.param;
+    std::string extra = "-", scale = "-";
+    if (e.kind == OptKind::AdamW) {
+      char b[96];
+      std::snprintf(b, sizeof b, "%g,%g/%g", e.b1, e.b2, e.eps);
+      extra = b;
+    } else {
+      char b[32];
+      std::snprintf(b, sizeof b, "%.4g", e.scale);
+      scale = b;
+    }
+    std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-5s  %-10.4g  %-10.4g  %-7s  %s\n",
+                  int(wname), p.name.c_str(), param_kind_name(p.kind), shape_str(p.shape).c_str(),
+                  opt_kind_name(e.kind), e.lr, e.wd * e.wd_mult, scale.c_str(), extra.c_str());
+    os << buf;
+  }
+  return os.str();
+}
+
+// ---- state ---------------------------------------------------------------------------------
+
+std::vector<std::pair<std::string, Tensor>> Optimizer::state_tensors() const {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const OptEntry& e : entries_) {
+    const std::string& n = e.param->name;
+    if (e.kind == OptKind::Muon) {
+      out.emplace_back(n + ".momentum_buffer", e.momentum);
+    } else {
+      out.emplace_back(n + ".exp_avg", e.exp_avg);
+      out.emplace_back(n + ".exp_avg_sq", e.exp_avg_sq);
+    }
+  }
+  return out;
+}
+
+nlohmann::json Optimizer::state_json() const {
+  return {{"optimizer", ocfg_.name}, {"step_count", t_}};
+}
+
+void Optimizer::load_state(const std::vector<std::pair<std::string, Tensor>>& host_tensors,
+                           const nlohmann::json& scalars, const std::string& origin) {
+  MF_CHECK(scalars.is_object() && scalars.contains("step_count") &&
+               scalars["step_count"].is_number_integer() && scalars["step_count"].get<int64_t>() >= 0,
+           "optimizer state in ", origin, ": missing or invalid \"step_count\" (got ",
+           scalars.dump(), ")");
+  if (scalars.contains("optimizer")) {
+    MF_CHECK(scalars["optimizer"].is_string(), "optimizer state in ", origin,
+             ": \"optimizer\" must be a string");
+    const std::string saved = scalars["optimizer"].get<std::string>();
+    MF_CHECK(saved == ocfg_.name, "optimizer state in ", origin, " was saved with optim.name=",
+             saved, " but this run uses optim.name=", ocfg_.name);
+  }
+  std::map<std::string, const Tensor*> given;
+  for (const auto& kv : host_tensors)
+    MF_CHECK(given.emplace(kv.first, &kv.second).second, "optimizer state in ", origin,
+             ": tensor \"", kv.first, "\" appears twice");
+  // Check everything first so that a failed load leaves the state untouched.
+  auto expected = state_tensors();
+  for (const auto& kv : expected) {
+    auto it = given.find(kv.first);
+    MF_CHECK(it != given.end(), "optimizer state in ", origin, ": missing tensor \"", kv.first,
+             "\" (expected shape ", shape_str(kv.second.shape), ")");
+    const Tensor& src = *it->second;
+    MF_CHECK(src.shape == kv.second.shape, "optimizer state in ", origin, ": tensor \"", kv.first,
+             "\" has shape ", shape_str(src.shape), ", expected ", shape_str(kv.second.shape));
+    MF_CHECK(src.dtype == DType::F32 && src.device == Device::CPU && src.defined(),
+             "optimizer state in ", origin, ": tensor \"", kv.first,
+             "\" must be a host f32 tensor, got ", dtype_name(src.dtype));
+  }
+  if (given.size() != expected.size()) {
+    std::map<std::string, int> want;
+    for (const auto& kv : expected) want.emplace(kv.first, 1);
+    for (const auto& kv : given)
+      MF_CHECK(want.count(kv.first), "optimizer state in ", origin, ": unexpected tensor \"",
+               kv.first, "\" (no optimized parameter of that name/state in this run)");
+  }
+  for (auto& kv : expected) be_.upload(*given.at(kv.first), kv.second);
+  t_ = scalars["step_count"].get<int64_t>();
+}
+
+}  // namespace mf

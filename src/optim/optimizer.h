@@ -1,0 +1,99 @@
+// Parameter groups, AdamW + Muon updates, LR schedule, weight decay and gradient clipping
+// (DESIGN §4). The optimizer is written once against the Backend: the same code drives the
+// fp32 CPU reference and the CUDA backend (fp32 master weights, grads and state).
+//
+// Groups:
+//  - optim.name == "muon": ParamKind::Hidden -> Muon (optim.lr, momentum, nesterov, ns_steps,
+//    scale, wd); Embedding, LmHead, Norm, Router -> AdamW with optim.adamw.{lr,betas,eps,wd}.
+//  - optim.name == "adamw": Hidden -> AdamW with optim.{lr,betas,eps,wd}; the rest as above.
+//  - ParamKind::Bias and params with trainable == false are not optimized.
+// Per parameter: lr_eff = group lr * schedule(step) * lr_mult. Weight decay factor, applied as
+// p *= (1 - decay) before the update:
+//    coupled:     decay = lr_eff * wd * wd_mult      (PyTorch AdamW / Muon)
+//    independent: decay = schedule(step) * wd * wd_mult  (not multiplied by the peak lr)
+// Muon: M = mu M + g; U = nesterov ? g + mu M : M; O = NS(U); p = p(1-decay) - lr_eff * s * O,
+// s from optim.scale (shape | rms | spectral). 3-D hidden params [E, out, in] are orthogonalized
+// one [out, in] slice at a time.
+#pragma once
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/params.h"
+
+namespace mf {
+
+// Newton-Schulz quintic coefficients (Keller Jordan's Muon).
+constexpr float kNsA = 3.4445f, kNsB = -4.7750f, kNsC = 2.0315f;
+
+// sqrt(sum over optimized params of sum(grad^2)) (params that are trainable and not Bias).
+double global_grad_norm(const ParamList& params, Backend& be);
+// min(1, clip / (norm + 1e-6)) when clip > 0, else 1.
+double clip_factor(double norm, double clip);
+// Muon update scale s for a [rows, cols] matrix and optim.scale mode.
+double muon_scale(const std::string& mode, int64_t rows, int64_t cols);
+
+enum class OptKind { Muon, AdamW };
+const char* opt_kind_name(OptKind k);
+
+// One optimized parameter with its resolved hyper-parameters and its state.
+struct OptEntry {
+  Param* param = nullptr;
+  OptKind kind = OptKind::AdamW;
+  double lr = 0;       // peak lr = group lr * lr_mult
+  double wd = 0;       // group wd (times wd_mult at update time)
+  double wd_mult = 1;
+  double b1 = 0.9, b2 = 0.95, eps = 1e-8;  // AdamW
+  double scale = 1;    // Muon s (per [out,in] matrix)
+  Tensor exp_avg, exp_avg_sq;  // AdamW state
+  Tensor momentum;             // Muon state
+};
+
+class Optimizer {
+ public:
+  Optimizer(const Config& cfg, const ParamList& params, Backend& be);
+
+  // One update at 0-based training step `step` using the gradients accumulated in Param::grad,
+  // each multiplied by `grad_scale` (clip factor, 1/accumulation...). Grads are left untouched.
+  void step(int step, float grad_scale);
+  // Zeroes the gradients of every optimized parameter.
+  void zero_grad();
+
+  double lr_multiplier(int step) const;  // schedule value at `step`
+  double lr(int step) const;             // optim.lr * schedule (for logging)
+  int64_t step_count() const { return t_; }  // updates applied so far (AdamW bias correction)
+  const std::vector<OptEntry>& entries() const { return entries_; }
+
+  // Table of groups: param, kind, shape, optimizer, peak lr, wd, scale.
+  std::string describe() const;
+
+  // State for checkpoints. Tensors are the live backend tensors (download them before writing;
+  // on CPU they are host tensors), named "<param>.exp_avg", "<param>.exp_avg_sq",
+  // "<param>.momentum_buffer". Scalars: {"optimizer", "step_count"}.
+  std::vector<std::pair<std::string, Tensor>> state_tensors() const;
+  nlohmann::json state_json() const;
+  // Restores state from host f32 tensors (as read from a checkpoint) and the scalars. Every
+  // expected name must be present with the exact shape and no unknown names may appear;
+  // otherwise mf::Error naming the tensor. `origin` (a file path) is used in messages.
+  void load_state(const std::vector<std::pair<std::string, Tensor>>& host_tensors,
+                  const nlohmann::json& scalars, const std::string& origin = "optimizer state");
+
+ private:
+  void step_adamw(OptEntry& e, double sched, float grad_scale);
+  void step_muon(OptEntry& e, double sched, float grad_scale);
+  double decay_factor(const OptEntry& e, double lr_eff, double sched) const;
+
+  OptimConfig ocfg_;
+  ScheduleConfig scfg_;
+  int max_steps_ = 0;
+  Backend& be_;
+  std::vector<OptEntry> entries_;
+  Tensor muon_scratch_;  // U / NS output, sized for the largest Muon param
+  int64_t t_ = 0;
+};
+
+}  // namespace mf
