@@ -2,6 +2,7 @@
 // OpenMP loops; Newton-Schulz runs its three matmuls per iteration through OpenBLAS sgemm.
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -16,6 +17,25 @@ void check_same_f32(const char* op, const char* what, const Tensor& ref, const T
   MF_CHECK(t.dtype == DType::F32, op, ": ", what, " is ", dtype_name(t.dtype), ", expected f32");
   MF_CHECK(t.shape == ref.shape, op, ": ", what, " has shape ", shape_str(t.shape),
            ", expected ", shape_str(ref.shape));
+}
+
+// Sum of squares in double with a fixed reduction order (fixed-size chunks summed in order), so
+// the result does not depend on the thread count or on OpenMP's order of combining partials:
+// Muon updates must be bitwise reproducible across a checkpoint resume.
+double sum_squares_fixed_order(const float* p, int64_t n) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> part(size_t(chunks), 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < chunks; ++k) {
+    double s = 0;
+    const int64_t end = std::min(n, (k + 1) * kChunk);
+    for (int64_t i = k * kChunk; i < end; ++i) s += double(p[i]) * p[i];
+    part[size_t(k)] = s;
+  }
+  double s = 0;
+  for (double x : part) s += x;
+  return s;
 }
 
 }  // namespace
@@ -80,7 +100,7 @@ void CpuBackend::newton_schulz(const Tensor& U, Tensor& O, int steps, float a, f
   const int64_t m = transposed ? cols : r;
   const int64_t n = transposed ? r : cols;
 
-  const double norm = std::sqrt(sum_squares(U));
+  const double norm = std::sqrt(sum_squares_fixed_order(U.f32(), U.numel()));
   const float inv = float(1.0 / (norm + 1e-7));
   std::vector<float> X(size_t(m * n)), Xn(size_t(m * n)), A(size_t(m * m)), B(size_t(m * m));
   const float* up = U.f32();
