@@ -28,6 +28,7 @@ const char* kTrainUsage =
     "  --set k=v      override a config value, e.g. --set optim.lr=0.01 --set train.max_steps=50\n"
     "  --resume DIR   resume from this checkpoint directory\n"
     "  --no-resume    start from scratch even if the run directory has checkpoints\n"
+    "  --stop-at N    checkpoint and exit after step N (continue later with the same command)\n"
     "  --quiet        no per-step lines\n"
     "Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits.\n";
 
@@ -61,6 +62,8 @@ int cmd_train(const Args& args) {
       opts.resume = need_value(args, i);
     } else if (a == "--no-resume") {
       opts.no_resume = true;
+    } else if (a == "--stop-at") {
+      opts.stop_at = std::stoi(need_value(args, i));
     } else if (a == "--quiet") {
       opts.quiet = true;
     } else if (!a.empty() && a[0] == '-') {
@@ -78,7 +81,7 @@ int cmd_train(const Args& args) {
   spdlog::info("config {} resolved:\n{}", path, config_to_json(cfg).dump(2));
   Trainer t(cfg, opts);
   TrainResult r = t.run();
-  return r.interrupted ? 130 : 0;
+  return r.interrupted && stop_requested() ? 130 : 0;
 }
 
 int cmd_eval(const Args& args) {

@@ -142,6 +142,11 @@ void LlamaModel::zero_grads() {
   for (auto& p : params_) be_.zero(p->grad);
 }
 
+// (N, h*hd) -> (B, T, h, hd) view, the layout rope and attention take.
+Tensor LlamaModel::heads(const Tensor& x, int h) const {
+  return x.view({int64_t(B_), int64_t(T_), int64_t(h), int64_t(cfg_.head_dim())});
+}
+
 void LlamaModel::run_forward(const int32_t* inputs) {
   Acts& a = *acts_;
   const int64_t N = int64_t(B_) * T_;
@@ -170,9 +175,11 @@ void LlamaModel::run_forward(const int32_t* inputs) {
     be_.matmul_fwd(l.xn1, w.wq->weight, l.q);  // (N,H*hd)
     be_.matmul_fwd(l.xn1, w.wk->weight, l.k);  // (N,Hkv*hd)
     be_.matmul_fwd(l.xn1, w.wv->weight, l.v);
-    be_.rope_fwd(l.q, l.q, theta);
-    be_.rope_fwd(l.k, l.k, theta);
-    be_.attention_fwd(l.q, l.k, l.v, l.ao, l.lse, s);
+    Tensor q4 = heads(l.q, cfg_.n_heads), k4 = heads(l.k, cfg_.n_kv_heads);
+    Tensor v4 = heads(l.v, cfg_.n_kv_heads), ao4 = heads(l.ao, cfg_.n_heads);
+    be_.rope_fwd(q4, q4, theta);
+    be_.rope_fwd(k4, k4, theta);
+    be_.attention_fwd(q4, k4, v4, ao4, l.lse, s);
     be_.matmul_fwd(l.ao, w.wo->weight, a.branch);  // (N,d)
     if (rmult != 1.f) be_.scale(a.branch, rmult);
     be_.add_rmsnorm_fwd(l.r_attn, &a.branch, l.r_mlp, w.ln2->weight, eps, l.xn2, l.rstd2);
@@ -248,9 +255,13 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
     // Attention branch: r_mlp = r_attn + o(attn(rope(q), rope(k), v))
     Tensor& dattn = branch_grad();
     be_.matmul_bwd(dattn, l.ao, w.wo->weight, &a.dao, &w.wo->grad, false);
-    be_.attention_bwd(a.dao, l.q, l.k, l.v, l.ao, l.lse, a.dq, a.dk, a.dv, s);
-    be_.rope_bwd(a.dq, a.dq, theta);
-    be_.rope_bwd(a.dk, a.dk, theta);
+    Tensor dq4 = heads(a.dq, cfg_.n_heads), dk4 = heads(a.dk, cfg_.n_kv_heads);
+    Tensor dv4 = heads(a.dv, cfg_.n_kv_heads);
+    be_.attention_bwd(heads(a.dao, cfg_.n_heads), heads(l.q, cfg_.n_heads),
+                      heads(l.k, cfg_.n_kv_heads), heads(l.v, cfg_.n_kv_heads),
+                      heads(l.ao, cfg_.n_heads), l.lse, dq4, dk4, dv4, s);
+    be_.rope_bwd(dq4, dq4, theta);
+    be_.rope_bwd(dk4, dk4, theta);
     be_.matmul_bwd(a.dq, l.xn1, w.wq->weight, &a.dxn, &w.wq->grad, false);
     be_.matmul_bwd(a.dk, l.xn1, w.wk->weight, &a.dxn, &w.wk->grad, true);
     be_.matmul_bwd(a.dv, l.xn1, w.wv->weight, &a.dxn, &w.wv->grad, true);

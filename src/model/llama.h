@@ -58,6 +58,7 @@ class LlamaModel {
   void build_params();
   void run_forward(const int32_t* inputs);
   double loss_from_host(const Tensor& losses);
+  Tensor heads(const Tensor& x, int h) const;
 
   ModelConfig cfg_;
   Backend& be_;

@@ -247,7 +247,7 @@ TrainResult Trainer::run() {
       append_metrics({{"step", done}, {"val_loss", vl}});
       if (!opts_.quiet) spdlog::info("step {} | val loss {:.4f}", done, vl);
     }
-    const bool stopping = stop_requested();
+    const bool stopping = stop_requested() || (opts_.stop_at > 0 && done >= opts_.stop_at && !last);
     if ((cfg_.train.ckpt_every > 0 && done % cfg_.train.ckpt_every == 0) || last || stopping) {
       if (rank_ == 0)
         res.last_checkpoint = save_checkpoint(run_dir_, done, model_->params(), *opt_, *be_,
@@ -255,8 +255,12 @@ TrainResult Trainer::run() {
       if (!opts_.quiet && rank_ == 0) spdlog::info("checkpoint {}", res.last_checkpoint);
     }
     if (stopping) {
-      spdlog::warn("stopped by signal {} after step {}; resume with the same command",
-                   g_stop_signal.load(), done);
+      if (stop_requested())
+        spdlog::warn("stopped by signal {} after step {}; resume with the same command",
+                     g_stop_signal.load(), done);
+      else
+        spdlog::info("stopped after step {} as asked (--stop-at); resume with the same command",
+                     done);
       res.interrupted = true;
       ++step;
       break;

@@ -20,6 +20,7 @@ struct TrainOptions {
   std::string resume;      // checkpoint dir; "" = automatic (latest in the run dir, if any)
   bool no_resume = false;  // start fresh even when the run dir holds checkpoints
   bool quiet = false;      // no per-step console lines (tests)
+  int stop_at = 0;         // > 0: checkpoint and stop after this step (time-limited sittings)
 };
 
 struct TrainResult {
