@@ -1,0 +1,701 @@
+#!/usr/bin/env python3
+"""Turn text into llm.c token shards for muonforge.
+
+Recipes (run `prepare_data.py RECIPE --help` for the options of each):
+
+  default          the embedded default corpus: real English text every Debian machine has
+                   offline (/usr/share/common-licenses + Python's own pydoc topics), byte-level
+                   tokens (vocab 256) -> data/default/{train,val}_000000.bin
+  text PATH...     local text files or folders (recursively: *.txt, *.txt.xz, *.xz)
+  tinyshakespeare  downloads the 1.1 MB char-rnn Shakespeare file, then `text`
+  tinystories      downloads TinyStoriesV2-GPT4 train/valid text files, then `text`
+  fineweb-edu      downloads N documents of FineWeb-Edu (sample-10BT) through the Hugging Face
+                   datasets-server rows API, then `text`
+
+Shard format (see data/README.md): 256 x int32 header, magic 20240520 / version 1 with uint16
+tokens when the vocabulary has <= 65535 ids, otherwise magic 20240801 / version 7 with uint32.
+
+Documents: input text is split into documents at every literal "<|endoftext|>" (and at file
+boundaries). GPT-2 shards start each document with the <|endoftext|> token (50256), as llm.c
+does; byte-level shards end each document with a blank line instead (bytes have no spare id).
+Validation split: unless --val files are given, the last --val-frac of every document (cut at
+the first newline at or after that point) goes to val, the rest to train. Deterministic.
+
+Standard library only; tiktoken is used for GPT-2 when it is installed (and can load its
+tables), otherwise a pure-Python byte-level BPE reading encoder.json + vocab.bpe.
+"""
+
+import argparse
+import array
+import hashlib
+import json
+import lzma
+import os
+import re
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MAGIC_U16, VERSION_U16 = 20240520, 1
+MAGIC_U32, VERSION_U32 = 20240801, 7
+HEADER_INTS = 256
+EOT_TEXT = "<|endoftext|>"
+DEFAULT_SHARD_TOKENS = 100_000_000
+INT32_MAX = 2**31 - 1
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+class UserError(Exception):
+    """A problem the user must fix; printed without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    name = "byte"
+    vocab_size = 256
+    eot = None  # no spare id: documents are separated by a blank line instead
+
+    def encode(self, text):
+        return text.encode("utf-8")
+
+
+def gpt2_byte_to_unicode():
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters:
+    printable Latin-1 bytes map to themselves, the others to 256, 257, ... in byte order."""
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+            + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+    table = {}
+    extra = 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+# GPT-2's pre-tokenizer. \p{L} / \p{N} need the third-party `regex` module.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Approximation with the standard `re` module: letters = word characters that are not decimal
+# digits or '_'; numbers = decimal digits only (so e.g. '½' or '²' count as letters here).
+GPT2_PATTERN_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+
+
+def default_gpt2_dir():
+    env = os.environ.get("MF_GPT2_DIR")
+    if env:
+        return Path(env)
+    return (REPO / ".." / "shared" / "data" / "tokenizers" / "gpt2").resolve()
+
+
+class Gpt2BpeTokenizer:
+    """GPT-2 byte-level BPE in pure Python, from encoder.json + vocab.bpe."""
+    name = "gpt2"
+
+    def __init__(self, gpt2_dir, force_re=False):
+        d = Path(gpt2_dir)
+        enc_path, bpe_path = d / "encoder.json", d / "vocab.bpe"
+        missing = [str(p) for p in (enc_path, bpe_path) if not p.is_file()]
+        if missing:
+            raise UserError(
+                f"GPT-2 tokenizer files not found: {', '.join(missing)}. Install tiktoken "
+                f"(pip install tiktoken), or put encoder.json and vocab.bpe in a folder and pass "
+                f"--gpt2-dir DIR (or set MF_GPT2_DIR)")
+        with open(enc_path, encoding="utf-8") as f:
+            self.encoder = json.load(f)
+        with open(bpe_path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(l.split()) for l in lines[1:] if l.strip()]  # line 0 is "#version"
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.byte_map = gpt2_byte_to_unicode()
+        self.eot = self.encoder[EOT_TEXT]
+        self.vocab_size = max(self.encoder.values()) + 1
+        self.cache = {}
+        self.exact = False
+        if not force_re:
+            try:
+                import regex  # noqa: F401
+                self.pat = regex.compile(GPT2_PATTERN)
+                self.exact = True
+            except ImportError:
+                warn("the `regex` module is not installed: using an approximation of GPT-2's "
+                     "pre-tokenizer with `re` (numbers other than 0-9 such as '½' split "
+                     "differently); `pip install regex` for exact GPT-2 tokens")
+        if not self.exact:
+            self.pat = re.compile(GPT2_PATTERN_RE)
+
+    def bpe(self, word):
+        """Applies the merges to one pre-token (a string of byte-map characters)."""
+        hit = self.cache.get(word)
+        if hit is not None:
+            return hit
+        parts = list(word)
+        ranks = self.ranks
+        while len(parts) > 1:
+            best, best_rank = None, None
+            for i in range(len(parts) - 1):
+                r = ranks.get((parts[i], parts[i + 1]))
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best is None:
+                break
+            a, b = parts[best], parts[best + 1]
+            merged = []
+            i = 0
+            while i < len(parts):  # merge every occurrence of the pair, left to right
+                if i < len(parts) - 1 and parts[i] == a and parts[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        ids = [self.encoder[p] for p in parts]
+        if len(self.cache) < 500_000:
+            self.cache[word] = ids
+        return ids
+
+    def encode(self, text):
+        out = []
+        bm = self.byte_map
+        for piece in self.pat.findall(text):
+            out.extend(self.bpe("".join(bm[b] for b in piece.encode("utf-8"))))
+        return out
+
+
+class TiktokenGpt2:
+    name = "gpt2"
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.eot = enc.eot_token
+        self.vocab_size = enc.n_vocab
+        self.exact = True
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+
+def make_tokenizer(name, gpt2_dir=None, quiet=False):
+    if name == "byte":
+        return ByteTokenizer()
+    if name != "gpt2":
+        raise UserError(f"--tokenizer must be 'byte' or 'gpt2', got '{name}'")
+    try:
+        import tiktoken
+        try:
+            tok = TiktokenGpt2(tiktoken.get_encoding("gpt2"))
+            if not quiet:
+                log("tokenizer: gpt2 (tiktoken)")
+            return tok
+        except Exception as e:  # usually: offline and the tables are not cached
+            warn(f"tiktoken could not load 'gpt2' ({e.__class__.__name__}); using the pure-Python BPE")
+    except ImportError:
+        pass
+    tok = Gpt2BpeTokenizer(gpt2_dir or default_gpt2_dir())
+    if not quiet:
+        log(f"tokenizer: gpt2 (pure-Python BPE from {gpt2_dir or default_gpt2_dir()})")
+    return tok
+
+
+# Worker-process plumbing for parallel encoding (the pure-Python BPE is slow).
+_WORKER_TOK = None
+
+
+def _worker_init(name, gpt2_dir):
+    global _WORKER_TOK
+    _WORKER_TOK = make_tokenizer(name, gpt2_dir, quiet=True)
+
+
+def _worker_encode(text):
+    return _WORKER_TOK.encode(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Shard writing
+# --------------------------------------------------------------------------------------------
+
+def write_shard(path, tokens, token_bytes):
+    """Writes one shard atomically: temp file in the same folder, fsync, rename."""
+    n = len(tokens)
+    if n > INT32_MAX:
+        raise UserError(f"{path}: {n} tokens do not fit the int32 header field")
+    header = [0] * HEADER_INTS
+    header[0], header[1] = (MAGIC_U16, VERSION_U16) if token_bytes == 2 else (MAGIC_U32, VERSION_U32)
+    header[2] = n
+    body = array.array("H" if token_bytes == 2 else "I", tokens)
+    assert body.itemsize == token_bytes
+    if sys.byteorder != "little":
+        body.byteswap()
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack(f"<{HEADER_INTS}i", *header))
+        f.write(body.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_shard(path):
+    """Reads a shard back (used by the tests and `--check`): returns (magic, version, tokens)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < HEADER_INTS * 4:
+        raise UserError(f"{path}: shorter than the 1024-byte header")
+    magic, version, count = struct.unpack("<3i", data[:12])
+    width = {MAGIC_U16: 2, MAGIC_U32: 4}.get(magic)
+    if width is None:
+        raise UserError(f"{path}: bad magic {magic}")
+    if len(data) != HEADER_INTS * 4 + count * width:
+        raise UserError(f"{path}: size {len(data)} does not match {count} tokens of {width} bytes")
+    body = array.array("H" if width == 2 else "I")
+    body.frombytes(data[HEADER_INTS * 4:])
+    if sys.byteorder != "little":
+        body.byteswap()
+    return magic, version, body
+
+
+class ShardWriter:
+    """Streams tokens of one split into {out}/{prefix}{split}_{index:06d}.bin.
+
+    A shard is written once the buffer holds shard_tokens + shard_tokens/2 tokens, so the last
+    shard of a split is never a tiny remainder: it holds between shard_tokens/2 and
+    1.5*shard_tokens tokens (or everything, when the split is smaller than one shard)."""
+
+    def __init__(self, out_dir, prefix, split, shard_tokens, token_bytes):
+        self.out_dir, self.prefix, self.split = Path(out_dir), prefix, split
+        self.shard_tokens, self.token_bytes = shard_tokens, token_bytes
+        self.buf = array.array("H" if token_bytes == 2 else "I")
+        self.index = 0
+        self.total = 0
+        self.files = []
+
+    def add(self, tokens):
+        self.buf.extend(tokens)
+        self.total += len(tokens)
+        limit = self.shard_tokens + self.shard_tokens // 2
+        while len(self.buf) >= limit:
+            self._flush(self.buf[: self.shard_tokens])
+            del self.buf[: self.shard_tokens]
+
+    def _flush(self, tokens):
+        path = self.out_dir / f"{self.prefix}{self.split}_{self.index:06d}.bin"
+        write_shard(path, tokens, self.token_bytes)
+        self.files.append((path, len(tokens)))
+        self.index += 1
+        log(f"  wrote {path} ({len(tokens):,} tokens)")
+
+    def close(self):
+        if len(self.buf) or not self.files:
+            self._flush(self.buf)
+            self.buf = self.buf[:0]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+def find_text_files(paths):
+    """Expands files and folders (recursively: *.txt, *.xz) into a sorted, de-duplicated list."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*")
+                           if q.is_file() and (q.name.endswith(".txt") or q.name.endswith(".xz")))
+            if not found:
+                raise UserError(f"folder '{p}' contains no *.txt or *.xz files")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"input '{p}' does not exist")
+    seen, uniq = set(), []
+    for p in out:
+        k = p.resolve()
+        if k not in seen:
+            seen.add(k)
+            uniq.append(p)
+    return uniq
+
+
+def read_text(path):
+    path = Path(path)
+    try:
+        if path.name.endswith(".xz"):
+            with lzma.open(path, "rt", encoding="utf-8", errors="replace") as f:
+                return f.read()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except lzma.LZMAError as e:
+        raise UserError(f"'{path}': not a valid .xz file ({e})")
+    except OSError as e:
+        raise UserError(f"'{path}': cannot read ({e.strerror})")
+
+
+def split_documents(text):
+    """Documents are separated by literal <|endoftext|> markers; empty ones are dropped."""
+    return [d for d in (p.strip("\n") for p in text.split(EOT_TEXT)) if d.strip()]
+
+
+def split_tail(doc, val_frac):
+    """(train_part, val_part): the val part starts at the first newline at or after
+    len*(1-val_frac) (or exactly there when no newline follows)."""
+    if val_frac <= 0:
+        return doc, ""
+    cut = int(len(doc) * (1.0 - val_frac))
+    nl = doc.find("\n", cut)
+    if nl != -1:
+        cut = nl + 1
+    return doc[:cut], doc[cut:]
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+def clear_old_shards(out_dir, prefix):
+    """Removes shards a previous run left under the same names, so a glob such as
+    train_*.bin never mixes two runs."""
+    old = sorted(out_dir.glob(f"{prefix}train_*.bin")) + sorted(out_dir.glob(f"{prefix}val_*.bin"))
+    for p in old:
+        p.unlink()
+    if old:
+        log(f"removed {len(old)} old shard(s) from {out_dir}")
+
+
+def doc_text(doc, tok):
+    # Byte-level: each document ends with a blank line (there is no end-of-text id).
+    return doc + "\n\n" if tok.eot is None else doc
+
+
+def build(docs_train, docs_val, out_dir, tok, shard_tokens, prefix="", workers=1, gpt2_dir=None,
+          source=""):
+    """docs_*: iterables of document strings. Writes the shards and returns a summary dict."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if shard_tokens < 1 or shard_tokens + shard_tokens // 2 > INT32_MAX:
+        raise UserError(f"--shard-tokens must be in [1, {INT32_MAX * 2 // 3}], got {shard_tokens}")
+    token_bytes = 2 if tok.vocab_size <= 65535 else 4
+    clear_old_shards(out_dir, prefix)
+    log(f"writing {'uint16 (v1)' if token_bytes == 2 else 'uint32 (v7)'} shards of "
+        f"{shard_tokens:,} tokens to {out_dir}/ (tokenizer {tok.name}, vocab {tok.vocab_size})")
+
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("fork" if sys.platform != "win32" else "spawn").Pool(
+            workers, initializer=_worker_init, initargs=(tok.name, gpt2_dir))
+
+    summary = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "token_bytes": token_bytes,
+               "source": source, "splits": {}}
+    t0 = time.time()
+    try:
+        for split, docs in (("train", docs_train), ("val", docs_val)):
+            w = ShardWriter(out_dir, prefix, split, shard_tokens, token_bytes)
+            texts = (doc_text(d, tok) for d in docs)
+            encoded = pool.imap(_worker_encode, texts, chunksize=4) if pool else map(tok.encode, texts)
+            ndocs = 0
+            last = time.time()
+            for ids in encoded:
+                if tok.eot is not None:
+                    w.add([tok.eot])
+                w.add(ids)
+                ndocs += 1
+                if time.time() - last > 5:
+                    last = time.time()
+                    log(f"  {split}: {ndocs:,} documents, {w.total:,} tokens "
+                        f"({w.total / max(last - t0, 1e-9):,.0f} tok/s)")
+            w.close()
+            if w.total == 0:
+                warn(f"the {split} split is empty")
+            summary["splits"][split] = {
+                "documents": ndocs, "tokens": w.total,
+                "files": [{"path": str(p), "tokens": n, "sha256": sha256_file(p)} for p, n in w.files]}
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    dt = time.time() - t0
+    log("summary:")
+    for split, s in summary["splits"].items():
+        log(f"  {split:5s}: {s['tokens']:>12,} tokens in {len(s['files'])} file(s), "
+            f"{s['documents']:,} documents")
+        for f in s["files"]:
+            log(f"         {f['path']}  ({f['tokens']:,} tokens, sha256 {f['sha256'][:16]}...)")
+    log(f"  done in {dt:.1f} s")
+    return summary
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_docs(files, what):
+    for p in files:
+        text = read_text(p)
+        log(f"  reading {p} ({len(text):,} characters) for {what}")
+        yield from split_documents(text)
+
+
+def run_text(files, val_files, out, tokenizer, val_frac, shard_tokens, prefix, workers, gpt2_dir,
+             source):
+    if not (0.0 <= val_frac < 1.0):
+        raise UserError(f"--val-frac must be in [0, 1), got {val_frac}")
+    tok = make_tokenizer(tokenizer, gpt2_dir)
+    files = find_text_files(files)
+    if val_files:
+        val_files = find_text_files(val_files)
+        train_docs = iter_docs(files, "train")
+        val_docs = iter_docs(val_files, "val")
+    else:
+        # Each document's tail goes to val; documents are read once and the tails kept in memory
+        # (val_frac of the data).
+        tails = []
+
+        def train_docs_gen():
+            for d in iter_docs(files, "train + val"):
+                head, tail = split_tail(d, val_frac)
+                if tail.strip():
+                    tails.append(tail)
+                if head.strip():
+                    yield head
+
+        train_docs = train_docs_gen()
+        val_docs = tails  # filled while the train split is consumed (train is written first)
+    return build(train_docs, val_docs, out, tok, shard_tokens, prefix, workers, gpt2_dir, source)
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded default corpus
+# --------------------------------------------------------------------------------------------
+
+LICENSES_DIR = Path("/usr/share/common-licenses")
+DEFAULT_VAL_FRAC = 0.1
+
+
+def default_corpus():
+    """[(name, text)] in a fixed order: the license texts of Debian's base-files package
+    (regular files only: GPL -> GPL-3 style links are skipped), then every topic of Python's
+    pydoc_data (the language reference text `help()` shows), sorted by topic name."""
+    docs = []
+    if LICENSES_DIR.is_dir():
+        for p in sorted(LICENSES_DIR.iterdir()):
+            if p.is_file() and not p.is_symlink():
+                docs.append((str(p), p.read_text(encoding="utf-8", errors="replace")))
+    else:
+        warn(f"{LICENSES_DIR} not found (not a Debian system?): using Python's pydoc topics only")
+    try:
+        from pydoc_data.topics import topics
+        for k in sorted(topics):
+            docs.append((f"pydoc_data.topics[{k!r}]", topics[k]))
+    except ImportError:
+        warn("pydoc_data is not available in this Python: the default corpus is smaller")
+    total = sum(len(t.encode("utf-8")) for _, t in docs)
+    if total < 100_000:
+        raise UserError(f"the default corpus has only {total:,} bytes (needs "
+                        f"{LICENSES_DIR} and Python's pydoc_data); use `prepare_data.py text FILE`")
+    return docs
+
+
+def run_default(out, val_frac=DEFAULT_VAL_FRAC):
+    docs = default_corpus()
+    total = sum(len(t.encode("utf-8")) for _, t in docs)
+    log(f"default corpus: {len(docs)} documents, {total:,} bytes "
+        f"({sum(1 for n, _ in docs if n.startswith('/'))} license texts from {LICENSES_DIR}, "
+        f"{sum(1 for n, _ in docs if n.startswith('pydoc'))} pydoc topics from Python "
+        f"{sys.version.split()[0]})")
+    heads, tails = [], []
+    for _, text in docs:
+        d = text.strip("\n")
+        head, tail = split_tail(d, val_frac)
+        if head.strip():
+            heads.append(head)
+        if tail.strip():
+            tails.append(tail)
+    return build(heads, tails, out, ByteTokenizer(), DEFAULT_SHARD_TOKENS, source="default corpus")
+
+
+# --------------------------------------------------------------------------------------------
+# Online recipes
+# --------------------------------------------------------------------------------------------
+
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSTORIES_URLS = {
+    "train": "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",
+    "val": "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt",
+}
+FINEWEB_ROWS_URL = ("https://datasets-server.huggingface.co/rows?dataset=HuggingFaceFW/fineweb-edu"
+                    "&config=sample-10BT&split=train&offset={offset}&length={length}")
+CACHE = REPO / "data" / "cache"
+
+
+def offline_error(url, e):
+    return UserError(f"cannot reach {url}: no network? ({e}) download it yourself and run "
+                     f"`prepare_data.py text FILE`")
+
+
+def download(url, dest, timeout=15):
+    """Downloads url to dest (kept as a cache; skipped when dest exists)."""
+    dest = Path(dest)
+    if dest.is_file() and dest.stat().st_size > 0:
+        log(f"using cached {dest}")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    log(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+            size = int(r.headers.get("Content-Length") or 0)
+            got, last = 0, time.time()
+            while True:
+                chunk = r.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                got += len(chunk)
+                if time.time() - last > 5:
+                    last = time.time()
+                    log(f"  {got / 1e6:,.1f} MB" + (f" of {size / 1e6:,.1f} MB" if size else ""))
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        raise offline_error(url, e)
+    os.replace(part, dest)
+    log(f"  saved {dest} ({dest.stat().st_size:,} bytes)")
+    return dest
+
+
+def fetch_fineweb(n_docs, dest, timeout=15):
+    """N documents of FineWeb-Edu sample-10BT as one text file, <|endoftext|>-separated."""
+    dest = Path(dest)
+    if dest.is_file() and dest.stat().st_size > 0:
+        log(f"using cached {dest}")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    got = 0
+    with open(part, "w", encoding="utf-8") as f:
+        while got < n_docs:
+            length = min(100, n_docs - got)  # the rows API serves at most 100 rows per request
+            url = FINEWEB_ROWS_URL.format(offset=got, length=length)
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r:
+                    rows = json.load(r)["rows"]
+            except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+                part.unlink(missing_ok=True)
+                raise offline_error(url, e)
+            if not rows:
+                break
+            for row in rows:
+                f.write(row["row"]["text"].replace(EOT_TEXT, ""))
+                f.write(f"\n{EOT_TEXT}\n")
+            got += len(rows)
+            if got % 2000 < 100:
+                log(f"  {got:,} / {n_docs:,} documents")
+    os.replace(part, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def add_common(p, tokenizer_default):
+    p.add_argument("--tokenizer", choices=["byte", "gpt2"], default=tokenizer_default,
+                   help=f"byte: vocab 256; gpt2: GPT-2 BPE, vocab 50257 (default {tokenizer_default})")
+    p.add_argument("--val-frac", type=float, default=0.05,
+                   help="fraction of every document (its tail) that goes to val (default 0.05)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,}; the last shard of a "
+                        f"split may hold up to 1.5x)")
+    p.add_argument("--name", default="", help="file-name prefix: DIR/PREFIX_train_000000.bin")
+    p.add_argument("--gpt2-dir", default=None,
+                   help="folder with encoder.json + vocab.bpe for the pure-Python GPT-2 BPE "
+                        "(default $MF_GPT2_DIR or ../shared/data/tokenizers/gpt2 next to the repo)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes for tokenization (useful with the pure-Python BPE)")
+
+
+def prefix_of(name):
+    return f"{name}_" if name and not name.endswith("_") else name
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = ap.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
+
+    p = sub.add_parser("default", help="byte-level shards of the embedded default corpus")
+    p.add_argument("--out", default=str(REPO / "data" / "default"),
+                   help="output folder (default data/default in the repository)")
+    p.add_argument("--val-frac", type=float, default=DEFAULT_VAL_FRAC,
+                   help=f"tail fraction of every document that goes to val (default {DEFAULT_VAL_FRAC})")
+
+    p = sub.add_parser("text", help="local text files or folders (*.txt, *.xz) to shards")
+    p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--val", nargs="+", default=None,
+                   help="files or folders used as the val split (then --val-frac is ignored)")
+    add_common(p, "byte")
+
+    for name, what in (("tinyshakespeare", "the 1.1 MB tiny Shakespeare text (char-rnn)"),
+                       ("tinystories", "TinyStoriesV2-GPT4 train + valid (about 2.2 GB of text)"),
+                       ("fineweb-edu", "documents of FineWeb-Edu sample-10BT")):
+        p = sub.add_parser(name, help=f"download {what}, then tokenize")
+        p.add_argument("--out", default=str(REPO / "data" / name.replace("-", "_")),
+                       help=f"output folder (default data/{name.replace('-', '_')})")
+        add_common(p, "gpt2")
+        if name == "fineweb-edu":
+            p.add_argument("--docs", type=int, default=20000, help="documents to fetch (default 20000)")
+
+    a = ap.parse_args(argv)
+    try:
+        if a.recipe == "default":
+            run_default(a.out, a.val_frac)
+        elif a.recipe == "text":
+            run_text(a.paths, a.val, a.out, a.tokenizer, a.val_frac, a.shard_tokens,
+                     prefix_of(a.name), a.workers, a.gpt2_dir, "text: " + " ".join(a.paths))
+        elif a.recipe == "tinyshakespeare":
+            f = download(TINYSHAKESPEARE_URL, CACHE / "tinyshakespeare" / "input.txt")
+            run_text([f], None, a.out, a.tokenizer, a.val_frac, a.shard_tokens, prefix_of(a.name),
+                     a.workers, a.gpt2_dir, TINYSHAKESPEARE_URL)
+        elif a.recipe == "tinystories":
+            tr = download(TINYSTORIES_URLS["train"], CACHE / "tinystories" / "train.txt")
+            va = download(TINYSTORIES_URLS["val"], CACHE / "tinystories" / "valid.txt")
+            run_text([tr], [va], a.out, a.tokenizer, a.val_frac, a.shard_tokens, prefix_of(a.name),
+                     a.workers, a.gpt2_dir, "TinyStoriesV2-GPT4")
+        elif a.recipe == "fineweb-edu":
+            f = fetch_fineweb(a.docs, CACHE / "fineweb_edu" / f"sample10bt_{a.docs}.txt")
+            run_text([f], None, a.out, a.tokenizer, a.val_frac, a.shard_tokens, prefix_of(a.name),
+                     a.workers, a.gpt2_dir, "FineWeb-Edu sample-10BT")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

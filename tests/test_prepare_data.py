@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Tests of scripts/prepare_data.py (standard library only; run directly or via test_data).
+
+The GPT-2 checks need encoder.json / vocab.bpe and llama.cpp's test vectors from
+../shared/data/tokenizers/gpt2 (next to the repository) or $MF_GPT2_DIR; they are skipped when
+that folder is absent (users do not have it; CI does).
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import prepare_data as pd  # noqa: E402
+
+GPT2_DIR = pd.default_gpt2_dir()
+HAVE_GPT2 = (GPT2_DIR / "encoder.json").is_file() and (GPT2_DIR / "ggml-vocab-gpt-2.gguf.inp").is_file()
+
+
+def load_vectors():
+    inp = (GPT2_DIR / "ggml-vocab-gpt-2.gguf.inp").read_text(encoding="utf-8")
+    out = (GPT2_DIR / "ggml-vocab-gpt-2.gguf.out").read_text(encoding="utf-8")
+    texts = inp.split("\n__ggml_vocab_test__\n")[:-1]  # every input is followed by the marker
+    ids = [[int(x) for x in line.split()] for line in out.split("\n")[: len(texts)]]
+    return texts, ids
+
+
+class ShardFormat(unittest.TestCase):
+    def test_round_trip_u16_u32(self):
+        with tempfile.TemporaryDirectory() as d:
+            for width, toks in ((2, [0, 1, 65535, 7]), (4, [0, 65536, 2**32 - 1])):
+                p = os.path.join(d, f"s{width}.bin")
+                pd.write_shard(p, toks, width)
+                self.assertEqual(os.path.getsize(p), 1024 + width * len(toks))
+                magic, version, body = pd.read_shard(p)
+                self.assertEqual((magic, version), (20240520, 1) if width == 2 else (20240801, 7))
+                self.assertEqual(list(body), toks)
+
+    def test_writer_keeps_last_shard_large(self):
+        with tempfile.TemporaryDirectory() as d:
+            w = pd.ShardWriter(d, "", "train", 100, 2)
+            for i in range(23):
+                w.add(list(range(i * 11, i * 11 + 11)))  # 253 tokens in odd pieces
+            w.close()
+            sizes = [n for _, n in w.files]
+            self.assertEqual(sizes, [100, 100, 53])  # the last one >= shard_tokens / 2
+            toks = []
+            for p, _ in w.files:
+                toks += list(pd.read_shard(p)[2])
+            self.assertEqual(toks, list(range(253)))
+
+
+class TextRecipe(unittest.TestCase):
+    def test_split_tail(self):
+        head, tail = pd.split_tail("a\nbb\nccc\ndddd\n", 0.5)
+        self.assertEqual(head + tail, "a\nbb\nccc\ndddd\n")
+        self.assertEqual(tail, "dddd\n")
+        self.assertEqual(pd.split_tail("abc", 0.0), ("abc", ""))
+
+    def test_documents(self):
+        self.assertEqual(pd.split_documents("one\n<|endoftext|>\ntwo<|endoftext|>\n\n"), ["one", "two"])
+
+    def test_text_folder_xz_and_byte_tokens(self):
+        import lzma
+        with tempfile.TemporaryDirectory() as d:
+            src = Path(d) / "src"
+            (src / "sub").mkdir(parents=True)
+            (src / "a.txt").write_text("first file\n" * 20, encoding="utf-8")
+            with lzma.open(src / "sub" / "b.txt.xz", "wt", encoding="utf-8") as f:
+                f.write("second file, compressed\n" * 20)
+            (src / "ignored.md").write_text("not text input", encoding="utf-8")
+            out = Path(d) / "out"
+            r = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "text",
+                                str(src), "--out", str(out), "--val-frac", "0.1", "--name", "mini"],
+                               capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            self.assertEqual(sorted(p.name for p in out.iterdir()),
+                             ["mini_train_000000.bin", "mini_val_000000.bin"])
+            tr = bytes(list(pd.read_shard(out / "mini_train_000000.bin")[2])).decode()
+            va = bytes(list(pd.read_shard(out / "mini_val_000000.bin")[2])).decode()
+            self.assertTrue(tr.startswith("first file\n"))
+            self.assertIn("second file, compressed\n", tr)
+            self.assertNotIn("not text input", tr + va)
+            self.assertEqual(tr.count("first file") + va.count("first file"), 20)
+            self.assertEqual(va.count("first file"), 2)
+
+    def test_offline_message(self):
+        try:
+            pd.download("http://127.0.0.1:9/nothing.txt", Path(tempfile.gettempdir()) / "mf_never.txt",
+                        timeout=2)
+        except pd.UserError as e:
+            self.assertIn("cannot reach http://127.0.0.1:9/nothing.txt", str(e))
+            self.assertIn("prepare_data.py text FILE", str(e))
+        else:
+            self.fail("download from a closed port succeeded")
+
+    def test_default_corpus_is_large_and_deterministic(self):
+        docs = pd.default_corpus()
+        total = sum(len(t.encode("utf-8")) for _, t in docs)
+        self.assertGreater(total, 300_000)
+        self.assertEqual(docs, pd.default_corpus())
+
+
+@unittest.skipUnless(HAVE_GPT2, f"GPT-2 tokenizer files not found in {GPT2_DIR}")
+class Gpt2Bpe(unittest.TestCase):
+    def check(self, tok):
+        texts, ids = load_vectors()
+        self.assertEqual(len(texts), len(ids))
+        self.assertGreater(len(texts), 40)
+        for text, want in zip(texts, ids):
+            self.assertEqual(tok.encode(text), want, f"input {text!r}")
+
+    def test_vectors_pure_python(self):
+        tok = pd.Gpt2BpeTokenizer(GPT2_DIR)
+        self.assertEqual((tok.vocab_size, tok.eot), (50257, 50256))
+        self.check(tok)
+
+    def test_vectors_re_fallback(self):
+        # The `re` approximation agrees on every vector (it differs only for non-decimal numerals
+        # glued to letters).
+        self.check(pd.Gpt2BpeTokenizer(GPT2_DIR, force_re=True))
+
+    def test_text_recipe_gpt2(self):
+        with tempfile.TemporaryDirectory() as d:
+            src = Path(d) / "t.txt"
+            src.write_text("Hello world\n<|endoftext|>\n Hello World!\n", encoding="utf-8")
+            out = Path(d) / "out"
+            r = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "text",
+                                str(src), "--out", str(out), "--val-frac", "0",
+                                "--tokenizer", "gpt2", "--gpt2-dir", str(GPT2_DIR)],
+                               capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            magic, _, toks = pd.read_shard(out / "train_000000.bin")
+            self.assertEqual(magic, 20240520)
+            # <|endoftext|> starts each document; "Hello world" = 15496 995, " Hello World!" =
+            # 18435 2159 0 (llama.cpp's vectors).
+            self.assertEqual(list(toks), [50256, 15496, 995, 50256, 18435, 2159, 0])
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
