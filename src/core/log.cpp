@@ -1,5 +1,6 @@
 #include "core/log.h"
 
+#include <algorithm>
 #include <cstdlib>
 
 #include <spdlog/sinks/basic_file_sink.h>
@@ -26,9 +27,13 @@ void setup_logging(int rank) {
 }
 
 void add_log_file(const std::string& path) {
-  auto sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>(path, /*truncate=*/false);
-  sink->set_pattern("[%Y-%m-%d %H:%M:%S] %v");
-  spdlog::default_logger()->sinks().push_back(sink);
+  // One run log at a time: a second Trainer in the same process replaces the first one's sink.
+  static std::shared_ptr<spdlog::sinks::sink> current;
+  auto& sinks = spdlog::default_logger()->sinks();
+  if (current) sinks.erase(std::remove(sinks.begin(), sinks.end(), current), sinks.end());
+  current = std::make_shared<spdlog::sinks::basic_file_sink_mt>(path, /*truncate=*/false);
+  current->set_pattern("[%Y-%m-%d %H:%M:%S] %v");
+  sinks.push_back(current);
 }
 
 }  // namespace mf
