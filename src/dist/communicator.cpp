@@ -1,0 +1,187 @@
+#include "dist/communicator.h"
+
+#include <cstring>
+#include <map>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "dist/env.h"
+#include "dist/store.h"
+
+#ifdef MF_HAS_GLOO
+#include "dist/gloo_comm.h"
+#endif
+#ifdef MF_HAS_NCCL
+#include "dist/nccl_comm.h"
+#endif
+#ifdef MF_HAS_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace mf {
+
+void Communicator::scale(float* data, size_t n, float s) {
+  for (size_t i = 0; i < n; ++i) data[i] *= s;
+}
+
+void Communicator::allreduce_avg(float* data, size_t n) {
+  allreduce_sum(data, n);
+  if (size() > 1) scale(data, n, 1.0f / float(size()));
+}
+
+namespace {
+
+class SingleCommunicator final : public Communicator {
+ public:
+  SingleCommunicator(Device device, void* stream) : device_(device), stream_(stream) {}
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  const char* name() const override { return "single"; }
+  void allreduce_sum(float*, size_t) override {}
+  void allreduce_avg(float*, size_t) override {}
+  void reduce_scatter_sum(const float* send, float* recv, size_t n) override { copy(recv, send, n); }
+  void allgather(const float* send, float* recv, size_t n) override { copy(recv, send, n); }
+  void broadcast(float*, size_t, int root) override {
+    MF_CHECK(root == 0, "broadcast root ", root, " is out of range for 1 rank");
+  }
+  void barrier() override {}
+  std::vector<std::string> allgather_bytes(const std::string& mine) override { return {mine}; }
+  void broadcast_bytes(std::string&, int root) override {
+    MF_CHECK(root == 0, "broadcast root ", root, " is out of range for 1 rank");
+  }
+
+ private:
+  void copy(float* dst, const float* src, size_t n) {
+    if (dst == src || n == 0) return;
+    if (device_ == Device::CUDA) {
+#ifdef MF_HAS_CUDA
+      cudaError_t e = cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice,
+                                      static_cast<cudaStream_t>(stream_));
+      MF_CHECK(e == cudaSuccess, "cudaMemcpyAsync in the single-rank communicator: ", cudaGetErrorString(e));
+      return;
+#else
+      MF_FAIL("the single-rank communicator was asked for CUDA memory in a build without CUDA");
+#endif
+    }
+    std::memmove(dst, src, n * sizeof(float));
+  }
+  Device device_;
+  void* stream_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_single_communicator(Device device, void* cuda_stream) {
+  return std::make_unique<SingleCommunicator>(device, cuda_stream);
+}
+
+std::unique_ptr<Communicator> make_communicator(const DistEnv& env, TcpStore* store, Device device,
+                                                void* cuda_stream) {
+  if (env.world_size == 1) return make_single_communicator(device, cuda_stream);
+  MF_CHECK(store != nullptr, "make_communicator: a job of ", env.world_size, " ranks needs the rendezvous "
+           "store (TcpStore::from_env)");
+  if (device == Device::CPU) {
+#ifdef MF_HAS_GLOO
+    return make_gloo_communicator(env, *store);
+#else
+    MF_FAIL("this build has no Gloo, so CPU training cannot use ", env.world_size, " ranks; install "
+            "libgloo-dev and re-run cmake, or run one process");
+#endif
+  }
+#ifdef MF_HAS_NCCL
+  return make_nccl_communicator(env, *store, cuda_stream);
+#else
+  MF_FAIL("this build has no NCCL, so CUDA training cannot use ", env.world_size, " ranks; rebuild with "
+          "NCCL (NCCL_ROOT) or run one process");
+#endif
+}
+
+uint64_t fnv1a64(const std::string& s) {
+  uint64_t h = 14695981039346656037ULL;  // FNV offset basis
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+
+namespace {
+
+std::string hex(uint64_t h) {
+  std::ostringstream os;
+  os << std::hex << h;
+  return os.str();
+}
+
+std::string hash_bytes(uint64_t h) { return std::string(reinterpret_cast<const char*>(&h), 8); }
+
+void flatten(const nlohmann::json& j, const std::string& path, std::map<std::string, std::string>& out) {
+  if (j.is_object() && !j.empty()) {
+    for (auto it = j.begin(); it != j.end(); ++it)
+      flatten(it.value(), path.empty() ? it.key() : path + "." + it.key(), out);
+  } else {
+    out[path.empty() ? "<root>" : path] = j.dump();
+  }
+}
+
+}  // namespace
+
+void check_same(Communicator& comm, const std::string& what, const std::string& value) {
+  if (comm.size() == 1) return;
+  std::vector<std::string> all = comm.allgather_bytes(hash_bytes(fnv1a64(value)));
+  for (int r = 1; r < comm.size(); ++r) {
+    MF_CHECK(all[r] == all[0], "rank ", r, "'s ", what, " differs from rank 0's; every rank must run the "
+             "same ", what, " (this is rank ", comm.rank(), ")");
+  }
+}
+
+void check_same_json(Communicator& comm, const std::string& what, const nlohmann::json& value) {
+  if (comm.size() == 1) return;
+  std::string dump = value.dump();
+  std::vector<std::string> all = comm.allgather_bytes(hash_bytes(fnv1a64(dump)));
+  bool same = true;
+  for (int r = 1; r < comm.size(); ++r) same = same && all[r] == all[0];
+  if (same) return;
+  // Second round (every rank takes it: they all saw the same hashes): per-key hashes.
+  std::map<std::string, std::string> leaves;
+  flatten(value, "", leaves);
+  std::string mine;
+  for (auto& kv : leaves) mine += kv.first + "\t" + hex(fnv1a64(kv.second)) + "\n";
+  std::vector<std::string> per_rank = comm.allgather_bytes(mine);
+  auto parse = [](const std::string& s) {
+    std::map<std::string, std::string> m;
+    std::istringstream is(s);
+    std::string line;
+    while (std::getline(is, line)) {
+      auto tab = line.find('\t');
+      if (tab != std::string::npos) m[line.substr(0, tab)] = line.substr(tab + 1);
+    }
+    return m;
+  };
+  auto ref = parse(per_rank[0]);
+  for (int r = 1; r < comm.size(); ++r) {
+    auto other = parse(per_rank[r]);
+    std::vector<std::string> diffs;
+    for (auto& kv : ref) {
+      auto it = other.find(kv.first);
+      if (it == other.end())
+        diffs.push_back(kv.first + " (missing on rank " + std::to_string(r) + ")");
+      else if (it->second != kv.second)
+        diffs.push_back(kv.first);
+    }
+    for (auto& kv : other) {
+      if (!ref.count(kv.first)) diffs.push_back(kv.first + " (missing on rank 0)");
+    }
+    if (diffs.empty()) continue;  // key order or formatting only; compare the next rank
+    std::string list;
+    for (size_t i = 0; i < diffs.size() && i < 20; ++i) list += (i ? ", " : "") + diffs[i];
+    if (diffs.size() > 20) list += ", ... (" + std::to_string(diffs.size()) + " keys)";
+    MF_FAIL("rank ", r, "'s ", what, " differs from rank 0's at ", list, "; every rank must run the same ",
+            what, " (this is rank ", comm.rank(), ")");
+  }
+  // Only the text differed (key order of an ordered object): the values agree.
+}
+
+}  // namespace mf

@@ -1,0 +1,81 @@
+// Collective communication over the ranks of a job.
+//
+// Float buffers are raw f32 pointers in the communicator's memory: host memory for the single-process
+// and Gloo communicators, device memory (on the communicator's CUDA stream) for NCCL. Byte/string
+// helpers (allgather_bytes, broadcast_bytes) always take host memory; they carry hashes and small
+// metadata, never tensors.
+//
+// Every rank must call the same collectives in the same order with the same sizes.
+// Failures (a peer died, a timeout) are mf::Error naming the op and the rank.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "core/tensor.h"
+
+namespace mf {
+
+struct DistEnv;
+class TcpStore;
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const char* name() const = 0;  // "single", "gloo", "nccl"
+
+  // data[0..n) <- sum over ranks (in place).
+  virtual void allreduce_sum(float* data, size_t n) = 0;
+  // data[0..n) <- mean over ranks (in place).
+  virtual void allreduce_avg(float* data, size_t n);
+  // send holds size() chunks of `recv_count` floats; recv[0..recv_count) <- sum over ranks of chunk
+  // rank(). send and recv must not overlap.
+  virtual void reduce_scatter_sum(const float* send, float* recv, size_t recv_count) = 0;
+  // recv[r*send_count .. (r+1)*send_count) <- rank r's send[0..send_count). send may be the own
+  // chunk of recv (recv + rank()*send_count) or a separate buffer.
+  virtual void allgather(const float* send, float* recv, size_t send_count) = 0;
+  // data[0..n) <- root's data[0..n).
+  virtual void broadcast(float* data, size_t n, int root) = 0;
+  virtual void barrier() = 0;
+
+  // Host-memory helpers for metadata (lengths may differ between ranks).
+  virtual std::vector<std::string> allgather_bytes(const std::string& mine) = 0;
+  virtual void broadcast_bytes(std::string& data, int root) = 0;
+
+ protected:
+  // Scale n floats by s in the communicator's memory (host by default; NCCL overrides avg instead).
+  virtual void scale(float* data, size_t n, float s);
+};
+
+// The communicator for this process:
+//   world_size 1           -> a single-process communicator (no store needed; `store` may be null);
+//   device CPU, world > 1  -> Gloo over TCP, connected through `store` (error if built without Gloo);
+//   device CUDA, world > 1 -> NCCL on the current CUDA device and `cuda_stream` (a cudaStream_t;
+//                             null = default stream); the unique id goes through `store`.
+// The store must outlive the connection setup; keep it for the whole run (rank 0 hosts it).
+std::unique_ptr<Communicator> make_communicator(const DistEnv& env, TcpStore* store, Device device,
+                                                void* cuda_stream = nullptr);
+
+// A communicator of one rank. Out-of-place copies use memmove, or cudaMemcpyAsync on `cuda_stream`
+// when `device` is CUDA (CUDA builds only).
+std::unique_ptr<Communicator> make_single_communicator(Device device = Device::CPU,
+                                                       void* cuda_stream = nullptr);
+
+// 64-bit FNV-1a of the bytes (stable across runs and machines).
+uint64_t fnv1a64(const std::string& s);
+
+// Every rank passes its own `value`; if any rank's differs from rank 0's, every rank throws
+// "rank R's <what> differs from rank 0's (...)". Collective: all ranks must call it.
+void check_same(Communicator& comm, const std::string& what, const std::string& value);
+
+// Like check_same for a JSON object, but the error names the differing key paths ("model.n_layer",
+// "train.seed"; arrays count as one value) and keys present on one rank only.
+void check_same_json(Communicator& comm, const std::string& what, const nlohmann::json& value);
+
+}  // namespace mf

@@ -1,0 +1,288 @@
+#include "dist/gloo_comm.h"
+
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include <gloo/allgather.h>
+#include <gloo/allreduce.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/math.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/device.h>
+
+#include "core/error.h"
+#include "dist/env.h"
+#include "dist/store.h"
+
+namespace mf {
+
+namespace {
+
+using ms = std::chrono::milliseconds;
+
+// gloo::rendezvous::Store over our TcpStore, every key under `prefix`.
+class GlooStoreAdapter : public gloo::rendezvous::Store {
+ public:
+  GlooStoreAdapter(TcpStore& store, std::string prefix, ms timeout)
+      : store_(store), prefix_(std::move(prefix)), timeout_(timeout) {}
+  void set(const std::string& key, const std::vector<char>& data) override {
+    store_.set(prefix_ + key, std::string(data.begin(), data.end()));
+  }
+  std::vector<char> get(const std::string& key) override {
+    std::string v = store_.get(prefix_ + key, timeout_);
+    return std::vector<char>(v.begin(), v.end());
+  }
+  void wait(const std::vector<std::string>& keys) override { wait(keys, timeout_); }
+  void wait(const std::vector<std::string>& keys, const ms& timeout) override {
+    std::vector<std::string> full;
+    for (auto& k : keys) full.push_back(prefix_ + k);
+    store_.wait(full, timeout);
+  }
+
+ private:
+  TcpStore& store_;
+  std::string prefix_;
+  ms timeout_;
+};
+
+bool is_loopback(const std::string& host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+
+// The local IP of the interface that routes to host:port (a UDP "connect" sends nothing).
+std::string local_ip_towards(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* res = nullptr;
+  if (::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0) return "";
+  std::string ip;
+  for (addrinfo* a = res; a && ip.empty(); a = a->ai_next) {
+    int fd = ::socket(a->ai_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;
+    sockaddr_storage ss{};
+    socklen_t len = sizeof(ss);
+    if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0 &&
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
+      char buf[INET6_ADDRSTRLEN] = {0};
+      const void* src = ss.ss_family == AF_INET
+                            ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&ss)->sin_addr)
+                            : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr);
+      if (::inet_ntop(ss.ss_family, src, buf, sizeof(buf))) ip = buf;
+    }
+    ::close(fd);
+  }
+  ::freeaddrinfo(res);
+  return ip;
+}
+
+// The first non-loopback IPv4 address of an interface that is up, or "".
+std::string first_external_ipv4() {
+  ifaddrs* list = nullptr;
+  if (::getifaddrs(&list) != 0) return "";
+  std::string ip;
+  for (ifaddrs* a = list; a && ip.empty(); a = a->ifa_next) {
+    if (!a->ifa_addr || a->ifa_addr->sa_family != AF_INET || !(a->ifa_flags & IFF_UP) ||
+        (a->ifa_flags & IFF_LOOPBACK))
+      continue;
+    char buf[INET_ADDRSTRLEN] = {0};
+    if (::inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ifa_addr)->sin_addr, buf, sizeof(buf)))
+      ip = buf;
+  }
+  ::freeifaddrs(list);
+  return ip;
+}
+
+class GlooCommunicator final : public Communicator {
+ public:
+  GlooCommunicator(int rank, int size, TcpStore& store, const gloo::transport::tcp::attr& attr,
+                   ms op_timeout)
+      : rank_(rank), size_(size), timeout_(op_timeout) {
+    MF_CHECK(size >= 1 && rank >= 0 && rank < size, "gloo communicator: rank ", rank, " of ", size,
+             " is out of range");
+    GlooStoreAdapter adapter(store, store.unique_prefix("gloo"), store.timeout());
+    try {
+      auto dev = gloo::transport::tcp::CreateDevice(attr);
+      auto ctx = std::make_shared<gloo::rendezvous::Context>(rank, size);
+      ctx->setTimeout(store.timeout());  // connection setup: bounded like every store wait
+      ctx->connectFullMesh(adapter, dev);
+      ctx->setTimeout(op_timeout);
+      ctx_ = ctx;
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      MF_FAIL("gloo connection setup failed on rank ", rank, " of ", size, " (listening on '",
+              attr.iface.empty() ? attr.hostname : "interface " + attr.iface, "'): ", e.what(),
+              "; if peers cannot reach this address set GLOO_SOCKET_IFNAME or MF_GLOO_HOSTNAME");
+    }
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const char* name() const override { return "gloo"; }
+
+  void allreduce_sum(float* data, size_t n) override {
+    if (n == 0 || size_ == 1) return;
+    guard("allreduce", [&] {
+      gloo::AllreduceOptions opts(ctx_);
+      opts.setOutput(data, n);
+      opts.setReduceFunction(
+          static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+      opts.setTag(next_tag());
+      gloo::allreduce(opts);
+    });
+  }
+
+  // Gloo 0.5 has no reduce-scatter in its options API (only the legacy halving-doubling
+  // algorithm class), so this is an all-reduce of a copy followed by taking our chunk: correct,
+  // with size() times the traffic of a true reduce-scatter. Fine for CPU runs.
+  void reduce_scatter_sum(const float* send, float* recv, size_t n) override {
+    std::vector<float> tmp(send, send + n * size_t(size_));
+    allreduce_sum(tmp.data(), tmp.size());
+    std::memcpy(recv, tmp.data() + size_t(rank_) * n, n * sizeof(float));
+  }
+
+  void allgather(const float* send, float* recv, size_t n) override {
+    if (n == 0) return;
+    std::vector<float> own(send, send + n);  // send may alias our chunk of recv
+    guard("allgather", [&] {
+      gloo::AllgatherOptions opts(ctx_);
+      opts.setInput(own.data(), n);
+      opts.setOutput(recv, n * size_t(size_));
+      opts.setTag(next_tag());
+      gloo::allgather(opts);
+    });
+  }
+
+  void broadcast(float* data, size_t n, int root) override {
+    check_root(root);
+    if (n == 0 || size_ == 1) return;
+    guard("broadcast", [&] {
+      gloo::BroadcastOptions opts(ctx_);
+      opts.setOutput(data, n);
+      opts.setRoot(root);
+      opts.setTag(next_tag());
+      gloo::broadcast(opts);
+    });
+  }
+
+  void barrier() override {
+    guard("barrier", [&] {
+      gloo::BarrierOptions opts(ctx_);
+      opts.setTag(next_tag());
+      gloo::barrier(opts);
+    });
+  }
+
+  std::vector<std::string> allgather_bytes(const std::string& mine) override {
+    std::vector<uint64_t> lens(static_cast<size_t>(size_), 0);
+    uint64_t my_len = mine.size();
+    guard("allgather", [&] {
+      gloo::AllgatherOptions opts(ctx_);
+      opts.setInput(&my_len, 1);
+      opts.setOutput(lens.data(), lens.size());
+      opts.setTag(next_tag());
+      gloo::allgather(opts);
+    });
+    uint64_t max_len = 0;
+    for (uint64_t l : lens) max_len = std::max(max_len, l);
+    std::vector<std::string> out(static_cast<size_t>(size_));
+    if (max_len == 0) return out;
+    std::vector<char> in(max_len, 0), all(max_len * size_t(size_), 0);
+    std::memcpy(in.data(), mine.data(), mine.size());
+    guard("allgather", [&] {
+      gloo::AllgatherOptions opts(ctx_);
+      opts.setInput(in.data(), in.size());
+      opts.setOutput(all.data(), all.size());
+      opts.setTag(next_tag());
+      gloo::allgather(opts);
+    });
+    for (int r = 0; r < size_; ++r) out[size_t(r)].assign(all.data() + size_t(r) * max_len, lens[size_t(r)]);
+    return out;
+  }
+
+  void broadcast_bytes(std::string& data, int root) override {
+    check_root(root);
+    if (size_ == 1) return;
+    uint64_t len = data.size();
+    guard("broadcast", [&] {
+      gloo::BroadcastOptions opts(ctx_);
+      opts.setOutput(&len, 1);
+      opts.setRoot(root);
+      opts.setTag(next_tag());
+      gloo::broadcast(opts);
+    });
+    data.resize(len);
+    if (len == 0) return;
+    guard("broadcast", [&] {
+      gloo::BroadcastOptions opts(ctx_);
+      opts.setOutput(&data[0], len);
+      opts.setRoot(root);
+      opts.setTag(next_tag());
+      gloo::broadcast(opts);
+    });
+  }
+
+ private:
+  template <typename F>
+  void guard(const char* op, F&& f) {
+    try {
+      f();
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      MF_FAIL("gloo ", op, " failed on rank ", rank_, " of ", size_, ": ", e.what(),
+              " (a peer rank died or is stuck; collective timeout ", timeout_.count() / 1000.0,
+              " s, MF_COMM_TIMEOUT)");
+    }
+  }
+  void check_root(int root) const {
+    MF_CHECK(root >= 0 && root < size_, "broadcast root ", root, " is out of range for ", size_, " ranks");
+  }
+  uint32_t next_tag() { return tag_++ & 0x7fffffffu; }
+
+  int rank_, size_;
+  ms timeout_;
+  uint32_t tag_ = 0;
+  std::shared_ptr<gloo::Context> ctx_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_gloo_communicator(int rank, int size, TcpStore& store,
+                                                     const std::string& hostname, ms op_timeout) {
+  gloo::transport::tcp::attr attr;
+  attr.hostname = hostname;
+  return std::make_unique<GlooCommunicator>(rank, size, store, attr, op_timeout);
+}
+
+std::unique_ptr<Communicator> make_gloo_communicator(const DistEnv& env, TcpStore& store) {
+  gloo::transport::tcp::attr attr;
+  if (const char* iface = std::getenv("GLOO_SOCKET_IFNAME"); iface && *iface) {
+    attr.iface = iface;
+  } else if (const char* host = std::getenv("MF_GLOO_HOSTNAME"); host && *host) {
+    attr.hostname = host;
+  } else if (is_loopback(env.master_addr)) {
+    attr.hostname = "127.0.0.1";
+  } else {
+    attr.hostname = local_ip_towards(env.master_addr, env.master_port);  // "" = gloo's own guess
+    // Rank 0's node may map its own name to 127.0.1.1 (Debian's /etc/hosts); peers on other nodes
+    // cannot reach that.
+    if (is_loopback(attr.hostname) && env.world_size > env.local_world_size)
+      attr.hostname = first_external_ipv4();
+  }
+  ms op_timeout(int64_t(env_seconds("MF_COMM_TIMEOUT", 1800.0) * 1000.0));
+  return std::make_unique<GlooCommunicator>(env.rank, env.world_size, store, attr, op_timeout);
+}
+
+}  // namespace mf

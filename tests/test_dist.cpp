@@ -1,0 +1,562 @@
+// Distributed pieces: environment parsing, the TCP rendezvous store, the communicators (single and
+// Gloo with 3 ranks as threads of this process), and the same-config checks. Every blocking call
+// uses a short timeout so a bug fails the test instead of hanging it.
+#include <catch2/catch.hpp>
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "dist/communicator.h"
+#include "dist/env.h"
+#include "dist/store.h"
+#ifdef MF_HAS_GLOO
+#include "dist/gloo_comm.h"
+#endif
+
+using namespace mf;
+using Catch::Matchers::Contains;
+using ms = std::chrono::milliseconds;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// A port nobody listens on right now (bound, read, closed).
+int unused_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// Runs f(rank) on `n` threads; returns each thread's error text ("" when it returned normally).
+std::vector<std::string> run_ranks(int n, const std::function<void(int)>& f) {
+  std::vector<std::string> err(n);
+  std::vector<std::thread> th;
+  for (int r = 0; r < n; ++r) {
+    th.emplace_back([&, r] {
+      try {
+        f(r);
+      } catch (const std::exception& e) {
+        err[r] = e.what();
+        if (err[r].empty()) err[r] = "<empty error>";
+      }
+    });
+  }
+  for (auto& t : th) t.join();
+  return err;
+}
+
+}  // namespace
+
+// ---- environment -------------------------------------------------------------------------------
+
+TEST_CASE("dist env: nothing set is a single process", "[dist][env]") {
+  DistEnv e = parse_dist_env({});
+  CHECK(e.rank == 0);
+  CHECK(e.world_size == 1);
+  CHECK(e.local_rank == 0);
+  CHECK(e.local_world_size == 1);
+  CHECK_FALSE(e.distributed());
+  CHECK(e.source == "single");
+}
+
+TEST_CASE("dist env: torchrun variables", "[dist][env]") {
+  DistEnv e = parse_dist_env({{"RANK", "5"}, {"LOCAL_RANK", "1"}, {"WORLD_SIZE", "8"},
+                              {"LOCAL_WORLD_SIZE", "4"}, {"GROUP_RANK", "1"}, {"MASTER_ADDR", "node7"},
+                              {"MASTER_PORT", "31337"}});
+  CHECK(e.source == "torchrun");
+  CHECK(e.rank == 5);
+  CHECK(e.local_rank == 1);
+  CHECK(e.world_size == 8);
+  CHECK(e.local_world_size == 4);
+  CHECK(e.node_rank == 1);
+  CHECK(e.master_addr == "node7");
+  CHECK(e.master_port == 31337);
+  CHECK(e.distributed());
+  CHECK_THAT(e.str(), Contains("rank 5/8") && Contains("node7:31337"));
+
+  // Only RANK and WORLD_SIZE: one node assumed; NODE_RANK used when GROUP_RANK is absent.
+  DistEnv m = parse_dist_env({{"RANK", "2"}, {"WORLD_SIZE", "3"}});
+  CHECK(m.local_rank == 2);
+  CHECK(m.local_world_size == 3);
+  CHECK(m.node_rank == 0);
+  CHECK(m.master_addr == "127.0.0.1");
+  CHECK(m.master_port == 29500);
+  DistEnv n = parse_dist_env({{"RANK", "6"}, {"WORLD_SIZE", "8"}, {"LOCAL_WORLD_SIZE", "4"},
+                              {"NODE_RANK", "1"}, {"MASTER_ADDR", "h"}});
+  CHECK(n.local_rank == 2);
+  CHECK(n.node_rank == 1);
+
+  // torchrun variables win over Slurm's (launch.py run inside srun).
+  DistEnv both = parse_dist_env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"SLURM_PROCID", "0"},
+                                 {"SLURM_NTASKS", "1"}});
+  CHECK(both.source == "torchrun");
+  CHECK(both.rank == 1);
+}
+
+TEST_CASE("dist env: bad torchrun values name the variable", "[dist][env]") {
+  auto err = [](std::map<std::string, std::string> v) { return error_of([&] { parse_dist_env(v); }); };
+  CHECK_THAT(err({{"RANK", "0"}}), Contains("WORLD_SIZE"));
+  CHECK_THAT(err({{"WORLD_SIZE", "2"}}), Contains("RANK is not"));
+  CHECK_THAT(err({{"RANK", "3"}, {"WORLD_SIZE", "2"}}), Contains("RANK=3") && Contains("WORLD_SIZE=2"));
+  CHECK_THAT(err({{"RANK", "-1"}, {"WORLD_SIZE", "2"}}), Contains("RANK=-1"));
+  CHECK_THAT(err({{"RANK", "abc"}, {"WORLD_SIZE", "2"}}), Contains("RANK='abc' is not an integer"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2x"}}), Contains("WORLD_SIZE='2x'"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "0"}}), Contains("WORLD_SIZE=0"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "70000"}}),
+             Contains("MASTER_PORT=70000") && Contains("65535"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", ""}}), Contains("MASTER_PORT=''"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "4"}, {"LOCAL_WORLD_SIZE", "2"}, {"LOCAL_RANK", "2"},
+                  {"MASTER_ADDR", "h"}}),
+             Contains("LOCAL_RANK=2"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "4"}, {"LOCAL_WORLD_SIZE", "2"}}),
+             Contains("MASTER_ADDR is not set"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", ""}}), Contains("MASTER_ADDR"));
+}
+
+TEST_CASE("dist env: Slurm variables", "[dist][env]") {
+  DistEnv e = parse_dist_env({{"SLURM_PROCID", "9"}, {"SLURM_NTASKS", "16"}, {"SLURM_LOCALID", "1"},
+                              {"SLURM_NODEID", "1"}, {"SLURM_TASKS_PER_NODE", "8(x2)"},
+                              {"SLURM_JOB_ID", "123456"}, {"MASTER_ADDR", "gpu-a01"}});
+  CHECK(e.source == "slurm");
+  CHECK(e.rank == 9);
+  CHECK(e.world_size == 16);
+  CHECK(e.local_rank == 1);
+  CHECK(e.local_world_size == 8);
+  CHECK(e.node_rank == 1);
+  CHECK(e.master_addr == "gpu-a01");
+  CHECK(e.master_port == 15000 + 123456 % 20000);
+
+  // Uneven nodes: "3(x2),2" -> the third node has 2 tasks. MASTER_PORT wins over the job id.
+  DistEnv u = parse_dist_env({{"SLURM_PROCID", "7"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
+                              {"SLURM_NODEID", "2"}, {"SLURM_TASKS_PER_NODE", "3(x2),2"},
+                              {"SLURM_JOB_ID", "5"}, {"MASTER_ADDR", "n0"}, {"MASTER_PORT", "40000"}});
+  CHECK(u.local_world_size == 2);
+  CHECK(u.master_port == 40000);
+
+  // One task needs no master.
+  DistEnv one = parse_dist_env({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}});
+  CHECK(one.world_size == 1);
+
+  auto err = [](std::map<std::string, std::string> v) { return error_of([&] { parse_dist_env(v); }); };
+  CHECK_THAT(err({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}}),
+             Contains("MASTER_ADDR is not set") && Contains("scontrol show hostnames"));
+  CHECK_THAT(err({{"SLURM_PROCID", "0"}}), Contains("SLURM_NTASKS"));
+  CHECK_THAT(err({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "4"}, {"MASTER_ADDR", "n"}}),
+             Contains("SLURM_PROCID=4"));
+  CHECK_THAT(err({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "4"}, {"SLURM_TASKS_PER_NODE", "2(y2)"},
+                  {"MASTER_ADDR", "n"}}),
+             Contains("SLURM_TASKS_PER_NODE"));
+  CHECK_THAT(err({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "4"}, {"SLURM_NODEID", "2"},
+                  {"SLURM_TASKS_PER_NODE", "2(x2)"}, {"MASTER_ADDR", "n"}}),
+             Contains("SLURM_NODEID=2"));
+}
+
+TEST_CASE("dist env: read from the process environment", "[dist][env]") {
+  ::setenv("RANK", "1", 1);
+  ::setenv("WORLD_SIZE", "2", 1);
+  ::setenv("MASTER_PORT", "23456", 1);
+  DistEnv e = read_dist_env();
+  ::unsetenv("RANK");
+  ::unsetenv("WORLD_SIZE");
+  ::unsetenv("MASTER_PORT");
+  CHECK(e.rank == 1);
+  CHECK(e.world_size == 2);
+  CHECK(e.master_port == 23456);
+
+  ::setenv("MF_STORE_TIMEOUT", "2.5", 1);
+  CHECK(TcpStore::default_timeout() == ms(2500));
+  ::setenv("MF_STORE_TIMEOUT", "soon", 1);
+  CHECK_THAT(error_of([] { TcpStore::default_timeout(); }), Contains("MF_STORE_TIMEOUT='soon'"));
+  ::unsetenv("MF_STORE_TIMEOUT");
+  CHECK(TcpStore::default_timeout() == ms(60000));
+}
+
+// ---- store -------------------------------------------------------------------------------------
+
+TEST_CASE("store: set/get/add/wait/check/erase across client threads", "[dist][store]") {
+  TcpStore server("127.0.0.1", 0, true, ms(3000));
+  REQUIRE(server.port() > 0);
+  const int n = 3;
+  std::atomic<int> before[5] = {}, after_wrong{0};
+  std::vector<std::vector<std::string>> got(n);
+  std::vector<int64_t> last_add(n);
+  auto errs = run_ranks(n, [&](int r) {
+    TcpStore c("127.0.0.1", server.port(), false, ms(3000));
+    // Values with NUL bytes and different lengths; read every rank's (blocking until set).
+    std::string mine = "v" + std::to_string(r) + std::string(1, '\0') + std::string(size_t(r) * 1000, 'x');
+    c.set("k/" + std::to_string(r), mine);
+    for (int o = 0; o < n; ++o) got[r].push_back(c.get("k/" + std::to_string(o)));
+    for (int i = 0; i < 100; ++i) last_add[r] = c.add("counter", r + 1);
+    // Barriers: nobody passes barrier b before all incremented before[b].
+    for (int b = 0; b < 5; ++b) {
+      before[b]++;
+      c.barrier(n, "test");
+      if (before[b].load() != n) after_wrong++;
+    }
+  });
+  for (int r = 0; r < n; ++r) { INFO("rank " << r << ": " << errs[r]); CHECK(errs[r].empty()); }
+  for (int r = 0; r < n; ++r) {
+    REQUIRE(got[r].size() == size_t(n));
+    for (int o = 0; o < n; ++o) {
+      CHECK(got[r][o].size() == 3 + size_t(o) * 1000);
+      CHECK(got[r][o].substr(0, 3) == "v" + std::to_string(o) + std::string(1, '\0'));
+    }
+  }
+  CHECK(after_wrong.load() == 0);
+  CHECK(server.add("counter", 0) == 100 * (1 + 2 + 3));
+  CHECK(server.get("counter") == "600");
+  CHECK(server.add("counter", -600) == 0);
+  CHECK(server.check({"k/0", "k/1"}));
+  CHECK_FALSE(server.check({"k/0", "nope"}));
+  CHECK(server.erase("k/0"));
+  CHECK_FALSE(server.erase("k/0"));
+  CHECK_FALSE(server.check({"k/0"}));
+  server.set("text", "abc");
+  CHECK_THAT(error_of([&] { server.add("text", 1); }), Contains("non-integer"));
+  server.wait({"k/1", "k/2"}, ms(100));  // present: returns at once
+  CHECK(server.unique_prefix("gloo") == "gloo/0/");
+  CHECK(server.unique_prefix("gloo") == "gloo/1/");
+  CHECK(server.unique_prefix("nccl") == "nccl/0/");
+}
+
+TEST_CASE("store: missing keys and absent ranks time out with clear errors", "[dist][store]") {
+  TcpStore server("127.0.0.1", 0, true, ms(3000));
+  TcpStore c("127.0.0.1", server.port(), false, ms(3000));
+  c.set("here", "1");
+
+  auto t0 = Clock::now();
+  std::string e = error_of([&] { c.get("never/set", ms(300)); });
+  CHECK(seconds_since(t0) < 2.5);
+  CHECK_THAT(e, Contains("timed out after 0.3 s") && Contains("'never/set'"));
+
+  e = error_of([&] { c.wait({"here", "missing/a", "missing/b"}, ms(200)); });
+  CHECK_THAT(e, Contains("'missing/a', 'missing/b'"));
+  CHECK_THAT(e, !Contains("'here'"));
+
+  // The connection survives a timeout.
+  CHECK(c.get("here") == "1");
+
+  t0 = Clock::now();
+  e = error_of([&] { c.barrier(3, "lonely", ms(300)); });
+  CHECK(seconds_since(t0) < 2.5);
+  CHECK_THAT(e, Contains("barrier 'lonely'") && Contains("only 1 of 3 ranks arrived"));
+}
+
+TEST_CASE("store: a port in use and an absent master are reported", "[dist][store]") {
+  TcpStore server("127.0.0.1", 0, true, ms(3000));
+  std::string e = error_of([&] { TcpStore second("127.0.0.1", server.port(), true, ms(1000)); });
+  CHECK_THAT(e, Contains("MASTER_PORT " + std::to_string(server.port()) + " on 127.0.0.1 is already in use"));
+
+  int port = unused_port();
+  auto t0 = Clock::now();
+  e = error_of([&] { TcpStore c("127.0.0.1", port, false, ms(1000)); });
+  double dt = seconds_since(t0);
+  CHECK(dt >= 0.9);
+  CHECK(dt < 5.0);
+  CHECK_THAT(e, Contains("cannot reach master 127.0.0.1:" + std::to_string(port) + " after 1 s"));
+  CHECK_THAT(e, Contains("Connection refused"));
+
+  e = error_of([&] { TcpStore c("no-such-host.invalid", port, false, ms(300)); });
+  CHECK_THAT(e, Contains("cannot reach master no-such-host.invalid") && Contains("resolve"));
+
+  CHECK_THAT(error_of([] { TcpStore c("127.0.0.1", 0, false, ms(100)); }), Contains("MASTER_PORT=0"));
+}
+
+TEST_CASE("store: a client waiting on a dead server fails fast", "[dist][store]") {
+  auto server = std::make_unique<TcpStore>("127.0.0.1", 0, true, ms(10000));
+  TcpStore c("127.0.0.1", server->port(), false, ms(10000));
+  std::string e;
+  double dt = 0;
+  std::thread t([&] {
+    auto t0 = Clock::now();
+    e = error_of([&] { c.get("never"); });
+    dt = seconds_since(t0);
+  });
+  std::this_thread::sleep_for(ms(200));
+  server.reset();  // rank 0 exits
+  t.join();
+  CHECK(dt < 5.0);
+  CHECK_THAT(e, Contains("lost the connection to the store"));
+  CHECK_THAT(error_of([&] { c.set("a", "b"); }), Contains("closed"));
+}
+
+TEST_CASE("store: a foreign service on the port is not mistaken for the store", "[dist][store]") {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
+  REQUIRE(::listen(fd, 4) == 0);
+  socklen_t len = sizeof(a);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  std::thread t([fd] {
+    int c = ::accept(fd, nullptr, nullptr);  // accept and hang up without a word
+    if (c >= 0) ::close(c);
+  });
+  std::string e = error_of([&] { TcpStore c("127.0.0.1", ntohs(a.sin_port), false, ms(2000)); });
+  t.join();
+  ::close(fd);
+  CHECK_THAT(e, Contains("not a muonforge rendezvous store"));
+}
+
+// ---- communicators -----------------------------------------------------------------------------
+
+TEST_CASE("fnv1a64 matches the reference values", "[dist]") {
+  CHECK(fnv1a64("") == 0xcbf29ce484222325ULL);
+  CHECK(fnv1a64("a") == 0xaf63dc4c8601ec8cULL);
+  CHECK(fnv1a64("foobar") == 0x85944171f73967e8ULL);
+}
+
+TEST_CASE("single-process communicator", "[dist][comm]") {
+  DistEnv env;
+  auto c = make_communicator(env, nullptr, Device::CPU);
+  CHECK(std::string(c->name()) == "single");
+  CHECK(c->rank() == 0);
+  CHECK(c->size() == 1);
+  std::vector<float> x = {1.5f, -2.0f, 3.25f}, y(3, 0.0f);
+  c->allreduce_sum(x.data(), 3);
+  c->allreduce_avg(x.data(), 3);
+  CHECK(x == std::vector<float>{1.5f, -2.0f, 3.25f});
+  c->allgather(x.data(), y.data(), 3);
+  CHECK(y == x);
+  std::fill(y.begin(), y.end(), 0.0f);
+  c->reduce_scatter_sum(x.data(), y.data(), 3);
+  CHECK(y == x);
+  c->broadcast(x.data(), 3, 0);
+  CHECK_THAT(error_of([&] { c->broadcast(x.data(), 3, 1); }), Contains("root 1"));
+  CHECK(c->allgather_bytes("abc") == std::vector<std::string>{"abc"});
+  c->barrier();
+  check_same(*c, "config", "anything");
+  check_same_json(*c, "config", nlohmann::json{{"a", 1}});
+
+  DistEnv two = parse_dist_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}});
+  CHECK_THAT(error_of([&] { make_communicator(two, nullptr, Device::CPU); }), Contains("store"));
+}
+
+#ifdef MF_HAS_GLOO
+
+namespace {
+
+// Runs f(rank, comm) on 3 threads, each with its own store client and Gloo communicator.
+std::vector<std::string> with_gloo(int n, const std::function<void(int, Communicator&)>& f,
+                                   ms timeout = ms(5000)) {
+  TcpStore server("127.0.0.1", 0, true, timeout);
+  return run_ranks(n, [&](int r) {
+    TcpStore store("127.0.0.1", server.port(), false, timeout);
+    auto comm = make_gloo_communicator(r, n, store, "127.0.0.1", timeout);
+    MF_CHECK(comm->rank() == r && comm->size() == n, "wrong rank/size");
+    f(r, *comm);
+    comm->barrier();  // nobody tears down while a peer still talks to it
+  });
+}
+
+std::vector<float> ints(int rank, size_t n) {  // integer-valued floats: sums are exact in any order
+  Rng rng(1234 + uint64_t(rank));
+  std::vector<float> v(n);
+  for (auto& x : v) x = float(int64_t(rng.below(2001)) - 1000);
+  return v;
+}
+
+std::vector<float> normals(int rank, size_t n) {
+  Rng rng(99 + uint64_t(rank));
+  std::vector<float> v(n);
+  for (auto& x : v) x = float(rng.normal());
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("gloo: collectives over 3 ranks give exact results", "[dist][gloo]") {
+  const int n = 3;
+  const size_t N = 1037;  // awkward length, spans several ring chunks
+  std::vector<std::vector<float>> sum(n), avg(n), rs(n), ag(n), ag_inplace(n), bc(n), noisy(n);
+  std::vector<std::vector<std::string>> bytes(n);
+  std::vector<std::string> bcast_bytes(n);
+  std::atomic<int> arrived{0};
+  std::vector<int> seen_after_barrier(n);
+  auto errs = with_gloo(n, [&](int r, Communicator& c) {
+    MF_CHECK(std::string(c.name()) == "gloo", "wrong communicator ", c.name());
+    sum[r] = ints(r, N);
+    c.allreduce_sum(sum[r].data(), N);
+    avg[r] = ints(r, N);
+    c.allreduce_avg(avg[r].data(), N);
+    noisy[r] = normals(r, N);
+    c.allreduce_sum(noisy[r].data(), N);
+
+    const size_t chunk = 17;
+    std::vector<float> send = ints(r + 10, chunk * n);
+    rs[r].assign(chunk, 0.0f);
+    c.reduce_scatter_sum(send.data(), rs[r].data(), chunk);
+
+    std::vector<float> mine = ints(r + 20, 5);
+    ag[r].assign(5 * n, 0.0f);
+    c.allgather(mine.data(), ag[r].data(), 5);
+    ag_inplace[r].assign(5 * n, -7.0f);
+    std::copy(mine.begin(), mine.end(), ag_inplace[r].begin() + 5 * r);
+    c.allgather(ag_inplace[r].data() + 5 * r, ag_inplace[r].data(), 5);
+
+    bc[r] = ints(r + 30, N);
+    c.broadcast(bc[r].data(), N, 2);
+
+    std::this_thread::sleep_for(ms(50 * r));
+    arrived++;
+    c.barrier();
+    seen_after_barrier[r] = arrived.load();
+
+    std::string b = r == 1 ? std::string() : std::string(size_t(r + 1) * 3, char('a' + r)) + '\0';
+    bytes[r] = c.allgather_bytes(b);
+    bcast_bytes[r] = r == 1 ? std::string("from rank 1\0!", 13) : "junk";
+    c.broadcast_bytes(bcast_bytes[r], 1);
+
+    c.allreduce_sum(nullptr, 0);  // empty ops are no-ops
+    c.allgather(nullptr, nullptr, 0);
+  });
+  for (int r = 0; r < n; ++r) { INFO("rank " << r << ": " << errs[r]); REQUIRE(errs[r].empty()); }
+
+  std::vector<float> want(N, 0.0f), want_rs(17, 0.0f), want_ag;
+  for (int r = 0; r < n; ++r) {
+    auto x = ints(r, N);
+    for (size_t i = 0; i < N; ++i) want[i] += x[i];
+    auto m = ints(r + 20, 5);
+    want_ag.insert(want_ag.end(), m.begin(), m.end());
+  }
+  for (int r = 0; r < n; ++r) {
+    CHECK(sum[r] == want);
+    for (size_t i = 0; i < N; ++i) REQUIRE(avg[r][i] == Approx(want[i] / 3.0f).epsilon(1e-6));
+    CHECK(noisy[r] == noisy[0]);  // every rank ends with the same bits
+    std::vector<float> want_rs_r(17, 0.0f);
+    for (int o = 0; o < n; ++o) {
+      auto s = ints(o + 10, 17 * n);
+      for (size_t i = 0; i < 17; ++i) want_rs_r[i] += s[size_t(r) * 17 + i];
+    }
+    CHECK(rs[r] == want_rs_r);
+    CHECK(ag[r] == want_ag);
+    CHECK(ag_inplace[r] == want_ag);
+    CHECK(bc[r] == ints(2 + 30, N));
+    CHECK(seen_after_barrier[r] == n);
+    REQUIRE(bytes[r].size() == size_t(n));
+    CHECK(bytes[r][0] == std::string("aaa") + '\0');
+    CHECK(bytes[r][1].empty());
+    CHECK(bytes[r][2] == std::string("ccccccccc") + '\0');
+    CHECK(bcast_bytes[r] == std::string("from rank 1\0!", 13));
+  }
+  std::vector<float> ref(N, 0.0f);
+  for (int r = 0; r < n; ++r) {
+    auto x = normals(r, N);
+    for (size_t i = 0; i < N; ++i) ref[i] += x[i];
+  }
+  for (size_t i = 0; i < N; ++i) REQUIRE(noisy[0][i] == Approx(ref[i]).margin(1e-5));
+}
+
+TEST_CASE("gloo: check_same names the rank and the differing keys", "[dist][gloo]") {
+  const int n = 3;
+  std::vector<std::string> same_errs(n);
+  auto errs = with_gloo(n, [&](int r, Communicator& c) {
+    check_same(c, "config", "identical text");
+    same_errs[r] = error_of([&] { check_same(c, "data", r == 2 ? "shards-B" : "shards-A"); });
+    nlohmann::json j = {{"model", {{"d_model", 64}, {"n_layer", r == 1 ? 3 : 2}}},
+                        {"train", {{"seed", 1337}, {"betas", {0.9, 0.95}}}}};
+    if (r == 1) j["train"]["extra"] = true;
+    check_same_json(c, "config", nlohmann::json{{"same", 1}});
+    std::string e = error_of([&] { check_same_json(c, "config", j); });
+    // Every rank throws the same diagnosis.
+    MF_CHECK(e.find("rank 1's config differs from rank 0's at model.n_layer, train.extra") != std::string::npos,
+             "rank ", r, " got: ", e);
+    MF_CHECK(e.find("d_model") == std::string::npos && e.find("seed") == std::string::npos, "rank ", r,
+             " named a key that agrees: ", e);
+  });
+  for (int r = 0; r < n; ++r) { INFO("rank " << r << ": " << errs[r]); CHECK(errs[r].empty()); }
+  for (int r = 0; r < n; ++r) CHECK_THAT(same_errs[r], Contains("rank 2's data differs from rank 0's"));
+}
+
+TEST_CASE("gloo: a rank that never joins fails the others within the timeout", "[dist][gloo]") {
+  const int n = 3;
+  TcpStore server("127.0.0.1", 0, true, ms(1000));
+  auto t0 = Clock::now();
+  auto errs = run_ranks(n, [&](int r) {
+    if (r == 2) return;  // never shows up
+    TcpStore store("127.0.0.1", server.port(), false, ms(1000));
+    make_gloo_communicator(r, n, store, "127.0.0.1", ms(1000));
+  });
+  CHECK(seconds_since(t0) < 10.0);
+  CHECK_THAT(errs[0], Contains("timed out"));
+  CHECK_THAT(errs[1], Contains("timed out"));
+}
+
+TEST_CASE("gloo: a peer that dies mid-run makes the collective fail, not hang", "[dist][gloo]") {
+  const int n = 3;
+  TcpStore server("127.0.0.1", 0, true, ms(3000));
+  auto t0 = Clock::now();
+  auto errs = run_ranks(n, [&](int r) {
+    TcpStore store("127.0.0.1", server.port(), false, ms(3000));
+    auto comm = make_gloo_communicator(r, n, store, "127.0.0.1", ms(2000));
+    std::vector<float> x(100, 1.0f);
+    comm->allreduce_sum(x.data(), x.size());
+    if (r == 2) return;  // "crashes": its communicator and connections go away
+    std::this_thread::sleep_for(ms(200));
+    comm->allreduce_sum(x.data(), x.size());
+  });
+  CHECK(seconds_since(t0) < 15.0);
+  CHECK(errs[2].empty());
+  CHECK_THAT(errs[0], Contains("gloo allreduce failed on rank 0 of 3"));
+  CHECK_THAT(errs[1], Contains("gloo allreduce failed on rank 1 of 3"));
+}
+
+TEST_CASE("make_communicator picks Gloo for CPU jobs", "[dist][gloo]") {
+  const int n = 2;
+  TcpStore server("127.0.0.1", 0, true, ms(5000));
+  std::vector<std::string> names(n);
+  std::vector<float> sums(n);
+  auto errs = run_ranks(n, [&](int r) {
+    DistEnv env = parse_dist_env({{"RANK", std::to_string(r)}, {"WORLD_SIZE", "2"},
+                                  {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", std::to_string(server.port())}});
+    TcpStore store(env.master_addr, env.master_port, false, ms(5000));
+    auto comm = make_communicator(env, &store, Device::CPU);
+    names[r] = comm->name();
+    float x = float(r + 1);
+    comm->allreduce_sum(&x, 1);
+    sums[r] = x;
+    comm->barrier();
+  });
+  for (int r = 0; r < n; ++r) {
+    INFO(errs[r]);
+    CHECK(errs[r].empty());
+    CHECK(names[r] == "gloo");
+    CHECK(sums[r] == 3.0f);
+  }
+}
+
+#endif  // MF_HAS_GLOO
