@@ -550,8 +550,8 @@ CACHE = REPO / "data" / "cache"
 
 
 def offline_error(url, e):
-    return UserError(f"cannot reach {url}: no network? ({e}) download it yourself and run "
-                     f"`prepare_data.py text FILE`")
+    return UserError(f"cannot reach {url}: no network? download it yourself and run "
+                     f"`prepare_data.py text FILE` ({e})")
 
 
 def download(url, dest, timeout=15):
