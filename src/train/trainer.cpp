@@ -15,6 +15,7 @@
 #include "model/llama.h"
 #include "optim/optimizer.h"
 #include "train/checkpoint.h"
+#include "train/export.h"
 
 namespace fs = std::filesystem;
 
@@ -122,9 +123,12 @@ void Trainer::setup() {
     train_loader_->restore(ls);
     spdlog::info("resumed from {} at step {}", ckpt, start_step_);
   } else {
-    model_->init_weights(cfg_.train.seed);
     if (cfg_.train.init_from) {
-      MF_FAIL("train.init_from: loading Hugging Face weights is not wired in yet");
+      load_hf_model(*cfg_.train.init_from, cfg_.model, model_->params(), *be_);
+      model_->sync_weights();
+      spdlog::info("initialised from Hugging Face model {}", *cfg_.train.init_from);
+    } else {
+      model_->init_weights(cfg_.train.seed);
     }
   }
 
@@ -144,7 +148,7 @@ void Trainer::setup() {
     atomic_write_text((fs::path(run_dir_) / "config.json").string(),
                       config_to_json(cfg_).dump(2) + "\n");
   }
-  spdlog::info("optimizer groups:\n{}", opt_->describe());
+  if (!opts_.quiet) spdlog::info("optimizer groups:\n{}", opt_->describe());
   spdlog::info("batch: {} tokens = {} micro-batches x {} x {} x {} rank(s); {} steps; run dir {}",
                cfg_.train.batch_tokens, cfg_.grad_accum(), B, T, world_, cfg_.train.max_steps,
                run_dir_);

@@ -1,0 +1,22 @@
+// Hugging Face interop at the model level: export a checkpoint as a LlamaForCausalLM directory
+// (config.json + model.safetensors) and initialise a model from such a directory.
+#pragma once
+#include <string>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "core/tensor.h"
+#include "model/params.h"
+
+namespace mf {
+
+// Writes OUTDIR/config.json and OUTDIR/model.safetensors (store_as F32 or BF16) from a checkpoint
+// directory of ours. Returns the number of tensors written.
+int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, DType store_as);
+
+// Loads weights from a Hugging Face Llama directory into params after checking its config.json
+// against `m` (every mismatch named). Compute copies must be synced by the caller.
+void load_hf_model(const std::string& dir, const ModelConfig& m, const ParamList& params,
+                   Backend& be);
+
+}  // namespace mf

@@ -1,0 +1,177 @@
+// Hugging Face export and init_from: round trip, config checks, CLI errors, and (when a Python
+// with transformers is available via MF_HF_PYTHON) logits parity with transformers' LlamaForCausalLM.
+#include <catch2/catch.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "core/rng.h"
+#include "data/shard.h"
+#include "io/safetensors.h"
+#include "model/llama.h"
+#include "train/export.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+using namespace mf;
+
+namespace {
+
+std::string temp_dir(const std::string& tag) {
+  fs::path p = fs::temp_directory_path() / ("mf_export_" + tag + "_" + std::to_string(getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p.string();
+}
+
+Config small(const std::string& root, const std::string& name, bool tied) {
+  Rng rng(3);
+  std::vector<uint32_t> toks(4000);
+  for (auto& t : toks) t = uint32_t(rng.below(48));
+  if (!fs::exists(root + "/train_000000.bin")) write_shard(root + "/train_000000.bin", toks, 2);
+  Config c;
+  c.model.vocab_size = 48;
+  c.model.d_model = 32;
+  c.model.n_layers = 2;
+  c.model.n_heads = 4;
+  c.model.n_kv_heads = 2;
+  c.model.d_ff = 40;
+  c.model.max_seq_len = 16;
+  c.model.tie_embeddings = tied;
+  c.train.seq_len = 16;
+  c.train.micro_batch = 2;
+  c.train.batch_tokens = 32;
+  c.train.max_steps = 2;
+  c.train.eval_every = 0;
+  c.train.device = "cpu";
+  c.schedule.warmup = 1;
+  c.data.train = root + "/train_*.bin";
+  c.data.shuffle = false;
+  c.run.dir = root + "/" + name;
+  return c;
+}
+
+int run(const std::string& cmd) {
+  int rc = std::system((cmd + " >/dev/null 2>&1").c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+}  // namespace
+
+TEST_CASE("export then init_from gives identical weights", "[export]") {
+  const std::string root = temp_dir("rt");
+  for (bool tied : {false, true}) {
+    DYNAMIC_SECTION("tied " << tied) {
+      TrainOptions q;
+      q.quiet = true;
+      Config c = small(root, tied ? "tied" : "untied", tied);
+      TrainResult r = Trainer(c, q).run();
+      const std::string out = root + (tied ? "/hf_tied" : "/hf_untied");
+      int n = export_checkpoint(r.last_checkpoint, out, DType::F32);
+      CHECK(n == (tied ? 20 : 21));
+      std::ifstream f(out + "/config.json");
+      auto hf = nlohmann::json::parse(f);
+      CHECK(hf["architectures"][0] == "LlamaForCausalLM");
+      CHECK(hf["num_key_value_heads"] == 2);
+      CHECK(hf["tie_word_embeddings"] == tied);
+      SafetensorsReader w(out + "/model.safetensors");
+      CHECK(w.contains("lm_head.weight") == !tied);
+      CHECK(w.metadata().at("format") == "pt");
+
+      Config c2 = c;
+      c2.run.dir = root + "/from_hf_" + std::to_string(tied);
+      c2.train.init_from = out;
+      c2.train.max_steps = 0 + 1;
+      Trainer t(c2, q);
+      SafetensorsReader ck(r.last_checkpoint + "/model.safetensors");
+      for (Param* p : t.model().params()) {
+        Tensor ref = ck.read_f32(p->name);
+        INFO(p->name);
+        CHECK(std::equal(ref.f32(), ref.f32() + ref.numel(), p->master.f32()));
+      }
+      // bf16 export rounds; init_from still loads it.
+      export_checkpoint(r.last_checkpoint, out + "_bf16", DType::BF16);
+      c2.train.init_from = out + "_bf16";
+      c2.run.dir += "_bf16";
+      CHECK_NOTHROW(Trainer(c2, q));
+    }
+  }
+  fs::remove_all(root);
+}
+
+TEST_CASE("init_from checks the Hugging Face config and shapes", "[export]") {
+  const std::string root = temp_dir("chk");
+  TrainOptions q;
+  q.quiet = true;
+  Config c = small(root, "a", false);
+  TrainResult r = Trainer(c, q).run();
+  export_checkpoint(r.last_checkpoint, root + "/hf", DType::F32);
+  Config c2 = c;
+  c2.run.dir = root + "/b";
+  c2.model.d_ff = 48;
+  c2.train.init_from = root + "/hf";
+  CHECK_THROWS_WITH(Trainer(c2, q), Catch::Contains("intermediate_size") &&
+                                        Catch::Contains("config.json"));
+  c2.model.d_ff = 40;
+  c2.train.init_from = root + "/nowhere";
+  CHECK_THROWS_WITH(Trainer(c2, q), Catch::Contains("nowhere"));
+  fs::remove_all(root);
+}
+
+TEST_CASE("muonforge export command line", "[export][cli]") {
+  const std::string root = temp_dir("cli");
+  const std::string bin = MF_BINARY;
+  TrainOptions q;
+  q.quiet = true;
+  Config c = small(root, "a", false);
+  TrainResult r = Trainer(c, q).run();
+  CHECK(run(bin + " export " + r.last_checkpoint + " " + root + "/out") == 0);
+  CHECK(fs::exists(root + "/out/model.safetensors"));
+  CHECK(run(bin + " export " + root + "/missing " + root + "/out2") == 1);
+  CHECK(run(bin + " export " + r.last_checkpoint + " " + root + "/o --dtype fp8") == 1);
+  CHECK(run(bin + " export") == 2);
+  CHECK(run(bin + " export --help") == 0);
+  fs::remove_all(root);
+}
+
+TEST_CASE("exported model matches transformers' LlamaForCausalLM", "[export][hf]") {
+  const char* py = std::getenv("MF_HF_PYTHON");
+  const std::string python = py ? py : "python3";
+  if (run(python + " -c 'import transformers, torch'") != 0) {
+    WARN("skipped: no transformers for " << python << " (set MF_HF_PYTHON to a Python that has it)");
+    return;
+  }
+  const std::string root = temp_dir("hf");
+  TrainOptions q;
+  q.quiet = true;
+  Config c = small(root, "a", false);
+  TrainResult r = Trainer(c, q).run();
+  export_checkpoint(r.last_checkpoint, root + "/hf", DType::F32);
+  // Our logits for a fixed batch, written beside the tokens for the Python side.
+  Trainer t([&] {
+    Config c2 = c;
+    c2.run.dir = root + "/b";
+    c2.train.init_from = root + "/hf";
+    return c2;
+  }(), q);
+  std::vector<int32_t> tokens(size_t(c.train.micro_batch) * c.train.seq_len);
+  Rng rng(11);
+  for (auto& x : tokens) x = int32_t(rng.below(48));
+  auto logits = t.model().logits(tokens.data());
+  Tensor tt = host_tensor({int64_t(tokens.size())});
+  Tensor lt = host_tensor({int64_t(tokens.size()), 48});
+  for (size_t i = 0; i < tokens.size(); ++i) tt.f32()[i] = float(tokens[i]);
+  std::copy(logits.begin(), logits.end(), lt.f32());
+  SafetensorsWriter w;
+  w.add("tokens", tt);
+  w.add("logits", lt);
+  w.write(root + "/ours.safetensors");
+  const std::string script = std::string(MF_TEST_DIR) + "/reference/hf_check.py";
+  CHECK(run(python + " " + script + " " + root + "/hf " + root + "/ours.safetensors " +
+            std::to_string(c.train.micro_batch)) == 0);
+  fs::remove_all(root);
+}
