@@ -1,0 +1,1077 @@
+// The op harness: every model op of the Backend interface.
+//
+//  1. Finite differences (double): each op's backward, run as the double instantiation of
+//     backend/cpu/ref_ops.h, against central differences of its forward.
+//  2. The op table: every backend entry point at awkward and real-ish shapes as data (OpCase:
+//     input/output specs, a double reference, a run function taking any Backend&). The same
+//     table drives CpuBackend (f32) vs the double reference and, tagged [gpu], the CUDA backend
+//     vs CpuBackend with the bf16 tolerance. Tolerances live in op_tolerance.h.
+//  3. Properties: naive attention / log-softmax formulas, accumulation flags, repeated tokens,
+//     aliasing, rope's inverse, chunking, determinism, argument errors.
+//
+// MF_OPS_VERBOSE=1 prints every table comparison's error and tolerance (margins at a glance).
+//
+// A new op gets: a ref:: template, FD check, table cases (add_*_cases), and property tests.
+#include <catch2/catch.hpp>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/ref_ops.h"
+#include "core/rng.h"
+#include "op_tolerance.h"
+
+using namespace mf;
+using mf::test::op_tolerance;
+
+namespace {
+
+using Vec = std::vector<double>;
+
+// ---- small helpers -------------------------------------------------------------------------------
+
+Vec uniform_vec(Rng& rng, size_t n, double lo = -1.0, double hi = 1.0) {
+  Vec v(n);
+  for (auto& x : v) x = lo + (hi - lo) * rng.uniform();
+  return v;
+}
+
+std::vector<int32_t> id_vec(Rng& rng, size_t n, int64_t range) {
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = int32_t(rng.below(uint64_t(range)));
+  return v;
+}
+
+// Normalized max error (see op_tolerance.h); NaN or a size mismatch -> infinity.
+double norm_err(const Vec& got, const Vec& want) {
+  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::isnan(got[i]) || std::isnan(want[i])) return std::numeric_limits<double>::infinity();
+    num = std::max(num, std::abs(got[i] - want[i]));
+    den = std::max(den, std::abs(want[i]));
+  }
+  return num / std::max(den, 1e-300);
+}
+
+// The value a float takes after a round trip through bf16 (round to nearest even).
+double round_bf16(double x) {
+  float f = float(x);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return x;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+Tensor host_f32(const Shape& s, const Vec& v) {
+  Tensor t = host_tensor(s, DType::F32);
+  REQUIRE(size_t(t.numel()) == v.size());
+  for (size_t i = 0; i < v.size(); ++i) t.f32()[i] = float(v[i]);
+  return t;
+}
+
+Tensor host_i32(const Shape& s, const std::vector<int32_t>& v) {
+  Tensor t = host_tensor(s, DType::I32);
+  REQUIRE(size_t(t.numel()) == v.size());
+  std::copy(v.begin(), v.end(), t.i32());
+  return t;
+}
+
+Vec to_vec(const Tensor& t) {
+  Vec v(size_t(t.numel()));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = t.f32()[i];
+  return v;
+}
+
+Vec to_double(const std::vector<float>& f) { return Vec(f.begin(), f.end()); }
+
+// Central finite differences of `loss` in every (or up to max_checks sampled) coordinate of p,
+// against the analytic gradient. Returns the normalized max error over the checked coordinates
+// (normalized by the largest analytic gradient anywhere).
+double fd_error(Vec& p, const Vec& grad, const std::function<double()>& loss, uint64_t seed,
+                size_t max_checks = 64) {
+  REQUIRE(p.size() == grad.size());
+  std::vector<size_t> idx;
+  if (p.size() <= max_checks) {
+    for (size_t i = 0; i < p.size(); ++i) idx.push_back(i);
+  } else {
+    Rng rng(seed, 7);
+    for (size_t k = 0; k < max_checks; ++k) idx.push_back(size_t(rng.below(p.size())));
+  }
+  double scale = 0;
+  for (double g : grad) scale = std::max(scale, std::abs(g));
+  double err = 0;
+  const double h = mf::test::kFdStep;
+  for (size_t i : idx) {
+    const double saved = p[i];
+    p[i] = saved + h;
+    const double lp = loss();
+    p[i] = saved - h;
+    const double lm = loss();
+    p[i] = saved;
+    err = std::max(err, std::abs((lp - lm) / (2 * h) - grad[i]));
+  }
+  return err / std::max(scale, 1e-300);
+}
+
+double dot_all(const Vec& a, const Vec& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+// ==================================================================================================
+// The op table
+// ==================================================================================================
+
+// Which dtype a tensor has on a backend: activations (and compute weights) follow
+// Backend::act_dtype(); rstd / lse / losses / weight gradients are always f32; ids are i32.
+enum class Kind { Act, F32, I32 };
+
+struct TSpec {
+  std::string name;
+  Shape shape;
+  Kind kind = Kind::Act;
+  int64_t id_range = 0;  // I32: values in [0, id_range)
+};
+TSpec act(std::string n, Shape s) { return {std::move(n), std::move(s), Kind::Act, 0}; }
+TSpec f32(std::string n, Shape s) { return {std::move(n), std::move(s), Kind::F32, 0}; }
+TSpec ids(std::string n, Shape s, int64_t range) { return {std::move(n), std::move(s), Kind::I32, range}; }
+
+struct Buf {
+  TSpec spec;
+  Vec f;                   // float kinds
+  std::vector<int32_t> i;  // I32
+};
+using Bufs = std::vector<Buf>;
+
+struct OpCase {
+  std::string op;     // backend entry point (and tolerance key)
+  std::string label;  // shapes and flags, for failure messages
+  std::vector<TSpec> in, out;
+  // Optional: recompute inputs that must be consistent with others (lse from q,k,v; rstd from
+  // x), in double, after the random fill.
+  std::function<void(Bufs& in)> derive;
+  // The double reference: `out` arrives holding the outputs' initial contents (random garbage
+  // for (=) outputs, start values for (+=) outputs) and must leave with the expected results.
+  std::function<void(const Bufs& in, Bufs& out)> reference;
+  // Calls the op on a backend; tensors are that backend's, in the order of the specs.
+  std::function<void(Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out)> run;
+};
+
+const double* F(const Bufs& b, size_t k) { return b.at(k).f.data(); }
+double* F(Bufs& b, size_t k) { return b.at(k).f.data(); }
+const int32_t* I(const Bufs& b, size_t k) { return b.at(k).i.data(); }
+
+Buf random_buf(Rng& rng, const TSpec& s) {
+  Buf b{s, {}, {}};
+  const size_t n = size_t(shape_numel(s.shape));
+  if (s.kind == Kind::I32)
+    b.i = id_vec(rng, n, s.id_range);
+  else
+    b.f = uniform_vec(rng, n);
+  return b;
+}
+
+void round_act_to_bf16(Bufs& bufs) {
+  for (auto& b : bufs)
+    if (b.spec.kind == Kind::Act)
+      for (auto& x : b.f) x = round_bf16(x);
+}
+
+// Inputs and initial outputs of a case from its fixed seed. With bf16 = true every activation
+// is made bf16-representable, so a bf16 backend and the f32 backend see identical values.
+void make_case_data(const OpCase& c, uint64_t seed, bool bf16, Bufs& in, Bufs& out) {
+  Rng rng(seed);
+  in.clear();
+  out.clear();
+  for (auto& s : c.in) in.push_back(random_buf(rng, s));
+  for (auto& s : c.out) out.push_back(random_buf(rng, s));
+  if (bf16) round_act_to_bf16(in);
+  if (c.derive) c.derive(in);
+  if (bf16) {
+    round_act_to_bf16(in);
+    round_act_to_bf16(out);
+  }
+}
+
+DType dtype_on(const Backend& be, Kind k) {
+  return k == Kind::I32 ? DType::I32 : k == Kind::F32 ? DType::F32 : be.act_dtype();
+}
+
+Tensor to_backend(Backend& be, const Buf& b) {
+  Tensor h = b.spec.kind == Kind::I32 ? host_i32(b.spec.shape, b.i) : host_f32(b.spec.shape, b.f);
+  Tensor t = be.empty(b.spec.shape, dtype_on(be, b.spec.kind));
+  be.upload(h, t);
+  return t;
+}
+
+// Runs the case on `be`; `out` holds the initial outputs and receives the results.
+void run_on(Backend& be, const OpCase& c, const Bufs& in, Bufs& out) {
+  std::vector<Tensor> tin, tout;
+  for (auto& b : in) tin.push_back(to_backend(be, b));
+  for (auto& b : out) tout.push_back(to_backend(be, b));
+  c.run(be, tin, tout);
+  be.synchronize();
+  for (size_t k = 0; k < out.size(); ++k) {
+    Tensor h = host_tensor(out[k].spec.shape, DType::F32);
+    be.download(tout[k], h);
+    out[k].f = to_vec(h);
+  }
+}
+
+std::string shape_label(std::initializer_list<std::pair<const char*, int64_t>> kv) {
+  std::ostringstream os;
+  for (auto& [k, v] : kv) os << k << "=" << v << " ";
+  return os.str();
+}
+
+// ---- case builders, one per op family ------------------------------------------------------------
+
+void add_embedding_cases(std::vector<OpCase>& cs) {
+  struct S { int64_t N, V, d, range; };
+  // range < V makes tokens repeat (the accumulation order matters in the backward).
+  for (S s : {S{1, 1, 1, 1}, S{7, 33, 7, 33}, S{33, 127, 16, 3}, S{127, 7, 33, 7},
+              S{256, 1000, 128, 1000}}) {
+    const std::string lab = shape_label({{"N", s.N}, {"V", s.V}, {"d", s.d}, {"ids<", s.range}});
+    OpCase f;
+    f.op = "embedding_fwd";
+    f.label = lab;
+    f.in = {ids("tokens", {s.N}, s.range), act("wte", {s.V, s.d})};
+    f.out = {act("out", {s.N, s.d})};
+    f.reference = [s](const Bufs& in, Bufs& out) {
+      ref::embedding_fwd(I(in, 0), F(in, 1), s.N, s.d, F(out, 0));
+    };
+    f.run = [](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.embedding_fwd(in[0], in[1], out[0]);
+    };
+    cs.push_back(f);
+    OpCase b;
+    b.op = "embedding_bwd";
+    b.label = lab;
+    b.in = {ids("tokens", {s.N}, s.range), act("dout", {s.N, s.d})};
+    b.out = {f32("dwte", {s.V, s.d})};
+    b.reference = [s](const Bufs& in, Bufs& out) {
+      ref::embedding_bwd(I(in, 0), F(in, 1), s.N, s.d, F(out, 0));
+    };
+    b.run = [](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.embedding_bwd(in[0], in[1], out[0]);
+    };
+    cs.push_back(b);
+  }
+}
+
+constexpr double kEps = 1e-5;
+
+void add_rmsnorm_cases(std::vector<OpCase>& cs) {
+  struct S { int64_t N, d; };
+  for (S s : {S{1, 1}, S{7, 7}, S{33, 33}, S{127, 127}, S{3, 768}, S{256, 512}}) {
+    for (bool with_branch : {false, true}) {
+      OpCase f;
+      f.op = "add_rmsnorm_fwd";
+      f.label = shape_label({{"N", s.N}, {"d", s.d}, {"branch", with_branch}});
+      f.in = {act("resid_in", {s.N, s.d}), act("branch", {s.N, s.d}), act("w", {s.d})};
+      f.out = {act("resid_out", {s.N, s.d}), act("y", {s.N, s.d}), f32("rstd", {s.N})};
+      f.reference = [s, with_branch](const Bufs& in, Bufs& out) {
+        ref::add_rmsnorm_fwd(F(in, 0), with_branch ? F(in, 1) : nullptr, F(out, 0), F(in, 2), s.N,
+                             s.d, kEps, F(out, 1), F(out, 2));
+      };
+      f.run = [with_branch](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+        be.add_rmsnorm_fwd(in[0], with_branch ? &in[1] : nullptr, out[0], in[2], float(kEps),
+                           out[1], out[2]);
+      };
+      cs.push_back(f);
+    }
+    OpCase b;
+    b.op = "rmsnorm_bwd";
+    b.label = shape_label({{"N", s.N}, {"d", s.d}});
+    b.in = {act("dy", {s.N, s.d}), act("x", {s.N, s.d}), act("w", {s.d}), f32("rstd", {s.N})};
+    b.out = {act("dx", {s.N, s.d}), f32("dw", {s.d})};
+    b.derive = [s](Bufs& in) {  // rstd consistent with x
+      Vec r(static_cast<size_t>(s.N * s.d)), y(r.size());
+      ref::add_rmsnorm_fwd(F(in, 1), (const double*)nullptr, r.data(), F(in, 2), s.N, s.d, kEps, y.data(),
+                           F(in, 3));
+    };
+    b.reference = [s](const Bufs& in, Bufs& out) {
+      ref::rmsnorm_bwd(F(in, 0), F(in, 1), F(in, 2), F(in, 3), s.N, s.d, F(out, 0), F(out, 1));
+    };
+    b.run = [](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.rmsnorm_bwd(in[0], in[1], in[2], in[3], out[0], out[1]);
+    };
+    cs.push_back(b);
+  }
+}
+
+void add_matmul_cases(std::vector<OpCase>& cs) {
+  struct S { int64_t N, in, out; };
+  for (S s : {S{1, 1, 1}, S{7, 33, 1}, S{1, 7, 33}, S{33, 127, 7}, S{127, 33, 127},
+              S{128, 384, 1024}}) {
+    OpCase f;
+    f.op = "matmul_fwd";
+    f.label = shape_label({{"N", s.N}, {"in", s.in}, {"out", s.out}});
+    f.in = {act("x", {s.N, s.in}), act("W", {s.out, s.in})};
+    f.out = {act("y", {s.N, s.out})};
+    f.reference = [s](const Bufs& in, Bufs& out) {
+      ref::matmul_fwd(F(in, 0), F(in, 1), s.N, s.in, s.out, F(out, 0));
+    };
+    f.run = [](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.matmul_fwd(in[0], in[1], out[0]);
+    };
+    cs.push_back(f);
+    for (bool acc : {false, true}) {
+      OpCase b;
+      b.op = "matmul_bwd";
+      b.label = f.label + (acc ? "accumulate_dx" : "");
+      b.in = {act("dy", {s.N, s.out}), act("x", {s.N, s.in}), act("W", {s.out, s.in})};
+      b.out = {act("dx", {s.N, s.in}), f32("dW", {s.out, s.in})};
+      b.reference = [s, acc](const Bufs& in, Bufs& out) {
+        ref::matmul_bwd(F(in, 0), F(in, 1), F(in, 2), s.N, s.in, s.out, F(out, 0), F(out, 1), acc);
+      };
+      b.run = [acc](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+        be.matmul_bwd(in[0], in[1], in[2], &out[0], &out[1], acc);
+      };
+      cs.push_back(b);
+    }
+  }
+}
+
+void add_rope_cases(std::vector<OpCase>& cs) {
+  struct S { int64_t B, T, H, hd; double theta; };
+  for (S s : {S{1, 1, 1, 2, 10000}, S{2, 7, 3, 8, 10000}, S{1, 33, 6, 16, 500000},
+              S{2, 127, 2, 64, 10000}, S{2, 128, 12, 64, 10000}}) {
+    for (bool bwd : {false, true}) {
+      OpCase c;
+      c.op = bwd ? "rope_bwd" : "rope_fwd";
+      c.label = shape_label({{"B", s.B}, {"T", s.T}, {"H", s.H}, {"hd", s.hd},
+                             {"theta", int64_t(s.theta)}});
+      c.in = {act(bwd ? "dy" : "x", {s.B, s.T, s.H, s.hd})};
+      c.out = {act(bwd ? "dx" : "y", {s.B, s.T, s.H, s.hd})};
+      c.reference = [s, bwd](const Bufs& in, Bufs& out) {
+        ref::rope(F(in, 0), F(out, 0), s.B, s.T, s.H, s.hd, s.theta, bwd);
+      };
+      c.run = [s, bwd](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+        if (bwd)
+          be.rope_bwd(in[0], out[0], float(s.theta));
+        else
+          be.rope_fwd(in[0], out[0], float(s.theta));
+      };
+      cs.push_back(c);
+    }
+  }
+}
+
+AttnShape attn_shape(int B, int T, int H, int Hkv, int hd) {
+  AttnShape s;
+  s.B = B, s.T = T, s.H = H, s.Hkv = Hkv, s.hd = hd;
+  s.scale = float(1.0 / std::sqrt(double(hd)));
+  return s;
+}
+ref::AttnDims dims(const AttnShape& s) { return {s.B, s.T, s.H, s.Hkv, s.hd}; }
+
+std::vector<AttnShape> attention_shapes() {
+  return {attn_shape(1, 1, 1, 1, 8),   attn_shape(2, 7, 6, 2, 16),  attn_shape(1, 33, 6, 6, 8),
+          attn_shape(2, 33, 4, 1, 64), attn_shape(1, 127, 6, 2, 16), attn_shape(1, 65, 3, 3, 8),
+          attn_shape(2, 128, 12, 4, 64)};
+}
+
+void add_attention_cases(std::vector<OpCase>& cs) {
+  for (AttnShape s : attention_shapes()) {
+    const Shape qs{s.B, s.T, s.H, s.hd}, ks{s.B, s.T, s.Hkv, s.hd};
+    const std::string lab =
+        shape_label({{"B", s.B}, {"T", s.T}, {"H", s.H}, {"Hkv", s.Hkv}, {"hd", s.hd}});
+    OpCase f;
+    f.op = "attention_fwd";
+    f.label = lab;
+    f.in = {act("q", qs), act("k", ks), act("v", ks)};
+    f.out = {act("out", qs), f32("lse", {s.B, s.H, s.T})};
+    f.reference = [s](const Bufs& in, Bufs& out) {
+      ref::attention_fwd(F(in, 0), F(in, 1), F(in, 2), F(out, 0), F(out, 1), dims(s),
+                         double(s.scale));
+    };
+    f.run = [s](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.attention_fwd(in[0], in[1], in[2], out[0], out[1], s);
+    };
+    cs.push_back(f);
+    OpCase b;
+    b.op = "attention_bwd";
+    b.label = lab;
+    b.in = {act("dout", qs), act("q", qs), act("k", ks), act("v", ks), act("out", qs),
+            f32("lse", {s.B, s.H, s.T})};
+    b.out = {act("dq", qs), act("dk", ks), act("dv", ks)};
+    b.derive = [s](Bufs& in) {  // out and lse from q, k, v
+      ref::attention_fwd(F(in, 1), F(in, 2), F(in, 3), F(in, 4), F(in, 5), dims(s),
+                         double(s.scale));
+    };
+    b.reference = [s](const Bufs& in, Bufs& out) {
+      ref::attention_bwd(F(in, 0), F(in, 1), F(in, 2), F(in, 3), F(in, 4), F(in, 5), F(out, 0),
+                         F(out, 1), F(out, 2), dims(s), double(s.scale));
+    };
+    b.run = [s](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.attention_bwd(in[0], in[1], in[2], in[3], in[4], in[5], out[0], out[1], out[2], s);
+    };
+    cs.push_back(b);
+  }
+}
+
+void add_swiglu_cases(std::vector<OpCase>& cs) {
+  struct S { int64_t N, f; };
+  for (S s : {S{1, 1}, S{7, 33}, S{33, 7}, S{127, 127}, S{256, 1024}}) {
+    const std::string lab = shape_label({{"N", s.N}, {"f", s.f}});
+    OpCase f;
+    f.op = "swiglu_fwd";
+    f.label = lab;
+    f.in = {act("gate", {s.N, s.f}), act("up", {s.N, s.f})};
+    f.out = {act("h", {s.N, s.f})};
+    f.reference = [s](const Bufs& in, Bufs& out) {
+      ref::swiglu_fwd(F(in, 0), F(in, 1), s.N * s.f, F(out, 0));
+    };
+    f.run = [](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.swiglu_fwd(in[0], in[1], out[0]);
+    };
+    cs.push_back(f);
+    OpCase b;
+    b.op = "swiglu_bwd";
+    b.label = lab;
+    b.in = {act("dh", {s.N, s.f}), act("gate", {s.N, s.f}), act("up", {s.N, s.f})};
+    b.out = {act("dgate", {s.N, s.f}), act("dup", {s.N, s.f})};
+    b.reference = [s](const Bufs& in, Bufs& out) {
+      ref::swiglu_bwd(F(in, 0), F(in, 1), F(in, 2), s.N * s.f, F(out, 0), F(out, 1));
+    };
+    b.run = [](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.swiglu_bwd(in[0], in[1], in[2], out[0], out[1]);
+    };
+    cs.push_back(b);
+  }
+}
+
+void add_lmhead_cases(std::vector<OpCase>& cs) {
+  struct S { int64_t N, d, V; double logit_scale, loss_scale; bool grads; };
+  for (S s : {S{1, 1, 1, 1.0, 1.0, true}, S{7, 33, 127, 1.0, 1.0 / 7, true},
+              S{33, 16, 1000, 0.25, 1.0 / 33, true}, S{127, 7, 33, 3.0, 0.5, true},
+              S{33, 16, 1000, 0.5, 1.0, false}, S{48, 96, 8192, 1.0, 1.0 / 48, true}}) {
+    OpCase c;
+    c.op = "lmhead_xent";
+    c.label = shape_label({{"N", s.N}, {"d", s.d}, {"V", s.V}, {"grads", s.grads}}) +
+              "logit_scale=" + std::to_string(s.logit_scale) +
+              " loss_scale=" + std::to_string(s.loss_scale);
+    c.in = {act("x", {s.N, s.d}), act("W", {s.V, s.d}), ids("targets", {s.N}, s.V)};
+    c.out = {f32("losses", {s.N})};
+    if (s.grads) {
+      c.out.push_back(act("dx", {s.N, s.d}));
+      c.out.push_back(f32("dW", {s.V, s.d}));
+    }
+    c.reference = [s](const Bufs& in, Bufs& out) {
+      ref::lmhead_xent(F(in, 0), F(in, 1), I(in, 2), s.N, s.d, s.V, s.logit_scale, F(out, 0),
+                       s.grads ? F(out, 1) : nullptr, s.grads ? F(out, 2) : nullptr,
+                       s.loss_scale);
+    };
+    c.run = [s](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.lmhead_xent(in[0], in[1], in[2], float(s.logit_scale), out[0],
+                     s.grads ? &out[1] : nullptr, s.grads ? &out[2] : nullptr,
+                     float(s.loss_scale));
+    };
+    cs.push_back(c);
+  }
+}
+
+const std::vector<OpCase>& op_cases() {
+  static const std::vector<OpCase> cases = [] {
+    std::vector<OpCase> cs;
+    add_embedding_cases(cs);
+    add_rmsnorm_cases(cs);
+    add_matmul_cases(cs);
+    add_rope_cases(cs);
+    add_attention_cases(cs);
+    add_swiglu_cases(cs);
+    add_lmhead_cases(cs);
+    return cs;
+  }();
+  return cases;
+}
+
+uint64_t case_seed(size_t k) { return 1000 + 17 * k; }
+
+// Checks every output of a case against `want` with the tolerance of the case's op.
+void check_outputs(const OpCase& c, const Bufs& got, const Bufs& want, DType act,
+                   const std::string& who) {
+  const double tol = op_tolerance(c.op, act);
+  static const bool verbose = std::getenv("MF_OPS_VERBOSE") != nullptr;
+  for (size_t k = 0; k < got.size(); ++k) {
+    const double err = norm_err(got[k].f, want[k].f);
+    if (verbose)
+      std::printf("%-14s %-16s %-10s err %.3g (tol %.3g)  %s\n", who.c_str(), c.op.c_str(),
+                  got[k].spec.name.c_str(), err, tol, c.label.c_str());
+    INFO(who << ": " << c.op << " [" << c.label << "] output " << got[k].spec.name << ": err "
+             << err << " > tol " << tol);
+    CHECK(err <= tol);
+  }
+}
+
+// Attention written the naive way: the full masked score row, softmax, weighted sum of v.
+void naive_attention(const Vec& q, const Vec& k, const Vec& v, const AttnShape& s, Vec& out,
+                     Vec& lse) {
+  const ref::AttnDims D = dims(s);
+  const int64_t group = s.H / s.Hkv;
+  out.assign(q.size(), 0.0);
+  lse.assign(size_t(s.B * s.H * s.T), 0.0);
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t h = 0; h < s.H; ++h)
+      for (int64_t t = 0; t < s.T; ++t) {
+        // Full row of scores with the causal mask as -inf, then a plain softmax.
+        Vec sc(static_cast<size_t>(s.T));
+        for (int64_t j = 0; j < s.T; ++j) {
+          double dd = 0;
+          for (int64_t c = 0; c < s.hd; ++c)
+            dd += q[size_t(D.q_at(b, t, h) + c)] * k[size_t(D.kv_at(b, j, h / group) + c)];
+          sc[size_t(j)] = j <= t ? dd * double(s.scale) : -std::numeric_limits<double>::infinity();
+        }
+        const double mx = *std::max_element(sc.begin(), sc.end());
+        double z = 0;
+        for (double x : sc) z += std::exp(x - mx);
+        lse[size_t(D.row_at(b, h, t))] = mx + std::log(z);
+        for (int64_t j = 0; j <= t; ++j) {
+          const double p = std::exp(sc[size_t(j)] - mx) / z;
+          for (int64_t c = 0; c < s.hd; ++c)
+            out[size_t(D.q_at(b, t, h) + c)] += p * v[size_t(D.kv_at(b, j, h / group) + c)];
+        }
+      }
+}
+
+}  // namespace
+
+// ==================================================================================================
+// 1. Finite differences in double
+// ==================================================================================================
+
+TEST_CASE("embedding_bwd is the gradient of embedding_fwd (double, finite differences)", "[ops][fd]") {
+  for (auto [N, V, d] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 5, 3}, {33, 7, 16}}) {
+    Rng rng(11 + N);
+    auto tok = id_vec(rng, size_t(N), V);
+    Vec wte = uniform_vec(rng, size_t(V * d)), G = uniform_vec(rng, size_t(N * d));
+    auto loss = [&] {
+      Vec out(static_cast<size_t>(N * d));
+      ref::embedding_fwd(tok.data(), wte.data(), N, d, out.data());
+      return dot_all(out, G);
+    };
+    Vec g(wte.size(), 0.0);
+    ref::embedding_bwd(tok.data(), G.data(), N, d, g.data());
+    INFO("N=" << N << " V=" << V << " d=" << d);
+    CHECK(fd_error(wte, g, loss, 1) <= mf::test::kFdTol);
+  }
+}
+
+TEST_CASE("rmsnorm_bwd is the gradient of rmsnorm (double, finite differences)", "[ops][fd]") {
+  for (auto [N, d] : {std::pair<int64_t, int64_t>{1, 1}, {7, 7}, {3, 33}, {5, 127}}) {
+    Rng rng(21 + d);
+    Vec x = uniform_vec(rng, size_t(N * d)), w = uniform_vec(rng, size_t(d));
+    Vec G = uniform_vec(rng, size_t(N * d));
+    Vec r(x.size()), y(x.size()), rstd(static_cast<size_t>(N));
+    auto loss = [&] {
+      ref::add_rmsnorm_fwd(x.data(), (const double*)nullptr, r.data(), w.data(), N, d, kEps,
+                           y.data(), rstd.data());
+      return dot_all(y, G);
+    };
+    loss();
+    Vec dx(x.size(), 0.0), dw(w.size(), 0.0);
+    ref::rmsnorm_bwd(G.data(), x.data(), w.data(), rstd.data(), N, d, dx.data(), dw.data());
+    INFO("N=" << N << " d=" << d);
+    CHECK(fd_error(x, dx, loss, 2) <= mf::test::kFdTol);
+    CHECK(fd_error(w, dw, loss, 3) <= mf::test::kFdTol);
+  }
+}
+
+TEST_CASE("matmul_bwd is the gradient of matmul_fwd (double, finite differences)", "[ops][fd]") {
+  for (auto [N, in, out] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 33, 1}, {33, 7, 16}}) {
+    Rng rng(31 + in);
+    Vec x = uniform_vec(rng, size_t(N * in)), W = uniform_vec(rng, size_t(out * in));
+    Vec G = uniform_vec(rng, size_t(N * out));
+    auto loss = [&] {
+      Vec y(static_cast<size_t>(N * out));
+      ref::matmul_fwd(x.data(), W.data(), N, in, out, y.data());
+      return dot_all(y, G);
+    };
+    Vec dx(x.size(), 0.0), dW(W.size(), 0.0);
+    ref::matmul_bwd(G.data(), x.data(), W.data(), N, in, out, dx.data(), dW.data(), false);
+    INFO("N=" << N << " in=" << in << " out=" << out);
+    CHECK(fd_error(x, dx, loss, 4) <= mf::test::kFdTol);
+    CHECK(fd_error(W, dW, loss, 5) <= mf::test::kFdTol);
+  }
+}
+
+TEST_CASE("rope_bwd is the gradient of rope_fwd (double, finite differences)", "[ops][fd]") {
+  for (auto [B, T, H, hd] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 1, 1, 2},
+                             {2, 7, 3, 8}, {1, 33, 2, 16}}) {
+    Rng rng(41 + T);
+    Vec x = uniform_vec(rng, size_t(B * T * H * hd)), G = uniform_vec(rng, x.size());
+    auto loss = [&] {
+      Vec y(x.size());
+      ref::rope(x.data(), y.data(), B, T, H, hd, 10000.0, false);
+      return dot_all(y, G);
+    };
+    Vec dx(x.size());
+    ref::rope(G.data(), dx.data(), B, T, H, hd, 10000.0, true);
+    INFO("B=" << B << " T=" << T << " H=" << H << " hd=" << hd);
+    CHECK(fd_error(x, dx, loss, 6) <= mf::test::kFdTol);
+  }
+}
+
+TEST_CASE("attention_bwd is the gradient of attention_fwd (double, finite differences)", "[ops][fd]") {
+  for (AttnShape s : {attn_shape(1, 1, 1, 1, 8), attn_shape(2, 7, 6, 2, 8),
+                      attn_shape(1, 33, 2, 2, 16), attn_shape(1, 7, 3, 1, 64),
+                      attn_shape(1, 70, 2, 1, 8)}) {
+    Rng rng(51 + s.T * 8 + s.H);
+    const size_t nq = size_t(s.B * s.T * s.H * s.hd), nk = size_t(s.B * s.T * s.Hkv * s.hd);
+    // Larger-than-unit q, k so the softmax is far from uniform.
+    Vec q = uniform_vec(rng, nq, -2, 2), k = uniform_vec(rng, nk, -2, 2), v = uniform_vec(rng, nk);
+    Vec G = uniform_vec(rng, nq);
+    Vec out(nq), lse(static_cast<size_t>(s.B * s.H * s.T));
+    auto loss = [&] {
+      ref::attention_fwd(q.data(), k.data(), v.data(), out.data(), lse.data(), dims(s),
+                         double(s.scale));
+      return dot_all(out, G);
+    };
+    loss();
+    Vec dq(nq), dk(nk), dv(nk);
+    ref::attention_bwd(G.data(), q.data(), k.data(), v.data(), out.data(), lse.data(), dq.data(),
+                       dk.data(), dv.data(), dims(s), double(s.scale));
+    INFO("B=" << s.B << " T=" << s.T << " H=" << s.H << " Hkv=" << s.Hkv << " hd=" << s.hd);
+    CHECK(fd_error(q, dq, loss, 7) <= mf::test::kFdTol);
+    CHECK(fd_error(k, dk, loss, 8) <= mf::test::kFdTol);
+    CHECK(fd_error(v, dv, loss, 9) <= mf::test::kFdTol);
+  }
+}
+
+TEST_CASE("swiglu_bwd is the gradient of swiglu_fwd (double, finite differences)", "[ops][fd]") {
+  for (int64_t n : {1, 7, 33, 127}) {
+    Rng rng(61 + n);
+    Vec g = uniform_vec(rng, size_t(n), -6, 6), u = uniform_vec(rng, size_t(n));
+    Vec G = uniform_vec(rng, size_t(n));
+    auto loss = [&] {
+      Vec h(static_cast<size_t>(n));
+      ref::swiglu_fwd(g.data(), u.data(), n, h.data());
+      return dot_all(h, G);
+    };
+    Vec dg(static_cast<size_t>(n)), du(static_cast<size_t>(n));
+    ref::swiglu_bwd(G.data(), g.data(), u.data(), n, dg.data(), du.data());
+    INFO("n=" << n);
+    CHECK(fd_error(g, dg, loss, 10) <= mf::test::kFdTol);
+    CHECK(fd_error(u, du, loss, 11) <= mf::test::kFdTol);
+  }
+}
+
+TEST_CASE("lmhead_xent gradients match finite differences (double)", "[ops][fd]") {
+  struct S { int64_t N, d, V; double logit_scale, loss_scale; int64_t chunk; };
+  for (S s : {S{1, 1, 1, 1.0, 1.0, 0}, S{7, 33, 127, 1.0, 1.0 / 7, 0}, S{33, 8, 50, 2.5, 0.5, 4},
+              S{5, 16, 300, 0.125, 3.0, 2}}) {
+    Rng rng(71 + s.V);
+    Vec x = uniform_vec(rng, size_t(s.N * s.d)), W = uniform_vec(rng, size_t(s.V * s.d));
+    auto tgt = id_vec(rng, size_t(s.N), s.V);
+    Vec losses(static_cast<size_t>(s.N));
+    auto loss = [&] {
+      ref::lmhead_xent(x.data(), W.data(), tgt.data(), s.N, s.d, s.V, s.logit_scale,
+                       losses.data(), (double*)nullptr, (double*)nullptr, s.loss_scale, s.chunk);
+      double l = 0;
+      for (double v : losses) l += v;
+      return s.loss_scale * l;
+    };
+    Vec dx(x.size()), dW(W.size(), 0.0);
+    ref::lmhead_xent(x.data(), W.data(), tgt.data(), s.N, s.d, s.V, s.logit_scale, losses.data(),
+                     dx.data(), dW.data(), s.loss_scale, s.chunk);
+    INFO("N=" << s.N << " d=" << s.d << " V=" << s.V << " chunk=" << s.chunk);
+    CHECK(fd_error(x, dx, loss, 12) <= mf::test::kFdTol);
+    CHECK(fd_error(W, dW, loss, 13) <= mf::test::kFdTol);
+  }
+}
+
+// ==================================================================================================
+// 2. The op table: CpuBackend (f32) vs the double reference; CUDA vs CpuBackend
+// ==================================================================================================
+
+TEST_CASE("every op case: CpuBackend matches the double reference", "[ops]") {
+  CpuBackend cpu;
+  const auto& cases = op_cases();
+  REQUIRE(cases.size() > 50);
+  for (size_t k = 0; k < cases.size(); ++k) {
+    const OpCase& c = cases[k];
+    Bufs in, out;
+    make_case_data(c, case_seed(k), false, in, out);
+    // The f32 backend sees inputs and initial outputs rounded to float; so does the reference.
+    for (Bufs* bs : {&in, &out})
+      for (auto& b : *bs)
+        for (auto& x : b.f) x = double(float(x));
+    Bufs want = out, got = out;
+    c.reference(in, want);
+    run_on(cpu, c, in, got);
+    check_outputs(c, got, want, DType::F32, "cpu vs double");
+  }
+}
+
+TEST_CASE("every op case: CudaBackend matches CpuBackend", "[ops][gpu]") {
+  if (!cuda_available()) {
+    WARN("no CUDA device (or a CPU-only build): skipping the GPU op comparison");
+    return;
+  }
+  auto gpu = make_backend("cuda");
+  CpuBackend cpu;
+  const auto& cases = op_cases();
+  for (size_t k = 0; k < cases.size(); ++k) {
+    const OpCase& c = cases[k];
+    Bufs in, out;
+    make_case_data(c, case_seed(k), gpu->act_dtype() == DType::BF16, in, out);
+    Bufs got = out, want = out;
+    run_on(cpu, c, in, want);
+    run_on(*gpu, c, in, got);
+    check_outputs(c, got, want, gpu->act_dtype(), "cuda vs cpu");
+  }
+}
+
+TEST_CASE("CpuBackend ops are deterministic (bitwise equal on repeat)", "[ops]") {
+  CpuBackend cpu;
+  const auto& cases = op_cases();
+  const int threads = omp_get_max_threads();
+  for (size_t k = 0; k < cases.size(); ++k) {
+    const OpCase& c = cases[k];
+    Bufs in, out;
+    make_case_data(c, case_seed(k), false, in, out);
+    Bufs a = out, b = out, one = out;
+    run_on(cpu, c, in, a);
+    run_on(cpu, c, in, b);
+    // The OpenMP loops never split a reduction across threads, so even the thread count does
+    // not change a bit. (GEMM ops are left out: their threading belongs to OpenBLAS.)
+    const bool uses_blas = c.op.rfind("matmul", 0) == 0 || c.op == "lmhead_xent";
+    omp_set_num_threads(1);
+    if (!uses_blas) run_on(cpu, c, in, one);
+    omp_set_num_threads(threads);
+    for (size_t j = 0; j < a.size(); ++j) {
+      INFO(c.op << " [" << c.label << "] output " << a[j].spec.name << ", " << threads
+                << " threads");
+      CHECK(a[j].f == b[j].f);
+      if (!uses_blas) CHECK(a[j].f == one[j].f);
+    }
+  }
+}
+
+// ==================================================================================================
+// 3. Properties
+// ==================================================================================================
+
+TEST_CASE("attention equals naive masked softmax(QK^T scale) V, and lse matches", "[ops]") {
+  for (AttnShape s : attention_shapes()) {
+    Rng rng(81 + s.T);
+    const size_t nq = size_t(s.B * s.T * s.H * s.hd), nk = size_t(s.B * s.T * s.Hkv * s.hd);
+    Vec q = uniform_vec(rng, nq, -3, 3), k = uniform_vec(rng, nk, -3, 3), v = uniform_vec(rng, nk);
+    Vec out(nq), lse(static_cast<size_t>(s.B * s.H * s.T)), out_n, lse_n;
+    ref::attention_fwd(q.data(), k.data(), v.data(), out.data(), lse.data(), dims(s),
+                       double(s.scale));
+    naive_attention(q, k, v, s, out_n, lse_n);
+    INFO("B=" << s.B << " T=" << s.T << " H=" << s.H << " Hkv=" << s.Hkv << " hd=" << s.hd);
+    CHECK(norm_err(out, out_n) <= mf::test::kDoubleTol);
+    CHECK(norm_err(lse, lse_n) <= mf::test::kDoubleTol);
+    // And the f32 backend against the naive formula.
+    CpuBackend cpu;
+    Tensor tq = host_f32({s.B, s.T, s.H, s.hd}, q), tk = host_f32({s.B, s.T, s.Hkv, s.hd}, k),
+           tv = host_f32({s.B, s.T, s.Hkv, s.hd}, v);
+    Tensor to = host_tensor({s.B, s.T, s.H, s.hd}), tl = host_tensor({s.B, s.H, s.T});
+    cpu.attention_fwd(tq, tk, tv, to, tl, s);
+    CHECK(norm_err(to_vec(to), out_n) <= 1e-5);
+    CHECK(norm_err(to_vec(tl), lse_n) <= 1e-5);
+  }
+  // T = 1: the output is v itself, lse is the single score.
+  AttnShape s = attn_shape(1, 1, 2, 1, 4);
+  Vec q{1, 2, 3, 4, -1, 0, 1, 2}, k{0.5, -0.5, 1, 2}, v{3, -1, 2, 7};
+  Vec out(8), lse(2);
+  ref::attention_fwd(q.data(), k.data(), v.data(), out.data(), lse.data(), dims(s), 0.5);
+  CHECK(out == Vec{3, -1, 2, 7, 3, -1, 2, 7});
+  CHECK(lse[0] == Approx(0.5 * (0.5 - 1 + 3 + 8)));
+  CHECK(lse[1] == Approx(0.5 * (-0.5 + 0 + 1 + 4)));
+}
+
+TEST_CASE("lmhead_xent equals naive logits + log_softmax; loss_scale; chunking", "[ops]") {
+  const int64_t N = 19, d = 9, V = 37;
+  Rng rng(91);
+  Vec x = uniform_vec(rng, size_t(N * d), -2, 2), W = uniform_vec(rng, size_t(V * d), -2, 2);
+  auto tgt = id_vec(rng, size_t(N), V);
+  const double ls = 1.7;
+  // Naive: full logits, log-softmax, its gradient.
+  Vec naive_loss(static_cast<size_t>(N)), naive_dx(x.size(), 0.0), naive_dW(W.size(), 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    Vec z(static_cast<size_t>(V));
+    for (int64_t j = 0; j < V; ++j) {
+      double a = 0;
+      for (int64_t c = 0; c < d; ++c) a += x[size_t(n * d + c)] * W[size_t(j * d + c)];
+      z[size_t(j)] = ls * a;
+    }
+    double mx = *std::max_element(z.begin(), z.end()), se = 0;
+    for (double zz : z) se += std::exp(zz - mx);
+    const double logz = mx + std::log(se);
+    naive_loss[size_t(n)] = logz - z[size_t(tgt[size_t(n)])];
+    for (int64_t j = 0; j < V; ++j) {
+      const double g = ls * (std::exp(z[size_t(j)] - logz) - (j == tgt[size_t(n)] ? 1.0 : 0.0));
+      for (int64_t c = 0; c < d; ++c) {
+        naive_dx[size_t(n * d + c)] += g * W[size_t(j * d + c)];
+        naive_dW[size_t(j * d + c)] += g * x[size_t(n * d + c)];
+      }
+    }
+  }
+  for (double loss_scale : {1.0, 0.25, 1.0 / N}) {
+    for (int64_t chunk : {int64_t(0), int64_t(1), int64_t(4), int64_t(7), N + 5}) {
+      Vec losses(static_cast<size_t>(N)), dx(x.size()), dW(W.size(), 0.0);
+      ref::lmhead_xent(x.data(), W.data(), tgt.data(), N, d, V, ls, losses.data(), dx.data(),
+                       dW.data(), loss_scale, chunk);
+      INFO("loss_scale=" << loss_scale << " chunk=" << chunk);
+      CHECK(norm_err(losses, naive_loss) <= mf::test::kDoubleTol);  // losses ignore loss_scale
+      Vec sdx = naive_dx, sdW = naive_dW;
+      for (auto& g : sdx) g *= loss_scale;
+      for (auto& g : sdW) g *= loss_scale;
+      CHECK(norm_err(dx, sdx) <= mf::test::kDoubleTol);
+      CHECK(norm_err(dW, sdW) <= mf::test::kDoubleTol);
+    }
+  }
+  // Backend: losses only, dx only, dW only give the same values as the full call.
+  CpuBackend cpu;
+  Tensor tx = host_f32({N, d}, x), tW = host_f32({V, d}, W), tt = host_i32({N}, tgt);
+  Tensor l0 = host_tensor({N}), l1 = host_tensor({N}), l2 = host_tensor({N});
+  Tensor dx1 = host_tensor({N, d}), dW2 = host_tensor({V, d});
+  cpu.lmhead_xent(tx, tW, tt, float(ls), l0, nullptr, nullptr, 1.f);
+  cpu.lmhead_xent(tx, tW, tt, float(ls), l1, &dx1, nullptr, 1.f);
+  cpu.lmhead_xent(tx, tW, tt, float(ls), l2, nullptr, &dW2, 1.f);
+  CHECK(norm_err(to_vec(l0), naive_loss) <= 1e-5);
+  CHECK(to_vec(l0) == to_vec(l1));
+  CHECK(to_vec(l0) == to_vec(l2));
+  CHECK(norm_err(to_vec(dx1), naive_dx) <= 1e-5);
+  CHECK(norm_err(to_vec(dW2), naive_dW) <= 1e-5);
+  // A confident correct prediction has ~0 loss; uniform logits have loss log V.
+  Vec xu(size_t(d), 0.0), Wu(size_t(V * d), 0.0);
+  std::vector<int32_t> t1{3};
+  Vec lu(1);
+  ref::lmhead_xent(xu.data(), Wu.data(), t1.data(), 1, d, V, 1.0, lu.data(), (double*)nullptr,
+                   (double*)nullptr, 1.0);
+  CHECK(lu[0] == Approx(std::log(double(V))).epsilon(1e-12));
+}
+
+TEST_CASE("embedding_bwd accumulates repeated tokens into existing gradients", "[ops]") {
+  CpuBackend cpu;
+  const int64_t N = 33, V = 5, d = 7;
+  Rng rng(101);
+  std::vector<int32_t> tok(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) tok[size_t(n)] = n % 3 == 0 ? 2 : 4;  // rows 0,1,3 unused
+  Vec dout = uniform_vec(rng, size_t(N * d)), init = uniform_vec(rng, size_t(V * d));
+  Tensor tt = host_i32({N}, tok), tdo = host_f32({N, d}, dout), tdw = host_f32({V, d}, init);
+  cpu.embedding_bwd(tt, tdo, tdw);
+  Vec want = init;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < d; ++c) want[size_t(tok[size_t(n)] * d + c)] += dout[size_t(n * d + c)];
+  CHECK(norm_err(to_vec(tdw), want) <= 1e-6);
+  for (int64_t r : {0, 1, 3})
+    for (int64_t c = 0; c < d; ++c) CHECK(tdw.f32()[r * d + c] == float(init[size_t(r * d + c)]));
+  // Forward copies rows.
+  Vec wte = uniform_vec(rng, size_t(V * d));
+  Tensor tw = host_f32({V, d}, wte), out = host_tensor({N, d});
+  cpu.embedding_fwd(tt, tw, out);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < d; ++c)
+      CHECK(out.f32()[n * d + c] == float(wte[size_t(tok[size_t(n)] * d + c)]));
+}
+
+TEST_CASE("matmul_bwd: dx (=) or (+=) by flag, dW (+=), either output optional", "[ops]") {
+  CpuBackend cpu;
+  const int64_t N = 7, in = 33, out = 5;
+  Rng rng(111);
+  Vec dy = uniform_vec(rng, size_t(N * out)), x = uniform_vec(rng, size_t(N * in)),
+      W = uniform_vec(rng, size_t(out * in));
+  Vec dx0 = uniform_vec(rng, size_t(N * in)), dW0 = uniform_vec(rng, size_t(out * in));
+  Vec gdx(dx0.size(), 0.0), gdW(dW0.size(), 0.0);
+  ref::matmul_bwd(dy.data(), x.data(), W.data(), N, in, out, gdx.data(), gdW.data(), false);
+  Tensor tdy = host_f32({N, out}, dy), tx = host_f32({N, in}, x), tW = host_f32({out, in}, W);
+  for (bool acc : {false, true}) {
+    Tensor tdx = host_f32({N, in}, dx0), tdW = host_f32({out, in}, dW0);
+    cpu.matmul_bwd(tdy, tx, tW, &tdx, &tdW, acc);
+    Vec wdx = gdx, wdW = gdW;
+    if (acc)
+      for (size_t i = 0; i < wdx.size(); ++i) wdx[i] += dx0[i];
+    for (size_t i = 0; i < wdW.size(); ++i) wdW[i] += dW0[i];
+    INFO("accumulate_dx=" << acc);
+    CHECK(norm_err(to_vec(tdx), wdx) <= 1e-5);
+    CHECK(norm_err(to_vec(tdW), wdW) <= 1e-5);
+  }
+  Tensor tdx = host_f32({N, in}, dx0), tdW = host_f32({out, in}, dW0);
+  cpu.matmul_bwd(tdy, tx, tW, &tdx, nullptr, false);
+  CHECK(norm_err(to_vec(tdx), gdx) <= 1e-5);
+  cpu.matmul_bwd(tdy, tx, tW, nullptr, &tdW, false);
+  Vec wdW = gdW;
+  for (size_t i = 0; i < wdW.size(); ++i) wdW[i] += dW0[i];
+  CHECK(norm_err(to_vec(tdW), wdW) <= 1e-5);
+  // A 3-D activation [B,T,in] is N = B*T rows.
+  Tensor x3 = tx.view({1, N, in}), y3 = host_tensor({1, N, out}), y2 = host_tensor({N, out});
+  cpu.matmul_fwd(x3, tW, y3);
+  cpu.matmul_fwd(tx, tW, y2);
+  CHECK(to_vec(y3) == to_vec(y2));
+}
+
+TEST_CASE("add_rmsnorm_fwd: with and without branch, resid_out aliasing resid_in", "[ops]") {
+  CpuBackend cpu;
+  const int64_t N = 33, d = 127;
+  Rng rng(121);
+  Vec a = uniform_vec(rng, size_t(N * d)), br = uniform_vec(rng, size_t(N * d)),
+      w = uniform_vec(rng, size_t(d));
+  Tensor tw = host_f32({d}, w), tb = host_f32({N, d}, br);
+  for (bool with_branch : {false, true}) {
+    Vec sum = a;
+    if (with_branch)
+      for (size_t i = 0; i < sum.size(); ++i) sum[i] = double(float(a[i]) + float(br[i]));
+    // Expected y from the formula directly.
+    Vec want_y(sum.size()), want_r(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) {
+      double ms = 0;
+      for (int64_t c = 0; c < d; ++c) ms += sum[size_t(n * d + c)] * sum[size_t(n * d + c)];
+      want_r[size_t(n)] = 1.0 / std::sqrt(ms / double(d) + kEps);
+      for (int64_t c = 0; c < d; ++c)
+        want_y[size_t(n * d + c)] = sum[size_t(n * d + c)] * want_r[size_t(n)] * w[size_t(c)];
+    }
+    // Separate resid_out.
+    Tensor tin = host_f32({N, d}, a), tout = host_tensor({N, d}), y = host_tensor({N, d}),
+           r = host_tensor({N});
+    cpu.add_rmsnorm_fwd(tin, with_branch ? &tb : nullptr, tout, tw, float(kEps), y, r);
+    INFO("branch=" << with_branch);
+    CHECK(norm_err(to_vec(tout), sum) <= 1e-7);
+    CHECK(norm_err(to_vec(y), want_y) <= 1e-5);
+    CHECK(norm_err(to_vec(r), want_r) <= 1e-5);
+    CHECK(to_vec(tin) == to_double(std::vector<float>(a.begin(), a.end())));  // input untouched
+    // In place: resid_out is resid_in.
+    Tensor tio = host_f32({N, d}, a), y2 = host_tensor({N, d}), r2 = host_tensor({N});
+    cpu.add_rmsnorm_fwd(tio, with_branch ? &tb : nullptr, tio, tw, float(kEps), y2, r2);
+    CHECK(to_vec(tio) == to_vec(tout));
+    CHECK(to_vec(y2) == to_vec(y));
+    CHECK(to_vec(r2) == to_vec(r));
+  }
+}
+
+TEST_CASE("rope: bwd inverts fwd (orthogonal), position 0 is identity, in place", "[ops]") {
+  CpuBackend cpu;
+  for (auto [B, T, H, hd] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 1, 1, 2},
+                             {2, 33, 6, 16}, {1, 127, 2, 64}}) {
+    Rng rng(131 + T);
+    Vec x = uniform_vec(rng, size_t(B * T * H * hd));
+    Vec y(x.size()), back(x.size());
+    ref::rope(x.data(), y.data(), B, T, H, hd, 10000.0, false);
+    ref::rope(y.data(), back.data(), B, T, H, hd, 10000.0, true);
+    INFO("B=" << B << " T=" << T << " H=" << H << " hd=" << hd);
+    CHECK(norm_err(back, x) <= 1e-14);
+    // Norm of each head vector is preserved; position 0 is unrotated.
+    for (int64_t row = 0; row < B * T * H; ++row) {
+      double n0 = 0, n1 = 0;
+      for (int64_t c = 0; c < hd; ++c) {
+        n0 += x[size_t(row * hd + c)] * x[size_t(row * hd + c)];
+        n1 += y[size_t(row * hd + c)] * y[size_t(row * hd + c)];
+      }
+      CHECK(n1 == Approx(n0).epsilon(1e-12));
+      if ((row / H) % T == 0)
+        for (int64_t c = 0; c < hd; ++c) CHECK(y[size_t(row * hd + c)] == x[size_t(row * hd + c)]);
+    }
+    // Backend, in place (y aliases x, dx aliases dy).
+    Tensor t = host_f32({B, T, H, hd}, x);
+    cpu.rope_fwd(t, t, 10000.f);
+    CHECK(norm_err(to_vec(t), y) <= 1e-5);
+    cpu.rope_bwd(t, t, 10000.f);
+    CHECK(norm_err(to_vec(t), x) <= 1e-5);
+  }
+  // Hand-computed: hd = 4, t = 1: angles 1 and 10000^-0.5 = 0.01.
+  Vec x{0, 0, 0, 0, 1, 2, 3, 4}, y(8);
+  ref::rope(x.data(), y.data(), 1, 2, 1, 4, 10000.0, false);
+  CHECK(y[4] == Approx(1 * std::cos(1.0) - 3 * std::sin(1.0)));
+  CHECK(y[5] == Approx(2 * std::cos(0.01) - 4 * std::sin(0.01)));
+  CHECK(y[6] == Approx(3 * std::cos(1.0) + 1 * std::sin(1.0)));
+  CHECK(y[7] == Approx(4 * std::cos(0.01) + 2 * std::sin(0.01)));
+}
+
+TEST_CASE("swiglu: silu(g) * up by formula", "[ops]") {
+  Vec g{-30, -1, 0, 0.5, 2, 30}, u{1, 2, 3, -1, 0.5, 1}, h(6);
+  ref::swiglu_fwd(g.data(), u.data(), 6, h.data());
+  for (size_t i = 0; i < g.size(); ++i)
+    CHECK(h[i] == Approx(g[i] / (1 + std::exp(-g[i])) * u[i]).margin(1e-15));
+  CHECK(h[2] == 0.0);
+  CHECK(h[5] == Approx(30.0));
+}
+
+TEST_CASE("op argument errors throw mf::Error naming the tensors", "[ops]") {
+  CpuBackend cpu;
+  Tensor x = host_tensor({7, 33}), W = host_tensor({5, 32}), y = host_tensor({7, 5});
+  CHECK_THROWS_AS(cpu.matmul_fwd(x, W, y), mf::Error);
+  CHECK_THROWS_WITH(cpu.matmul_fwd(x, W, y), Catch::Contains("matmul_fwd") &&
+                                                 Catch::Contains("[7,33]") &&
+                                                 Catch::Contains("[5,32]"));
+  Tensor W2 = host_tensor({5, 33}), ybad = host_tensor({6, 5});
+  CHECK_THROWS_AS(cpu.matmul_fwd(x, W2, ybad), mf::Error);
+  Tensor dxbad = host_tensor({7, 32});
+  CHECK_THROWS_AS(cpu.matmul_bwd(y, x, W2, &dxbad, nullptr, false), mf::Error);
+  Tensor xi = host_tensor({7, 33}, DType::I32);
+  CHECK_THROWS_WITH(cpu.matmul_fwd(xi, W2, y), Catch::Contains("dtype"));
+
+  // Token ids out of range name the index and the value.
+  Tensor tok = host_tensor({3}, DType::I32), wte = host_tensor({4, 8}), out = host_tensor({3, 8});
+  tok.i32()[1] = 4;
+  CHECK_THROWS_WITH(cpu.embedding_fwd(tok, wte, out), Catch::Contains("tokens[1] = 4"));
+  tok.i32()[1] = -1;
+  CHECK_THROWS_AS(cpu.embedding_bwd(tok, out, wte), mf::Error);
+  tok.i32()[1] = 0;
+  Tensor tf = host_tensor({3});
+  CHECK_THROWS_AS(cpu.embedding_fwd(tf, wte, out), mf::Error);
+
+  // rmsnorm: w width, rstd length, branch shape.
+  Tensor a = host_tensor({4, 8}), w7 = host_tensor({7}), w8 = host_tensor({8}),
+         r4 = host_tensor({4}), r3 = host_tensor({3}), yy = host_tensor({4, 8}),
+         br = host_tensor({4, 7});
+  CHECK_THROWS_AS(cpu.add_rmsnorm_fwd(a, nullptr, a, w7, 1e-5f, yy, r4), mf::Error);
+  CHECK_THROWS_AS(cpu.add_rmsnorm_fwd(a, nullptr, a, w8, 1e-5f, yy, r3), mf::Error);
+  CHECK_THROWS_AS(cpu.add_rmsnorm_fwd(a, &br, a, w8, 1e-5f, yy, r4), mf::Error);
+  Tensor dw7 = host_tensor({7});
+  CHECK_THROWS_AS(cpu.rmsnorm_bwd(yy, a, w8, r4, yy, dw7), mf::Error);
+
+  // rope: odd head dim, wrong rank, mismatched output.
+  Tensor q_odd = host_tensor({1, 2, 3, 5}), q3 = host_tensor({1, 2, 12}),
+         qa = host_tensor({1, 2, 3, 4}), qb = host_tensor({1, 2, 4, 3});
+  CHECK_THROWS_WITH(cpu.rope_fwd(q_odd, q_odd, 1e4f), Catch::Contains("even"));
+  CHECK_THROWS_AS(cpu.rope_fwd(q3, q3, 1e4f), mf::Error);
+  CHECK_THROWS_AS(cpu.rope_bwd(qa, qb, 1e4f), mf::Error);
+
+  // attention: H not a multiple of Hkv, wrong numel, wrong lse.
+  AttnShape s = attn_shape(1, 4, 6, 4, 8);
+  Tensor q = host_tensor({1, 4, 6, 8}), k = host_tensor({1, 4, 4, 8}), o = host_tensor({1, 4, 6, 8}),
+         lse = host_tensor({1, 6, 4});
+  CHECK_THROWS_WITH(cpu.attention_fwd(q, k, k, o, lse, s), Catch::Contains("multiple"));
+  s = attn_shape(1, 4, 6, 2, 8);
+  Tensor k2 = host_tensor({1, 4, 2, 8}), lse_bad = host_tensor({1, 6, 3});
+  CHECK_NOTHROW(cpu.attention_fwd(q, k2, k2, o, lse, s));
+  CHECK_THROWS_AS(cpu.attention_fwd(q, k, k, o, lse, s), mf::Error);
+  CHECK_THROWS_AS(cpu.attention_fwd(q, k2, k2, o, lse_bad, s), mf::Error);
+  Tensor dq = host_tensor({1, 4, 6, 8}), dk = host_tensor({1, 4, 2, 8}), dv_bad = host_tensor({1, 4, 6, 8});
+  CHECK_THROWS_AS(cpu.attention_bwd(o, q, k2, k2, o, lse, dq, dk, dv_bad, s), mf::Error);
+
+  // swiglu: shapes must agree.
+  Tensor g = host_tensor({3, 4}), u = host_tensor({4, 3}), h = host_tensor({3, 4});
+  CHECK_THROWS_AS(cpu.swiglu_fwd(g, u, h), mf::Error);
+  CHECK_THROWS_AS(cpu.swiglu_bwd(h, g, g, h, u), mf::Error);
+
+  // lmhead_xent: width mismatch, target out of range, dW shape.
+  Tensor lx = host_tensor({3, 8}), lW = host_tensor({10, 8}), lW7 = host_tensor({10, 7}),
+         lt = host_tensor({3}, DType::I32), ll = host_tensor({3}), ldW = host_tensor({8, 10});
+  CHECK_THROWS_AS(cpu.lmhead_xent(lx, lW7, lt, 1.f, ll, nullptr, nullptr, 1.f), mf::Error);
+  CHECK_THROWS_AS(cpu.lmhead_xent(lx, lW, lt, 1.f, ll, nullptr, &ldW, 1.f), mf::Error);
+  lt.i32()[2] = 10;
+  CHECK_THROWS_WITH(cpu.lmhead_xent(lx, lW, lt, 1.f, ll, nullptr, nullptr, 1.f),
+                    Catch::Contains("targets[2] = 10"));
+}
