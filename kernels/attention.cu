@@ -1,0 +1,749 @@
+// Causal GQA flash attention on tensor cores (mma.sync m16n8k16 bf16 -> f32) for head_dim 64
+// and 128, with a SIMT fallback (one warp per row) for any other head_dim or misaligned data.
+//
+// Tensor-core kernels: a block has kAttnWarps warps; each warp owns 16 rows of the tile it
+// computes (query rows in fwd/dq, key rows in dk/dv). Tiles are staged in shared memory with
+// 16-byte loads (rows past T are zero-filled, so padded rows never inject NaN/Inf); rows are
+// padded by kAttnPad elements so the fragment reads below are bank-conflict free. Fragments are
+// read from shared memory following the PTX ISA layout of mma.m16n8k16 (groupID = lane/4,
+// tig = lane%4):
+//   A (16x16, row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B (16x8, col):  b0 = (k = 2t..2t+1, n = g), b1 = (k = 2t+8..2t+9, n = g)
+//   C (16x8 f32):   c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// so an accumulator pair of n-tiles (2kk, 2kk+1) is exactly the A fragment of k-chunk kk: the
+// probabilities go from the S accumulators straight into the P V product without shared memory.
+//
+// Softmax runs in the log2 domain (scores times scale*log2(e), exp2f); lse is stored in natural
+// log units like the CPU reference.
+#include "attention.cuh"
+
+namespace mf::cuda {
+
+constexpr int kAttnWarps = 4;
+constexpr int kAttnThreads = kAttnWarps * kWarp;
+constexpr int kAttnRowsPerWarp = 16;                          // mma M
+constexpr int kAttnTileRows = kAttnWarps * kAttnRowsPerWarp;  // rows owned by one block
+constexpr int kAttnPad = 8;                                   // bf16 elements per smem row
+constexpr int kSimtWarpsPerBlock = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Tile shapes per head dim (columns of the inner loop; rows are always kAttnTileRows).
+template <int HD>
+struct AttnTraits;
+template <>
+struct AttnTraits<64> {
+  static constexpr int kFwdKeys = 64;   // keys per step in the forward
+  static constexpr int kDqKeys = 64;    // keys per step in the dq kernel
+  static constexpr int kDkvQueries = 64;  // queries per step in the dk/dv kernel
+};
+template <>
+struct AttnTraits<128> {
+  static constexpr int kFwdKeys = 64;
+  static constexpr int kDqKeys = 64;
+  static constexpr int kDkvQueries = 32;  // dk + dv accumulators already take 128 registers
+};
+
+struct AttnParams {
+  const bf16* q;
+  const bf16* k;
+  const bf16* v;
+  const bf16* out;
+  const bf16* dout;
+  bf16* o;
+  bf16* dq;
+  bf16* dk;
+  bf16* dv;
+  float* lse;  // [B,H,T]
+  float* D;    // [B,H,T] rowsum(dout * out), backward
+  int B, T, H, Hkv, group, hd;
+  float scale, scale_log2;
+};
+
+// ---- mma helpers -----------------------------------------------------------------------------
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t ld_pair(const bf16* p) {  // two consecutive elements
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+__device__ __forceinline__ uint32_t pack2(bf16 lo, bf16 hi) {  // lo in the low 16 bits
+  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t pack2f(float lo, float hi) {
+  return pack2(__float2bfloat16(lo), __float2bfloat16(hi));
+}
+
+// A fragment: rows [r0, r0+16), columns [c0, c0+16) of a row-major smem tile.
+template <int LD>
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const bf16* s, int r0, int c0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  a[0] = ld_pair(s + (r0 + g) * LD + c0 + 2 * t);
+  a[1] = ld_pair(s + (r0 + g + 8) * LD + c0 + 2 * t);
+  a[2] = ld_pair(s + (r0 + g) * LD + c0 + 8 + 2 * t);
+  a[3] = ld_pair(s + (r0 + g + 8) * LD + c0 + 8 + 2 * t);
+}
+// B fragment with B[k][n] = S[n0 + n][k0 + k]: the tile's rows are the n index (K for Q K^T).
+template <int LD>
+__device__ __forceinline__ void frag_b_rows_n(uint32_t (&b)[2], const bf16* s, int n0, int k0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  b[0] = ld_pair(s + (n0 + g) * LD + k0 + 2 * t);
+  b[1] = ld_pair(s + (n0 + g) * LD + k0 + 8 + 2 * t);
+}
+// B fragment with B[k][n] = S[k0 + k][n0 + n]: the tile's rows are the k index (V for P V).
+template <int LD>
+__device__ __forceinline__ void frag_b_rows_k(uint32_t (&b)[2], const bf16* s, int k0, int n0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const bf16* c = s + n0 + g;
+  b[0] = pack2(c[(k0 + 2 * t) * LD], c[(k0 + 2 * t + 1) * LD]);
+  b[1] = pack2(c[(k0 + 2 * t + 8) * LD], c[(k0 + 2 * t + 9) * LD]);
+}
+// A fragment of k-chunk kk from f32 accumulators laid out as [n-tile][4].
+template <int NT>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c)[NT][4], int kk) {
+  a[0] = pack2f(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack2f(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack2f(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack2f(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// Stage rows [row0, row0 + ROWS) of one head into smem (stride HD + kAttnPad); rows >= T are 0.
+// g points at row t = 0 of the head; consecutive rows are row_stride elements apart.
+template <int HD, int ROWS>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int64_t row_stride, int row0, int T) {
+  constexpr int kVecPerRow = HD / 8;
+  constexpr int LD = HD + kAttnPad;
+  for (int idx = threadIdx.x; idx < ROWS * kVecPerRow; idx += kAttnThreads) {
+    const int r = idx / kVecPerRow, c = (idx % kVecPerRow) * 8;
+    const int t = row0 + r;
+    int4 val = make_int4(0, 0, 0, 0);
+    if (t < T) val = *reinterpret_cast<const int4*>(g + int64_t(t) * row_stride + c);
+    *reinterpret_cast<int4*>(s + r * LD + c) = val;
+  }
+}
+
+// ---- forward (tensor cores) -------------------------------------------------------------------
+template <int HD>
+__global__ void __launch_bounds__(kAttnThreads) attn_fwd_tc_kernel(AttnParams p) {
+  constexpr int BR = kAttnTileRows, BC = AttnTraits<HD>::kFwdKeys, LD = HD + kAttnPad;
+  constexpr int NO = HD / 8, NS = BC / 8;  // n-tiles of O and of S
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
+  bf16* Ks = Qs + BR * LD;
+  bf16* Vs = Ks + BC * LD;
+
+  const int qtile = gridDim.x - 1 - blockIdx.x;  // longest (last) query tiles start first
+  const int b = blockIdx.y / p.H, h = blockIdx.y % p.H, hk = h / p.group;
+  const int q0 = qtile * BR;
+  const int64_t qs = int64_t(p.H) * HD, kvs = int64_t(p.Hkv) * HD;
+  const bf16* qg = p.q + (int64_t(b) * p.T * p.H + h) * HD;
+  const bf16* kg = p.k + (int64_t(b) * p.T * p.Hkv + hk) * HD;
+  const bf16* vg = p.v + (int64_t(b) * p.T * p.Hkv + hk) * HD;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane >> 2, t4 = lane & 3;
+  const int wr0 = warp * kAttnRowsPerWarp;
+  const int row[2] = {q0 + wr0 + g, q0 + wr0 + g + 8};
+
+  load_tile<HD, BR>(Qs, qg, qs, q0, p.T);
+  float o[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  const int kv_end = min(p.T, q0 + BR);
+  for (int kv0 = 0; kv0 < kv_end; kv0 += BC) {
+    __syncthreads();  // everyone is done with the previous K/V (and Q is staged)
+    load_tile<HD, BC>(Ks, kg, kvs, kv0, p.T);
+    load_tile<HD, BC>(Vs, vg, kvs, kv0, p.T);
+    __syncthreads();
+    if (kv0 > q0 + wr0 + kAttnRowsPerWarp - 1) continue;  // every key is in this warp's future
+
+    float s[NS][4];
+#pragma unroll
+    for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t a[4];
+      frag_a<LD>(a, Qs, wr0, kk * 16, lane);
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        uint32_t bb[2];
+        frag_b_rows_n<LD>(bb, Ks, j * 8, kk * 16, lane);
+        mma16816(s[j], a, bb);
+      }
+    }
+    float mt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = kv0 + j * 8 + 2 * t4 + (e & 1);
+        const int r = e >> 1;
+        const float x = (col > row[r] || col >= p.T) ? -INFINITY : s[j][e] * p.scale_log2;
+        s[j][e] = x;
+        mt[r] = fmaxf(mt[r], x);
+      }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mt[r] = fmaxf(mt[r], __shfl_xor_sync(kFullMask, mt[r], 1));
+      mt[r] = fmaxf(mt[r], __shfl_xor_sync(kFullMask, mt[r], 2));
+      const float mn = fmaxf(m[r], mt[r]);
+      base[r] = mn == -INFINITY ? 0.f : mn;  // a fully masked row so far: keep exp2 finite
+      alpha[r] = exp2f(m[r] - base[r]);      // 0 when m was -inf
+      m[r] = mn;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = exp2f(s[j][e] - base[e >> 1]);  // masked: exp2(-inf) = 0
+        s[j][e] = pe;
+        l[e >> 1] += pe;  // thread-partial; reduced over the quad at the end
+      }
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a<NS>(a, s, kk);
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        uint32_t bb[2];
+        frag_b_rows_k<LD>(bb, Vs, kk * 16, n * 8, lane);
+        mma16816(o[n], a, bb);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+  }
+  const float inv[2] = {1.f / l[0], 1.f / l[1]};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= p.T) continue;
+    bf16* dst = p.o + ((int64_t(b) * p.T + row[r]) * p.H + h) * HD + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+      *reinterpret_cast<bf162*>(dst + n * 8) =
+          __floats2bfloat162_rn(o[n][2 * r] * inv[r], o[n][2 * r + 1] * inv[r]);
+    if (t4 == 0) p.lse[(int64_t(b) * p.H + h) * p.T + row[r]] = (m[r] + log2f(l[r])) * kLn2;
+  }
+}
+
+// ---- backward: dq (tensor cores) --------------------------------------------------------------
+template <int HD>
+__global__ void __launch_bounds__(kAttnThreads) attn_bwd_dq_tc_kernel(AttnParams p) {
+  constexpr int BR = kAttnTileRows, BC = AttnTraits<HD>::kDqKeys, LD = HD + kAttnPad;
+  constexpr int NO = HD / 8, NS = BC / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
+  bf16* dOs = Qs + BR * LD;
+  bf16* Ks = dOs + BR * LD;
+  bf16* Vs = Ks + BC * LD;
+
+  const int qtile = gridDim.x - 1 - blockIdx.x;
+  const int b = blockIdx.y / p.H, h = blockIdx.y % p.H, hk = h / p.group;
+  const int q0 = qtile * BR;
+  const int64_t qs = int64_t(p.H) * HD, kvs = int64_t(p.Hkv) * HD;
+  const int64_t qoff = (int64_t(b) * p.T * p.H + h) * HD;
+  const int64_t kvoff = (int64_t(b) * p.T * p.Hkv + hk) * HD;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane >> 2, t4 = lane & 3;
+  const int wr0 = warp * kAttnRowsPerWarp;
+  const int row[2] = {q0 + wr0 + g, q0 + wr0 + g + 8};
+  float lse2[2], Dr[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool ok = row[r] < p.T;
+    const int64_t at = (int64_t(b) * p.H + h) * p.T + row[r];
+    lse2[r] = ok ? p.lse[at] * kLog2e : 0.f;
+    Dr[r] = ok ? p.D[at] : 0.f;
+  }
+
+  load_tile<HD, BR>(Qs, p.q + qoff, qs, q0, p.T);
+  load_tile<HD, BR>(dOs, p.dout + qoff, qs, q0, p.T);
+  float dq[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+
+  const int kv_end = min(p.T, q0 + BR);
+  for (int kv0 = 0; kv0 < kv_end; kv0 += BC) {
+    __syncthreads();
+    load_tile<HD, BC>(Ks, p.k + kvoff, kvs, kv0, p.T);
+    load_tile<HD, BC>(Vs, p.v + kvoff, kvs, kv0, p.T);
+    __syncthreads();
+    if (kv0 > q0 + wr0 + kAttnRowsPerWarp - 1) continue;
+
+    float s[NS][4], dp[NS][4];
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t a[4], ad[4];
+      frag_a<LD>(a, Qs, wr0, kk * 16, lane);
+      frag_a<LD>(ad, dOs, wr0, kk * 16, lane);
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        uint32_t bb[2];
+        frag_b_rows_n<LD>(bb, Ks, j * 8, kk * 16, lane);  // S = Q K^T
+        mma16816(s[j], a, bb);
+        frag_b_rows_n<LD>(bb, Vs, j * 8, kk * 16, lane);  // dP = dO V^T
+        mma16816(dp[j], ad, bb);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = kv0 + j * 8 + 2 * t4 + (e & 1);
+        const int r = e >> 1;
+        const bool ok = col <= row[r] && col < p.T && row[r] < p.T;
+        const float pe = ok ? exp2f(s[j][e] * p.scale_log2 - lse2[r]) : 0.f;
+        s[j][e] = pe * (dp[j][e] - Dr[r]);  // dS
+      }
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a<NS>(a, s, kk);
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        uint32_t bb[2];
+        frag_b_rows_k<LD>(bb, Ks, kk * 16, n * 8, lane);  // dQ += dS K
+        mma16816(dq[n], a, bb);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= p.T) continue;
+    bf16* dst = p.dq + qoff + int64_t(row[r]) * qs + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+      *reinterpret_cast<bf162*>(dst + n * 8) =
+          __floats2bfloat162_rn(dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale);
+  }
+}
+
+// ---- backward: dk, dv (tensor cores) ----------------------------------------------------------
+template <int HD>
+__global__ void __launch_bounds__(kAttnThreads) attn_bwd_dkdv_tc_kernel(AttnParams p) {
+  constexpr int BKV = kAttnTileRows, BQ = AttnTraits<HD>::kDkvQueries, LD = HD + kAttnPad;
+  constexpr int NO = HD / 8, NS = BQ / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
+  bf16* Vs = Ks + BKV * LD;
+  bf16* Qs = Vs + BKV * LD;
+  bf16* dOs = Qs + BQ * LD;
+  float* lse_s = reinterpret_cast<float*>(dOs + BQ * LD);
+  float* D_s = lse_s + BQ;
+
+  const int b = blockIdx.y / p.Hkv, hk = blockIdx.y % p.Hkv;
+  const int kv0 = blockIdx.x * BKV;  // early key tiles see the most queries: they start first
+  const int64_t qs = int64_t(p.H) * HD, kvs = int64_t(p.Hkv) * HD;
+  const int64_t kvoff = (int64_t(b) * p.T * p.Hkv + hk) * HD;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane >> 2, t4 = lane & 3;
+  const int wr0 = warp * kAttnRowsPerWarp;
+  const int kvrow[2] = {kv0 + wr0 + g, kv0 + wr0 + g + 8};
+
+  load_tile<HD, BKV>(Ks, p.k + kvoff, kvs, kv0, p.T);
+  load_tile<HD, BKV>(Vs, p.v + kvoff, kvs, kv0, p.T);
+  float dk[NO][4], dv[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+
+  for (int hi = 0; hi < p.group; ++hi) {
+    const int h = hk * p.group + hi;
+    const int64_t qoff = (int64_t(b) * p.T * p.H + h) * HD;
+    const int64_t rowoff = (int64_t(b) * p.H + h) * p.T;
+    for (int q0 = kv0; q0 < p.T; q0 += BQ) {
+      __syncthreads();  // previous Q/dO tile consumed (and K/V staged on the first pass)
+      load_tile<HD, BQ>(Qs, p.q + qoff, qs, q0, p.T);
+      load_tile<HD, BQ>(dOs, p.dout + qoff, qs, q0, p.T);
+      for (int i = threadIdx.x; i < BQ; i += kAttnThreads) {
+        const int t = q0 + i;
+        lse_s[i] = t < p.T ? p.lse[rowoff + t] * kLog2e : 0.f;
+        D_s[i] = t < p.T ? p.D[rowoff + t] : 0.f;
+      }
+      __syncthreads();
+      if (q0 + BQ - 1 < kv0 + wr0) continue;  // every query precedes this warp's keys
+
+      float st[NS][4], dpt[NS][4];
+#pragma unroll
+      for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        uint32_t a[4], av[4];
+        frag_a<LD>(a, Ks, wr0, kk * 16, lane);
+        frag_a<LD>(av, Vs, wr0, kk * 16, lane);
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+          uint32_t bb[2];
+          frag_b_rows_n<LD>(bb, Qs, j * 8, kk * 16, lane);  // S^T = K Q^T
+          mma16816(st[j], a, bb);
+          frag_b_rows_n<LD>(bb, dOs, j * 8, kk * 16, lane);  // dP^T = V dO^T
+          mma16816(dpt[j], av, bb);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = j * 8 + 2 * t4 + (e & 1);
+          const int qrow = q0 + qi, kr = kvrow[e >> 1];
+          const bool ok = qrow < p.T && qrow >= kr && kr < p.T;
+          const float pe = ok ? exp2f(st[j][e] * p.scale_log2 - lse_s[qi]) : 0.f;
+          st[j][e] = pe;                           // P^T
+          dpt[j][e] = pe * (dpt[j][e] - D_s[qi]);  // dS^T
+        }
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        uint32_t ap[4], as[4];
+        acc_to_a<NS>(ap, st, kk);
+        acc_to_a<NS>(as, dpt, kk);
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          uint32_t bb[2];
+          frag_b_rows_k<LD>(bb, dOs, kk * 16, n * 8, lane);  // dV += P^T dO
+          mma16816(dv[n], ap, bb);
+          frag_b_rows_k<LD>(bb, Qs, kk * 16, n * 8, lane);  // dK += dS^T Q
+          mma16816(dk[n], as, bb);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (kvrow[r] >= p.T) continue;
+    const int64_t at = kvoff + int64_t(kvrow[r]) * kvs + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      *reinterpret_cast<bf162*>(p.dk + at + n * 8) =
+          __floats2bfloat162_rn(dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale);
+      *reinterpret_cast<bf162*>(p.dv + at + n * 8) =
+          __floats2bfloat162_rn(dv[n][2 * r], dv[n][2 * r + 1]);
+    }
+  }
+}
+
+// ---- D = rowsum(dout * out) -------------------------------------------------------------------
+// One warp per (b, t, h) row, any head dim.
+__global__ void attn_bwd_rowdot_kernel(AttnParams p) {
+  const int64_t it = int64_t(blockIdx.x) * kSimtWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t rows = int64_t(p.B) * p.T * p.H;
+  if (it >= rows) return;
+  const bf16* a = p.dout + it * p.hd;
+  const bf16* o = p.out + it * p.hd;
+  float s = 0.f;
+  for (int c = lane; c < p.hd; c += kWarp) s += __bfloat162float(a[c]) * __bfloat162float(o[c]);
+  s = warp_sum(s);
+  const int64_t h = it % p.H, t = (it / p.H) % p.T, b = it / (int64_t(p.H) * p.T);
+  if (lane == 0) p.D[(b * p.H + h) * p.T + t] = s;
+}
+
+// ---- SIMT fallback: one warp per row, NPER head-dim elements per lane (hd <= 32 * NPER) -------
+template <int NPER>
+__device__ __forceinline__ void load_row(float (&x)[NPER], const bf16* p, int hd, int lane) {
+#pragma unroll
+  for (int i = 0; i < NPER; ++i) {
+    const int c = lane + i * kWarp;
+    x[i] = c < hd ? __bfloat162float(p[c]) : 0.f;
+  }
+}
+template <int NPER>
+__device__ __forceinline__ float row_dot(const float (&x)[NPER], const bf16* p, int hd, int lane) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < NPER; ++i) {
+    const int c = lane + i * kWarp;
+    if (c < hd) s += x[i] * __bfloat162float(p[c]);
+  }
+  return warp_sum(s);
+}
+template <int NPER>
+__device__ __forceinline__ void store_row(bf16* p, const float (&x)[NPER], float scale, int hd, int lane) {
+#pragma unroll
+  for (int i = 0; i < NPER; ++i) {
+    const int c = lane + i * kWarp;
+    if (c < hd) p[c] = __float2bfloat16(x[i] * scale);
+  }
+}
+
+template <int NPER>
+__global__ void attn_fwd_simt_kernel(AttnParams p) {
+  const int64_t it = int64_t(blockIdx.x) * kSimtWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (it >= int64_t(p.B) * p.H * p.T) return;
+  const int b = int(it / (int64_t(p.H) * p.T)), h = int((it / p.T) % p.H), t = int(it % p.T);
+  const int hk = h / p.group;
+  float q[NPER], acc[NPER];
+  load_row<NPER>(q, p.q + ((int64_t(b) * p.T + t) * p.H + h) * p.hd, p.hd, lane);
+#pragma unroll
+  for (int i = 0; i < NPER; ++i) acc[i] = 0.f;
+  float m = -INFINITY, l = 0.f;
+  for (int j = 0; j <= t; ++j) {
+    const int64_t kv = ((int64_t(b) * p.T + j) * p.Hkv + hk) * p.hd;
+    const float s = p.scale * row_dot<NPER>(q, p.k + kv, p.hd, lane);
+    const float mn = fmaxf(m, s);
+    const float corr = expf(m - mn), pj = expf(s - mn);
+    l = l * corr + pj;
+#pragma unroll
+    for (int i = 0; i < NPER; ++i) {
+      const int c = lane + i * kWarp;
+      acc[i] = acc[i] * corr + (c < p.hd ? pj * __bfloat162float(p.v[kv + c]) : 0.f);
+    }
+    m = mn;
+  }
+  store_row<NPER>(p.o + ((int64_t(b) * p.T + t) * p.H + h) * p.hd, acc, 1.f / l, p.hd, lane);
+  if (lane == 0) p.lse[(int64_t(b) * p.H + h) * p.T + t] = m + logf(l);
+}
+
+template <int NPER>
+__global__ void attn_bwd_dq_simt_kernel(AttnParams p) {
+  const int64_t it = int64_t(blockIdx.x) * kSimtWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (it >= int64_t(p.B) * p.H * p.T) return;
+  const int b = int(it / (int64_t(p.H) * p.T)), h = int((it / p.T) % p.H), t = int(it % p.T);
+  const int hk = h / p.group;
+  const int64_t qa = ((int64_t(b) * p.T + t) * p.H + h) * p.hd;
+  const int64_t ra = (int64_t(b) * p.H + h) * p.T + t;
+  float q[NPER], dO[NPER], acc[NPER];
+  load_row<NPER>(q, p.q + qa, p.hd, lane);
+  load_row<NPER>(dO, p.dout + qa, p.hd, lane);
+#pragma unroll
+  for (int i = 0; i < NPER; ++i) acc[i] = 0.f;
+  const float L = p.lse[ra], Dt = p.D[ra];
+  for (int j = 0; j <= t; ++j) {
+    const int64_t kv = ((int64_t(b) * p.T + j) * p.Hkv + hk) * p.hd;
+    const float pj = expf(p.scale * row_dot<NPER>(q, p.k + kv, p.hd, lane) - L);
+    const float ds = pj * (row_dot<NPER>(dO, p.v + kv, p.hd, lane) - Dt);
+#pragma unroll
+    for (int i = 0; i < NPER; ++i) {
+      const int c = lane + i * kWarp;
+      if (c < p.hd) acc[i] += ds * __bfloat162float(p.k[kv + c]);
+    }
+  }
+  store_row<NPER>(p.dq + qa, acc, p.scale, p.hd, lane);
+}
+
+template <int NPER>
+__global__ void attn_bwd_dkdv_simt_kernel(AttnParams p) {
+  const int64_t it = int64_t(blockIdx.x) * kSimtWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (it >= int64_t(p.B) * p.Hkv * p.T) return;
+  const int b = int(it / (int64_t(p.Hkv) * p.T)), hk = int((it / p.T) % p.Hkv), j = int(it % p.T);
+  const int64_t kv = ((int64_t(b) * p.T + j) * p.Hkv + hk) * p.hd;
+  float k[NPER], v[NPER], ak[NPER], av[NPER];
+  load_row<NPER>(k, p.k + kv, p.hd, lane);
+  load_row<NPER>(v, p.v + kv, p.hd, lane);
+#pragma unroll
+  for (int i = 0; i < NPER; ++i) ak[i] = av[i] = 0.f;
+  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+    for (int t = j; t < p.T; ++t) {
+      const int64_t qa = ((int64_t(b) * p.T + t) * p.H + h) * p.hd;
+      const int64_t ra = (int64_t(b) * p.H + h) * p.T + t;
+      const float pj = expf(p.scale * row_dot<NPER>(k, p.q + qa, p.hd, lane) - p.lse[ra]);
+      const float ds = pj * (row_dot<NPER>(v, p.dout + qa, p.hd, lane) - p.D[ra]);
+#pragma unroll
+      for (int i = 0; i < NPER; ++i) {
+        const int c = lane + i * kWarp;
+        if (c < p.hd) {
+          ak[i] += ds * __bfloat162float(p.q[qa + c]);
+          av[i] += pj * __bfloat162float(p.dout[qa + c]);
+        }
+      }
+    }
+  }
+  store_row<NPER>(p.dk + kv, ak, p.scale, p.hd, lane);
+  store_row<NPER>(p.dv + kv, av, 1.f, p.hd, lane);
+}
+
+// ---- launchers --------------------------------------------------------------------------------
+template <typename Kernel>
+void set_smem(Kernel kernel, size_t smem) {
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+}
+
+template <int HD>
+size_t fwd_smem() {
+  return size_t(kAttnTileRows + 2 * AttnTraits<HD>::kFwdKeys) * (HD + kAttnPad) * sizeof(bf16);
+}
+template <int HD>
+size_t dq_smem() {
+  return size_t(2 * kAttnTileRows + 2 * AttnTraits<HD>::kDqKeys) * (HD + kAttnPad) * sizeof(bf16);
+}
+template <int HD>
+size_t dkdv_smem() {
+  constexpr int BQ = AttnTraits<HD>::kDkvQueries;
+  return size_t(2 * kAttnTileRows + 2 * BQ) * (HD + kAttnPad) * sizeof(bf16) + 2 * BQ * sizeof(float);
+}
+
+template <int HD>
+void launch_attn_fwd_tc(const AttnParams& p, cudaStream_t stream) {
+  const size_t smem = fwd_smem<HD>();
+  set_smem(attn_fwd_tc_kernel<HD>, smem);
+  const dim3 grid(unsigned(ceil_div(p.T, kAttnTileRows)), unsigned(p.B * p.H));
+  attn_fwd_tc_kernel<HD><<<grid, kAttnThreads, smem, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <int HD>
+void launch_attn_bwd_tc(const AttnParams& p, cudaStream_t stream) {
+  const size_t s1 = dq_smem<HD>(), s2 = dkdv_smem<HD>();
+  set_smem(attn_bwd_dq_tc_kernel<HD>, s1);
+  set_smem(attn_bwd_dkdv_tc_kernel<HD>, s2);
+  const unsigned tiles = unsigned(ceil_div(p.T, kAttnTileRows));
+  attn_bwd_dq_tc_kernel<HD><<<dim3(tiles, unsigned(p.B * p.H)), kAttnThreads, s1, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+  attn_bwd_dkdv_tc_kernel<HD><<<dim3(tiles, unsigned(p.B * p.Hkv)), kAttnThreads, s2, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <int NPER>
+void launch_attn_simt(const AttnParams& p, bool backward, cudaStream_t stream) {
+  const int threads = kSimtWarpsPerBlock * kWarp;
+  const int64_t qrows = int64_t(p.B) * p.H * p.T, kvrows = int64_t(p.B) * p.Hkv * p.T;
+  if (!backward) {
+    attn_fwd_simt_kernel<NPER><<<unsigned(ceil_div(qrows, kSimtWarpsPerBlock)), threads, 0, stream>>>(p);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
+  attn_bwd_dq_simt_kernel<NPER><<<unsigned(ceil_div(qrows, kSimtWarpsPerBlock)), threads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+  attn_bwd_dkdv_simt_kernel<NPER><<<unsigned(ceil_div(kvrows, kSimtWarpsPerBlock)), threads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+void dispatch_simt(const AttnParams& p, bool backward, cudaStream_t stream) {
+  if (p.hd <= 32) return launch_attn_simt<1>(p, backward, stream);
+  if (p.hd <= 64) return launch_attn_simt<2>(p, backward, stream);
+  if (p.hd <= 128) return launch_attn_simt<4>(p, backward, stream);
+  launch_attn_simt<8>(p, backward, stream);
+}
+
+// ---- entries ----------------------------------------------------------------------------------
+namespace {
+
+constexpr int kAttnMaxHeadDim = 8 * kWarp;  // SIMT fallback limit
+
+void check_attn(const char* op, const AttnShape& s) {
+  MF_CHECK(s.B > 0 && s.T > 0 && s.H > 0 && s.Hkv > 0 && s.hd > 0, op, ": bad shape B=", s.B,
+           " T=", s.T, " H=", s.H, " Hkv=", s.Hkv, " hd=", s.hd);
+  MF_CHECK(s.H % s.Hkv == 0, op, ": n_heads ", s.H, " is not a multiple of n_kv_heads ", s.Hkv);
+  MF_CHECK(s.scale > 0.f, op, ": softmax scale ", s.scale, " must be positive");
+  MF_CHECK(s.hd <= kAttnMaxHeadDim, op, ": head_dim ", s.hd, " exceeds the CUDA kernels' limit ",
+           kAttnMaxHeadDim);
+  MF_CHECK(int64_t(s.B) * s.H <= 65535 && int64_t(s.B) * s.Hkv <= 65535, op, ": B*H = ",
+           int64_t(s.B) * s.H, " exceeds the grid limit 65535");
+}
+
+void check_act(const char* op, const char* name, const Tensor& t, const AttnShape& s, int heads) {
+  check_dtype(op, name, t, DType::BF16);
+  MF_CHECK(t.numel() == int64_t(s.B) * s.T * heads * s.hd, op, ": ", describe(name, t),
+           " must have B*T*", heads, "*hd = ", int64_t(s.B) * s.T * heads * s.hd, " elements");
+}
+
+void check_lse(const char* op, const Tensor& lse, const AttnShape& s) {
+  check_dtype(op, "lse", lse, DType::F32);
+  check_numel(op, "lse", lse, int64_t(s.B) * s.H * s.T, "B*H*T");
+}
+
+AttnParams make_params(const AttnShape& s) {
+  AttnParams p{};
+  p.B = s.B; p.T = s.T; p.H = s.H; p.Hkv = s.Hkv; p.group = s.H / s.Hkv; p.hd = s.hd;
+  p.scale = s.scale;
+  p.scale_log2 = s.scale * kLog2e;
+  return p;
+}
+
+bool use_tensor_cores(const AttnShape& s, std::initializer_list<const void*> ptrs) {
+  if (s.hd != 64 && s.hd != 128) return false;
+  for (const void* q : ptrs)
+    if (!aligned16(q)) return false;
+  return true;
+}
+
+}  // namespace
+
+void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                      Tensor& out, Tensor& lse, const AttnShape& s) {
+  const char* op = "attention_fwd";
+  check_attn(op, s);
+  check_act(op, "q", q, s, s.H);
+  check_act(op, "k", k, s, s.Hkv);
+  check_act(op, "v", v, s, s.Hkv);
+  check_act(op, "out", out, s, s.H);
+  check_lse(op, lse, s);
+  AttnParams p = make_params(s);
+  p.q = static_cast<const bf16*>(q.ptr);
+  p.k = static_cast<const bf16*>(k.ptr);
+  p.v = static_cast<const bf16*>(v.ptr);
+  p.o = static_cast<bf16*>(out.ptr);
+  p.lse = lse.data<float>();
+  if (use_tensor_cores(s, {q.ptr, k.ptr, v.ptr, out.ptr})) {
+    MF_CHECK(fwd_smem<128>() <= ctx.max_smem_optin, op, ": the device has too little shared memory");
+    if (s.hd == 64) return launch_attn_fwd_tc<64>(p, ctx.stream);
+    return launch_attn_fwd_tc<128>(p, ctx.stream);
+  }
+  dispatch_simt(p, false, ctx.stream);
+}
+
+void op_attention_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& q, const Tensor& k,
+                      const Tensor& v, const Tensor& out, const Tensor& lse, Tensor& dq,
+                      Tensor& dk, Tensor& dv, const AttnShape& s) {
+  const char* op = "attention_bwd";
+  check_attn(op, s);
+  check_act(op, "dout", dout, s, s.H);
+  check_act(op, "q", q, s, s.H);
+  check_act(op, "k", k, s, s.Hkv);
+  check_act(op, "v", v, s, s.Hkv);
+  check_act(op, "out", out, s, s.H);
+  check_act(op, "dq", dq, s, s.H);
+  check_act(op, "dk", dk, s, s.Hkv);
+  check_act(op, "dv", dv, s, s.Hkv);
+  check_lse(op, lse, s);
+  AttnParams p = make_params(s);
+  p.q = static_cast<const bf16*>(q.ptr);
+  p.k = static_cast<const bf16*>(k.ptr);
+  p.v = static_cast<const bf16*>(v.ptr);
+  p.out = static_cast<const bf16*>(out.ptr);
+  p.dout = static_cast<const bf16*>(dout.ptr);
+  p.dq = static_cast<bf16*>(dq.ptr);
+  p.dk = static_cast<bf16*>(dk.ptr);
+  p.dv = static_cast<bf16*>(dv.ptr);
+  p.lse = lse.data<float>();
+  const int64_t rows = int64_t(s.B) * s.H * s.T;
+  Arena ar(ctx.scratch->get(size_t(rows) * sizeof(float)));
+  p.D = ar.take<float>(size_t(rows));
+  attn_bwd_rowdot_kernel<<<unsigned(ceil_div(rows, kSimtWarpsPerBlock)), kSimtWarpsPerBlock * kWarp,
+                           0, ctx.stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+  if (use_tensor_cores(s, {dout.ptr, q.ptr, k.ptr, v.ptr, dq.ptr, dk.ptr, dv.ptr})) {
+    MF_CHECK(dq_smem<128>() <= ctx.max_smem_optin, op, ": the device has too little shared memory");
+    if (s.hd == 64) return launch_attn_bwd_tc<64>(p, ctx.stream);
+    return launch_attn_bwd_tc<128>(p, ctx.stream);
+  }
+  dispatch_simt(p, true, ctx.stream);
+}
+
+}  // namespace mf::cuda

@@ -1,0 +1,21 @@
+// Reductions and simple elementwise updates on f32 / bf16 tensors.
+// Sums are deterministic: a fixed grid of kReduceBlocks blocks each reduces a fixed strided set
+// of elements in double, then one block adds the partials in a fixed order (two passes, no
+// atomics), so the result does not depend on the device or on scheduling.
+#pragma once
+#include "common.cuh"
+
+namespace mf::cuda {
+
+double op_sum_squares(const Ctx& ctx, const Tensor& x);  // synchronizes
+double op_sum(const Ctx& ctx, const Tensor& x);          // synchronizes
+void op_scale(const Ctx& ctx, Tensor& x, float alpha);  // x (=) alpha x
+void op_axpy(const Ctx& ctx, float alpha, const Tensor& x, Tensor& y);  // y (=) y + alpha x
+
+// Device-resident sum of squares of n f32 values into *out (no host sync). `partials` is scratch
+// of reduce_partials_count() doubles.
+int reduce_partials_count();
+void launch_sum_squares_f32(const float* x, int64_t n, double* out, double* partials,
+                            cudaStream_t stream);
+
+}  // namespace mf::cuda

@@ -1,0 +1,214 @@
+// RMSNorm: forward one warp per row (two passes over the row: add+store+sum of squares, then
+// normalise); backward one block per strided row set with per-block dw partials in shared
+// memory, then a column pass that adds the partials in block order (deterministic).
+#include "rmsnorm.cuh"
+
+namespace mf::cuda {
+
+constexpr int kRmsFwdWarps = 4;        // rows per forward block (one warp each)
+constexpr int kRmsBwdThreads = 256;
+constexpr int kRmsBwdBlocks = 256;     // fixed: part of dw's summation order
+constexpr int kRmsColThreads = 256;
+
+struct RmsnormParams {
+  const void* resid_in;
+  const void* branch;  // may be nullptr
+  void* resid_out;
+  const void* w;
+  void* y;
+  float* rstd;
+  const void* dy;  // backward
+  const void* x;
+  void* dx;
+  float* dw;
+  float* partials;  // [blocks, d]
+  int64_t N, d;
+  float eps;
+  int blocks;
+};
+
+template <typename T, typename TW, int VEC>
+__global__ void __launch_bounds__(kRmsFwdWarps * kWarp) rmsnorm_fwd_kernel(RmsnormParams p) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = int64_t(blockIdx.x) * kRmsFwdWarps + threadIdx.x / kWarp;
+  if (row >= p.N) return;  // whole warps leave; no block barrier below
+  const T* rin = static_cast<const T*>(p.resid_in) + row * p.d;
+  const T* br = p.branch ? static_cast<const T*>(p.branch) + row * p.d : nullptr;
+  T* rout = static_cast<T*>(p.resid_out) + row * p.d;
+  const TW* w = static_cast<const TW*>(p.w);
+  T* y = static_cast<T*>(p.y) + row * p.d;
+  float ss = 0.f;
+  for (int64_t c = int64_t(lane) * VEC; c < p.d; c += int64_t(kWarp) * VEC) {
+    float x[VEC];
+    load_f<VEC>(rin + c, x);
+    if (br) {
+      float b[VEC];
+      load_f<VEC>(br + c, b);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[e] += b[e];
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      x[e] = round_to<T>(x[e]);  // normalise what is stored (the backward sees the same x)
+      ss += x[e] * x[e];
+    }
+    store_f<VEC>(rout + c, x);
+  }
+  ss = warp_sum(ss);
+  const float r = rsqrtf(ss / float(p.d) + p.eps);
+  if (lane == 0) p.rstd[row] = r;
+  // Second pass reads back this thread's own stores (same addresses, program order).
+  for (int64_t c = int64_t(lane) * VEC; c < p.d; c += int64_t(kWarp) * VEC) {
+    float x[VEC], g[VEC];
+    load_f<VEC>(rout + c, x);
+    load_f<VEC>(w + c, g);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) x[e] = x[e] * r * g[e];
+    store_f<VEC>(y + c, x);
+  }
+}
+
+template <typename T, typename TW>
+__global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormParams p) {
+  extern __shared__ float smem[];  // [kWarp] reduction scratch, then [d] dw partial
+  float* red = smem;
+  float* part = smem + kWarp;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* x = static_cast<const T*>(p.x);
+  const TW* w = static_cast<const TW*>(p.w);
+  T* dx = static_cast<T*>(p.dx);
+  const int tid = threadIdx.x;
+  // Column c is owned by thread c % blockDim in every loop below, so part[] needs no barrier.
+  for (int64_t c = tid; c < p.d; c += kRmsBwdThreads) part[c] = 0.f;
+  for (int64_t row = blockIdx.x; row < p.N; row += p.blocks) {
+    const T* g = dy + row * p.d;
+    const T* xr = x + row * p.d;
+    const float r = p.rstd[row];
+    float dot = 0.f;
+    for (int64_t c = tid; c < p.d; c += kRmsBwdThreads) dot += to_f(g[c]) * to_f(w[c]) * to_f(xr[c]);
+    dot = block_sum(dot, red);
+    const float coef = dot * r * r * r / float(p.d);
+    T* o = dx + row * p.d;
+    for (int64_t c = tid; c < p.d; c += kRmsBwdThreads) {
+      const float gc = to_f(g[c]), xc = to_f(xr[c]);
+      o[c] = from_f<T>(to_f(o[c]) + r * to_f(w[c]) * gc - xc * coef);
+      part[c] += gc * xc * r;
+    }
+  }
+  float* out = p.partials + int64_t(blockIdx.x) * p.d;
+  for (int64_t c = tid; c < p.d; c += kRmsBwdThreads) out[c] = part[c];
+}
+
+__global__ void rmsnorm_dw_kernel(RmsnormParams p) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= p.d) return;
+  float s = 0.f;
+  for (int b = 0; b < p.blocks; ++b) s += p.partials[int64_t(b) * p.d + c];
+  p.dw[c] += s;
+}
+
+template <typename T, typename TW>
+void launch_rmsnorm_fwd(const RmsnormParams& p, cudaStream_t stream) {
+  if (p.N == 0) return;
+  constexpr int VEC = 16 / sizeof(T);
+  const bool vec = p.d % VEC == 0 && aligned16(p.resid_in) && aligned16(p.resid_out) &&
+                   aligned16(p.w) && aligned16(p.y) && (!p.branch || aligned16(p.branch));
+  const unsigned blocks = unsigned(ceil_div(p.N, kRmsFwdWarps));
+  if (vec)
+    rmsnorm_fwd_kernel<T, TW, VEC><<<blocks, kRmsFwdWarps * kWarp, 0, stream>>>(p);
+  else
+    rmsnorm_fwd_kernel<T, TW, 1><<<blocks, kRmsFwdWarps * kWarp, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T, typename TW>
+void launch_rmsnorm_bwd(const RmsnormParams& p, size_t max_smem, cudaStream_t stream) {
+  if (p.N == 0 || p.d == 0) return;
+  const size_t smem = (kWarp + size_t(p.d)) * sizeof(float);
+  MF_CHECK(smem <= max_smem, "rmsnorm_bwd: d = ", p.d, " needs ", smem,
+           " bytes of shared memory, more than the device's ", max_smem);
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(rmsnorm_bwd_kernel<T, TW>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  rmsnorm_bwd_kernel<T, TW><<<p.blocks, kRmsBwdThreads, smem, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+  rmsnorm_dw_kernel<<<unsigned(ceil_div(p.d, kRmsColThreads)), kRmsColThreads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+void op_add_rmsnorm_fwd(const Ctx& ctx, const Tensor& resid_in, const Tensor* branch,
+                        Tensor& resid_out, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+  const char* op = "add_rmsnorm_fwd";
+  check_float(op, "resid_in", resid_in);
+  check_float(op, "resid_out", resid_out);
+  check_float(op, "w", w);
+  check_float(op, "y", y);
+  check_dtype(op, "rstd", rstd, DType::F32);
+  MF_CHECK(w.ndim() == 1, op, ": ", describe("w", w), " must be [d]");
+  const int64_t d = w.dim(0);
+  const int64_t N = rows_of(op, "resid_in", resid_in, d);
+  const DType T = resid_in.dtype;
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"resid_out", &resid_out}, {"y", &y},
+                         {"branch", branch}}) {
+    if (!t) continue;
+    check_float(op, name, *t);
+    MF_CHECK(t->dtype == T && rows_of(op, name, *t, d) == N, op, ": ", describe(name, *t),
+             " must match ", describe("resid_in", resid_in));
+  }
+  check_numel(op, "rstd", rstd, N, "one per row");
+  MF_CHECK(eps >= 0.f, op, ": eps ", eps, " must be >= 0 (model.norm_eps)");
+  RmsnormParams p{};
+  p.resid_in = resid_in.ptr;
+  p.branch = branch ? branch->ptr : nullptr;
+  p.resid_out = resid_out.ptr;
+  p.w = w.ptr;
+  p.y = y.ptr;
+  p.rstd = rstd.data<float>();
+  p.N = N;
+  p.d = d;
+  p.eps = eps;
+  const bool tf = T == DType::F32, wf = w.dtype == DType::F32;
+  if (tf && wf) return launch_rmsnorm_fwd<float, float>(p, ctx.stream);
+  if (tf && !wf) return launch_rmsnorm_fwd<float, bf16>(p, ctx.stream);
+  if (!tf && wf) return launch_rmsnorm_fwd<bf16, float>(p, ctx.stream);
+  launch_rmsnorm_fwd<bf16, bf16>(p, ctx.stream);
+}
+
+void op_rmsnorm_bwd(const Ctx& ctx, const Tensor& dy, const Tensor& x, const Tensor& w,
+                    const Tensor& rstd, Tensor& dx, Tensor& dw) {
+  const char* op = "rmsnorm_bwd";
+  check_float(op, "dy", dy);
+  check_float(op, "x", x);
+  check_float(op, "w", w);
+  check_float(op, "dx", dx);
+  check_dtype(op, "rstd", rstd, DType::F32);
+  check_dtype(op, "dw", dw, DType::F32);
+  MF_CHECK(w.ndim() == 1, op, ": ", describe("w", w), " must be [d]");
+  const int64_t d = w.dim(0);
+  const int64_t N = rows_of(op, "x", x, d);
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"dy", &dy}, {"dx", &dx}})
+    MF_CHECK(t->dtype == x.dtype && rows_of(op, name, *t, d) == N, op, ": ", describe(name, *t),
+             " must match ", describe("x", x));
+  check_numel(op, "rstd", rstd, N, "one per row");
+  check_numel(op, "dw", dw, d, "one per column");
+  RmsnormParams p{};
+  p.dy = dy.ptr;
+  p.x = x.ptr;
+  p.w = w.ptr;
+  p.rstd = rstd.data<float>();
+  p.dx = dx.ptr;
+  p.dw = dw.data<float>();
+  p.N = N;
+  p.d = d;
+  p.blocks = int(std::min<int64_t>(N, kRmsBwdBlocks));
+  if (N == 0 || d == 0) return;
+  Arena a(ctx.scratch->get(size_t(p.blocks) * d * sizeof(float)));
+  p.partials = a.take<float>(size_t(p.blocks) * d);
+  const bool tf = x.dtype == DType::F32, wf = w.dtype == DType::F32;
+  if (tf && wf) return launch_rmsnorm_bwd<float, float>(p, ctx.max_smem_optin, ctx.stream);
+  if (tf && !wf) return launch_rmsnorm_bwd<float, bf16>(p, ctx.max_smem_optin, ctx.stream);
+  if (!tf && wf) return launch_rmsnorm_bwd<bf16, float>(p, ctx.max_smem_optin, ctx.stream);
+  launch_rmsnorm_bwd<bf16, bf16>(p, ctx.max_smem_optin, ctx.stream);
+}
+
+}  // namespace mf::cuda

@@ -1,0 +1,147 @@
+// Fused lm-head cross-entropy: chunked logits GEMM, a row kernel for loss and dlogits, and the
+// two gradient GEMMs. See xent.cuh.
+#include "xent.cuh"
+
+#include "backend/cuda/cublaslt.h"
+
+namespace mf::cuda {
+
+constexpr int kXentThreads = 512;                      // one block per row of logits
+constexpr size_t kXentScratchBytes = size_t(256) << 20;  // logits f32 + dlogits bf16 per chunk
+constexpr int64_t kXentRowAlign = 64;                  // chunk rows rounded down to this (GEMM tiles)
+
+struct XentParams {
+  const float* logits;     // [rows, V]
+  bf16* dlogits;           // [rows, V] or nullptr (no gradient)
+  const int32_t* targets;  // [rows] (already offset to the chunk)
+  float* losses;           // [rows]
+  int64_t V;
+  float gscale;            // loss_scale * logit_scale
+};
+
+// Online (max, sum-exp) merge: combines two partial softmax normalisers.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;  // both empty
+  s = s * expf(m - mn) + s2 * expf(m2 - mn);
+  m = mn;
+}
+
+__global__ void __launch_bounds__(kXentThreads) xent_row_kernel(XentParams p) {
+  __shared__ float red_m[kXentThreads / kWarp];
+  __shared__ float red_s[kXentThreads / kWarp];
+  const int64_t row = blockIdx.x;
+  const float* z = p.logits + row * p.V;
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  float m = -INFINITY, s = 0.f;
+  for (int64_t j = tid; j < p.V; j += kXentThreads) {
+    const float v = z[j];
+    if (v > m) {
+      s = s * expf(m - v) + 1.f;  // m = -inf first: exp(-inf) = 0
+      m = v;
+    } else {
+      s += expf(v - m);
+    }
+  }
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(kFullMask, m, o), s2 = __shfl_xor_sync(kFullMask, s, o);
+    lse_merge(m, s, m2, s2);
+  }
+  if (lane == 0) {
+    red_m[warp] = m;
+    red_s[warp] = s;
+  }
+  __syncthreads();
+  m = -INFINITY;
+  s = 0.f;
+  for (int w = 0; w < kXentThreads / kWarp; ++w) lse_merge(m, s, red_m[w], red_s[w]);  // fixed order
+  const float lse = m + logf(s);
+  const int32_t y = p.targets[row];
+  const bool valid = y >= 0 && int64_t(y) < p.V;
+  if (tid == 0) p.losses[row] = valid ? lse - z[y] : __int_as_float(0x7fc00000);
+  if (!p.dlogits) return;
+  bf16* dl = p.dlogits + row * p.V;
+  for (int64_t j = tid; j < p.V; j += kXentThreads) {
+    float g = p.gscale * expf(z[j] - lse);
+    if (j == y) g -= p.gscale;
+    dl[j] = __float2bfloat16(g);
+  }
+}
+
+void launch_xent_rows(const XentParams& p, int64_t rows, cudaStream_t stream) {
+  if (rows == 0) return;
+  xent_row_kernel<<<unsigned(rows), kXentThreads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+void op_lmhead_xent(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tensor& targets,
+                    float logit_scale, Tensor& losses, Tensor* dx, Tensor* dW, float loss_scale) {
+  const char* op = "lmhead_xent";
+  check_dtype(op, "x", x, DType::BF16);
+  check_dtype(op, "W", W, DType::BF16);
+  check_dtype(op, "targets", targets, DType::I32);
+  check_dtype(op, "losses", losses, DType::F32);
+  MF_CHECK(W.ndim() == 2, op, ": ", describe("W", W), " must be [V,d]");
+  const int64_t V = W.dim(0), d = W.dim(1);
+  MF_CHECK(V > 0, op, ": ", describe("W", W), " has no rows (vocab_size)");
+  const int64_t N = rows_of(op, "x", x, d);
+  check_numel(op, "targets", targets, N, "one per row of x");
+  check_numel(op, "losses", losses, N, "one per row of x");
+  if (dx) {
+    check_dtype(op, "dx", *dx, DType::BF16);
+    MF_CHECK(dx->numel() == x.numel(), op, ": ", describe("dx", *dx), " must match ",
+             describe("x", x));
+  }
+  if (dW) {
+    check_float(op, "dW", *dW);
+    MF_CHECK(dW->shape == W.shape, op, ": ", describe("dW", *dW), " must match ", describe("W", W));
+  }
+  if (N == 0) return;
+  const bool grads = dx || dW;
+  const size_t row_bytes = size_t(V) * (sizeof(float) + (grads ? sizeof(bf16) : 0));
+  int64_t R = std::max<int64_t>(1, int64_t(kXentScratchBytes / row_bytes));
+  if (R >= kXentRowAlign) R = R / kXentRowAlign * kXentRowAlign;
+  R = std::min(R, N);
+
+  Arena sz;
+  sz.take<float>(size_t(R * V));
+  if (grads) sz.take<bf16>(size_t(R * V));
+  Arena ar(ctx.scratch->get(sz.used()));
+  float* logits = ar.take<float>(size_t(R * V));
+  bf16* dlogits = grads ? ar.take<bf16>(size_t(R * V)) : nullptr;
+
+  const bf16* xp = static_cast<const bf16*>(x.ptr);
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t rows = std::min(R, N - r0);
+    GemmArgs g;  // logits[rows,V] = logit_scale * x[r0:r0+rows] W^T
+    g.transB = true;
+    g.M = rows; g.N = V; g.K = d;
+    g.A = xp + r0 * d; g.lda = d; g.B = W.ptr; g.ldb = d; g.D = logits; g.ldd = V;
+    g.ab = DType::BF16; g.cd = DType::F32; g.alpha = logit_scale; g.beta = 0.f;
+    ctx.lt->gemm(g);
+
+    XentParams p{logits, dlogits, targets.data<int32_t>() + r0, losses.data<float>() + r0, V,
+                 loss_scale * logit_scale};
+    launch_xent_rows(p, rows, ctx.stream);
+
+    if (dx) {
+      GemmArgs h;  // dx[rows,d] (=) dlogits[rows,V] W[V,d]
+      h.M = rows; h.N = d; h.K = V;
+      h.A = dlogits; h.lda = V; h.B = W.ptr; h.ldb = d;
+      h.D = static_cast<bf16*>(dx->ptr) + r0 * d; h.ldd = d;
+      h.ab = DType::BF16; h.cd = DType::BF16; h.alpha = 1.f; h.beta = 0.f;
+      ctx.lt->gemm(h);
+    }
+    if (dW) {
+      GemmArgs h;  // dW[V,d] += dlogits^T[V,rows] x[rows,d]
+      h.transA = true;
+      h.M = V; h.N = d; h.K = rows;
+      h.A = dlogits; h.lda = V; h.B = xp + r0 * d; h.ldb = d; h.D = dW->ptr; h.ldd = d;
+      h.ab = DType::BF16; h.cd = dW->dtype; h.alpha = 1.f; h.beta = 1.f;
+      ctx.lt->gemm(h);
+    }
+  }
+}
+
+}  // namespace mf::cuda

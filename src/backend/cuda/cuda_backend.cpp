@@ -1,0 +1,230 @@
+// CudaBackend: memory and transfers here; every op forwards to its entry in kernels/*.cu,
+// which checks the arguments and launches on the backend's stream.
+#include "backend/cuda/cuda_backend.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "adamw.cuh"
+#include "attention.cuh"
+#include "cast.cuh"
+#include "core/bf16.h"
+#include "embedding.cuh"
+#include "matmul.cuh"
+#include "muon.cuh"
+#include "reduce.cuh"
+#include "rmsnorm.cuh"
+#include "rope.cuh"
+#include "swiglu.cuh"
+#include "xent.cuh"
+
+namespace mf {
+
+int cuda_device_count() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error (no driver / no device)
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> make_cuda_backend() {
+  // One process per GPU: LOCAL_RANK (set by scripts/launch.py / torchrun) picks the device.
+  int dev = -1;
+  if (const char* lr = std::getenv("LOCAL_RANK")) {
+    const int n = cuda_device_count();
+    if (n > 0) dev = std::atoi(lr) % n;
+  }
+  return std::make_unique<CudaBackend>(dev);
+}
+
+CudaBackend::CudaBackend(int device) : allocated_(std::make_shared<std::atomic<size_t>>(0)) {
+  const int n = cuda_device_count();
+  MF_CHECK(n > 0, "CudaBackend: no CUDA device is visible (train.device = \"cpu\" runs on the CPU)");
+  if (device < 0) CUDA_CHECK(cudaGetDevice(&device));
+  MF_CHECK(device < n, "CudaBackend: device ", device, " requested but only ", n, " visible");
+  dev_ = device;
+  CUDA_CHECK(cudaSetDevice(dev_));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  lt_ = std::make_unique<cuda::CublasLt>(stream_);
+  scratch_ = std::make_unique<cuda::Scratch>(stream_);
+  ctx_.stream = stream_;
+  ctx_.lt = lt_.get();
+  ctx_.scratch = scratch_.get();
+  int sms = 1, smem = 48 * 1024;
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev_));
+  CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev_));
+  ctx_.sm_count = sms;
+  ctx_.max_smem_optin = size_t(smem);
+}
+
+CudaBackend::~CudaBackend() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  scratch_.reset();
+  lt_.reset();
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+// ---- memory ------------------------------------------------------------------------------------
+
+Tensor CudaBackend::empty(const Shape& s, DType t) {
+  for (auto d : s) MF_CHECK(d >= 0, "empty: negative dimension in shape ", shape_str(s));
+  Tensor x;
+  x.shape = s;
+  x.dtype = t;
+  x.device = Device::CUDA;
+  const size_t bytes = std::max<size_t>(x.nbytes(), 256);
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, bytes);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    MF_FAIL("out of GPU memory allocating ", dtype_name(t), " ", shape_str(s), " (", bytes,
+            " bytes; ", free_b >> 20, " MiB free of ", total_b >> 20, " MiB, ",
+            allocated_->load() >> 20, " MiB held by tensors): reduce train.micro_batch or "
+            "train.seq_len");
+  }
+  CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+  *allocated_ += bytes;
+  auto counter = allocated_;
+  x.owner = std::shared_ptr<void>(p, [counter, bytes](void* q) {
+    cudaFree(q);  // never throws; a failure at teardown has nothing left to protect
+    *counter -= bytes;
+  });
+  x.ptr = p;
+  return x;
+}
+
+void CudaBackend::zero(Tensor& t) {
+  cuda::check_dev("zero", "t", t);
+  if (t.nbytes()) CUDA_CHECK(cudaMemsetAsync(t.ptr, 0, t.nbytes(), stream_));
+}
+
+void CudaBackend::upload(const Tensor& src, Tensor& dst) {
+  const char* op = "upload";
+  MF_CHECK(src.device == Device::CPU && src.defined(), op, ": source ",
+           cuda::describe("src", src), " must be an allocated host tensor");
+  cuda::check_dev(op, "dst", dst);
+  MF_CHECK(src.numel() == dst.numel(), op, " ", cuda::describe("src", src), " into ",
+           cuda::describe("dst", dst), ": sizes differ");
+  if (src.numel() == 0) return;
+  const void* from = src.ptr;
+  std::vector<uint16_t> staging;
+  if (src.dtype == DType::F32 && dst.dtype == DType::BF16) {
+    staging.resize(size_t(src.numel()));
+    f32_to_bf16(static_cast<const float*>(src.ptr), staging.data(), staging.size());
+    from = staging.data();
+  } else {
+    MF_CHECK(src.dtype == dst.dtype, op, " ", cuda::describe("src", src), " into ",
+             cuda::describe("dst", dst), ": unsupported conversion (f32 -> f32/bf16, i32 -> i32)");
+  }
+  CUDA_CHECK(cudaMemcpyAsync(dst.ptr, from, dst.nbytes(), cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));  // staging / caller's buffer may go away
+}
+
+void CudaBackend::download(const Tensor& src, Tensor& dst) {
+  const char* op = "download";
+  cuda::check_dev(op, "src", src);
+  MF_CHECK(dst.device == Device::CPU && dst.defined(), op, ": destination ",
+           cuda::describe("dst", dst), " must be an allocated host tensor");
+  MF_CHECK(src.numel() == dst.numel(), op, " ", cuda::describe("src", src), " into ",
+           cuda::describe("dst", dst), ": sizes differ");
+  if (src.numel() == 0) return;
+  if (src.dtype == DType::BF16 && dst.dtype == DType::F32) {
+    std::vector<uint16_t> staging(size_t(src.numel()));
+    CUDA_CHECK(cudaMemcpyAsync(staging.data(), src.ptr, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    bf16_to_f32(staging.data(), static_cast<float*>(dst.ptr), staging.size());
+    return;
+  }
+  MF_CHECK(src.dtype == dst.dtype, op, " ", cuda::describe("src", src), " into ",
+           cuda::describe("dst", dst), ": unsupported conversion (f32/bf16 -> f32, i32 -> i32)");
+  CUDA_CHECK(cudaMemcpyAsync(dst.ptr, src.ptr, src.nbytes(), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaBackend::copy(const Tensor& src, Tensor& dst) { cuda::op_cast(ctx_, src, dst); }
+
+void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+// ---- model ops ---------------------------------------------------------------------------------
+
+void CudaBackend::embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) {
+  cuda::op_embedding_fwd(ctx_, tokens, wte, out);
+}
+void CudaBackend::embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) {
+  cuda::op_embedding_bwd(ctx_, tokens, dout, dwte);
+}
+void CudaBackend::add_rmsnorm_fwd(const Tensor& resid_in, const Tensor* branch, Tensor& resid_out,
+                                  const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+  cuda::op_add_rmsnorm_fwd(ctx_, resid_in, branch, resid_out, w, eps, y, rstd);
+}
+void CudaBackend::rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w,
+                              const Tensor& rstd, Tensor& dx, Tensor& dw) {
+  cuda::op_rmsnorm_bwd(ctx_, dy, x, w, rstd, dx, dw);
+}
+void CudaBackend::matmul_fwd(const Tensor& x, const Tensor& W, Tensor& y) {
+  cuda::op_matmul_fwd(ctx_, x, W, y);
+}
+void CudaBackend::matmul_bwd(const Tensor& dy, const Tensor& x, const Tensor& W, Tensor* dx,
+                             Tensor* dW, bool accumulate_dx) {
+  cuda::op_matmul_bwd(ctx_, dy, x, W, dx, dW, accumulate_dx);
+}
+void CudaBackend::rope_fwd(const Tensor& x, Tensor& y, float theta) {
+  cuda::op_rope_fwd(ctx_, x, y, theta);
+}
+void CudaBackend::rope_bwd(const Tensor& dy, Tensor& dx, float theta) {
+  cuda::op_rope_bwd(ctx_, dy, dx, theta);
+}
+void CudaBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                                Tensor& lse, const AttnShape& s) {
+  cuda::op_attention_fwd(ctx_, q, k, v, out, lse, s);
+}
+void CudaBackend::attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                const Tensor& v, const Tensor& out, const Tensor& lse, Tensor& dq,
+                                Tensor& dk, Tensor& dv, const AttnShape& s) {
+  cuda::op_attention_bwd(ctx_, dout, q, k, v, out, lse, dq, dk, dv, s);
+}
+void CudaBackend::swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) {
+  cuda::op_swiglu_fwd(ctx_, gate, up, h);
+}
+void CudaBackend::swiglu_bwd(const Tensor& dh, const Tensor& gate, const Tensor& up,
+                             Tensor& dgate, Tensor& dup) {
+  cuda::op_swiglu_bwd(ctx_, dh, gate, up, dgate, dup);
+}
+void CudaBackend::lmhead_xent(const Tensor& x, const Tensor& W, const Tensor& targets,
+                              float logit_scale, Tensor& losses, Tensor* dx, Tensor* dW,
+                              float loss_scale) {
+  cuda::op_lmhead_xent(ctx_, x, W, targets, logit_scale, losses, dx, dW, loss_scale);
+}
+
+// ---- reductions and elementwise ----------------------------------------------------------------
+
+double CudaBackend::sum_squares(const Tensor& x) { return cuda::op_sum_squares(ctx_, x); }
+double CudaBackend::sum(const Tensor& x) { return cuda::op_sum(ctx_, x); }
+void CudaBackend::scale(Tensor& x, float alpha) { cuda::op_scale(ctx_, x, alpha); }
+void CudaBackend::axpy(float alpha, const Tensor& x, Tensor& y) { cuda::op_axpy(ctx_, alpha, x, y); }
+
+// ---- optimizer primitives ----------------------------------------------------------------------
+
+void CudaBackend::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+                               const AdamWArgs& a) {
+  cuda::op_adamw_update(ctx_, p, g, m, v, a, nullptr);
+}
+void CudaBackend::adamw_update_fused(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+                                     const AdamWArgs& a, Tensor* weight_out) {
+  cuda::op_adamw_update(ctx_, p, g, m, v, a, weight_out);
+}
+void CudaBackend::muon_momentum(const Tensor& g, Tensor& M, Tensor& U, float mu, bool nesterov,
+                                float grad_scale) {
+  cuda::op_muon_momentum(ctx_, g, M, U, mu, nesterov, grad_scale);
+}
+void CudaBackend::newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b, float c) {
+  cuda::op_newton_schulz(ctx_, U, O, steps, a, b, c);
+}
+
+}  // namespace mf

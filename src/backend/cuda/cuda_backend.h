@@ -1,0 +1,94 @@
+// CudaBackend: bf16 activations and compute weights, f32 master weights, gradients and
+// optimizer state; cuBLASLt for every GEMM, the kernels in kernels/ for everything else.
+// All work is queued on one stream owned by the backend; methods that return host values
+// (sum, sum_squares, download) synchronize it.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <memory>
+
+#include "backend/backend.h"
+#include "backend/cuda/cublaslt.h"
+#include "common.cuh"
+
+namespace mf {
+
+class CudaBackend final : public Backend {
+ public:
+  // device < 0: the current CUDA device.
+  explicit CudaBackend(int device = -1);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string name() const override { return "cuda"; }
+  Device device() const override { return Device::CUDA; }
+  DType act_dtype() const override { return DType::BF16; }
+
+  Tensor empty(const Shape& s, DType t) override;
+  void zero(Tensor& t) override;
+  void upload(const Tensor& host_src, Tensor& dst) override;
+  void download(const Tensor& src, Tensor& host_dst) override;
+  void copy(const Tensor& src, Tensor& dst) override;
+  void synchronize() override;
+
+  void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
+  void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
+  void add_rmsnorm_fwd(const Tensor& resid_in, const Tensor* branch, Tensor& resid_out,
+                       const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                   Tensor& dx, Tensor& dw) override;
+  void matmul_fwd(const Tensor& x, const Tensor& W, Tensor& y) override;
+  void matmul_bwd(const Tensor& dy, const Tensor& x, const Tensor& W, Tensor* dx, Tensor* dW,
+                  bool accumulate_dx) override;
+  void rope_fwd(const Tensor& x, Tensor& y, float theta) override;
+  void rope_bwd(const Tensor& dy, Tensor& dx, float theta) override;
+  void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                     Tensor& lse, const AttnShape& s) override;
+  void attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& out, const Tensor& lse, Tensor& dq, Tensor& dk, Tensor& dv,
+                     const AttnShape& s) override;
+  void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) override;
+  void swiglu_bwd(const Tensor& dh, const Tensor& gate, const Tensor& up, Tensor& dgate,
+                  Tensor& dup) override;
+  void lmhead_xent(const Tensor& x, const Tensor& W, const Tensor& targets, float logit_scale,
+                   Tensor& losses, Tensor* dx, Tensor* dW, float loss_scale) override;
+
+  double sum_squares(const Tensor& x) override;
+  double sum(const Tensor& x) override;
+  void scale(Tensor& x, float alpha) override;
+  void axpy(float alpha, const Tensor& x, Tensor& y) override;
+
+  void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+                    const AdamWArgs& a) override;
+  void muon_momentum(const Tensor& g, Tensor& M, Tensor& U, float mu, bool nesterov,
+                     float grad_scale) override;
+  void newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b,
+                     float c) override;
+
+  // ---- CUDA-only extras ------------------------------------------------------------------
+  // AdamW that also writes the updated master into its bf16 compute copy in the same pass
+  // (saves the separate copy() the optimizer would otherwise issue).
+  void adamw_update_fused(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWArgs& a,
+                          Tensor* weight_out);
+  int device_index() const { return dev_; }
+  cudaStream_t stream() const { return ctx_.stream; }
+  cuda::CublasLt& cublas() { return *lt_; }
+  // Bytes currently held by tensors from empty() (scratch and cuBLASLt workspace excluded).
+  size_t bytes_allocated() const { return allocated_->load(); }
+  size_t scratch_bytes() const { return scratch_->capacity(); }
+
+ private:
+  int dev_ = 0;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<cuda::CublasLt> lt_;
+  std::unique_ptr<cuda::Scratch> scratch_;
+  cuda::Ctx ctx_;
+  std::shared_ptr<std::atomic<size_t>> allocated_;
+};
+
+int cuda_device_count();
+std::unique_ptr<Backend> make_cuda_backend();
+
+}  // namespace mf
