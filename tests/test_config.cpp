@@ -113,7 +113,7 @@ TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   WorldSize ws(nullptr);
   mf::Config c;
   json j = mf::config_to_json(c);
-  CHECK(count_leaves(j) == 68);  // every schema key except train.world_size
+  CHECK(count_leaves(j) == 70);  // every schema key except train.world_size
   CHECK(j["train"]["init_from"].is_null());
   CHECK(!j["train"].contains("world_size"));
   CHECK(j["model"]["moe"].contains("capacity_factor"));
@@ -142,6 +142,10 @@ TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   c.train.batch_tokens = 16LL * 1024 * 4096;
   c.train.init_from = "hf/llama";
   c.train.zero = 1;
+  c.train.diag_every = 25;
+  c.optim.qk_clip_tau = 100.0 + rng.uniform();
+  c.mup.base_width = 64;
+  c.mup.base_depth = 3;
   c.data.train = "x/train_*.bin";
   c.run.name = "rt";
   mf::validate_config(c);
@@ -154,6 +158,9 @@ TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   CHECK(back.optim.betas == c.optim.betas);
   CHECK(back.train.seed == c.train.seed);
   CHECK(back.train.init_from == c.train.init_from);
+  CHECK(back.train.diag_every == 25);
+  CHECK(back.optim.qk_clip_tau == c.optim.qk_clip_tau);
+  CHECK(back.mup.base_depth == 3);
   // The string form parses to the same JSON (it only orders keys differently).
   CHECK(json::parse(mf::config_to_string(back)) == j1);
   // Schema order, not alphabetical: model first, run last.
@@ -328,6 +335,10 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
       {R"({"optim": {"momentum": -0.1}})", "optim.momentum", "must be in [0, 1)"},
       {R"({"optim": {"lr": 0}})", "optim.lr", "must be > 0"},
       {R"({"optim": {"adamw": {"lr": -1e-3}}})", "optim.adamw.lr", "must be > 0"},
+      {R"({"optim": {"qk_clip_tau": -1}})", "optim.qk_clip_tau", "must be >= 0"},
+      {R"({"train": {"diag_every": -5}})", "train.diag_every", "must be >= 0"},
+      {R"({"train": {"diag_evry": 5}})", "train.diag_evry", "unknown key (did you mean diag_every?)"},
+      {R"({"mup": {"base_width": 0}})", "mup.base_width", "must be > 0"},
       {R"({"optim": {"eps": 0}})", "optim.eps", "must be > 0"},
       {R"({"optim": {"adamw": {"eps": -1}}})", "optim.adamw.eps", "must be > 0"},
       {R"({"optim": {"adamw": {"betas": [0.9, 1.0]}}})", "optim.adamw.betas", "each beta must be in [0, 1)"},

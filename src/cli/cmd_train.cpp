@@ -8,6 +8,7 @@
 #include "core/log.h"
 #include "data/loader.h"
 #include "model/llama.h"
+#include "optim/mup.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
 
@@ -116,7 +117,8 @@ int cmd_eval(const Args& args) {
   MF_CHECK(!data.empty(), "eval: the run has no data.val; pass --data GLOB");
   if (batches <= 0) batches = cfg.train.eval_batches;
   auto be = make_backend(cfg.train.device);
-  LlamaModel model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
+  LlamaModel model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
+                   mup_model_scales(cfg));  // µP logit / attention / residual scalars
   load_checkpoint(ckpt, model.params(), *be, nullptr);
   model.sync_weights();
   DataLoaderOptions lo;

@@ -102,6 +102,7 @@ std::vector<Field> schema(Config& c) {
       F("optim.adamw.eps", a.eps),
       F("optim.adamw.wd", a.wd),
       F("optim.grad_clip", o.grad_clip),
+      F("optim.qk_clip_tau", o.qk_clip_tau),
       F("schedule.warmup", s.warmup),
       F("schedule.decay", s.decay),
       F("schedule.min_lr_ratio", s.min_lr_ratio),
@@ -116,6 +117,7 @@ std::vector<Field> schema(Config& c) {
       F("train.ckpt_every", t.ckpt_every),
       F("train.keep_ckpts", t.keep_ckpts),
       F("train.log_every", t.log_every),
+      F("train.diag_every", t.diag_every),
       F("train.init_from", t.init_from),
       F("train.device", t.device),
       F("train.precision", t.precision),
@@ -608,6 +610,7 @@ void validate_config(const Config& c) {
   k.positive("optim.adamw.eps", o.adamw.eps);
   k.non_negative("optim.adamw.wd", o.adamw.wd);
   k.non_negative("optim.grad_clip", o.grad_clip);
+  k.non_negative("optim.qk_clip_tau", o.qk_clip_tau);
 
   k.non_negative("schedule.warmup", s.warmup);
   k.one_of("schedule.decay", s.decay, {"constant", "cosine", "linear", "wsd"});
@@ -623,6 +626,7 @@ void validate_config(const Config& c) {
   k.non_negative("train.ckpt_every", t.ckpt_every);
   if (t.keep_ckpts < 1) k.fail("train.keep_ckpts", "must be >= 1, got " + std::to_string(t.keep_ckpts));
   k.positive("train.log_every", t.log_every);
+  k.non_negative("train.diag_every", t.diag_every);
   if (t.init_from && t.init_from->empty())
     k.fail("train.init_from", "must be a Hugging Face model directory or null, got \"\"");
   k.one_of("train.device", t.device, {"auto", "cpu", "cuda"});

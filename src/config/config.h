@@ -45,10 +45,12 @@ struct ModelConfig {
   int head_dim() const { return d_model / n_heads; }
 };
 
+// µP (DESIGN §4, src/optim/mup.h): off = the standard parametrisation. Moonlight's RMS matching
+// is optim.scale = "rms" with µP off.
 struct MupConfig {
   bool enabled = false;
-  int base_width = 256;
-  int base_depth = 12;
+  int base_width = 256;       // d_model of the proxy model whose hyper-parameters transfer
+  int base_depth = 12;        // n_layers of that proxy (CompleteP residual multiplier)
 };
 
 struct AdamWGroupConfig {
@@ -71,6 +73,7 @@ struct OptimConfig {
   double eps = 1e-8;
   AdamWGroupConfig adamw;             // embeddings, lm_head, norm gains, router
   double grad_clip = 1.0;             // 0 disables clipping
+  double qk_clip_tau = 0.0;           // > 0: MuonClip (Kimi K2) caps each head's max logit at tau
 };
 
 struct ScheduleConfig {
@@ -91,6 +94,7 @@ struct TrainConfig {
   int ckpt_every = 1000;              // 0: only at the end
   int keep_ckpts = 3;
   int log_every = 10;
+  int diag_every = 0;                 // > 0: spectral / attention diagnostics every N steps
   std::optional<std::string> init_from;  // Hugging Face Llama directory
   std::string device = "auto";        // auto | cpu | cuda
   std::string precision = "bf16";     // bf16 | fp32 (CUDA); CPU is always fp32

@@ -1,13 +1,16 @@
 #include "model/llama.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/rng.h"
+#include "model/moe.h"
 
 namespace mf {
 
 struct LlamaModel::Layer {
   Param *ln1, *wq, *wk, *wv, *wo, *ln2, *wgate, *wup, *wdown;
+  MoeLayer* moe = nullptr;  // MoE: the MLP is an MoE block (wgate/wup/wdown are null)
 };
 
 // Activations kept for backward, and scratch for the gradient pass. Shapes in comments.
@@ -17,7 +20,7 @@ struct LlamaModel::Acts {
     Tensor r_attn, rstd1, xn1;          // (N,d) (N) (N,d): residual entering attention, its norm
     Tensor q, k, v, ao, lse;            // (N,H*hd) (N,Hkv*hd) x2 (N,H*hd) (B,H,T)
     Tensor r_mlp, rstd2, xn2;           // residual entering the MLP, its norm
-    Tensor gate, up, h;                 // (N,f) x3
+    Tensor gate, up, h;                 // (N,f) x3 (dense MLP layers only)
   };
   std::vector<PerLayer> L;
   Tensor branch;                        // (N,d) output of o_proj / down_proj before the add
@@ -31,9 +34,10 @@ struct LlamaModel::Acts {
 
 LlamaModel::LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelScales scales)
     : cfg_(cfg), be_(be), B_(B), T_(T), scales_(scales) {
-  MF_CHECK(cfg.moe.n_experts == 0, "model.moe.n_experts = ", cfg.moe.n_experts,
-           ": Mixture-of-Experts layers are not implemented yet; set it to 0");
   MF_CHECK(T <= cfg.max_seq_len, "seq_len ", T, " exceeds model.max_seq_len ", cfg.max_seq_len);
+  // MoE: scratch shared by the MoE layers, needed by build_params (which creates them).
+  if (cfg.moe.n_experts > 0)
+    moe_scratch_ = std::make_unique<MoeScratch>(cfg, be, int64_t(B) * T);
   build_params();
 
   const int64_t N = int64_t(B) * T, d = cfg.d_model, f = cfg.d_ff, hd = cfg.head_dim();
@@ -46,18 +50,24 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelS
   a.tokens = be_.empty({N}, DType::I32);
   a.targets = be_.empty({N}, DType::I32);
   a.L.resize(cfg.n_layers);
-  for (auto& l : a.L) {
+  bool any_dense = false;
+  for (int i = 0; i < cfg.n_layers; ++i) {
+    auto& l = a.L[i];
     l.r_attn = A({N, d}); l.rstd1 = F({N}); l.xn1 = A({N, d});
     l.q = A({N, qd}); l.k = A({N, kvd}); l.v = A({N, kvd}); l.ao = A({N, qd});
     l.lse = F({int64_t(B), int64_t(cfg.n_heads), int64_t(T)});
     l.r_mlp = A({N, d}); l.rstd2 = F({N}); l.xn2 = A({N, d});
+    if (layers_[i].moe) continue;  // MoE: the block keeps its own activations
+    any_dense = true;
     l.gate = A({N, f}); l.up = A({N, f}); l.h = A({N, f});
   }
   a.branch = A({N, d});
   a.r_final = A({N, d}); a.rstd_f = F({N}); a.xf = A({N, d});
   a.losses = F({N});
   a.dresid = A({N, d}); a.dbranch = A({N, d}); a.dxf = A({N, d}); a.dxn = A({N, d});
-  a.dh = A({N, f}); a.dgate = A({N, f}); a.dup = A({N, f});
+  if (any_dense) {
+    a.dh = A({N, f}); a.dgate = A({N, f}); a.dup = A({N, f});
+  }
   a.dao = A({N, qd}); a.dq = A({N, qd}); a.dk = A({N, kvd}); a.dv = A({N, kvd});
 }
 
@@ -89,6 +99,15 @@ void LlamaModel::build_params() {
     l.wv = add(p + "self_attn.v_proj.weight", ParamKind::Hidden, {kvd, d}, cfg_.init_std);
     l.wo = add(p + "self_attn.o_proj.weight", ParamKind::Hidden, {d, qd}, out_std);
     l.ln2 = add(p + "post_attention_layernorm.weight", ParamKind::Norm, {d}, 0);
+    if (cfg_.moe.n_experts > 0 && i >= cfg_.moe.first_dense) {
+      // MoE: router, experts and shared experts under mlp. (model/moe.h has the table).
+      l.wgate = l.wup = l.wdown = nullptr;
+      moe_layers_.push_back(std::make_unique<MoeLayer>(cfg_, be_, i, int64_t(B_) * T_,
+                                                       *moe_scratch_, add, out_std));
+      l.moe = moe_layers_.back().get();
+      layers_.push_back(l);
+      continue;
+    }
     l.wgate = add(p + "mlp.gate_proj.weight", ParamKind::Hidden, {f, d}, cfg_.init_std);
     l.wup = add(p + "mlp.up_proj.weight", ParamKind::Hidden, {f, d}, cfg_.init_std);
     l.wdown = add(p + "mlp.down_proj.weight", ParamKind::Hidden, {d, f}, out_std);
@@ -125,6 +144,8 @@ void LlamaModel::init_weights(uint64_t seed) {
     float* w = h.f32();
     if (p->kind == ParamKind::Norm) {
       for (int64_t i = 0; i < h.numel(); ++i) w[i] = 1.0f;
+    } else if (p->kind == ParamKind::Bias) {
+      // MoE: the selection bias starts at zero (host_tensor is zero-filled).
     } else {
       for (int64_t i = 0; i < h.numel(); ++i) w[i] = float(rng.normal() * p->init_std);
     }
@@ -147,7 +168,7 @@ Tensor LlamaModel::heads(const Tensor& x, int h) const {
   return x.view({int64_t(B_), int64_t(T_), int64_t(h), int64_t(cfg_.head_dim())});
 }
 
-void LlamaModel::run_forward(const int32_t* inputs) {
+void LlamaModel::run_forward(const int32_t* inputs, bool train) {
   Acts& a = *acts_;
   const int64_t N = int64_t(B_) * T_;
   Tensor in_host;
@@ -183,10 +204,14 @@ void LlamaModel::run_forward(const int32_t* inputs) {
     be_.matmul_fwd(l.ao, w.wo->weight, a.branch);  // (N,d)
     if (rmult != 1.f) be_.scale(a.branch, rmult);
     be_.add_rmsnorm_fwd(l.r_attn, &a.branch, l.r_mlp, w.ln2->weight, eps, l.xn2, l.rstd2);
-    be_.matmul_fwd(l.xn2, w.wgate->weight, l.gate);  // (N,f)
-    be_.matmul_fwd(l.xn2, w.wup->weight, l.up);
-    be_.swiglu_fwd(l.gate, l.up, l.h);
-    be_.matmul_fwd(l.h, w.wdown->weight, a.branch);  // (N,d)
+    if (w.moe) {
+      w.moe->forward(l.xn2, a.branch, train);  // MoE: (N,d)
+    } else {
+      be_.matmul_fwd(l.xn2, w.wgate->weight, l.gate);  // (N,f)
+      be_.matmul_fwd(l.xn2, w.wup->weight, l.up);
+      be_.swiglu_fwd(l.gate, l.up, l.h);
+      be_.matmul_fwd(l.h, w.wdown->weight, a.branch);  // (N,d)
+    }
     if (rmult != 1.f) be_.scale(a.branch, rmult);
   }
   be_.add_rmsnorm_fwd(a.L.back().r_mlp, &a.branch, a.r_final, norm_f_->weight, eps, a.xf,
@@ -217,7 +242,7 @@ double LlamaModel::forward(const int32_t* inputs, const int32_t* targets) {
 double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* targets,
                                     float loss_scale) {
   Acts& a = *acts_;
-  run_forward(inputs);
+  run_forward(inputs, /*train=*/true);
   Tensor t_host;
   t_host.ptr = const_cast<int32_t*>(targets);
   t_host.shape = {int64_t(B_) * T_};
@@ -247,10 +272,15 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
     Acts::PerLayer& l = a.L[i];
     // MLP branch: r_out = r_mlp + down(silu(gate(xn2)) * up(xn2))
     Tensor& dmlp = branch_grad();
-    be_.matmul_bwd(dmlp, l.h, w.wdown->weight, &a.dh, &w.wdown->grad, false);
-    be_.swiglu_bwd(a.dh, l.gate, l.up, a.dgate, a.dup);
-    be_.matmul_bwd(a.dgate, l.xn2, w.wgate->weight, &a.dxn, &w.wgate->grad, false);
-    be_.matmul_bwd(a.dup, l.xn2, w.wup->weight, &a.dxn, &w.wup->grad, true);
+    if (w.moe) {
+      // MoE: dxn (=); the balance loss gradient in the units of loss_scale * sum of losses.
+      w.moe->backward(dmlp, l.xn2, a.dxn, loss_scale * float(int64_t(B_) * T_));
+    } else {
+      be_.matmul_bwd(dmlp, l.h, w.wdown->weight, &a.dh, &w.wdown->grad, false);
+      be_.swiglu_bwd(a.dh, l.gate, l.up, a.dgate, a.dup);
+      be_.matmul_bwd(a.dgate, l.xn2, w.wgate->weight, &a.dxn, &w.wgate->grad, false);
+      be_.matmul_bwd(a.dup, l.xn2, w.wup->weight, &a.dxn, &w.wup->grad, true);
+    }
     be_.rmsnorm_bwd(a.dxn, l.r_mlp, w.ln2->weight, l.rstd2, a.dresid, w.ln2->grad);
     // Attention branch: r_mlp = r_attn + o(attn(rope(q), rope(k), v))
     Tensor& dattn = branch_grad();
@@ -268,7 +298,39 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
     be_.rmsnorm_bwd(a.dxn, l.r_attn, w.ln1->weight, l.rstd1, a.dresid, w.ln1->grad);
   }
   be_.embedding_bwd(a.tokens, a.dresid, wte_->grad);
-  return loss_from_host(a.losses);
+  return loss_from_host(a.losses) + moe_aux_loss();
+}
+
+// ---- MoE hooks -------------------------------------------------------------------------------
+
+double LlamaModel::moe_aux_loss() const {
+  double s = 0;
+  for (auto& m : moe_layers_) s += m->aux_loss();
+  return s;
+}
+
+void LlamaModel::post_step() {
+  for (auto& m : moe_layers_) m->post_step();
+}
+
+nlohmann::json LlamaModel::moe_metrics() const {
+  nlohmann::json layers = nlohmann::json::array();
+  double aux = 0, cv_max = 0;
+  int64_t dropped = 0;
+  for (auto& m : moe_layers_) {
+    nlohmann::json j = m->metrics();
+    aux += j.value("aux_loss", 0.0);
+    dropped += j.value("dropped", int64_t(0));
+    cv_max = std::max(cv_max, j.value("load_cv", 0.0));
+    layers.push_back(std::move(j));
+  }
+  return {{"aux_loss", aux}, {"dropped", dropped}, {"load_cv_max", cv_max}, {"layers", layers}};
+}
+
+std::vector<MoeLayer*> LlamaModel::moe_layers() {
+  std::vector<MoeLayer*> out;
+  for (auto& m : moe_layers_) out.push_back(m.get());
+  return out;
 }
 
 std::vector<float> LlamaModel::logits(const int32_t* inputs) {
@@ -283,13 +345,34 @@ std::vector<float> LlamaModel::logits(const int32_t* inputs) {
   return out;
 }
 
+double LlamaModel::attn_scale() const {
+  return scales_.attn_scale > 0 ? scales_.attn_scale : 1.0 / std::sqrt(double(cfg_.head_dim()));
+}
+
+Tensor LlamaModel::attn_q(int layer) const {
+  MF_CHECK(layer >= 0 && layer < cfg_.n_layers, "attn_q: layer ", layer, " out of range");
+  return heads(acts_->L[layer].q, cfg_.n_heads);
+}
+
+Tensor LlamaModel::attn_k(int layer) const {
+  MF_CHECK(layer >= 0 && layer < cfg_.n_layers, "attn_k: layer ", layer, " out of range");
+  return heads(acts_->L[layer].k, cfg_.n_kv_heads);
+}
+
 double LlamaModel::flops_per_token() const {
   // PaLM / llm.c convention: 6 FLOPs per weight per token (forward + backward) for every matrix
   // that is multiplied (embedding lookup excluded, lm head included), plus 12 * L * d * T for
   // the attention scores and values (not halved for causality).
+  // MoE: routed expert weights count top_k / n_experts (the active share); biases not at all.
+  const std::string expert_tag = ".mlp.experts.";
+  const double active = cfg_.moe.n_experts > 0 ? double(cfg_.moe.top_k) / cfg_.moe.n_experts : 1;
   double n = 0;
-  for (auto& p : params_)
-    if (p->kind != ParamKind::Embedding && p->kind != ParamKind::Norm) n += double(p->numel());
+  for (auto& p : params_) {
+    if (p->kind == ParamKind::Embedding || p->kind == ParamKind::Norm ||
+        p->kind == ParamKind::Bias)
+      continue;
+    n += double(p->numel()) * (p->name.find(expert_tag) != std::string::npos ? active : 1.0);
+  }
   if (cfg_.tie_embeddings) n += double(wte_->numel());
   return 6.0 * n + 12.0 * cfg_.n_layers * double(cfg_.d_model) * T_;
 }

@@ -5,11 +5,16 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "backend/backend.h"
 #include "config/config.h"
 #include "model/params.h"
 
 namespace mf {
+
+class MoeLayer;
+struct MoeScratch;
 
 // Scalars the µP section (or the standard parametrisation) decides; all 1 when µP is off.
 struct ModelScales {
@@ -46,9 +51,29 @@ class LlamaModel {
   // Full logits [B*T, V] of the last forward (recomputed; for tests and inspection).
   std::vector<float> logits(const int32_t* inputs);
 
+  // ---- Mixture of Experts (model.moe.n_experts > 0; model/moe.h) ----
+  // forward_backward returns the mean cross-entropy plus the balance loss of every MoE layer
+  // (balance = "aux_loss"); forward returns the cross-entropy only.
+  bool is_moe() const { return !moe_layers_.empty(); }
+  double moe_aux_loss() const;  // sum over MoE layers, from the last forward
+  // Call after every optimizer step: bias updates (balance = "bias") and the step's load
+  // statistics. A no-op for dense models.
+  void post_step();
+  // {"aux_loss", "dropped", "load_cv_max", "layers": [{layer, load_min, load_max, load_cv,
+  // aux_loss, dropped, bias_min, bias_max}]} of the last completed step.
+  nlohmann::json moe_metrics() const;
+  std::vector<MoeLayer*> moe_layers();
+
   // 6N + attention FLOPs per token for a forward+backward pass (MFU accounting).
   double flops_per_token() const;
   const ModelConfig& config() const { return cfg_; }
+  const ModelScales& scales() const { return scales_; }
+  // Softmax scale the attention uses (ModelScales::attn_scale, or 1/sqrt(head_dim) when 0).
+  double attn_scale() const;
+  // Rotated q (B,T,H,hd) and k (B,T,Hkv,hd) of layer `layer` from the last forward, in act_dtype
+  // (diagnostics: max attention logit, QK-clip). Valid until the next forward.
+  Tensor attn_q(int layer) const;
+  Tensor attn_k(int layer) const;
   int B() const { return B_; }
   int T() const { return T_; }
 
@@ -56,7 +81,7 @@ class LlamaModel {
   struct Layer;
   struct Acts;
   void build_params();
-  void run_forward(const int32_t* inputs);
+  void run_forward(const int32_t* inputs, bool train = false);
   double loss_from_host(const Tensor& losses);
   Tensor heads(const Tensor& x, int h) const;
 
@@ -69,6 +94,8 @@ class LlamaModel {
   Param* lm_head_ = nullptr;  // == wte_ when tied
   Param* norm_f_ = nullptr;
   std::vector<Layer> layers_;
+  std::unique_ptr<MoeScratch> moe_scratch_;
+  std::vector<std::unique_ptr<MoeLayer>> moe_layers_;
   std::unique_ptr<Acts> acts_;
 };
 

@@ -13,8 +13,10 @@
 #include "data/loader.h"
 #include "io/atomic_file.h"
 #include "model/llama.h"
+#include "optim/mup.h"
 #include "optim/optimizer.h"
 #include "train/checkpoint.h"
+#include "train/diagnostics.h"
 #include "train/export.h"
 
 namespace fs = std::filesystem;
@@ -86,7 +88,12 @@ void Trainer::setup() {
 
   be_ = make_backend(cfg_.train.device);
   const int B = cfg_.train.micro_batch, T = cfg_.train.seq_len;
-  model_ = std::make_unique<LlamaModel>(cfg_.model, *be_, B, T);
+  // µP (or SP): model scalars first, then per-parameter lr / wd / init multipliers, which the
+  // optimizer (constructed below) and init_weights read.
+  model_ = std::make_unique<LlamaModel>(cfg_.model, *be_, B, T, mup_model_scales(cfg_));
+  const MupResult mup = apply_mup(cfg_, model_->params());
+  for (auto& w : mup.warnings) spdlog::warn("{}", w);
+  diag_ = std::make_unique<Diagnostics>(cfg_);
   spdlog::info("model: {} parameters ({} layers, d_model {}, {} heads / {} kv heads, d_ff {}, "
                "vocab {}), backend {}",
                model_->num_params(), cfg_.model.n_layers, cfg_.model.d_model, cfg_.model.n_heads,
@@ -147,7 +154,11 @@ void Trainer::setup() {
     atomic_write_text(mpath, start_step_ > 0 ? kept.str() : "");
     atomic_write_text((fs::path(run_dir_) / "config.json").string(),
                       config_to_json(cfg_).dump(2) + "\n");
+    atomic_write_text((fs::path(run_dir_) / "mup_table.csv").string(), mup.csv());
   }
+  if (!opts_.quiet)
+    spdlog::info("resolved per-parameter hyper-parameters (also in mup_table.csv):\n{}",
+                 mup.table());
   if (!opts_.quiet) spdlog::info("optimizer groups:\n{}", opt_->describe());
   spdlog::info("batch: {} tokens = {} micro-batches x {} x {} x {} rank(s); {} steps; run dir {}",
                cfg_.train.batch_tokens, cfg_.grad_accum(), B, T, world_, cfg_.train.max_steps,
@@ -202,6 +213,8 @@ TrainResult Trainer::run() {
   long long tokens_log = 0;
   int step = start_step_;
   for (; step < max_steps; ++step) {
+    const bool diag_step = diag_->due(step);
+    if (diag_step) diag_->before_step(model_->params(), *be_);
     opt_->zero_grad();
     double loss = 0;
     for (int micro = 0; micro < accum; ++micro) {
@@ -219,6 +232,7 @@ TrainResult Trainer::run() {
     }
     const double clip = clip_factor(gnorm, cfg_.optim.grad_clip);
     opt_->step(step, float(clip));
+    const int qk_clipped = diag_->qk_clip(*model_, *be_);  // 0 unless optim.qk_clip_tau > 0
     const long long step_tokens = cfg_.train.batch_tokens;
     tokens_seen_ += step_tokens;
     tokens_log += step_tokens;
@@ -236,6 +250,7 @@ TrainResult Trainer::run() {
                             {"grad_norm", gnorm},    {"tok_per_s", tps},
                             {"elapsed_s", elapsed}};
       rec["mfu"] = peak > 0 ? nlohmann::json(fpt * tps / peak) : nlohmann::json(nullptr);
+      if (cfg_.optim.qk_clip_tau > 0) rec["qk_clipped"] = qk_clipped;
       append_metrics(rec);
       if (!opts_.quiet)
         spdlog::info("step {:>{}}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {} tok/s | "
@@ -245,6 +260,7 @@ TrainResult Trainer::run() {
       t_log = Clock::now();
       tokens_log = 0;
     }
+    if (diag_step) append_metrics(diag_->after_step(*model_, *be_, done));
     if (val_loader_ && (done % cfg_.train.eval_every == 0 || last)) {
       const double vl = evaluate();
       res.final_val_loss = vl;

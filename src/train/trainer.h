@@ -15,6 +15,7 @@ namespace mf {
 class LlamaModel;
 class Optimizer;
 class DataLoader;
+class Diagnostics;
 
 struct TrainOptions {
   std::string resume;      // checkpoint dir; "" = automatic (latest in the run dir, if any)
@@ -54,6 +55,7 @@ class Trainer {
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<Optimizer> opt_;
   std::unique_ptr<DataLoader> train_loader_, val_loader_;
+  std::unique_ptr<Diagnostics> diag_;  // train.diag_every records, QK-clip
   std::string run_dir_;
   int start_step_ = 0;
   long long tokens_seen_ = 0;
