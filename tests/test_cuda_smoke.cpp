@@ -1,0 +1,529 @@
+// Smoke tests of the CUDA backend against small host references computed in double (the same
+// math as the CPU reference). Every case is tagged [gpu] and skips itself (WARN + return) when
+// no CUDA device is visible or the build has no CUDA backend, so on CPU-only machines they pass
+// by skipping. The full op-by-op comparison against CpuBackend lives in test_ops.cpp.
+//
+// Inputs are bf16-representable (rounded on the host) wherever the GPU stores them in bf16, so
+// the only differences left are the GPU's own roundings (bf16 outputs, fp32 accumulation order).
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/bf16.h"
+#include "core/rng.h"
+#include "core/tensor.h"
+#ifdef MF_HAS_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+
+using namespace mf;
+
+namespace {
+
+using Vec = std::vector<double>;
+
+#define MF_SKIP_WITHOUT_GPU()                                                      \
+  do {                                                                             \
+    if (!cuda_available()) {                                                       \
+      WARN("no CUDA device (or a CPU-only build): skipping this [gpu] test");      \
+      return;                                                                      \
+    }                                                                              \
+  } while (0)
+
+Vec rand_vec(Rng& rng, size_t n, double lo = -1.0, double hi = 1.0, bool bf16 = true) {
+  Vec v(n);
+  for (auto& x : v) {
+    x = lo + (hi - lo) * rng.uniform();
+    if (bf16) x = double(round_to_bf16(float(x)));
+  }
+  return v;
+}
+
+Tensor host_of(const Shape& s, const Vec& v) {
+  Tensor h = host_tensor(s, DType::F32);
+  for (size_t i = 0; i < v.size(); ++i) h.f32()[i] = float(v[i]);
+  return h;
+}
+
+Tensor host_ids(const std::vector<int32_t>& v) {
+  Tensor h = host_tensor({int64_t(v.size())}, DType::I32);
+  std::memcpy(h.ptr, v.data(), v.size() * sizeof(int32_t));
+  return h;
+}
+
+Tensor dev_of(Backend& be, const Shape& s, DType t, const Vec& v) {
+  Tensor d = be.empty(s, t);
+  be.upload(host_of(s, v), d);
+  return d;
+}
+
+Vec fetch(Backend& be, const Tensor& t) {
+  Tensor h = host_tensor(t.shape, DType::F32);
+  be.download(t, h);
+  return Vec(h.f32(), h.f32() + h.numel());
+}
+
+// max |got - want| / max |want|; NaN -> infinity (the op harness's measure).
+double norm_err(const Vec& got, const Vec& want) {
+  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::isnan(got[i]) || std::isnan(want[i])) return std::numeric_limits<double>::infinity();
+    num = std::max(num, std::abs(got[i] - want[i]));
+    den = std::max(den, std::abs(want[i]));
+  }
+  return den > 0 ? num / den : num;
+}
+
+// C[M,N] = alpha op(A) op(B) + beta C, row-major, double.
+void gemm_ref(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const Vec& A,
+              const Vec& B, double beta, Vec& C) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double acc = 0;
+      for (int64_t k = 0; k < K; ++k)
+        acc += (ta ? A[k * M + i] : A[i * K + k]) * (tb ? B[j * K + k] : B[k * N + j]);
+      C[i * N + j] = alpha * acc + (beta != 0 ? beta * C[i * N + j] : 0.0);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cuda: upload/download round trips and casts", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  REQUIRE(be->name() == "cuda");
+  REQUIRE(be->act_dtype() == DType::BF16);
+  Rng rng(11);
+  for (int64_t n : {1, 7, 33, 127, 4099}) {
+    INFO("n = " << n);
+    const Vec x = rand_vec(rng, size_t(n), -100.0, 100.0, false);  // not bf16-representable
+    // f32 is exact both ways.
+    CHECK(fetch(*be, dev_of(*be, {n}, DType::F32, x)) == [&] {
+      Vec r(x.size());
+      for (size_t i = 0; i < x.size(); ++i) r[i] = double(float(x[i]));
+      return r;
+    }());
+    // bf16 storage rounds to nearest even, exactly like the host conversion.
+    Vec rounded(x.size());
+    for (size_t i = 0; i < x.size(); ++i) rounded[i] = double(round_to_bf16(float(x[i])));
+    Tensor b = dev_of(*be, {n}, DType::BF16, x);
+    CHECK(fetch(*be, b) == rounded);
+    // Device-side casts: f32 -> bf16 rounds like the host; bf16 -> f32 is exact.
+    Tensor f = dev_of(*be, {n}, DType::F32, x);
+    Tensor b2 = be->empty({n}, DType::BF16);
+    be->copy(f, b2);
+    CHECK(fetch(*be, b2) == rounded);
+    Tensor f2 = be->empty({n}, DType::F32);
+    be->copy(b2, f2);
+    CHECK(fetch(*be, f2) == rounded);
+    // A view with an odd offset (not 16-byte aligned) takes the scalar path.
+    if (n > 3) {
+      Tensor fv = f.slice0(1, n), bv = be->empty({n - 1}, DType::BF16);
+      be->copy(fv, bv);
+      CHECK(fetch(*be, bv) == Vec(rounded.begin() + 1, rounded.end()));
+    }
+  }
+  // i32 round trip.
+  std::vector<int32_t> ids = {0, 5, -3, 1 << 30, 77};
+  Tensor t = be->empty({5}, DType::I32);
+  be->upload(host_ids(ids), t);
+  Tensor h = host_tensor({5}, DType::I32);
+  be->download(t, h);
+  CHECK(std::vector<int32_t>(h.i32(), h.i32() + 5) == ids);
+  // empty() is zero-filled.
+  CHECK(fetch(*be, be->empty({3, 5}, DType::BF16)) == Vec(15, 0.0));
+  // Host tensors are rejected by ops with a message naming the backend.
+  Tensor host = host_tensor({4}, DType::F32);
+  CHECK_THROWS_WITH(be->scale(host, 2.f), Catch::Contains("host tensor"));
+}
+
+TEST_CASE("cuda: matmul through cuBLASLt matches a double reference", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  Rng rng(23);
+  struct S { int64_t N, in, out; };
+  for (S s : {S{1, 1, 1}, S{7, 33, 5}, S{33, 127, 64}, S{127, 7, 33}, S{256, 768, 384}}) {
+    INFO("N=" << s.N << " in=" << s.in << " out=" << s.out);
+    const Vec x = rand_vec(rng, size_t(s.N * s.in)), W = rand_vec(rng, size_t(s.out * s.in));
+    const Vec dy = rand_vec(rng, size_t(s.N * s.out));
+    const Vec dx0 = rand_vec(rng, size_t(s.N * s.in)), dW0 = rand_vec(rng, size_t(s.out * s.in), -1, 1, false);
+    Tensor tx = dev_of(*be, {s.N, s.in}, DType::BF16, x), tW = dev_of(*be, {s.out, s.in}, DType::BF16, W);
+    Tensor tdy = dev_of(*be, {s.N, s.out}, DType::BF16, dy);
+    // forward, into bf16 and into f32
+    Vec y(size_t(s.N * s.out));
+    gemm_ref(false, true, s.N, s.out, s.in, 1.0, x, W, 0.0, y);
+    Tensor ty = be->empty({s.N, s.out}, DType::BF16), tyf = be->empty({s.N, s.out}, DType::F32);
+    be->matmul_fwd(tx, tW, ty);
+    be->matmul_fwd(tx, tW, tyf);
+    CHECK(norm_err(fetch(*be, ty), y) < 1e-2);
+    CHECK(norm_err(fetch(*be, tyf), y) < 1e-4);
+    // backward: dx (+=) dy W, dW (+=) dy^T x into f32
+    for (bool acc : {false, true}) {
+      Vec dx = dx0, dW = dW0;
+      gemm_ref(false, false, s.N, s.in, s.out, 1.0, dy, W, acc ? 1.0 : 0.0, dx);
+      gemm_ref(true, false, s.out, s.in, s.N, 1.0, dy, x, 1.0, dW);
+      Tensor tdx = dev_of(*be, {s.N, s.in}, DType::BF16, dx0);
+      Tensor tdW = dev_of(*be, {s.out, s.in}, DType::F32, dW0);
+      be->matmul_bwd(tdy, tx, tW, &tdx, &tdW, acc);
+      CHECK(norm_err(fetch(*be, tdx), dx) < 1e-2);
+      CHECK(norm_err(fetch(*be, tdW), dW) < 1e-4);
+    }
+  }
+#ifdef MF_HAS_CUDA
+  // The SIMT fallback GEMM (used when cuBLASLt has no algorithm) computes the same thing.
+  auto* cb = dynamic_cast<CudaBackend*>(be.get());
+  REQUIRE(cb);
+  const int64_t N = 33, in = 65, out = 17;
+  const Vec x = rand_vec(rng, size_t(N * in)), W = rand_vec(rng, size_t(out * in));
+  const Vec dy = rand_vec(rng, size_t(N * out));
+  Tensor tx = dev_of(*be, {N, in}, DType::BF16, x), tW = dev_of(*be, {out, in}, DType::BF16, W);
+  Tensor tdy = dev_of(*be, {N, out}, DType::BF16, dy);
+  Vec y(size_t(N * out)), dW(size_t(out * in), 0.0), dx(size_t(N * in));
+  gemm_ref(false, true, N, out, in, 1.0, x, W, 0.0, y);
+  gemm_ref(false, false, N, in, out, 1.0, dy, W, 0.0, dx);
+  gemm_ref(true, false, out, in, N, 1.0, dy, x, 1.0, dW);
+  cb->cublas().set_force_fallback(true);
+  Tensor ty = be->empty({N, out}, DType::F32);
+  Tensor tdW = be->empty({out, in}, DType::F32);
+  const size_t before = cb->cublas().fallback_calls();
+  be->matmul_fwd(tx, tW, ty);
+  Tensor tdxb = be->empty({N, in}, DType::BF16);
+  be->matmul_bwd(tdy, tx, tW, &tdxb, &tdW, false);
+  cb->cublas().set_force_fallback(false);
+  CHECK(cb->cublas().fallback_calls() == before + 3);
+  CHECK(norm_err(fetch(*be, ty), y) < 1e-5);
+  CHECK(norm_err(fetch(*be, tdxb), dx) < 1e-2);
+  CHECK(norm_err(fetch(*be, tdW), dW) < 1e-5);
+#endif
+  // Mismatched shapes are rejected with the tensors named.
+  Tensor a = be->empty({4, 8}, DType::BF16), w = be->empty({3, 9}, DType::BF16), o = be->empty({4, 3}, DType::BF16);
+  CHECK_THROWS_WITH(be->matmul_fwd(a, w, o), Catch::Contains("last dim"));
+}
+
+namespace {
+// Newton-Schulz in double (the CPU backend's algorithm).
+Vec ns_ref(const Vec& U, int64_t r, int64_t c, int steps, double a, double b, double cc) {
+  const bool tr = r > c;
+  const int64_t m = tr ? c : r, n = tr ? r : c;
+  double ss = 0;
+  for (double u : U) ss += u * u;
+  const double inv = 1.0 / (std::sqrt(ss) + 1e-7);
+  Vec X(size_t(m * n)), A(size_t(m * m)), B(size_t(m * m)), Xn(size_t(m * n));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) X[i * n + j] = (tr ? U[j * m + i] : U[i * n + j]) * inv;
+  for (int it = 0; it < steps; ++it) {
+    gemm_ref(false, true, m, m, n, 1.0, X, X, 0.0, A);
+    B = A;
+    for (auto& v : B) v *= b;
+    gemm_ref(false, false, m, m, m, cc, A, A, 1.0, B);
+    Xn = X;
+    for (auto& v : Xn) v *= a;
+    gemm_ref(false, false, m, n, m, 1.0, B, X, 1.0, Xn);
+    X.swap(Xn);
+  }
+  Vec O(size_t(r * c));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) (tr ? O[j * m + i] : O[i * n + j]) = X[i * n + j];
+  return O;
+}
+
+double frob_rel(const Vec& got, const Vec& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::isnan(got[i])) return std::numeric_limits<double>::infinity();
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+}  // namespace
+
+TEST_CASE("cuda: muon momentum and Newton-Schulz match a double reference", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  Rng rng(31);
+  // momentum (all f32, elementwise: tight tolerance)
+  {
+    const int64_t n = 1031;
+    const Vec g = rand_vec(rng, n, -1, 1, false), M0 = rand_vec(rng, n, -1, 1, false);
+    for (bool nest : {false, true}) {
+      Tensor tg = dev_of(*be, {n}, DType::F32, g), tM = dev_of(*be, {n}, DType::F32, M0);
+      Tensor tU = be->empty({n}, DType::F32);
+      be->muon_momentum(tg, tM, tU, 0.95f, nest, 0.5f);
+      Vec M(n), U(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double gi = g[i] * 0.5;
+        M[i] = 0.95 * M0[i] + gi;
+        U[i] = nest ? gi + 0.95 * M[i] : M[i];
+      }
+      CHECK(norm_err(fetch(*be, tM), M) < 1e-6);
+      CHECK(norm_err(fetch(*be, tU), U) < 1e-6);
+    }
+  }
+  // NS5 in bf16 with fp32 accumulation: compared by relative Frobenius error.
+  const double a = 3.4445, b = -4.7750, c = 2.0315;
+  struct S { int64_t r, c; };
+  for (S s : {S{1, 1}, S{7, 33}, S{33, 7}, S{64, 64}, S{96, 256}, S{384, 128}}) {
+    INFO("U [" << s.r << "," << s.c << "]");
+    const Vec U = rand_vec(rng, size_t(s.r * s.c), -1, 1, false);
+    const Vec want = ns_ref(U, s.r, s.c, 5, a, b, c);
+    Tensor tU = dev_of(*be, {s.r, s.c}, DType::F32, U);
+    Tensor tO = be->empty({s.r, s.c}, DType::F32);
+    be->newton_schulz(tU, tO, 5, float(a), float(b), float(c));
+    const Vec got = fetch(*be, tO);
+    CHECK(frob_rel(got, want) < 3e-2);
+    // O may alias U.
+    be->newton_schulz(tU, tU, 5, float(a), float(b), float(c));
+    CHECK(fetch(*be, tU) == got);
+    // zero steps: just the normalised (bf16-rounded) input.
+    Tensor tU2 = dev_of(*be, {s.r, s.c}, DType::F32, U);
+    be->newton_schulz(tU2, tO, 0, float(a), float(b), float(c));
+    CHECK(frob_rel(fetch(*be, tO), ns_ref(U, s.r, s.c, 0, a, b, c)) < 5e-3);
+  }
+}
+
+TEST_CASE("cuda: adamw matches a double reference; fused bf16 copy", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  Rng rng(47);
+  for (int64_t n : {1, 7, 33, 1027}) {
+    INFO("n = " << n);
+    const Vec p0 = rand_vec(rng, n, -1, 1, false), g = rand_vec(rng, n, -1, 1, false);
+    const Vec m0 = rand_vec(rng, n, -0.1, 0.1, false), v0 = rand_vec(rng, n, 0.0, 0.01, false);
+    AdamWArgs a;
+    a.lr = 1e-2f; a.b1 = 0.9f; a.b2 = 0.95f; a.eps = 1e-8f; a.decay = 1e-3f;
+    a.bc1 = 1.f - std::pow(0.9f, 3.f); a.bc2 = 1.f - std::pow(0.95f, 3.f); a.grad_scale = 0.7f;
+    Vec p(n), m(n), v(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double gi = g[i] * double(a.grad_scale);
+      m[i] = a.b1 * m0[i] + (1 - double(a.b1)) * gi;
+      v[i] = a.b2 * v0[i] + (1 - double(a.b2)) * gi * gi;
+      p[i] = p0[i] * (1 - double(a.decay)) -
+             a.lr * (m[i] / a.bc1) / (std::sqrt(v[i] / a.bc2) + double(a.eps));
+    }
+    Tensor tp = dev_of(*be, {n}, DType::F32, p0), tg = dev_of(*be, {n}, DType::F32, g);
+    Tensor tm = dev_of(*be, {n}, DType::F32, m0), tv = dev_of(*be, {n}, DType::F32, v0);
+    be->adamw_update(tp, tg, tm, tv, a);
+    const Vec gp = fetch(*be, tp);
+    CHECK(norm_err(gp, p) < 1e-6);
+    CHECK(norm_err(fetch(*be, tm), m) < 1e-6);
+    CHECK(norm_err(fetch(*be, tv), v) < 1e-6);
+#ifdef MF_HAS_CUDA
+    auto* cb = dynamic_cast<CudaBackend*>(be.get());
+    REQUIRE(cb);
+    Tensor tp2 = dev_of(*be, {n}, DType::F32, p0), tm2 = dev_of(*be, {n}, DType::F32, m0);
+    Tensor tv2 = dev_of(*be, {n}, DType::F32, v0), w = be->empty({n}, DType::BF16);
+    cb->adamw_update_fused(tp2, tg, tm2, tv2, a, &w);
+    const Vec gp2 = fetch(*be, tp2);
+    CHECK(gp2 == gp);  // same arithmetic, bitwise
+    Vec wr(n);
+    for (int64_t i = 0; i < n; ++i) wr[i] = double(round_to_bf16(float(gp2[i])));
+    CHECK(fetch(*be, w) == wr);
+#endif
+  }
+}
+
+TEST_CASE("cuda: reductions are exact in double and deterministic", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  Rng rng(53);
+  for (int64_t n : {1, 7, 33, 100003}) {
+    const Vec x = rand_vec(rng, n, -1, 1, false);
+    double ss = 0, s = 0;
+    for (double v : x) {
+      const double f = double(float(v));
+      ss += f * f;
+      s += f;
+    }
+    Tensor t = dev_of(*be, {n}, DType::F32, x);
+    const double g1 = be->sum_squares(t), g2 = be->sum_squares(t);
+    CHECK(g1 == g2);
+    CHECK(std::abs(g1 - ss) <= 1e-12 * ss);
+    CHECK(std::abs(be->sum(t) - s) <= 1e-12 * std::max(1.0, std::abs(s)) * double(n));
+    // scale and axpy
+    Tensor y = dev_of(*be, {n}, DType::F32, x);
+    be->axpy(0.5f, t, y);  // y = 1.5 x
+    be->scale(y, 2.f);     // y = 3 x
+    Vec want(x.size());
+    for (size_t i = 0; i < x.size(); ++i) want[i] = 3.0 * double(float(x[i]));
+    CHECK(norm_err(fetch(*be, y), want) < 1e-6);
+  }
+}
+
+namespace {
+// Causal GQA attention in double: out, lse; and the gradients.
+struct AttnRef {
+  int B, T, H, Hkv, hd;
+  double scale;
+  size_t qa(int b, int t, int h) const { return size_t(((int64_t(b) * T + t) * H + h) * hd); }
+  size_t ka(int b, int t, int g) const { return size_t(((int64_t(b) * T + t) * Hkv + g) * hd); }
+  size_t ra(int b, int h, int t) const { return size_t((int64_t(b) * H + h) * T + t); }
+  double dot(const Vec& a, size_t i, const Vec& b, size_t j) const {
+    double s = 0;
+    for (int c = 0; c < hd; ++c) s += a[i + c] * b[j + c];
+    return s;
+  }
+  void fwd(const Vec& q, const Vec& k, const Vec& v, Vec& out, Vec& lse) const {
+    const int G = H / Hkv;
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int t = 0; t < T; ++t) {
+          std::vector<double> s(size_t(t + 1));
+          double mx = -1e300;
+          for (int j = 0; j <= t; ++j) {
+            s[j] = scale * dot(q, qa(b, t, h), k, ka(b, j, h / G));
+            mx = std::max(mx, s[j]);
+          }
+          double l = 0;
+          for (int j = 0; j <= t; ++j) l += std::exp(s[j] - mx);
+          for (int c = 0; c < hd; ++c) {
+            double acc = 0;
+            for (int j = 0; j <= t; ++j) acc += std::exp(s[j] - mx) / l * v[ka(b, j, h / G) + c];
+            out[qa(b, t, h) + c] = acc;
+          }
+          lse[ra(b, h, t)] = mx + std::log(l);
+        }
+  }
+  void bwd(const Vec& dout, const Vec& q, const Vec& k, const Vec& v, const Vec& out,
+           const Vec& lse, Vec& dq, Vec& dk, Vec& dv) const {
+    const int G = H / Hkv;
+    std::fill(dq.begin(), dq.end(), 0.0);
+    std::fill(dk.begin(), dk.end(), 0.0);
+    std::fill(dv.begin(), dv.end(), 0.0);
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int t = 0; t < T; ++t) {
+          const double D = dot(dout, qa(b, t, h), out, qa(b, t, h));
+          for (int j = 0; j <= t; ++j) {
+            const size_t kj = ka(b, j, h / G);
+            const double p = std::exp(scale * dot(q, qa(b, t, h), k, kj) - lse[ra(b, h, t)]);
+            const double ds = p * (dot(dout, qa(b, t, h), v, kj) - D);
+            for (int c = 0; c < hd; ++c) {
+              dq[qa(b, t, h) + c] += scale * ds * k[kj + c];
+              dk[kj + c] += scale * ds * q[qa(b, t, h) + c];
+              dv[kj + c] += p * dout[qa(b, t, h) + c];
+            }
+          }
+        }
+  }
+};
+}  // namespace
+
+TEST_CASE("cuda: flash attention (tensor-core and fallback paths) matches a double reference",
+          "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  Rng rng(61);
+  struct S { int B, T, H, Hkv, hd; };
+  // hd 64/128 take the mma.sync kernels; 48 and 16 the SIMT fallback. T crosses tile edges.
+  for (S s : {S{1, 1, 1, 1, 64}, S{2, 7, 4, 2, 64}, S{1, 65, 2, 1, 64}, S{1, 130, 4, 4, 128},
+              S{2, 33, 6, 2, 128}, S{1, 127, 3, 1, 48}, S{2, 9, 2, 2, 16}}) {
+    INFO("B=" << s.B << " T=" << s.T << " H=" << s.H << " Hkv=" << s.Hkv << " hd=" << s.hd);
+    AttnRef r{s.B, s.T, s.H, s.Hkv, s.hd, 1.0 / std::sqrt(double(s.hd))};
+    const size_t nq = size_t(s.B) * s.T * s.H * s.hd, nk = size_t(s.B) * s.T * s.Hkv * s.hd;
+    const Vec q = rand_vec(rng, nq), k = rand_vec(rng, nk), v = rand_vec(rng, nk);
+    const Vec dout = rand_vec(rng, nq);
+    Vec out(nq), lse(size_t(s.B) * s.H * s.T), dq(nq), dk(nk), dv(nk);
+    r.fwd(q, k, v, out, lse);
+    const Shape qs{s.B, s.T, s.H, s.hd}, ks{s.B, s.T, s.Hkv, s.hd};
+    Tensor tq = dev_of(*be, qs, DType::BF16, q), tk = dev_of(*be, ks, DType::BF16, k);
+    Tensor tv = dev_of(*be, ks, DType::BF16, v), tdo = dev_of(*be, qs, DType::BF16, dout);
+    Tensor to = be->empty(qs, DType::BF16), tl = be->empty({s.B, s.H, s.T}, DType::F32);
+    AttnShape as{s.B, s.T, s.H, s.Hkv, s.hd, float(r.scale)};
+    be->attention_fwd(tq, tk, tv, to, tl, as);
+    const Vec got_out = fetch(*be, to);
+    CHECK(norm_err(got_out, out) < 2e-2);
+    CHECK(norm_err(fetch(*be, tl), lse) < 1e-3);
+    // Backward from the GPU's own (bf16) out and lse, as training does.
+    const Vec got_lse = fetch(*be, tl);
+    r.bwd(dout, q, k, v, got_out, got_lse, dq, dk, dv);
+    Tensor tdq = be->empty(qs, DType::BF16), tdk = be->empty(ks, DType::BF16), tdv = be->empty(ks, DType::BF16);
+    be->attention_bwd(tdo, tq, tk, tv, to, tl, tdq, tdk, tdv, as);
+    const Vec gdq = fetch(*be, tdq), gdk = fetch(*be, tdk), gdv = fetch(*be, tdv);
+    CHECK(norm_err(gdq, dq) < 4e-2);
+    CHECK(norm_err(gdk, dk) < 4e-2);
+    CHECK(norm_err(gdv, dv) < 4e-2);
+    // Deterministic: a second backward is bitwise equal.
+    be->attention_bwd(tdo, tq, tk, tv, to, tl, tdq, tdk, tdv, as);
+    CHECK(fetch(*be, tdq) == gdq);
+    CHECK(fetch(*be, tdk) == gdk);
+    CHECK(fetch(*be, tdv) == gdv);
+  }
+}
+
+TEST_CASE("cuda: fused lm-head cross-entropy matches a double reference", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  Rng rng(71);
+  struct S { int64_t N, d, V; };
+  for (S s : {S{1, 8, 1}, S{7, 33, 127}, S{65, 64, 1000}}) {
+    INFO("N=" << s.N << " d=" << s.d << " V=" << s.V);
+    const Vec x = rand_vec(rng, size_t(s.N * s.d)), W = rand_vec(rng, size_t(s.V * s.d));
+    std::vector<int32_t> tg(size_t(s.N));
+    for (auto& t : tg) t = int32_t(rng.below(uint64_t(s.V)));
+    const double ls = 0.5, lsc = 1.0 / double(s.N);
+    Vec z(size_t(s.N * s.V));
+    gemm_ref(false, true, s.N, s.V, s.d, ls, x, W, 0.0, z);
+    Vec loss(size_t(s.N)), dl(z.size());
+    for (int64_t n = 0; n < s.N; ++n) {
+      double mx = -1e300, sum = 0;
+      for (int64_t j = 0; j < s.V; ++j) mx = std::max(mx, z[n * s.V + j]);
+      for (int64_t j = 0; j < s.V; ++j) sum += std::exp(z[n * s.V + j] - mx);
+      const double lse = mx + std::log(sum);
+      loss[n] = lse - z[n * s.V + tg[n]];
+      for (int64_t j = 0; j < s.V; ++j)
+        dl[n * s.V + j] = lsc * ls * (std::exp(z[n * s.V + j] - lse) - (j == tg[n] ? 1.0 : 0.0));
+    }
+    Vec dx(size_t(s.N * s.d)), dW0 = rand_vec(rng, size_t(s.V * s.d), -1, 1, false), dW = dW0;
+    gemm_ref(false, false, s.N, s.d, s.V, 1.0, dl, W, 0.0, dx);
+    gemm_ref(true, false, s.V, s.d, s.N, 1.0, dl, x, 1.0, dW);
+    Tensor tx = dev_of(*be, {s.N, s.d}, DType::BF16, x), tW = dev_of(*be, {s.V, s.d}, DType::BF16, W);
+    Tensor tt = be->empty({s.N}, DType::I32);
+    be->upload(host_ids(tg), tt);
+    Tensor tl = be->empty({s.N}, DType::F32), tdx = be->empty({s.N, s.d}, DType::BF16);
+    Tensor tdW = dev_of(*be, {s.V, s.d}, DType::F32, dW0);
+    be->lmhead_xent(tx, tW, tt, float(ls), tl, &tdx, &tdW, float(lsc));
+    CHECK(norm_err(fetch(*be, tl), loss) < 1e-4);
+    CHECK(norm_err(fetch(*be, tdx), dx) < 3e-2);
+    CHECK(norm_err(fetch(*be, tdW), dW) < 3e-2);
+    // Loss only.
+    Tensor tl2 = be->empty({s.N}, DType::F32);
+    be->lmhead_xent(tx, tW, tt, float(ls), tl2, nullptr, nullptr, 1.f);
+    CHECK(fetch(*be, tl2) == fetch(*be, tl));
+  }
+}
+
+TEST_CASE("cuda: embedding backward is deterministic and in token order", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  Rng rng(83);
+  const int64_t N = 1000, V = 37, d = 33;  // heavy repetition: ~27 uses per row
+  std::vector<int32_t> tok(N);
+  for (auto& t : tok) t = int32_t(rng.below(V));
+  const Vec dout = rand_vec(rng, size_t(N * d)), dw0 = rand_vec(rng, size_t(V * d), -1, 1, false);
+  // f32 accumulation in increasing n, exactly what the kernel does: bitwise equal.
+  std::vector<float> want(dw0.begin(), dw0.end());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < d; ++c) want[size_t(tok[n] * d + c)] += float(dout[size_t(n * d + c)]);
+  Tensor tt = be->empty({N}, DType::I32);
+  be->upload(host_ids(tok), tt);
+  Tensor tdo = dev_of(*be, {N, d}, DType::BF16, dout), tdw = dev_of(*be, {V, d}, DType::F32, dw0);
+  be->embedding_bwd(tt, tdo, tdw);
+  const Vec got = fetch(*be, tdw);
+  CHECK(got == Vec(want.begin(), want.end()));
+  // forward gathers exactly
+  Tensor wte = dev_of(*be, {V, d}, DType::BF16, rand_vec(rng, size_t(V * d)));
+  Tensor out = be->empty({N, d}, DType::BF16);
+  be->embedding_fwd(tt, wte, out);
+  const Vec w = fetch(*be, wte), o = fetch(*be, out);
+  bool same = true;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < d; ++c) same = same && o[size_t(n * d + c)] == w[size_t(tok[n] * d + c)];
+  CHECK(same);
+}
