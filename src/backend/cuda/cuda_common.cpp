@@ -37,10 +37,10 @@ void* Scratch::get(size_t bytes) {
   if (bytes <= cap_) return ptr_;
   // Earlier ops queued on the stream may still read the old buffer.
   CUDA_CHECK(cudaStreamSynchronize(stream_));
+  const size_t want = std::max(bytes, cap_ + cap_ / 2);  // grow geometrically
   if (ptr_) CUDA_CHECK(cudaFree(ptr_));
   ptr_ = nullptr;
   cap_ = 0;
-  const size_t want = std::max(bytes, cap_ + cap_ / 2);  // grow geometrically
   cudaError_t e = cudaMalloc(&ptr_, want);
   if (e != cudaSuccess) {
     cudaGetLastError();
