@@ -118,17 +118,21 @@ void CublasLt::gemm(const GemmArgs& g) {
            "gemm: leading dimensions too small (lda=", g.lda, " ldb=", g.ldb, " ldd=", g.ldd,
            ") for M=", g.M, " N=", g.N, " K=", g.K);
   Plan* p = (g.K == 0 || force_fallback_) ? nullptr : plan_for(g, ldc);
-  if (!p || !p->ok) {
-    ++fallback_calls_;
-    GemmArgs f = g;
-    f.ldc = ldc;
-    if (!f.C) f.C = f.D;
-    launch_gemm_fallback(f, stream_);
-    return;
+  if (p && p->ok) {
+    const void* C = g.C ? g.C : g.D;
+    const cublasStatus_t st = cublasLtMatmul(handle_, p->op, &g.alpha, g.B, p->a, g.A, p->b,
+                                             &g.beta, C, p->c, g.D, p->d, &p->algo, workspace_,
+                                             kWorkspaceBytes, stream_);
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    // An algorithm the heuristic offered but that rejects this layout: remember, fall back.
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED) CUBLAS_CHECK(st);
+    p->ok = false;
   }
-  const void* C = g.C ? g.C : g.D;
-  CUBLAS_CHECK(cublasLtMatmul(handle_, p->op, &g.alpha, g.B, p->a, g.A, p->b, &g.beta, C, p->c,
-                              g.D, p->d, &p->algo, workspace_, kWorkspaceBytes, stream_));
+  ++fallback_calls_;
+  GemmArgs f = g;
+  f.ldc = ldc;
+  if (!f.C) f.C = f.D;
+  launch_gemm_fallback(f, stream_);
 }
 
 }  // namespace mf::cuda
