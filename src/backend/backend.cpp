@@ -11,6 +11,38 @@ int cuda_device_count();
 
 namespace mf {
 
+// ---- default MoE entries: a backend without MoE kernels still compiles and says so ------------
+
+#define MF_MOE_UNIMPLEMENTED(op) MF_FAIL(op, " is not implemented on the ", name(), " backend")
+
+void Backend::moe_router_fwd(const Tensor&, const Tensor&, const Tensor*, const MoeRouterArgs&,
+                             Tensor&, Tensor&, Tensor&, Tensor&, Tensor&) {
+  MF_MOE_UNIMPLEMENTED("moe_router_fwd");
+}
+void Backend::moe_router_bwd(const Tensor&, const Tensor*, const Tensor&, const Tensor&,
+                             const Tensor&, const Tensor&, const MoeRouterArgs&, Tensor&, Tensor&,
+                             Tensor&) {
+  MF_MOE_UNIMPLEMENTED("moe_router_bwd");
+}
+void Backend::moe_permute(const Tensor&, int, int64_t, Tensor&, Tensor&, Tensor&) {
+  MF_MOE_UNIMPLEMENTED("moe_permute");
+}
+void Backend::moe_gather(const Tensor&, const Tensor&, Tensor&) {
+  MF_MOE_UNIMPLEMENTED("moe_gather");
+}
+void Backend::moe_gather_bwd(const Tensor&, const Tensor&, Tensor&) {
+  MF_MOE_UNIMPLEMENTED("moe_gather_bwd");
+}
+void Backend::moe_combine_fwd(const Tensor&, const Tensor&, const Tensor&, Tensor&, bool) {
+  MF_MOE_UNIMPLEMENTED("moe_combine_fwd");
+}
+void Backend::moe_combine_bwd(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,
+                              Tensor&) {
+  MF_MOE_UNIMPLEMENTED("moe_combine_bwd");
+}
+
+#undef MF_MOE_UNIMPLEMENTED
+
 bool cuda_available() {
 #ifdef MF_HAS_CUDA
   return cuda_device_count() > 0;

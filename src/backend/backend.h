@@ -31,6 +31,14 @@ struct AdamWArgs {
   float lr = 0, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, decay = 0, bc1 = 1, bc2 = 1, grad_scale = 1;
 };
 
+// Routing hyper-parameters of one MoE layer (model.moe).
+struct MoeRouterArgs {
+  int E = 0, k = 0;          // experts, experts chosen per token
+  bool sigmoid = false;      // score = sigmoid(logit) (DeepSeek-V3), else softmax over the E logits
+  bool norm_topk = true;     // renormalise the k chosen scores to sum to 1
+  float route_scale = 1.f;   // multiplies the combine weights
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -122,6 +130,46 @@ class Backend {
   // A = X X^T; X = a X + (b A + c A^2) X; transposed back. O may alias U.
   virtual void newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b,
                              float c) = 0;
+
+  // ---- Mixture of Experts (DESIGN §4; math in backend/cpu/ref_moe.h) ---------------------------
+  // Not pure: the defaults throw "<op> is not implemented on the <name> backend", so a backend
+  // compiles before it has MoE kernels. x, xg, yg, out, dout, dyg, dx, dxg: act_dtype();
+  // Wr, probs, topk_w, dtopk_w, score_sum, dlogits, bias, aux_grad, dWr: f32; indices: i32.
+  //
+  // Router, in fp32: probs (=) score(x Wr^T) [N,E] (softmax over E, or sigmoid). Selection
+  // ranks probs + bias (bias [E] or nullptr: DeepSeek-V3's e_score_correction_bias, which only
+  // selects); topk_idx [N,k] (=) the k best experts, best first, ties to the lower index.
+  // topk_w [N,k] (=) route_scale * probs[n, idx] (/ (sum of the k probs + 1e-20) if norm_topk).
+  // counts i32 [E] (=) tokens that chose each expert (before any capacity drop).
+  // score_sum [E] (=) sum_n pn[n,e], pn = probs (softmax) or probs / sum_e probs (sigmoid):
+  // the P_i of the Switch-style balance loss.
+  virtual void moe_router_fwd(const Tensor& x, const Tensor& Wr, const Tensor* bias,
+                              const MoeRouterArgs& a, Tensor& probs, Tensor& topk_idx,
+                              Tensor& topk_w, Tensor& counts, Tensor& score_sum);
+  // Given dtopk_w [N,k] and aux_grad [E] (or nullptr: d loss / d pn[n,e], the same for every
+  // token), dlogits [N,E] (=) (scratch, also an output), dx [N,d] (+=) dlogits Wr,
+  // dWr [E,d] (+=) dlogits^T x. The bias gets no gradient.
+  virtual void moe_router_bwd(const Tensor& dtopk_w, const Tensor* aux_grad, const Tensor& x,
+                              const Tensor& Wr, const Tensor& probs, const Tensor& topk_idx,
+                              const MoeRouterArgs& a, Tensor& dlogits, Tensor& dx, Tensor& dWr);
+  // Permutation plan: the (token n, slot j) pairs grouped by expert, each expert's rows in token
+  // order (stable, deterministic). Expert e keeps its first `capacity` rows (capacity <= 0:
+  // dropless); later ones are dropped. offsets i32 [E+1] (=) start row of each expert's block
+  // (offsets[E] = M kept rows); row_of i32 [N,k] (=) the row of slot (n,j) or -1 if dropped;
+  // row_token i32 [N*k] (=) the token of row r < M (-1 beyond).
+  virtual void moe_permute(const Tensor& topk_idx, int E, int64_t capacity, Tensor& offsets,
+                           Tensor& row_of, Tensor& row_token);
+  // xg[r,:] (=) x[row_token[r],:] for the M rows of xg (row_token holds at least M entries).
+  virtual void moe_gather(const Tensor& x, const Tensor& row_token, Tensor& xg);
+  // dx[n,:] (+=) sum over j = 0..k-1 of dxg[row_of[n,j],:] (dropped slots skipped).
+  virtual void moe_gather_bwd(const Tensor& dxg, const Tensor& row_of, Tensor& dx);
+  // out[n,:] (= or += when accumulate) sum_j topk_w[n,j] * yg[row_of[n,j],:], j in order.
+  virtual void moe_combine_fwd(const Tensor& yg, const Tensor& topk_w, const Tensor& row_of,
+                               Tensor& out, bool accumulate);
+  // dyg[row_of[n,j],:] (=) topk_w[n,j] * dout[n,:];  dtopk_w[n,j] (=) dout[n,:] . yg[row_of[n,j],:]
+  // (0 for dropped slots). Rows of dyg that no slot maps to are left untouched.
+  virtual void moe_combine_bwd(const Tensor& dout, const Tensor& yg, const Tensor& topk_w,
+                               const Tensor& row_of, Tensor& dyg, Tensor& dtopk_w);
 };
 
 // "cpu", "cuda" or "auto" (cuda when built with CUDA and a device is present, else cpu).

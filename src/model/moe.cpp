@@ -1,0 +1,298 @@
+#include "model/moe.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+
+namespace mf {
+
+namespace {
+int64_t shared_width(const MoeConfig& m) { return int64_t(m.n_shared) * m.d_expert; }
+
+// Same rule as ref::moe_capacity (kept here so the model does not include the CPU reference).
+int64_t capacity_of(double factor, int64_t N, int64_t k, int64_t E) {
+  if (factor <= 0) return 0;
+  return int64_t(std::ceil(factor * double(N) * double(k) / double(E)));
+}
+}  // namespace
+
+MoeScratch::MoeScratch(const ModelConfig& cfg, Backend& be, int64_t N) {
+  const MoeConfig& m = cfg.moe;
+  const int64_t d = cfg.d_model, de = m.d_expert, k = m.top_k, E = m.n_experts;
+  const int64_t fs = shared_width(m);
+  const DType act = be.act_dtype();
+  xg = be.empty({N * k, d}, act);
+  dxg = be.empty({N * k, d}, act);
+  dyg = be.empty({N * k, d}, act);
+  dh = be.empty({N * k, de}, act);
+  dgate = be.empty({N * k, de}, act);
+  dup = be.empty({N * k, de}, act);
+  dtopk_w = be.empty({N, k}, DType::F32);
+  dlogits = be.empty({N, E}, DType::F32);
+  aux_grad = be.empty({E}, DType::F32);
+  if (fs > 0) {
+    sdh = be.empty({N, fs}, act);
+    sdgate = be.empty({N, fs}, act);
+    sdup = be.empty({N, fs}, act);
+  }
+}
+
+MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, MoeScratch& scratch,
+                   const AddParamFn& add, double out_std)
+    : mc_(cfg.moe), be_(be), layer_(layer), N_(N), d_(cfg.d_model), de_(cfg.moe.d_expert),
+      fs_(shared_width(cfg.moe)), s_(scratch) {
+  const int64_t E = mc_.n_experts, k = mc_.top_k;
+  MF_CHECK(E > 0, "model.moe.n_experts = ", E, " must be > 0 for an MoE layer");
+  MF_CHECK(k > 0 && k <= E, "model.moe.top_k = ", k, " must be in [1, model.moe.n_experts = ", E,
+           "]");
+  MF_CHECK(de_ > 0, "model.moe.d_expert = ", de_, " must be > 0");
+  MF_CHECK(mc_.score == "softmax" || mc_.score == "sigmoid", "model.moe.score is \"", mc_.score,
+           "\"; expected one of: softmax, sigmoid");
+  MF_CHECK(mc_.balance == "aux_loss" || mc_.balance == "bias" || mc_.balance == "none",
+           "model.moe.balance is \"", mc_.balance, "\"; expected one of: aux_loss, bias, none");
+  MF_CHECK(mc_.route_scale > 0, "model.moe.route_scale = ", mc_.route_scale, " must be > 0");
+  MF_CHECK(mc_.capacity_factor >= 0, "model.moe.capacity_factor = ", mc_.capacity_factor,
+           " must be >= 0 (0 = dropless)");
+  capacity_ = capacity_of(mc_.capacity_factor, N, k, E);
+
+  const std::string p = "model.layers." + std::to_string(layer) + ".mlp.";
+  router_ = add(p + "gate.weight", ParamKind::Router, {E, d_}, cfg.init_std);
+  if (mc_.balance == "bias")
+    bias_ = add(p + "gate.e_score_correction_bias", ParamKind::Bias, {E}, 0.0);
+  for (int64_t e = 0; e < E; ++e) {
+    const std::string q = p + "experts." + std::to_string(e) + ".";
+    Expert x;
+    x.gate = add(q + "gate_proj.weight", ParamKind::Hidden, {de_, d_}, cfg.init_std);
+    x.up = add(q + "up_proj.weight", ParamKind::Hidden, {de_, d_}, cfg.init_std);
+    x.down = add(q + "down_proj.weight", ParamKind::Hidden, {d_, de_}, out_std);
+    experts_.push_back(x);
+  }
+  if (fs_ > 0) {
+    shared_.gate = add(p + "shared_experts.gate_proj.weight", ParamKind::Hidden, {fs_, d_},
+                       cfg.init_std);
+    shared_.up = add(p + "shared_experts.up_proj.weight", ParamKind::Hidden, {fs_, d_},
+                     cfg.init_std);
+    shared_.down = add(p + "shared_experts.down_proj.weight", ParamKind::Hidden, {d_, fs_},
+                       out_std);
+  }
+
+  const DType act = be.act_dtype();
+  probs_ = be.empty({N, E}, DType::F32);
+  topk_w_ = be.empty({N, k}, DType::F32);
+  score_sum_ = be.empty({E}, DType::F32);
+  topk_idx_ = be.empty({N, k}, DType::I32);
+  counts_ = be.empty({E}, DType::I32);
+  offsets_ = be.empty({E + 1}, DType::I32);
+  row_of_ = be.empty({N, k}, DType::I32);
+  row_token_ = be.empty({N * k}, DType::I32);
+  gate_ = be.empty({N * k, de_}, act);
+  up_ = be.empty({N * k, de_}, act);
+  h_ = be.empty({N * k, de_}, act);
+  yg_ = be.empty({N * k, d_}, act);
+  if (fs_ > 0) {
+    sgate_ = be.empty({N, fs_}, act);
+    sup_ = be.empty({N, fs_}, act);
+    sh_ = be.empty({N, fs_}, act);
+  }
+  counts_h_.assign(size_t(E), 0);
+  offsets_h_.assign(size_t(E + 1), 0);
+  score_sum_h_.assign(size_t(E), 0.f);
+  step_load_.assign(size_t(E), 0);
+}
+
+MoeLayer::~MoeLayer() = default;
+
+MoeRouterArgs MoeLayer::route_args() const {
+  MoeRouterArgs a;
+  a.E = mc_.n_experts;
+  a.k = mc_.top_k;
+  a.sigmoid = mc_.score == "sigmoid";
+  a.norm_topk = mc_.norm_topk;
+  a.route_scale = float(mc_.route_scale);
+  return a;
+}
+
+int64_t MoeLayer::last_dropped() const {
+  return N_ * mc_.top_k - int64_t(offsets_h_.back());
+}
+
+void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
+  const int64_t E = mc_.n_experts, k = mc_.top_k;
+  const MoeRouterArgs ra = route_args();
+  // Router in fp32 on the master weights; the bias only steers the selection.
+  be_.moe_router_fwd(x, router_->master, bias_ ? &bias_->master : nullptr, ra, probs_,
+                     topk_idx_, topk_w_, counts_, score_sum_);  // (N,E) (N,k) (N,k) (E) (E)
+  be_.moe_permute(topk_idx_, int(E), capacity_, offsets_, row_of_, row_token_);
+  // The host needs the per-expert row blocks to slice the expert GEMMs (one small sync).
+  Tensor h_off = host_tensor({E + 1}, DType::I32), h_cnt = host_tensor({E}, DType::I32);
+  Tensor h_ss = host_tensor({E}, DType::F32);
+  be_.download(offsets_, h_off);
+  be_.download(counts_, h_cnt);
+  be_.download(score_sum_, h_ss);
+  std::copy(h_off.i32(), h_off.i32() + E + 1, offsets_h_.begin());
+  std::copy(h_cnt.i32(), h_cnt.i32() + E, counts_h_.begin());
+  std::copy(h_ss.f32(), h_ss.f32() + E, score_sum_h_.begin());
+  const int64_t M = offsets_h_[size_t(E)];
+
+  // Balance loss: coef * E * sum_i f_i P_i with f_i = counts_i / (N k), P_i = score_sum_i / N.
+  aux_loss_ = 0;
+  if (mc_.balance == "aux_loss") {
+    double s = 0;
+    for (int64_t e = 0; e < E; ++e)
+      s += double(counts_h_[size_t(e)]) / double(N_ * k) * double(score_sum_h_[size_t(e)]) /
+           double(N_);
+    aux_loss_ = mc_.aux_coef * double(E) * s;
+  }
+  if (record) {
+    for (int64_t e = 0; e < E; ++e) step_load_[size_t(e)] += counts_h_[size_t(e)];
+    step_dropped_ += N_ * k - M;
+    step_aux_sum_ += aux_loss_;
+    ++step_passes_;
+  }
+
+  // Routed experts: gather rows by expert, one SwiGLU per expert block, combine with weights.
+  Tensor xg = s_.xg.slice0(0, M);
+  be_.moe_gather(x, row_token_, xg);  // (M,d)
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
+    if (r1 == r0) continue;
+    Tensor g = gate_.slice0(r0, r1), u = up_.slice0(r0, r1);
+    be_.matmul_fwd(xg.slice0(r0, r1), experts_[size_t(e)].gate->weight, g);  // (m,de)
+    be_.matmul_fwd(xg.slice0(r0, r1), experts_[size_t(e)].up->weight, u);
+  }
+  if (M > 0) {
+    Tensor h = h_.slice0(0, M);
+    be_.swiglu_fwd(gate_.slice0(0, M), up_.slice0(0, M), h);
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
+    if (r1 == r0) continue;
+    Tensor y = yg_.slice0(r0, r1);
+    be_.matmul_fwd(h_.slice0(r0, r1), experts_[size_t(e)].down->weight, y);  // (m,d)
+  }
+  // Shared experts (a dense SwiGLU of width n_shared * d_expert) write out first.
+  if (fs_ > 0) {
+    be_.matmul_fwd(x, shared_.gate->weight, sgate_);  // (N,fs)
+    be_.matmul_fwd(x, shared_.up->weight, sup_);
+    be_.swiglu_fwd(sgate_, sup_, sh_);
+    be_.matmul_fwd(sh_, shared_.down->weight, out);  // (N,d)
+  }
+  be_.moe_combine_fwd(yg_.slice0(0, M), topk_w_, row_of_, out, /*accumulate=*/fs_ > 0);
+}
+
+void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float aux_grad_scale) {
+  const int64_t E = mc_.n_experts, k = mc_.top_k;
+  const int64_t M = offsets_h_[size_t(E)];
+  // Shared experts: dx (=).
+  if (fs_ > 0) {
+    be_.matmul_bwd(dout, sh_, shared_.down->weight, &s_.sdh, &shared_.down->grad, false);
+    be_.swiglu_bwd(s_.sdh, sgate_, sup_, s_.sdgate, s_.sdup);
+    be_.matmul_bwd(s_.sdgate, x, shared_.gate->weight, &dx, &shared_.gate->grad, false);
+    be_.matmul_bwd(s_.sdup, x, shared_.up->weight, &dx, &shared_.up->grad, true);
+  } else {
+    be_.zero(dx);
+  }
+  // Combine: gradients into the expert outputs (by row) and the combine weights.
+  Tensor dyg = s_.dyg.slice0(0, M), yg = yg_.slice0(0, M);
+  be_.moe_combine_bwd(dout, yg, topk_w_, row_of_, dyg, s_.dtopk_w);
+  if (M > 0) {
+    Tensor xg = s_.xg.slice0(0, M);
+    be_.moe_gather(x, row_token_, xg);  // recomputed rather than kept per layer
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
+      if (r1 == r0) continue;
+      Tensor dh = s_.dh.slice0(r0, r1);
+      be_.matmul_bwd(dyg.slice0(r0, r1), h_.slice0(r0, r1), experts_[size_t(e)].down->weight,
+                     &dh, &experts_[size_t(e)].down->grad, false);
+    }
+    Tensor dgate = s_.dgate.slice0(0, M), dup = s_.dup.slice0(0, M);
+    be_.swiglu_bwd(s_.dh.slice0(0, M), gate_.slice0(0, M), up_.slice0(0, M), dgate, dup);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
+      if (r1 == r0) continue;
+      Tensor dxe = s_.dxg.slice0(r0, r1), xe = xg.slice0(r0, r1);
+      be_.matmul_bwd(dgate.slice0(r0, r1), xe, experts_[size_t(e)].gate->weight, &dxe,
+                     &experts_[size_t(e)].gate->grad, false);
+      be_.matmul_bwd(dup.slice0(r0, r1), xe, experts_[size_t(e)].up->weight, &dxe,
+                     &experts_[size_t(e)].up->grad, true);
+    }
+    be_.moe_gather_bwd(s_.dxg.slice0(0, M), row_of_, dx);  // dx (+=)
+  }
+  // Router: combine-weight gradients, plus the balance loss's gradient on the scores:
+  // d(coef E sum_i f_i P_i)/d pn[n,i] = coef E f_i / N, times aux_grad_scale (= loss_scale * N).
+  const Tensor* aux = nullptr;
+  if (mc_.balance == "aux_loss" && mc_.aux_coef > 0) {
+    Tensor h = host_tensor({E});
+    for (int64_t e = 0; e < E; ++e)
+      h.f32()[e] = float(double(aux_grad_scale) * mc_.aux_coef * double(E) *
+                         double(counts_h_[size_t(e)]) / double(N_ * k) / double(N_));
+    be_.upload(h, s_.aux_grad);
+    aux = &s_.aux_grad;
+  }
+  be_.moe_router_bwd(s_.dtopk_w, aux, x, router_->master, probs_, topk_idx_, route_args(),
+                     s_.dlogits, dx, router_->grad);
+}
+
+void MoeLayer::step_stats(nlohmann::json& m) const {
+  const int64_t E = mc_.n_experts;
+  int64_t mn = step_load_[0], mx = step_load_[0];
+  double sum = 0, sq = 0;
+  for (int64_t v : step_load_) {
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+    sum += double(v);
+  }
+  const double mean = sum / double(E);
+  for (int64_t v : step_load_) sq += (double(v) - mean) * (double(v) - mean);
+  m["layer"] = layer_;
+  m["load_min"] = mn;
+  m["load_max"] = mx;
+  m["load_cv"] = mean > 0 ? std::sqrt(sq / double(E)) / mean : 0.0;
+  m["aux_loss"] = step_passes_ > 0 ? step_aux_sum_ / step_passes_ : 0.0;
+  m["dropped"] = step_dropped_;
+}
+
+void MoeLayer::post_step() {
+  const int64_t E = mc_.n_experts;
+  nlohmann::json m;
+  step_stats(m);
+  if (bias_) {
+    Tensor h = host_tensor({E});
+    be_.download(bias_->master, h);
+    if (step_passes_ > 0 && mc_.bias_rate > 0) {
+      // DeepSeek-V3: raise the bias of under-loaded experts, lower it for over-loaded ones.
+      double sum = 0;
+      for (int64_t v : step_load_) sum += double(v);
+      const double mean = sum / double(E);
+      for (int64_t e = 0; e < E; ++e) {
+        const double load = double(step_load_[size_t(e)]);
+        const double sgn = load < mean ? 1.0 : (load > mean ? -1.0 : 0.0);
+        h.f32()[e] = float(double(h.f32()[e]) + mc_.bias_rate * sgn);
+      }
+      be_.upload(h, bias_->master);
+      if (bias_->weight.ptr != bias_->master.ptr) be_.copy(bias_->master, bias_->weight);
+    }
+    float bmin = h.f32()[0], bmax = h.f32()[0];
+    for (int64_t e = 1; e < E; ++e) {
+      bmin = std::min(bmin, h.f32()[e]);
+      bmax = std::max(bmax, h.f32()[e]);
+    }
+    m["bias_min"] = bmin;
+    m["bias_max"] = bmax;
+  }
+  last_metrics_ = m;
+  std::fill(step_load_.begin(), step_load_.end(), 0);
+  step_dropped_ = 0;
+  step_aux_sum_ = 0;
+  step_passes_ = 0;
+}
+
+nlohmann::json MoeLayer::metrics() const {
+  if (!last_metrics_.is_null()) return last_metrics_;
+  nlohmann::json m;  // no completed step yet: the statistics so far
+  step_stats(m);
+  return m;
+}
+
+}  // namespace mf

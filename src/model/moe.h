@@ -1,0 +1,119 @@
+// One Mixture-of-Experts MLP block (DeepSeek-V3 / Moonlight style), written once against the
+// Backend: router (fp32) -> top-k -> permutation by expert -> per-expert SwiGLU -> weighted
+// combine, plus always-active shared experts. Forward and backward are spelled out; buffers are
+// allocated once for a fixed number of tokens N.
+//
+// Parameters (Hugging Face DeepSeek-V3 names, DESIGN §4), under "model.layers.{i}.mlp.":
+//   gate.weight [E,d]                       Router (AdamW)
+//   gate.e_score_correction_bias [E]        Bias (balance = "bias" only; updated by post_step)
+//   experts.{e}.{gate,up}_proj.weight [de,d], experts.{e}.down_proj.weight [d,de]   Hidden
+//   shared_experts.{gate,up}_proj.weight [n_shared*de,d], ...down_proj.weight [d,n_shared*de]
+// Each expert matrix is its own 2-D Param, so Muon orthogonalises every expert separately.
+//
+// Balance (model.moe.balance):
+//   aux_loss: L_aux = aux_coef * E * sum_i f_i P_i, f_i = (tokens choosing i) / (N k) (no
+//             gradient), P_i = mean over tokens of pn[n,i] (pn: softmax probs, or sigmoid scores
+//             normalised per token). Added to the loss; its gradient flows into the router.
+//   bias:     DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added to the scores
+//             for selection only; after each optimizer step (post_step) b_i += bias_rate *
+//             sign(mean load - load_i), loads counted over the step's training micro-batches.
+//   none.
+// capacity_factor > 0: expert i keeps at most ceil(cf * N k / E) tokens (first in token order);
+// the overflow is dropped (contributes nothing) and counted.
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/params.h"
+
+namespace mf {
+
+// Creates a parameter in the model's table: (name, kind, shape, init std) -> Param*.
+using AddParamFn = std::function<Param*(const std::string&, ParamKind, Shape, double)>;
+
+// Scratch shared by every MoE layer of a model (used within one layer's forward or backward).
+struct MoeScratch {
+  MoeScratch(const ModelConfig& cfg, Backend& be, int64_t N);
+  Tensor xg;                 // (N*k, d)   tokens gathered by expert
+  Tensor dxg, dyg;           // (N*k, d)
+  Tensor dh, dgate, dup;     // (N*k, de)
+  Tensor dtopk_w;            // (N, k) f32
+  Tensor dlogits;            // (N, E) f32
+  Tensor aux_grad;           // (E) f32
+  Tensor sdh, sdgate, sdup;  // (N, n_shared*de) shared experts
+};
+
+class MoeLayer {
+ public:
+  // Adds this layer's parameters (in table order) through `add`; `out_std` is the init std of
+  // the residual output projections (down_proj).
+  MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, MoeScratch& scratch,
+           const AddParamFn& add, double out_std);
+  ~MoeLayer();
+
+  // out (=) shared(x) + sum_j topk_w[n,j] expert_{idx[n,j]}(x[n]).  x, out (N, d).
+  // Keeps what backward needs. `record`: count this pass in the step's load statistics (training
+  // passes; evaluation passes leave them alone).
+  void forward(const Tensor& x, Tensor& out, bool record);
+  // dx (=) dL/dx for dout = dL/dout (N, d); parameter grads (+=). aux_grad_scale multiplies the
+  // gradient of the balance loss (loss_scale * N: the same units as the cross-entropy gradient).
+  void backward(const Tensor& dout, const Tensor& x, Tensor& dx, float aux_grad_scale);
+
+  // Balance loss of the last forward (0 unless balance == "aux_loss").
+  double aux_loss() const { return aux_loss_; }
+  // After each optimizer step: the bias update (balance == "bias") and the step's statistics.
+  void post_step();
+  // Statistics of the last completed step (see post_step): layer, load_min, load_max, load_cv,
+  // aux_loss, dropped, and bias_min / bias_max when there is a bias.
+  nlohmann::json metrics() const;
+
+  int layer() const { return layer_; }
+  Param* router() const { return router_; }
+  Param* bias() const { return bias_; }
+  // Host copies of the last forward's routing, for tests and inspection.
+  const std::vector<int32_t>& last_counts() const { return counts_h_; }
+  const std::vector<int32_t>& last_offsets() const { return offsets_h_; }
+  int64_t last_dropped() const;
+
+ private:
+  struct Expert {
+    Param *gate, *up, *down;
+  };
+  MoeRouterArgs route_args() const;
+  void step_stats(nlohmann::json& out) const;
+
+  MoeConfig mc_;
+  Backend& be_;
+  int layer_;
+  int64_t N_, d_, de_, fs_;  // tokens, model width, expert width, shared width
+  int64_t capacity_;         // 0 = dropless
+  MoeScratch& s_;
+  Param* router_ = nullptr;
+  Param* bias_ = nullptr;
+  std::vector<Expert> experts_;
+  Expert shared_{nullptr, nullptr, nullptr};
+
+  // Kept from forward for backward.
+  Tensor probs_, topk_w_, score_sum_;                  // (N,E) (N,k) (E) f32
+  Tensor topk_idx_, counts_, offsets_, row_of_, row_token_;  // i32
+  Tensor gate_, up_, h_, yg_;                          // (N*k,de) x3, (N*k,d)
+  Tensor sgate_, sup_, sh_;                            // (N,fs) shared experts
+  std::vector<int32_t> counts_h_, offsets_h_;
+  std::vector<float> score_sum_h_;
+  double aux_loss_ = 0;
+
+  // Statistics of the step in progress (training passes) and of the last completed step.
+  std::vector<int64_t> step_load_;
+  int64_t step_dropped_ = 0;
+  double step_aux_sum_ = 0;
+  int step_passes_ = 0;
+  nlohmann::json last_metrics_;
+};
+
+}  // namespace mf
