@@ -8,6 +8,7 @@
 
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
+#include "dist/communicator.h"
 #include "optim/optimizer.h"
 
 namespace fs = std::filesystem;
@@ -77,18 +78,34 @@ void load_weights(const std::string& path, const ParamList& params, Backend& be)
   }
 }
 
+static std::string optimizer_file(bool sharded, int rank) {
+  return sharded ? "optimizer-rank" + std::to_string(rank) + ".safetensors"
+                 : "optimizer.safetensors";
+}
+
 std::string save_checkpoint(const std::string& run_dir, int step, const ParamList& params,
                             const Optimizer& opt, Backend& be, const nlohmann::json& state,
                             const Config& cfg, int keep) {
-  fs::create_directories(run_dir);
+  auto single = make_single_communicator(be.device());
+  return save_checkpoint(run_dir, step, params, opt, be, state, cfg, keep, *single, false);
+}
+
+std::string save_checkpoint(const std::string& run_dir, int step, const ParamList& params,
+                            const Optimizer& opt, Backend& be, const nlohmann::json& state,
+                            const Config& cfg, int keep, Communicator& comm, bool sharded) {
+  const int rank = comm.rank(), world = comm.size();
   const std::string name = checkpoint_dir_name(step);
   const fs::path final_dir = fs::path(run_dir) / name;
-  const fs::path tmp_dir = fs::path(run_dir) / (".tmp-" + name + "-" + std::to_string(getpid()));
-  fs::remove_all(tmp_dir);
-  fs::create_directories(tmp_dir);
-
-  save_weights((tmp_dir / "model.safetensors").string(), params, be);
-  {
+  // The same temporary name on every rank (ranks may be separate processes on a shared file
+  // system); a stale one from a crash is removed first.
+  const fs::path tmp_dir = fs::path(run_dir) / (".tmp-" + name);
+  if (rank == 0) {
+    fs::create_directories(run_dir);
+    fs::remove_all(tmp_dir);
+    fs::create_directories(tmp_dir);
+  }
+  comm.barrier();
+  if (sharded || rank == 0) {
     SafetensorsWriter w;
     std::vector<Tensor> keep_alive;
     for (auto& [n, t] : opt.state_tensors()) {
@@ -97,27 +114,34 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
       keep_alive.push_back(h);
       w.add(n, h, DType::F32);
     }
-    w.write((tmp_dir / "optimizer.safetensors").string());
+    w.write((tmp_dir / optimizer_file(sharded, rank)).string());
   }
-  nlohmann::json st = state;
-  st["step"] = step;
-  st["optimizer"] = opt.state_json();
-  write_json((tmp_dir / "state.json").string(), st);
-  write_json((tmp_dir / "config.json").string(), config_to_json(cfg));
-  fsync_dir(tmp_dir.string());
+  comm.barrier();
+  if (rank == 0) {
+    save_weights((tmp_dir / "model.safetensors").string(), params, be);
+    nlohmann::json st = state;
+    st["step"] = step;
+    st["optimizer"] = opt.state_json();
+    st["optimizer_shards"] = sharded ? world : 0;
+    write_json((tmp_dir / "state.json").string(), st);
+    write_json((tmp_dir / "config.json").string(), config_to_json(cfg));
+    fsync_dir(tmp_dir.string());
 
-  // Re-saving the same step (e.g. the final step after a resume) replaces the old directory.
-  std::error_code ec;
-  if (fs::exists(final_dir)) fs::remove_all(final_dir);
-  fs::rename(tmp_dir, final_dir, ec);
-  MF_CHECK(!ec, "cannot rename ", tmp_dir.string(), " to ", final_dir.string(), ": ", ec.message());
-  fsync_dir(run_dir);
-  atomic_write_text((fs::path(run_dir) / "latest").string(), name + "\n");
+    // Re-saving the same step (e.g. the final step after a resume) replaces the old directory.
+    std::error_code ec;
+    if (fs::exists(final_dir)) fs::remove_all(final_dir);
+    fs::rename(tmp_dir, final_dir, ec);
+    MF_CHECK(!ec, "cannot rename ", tmp_dir.string(), " to ", final_dir.string(), ": ",
+             ec.message());
+    fsync_dir(run_dir);
+    atomic_write_text((fs::path(run_dir) / "latest").string(), name + "\n");
 
-  // Keep the newest `keep` checkpoints.
-  auto steps = list_checkpoints(run_dir);
-  for (size_t i = 0; i + size_t(std::max(keep, 1)) < steps.size(); ++i)
-    fs::remove_all(fs::path(run_dir) / checkpoint_dir_name(steps[i]), ec);
+    // Keep the newest `keep` checkpoints.
+    auto steps = list_checkpoints(run_dir);
+    for (size_t i = 0; i + size_t(std::max(keep, 1)) < steps.size(); ++i)
+      fs::remove_all(fs::path(run_dir) / checkpoint_dir_name(steps[i]), ec);
+  }
+  comm.barrier();
   return final_dir.string();
 }
 
@@ -134,7 +158,7 @@ std::string find_latest_checkpoint(const std::string& run_dir) {
 }
 
 nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& params, Backend& be,
-                               Optimizer* opt) {
+                               Optimizer* opt, int rank, int world_size, bool sharded) {
   MF_CHECK(fs::is_directory(ckpt_dir), "checkpoint ", ckpt_dir, " is not a directory");
   const std::string state_path = (fs::path(ckpt_dir) / "state.json").string();
   MF_CHECK(fs::exists(state_path), "checkpoint ", ckpt_dir, " has no state.json (incomplete?)");
@@ -143,7 +167,16 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
            ": missing integer \"step\"");
   load_weights((fs::path(ckpt_dir) / "model.safetensors").string(), params, be);
   if (opt) {
-    const std::string opath = (fs::path(ckpt_dir) / "optimizer.safetensors").string();
+    const int shards = st.value("optimizer_shards", 0);
+    if (shards > 0 || sharded)
+      MF_CHECK(shards == world_size && sharded, state_path, ": the optimizer state was ",
+               shards > 0 ? "sharded over " + std::to_string(shards) + " ranks"
+                          : std::string("written unsharded"),
+               " but this run ", sharded ? "shards it over " + std::to_string(world_size) + " ranks"
+                                         : std::string("does not shard it"),
+               "; resume with the same world size (and train.zero / optim.name) as the run "
+               "that wrote it");
+    const std::string opath = (fs::path(ckpt_dir) / optimizer_file(shards > 0, rank)).string();
     SafetensorsReader r(opath);
     std::vector<std::pair<std::string, Tensor>> tensors;
     for (auto& n : r.names()) tensors.emplace_back(n, r.read_f32(n));

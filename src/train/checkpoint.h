@@ -19,11 +19,18 @@
 namespace mf {
 
 class Optimizer;
+class Communicator;
 
 std::string checkpoint_dir_name(int step);  // "ckpt-000123"
 
 // Writes a checkpoint for `step` (the number of completed steps) and keeps the newest `keep`.
+// Collective over `comm`: rank 0 writes the model, state and config; the optimizer state is
+// written by rank 0 alone, or, when `sharded`, by every rank into optimizer-rank<R>.safetensors.
 // Returns the checkpoint directory.
+std::string save_checkpoint(const std::string& run_dir, int step, const ParamList& params,
+                            const Optimizer& opt, Backend& be, const nlohmann::json& state,
+                            const Config& cfg, int keep, Communicator& comm, bool sharded);
+// Single-process convenience.
 std::string save_checkpoint(const std::string& run_dir, int step, const ParamList& params,
                             const Optimizer& opt, Backend& be, const nlohmann::json& state,
                             const Config& cfg, int keep);
@@ -32,10 +39,12 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
 // back to scanning ckpt-* directories if the pointer is missing or stale.
 std::string find_latest_checkpoint(const std::string& run_dir);
 
-// Loads master weights (and syncs compute copies by the caller), optimizer state when opt is
-// given, and returns state.json. Errors name the checkpoint file and the tensor.
+// Loads master weights (compute copies are synced by the caller), optimizer state when opt is
+// given (this rank's shard when the checkpoint is sharded: then the world size must match), and
+// returns state.json. Errors name the checkpoint file and the tensor.
 nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& params, Backend& be,
-                               Optimizer* opt);
+                               Optimizer* opt, int rank = 0, int world_size = 1,
+                               bool sharded = false);
 
 // Loads weights from a safetensors file by name into params (shape-checked). Missing names are
 // an error unless allow_missing lists them.

@@ -11,6 +11,9 @@
 
 #include "core/log.h"
 #include "data/loader.h"
+#include "dist/communicator.h"
+#include "dist/env.h"
+#include "dist/store.h"
 #include "io/atomic_file.h"
 #include "model/llama.h"
 #include "optim/mup.h"
@@ -64,6 +67,21 @@ std::string fmt_rate(double r) {
 // Peak dense bf16 FLOP/s used for MFU (H100/H200 SXM: 989 TFLOP/s); none for the CPU.
 double peak_flops(const Backend& be) { return be.device() == Device::CUDA ? 989e12 : 0.0; }
 
+// Testing aid for crash recovery: MF_FAULT_KILL_AT="STEP:RANK" makes that rank SIGKILL itself
+// right after step STEP (and its checkpoint), on the first attempt only (MF_RESTART_COUNT unset
+// or 0). Unset in normal use.
+void fault_injection(int done, int rank) {
+  static const char* spec = std::getenv("MF_FAULT_KILL_AT");
+  if (!spec) return;
+  const char* rc = std::getenv("MF_RESTART_COUNT");
+  if (rc && std::string(rc) != "0") return;
+  int step = -1, r = 0;
+  if (std::sscanf(spec, "%d:%d", &step, &r) >= 1 && step == done && r == rank) {
+    std::fflush(nullptr);
+    std::raise(SIGKILL);
+  }
+}
+
 }  // namespace
 
 void install_stop_handlers() {
@@ -81,12 +99,23 @@ LlamaModel& Trainer::model() { return *model_; }
 Backend& Trainer::backend() { return *be_; }
 
 void Trainer::setup() {
-  world_ = cfg_.train.world_size;
+  const DistEnv env = read_dist_env();
+  rank_ = env.rank;
+  world_ = env.world_size;
+  MF_CHECK(cfg_.train.world_size == world_, "train.world_size is ", cfg_.train.world_size,
+           " but the environment says WORLD_SIZE=", world_);
+  if (env.distributed()) setup_logging(rank_);
   run_dir_ = cfg_.run_dir();
-  fs::create_directories(run_dir_);
-  if (rank_ == 0) add_log_file((fs::path(run_dir_) / "log.txt").string());
+  if (rank_ == 0) {
+    fs::create_directories(run_dir_);
+    add_log_file((fs::path(run_dir_) / "log.txt").string());
+  }
+  if (env.distributed()) spdlog::info("distributed: {}", env.str());
 
   be_ = make_backend(cfg_.train.device);
+  if (env.distributed()) store_ = TcpStore::from_env(env);
+  comm_ = make_communicator(env, store_.get(), be_->device(), nullptr);
+  if (env.distributed()) check_same_json(*comm_, "config", config_to_json(cfg_));
   const int B = cfg_.train.micro_batch, T = cfg_.train.seq_len;
   // µP (or SP): model scalars first, then per-parameter lr / wd / init multipliers, which the
   // optimizer (constructed below) and init_weights read.
@@ -98,7 +127,7 @@ void Trainer::setup() {
                "vocab {}), backend {}",
                model_->num_params(), cfg_.model.n_layers, cfg_.model.d_model, cfg_.model.n_heads,
                cfg_.model.n_kv_heads, cfg_.model.d_ff, cfg_.model.vocab_size, be_->name());
-  opt_ = std::make_unique<Optimizer>(cfg_, model_->params(), *be_);
+  setup_distributed();
 
   DataLoaderOptions lo;
   lo.B = B;
@@ -112,6 +141,13 @@ void Trainer::setup() {
   MF_CHECK(!cfg_.data.train.empty(), cfg_.source, ": data.train is empty; point it at token shards "
            "(see data/README.md, e.g. scripts/prepare_data.py default)");
   train_loader_ = std::make_unique<DataLoader>(cfg_.data.train, lo);
+  if (world_ > 1) {
+    std::string fp;
+    for (int i = 0; i < train_loader_->num_shards(); ++i)
+      fp += fs::path(train_loader_->paths()[i]).filename().string() + ":" +
+            std::to_string(train_loader_->shard_tokens(i)) + ";";
+    check_same(*comm_, "training data (shard names and token counts)", fp);
+  }
   if (!cfg_.data.val.empty() && cfg_.train.eval_every > 0) {
     lo.label = "data.val";
     lo.shuffle = false;
@@ -122,7 +158,8 @@ void Trainer::setup() {
   std::string ckpt = opts_.resume;
   if (ckpt.empty() && !opts_.no_resume) ckpt = find_latest_checkpoint(run_dir_);
   if (!ckpt.empty()) {
-    nlohmann::json st = load_checkpoint(ckpt, model_->params(), *be_, opt_.get());
+    nlohmann::json st = load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_,
+                                        sharded_);
     model_->sync_weights();
     start_step_ = st.at("step").get<int>();
     tokens_seen_ = st.value("tokens", 0LL);
@@ -173,15 +210,80 @@ void Trainer::append_metrics(const nlohmann::json& rec) {
 
 double Trainer::evaluate() {
   if (!val_loader_) return -1;
+  // eval_batches counts micro-batches over all ranks: batch i is read by rank i % world (the
+  // loader's run k*W + r), so the figure does not depend on the number of ranks.
   val_loader_->reset();
   const int64_t N = int64_t(cfg_.train.micro_batch) * cfg_.train.seq_len;
   std::vector<int32_t> in(N), tg(N);
   double s = 0;
-  for (int i = 0; i < cfg_.train.eval_batches; ++i) {
+  for (int i = rank_; i < cfg_.train.eval_batches; i += world_) {
     val_loader_->next(in.data(), tg.data());
     s += model_->forward(in.data(), tg.data());
   }
-  return s / cfg_.train.eval_batches;
+  return mean_over_ranks(s) * world_ / cfg_.train.eval_batches;
+}
+
+double Trainer::mean_over_ranks(double x) {
+  if (world_ == 1) return x;
+  float v = float(x);
+  if (be_->device() == Device::CUDA) {  // NCCL reduces device memory
+    Tensor h = host_tensor({1});
+    h.f32()[0] = v;
+    Tensor d = be_->empty({1}, DType::F32);
+    be_->upload(h, d);
+    comm_->allreduce_avg(d.f32(), 1);
+    be_->download(d, h);
+    return h.f32()[0];
+  }
+  comm_->allreduce_avg(&v, 1);
+  return v;
+}
+
+void Trainer::setup_distributed() {
+  ParamList all = model_->params();
+  owner_.assign(all.size(), -1);
+  if (world_ > 1) {
+    // Greedy balance by size: largest first onto the least-loaded rank (deterministic).
+    std::vector<size_t> order(all.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return all[a]->numel() > all[b]->numel(); });
+    std::vector<int64_t> load(size_t(world_), 0);
+    for (size_t i : order) {
+      const Param* p = all[i];
+      const bool muon = cfg_.optim.name == "muon" && p->kind == ParamKind::Hidden;
+      if (!p->trainable || p->kind == ParamKind::Bias || !(muon || cfg_.train.zero == 1)) continue;
+      const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+      owner_[i] = r;
+      load[size_t(r)] += p->numel();
+      sharded_ = true;
+    }
+  }
+  ParamList mine;
+  for (size_t i = 0; i < all.size(); ++i)
+    if (owner_[i] < 0 || owner_[i] == rank_) mine.push_back(all[i]);
+  opt_ = std::make_unique<Optimizer>(cfg_, mine, *be_);
+  if (sharded_)
+    spdlog::info("optimizer sharded over {} ranks: this rank updates {} of {} tensors{}", world_,
+                 mine.size(), all.size(),
+                 cfg_.train.zero == 1 ? " (ZeRO-1)" : " (distributed Muon)");
+}
+
+void Trainer::allreduce_grads() {
+  if (world_ == 1) return;
+  for (Param* p : model_->params()) comm_->allreduce_avg(p->grad.f32(), size_t(p->numel()));
+}
+
+void Trainer::broadcast_owned_params() {
+  if (world_ == 1) return;
+  ParamList all = model_->params();
+  // QK-clip rescales q/k rows from each rank's own batch statistics: rank 0's result wins.
+  const bool all_from_root = cfg_.optim.qk_clip_tau > 0;
+  for (size_t i = 0; i < all.size(); ++i) {
+    const int root = owner_[i] >= 0 ? owner_[i] : (all_from_root ? 0 : -1);
+    if (root >= 0) comm_->broadcast(all[i]->master.f32(), size_t(all[i]->numel()), root);
+  }
+  model_->sync_weights();
 }
 
 nlohmann::json Trainer::state_json(int step) const {
@@ -215,12 +317,14 @@ TrainResult Trainer::run() {
   for (; step < max_steps; ++step) {
     const bool diag_step = diag_->due(step);
     if (diag_step) diag_->before_step(model_->params(), *be_);
-    opt_->zero_grad();
+    model_->zero_grads();
     double loss = 0;
     for (int micro = 0; micro < accum; ++micro) {
       train_loader_->next(in.data(), tg.data());
       loss += model_->forward_backward(in.data(), tg.data(), loss_scale) / accum;
     }
+    allreduce_grads();
+    loss = mean_over_ranks(loss);
     const double gnorm = global_grad_norm(model_->params(), *be_);
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
       std::string last = find_latest_checkpoint(run_dir_);
@@ -233,6 +337,7 @@ TrainResult Trainer::run() {
     const double clip = clip_factor(gnorm, cfg_.optim.grad_clip);
     opt_->step(step, float(clip));
     const int qk_clipped = diag_->qk_clip(*model_, *be_);  // 0 unless optim.qk_clip_tau > 0
+    broadcast_owned_params();
     const long long step_tokens = cfg_.train.batch_tokens;
     tokens_seen_ += step_tokens;
     tokens_log += step_tokens;
@@ -269,11 +374,12 @@ TrainResult Trainer::run() {
     }
     const bool stopping = stop_requested() || (opts_.stop_at > 0 && done >= opts_.stop_at && !last);
     if ((cfg_.train.ckpt_every > 0 && done % cfg_.train.ckpt_every == 0) || last || stopping) {
-      if (rank_ == 0)
-        res.last_checkpoint = save_checkpoint(run_dir_, done, model_->params(), *opt_, *be_,
-                                              state_json(done), cfg_, cfg_.train.keep_ckpts);
-      if (!opts_.quiet && rank_ == 0) spdlog::info("checkpoint {}", res.last_checkpoint);
+      res.last_checkpoint =
+          save_checkpoint(run_dir_, done, model_->params(), *opt_, *be_, state_json(done), cfg_,
+                          cfg_.train.keep_ckpts, *comm_, sharded_);
+      if (!opts_.quiet) spdlog::info("checkpoint {}", res.last_checkpoint);
     }
+    fault_injection(done, rank_);
     if (stopping) {
       if (stop_requested())
         spdlog::warn("stopped by signal {} after step {}; resume with the same command",

@@ -15,6 +15,8 @@ namespace mf {
 class LlamaModel;
 class Optimizer;
 class DataLoader;
+class Communicator;
+class TcpStore;
 class Diagnostics;
 
 struct TrainOptions {
@@ -47,10 +49,21 @@ class Trainer {
   double evaluate();
   nlohmann::json state_json(int step) const;
   void append_metrics(const nlohmann::json& rec);
+  void setup_distributed();
+  void allreduce_grads();
+  void broadcast_owned_params();
+  double mean_over_ranks(double x);
 
   Config cfg_;
   TrainOptions opts_;
   int rank_ = 0, world_ = 1;
+  std::unique_ptr<TcpStore> store_;     // rank 0 hosts it; outlives comm_
+  std::unique_ptr<Communicator> comm_;  // single-process, Gloo (CPU) or NCCL (CUDA)
+  // Data-parallel optimizer sharding: owner_[i] = rank that updates params()[i] and holds its
+  // optimizer state, or -1 when every rank updates it (replicated). Muon matrices are always
+  // spread over the ranks (distributed Muon); AdamW params only with train.zero = 1.
+  std::vector<int> owner_;
+  bool sharded_ = false;
   std::unique_ptr<Backend> be_;
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<Optimizer> opt_;

@@ -1,0 +1,197 @@
+// Data-parallel training through scripts/launch.py with the real binary (Gloo on CPU):
+// 2 and 3 ranks match one process step for step (AdamW, Muon, with and without ZeRO-1); a rank
+// killed mid-run is restarted and the job ends with the uninterrupted run's weights; a taken
+// port, a missing master and mismatched configs fail fast with clear errors.
+#include <catch2/catch.hpp>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/rng.h"
+#include "data/shard.h"
+
+namespace fs = std::filesystem;
+using namespace mf;
+
+namespace {
+
+const std::string kRoot = (fs::temp_directory_path() / ("mf_dist_" + std::to_string(getpid()))).string();
+const std::string kBin = MF_BINARY;
+const std::string kLaunch = std::string(MF_TEST_DIR) + "/../scripts/launch.py";
+
+void setup_once() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  fs::remove_all(kRoot);
+  fs::create_directories(kRoot);
+  Rng rng(5);
+  for (const char* split : {"train", "val"}) {
+    std::vector<uint32_t> toks;
+    uint32_t x = 1;
+    for (int i = 0; i < 8000; ++i) {
+      x = (x * 5 + 1 + uint32_t(rng.below(3))) % 40;
+      toks.push_back(x);
+    }
+    write_shard(kRoot + "/" + split + "_000000.bin", toks, 2);
+  }
+  nlohmann::json c = {
+      {"model", {{"vocab_size", 40}, {"d_model", 32}, {"n_layers", 2}, {"n_heads", 4},
+                 {"n_kv_heads", 2}, {"d_ff", 64}, {"max_seq_len", 16}}},
+      {"optim", {{"name", "muon"}, {"lr", 0.02}, {"wd", 0.01}, {"adamw", {{"lr", 0.003}}}}},
+      {"schedule", {{"warmup", 2}, {"decay", "cosine"}}},
+      {"train", {{"seq_len", 16}, {"micro_batch", 2}, {"batch_tokens", 192}, {"max_steps", 6},
+                 {"eval_every", 3}, {"eval_batches", 6}, {"ckpt_every", 2}, {"keep_ckpts", 5},
+                 {"log_every", 1}, {"device", "cpu"}}},
+      {"data", {{"train", kRoot + "/train_*.bin"}, {"val", kRoot + "/val_*.bin"},
+                {"shuffle", false}}},
+      {"run", {{"dir", kRoot + "/runs/{name}"}, {"name", "x"}}}};
+  std::ofstream(kRoot + "/cfg.json") << c.dump(2);
+}
+
+struct Result {
+  int rc;
+  std::string out;
+  double seconds;
+};
+
+Result sh(const std::string& cmd) {
+  const std::string log = kRoot + "/cmd.log";
+  auto t0 = std::chrono::steady_clock::now();
+  int rc = std::system(("OMP_NUM_THREADS=1 " + cmd + " >" + log + " 2>&1").c_str());
+  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::ifstream f(log);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, ss.str(), s};
+}
+
+std::string launch(int nproc, const std::string& args, const std::string& extra = "") {
+  return "python3 " + kLaunch + " --standalone --nproc-per-node " + std::to_string(nproc) + " " +
+         extra + " " + kBin + " train " + kRoot + "/cfg.json --quiet " + args;
+}
+
+// Step -> train loss (and val losses under key -step) from a run's metrics.jsonl.
+std::map<int, double> losses(const std::string& run) {
+  std::map<int, double> m;
+  std::ifstream f(kRoot + "/runs/" + run + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) m[j["step"].get<int>()] = j["loss"];
+    if (j.contains("val_loss")) m[-j["step"].get<int>()] = j["val_loss"];
+  }
+  return m;
+}
+
+std::vector<char> bytes(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), {});
+}
+
+}  // namespace
+
+TEST_CASE("2 and 3 ranks give the losses of one process", "[dist]") {
+  setup_once();
+  for (std::string opt : {"adamw", "muon"}) {
+    const std::string o = "--set optim.name=" + opt + (opt == "adamw" ? " --set optim.lr=0.003" : "");
+    Result r1 = sh(launch(1, o + " --set run.name=" + opt + "_w1"));
+    REQUIRE(r1.rc == 0);
+    auto ref = losses(opt + "_w1");
+    REQUIRE(ref.size() == 8);  // 6 steps + 2 evals
+    for (int zero : {0, 1})
+      for (int w : {2, 3}) {
+        const std::string name = opt + "_w" + std::to_string(w) + "_z" + std::to_string(zero);
+        DYNAMIC_SECTION(name) {
+          Result r = sh(launch(w, o + " --set train.zero=" + std::to_string(zero) +
+                                      " --set run.name=" + name));
+          INFO(r.out);
+          REQUIRE(r.rc == 0);
+          auto got = losses(name);
+          REQUIRE(got.size() == ref.size());
+          for (auto& [k, v] : ref) {
+            INFO("step " << k);
+            CHECK(got[k] == Approx(v).epsilon(1e-5));
+          }
+          // Sharded optimizer state: one file per rank (Muon always, AdamW with ZeRO-1).
+          const bool sharded = opt == "muon" || zero == 1;
+          CHECK(fs::exists(kRoot + "/runs/" + name + "/ckpt-000006/optimizer-rank1.safetensors") ==
+                sharded);
+        }
+      }
+  }
+}
+
+TEST_CASE("a killed rank is restarted and the job ends as if uninterrupted", "[dist]") {
+  setup_once();
+  Result a = sh(launch(2, "--set run.name=straight"));
+  REQUIRE(a.rc == 0);
+  // Rank 1 SIGKILLs itself after step 3 (checkpoint at 2); the launcher restarts the group.
+  Result b = sh("MF_FAULT_KILL_AT=3:1 " + launch(2, "--set run.name=killed", "--max-restarts 1"));
+  INFO(b.out);
+  REQUIRE(b.rc == 0);
+  CHECK(b.out.find("restart") != std::string::npos);
+  CHECK(b.out.find("resumed from") != std::string::npos);
+  CHECK(bytes(kRoot + "/runs/straight/ckpt-000006/model.safetensors") ==
+        bytes(kRoot + "/runs/killed/ckpt-000006/model.safetensors"));
+  auto la = losses("straight"), lb = losses("killed");
+  CHECK(la == lb);
+  // Without restarts the failure is reported with the killed rank's signal.
+  Result c = sh("MF_FAULT_KILL_AT=3:1 " + launch(2, "--set run.name=killed2"));
+  CHECK(c.rc != 0);
+  CHECK(c.out.find("rank 1") != std::string::npos);
+}
+
+TEST_CASE("mismatched configs, a taken port and a missing master fail fast", "[dist]") {
+  setup_once();
+  SECTION("mismatched config names the key") {
+    const std::string cmd = "python3 " + kLaunch +
+                            " --standalone --nproc-per-node 2 --no-python sh -c '" + kBin +
+                            " train " + kRoot + "/cfg.json --quiet --set run.name=mm " +
+                            "--set optim.lr=0.0$((2 + RANK))'";
+    Result r = sh("MF_STORE_TIMEOUT=10 " + cmd);
+    INFO(r.out);
+    CHECK(r.rc != 0);
+    CHECK(r.out.find("optim.lr") != std::string::npos);
+    CHECK(r.seconds < 30);
+  }
+  SECTION("a taken port") {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = 0;
+    REQUIRE(bind(fd, (sockaddr*)&a, sizeof a) == 0);
+    REQUIRE(listen(fd, 4) == 0);
+    socklen_t len = sizeof a;
+    getsockname(fd, (sockaddr*)&a, &len);
+    const int port = ntohs(a.sin_port);
+    Result r = sh("MF_STORE_TIMEOUT=5 python3 " + kLaunch + " --nproc-per-node 2 --master-addr " +
+                  "127.0.0.1 --master-port " + std::to_string(port) + " " + kBin + " train " +
+                  kRoot + "/cfg.json --quiet --set run.name=port");
+    close(fd);
+    INFO(r.out);
+    CHECK(r.rc != 0);
+    CHECK(r.out.find("already in use") != std::string::npos);
+    CHECK(r.seconds < 30);
+  }
+  SECTION("a missing master") {
+    Result r = sh("MF_STORE_TIMEOUT=2 RANK=1 WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 "
+                  "MASTER_ADDR=127.0.0.1 MASTER_PORT=1 " + kBin + " train " + kRoot +
+                  "/cfg.json --quiet --set run.name=nomaster");
+    INFO(r.out);
+    CHECK(r.rc == 1);
+    CHECK(r.out.find("cannot reach master") != std::string::npos);
+    CHECK(r.seconds < 20);
+  }
+}
