@@ -1,5 +1,8 @@
 #include "backend/backend.h"
 
+#include <cstdio>
+#include <cstring>
+
 #include "backend/cpu/cpu_backend.h"
 
 #ifdef MF_HAS_CUDA
@@ -10,6 +13,21 @@ int cuda_device_count();
 #endif
 
 namespace mf {
+
+MemoryInfo Backend::memory_info() const {
+  MemoryInfo m;
+  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256], key[64];
+    unsigned long long kb = 0;
+    while (std::fgets(line, sizeof line, f)) {
+      if (std::sscanf(line, "%63s %llu", key, &kb) != 2) continue;
+      if (!std::strcmp(key, "MemTotal:")) m.total = size_t(kb) * 1024;
+      if (!std::strcmp(key, "MemAvailable:")) m.free = size_t(kb) * 1024;
+    }
+    std::fclose(f);
+  }
+  return m;
+}
 
 // ---- default MoE entries: a backend without MoE kernels still compiles and says so ------------
 

@@ -19,6 +19,14 @@
 
 namespace mf {
 
+// Memory of the device a backend computes on (bench, memory plan). CPU: host RAM from
+// /proc/meminfo (MemAvailable / MemTotal). CUDA: cudaMemGetInfo of the backend's device.
+struct MemoryInfo {
+  size_t free = 0, total = 0;  // bytes; 0 when unknown
+  size_t tensors = 0;          // bytes held by tensors from empty() (0: not tracked, e.g. CPU)
+  size_t workspace = 0;        // scratch + library workspaces held right now (0: none / unknown)
+};
+
 struct AttnShape {
   int B = 0, T = 0, H = 0, Hkv = 0, hd = 0;  // batch, sequence, query heads, kv heads, head dim
   float scale = 0.f;                          // softmax scale, usually 1/sqrt(hd)
@@ -57,6 +65,8 @@ class Backend {
   // dst <- src on this backend; converts between f32 and bf16 (the master -> compute weight cast).
   virtual void copy(const Tensor& src, Tensor& dst) = 0;
   virtual void synchronize() {}
+  // Not pure: the default reads /proc/meminfo (host RAM) and tracks no tensors.
+  virtual MemoryInfo memory_info() const;
 
   // ---- model ops -----------------------------------------------------------------------
   // out[n,:] (=) wte[tokens[n],:].  tokens i32 [N], wte [V,d], out [N,d]

@@ -151,6 +151,18 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) { cuda::op_cast(ctx_, src
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
+MemoryInfo CudaBackend::memory_info() const {
+  MemoryInfo m;
+  int cur = 0;
+  CUDA_CHECK(cudaGetDevice(&cur));
+  if (cur != dev_) CUDA_CHECK(cudaSetDevice(dev_));
+  CUDA_CHECK(cudaMemGetInfo(&m.free, &m.total));
+  if (cur != dev_) CUDA_CHECK(cudaSetDevice(cur));
+  m.tensors = bytes_allocated();
+  m.workspace = scratch_bytes() + cuda::CublasLt::kWorkspaceBytes;
+  return m;
+}
+
 // ---- model ops ---------------------------------------------------------------------------------
 
 void CudaBackend::embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) {

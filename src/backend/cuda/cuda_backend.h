@@ -32,6 +32,8 @@ class CudaBackend final : public Backend {
   void download(const Tensor& src, Tensor& host_dst) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void synchronize() override;
+  // cudaMemGetInfo of this device; tensors = bytes_allocated(); workspace = scratch + cuBLASLt's.
+  MemoryInfo memory_info() const override;
 
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
