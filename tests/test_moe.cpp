@@ -841,6 +841,22 @@ TEST_CASE("moe balance loss: in the loss, in the metrics, zero when balance is n
     for (int c : model.moe_layers()[0]->last_counts()) sum += c;
     CHECK(sum == int64_t(B * T) * mc.moe.top_k);
     CHECK(l.contains("bias_min") == (balance == "bias"));
+    // Data parallel: post_step hands the step's statistics to a sum over ranks; two identical
+    // ranks double the loads and drops and keep the mean aux loss.
+    model.zero_grads();
+    model.forward_backward(tokens.data(), targets.data(), 1.f / (B * T));
+    int calls = 0;
+    model.post_step([&](std::vector<float>& v) {
+      ++calls;
+      for (auto& x : v) x *= 2;
+    });
+    CHECK(calls == 1);
+    auto j2 = model.moe_metrics();
+    MoeLayer* ml = model.moe_layers()[0];  // (the bias may have changed this pass's routing)
+    const int max_count = *std::max_element(ml->last_counts().begin(), ml->last_counts().end());
+    CHECK(j2["layers"][0]["load_max"].get<int64_t>() == 2 * max_count);
+    CHECK(j2["dropped"].get<int64_t>() == 2 * ml->last_dropped());
+    CHECK(j2["aux_loss"].get<double>() == Approx(ml->aux_loss()));
   }
 }
 

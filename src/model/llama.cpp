@@ -309,7 +309,15 @@ double LlamaModel::moe_aux_loss() const {
   return s;
 }
 
-void LlamaModel::post_step() {
+void LlamaModel::post_step(const std::function<void(std::vector<float>&)>& sum_over_ranks) {
+  if (moe_layers_.empty()) return;
+  if (sum_over_ranks) {
+    std::vector<float> stats;
+    for (auto& m : moe_layers_) m->append_step_stats(stats);
+    sum_over_ranks(stats);
+    size_t at = 0;
+    for (auto& m : moe_layers_) at = m->set_step_stats(stats, at);
+  }
   for (auto& m : moe_layers_) m->post_step();
 }
 

@@ -1,6 +1,7 @@
 // The Llama model written once against the Backend interface (llm.c style: forward and backward
 // spelled out layer by layer, every buffer allocated once for a fixed micro-batch B x T).
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -57,8 +58,11 @@ class LlamaModel {
   bool is_moe() const { return !moe_layers_.empty(); }
   double moe_aux_loss() const;  // sum over MoE layers, from the last forward
   // Call after every optimizer step: bias updates (balance = "bias") and the step's load
-  // statistics. A no-op for dense models.
-  void post_step();
+  // statistics. A no-op for dense models. With data parallelism pass `sum_over_ranks`, which
+  // must replace each float of its argument by the sum over ranks (host memory): every rank then
+  // balances on the global loads and the biases stay identical. (Loads are summed as floats:
+  // exact below 2^24 assignments per expert per step.)
+  void post_step(const std::function<void(std::vector<float>&)>& sum_over_ranks = nullptr);
   // {"aux_loss", "dropped", "load_cv_max", "layers": [{layer, load_min, load_max, load_cv,
   // aux_loss, dropped, bias_min, bias_max}]} of the last completed step.
   nlohmann::json moe_metrics() const;

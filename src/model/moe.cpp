@@ -253,6 +253,23 @@ void MoeLayer::step_stats(nlohmann::json& m) const {
   m["dropped"] = step_dropped_;
 }
 
+void MoeLayer::append_step_stats(std::vector<float>& out) const {
+  for (int64_t v : step_load_) out.push_back(float(v));
+  out.push_back(float(step_dropped_));
+  out.push_back(float(step_aux_sum_));
+  out.push_back(float(step_passes_));
+}
+
+size_t MoeLayer::set_step_stats(const std::vector<float>& in, size_t at) {
+  MF_CHECK(at + step_load_.size() + 3 <= in.size(), "MoE layer ", layer_,
+           ": step statistics buffer too short");
+  for (auto& v : step_load_) v = int64_t(std::llround(in[at++]));
+  step_dropped_ = int64_t(std::llround(in[at++]));
+  step_aux_sum_ = in[at++];
+  step_passes_ = int(std::lround(in[at++]));
+  return at;
+}
+
 void MoeLayer::post_step() {
   const int64_t E = mc_.n_experts;
   nlohmann::json m;

@@ -67,6 +67,11 @@ class MoeLayer {
 
   // Balance loss of the last forward (0 unless balance == "aux_loss").
   double aux_loss() const { return aux_loss_; }
+  // The step's statistics as floats (E loads, dropped, aux-loss sum, passes), appended to `out`;
+  // set_step_stats reads them back from `in` at `at` (after a sum over data-parallel ranks, so
+  // every rank applies the same bias update) and returns the position after them.
+  void append_step_stats(std::vector<float>& out) const;
+  size_t set_step_stats(const std::vector<float>& in, size_t at);
   // After each optimizer step: the bias update (balance == "bias") and the step's statistics.
   void post_step();
   // Statistics of the last completed step (see post_step): layer, load_min, load_max, load_cv,

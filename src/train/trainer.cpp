@@ -338,6 +338,21 @@ TrainResult Trainer::run() {
     opt_->step(step, float(clip));
     const int qk_clipped = diag_->qk_clip(*model_, *be_);  // 0 unless optim.qk_clip_tau > 0
     broadcast_owned_params();
+    // MoE: bias balancing on the step's expert loads summed over ranks (no-op for dense models).
+    model_->post_step([this](std::vector<float>& v) {
+      if (world_ == 1 || v.empty()) return;
+      Tensor h = host_tensor({int64_t(v.size())});
+      std::copy(v.begin(), v.end(), h.f32());
+      if (be_->device() == Device::CUDA) {  // NCCL reduces device memory
+        Tensor d = be_->empty(h.shape, DType::F32);
+        be_->upload(h, d);
+        comm_->allreduce_sum(d.f32(), v.size());
+        be_->download(d, h);
+      } else {
+        comm_->allreduce_sum(h.f32(), v.size());
+      }
+      std::copy(h.f32(), h.f32() + v.size(), v.begin());
+    });
     const long long step_tokens = cfg_.train.batch_tokens;
     tokens_seen_ += step_tokens;
     tokens_log += step_tokens;
@@ -356,6 +371,7 @@ TrainResult Trainer::run() {
                             {"elapsed_s", elapsed}};
       rec["mfu"] = peak > 0 ? nlohmann::json(fpt * tps / peak) : nlohmann::json(nullptr);
       if (cfg_.optim.qk_clip_tau > 0) rec["qk_clipped"] = qk_clipped;
+      if (model_->is_moe()) rec["moe"] = model_->moe_metrics();  // MoE: loads, aux loss, drops
       append_metrics(rec);
       if (!opts_.quiet)
         spdlog::info("step {:>{}}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {} tok/s | "
