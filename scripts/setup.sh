@@ -42,6 +42,17 @@ else
   echo "setup: Debian packages present"
 fi
 
+# matplotlib for scripts/plot.py (optional: plots are skipped without it). Quiet, only when
+# missing, and a failure (offline machine) is only a note. MUONFORGE_NO_PIP=1 skips it.
+if [[ -z ${MUONFORGE_NO_PIP:-} ]] && command -v python3 >/dev/null &&
+   ! python3 -c "import matplotlib" >/dev/null 2>&1; then
+  echo "setup: installing matplotlib for scripts/plot.py (pip, optional)"
+  if ! python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 10 matplotlib >/dev/null 2>&1 &&
+     ! python3 -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 10 --user matplotlib >/dev/null 2>&1; then
+    echo "setup: note: could not install matplotlib (offline?); scripts/plot.py needs it, the rest does not"
+  fi
+fi
+
 build_dir=${MUONFORGE_BUILD_DIR:-build}
 cuda=${MUONFORGE_CUDA:-AUTO}
 jobs=${MUONFORGE_JOBS:-$(nproc)}

@@ -1,0 +1,489 @@
+#!/usr/bin/env python3
+"""Run a hyper-parameter sweep of `muonforge train` and collect the results.
+
+    scripts/sweep.py SWEEP.json [--out DIR] [--jobs N] [--binary PATH] [--set key=value]...
+                     [--reduced] [--dry-run] [--collect-only]
+
+A sweep file (see configs/sweeps/) names a base run config and a grid:
+
+    {
+      "name": "cpu-muon-vs-adamw",
+      "base": "../mup-cpu.json",          # relative to the sweep file
+      "out": "runs/sweep-{name}",          # default output folder (relative to the cwd)
+      "set": {"train.max_steps": 300},     # fixed config values for every run
+      "grid": [                            # one grid, or a list of grids (their union)
+        {"width": [{"_name": "w64", "model.d_model": 64, "model.n_heads": 4},
+                   {"_name": "w128", "model.d_model": 128, "model.n_heads": 8}],
+         "optim.name": ["muon"], "optim.lr": [0.01, 0.02], "train.seed": [1]}
+      ],
+      "reduced": {"set": {...}, "grid": [...]}   # what --reduced runs instead (CI)
+    }
+
+Every grid axis is a config key path with a list of values, or a label with a list of objects
+whose keys are config paths set together (an optional "_name" names the value in run names).
+Each run gets OUT/configs/RUN.json ({"base": ..., the values, "run": {"dir", "name"}}) and the
+run directory OUT/runs/RUN/; runs go N at a time (--jobs; default one per GPU that nvidia-smi
+lists, else 1), each on its own GPU (CUDA_VISIBLE_DEVICES) or with cores/N OpenMP threads.
+Precedence of values: sweep "set" < "reduced"."set" < grid < --set.
+
+Re-running the same command skips finished runs and resumes interrupted or failed ones (the
+trainer resumes from the run's latest checkpoint). A run whose config changed since it was
+started is an error (use another --out or delete that run). Ctrl-C stops the running trainers
+(each writes a checkpoint) and exits; run again to continue.
+
+Results: OUT/results.csv with one line per run: run, status, each grid key, steps, tokens,
+final_train_loss, final_val_loss, flops (tokens x the model's training FLOPs per token, the
+6N + 12 L d T of LlamaModel::flops_per_token), wall_s (summed over attempts). OUT/sweep.json
+records the expanded runs for scripts/plot.py.
+
+Standard library only. Exit status: 0 when every run finished, 1 when some failed, 2 on usage
+errors, 130 when interrupted.
+"""
+
+import argparse
+import csv
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class UserError(Exception):
+    """A problem the user must fix; printed without a traceback."""
+
+
+def log(msg):
+    print(f"sweep: {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep file -> runs
+# ---------------------------------------------------------------------------------------------
+
+def parse_value(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(items, what):
+    out = {}
+    for s in items or []:
+        if "=" not in s or s.startswith("="):
+            raise UserError(f"{what}: expected key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        out[k] = parse_value(v)
+    return out
+
+
+def check_key(key, where):
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", key):
+        raise UserError(f"{where}: {key!r} is not a config key path like optim.lr")
+    if key.startswith("run."):
+        raise UserError(f"{where}: {key} is set by the sweep (each run gets its own run.dir/name)")
+
+
+def fmt_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+SHORT = {"d_model": "d", "lr": "lr", "seed": "s", "wd": "wd", "n_layers": "L", "enabled": "mup"}
+
+
+def value_label(key, value):
+    """Name fragment of one axis value."""
+    if isinstance(value, dict):
+        if "_name" in value:
+            return str(value["_name"])
+        return "-".join(value_label(k, v) for k, v in value.items())
+    last = key.split(".")[-1]
+    if isinstance(value, str):
+        return value
+    return SHORT.get(last, last) + fmt_value(value)
+
+
+def sanitize(name):
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
+
+
+def expand_grid(grid, where):
+    """[(name, {key: value})] for one grid object."""
+    if not isinstance(grid, dict) or not grid:
+        raise UserError(f"{where}: a grid must be a non-empty object of axis -> list of values")
+    axes = []
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: axis {axis!r} needs a non-empty list of values")
+        for v in values:
+            if isinstance(v, dict):
+                for k in v:
+                    if k != "_name":
+                        check_key(k, f"{where}: axis {axis!r}")
+            else:
+                check_key(axis, f"{where}: axis {axis!r}")
+        axes.append((axis, values))
+    runs = []
+    for combo in itertools.product(*[vals for _, vals in axes]):
+        values, parts = {}, []
+        for (axis, _), v in zip(axes, combo):
+            parts.append(value_label(axis, v))
+            if isinstance(v, dict):
+                values.update({k: x for k, x in v.items() if k != "_name"})
+            else:
+                values[axis] = v
+        runs.append((sanitize("-".join(parts)), values))
+    return runs
+
+
+def load_sweep(path, reduced):
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such sweep file")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON: {e}")
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: the top level must be an object")
+    known = {"name", "description", "base", "out", "set", "grid", "reduced", "jobs"}
+    for k in spec:
+        if k not in known:
+            raise UserError(f"{path}: unknown key {k!r} (valid: {', '.join(sorted(known))})")
+    for k in ("name", "base", "grid"):
+        if k not in spec:
+            raise UserError(f"{path}: missing key {k!r}")
+    base = (path.parent / spec["base"]).resolve()
+    if not base.is_file():
+        raise UserError(f"{path}: base: {base} does not exist")
+    fixed = dict(spec.get("set", {}))
+    grid = spec["grid"]
+    if reduced:
+        red = spec.get("reduced")
+        if not isinstance(red, dict):
+            raise UserError(f"{path}: --reduced needs a \"reduced\" object in the sweep file")
+        fixed.update(red.get("set", {}))
+        grid = red.get("grid", grid)
+    for k in fixed:
+        check_key(k, f"{path}: set")
+    grids = grid if isinstance(grid, list) else [grid]
+    runs, seen, keys = [], set(), []
+    for i, g in enumerate(grids):
+        for name, values in expand_grid(g, f"{path}: grid[{i}]"):
+            if name in seen:
+                raise UserError(f"{path}: two runs are both named {name!r}; give the axis values "
+                                f"a \"_name\" that tells them apart")
+            seen.add(name)
+            for k in values:
+                if k not in keys:
+                    keys.append(k)
+            runs.append({"name": name, "values": values})
+    return spec, base, fixed, runs, keys
+
+
+def nested(flat):
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    out = {}
+    for key, v in flat.items():
+        d = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise UserError(f"config key {key}: {p} is set both as a value and as a section")
+        d[parts[-1]] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+def count_gpus():
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def read_status(run_dir):
+    p = run_dir / "sweep_status.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_status(run_dir, st):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "sweep_status.json.tmp"
+    tmp.write_text(json.dumps(st, indent=1) + "\n")
+    os.replace(tmp, run_dir / "sweep_status.json")
+
+
+class Job:
+    def __init__(self, run, slot, proc, logf, t0):
+        self.run, self.slot, self.proc, self.logf, self.t0 = run, slot, proc, logf, t0
+
+
+def run_all(todo, out, binary, jobs, use_gpus, threads):
+    """Runs `todo` (list of run dicts) `jobs` at a time. Returns (failed names, interrupted)."""
+    stop = {"sig": 0}
+
+    def on_signal(sig, _frame):
+        if stop["sig"]:
+            return
+        stop["sig"] = sig
+        log(f"signal {sig}: stopping the running trainers (each writes a checkpoint)...")
+        for j in running:
+            try:
+                j.proc.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+
+    running, failed = [], []
+    free = list(range(jobs))
+    queue = list(todo)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while queue or running:
+            while queue and free and not stop["sig"]:
+                run = queue.pop(0)
+                slot = free.pop(0)
+                env = dict(os.environ)
+                if use_gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot)
+                env.setdefault("OMP_NUM_THREADS", str(threads))
+                run_dir = out / "runs" / run["name"]
+                run_dir.mkdir(parents=True, exist_ok=True)
+                st = read_status(run_dir)
+                st.update({"status": "running", "config_sha": run["sha"]})
+                write_status(run_dir, st)
+                logf = open(out / "logs" / f"{run['name']}.log", "a")
+                cmd = [str(binary), "train", str(run["config"])]
+                logf.write(f"$ {' '.join(cmd)}\n")
+                logf.flush()
+                log(f"start {run['name']}" + (f" on GPU {slot}" if use_gpus else ""))
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+                running.append(Job(run, slot, proc, logf, time.time()))
+            if not running:
+                break
+            time.sleep(0.2)
+            for j in list(running):
+                rc = j.proc.poll()
+                if rc is None:
+                    continue
+                running.remove(j)
+                free.append(j.slot)
+                j.logf.close()
+                run_dir = out / "runs" / j.run["name"]
+                st = read_status(run_dir)
+                wall = st.get("wall_s", 0.0) + (time.time() - j.t0)
+                if rc == 0 and not stop["sig"]:
+                    status = "done"
+                elif stop["sig"]:
+                    status = "interrupted"
+                else:
+                    status = "failed"
+                    failed.append(j.run["name"])
+                st.update({"status": status, "rc": rc, "wall_s": wall,
+                           "attempts": st.get("attempts", 0) + 1})
+                write_status(run_dir, st)
+                log(f"{status} {j.run['name']} (rc {rc}, {wall:.1f}s)" +
+                    ("" if status != "failed" else f"; see {out / 'logs' / (j.run['name'] + '.log')}"))
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return failed, bool(stop["sig"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting
+# ---------------------------------------------------------------------------------------------
+
+def flops_per_token(cfg):
+    """LlamaModel::flops_per_token: 6 x (multiplied weights) + 12 L d T (dense models)."""
+    m, t = cfg["model"], cfg["train"]
+    d, L, V, f = m["d_model"], m["n_layers"], m["vocab_size"], m["d_ff"]
+    hd = d // m["n_heads"]
+    qd, kvd = m["n_heads"] * hd, m["n_kv_heads"] * hd
+    n = L * (2 * qd * d + 2 * kvd * d + 3 * d * f) + V * d
+    return 6.0 * n + 12.0 * L * d * t["seq_len"]
+
+
+def read_metrics(path):
+    recs = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a torn last line
+    except OSError:
+        pass
+    return recs
+
+
+def collect(out, runs, keys):
+    rows = []
+    for run in runs:
+        run_dir = out / "runs" / run["name"]
+        st = read_status(run_dir)
+        recs = read_metrics(run_dir / "metrics.jsonl")
+        train = [r for r in recs if "loss" in r]
+        val = [r for r in recs if "val_loss" in r]
+        row = {"run": run["name"], "status": st.get("status", "pending")}
+        for k in keys:
+            v = run["values"].get(k, "")
+            row[k] = json.dumps(v) if isinstance(v, (dict, list, bool)) else v
+        row["steps"] = train[-1]["step"] if train else 0
+        row["tokens"] = train[-1].get("tokens", "") if train else 0
+        row["final_train_loss"] = train[-1]["loss"] if train else ""
+        row["final_val_loss"] = val[-1]["val_loss"] if val else ""
+        flops = ""
+        try:
+            cfg = json.loads((run_dir / "config.json").read_text())
+            if train and cfg["model"].get("moe", {}).get("n_experts", 0) == 0:
+                flops = f"{flops_per_token(cfg) * float(row['tokens']):.6g}"
+        except (OSError, json.JSONDecodeError, KeyError, ZeroDivisionError):
+            pass
+        row["flops"] = flops
+        row["wall_s"] = f"{st['wall_s']:.2f}" if "wall_s" in st else ""
+        rows.append(row)
+    fields = ["run", "status"] + keys + ["steps", "tokens", "final_train_loss", "final_val_loss",
+                                         "flops", "wall_s"]
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out / "results.csv")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="See the module docstring (head of this file) and "
+                                        "docs/reproduction.md for the sweep file format.")
+    ap.add_argument("sweep", help="sweep file (configs/sweeps/*.json)")
+    ap.add_argument("--out", help="output folder (default: the sweep's \"out\", "
+                                  "runs/sweep-{name})")
+    ap.add_argument("--jobs", type=int, help="runs at a time (default: #GPUs, else 1)")
+    ap.add_argument("--binary", default=None,
+                    help="muonforge binary (default: $MUONFORGE_BINARY or build/muonforge)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config value for every run (after the grid), e.g. train.max_steps=30")
+    ap.add_argument("--reduced", action="store_true",
+                    help="run the sweep file's \"reduced\" grid (the CI form)")
+    ap.add_argument("--dry-run", action="store_true", help="write the configs, list the runs")
+    ap.add_argument("--collect-only", action="store_true", help="only rebuild results.csv")
+    args = ap.parse_args(argv)
+
+    spec, base, fixed, runs, keys = load_sweep(args.sweep, args.reduced)
+    cli = parse_sets(args.set, "--set")
+    for k in cli:
+        check_key(k, "--set")
+    out = Path(args.out or spec.get("out", "runs/sweep-{name}").replace("{name}", spec["name"]))
+    out = out.resolve()
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    binary = Path(args.binary or os.environ.get("MUONFORGE_BINARY") or "build/muonforge")
+    if not args.dry_run and not args.collect_only and not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise UserError(f"muonforge binary {binary} not found; build it (scripts/setup.sh) or "
+                        f"pass --binary PATH")
+
+    # One config per run.
+    conflicts = []
+    for run in runs:
+        flat = dict(fixed)
+        flat.update(run["values"])
+        flat.update(cli)
+        cfg = nested(flat)
+        cfg["base"] = str(base)
+        cfg.setdefault("run", {})
+        run_dir = out / "runs" / run["name"]
+        cfg["run"]["dir"] = str(run_dir)
+        cfg["run"]["name"] = run["name"]
+        text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+        sha = hashlib.sha256((text + base.read_text()).encode()).hexdigest()[:16]
+        run["config"] = out / "configs" / f"{run['name']}.json"
+        run["sha"] = sha
+        st = read_status(run_dir)
+        if st.get("config_sha") and st["config_sha"] != sha:
+            conflicts.append(run["name"])
+            continue
+        run["config"].write_text(text)
+    if conflicts:
+        raise UserError(f"{len(conflicts)} run(s) in {out} were started with a different config "
+                        f"(sweep file, --set, --reduced or the base config changed): "
+                        f"{', '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}. "
+                        f"Use another --out, or delete those run folders to redo them.")
+    (out / "sweep.json").write_text(json.dumps(
+        {"name": spec["name"], "sweep_file": str(Path(args.sweep).resolve()), "base": str(base),
+         "reduced": args.reduced, "set": {**fixed, **cli}, "keys": keys,
+         "runs": [{"name": r["name"], "values": r["values"]} for r in runs]}, indent=1) + "\n")
+
+    done = [r for r in runs if read_status(out / "runs" / r["name"]).get("status") == "done"]
+    todo = [r for r in runs if r not in done]
+    log(f"{spec['name']}: {len(runs)} runs ({len(done)} finished, {len(todo)} to run) in {out}")
+    if args.dry_run:
+        for r in runs:
+            print(f"  {r['name']:40s} {json.dumps(r['values'])}")
+        return 0
+    failed, interrupted = [], False
+    if todo and not args.collect_only:
+        gpus = count_gpus()
+        device = str(cli.get("train.device", fixed.get("train.device", "auto")))
+        use_gpus = gpus > 0 and device != "cpu"
+        jobs = args.jobs or spec.get("jobs") or (gpus if use_gpus else 1)
+        if use_gpus and jobs > gpus:
+            raise UserError(f"--jobs {jobs} exceeds the {gpus} GPU(s) nvidia-smi lists")
+        jobs = max(1, min(jobs, len(todo)))
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        log(f"running {len(todo)} run(s), {jobs} at a time" +
+            (f" (one GPU each)" if use_gpus else f" on the CPU ({threads} threads each)"))
+        failed, interrupted = run_all(todo, out, binary, jobs, use_gpus, threads)
+    rows = collect(out, runs, keys)
+    log(f"results: {out / 'results.csv'} ({sum(r['status'] == 'done' for r in rows)}/{len(rows)} done)")
+    if interrupted:
+        log("interrupted; run the same command again to resume")
+        return 130
+    if failed:
+        log(f"{len(failed)} run(s) failed: {', '.join(failed)} (logs in {out / 'logs'}); "
+            f"run the same command again to retry them")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        sys.exit(2)

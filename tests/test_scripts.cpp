@@ -1,0 +1,44 @@
+// scripts/sweep.py and scripts/plot.py end to end: tests/test_sweep_plot.py runs the shipped CPU
+// sweep in its reduced form with this build's muonforge binary, checks results.csv, skipping of
+// finished runs, refusal of changed configs, resume after SIGINT, bad sweep files, and the PNGs
+// (the plot part is skipped with a warning when matplotlib is not importable).
+#include <catch2/catch.hpp>
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace {
+
+std::string run_capture(const std::string& cmd, int* rc) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  int st = ::pclose(p);
+  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("sweep.py and plot.py on the reduced CPU sweep", "[scripts][python]") {
+  if (std::system("python3 --version > /dev/null 2>&1") != 0) {
+    WARN("python3 not found: skipping tests/test_sweep_plot.py");
+    return;
+  }
+  int rc = 0;
+  const std::string log = run_capture(
+      "python3 " + std::string(MF_TEST_DIR) + "/test_sweep_plot.py " + std::string(MF_BINARY), &rc);
+  INFO(log);
+  CHECK(rc == 0);
+  CHECK(log.find("ok: reduced sweep finished") != std::string::npos);
+  if (log.find("SKIP-PLOT") != std::string::npos)
+    WARN("matplotlib is not importable: plot.py was not tested (pip install matplotlib)");
+  else
+    CHECK(log.find("ok: speedup.csv has both widths") != std::string::npos);
+}
