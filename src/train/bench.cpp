@@ -1,0 +1,474 @@
+#include "train/bench.h"
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+#include <vector>
+
+#include "core/log.h"
+#include "core/rng.h"
+#include "model/llama.h"
+#include "optim/mup.h"
+#include "optim/optimizer.h"
+
+namespace mf {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double secs(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+double mean(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return v.empty() ? 0 : s / double(v.size());
+}
+
+double mib(double bytes) { return bytes / double(1 << 20); }
+
+std::string fmt(const char* f, double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, x);
+  return buf;
+}
+
+// Tracks the lowest free device memory and the largest held bytes seen at the sample points.
+struct MemTracker {
+  Backend& be;
+  size_t min_free = SIZE_MAX, max_tensors = 0, max_workspace = 0, total = 0;
+  explicit MemTracker(Backend& b) : be(b) {}
+  void sample() {
+    const MemoryInfo m = be.memory_info();
+    total = m.total;
+    if (m.total > 0) min_free = std::min(min_free, m.free);
+    max_tensors = std::max(max_tensors, m.tensors);
+    max_workspace = std::max(max_workspace, m.workspace);
+  }
+};
+
+int64_t sum_bytes(const Tensor& t) { return t.defined() ? int64_t(t.nbytes()) : 0; }
+
+}  // namespace
+
+double bench_peak_flops(const Backend& be) {
+  return be.device() == Device::CUDA ? 989e12 : 0.0;
+}
+
+size_t peak_rss_bytes() {
+  struct rusage ru {};
+  if (getrusage(RUSAGE_SELF, &ru) != 0) return 0;
+  return size_t(ru.ru_maxrss) * 1024;  // Linux reports kilobytes
+}
+
+double measure_gemm_flops(Backend& be, int64_t n, int warmup, int reps, double* median_s) {
+  MF_CHECK(n > 0 && reps > 0, "measure_gemm_flops: n and reps must be positive (n ", n,
+           ", reps ", reps, ")");
+  const DType t = be.act_dtype();
+  Tensor x = be.empty({n, n}, t), W = be.empty({n, n}, t), y = be.empty({n, n}, t);
+  {
+    // Random operands (never zeros: a GEMM on zeros runs faster than on real data).
+    Rng rng(20240520);
+    Tensor h = host_tensor({n, n}, DType::F32);
+    float* p = h.f32();
+    for (int64_t i = 0; i < n * n; ++i) p[i] = float(rng.uniform() * 2.0 - 1.0);
+    be.upload(h, x);
+    for (int64_t i = 0; i < n * n; ++i) p[i] = float(rng.uniform() * 2.0 - 1.0);
+    be.upload(h, W);
+  }
+  for (int i = 0; i < warmup; ++i) be.matmul_fwd(x, W, y);
+  be.synchronize();
+  std::vector<double> ts;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = Clock::now();
+    be.matmul_fwd(x, W, y);
+    be.synchronize();
+    ts.push_back(secs(t0, Clock::now()));
+  }
+  const double med = median(ts);
+  if (median_s) *median_s = med;
+  return 2.0 * double(n) * double(n) * double(n) / std::max(med, 1e-12);
+}
+
+// ---- memory plan -------------------------------------------------------------------------------
+
+nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be) {
+  const ModelConfig& c = model.config();
+  const int64_t B = model.B(), T = model.T(), N = B * T;
+  const int64_t d = c.d_model, f = c.d_ff, hd = c.head_dim(), V = c.vocab_size;
+  const int64_t qd = int64_t(c.n_heads) * hd, kvd = int64_t(c.n_kv_heads) * hd;
+  const int64_t act = int64_t(dtype_size(be.act_dtype()));
+
+  int64_t weights = 0, grads = 0;
+  for (Param* p : model.params()) {
+    weights += sum_bytes(p->master);
+    if (p->weight.defined() && p->weight.ptr != p->master.ptr) weights += sum_bytes(p->weight);
+    grads += sum_bytes(p->grad);
+  }
+  int64_t state = 0, muon_max = 0, ns_dims_min = 0, ns_dims_max = 0;
+  for (const OptEntry& e : opt.entries()) {
+    state += sum_bytes(e.exp_avg) + sum_bytes(e.exp_avg_sq) + sum_bytes(e.momentum);
+    if (e.kind == OptKind::Muon && e.param->numel() > muon_max) {
+      muon_max = e.param->numel();
+      const Shape& s = e.param->shape;
+      const int64_t r = s[s.size() - 2], cc = s.back();
+      ns_dims_min = std::min(r, cc);
+      ns_dims_max = std::max(r, cc);
+    }
+  }
+  const int64_t muon_scratch = muon_max * 4;  // Optimizer's U / NS output buffer (f32)
+
+  // The model's activation buffers (LlamaModel::Acts) for one micro-batch B x T.
+  int dense_layers = 0;
+  for (int i = 0; i < c.n_layers; ++i)
+    if (!(c.moe.n_experts > 0 && i >= c.moe.first_dense)) ++dense_layers;
+  int64_t acts = 0;
+  acts += c.n_layers * act * N * (4 * d + 2 * qd + 2 * kvd);    // r_attn xn1 r_mlp xn2 q ao k v
+  acts += c.n_layers * 4 * (2 * N + B * int64_t(c.n_heads) * T);  // rstd1 rstd2 lse (f32)
+  acts += dense_layers * act * N * 3 * f;                        // gate up h
+  acts += act * N * 3 * d + 4 * 2 * N + 4 * 2 * N;               // branch r_final xf; rstd_f losses; ids
+  acts += act * N * 4 * d;                                       // dresid dbranch dxf dxn
+  if (dense_layers > 0) acts += act * N * 3 * f;                 // dh dgate dup
+  acts += act * N * (2 * qd + 2 * kvd);                          // dao dq dk dv
+
+  const MemoryInfo mi = be.memory_info();
+  const bool cuda = be.device() == Device::CUDA;
+  // Expected workspace peak on CUDA (kernels/ Scratch is one grow-only buffer; the largest user
+  // sets it): the fused lm-head xent chunk (f32 logits + bf16 dlogits, capped at 256 MiB), the
+  // Newton-Schulz buffers of the largest Muon matrix (X ping-pong, A, A^2 in bf16), plus the
+  // 32 MiB cuBLASLt workspace. An estimate from docs/cuda.md, not a measurement.
+  int64_t ws_expected = 0;
+  if (cuda) {
+    const int64_t xent = std::min<int64_t>(N * V * 6, int64_t(256) << 20);
+    const int64_t ns = 2 * (2 * ns_dims_min * ns_dims_max + 2 * ns_dims_min * ns_dims_min);
+    ws_expected = std::max(xent, ns) + (int64_t(32) << 20);
+  }
+  const int64_t workspace_now = int64_t(mi.workspace);
+  const int64_t total =
+      weights + grads + state + muon_scratch + acts + std::max(workspace_now, ws_expected);
+
+  nlohmann::json j;
+  j["device"] = be.name();
+  j["B"] = B;
+  j["T"] = T;
+  j["weights"] = weights;
+  j["grads"] = grads;
+  j["optimizer_state"] = state;
+  j["muon_scratch"] = muon_scratch;
+  j["activations"] = acts;
+  j["activations_moe_excluded"] = c.moe.n_experts > 0;
+  j["workspace_now"] = workspace_now;
+  j["workspace_expected"] = ws_expected;
+  j["total"] = total;
+  j["free"] = int64_t(mi.free);
+  j["device_total"] = int64_t(mi.total);
+  j["tensors_measured"] = int64_t(mi.tensors);  // 0 when the backend does not track (CPU)
+  return j;
+}
+
+std::string memory_plan_table(const nlohmann::json& p) {
+  std::ostringstream o;
+  auto row = [&](const char* name, double bytes, const std::string& note = "") {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "  %-22s %12.1f MiB%s%s\n", name, mib(bytes),
+                  note.empty() ? "" : "  ", note.c_str());
+    o << buf;
+  };
+  const bool cuda = p.at("device") == "cuda";
+  o << "memory plan (" << p.at("device").get<std::string>() << ", micro-batch "
+    << p.at("B").get<int64_t>() << " x " << p.at("T").get<int64_t>() << "):\n";
+  row("weights", p.at("weights").get<double>(), cuda ? "f32 master + bf16 compute copy" : "f32");
+  row("gradients", p.at("grads").get<double>(), "f32");
+  row("optimizer state", p.at("optimizer_state").get<double>(), "AdamW m, v; Muon momentum (f32)");
+  row("muon scratch", p.at("muon_scratch").get<double>(), "largest Muon matrix, f32");
+  row("activations", p.at("activations").get<double>(),
+      p.at("activations_moe_excluded").get<bool>() ? "by formula; MoE expert buffers NOT counted"
+                                                   : "by formula (LlamaModel buffers)");
+  if (cuda) {
+    row("workspace now", p.at("workspace_now").get<double>(), "scratch + cuBLASLt 32 MiB");
+    row("workspace (expected)", p.at("workspace_expected").get<double>(),
+        "after the first step: max(xent chunk, NS buffers) + 32 MiB; estimate");
+  }
+  row("total", p.at("total").get<double>());
+  if (cuda && p.at("tensors_measured").get<int64_t>() > 0)
+    row("held by tensors", p.at("tensors_measured").get<double>(),
+        "measured (CudaBackend::bytes_allocated)");
+  if (p.at("device_total").get<int64_t>() > 0) {
+    row("free now", p.at("free").get<double>(),
+        std::string(cuda ? "cudaMemGetInfo" : "MemAvailable") + ", after the allocations above; of " +
+            fmt("%.0f", mib(p.at("device_total").get<double>())) + " MiB");
+  }
+  return o.str();
+}
+
+void print_memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be) {
+  const nlohmann::json p = memory_plan(model, opt, be);
+  spdlog::info("{}", memory_plan_table(p));
+  // What is still to come after construction: workspace growth (everything else is allocated).
+  const int64_t growth =
+      std::max<int64_t>(0, p.at("workspace_expected").get<int64_t>() - p.at("workspace_now").get<int64_t>());
+  const int64_t free_b = p.at("free").get<int64_t>();
+  if (p.at("device_total").get<int64_t>() > 0 && growth > free_b)
+    spdlog::warn("memory plan: the workspace is expected to grow by {:.0f} MiB but only {:.0f} MiB "
+                 "are free: reduce train.micro_batch or train.seq_len",
+                 mib(double(growth)), mib(double(free_b)));
+}
+
+// ---- bench -------------------------------------------------------------------------------------
+
+nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
+  MF_CHECK(o.steps >= 1, "bench: --steps must be at least 1 (got ", o.steps, ")");
+  MF_CHECK(o.warmup >= 0, "bench: --warmup must be >= 0 (got ", o.warmup, ")");
+  MF_CHECK(cfg.train.world_size == 1, "bench: runs one process; unset WORLD_SIZE (it is ",
+           cfg.train.world_size, ")");
+  auto be = make_backend(cfg.train.device);
+  const bool cuda = be->device() == Device::CUDA;
+  MemTracker mem(*be);
+  const MemoryInfo at_start = be->memory_info();
+  mem.sample();
+
+  const int B = cfg.train.micro_batch, T = cfg.train.seq_len, accum = cfg.grad_accum();
+  const int64_t N = int64_t(B) * T;
+  LlamaModel model(cfg.model, *be, B, T, mup_model_scales(cfg));
+  apply_mup(cfg, model.params());
+  model.init_weights(cfg.train.seed);
+  Optimizer opt(cfg, model.params(), *be);
+  const nlohmann::json plan = memory_plan(model, opt, *be);
+  mem.sample();
+  if (o.verbose) spdlog::info("{}", memory_plan_table(plan));
+
+  // Synthetic data: a few distinct micro-batches of uniform random tokens, cycled.
+  const int nbatches = std::max(1, std::min(accum, 4));
+  const std::vector<int32_t> zeros(static_cast<size_t>(N), 0);
+  std::vector<std::vector<int32_t>> in(static_cast<size_t>(nbatches), zeros);
+  std::vector<std::vector<int32_t>> tg = in;
+  Rng rng(cfg.train.seed);
+  const uint32_t V = uint32_t(cfg.model.vocab_size);
+  for (int b = 0; b < nbatches; ++b)
+    for (int64_t i = 0; i < N; ++i) {
+      in[size_t(b)][size_t(i)] = int32_t(rng.below(V));
+      tg[size_t(b)][size_t(i)] = int32_t(rng.below(V));
+    }
+  const float loss_scale = float(1.0 / (double(N) * accum));
+  const double fpt = model.flops_per_token();
+  const ParamList params = model.params();
+
+  std::vector<double> t_step, t_fb, t_norm, t_opt, losses;
+  const int total = o.warmup + o.steps;
+  for (int s = 0; s < total; ++s) {
+    be->synchronize();
+    const auto t0 = Clock::now();
+    model.zero_grads();
+    double loss = 0;
+    for (int m = 0; m < accum; ++m) {
+      const int b = m % nbatches;
+      loss += model.forward_backward(in[size_t(b)].data(), tg[size_t(b)].data(), loss_scale) / accum;
+    }
+    be->synchronize();
+    const auto t1 = Clock::now();
+    const double gnorm = global_grad_norm(params, *be);
+    const double clip = clip_factor(gnorm, cfg.optim.grad_clip);
+    be->synchronize();
+    const auto t2 = Clock::now();
+    opt.step(s, float(clip));
+    model.post_step();
+    be->synchronize();
+    const auto t3 = Clock::now();
+    mem.sample();
+    MF_CHECK(std::isfinite(loss), "bench: non-finite loss ", loss, " at step ", s + 1);
+    losses.push_back(loss);
+    const bool timed = s >= o.warmup;
+    if (timed) {
+      t_step.push_back(secs(t0, t3));
+      t_fb.push_back(secs(t0, t1));
+      t_norm.push_back(secs(t1, t2));
+      t_opt.push_back(secs(t2, t3));
+    }
+    if (o.verbose)
+      spdlog::info("bench step {}/{}{} | loss {:.4f} | {:.1f} ms (fwd+bwd {:.1f}, norm {:.1f}, "
+                   "opt {:.1f})",
+                   s + 1, total, timed ? "" : " (warm-up)", loss, 1e3 * secs(t0, t3),
+                   1e3 * secs(t0, t1), 1e3 * secs(t1, t2), 1e3 * secs(t2, t3));
+  }
+
+  // Forward alone over the same micro-batches (backward is derived from it).
+  const int fwd_reps = o.fwd_reps > 0 ? o.fwd_reps : std::min(accum, 8);
+  model.forward(in[0].data(), tg[0].data());  // warm
+  be->synchronize();
+  std::vector<double> t_fwd;
+  for (int r = 0; r < fwd_reps; ++r) {
+    const int b = r % nbatches;
+    const auto t0 = Clock::now();
+    model.forward(in[size_t(b)].data(), tg[size_t(b)].data());
+    be->synchronize();
+    t_fwd.push_back(secs(t0, Clock::now()));
+  }
+  mem.sample();
+  const size_t rss = peak_rss_bytes();
+
+  // Muon's share: a second optimizer over the hidden matrices only (all Muon), stepped on the
+  // gradients of the last step. Timed after the memory figures (its momentum is extra memory).
+  double muon_s = -1;
+  int muon_params = 0;
+  if (o.muon_split && cfg.optim.name == "muon") {
+    ParamList hidden;
+    for (Param* p : params)
+      if (p->kind == ParamKind::Hidden && p->trainable) hidden.push_back(p);
+    muon_params = int(hidden.size());
+    if (!hidden.empty()) {
+      Optimizer muon(cfg, hidden, *be);
+      muon.step(0, 1.f);  // warm (plan caches, NS scratch)
+      be->synchronize();
+      std::vector<double> ts;
+      for (int r = 0; r < std::max(3, std::min(o.steps, 10)); ++r) {
+        const auto t0 = Clock::now();
+        muon.step(r + 1, 1.f);
+        be->synchronize();
+        ts.push_back(secs(t0, Clock::now()));
+      }
+      muon_s = median(ts);
+    }
+  }
+
+  // Achieved GEMM rate through the backend (cuBLASLt on CUDA, OpenBLAS sgemm on CPU).
+  int64_t gn = o.gemm_size == 0 ? (cuda ? 8192 : 1024) : o.gemm_size;
+  double gemm_flops = 0, gemm_s = 0;
+  if (gn > 0) gemm_flops = measure_gemm_flops(*be, gn, cuda ? 3 : 1, cuda ? 10 : 3, &gemm_s);
+
+  const double step_mean = mean(t_step), step_med = median(t_step);
+  const double tokens = double(N) * accum;
+  const double tps = tokens / std::max(step_mean, 1e-12);
+  const double peak = bench_peak_flops(*be);
+  const double fwd_step = median(t_fwd) * accum, fb_step = median(t_fb);
+
+  nlohmann::json r;
+  r["config"] = cfg.source;
+  r["device"] = be->name();
+  r["act_dtype"] = dtype_name(be->act_dtype());
+  r["params"] = model.num_params();
+  r["flops_per_token"] = fpt;
+  r["micro_batch"] = B;
+  r["seq_len"] = T;
+  r["grad_accum"] = accum;
+  r["batch_tokens"] = int64_t(tokens);
+  r["optimizer"] = cfg.optim.name;
+  r["warmup"] = o.warmup;
+  r["steps"] = o.steps;
+  r["step_ms_mean"] = 1e3 * step_mean;
+  r["step_ms_median"] = 1e3 * step_med;
+  r["step_ms_min"] = 1e3 * *std::min_element(t_step.begin(), t_step.end());
+  r["tok_per_s"] = tps;
+  r["tok_per_s_median_step"] = tokens / std::max(step_med, 1e-12);
+  r["achieved_tflops"] = fpt * tps / 1e12;
+  r["peak_tflops"] = peak > 0 ? nlohmann::json(peak / 1e12) : nlohmann::json(nullptr);
+  r["mfu"] = peak > 0 ? nlohmann::json(fpt * tps / peak) : nlohmann::json(nullptr);
+  if (gn > 0) {
+    r["gemm"] = {{"n", gn}, {"dtype", dtype_name(be->act_dtype())}, {"median_ms", 1e3 * gemm_s},
+                 {"tflops", gemm_flops / 1e12}};
+    r["mfu_vs_gemm"] = fpt * tps / gemm_flops;
+  }
+  r["time_ms"] = {{"fwd_bwd", 1e3 * fb_step},
+                  {"fwd", 1e3 * fwd_step},
+                  {"bwd", 1e3 * (fb_step - fwd_step)},
+                  {"bwd_derived", true},
+                  {"fwd_reps", fwd_reps},
+                  {"grad_norm", 1e3 * median(t_norm)},
+                  {"optimizer", 1e3 * median(t_opt)},
+                  {"muon", muon_s >= 0 ? nlohmann::json(1e3 * muon_s) : nlohmann::json(nullptr)},
+                  {"muon_params", muon_params}};
+  r["share"] = {{"fwd", fwd_step / step_med},
+                {"bwd", (fb_step - fwd_step) / step_med},
+                {"grad_norm", median(t_norm) / step_med},
+                {"optimizer", median(t_opt) / step_med},
+                {"muon", muon_s >= 0 ? nlohmann::json(muon_s / step_med) : nlohmann::json(nullptr)}};
+  nlohmann::json m;
+  m["plan"] = plan;
+  if (cuda) {
+    m["device_total"] = int64_t(mem.total);
+    m["free_at_start"] = int64_t(at_start.free);
+    m["min_free"] = int64_t(mem.min_free);
+    m["peak_device_used"] = int64_t(mem.total - mem.min_free);       // everything on the GPU
+    m["peak_run_delta"] = int64_t(at_start.free - mem.min_free);     // this run, after context
+    m["peak_tensors"] = int64_t(mem.max_tensors);
+    m["peak_workspace"] = int64_t(mem.max_workspace);
+    m["peak_allocated"] = int64_t(mem.max_tensors + mem.max_workspace);  // ~ torch max_allocated
+  }
+  m["peak_rss"] = int64_t(rss);
+  r["memory"] = m;
+  r["loss_first"] = losses.front();
+  r["loss_last"] = losses.back();
+  return r;
+}
+
+std::string bench_report(const nlohmann::json& r) {
+  std::ostringstream o;
+  auto line = [&](const std::string& s) { o << s << "\n"; };
+  const auto& tm = r.at("time_ms");
+  const auto& sh = r.at("share");
+  const double step = r.at("step_ms_median").get<double>();
+  line("bench: " + r.at("config").get<std::string>() + " on " + r.at("device").get<std::string>() +
+       " (" + r.at("act_dtype").get<std::string>() + "), " +
+       fmt("%.1fM", r.at("params").get<double>() / 1e6) + " params, micro-batch " +
+       std::to_string(r.at("micro_batch").get<int>()) + " x " +
+       std::to_string(r.at("seq_len").get<int>()) + " x " +
+       std::to_string(r.at("grad_accum").get<int>()) + " accumulation = " +
+       std::to_string(r.at("batch_tokens").get<int64_t>()) + " tokens/step, optimizer " +
+       r.at("optimizer").get<std::string>());
+  line("  steps        " + std::to_string(r.at("steps").get<int>()) + " timed after " +
+       std::to_string(r.at("warmup").get<int>()) + " warm-up; step " + fmt("%.2f", step) +
+       " ms median, " + fmt("%.2f", r.at("step_ms_mean").get<double>()) + " mean, " +
+       fmt("%.2f", r.at("step_ms_min").get<double>()) + " min");
+  line("  throughput   " + fmt("%.0f", r.at("tok_per_s").get<double>()) + " tokens/s (" +
+       fmt("%.2f", r.at("achieved_tflops").get<double>()) + " TFLOP/s at " +
+       fmt("%.0f", r.at("flops_per_token").get<double>()) + " FLOP/token)");
+  if (!r.at("mfu").is_null())
+    line("  MFU          " + fmt("%.1f%%", 100 * r.at("mfu").get<double>()) + " of " +
+         fmt("%.0f", r.at("peak_tflops").get<double>()) + " TFLOP/s dense bf16 (datasheet)");
+  if (r.contains("gemm")) {
+    const auto& g = r.at("gemm");
+    const double tf = g.at("tflops").get<double>();
+    const bool cpu = r.at("device") == "cpu";
+    line("  GEMM         " + std::to_string(g.at("n").get<int64_t>()) + "^3 " +
+         g.at("dtype").get<std::string>() + " via matmul_fwd: " +
+         (cpu ? fmt("%.1f GFLOP/s", tf * 1e3) : fmt("%.1f TFLOP/s", tf)) + " (" +
+         fmt("%.3f", g.at("median_ms").get<double>()) + " ms); model at " +
+         fmt("%.1f%%", 100 * r.at("mfu_vs_gemm").get<double>()) + " of that rate");
+  }
+  auto part = [&](const char* name, const char* key, const char* note) {
+    const auto& v = tm.at(key);
+    if (v.is_null()) return;
+    line(std::string("  ") + name + fmt("%10.2f ms", v.get<double>()) +
+         fmt("  %5.1f%% of the step", 100 * sh.at(key).get<double>()) + note);
+  };
+  line("  time split (per step, medians):");
+  part("  forward   ", "fwd", "  (forward() timed alone x accumulation)");
+  part("  backward  ", "bwd", "  (derived: fwd_bwd - forward)");
+  part("  grad norm ", "grad_norm", "");
+  part("  optimizer ", "optimizer", "  (all groups + master->compute copy)");
+  part("  Muon      ", "muon", "  (Muon-only optimizer over the hidden matrices, timed apart)");
+  const auto& m = r.at("memory");
+  if (m.contains("peak_device_used")) {
+    line("  memory       peak device used " + fmt("%.0f MiB", mib(m.at("peak_device_used").get<double>())) +
+         " of " + fmt("%.0f", mib(m.at("device_total").get<double>())) + "; this run " +
+         fmt("%.0f MiB", mib(m.at("peak_run_delta").get<double>())) + "; tensors " +
+         fmt("%.0f MiB", mib(m.at("peak_tensors").get<double>())) + " + workspace " +
+         fmt("%.0f MiB", mib(m.at("peak_workspace").get<double>())));
+  }
+  line("  host         peak RSS " + fmt("%.0f MiB", mib(m.at("peak_rss").get<double>())));
+  line("  loss         " + fmt("%.4f", r.at("loss_first").get<double>()) + " -> " +
+       fmt("%.4f", r.at("loss_last").get<double>()) + " (random tokens)");
+  return o.str();
+}
+
+}  // namespace mf

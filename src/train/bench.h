@@ -1,0 +1,59 @@
+// `muonforge bench` and the start-of-training memory plan.
+//
+// run_bench builds the model and optimizer of a config on train.device exactly as the trainer
+// does (µP scalars and multipliers, init), feeds synthetic random tokens (no data files), runs
+// warm-up steps and then timed steps, and reports throughput, MFU, memory and a time split.
+// Forward and backward are fused in LlamaModel::forward_backward, so the backward time is
+// derived: forward() is timed on its own over the same micro-batches and
+// backward = forward_backward - forward (the JSON says "bwd_derived": true).
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "config/config.h"
+
+namespace mf {
+
+class LlamaModel;
+class Optimizer;
+
+struct BenchOptions {
+  int steps = 10;          // timed optimizer steps
+  int warmup = 3;          // untimed steps first (plan caches, scratch growth, clocks)
+  int fwd_reps = 0;        // micro-batch forwards timed on their own; 0 = min(grad_accum, 8)
+  int64_t gemm_size = 0;   // n of the n x n x n GEMM timed through matmul_fwd; 0 = 8192 on
+                           // CUDA, 1024 on CPU; < 0 skips it
+  bool muon_split = true;  // time a Muon-only optimizer over the hidden matrices afterwards
+  bool verbose = true;     // per-step lines on the console
+};
+
+// Everything measured, as one JSON object (the keys are documented in docs/gpu.md).
+nlohmann::json run_bench(const Config& cfg, const BenchOptions& opts);
+// The human-readable report of a run_bench result.
+std::string bench_report(const nlohmann::json& r);
+
+// One dense n x n x n GEMM (y = x W^T, act_dtype operands, random data) through
+// Backend::matmul_fwd: median seconds of `reps` after `warmup` calls. Returns FLOP/s (2 n^3 / t).
+double measure_gemm_flops(Backend& be, int64_t n, int warmup, int reps, double* median_s = nullptr);
+
+// Peak dense bf16 FLOP/s used for MFU: 989e12 (H100/H200 SXM datasheet) on CUDA, 0 on the CPU.
+double bench_peak_flops(const Backend& be);
+
+// Peak resident set size of this process in bytes (getrusage).
+size_t peak_rss_bytes();
+
+// Memory plan of a built model + optimizer on its backend: bytes of weights (fp32 master plus
+// the compute copy when separate), gradients, optimizer state (+ Muon's scratch), activations
+// (the model's buffers for B x T, by formula; MoE expert buffers are not counted), workspace
+// (held now; and the expected peak after the first step on CUDA), their total, and the device's
+// free / total memory. On CUDA also the bytes held by tensors as measured.
+nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be);
+std::string memory_plan_table(const nlohmann::json& plan);
+// Logs memory_plan_table via spdlog::info and warns when the expected peak exceeds free memory.
+// The trainer calls it right after the optimizer is built.
+void print_memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be);
+
+}  // namespace mf
