@@ -113,7 +113,7 @@ TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   WorldSize ws(nullptr);
   mf::Config c;
   json j = mf::config_to_json(c);
-  CHECK(count_leaves(j) == 70);  // every schema key except train.world_size
+  CHECK(count_leaves(j) == 95);  // every schema key except train.world_size
   CHECK(j["train"]["init_from"].is_null());
   CHECK(!j["train"].contains("world_size"));
   CHECK(j["model"]["moe"].contains("capacity_factor"));
@@ -144,6 +144,19 @@ TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   c.train.zero = 1;
   c.train.diag_every = 25;
   c.optim.qk_clip_tau = 100.0 + rng.uniform();
+  c.optim.name = "shampoo";
+  c.optim.ns = "polar_express";
+  c.optim.cautious_wd = true;
+  c.optim.normuon_beta2 = 0.5 + 0.4 * rng.uniform();
+  c.optim.shampoo.block_size = 96;
+  c.optim.shampoo.exp_l = 0.5;
+  c.optim.shampoo.graft = "none";
+  c.optim.shampoo.eps = 1e-9 * rng.uniform();
+  c.optim.soap.precond_every = 7;
+  c.optim.soap.beta1 = rng.uniform() * 0.9;
+  c.optim.asgo.beta2 = 1.0;
+  c.optim.freon.c = 0.75;
+  c.optim.kaon.steps = 9;
   c.mup.base_width = 64;
   c.mup.base_depth = 3;
   c.data.train = "x/train_*.bin";
@@ -161,6 +174,25 @@ TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   CHECK(back.train.diag_every == 25);
   CHECK(back.optim.qk_clip_tau == c.optim.qk_clip_tau);
   CHECK(back.mup.base_depth == 3);
+  CHECK(back.optim.name == "shampoo");
+  CHECK(back.optim.ns == "polar_express");
+  CHECK(back.optim.cautious_wd);
+  CHECK(back.optim.normuon_beta2 == c.optim.normuon_beta2);
+  CHECK(back.optim.shampoo.block_size == 96);
+  CHECK(back.optim.shampoo.exp_l == 0.5);
+  CHECK(back.optim.shampoo.graft == "none");
+  CHECK(back.optim.shampoo.eps == c.optim.shampoo.eps);
+  CHECK(back.optim.soap.precond_every == 7);
+  CHECK(back.optim.soap.beta1 == c.optim.soap.beta1);
+  CHECK(back.optim.asgo.beta2 == 1.0);
+  CHECK(back.optim.freon.c == 0.75);
+  CHECK(back.optim.kaon.steps == 9);
+  // --set reaches the nested optimizer sections.
+  mf::Config o = mf::config_from_json(json::object(), "set.json", ".",
+                                      {"optim.name=soap", "optim.soap.block_size=33", "optim.freon.c=0.25"});
+  CHECK(o.optim.name == "soap");
+  CHECK(o.optim.soap.block_size == 33);
+  CHECK(o.optim.freon.c == 0.25);
   // The string form parses to the same JSON (it only orders keys differently).
   CHECK(json::parse(mf::config_to_string(back)) == j1);
   // Schema order, not alphabetical: model first, run last.
@@ -350,7 +382,22 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
       {R"({"schedule": {"min_lr_ratio": 1.5}})", "schedule.min_lr_ratio", "must be in [0, 1]"},
       {R"({"schedule": {"min_lr_ratio": -0.5}})", "schedule.min_lr_ratio", "must be in [0, 1]"},
       // enums list their valid values
-      {R"({"optim": {"name": "sgd"}})", "optim.name", "expected one of muon|adamw, got \"sgd\""},
+      {R"({"optim": {"name": "sgd"}})", "optim.name",
+       "expected one of muon|adamw|normuon|shampoo|soap|asgo|freon|kaon, got \"sgd\""},
+      // matrix optimizers (src/optim/matrix_opt.h)
+      {R"({"optim": {"ns": "cubic"}})", "optim.ns", "expected one of quintic|polar_express, got \"cubic\""},
+      {R"({"optim": {"shampoo": {"graft": "sgd"}}})", "optim.shampoo.graft", "expected one of adam|none"},
+      {R"({"optim": {"shampoo": {"exp_l": 0}}})", "optim.shampoo.exp_l", "must be in (0, 1]"},
+      {R"({"optim": {"shampoo": {"precond_every": 0}}})", "optim.shampoo.precond_every", "must be > 0"},
+      {R"({"optim": {"shampoo": {"block_size": -1}}})", "optim.shampoo.block_size", "must be >= 0"},
+      {R"({"optim": {"soap": {"beta2": 1.0}}})", "optim.soap.beta2", "must be in [0, 1)"},
+      {R"({"optim": {"soap": {"precond_every": -2}}})", "optim.soap.precond_every", "must be > 0"},
+      {R"({"optim": {"asgo": {"beta2": 0}}})", "optim.asgo.beta2", "must be in (0, 1]"},
+      {R"({"optim": {"freon": {"c": 1.0}}})", "optim.freon.c", "must be in [0, 1)"},
+      {R"({"optim": {"kaon": {"steps": 0}}})", "optim.kaon.steps", "must be in [1, 100]"},
+      {R"({"optim": {"normuon_beta2": 1.5}})", "optim.normuon_beta2", "must be in [0, 1)"},
+      {R"({"optim": {"shampoo": {"blocksize": 64}}})", "optim.shampoo.blocksize", "did you mean block_size?"},
+      {R"({"optim": {"cautious_wd": 1}})", "optim.cautious_wd", "expected boolean"},
       {R"({"optim": {"wd_mode": "decoupled"}})", "optim.wd_mode", "expected one of coupled|independent"},
       {R"({"optim": {"scale": "none"}})", "optim.scale", "expected one of shape|rms|spectral"},
       {R"({"schedule": {"decay": "step"}})", "schedule.decay", "expected one of constant|cosine|linear|wsd"},

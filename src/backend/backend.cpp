@@ -87,4 +87,34 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
   MF_FAIL("unknown device \"", device, "\"; expected one of: auto, cpu, cuda");
 }
 
+
+// ---- default matrix-optimizer entries (src/optim/matrix_opt.h) -------------------------------
+
+#define MF_OPT2_UNIMPLEMENTED(op) MF_FAIL(op, " is not implemented on the ", name(), " backend")
+
+void Backend::gemm(const Tensor&, bool, const Tensor&, bool, Tensor&, float, float) {
+  MF_OPT2_UNIMPLEMENTED("gemm");
+}
+void Backend::block_copy(const Tensor&, int64_t, int64_t, Tensor&, int64_t, int64_t, int64_t,
+                         int64_t) {
+  MF_OPT2_UNIMPLEMENTED("block_copy");
+}
+void Backend::sym_eig(const Tensor&, Tensor&) { MF_OPT2_UNIMPLEMENTED("sym_eig"); }
+void Backend::sym_func(const Tensor&, const SymFuncArgs&, Tensor&) {
+  MF_OPT2_UNIMPLEMENTED("sym_func");
+}
+void Backend::newton_schulz_coeffs(const Tensor&, Tensor&, const std::vector<float>&, float) {
+  MF_OPT2_UNIMPLEMENTED("newton_schulz_coeffs");
+}
+void Backend::normuon_normalize(Tensor&, Tensor&, float, float) {
+  MF_OPT2_UNIMPLEMENTED("normuon_normalize");
+}
+void Backend::cautious_decay(Tensor&, const Tensor&, float) {
+  MF_OPT2_UNIMPLEMENTED("cautious_decay");
+}
+void Backend::adam_precond(const Tensor&, const Tensor&, Tensor&, Tensor&, float, float, float,
+                           float) {
+  MF_OPT2_UNIMPLEMENTED("adam_precond");
+}
+
 }  // namespace mf

@@ -39,6 +39,18 @@ struct AdamWArgs {
   float lr = 0, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, decay = 0, bc1 = 1, bc2 = 1, grad_scale = 1;
 };
 
+// Arguments of Backend::sym_func.
+struct SymFuncArgs {
+  double input_scale = 1.0;  // lambda is multiplied by this first (bias correction of an EMA)
+  double root = 1.0;         // l^root
+  double eps = 0.0;
+  bool relative_eps = false;
+  double power = 1.0;
+  double scale = 1.0;
+  double schatten_q = 0.0;   // > 0: multiply by ||sigma||_q ^ schatten_pow
+  double schatten_pow = 0.0;
+};
+
 // Routing hyper-parameters of one MoE layer (model.moe).
 struct MoeRouterArgs {
   int E = 0, k = 0;          // experts, experts chosen per token
@@ -180,7 +192,44 @@ class Backend {
   // (0 for dropped slots). Rows of dyg that no slot maps to are left untouched.
   virtual void moe_combine_bwd(const Tensor& dout, const Tensor& yg, const Tensor& topk_w,
                                const Tensor& row_of, Tensor& dyg, Tensor& dtopk_w);
+
+  // ---- matrix-optimizer primitives (src/optim/matrix_opt.h; docs/optimizers.md) ---------------
+  // Not pure: the defaults throw "<op> is not implemented on the <name> backend", so a backend
+  // compiles before it has these kernels. All tensors f32, 2-D unless said otherwise.
+  //
+  // C (=) alpha op(A) op(B) + beta C, op(X) = X^T when the flag is set (beta = 0: C is not read).
+  virtual void gemm(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, Tensor& C,
+                    float alpha, float beta);
+  // dst[dr + i, dc + j] (=) src[sr + i, sc + j] for i < rows, j < cols (a window of a matrix;
+  // used to cut blocks out of a parameter and to write them back).
+  virtual void block_copy(const Tensor& src, int64_t sr, int64_t sc, Tensor& dst, int64_t dr,
+                          int64_t dc, int64_t rows, int64_t cols);
+  // Q [n,n] (=) the eigenvectors of the symmetric S [n,n] as columns, ordered by descending
+  // eigenvalue; each column's largest-magnitude entry is made positive. Computed in double.
+  virtual void sym_eig(const Tensor& S, Tensor& Q);
+  // out [n,n] (=) Q diag(f(lambda_i)) Q^T for the eigen-pairs of the symmetric S [n,n] (double):
+  // l = max(lambda * input_scale, 0), e = eps (times the largest l when relative_eps),
+  // f = scale * (l^root + e)^power, and when schatten_q > 0 scale is further multiplied by
+  // (sum_i l_i^(schatten_q/2))^(schatten_pow/schatten_q) (a Schatten-q norm of the singular
+  // values sigma = sqrt(l) raised to schatten_pow). out may alias S.
+  virtual void sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out);
+  // Newton-Schulz with one (a,b,c) per iteration (coeffs holds 3*steps floats):
+  // X = U / (norm_mult * ||U||_F + 1e-7), transposed when rows > cols; for each (a,b,c):
+  // A = X X^T, X = a X + (b A + c A^2) X; transposed back into O (O may alias U).
+  virtual void newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vector<float>& coeffs,
+                                    float norm_mult);
+  // NorMuon: for O [r,c] and v [r]: v_i (=) beta2 v_i + (1-beta2) mean_j O_ij^2;
+  // O_ij /= sqrt(v_i) + eps; then O is rescaled so that ||O||_F equals its value on entry.
+  virtual void normuon_normalize(Tensor& O, Tensor& v, float beta2, float eps);
+  // Cautious weight decay: p_i *= (1 - decay) only where p_i * u_i >= 0 (u: the update that is
+  // then subtracted, p <- p - lr u). Any shape, same shape for p and u.
+  virtual void cautious_decay(Tensor& p, const Tensor& u, float decay);
+  // Adam in a given basis: v (=) b2 v + (1-b2) g^2;  out (=) (num / bc1) / (sqrt(v / bc2) + eps).
+  // Same shapes; out may alias num.
+  virtual void adam_precond(const Tensor& num, const Tensor& g, Tensor& v, Tensor& out, float b2,
+                            float eps, float bc1, float bc2);
 };
+
 
 // "cpu", "cuda" or "auto" (cuda when built with CUDA and a device is present, else cpu).
 std::unique_ptr<Backend> make_backend(const std::string& device);

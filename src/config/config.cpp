@@ -103,6 +103,31 @@ std::vector<Field> schema(Config& c) {
       F("optim.adamw.wd", a.wd),
       F("optim.grad_clip", o.grad_clip),
       F("optim.qk_clip_tau", o.qk_clip_tau),
+      F("optim.ns", o.ns),
+      F("optim.cautious_wd", o.cautious_wd),
+      F("optim.normuon_beta2", o.normuon_beta2),
+      F("optim.shampoo.block_size", o.shampoo.block_size),
+      F("optim.shampoo.precond_every", o.shampoo.precond_every),
+      F("optim.shampoo.exp_l", o.shampoo.exp_l),
+      F("optim.shampoo.exp_r", o.shampoo.exp_r),
+      F("optim.shampoo.eps", o.shampoo.eps),
+      F("optim.shampoo.beta1", o.shampoo.beta1),
+      F("optim.shampoo.beta2", o.shampoo.beta2),
+      F("optim.shampoo.graft", o.shampoo.graft),
+      F("optim.shampoo.graft_eps", o.shampoo.graft_eps),
+      F("optim.soap.block_size", o.soap.block_size),
+      F("optim.soap.precond_every", o.soap.precond_every),
+      F("optim.soap.beta1", o.soap.beta1),
+      F("optim.soap.beta2", o.soap.beta2),
+      F("optim.soap.eps", o.soap.eps),
+      F("optim.asgo.block_size", o.asgo.block_size),
+      F("optim.asgo.precond_every", o.asgo.precond_every),
+      F("optim.asgo.beta1", o.asgo.beta1),
+      F("optim.asgo.beta2", o.asgo.beta2),
+      F("optim.asgo.eps", o.asgo.eps),
+      F("optim.freon.c", o.freon.c),
+      F("optim.freon.eps", o.freon.eps),
+      F("optim.kaon.steps", o.kaon.steps),
       F("schedule.warmup", s.warmup),
       F("schedule.decay", s.decay),
       F("schedule.min_lr_ratio", s.min_lr_ratio),
@@ -596,7 +621,8 @@ void validate_config(const Config& c) {
   k.positive("mup.base_width", c.mup.base_width);
   k.positive("mup.base_depth", c.mup.base_depth);
 
-  k.one_of("optim.name", o.name, {"muon", "adamw"});
+  k.one_of("optim.name", o.name,
+           {"muon", "adamw", "normuon", "shampoo", "soap", "asgo", "freon", "kaon"});
   k.positive("optim.lr", o.lr);
   k.non_negative("optim.wd", o.wd);
   k.one_of("optim.wd_mode", o.wd_mode, {"coupled", "independent"});
@@ -611,6 +637,35 @@ void validate_config(const Config& c) {
   k.non_negative("optim.adamw.wd", o.adamw.wd);
   k.non_negative("optim.grad_clip", o.grad_clip);
   k.non_negative("optim.qk_clip_tau", o.qk_clip_tau);
+  k.one_of("optim.ns", o.ns, {"quintic", "polar_express"});
+  k.unit_open("optim.normuon_beta2", o.normuon_beta2);
+  k.non_negative("optim.shampoo.block_size", o.shampoo.block_size);
+  k.positive("optim.shampoo.precond_every", o.shampoo.precond_every);
+  if (!(o.shampoo.exp_l > 0 && o.shampoo.exp_l <= 1))
+    k.fail("optim.shampoo.exp_l", "must be in (0, 1] (0.25: Shampoo, 0.5: the 1/2 option), got " + num(o.shampoo.exp_l));
+  if (!(o.shampoo.exp_r > 0 && o.shampoo.exp_r <= 1))
+    k.fail("optim.shampoo.exp_r", "must be in (0, 1] (0.25: Shampoo, 0.5: the 1/2 option), got " + num(o.shampoo.exp_r));
+  k.non_negative("optim.shampoo.eps", o.shampoo.eps);
+  k.unit_open("optim.shampoo.beta1", o.shampoo.beta1);
+  k.unit_open("optim.shampoo.beta2", o.shampoo.beta2);
+  k.one_of("optim.shampoo.graft", o.shampoo.graft, {"adam", "none"});
+  k.positive("optim.shampoo.graft_eps", o.shampoo.graft_eps);
+  k.non_negative("optim.soap.block_size", o.soap.block_size);
+  k.positive("optim.soap.precond_every", o.soap.precond_every);
+  k.unit_open("optim.soap.beta1", o.soap.beta1);
+  k.unit_open("optim.soap.beta2", o.soap.beta2);
+  k.positive("optim.soap.eps", o.soap.eps);
+  k.non_negative("optim.asgo.block_size", o.asgo.block_size);
+  k.positive("optim.asgo.precond_every", o.asgo.precond_every);
+  k.unit_open("optim.asgo.beta1", o.asgo.beta1);
+  if (!(o.asgo.beta2 > 0 && o.asgo.beta2 <= 1))
+    k.fail("optim.asgo.beta2", "must be in (0, 1] (1: accumulate V = V + G G^T), got " + num(o.asgo.beta2));
+  k.positive("optim.asgo.eps", o.asgo.eps);
+  if (!(o.freon.c >= 0 && o.freon.c < 1))
+    k.fail("optim.freon.c", "must be in [0, 1) (0: SGD, 0.5: Muon; the Schatten index q = 2 - 2c must be > 0), got " + num(o.freon.c));
+  k.non_negative("optim.freon.eps", o.freon.eps);
+  if (o.kaon.steps < 1 || o.kaon.steps > 100)
+    k.fail("optim.kaon.steps", "must be in [1, 100], got " + std::to_string(o.kaon.steps));
 
   k.non_negative("schedule.warmup", s.warmup);
   k.one_of("schedule.decay", s.decay, {"constant", "cosine", "linear", "wsd"});

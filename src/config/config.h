@@ -60,8 +60,47 @@ struct AdamWGroupConfig {
   double wd = 0.0;
 };
 
+// Matrix optimizers beyond Muon (src/optim/matrix_opt.h, docs/optimizers.md). Each section is
+// read only when optim.name selects it.
+struct ShampooConfig {
+  int block_size = 1024;       // precondition b x b blocks of each matrix independently (0: whole)
+  int precond_every = 10;      // recompute the inverse roots every k steps
+  double exp_l = 0.25;         // L^-exp_l G R^-exp_r (0.25 each: Shampoo; 0.5 each: the 1/2 option)
+  double exp_r = 0.25;
+  double eps = 1e-12;          // (L + eps I), (R + eps I)
+  double beta1 = 0.9;          // EMA of the gradient (the preconditioned direction)
+  double beta2 = 0.95;         // EMA of L = G G^T, R = G^T G (and of the grafted Adam's v)
+  std::string graft = "adam";  // adam (per-block norm of the Adam update) | none
+  double graft_eps = 1e-8;
+};
+
+struct SoapConfig {
+  int block_size = 1024;       // 0: whole matrix
+  int precond_every = 10;      // refresh the eigenbases every f steps
+  double beta1 = 0.95;
+  double beta2 = 0.95;         // Adam's v and the L / R statistics
+  double eps = 1e-8;
+};
+
+struct AsgoConfig {
+  int block_size = 0;          // 0: whole matrix
+  int precond_every = 1;       // recompute (V^1/2 + eps I)^-1 every k steps
+  double beta1 = 0.9;          // momentum (EMA of the gradient); 0: plain G
+  double beta2 = 0.95;         // EMA of V; 1: accumulate V = V + G G^T (the paper's Algorithm 1)
+  double eps = 1e-8;
+};
+
+struct FreonConfig {
+  double c = 0.5;              // O = (G G^T)^-c G: 0 = SGD (normalised), 0.5 = Muon, > 0.5 beyond
+  double eps = 1e-7;           // relative to the largest eigenvalue of G G^T
+};
+
+struct KaonConfig {
+  int steps = 5;               // iterations of the chaotic map X <- 4.1 (I - X X^T)^2 X
+};
+
 struct OptimConfig {
-  std::string name = "muon";          // muon | adamw
+  std::string name = "muon";          // muon | adamw | normuon | shampoo | soap | asgo | freon | kaon
   double lr = 0.02;                   // Muon lr (or AdamW lr of hidden matrices when name=adamw)
   double wd = 0.0;
   std::string wd_mode = "coupled";    // coupled | independent
@@ -74,6 +113,16 @@ struct OptimConfig {
   AdamWGroupConfig adamw;             // embeddings, lm_head, norm gains, router
   double grad_clip = 1.0;             // 0 disables clipping
   double qk_clip_tau = 0.0;           // > 0: MuonClip (Kimi K2) caps each head's max logit at tau
+  // Muon family (muon, normuon): Newton-Schulz coefficients: quintic (Keller Jordan's fixed
+  // (a,b,c)) | polar_express (Amsel et al., five per-step tuples, X / (1.02 ||X||_F)).
+  std::string ns = "quintic";
+  bool cautious_wd = false;           // decay only where update and weight agree in sign (CWD)
+  double normuon_beta2 = 0.95;        // NorMuon's per-neuron second-moment EMA
+  ShampooConfig shampoo;
+  SoapConfig soap;
+  AsgoConfig asgo;
+  FreonConfig freon;
+  KaonConfig kaon;
 };
 
 struct ScheduleConfig {

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "optim/matrix_opt.h"
 #include "optim/optimizer.h"
 
 namespace mf {
@@ -61,11 +62,13 @@ MupResult apply_mup(const Config& cfg, const ParamList& params) {
   r.parametrization = parametrization_name(cfg);
   r.scales = mup_model_scales(cfg);
   const bool mup = cfg.mup.enabled;
-  const bool muon = cfg.optim.name == "muon";
+  // Any matrix optimizer (muon, normuon, shampoo, soap, asgo, freon, kaon) takes the hidden
+  // matrices; its lr rule is matrix_mup_lr_mult (src/optim/matrix_opt.h).
+  const bool muon = is_matrix_optimizer(cfg.optim.name);
   if (mup) {
     r.width_mult = double(cfg.model.d_model) / cfg.mup.base_width;
     r.depth_mult = double(cfg.model.n_layers) / cfg.mup.base_depth;
-    if (muon && cfg.optim.scale == "rms")
+    if (is_muon_like(cfg.optim.name) && cfg.optim.scale == "rms")
       r.warnings.push_back(
           "mup.enabled with optim.scale=rms: Muon's update scale 0.2*sqrt(max(rows, cols)) grows "
           "with width, so learning rates will not transfer; use optim.scale=spectral (Qiu et al.)");
@@ -85,7 +88,8 @@ MupResult apply_mup(const Config& cfg, const ParamList& params) {
     p->wd_mult = 1.0;
     if (mup) {
       if (hidden) {
-        if (!on_muon) p->lr_mult = 1.0 / m;  // AdamW: fan-in rule
+        // AdamW: fan-in rule; matrix optimizers: their own rule (Muon: 1).
+        p->lr_mult = on_muon ? matrix_mup_lr_mult(cfg.optim, p->shape, m) : 1.0 / m;
         if (independent) p->wd_mult = 1.0 / m;
         double std = cfg.model.init_std / std::sqrt(m);
         if (is_residual_out(*p)) std /= std::sqrt(2.0 * cfg.mup.base_depth);
@@ -106,11 +110,11 @@ MupResult apply_mup(const Config& cfg, const ParamList& params) {
     if (!optimized) {
       row.optimizer = "none";
     } else if (on_muon) {
-      row.optimizer = "muon";
+      row.optimizer = cfg.optim.name;
       row.lr = cfg.optim.lr * p->lr_mult;
       row.wd = cfg.optim.wd * p->wd_mult;
       const int64_t rows = p->shape[p->shape.size() - 2], cols = p->shape.back();
-      row.muon_scale = muon_scale(cfg.optim.scale, rows, cols);
+      row.muon_scale = is_muon_like(cfg.optim.name) ? muon_scale(cfg.optim.scale, rows, cols) : 1.0;
     } else {
       row.optimizer = "adamw";
       const bool main_group = p->kind == ParamKind::Hidden;  // only when optim.name == adamw
@@ -139,7 +143,8 @@ std::string MupResult::table() const {
       << pad(r.optimizer, 5) << "  " << pad(g(r.lr), 11) << "  " << pad(g(r.lr_mult), 9) << "  "
       << pad(g(r.wd), 11) << "  " << pad(g(r.wd_mult), 9) << "  "
       << pad(r.init_std > 0 ? g(r.init_std) : std::string("ones"), 11) << "  "
-      << (r.optimizer == "muon" ? g(r.muon_scale) : std::string("-")) << "\n";
+      << (r.optimizer != "adamw" && r.optimizer != "none" ? g(r.muon_scale) : std::string("-"))
+      << "\n";
   }
   for (auto& w : warnings) o << "warning: " << w << "\n";
   return o.str();

@@ -53,7 +53,7 @@ struct MupRow {
   std::string name;
   std::string kind;       // param_kind_name
   std::string shape;      // "[out, in]"
-  std::string optimizer;  // muon | adamw | none
+  std::string optimizer;  // optim.name for hidden matrices (muon, shampoo, ...) | adamw | none
   double lr = 0;          // peak lr = group lr x lr_mult
   double lr_mult = 1;
   double wd = 0;          // group wd x wd_mult (the lambda the optimizer applies)

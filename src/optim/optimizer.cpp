@@ -9,6 +9,9 @@
 #include "core/error.h"
 #include "optim/schedule.h"
 
+// NorMuon: eps in O / (sqrt(v) + eps).
+namespace { constexpr float kNorMuonEps = 1e-8f; }
+
 namespace mf {
 
 // ---- free helpers --------------------------------------------------------------------------
@@ -21,8 +24,15 @@ std::string in_file(const Config& c) { return c.source.empty() ? "" : " (in " + 
 void validate_optim(const Config& c) {
   const OptimConfig& o = c.optim;
   const std::string where = in_file(c);
-  MF_CHECK(o.name == "muon" || o.name == "adamw", "optim.name is \"", o.name,
-           "\"; expected one of: muon, adamw", where);
+  {
+    const auto& names = optimizer_names();
+    std::string list;
+    for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+    MF_CHECK(std::find(names.begin(), names.end(), o.name) != names.end(), "optim.name is \"",
+             o.name, "\"; expected one of: ", list, where);
+  }
+  MF_CHECK(o.ns == "quintic" || o.ns == "polar_express", "optim.ns is \"", o.ns,
+           "\"; expected one of: quintic, polar_express", where);
   MF_CHECK(o.wd_mode == "coupled" || o.wd_mode == "independent", "optim.wd_mode is \"",
            o.wd_mode, "\"; expected one of: coupled, independent", where);
   MF_CHECK(o.scale == "shape" || o.scale == "rms" || o.scale == "spectral", "optim.scale is \"",
@@ -70,7 +80,35 @@ double muon_scale(const std::string& mode, int64_t rows, int64_t cols) {
   MF_FAIL("optim.scale is \"", mode, "\"; expected one of: shape, rms, spectral");
 }
 
-const char* opt_kind_name(OptKind k) { return k == OptKind::Muon ? "muon" : "adamw"; }
+const char* opt_kind_name(OptKind k) {
+  switch (k) {
+    case OptKind::Muon: return "muon";
+    case OptKind::AdamW: return "adamw";
+    case OptKind::NorMuon: return "normuon";
+    case OptKind::Shampoo: return "shampoo";
+    case OptKind::Soap: return "soap";
+    case OptKind::Asgo: return "asgo";
+    case OptKind::Freon: return "freon";
+    case OptKind::Kaon: return "kaon";
+  }
+  return "?";
+}
+
+namespace {
+OptKind kind_of(const std::string& name) {
+  if (name == "muon") return OptKind::Muon;
+  if (name == "normuon") return OptKind::NorMuon;
+  if (name == "shampoo") return OptKind::Shampoo;
+  if (name == "soap") return OptKind::Soap;
+  if (name == "asgo") return OptKind::Asgo;
+  if (name == "freon") return OptKind::Freon;
+  if (name == "kaon") return OptKind::Kaon;
+  return OptKind::AdamW;
+}
+bool muon_like(OptKind k) {
+  return k == OptKind::Muon || k == OptKind::NorMuon || k == OptKind::Freon || k == OptKind::Kaon;
+}
+}  // namespace
 
 // ---- Optimizer -----------------------------------------------------------------------------
 
@@ -78,7 +116,8 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
     : ocfg_(cfg.optim), scfg_(cfg.schedule), max_steps_(cfg.train.max_steps), be_(be) {
   validate_optim(cfg);
   validate_schedule(cfg.schedule);
-  const bool muon = ocfg_.name == "muon";
+  const bool muon = is_matrix_optimizer(ocfg_.name);
+  const OptKind mkind = kind_of(ocfg_.name);
   std::map<std::string, int> seen;
   int64_t scratch = 0;
   for (Param* p : params) {
@@ -96,15 +135,24 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
     e.param = p;
     e.wd_mult = p->wd_mult;
     if (p->kind == ParamKind::Hidden && muon) {
-      MF_CHECK(p->shape.size() == 2 || p->shape.size() == 3, "optimizer: Muon parameter \"",
-               p->name, "\" must be a matrix [out,in] or a stack [E,out,in], got ",
+      MF_CHECK(p->shape.size() == 2 || p->shape.size() == 3, "optimizer: ", ocfg_.name,
+               " parameter \"", p->name, "\" must be a matrix [out,in] or a stack [E,out,in], got ",
                shape_str(p->shape));
       const int64_t rows = p->shape[p->shape.size() - 2], cols = p->shape.back();
-      e.kind = OptKind::Muon;
+      e.kind = mkind;
       e.lr = ocfg_.lr * p->lr_mult;
       e.wd = ocfg_.wd;
-      e.scale = muon_scale(ocfg_.scale, rows, cols);
-      e.momentum = be.empty(p->shape, DType::F32);
+      if (muon_like(mkind)) {
+        e.scale = muon_scale(ocfg_.scale, rows, cols);
+        e.momentum = be.empty(p->shape, DType::F32);
+        if (mkind == OptKind::NorMuon) {
+          Shape vs(p->shape.begin(), p->shape.end() - 1);  // one entry per output row
+          e.normuon_v = be.empty(vs, DType::F32);
+        }
+      } else {
+        e.scale = 1.0;
+        e.pre = make_preconditioner(ocfg_, p->shape, be);
+      }
       scratch = std::max(scratch, p->numel());
     } else {
       e.kind = OptKind::AdamW;
@@ -133,10 +181,12 @@ double Optimizer::decay_factor(const OptEntry& e, double lr_eff, double sched) c
 void Optimizer::step(int step, float grad_scale) {
   const double sched = lr_multiplier(step);
   for (OptEntry& e : entries_) {
-    if (e.kind == OptKind::Muon)
-      step_muon(e, sched, grad_scale);
-    else
+    if (e.kind == OptKind::AdamW)
       step_adamw(e, sched, grad_scale);
+    else if (e.pre)
+      step_preconditioned(e, sched, grad_scale);
+    else
+      step_muon(e, sched, grad_scale);
   }
   ++t_;
   // CUDA: refresh the bf16 compute copy from the fp32 master.
@@ -168,18 +218,45 @@ void Optimizer::step_muon(OptEntry& e, double sched, float grad_scale) {
   Tensor U = muon_scratch_.slice0(0, p.numel()).view(p.shape);
   be_.muon_momentum(p.grad, e.momentum, U, float(ocfg_.momentum), ocfg_.nesterov, grad_scale);
   const int64_t rows = p.shape[p.shape.size() - 2], cols = p.shape.back();
-  if (p.shape.size() == 2) {
-    be_.newton_schulz(U, U, ocfg_.ns_steps, kNsA, kNsB, kNsC);
-  } else {
-    // Stacked experts: orthogonalize each [out, in] matrix on its own.
-    for (int64_t x = 0; x < p.shape[0]; ++x) {
-      Tensor m = U.slice0(x, x + 1).view({rows, cols});
+  const int64_t n_mat = p.shape.size() == 2 ? 1 : p.shape[0];
+  // Stacked experts: each [out, in] matrix is orthogonalized on its own.
+  for (int64_t x = 0; x < n_mat; ++x) {
+    Tensor m = n_mat == 1 ? U : U.slice0(x, x + 1).view({rows, cols});
+    if (e.kind == OptKind::Freon) {
+      freon_orthogonalize(be_, m, m, ocfg_.freon.c, ocfg_.freon.eps);
+    } else if (e.kind == OptKind::Kaon) {
+      be_.newton_schulz_coeffs(m, m, kaon_coefficients(ocfg_.kaon.steps), 1.0f);
+      be_.scale(m, 1.0f / kKaonNorm);
+    } else if (ocfg_.ns == "polar_express") {
+      be_.newton_schulz_coeffs(m, m, ns_coefficients(ocfg_.ns, ocfg_.ns_steps),
+                               kPolarExpressNormMult);
+    } else {
       be_.newton_schulz(m, m, ocfg_.ns_steps, kNsA, kNsB, kNsC);
     }
+    if (e.kind == OptKind::NorMuon) {
+      Tensor v = n_mat == 1 ? e.normuon_v : e.normuon_v.slice0(x, x + 1).view({rows});
+      be_.normuon_normalize(m, v, float(ocfg_.normuon_beta2), kNorMuonEps);
+    }
   }
-  const double decay = decay_factor(e, lr_eff, sched);
-  if (decay != 0) be_.scale(p.master, float(1.0 - decay));
+  apply_decay(e, decay_factor(e, lr_eff, sched), U);
   be_.axpy(float(-lr_eff * e.scale), U, p.master);
+}
+
+void Optimizer::step_preconditioned(OptEntry& e, double sched, float grad_scale) {
+  Param& p = *e.param;
+  const double lr_eff = e.lr * sched;
+  Tensor D = muon_scratch_.slice0(0, p.numel()).view(p.shape);
+  e.pre->direction(p.grad, grad_scale, t_ + 1, D);
+  apply_decay(e, decay_factor(e, lr_eff, sched), D);
+  be_.axpy(float(-lr_eff * e.scale), D, p.master);
+}
+
+void Optimizer::apply_decay(OptEntry& e, double decay, const Tensor& update) {
+  if (decay == 0) return;
+  if (ocfg_.cautious_wd)
+    be_.cautious_decay(e.param->master, update, float(decay));
+  else
+    be_.scale(e.param->master, float(1.0 - decay));
 }
 
 void Optimizer::zero_grad() {
@@ -193,14 +270,35 @@ std::string Optimizer::describe() const {
   for (const OptEntry& e : entries_) wname = std::max(wname, e.param->name.size());
   std::ostringstream os;
   int64_t n_muon = 0, n_adamw = 0;
-  for (const OptEntry& e : entries_) (e.kind == OptKind::Muon ? n_muon : n_adamw) += e.param->numel();
-  os << "optimizer " << ocfg_.name << ": " << n_muon << " params in Muon, " << n_adamw
+  for (const OptEntry& e : entries_) (e.kind != OptKind::AdamW ? n_muon : n_adamw) += e.param->numel();
+  const std::string matrix_name = ocfg_.name == "muon" ? std::string("Muon") : ocfg_.name;
+  os << "optimizer " << ocfg_.name << ": " << n_muon << " params in "
+     << (is_matrix_optimizer(ocfg_.name) ? matrix_name : std::string("Muon")) << ", " << n_adamw
      << " in AdamW; wd_mode " << ocfg_.wd_mode << "; schedule " << scfg_.decay << " (warmup "
      << scfg_.warmup << ", min_lr_ratio " << scfg_.min_lr_ratio << ", max_steps " << max_steps_
      << "); grad_clip " << ocfg_.grad_clip << "\n";
   if (ocfg_.name == "muon")
     os << "muon: momentum " << ocfg_.momentum << (ocfg_.nesterov ? " nesterov" : "")
        << ", ns_steps " << ocfg_.ns_steps << ", scale " << ocfg_.scale << "\n";
+  if (ocfg_.name == "muon" || ocfg_.name == "normuon") {
+    if (ocfg_.ns != "quintic") os << "ns " << ocfg_.ns << "\n";
+  }
+  if (ocfg_.name == "normuon")
+    os << "normuon: momentum " << ocfg_.momentum << (ocfg_.nesterov ? " nesterov" : "")
+       << ", ns " << ocfg_.ns << " x" << ocfg_.ns_steps << ", beta2 " << ocfg_.normuon_beta2
+       << ", scale " << ocfg_.scale << "\n";
+  if (ocfg_.name == "freon")
+    os << "freon: momentum " << ocfg_.momentum << ", c " << ocfg_.freon.c << " (Schatten q "
+       << 2 - 2 * ocfg_.freon.c << "), eps " << ocfg_.freon.eps << ", scale " << ocfg_.scale << "\n";
+  if (ocfg_.name == "kaon")
+    os << "kaon: momentum " << ocfg_.momentum << ", steps " << ocfg_.kaon.steps << ", scale "
+       << ocfg_.scale << "\n";
+  if (ocfg_.cautious_wd) os << "cautious weight decay on the " << ocfg_.name << " group\n";
+  for (const OptEntry& e : entries_)
+    if (e.pre) {
+      os << e.pre->describe() << " (first matrix: " << e.param->name << ")\n";
+      break;
+    }
   char buf[512];
   std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-5s  %-10s  %-10s  %-7s  %s\n", int(wname),
                 "param", "kind", "shape", "opt", "lr", "wd", "scale", "betas/eps");
@@ -231,8 +329,11 @@ std::vector<std::pair<std::string, Tensor>> Optimizer::state_tensors() const {
   std::vector<std::pair<std::string, Tensor>> out;
   for (const OptEntry& e : entries_) {
     const std::string& n = e.param->name;
-    if (e.kind == OptKind::Muon) {
+    if (e.pre) {
+      for (auto& kv : e.pre->state()) out.emplace_back(n + kv.first, kv.second);
+    } else if (e.kind != OptKind::AdamW) {
       out.emplace_back(n + ".momentum_buffer", e.momentum);
+      if (e.normuon_v.defined()) out.emplace_back(n + ".normuon_v", e.normuon_v);
     } else {
       out.emplace_back(n + ".exp_avg", e.exp_avg);
       out.emplace_back(n + ".exp_avg_sq", e.exp_avg_sq);

@@ -3,7 +3,8 @@
 // fp32 CPU reference and the CUDA backend (fp32 master weights, grads and state).
 //
 // Groups:
-//  - optim.name == "muon": ParamKind::Hidden -> Muon (optim.lr, momentum, nesterov, ns_steps,
+//  - optim.name == "muon" (or another matrix optimizer: normuon, shampoo, soap, asgo, freon,
+//    kaon; src/optim/matrix_opt.h): ParamKind::Hidden -> that optimizer; for muon: Muon (optim.lr, momentum, nesterov, ns_steps,
 //    scale, wd); Embedding, LmHead, Norm, Router -> AdamW with optim.adamw.{lr,betas,eps,wd}.
 //  - optim.name == "adamw": Hidden -> AdamW with optim.{lr,betas,eps,wd}; the rest as above.
 //  - ParamKind::Bias and params with trainable == false are not optimized.
@@ -15,6 +16,7 @@
 // s from optim.scale (shape | rms | spectral). 3-D hidden params [E, out, in] are orthogonalized
 // one [out, in] slice at a time.
 #pragma once
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -24,6 +26,7 @@
 #include "backend/backend.h"
 #include "config/config.h"
 #include "model/params.h"
+#include "optim/matrix_opt.h"
 
 namespace mf {
 
@@ -37,7 +40,7 @@ double clip_factor(double norm, double clip);
 // Muon update scale s for a [rows, cols] matrix and optim.scale mode.
 double muon_scale(const std::string& mode, int64_t rows, int64_t cols);
 
-enum class OptKind { Muon, AdamW };
+enum class OptKind { Muon, AdamW, NorMuon, Shampoo, Soap, Asgo, Freon, Kaon };
 const char* opt_kind_name(OptKind k);
 
 // One optimized parameter with its resolved hyper-parameters and its state.
@@ -48,9 +51,11 @@ struct OptEntry {
   double wd = 0;       // group wd (times wd_mult at update time)
   double wd_mult = 1;
   double b1 = 0.9, b2 = 0.95, eps = 1e-8;  // AdamW
-  double scale = 1;    // Muon s (per [out,in] matrix)
+  double scale = 1;    // Muon s (per [out,in] matrix); 1 for shampoo, soap, asgo
   Tensor exp_avg, exp_avg_sq;  // AdamW state
-  Tensor momentum;             // Muon state
+  Tensor momentum;             // Muon state (also normuon, freon, kaon)
+  Tensor normuon_v;            // NorMuon: per-row second moment, [out] or [E, out]
+  std::shared_ptr<MatrixPreconditioner> pre;  // shampoo, soap, asgo
 };
 
 class Optimizer {
@@ -73,7 +78,8 @@ class Optimizer {
 
   // State for checkpoints. Tensors are the live backend tensors (download them before writing;
   // on CPU they are host tensors), named "<param>.exp_avg", "<param>.exp_avg_sq",
-  // "<param>.momentum_buffer". Scalars: {"optimizer", "step_count"}.
+  // "<param>.momentum_buffer" (+ "<param>.normuon_v"; Shampoo / SOAP / ASGO add their statistics,
+  // see MatrixPreconditioner::state). Scalars: {"optimizer", "step_count"}.
   std::vector<std::pair<std::string, Tensor>> state_tensors() const;
   nlohmann::json state_json() const;
   // Restores state from host f32 tensors (as read from a checkpoint) and the scalars. Every
@@ -85,6 +91,8 @@ class Optimizer {
  private:
   void step_adamw(OptEntry& e, double sched, float grad_scale);
   void step_muon(OptEntry& e, double sched, float grad_scale);
+  void step_preconditioned(OptEntry& e, double sched, float grad_scale);
+  void apply_decay(OptEntry& e, double decay, const Tensor& update);
   double decay_factor(const OptEntry& e, double lr_eff, double sched) const;
 
   OptimConfig ocfg_;

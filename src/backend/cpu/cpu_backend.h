@@ -66,6 +66,20 @@ class CpuBackend final : public Backend {
                        bool accumulate) override;
   void moe_combine_bwd(const Tensor& dout, const Tensor& yg, const Tensor& topk_w,
                        const Tensor& row_of, Tensor& dyg, Tensor& dtopk_w) override;
+
+  // cpu_optim2.cpp (matrix optimizers)
+  void gemm(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, Tensor& C, float alpha,
+            float beta) override;
+  void block_copy(const Tensor& src, int64_t sr, int64_t sc, Tensor& dst, int64_t dr, int64_t dc,
+                  int64_t rows, int64_t cols) override;
+  void sym_eig(const Tensor& S, Tensor& Q) override;
+  void sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) override;
+  void newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vector<float>& coeffs,
+                            float norm_mult) override;
+  void normuon_normalize(Tensor& O, Tensor& v, float beta2, float eps) override;
+  void cautious_decay(Tensor& p, const Tensor& u, float decay) override;
+  void adam_precond(const Tensor& num, const Tensor& g, Tensor& v, Tensor& out, float b2,
+                    float eps, float bc1, float bc2) override;
 };
 
 }  // namespace mf
