@@ -343,6 +343,60 @@ def make_optimizers(torch, model, cfg, device, muon_impl):
     return muon, adam, name + " + AdamW" + (" fused" if fused else ""), notes
 
 
+def time_attention(torch, cfg, B, T, device, sync):
+    """Causal SDPA alone at the model's shape (k, v expanded to all heads), per backend."""
+    F = torch.nn.functional
+    if not hasattr(F, "scaled_dot_product_attention"):
+        return None
+    m = cfg["model"]
+    H, hd = m["n_heads"], m["d_model"] // m["n_heads"]
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(7)
+    mk = lambda: (torch.rand(B, H, T, hd, generator=g) * 2 - 1).to(device=device, dtype=dt)
+    q, k, v, dout = mk(), mk(), mk(), mk()
+    backends = {"default": None}
+    if device == "cuda":
+        try:
+            from torch.nn.attention import SDPBackend
+            backends.update({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                             "efficient": SDPBackend.EFFICIENT_ATTENTION})
+        except ImportError:
+            pass
+    fwd_flops = 2.0 * B * H * T * T * hd
+    out = {"B": B, "T": T, "H": H, "hd": hd, "backends": {}}
+    reps, warm = (10, 3) if device == "cuda" else (2, 1)
+    for name, be in backends.items():
+        try:
+            import contextlib
+            if be is None:
+                ctx = contextlib.nullcontext
+            else:
+                from torch.nn.attention import sdpa_kernel
+                ctx = lambda: sdpa_kernel(be)
+            qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
+            tf, tb = [], []
+            for i in range(warm + reps):
+                sync()
+                t0 = time.perf_counter()
+                with ctx():
+                    o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+                sync()
+                t1 = time.perf_counter()
+                o.backward(dout)
+                sync()
+                t2 = time.perf_counter()
+                if i >= warm:
+                    tf.append(t1 - t0)
+                    tb.append(t2 - t1)
+            f, b = statistics.median(tf), statistics.median(tb)
+            out["backends"][name] = {"fwd_ms": 1e3 * f, "bwd_ms": 1e3 * b,
+                                     "fwd_tflops": fwd_flops / f / 1e12,
+                                     "bwd_tflops": 2.5 * fwd_flops / b / 1e12}
+        except Exception as e:  # a backend that does not support this shape / GPU
+            out["backends"][name] = {"error": str(e).splitlines()[0][:200] if str(e) else type(e).__name__}
+    return out
+
+
 # ---- bench -------------------------------------------------------------------------------------
 
 def main():
@@ -360,6 +414,7 @@ def main():
     ap.add_argument("--muon-impl", choices=["auto", "torch", "ref"], default="auto")
     ap.add_argument("--fwd-reps", type=int, default=0)
     ap.add_argument("--gemm-size", type=int, default=0, help="0: 8192 on CUDA, 1024 on CPU; <0 skips")
+    ap.add_argument("--no-attn", action="store_true", help="skip timing SDPA alone")
     ap.add_argument("--binary", help="muonforge binary used to resolve the config")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on the CPU")
     ap.add_argument("--json", action="store_true")
@@ -508,6 +563,8 @@ def main():
                 "tflops": 2 * gn ** 3 / med / 1e12}
         del a, w
 
+    attn = None if args.no_attn else time_attention(torch, cfg, B, T, device, sync)
+
     step_med = statistics.median(t_step)
     step_mean = statistics.mean(t_step)
     tokens = B * T * accum
@@ -535,7 +592,7 @@ def main():
         "share": {"fwd": fw / step_med, "bwd": (fb - fw) / step_med,
                   "optimizer": opt_ms / 1e3 / step_med,
                   "muon": muon_ms / 1e3 / step_med if muon_ms is not None else None},
-        "memory": mem, "loss_first": losses[0], "loss_last": losses[-1], "notes": notes,
+        "attention": attn, "memory": mem, "loss_first": losses[0], "loss_last": losses[-1], "notes": notes,
     }
 
     mib = 1 / 2 ** 20
@@ -554,6 +611,13 @@ def main():
           f"(derived), clip {r['time_ms']['grad_norm']:.2f} ms, optimizer {opt_ms:.2f} ms"
           + (f" (Muon {muon_ms:.2f} ms = {100 * r['share']['muon']:.1f}% of the step)"
              if muon_ms is not None else ""))
+    if attn:
+        for name, a in attn["backends"].items():
+            if "error" in a:
+                print(f"  attention    {name}: unavailable ({a['error']})")
+            else:
+                print(f"  attention    {name}: fwd {a['fwd_ms']:.3f} ms ({a['fwd_tflops']:.1f} TFLOP/s), "
+                      f"bwd {a['bwd_ms']:.3f} ms ({a['bwd_tflops']:.1f} TFLOP/s)")
     if device == "cuda":
         print(f"  memory       max_memory_allocated {mem['peak_allocated'] * mib:.0f} MiB, "
               f"max_memory_reserved {mem['peak_reserved'] * mib:.0f} MiB")

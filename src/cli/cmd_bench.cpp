@@ -35,6 +35,7 @@ const char* kBenchUsage =
     "  --gemm-size N      n of the n^3 GEMM rate check (default 8192 on CUDA, 1024 on CPU)\n"
     "  --no-gemm          skip the GEMM rate check\n"
     "  --no-muon-split    skip the separate Muon timing\n"
+    "  --no-attn          skip timing attention alone\n"
     "  --quiet            no per-step lines and no memory plan\n"
     "  --json             also print the result as one JSON object on the last line\n";
 
@@ -97,6 +98,8 @@ int cmd_bench(const Args& args) {
       MF_CHECK(o.gemm_size > 0, "bench: --gemm-size must be positive (use --no-gemm to skip)");
     } else if (a == "--no-gemm") {
       o.gemm_size = -1;
+    } else if (a == "--no-attn") {
+      o.attention = false;
     } else if (a == "--no-muon-split") {
       o.muon_split = false;
     } else if (a == "--quiet") {

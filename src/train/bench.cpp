@@ -101,6 +101,43 @@ double measure_gemm_flops(Backend& be, int64_t n, int warmup, int reps, double* 
   return 2.0 * double(n) * double(n) * double(n) / std::max(med, 1e-12);
 }
 
+AttnTiming measure_attention(Backend& be, const AttnShape& s, int warmup, int reps) {
+  MF_CHECK(reps > 0, "measure_attention: reps must be positive");
+  const DType t = be.act_dtype();
+  const Shape qs{s.B, s.T, s.H, s.hd}, ks{s.B, s.T, s.Hkv, s.hd};
+  Tensor q = be.empty(qs, t), k = be.empty(ks, t), v = be.empty(ks, t), dout = be.empty(qs, t);
+  Tensor out = be.empty(qs, t), dq = be.empty(qs, t), dk = be.empty(ks, t), dv = be.empty(ks, t);
+  Tensor lse = be.empty({s.B, s.H, s.T}, DType::F32);
+  Rng rng(7);
+  for (Tensor* x : {&q, &k, &v, &dout}) {
+    Tensor h = host_tensor(x->shape, DType::F32);
+    for (int64_t i = 0; i < h.numel(); ++i) h.f32()[i] = float(rng.uniform() * 2.0 - 1.0);
+    be.upload(h, *x);
+  }
+  for (int i = 0; i < warmup; ++i) {
+    be.attention_fwd(q, k, v, out, lse, s);
+    be.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, s);
+  }
+  be.synchronize();
+  std::vector<double> tf, tb;
+  for (int i = 0; i < reps; ++i) {
+    auto t0 = Clock::now();
+    be.attention_fwd(q, k, v, out, lse, s);
+    be.synchronize();
+    auto t1 = Clock::now();
+    be.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, s);
+    be.synchronize();
+    tf.push_back(secs(t0, t1));
+    tb.push_back(secs(t1, Clock::now()));
+  }
+  AttnTiming r;
+  r.fwd_s = median(tf);
+  r.bwd_s = median(tb);
+  r.fwd_flops = 2.0 * double(s.B) * s.H * double(s.T) * s.T * s.hd;
+  r.bwd_flops = 2.5 * r.fwd_flops;
+  return r;
+}
+
 // ---- memory plan -------------------------------------------------------------------------------
 
 nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be) {
@@ -346,6 +383,22 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
   double gemm_flops = 0, gemm_s = 0;
   if (gn > 0) gemm_flops = measure_gemm_flops(*be, gn, cuda ? 3 : 1, cuda ? 10 : 3, &gemm_s);
 
+  nlohmann::json attn = nullptr;
+  if (o.attention) {
+    AttnShape as;
+    as.B = B;
+    as.T = T;
+    as.H = cfg.model.n_heads;
+    as.Hkv = cfg.model.n_kv_heads;
+    as.hd = cfg.model.head_dim();
+    as.scale = float(model.attn_scale());
+    const AttnTiming at = measure_attention(*be, as, cuda ? 3 : 1, cuda ? 10 : 2);
+    attn = {{"B", as.B}, {"T", as.T}, {"H", as.H}, {"Hkv", as.Hkv}, {"hd", as.hd},
+            {"fwd_ms", 1e3 * at.fwd_s}, {"bwd_ms", 1e3 * at.bwd_s},
+            {"fwd_tflops", at.fwd_flops / at.fwd_s / 1e12},
+            {"bwd_tflops", at.bwd_flops / at.bwd_s / 1e12}};
+  }
+
   const double step_mean = mean(t_step), step_med = median(t_step);
   const double tokens = double(N) * accum;
   const double tps = tokens / std::max(step_mean, 1e-12);
@@ -378,6 +431,7 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
                  {"tflops", gemm_flops / 1e12}};
     r["mfu_vs_gemm"] = fpt * tps / gemm_flops;
   }
+  r["attention"] = attn;
   r["time_ms"] = {{"fwd_bwd", 1e3 * fb_step},
                   {"fwd", 1e3 * fwd_step},
                   {"bwd", 1e3 * (fb_step - fwd_step)},
@@ -457,6 +511,16 @@ std::string bench_report(const nlohmann::json& r) {
   part("  grad norm ", "grad_norm", "");
   part("  optimizer ", "optimizer", "  (all groups + master->compute copy)");
   part("  Muon      ", "muon", "  (Muon-only optimizer over the hidden matrices, timed apart)");
+  if (r.contains("attention") && !r.at("attention").is_null()) {
+    const auto& a = r.at("attention");
+    line("  attention    alone at B " + std::to_string(a.at("B").get<int>()) + ", T " +
+         std::to_string(a.at("T").get<int>()) + ", " + std::to_string(a.at("H").get<int>()) + "/" +
+         std::to_string(a.at("Hkv").get<int>()) + " heads, hd " + std::to_string(a.at("hd").get<int>()) +
+         ": fwd " + fmt("%.3f ms", a.at("fwd_ms").get<double>()) + " (" +
+         fmt("%.1f TFLOP/s", a.at("fwd_tflops").get<double>()) + "), bwd " +
+         fmt("%.3f ms", a.at("bwd_ms").get<double>()) + " (" +
+         fmt("%.1f TFLOP/s", a.at("bwd_tflops").get<double>()) + "), causal FLOPs");
+  }
   const auto& m = r.at("memory");
   if (m.contains("peak_device_used")) {
     line("  memory       peak device used " + fmt("%.0f MiB", mib(m.at("peak_device_used").get<double>())) +

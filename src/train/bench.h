@@ -27,6 +27,7 @@ struct BenchOptions {
   int64_t gemm_size = 0;   // n of the n x n x n GEMM timed through matmul_fwd; 0 = 8192 on
                            // CUDA, 1024 on CPU; < 0 skips it
   bool muon_split = true;  // time a Muon-only optimizer over the hidden matrices afterwards
+  bool attention = true;   // time attention_fwd / attention_bwd alone at the model's shape
   bool verbose = true;     // per-step lines on the console
 };
 
@@ -38,6 +39,14 @@ std::string bench_report(const nlohmann::json& r);
 // One dense n x n x n GEMM (y = x W^T, act_dtype operands, random data) through
 // Backend::matmul_fwd: median seconds of `reps` after `warmup` calls. Returns FLOP/s (2 n^3 / t).
 double measure_gemm_flops(Backend& be, int64_t n, int warmup, int reps, double* median_s = nullptr);
+
+// Causal attention alone at shape s (random q, k, v, dout): median seconds of the forward and of
+// the backward over `reps` calls each. FLOPs counted as 4 B H T^2 hd / 2 (forward, causal half)
+// and 2.5x that for the backward (the FlashAttention-2 paper's convention).
+struct AttnTiming {
+  double fwd_s = 0, bwd_s = 0, fwd_flops = 0, bwd_flops = 0;
+};
+AttnTiming measure_attention(Backend& be, const AttnShape& s, int warmup, int reps);
 
 // Peak dense bf16 FLOP/s used for MFU: 989e12 (H100/H200 SXM datasheet) on CUDA, 0 on the CPU.
 double bench_peak_flops(const Backend& be);
