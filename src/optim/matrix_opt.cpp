@@ -252,8 +252,25 @@ class Soap final : public BlockedBase {
 
   void direction(const Tensor& grad, float grad_scale, int64_t t, Tensor& D) override {
     scaled_grad(grad, grad_scale);
+    if (t == 1) {
+      // As in the reference implementation, the first gradient only initialises the
+      // statistics and the eigenbases (no update): in the eigenbasis of its own statistics the
+      // gradient is diagonal, so Adam's elementwise ratio would be 0/0 off the diagonal.
+      for (const MatBlock& b : blocks_) {
+        Tensor g = window(s1_, b.rows, b.cols);
+        Tensor L = square_at(L_, b.off_l, b.rows), R = square_at(R_, b.off_r, b.cols);
+        Tensor QL = square_at(QL_, b.off_l, b.rows), QR = square_at(QR_, b.off_r, b.cols);
+        cut(G_, b, g);
+        update_stats(g, L, R);
+        be_.sym_eig(L, QL);
+        be_.sym_eig(R, QR);
+      }
+      be_.zero(D);
+      return;
+    }
+    const int64_t ta = t - 1;  // Adam's step count
     ema(M_, G_, c_.beta1);
-    const double bc1 = 1.0 - pow_t(c_.beta1, t), bc2 = 1.0 - pow_t(c_.beta2, t);
+    const double bc1 = 1.0 - pow_t(c_.beta1, ta), bc2 = 1.0 - pow_t(c_.beta2, ta);
     const float b2 = float(c_.beta2);
     for (const MatBlock& b : blocks_) {
       Tensor g = window(s1_, b.rows, b.cols), gr = window(s2_, b.rows, b.cols);
@@ -262,11 +279,6 @@ class Soap final : public BlockedBase {
       Tensor L = square_at(L_, b.off_l, b.rows), R = square_at(R_, b.off_r, b.cols);
       Tensor QL = square_at(QL_, b.off_l, b.rows), QR = square_at(QR_, b.off_r, b.cols);
       cut(G_, b, g);
-      if (t == 1) {  // no basis yet: statistics from the first gradient, then its eigenbasis
-        update_stats(g, L, R);
-        be_.sym_eig(L, QL);
-        be_.sym_eig(R, QR);
-      }
       // Rotate the gradient and the first moment: X' = QL^T X QR.
       be_.gemm(QL, true, g, false, tmp, 1.0f, 0.0f);
       be_.gemm(tmp, false, QR, false, gr, 1.0f, 0.0f);
@@ -280,13 +292,12 @@ class Soap final : public BlockedBase {
       be_.gemm(QL, false, mr, false, tmp, 1.0f, 0.0f);
       be_.gemm(tmp, false, QR, true, gr, 1.0f, 0.0f);
       paste(gr, b, D);
-      if (t > 1) {
-        cut(G_, b, g);
-        update_stats(g, L, R);
-        if ((t - 1) % c_.precond_every == 0) {
-          be_.sym_eig(L, QL);
-          be_.sym_eig(R, QR);
-        }
+      // Then the statistics take this gradient, and every f Adam steps the bases are refreshed.
+      cut(G_, b, g);
+      update_stats(g, L, R);
+      if (ta % c_.precond_every == 0) {
+        be_.sym_eig(L, QL);
+        be_.sym_eig(R, QR);
       }
     }
   }
