@@ -79,7 +79,7 @@ int cmd_train(const Args& args) {
     return 2;
   }
   Config cfg = load_config(path, sets);
-  spdlog::info("config {} resolved:\n{}", path, config_to_json(cfg).dump(2));
+  spdlog::info("config {} resolved:\n{}", path, config_to_string(cfg));
   Trainer t(cfg, opts);
   TrainResult r = t.run();
   return r.interrupted && stop_requested() ? 130 : 0;

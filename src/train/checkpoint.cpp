@@ -124,7 +124,7 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
     st["optimizer"] = opt.state_json();
     st["optimizer_shards"] = sharded ? world : 0;
     write_json((tmp_dir / "state.json").string(), st);
-    write_json((tmp_dir / "config.json").string(), config_to_json(cfg));
+    atomic_write_text((tmp_dir / "config.json").string(), config_to_string(cfg) + "\n");
     fsync_dir(tmp_dir.string());
 
     // Re-saving the same step (e.g. the final step after a resume) replaces the old directory.

@@ -190,7 +190,7 @@ void Trainer::setup() {
     }
     atomic_write_text(mpath, start_step_ > 0 ? kept.str() : "");
     atomic_write_text((fs::path(run_dir_) / "config.json").string(),
-                      config_to_json(cfg_).dump(2) + "\n");
+                      config_to_string(cfg_) + "\n");
     atomic_write_text((fs::path(run_dir_) / "mup_table.csv").string(), mup.csv());
   }
   if (!opts_.quiet)
