@@ -234,11 +234,22 @@ def cmd_run(args):
     os.makedirs(logdir, exist_ok=True)
     path = os.path.join(args.out, "results.jsonl")
     impls = ["muonforge", "torch"] if args.impl == "both" else [args.impl]
+    t_start = time.time()
     with open(path, "a") as f:
         f.write(json.dumps(env_info(args.python)) + "\n")
         for case in cases:
             for impl in impls:
-                rec = run_one(impl, case, args, binary, logdir)
+                left = args.budget - (time.time() - t_start) if args.budget else None
+                if left is not None and left < 30:
+                    rec = {"kind": "result", "impl": impl, "case": case, "config": CASES[case][0],
+                           "seq_len": CASES[case][1], "micro_batch": CASES[case][2],
+                           "batch_tokens": CASES[case][3], "wall_s": 0,
+                           "error": "skipped: --budget spent"}
+                else:
+                    run_args = argparse.Namespace(**vars(args))
+                    if left is not None:
+                        run_args.timeout = int(max(20, min(args.timeout, left - 5)))
+                    rec = run_one(impl, case, run_args, binary, logdir)
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 d = rec.get("data") or {}
@@ -284,6 +295,8 @@ def main():
     r.add_argument("--binary")
     r.add_argument("--python", default=os.environ.get("MF_TORCH_PYTHON", "python3"))
     r.add_argument("--timeout", type=int, default=240, help="seconds per single bench run")
+    r.add_argument("--budget", type=int, default=0,
+                   help="seconds for the whole run: later runs get what is left or are skipped")
     r.add_argument("--report", help="Markdown output (default OUT/benchmarks.md)")
     p = sub.add_parser("report")
     p.add_argument("results", nargs="+")

@@ -92,6 +92,7 @@ tar -C "$STAGE" -cf - build-device lib | xz -T2 -6 >"$OUTDIR/devbuild.tar.xz"
 {
   echo "muonforge device pack"
   echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+  echo "source: $REPO"
   echo "date:   $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "built:  $BUILD (sm_90a), $(/usr/local/cuda/bin/nvcc --version 2>/dev/null | tail -2 | head -1)"
   echo "host:   $(. /etc/os-release; echo "$PRETTY_NAME"), $(ldd --version | head -1)"

@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# The GPU checks of muonforge, for the lent device machine (one H200). docs/gpu.md says when and
+# how to call it; in short, here (no GPU): scripts/pack_device.sh, then one device call per part:
+#
+#   bash scripts/gpu_check.sh $OUT --part 1     # environment, [gpu] tests, e2e, launcher, sanitizer
+#   bash scripts/gpu_check.sh $OUT --part 2     # muonforge vs PyTorch benchmarks at seq 1024
+#   bash scripts/gpu_check.sh $OUT --part 3     # ... at seq 2048
+#   bash scripts/gpu_check.sh $OUT --quick      # part 1 without the sanitizer + 124m-1024 bench
+#
+# Every step runs under a timeout and the whole call stays inside --budget seconds (default 540,
+# under the device's 10-minute limit per command). Logs go to a work folder and come back as
+# OUTDIR/logs.tgz (the device returns at most 8 files); OUTDIR/summary.txt holds the table that
+# is also printed last (step, status, seconds, key figure); benchmark parts add
+# OUTDIR/results.jsonl and OUTDIR/benchmarks.md.
+#
+# The binaries come from .devbuild/devbuild.tar.xz (scripts/pack_device.sh) or, failing that,
+# from build-device/ or build/ built on the device itself (see docs/gpu.md, "plan B").
+set -uo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUTDIR="${1:-}"
+[ -n "$OUTDIR" ] && [ "${OUTDIR#-}" = "$OUTDIR" ] || { sed -n '2,20p' "$0"; exit 2; }
+shift
+PART=1
+QUICK=0
+BUDGET=540
+BENCH_STEPS=4
+BENCH_WARMUP=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --part) PART="$2"; shift ;;
+    --quick) QUICK=1 ;;
+    --budget) BUDGET="$2"; shift ;;
+    --bench-steps) BENCH_STEPS="$2"; shift ;;
+    --bench-warmup) BENCH_WARMUP="$2"; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$PART" in 1|2|3) ;; *) echo "gpu_check: --part must be 1, 2 or 3" >&2; exit 2 ;; esac
+
+T0=$(date +%s)
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+WORK="${MF_GPU_WORK:-/tmp/mf_gpu_check}"
+rm -rf "$WORK"
+mkdir -p "$WORK/logs"
+LOGS="$WORK/logs"
+SUMMARY="$WORK/summary.tsv"
+: >"$SUMMARY"
+NSTEP=0
+
+remaining() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+
+# step NAME TIMEOUT_S COMMAND: runs COMMAND (bash) with its output in logs/NN_NAME.log. Status:
+# PASS (rc 0), FAIL rc=N, TIMEOUT, SKIP (budget spent). Key figure: the last "KEY: " line of the
+# log, else Catch2's result line.
+step() {
+  local name="$1" tmo="$2" cmd="$3"
+  NSTEP=$((NSTEP + 1))
+  local log
+  log="$LOGS/$(printf '%02d' "$NSTEP")_${name}.log"
+  local left
+  left=$(( $(remaining) - 20 ))
+  if [ "$left" -lt 15 ]; then
+    printf '%s\tSKIP\t0\tbudget spent\n' "$name" >>"$SUMMARY"
+    echo "== $name: SKIP (budget spent)"
+    return
+  fi
+  [ "$tmo" -gt "$left" ] && tmo="$left"
+  echo "== $name (timeout ${tmo}s)"
+  local t1 rc status key
+  t1=$(date +%s)
+  { echo "\$ $cmd"; echo; } >"$log"
+  timeout -k 10 "$tmo" bash -c "$cmd" >>"$log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=PASS ;;
+    124|137) status=TIMEOUT ;;
+    *) status="FAIL rc=$rc" ;;
+  esac
+  key=$(grep -a '^KEY: ' "$log" | tail -1 | cut -c6-)
+  [ -z "$key" ] && key=$(grep -aE 'All tests passed|Passed all|Passed [0-9]+ test|test cases:|No tests ran' "$log" | tail -1)
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t1 ))" "${key:0:110}" >>"$SUMMARY"
+  echo "   -> $status ($(( $(date +%s) - t1 )) s) $key"
+  tail -n 4 "$log" | sed 's/^/      /'
+}
+
+finish() {
+  {
+    printf 'gpu_check part %s%s on %s, %s s of %s budget\n' "$PART" "$([ $QUICK = 1 ] && echo ' (quick)')" \
+      "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" \
+      "$(( $(date +%s) - T0 ))" "$BUDGET"
+    printf '%-22s %-12s %5s  %s\n' STEP STATUS SEC "KEY FIGURE"
+    while IFS=$'\t' read -r n s t k; do printf '%-22s %-12s %5s  %s\n' "$n" "$s" "$t" "$k"; done <"$SUMMARY"
+  } >"$OUTDIR/summary.txt"
+  tar -C "$WORK" -czf "$OUTDIR/logs.tgz" logs 2>/dev/null
+  [ -f "$WORK/bench/results.jsonl" ] && cp "$WORK/bench/results.jsonl" "$OUTDIR/results.jsonl"
+  [ -f "$WORK/bench/benchmarks.md" ] && cp "$WORK/bench/benchmarks.md" "$OUTDIR/benchmarks.md"
+  echo
+  cat "$OUTDIR/summary.txt"
+}
+trap finish EXIT
+
+# ---- binaries and libraries --------------------------------------------------------------------
+DEV=""
+if [ -f "$REPO/.devbuild/devbuild.tar.xz" ]; then
+  DEV="$WORK/dev"
+  mkdir -p "$DEV"
+  if ! tar -C "$DEV" -xJf "$REPO/.devbuild/devbuild.tar.xz" 2>"$LOGS/unpack.err"; then
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+      "$REPO/.devbuild/devbuild.tar.xz" "$DEV" || { echo "gpu_check: cannot unpack the pack" >&2; exit 1; }
+  fi
+  BIN_DIR="$DEV/build-device"
+  # The binaries were compiled with absolute paths of the checkout they were built in (test
+  # fixtures, scripts, the muonforge binary): make those paths lead here.
+  SRC="$(sed -n 's/^source: *//p' "$REPO/.devbuild/MANIFEST.txt" 2>/dev/null | head -1)"
+  if [ -n "$SRC" ] && [ "$SRC" != "$REPO" ] && [ ! -e "$SRC" ]; then
+    mkdir -p "$(dirname "$SRC")" && ln -s "$REPO" "$SRC" && echo "gpu_check: linked $SRC -> $REPO"
+  fi
+  [ -e "$REPO/build-device" ] || ln -s "$BIN_DIR" "$REPO/build-device"
+elif [ -x "$REPO/build-device/muonforge" ]; then
+  BIN_DIR="$REPO/build-device"
+elif [ -x "$REPO/build/muonforge" ]; then
+  BIN_DIR="$REPO/build"
+else
+  echo "gpu_check: no binaries: carry .devbuild (scripts/pack_device.sh) or build here first" >&2
+  exit 1
+fi
+BIN="$BIN_DIR/muonforge"
+TESTS="$BIN_DIR/tests"
+
+LIBS=""
+[ -n "$DEV" ] && LIBS="$DEV/lib"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 \
+         /usr/local/nvidia/lib; do
+  [ -d "$d" ] && LIBS="$LIBS:$d"
+done
+PYLIBS="$(python3 - <<'EOF' 2>/dev/null
+import os
+seen = []
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except Exception:
+    roots = []
+for r in roots:
+    for dp, dn, fn in sorted(os.walk(r)):
+        if any(f.startswith("lib") and ".so" in f for f in fn) and dp not in seen:
+            seen.append(dp)
+print(":".join(seen))
+EOF
+)"
+[ -n "$PYLIBS" ] && LIBS="$LIBS:$PYLIBS"
+export LD_LIBRARY_PATH="${LIBS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export MF_BINARY="$BIN" PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+echo "gpu_check: part $PART, binaries $BIN_DIR"
+echo "gpu_check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+# ---- part 1: correctness -----------------------------------------------------------------------
+part1() {
+  step env 60 "
+    nvidia-smi -L || { echo 'KEY: NO GPU VISIBLE (nvidia-smi -L failed)'; exit 1; }
+    nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    nvcc --version | tail -2; python3 -c 'import torch; print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.is_available())'
+    command -v compute-sanitizer && compute-sanitizer --version | tail -1
+    cat '$REPO/.devbuild/MANIFEST.txt' 2>/dev/null | head -6
+    echo; echo 'ldd muonforge:'; ldd '$BIN'
+    miss=\$(for b in '$BIN' '$TESTS'/test_*; do ldd \"\$b\"; done | grep 'not found' | sort -u)
+    if [ -n \"\$miss\" ]; then echo \"KEY: MISSING LIBRARIES: \$miss\" | tr '\n' ' '; echo; exit 1; fi
+    '$BIN' --help >/dev/null || exit 1
+    echo \"KEY: \$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1); all libraries resolve\""
+
+  step test_cuda_smoke 240 "'$TESTS/test_cuda_smoke' --order decl -r compact"
+  step test_ops_gpu 300 "'$TESTS/test_ops' '[gpu]' --order decl -r compact"
+  step test_gpu_e2e 300 "'$TESTS/test_gpu_e2e' --order decl 2>&1 | tee '$WORK/e2e.out'; rc=\${PIPESTATUS[0]}
+    echo \"KEY: \$(grep -a -E '^e2e (adamw|muon): worst|^e2e determinism (adamw|muon)|^e2e nccl' '$WORK/e2e.out' | cut -c5- | cut -c1-36 | tr '\n' ';')\"
+    exit \$rc"
+
+  for t in "$TESTS"/test_*; do
+    case "$(basename "$t")" in test_cuda_smoke|test_ops|test_gpu_e2e) continue ;; esac
+    step "$(basename "$t")_gpu" 120 "'$t' '[gpu]' --order decl -r compact"
+  done
+
+  step train_parity 240 "python3 '$REPO/scripts/gpu_train_parity.py' --binary '$BIN' --work '$WORK/train'"
+
+  if [ "$QUICK" = 0 ] && command -v compute-sanitizer >/dev/null; then
+    step memcheck_smoke 420 "compute-sanitizer --tool memcheck --error-exitcode 3 \
+      '$TESTS/test_cuda_smoke' --order decl -r compact; rc=\$?; echo \"KEY: memcheck rc=\$rc\"; exit \$rc"
+    step racecheck_attention 240 "compute-sanitizer --tool racecheck --error-exitcode 3 \
+      '$TESTS/test_cuda_smoke' '*attention*' --order decl -r compact; rc=\$?; echo \"KEY: racecheck rc=\$rc\"; exit \$rc"
+  elif [ "$QUICK" = 0 ]; then
+    printf 'compute-sanitizer\tSKIP\t0\tnot installed\n' >>"$SUMMARY"
+  fi
+}
+
+# ---- parts 2 and 3: benchmarks -----------------------------------------------------------------
+bench() {
+  local args="$1"
+  local left=$(( $(remaining) - 40 ))
+  step "bench_$2" "$left" "python3 '$REPO/scripts/bench_compare.py' run --out '$WORK/bench' \
+     --binary '$BIN' --python python3 --steps $BENCH_STEPS --warmup $BENCH_WARMUP \
+     --timeout 200 --budget $(( left - 10 )) $args ${MF_BENCH_ARGS:-}; rc=\$?
+     ok=\$(grep -c '\"data\"' '$WORK/bench/results.jsonl' 2>/dev/null); all=\$(grep -c '\"kind\": \"result\"' '$WORK/bench/results.jsonl' 2>/dev/null)
+     echo \"KEY: \$ok of \$all bench runs measured\"; exit \$rc"
+  cp "$WORK/bench/logs/"*.log "$LOGS/" 2>/dev/null || true
+}
+
+if [ "$QUICK" = 1 ]; then
+  part1
+  BENCH_STEPS=2 BENCH_WARMUP=1
+  bench "--cases 124m-1024" quick
+elif [ "$PART" = 1 ]; then
+  part1
+elif [ "$PART" = 2 ]; then
+  bench "--seq 1024" seq1024
+else
+  bench "--seq 2048" seq2048
+fi
