@@ -1,0 +1,232 @@
+// muonforge bench, the memory plan and the PyTorch baseline script (CPU; cheap settings).
+#include <catch2/catch.hpp>
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/llama.h"
+#include "optim/mup.h"
+#include "optim/optimizer.h"
+#include "train/bench.h"
+
+using namespace mf;
+
+namespace {
+
+const std::string kRoot = std::string(MF_TEST_DIR) + "/..";
+const std::string kTiny = kRoot + "/configs/tiny.json";
+
+// Small and fast: T 64, micro-batch 4 (256 tokens), one micro-batch per step unless overridden.
+Config tiny_config(std::vector<std::string> extra = {}) {
+  std::vector<std::string> sets = {"train.device=cpu", "train.seq_len=64", "model.max_seq_len=64",
+                                   "train.micro_batch=4", "train.batch_tokens=256",
+                                   "train.world_size=1"};
+  sets.insert(sets.end(), extra.begin(), extra.end());
+  return load_config(kTiny, sets);
+}
+
+std::string run_capture(const std::string& cmd, int* rc) {
+  std::string out;
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  REQUIRE(p != nullptr);
+  std::array<char, 4096> buf{};
+  while (fgets(buf.data(), int(buf.size()), p)) out += buf.data();
+  const int st = pclose(p);
+  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+nlohmann::json last_json_line(const std::string& out) {
+  size_t end = out.size();
+  while (end > 0) {
+    size_t start = out.rfind('\n', end - 1);
+    start = start == std::string::npos ? 0 : start + 1;
+    const std::string line = out.substr(start, end - start);
+    if (!line.empty() && line[0] == '{') return nlohmann::json::parse(line);
+    if (start == 0) break;
+    end = start - 1;
+  }
+  FAIL("no JSON line in the output:\n" << out);
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("memory plan: exact byte counts of weights, grads and optimizer state on the CPU",
+          "[bench]") {
+  for (const char* optim : {"muon", "adamw"}) {
+    const Config cfg = tiny_config({std::string("optim.name=") + optim});
+    auto be = make_backend("cpu");
+    LlamaModel model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
+                     mup_model_scales(cfg));
+    apply_mup(cfg, model.params());
+    Optimizer opt(cfg, model.params(), *be);
+    const nlohmann::json p = memory_plan(model, opt, *be);
+    int64_t n = 0, hidden = 0, largest_hidden = 0;
+    for (Param* q : model.params()) {
+      n += q->numel();
+      if (q->kind == ParamKind::Hidden) {
+        hidden += q->numel();
+        largest_hidden = std::max(largest_hidden, q->numel());
+      }
+    }
+    INFO(optim << "\n" << memory_plan_table(p));
+    CHECK(p.at("weights").get<int64_t>() == 4 * n);  // CPU: compute copy == master
+    CHECK(p.at("grads").get<int64_t>() == 4 * n);
+    const bool muon = std::string(optim) == "muon";
+    // Muon: one momentum per hidden matrix, AdamW m and v for the rest; AdamW: m and v for all.
+    CHECK(p.at("optimizer_state").get<int64_t>() == (muon ? 4 * hidden + 8 * (n - hidden) : 8 * n));
+    CHECK(p.at("muon_scratch").get<int64_t>() == (muon ? 4 * largest_hidden : 0));
+    // Activations: LlamaModel's buffers for 4 x 64, f32 on the CPU: at least the per-layer
+    // residual, q, k, v and MLP buffers, and no more than twice the formula's dominant terms.
+    const int64_t N = 4 * 64, d = cfg.model.d_model, f = cfg.model.d_ff;
+    const int64_t acts = p.at("activations").get<int64_t>();
+    CHECK(acts > cfg.model.n_layers * N * (4 * d + 3 * f) * 4);
+    CHECK(acts < cfg.model.n_layers * N * (8 * d + 6 * f) * 4 * 2);
+    CHECK(p.at("total").get<int64_t>() ==
+          p.at("weights").get<int64_t>() + p.at("grads").get<int64_t>() +
+              p.at("optimizer_state").get<int64_t>() + p.at("muon_scratch").get<int64_t>() + acts);
+    CHECK(p.at("device_total").get<int64_t>() > 0);  // /proc/meminfo
+    CHECK(p.at("free").get<int64_t>() > 0);
+    CHECK(p.at("free").get<int64_t>() <= p.at("device_total").get<int64_t>());
+    const std::string table = memory_plan_table(p);
+    for (const char* row : {"weights", "gradients", "optimizer state", "activations", "total", "free now"})
+      CHECK(table.find(row) != std::string::npos);
+  }
+}
+
+TEST_CASE("memory_info: the CPU default reads /proc/meminfo", "[bench]") {
+  auto be = make_backend("cpu");
+  const MemoryInfo m = be->memory_info();
+  CHECK(m.total > (size_t(64) << 20));
+  CHECK(m.free > 0);
+  CHECK(m.free <= m.total);
+  CHECK(m.tensors == 0);
+}
+
+TEST_CASE("run_bench on the CPU: every figure present and consistent", "[bench]") {
+  const Config cfg = tiny_config({"train.batch_tokens=512"});  // 2 micro-batches per step
+  BenchOptions o;
+  o.steps = 2;
+  o.warmup = 1;
+  o.gemm_size = 96;
+  o.verbose = false;
+  const nlohmann::json r = run_bench(cfg, o);
+  INFO(r.dump(2));
+  CHECK(r.at("device") == "cpu");
+  CHECK(r.at("grad_accum") == 2);
+  CHECK(r.at("batch_tokens") == 512);
+  CHECK(r.at("mfu").is_null());  // no datasheet peak on the CPU
+  CHECK(r.at("tok_per_s").get<double>() > 0);
+  const double step = r.at("step_ms_median").get<double>();
+  const auto& t = r.at("time_ms");
+  CHECK(step > 0);
+  CHECK(t.at("fwd").get<double>() > 0);
+  CHECK(t.at("bwd").get<double>() ==
+        Approx(t.at("fwd_bwd").get<double>() - t.at("fwd").get<double>()));
+  CHECK(t.at("bwd_derived") == true);
+  CHECK(t.at("fwd_bwd").get<double>() <= step * 1.5);
+  CHECK(t.at("optimizer").get<double>() > 0);
+  CHECK(t.at("muon").get<double>() > 0);
+  CHECK(t.at("muon_params") == 7 * cfg.model.n_layers);  // q k v o gate up down per layer
+  CHECK(r.at("gemm").at("n") == 96);
+  CHECK(r.at("gemm").at("tflops").get<double>() > 0);
+  CHECK(r.at("mfu_vs_gemm").get<double>() > 0);
+  CHECK(r.at("attention").at("hd") == cfg.model.head_dim());
+  CHECK(r.at("attention").at("fwd_ms").get<double>() > 0);
+  CHECK(r.at("memory").at("peak_rss").get<int64_t>() > 0);
+  CHECK(std::isfinite(r.at("loss_first").get<double>()));
+  // flops_per_token is the model's own.
+  auto be = make_backend("cpu");
+  LlamaModel m(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
+  CHECK(r.at("flops_per_token").get<double>() == Approx(m.flops_per_token()));
+  CHECK(r.at("params").get<int64_t>() == m.num_params());
+  CHECK(r.at("achieved_tflops").get<double>() ==
+        Approx(m.flops_per_token() * r.at("tok_per_s").get<double>() / 1e12));
+  const std::string rep = bench_report(r);
+  for (const char* s : {"throughput", "GEMM", "forward", "backward", "derived", "Muon", "peak RSS"})
+    CHECK(rep.find(s) != std::string::npos);
+}
+
+TEST_CASE("run_bench: AdamW config has no Muon split; bad options are errors", "[bench]") {
+  BenchOptions o;
+  o.steps = 1;
+  o.warmup = 0;
+  o.gemm_size = -1;
+  o.attention = false;
+  o.verbose = false;
+  const nlohmann::json r = run_bench(tiny_config({"optim.name=adamw"}), o);
+  CHECK(r.at("time_ms").at("muon").is_null());
+  CHECK(r.at("share").at("muon").is_null());
+  CHECK_FALSE(r.contains("gemm"));
+  CHECK(r.at("attention").is_null());
+  o.steps = 0;
+  CHECK_THROWS_WITH(run_bench(tiny_config(), o), Catch::Contains("--steps"));
+}
+
+TEST_CASE("muonforge bench CLI: report, --json line, errors", "[bench][cli]") {
+  const std::string bin = MF_BINARY;
+  int rc = -1;
+  std::string out = run_capture("OMP_NUM_THREADS=1 '" + bin + "' bench '" + kTiny +
+                                    "' --device cpu --seq-len 64 --micro-batch 4 --batch-tokens 512"
+                                    " --steps 1 --warmup 1 --gemm-size 64 --quiet --json",
+                                &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  const nlohmann::json j = last_json_line(out);
+  CHECK(j.at("seq_len") == 64);
+  CHECK(j.at("micro_batch") == 4);
+  CHECK(j.at("tok_per_s").get<double>() > 0);
+  CHECK(out.find("throughput") != std::string::npos);
+  CHECK(out.find("memory plan") == std::string::npos);  // --quiet
+
+  out = run_capture("'" + bin + "' bench '" + kTiny + "' --steps x", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("--steps needs an integer") != std::string::npos);
+  out = run_capture("'" + bin + "' bench '" + kTiny + "' --frobnicate", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("unknown option --frobnicate") != std::string::npos);
+  out = run_capture("'" + bin + "' bench --help", &rc);
+  CHECK(rc == 0);
+  CHECK(out.find("--warmup") != std::string::npos);
+}
+
+TEST_CASE("scripts/bench_torch.py smoke test (skips without torch)", "[bench][torch]") {
+  const char* env = std::getenv("MF_TORCH_PYTHON");
+  const std::string py = env && *env ? env : "/usr/bin/python3";
+  int rc = -1;
+  run_capture("'" + py + "' -c 'import torch'", &rc);
+  if (rc != 0) {
+    WARN("no torch for " << py << " (set MF_TORCH_PYTHON): skipping the bench_torch.py smoke test");
+    return;
+  }
+  const std::string out = run_capture(
+      "OMP_NUM_THREADS=1 '" + py + "' '" + kRoot + "/scripts/bench_torch.py' '" + kTiny +
+          "' --device cpu --threads 1 --seq-len 64 --micro-batch 4 --batch-tokens 512 --steps 1"
+          " --warmup 1 --gemm-size 64 --json --binary '" + MF_BINARY + "'",
+      &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  const nlohmann::json j = last_json_line(out);
+  CHECK(j.at("impl") == "pytorch");
+  CHECK(j.at("resolved_by") == "muonforge config");
+  CHECK(j.at("grad_accum") == 2);
+  CHECK(j.at("tok_per_s").get<double>() > 0);
+  CHECK(j.at("time_ms").at("muon").get<double>() > 0);
+  CHECK(std::isfinite(j.at("loss_first").get<double>()));
+  // The same model: parameter count and FLOPs per token as muonforge's.
+  const Config cfg = tiny_config();
+  auto be = make_backend("cpu");
+  LlamaModel m(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len);
+  CHECK(j.at("params").get<int64_t>() == m.num_params());
+  CHECK(j.at("flops_per_token").get<double>() == Approx(m.flops_per_token()));
+  // Untrained, the loss is near ln V for both (same init scheme).
+  CHECK(std::fabs(j.at("loss_first").get<double>() - std::log(double(cfg.model.vocab_size))) < 0.1);
+}
