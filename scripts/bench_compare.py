@@ -143,8 +143,15 @@ def report(records):
             res[(r["case"], r["impl"])] = r  # later lines win (re-runs)
     lines = ["# Benchmarks: muonforge vs PyTorch", ""]
     if not any("data" in r for r in res.values()):
-        lines += ["**No GPU figures exist yet.** This file is written by `scripts/bench_compare.py`; "
-                  "see docs/gpu.md for the run that fills it.", ""]
+        lines += ["**No GPU figures exist yet.** No benchmark has run on a GPU. This file is written by "
+                  "`scripts/bench_compare.py` from the results of `scripts/gpu_check.sh --part 2/3`; "
+                  "docs/gpu.md gives the exact device calls. The cases it will measure:", "",
+                  "| case | config | seq_len | micro_batch | batch_tokens (accumulation) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for k, (c, T, mb, bt) in CASES.items():
+            lines.append(f"| {k} | {c} | {T} | {mb} | {bt} ({bt // (mb * T)}) |")
+        lines += ["", "## Targets", "", TARGETS]
+        return "\n".join(lines) + "\n"
     if env:
         lines += [f"- date: {env['date']}", f"- GPU: {env['gpu']} ({env['gpu_memory']}), driver "
                   f"{env['driver']}, CUDA (driver) {env['cuda_driver']}", f"- nvcc: {env['nvcc']}",

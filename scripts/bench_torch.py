@@ -496,7 +496,14 @@ def main():
                 o.zero_grad(set_to_none=True)
         loss_acc = 0.0
         for mi in range(accum):
-            loss = fwd(mi)
+            try:
+                loss = fwd(mi)
+            except Exception as e:  # torch.compile failing on this machine: measure eager instead
+                if not compiled or s > 0 or mi > 0:
+                    raise
+                notes.append(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); eager")
+                fwd_model, compiled = model, False
+                loss = fwd(mi)
             (loss / accum).backward()
             loss_acc += loss.detach()
         sync()
