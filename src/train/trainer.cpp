@@ -19,6 +19,7 @@
 #include "optim/mup.h"
 #include "optim/optimizer.h"
 #include "train/checkpoint.h"
+#include "train/bench.h"
 #include "train/diagnostics.h"
 #include "train/export.h"
 
@@ -263,6 +264,7 @@ void Trainer::setup_distributed() {
   for (size_t i = 0; i < all.size(); ++i)
     if (owner_[i] < 0 || owner_[i] == rank_) mine.push_back(all[i]);
   opt_ = std::make_unique<Optimizer>(cfg_, mine, *be_);
+  if (rank_ == 0 && !opts_.quiet) print_memory_plan(*model_, *opt_, *be_);
   if (sharded_)
     spdlog::info("optimizer sharded over {} ranks: this rank updates {} of {} tensors{}", world_,
                  mine.size(), all.size(),
