@@ -20,6 +20,7 @@
 #include "core/rng.h"
 #include "data/loader.h"
 #include "data/shard.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using mf::DataLoader;
@@ -29,22 +30,8 @@ using mf::TokenShard;
 
 namespace {
 
-// A fresh folder under the system temp dir, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("mf_test_data_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using mf::test::TempDir;
+using mf::test::run_capture;
 
 std::vector<uint32_t> random_tokens(int64_t n, uint32_t vocab, uint64_t seed) {
   mf::Rng rng(seed);
@@ -52,6 +39,7 @@ std::vector<uint32_t> random_tokens(int64_t n, uint32_t vocab, uint64_t seed) {
   for (auto& t : v) t = uint32_t(rng.below(vocab));
   return v;
 }
+
 
 // Raw file writer for malformed inputs: header ints then body bytes.
 void write_raw(const std::string& path, std::array<int32_t, 3> head, size_t body_bytes) {
@@ -160,17 +148,6 @@ DataLoaderOptions opts(int64_t B, int64_t T, int rank, int W, bool shuffle, uint
 
 bool have_python() { return std::system("python3 --version > /dev/null 2>&1") == 0; }
 
-std::string run_capture(const std::string& cmd, int* rc) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  int st = ::pclose(p);
-  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
 
 const std::string kRepo = fs::path(MF_TEST_DIR).parent_path().string();
 

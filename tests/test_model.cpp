@@ -11,10 +11,14 @@
 #include "io/safetensors.h"
 #include "model/llama.h"
 #include "optim/optimizer.h"
+#include "test_util.h"
 
 using namespace mf;
 
 namespace {
+
+using mf::test::split_tokens;
+using mf::test::rel_err;
 
 const std::string kFixture = std::string(MF_TEST_DIR) + "/fixtures/llama_ref";
 
@@ -48,26 +52,7 @@ Config fixture_config(const nlohmann::json& m) {
   return c;
 }
 
-// Splits a (B, T+1) token row-major block into inputs and targets (B*T each).
-void split_tokens(const float* tok, int B, int T, std::vector<int32_t>& in,
-                  std::vector<int32_t>& tg) {
-  in.resize(size_t(B) * T);
-  tg.resize(size_t(B) * T);
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < T; ++t) {
-      in[size_t(b) * T + t] = int32_t(tok[size_t(b) * (T + 1) + t]);
-      tg[size_t(b) * T + t] = int32_t(tok[size_t(b) * (T + 1) + t + 1]);
-    }
-}
 
-double rel_err(const float* a, const float* b, int64_t n) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
 
 void load_init(LlamaModel& model, const SafetensorsReader& r) {
   for (Param* p : model.params()) {

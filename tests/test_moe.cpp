@@ -32,12 +32,17 @@
 #include "model/moe.h"
 #include "optim/optimizer.h"
 #include "op_tolerance.h"
+#include "test_util.h"
 
 using namespace mf;
 using Vec = std::vector<double>;
 using Catch::Contains;
 
 namespace {
+
+using mf::test::split_tokens;
+using mf::test::rel_err;
+using mf::test::fd_error;
 
 Vec uniform_vec(Rng& rng, size_t n, double lo = -1.0, double hi = 1.0) {
   Vec v(n);
@@ -51,34 +56,6 @@ double dot_all(const Vec& a, const Vec& b) {
   return s;
 }
 
-// Central differences of loss() over every coordinate of p (or max_checks sampled ones),
-// normalized max error against grad (see op_tolerance.h).
-double fd_error(Vec& p, const Vec& grad, const std::function<double()>& loss, uint64_t seed,
-                size_t max_checks = 48) {
-  REQUIRE(p.size() == grad.size());
-  std::vector<size_t> idx;
-  if (p.size() <= max_checks) {
-    for (size_t i = 0; i < p.size(); ++i) idx.push_back(i);
-  } else {
-    Rng rng(seed, 3);
-    for (size_t k = 0; k < max_checks; ++k) idx.push_back(size_t(rng.below(p.size())));
-  }
-  double scale = 0;
-  for (double g : grad) scale = std::max(scale, std::abs(g));
-  REQUIRE(scale > 0);
-  double err = 0;
-  const double h = test::kFdStep;
-  for (size_t i : idx) {
-    const double saved = p[i];
-    p[i] = saved + h;
-    const double lp = loss();
-    p[i] = saved - h;
-    const double lm = loss();
-    p[i] = saved;
-    err = std::max(err, std::abs((lp - lm) / (2 * h) - grad[i]));
-  }
-  return err / scale;
-}
 
 double norm_err(const Vec& got, const Vec& want) {
   REQUIRE(got.size() == want.size());
@@ -202,25 +179,7 @@ Config fixture_config(const nlohmann::json& m, const std::string& variant) {
   return c;
 }
 
-void split_tokens(const float* tok, int B, int T, std::vector<int32_t>& in,
-                  std::vector<int32_t>& tg) {
-  in.resize(size_t(B) * T);
-  tg.resize(size_t(B) * T);
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < T; ++t) {
-      in[size_t(b) * T + t] = int32_t(tok[size_t(b) * (T + 1) + t]);
-      tg[size_t(b) * T + t] = int32_t(tok[size_t(b) * (T + 1) + t + 1]);
-    }
-}
 
-double rel_err(const float* a, const float* b, int64_t n) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
 
 void load_init(LlamaModel& model, const SafetensorsReader& r, const std::string& pre) {
   for (Param* p : model.params()) {

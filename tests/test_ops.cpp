@@ -31,11 +31,14 @@
 #include "backend/cpu/ref_ops.h"
 #include "core/rng.h"
 #include "op_tolerance.h"
+#include "test_util.h"
 
 using namespace mf;
 using mf::test::op_tolerance;
 
 namespace {
+
+using mf::test::fd_error;
 
 using Vec = std::vector<double>;
 
@@ -99,34 +102,6 @@ Vec to_vec(const Tensor& t) {
 
 Vec to_double(const std::vector<float>& f) { return Vec(f.begin(), f.end()); }
 
-// Central finite differences of `loss` in every (or up to max_checks sampled) coordinate of p,
-// against the analytic gradient. Returns the normalized max error over the checked coordinates
-// (normalized by the largest analytic gradient anywhere).
-double fd_error(Vec& p, const Vec& grad, const std::function<double()>& loss, uint64_t seed,
-                size_t max_checks = 64) {
-  REQUIRE(p.size() == grad.size());
-  std::vector<size_t> idx;
-  if (p.size() <= max_checks) {
-    for (size_t i = 0; i < p.size(); ++i) idx.push_back(i);
-  } else {
-    Rng rng(seed, 7);
-    for (size_t k = 0; k < max_checks; ++k) idx.push_back(size_t(rng.below(p.size())));
-  }
-  double scale = 0;
-  for (double g : grad) scale = std::max(scale, std::abs(g));
-  double err = 0;
-  const double h = mf::test::kFdStep;
-  for (size_t i : idx) {
-    const double saved = p[i];
-    p[i] = saved + h;
-    const double lp = loss();
-    p[i] = saved - h;
-    const double lm = loss();
-    p[i] = saved;
-    err = std::max(err, std::abs((lp - lm) / (2 * h) - grad[i]));
-  }
-  return err / std::max(scale, 1e-300);
-}
 
 double dot_all(const Vec& a, const Vec& b) {
   double s = 0;

@@ -9,20 +9,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include "test_util.h"
 
 namespace {
 
-std::string run_capture(const std::string& cmd, int* rc) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  int st = ::pclose(p);
-  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
+using mf::test::run_capture;
+
 
 }  // namespace
 

@@ -1,0 +1,113 @@
+// Helpers shared by the Catch2 tests: temp dirs, running commands, finite differences, fixture
+// token handling. Header-only; include after <catch2/catch.hpp>.
+#pragma once
+#include <unistd.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "op_tolerance.h"
+
+namespace mf::test {
+
+// A fresh folder under the system temp dir, removed at scope exit.
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& tag = "test") {
+    static int counter = 0;
+    path = std::filesystem::temp_directory_path() /
+           ("mf_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+  std::set<std::string> entries() const {
+    std::set<std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator(path))
+      out.insert(e.path().filename().string());
+    return out;
+  }
+};
+
+// Runs `cmd` through the shell; returns stdout+stderr and sets *rc to the exit status.
+inline std::string run_capture(const std::string& cmd, int* rc) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  int st = ::pclose(p);
+  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+using Vec = std::vector<double>;
+
+// Central differences of loss() over every coordinate of p (or max_checks sampled ones) against
+// the analytic gradient. Returns the max error normalized by the largest analytic gradient
+// (see op_tolerance.h). An analytic gradient that is zero everywhere (T=1 attention's dq, V=1
+// cross-entropy's dx) passes only if the finite differences are zero too.
+inline double fd_error(Vec& p, const Vec& grad, const std::function<double()>& loss,
+                       uint64_t seed, size_t max_checks = 64) {
+  REQUIRE(p.size() == grad.size());
+  std::vector<size_t> idx;
+  if (p.size() <= max_checks) {
+    for (size_t i = 0; i < p.size(); ++i) idx.push_back(i);
+  } else {
+    Rng rng(seed, 7);
+    for (size_t k = 0; k < max_checks; ++k) idx.push_back(size_t(rng.below(p.size())));
+  }
+  double scale = 0;
+  for (double g : grad) scale = std::max(scale, std::abs(g));
+  double err = 0;
+  const double h = kFdStep;
+  for (size_t i : idx) {
+    const double saved = p[i];
+    p[i] = saved + h;
+    const double lp = loss();
+    p[i] = saved - h;
+    const double lm = loss();
+    p[i] = saved;
+    err = std::max(err, std::abs((lp - lm) / (2 * h) - grad[i]));
+  }
+  return err / std::max(scale, 1e-300);
+}
+
+// Splits a (B, T+1) row-major token block (as floats, from a fixture) into inputs and targets.
+inline void split_tokens(const float* tok, int B, int T, std::vector<int32_t>& in,
+                         std::vector<int32_t>& tg) {
+  in.resize(size_t(B) * T);
+  tg.resize(size_t(B) * T);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t) {
+      in[size_t(b) * T + t] = int32_t(tok[size_t(b) * (T + 1) + t]);
+      tg[size_t(b) * T + t] = int32_t(tok[size_t(b) * (T + 1) + t + 1]);
+    }
+}
+
+// ||a - b|| / ||b|| in double.
+inline double rel_err(const float* a, const float* b, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+}  // namespace mf::test
