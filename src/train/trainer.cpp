@@ -398,7 +398,9 @@ TrainResult Trainer::run() {
       append_metrics({{"step", done}, {"val_loss", vl}});
       if (!opts_.quiet) spdlog::info("step {} | val loss {:.4f}", done, vl);
     }
-    const bool stopping = stop_requested() || (opts_.stop_at > 0 && done >= opts_.stop_at && !last);
+    bool stopping = stop_requested() || (opts_.stop_at > 0 && done >= opts_.stop_at && !last);
+    // Ranks may see a signal at different steps: agree, so all checkpoint and stop together.
+    if (world_ > 1) stopping = mean_over_ranks(stopping ? 1.0 : 0.0) > 0;
     if ((cfg_.train.ckpt_every > 0 && done % cfg_.train.ckpt_every == 0) || last || stopping) {
       res.last_checkpoint =
           save_checkpoint(run_dir_, done, model_->params(), *opt_, *be_, state_json(done), cfg_,
@@ -407,7 +409,7 @@ TrainResult Trainer::run() {
     }
     fault_injection(done, rank_);
     if (stopping) {
-      if (stop_requested())
+      if (stop_requested() || (world_ > 1 && opts_.stop_at == 0))
         spdlog::warn("stopped by signal {} after step {}; resume with the same command",
                      g_stop_signal.load(), done);
       else
