@@ -1,7 +1,11 @@
 // Checkpoints (DESIGN §6): run_dir/ckpt-NNNNNN/ holding
 //   model.safetensors      master weights (F32) under the Hugging Face names
-//   optimizer.safetensors  optimizer state tensors ("<param>.exp_avg", ...)
-//   state.json             step, tokens, optimizer scalars, data-loader state, RNG, config hash
+//   optimizer.safetensors  optimizer state tensors ("<param>.exp_avg", ...); when the state is
+//                          sharded over ranks, optimizer-rank<R>.safetensors per rank
+//   state.json             step, tokens, optimizer scalars, data-loader state, world size
+//                          (no RNG stream is consumed after initialisation: the model has no
+//                          dropout, and the shuffle order is a function of (seed, epoch,
+//                          shard) that the loader state pins down, so there is none to save)
 //   config.json            the resolved config of the run
 // A checkpoint is written into a hidden temporary directory, every file fsynced, then renamed
 // into place; `latest` (a one-line text file) is replaced atomically last. A crash at any point
