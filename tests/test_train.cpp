@@ -188,6 +188,18 @@ TEST_CASE("a corrupted checkpoint gives a clear error on resume", "[train]") {
   TrainOptions quiet;
   quiet.quiet = true;
   TrainResult r = Trainer(c, quiet).run();
+  // A crash mid-save leaves a hidden temporary directory: it is ignored and cleared on restart.
+  fs::create_directories(root + "/run/.tmp-ckpt-000004/");
+  std::ofstream(root + "/run/.tmp-ckpt-000004/model.safetensors") << "partial";
+  CHECK(find_latest_checkpoint(root + "/run") == r.last_checkpoint);
+  {
+    Config c3 = c;
+    c3.train.max_steps = 3;
+    TrainResult r3 = Trainer(c3, quiet).run();
+    CHECK(r3.losses.size() == 1);  // resumed at 2 despite the stale temporary
+    CHECK(!fs::exists(root + "/run/.tmp-ckpt-000004"));
+    r = r3;
+  }
   const std::string model = r.last_checkpoint + "/model.safetensors";
   fs::resize_file(model, fs::file_size(model) - 100);
   c.train.max_steps = 4;

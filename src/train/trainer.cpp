@@ -110,6 +110,13 @@ void Trainer::setup() {
   if (rank_ == 0) {
     fs::create_directories(run_dir_);
     add_log_file((fs::path(run_dir_) / "log.txt").string());
+    // Half-written checkpoints of a crashed run are never renamed into place; clear them away.
+    for (auto& e : fs::directory_iterator(run_dir_))
+      if (e.path().filename().string().rfind(".tmp-ckpt-", 0) == 0) {
+        spdlog::warn("removing the incomplete checkpoint {} left by an earlier crash",
+                     e.path().string());
+        fs::remove_all(e.path());
+      }
   }
   if (env.distributed()) spdlog::info("distributed: {}", env.str());
 
