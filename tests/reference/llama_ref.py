@@ -12,9 +12,10 @@ The safetensors file is written with the standard library (no safetensors packag
 import json
 import math
 import os
-import struct
 
 import torch
+
+from ref_common import clip_, newton_schulz, rmsnorm as _rmsnorm, rope as _rope, write_safetensors
 
 torch.manual_seed(1234)
 torch.set_num_threads(1)
@@ -60,17 +61,14 @@ def init_weights():
     return w
 
 
+
+
 def rmsnorm(x, g):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + CFG["norm_eps"]) * g
+    return _rmsnorm(x, g, CFG["norm_eps"])
 
 
-def rope(x):  # x (B,T,h,HD), rotate-half form
-    inv = CFG["rope_theta"] ** (-torch.arange(0, HD, 2, dtype=torch.float64) / HD)
-    f = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]  # (T, HD/2)
-    cos = torch.cat([f.cos(), f.cos()], -1).float()[None, :, None, :]
-    sin = torch.cat([f.sin(), f.sin()], -1).float()[None, :, None, :]
-    x1, x2 = x[..., : HD // 2], x[..., HD // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+def rope(x):
+    return _rope(x, CFG["rope_theta"])
 
 
 def forward(w, tokens):
@@ -100,23 +98,6 @@ def forward(w, tokens):
     return logits, torch.nn.functional.cross_entropy(logits, tgt.reshape(-1))
 
 
-def newton_schulz(u, steps):
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = u / (u.norm() + 1e-7)
-    tr = x.shape[0] > x.shape[1]
-    if tr:
-        x = x.T
-    for _ in range(steps):
-        A = x @ x.T
-        x = a * x + (b * A + c * A @ A) @ x
-    return x.T if tr else x
-
-
-def clip_(params):
-    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params))
-    f = min(1.0, CLIP / (float(norm) + 1e-6))
-    for p in params:
-        p.grad.mul_(f)
 
 
 def train(w0, batches, opt):
@@ -138,7 +119,7 @@ def train(w0, batches, opt):
         _, loss = forward(w, tokens)
         loss.backward()
         losses.append(loss.item())
-        clip_(list(w.values()))
+        clip_(list(w.values()), CLIP)
         with torch.no_grad():
             o.step()
             if opt == "muon":
@@ -150,19 +131,6 @@ def train(w0, batches, opt):
                     p.mul_(1 - MUON["lr"] * MUON["wd"]).add_(out, alpha=-MUON["lr"] * s)
     return losses, {k: v.detach() for k, v in w.items()}
 
-
-def write_safetensors(path, tensors):
-    header, blobs, off = {}, [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().float().contiguous()
-        data = struct.pack(f"<{t.numel()}f", *t.reshape(-1).tolist())
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + len(data)]}
-        blobs.append(data)
-        off += len(data)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 def main():

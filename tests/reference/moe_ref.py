@@ -18,9 +18,10 @@ everything in float32. The safetensors file is written with the standard library
 import json
 import math
 import os
-import struct
 
 import torch
+
+from ref_common import newton_schulz, rmsnorm as _rmsnorm, rope as _rope, write_safetensors
 
 torch.manual_seed(4321)
 torch.set_num_threads(1)
@@ -98,17 +99,14 @@ def init_weights(m):
     return w
 
 
+
+
 def rmsnorm(x, g):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + BASE["norm_eps"]) * g
+    return _rmsnorm(x, g, BASE["norm_eps"])
 
 
-def rope(x):  # x (B,T,h,HD), rotate-half form
-    inv = BASE["rope_theta"] ** (-torch.arange(0, HD, 2, dtype=torch.float64) / HD)
-    f = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
-    cos = torch.cat([f.cos(), f.cos()], -1).float()[None, :, None, :]
-    sin = torch.cat([f.sin(), f.sin()], -1).float()[None, :, None, :]
-    x1, x2 = x[..., : HD // 2], x[..., HD // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+def rope(x):
+    return _rope(x, BASE["rope_theta"])
 
 
 def swiglu(x, wg, wu, wd):
@@ -192,17 +190,6 @@ def forward(m, w, tokens):
     return logits, ce + aux_total, aux_total, counts, dropped
 
 
-def newton_schulz(u, steps):
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = u / (u.norm() + 1e-7)
-    tr = x.shape[0] > x.shape[1]
-    if tr:
-        x = x.T
-    for _ in range(steps):
-        A = x @ x.T
-        x = a * x + (b * A + c * A @ A) @ x
-    return x.T if tr else x
-
 
 def train(m, w0, batches):
     kinds = {n: k for n, _, k in param_table(m)}
@@ -239,19 +226,6 @@ def train(m, w0, batches):
                     b.add_(m["bias_rate"] * torch.sign(mean - c.double()).float())
     return losses, {k: v.detach() for k, v in w.items()}
 
-
-def write_safetensors(path, tensors):
-    header, blobs, off = {}, [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().float().contiguous()
-        data = struct.pack(f"<{t.numel()}f", *t.reshape(-1).tolist())
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + len(data)]}
-        blobs.append(data)
-        off += len(data)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 def main():
