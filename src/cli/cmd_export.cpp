@@ -13,7 +13,9 @@ const char* kUsage =
     "\n"
     "Writes OUTDIR/config.json (LlamaForCausalLM) and OUTDIR/model.safetensors from a checkpoint\n"
     "directory (runs/NAME/ckpt-NNNNNN). Load it with transformers:\n"
-    "  AutoModelForCausalLM.from_pretrained(\"OUTDIR\")\n";
+    "  AutoModelForCausalLM.from_pretrained(\"OUTDIR\")\n"
+    "MoE models get a \"muonforge_moe\" config.json (Llama keys + DeepSeek-V3 MoE keys, tensors\n"
+    "under the DeepSeek-V3 names) that train.init_from reads; transformers has no class for it.\n";
 }
 
 int cmd_export(const Args& args) {

@@ -56,10 +56,22 @@ struct HfKeys {
     return std::nullopt;
   }
 
-  // Architecture features muonforge's Llama does not implement.
-  void check_supported() {
-    if (hf.contains("model_type") && hf["model_type"] != "llama")
-      problems.push_back("model_type is " + hf["model_type"].dump() + ", expected \"llama\"");
+  std::optional<std::string> str(const char* key, std::optional<std::string> def = std::nullopt) {
+    if (!has(key)) {
+      if (!def) problems.push_back(std::string(key) + " is missing");
+      return def;
+    }
+    const json& v = hf[key];
+    if (v.is_string()) return v.get<std::string>();
+    problems.push_back(std::string(key) + " should be a string, found " + v.dump());
+    return std::nullopt;
+  }
+
+  // Architecture features muonforge's Llama does not implement. `model_type`: the one expected.
+  void check_supported(const char* model_type = "llama") {
+    if (hf.contains("model_type") && hf["model_type"] != model_type)
+      problems.push_back("model_type is " + hf["model_type"].dump() + ", expected \"" +
+                         model_type + "\"");
     if (has("hidden_act") && hf["hidden_act"] != "silu")
       problems.push_back("hidden_act is " + hf["hidden_act"].dump() +
                          ", muonforge implements \"silu\" only");
@@ -72,6 +84,58 @@ struct HfKeys {
                          ", muonforge implements plain RoPE only (null)");
   }
 };
+
+// The MoE keys of a muonforge_moe config.json (hf_moe_config), read and checked for features
+// muonforge does not implement; a key left unset had a problem (already recorded).
+struct HfMoe {
+  std::optional<int64_t> experts, top_k, shared, d_expert, first_dense;
+  std::optional<std::string> score, topk_method;
+  std::optional<bool> norm_topk;
+  std::optional<double> route_scale, aux_alpha;
+};
+
+HfMoe read_moe_keys(HfKeys& k) {
+  HfMoe r;
+  r.experts = k.integer("n_routed_experts");
+  r.top_k = k.integer("num_experts_per_tok");
+  r.shared = k.integer("n_shared_experts", 0);
+  r.d_expert = k.integer("moe_intermediate_size");
+  r.first_dense = k.integer("first_k_dense_replace", 0);
+  r.score = k.str("scoring_func");
+  r.topk_method = k.str("topk_method");
+  if (k.has("norm_topk_prob"))
+    r.norm_topk = k.boolean("norm_topk_prob", false);
+  else
+    k.problems.push_back("norm_topk_prob is missing");
+  r.route_scale = k.number("routed_scaling_factor", 1.0);
+  r.aux_alpha = k.number("aux_loss_alpha", 0.0);
+  if (r.score && *r.score != "softmax" && *r.score != "sigmoid") {
+    k.problems.push_back("scoring_func is \"" + *r.score +
+                         "\", muonforge implements \"softmax\" and \"sigmoid\"");
+    r.score.reset();
+  }
+  if (r.topk_method && *r.topk_method != "greedy" && *r.topk_method != "noaux_tc") {
+    k.problems.push_back("topk_method is \"" + *r.topk_method +
+                         "\", muonforge implements \"greedy\" and \"noaux_tc\" (no "
+                         "group-limited routing)");
+    r.topk_method.reset();
+  }
+  if (auto f = k.integer("moe_layer_freq", 1); f && *f != 1)
+    k.problems.push_back("moe_layer_freq is " + std::to_string(*f) +
+                         ", muonforge puts an MoE block in every layer from "
+                         "first_k_dense_replace on (1)");
+  auto groups = k.integer("n_group", 1), topk_groups = k.integer("topk_group", 1);
+  if (groups && topk_groups && *topk_groups < *groups)
+    k.problems.push_back("topk_group is " + std::to_string(*topk_groups) + " < n_group " +
+                         std::to_string(*groups) +
+                         ": group-limited routing is not implemented in muonforge");
+  return r;
+}
+
+// DeepSeek-V3's topk_method for a balance mode: "noaux_tc" is the bias (aux-loss-free) router.
+const char* topk_method_of(const std::string& balance) {
+  return balance == "bias" ? "noaux_tc" : "greedy";
+}
 
 bool close_rel(double a, double b, double tol) {
   return std::fabs(a - b) <= tol * std::max(std::fabs(a), std::fabs(b));
@@ -146,9 +210,10 @@ std::vector<std::string> resolve_model_files(const std::string& dir,
 
 // ---- config ------------------------------------------------------------------------------------
 
-json hf_llama_config(const ModelConfig& m) {
-  MF_CHECK(m.moe.n_experts == 0, "Hugging Face Llama export supports dense models only; ",
-           "model.moe.n_experts is ", m.moe.n_experts);
+namespace {
+
+// The Llama keys of config.json (attention, norms, embeddings, the dense MLP width).
+json llama_keys(const ModelConfig& m) {
   MF_CHECK(m.n_heads > 0 && m.d_model % m.n_heads == 0, "model.d_model (", m.d_model,
            ") is not a multiple of model.n_heads (", m.n_heads, ")");
   return json{
@@ -180,14 +245,59 @@ json hf_llama_config(const ModelConfig& m) {
   };
 }
 
+}  // namespace
+
+json hf_llama_config(const ModelConfig& m) {
+  MF_CHECK(m.moe.n_experts == 0, "Hugging Face Llama export supports dense models only; ",
+           "model.moe.n_experts is ", m.moe.n_experts);
+  return llama_keys(m);
+}
+
+json hf_moe_config(const ModelConfig& m) {
+  const MoeConfig& e = m.moe;
+  MF_CHECK(e.n_experts > 0, "hf_moe_config: model.moe.n_experts is ", e.n_experts,
+           " (a dense model; use hf_llama_config)");
+  json j = llama_keys(m);
+  j["architectures"] = {"MuonforgeMoeForCausalLM"};
+  j["model_type"] = kHfMoeModelType;
+  j["n_routed_experts"] = e.n_experts;
+  j["num_experts_per_tok"] = e.top_k;
+  j["n_shared_experts"] = e.n_shared;
+  j["moe_intermediate_size"] = e.d_expert;
+  j["first_k_dense_replace"] = e.first_dense;
+  j["moe_layer_freq"] = 1;
+  j["n_group"] = 1;
+  j["topk_group"] = 1;
+  j["scoring_func"] = e.score;
+  j["norm_topk_prob"] = e.norm_topk;
+  j["routed_scaling_factor"] = e.route_scale;
+  j["topk_method"] = topk_method_of(e.balance);
+  j["aux_loss_alpha"] = e.balance == "aux_loss" ? e.aux_coef : 0.0;
+  return j;
+}
+
+json hf_config(const ModelConfig& m) {
+  return m.moe.n_experts > 0 ? hf_moe_config(m) : hf_llama_config(m);
+}
+
 void check_hf_config(const json& hf, const ModelConfig& m, const std::string& path) {
   MF_CHECK(hf.is_object(), "Hugging Face config '", path, "' is not a JSON object");
   std::vector<std::string> problems;
   HfKeys k{hf, problems};
-  k.check_supported();
-  if (m.moe.n_experts != 0)
+  const bool hf_moe = hf.contains("model_type") && hf["model_type"] == kHfMoeModelType;
+  const bool mf_moe = m.moe.n_experts != 0;
+  k.check_supported(hf_moe || mf_moe ? kHfMoeModelType : "llama");
+  if (mf_moe && !hf_moe)
     problems.push_back("model.moe.n_experts is " + std::to_string(m.moe.n_experts) +
-                       " but a Hugging Face Llama is dense");
+                       " but a Hugging Face Llama is dense (an MoE export has model_type \"" +
+                       kHfMoeModelType + "\")");
+  if (hf_moe && !mf_moe) {
+    auto E = k.integer("n_routed_experts");
+    problems.push_back(std::string("model_type is \"") + kHfMoeModelType +
+                       "\" (an MoE model, n_routed_experts " +
+                       (E ? std::to_string(*E) : std::string("?")) +
+                       ") but model.moe.n_experts is 0 (dense)");
+  }
 
   auto cmp_int = [&](const char* key, std::optional<int64_t> hf_v, const char* mf_key,
                      int64_t mf_v) {
@@ -207,7 +317,9 @@ void check_hf_config(const json& hf, const ModelConfig& m, const std::string& pa
   auto heads = k.integer("num_attention_heads");
   auto hidden = k.integer("hidden_size");
   cmp_int("hidden_size", hidden, "model.d_model", m.d_model);
-  cmp_int("intermediate_size", k.integer("intermediate_size"), "model.d_ff", m.d_ff);
+  // An MoE model whose every layer is MoE has no dense MLP: its intermediate_size is unused.
+  if (!mf_moe || m.moe.first_dense > 0)
+    cmp_int("intermediate_size", k.integer("intermediate_size"), "model.d_ff", m.d_ff);
   cmp_int("num_hidden_layers", k.integer("num_hidden_layers"), "model.n_layers", m.n_layers);
   cmp_int("num_attention_heads", heads, "model.n_heads", m.n_heads);
   cmp_int("num_key_value_heads", k.integer("num_key_value_heads", heads), "model.n_kv_heads",
@@ -225,6 +337,30 @@ void check_hf_config(const json& hf, const ModelConfig& m, const std::string& pa
     problems.push_back(std::string("tie_word_embeddings is ") + (*tie ? "true" : "false") +
                        " but model.tie_embeddings is " + (m.tie_embeddings ? "true" : "false"));
 
+  if (hf_moe && mf_moe) {
+    const MoeConfig& e = m.moe;
+    const HfMoe h = read_moe_keys(k);
+    cmp_int("n_routed_experts", h.experts, "model.moe.n_experts", e.n_experts);
+    cmp_int("num_experts_per_tok", h.top_k, "model.moe.top_k", e.top_k);
+    cmp_int("n_shared_experts", h.shared, "model.moe.n_shared", e.n_shared);
+    cmp_int("moe_intermediate_size", h.d_expert, "model.moe.d_expert", e.d_expert);
+    cmp_int("first_k_dense_replace", h.first_dense, "model.moe.first_dense", e.first_dense);
+    if (h.score && *h.score != e.score)
+      problems.push_back("scoring_func is \"" + *h.score + "\" but model.moe.score is \"" +
+                         e.score + "\"");
+    if (h.norm_topk && *h.norm_topk != e.norm_topk)
+      problems.push_back(std::string("norm_topk_prob is ") + (*h.norm_topk ? "true" : "false") +
+                         " but model.moe.norm_topk is " + (e.norm_topk ? "true" : "false"));
+    cmp_num("routed_scaling_factor", h.route_scale, "model.moe.route_scale", e.route_scale);
+    if (h.topk_method && *h.topk_method != topk_method_of(e.balance))
+      problems.push_back(
+          "topk_method is \"" + *h.topk_method + "\" (" +
+          (*h.topk_method == "noaux_tc" ? "bias balancing, with e_score_correction_bias tensors"
+                                        : "no e_score_correction_bias tensors") +
+          ") but model.moe.balance is \"" + e.balance + "\" (expects topk_method \"" +
+          topk_method_of(e.balance) + "\")");
+  }
+
   MF_CHECK(problems.empty(), "Hugging Face config '", path,
            "' does not match the model config:", join_problems(problems));
 }
@@ -233,9 +369,32 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& path) {
   MF_CHECK(hf.is_object(), "Hugging Face config '", path, "' is not a JSON object");
   std::vector<std::string> problems;
   HfKeys k{hf, problems};
-  k.check_supported();
+  const bool hf_moe = hf.contains("model_type") && hf["model_type"] == kHfMoeModelType;
+  k.check_supported(hf_moe ? kHfMoeModelType : "llama");
   ModelConfig m;
   m.arch = "llama";
+  if (hf_moe) {
+    const HfMoe h = read_moe_keys(k);
+    MoeConfig& e = m.moe;
+    if (h.experts) e.n_experts = int(*h.experts);
+    if (h.top_k) e.top_k = int(*h.top_k);
+    if (h.shared) e.n_shared = int(*h.shared);
+    if (h.d_expert) e.d_expert = int(*h.d_expert);
+    if (h.first_dense) e.first_dense = int(*h.first_dense);
+    if (h.score) e.score = *h.score;
+    if (h.norm_topk) e.norm_topk = *h.norm_topk;
+    if (h.route_scale) e.route_scale = *h.route_scale;
+    if (h.topk_method && *h.topk_method == "noaux_tc") {
+      e.balance = "bias";
+    } else if (h.aux_alpha && *h.aux_alpha > 0) {
+      e.balance = "aux_loss";
+      e.aux_coef = *h.aux_alpha;
+    } else {
+      e.balance = "none";
+    }
+    if (h.experts && *h.experts <= 0)
+      problems.push_back("n_routed_experts is " + std::to_string(*h.experts) + ", must be > 0");
+  }
   auto set_int = [](int& dst, std::optional<int64_t> v) {
     if (v) dst = int(*v);
   };
@@ -280,8 +439,7 @@ std::vector<std::string> hf_model_files(const std::string& dir) {
 }
 
 std::vector<std::pair<std::string, Shape>> expected_param_names(const ModelConfig& m) {
-  MF_CHECK(m.moe.n_experts == 0, "Hugging Face Llama names cover dense models only; ",
-           "model.moe.n_experts is ", m.moe.n_experts);
+  MF_CHECK(m.moe.n_experts >= 0, "model.moe.n_experts is ", m.moe.n_experts, ", must be >= 0");
   MF_CHECK(m.n_heads > 0 && m.d_model % m.n_heads == 0, "model.d_model (", m.d_model,
            ") is not a multiple of model.n_heads (", m.n_heads, ")");
   const int64_t V = m.vocab_size, d = m.d_model, ff = m.d_ff, hd = m.head_dim();
@@ -296,6 +454,25 @@ std::vector<std::pair<std::string, Shape>> expected_param_names(const ModelConfi
     out.push_back({p + "self_attn.v_proj.weight", {kv, d}});
     out.push_back({p + "self_attn.o_proj.weight", {d, q}});
     out.push_back({p + "post_attention_layernorm.weight", {d}});
+    if (m.moe.n_experts > 0 && i >= m.moe.first_dense) {
+      // MoE layer: the DeepSeek-V3 names, in the order model/moe.cpp creates them.
+      const MoeConfig& e = m.moe;
+      const int64_t E = e.n_experts, de = e.d_expert, fs = int64_t(e.n_shared) * e.d_expert;
+      out.push_back({p + "mlp.gate.weight", {E, d}});
+      if (e.balance == "bias") out.push_back({p + "mlp.gate.e_score_correction_bias", {E}});
+      for (int64_t x = 0; x < E; ++x) {
+        const std::string q = p + "mlp.experts." + std::to_string(x) + ".";
+        out.push_back({q + "gate_proj.weight", {de, d}});
+        out.push_back({q + "up_proj.weight", {de, d}});
+        out.push_back({q + "down_proj.weight", {d, de}});
+      }
+      if (fs > 0) {
+        out.push_back({p + "mlp.shared_experts.gate_proj.weight", {fs, d}});
+        out.push_back({p + "mlp.shared_experts.up_proj.weight", {fs, d}});
+        out.push_back({p + "mlp.shared_experts.down_proj.weight", {d, fs}});
+      }
+      continue;
+    }
     out.push_back({p + "mlp.gate_proj.weight", {ff, d}});
     out.push_back({p + "mlp.up_proj.weight", {ff, d}});
     out.push_back({p + "mlp.down_proj.weight", {d, ff}});

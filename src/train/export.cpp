@@ -31,7 +31,7 @@ int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, D
     w.add(name, t, store_as);
   }
   fs::create_directories(out_dir);
-  nlohmann::json hf = hf_llama_config(cfg.model);
+  nlohmann::json hf = hf_config(cfg.model);  // LlamaForCausalLM, or muonforge_moe for MoE
   hf["torch_dtype"] = store_as == DType::BF16 ? "bfloat16" : "float32";
   w.write((fs::path(out_dir) / "model.safetensors").string());
   atomic_write_text((fs::path(out_dir) / "config.json").string(), hf.dump(2) + "\n");

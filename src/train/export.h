@@ -1,5 +1,7 @@
 // Hugging Face interop at the model level: export a checkpoint as a LlamaForCausalLM directory
-// (config.json + model.safetensors) and initialise a model from such a directory.
+// (config.json + model.safetensors; MoE models: a "muonforge_moe" config.json with the
+// DeepSeek-V3 MoE keys and tensor names, see io/hf.h) and initialise a model from such a
+// directory.
 #pragma once
 #include <string>
 
@@ -14,8 +16,8 @@ namespace mf {
 // directory of ours. Returns the number of tensors written.
 int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, DType store_as);
 
-// Loads weights from a Hugging Face Llama directory into params after checking its config.json
-// against `m` (every mismatch named). Compute copies must be synced by the caller.
+// Loads weights from a Hugging Face Llama (or muonforge_moe) directory into params after checking
+// its config.json against `m` (every mismatch named). Compute copies must be synced by the caller.
 void load_hf_model(const std::string& dir, const ModelConfig& m, const ParamList& params,
                    Backend& be);
 
