@@ -151,7 +151,7 @@ TEST_CASE("MoE export writes the muonforge_moe config and DeepSeek-V3 names", "[
   CHECK(back.moe.norm_topk);
   CHECK(back.moe.route_scale == 1.5);
   CHECK(back.moe.balance == "bias");
-  CHECK_NOTHROW(check_hf_config(hf, back, "hf/config.json") );
+  CHECK_NOTHROW(check_hf_config(hf, back, "hf/config.json"));
 }
 
 TEST_CASE("MoE export then init_from gives identical weights", "[export][moe]") {
