@@ -100,6 +100,8 @@ LlamaModel& Trainer::model() { return *model_; }
 Backend& Trainer::backend() { return *be_; }
 
 void Trainer::setup() {
+  // Configs built in code (tests, sweeps, tools) get the same checks as files.
+  validate_config(cfg_);
   const DistEnv env = read_dist_env();
   rank_ = env.rank;
   world_ = env.world_size;
