@@ -189,6 +189,8 @@ part1() {
       '$TESTS/test_cuda_smoke' --order decl -r compact; rc=\$?; echo \"KEY: memcheck rc=\$rc\"; exit \$rc"
     step racecheck_attention 240 "compute-sanitizer --tool racecheck --error-exitcode 3 \
       '$TESTS/test_cuda_smoke' '*attention*' --order decl -r compact; rc=\$?; echo \"KEY: racecheck rc=\$rc\"; exit \$rc"
+    step memcheck_moe 120 "compute-sanitizer --tool memcheck --error-exitcode 3 \
+      '$TESTS/test_cuda_moe' --order decl -r compact; rc=\$?; echo \"KEY: memcheck rc=\$rc\"; exit \$rc"
   elif [ "$QUICK" = 0 ]; then
     printf 'compute-sanitizer\tSKIP\t0\tnot installed\n' >>"$SUMMARY"
   fi

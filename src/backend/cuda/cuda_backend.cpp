@@ -12,6 +12,7 @@
 #include "core/bf16.h"
 #include "embedding.cuh"
 #include "matmul.cuh"
+#include "moe.cuh"
 #include "muon.cuh"
 #include "reduce.cuh"
 #include "rmsnorm.cuh"
@@ -212,6 +213,38 @@ void CudaBackend::lmhead_xent(const Tensor& x, const Tensor& W, const Tensor& ta
                               float logit_scale, Tensor& losses, Tensor* dx, Tensor* dW,
                               float loss_scale) {
   cuda::op_lmhead_xent(ctx_, x, W, targets, logit_scale, losses, dx, dW, loss_scale);
+}
+
+// ---- Mixture of Experts (kernels/moe.cu) --------------------------------------------------------
+
+void CudaBackend::moe_router_fwd(const Tensor& x, const Tensor& Wr, const Tensor* bias,
+                                 const MoeRouterArgs& a, Tensor& probs, Tensor& topk_idx,
+                                 Tensor& topk_w, Tensor& counts, Tensor& score_sum) {
+  cuda::op_moe_router_fwd(ctx_, x, Wr, bias, a, probs, topk_idx, topk_w, counts, score_sum);
+}
+void CudaBackend::moe_router_bwd(const Tensor& dtopk_w, const Tensor* aux_grad, const Tensor& x,
+                                 const Tensor& Wr, const Tensor& probs, const Tensor& topk_idx,
+                                 const MoeRouterArgs& a, Tensor& dlogits, Tensor& dx,
+                                 Tensor& dWr) {
+  cuda::op_moe_router_bwd(ctx_, dtopk_w, aux_grad, x, Wr, probs, topk_idx, a, dlogits, dx, dWr);
+}
+void CudaBackend::moe_permute(const Tensor& topk_idx, int E, int64_t capacity, Tensor& offsets,
+                              Tensor& row_of, Tensor& row_token) {
+  cuda::op_moe_permute(ctx_, topk_idx, E, capacity, offsets, row_of, row_token);
+}
+void CudaBackend::moe_gather(const Tensor& x, const Tensor& row_token, Tensor& xg) {
+  cuda::op_moe_gather(ctx_, x, row_token, xg);
+}
+void CudaBackend::moe_gather_bwd(const Tensor& dxg, const Tensor& row_of, Tensor& dx) {
+  cuda::op_moe_gather_bwd(ctx_, dxg, row_of, dx);
+}
+void CudaBackend::moe_combine_fwd(const Tensor& yg, const Tensor& topk_w, const Tensor& row_of,
+                                  Tensor& out, bool accumulate) {
+  cuda::op_moe_combine_fwd(ctx_, yg, topk_w, row_of, out, accumulate);
+}
+void CudaBackend::moe_combine_bwd(const Tensor& dout, const Tensor& yg, const Tensor& topk_w,
+                                  const Tensor& row_of, Tensor& dyg, Tensor& dtopk_w) {
+  cuda::op_moe_combine_bwd(ctx_, dout, yg, topk_w, row_of, dyg, dtopk_w);
 }
 
 // ---- reductions and elementwise ----------------------------------------------------------------

@@ -57,6 +57,21 @@ class CudaBackend final : public Backend {
   void lmhead_xent(const Tensor& x, const Tensor& W, const Tensor& targets, float logit_scale,
                    Tensor& losses, Tensor* dx, Tensor* dW, float loss_scale) override;
 
+  void moe_router_fwd(const Tensor& x, const Tensor& Wr, const Tensor* bias,
+                      const MoeRouterArgs& a, Tensor& probs, Tensor& topk_idx, Tensor& topk_w,
+                      Tensor& counts, Tensor& score_sum) override;
+  void moe_router_bwd(const Tensor& dtopk_w, const Tensor* aux_grad, const Tensor& x,
+                      const Tensor& Wr, const Tensor& probs, const Tensor& topk_idx,
+                      const MoeRouterArgs& a, Tensor& dlogits, Tensor& dx, Tensor& dWr) override;
+  void moe_permute(const Tensor& topk_idx, int E, int64_t capacity, Tensor& offsets,
+                   Tensor& row_of, Tensor& row_token) override;
+  void moe_gather(const Tensor& x, const Tensor& row_token, Tensor& xg) override;
+  void moe_gather_bwd(const Tensor& dxg, const Tensor& row_of, Tensor& dx) override;
+  void moe_combine_fwd(const Tensor& yg, const Tensor& topk_w, const Tensor& row_of, Tensor& out,
+                       bool accumulate) override;
+  void moe_combine_bwd(const Tensor& dout, const Tensor& yg, const Tensor& topk_w,
+                       const Tensor& row_of, Tensor& dyg, Tensor& dtopk_w) override;
+
   double sum_squares(const Tensor& x) override;
   double sum(const Tensor& x) override;
   void scale(Tensor& x, float alpha) override;

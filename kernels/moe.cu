@@ -1,0 +1,829 @@
+// Mixture-of-Experts kernels (see moe.cuh; math in src/backend/cpu/ref_moe.h).
+//
+// Router forward: an fp32 cuBLASLt GEMM writes the logits into probs; then one warp per token
+// scores the row in place (softmax with a double sum, or sigmoid), picks the k best experts by a
+// warp arg-max per pick (ties to the lower index; bias only for the ranking; a per-lane 64-bit
+// mask marks taken experts) and writes the renormalised, route-scaled weights. counts is an
+// integer histogram; score_sum is a fixed two-pass column sum in double (chunks of rows, then
+// the chunks in order), independent of the device.
+// Permutation: histogram, capacity-clamped exclusive scan (one thread, E <= 2048), then one block
+// per expert scans the N*k slots in order and compacts its own with warp ballots, so each
+// expert's rows keep token order (the CPU's sequential plan exactly).
+// Gather / gather backward / combine: one block per output row, columns over threads (16-byte
+// vectors when aligned), the k slots summed in slot order in f32 registers. Combine backward: one
+// block per token; dyg rows written, the dots reduced in double with a fixed block tree.
+// Products that the CPU rounds separately use __fmul_rn so nvcc does not contract them to FMAs
+// (the f32 results then match the CPU's up to summation order, often bitwise).
+#include "moe.cuh"
+
+#include "backend/cuda/cublaslt.h"
+#include "cast.cuh"
+
+namespace mf::cuda {
+
+constexpr int kMoeRouterThreads = 128;     // 4 warps = 4 tokens per block (router fwd and bwd)
+constexpr int kMoeSumThreads = 128;        // experts per block of the score-sum pass 1
+constexpr int kMoeSumChunks = 128;         // fixed row chunks of the score sum (pass 1 grid.y)
+constexpr int kMoeCountThreads = 256;      // histogram
+constexpr int64_t kMoeCountMaxBlocks = 256;
+constexpr int kMoeScatterThreads = 256;    // slots scanned per step by one expert's block
+constexpr int kMoeRowThreads = 256;        // gather / gather_bwd / combine: one block per row
+constexpr int kMoeAddThreads = 256;        // f32 scratch -> dx accumulation
+constexpr int64_t kMoeAddMaxBlocks = 4096;
+constexpr double kMoeRenormEps = 1e-20;    // = ref::kMoeNormEps (top-k renormalisation guard)
+
+static_assert(kMoeMaxExperts <= kWarp * 64, "router: one 64-bit taken mask per lane");
+
+// ---- params -------------------------------------------------------------------------------------
+
+struct MoeRouterParams {
+  float* probs;          // [N,E]: logits in, scores out
+  const float* bias;     // [E] or nullptr
+  int32_t* idx;          // [N,k]
+  float* w;              // [N,k]
+  double* inv_row;       // [N]: 1 / row sum of the scores (sigmoid only)
+  int64_t N;
+  int E, k;
+  bool norm_topk;
+  double route_scale;
+};
+
+struct MoeScoreSumParams {
+  const float* probs;     // [N,E]
+  const double* inv_row;  // [N] or nullptr (softmax: pn = probs)
+  double* partials;       // [kMoeSumChunks, E]
+  float* score_sum;       // [E]
+  int64_t N;
+  int E;
+  int64_t rows_per_chunk;
+};
+
+struct MoeRouteBwdParams {
+  const float* dw;     // [N,k]
+  const float* aux;    // [E] or nullptr
+  const float* probs;  // [N,E]
+  const int32_t* idx;  // [N,k]
+  float* dlogits;      // [N,E]
+  int64_t N;
+  int E, k;
+  bool norm_topk;
+  float route_scale;
+};
+
+struct MoeAddParams {
+  const float* src;
+  void* dst;  // f32 or bf16
+  int64_t n;
+};
+
+struct MoePlanParams {
+  const int32_t* idx;  // [N*k]
+  int32_t* counts;     // [E] histogram (scratch)
+  int32_t* offsets;    // [E+1]
+  int32_t* row_of;     // [N*k], pre-filled with -1
+  int32_t* row_token;  // [N*k], pre-filled with -1
+  int64_t slots;       // N*k
+  int k, E;
+  int64_t capacity;    // <= 0: dropless
+};
+
+struct MoeRowsParams {
+  const void* src;     // gather: x [rows_src,d]; gather_bwd: dxg; combine: yg
+  void* dst;           // gather: xg; gather_bwd: dx; combine fwd: out; combine bwd: dyg
+  const void* dout;    // combine bwd: dout [N,d]
+  const int32_t* map;  // gather: row_token [M]; others: row_of [N,k]
+  const float* w;      // combine: topk_w [N,k]
+  float* dw;           // combine bwd: dtopk_w [N,k]
+  int64_t rows_src;    // rows of src (valid map values are [0, rows_src))
+  int64_t d;
+  int k;
+  bool accumulate;
+};
+
+// ---- router -------------------------------------------------------------------------------------
+
+template <bool SIGMOID>
+__global__ void __launch_bounds__(kMoeRouterThreads) moe_router_kernel(MoeRouterParams p) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t n = int64_t(blockIdx.x) * (kMoeRouterThreads / kWarp) + threadIdx.x / kWarp;
+  if (n >= p.N) return;  // the whole warp leaves together
+  const int E = p.E;
+  float* row = p.probs + n * E;
+  // Scores, in place. Lane l owns experts l, l+32, ...
+  if constexpr (SIGMOID) {
+    double s = 0;
+    for (int e = lane; e < E; e += kWarp) {
+      const float v = 1.f / (1.f + expf(-row[e]));
+      row[e] = v;
+      s += double(v);
+    }
+    s = warp_sum(s);
+    if (lane == 0) p.inv_row[n] = 1.0 / s;
+  } else {
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += kWarp) mx = fmaxf(mx, row[e]);
+    mx = warp_max(mx);
+    double s = 0;
+    for (int e = lane; e < E; e += kWarp) {
+      const float v = expf(row[e] - mx);
+      row[e] = v;
+      s += double(v);
+    }
+    s = warp_sum(s);
+    const float inv = float(1.0 / s);
+    for (int e = lane; e < E; e += kWarp) row[e] = __fmul_rn(row[e], inv);
+  }
+  __syncwarp();  // lane 0 reads the chosen experts' scores below
+
+  // Top-k: per pick, each lane's best untaken expert, then a warp arg-max (ties: lower index).
+  uint64_t taken = 0;  // bit i: expert lane + 32 i
+  int32_t* id = p.idx + n * p.k;
+  double s = 0;  // lane 0: sum of the chosen scores, in pick order
+  for (int j = 0; j < p.k; ++j) {
+    int best = -1;
+    float bv = 0.f;
+    for (int i = 0, e = lane; e < E; ++i, e += kWarp) {
+      if ((taken >> i) & 1ull) continue;
+      const float v = p.bias ? row[e] + p.bias[e] : row[e];
+      if (best < 0 || v > bv) {  // increasing e: ties keep the lower index
+        best = e;
+        bv = v;
+      }
+    }
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(kFullMask, bv, o);
+      const int oi = __shfl_xor_sync(kFullMask, best, o);
+      if (oi >= 0 && (best < 0 || ov > bv || (ov == bv && oi < best))) {
+        best = oi;
+        bv = ov;
+      }
+    }
+    best = __shfl_sync(kFullMask, best, 0);  // one answer even if NaNs broke the order
+    if (best < 0) best = 0;                  // unreachable for k <= E (checked on the host)
+    if (best % kWarp == lane) taken |= 1ull << (best / kWarp);
+    if (lane == 0) {
+      id[j] = best;
+      s += double(row[best]);
+    }
+  }
+  if (lane == 0) {
+    const float scale = p.norm_topk ? float(p.route_scale / (s + kMoeRenormEps)) : float(p.route_scale);
+    for (int j = 0; j < p.k; ++j) p.w[n * p.k + j] = __fmul_rn(row[id[j]], scale);
+  }
+}
+
+// Pass 1: partials[c, e] = sum over the rows of chunk c, in order, of probs[n,e] (* inv_row[n]).
+__global__ void __launch_bounds__(kMoeSumThreads) moe_score_sum_kernel(MoeScoreSumParams p) {
+  const int e = blockIdx.x * kMoeSumThreads + threadIdx.x;
+  if (e >= p.E) return;
+  const int64_t c = blockIdx.y;
+  const int64_t n0 = c * p.rows_per_chunk, n1 = min(p.N, n0 + p.rows_per_chunk);
+  double s = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const double v = double(p.probs[n * p.E + e]);
+    s += p.inv_row ? v * p.inv_row[n] : v;
+  }
+  p.partials[c * p.E + e] = s;
+}
+
+// Pass 2: score_sum[e] = the chunk partials added in chunk order.
+__global__ void __launch_bounds__(kMoeSumThreads) moe_score_sum_final_kernel(MoeScoreSumParams p) {
+  const int e = blockIdx.x * kMoeSumThreads + threadIdx.x;
+  if (e >= p.E) return;
+  double s = 0;
+  for (int c = 0; c < kMoeSumChunks; ++c) s += p.partials[int64_t(c) * p.E + e];
+  p.score_sum[e] = float(s);
+}
+
+// dlogits row n (see ref::moe_route_bwd): one warp per token, lane l owns experts l, l+32, ...
+template <bool SIGMOID>
+__global__ void __launch_bounds__(kMoeRouterThreads) moe_route_bwd_kernel(MoeRouteBwdParams p) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t n = int64_t(blockIdx.x) * (kMoeRouterThreads / kWarp) + threadIdx.x / kWarp;
+  if (n >= p.N) return;
+  const int E = p.E, k = p.k;
+  const float* pr = p.probs + n * E;
+  const int32_t* id = p.idx + n * k;
+  const float* g = p.dw + n * k;
+  float* dl = p.dlogits + n * E;  // dp first, then dlogits
+  for (int e = lane; e < E; e += kWarp) dl[e] = 0.f;
+  __syncwarp();
+  const float rs = p.route_scale;
+  if (p.norm_topk) {
+    double s = 0, dot = 0;  // every lane, same order: same values
+    for (int j = 0; j < k; ++j) {
+      const int e = id[j];
+      const double pe = (e >= 0 && e < E) ? double(pr[e]) : 0.0;
+      s += pe;
+      dot += double(g[j]) * pe;
+    }
+    const double D = s + kMoeRenormEps;
+    const float c = float(dot / (D * D));
+    const float invD = float(1.0 / D);
+    for (int j = lane; j < k; j += kWarp) {
+      const int e = id[j];
+      if (e >= 0 && e < E) dl[e] = dl[e] + __fmul_rn(rs, __fmul_rn(g[j], invD) - c);
+    }
+  } else {
+    for (int j = lane; j < k; j += kWarp) {
+      const int e = id[j];
+      if (e >= 0 && e < E) dl[e] = dl[e] + __fmul_rn(rs, g[j]);
+    }
+  }
+  __syncwarp();  // from here on each lane touches only its own experts
+  if (p.aux) {
+    if constexpr (SIGMOID) {
+      double S = 0;
+      for (int e = lane; e < E; e += kWarp) S += double(pr[e]);
+      S = warp_sum(S);
+      double dot = 0;
+      for (int e = lane; e < E; e += kWarp) dot += double(p.aux[e]) * double(pr[e]) / S;
+      dot = warp_sum(dot);
+      for (int e = lane; e < E; e += kWarp) dl[e] += float((double(p.aux[e]) - dot) / S);
+    } else {
+      for (int e = lane; e < E; e += kWarp) dl[e] += p.aux[e];
+    }
+  }
+  if constexpr (SIGMOID) {
+    for (int e = lane; e < E; e += kWarp) {
+      const float pe = pr[e];
+      dl[e] = __fmul_rn(__fmul_rn(dl[e], pe), 1.f - pe);
+    }
+  } else {
+    double dot = 0;
+    for (int e = lane; e < E; e += kWarp) dot += double(dl[e]) * double(pr[e]);
+    dot = warp_sum(dot);
+    const float fd = float(dot);
+    for (int e = lane; e < E; e += kWarp) dl[e] = __fmul_rn(pr[e], dl[e] - fd);
+  }
+}
+
+// dst (+=) src (f32 scratch) for the router's dx when dx is bf16.
+template <typename T>
+__global__ void __launch_bounds__(kMoeAddThreads) moe_add_kernel(MoeAddParams p) {
+  T* dst = static_cast<T*>(p.dst);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride)
+    dst[i] = from_f<T>(to_f(dst[i]) + p.src[i]);
+}
+
+// ---- permutation plan ---------------------------------------------------------------------------
+
+// counts[e] (+=) number of slots choosing e (integer atomics: the result is exact). The caller
+// zeroes counts. Dynamic shared memory: E ints.
+__global__ void __launch_bounds__(kMoeCountThreads) moe_count_kernel(MoePlanParams p) {
+  extern __shared__ int hist[];
+  for (int e = threadIdx.x; e < p.E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.slots; i += stride) {
+    const int e = p.idx[i];
+    if (e >= 0 && e < p.E) atomicAdd(&hist[e], 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < p.E; e += blockDim.x)
+    if (hist[e]) atomicAdd(&p.counts[e], hist[e]);
+}
+
+// offsets[0] = 0, offsets[e+1] = offsets[e] + min(counts[e], capacity). One thread: E <= 2048.
+__global__ void moe_offsets_kernel(MoePlanParams p) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int64_t o = 0;
+  p.offsets[0] = 0;
+  for (int e = 0; e < p.E; ++e) {
+    const int64_t c = p.counts[e];
+    o += p.capacity > 0 ? min(c, p.capacity) : c;
+    p.offsets[e + 1] = int32_t(o);
+  }
+}
+
+// Block e: the slots i with idx[i] == e, in increasing i (= token order, then slot order), get
+// positions 0, 1, ... by an ordered block-wide compaction; position >= capacity is dropped.
+__global__ void __launch_bounds__(kMoeScatterThreads) moe_scatter_kernel(MoePlanParams p) {
+  constexpr int kWarps = kMoeScatterThreads / kWarp;
+  __shared__ int wcnt[kWarps];
+  const int e = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int64_t mine_total = p.counts[e];
+  const int64_t row0 = p.offsets[e];
+  int64_t seen = 0;  // slots of expert e before this step (block-uniform)
+  for (int64_t base = 0; base < p.slots && seen < mine_total; base += kMoeScatterThreads) {
+    const int64_t i = base + tid;
+    const bool mine = i < p.slots && p.idx[i] == e;
+    const unsigned ballot = __ballot_sync(kFullMask, mine);
+    if (lane == 0) wcnt[warp] = __popc(ballot);
+    __syncthreads();
+    int off = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const int c = wcnt[w];
+      off += w < warp ? c : 0;
+      total += c;
+    }
+    if (mine) {
+      const int64_t pos = seen + off + __popc(ballot & ((1u << lane) - 1u));
+      if (p.capacity > 0 && pos >= p.capacity) {
+        p.row_of[i] = -1;
+      } else {
+        const int64_t r = row0 + pos;
+        p.row_of[i] = int32_t(r);
+        p.row_token[r] = int32_t(i / p.k);
+      }
+    }
+    seen += total;
+    __syncthreads();  // wcnt is rewritten next step
+  }
+}
+
+// ---- gather / combine -----------------------------------------------------------------------
+
+// xg[r,:] = x[row_token[r],:]; block r.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMoeRowThreads) moe_gather_kernel(MoeRowsParams p) {
+  const int64_t r = blockIdx.x;
+  const int32_t tok = p.map[r];
+  T* dst = static_cast<T*>(p.dst) + r * p.d;
+  if (tok < 0 || tok >= p.rows_src) {
+    for (int64_t c = threadIdx.x; c < p.d; c += blockDim.x) dst[c] = from_f<T>(__int_as_float(0x7fc00000));
+    return;
+  }
+  const T* src = static_cast<const T*>(p.src) + int64_t(tok) * p.d;
+  for (int64_t c = int64_t(threadIdx.x) * VEC; c < p.d; c += int64_t(blockDim.x) * VEC) {
+    float f[VEC];
+    load_f<VEC>(src + c, f);
+    store_f<VEC>(dst + c, f);
+  }
+}
+
+// dx[n,:] += sum_j dxg[row_of[n,j],:] (j in order, f32 registers, one rounding to T); block n.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMoeRowThreads) moe_gather_bwd_kernel(MoeRowsParams p) {
+  const int64_t n = blockIdx.x;
+  const int32_t* rows = p.map + n * p.k;
+  const T* src = static_cast<const T*>(p.src);
+  T* o = static_cast<T*>(p.dst) + n * p.d;
+  for (int64_t c = int64_t(threadIdx.x) * VEC; c < p.d; c += int64_t(blockDim.x) * VEC) {
+    float acc[VEC];
+    load_f<VEC>(o + c, acc);
+    for (int j = 0; j < p.k; ++j) {
+      const int32_t r = rows[j];
+      if (r < 0 || r >= p.rows_src) continue;
+      float g[VEC];
+      load_f<VEC>(src + int64_t(r) * p.d + c, g);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += g[v];
+    }
+    store_f<VEC>(o + c, acc);
+  }
+}
+
+// out[n,:] (= / +=) sum_j w[n,j] yg[row_of[n,j],:]; block n.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMoeRowThreads) moe_combine_fwd_kernel(MoeRowsParams p) {
+  const int64_t n = blockIdx.x;
+  const int32_t* rows = p.map + n * p.k;
+  const float* w = p.w + n * p.k;
+  const T* yg = static_cast<const T*>(p.src);
+  T* o = static_cast<T*>(p.dst) + n * p.d;
+  for (int64_t c = int64_t(threadIdx.x) * VEC; c < p.d; c += int64_t(blockDim.x) * VEC) {
+    float acc[VEC];
+    if (p.accumulate) {
+      load_f<VEC>(o + c, acc);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+    }
+    for (int j = 0; j < p.k; ++j) {
+      const int32_t r = rows[j];
+      if (r < 0 || r >= p.rows_src) continue;
+      const float wj = w[j];
+      float y[VEC];
+      load_f<VEC>(yg + int64_t(r) * p.d + c, y);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += __fmul_rn(wj, y[v]);
+    }
+    store_f<VEC>(o + c, acc);
+  }
+}
+
+// For each slot j of token n (block n), in order: dyg[r,:] = w dout[n,:]; dw = dout[n,:].yg[r,:]
+// (per-thread double partials, fixed block tree).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMoeRowThreads) moe_combine_bwd_kernel(MoeRowsParams p) {
+  __shared__ double red[kWarp];
+  const int64_t n = blockIdx.x;
+  const int32_t* rows = p.map + n * p.k;
+  const T* g = static_cast<const T*>(p.dout) + n * p.d;
+  const T* yg = static_cast<const T*>(p.src);
+  T* dyg = static_cast<T*>(p.dst);
+  for (int j = 0; j < p.k; ++j) {
+    const int32_t r = rows[j];
+    if (r < 0 || r >= p.rows_src) {  // block-uniform
+      if (threadIdx.x == 0) p.dw[n * p.k + j] = 0.f;
+      continue;
+    }
+    const float wj = p.w[n * p.k + j];
+    const T* y = yg + int64_t(r) * p.d;
+    T* dy = dyg + int64_t(r) * p.d;
+    double dot = 0;
+    for (int64_t c = int64_t(threadIdx.x) * VEC; c < p.d; c += int64_t(blockDim.x) * VEC) {
+      float gv[VEC], yv[VEC], out[VEC];
+      load_f<VEC>(g + c, gv);
+      load_f<VEC>(y + c, yv);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        out[v] = __fmul_rn(wj, gv[v]);
+        dot += double(gv[v]) * double(yv[v]);
+      }
+      store_f<VEC>(dy + c, out);
+    }
+    dot = block_sum(dot, red);
+    if (threadIdx.x == 0) p.dw[n * p.k + j] = float(dot);
+  }
+}
+
+// ---- launchers ----------------------------------------------------------------------------------
+
+void launch_moe_router(const MoeRouterParams& p, bool sigmoid, cudaStream_t stream) {
+  if (p.N == 0) return;
+  const int64_t blocks = ceil_div(p.N, kMoeRouterThreads / kWarp);
+  if (sigmoid)
+    moe_router_kernel<true><<<unsigned(blocks), kMoeRouterThreads, 0, stream>>>(p);
+  else
+    moe_router_kernel<false><<<unsigned(blocks), kMoeRouterThreads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_moe_score_sum(const MoeScoreSumParams& p, cudaStream_t stream) {
+  MoeScoreSumParams q = p;
+  q.rows_per_chunk = std::max<int64_t>(1, ceil_div(p.N, kMoeSumChunks));
+  const unsigned bx = unsigned(ceil_div(p.E, kMoeSumThreads));
+  moe_score_sum_kernel<<<dim3(bx, kMoeSumChunks), kMoeSumThreads, 0, stream>>>(q);
+  CUDA_CHECK_LAUNCH();
+  moe_score_sum_final_kernel<<<bx, kMoeSumThreads, 0, stream>>>(q);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_moe_route_bwd(const MoeRouteBwdParams& p, bool sigmoid, cudaStream_t stream) {
+  if (p.N == 0) return;
+  const int64_t blocks = ceil_div(p.N, kMoeRouterThreads / kWarp);
+  if (sigmoid)
+    moe_route_bwd_kernel<true><<<unsigned(blocks), kMoeRouterThreads, 0, stream>>>(p);
+  else
+    moe_route_bwd_kernel<false><<<unsigned(blocks), kMoeRouterThreads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_moe_add(const MoeAddParams& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(p.n, kMoeAddThreads), kMoeAddMaxBlocks));
+  moe_add_kernel<T><<<blocks, kMoeAddThreads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+// counts (=) histogram of idx (zeroes it first).
+void launch_moe_count(const MoePlanParams& p, cudaStream_t stream) {
+  CUDA_CHECK(cudaMemsetAsync(p.counts, 0, size_t(p.E) * sizeof(int32_t), stream));
+  if (p.slots == 0) return;
+  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(p.slots, kMoeCountThreads), kMoeCountMaxBlocks));
+  moe_count_kernel<<<blocks, kMoeCountThreads, size_t(p.E) * sizeof(int), stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_moe_plan(const MoePlanParams& p, cudaStream_t stream) {
+  const size_t bytes = size_t(p.slots) * sizeof(int32_t);
+  if (bytes) {
+    CUDA_CHECK(cudaMemsetAsync(p.row_of, 0xff, bytes, stream));  // -1: dropped / unused
+    CUDA_CHECK(cudaMemsetAsync(p.row_token, 0xff, bytes, stream));
+  }
+  launch_moe_count(p, stream);
+  moe_offsets_kernel<<<1, 1, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+  if (p.slots == 0) return;
+  moe_scatter_kernel<<<unsigned(p.E), kMoeScatterThreads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+enum class MoeRowOp { Gather, GatherBwd, CombineFwd, CombineBwd };
+
+template <MoeRowOp OP, typename T, int VEC>
+void launch_moe_rows_vec(const MoeRowsParams& p, int64_t blocks, cudaStream_t stream) {
+  if constexpr (OP == MoeRowOp::Gather)
+    moe_gather_kernel<T, VEC><<<unsigned(blocks), kMoeRowThreads, 0, stream>>>(p);
+  else if constexpr (OP == MoeRowOp::GatherBwd)
+    moe_gather_bwd_kernel<T, VEC><<<unsigned(blocks), kMoeRowThreads, 0, stream>>>(p);
+  else if constexpr (OP == MoeRowOp::CombineFwd)
+    moe_combine_fwd_kernel<T, VEC><<<unsigned(blocks), kMoeRowThreads, 0, stream>>>(p);
+  else
+    moe_combine_bwd_kernel<T, VEC><<<unsigned(blocks), kMoeRowThreads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+// One block per output row (blocks = M for gather, N otherwise); 16-byte vectors when every row
+// pointer is aligned (all bases aligned and d a multiple of the vector width).
+template <MoeRowOp OP, typename T>
+void launch_moe_rows(const MoeRowsParams& p, int64_t blocks, cudaStream_t stream) {
+  if (blocks == 0 || p.d == 0) return;
+  MF_CHECK(blocks <= 0x7fffffff, "moe: ", blocks, " rows is too many for one launch");
+  constexpr int VEC = 16 / sizeof(T);
+  const bool vec = p.d % VEC == 0 && aligned16(p.src) && aligned16(p.dst) &&
+                   (p.dout == nullptr || aligned16(p.dout));
+  if (vec)
+    launch_moe_rows_vec<OP, T, VEC>(p, blocks, stream);
+  else
+    launch_moe_rows_vec<OP, T, 1>(p, blocks, stream);
+}
+
+// ---- entries ------------------------------------------------------------------------------------
+
+namespace {
+
+// t must be [rows, cols], or [cols] when rows == 1 (as the CPU backend accepts).
+void check_mat(const char* op, const char* name, const Tensor& t, int64_t rows, int64_t cols,
+               const char* what) {
+  const bool ok = (t.ndim() == 2 && t.dim(0) == rows && t.dim(1) == cols) ||
+                  (t.ndim() == 1 && rows == 1 && t.dim(0) == cols);
+  MF_CHECK(ok, op, ": ", describe(name, t), " must be [", rows, ",", cols, "] (", what, ")");
+}
+
+void check_args(const char* op, const MoeRouterArgs& a) {
+  MF_CHECK(a.E > 0 && a.k > 0 && a.k <= a.E, op, ": top_k ", a.k, " and n_experts ", a.E,
+           " must satisfy 0 < top_k <= n_experts (model.moe)");
+  MF_CHECK(a.E <= kMoeMaxExperts, op, ": n_experts ", a.E, " exceeds the CUDA router's limit of ",
+           kMoeMaxExperts, " (model.moe.n_experts)");
+  MF_CHECK(a.route_scale > 0.f, op, ": route_scale ", a.route_scale,
+           " must be positive (model.moe.route_scale)");
+}
+
+// Matrices of the same row dtype (act dtype) and width.
+void check_rows_pair(const char* op, const char* an, const Tensor& A, const char* bn,
+                     const Tensor& B) {
+  check_float(op, an, A);
+  check_float(op, bn, B);
+  MF_CHECK(A.dtype == B.dtype, op, ": ", describe(an, A), " and ", describe(bn, B),
+           " must have the same dtype");
+  MF_CHECK(A.ndim() == 2 && B.ndim() == 2 && A.dim(1) == B.dim(1), op, ": ", describe(an, A),
+           " and ", describe(bn, B), " must be matrices of the same width");
+}
+
+template <MoeRowOp OP>
+void dispatch_rows(DType t, const MoeRowsParams& p, int64_t blocks, cudaStream_t stream) {
+  if (t == DType::F32)
+    launch_moe_rows<OP, float>(p, blocks, stream);
+  else
+    launch_moe_rows<OP, bf16>(p, blocks, stream);
+}
+
+}  // namespace
+
+void op_moe_router_fwd(const Ctx& ctx, const Tensor& x, const Tensor& Wr, const Tensor* bias,
+                       const MoeRouterArgs& a, Tensor& probs, Tensor& topk_idx, Tensor& topk_w,
+                       Tensor& counts, Tensor& score_sum) {
+  const char* op = "moe_router_fwd";
+  check_args(op, a);
+  check_float(op, "x", x);
+  check_dtype(op, "Wr", Wr, DType::F32);
+  MF_CHECK(Wr.ndim() == 2 && Wr.dim(0) == a.E && Wr.dim(1) > 0, op, ": ", describe("Wr", Wr),
+           " must be [", a.E, ",d] (n_experts x d_model)");
+  const int64_t d = Wr.dim(1);
+  const int64_t N = rows_of(op, "x", x, d);
+  if (bias) {
+    check_dtype(op, "bias", *bias, DType::F32);
+    check_mat(op, "bias", *bias, 1, a.E, "one per expert");
+  }
+  check_dtype(op, "probs", probs, DType::F32);
+  check_mat(op, "probs", probs, N, a.E, "tokens x experts");
+  check_dtype(op, "topk_idx", topk_idx, DType::I32);
+  check_mat(op, "topk_idx", topk_idx, N, a.k, "tokens x top_k");
+  check_dtype(op, "topk_w", topk_w, DType::F32);
+  check_mat(op, "topk_w", topk_w, N, a.k, "tokens x top_k");
+  check_dtype(op, "counts", counts, DType::I32);
+  check_mat(op, "counts", counts, 1, a.E, "one per expert");
+  check_dtype(op, "score_sum", score_sum, DType::F32);
+  check_mat(op, "score_sum", score_sum, 1, a.E, "one per expert");
+  MF_CHECK(N * a.k <= 0x7fffffff, op, ": ", N, " tokens x top_k ", a.k, " is too many slots");
+
+  const bool widen = x.dtype == DType::BF16;
+  Arena sz;
+  sz.take<float>(widen ? size_t(N * d) : 0);
+  sz.take<double>(size_t(N));
+  sz.take<double>(size_t(kMoeSumChunks) * a.E);
+  Arena ar(ctx.scratch->get(sz.used()));
+  float* xw = ar.take<float>(widen ? size_t(N * d) : 0);
+  double* inv_row = ar.take<double>(size_t(N));
+  double* partials = ar.take<double>(size_t(kMoeSumChunks) * a.E);
+
+  // Logits in fp32: probs (=) x Wr^T.
+  const float* xf = x.data<float>();
+  if (widen) {
+    launch_cast_bf16_f32(x.ptr, xw, N * d, ctx.stream);
+    xf = xw;
+  }
+  if (N > 0) {
+    GemmArgs g;
+    g.transB = true;
+    g.M = N;
+    g.N = a.E;
+    g.K = d;
+    g.A = xf;
+    g.lda = d;
+    g.B = Wr.ptr;
+    g.ldb = d;
+    g.D = probs.ptr;
+    g.ldd = a.E;
+    g.ab = DType::F32;
+    g.cd = DType::F32;
+    ctx.lt->gemm(g);
+  }
+
+  MoeRouterParams rp{probs.data<float>(), bias ? bias->data<float>() : nullptr,
+                     topk_idx.data<int32_t>(), topk_w.data<float>(), inv_row, N, a.E, a.k,
+                     a.norm_topk, double(a.route_scale)};
+  launch_moe_router(rp, a.sigmoid, ctx.stream);
+
+  MoePlanParams cp{topk_idx.data<int32_t>(), counts.data<int32_t>(), nullptr, nullptr, nullptr,
+                   N * a.k, a.k, a.E, 0};
+  launch_moe_count(cp, ctx.stream);
+
+  MoeScoreSumParams sp{probs.data<float>(), a.sigmoid ? inv_row : nullptr, partials,
+                       score_sum.data<float>(), N, a.E, 0};
+  launch_moe_score_sum(sp, ctx.stream);
+}
+
+void op_moe_router_bwd(const Ctx& ctx, const Tensor& dtopk_w, const Tensor* aux_grad,
+                       const Tensor& x, const Tensor& Wr, const Tensor& probs,
+                       const Tensor& topk_idx, const MoeRouterArgs& a, Tensor& dlogits,
+                       Tensor& dx, Tensor& dWr) {
+  const char* op = "moe_router_bwd";
+  check_args(op, a);
+  check_float(op, "x", x);
+  check_dtype(op, "Wr", Wr, DType::F32);
+  MF_CHECK(Wr.ndim() == 2 && Wr.dim(0) == a.E && Wr.dim(1) > 0, op, ": ", describe("Wr", Wr),
+           " must be [", a.E, ",d] (n_experts x d_model)");
+  const int64_t d = Wr.dim(1);
+  const int64_t N = rows_of(op, "x", x, d);
+  check_dtype(op, "dtopk_w", dtopk_w, DType::F32);
+  check_mat(op, "dtopk_w", dtopk_w, N, a.k, "tokens x top_k");
+  if (aux_grad) {
+    check_dtype(op, "aux_grad", *aux_grad, DType::F32);
+    check_mat(op, "aux_grad", *aux_grad, 1, a.E, "one per expert");
+  }
+  check_dtype(op, "probs", probs, DType::F32);
+  check_mat(op, "probs", probs, N, a.E, "tokens x experts");
+  check_dtype(op, "topk_idx", topk_idx, DType::I32);
+  check_mat(op, "topk_idx", topk_idx, N, a.k, "tokens x top_k");
+  check_dtype(op, "dlogits", dlogits, DType::F32);
+  check_mat(op, "dlogits", dlogits, N, a.E, "tokens x experts");
+  check_float(op, "dx", dx);
+  MF_CHECK(dx.shape == x.shape, op, ": ", describe("dx", dx), " must have the shape of ",
+           describe("x", x));
+  check_dtype(op, "dWr", dWr, DType::F32);
+  MF_CHECK(dWr.shape == Wr.shape, op, ": ", describe("dWr", dWr), " must have the shape of ",
+           describe("Wr", Wr));
+  if (N == 0) return;
+
+  MoeRouteBwdParams bp{dtopk_w.data<float>(), aux_grad ? aux_grad->data<float>() : nullptr,
+                       probs.data<float>(), topk_idx.data<int32_t>(), dlogits.data<float>(),
+                       N, a.E, a.k, a.norm_topk, a.route_scale};
+  launch_moe_route_bwd(bp, a.sigmoid, ctx.stream);
+
+  const bool widen = x.dtype == DType::BF16, via_tmp = dx.dtype == DType::BF16;
+  Arena sz;
+  sz.take<float>(widen ? size_t(N * d) : 0);
+  sz.take<float>(via_tmp ? size_t(N * d) : 0);
+  Arena ar(ctx.scratch->get(sz.used()));
+  float* xw = ar.take<float>(widen ? size_t(N * d) : 0);
+  float* tmp = ar.take<float>(via_tmp ? size_t(N * d) : 0);
+
+  // dx (+=) dlogits Wr: straight into an f32 dx (beta 1), else via f32 scratch and an add.
+  GemmArgs gx;
+  gx.M = N;
+  gx.N = d;
+  gx.K = a.E;
+  gx.A = dlogits.ptr;
+  gx.lda = a.E;
+  gx.B = Wr.ptr;
+  gx.ldb = d;
+  gx.D = via_tmp ? static_cast<void*>(tmp) : dx.ptr;
+  gx.ldd = d;
+  gx.ab = DType::F32;
+  gx.cd = DType::F32;
+  gx.beta = via_tmp ? 0.f : 1.f;
+  ctx.lt->gemm(gx);
+  if (via_tmp) launch_moe_add<bf16>(MoeAddParams{tmp, dx.ptr, N * d}, ctx.stream);
+
+  // dWr (+=) dlogits^T x, in fp32.
+  const float* xf = x.data<float>();
+  if (widen) {
+    launch_cast_bf16_f32(x.ptr, xw, N * d, ctx.stream);
+    xf = xw;
+  }
+  GemmArgs gw;
+  gw.transA = true;
+  gw.M = a.E;
+  gw.N = d;
+  gw.K = N;
+  gw.A = dlogits.ptr;
+  gw.lda = a.E;
+  gw.B = xf;
+  gw.ldb = d;
+  gw.D = dWr.ptr;
+  gw.ldd = d;
+  gw.ab = DType::F32;
+  gw.cd = DType::F32;
+  gw.beta = 1.f;
+  ctx.lt->gemm(gw);
+}
+
+void op_moe_permute(const Ctx& ctx, const Tensor& topk_idx, int E, int64_t capacity,
+                    Tensor& offsets, Tensor& row_of, Tensor& row_token) {
+  const char* op = "moe_permute";
+  MF_CHECK(E > 0, op, ": n_experts ", E, " must be positive (model.moe.n_experts)");
+  MF_CHECK(E <= kMoeMaxExperts, op, ": n_experts ", E, " exceeds the CUDA limit of ",
+           kMoeMaxExperts, " (model.moe.n_experts)");
+  check_dtype(op, "topk_idx", topk_idx, DType::I32);
+  MF_CHECK(topk_idx.ndim() == 2, op, ": ", describe("topk_idx", topk_idx), " must be [N,k]");
+  const int64_t N = topk_idx.dim(0), k = topk_idx.dim(1);
+  MF_CHECK(N * k <= 0x7fffffff, op, ": ", describe("topk_idx", topk_idx), " has too many slots");
+  check_dtype(op, "offsets", offsets, DType::I32);
+  check_mat(op, "offsets", offsets, 1, E + 1, "n_experts + 1");
+  check_dtype(op, "row_of", row_of, DType::I32);
+  MF_CHECK(row_of.shape == topk_idx.shape, op, ": ", describe("row_of", row_of),
+           " must have the shape of ", describe("topk_idx", topk_idx));
+  check_dtype(op, "row_token", row_token, DType::I32);
+  MF_CHECK(row_token.numel() == N * k, op, ": ", describe("row_token", row_token),
+           " must have ", N * k, " elements (N * top_k)");
+  Arena sz;
+  sz.take<int32_t>(size_t(E));
+  Arena ar(ctx.scratch->get(sz.used()));
+  MoePlanParams p{topk_idx.data<int32_t>(), ar.take<int32_t>(size_t(E)), offsets.data<int32_t>(),
+                  row_of.data<int32_t>(), row_token.data<int32_t>(), N * k, int(k), E, capacity};
+  launch_moe_plan(p, ctx.stream);
+}
+
+void op_moe_gather(const Ctx& ctx, const Tensor& x, const Tensor& row_token, Tensor& xg) {
+  const char* op = "moe_gather";
+  check_rows_pair(op, "x", x, "xg", xg);
+  check_dtype(op, "row_token", row_token, DType::I32);
+  const int64_t M = xg.dim(0);
+  MF_CHECK(row_token.numel() >= M, op, ": ", describe("row_token", row_token),
+           " has fewer entries than the ", M, " rows of xg");
+  MoeRowsParams p{x.ptr, xg.ptr, nullptr, row_token.data<int32_t>(), nullptr, nullptr,
+                  x.dim(0), x.dim(1), 1, false};
+  dispatch_rows<MoeRowOp::Gather>(x.dtype, p, M, ctx.stream);
+}
+
+void op_moe_gather_bwd(const Ctx& ctx, const Tensor& dxg, const Tensor& row_of, Tensor& dx) {
+  const char* op = "moe_gather_bwd";
+  check_rows_pair(op, "dxg", dxg, "dx", dx);
+  check_dtype(op, "row_of", row_of, DType::I32);
+  MF_CHECK(row_of.ndim() == 2 && row_of.dim(0) == dx.dim(0), op, ": ", describe("row_of", row_of),
+           " must be [N,k] with N = ", dx.dim(0), " (rows of dx)");
+  MoeRowsParams p{dxg.ptr, dx.ptr, nullptr, row_of.data<int32_t>(), nullptr, nullptr,
+                  dxg.dim(0), dx.dim(1), int(row_of.dim(1)), false};
+  dispatch_rows<MoeRowOp::GatherBwd>(dx.dtype, p, dx.dim(0), ctx.stream);
+}
+
+void op_moe_combine_fwd(const Ctx& ctx, const Tensor& yg, const Tensor& topk_w,
+                        const Tensor& row_of, Tensor& out, bool accumulate) {
+  const char* op = "moe_combine_fwd";
+  check_rows_pair(op, "yg", yg, "out", out);
+  check_dtype(op, "topk_w", topk_w, DType::F32);
+  check_dtype(op, "row_of", row_of, DType::I32);
+  MF_CHECK(row_of.ndim() == 2 && row_of.dim(0) == out.dim(0), op, ": ", describe("row_of", row_of),
+           " must be [N,k] with N = ", out.dim(0), " (rows of out)");
+  MF_CHECK(topk_w.shape == row_of.shape, op, ": ", describe("topk_w", topk_w),
+           " must have the shape of ", describe("row_of", row_of));
+  MoeRowsParams p{yg.ptr, out.ptr, nullptr, row_of.data<int32_t>(), topk_w.data<float>(), nullptr,
+                  yg.dim(0), out.dim(1), int(row_of.dim(1)), accumulate};
+  dispatch_rows<MoeRowOp::CombineFwd>(out.dtype, p, out.dim(0), ctx.stream);
+}
+
+void op_moe_combine_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& yg,
+                        const Tensor& topk_w, const Tensor& row_of, Tensor& dyg,
+                        Tensor& dtopk_w) {
+  const char* op = "moe_combine_bwd";
+  check_rows_pair(op, "yg", yg, "dout", dout);
+  check_rows_pair(op, "dyg", dyg, "yg", yg);
+  MF_CHECK(dyg.shape == yg.shape, op, ": ", describe("dyg", dyg), " must have the shape of ",
+           describe("yg", yg));
+  check_dtype(op, "topk_w", topk_w, DType::F32);
+  check_dtype(op, "dtopk_w", dtopk_w, DType::F32);
+  check_dtype(op, "row_of", row_of, DType::I32);
+  MF_CHECK(row_of.ndim() == 2 && row_of.dim(0) == dout.dim(0), op, ": ",
+           describe("row_of", row_of), " must be [N,k] with N = ", dout.dim(0), " (rows of dout)");
+  MF_CHECK(topk_w.shape == row_of.shape && dtopk_w.shape == row_of.shape, op, ": ",
+           describe("topk_w", topk_w), " and ", describe("dtopk_w", dtopk_w),
+           " must have the shape of ", describe("row_of", row_of));
+  MoeRowsParams p{yg.ptr, dyg.ptr, dout.ptr, row_of.data<int32_t>(), topk_w.data<float>(),
+                  dtopk_w.data<float>(), yg.dim(0), dout.dim(1), int(row_of.dim(1)), false};
+  if (dout.dim(1) == 0) {  // nothing to write into dyg; the dots are 0
+    if (dtopk_w.nbytes()) CUDA_CHECK(cudaMemsetAsync(dtopk_w.ptr, 0, dtopk_w.nbytes(), ctx.stream));
+    return;
+  }
+  dispatch_rows<MoeRowOp::CombineBwd>(dout.dtype, p, dout.dim(0), ctx.stream);
+}
+
+}  // namespace mf::cuda
