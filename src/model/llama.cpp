@@ -50,16 +50,33 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelS
   a.tokens = be_.empty({N}, DType::I32);
   a.targets = be_.empty({N}, DType::I32);
   a.L.resize(cfg.n_layers);
+  // Activation recompute: layers > 0 share layer 0's buffers for what backward recomputes
+  // ("mlp": gate, up, h; "full": everything but the residual stream entering the layer).
+  MF_CHECK(cfg.recompute == "none" || cfg.moe.n_experts == 0, "model.recompute = \"",
+           cfg.recompute, "\" is not supported with MoE layers yet (model.moe.n_experts = ",
+           cfg.moe.n_experts, "); use \"none\"");
+  const bool rc_full = cfg.recompute == "full", rc_mlp = rc_full || cfg.recompute == "mlp";
   bool any_dense = false;
   for (int i = 0; i < cfg.n_layers; ++i) {
     auto& l = a.L[i];
-    l.r_attn = A({N, d}); l.rstd1 = F({N}); l.xn1 = A({N, d});
+    l.r_attn = A({N, d});
+    if (rc_full && i > 0) {
+      Tensor keep = l.r_attn;
+      l = a.L[0];
+      l.r_attn = keep;
+      continue;
+    }
+    l.rstd1 = F({N}); l.xn1 = A({N, d});
     l.q = A({N, qd}); l.k = A({N, kvd}); l.v = A({N, kvd}); l.ao = A({N, qd});
     l.lse = F({int64_t(B), int64_t(cfg.n_heads), int64_t(T)});
     l.r_mlp = A({N, d}); l.rstd2 = F({N}); l.xn2 = A({N, d});
     if (layers_[i].moe) continue;  // MoE: the block keeps its own activations
     any_dense = true;
-    l.gate = A({N, f}); l.up = A({N, f}); l.h = A({N, f});
+    if (rc_mlp && i > 0) {
+      l.gate = a.L[0].gate; l.up = a.L[0].up; l.h = a.L[0].h;
+    } else {
+      l.gate = A({N, f}); l.up = A({N, f}); l.h = A({N, f});
+    }
   }
   a.branch = A({N, d});
   a.r_final = A({N, d}); a.rstd_f = F({N}); a.xf = A({N, d});
@@ -168,6 +185,40 @@ Tensor LlamaModel::heads(const Tensor& x, int h) const {
   return x.view({int64_t(B_), int64_t(T_), int64_t(h), int64_t(cfg_.head_dim())});
 }
 
+AttnShape LlamaModel::attn_shape() const {
+  return AttnShape{B_, T_, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim(), float(attn_scale())};
+}
+
+// Layer i from its normed input xn1 to the normed MLP input xn2 (and r_mlp): the attention
+// branch and the second residual add.
+void LlamaModel::attention_block(int i) {
+  Acts& a = *acts_;
+  Layer& w = layers_[i];
+  Acts::PerLayer& l = a.L[i];
+  const float theta = float(cfg_.rope_theta), rmult = float(scales_.residual_mult);
+  be_.matmul_fwd(l.xn1, w.wq->weight, l.q);  // (N,H*hd)
+  be_.matmul_fwd(l.xn1, w.wk->weight, l.k);  // (N,Hkv*hd)
+  be_.matmul_fwd(l.xn1, w.wv->weight, l.v);
+  Tensor q4 = heads(l.q, cfg_.n_heads), k4 = heads(l.k, cfg_.n_kv_heads);
+  Tensor v4 = heads(l.v, cfg_.n_kv_heads), ao4 = heads(l.ao, cfg_.n_heads);
+  be_.rope_fwd(q4, q4, theta);
+  be_.rope_fwd(k4, k4, theta);
+  be_.attention_fwd(q4, k4, v4, ao4, l.lse, attn_shape());
+  be_.matmul_fwd(l.ao, w.wo->weight, a.branch);  // (N,d)
+  if (rmult != 1.f) be_.scale(a.branch, rmult);
+  be_.add_rmsnorm_fwd(l.r_attn, &a.branch, l.r_mlp, w.ln2->weight, float(cfg_.norm_eps), l.xn2,
+                      l.rstd2);
+}
+
+// The dense MLP's activations that backward needs: gate, up, h = silu(gate) * up.
+void LlamaModel::mlp_hidden(int i) {
+  Layer& w = layers_[i];
+  Acts::PerLayer& l = acts_->L[i];
+  be_.matmul_fwd(l.xn2, w.wgate->weight, l.gate);  // (N,f)
+  be_.matmul_fwd(l.xn2, w.wup->weight, l.up);
+  be_.swiglu_fwd(l.gate, l.up, l.h);
+}
+
 void LlamaModel::run_forward(const int32_t* inputs, bool train) {
   Acts& a = *acts_;
   const int64_t N = int64_t(B_) * T_;
@@ -177,12 +228,8 @@ void LlamaModel::run_forward(const int32_t* inputs, bool train) {
   in_host.dtype = DType::I32;
   be_.upload(in_host, a.tokens);
 
-  const float eps = float(cfg_.norm_eps), theta = float(cfg_.rope_theta);
+  const float eps = float(cfg_.norm_eps);
   const float rmult = float(scales_.residual_mult);
-  AttnShape s{B_, T_, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim(),
-              float(scales_.attn_scale > 0 ? scales_.attn_scale
-                                           : 1.0 / std::sqrt(double(cfg_.head_dim())))};
-
   be_.embedding_fwd(a.tokens, wte_->weight, a.L[0].r_attn);  // (N,d)
   for (int i = 0; i < cfg_.n_layers; ++i) {
     Layer& w = layers_[i];
@@ -193,23 +240,11 @@ void LlamaModel::run_forward(const int32_t* inputs, bool train) {
     else
       be_.add_rmsnorm_fwd(a.L[i - 1].r_mlp, &a.branch, l.r_attn, w.ln1->weight, eps, l.xn1,
                           l.rstd1);
-    be_.matmul_fwd(l.xn1, w.wq->weight, l.q);  // (N,H*hd)
-    be_.matmul_fwd(l.xn1, w.wk->weight, l.k);  // (N,Hkv*hd)
-    be_.matmul_fwd(l.xn1, w.wv->weight, l.v);
-    Tensor q4 = heads(l.q, cfg_.n_heads), k4 = heads(l.k, cfg_.n_kv_heads);
-    Tensor v4 = heads(l.v, cfg_.n_kv_heads), ao4 = heads(l.ao, cfg_.n_heads);
-    be_.rope_fwd(q4, q4, theta);
-    be_.rope_fwd(k4, k4, theta);
-    be_.attention_fwd(q4, k4, v4, ao4, l.lse, s);
-    be_.matmul_fwd(l.ao, w.wo->weight, a.branch);  // (N,d)
-    if (rmult != 1.f) be_.scale(a.branch, rmult);
-    be_.add_rmsnorm_fwd(l.r_attn, &a.branch, l.r_mlp, w.ln2->weight, eps, l.xn2, l.rstd2);
+    attention_block(i);
     if (w.moe) {
       w.moe->forward(l.xn2, a.branch, train);  // MoE: (N,d)
     } else {
-      be_.matmul_fwd(l.xn2, w.wgate->weight, l.gate);  // (N,f)
-      be_.matmul_fwd(l.xn2, w.wup->weight, l.up);
-      be_.swiglu_fwd(l.gate, l.up, l.h);
+      mlp_hidden(i);
       be_.matmul_fwd(l.h, w.wdown->weight, a.branch);  // (N,d)
     }
     if (rmult != 1.f) be_.scale(a.branch, rmult);
@@ -254,9 +289,7 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
 
   const float theta = float(cfg_.rope_theta);
   const float rmult = float(scales_.residual_mult);
-  AttnShape s{B_, T_, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim(),
-              float(scales_.attn_scale > 0 ? scales_.attn_scale
-                                           : 1.0 / std::sqrt(double(cfg_.head_dim())))};
+  const AttnShape s = attn_shape();
   // dresid holds dL/d(residual stream) as we walk back; branch gradients are read from it
   // (times the residual multiplier) before the norm's backward adds into it.
   be_.zero(a.dresid);
@@ -270,6 +303,16 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
   for (int i = cfg_.n_layers - 1; i >= 0; --i) {
     Layer& w = layers_[i];
     Acts::PerLayer& l = a.L[i];
+    // Activation recompute: rebuild what the shared buffers lost, from what was kept. The ops
+    // are deterministic, so the gradients are bitwise those of a run without recompute.
+    if (cfg_.recompute == "full" && i < cfg_.n_layers - 1) {
+      be_.add_rmsnorm_fwd(l.r_attn, nullptr, l.r_attn, w.ln1->weight, float(cfg_.norm_eps),
+                          l.xn1, l.rstd1);
+      attention_block(i);
+      mlp_hidden(i);
+    } else if (cfg_.recompute != "none" && i < cfg_.n_layers - 1) {
+      mlp_hidden(i);
+    }
     // MLP branch: r_out = r_mlp + down(silu(gate(xn2)) * up(xn2))
     Tensor& dmlp = branch_grad();
     if (w.moe) {
@@ -357,14 +400,51 @@ double LlamaModel::attn_scale() const {
   return scales_.attn_scale > 0 ? scales_.attn_scale : 1.0 / std::sqrt(double(cfg_.head_dim()));
 }
 
-Tensor LlamaModel::attn_q(int layer) const {
-  MF_CHECK(layer >= 0 && layer < cfg_.n_layers, "attn_q: layer ", layer, " out of range");
+// With recompute = "full" only the residual stream entering each layer is kept, so q and k of
+// the last micro-batch are rebuilt (into the shared buffers) when asked for.
+void LlamaModel::rebuild_qk(int layer) {
+  MF_CHECK(layer >= 0 && layer < cfg_.n_layers, "attention q/k: layer ", layer, " out of range");
+  if (cfg_.recompute != "full") return;
+  Layer& w = layers_[layer];
+  Acts::PerLayer& l = acts_->L[layer];
+  const float theta = float(cfg_.rope_theta);
+  be_.add_rmsnorm_fwd(l.r_attn, nullptr, l.r_attn, w.ln1->weight, float(cfg_.norm_eps), l.xn1,
+                      l.rstd1);
+  be_.matmul_fwd(l.xn1, w.wq->weight, l.q);
+  be_.matmul_fwd(l.xn1, w.wk->weight, l.k);
+  Tensor q4 = heads(l.q, cfg_.n_heads), k4 = heads(l.k, cfg_.n_kv_heads);
+  be_.rope_fwd(q4, q4, theta);
+  be_.rope_fwd(k4, k4, theta);
+}
+
+Tensor LlamaModel::attn_q(int layer) {
+  rebuild_qk(layer);
   return heads(acts_->L[layer].q, cfg_.n_heads);
 }
 
-Tensor LlamaModel::attn_k(int layer) const {
-  MF_CHECK(layer >= 0 && layer < cfg_.n_layers, "attn_k: layer ", layer, " out of range");
+Tensor LlamaModel::attn_k(int layer) {
+  rebuild_qk(layer);
   return heads(acts_->L[layer].k, cfg_.n_kv_heads);
+}
+
+int64_t LlamaModel::activation_bytes() const {
+  const Acts& a = *acts_;
+  std::vector<const Tensor*> all = {&a.tokens, &a.targets, &a.branch, &a.r_final, &a.rstd_f,
+                                    &a.xf,     &a.losses,  &a.dresid, &a.dbranch, &a.dxf,
+                                    &a.dxn,    &a.dh,      &a.dgate,  &a.dup,     &a.dao,
+                                    &a.dq,     &a.dk,      &a.dv};
+  for (auto& l : a.L)
+    for (const Tensor* t : {&l.r_attn, &l.rstd1, &l.xn1, &l.q, &l.k, &l.v, &l.ao, &l.lse,
+                            &l.r_mlp, &l.rstd2, &l.xn2, &l.gate, &l.up, &l.h})
+      all.push_back(t);
+  std::vector<const void*> seen;
+  int64_t bytes = 0;
+  for (const Tensor* t : all) {
+    if (!t->defined() || std::find(seen.begin(), seen.end(), t->ptr) != seen.end()) continue;
+    seen.push_back(t->ptr);
+    bytes += int64_t(t->nbytes());
+  }
+  return bytes;
 }
 
 double LlamaModel::flops_per_token() const {

@@ -76,8 +76,11 @@ class LlamaModel {
   double attn_scale() const;
   // Rotated q (B,T,H,hd) and k (B,T,Hkv,hd) of layer `layer` from the last forward, in act_dtype
   // (diagnostics: max attention logit, QK-clip). Valid until the next forward.
-  Tensor attn_q(int layer) const;
-  Tensor attn_k(int layer) const;
+  Tensor attn_q(int layer);
+  Tensor attn_k(int layer);
+  // Bytes of the activation and gradient-scratch buffers this model allocated (shared buffers
+  // counted once; MoE layers' own buffers not included).
+  int64_t activation_bytes() const;
   int B() const { return B_; }
   int T() const { return T_; }
 
@@ -88,6 +91,10 @@ class LlamaModel {
   void run_forward(const int32_t* inputs, bool train = false);
   double loss_from_host(const Tensor& losses);
   Tensor heads(const Tensor& x, int h) const;
+  AttnShape attn_shape() const;
+  void attention_block(int i);
+  void mlp_hidden(int i);
+  void rebuild_qk(int layer);
 
   ModelConfig cfg_;
   Backend& be_;

@@ -143,9 +143,7 @@ AttnTiming measure_attention(Backend& be, const AttnShape& s, int warmup, int re
 nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be) {
   const ModelConfig& c = model.config();
   const int64_t B = model.B(), T = model.T(), N = B * T;
-  const int64_t d = c.d_model, f = c.d_ff, hd = c.head_dim(), V = c.vocab_size;
-  const int64_t qd = int64_t(c.n_heads) * hd, kvd = int64_t(c.n_kv_heads) * hd;
-  const int64_t act = int64_t(dtype_size(be.act_dtype()));
+  const int64_t V = c.vocab_size;
 
   int64_t weights = 0, grads = 0;
   for (Param* p : model.params()) {
@@ -166,18 +164,9 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   }
   const int64_t muon_scratch = muon_max * 4;  // Optimizer's U / NS output buffer (f32)
 
-  // The model's activation buffers (LlamaModel::Acts) for one micro-batch B x T.
-  int dense_layers = 0;
-  for (int i = 0; i < c.n_layers; ++i)
-    if (!(c.moe.n_experts > 0 && i >= c.moe.first_dense)) ++dense_layers;
-  int64_t acts = 0;
-  acts += c.n_layers * act * N * (4 * d + 2 * qd + 2 * kvd);    // r_attn xn1 r_mlp xn2 q ao k v
-  acts += c.n_layers * 4 * (2 * N + B * int64_t(c.n_heads) * T);  // rstd1 rstd2 lse (f32)
-  acts += dense_layers * act * N * 3 * f;                        // gate up h
-  acts += act * N * 3 * d + 4 * 2 * N + 4 * 2 * N;               // branch r_final xf; rstd_f losses; ids
-  acts += act * N * 4 * d;                                       // dresid dbranch dxf dxn
-  if (dense_layers > 0) acts += act * N * 3 * f;                 // dh dgate dup
-  acts += act * N * (2 * qd + 2 * kvd);                          // dao dq dk dv
+  // The model's activation buffers for one micro-batch B x T, as allocated (activation
+  // recompute shares buffers across layers; MoE layers' own buffers are not counted).
+  const int64_t acts = model.activation_bytes();
 
   const MemoryInfo mi = be.memory_info();
   const bool cuda = be.device() == Device::CUDA;
@@ -205,6 +194,7 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   j["muon_scratch"] = muon_scratch;
   j["activations"] = acts;
   j["activations_moe_excluded"] = c.moe.n_experts > 0;
+  j["recompute"] = c.recompute;
   j["workspace_now"] = workspace_now;
   j["workspace_expected"] = ws_expected;
   j["total"] = total;
@@ -230,8 +220,8 @@ std::string memory_plan_table(const nlohmann::json& p) {
   row("optimizer state", p.at("optimizer_state").get<double>(), "AdamW m, v; Muon momentum (f32)");
   row("muon scratch", p.at("muon_scratch").get<double>(), "largest Muon matrix, f32");
   row("activations", p.at("activations").get<double>(),
-      p.at("activations_moe_excluded").get<bool>() ? "by formula; MoE expert buffers NOT counted"
-                                                   : "by formula (LlamaModel buffers)");
+      p.at("activations_moe_excluded").get<bool>() ? "as allocated; MoE expert buffers NOT counted"
+                                                   : "as allocated (model.recompute = " + p.value("recompute", std::string("none")) + ")");
   if (cuda) {
     row("workspace now", p.at("workspace_now").get<double>(), "scratch + cuBLASLt 32 MiB");
     row("workspace (expected)", p.at("workspace_expected").get<double>(),

@@ -128,9 +128,6 @@ void Trainer::setup() {
   if (cfg_.model.attention == "cudnn")
     spdlog::warn("model.attention = \"cudnn\": the cuDNN SDPA path is not implemented yet; "
                  "using the hand-written attention");
-  if (cfg_.model.recompute != "none")
-    spdlog::warn("model.recompute = \"{}\": activation recompute is not implemented yet; all "
-                 "activations are kept", cfg_.model.recompute);
   if (env.distributed()) store_ = TcpStore::from_env(env);
   comm_ = make_communicator(env, store_.get(), be_->device(), nullptr);
   if (env.distributed()) check_same_json(*comm_, "config", config_to_json(cfg_));
