@@ -152,8 +152,10 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
     grads += sum_bytes(p->grad);
   }
   int64_t state = 0, muon_max = 0, ns_dims_min = 0, ns_dims_max = 0;
+  // Every optimizer's state as it checkpoints it (AdamW m/v, Muon momentum, Shampoo/SOAP/ASGO
+  // statistics and roots...).
+  for (auto& [name, t] : opt.state_tensors()) state += sum_bytes(t);
   for (const OptEntry& e : opt.entries()) {
-    state += sum_bytes(e.exp_avg) + sum_bytes(e.exp_avg_sq) + sum_bytes(e.momentum);
     if (e.kind == OptKind::Muon && e.param->numel() > muon_max) {
       muon_max = e.param->numel();
       const Shape& s = e.param->shape;
@@ -217,7 +219,7 @@ std::string memory_plan_table(const nlohmann::json& p) {
     << p.at("B").get<int64_t>() << " x " << p.at("T").get<int64_t>() << "):\n";
   row("weights", p.at("weights").get<double>(), cuda ? "f32 master + bf16 compute copy" : "f32");
   row("gradients", p.at("grads").get<double>(), "f32");
-  row("optimizer state", p.at("optimizer_state").get<double>(), "AdamW m, v; Muon momentum (f32)");
+  row("optimizer state", p.at("optimizer_state").get<double>(), "every state tensor (f32)");
   row("muon scratch", p.at("muon_scratch").get<double>(), "largest Muon matrix, f32");
   row("activations", p.at("activations").get<double>(),
       p.at("activations_moe_excluded").get<bool>() ? "as allocated; MoE expert buffers NOT counted"

@@ -266,8 +266,10 @@ void Trainer::setup_distributed() {
     std::vector<int64_t> load(size_t(world_), 0);
     for (size_t i : order) {
       const Param* p = all[i];
-      const bool muon = cfg_.optim.name == "muon" && p->kind == ParamKind::Hidden;
-      if (!p->trainable || p->kind == ParamKind::Bias || !(muon || cfg_.train.zero == 1)) continue;
+      // Hidden matrices under a matrix optimizer (Muon and its family) are always spread.
+      const bool matrix = cfg_.optim.name != "adamw" && p->kind == ParamKind::Hidden;
+      if (!p->trainable || p->kind == ParamKind::Bias || !(matrix || cfg_.train.zero == 1))
+        continue;
       const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
       owner_[i] = r;
       load[size_t(r)] += p->numel();
@@ -282,7 +284,7 @@ void Trainer::setup_distributed() {
   if (sharded_)
     spdlog::info("optimizer sharded over {} ranks: this rank updates {} of {} tensors{}", world_,
                  mine.size(), all.size(),
-                 cfg_.train.zero == 1 ? " (ZeRO-1)" : " (distributed Muon)");
+                 cfg_.train.zero == 1 ? " (ZeRO-1)" : " (distributed matrix optimizer)");
 }
 
 void Trainer::allreduce_grads() {
