@@ -155,7 +155,15 @@ void Trainer::setup() {
   lo.label = "data.train";
   MF_CHECK(!cfg_.data.train.empty(), cfg_.source, ": data.train is empty; point it at token shards "
            "(see data/README.md, e.g. scripts/prepare_data.py default)");
-  train_loader_ = std::make_unique<DataLoader>(cfg_.data.train, lo);
+  try {
+    train_loader_ = std::make_unique<DataLoader>(cfg_.data.train, lo);
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    if (m.find("matched no files") == std::string::npos) throw;
+    throw Error(m + "\n  (" + cfg_.source + " names data.train; make token shards with "
+                "scripts/prepare_data.py — the embedded default corpus: python3 "
+                "scripts/prepare_data.py default)");
+  }
   if (world_ > 1) {
     std::string fp;
     for (int i = 0; i < train_loader_->num_shards(); ++i)
