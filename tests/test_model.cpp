@@ -148,19 +148,7 @@ TEST_CASE("5 AdamW and 5 Muon steps match the PyTorch fixture", "[model][optim]"
   }
   SECTION("muon") {
     Config c = fixture_config(m);
-    auto& mu = m["muon"];
-    auto& a = m["muon_adamw"];
-    c.optim.name = "muon";
-    c.optim.lr = mu["lr"];
-    c.optim.momentum = mu["momentum"];
-    c.optim.nesterov = mu["nesterov"];
-    c.optim.ns_steps = mu["ns_steps"];
-    c.optim.wd = mu["wd"];
-    c.optim.scale = "shape";
-    c.optim.adamw.lr = a["lr"];
-    c.optim.adamw.betas = {a["betas"][0], a["betas"][1]};
-    c.optim.adamw.eps = a["eps"];
-    c.optim.adamw.wd = a["wd"];
+    mf::test::set_fixture_muon(c, m);
     auto losses = run_steps(c, r, &wname, &w);
     for (size_t i = 0; i < losses.size(); ++i) {
       INFO("step " << i);

@@ -163,19 +163,7 @@ Config fixture_config(const nlohmann::json& m, const std::string& variant) {
   c.schedule.decay = "constant";
   c.optim.grad_clip = m["clip"];
   c.optim.wd_mode = "coupled";
-  auto& mu = m["muon"];
-  auto& a = m["muon_adamw"];
-  c.optim.name = "muon";
-  c.optim.lr = mu["lr"];
-  c.optim.momentum = mu["momentum"];
-  c.optim.nesterov = mu["nesterov"];
-  c.optim.ns_steps = mu["ns_steps"];
-  c.optim.wd = mu["wd"];
-  c.optim.scale = "shape";
-  c.optim.adamw.lr = a["lr"];
-  c.optim.adamw.betas = {a["betas"][0], a["betas"][1]};
-  c.optim.adamw.eps = a["eps"];
-  c.optim.adamw.wd = a["wd"];
+  mf::test::set_fixture_muon(c, m);
   return c;
 }
 

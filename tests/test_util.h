@@ -13,6 +13,9 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "config/config.h"
 #include "core/rng.h"
 #include "op_tolerance.h"
 
@@ -108,6 +111,24 @@ inline double rel_err(const float* a, const float* b, int64_t n) {
     den += double(b[i]) * b[i];
   }
   return std::sqrt(num / std::max(den, 1e-30));
+}
+
+// The Muon run of a PyTorch fixture's JSON ("muon" and "muon_adamw" sections, written by
+// tests/reference/*_ref.py) as optimizer settings.
+inline void set_fixture_muon(Config& c, const nlohmann::json& m) {
+  auto& mu = m["muon"];
+  auto& a = m["muon_adamw"];
+  c.optim.name = "muon";
+  c.optim.lr = mu["lr"];
+  c.optim.momentum = mu["momentum"];
+  c.optim.nesterov = mu["nesterov"];
+  c.optim.ns_steps = mu["ns_steps"];
+  c.optim.wd = mu["wd"];
+  c.optim.scale = "shape";
+  c.optim.adamw.lr = a["lr"];
+  c.optim.adamw.betas = {a["betas"][0], a["betas"][1]};
+  c.optim.adamw.eps = a["eps"];
+  c.optim.adamw.wd = a["wd"];
 }
 
 }  // namespace mf::test
