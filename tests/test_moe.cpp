@@ -129,18 +129,7 @@ nlohmann::json fixture_meta() {
 }
 
 Config fixture_config(const nlohmann::json& m, const std::string& variant) {
-  Config c;
-  auto& mc = m["config"];
-  c.model.vocab_size = mc["vocab_size"];
-  c.model.d_model = mc["d_model"];
-  c.model.n_layers = mc["n_layers"];
-  c.model.n_heads = mc["n_heads"];
-  c.model.n_kv_heads = mc["n_kv_heads"];
-  c.model.d_ff = mc["d_ff"];
-  c.model.max_seq_len = mc["max_seq_len"];
-  c.model.rope_theta = mc["rope_theta"];
-  c.model.norm_eps = mc["norm_eps"];
-  c.model.tie_embeddings = false;
+  Config c = mf::test::fixture_config(m);
   auto& v = m["variants"][variant]["moe"];
   MoeConfig& e = c.model.moe;
   e.n_experts = v["n_experts"];
@@ -155,14 +144,6 @@ Config fixture_config(const nlohmann::json& m, const std::string& variant) {
   e.aux_coef = v["aux_coef"];
   e.bias_rate = v["bias_rate"];
   e.capacity_factor = v["capacity_factor"];
-  c.train.micro_batch = m["B"];
-  c.train.seq_len = m["T"];
-  c.train.max_steps = m["steps"];
-  c.train.batch_tokens = c.train.micro_batch * c.train.seq_len;
-  c.schedule.warmup = 0;
-  c.schedule.decay = "constant";
-  c.optim.grad_clip = m["clip"];
-  c.optim.wd_mode = "coupled";
   mf::test::set_fixture_muon(c, m);
   return c;
 }

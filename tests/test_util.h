@@ -113,6 +113,32 @@ inline double rel_err(const float* a, const float* b, int64_t n) {
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
+// The model and run settings a PyTorch fixture's JSON records (tests/reference/*_ref.py):
+// "config" (the dense Llama shape), B, T, steps, clip; constant lr, no warmup, coupled decay.
+inline Config fixture_config(const nlohmann::json& m) {
+  Config c;
+  auto& mc = m["config"];
+  c.model.vocab_size = mc["vocab_size"];
+  c.model.d_model = mc["d_model"];
+  c.model.n_layers = mc["n_layers"];
+  c.model.n_heads = mc["n_heads"];
+  c.model.n_kv_heads = mc["n_kv_heads"];
+  c.model.d_ff = mc["d_ff"];
+  c.model.max_seq_len = mc["max_seq_len"];
+  c.model.rope_theta = mc["rope_theta"];
+  c.model.norm_eps = mc["norm_eps"];
+  c.model.tie_embeddings = false;
+  c.train.micro_batch = m["B"];
+  c.train.seq_len = m["T"];
+  c.train.max_steps = m["steps"];
+  c.train.batch_tokens = c.train.micro_batch * c.train.seq_len;
+  c.schedule.warmup = 0;
+  c.schedule.decay = "constant";
+  c.optim.grad_clip = m["clip"];
+  c.optim.wd_mode = "coupled";
+  return c;
+}
+
 // The Muon run of a PyTorch fixture's JSON ("muon" and "muon_adamw" sections, written by
 // tests/reference/*_ref.py) as optimizer settings.
 inline void set_fixture_muon(Config& c, const nlohmann::json& m) {
