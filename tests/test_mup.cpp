@@ -157,10 +157,15 @@ TEST_CASE("µP table at two widths matches the formulas", "[mup]") {
         CHECK(r.width_mult == Approx(m));
         CHECK(r.depth_mult == Approx(2.0));
         CHECK(r.scales.logit_mult == Approx(1.0 / m));
-        CHECK(r.scales.attn_scale == Approx(1.0 / 16.0));
+        // head_dim stays 16 (width grows by heads): SP's 1/sqrt(16) unless a base head_dim
+        // is given, then sqrt(base_head_dim)/head_dim.
+        CHECK(r.scales.attn_scale == Approx(1.0 / 4.0));
         CHECK(r.scales.residual_mult == Approx(0.5));
-        CHECK(model.attn_scale() == Approx(1.0 / 16.0));
+        CHECK(model.attn_scale() == Approx(1.0 / 4.0));
         CHECK(r.warnings.empty());
+        Config c4 = c;
+        c4.mup.base_head_dim = 4;
+        CHECK(mup_model_scales(c4).attn_scale == Approx(2.0 / 16.0));
 
         for (Param* p : model.params()) {
           INFO(p->name);
@@ -249,6 +254,23 @@ TEST_CASE("SP and RMS parametrisations leave the model alone", "[mup]") {
   CHECK_THAT(w.table(), Contains("warning:"));
 }
 
+TEST_CASE("at the base shape µP is exactly SP", "[mup]") {
+  // Width, depth and head_dim at their base values: every multiplier is 1 and the attention
+  // scale is 1/sqrt(head_dim), so training must be bitwise the same as SP.
+  for (const std::string opt : {"adamw", "muon"}) {
+    INFO(opt);
+    Config mup = width_config(64, 64, opt, true);
+    Config sp = width_config(64, 64, opt, false);
+    sp.optim.scale = mup.optim.scale;
+    mup.optim.wd = sp.optim.wd = 0.1;
+    mup.optim.wd_mode = sp.optim.wd_mode = "independent";
+    CHECK(logit_rms_after(mup, 3) == logit_rms_after(sp, 3));
+    // A base head_dim other than the model's changes the attention scale and the result.
+    mup.mup.base_head_dim = 4;
+    CHECK(logit_rms_after(mup, 3) != logit_rms_after(sp, 3));
+  }
+}
+
 TEST_CASE("init_weights draws hidden matrices with the µP std", "[mup]") {
   Config c = width_config(256, 64, "adamw", true);
   auto be = make_backend("cpu");
@@ -280,7 +302,7 @@ TEST_CASE("coordinate check: logits stay flat across widths under µP, grow unde
     for (size_t i = 0; i < mup.size(); ++i)
       msg << "d=" << widths[i] << " mup " << mup[i] << " sp " << sp[i] << "; ";
     INFO(opt << ": " << msg.str());
-    // Identical at the base width (attention scale aside, which barely moves the logits).
+    // Close at the base width (the runs differ only in Muon's scale mode, spectral vs shape).
     CHECK(mup[0] == Approx(sp[0]).epsilon(0.25));
     const double mup_spread = *std::max_element(mup.begin(), mup.end()) /
                               *std::min_element(mup.begin(), mup.end());

@@ -87,6 +87,7 @@ std::vector<Field> schema(Config& c) {
       F("mup.enabled", c.mup.enabled),
       F("mup.base_width", c.mup.base_width),
       F("mup.base_depth", c.mup.base_depth),
+      F("mup.base_head_dim", c.mup.base_head_dim),
       F("optim.name", o.name),
       F("optim.lr", o.lr),
       F("optim.wd", o.wd),
@@ -148,6 +149,8 @@ std::vector<Field> schema(Config& c) {
       F("train.precision", t.precision),
       F("train.deterministic", t.deterministic),
       F("train.zero", t.zero),
+      F("train.bucket_mb", t.bucket_mb),
+      F("train.overlap_comm", t.overlap_comm),
       world,
       F("data.train", c.data.train),
       F("data.val", c.data.val),
@@ -620,6 +623,7 @@ void validate_config(const Config& c) {
 
   k.positive("mup.base_width", c.mup.base_width);
   k.positive("mup.base_depth", c.mup.base_depth);
+  k.non_negative("mup.base_head_dim", c.mup.base_head_dim);
 
   k.one_of("optim.name", o.name,
            {"muon", "adamw", "normuon", "shampoo", "soap", "asgo", "freon", "kaon"});
@@ -688,6 +692,9 @@ void validate_config(const Config& c) {
   k.one_of("train.precision", t.precision, {"bf16", "fp32"});
   if (t.zero != 0 && t.zero != 1)
     k.fail("train.zero", "expected one of 0|1, got " + std::to_string(t.zero));
+  if (!(t.bucket_mb >= 0 && t.bucket_mb <= 1e6))
+    k.fail("train.bucket_mb", "must be in [0, 1e6] MiB (0: one all-reduce per tensor), got " +
+                                  num(t.bucket_mb));
   if (t.world_size < 1)
     k.fail("train.world_size", "must be >= 1, got " + std::to_string(t.world_size));
 

@@ -51,6 +51,10 @@ struct MupConfig {
   bool enabled = false;
   int base_width = 256;       // d_model of the proxy model whose hyper-parameters transfer
   int base_depth = 12;        // n_layers of that proxy (CompleteP residual multiplier)
+  // head_dim of that proxy: attention scale sqrt(base_head_dim)/head_dim, i.e. 1/sqrt(head_dim)
+  // at the base head_dim and the µP 1/head_dim slope as head_dim grows. 0 = the model's own
+  // head_dim (SP attention; right when width grows by adding heads, as in the shipped sweeps).
+  int base_head_dim = 0;
 };
 
 struct AdamWGroupConfig {
@@ -149,6 +153,8 @@ struct TrainConfig {
   std::string precision = "bf16";     // bf16 | fp32 (CUDA); CPU is always fp32
   bool deterministic = false;
   int zero = 0;                       // 0 | 1 (ZeRO-1 optimizer state sharding)
+  double bucket_mb = 25;              // gradient all-reduce bucket size in MiB; 0 = one per tensor
+  bool overlap_comm = true;           // start each bucket's all-reduce during backward
   int world_size = 1;                 // filled from the environment, not from JSON
 };
 

@@ -52,7 +52,13 @@ ModelScales mup_model_scales(const Config& cfg) {
   MF_CHECK(cfg.mup.base_depth > 0, "mup.base_depth must be > 0, got ", cfg.mup.base_depth, where);
   const double m = double(cfg.model.d_model) / cfg.mup.base_width;
   s.logit_mult = 1.0 / m;
-  s.attn_scale = 1.0 / double(cfg.model.head_dim());
+  // sqrt(base_hd) / hd: 1/sqrt(hd) at the base head_dim (so µP equals SP at the base shape),
+  // falling as 1/hd when head_dim grows with width (the µP attention rule).
+  const double hd = double(cfg.model.head_dim());
+  MF_CHECK(cfg.mup.base_head_dim >= 0, "mup.base_head_dim must be >= 0, got ",
+           cfg.mup.base_head_dim, where);
+  const double base_hd = cfg.mup.base_head_dim > 0 ? double(cfg.mup.base_head_dim) : hd;
+  s.attn_scale = std::sqrt(base_hd) / hd;
   s.residual_mult = double(cfg.mup.base_depth) / double(cfg.model.n_layers);
   return s;
 }

@@ -26,11 +26,13 @@
 //               (s = sqrt(rows/cols)); "shape" also transfers across width when aspect ratios
 //               are fixed (it differs from spectral by a width-independent factor per matrix);
 //               "rms" grows as sqrt(width) and breaks transfer (a warning says so).
-//          Model scalars: logits x 1/m; attention scale 1/head_dim; residual branches x
+//          Model scalars: logits x 1/m; attention scale sqrt(base_head_dim)/head_dim (the µP
+//          1/head_dim rule, anchored so that it is 1/sqrt(head_dim) at the base head_dim;
+//          base_head_dim 0 = the model's own head_dim); residual branches x
 //          base_depth/n_layers. Weight decay: with optim.wd_mode = "independent" lambda is
 //          multiplied by 1/m for hidden matrices (the optimizer applies wd_mult); with "coupled"
 //          wd_mult stays 1 because decay = lr_eff * wd already carries AdamW's 1/m.
-//          At the base shape (m = 1, depth_mult = 1) µP equals SP except the attention scale.
+//          At the base shape (m = 1, depth_mult = 1, head_dim = base_head_dim) µP equals SP.
 #pragma once
 #include <string>
 #include <vector>
