@@ -2,6 +2,7 @@
 // with transformers is available via MF_HF_PYTHON) logits parity with transformers' LlamaForCausalLM.
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -100,6 +101,64 @@ TEST_CASE("export then init_from gives identical weights", "[export]") {
       CHECK_NOTHROW(Trainer(c2, q));
     }
   }
+  fs::remove_all(root);
+}
+
+TEST_CASE("a µP model exports with its multipliers folded in: same logits as plain Llama",
+          "[export][mup]") {
+  const std::string root = temp_dir("mup");
+  TrainOptions q;
+  q.quiet = true;
+  Config c = small(root, "mup", false);
+  c.mup.enabled = true;
+  c.mup.base_width = 8;      // logit multiplier 1/4
+  c.mup.base_depth = 1;      // residual multiplier 1/2
+  c.mup.base_head_dim = 4;   // attention scale 2/8 instead of 1/sqrt(8)
+  c.optim.scale = "spectral";
+  TrainResult r = Trainer(c, q).run();
+  const auto fold = export_weight_factors(c);
+  CHECK(fold.at("lm_head.weight") == Approx(0.25));
+  CHECK(fold.at("model.layers.1.mlp.down_proj.weight") == Approx(0.5));
+  CHECK(fold.at("model.layers.0.self_attn.o_proj.weight") == Approx(0.5));
+  CHECK(fold.at("model.layers.0.self_attn.q_proj.weight") == Approx(0.25 * std::sqrt(8.0)));
+  CHECK(fold.count("model.layers.0.self_attn.k_proj.weight") == 0);
+  export_checkpoint(r.last_checkpoint, root + "/hf", DType::F32);
+
+  // The µP model as trained (resumed from its checkpoint) and a plain SP Llama loaded from the
+  // export must compute the same logits.
+  Config resumed = c;
+  resumed.train.max_steps = 3;
+  Trainer tm(resumed, q);
+  Config sp = small(root, "sp", false);
+  sp.train.init_from = root + "/hf";
+  Trainer ts(sp, q);
+  std::vector<int32_t> in(size_t(c.train.micro_batch) * c.train.seq_len);
+  Rng rng(11);
+  for (auto& t : in) t = int32_t(rng.below(48));
+  const std::vector<float> a = tm.model().logits(in.data()), b = ts.model().logits(in.data());
+  REQUIRE(a.size() == b.size());
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    worst = std::max(worst, double(std::fabs(a[i] - b[i])));
+    scale = std::max(scale, double(std::fabs(a[i])));
+  }
+  INFO("max |logit diff| " << worst << ", max |logit| " << scale);
+  CHECK(scale > 1e-3);
+  CHECK(worst < 1e-5 * std::max(1.0, scale));
+  // MoE: the residual multiplier folds into every expert's and the shared experts' down_proj.
+  Config moe = c;
+  moe.model.moe.n_experts = 4;
+  moe.model.moe.n_shared = 1;
+  moe.model.moe.d_expert = 8;
+  const auto mf = export_weight_factors(moe);
+  CHECK(mf.at("model.layers.1.mlp.experts.3.down_proj.weight") == Approx(0.5));
+  CHECK(mf.at("model.layers.1.mlp.shared_experts.down_proj.weight") == Approx(0.5));
+  CHECK(mf.count("model.layers.1.mlp.experts.3.up_proj.weight") == 0);
+
+  // Tied embeddings cannot carry the logit multiplier.
+  Config tied = c;
+  tied.model.tie_embeddings = true;
+  CHECK_THROWS_WITH(export_weight_factors(tied), Catch::Contains("tie_embeddings"));
   fs::remove_all(root);
 }
 

@@ -1,14 +1,50 @@
 #include "train/export.h"
 
+#include <cmath>
 #include <filesystem>
 
 #include "io/atomic_file.h"
 #include "io/hf.h"
 #include "io/safetensors.h"
+#include "optim/mup.h"
 
 namespace fs = std::filesystem;
 
 namespace mf {
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+}  // namespace
+
+// µP's model scalars have no place in a Hugging Face Llama, but each multiplies a linear map, so
+// it folds into that map's weight: logits x logit_mult -> lm_head; every residual branch x
+// residual_mult -> the branch's last projection (o_proj, and down_proj of the dense MLP, of each
+// routed expert and of the shared experts, since the MoE output is linear in all of them);
+// attention scale s instead of 1/sqrt(head_dim) -> q_proj x s sqrt(head_dim) (RoPE is a rotation,
+// so it commutes with scaling q).
+std::map<std::string, double> export_weight_factors(const Config& cfg) {
+  std::map<std::string, double> f;
+  if (!cfg.mup.enabled) return f;
+  const ModelScales s = mup_model_scales(cfg);
+  const double q = s.attn_scale > 0 ? s.attn_scale * std::sqrt(double(cfg.model.head_dim())) : 1.0;
+  for (auto& [name, shape] : expected_param_names(cfg.model)) {
+    double x = 1.0;
+    if (name == "lm_head.weight") x = s.logit_mult;
+    if (ends_with(name, "o_proj.weight") || ends_with(name, "down_proj.weight")) x = s.residual_mult;
+    if (ends_with(name, "q_proj.weight")) x = q;
+    if (x != 1.0) f[name] = x;
+  }
+  if (cfg.model.tie_embeddings && s.logit_mult != 1.0)
+    MF_FAIL("export: µP logit multiplier ", s.logit_mult, " (d_model ", cfg.model.d_model,
+            " vs mup.base_width ", cfg.mup.base_width, ") cannot be folded into tied embeddings: "
+            "the lm head is the embedding table, which must stay unscaled. Train with "
+            "model.tie_embeddings = false to export a µP model");
+  return f;
+}
 
 int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, DType store_as) {
   const fs::path ck(ckpt_dir);
@@ -16,8 +52,7 @@ int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, D
   MF_CHECK(fs::exists(ck / "config.json") && fs::exists(ck / "model.safetensors"), "export: ",
            ckpt_dir, " is not a muonforge checkpoint (needs config.json and model.safetensors)");
   Config cfg = load_config((ck / "config.json").string());
-  MF_CHECK(!cfg.mup.enabled, "export: ", ckpt_dir, " was trained with mup.enabled; its logit and "
-           "attention multipliers have no Hugging Face Llama equivalent yet");
+  const std::map<std::string, double> fold = export_weight_factors(cfg);
   const auto expected = expected_param_names(cfg.model);
   SafetensorsReader r((ck / "model.safetensors").string());
   SafetensorsWriter w;
@@ -27,6 +62,10 @@ int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, D
     Tensor t = r.read_f32(name);
     MF_CHECK(t.shape == shape, r.path(), ": tensor ", name, " has shape ", shape_str(t.shape),
              ", expected ", shape_str(shape));
+    if (auto it = fold.find(name); it != fold.end()) {
+      const float x = float(it->second);
+      for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] *= x;
+    }
     keep.push_back(t);
     w.add(name, t, store_as);
   }

@@ -3,6 +3,7 @@
 // DeepSeek-V3 MoE keys and tensor names, see io/hf.h) and initialise a model from such a
 // directory.
 #pragma once
+#include <map>
 #include <string>
 
 #include "backend/backend.h"
@@ -12,8 +13,15 @@
 
 namespace mf {
 
+// The factors µP's model scalars (logit, residual and attention multipliers) fold into the
+// weights on export, by tensor name (empty without µP; tensors not listed keep factor 1). Throws
+// for tied embeddings with a logit multiplier other than 1.
+std::map<std::string, double> export_weight_factors(const Config& cfg);
+
 // Writes OUTDIR/config.json and OUTDIR/model.safetensors (store_as F32 or BF16) from a checkpoint
-// directory of ours. Returns the number of tensors written.
+// directory of ours, with µP's multipliers folded into the weights (export_weight_factors), so
+// the exported model computes the same logits with Hugging Face's plain Llama (or our SP model).
+// Returns the number of tensors written.
 int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, DType store_as);
 
 // Loads weights from a Hugging Face Llama (or muonforge_moe) directory into params after checking
