@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "backend/cpu/cpu_backend.h"
+#include "core/log.h"
 
 #ifdef MF_HAS_CUDA
 namespace mf {
@@ -60,6 +61,15 @@ void Backend::moe_combine_bwd(const Tensor&, const Tensor&, const Tensor&, const
 }
 
 #undef MF_MOE_UNIMPLEMENTED
+
+void Backend::set_attention_impl(const std::string& mode) {
+  static bool said = false;
+  if (mode == "cudnn" && !said)
+    spdlog::info("model.attention = \"cudnn\" only applies to the CUDA backend; the {} backend "
+                 "uses its own attention",
+                 name());
+  if (mode == "cudnn") said = true;
+}
 
 bool cuda_available() {
 #ifdef MF_HAS_CUDA

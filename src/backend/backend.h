@@ -79,6 +79,9 @@ class Backend {
   virtual void synchronize() {}
   // Not pure: the default reads /proc/meminfo (host RAM) and tracks no tensors.
   virtual MemoryInfo memory_info() const;
+  // model.attention: "flash", "cudnn" or "auto" (docs/config.md). Only the CUDA backend acts on
+  // it; the default ignores it (and says so once when "cudnn" is asked for).
+  virtual void set_attention_impl(const std::string& mode);
 
   // ---- model ops -----------------------------------------------------------------------
   // out[n,:] (=) wte[tokens[n],:].  tokens i32 [N], wte [V,d], out [N,d]

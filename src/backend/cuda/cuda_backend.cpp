@@ -60,10 +60,12 @@ CudaBackend::CudaBackend(int device) : allocated_(std::make_shared<std::atomic<s
   CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev_));
   ctx_.sm_count = sms;
   ctx_.max_smem_optin = size_t(smem);
+  attn_ = std::make_unique<cuda::AttentionDispatch>(&ctx_);
 }
 
 CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
+  attn_.reset();  // the cuDNN handle is bound to stream_
   scratch_.reset();
   lt_.reset();
   if (stream_) cudaStreamDestroy(stream_);
@@ -160,7 +162,7 @@ MemoryInfo CudaBackend::memory_info() const {
   CUDA_CHECK(cudaMemGetInfo(&m.free, &m.total));
   if (cur != dev_) CUDA_CHECK(cudaSetDevice(cur));
   m.tensors = bytes_allocated();
-  m.workspace = scratch_bytes() + cuda::CublasLt::kWorkspaceBytes;
+  m.workspace = scratch_bytes() + cuda::CublasLt::kWorkspaceBytes + attn_->workspace_bytes();
   return m;
 }
 
@@ -195,13 +197,14 @@ void CudaBackend::rope_bwd(const Tensor& dy, Tensor& dx, float theta) {
 }
 void CudaBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                                 Tensor& lse, const AttnShape& s) {
-  cuda::op_attention_fwd(ctx_, q, k, v, out, lse, s);
+  attn_->fwd(q, k, v, out, lse, s);
 }
 void CudaBackend::attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
                                 const Tensor& v, const Tensor& out, const Tensor& lse, Tensor& dq,
                                 Tensor& dk, Tensor& dv, const AttnShape& s) {
-  cuda::op_attention_bwd(ctx_, dout, q, k, v, out, lse, dq, dk, dv, s);
+  attn_->bwd(dout, q, k, v, out, lse, dq, dk, dv, s);
 }
+void CudaBackend::set_attention_impl(const std::string& mode) { attn_->set_mode(mode); }
 void CudaBackend::swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) {
   cuda::op_swiglu_fwd(ctx_, gate, up, h);
 }

@@ -10,6 +10,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/cublaslt.h"
+#include "backend/cuda/cudnn_attention.h"
 #include "common.cuh"
 
 namespace mf {
@@ -34,6 +35,8 @@ class CudaBackend final : public Backend {
   void synchronize() override;
   // cudaMemGetInfo of this device; tensors = bytes_allocated(); workspace = scratch + cuBLASLt's.
   MemoryInfo memory_info() const override;
+  // "flash" (the default until called), "cudnn" or "auto": see cuda::AttentionDispatch.
+  void set_attention_impl(const std::string& mode) override;
 
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
@@ -92,6 +95,7 @@ class CudaBackend final : public Backend {
   int device_index() const { return dev_; }
   cudaStream_t stream() const { return ctx_.stream; }
   cuda::CublasLt& cublas() { return *lt_; }
+  cuda::AttentionDispatch& attention() { return *attn_; }
   // Bytes currently held by tensors from empty() (scratch and cuBLASLt workspace excluded).
   size_t bytes_allocated() const { return allocated_->load(); }
   size_t scratch_bytes() const { return scratch_->capacity(); }
@@ -103,6 +107,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::Scratch> scratch_;
   cuda::Ctx ctx_;
   std::shared_ptr<std::atomic<size_t>> allocated_;
+  std::unique_ptr<cuda::AttentionDispatch> attn_;
 };
 
 int cuda_device_count();
