@@ -66,6 +66,7 @@ CudaBackend::CudaBackend(int device) : allocated_(std::make_shared<std::atomic<s
 CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   attn_.reset();  // the cuDNN handle is bound to stream_
+  mo_.reset();  // its library handles are bound to stream_
   scratch_.reset();
   lt_.reset();
   if (stream_) cudaStreamDestroy(stream_);

@@ -15,6 +15,10 @@
 
 namespace mf {
 
+namespace cuda {
+struct MatOptLibs;  // cuda_matrix_opt.cpp
+}
+
 class CudaBackend final : public Backend {
  public:
   // device < 0: the current CUDA device.
@@ -87,6 +91,20 @@ class CudaBackend final : public Backend {
   void newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b,
                      float c) override;
 
+  // Matrix-optimizer primitives: src/backend/cuda/cuda_matrix_opt.cpp, kernels/matrix_opt.cu.
+  void gemm(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, Tensor& C, float alpha,
+            float beta) override;
+  void block_copy(const Tensor& src, int64_t sr, int64_t sc, Tensor& dst, int64_t dr, int64_t dc,
+                  int64_t rows, int64_t cols) override;
+  void sym_eig(const Tensor& S, Tensor& Q) override;
+  void sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) override;
+  void newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vector<float>& coeffs,
+                            float norm_mult) override;
+  void normuon_normalize(Tensor& O, Tensor& v, float beta2, float eps) override;
+  void cautious_decay(Tensor& p, const Tensor& u, float decay) override;
+  void adam_precond(const Tensor& num, const Tensor& g, Tensor& v, Tensor& out, float b2,
+                    float eps, float bc1, float bc2) override;
+
   // ---- CUDA-only extras ------------------------------------------------------------------
   // AdamW that also writes the updated master into its bf16 compute copy in the same pass
   // (saves the separate copy() the optimizer would otherwise issue).
@@ -108,6 +126,9 @@ class CudaBackend final : public Backend {
   cuda::Ctx ctx_;
   std::shared_ptr<std::atomic<size_t>> allocated_;
   std::unique_ptr<cuda::AttentionDispatch> attn_;
+  // cuSOLVER / cuBLAS handles of the eigen path, created on first use (cuda_matrix_opt.cpp).
+  std::shared_ptr<cuda::MatOptLibs> mo_;
+  cuda::MatOptLibs& mo_libs();
 };
 
 int cuda_device_count();

@@ -1,0 +1,413 @@
+// Matrix-optimizer primitives: window copies, Newton-Schulz with per-step coefficients (f32),
+// NorMuon's row normalisation, cautious weight decay, Adam in a rotated basis, and the small
+// double-precision kernels around cuSOLVER's syevd (see matrix_opt.cuh). Deterministic: every
+// reduction is a fixed shuffle tree or a fixed serial order, and no kernel uses float atomics.
+#include "matrix_opt.cuh"
+
+#include <cmath>
+
+#include "backend/cuda/cublaslt.h"
+#include "reduce.cuh"
+
+namespace mf::cuda {
+
+namespace {
+
+constexpr int kMoThreads = 256;
+constexpr int64_t kMoMaxBlocks = 8192;
+// X = U / (norm_mult ||U||_F + kNsNormEps), the same guard as Backend::newton_schulz.
+constexpr double kNsNormEps = 1e-7;
+
+unsigned mo_blocks(int64_t n) {
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kMoThreads), kMoMaxBlocks)));
+}
+
+#define MO_GRID_STRIDE(i, n)                                                              \
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);               \
+       i += int64_t(gridDim.x) * blockDim.x)
+
+void check_f32_matrix(const char* op, const char* name, const Tensor& t) {
+  check_dtype(op, name, t, DType::F32);
+  MF_CHECK(t.ndim() == 2, op, ": ", describe(name, t), " must be a matrix");
+}
+
+// ---- Newton-Schulz ------------------------------------------------------------------------------
+
+struct NsParams {
+  const float* U;
+  float* O;
+  float* X;          // [m, n], m = min(r, c)
+  const double* ss;  // ||U||_F^2 on the device
+  int64_t r, c;
+  bool transposed;
+  double norm_mult;
+};
+
+__global__ void nsc_prepare_kernel(NsParams p) {
+  const float inv = float(1.0 / (p.norm_mult * sqrt(*p.ss) + kNsNormEps));
+  const int64_t n = p.transposed ? p.r : p.c, m = p.transposed ? p.c : p.r;
+  MO_GRID_STRIDE(q, p.r * p.c) {
+    const int64_t i = q / n, j = q % n;  // X row i, column j
+    p.X[q] = (p.transposed ? p.U[j * m + i] : p.U[q]) * inv;
+  }
+}
+
+__global__ void nsc_finish_kernel(NsParams p) {
+  const int64_t n = p.transposed ? p.r : p.c, m = p.transposed ? p.c : p.r;
+  MO_GRID_STRIDE(q, p.r * p.c) {
+    if (p.transposed) {
+      const int64_t j = q / m, i = q % m;  // O [n, m] = X^T
+      p.O[q] = p.X[i * n + j];
+    } else {
+      p.O[q] = p.X[q];
+    }
+  }
+}
+
+// ---- NorMuon ---------------------------------------------------------------------------------
+
+struct NorMuonParams {
+  float* O;
+  float* v;
+  int64_t r, c;
+  float beta2, eps;
+};
+
+// One block per row: v_i = b2 v_i + (1-b2) mean_j O_ij^2 (sum in double), O_i /= sqrt(v_i) + eps.
+__global__ void normuon_rows_kernel(NorMuonParams p) {
+  __shared__ double red[32];
+  const int64_t row = blockIdx.x;
+  float* o = p.O + row * p.c;
+  double s = 0;
+  for (int64_t j = threadIdx.x; j < p.c; j += blockDim.x) s += double(o[j]) * double(o[j]);
+  s = block_sum(s, red);
+  const float vi = p.beta2 * p.v[row] + (1.0f - p.beta2) * float(s / double(p.c));
+  const float inv = 1.0f / (sqrtf(vi) + p.eps);
+  __syncthreads();  // every thread has read v[row] before it is written
+  if (threadIdx.x == 0) p.v[row] = vi;
+  for (int64_t j = threadIdx.x; j < p.c; j += blockDim.x) o[j] *= inv;
+}
+
+// O *= sqrt(before / after) (unchanged when after = 0).
+__global__ void rescale_kernel(float* O, int64_t n, const double* before, const double* after) {
+  const double b = *before, a = *after;
+  if (!(a > 0)) return;
+  const float f = float(sqrt(b / a));
+  MO_GRID_STRIDE(i, n) O[i] *= f;
+}
+
+// ---- elementwise -------------------------------------------------------------------------------
+
+__global__ void cautious_decay_kernel(float* p, const float* u, int64_t n, float keep) {
+  MO_GRID_STRIDE(i, n) {
+    const float pi = p[i];
+    if (pi * u[i] >= 0.0f) p[i] = pi * keep;
+  }
+}
+
+struct AdamPrecondParams {
+  const float* num;
+  const float* g;
+  float* v;
+  float* out;
+  int64_t n;
+  float b2, eps, inv1, inv2;
+};
+
+__global__ void adam_precond_kernel(AdamPrecondParams p) {
+  MO_GRID_STRIDE(i, p.n) {
+    const float gi = p.g[i];
+    const float vi = p.b2 * p.v[i] + (1.0f - p.b2) * gi * gi;
+    p.v[i] = vi;
+    p.out[i] = (p.num[i] * p.inv1) / (sqrtf(vi * p.inv2) + p.eps);
+  }
+}
+
+// ---- eigen-decomposition helpers -------------------------------------------------------------
+
+__global__ void sym_prepare_kernel(const float* S, double* A, int* bad, int64_t n) {
+  MO_GRID_STRIDE(q, n * n) {
+    const int64_t i = q / n, j = q % n;
+    const float s = S[q];
+    if (!isfinite(s)) *bad = 1;  // an int flag: every writer stores the same value
+    A[q] = 0.5 * (double(s) + double(S[j * n + i]));
+  }
+}
+
+// One block per output column c (source column n-1-c of E): sign[c] = the sign of the
+// largest-magnitude entry (the first one on ties, as on the CPU).
+__global__ void eig_sign_kernel(const double* E, double* sign, int64_t n) {
+  __shared__ double bv[kMoThreads];
+  __shared__ int64_t bi[kMoThreads];
+  const int64_t c = blockIdx.x;
+  const double* col = E + (n - 1 - c) * n;
+  double best = -1.0;
+  int64_t at = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const double a = fabs(col[i]);
+    if (a > best) { best = a; at = i; }  // indices ascend: ties keep the first
+  }
+  bv[threadIdx.x] = best;
+  bi[threadIdx.x] = at;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const double ov = bv[threadIdx.x + s];
+      const int64_t oi = bi[threadIdx.x + s];
+      if (ov > bv[threadIdx.x] || (ov == bv[threadIdx.x] && oi < bi[threadIdx.x])) {
+        bv[threadIdx.x] = ov;
+        bi[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) sign[c] = col[bi[0]] < 0 ? -1.0 : 1.0;
+}
+
+__global__ void eig_to_q_kernel(const double* E, const double* sign, float* Q, int64_t n) {
+  MO_GRID_STRIDE(q, n * n) {
+    const int64_t i = q / n, c = q % n;
+    Q[q] = float(sign[c] * E[(n - 1 - c) * n + i]);
+  }
+}
+
+struct SpectralParams {
+  const double* W;
+  double* f;
+  int64_t n;
+  SymFuncArgs a;
+};
+
+// One block. Thread 0 takes lmax and the Schatten sum serially over descending eigenvalues
+// (the CPU's order); then every thread fills its share of f.
+__global__ void spectral_f_kernel(SpectralParams p) {
+  __shared__ double sh_scale, sh_eps;
+  const SymFuncArgs& a = p.a;
+  if (threadIdx.x == 0) {
+    double lmax = 0, s = 0;
+    for (int64_t k = p.n - 1; k >= 0; --k) {
+      const double l = fmax(p.W[k] * a.input_scale, 0.0);
+      lmax = fmax(lmax, l);
+      if (a.schatten_q > 0) s += pow(l, 0.5 * a.schatten_q);
+    }
+    double scale = a.scale;
+    if (a.schatten_q > 0) scale *= s > 0 ? pow(s, a.schatten_pow / a.schatten_q) : 1.0;
+    sh_scale = scale;
+    sh_eps = a.relative_eps ? a.eps * lmax : a.eps;
+  }
+  __syncthreads();
+  const double scale = sh_scale, eps = sh_eps;
+  for (int64_t k = threadIdx.x; k < p.n; k += blockDim.x) {
+    const double l = fmax(p.W[k] * a.input_scale, 0.0);
+    const double base = pow(l, a.root) + eps;
+    p.f[k] = base > 0 ? scale * pow(base, a.power) : 0.0;  // 0^negative: the null space
+  }
+}
+
+__global__ void scale_cols_kernel(const double* E, const double* f, double* EF, int64_t n) {
+  MO_GRID_STRIDE(q, n * n) EF[q] = E[q] * f[q / n];  // column-major: column k = q / n
+}
+
+__global__ void sym_cast_kernel(const double* R, float* out, int64_t n) {
+  MO_GRID_STRIDE(q, n * n) {
+    const int64_t i = q / n, j = q % n;
+    out[q] = float(0.5 * (R[q] + R[j * n + i]));
+  }
+}
+
+}  // namespace
+
+// ---- entries ---------------------------------------------------------------------------------
+
+void op_block_copy(const Ctx& ctx, const Tensor& src, int64_t sr, int64_t sc, Tensor& dst,
+                   int64_t dr, int64_t dc, int64_t rows, int64_t cols) {
+  const char* op = "block_copy";
+  check_f32_matrix(op, "src", src);
+  check_f32_matrix(op, "dst", dst);
+  MF_CHECK(rows >= 0 && cols >= 0 && sr >= 0 && sc >= 0 && dr >= 0 && dc >= 0 &&
+               sr + rows <= src.dim(0) && sc + cols <= src.dim(1) && dr + rows <= dst.dim(0) &&
+               dc + cols <= dst.dim(1),
+           op, ": window ", rows, "x", cols, " at (", sr, ",", sc, ") of ", shape_str(src.shape),
+           " -> (", dr, ",", dc, ") of ", shape_str(dst.shape), " is out of range");
+  if (rows == 0 || cols == 0) return;
+  const int64_t ls = src.dim(1), ld = dst.dim(1);
+  const float* s = src.data<float>() + sr * ls + sc;
+  float* d = dst.data<float>() + dr * ld + dc;
+  const size_t width = size_t(cols) * sizeof(float);
+  const char *s0 = static_cast<const char*>(src.ptr), *d0 = static_cast<const char*>(dst.ptr);
+  const bool overlap = s0 < d0 + dst.nbytes() && d0 < s0 + src.nbytes();
+  if (!overlap) {
+    CUDA_CHECK(cudaMemcpy2DAsync(d, size_t(ld) * sizeof(float), s, size_t(ls) * sizeof(float),
+                                 width, size_t(rows), cudaMemcpyDeviceToDevice, ctx.stream));
+    return;
+  }
+  // One buffer, possibly overlapping windows (the CPU's memmove semantics): via scratch.
+  float* tmp = static_cast<float*>(ctx.scratch->get(size_t(rows) * width));
+  CUDA_CHECK(cudaMemcpy2DAsync(tmp, width, s, size_t(ls) * sizeof(float), width, size_t(rows),
+                               cudaMemcpyDeviceToDevice, ctx.stream));
+  CUDA_CHECK(cudaMemcpy2DAsync(d, size_t(ld) * sizeof(float), tmp, width, width, size_t(rows),
+                               cudaMemcpyDeviceToDevice, ctx.stream));
+}
+
+// The contract is f32 and this path serves Polar Express (first coefficients 8.2 / -22.5 / 15.9)
+// and Kaon (a chaotic map, which amplifies every rounding step by step): in bf16 the rounding
+// of X would dominate the comparison with the CPU, so the three GEMMs per step run in fp32 with
+// CUBLAS_COMPUTE_32F (no TF32). The plain quintic Muon keeps its bf16 path (op_newton_schulz).
+void op_newton_schulz_coeffs(const Ctx& ctx, const Tensor& U, Tensor& O,
+                             const std::vector<float>& coeffs, float norm_mult) {
+  const char* op = "newton_schulz_coeffs";
+  check_f32_matrix(op, "input", U);
+  check_f32_matrix(op, "output", O);
+  MF_CHECK(O.shape == U.shape, op, ": ", describe("output", O), " must have the shape of ",
+           describe("input", U));
+  MF_CHECK(coeffs.size() % 3 == 0, op, ": coeffs must hold (a,b,c) triples, got ", coeffs.size(),
+           " values");
+  MF_CHECK(norm_mult > 0, op, ": norm_mult must be > 0, got ", norm_mult);
+  const int64_t r = U.dim(0), cols = U.dim(1);
+  if (r == 0 || cols == 0) return;
+  const bool transposed = r > cols;
+  const int64_t m = transposed ? cols : r, n = transposed ? r : cols;
+
+  const int nparts = reduce_partials_count();
+  Arena sz;
+  sz.take<double>(nparts);
+  sz.take<double>(1);
+  for (int i = 0; i < 2; ++i) sz.take<float>(size_t(m * n));
+  for (int i = 0; i < 2; ++i) sz.take<float>(size_t(m * m));
+  Arena ar(ctx.scratch->get(sz.used()));
+  double* partials = ar.take<double>(nparts);
+  double* ss = ar.take<double>(1);
+  float* X = ar.take<float>(size_t(m * n));
+  float* Xn = ar.take<float>(size_t(m * n));
+  float* A = ar.take<float>(size_t(m * m));
+  float* B = ar.take<float>(size_t(m * m));
+
+  launch_sum_squares_f32(U.data<float>(), U.numel(), ss, partials, ctx.stream);
+  NsParams p{U.data<float>(), O.data<float>(), X, ss, r, cols, transposed, double(norm_mult)};
+  nsc_prepare_kernel<<<mo_blocks(m * n), kMoThreads, 0, ctx.stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+
+  for (size_t it = 0; it + 2 < coeffs.size(); it += 3) {
+    const float a = coeffs[it], b = coeffs[it + 1], c = coeffs[it + 2];
+    GemmArgs g;  // A (=) X X^T   [m,m]
+    g.transB = true;
+    g.M = m; g.N = m; g.K = n;
+    g.A = X; g.lda = n; g.B = X; g.ldb = n; g.D = A; g.ldd = m;
+    g.ab = DType::F32; g.cd = DType::F32; g.alpha = 1.f; g.beta = 0.f;
+    ctx.lt->gemm(g);
+
+    g = GemmArgs{};  // B (=) b A + c A A   [m,m]
+    g.M = m; g.N = m; g.K = m;
+    g.A = A; g.lda = m; g.B = A; g.ldb = m; g.C = A; g.ldc = m; g.D = B; g.ldd = m;
+    g.ab = DType::F32; g.cd = DType::F32; g.alpha = c; g.beta = b;
+    ctx.lt->gemm(g);
+
+    g = GemmArgs{};  // Xn (=) a X + B X   [m,n]
+    g.M = m; g.N = n; g.K = m;
+    g.A = B; g.lda = m; g.B = X; g.ldb = n; g.C = X; g.ldc = n; g.D = Xn; g.ldd = n;
+    g.ab = DType::F32; g.cd = DType::F32; g.alpha = 1.f; g.beta = a;
+    ctx.lt->gemm(g);
+    std::swap(X, Xn);
+  }
+  p.X = X;
+  nsc_finish_kernel<<<mo_blocks(m * n), kMoThreads, 0, ctx.stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+void op_normuon_normalize(const Ctx& ctx, Tensor& O, Tensor& v, float beta2, float eps) {
+  const char* op = "normuon_normalize";
+  check_f32_matrix(op, "O", O);
+  check_dtype(op, "v", v, DType::F32);
+  MF_CHECK(v.numel() == O.dim(0), op, ": ", describe("v", v), " must have ", O.dim(0),
+           " entries (one per row of ", describe("O", O), ")");
+  const int64_t r = O.dim(0), c = O.dim(1);
+  if (r == 0 || c == 0) return;
+  MF_CHECK(r <= int64_t(0x7fffffff), op, ": ", r, " rows are too many for one launch");
+  const int nparts = reduce_partials_count();
+  Arena sz;
+  sz.take<double>(nparts);
+  sz.take<double>(2);
+  Arena ar(ctx.scratch->get(sz.used()));
+  double* partials = ar.take<double>(nparts);
+  double* norms = ar.take<double>(2);  // ||O||^2 before and after
+  float* o = O.data<float>();
+  launch_sum_squares_f32(o, O.numel(), norms, partials, ctx.stream);
+  NorMuonParams p{o, v.data<float>(), r, c, beta2, eps};
+  normuon_rows_kernel<<<unsigned(r), kMoThreads, 0, ctx.stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+  launch_sum_squares_f32(o, O.numel(), norms + 1, partials, ctx.stream);
+  rescale_kernel<<<mo_blocks(O.numel()), kMoThreads, 0, ctx.stream>>>(o, O.numel(), norms,
+                                                                       norms + 1);
+  CUDA_CHECK_LAUNCH();
+}
+
+void op_cautious_decay(const Ctx& ctx, Tensor& p, const Tensor& u, float decay) {
+  const char* op = "cautious_decay";
+  check_dtype(op, "param", p, DType::F32);
+  check_dtype(op, "update", u, DType::F32);
+  MF_CHECK(u.shape == p.shape, op, ": ", describe("update", u), " must have the shape of ",
+           describe("param", p));
+  const int64_t n = p.numel();
+  if (n == 0) return;
+  cautious_decay_kernel<<<mo_blocks(n), kMoThreads, 0, ctx.stream>>>(p.data<float>(),
+                                                                     u.data<float>(), n,
+                                                                     1.0f - decay);
+  CUDA_CHECK_LAUNCH();
+}
+
+void op_adam_precond(const Ctx& ctx, const Tensor& num, const Tensor& g, Tensor& v, Tensor& out,
+                     float b2, float eps, float bc1, float bc2) {
+  const char* op = "adam_precond";
+  check_dtype(op, "num", num, DType::F32);
+  check_dtype(op, "g", g, DType::F32);
+  check_dtype(op, "v", v, DType::F32);
+  check_dtype(op, "out", out, DType::F32);
+  MF_CHECK(g.shape == num.shape && v.shape == num.shape && out.shape == num.shape, op,
+           ": shapes differ: ", describe("num", num), ", ", describe("g", g), ", ",
+           describe("v", v), ", ", describe("out", out));
+  const int64_t n = num.numel();
+  if (n == 0) return;
+  AdamPrecondParams p{num.data<float>(), g.data<float>(), v.data<float>(), out.data<float>(),
+                      n, b2, eps, 1.0f / bc1, 1.0f / bc2};
+  adam_precond_kernel<<<mo_blocks(n), kMoThreads, 0, ctx.stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+// ---- launchers ---------------------------------------------------------------------------------
+
+void launch_sym_prepare(const float* S, double* A, int* bad, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  sym_prepare_kernel<<<mo_blocks(n * n), kMoThreads, 0, stream>>>(S, A, bad, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_eig_to_q(const double* E, float* Q, double* sign, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  MF_CHECK(n <= int64_t(0x7fffffff), "sym_eig: n = ", n, " is too large");
+  eig_sign_kernel<<<unsigned(n), kMoThreads, 0, stream>>>(E, sign, n);
+  CUDA_CHECK_LAUNCH();
+  eig_to_q_kernel<<<mo_blocks(n * n), kMoThreads, 0, stream>>>(E, sign, Q, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_spectral_f(const double* W, double* f, int64_t n, const SymFuncArgs& a,
+                       cudaStream_t stream) {
+  if (n == 0) return;
+  spectral_f_kernel<<<1, kMoThreads, 0, stream>>>(SpectralParams{W, f, n, a});
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_scale_cols(const double* E, const double* f, double* EF, int64_t n,
+                       cudaStream_t stream) {
+  if (n == 0) return;
+  scale_cols_kernel<<<mo_blocks(n * n), kMoThreads, 0, stream>>>(E, f, EF, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_sym_cast(const double* R, float* out, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  sym_cast_kernel<<<mo_blocks(n * n), kMoThreads, 0, stream>>>(R, out, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace mf::cuda

@@ -1,0 +1,712 @@
+// The CUDA path of the matrix-optimizer primitives (Backend's "matrix-optimizer primitives":
+// gemm, block_copy, sym_eig, sym_func, newton_schulz_coeffs, normuon_normalize, cautious_decay,
+// adam_precond) against CpuBackend, on fresh random inputs from fixed seeds with awkward shapes
+// (non-square, not multiples of 16/32, 1xN and Nx1, up to 300), plus two end-to-end checks:
+//  - Optimizer level: a few steps of every matrix optimizer on the same parameters and the same
+//    gradients on CUDA and on the CPU (all state f32 on both); the accumulated weight changes
+//    must agree.
+//  - Model level: a few training steps of a tiny Llama per optimizer on CUDA (bf16 activations)
+//    and on the CPU (fp32); the losses after the steps must agree within the e2e tolerance.
+//
+// Every [gpu] case skips itself (WARN + return) without a CUDA device or in a CPU-only build.
+// The [cpu] cases run the two end-to-end harnesses with the CPU backend on both sides, so the
+// harnesses (configs, shapes, the comparison) are exercised on every machine.
+//
+// Error measure (tests/op_tolerance.h): normalized max error max|got - want| / max|want| for the
+// primitives; relative Frobenius error of the accumulated weight change for the Optimizer steps.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
+#include "config/config.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "model/llama.h"
+#include "model/params.h"
+#include "op_tolerance.h"
+#include "optim/matrix_opt.h"
+#include "optim/mup.h"
+#include "optim/optimizer.h"
+
+using namespace mf;
+using Catch::Matchers::Contains;
+
+namespace {
+
+#define MF_SKIP_WITHOUT_GPU()                                                      \
+  do {                                                                             \
+    if (!cuda_available()) {                                                       \
+      WARN("no CUDA device (or a CPU-only build): skipping this [gpu] test");      \
+      return;                                                                      \
+    }                                                                              \
+  } while (0)
+
+using Vec = std::vector<double>;
+
+// ---- tolerances (normalized max error unless said otherwise) -------------------------------------
+// Both sides compute in f32 (eigen paths in double), so only summation order differs.
+const double kTolF32 = test::kDefaultTol.f32;  // gemm, normuon, adam_precond, sym_eig/sym_func
+constexpr double kTolEigRankDef = 5e-5;        // sym_func of rank-deficient statistics (eps I)
+constexpr double kTolNs = 2e-4;                // NS: 5-7 chained f32 GEMM triples
+constexpr double kTolKaon = 2e-3;              // Kaon's chaotic map amplifies rounding per step
+constexpr double kTolExact = 1e-7;             // elementwise ops with the same float arithmetic
+constexpr double kLossTol = 2e-2;              // model e2e: bf16 CUDA vs fp32 CPU (test_gpu_e2e)
+
+Tensor rand_host(const Shape& s, Rng& rng, double scale = 1.0, double offset = 0.0) {
+  Tensor t = host_tensor(s, DType::F32);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = float(offset + scale * rng.normal());
+  return t;
+}
+Tensor clone(const Tensor& t) {
+  Tensor c = host_tensor(t.shape, t.dtype);
+  if (t.nbytes()) std::memcpy(c.ptr, t.ptr, t.nbytes());
+  return c;
+}
+Vec to_vec(const Tensor& t) { return Vec(t.f32(), t.f32() + t.numel()); }
+
+// max |got - want| / max |want|; NaN or a size mismatch -> infinity.
+double norm_err(const Vec& got, const Vec& want) {
+  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) return std::numeric_limits<double>::infinity();
+    num = std::max(num, std::abs(got[i] - want[i]));
+    den = std::max(den, std::abs(want[i]));
+  }
+  return den > 0 ? num / den : num;
+}
+double fro(const Vec& a) {
+  double s = 0;
+  for (double x : a) s += x * x;
+  return std::sqrt(s);
+}
+double rel_fro(const Vec& a, const Vec& b) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  double n = 0;
+  for (size_t i = 0; i < a.size(); ++i) n += (a[i] - b[i]) * (a[i] - b[i]);
+  const double r = std::sqrt(n) / std::max(fro(b), 1e-300);
+  return std::isfinite(r) ? r : std::numeric_limits<double>::infinity();
+}
+
+// Host <-> device helpers for a backend (the CPU backend's "device" tensors are host tensors).
+struct Dev {
+  Backend& be;
+  Tensor up(const Tensor& h) {
+    Tensor d = be.empty(h.shape, DType::F32);
+    be.upload(h, d);
+    return d;
+  }
+  Tensor down(const Tensor& d) {
+    Tensor h = host_tensor(d.shape, DType::F32);
+    be.download(d, h);
+    return h;
+  }
+};
+
+// S = G G^T / k for G [n, k] (rank min(n, k)), f32.
+Tensor gram(int64_t n, int64_t k, Rng& rng) {
+  Tensor G = rand_host({n, k}, rng), S = host_tensor({n, n}, DType::F32);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t q = 0; q < k; ++q) s += double(G.f32()[i * k + q]) * G.f32()[j * k + q];
+      S.f32()[i * n + j] = float(s / double(k));
+    }
+  return S;
+}
+
+std::unique_ptr<Backend> gpu_backend() { return make_backend("cuda"); }
+
+}  // namespace
+
+// ---- primitives -------------------------------------------------------------------------------
+
+TEST_CASE("cuda gemm matches the CPU backend (transposes, alpha/beta, awkward shapes)", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  Dev g{*gpu};
+  Rng rng(101);
+  struct Mnk { int64_t m, n, k; };
+  const std::vector<Mnk> shapes = {{1, 300, 37}, {37, 1, 300}, {17, 33, 65}, {300, 257, 129},
+                                   {48, 48, 48}, {5, 7, 1},    {4, 6, 0}};
+  for (const Mnk& s : shapes)
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb)
+        for (float beta : {0.0f, 1.0f, -0.3f}) {
+          INFO("m " << s.m << " n " << s.n << " k " << s.k << " ta " << ta << " tb " << tb
+                    << " beta " << beta);
+          const Tensor A = rand_host(ta ? Shape{s.k, s.m} : Shape{s.m, s.k}, rng);
+          const Tensor B = rand_host(tb ? Shape{s.n, s.k} : Shape{s.k, s.n}, rng);
+          Tensor C0 = rand_host({s.m, s.n}, rng);
+          // beta = 0: C is not read, so NaN there must not reach the result.
+          if (beta == 0.f)
+            for (int64_t i = 0; i < C0.numel(); ++i) C0.f32()[i] = std::nanf("");
+          Tensor want = clone(C0);
+          cpu.gemm(A, ta, B, tb, want, 0.7f, beta);
+          Tensor dA = g.up(A), dB = g.up(B), dC = g.up(C0);
+          gpu->gemm(dA, ta, dB, tb, dC, 0.7f, beta);
+          const double err = norm_err(to_vec(g.down(dC)), to_vec(want));
+          CHECK(err <= kTolF32);
+        }
+}
+
+TEST_CASE("cuda gemm on views at unaligned offsets and its argument checks", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  Dev g{*gpu};
+  Rng rng(102);
+  // Blocks of the flat statistics buffers start at any float offset (4-byte alignment only).
+  const int64_t m = 13, n = 29, k = 31;
+  const Tensor A = rand_host({m, k}, rng), B = rand_host({k, n}, rng), C0 = rand_host({m, n}, rng);
+  Tensor flat = gpu->empty({1 + m * k + 3 + k * n + 1 + m * n}, DType::F32);
+  Tensor dA = flat.slice0(1, 1 + m * k).view({m, k});
+  Tensor dB = flat.slice0(1 + m * k + 3, 1 + m * k + 3 + k * n).view({k, n});
+  const int64_t c0 = 1 + m * k + 3 + k * n + 1;
+  Tensor dC = flat.slice0(c0, c0 + m * n).view({m, n});
+  gpu->upload(A, dA);
+  gpu->upload(B, dB);
+  gpu->upload(C0, dC);
+  Tensor want = clone(C0);
+  cpu.gemm(A, false, B, false, want, -1.3f, 0.5f);
+  gpu->gemm(dA, false, dB, false, dC, -1.3f, 0.5f);
+  CHECK(norm_err(to_vec(g.down(dC)), to_vec(want)) <= kTolF32);
+
+  Tensor sq = g.up(rand_host({m, m}, rng));
+  CHECK_THROWS_WITH(gpu->gemm(sq, false, sq, false, sq, 1.f, 0.f), Contains("alias"));
+  Tensor wrong = gpu->empty({m, n}, DType::F32);
+  CHECK_THROWS_WITH(gpu->gemm(dA, false, dA, false, wrong, 1.f, 0.f), Contains("inner dimensions"));
+  Tensor bf = gpu->empty({m, k}, DType::BF16);
+  CHECK_THROWS_WITH(gpu->gemm(bf, false, dB, false, dC, 1.f, 0.f), Contains("gemm"));
+}
+
+TEST_CASE("cuda block_copy matches the CPU backend, overlapping windows included", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  Dev g{*gpu};
+  Rng rng(103);
+  struct W { int64_t sr, sc, dr, dc, rows, cols; };
+  const Tensor src = rand_host({37, 53}, rng), dst0 = rand_host({29, 61}, rng);
+  for (const W& w : {W{3, 5, 7, 2, 19, 41}, W{0, 0, 0, 0, 29, 53}, W{36, 0, 28, 8, 1, 53},
+                     W{0, 52, 0, 60, 29, 1}, W{10, 10, 3, 3, 0, 5}}) {
+    INFO("window " << w.rows << "x" << w.cols << " (" << w.sr << "," << w.sc << ") -> (" << w.dr
+                   << "," << w.dc << ")");
+    Tensor want = clone(dst0);
+    cpu.block_copy(src, w.sr, w.sc, want, w.dr, w.dc, w.rows, w.cols);
+    Tensor ds = g.up(src), dd = g.up(dst0);
+    gpu->block_copy(ds, w.sr, w.sc, dd, w.dr, w.dc, w.rows, w.cols);
+    CHECK(norm_err(to_vec(g.down(dd)), to_vec(want)) == 0.0);
+  }
+  // Source and destination in one buffer with overlapping windows: memmove semantics.
+  for (const W& w : {W{0, 0, 1, 1, 30, 40}, W{2, 3, 0, 0, 35, 50}}) {
+    Tensor want = clone(src);
+    cpu.block_copy(want, w.sr, w.sc, want, w.dr, w.dc, w.rows, w.cols);
+    Tensor d = g.up(src);
+    gpu->block_copy(d, w.sr, w.sc, d, w.dr, w.dc, w.rows, w.cols);
+    CHECK(norm_err(to_vec(g.down(d)), to_vec(want)) == 0.0);
+  }
+  Tensor ds = g.up(src), dd = g.up(dst0);
+  CHECK_THROWS_WITH(gpu->block_copy(ds, 30, 0, dd, 0, 0, 8, 4), Contains("out of range"));
+}
+
+TEST_CASE("cuda sym_eig matches the CPU backend: order, signs, orthonormality", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  Dev g{*gpu};
+  Rng rng(104);
+  for (int64_t n : {1, 2, 17, 64, 129, 300}) {
+    INFO("n " << n);
+    const Tensor S = gram(n, n + 3, rng);  // full rank, distinct eigenvalues
+    Tensor want = host_tensor({n, n}, DType::F32);
+    cpu.sym_eig(S, want);
+    Tensor dS = g.up(S), dQ = gpu->empty({n, n}, DType::F32);
+    gpu->sym_eig(dS, dQ);
+    const Tensor Q = g.down(dQ);
+    CHECK(norm_err(to_vec(Q), to_vec(want)) <= kTolF32);
+    // Q^T Q = I and the Rayleigh quotients descend.
+    double orth = 0, prev = std::numeric_limits<double>::infinity();
+    bool descending = true;
+    for (int64_t a = 0; a < n; ++a) {
+      for (int64_t b = 0; b < n; ++b) {
+        double s = 0;
+        for (int64_t i = 0; i < n; ++i) s += double(Q.f32()[i * n + a]) * Q.f32()[i * n + b];
+        orth = std::max(orth, std::abs(s - (a == b ? 1.0 : 0.0)));
+      }
+      double ray = 0;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          ray += double(Q.f32()[i * n + a]) * S.f32()[i * n + j] * Q.f32()[j * n + a];
+      descending = descending && ray <= prev + 1e-5;
+      prev = ray;
+    }
+    CHECK(orth < 1e-5);
+    CHECK(descending);
+  }
+  // A diagonal matrix: Q is the permutation sorting the diagonal, with +1 entries.
+  Tensor D = host_tensor({5, 5}, DType::F32);
+  const float diag[5] = {3.f, -1.f, 4.f, 1.5f, 2.f};
+  for (int i = 0; i < 5; ++i) D.f32()[i * 5 + i] = diag[i];
+  Tensor dD = g.up(D), dQ = gpu->empty({5, 5}, DType::F32);
+  gpu->sym_eig(dD, dQ);
+  const Tensor Q = g.down(dQ);
+  const int order[5] = {2, 0, 4, 3, 1};
+  for (int c = 0; c < 5; ++c)
+    for (int i = 0; i < 5; ++i) CHECK(std::abs(Q.f32()[i * 5 + c] - (i == order[c] ? 1.f : 0.f)) < 1e-6);
+  // Non-finite statistics are refused with a clear error.
+  D.f32()[7] = std::nanf("");
+  Tensor bad = g.up(D);
+  CHECK_THROWS_WITH(gpu->sym_eig(bad, dQ), Contains("non-finite"));
+}
+
+TEST_CASE("cuda sym_func matches the CPU backend for every caller's arguments", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  Dev g{*gpu};
+  Rng rng(105);
+  struct Case {
+    const char* label;
+    SymFuncArgs a;
+  };
+  std::vector<Case> cases;
+  {
+    SymFuncArgs a;  // Shampoo: (L / bc2 + eps I)^-1/4
+    a.input_scale = 1.0 / (1.0 - std::pow(0.95, 3));
+    a.eps = 1e-4;
+    a.power = -0.25;
+    cases.push_back({"shampoo", a});
+    a.power = -0.5;
+    cases.push_back({"shampoo exp 1/2", a});
+  }
+  {
+    SymFuncArgs a;  // ASGO: (V^1/2 + eps I)^-1
+    a.input_scale = 1.0 / (1.0 - std::pow(0.95, 2));
+    a.root = 0.5;
+    a.eps = 1e-8;
+    a.power = -1.0;
+    cases.push_back({"asgo", a});
+  }
+  for (double c : {0.0, 0.5, 0.75}) {  // Freon: relative eps, Schatten-q scaling
+    SymFuncArgs a;
+    a.power = -c;
+    a.eps = 1e-7;
+    a.relative_eps = true;
+    a.schatten_q = 2.0 - 2.0 * c;
+    a.schatten_pow = 2.0 * c - 1.0;
+    cases.push_back({c == 0.0 ? "freon c=0" : c == 0.5 ? "freon c=0.5" : "freon c=0.75", a});
+  }
+  {
+    SymFuncArgs a;  // plain scale, positive power
+    a.scale = 2.5;
+    a.power = 1.5;
+    cases.push_back({"scale 2.5 power 1.5", a});
+  }
+  struct Shape2 { int64_t n, k; };
+  for (const Shape2 sh : {Shape2{1, 4}, Shape2{7, 9}, Shape2{48, 5}, Shape2{130, 140}, Shape2{300, 310}}) {
+    const Tensor S = gram(sh.n, sh.k, rng);
+    const double tol = sh.k < sh.n ? kTolEigRankDef : kTolF32;
+    for (const Case& c : cases) {
+      INFO(c.label << ", n " << sh.n << ", rank " << std::min(sh.n, sh.k));
+      Tensor want = host_tensor({sh.n, sh.n}, DType::F32);
+      cpu.sym_func(S, c.a, want);
+      Tensor dS = g.up(S), dO = gpu->empty({sh.n, sh.n}, DType::F32);
+      gpu->sym_func(dS, c.a, dO);
+      CHECK(norm_err(to_vec(g.down(dO)), to_vec(want)) <= tol);
+      gpu->sym_func(dS, c.a, dS);  // out may alias S
+      CHECK(norm_err(to_vec(g.down(dS)), to_vec(want)) <= tol);
+    }
+  }
+}
+
+TEST_CASE("cuda newton_schulz_coeffs matches the CPU backend (quintic, Polar Express, Kaon)", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  Dev g{*gpu};
+  Rng rng(106);
+  struct Coeffs {
+    const char* label;
+    std::vector<float> c;
+    float norm_mult;
+    double tol;
+  };
+  const std::vector<Coeffs> sets = {
+      {"quintic x5", ns_coefficients("quintic", 5), 1.0f, kTolNs},
+      {"polar_express x5", ns_coefficients("polar_express", 5), kPolarExpressNormMult, kTolNs},
+      {"polar_express x7", ns_coefficients("polar_express", 7), kPolarExpressNormMult, kTolNs},
+      {"kaon x5", kaon_coefficients(5), 1.0f, kTolKaon},
+      {"normalisation only", {}, 1.0f, kTolF32},
+  };
+  const std::vector<Shape> shapes = {{1, 1}, {1, 300}, {300, 1}, {33, 17}, {17, 33},
+                                     {64, 64}, {130, 257}, {257, 130}};
+  for (const Shape& s : shapes)
+    for (const Coeffs& c : sets) {
+      INFO(c.label << " on " << shape_str(s));
+      const Tensor U = rand_host(s, rng);
+      Tensor want = host_tensor(s, DType::F32);
+      cpu.newton_schulz_coeffs(U, want, c.c, c.norm_mult);
+      Tensor dU = g.up(U), dO = gpu->empty(s, DType::F32);
+      gpu->newton_schulz_coeffs(dU, dO, c.c, c.norm_mult);
+      CHECK(norm_err(to_vec(g.down(dO)), to_vec(want)) <= c.tol);
+      gpu->newton_schulz_coeffs(dU, dU, c.c, c.norm_mult);  // O may alias U
+      CHECK(norm_err(to_vec(g.down(dU)), to_vec(want)) <= c.tol);
+    }
+  Tensor dU = g.up(rand_host({4, 5}, rng));
+  CHECK_THROWS_WITH(gpu->newton_schulz_coeffs(dU, dU, {1.f, 2.f}, 1.f), Contains("triples"));
+}
+
+TEST_CASE("cuda normuon_normalize, cautious_decay, adam_precond match the CPU backend", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  Dev g{*gpu};
+  Rng rng(107);
+  SECTION("normuon_normalize") {
+    for (const Shape& s : std::vector<Shape>{{1, 300}, {37, 1}, {33, 65}, {257, 130}}) {
+      INFO(shape_str(s));
+      const Tensor O = rand_host(s, rng, 0.2);
+      Tensor v = host_tensor({s[0]}, DType::F32);
+      for (int64_t i = 0; i < s[0]; ++i) v.f32()[i] = float(0.01 + 0.5 * rng.uniform());
+      Tensor wo = clone(O), wv = clone(v);
+      cpu.normuon_normalize(wo, wv, 0.95f, 1e-8f);
+      Tensor dO = g.up(O), dv = g.up(v);
+      gpu->normuon_normalize(dO, dv, 0.95f, 1e-8f);
+      CHECK(norm_err(to_vec(g.down(dO)), to_vec(wo)) <= kTolF32);
+      CHECK(norm_err(to_vec(g.down(dv)), to_vec(wv)) <= kTolF32);
+    }
+  }
+  SECTION("cautious_decay") {
+    for (const Shape& s : std::vector<Shape>{{37, 53}, {301}, {2, 5, 9}}) {
+      INFO(shape_str(s));
+      const Tensor p = rand_host(s, rng);
+      Tensor u = rand_host(s, rng);
+      for (int64_t i = 0; i < u.numel(); i += 7) u.f32()[i] = 0.f;  // the >= 0 boundary
+      Tensor want = clone(p);
+      cpu.cautious_decay(want, u, 0.013f);
+      Tensor dp = g.up(p), du = g.up(u);
+      gpu->cautious_decay(dp, du, 0.013f);
+      CHECK(norm_err(to_vec(g.down(dp)), to_vec(want)) <= kTolExact);
+    }
+  }
+  SECTION("adam_precond") {
+    for (const Shape& s : std::vector<Shape>{{37, 53}, {1, 300}, {301}}) {
+      INFO(shape_str(s));
+      const Tensor num = rand_host(s, rng, 0.1), gr = rand_host(s, rng, 0.1);
+      Tensor v = host_tensor(s, DType::F32);
+      for (int64_t i = 0; i < v.numel(); ++i) v.f32()[i] = float(1e-4 * (0.1 + rng.uniform()));
+      Tensor wv = clone(v), wo = host_tensor(s, DType::F32);
+      cpu.adam_precond(num, gr, wv, wo, 0.95f, 1e-8f, 0.19f, 0.0975f);
+      Tensor dn = g.up(num), dg = g.up(gr), dv = g.up(v), dout = gpu->empty(s, DType::F32);
+      gpu->adam_precond(dn, dg, dv, dout, 0.95f, 1e-8f, 0.19f, 0.0975f);
+      CHECK(norm_err(to_vec(g.down(dout)), to_vec(wo)) <= kTolF32);
+      CHECK(norm_err(to_vec(g.down(dv)), to_vec(wv)) <= kTolF32);
+      Tensor dv2 = g.up(v);
+      gpu->adam_precond(dn, dg, dv2, dn, 0.95f, 1e-8f, 0.19f, 0.0975f);  // out aliases num
+      CHECK(norm_err(to_vec(g.down(dn)), to_vec(wo)) <= kTolF32);
+    }
+  }
+}
+
+// ---- Optimizer level ---------------------------------------------------------------------------
+
+namespace {
+
+struct Spec {
+  const char* name;
+  Shape shape;
+  ParamKind kind;
+  double lr_mult = 1.0, wd_mult = 1.0;
+};
+// Awkward hidden shapes: blocks that do not divide them, a tall and a wide matrix, an expert stack.
+const std::vector<Spec> kSpecs = {
+    {"model.embed_tokens.weight", {11, 8}, ParamKind::Embedding},
+    {"model.layers.0.input_layernorm.weight", {8}, ParamKind::Norm, 1.0, 0.0},
+    {"model.layers.0.self_attn.q_proj.weight", {13, 7}, ParamKind::Hidden, 0.5, 2.0},
+    {"model.layers.0.self_attn.o_proj.weight", {6, 10}, ParamKind::Hidden, 2.0, 0.5},
+    {"model.layers.0.mlp.down_proj.weight", {37, 70}, ParamKind::Hidden},
+    {"model.layers.0.mlp.experts.stack", {2, 5, 9}, ParamKind::Hidden, 1.5, 1.0},
+    {"lm_head.weight", {11, 8}, ParamKind::LmHead, 0.25, 1.0},
+};
+// Square blocks under block_size 4 (SOAP: full-rank statistics, so a unique eigenbasis).
+const std::vector<Spec> kSquareSpecs = {
+    {"model.embed_tokens.weight", {11, 8}, ParamKind::Embedding},
+    {"model.layers.0.self_attn.q_proj.weight", {12, 8}, ParamKind::Hidden, 0.5, 2.0},
+    {"model.layers.0.self_attn.o_proj.weight", {8, 8}, ParamKind::Hidden, 2.0, 0.5},
+    {"model.layers.0.mlp.experts.stack", {2, 4, 8}, ParamKind::Hidden, 1.5, 1.0},
+};
+
+// Parameters on one backend: master (= weight) and grad, f32.
+struct Params {
+  std::vector<std::unique_ptr<Param>> owned;
+  ParamList list;
+  Params(Backend& be, const std::vector<Spec>& specs, uint64_t seed) {
+    Rng rng(seed);
+    for (const Spec& s : specs) {
+      auto p = std::make_unique<Param>();
+      p->name = s.name;
+      p->shape = s.shape;
+      p->kind = s.kind;
+      p->lr_mult = s.lr_mult;
+      p->wd_mult = s.wd_mult;
+      p->master = be.empty(s.shape, DType::F32);
+      be.upload(rand_host(s.shape, rng, 0.5, s.kind == ParamKind::Norm ? 1.0 : 0.0), p->master);
+      p->weight = p->master;
+      p->grad = be.empty(s.shape, DType::F32);
+      list.push_back(p.get());
+      owned.push_back(std::move(p));
+    }
+  }
+};
+
+Config opt_config(const std::string& name) {
+  Config c;
+  c.optim.name = name;
+  c.optim.scale = "shape";
+  c.optim.wd_mode = "coupled";
+  c.optim.lr = name == "shampoo" || name == "soap" ? 3e-3 : name == "asgo" ? 1e-2 : 0.02;
+  c.optim.wd = 0.1;
+  c.optim.momentum = 0.9;
+  c.optim.nesterov = true;
+  c.optim.adamw.lr = 3e-3;
+  c.optim.adamw.wd = 0.05;
+  c.optim.shampoo.block_size = 5;
+  c.optim.shampoo.precond_every = 2;
+  c.optim.shampoo.eps = 1e-4;  // above the f32 noise in rank-deficient blocks (test_optim2.cpp)
+  c.optim.soap.block_size = 4;
+  c.optim.soap.precond_every = 2;
+  c.optim.soap.eps = 1e-3;
+  c.optim.asgo.block_size = 4;
+  c.optim.asgo.precond_every = 2;
+  c.schedule.warmup = 1;
+  c.schedule.decay = "cosine";
+  c.schedule.min_lr_ratio = 0.1;
+  c.train.max_steps = 6;
+  return c;
+}
+
+struct Variant {
+  std::string label;
+  std::function<void(Config&)> set;
+  double tol;  // relative Frobenius error of the accumulated weight change
+  bool square = false;
+};
+
+std::vector<Variant> variants() {
+  return {
+      // Plain Muon's NS runs in bf16 on CUDA (Backend::newton_schulz): bf16 tolerance.
+      {"muon quintic (bf16 NS)", [](Config& c) { c.optim.name = "muon"; }, 3e-2},
+      {"muon polar_express + cautious wd",
+       [](Config& c) {
+         c.optim.name = "muon";
+         c.optim.ns = "polar_express";
+         c.optim.cautious_wd = true;
+       },
+       1e-3},
+      {"normuon", [](Config& c) { c.optim.name = "normuon"; }, 3e-2},
+      {"normuon polar_express",
+       [](Config& c) {
+         c.optim.name = "normuon";
+         c.optim.ns = "polar_express";
+         c.optim.normuon_beta2 = 0.9;
+       },
+       1e-3},
+      {"freon c=0.5", [](Config& c) { c.optim.name = "freon"; }, 1e-3},
+      {"freon c=0.75", [](Config& c) { c.optim.name = "freon"; c.optim.freon.c = 0.75; }, 1e-3},
+      {"kaon", [](Config& c) { c.optim.name = "kaon"; }, 5e-3},
+      {"shampoo blocked, graft adam", [](Config& c) { c.optim.name = "shampoo"; }, 1e-3},
+      {"shampoo exp 1/2, no graft, cautious wd",
+       [](Config& c) {
+         c.optim.name = "shampoo";
+         c.optim.lr = 1e-3;
+         c.optim.shampoo.graft = "none";
+         c.optim.shampoo.exp_l = c.optim.shampoo.exp_r = 0.5;
+         c.optim.cautious_wd = true;
+       },
+       1e-3},
+      {"shampoo unblocked",
+       [](Config& c) {
+         c.optim.name = "shampoo";
+         c.optim.shampoo.block_size = 0;
+         c.optim.shampoo.precond_every = 1;
+       },
+       1e-3},
+      {"soap blocked (square blocks)", [](Config& c) { c.optim.name = "soap"; }, 1e-3, true},
+      {"asgo ema blocked", [](Config& c) { c.optim.name = "asgo"; }, 1e-3},
+      {"asgo accumulate unblocked",
+       [](Config& c) {
+         c.optim.name = "asgo";
+         c.optim.asgo.block_size = 0;
+         c.optim.asgo.beta2 = 1.0;
+         c.optim.asgo.beta1 = 0.0;
+         c.optim.asgo.precond_every = 1;
+       },
+       1e-3},
+  };
+}
+
+constexpr int kOptSteps = 4;
+
+// The weight change of every parameter after kOptSteps steps with the same gradients.
+std::vector<Vec> optimizer_deltas(Backend& be, const Config& cfg, const std::vector<Spec>& specs) {
+  Params ps(be, specs, 5);
+  std::vector<Vec> w0;
+  for (auto& p : ps.owned) {
+    Tensor h = host_tensor(p->shape, DType::F32);
+    be.download(p->master, h);
+    w0.push_back(to_vec(h));
+  }
+  Optimizer opt(cfg, ps.list, be);
+  for (int step = 0; step < kOptSteps; ++step) {
+    Rng rng(100 + uint64_t(step));
+    for (auto& p : ps.owned) be.upload(rand_host(p->shape, rng, 0.3), p->grad);
+    opt.step(step, step == 2 ? 0.5f : 1.0f);
+  }
+  std::vector<Vec> d;
+  for (size_t i = 0; i < ps.owned.size(); ++i) {
+    Tensor h = host_tensor(ps.owned[i]->shape, DType::F32);
+    be.download(ps.owned[i]->master, h);
+    Vec v = to_vec(h);
+    for (size_t k = 0; k < v.size(); ++k) v[k] -= w0[i][k];
+    d.push_back(v);
+  }
+  return d;
+}
+
+void compare_optimizers(Backend& a, Backend& b) {
+  for (const Variant& var : variants()) {
+    Config cfg = opt_config("muon");
+    var.set(cfg);
+    const auto& specs = var.square ? kSquareSpecs : kSpecs;
+    const std::vector<Vec> da = optimizer_deltas(a, cfg, specs), db = optimizer_deltas(b, cfg, specs);
+    REQUIRE(da.size() == specs.size());
+    for (size_t i = 0; i < specs.size(); ++i) {
+      INFO(var.label << ": " << specs[i].name << " " << a.name() << " vs " << b.name());
+      CHECK(fro(db[i]) > 0);
+      CHECK(rel_fro(da[i], db[i]) <= var.tol);
+    }
+  }
+}
+
+// ---- model level -------------------------------------------------------------------------------
+
+constexpr int kModelSteps = 3;
+
+Config model_config(const std::string& optim) {
+  Config c = opt_config(optim);
+  c.source = "test_cuda_matrix_opt";
+  c.model.vocab_size = 256;
+  c.model.d_model = 128;
+  c.model.n_layers = 1;
+  c.model.n_heads = 2;  // hd = 64
+  c.model.n_kv_heads = 1;
+  c.model.d_ff = 344;
+  c.model.max_seq_len = 64;
+  c.model.init_std = 0.02;
+  c.train.seq_len = 64;
+  c.train.micro_batch = 2;
+  c.train.batch_tokens = 2 * 64;
+  c.train.max_steps = kModelSteps;
+  c.train.seed = 777;
+  c.train.deterministic = true;
+  c.optim.adamw.lr = 3e-3;
+  c.optim.grad_clip = 1.0;
+  // Blocks that divide neither 128 nor 344 (edges of 32 and 8).
+  c.optim.shampoo.block_size = 48;
+  c.optim.soap.block_size = 48;
+  c.optim.asgo.block_size = 0;
+  c.optim.asgo.precond_every = 1;
+  if (optim == "muon") c.optim.ns = "polar_express";
+  validate_config(c);
+  return c;
+}
+
+const std::vector<std::string> kModelOptims = {"normuon", "shampoo", "soap", "asgo",
+                                               "freon",   "kaon",    "muon"};
+
+// Per-step losses, then the loss on the next batch after the last step.
+std::vector<double> model_run(const Config& cfg, Backend& be) {
+  const int B = cfg.train.micro_batch, T = cfg.train.seq_len;
+  const int64_t N = int64_t(B) * T;
+  LlamaModel model(cfg.model, be, B, T, mup_model_scales(cfg));
+  apply_mup(cfg, model.params());
+  model.init_weights(cfg.train.seed);
+  Optimizer opt(cfg, model.params(), be);
+  const uint32_t V = uint32_t(cfg.model.vocab_size);
+  std::vector<int32_t> stream(size_t(kModelSteps + 1) * size_t(N) + 1);
+  Rng rng(4321);
+  uint32_t t = uint32_t(rng.below(V));
+  for (auto& s : stream) {  // learnable: next = (5 t + 3) mod V with probability 0.8
+    s = int32_t(t);
+    t = rng.uniform() < 0.8 ? (5 * t + 3) % V : uint32_t(rng.below(V));
+  }
+  std::vector<double> losses;
+  size_t pos = 0;
+  for (int s = 0; s < kModelSteps; ++s) {
+    model.zero_grads();
+    losses.push_back(model.forward_backward(&stream[pos], &stream[pos + 1], float(1.0 / double(N))));
+    pos += size_t(N);
+    const double gn = global_grad_norm(model.params(), be);
+    opt.step(s, float(clip_factor(gn, cfg.optim.grad_clip)));
+  }
+  losses.push_back(model.forward(&stream[pos], &stream[pos + 1]));
+  return losses;
+}
+
+void compare_models(Backend& a, Backend& b) {
+  for (const std::string& name : kModelOptims) {
+    const Config cfg = model_config(name);
+    const std::vector<double> la = model_run(cfg, a), lb = model_run(cfg, b);
+    REQUIRE(la.size() == lb.size());
+    std::printf("model e2e %-8s %s vs %s:", name.c_str(), a.name().c_str(), b.name().c_str());
+    for (size_t s = 0; s < la.size(); ++s) std::printf("  %.5f/%.5f", la[s], lb[s]);
+    std::printf("\n");
+    for (size_t s = 0; s < la.size(); ++s) {
+      INFO(name << " loss " << s << ": " << a.name() << " " << la[s] << ", " << b.name() << " "
+                << lb[s]);
+      REQUIRE(std::isfinite(la[s]));
+      CHECK(std::fabs(la[s] - lb[s]) <= kLossTol);
+    }
+    // The steps changed the model (the loss after them differs from the first).
+    CHECK(std::fabs(lb.back() - lb.front()) > 1e-4);
+  }
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+TEST_CASE("optimizer harness on the CPU: every matrix optimizer, CPU vs CPU", "[cpu][optim2]") {
+  CpuBackend a, b;
+  compare_optimizers(a, b);
+}
+
+TEST_CASE("cuda: a few Optimizer steps of every matrix optimizer match the CPU backend", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  compare_optimizers(*gpu, cpu);
+}
+
+TEST_CASE("model harness on the CPU: tiny Llama, every matrix optimizer, CPU vs CPU", "[cpu][e2e]") {
+  CpuBackend a, b;
+  compare_models(a, b);
+}
+
+TEST_CASE("cuda e2e: training steps of every matrix optimizer track the CPU loss", "[gpu][cuda][e2e]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  compare_models(*gpu, cpu);
+}
