@@ -23,6 +23,16 @@ namespace mf {
 struct DistEnv;
 class TcpStore;
 
+// A collective started by an *_async call. wait() returns once the result may be used: on the host
+// (single, Gloo) the buffer holds it; with NCCL the communicator's stream waits for it, so work queued
+// on that stream afterwards sees it. wait() rethrows the collective's error. A work destroyed without
+// wait() waits itself (errors are then lost), so a buffer is never freed under a running collective.
+class CommWork {
+ public:
+  virtual ~CommWork() = default;
+  virtual void wait() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -34,6 +44,12 @@ class Communicator {
   virtual void allreduce_sum(float* data, size_t n) = 0;
   // data[0..n) <- mean over ranks (in place).
   virtual void allreduce_avg(float* data, size_t n);
+  // Starts data[0..n) <- mean over ranks and returns at once; do not touch data until wait().
+  // Works run one at a time in issue order (every rank must issue the same sequence), overlapping
+  // the caller's compute: Gloo runs them on one communication thread, NCCL on a communication
+  // stream that waits for the work already queued on the communicator's stream. Any other
+  // collective first finishes every pending work. The default (single process) runs it at once.
+  virtual std::unique_ptr<CommWork> allreduce_avg_async(float* data, size_t n);
   // send holds size() chunks of `recv_count` floats; recv[0..recv_count) <- sum over ranks of chunk
   // rank(). send and recv must not overlap.
   virtual void reduce_scatter_sum(const float* send, float* recv, size_t recv_count) = 0;

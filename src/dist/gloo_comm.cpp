@@ -7,8 +7,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <future>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include <gloo/allgather.h>
@@ -103,6 +108,23 @@ std::string first_external_ipv4() {
   return ip;
 }
 
+// An all-reduce queued on the communication thread; wait() blocks until the thread ran it.
+class GlooWork final : public CommWork {
+ public:
+  explicit GlooWork(std::shared_future<void> done) : done_(std::move(done)) {}
+  ~GlooWork() override {
+    if (done_.valid()) done_.wait();  // never leave the thread writing into a freed buffer
+  }
+  void wait() override {
+    if (!done_.valid()) return;
+    std::shared_future<void> f = std::move(done_);
+    f.get();  // rethrows the collective's error
+  }
+
+ private:
+  std::shared_future<void> done_;
+};
+
 class GlooCommunicator final : public Communicator {
  public:
   GlooCommunicator(int rank, int size, TcpStore& store, const gloo::transport::tcp::attr& attr,
@@ -127,32 +149,56 @@ class GlooCommunicator final : public Communicator {
     }
   }
 
+  ~GlooCommunicator() override {
+    if (!worker_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();  // the thread finishes the queue first
+  }
+
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   const char* name() const override { return "gloo"; }
 
   void allreduce_sum(float* data, size_t n) override {
     if (n == 0 || size_ == 1) return;
-    guard("allreduce", [&] {
-      gloo::AllreduceOptions opts(ctx_);
-      opts.setOutput(data, n);
-      opts.setReduceFunction(
-          static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
-      opts.setTag(next_tag());
-      gloo::allreduce(opts);
-    });
+    drain();
+    ring_allreduce(data, n, next_tag(), "allreduce");
+  }
+
+  std::unique_ptr<CommWork> allreduce_avg_async(float* data, size_t n) override {
+    // The tag is taken now, on the issuing thread, so tags follow the issue order on every rank.
+    Job job{data, n, n == 0 || size_ == 1 ? 0u : next_tag(), {}};
+    std::shared_future<void> done = job.done.get_future().share();
+    if (n == 0 || size_ == 1) {
+      job.done.set_value();
+      return std::make_unique<GlooWork>(std::move(done));
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!worker_.joinable()) worker_ = std::thread([this] { work_loop(); });
+      queue_.push_back(std::move(job));
+      ++pending_;
+    }
+    cv_.notify_all();
+    return std::make_unique<GlooWork>(std::move(done));
   }
 
   // Gloo 0.5 has no reduce-scatter in its options API (only the legacy halving-doubling
   // algorithm class), so this is an all-reduce of a copy followed by taking our chunk: correct,
   // with size() times the traffic of a true reduce-scatter. Fine for CPU runs.
   void reduce_scatter_sum(const float* send, float* recv, size_t n) override {
+    drain();
     std::vector<float> tmp(send, send + n * size_t(size_));
     allreduce_sum(tmp.data(), tmp.size());
     std::memcpy(recv, tmp.data() + size_t(rank_) * n, n * sizeof(float));
   }
 
   void allgather(const float* send, float* recv, size_t n) override {
+    drain();
     if (n == 0) return;
     std::vector<float> own(send, send + n);  // send may alias our chunk of recv
     guard("allgather", [&] {
@@ -165,6 +211,7 @@ class GlooCommunicator final : public Communicator {
   }
 
   void broadcast(float* data, size_t n, int root) override {
+    drain();
     check_root(root);
     if (n == 0 || size_ == 1) return;
     guard("broadcast", [&] {
@@ -177,6 +224,7 @@ class GlooCommunicator final : public Communicator {
   }
 
   void barrier() override {
+    drain();
     guard("barrier", [&] {
       gloo::BarrierOptions opts(ctx_);
       opts.setTag(next_tag());
@@ -185,6 +233,7 @@ class GlooCommunicator final : public Communicator {
   }
 
   std::vector<std::string> allgather_bytes(const std::string& mine) override {
+    drain();
     std::vector<uint64_t> lens(static_cast<size_t>(size_), 0);
     uint64_t my_len = mine.size();
     guard("allgather", [&] {
@@ -212,6 +261,7 @@ class GlooCommunicator final : public Communicator {
   }
 
   void broadcast_bytes(std::string& data, int root) override {
+    drain();
     check_root(root);
     if (size_ == 1) return;
     uint64_t len = data.size();
@@ -234,6 +284,63 @@ class GlooCommunicator final : public Communicator {
   }
 
  private:
+  struct Job {
+    float* data;
+    size_t n;
+    uint32_t tag;
+    std::promise<void> done;
+  };
+
+  // Sum over ranks in place (the calling thread owns the context for the duration).
+  void ring_allreduce(float* data, size_t n, uint32_t tag, const char* op) {
+    if (n == 0 || size_ == 1) return;
+    guard(op, [&] {
+      gloo::AllreduceOptions opts(ctx_);
+      opts.setOutput(data, n);
+      opts.setReduceFunction(
+          static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+      opts.setTag(tag);
+      gloo::allreduce(opts);
+    });
+  }
+
+  // The communication thread: runs queued all-reduces in issue order. After a failure the rest of
+  // the queue fails at once with the first error (the context is no longer usable).
+  void work_loop() {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop_ and nothing left
+      Job job = std::move(queue_.front());
+      queue_.pop_front();
+      const std::string failed = failed_;
+      lk.unlock();
+      try {
+        MF_CHECK(failed.empty(), "gloo allreduce (async) on rank ", rank_, " skipped: an earlier "
+                 "asynchronous collective failed: ", failed);
+        ring_allreduce(job.data, job.n, job.tag, "allreduce (async)");
+        scale(job.data, job.n, 1.0f / float(size_));  // the same sum-then-scale as allreduce_avg
+        job.done.set_value();
+      } catch (const std::exception& e) {
+        {
+          std::lock_guard<std::mutex> g(mu_);
+          if (failed_.empty()) failed_ = e.what();
+        }
+        job.done.set_exception(std::current_exception());
+      }
+      lk.lock();
+      --pending_;
+      idle_.notify_all();
+    }
+  }
+
+  // Blocks until the communication thread has finished every queued all-reduce, so that this
+  // thread may use the context. Errors stay with the works (wait() reports them).
+  void drain() {
+    std::unique_lock<std::mutex> lk(mu_);
+    idle_.wait(lk, [&] { return pending_ == 0; });
+  }
+
   template <typename F>
   void guard(const char* op, F&& f) {
     try {
@@ -255,6 +362,14 @@ class GlooCommunicator final : public Communicator {
   ms timeout_;
   uint32_t tag_ = 0;
   std::shared_ptr<gloo::Context> ctx_;
+  // Asynchronous all-reduces (allreduce_avg_async): a queue served by one thread, started lazily.
+  std::mutex mu_;
+  std::condition_variable cv_, idle_;
+  std::deque<Job> queue_;
+  size_t pending_ = 0;  // queued or running
+  bool stop_ = false;
+  std::string failed_;  // the first async failure's message
+  std::thread worker_;
 };
 
 }  // namespace

@@ -22,6 +22,30 @@ void cuda_ok(cudaError_t e, const char* what) {
   MF_CHECK(e == cudaSuccess, "CUDA error in ", what, ": ", cudaGetErrorString(e));
 }
 
+// An all-reduce queued on the communication stream; wait() makes the compute stream wait for the
+// event recorded after it (no host block).
+class NcclWork final : public CommWork {
+ public:
+  NcclWork(cudaStream_t compute, cudaEvent_t done) : compute_(compute), done_(done) {}
+  ~NcclWork() override {
+    if (!done_) return;
+    cudaStreamWaitEvent(compute_, done_, 0);  // later compute never races the all-reduce
+    cudaEventDestroy(done_);
+  }
+  void wait() override {
+    if (!done_) return;
+    cudaEvent_t e = done_;
+    done_ = nullptr;
+    cudaError_t r = cudaStreamWaitEvent(compute_, e, 0);
+    cudaEventDestroy(e);
+    cuda_ok(r, "cudaStreamWaitEvent (all-reduce wait)");
+  }
+
+ private:
+  cudaStream_t compute_;
+  cudaEvent_t done_;
+};
+
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(const DistEnv& env, TcpStore& store, cudaStream_t stream)
@@ -47,6 +71,13 @@ class NcclCommunicator final : public Communicator {
   }
 
   ~NcclCommunicator() override {
+    if (comm_stream_) {
+      try {
+        join_comm_stream();
+      } catch (const std::exception&) {  // nothing to report to at teardown
+      }
+      cudaStreamDestroy(comm_stream_);  // destruction is deferred until its work is done
+    }
     if (scratch_) cudaFree(scratch_);
     if (comm_) {
       // Finalize flushes pending work; errors here cannot be reported, so abort on any.
@@ -63,29 +94,60 @@ class NcclCommunicator final : public Communicator {
   int size() const override { return size_; }
   const char* name() const override { return "nccl"; }
 
+  // The all-reduce runs on a second (non-blocking, higher-priority) stream after an event recorded
+  // on the compute stream, so kernels queued on the compute stream later (the rest of backward)
+  // run while it communicates.
+  std::unique_ptr<CommWork> allreduce_avg_async(float* data, size_t n) override {
+    if (n == 0) return Communicator::allreduce_avg_async(data, n);
+    if (!comm_stream_) {
+      int lo = 0, hi = 0;
+      cuda_ok(cudaDeviceGetStreamPriorityRange(&lo, &hi), "cudaDeviceGetStreamPriorityRange");
+      cuda_ok(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, hi),
+              "cudaStreamCreateWithPriority (communication stream)");
+    }
+    cudaEvent_t ready = nullptr, done = nullptr;
+    cuda_ok(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_ok(cudaEventRecord(ready, stream_), "cudaEventRecord (gradients ready)");
+    cudaError_t w = cudaStreamWaitEvent(comm_stream_, ready, 0);
+    cudaEventDestroy(ready);  // released once the wait is satisfied
+    cuda_ok(w, "cudaStreamWaitEvent (communication stream)");
+    settle(ncclAllReduce(data, data, n, ncclFloat32, ncclAvg, comm_, comm_stream_),
+           "ncclAllReduce(avg, async)");
+    cuda_ok(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_ok(cudaEventRecord(done, comm_stream_), "cudaEventRecord (all-reduce done)");
+    comm_pending_ = true;
+    return std::make_unique<NcclWork>(stream_, done);
+  }
+
   void allreduce_sum(float* data, size_t n) override {
     if (n == 0) return;
+    join_comm_stream();
     settle(ncclAllReduce(data, data, n, ncclFloat32, ncclSum, comm_, stream_), "ncclAllReduce");
   }
   void allreduce_avg(float* data, size_t n) override {
     if (n == 0) return;
+    join_comm_stream();
     settle(ncclAllReduce(data, data, n, ncclFloat32, ncclAvg, comm_, stream_), "ncclAllReduce(avg)");
   }
   void reduce_scatter_sum(const float* send, float* recv, size_t n) override {
     if (n == 0) return;
+    join_comm_stream();
     settle(ncclReduceScatter(send, recv, n, ncclFloat32, ncclSum, comm_, stream_), "ncclReduceScatter");
   }
   void allgather(const float* send, float* recv, size_t n) override {
     if (n == 0) return;
+    join_comm_stream();
     // NCCL accepts send == recv + rank*n (in place).
     settle(ncclAllGather(send, recv, n, ncclFloat32, comm_, stream_), "ncclAllGather");
   }
   void broadcast(float* data, size_t n, int root) override {
     MF_CHECK(root >= 0 && root < size_, "broadcast root ", root, " is out of range for ", size_, " ranks");
     if (n == 0) return;
+    join_comm_stream();
     settle(ncclBroadcast(data, data, n, ncclFloat32, root, comm_, stream_), "ncclBroadcast");
   }
   void barrier() override {
+    join_comm_stream();
     settle(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_), "barrier");
     cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (barrier)");
   }
@@ -106,6 +168,19 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  // Any other collective first makes the compute stream wait for the pending asynchronous ones, so
+  // the communicator's kernels never run on two streams at once and their order is the issue order.
+  void join_comm_stream() {
+    if (!comm_pending_) return;
+    comm_pending_ = false;
+    cudaEvent_t e = nullptr;
+    cuda_ok(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_ok(cudaEventRecord(e, comm_stream_), "cudaEventRecord (communication stream)");
+    cudaError_t w = cudaStreamWaitEvent(stream_, e, 0);
+    cudaEventDestroy(e);
+    cuda_ok(w, "cudaStreamWaitEvent (join the communication stream)");
+  }
+
   void nccl_ok(ncclResult_t r, const char* what) {
     MF_CHECK(r == ncclSuccess, "NCCL error in ", what, " on rank ", rank_, " (device ", device_, "): ",
              ncclGetErrorString(r), comm_ ? std::string(" ") + ncclGetLastError(comm_) : std::string());
@@ -132,6 +207,8 @@ class NcclCommunicator final : public Communicator {
   int device_ = 0;
   TcpStore& store_;
   cudaStream_t stream_;
+  cudaStream_t comm_stream_ = nullptr;  // asynchronous all-reduces (created on first use)
+  bool comm_pending_ = false;           // async work issued since the last join
   ncclComm_t comm_ = nullptr;
   float* scratch_ = nullptr;
   std::chrono::milliseconds init_timeout_{120000};

@@ -1,0 +1,50 @@
+#include "dist/buckets.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace mf {
+
+std::vector<GradBucket> plan_grad_buckets(const std::vector<GradSlot>& slots, double bucket_mb,
+                                          const std::string& what) {
+  MF_CHECK(std::isfinite(bucket_mb) && bucket_mb >= 0, "gradient bucket size must be >= 0 MiB, got ",
+           bucket_mb, " (train.bucket_mb)");
+  const double cap = bucket_mb * 1024.0 * 1024.0 / sizeof(float);  // elements; 0 = no packing
+  std::vector<GradBucket> out;
+  GradBucket cur;
+  int64_t filled = 0;  // elements of the slots in `cur`
+  auto close = [&](size_t end) {
+    if (end == cur.first) return;
+    const GradSlot& a = slots[cur.first];
+    const GradSlot& b = slots[end - 1];
+    cur.last = end;
+    cur.offset = a.offset;
+    cur.numel = b.offset + b.numel - a.offset;
+    cur.ready_group = b.group;
+    out.push_back(cur);
+    cur = GradBucket();
+    cur.first = end;
+    filled = 0;
+  };
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const GradSlot& s = slots[i];
+    MF_CHECK(s.numel >= 0 && s.offset >= 0, what, " slot ", i, ": negative offset ", s.offset,
+             " or size ", s.numel);
+    if (i > 0) {
+      const GradSlot& p = slots[i - 1];
+      MF_CHECK(s.offset >= p.offset + p.numel, what, " slot ", i, " (offset ", s.offset,
+               ") overlaps or precedes slot ", i - 1, " (offset ", p.offset, ", ", p.numel,
+               " floats): slots must be in arena order");
+      MF_CHECK(s.group >= p.group, what, " slot ", i, " is in group ", s.group,
+               " after a slot of group ", p.group, ": slots must be in the order gradients finish");
+    }
+    if (filled > 0 && (cap == 0 || double(filled + s.numel) > cap)) close(i);
+    filled += s.numel;
+    if (cap == 0 || double(filled) >= cap) close(i + 1);
+  }
+  close(slots.size());
+  return out;
+}
+
+}  // namespace mf
