@@ -102,12 +102,23 @@ void LlamaModel::build_params() {
     p->init_std = std;
     p->master = be_.empty(shape, DType::F32);
     p->weight = be_.act_dtype() == DType::F32 ? p->master : be_.empty(shape, be_.act_dtype());
-    p->grad = be_.empty(shape, DType::F32);
+    p->grad.shape = shape;  // a view into the gradient arena, placed below
+    p->grad.dtype = DType::F32;
     params_.push_back(std::move(p));
     return params_.back().get();
   };
   wte_ = add("model.embed_tokens.weight", ParamKind::Embedding, {V, d}, cfg_.init_std);
+  std::vector<std::vector<size_t>> layer_params(size_t(cfg_.n_layers));
   for (int i = 0; i < cfg_.n_layers; ++i) {
+    const size_t first = params_.size();
+    struct Mark {  // the parameters this iteration adds belong to layer i (both exits)
+      std::vector<std::unique_ptr<Param>>& all;
+      std::vector<size_t>& out;
+      size_t first;
+      ~Mark() {
+        for (size_t j = first; j < all.size(); ++j) out.push_back(j);
+      }
+    } mark{params_, layer_params[size_t(i)], first};
     const std::string p = "model.layers." + std::to_string(i) + ".";
     Layer l;
     l.ln1 = add(p + "input_layernorm.weight", ParamKind::Norm, {d}, 0);
@@ -133,6 +144,45 @@ void LlamaModel::build_params() {
   norm_f_ = add("model.norm.weight", ParamKind::Norm, {d}, 0);
   lm_head_ = cfg_.tie_embeddings ? wte_
                                  : add("lm_head.weight", ParamKind::LmHead, {V, d}, cfg_.init_std);
+
+  // Gradient groups in the order backward finishes them, and the arena laid out in that order.
+  auto index_of = [&](const Param* p) {
+    for (size_t j = 0; j < params_.size(); ++j)
+      if (params_[j].get() == p) return j;
+    MF_FAIL("internal: parameter not in the table");
+  };
+  std::vector<size_t> head = {index_of(norm_f_)};
+  if (!cfg_.tie_embeddings) head.push_back(index_of(lm_head_));
+  grad_groups_.push_back(head);
+  for (int i = cfg_.n_layers - 1; i >= 0; --i) grad_groups_.push_back(layer_params[size_t(i)]);
+  grad_groups_.push_back({index_of(wte_)});
+  const int64_t align = 64;  // floats (256 bytes): every gradient starts as aligned as a fresh one
+  std::vector<int64_t> offset(params_.size(), -1);
+  int64_t total = 0;
+  for (auto& g : grad_groups_)
+    for (size_t j : g) {
+      MF_CHECK(offset[j] < 0, "internal: parameter ", params_[j]->name, " in two gradient groups");
+      offset[j] = total;
+      total += (params_[j]->numel() + align - 1) / align * align;
+    }
+  for (size_t j = 0; j < params_.size(); ++j)
+    MF_CHECK(offset[j] >= 0, "internal: parameter ", params_[j]->name, " in no gradient group");
+  grad_arena_ = be_.empty({std::max<int64_t>(total, 1)}, DType::F32);
+  for (size_t j = 0; j < params_.size(); ++j) {
+    Tensor& g = params_[j]->grad;
+    g.ptr = grad_arena_.f32() + offset[j];
+    g.device = grad_arena_.device;
+    g.owner = grad_arena_.owner;  // the views keep the arena alive
+  }
+}
+
+std::vector<ParamList> LlamaModel::grad_groups() {
+  std::vector<ParamList> out;
+  for (auto& g : grad_groups_) {
+    out.emplace_back();
+    for (size_t j : g) out.back().push_back(params_[j].get());
+  }
+  return out;
 }
 
 ParamList LlamaModel::params() {
@@ -176,9 +226,7 @@ void LlamaModel::sync_weights() {
     if (p->weight.ptr != p->master.ptr) be_.copy(p->master, p->weight);
 }
 
-void LlamaModel::zero_grads() {
-  for (auto& p : params_) be_.zero(p->grad);
-}
+void LlamaModel::zero_grads() { be_.zero(grad_arena_); }
 
 // (N, h*hd) -> (B, T, h, hd) view, the layout rope and attention take.
 Tensor LlamaModel::heads(const Tensor& x, int h) const {
@@ -275,7 +323,7 @@ double LlamaModel::forward(const int32_t* inputs, const int32_t* targets) {
 }
 
 double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* targets,
-                                    float loss_scale) {
+                                    float loss_scale, bool grads_final) {
   Acts& a = *acts_;
   run_forward(inputs, /*train=*/true);
   Tensor t_host;
@@ -294,6 +342,8 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
   // (times the residual multiplier) before the norm's backward adds into it.
   be_.zero(a.dresid);
   be_.rmsnorm_bwd(a.dxf, a.r_final, norm_f_->weight, a.rstd_f, a.dresid, norm_f_->grad);
+  int group = 0;
+  grads_ready(group++, grads_final);  // final norm (and the untied lm head)
   auto branch_grad = [&]() -> Tensor& {
     if (rmult == 1.f) return a.dresid;
     be_.copy(a.dresid, a.dbranch);
@@ -339,8 +389,10 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
     be_.matmul_bwd(a.dk, l.xn1, w.wk->weight, &a.dxn, &w.wk->grad, true);
     be_.matmul_bwd(a.dv, l.xn1, w.wv->weight, &a.dxn, &w.wv->grad, true);
     be_.rmsnorm_bwd(a.dxn, l.r_attn, w.ln1->weight, l.rstd1, a.dresid, w.ln1->grad);
+    grads_ready(group++, grads_final);  // layer i
   }
   be_.embedding_bwd(a.tokens, a.dresid, wte_->grad);
+  grads_ready(group++, grads_final);  // embedding
   return loss_from_host(a.losses) + moe_aux_loss();
 }
 

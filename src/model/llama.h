@@ -47,8 +47,24 @@ class LlamaModel {
   // Forward only:
   double forward(const int32_t* inputs, const int32_t* targets);
   // Forward + backward; gradients of (loss_scale * sum of per-position losses) are added into
-  // Param::grad. Returns the mean loss of this micro-batch.
-  double forward_backward(const int32_t* inputs, const int32_t* targets, float loss_scale);
+  // Param::grad. Returns the mean loss of this micro-batch. `grads_final`: this is the last
+  // micro-batch before the gradients are used, so the grad-ready hook (if set) is called.
+  double forward_backward(const int32_t* inputs, const int32_t* targets, float loss_scale,
+                          bool grads_final = true);
+
+  // ---- Gradient communication (data parallelism; the model itself never communicates) ----
+  // Every Param::grad is a view into one flat f32 arena (zero_grads clears it in one op). The
+  // arena holds the gradients in the order backward finishes them: grad_groups()[0] first, each
+  // tensor's start aligned to 64 floats (the gaps stay zero). Groups: the final norm and the
+  // untied lm head; then layers n_layers-1 .. 0 (each with its MoE router and experts); then the
+  // embedding (last: with tied embeddings it also takes the lm head's gradient).
+  std::vector<ParamList> grad_groups();
+  Tensor grad_arena() const { return grad_arena_; }
+  // Called by forward_backward(..., grads_final = true) with the index of each group right after
+  // the calls that finish its gradients have been issued to the backend (finished on the host for
+  // the CPU; queued on the device stream for CUDA). Null = none.
+  using GradReadyHook = std::function<void(int group)>;
+  void set_grad_ready_hook(GradReadyHook hook) { grad_hook_ = std::move(hook); }
   // Full logits [B*T, V] of the last forward (recomputed; for tests and inspection).
   std::vector<float> logits(const int32_t* inputs);
 
@@ -108,6 +124,13 @@ class LlamaModel {
   std::unique_ptr<MoeScratch> moe_scratch_;
   std::vector<std::unique_ptr<MoeLayer>> moe_layers_;
   std::unique_ptr<Acts> acts_;
+  // Gradient arena and the groups of grad_groups() as indices into params_.
+  Tensor grad_arena_;
+  std::vector<std::vector<size_t>> grad_groups_;
+  GradReadyHook grad_hook_;
+  void grads_ready(int group, bool grads_final) {
+    if (grad_hook_ && grads_final) grad_hook_(group);
+  }
 };
 
 }  // namespace mf
