@@ -7,10 +7,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "core/log.h"
 #include "data/loader.h"
+#include "dist/buckets.h"
 #include "dist/communicator.h"
 #include "dist/env.h"
 #include "dist/store.h"
@@ -22,6 +24,9 @@
 #include "train/bench.h"
 #include "train/diagnostics.h"
 #include "train/export.h"
+#ifdef MF_HAS_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 
 namespace fs = std::filesystem;
 
@@ -65,6 +70,15 @@ std::string fmt_rate(double r) {
   return buf;
 }
 
+// The stream the backend queues its work on (a cudaStream_t), or null (CPU): NCCL collectives run
+// on it, so they are ordered with the compute that produces and consumes their buffers.
+void* compute_stream(Backend& be) {
+#ifdef MF_HAS_CUDA
+  if (auto* cuda = dynamic_cast<CudaBackend*>(&be)) return cuda->stream();
+#endif
+  return nullptr;
+}
+
 // Peak dense bf16 FLOP/s used for MFU (H100/H200 SXM: 989 TFLOP/s); none for the CPU.
 double peak_flops(const Backend& be) { return be.device() == Device::CUDA ? 989e12 : 0.0; }
 
@@ -95,7 +109,10 @@ bool stop_requested() { return g_stop_signal.load() != 0; }
 Trainer::Trainer(const Config& cfg, const TrainOptions& opts) : cfg_(cfg), opts_(opts) {
   setup();
 }
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  // Collectives still in flight (a step that threw) finish before the gradients are freed.
+  inflight_.clear();
+}
 LlamaModel& Trainer::model() { return *model_; }
 Backend& Trainer::backend() { return *be_; }
 
@@ -129,7 +146,7 @@ void Trainer::setup() {
     spdlog::warn("model.attention = \"cudnn\": the cuDNN SDPA path is not implemented yet; "
                  "using the hand-written attention");
   if (env.distributed()) store_ = TcpStore::from_env(env);
-  comm_ = make_communicator(env, store_.get(), be_->device(), nullptr);
+  comm_ = make_communicator(env, store_.get(), be_->device(), compute_stream(*be_));
   if (env.distributed()) check_same_json(*comm_, "config", config_to_json(cfg_));
   const int B = cfg_.train.micro_batch, T = cfg_.train.seq_len;
   // µP (or SP): model scalars first, then per-parameter lr / wd / init multipliers, which the
@@ -143,6 +160,7 @@ void Trainer::setup() {
                model_->num_params(), cfg_.model.n_layers, cfg_.model.d_model, cfg_.model.n_heads,
                cfg_.model.n_kv_heads, cfg_.model.d_ff, cfg_.model.vocab_size, be_->name());
   setup_distributed();
+  setup_grad_buckets();
 
   DataLoaderOptions lo;
   lo.B = B;
@@ -295,9 +313,39 @@ void Trainer::setup_distributed() {
                  cfg_.train.zero == 1 ? " (ZeRO-1)" : " (distributed matrix optimizer)");
 }
 
+void Trainer::setup_grad_buckets() {
+  if (world_ == 1) return;
+  const Tensor arena = model_->grad_arena();
+  std::vector<GradSlot> slots;
+  const std::vector<ParamList> groups = model_->grad_groups();
+  for (size_t g = 0; g < groups.size(); ++g)
+    for (const Param* p : groups[g])
+      slots.push_back({int64_t(p->grad.f32() - arena.f32()), p->numel(), int(g)});
+  buckets_ = plan_grad_buckets(slots, cfg_.train.bucket_mb);
+  if (cfg_.train.overlap_comm)
+    model_->set_grad_ready_hook([this](int group) { start_ready_buckets(group); });
+  int64_t largest = 0;
+  for (const GradBucket& b : buckets_) largest = std::max(largest, b.numel);
+  spdlog::info("gradient all-reduce: {} bucket(s) (train.bucket_mb = {}; largest {:.2f} MiB), {}",
+               buckets_.size(), cfg_.train.bucket_mb, double(largest) * 4 / (1 << 20),
+               cfg_.train.overlap_comm ? "overlapping backward" : "after backward");
+}
+
+void Trainer::start_ready_buckets(int group) {
+  float* arena = model_->grad_arena().f32();
+  while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].ready_group <= group) {
+    const GradBucket& b = buckets_[next_bucket_++];
+    inflight_.push_back(comm_->allreduce_avg_async(arena + b.offset, size_t(b.numel)));
+  }
+}
+
 void Trainer::allreduce_grads() {
   if (world_ == 1) return;
-  for (Param* p : model_->params()) comm_->allreduce_avg(p->grad.f32(), size_t(p->numel()));
+  start_ready_buckets(std::numeric_limits<int>::max());  // all (overlap off: every bucket)
+  // Wait in issue order; on CUDA this only makes the compute stream wait.
+  for (auto& w : inflight_) w->wait();
+  inflight_.clear();
+  next_bucket_ = 0;
 }
 
 void Trainer::broadcast_owned_params() {
@@ -347,7 +395,10 @@ TrainResult Trainer::run() {
     double loss = 0;
     for (int micro = 0; micro < accum; ++micro) {
       train_loader_->next(in.data(), tg.data());
-      loss += model_->forward_backward(in.data(), tg.data(), loss_scale) / accum;
+      // The last micro-batch's backward finishes the gradients: its grad-ready hook starts the
+      // all-reduce of each bucket as soon as the bucket is final (train.overlap_comm).
+      loss += model_->forward_backward(in.data(), tg.data(), loss_scale,
+                                       /*grads_final=*/micro == accum - 1) / accum;
     }
     allreduce_grads();
     loss = mean_over_ranks(loss);

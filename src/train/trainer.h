@@ -16,6 +16,8 @@ class LlamaModel;
 class Optimizer;
 class DataLoader;
 class Communicator;
+class CommWork;
+struct GradBucket;
 class TcpStore;
 class Diagnostics;
 
@@ -50,7 +52,9 @@ class Trainer {
   nlohmann::json state_json(int step) const;
   void append_metrics(const nlohmann::json& rec);
   void setup_distributed();
-  void allreduce_grads();
+  void setup_grad_buckets();
+  void start_ready_buckets(int group);  // the model's grad-ready hook
+  void allreduce_grads();               // starts the remaining buckets, waits for all
   void broadcast_owned_params();
   double mean_over_ranks(double x);
 
@@ -64,6 +68,11 @@ class Trainer {
   // spread over the ranks (distributed Muon); AdamW params only with train.zero = 1.
   std::vector<int> owner_;
   bool sharded_ = false;
+  // Gradient all-reduce: buckets of the model's gradient arena (train.bucket_mb), started from
+  // the grad-ready hook during the last micro-batch's backward when train.overlap_comm is on.
+  std::vector<GradBucket> buckets_;
+  size_t next_bucket_ = 0;
+  std::vector<std::unique_ptr<CommWork>> inflight_;
   std::unique_ptr<Backend> be_;
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<Optimizer> opt_;
