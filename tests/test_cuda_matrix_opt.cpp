@@ -57,7 +57,9 @@ using Vec = std::vector<double>;
 // Both sides compute in f32 (eigen paths in double), so only summation order differs.
 const double kTolF32 = test::kDefaultTol.f32;  // gemm, normuon, adam_precond, sym_eig/sym_func
 constexpr double kTolEigRankDef = 5e-5;        // sym_func of rank-deficient statistics (eps I)
-constexpr double kTolNs = 2e-4;                // NS: 5-7 chained f32 GEMM triples
+// NS: 5-7 chained f32 GEMM triples. Measured on the CPU, f32 with another summation order vs
+// OpenBLAS: up to 2.4e-5 (Polar Express on 1x300), 1.8e-5 (Kaon): ~10x margin.
+constexpr double kTolNs = 2e-4;
 constexpr double kTolKaon = 2e-3;              // Kaon's chaotic map amplifies rounding per step
 constexpr double kTolExact = 1e-7;             // elementwise ops with the same float arithmetic
 constexpr double kLossTol = 2e-2;              // model e2e: bf16 CUDA vs fp32 CPU (test_gpu_e2e)
@@ -354,6 +356,9 @@ TEST_CASE("cuda newton_schulz_coeffs matches the CPU backend (quintic, Polar Exp
                                      {64, 64}, {130, 257}, {257, 130}};
   for (const Shape& s : shapes)
     for (const Coeffs& c : sets) {
+      // A rank-1 matrix has the single singular value 1 after normalisation, which Kaon's map
+      // sends to 0 (then its output is rounding noise on both sides): not comparable.
+      if (c.label == std::string("kaon x5") && std::min(s[0], s[1]) == 1) continue;
       INFO(c.label << " on " << shape_str(s));
       const Tensor U = rand_host(s, rng);
       Tensor want = host_tensor(s, DType::F32);
@@ -633,8 +638,17 @@ Config model_config(const std::string& optim) {
   return c;
 }
 
-const std::vector<std::string> kModelOptims = {"normuon", "shampoo", "soap", "asgo",
-                                               "freon",   "kaon",    "muon"};
+// optim.name and the allowed |loss difference| after the steps. Kaon's map is chaotic: the bf16
+// gradients' differences grow ~3x per iteration, so its update decorrelates faster than the
+// others' (an estimate until the first GPU run; the printed table shows the actual gaps).
+struct ModelCase {
+  const char* name;
+  double tol;
+};
+const std::vector<ModelCase> kModelOptims = {{"normuon", kLossTol}, {"shampoo", kLossTol},
+                                             {"soap", kLossTol},    {"asgo", kLossTol},
+                                             {"freon", kLossTol},   {"kaon", 2.5 * kLossTol},
+                                             {"muon", kLossTol}};
 
 // Per-step losses, then the loss on the next batch after the last step.
 std::vector<double> model_run(const Config& cfg, Backend& be) {
@@ -666,7 +680,8 @@ std::vector<double> model_run(const Config& cfg, Backend& be) {
 }
 
 void compare_models(Backend& a, Backend& b) {
-  for (const std::string& name : kModelOptims) {
+  for (const ModelCase& mc : kModelOptims) {
+    const std::string name = mc.name;
     const Config cfg = model_config(name);
     const std::vector<double> la = model_run(cfg, a), lb = model_run(cfg, b);
     REQUIRE(la.size() == lb.size());
@@ -677,7 +692,7 @@ void compare_models(Backend& a, Backend& b) {
       INFO(name << " loss " << s << ": " << a.name() << " " << la[s] << ", " << b.name() << " "
                 << lb[s]);
       REQUIRE(std::isfinite(la[s]));
-      CHECK(std::fabs(la[s] - lb[s]) <= kLossTol);
+      CHECK(std::fabs(la[s] - lb[s]) <= mc.tol);
     }
     // The steps changed the model (the loss after them differs from the first).
     CHECK(std::fabs(lb.back() - lb.front()) > 1e-4);
