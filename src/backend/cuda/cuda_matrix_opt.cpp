@@ -62,13 +62,14 @@ struct MatOptLibs {
     solver = nullptr;
   }
 
-  int syevd_lwork(int64_t n) {
+  // A, W: device buffers of the call's size (the query reads only n, but gets real pointers).
+  int syevd_lwork(int64_t n, const double* A, const double* W) {
     auto it = lwork.find(n);
     if (it != lwork.end()) return it->second;
     int lw = 0;
     CUSOLVER_CHECK(cusolverDnDsyevd_bufferSize(solver, CUSOLVER_EIG_MODE_VECTOR,
-                                               CUBLAS_FILL_MODE_UPPER, int(n), nullptr, int(n),
-                                               nullptr, &lw));
+                                               CUBLAS_FILL_MODE_UPPER, int(n), A, int(n), W,
+                                               &lw));
     lwork.emplace(n, lw);
     return lw;
   }
@@ -101,8 +102,15 @@ struct EigBuffers {
 
 EigBuffers eig_buffers(const Ctx& ctx, MatOptLibs& libs, int64_t n, bool func) {
   EigBuffers b;
-  b.lwork = libs.syevd_lwork(n);
   const size_t nn = size_t(n) * size_t(n);
+  {
+    Arena pre;
+    pre.take<double>(nn);
+    pre.take<double>(size_t(n));
+    Arena pa(ctx.scratch->get(pre.used()));
+    const double* A0 = pa.take<double>(nn);
+    b.lwork = libs.syevd_lwork(n, A0, pa.take<double>(size_t(n)));
+  }
   Arena sz;
   sz.take<double>(nn);
   sz.take<double>(size_t(n));
