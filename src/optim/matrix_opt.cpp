@@ -400,7 +400,13 @@ std::unique_ptr<MatrixPreconditioner> make_preconditioner(const OptimConfig& o, 
 
 // ---- Freon ------------------------------------------------------------------------------------
 
-void freon_orthogonalize(Backend& be, const Tensor& U, Tensor& O, double c, double eps) {
+int64_t freon_workspace(const Shape& s) {
+  const int64_t r = s[s.size() - 2], cols = s.back(), n = std::min(r, cols);
+  return 2 * n * n + r * cols;  // S, P [n, n] and the product [r, cols]
+}
+
+void freon_orthogonalize(Backend& be, const Tensor& U, Tensor& O, double c, double eps,
+                         Tensor* work) {
   MF_CHECK(U.ndim() == 2 && O.shape == U.shape, "freon: expected matrices of the same shape, got ",
            shape_str(U.shape), " and ", shape_str(O.shape));
   MF_CHECK(c >= 0 && c < 1, "optim.freon.c must be in [0, 1), got ", c);
@@ -408,8 +414,14 @@ void freon_orthogonalize(Backend& be, const Tensor& U, Tensor& O, double c, doub
   if (r == 0 || cols == 0) return;
   const bool left = r <= cols;
   const int64_t n = left ? r : cols;
-  Tensor S = be.empty({n, n}, DType::F32), P = be.empty({n, n}, DType::F32);
-  Tensor tmp = be.empty(U.shape, DType::F32);
+  Tensor own;
+  if (!work || work->numel() < freon_workspace(U.shape)) {
+    own = be.empty({freon_workspace(U.shape)}, DType::F32);
+    work = &own;
+  }
+  Tensor S = work->slice0(0, n * n).view({n, n});
+  Tensor P = work->slice0(n * n, 2 * n * n).view({n, n});
+  Tensor tmp = work->slice0(2 * n * n, 2 * n * n + r * cols).view(U.shape);
   if (left)
     be.gemm(U, false, U, true, S, 1.0f, 0.0f);
   else

@@ -81,8 +81,12 @@ std::unique_ptr<MatrixPreconditioner> make_preconditioner(const OptimConfig& o, 
                                                           Backend& be);
 
 // Freon on one matrix U [r, c]: O (=) (U U^T)^-c U / ||U||_{S_q}^(1-2c), q = 2 - 2c (the Gram
-// matrix of the smaller side is decomposed). O may alias U.
-void freon_orthogonalize(Backend& be, const Tensor& U, Tensor& O, double c, double eps);
+// matrix of the smaller side is decomposed). O may alias U. `work` (f32, at least
+// freon_workspace(U.shape) elements) holds the temporaries; without it they are allocated per
+// call, which costs a device allocation per matrix per step on the GPU.
+void freon_orthogonalize(Backend& be, const Tensor& U, Tensor& O, double c, double eps,
+                         Tensor* work = nullptr);
+int64_t freon_workspace(const Shape& matrix_shape);
 
 // µP learning-rate multiplier of a hidden matrix under optim.name (DESIGN §4, Qiu et al.):
 // width_mult m = d_model / base_width; the base shape is shape / m (every hidden dimension

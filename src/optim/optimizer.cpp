@@ -119,7 +119,7 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
   const bool muon = is_matrix_optimizer(ocfg_.name);
   const OptKind mkind = kind_of(ocfg_.name);
   std::map<std::string, int> seen;
-  int64_t scratch = 0;
+  int64_t scratch = 0, freon_need = 0;
   for (Param* p : params) {
     MF_CHECK(p, "optimizer: null entry in the parameter list");
     MF_CHECK(seen.emplace(p->name, 1).second, "optimizer: parameter \"", p->name,
@@ -154,6 +154,7 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
         e.pre = make_preconditioner(ocfg_, p->shape, be);
       }
       scratch = std::max(scratch, p->numel());
+      if (e.kind == OptKind::Freon) freon_need = std::max(freon_need, freon_workspace(p->shape));
     } else {
       e.kind = OptKind::AdamW;
       const bool hidden = p->kind == ParamKind::Hidden;  // only when optim.name == adamw
@@ -168,6 +169,7 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
     entries_.push_back(std::move(e));
   }
   if (scratch > 0) muon_scratch_ = be.empty({scratch}, DType::F32);
+  if (freon_need > 0) freon_work_ = be.empty({freon_need}, DType::F32);
 }
 
 double Optimizer::lr_multiplier(int step) const { return mf::lr_multiplier(scfg_, max_steps_, step); }
@@ -223,7 +225,7 @@ void Optimizer::step_muon(OptEntry& e, double sched, float grad_scale) {
   for (int64_t x = 0; x < n_mat; ++x) {
     Tensor m = n_mat == 1 ? U : U.slice0(x, x + 1).view({rows, cols});
     if (e.kind == OptKind::Freon) {
-      freon_orthogonalize(be_, m, m, ocfg_.freon.c, ocfg_.freon.eps);
+      freon_orthogonalize(be_, m, m, ocfg_.freon.c, ocfg_.freon.eps, &freon_work_);
     } else if (e.kind == OptKind::Kaon) {
       be_.newton_schulz_coeffs(m, m, kaon_coefficients(ocfg_.kaon.steps), 1.0f);
       be_.scale(m, 1.0f / kKaonNorm);

@@ -101,6 +101,7 @@ class Optimizer {
   Backend& be_;
   std::vector<OptEntry> entries_;
   Tensor muon_scratch_;  // U / NS output, sized for the largest Muon param
+  Tensor freon_work_;    // Freon's temporaries (freon_workspace), sized for the largest matrix
   int64_t t_ = 0;
 };
 
