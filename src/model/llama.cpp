@@ -108,17 +108,7 @@ void LlamaModel::build_params() {
     return params_.back().get();
   };
   wte_ = add("model.embed_tokens.weight", ParamKind::Embedding, {V, d}, cfg_.init_std);
-  std::vector<std::vector<size_t>> layer_params(size_t(cfg_.n_layers));
   for (int i = 0; i < cfg_.n_layers; ++i) {
-    const size_t first = params_.size();
-    struct Mark {  // the parameters this iteration adds belong to layer i (both exits)
-      std::vector<std::unique_ptr<Param>>& all;
-      std::vector<size_t>& out;
-      size_t first;
-      ~Mark() {
-        for (size_t j = first; j < all.size(); ++j) out.push_back(j);
-      }
-    } mark{params_, layer_params[size_t(i)], first};
     const std::string p = "model.layers." + std::to_string(i) + ".";
     Layer l;
     l.ln1 = add(p + "input_layernorm.weight", ParamKind::Norm, {d}, 0);
@@ -154,7 +144,12 @@ void LlamaModel::build_params() {
   std::vector<size_t> head = {index_of(norm_f_)};
   if (!cfg_.tie_embeddings) head.push_back(index_of(lm_head_));
   grad_groups_.push_back(head);
-  for (int i = cfg_.n_layers - 1; i >= 0; --i) grad_groups_.push_back(layer_params[size_t(i)]);
+  for (int i = cfg_.n_layers - 1; i >= 0; --i) {  // layer i: every name under model.layers.i.
+    const std::string pre = "model.layers." + std::to_string(i) + ".";
+    grad_groups_.emplace_back();
+    for (size_t j = 0; j < params_.size(); ++j)
+      if (params_[j]->name.compare(0, pre.size(), pre) == 0) grad_groups_.back().push_back(j);
+  }
   grad_groups_.push_back({index_of(wte_)});
   const int64_t align = 64;  // floats (256 bytes): every gradient starts as aligned as a fresh one
   std::vector<int64_t> offset(params_.size(), -1);
