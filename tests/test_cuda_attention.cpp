@@ -168,6 +168,24 @@ TEST_CASE("model.attention: invalid modes are errors; the CPU backend ignores th
 #endif
 }
 
+TEST_CASE("train.deterministic keeps attention on flash", "[gpu][cuda][attention]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  CHECK_THROWS_WITH(select_attention(*be, "cudnn", true),
+                    Catch::Contains("train.deterministic") && Catch::Contains("flash"));
+  CHECK_NOTHROW(select_attention(*be, "auto", true));
+#ifdef MF_HAS_CUDA
+  auto* cb = dynamic_cast<CudaBackend*>(be.get());
+  REQUIRE(cb);
+  CHECK(cb->attention().mode() == "flash");
+  CHECK_NOTHROW(select_attention(*be, "auto", false));
+  CHECK(cb->attention().mode() == "auto");
+#endif
+  // The CPU backend takes any mode either way.
+  auto cpu = make_backend("cpu");
+  CHECK_NOTHROW(select_attention(*cpu, "cudnn", true));
+}
+
 TEST_CASE("cuDNN attention forward and backward match the double reference",
           "[gpu][cuda][attention]") {
   MF_SKIP_WITHOUT_GPU();

@@ -71,6 +71,22 @@ void Backend::set_attention_impl(const std::string& mode) {
   if (mode == "cudnn") said = true;
 }
 
+void select_attention(Backend& be, const std::string& mode, bool deterministic) {
+  std::string m = mode;
+  if (deterministic && be.device() == Device::CUDA) {
+    MF_CHECK(m != "cudnn", "model.attention = \"cudnn\" with train.deterministic = true: cuDNN's "
+             "attention backward accumulates dQ with atomics, so runs are not bitwise "
+             "reproducible; use model.attention = \"flash\" (or \"auto\", which picks flash "
+             "in deterministic mode)");
+    if (m == "auto") {
+      m = "flash";
+      spdlog::info("train.deterministic: model.attention = \"auto\" uses the flash kernels "
+                   "(cuDNN's backward is not bitwise reproducible)");
+    }
+  }
+  be.set_attention_impl(m);
+}
+
 bool cuda_available() {
 #ifdef MF_HAS_CUDA
   return cuda_device_count() > 0;

@@ -236,6 +236,11 @@ class Backend {
 
 // "cpu", "cuda" or "auto" (cuda when built with CUDA and a device is present, else cpu).
 std::unique_ptr<Backend> make_backend(const std::string& device);
+
+// Applies model.attention to `be`. With train.deterministic on a CUDA backend, "auto" becomes
+// "flash" and "cudnn" is an error: cuDNN's attention backward accumulates dQ with atomics, so
+// two runs are not bitwise identical.
+void select_attention(Backend& be, const std::string& mode, bool deterministic);
 bool cuda_available();  // built with CUDA and at least one device visible
 
 }  // namespace mf

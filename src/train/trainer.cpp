@@ -140,11 +140,7 @@ void Trainer::setup() {
   if (env.distributed()) spdlog::info("distributed: {}", env.str());
 
   be_ = make_backend(cfg_.train.device);
-  // Accepted by the schema for forward compatibility, not acted on yet: say so rather than
-  // silently ignoring them.
-  if (cfg_.model.attention == "cudnn")
-    spdlog::warn("model.attention = \"cudnn\": the cuDNN SDPA path is not implemented yet; "
-                 "using the hand-written attention");
+  select_attention(*be_, cfg_.model.attention, cfg_.train.deterministic);
   if (env.distributed()) store_ = TcpStore::from_env(env);
   comm_ = make_communicator(env, store_.get(), be_->device(), compute_stream(*be_));
   if (env.distributed()) check_same_json(*comm_, "config", config_to_json(cfg_));
