@@ -3,6 +3,7 @@
 // double-precision kernels around cuSOLVER's syevd (see matrix_opt.cuh). Deterministic: every
 // reduction is a fixed shuffle tree or a fixed serial order, and no kernel uses float atomics.
 #include "matrix_opt.cuh"
+#include "muon.cuh"
 
 #include <cmath>
 
@@ -288,25 +289,7 @@ void op_newton_schulz_coeffs(const Ctx& ctx, const Tensor& U, Tensor& O,
   CUDA_CHECK_LAUNCH();
 
   for (size_t it = 0; it + 2 < coeffs.size(); it += 3) {
-    const float a = coeffs[it], b = coeffs[it + 1], c = coeffs[it + 2];
-    GemmArgs g;  // A (=) X X^T   [m,m]
-    g.transB = true;
-    g.M = m; g.N = m; g.K = n;
-    g.A = X; g.lda = n; g.B = X; g.ldb = n; g.D = A; g.ldd = m;
-    g.ab = DType::F32; g.cd = DType::F32; g.alpha = 1.f; g.beta = 0.f;
-    ctx.lt->gemm(g);
-
-    g = GemmArgs{};  // B (=) b A + c A A   [m,m]
-    g.M = m; g.N = m; g.K = m;
-    g.A = A; g.lda = m; g.B = A; g.ldb = m; g.C = A; g.ldc = m; g.D = B; g.ldd = m;
-    g.ab = DType::F32; g.cd = DType::F32; g.alpha = c; g.beta = b;
-    ctx.lt->gemm(g);
-
-    g = GemmArgs{};  // Xn (=) a X + B X   [m,n]
-    g.M = m; g.N = n; g.K = m;
-    g.A = B; g.lda = m; g.B = X; g.ldb = n; g.C = X; g.ldc = n; g.D = Xn; g.ldd = n;
-    g.ab = DType::F32; g.cd = DType::F32; g.alpha = 1.f; g.beta = a;
-    ctx.lt->gemm(g);
+    ns_iteration(ctx, DType::F32, X, A, B, Xn, m, n, coeffs[it], coeffs[it + 1], coeffs[it + 2]);
     std::swap(X, Xn);
   }
   p.X = X;

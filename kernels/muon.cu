@@ -87,6 +87,28 @@ void op_muon_momentum(const Ctx& ctx, const Tensor& g, Tensor& M, Tensor& U, flo
   CUDA_CHECK_LAUNCH();
 }
 
+void ns_iteration(const Ctx& ctx, DType dt, const void* X, void* A, void* B, void* Xn, int64_t m,
+                  int64_t n, float a, float b, float c) {
+  GemmArgs g;  // A (=) X X^T   [m,m]
+  g.transB = true;
+  g.M = m; g.N = m; g.K = n;
+  g.A = X; g.lda = n; g.B = X; g.ldb = n; g.D = A; g.ldd = m;
+  g.ab = dt; g.cd = dt; g.alpha = 1.f; g.beta = 0.f;
+  ctx.lt->gemm(g);
+
+  g = GemmArgs{};  // B (=) b A + c A A   [m,m]
+  g.M = m; g.N = m; g.K = m;
+  g.A = A; g.lda = m; g.B = A; g.ldb = m; g.C = A; g.ldc = m; g.D = B; g.ldd = m;
+  g.ab = dt; g.cd = dt; g.alpha = c; g.beta = b;
+  ctx.lt->gemm(g);
+
+  g = GemmArgs{};  // Xn (=) a X + B X   [m,n]
+  g.M = m; g.N = n; g.K = m;
+  g.A = B; g.lda = m; g.B = X; g.ldb = n; g.C = X; g.ldc = n; g.D = Xn; g.ldd = n;
+  g.ab = dt; g.cd = dt; g.alpha = 1.f; g.beta = a;
+  ctx.lt->gemm(g);
+}
+
 void op_newton_schulz(const Ctx& ctx, const Tensor& U, Tensor& O, int steps, float a, float b,
                       float c) {
   const char* op = "newton_schulz";
@@ -121,24 +143,7 @@ void op_newton_schulz(const Ctx& ctx, const Tensor& U, Tensor& O, int steps, flo
   CUDA_CHECK_LAUNCH();
 
   for (int it = 0; it < steps; ++it) {
-    GemmArgs g;  // A (=) X X^T   [m,m]
-    g.transB = true;
-    g.M = m; g.N = m; g.K = n;
-    g.A = X; g.lda = n; g.B = X; g.ldb = n; g.D = A; g.ldd = m;
-    g.ab = DType::BF16; g.cd = DType::BF16; g.alpha = 1.f; g.beta = 0.f;
-    ctx.lt->gemm(g);
-
-    g = GemmArgs{};  // B (=) b A + c A A   [m,m]
-    g.M = m; g.N = m; g.K = m;
-    g.A = A; g.lda = m; g.B = A; g.ldb = m; g.C = A; g.ldc = m; g.D = B; g.ldd = m;
-    g.ab = DType::BF16; g.cd = DType::BF16; g.alpha = c; g.beta = b;
-    ctx.lt->gemm(g);
-
-    g = GemmArgs{};  // Xn (=) a X + B X   [m,n]
-    g.M = m; g.N = n; g.K = m;
-    g.A = B; g.lda = m; g.B = X; g.ldb = n; g.C = X; g.ldc = n; g.D = Xn; g.ldd = n;
-    g.ab = DType::BF16; g.cd = DType::BF16; g.alpha = 1.f; g.beta = a;
-    ctx.lt->gemm(g);
+    ns_iteration(ctx, DType::BF16, X, A, B, Xn, m, n, a, b, c);
     std::swap(X, Xn);
   }
   cp.X = X;

@@ -15,4 +15,10 @@ void op_muon_momentum(const Ctx& ctx, const Tensor& g, Tensor& M, Tensor& U, flo
 void op_newton_schulz(const Ctx& ctx, const Tensor& U, Tensor& O, int steps, float a, float b,
                       float c);
 
+// One Newton-Schulz iteration on X [m,n] (dtype dt, row-major) with scratch A, B [m,m] and the
+// output Xn [m,n]: A = X X^T; B = b A + c A A; Xn = a X + B X — three cuBLASLt GEMMs with fp32
+// accumulation. Shared by op_newton_schulz (bf16) and op_newton_schulz_coeffs (f32).
+void ns_iteration(const Ctx& ctx, DType dt, const void* X, void* A, void* B, void* Xn, int64_t m,
+                  int64_t n, float a, float b, float c);
+
 }  // namespace mf::cuda
