@@ -118,7 +118,12 @@ def main():
         steps_before = max(json.loads(l)["step"] for l in open(run_dir / "metrics.jsonl"))
         check(steps_before < 200, f"stopped at step {steps_before}")
         rc, log = run(cmd2)
-        check(rc == 0, "second sitting finished")
+        if rc != 0:  # say why: the sweep's output and the end of the trainer's log
+            print(log)
+            tl = out2 / "logs" / "muon-lr0.01.log"
+            if tl.exists():
+                print("\n".join(tl.read_text().splitlines()[-30:]))
+        check(rc == 0, f"second sitting finished (rc {rc})")
         trainer_log = (out2 / "logs" / "muon-lr0.01.log").read_text()
         check("resumed from" in trainer_log, "trainer resumed from the checkpoint")
         st = json.loads((run_dir / "sweep_status.json").read_text())
