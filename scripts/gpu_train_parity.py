@@ -71,6 +71,8 @@ def main():
             "model.d_ff=688", "model.max_seq_len=128", "train.seq_len=128", "train.micro_batch=8",
             "train.batch_tokens=2048", f"train.max_steps={STEPS}", "train.eval_every=0",
             "train.ckpt_every=0", "train.keep_ckpts=1", "train.log_every=1", "train.seed=7",
+            # bitwise launcher == plain needs deterministic kernels (auto attention -> flash)
+            "train.deterministic=true",
             f"data.train={data}/train_*.bin", "data.val=", "data.shuffle=false"]
     cfg = os.path.join(REPO, "configs", "tiny.json")
     runs = {}
