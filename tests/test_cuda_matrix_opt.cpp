@@ -16,6 +16,8 @@
 // primitives; relative Frobenius error of the accumulated weight change for the Optimizer steps.
 #include <catch2/catch.hpp>
 
+#include "gpu_test_util.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -42,14 +44,6 @@ using namespace mf;
 using Catch::Matchers::Contains;
 
 namespace {
-
-#define MF_SKIP_WITHOUT_GPU()                                                      \
-  do {                                                                             \
-    if (!cuda_available()) {                                                       \
-      WARN("no CUDA device (or a CPU-only build): skipping this [gpu] test");      \
-      return;                                                                      \
-    }                                                                              \
-  } while (0)
 
 using Vec = std::vector<double>;
 

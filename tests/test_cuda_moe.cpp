@@ -8,6 +8,8 @@
 // float outputs within the GPU's own roundings (bf16 stores, fp32 accumulation order).
 #include <catch2/catch.hpp>
 
+#include "gpu_test_util.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -26,14 +28,6 @@
 using namespace mf;
 
 namespace {
-
-#define MF_SKIP_WITHOUT_GPU()                                                      \
-  do {                                                                             \
-    if (!cuda_available()) {                                                       \
-      WARN("no CUDA device (or a CPU-only build): skipping this [gpu] test");      \
-      return;                                                                      \
-    }                                                                              \
-  } while (0)
 
 using FVec = std::vector<float>;
 using IVec = std::vector<int32_t>;

@@ -7,6 +7,8 @@
 // the only differences left are the GPU's own roundings (bf16 outputs, fp32 accumulation order).
 #include <catch2/catch.hpp>
 
+#include "gpu_test_util.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -22,18 +24,14 @@
 #endif
 
 using namespace mf;
+using mf::test::host_of;
+using mf::test::dev_of;
+using mf::test::fetch;
+using mf::test::norm_err;
 
 namespace {
 
 using Vec = std::vector<double>;
-
-#define MF_SKIP_WITHOUT_GPU()                                                      \
-  do {                                                                             \
-    if (!cuda_available()) {                                                       \
-      WARN("no CUDA device (or a CPU-only build): skipping this [gpu] test");      \
-      return;                                                                      \
-    }                                                                              \
-  } while (0)
 
 Vec rand_vec(Rng& rng, size_t n, double lo = -1.0, double hi = 1.0, bool bf16 = true) {
   Vec v(n);
@@ -44,40 +42,10 @@ Vec rand_vec(Rng& rng, size_t n, double lo = -1.0, double hi = 1.0, bool bf16 = 
   return v;
 }
 
-Tensor host_of(const Shape& s, const Vec& v) {
-  Tensor h = host_tensor(s, DType::F32);
-  for (size_t i = 0; i < v.size(); ++i) h.f32()[i] = float(v[i]);
-  return h;
-}
-
 Tensor host_ids(const std::vector<int32_t>& v) {
   Tensor h = host_tensor({int64_t(v.size())}, DType::I32);
   std::memcpy(h.ptr, v.data(), v.size() * sizeof(int32_t));
   return h;
-}
-
-Tensor dev_of(Backend& be, const Shape& s, DType t, const Vec& v) {
-  Tensor d = be.empty(s, t);
-  be.upload(host_of(s, v), d);
-  return d;
-}
-
-Vec fetch(Backend& be, const Tensor& t) {
-  Tensor h = host_tensor(t.shape, DType::F32);
-  be.download(t, h);
-  return Vec(h.f32(), h.f32() + h.numel());
-}
-
-// max |got - want| / max |want|; NaN -> infinity (the op harness's measure).
-double norm_err(const Vec& got, const Vec& want) {
-  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (std::isnan(got[i]) || std::isnan(want[i])) return std::numeric_limits<double>::infinity();
-    num = std::max(num, std::abs(got[i] - want[i]));
-    den = std::max(den, std::abs(want[i]));
-  }
-  return den > 0 ? num / den : num;
 }
 
 // C[M,N] = alpha op(A) op(B) + beta C, row-major, double.

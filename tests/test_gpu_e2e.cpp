@@ -9,6 +9,8 @@
 // CI: two CPU runs are identical and the synthetic data is learnable (the loss falls).
 #include <catch2/catch.hpp>
 
+#include "gpu_test_util.h"
+
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -36,14 +38,6 @@ namespace {
 
 constexpr double kLossTol = 2e-2;  // |loss_cuda - loss_cpu| per step (absolute, loss ~ ln 512)
 constexpr int kSteps = 20;
-
-#define MF_SKIP_WITHOUT_GPU()                                                      \
-  do {                                                                             \
-    if (!cuda_available()) {                                                       \
-      WARN("no CUDA device (or a CPU-only build): skipping this [gpu] test");      \
-      return;                                                                      \
-    }                                                                              \
-  } while (0)
 
 // hd = 64 (the tensor-core attention path), GQA 2:1, T = 96 (a partial 64-row tile), d_ff a
 // multiple of 8, 2 layers; batch 2 micro-batches of 3 x 96.
