@@ -646,26 +646,12 @@ namespace {
 
 constexpr int kAttnMaxHeadDim = 8 * kWarp;  // SIMT fallback limit
 
-void check_attn(const char* op, const AttnShape& s) {
-  MF_CHECK(s.B > 0 && s.T > 0 && s.H > 0 && s.Hkv > 0 && s.hd > 0, op, ": bad shape B=", s.B,
-           " T=", s.T, " H=", s.H, " Hkv=", s.Hkv, " hd=", s.hd);
-  MF_CHECK(s.H % s.Hkv == 0, op, ": n_heads ", s.H, " is not a multiple of n_kv_heads ", s.Hkv);
-  MF_CHECK(s.scale > 0.f, op, ": softmax scale ", s.scale, " must be positive");
+// The limits of these kernels, beyond the shared argument checks.
+void check_kernel_limits(const char* op, const AttnShape& s) {
   MF_CHECK(s.hd <= kAttnMaxHeadDim, op, ": head_dim ", s.hd, " exceeds the CUDA kernels' limit ",
            kAttnMaxHeadDim);
   MF_CHECK(int64_t(s.B) * s.H <= 65535 && int64_t(s.B) * s.Hkv <= 65535, op, ": B*H = ",
            int64_t(s.B) * s.H, " exceeds the grid limit 65535");
-}
-
-void check_act(const char* op, const char* name, const Tensor& t, const AttnShape& s, int heads) {
-  check_dtype(op, name, t, DType::BF16);
-  MF_CHECK(t.numel() == int64_t(s.B) * s.T * heads * s.hd, op, ": ", describe(name, t),
-           " must have B*T*", heads, "*hd = ", int64_t(s.B) * s.T * heads * s.hd, " elements");
-}
-
-void check_lse(const char* op, const Tensor& lse, const AttnShape& s) {
-  check_dtype(op, "lse", lse, DType::F32);
-  check_numel(op, "lse", lse, int64_t(s.B) * s.H * s.T, "B*H*T");
 }
 
 AttnParams make_params(const AttnShape& s) {
@@ -685,15 +671,56 @@ bool use_tensor_cores(const AttnShape& s, std::initializer_list<const void*> ptr
 
 }  // namespace
 
-void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                      Tensor& out, Tensor& lse, const AttnShape& s) {
-  const char* op = "attention_fwd";
-  check_attn(op, s);
+namespace {
+
+void check_act(const char* op, const char* name, const Tensor& t, const AttnShape& s, int heads) {
+  check_dev(op, name, t);
+  check_dtype(op, name, t, DType::BF16);
+  MF_CHECK(t.numel() == int64_t(s.B) * s.T * heads * s.hd, op, ": ", describe(name, t),
+           " must have B*T*", heads, "*hd = ", int64_t(s.B) * s.T * heads * s.hd, " elements");
+}
+
+void check_lse(const char* op, const Tensor& lse, const AttnShape& s) {
+  check_dev(op, "lse", lse);
+  check_dtype(op, "lse", lse, DType::F32);
+  check_numel(op, "lse", lse, int64_t(s.B) * s.H * s.T, "B*H*T");
+}
+
+}  // namespace
+
+void check_attention_shape(const char* op, const AttnShape& s) {
+  MF_CHECK(s.B > 0 && s.T > 0 && s.H > 0 && s.Hkv > 0 && s.hd > 0, op, ": bad shape B=", s.B,
+           " T=", s.T, " H=", s.H, " Hkv=", s.Hkv, " hd=", s.hd);
+  MF_CHECK(s.H % s.Hkv == 0, op, ": n_heads ", s.H, " is not a multiple of n_kv_heads ", s.Hkv);
+  MF_CHECK(s.scale > 0.f, op, ": softmax scale ", s.scale, " must be positive");
+}
+
+void check_attention_fwd_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                              const Tensor& out, const Tensor& lse, const AttnShape& s) {
+  check_attention_shape(op, s);
   check_act(op, "q", q, s, s.H);
   check_act(op, "k", k, s, s.Hkv);
   check_act(op, "v", v, s, s.Hkv);
   check_act(op, "out", out, s, s.H);
   check_lse(op, lse, s);
+}
+
+void check_attention_bwd_args(const char* op, const Tensor& dout, const Tensor& q,
+                              const Tensor& k, const Tensor& v, const Tensor& out,
+                              const Tensor& lse, const Tensor& dq, const Tensor& dk,
+                              const Tensor& dv, const AttnShape& s) {
+  check_attention_fwd_args(op, q, k, v, out, lse, s);
+  check_act(op, "dout", dout, s, s.H);
+  check_act(op, "dq", dq, s, s.H);
+  check_act(op, "dk", dk, s, s.Hkv);
+  check_act(op, "dv", dv, s, s.Hkv);
+}
+
+void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                      Tensor& out, Tensor& lse, const AttnShape& s) {
+  const char* op = "attention_fwd";
+  check_attention_fwd_args(op, q, k, v, out, lse, s);
+  check_kernel_limits(op, s);
   AttnParams p = make_params(s);
   p.q = static_cast<const bf16*>(q.ptr);
   p.k = static_cast<const bf16*>(k.ptr);
@@ -712,16 +739,8 @@ void op_attention_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& q, const
                       const Tensor& v, const Tensor& out, const Tensor& lse, Tensor& dq,
                       Tensor& dk, Tensor& dv, const AttnShape& s) {
   const char* op = "attention_bwd";
-  check_attn(op, s);
-  check_act(op, "dout", dout, s, s.H);
-  check_act(op, "q", q, s, s.H);
-  check_act(op, "k", k, s, s.Hkv);
-  check_act(op, "v", v, s, s.Hkv);
-  check_act(op, "out", out, s, s.H);
-  check_act(op, "dq", dq, s, s.H);
-  check_act(op, "dk", dk, s, s.Hkv);
-  check_act(op, "dv", dv, s, s.Hkv);
-  check_lse(op, lse, s);
+  check_attention_bwd_args(op, dout, q, k, v, out, lse, dq, dk, dv, s);
+  check_kernel_limits(op, s);
   AttnParams p = make_params(s);
   p.q = static_cast<const bf16*>(q.ptr);
   p.k = static_cast<const bf16*>(k.ptr);

@@ -6,6 +6,17 @@
 
 namespace mf::cuda {
 
+// Argument checks shared by every attention path (these kernels and cuDNN's): all sizes > 0,
+// H a multiple of Hkv, scale > 0; device bf16 activations of B*T*heads*hd elements (q, out, dout,
+// dq: H heads; k, v, dk, dv: Hkv); device f32 lse of B*H*T. Errors name op and tensor.
+void check_attention_shape(const char* op, const AttnShape& s);
+void check_attention_fwd_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                              const Tensor& out, const Tensor& lse, const AttnShape& s);
+void check_attention_bwd_args(const char* op, const Tensor& dout, const Tensor& q,
+                              const Tensor& k, const Tensor& v, const Tensor& out,
+                              const Tensor& lse, const Tensor& dq, const Tensor& dk,
+                              const Tensor& dv, const AttnShape& s);
+
 // q, out [B,T,H,hd] bf16; k, v [B,T,Hkv,hd] bf16 (any shape with those element counts);
 // lse f32 [B,H,T] (natural log of sum exp(scale q.k) over keys j <= t).
 void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Tensor& v,

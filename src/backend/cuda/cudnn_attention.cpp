@@ -40,26 +40,6 @@ std::string shape_text(const AttnShape& s) {
                      " scale=", s.scale);
 }
 
-void check_shape(const char* op, const AttnShape& s) {
-  MF_CHECK(s.B > 0 && s.T > 0 && s.H > 0 && s.Hkv > 0 && s.hd > 0, op, ": bad shape ",
-           shape_text(s));
-  MF_CHECK(s.H % s.Hkv == 0, op, ": n_heads ", s.H, " is not a multiple of n_kv_heads ", s.Hkv);
-  MF_CHECK(s.scale > 0.f, op, ": softmax scale ", s.scale, " must be positive");
-}
-
-void check_act(const char* op, const char* name, const Tensor& t, const AttnShape& s, int heads) {
-  check_dev(op, name, t);
-  check_dtype(op, name, t, DType::BF16);
-  MF_CHECK(t.numel() == int64_t(s.B) * s.T * heads * s.hd, op, ": ", describe(name, t),
-           " must have B*T*", heads, "*hd = ", int64_t(s.B) * s.T * heads * s.hd, " elements");
-}
-
-void check_lse(const char* op, const Tensor& lse, const AttnShape& s) {
-  check_dev(op, "lse", lse);
-  check_dtype(op, "lse", lse, DType::F32);
-  check_numel(op, "lse", lse, int64_t(s.B) * s.H * s.T, "B*H*T");
-}
-
 }  // namespace
 
 #ifdef MF_HAS_CUDNN
@@ -561,7 +541,7 @@ bool CudnnAttention::compiled() { return true; }
 int64_t CudnnAttention::runtime_version() { return int64_t(cudnnGetVersion()); }
 
 void CudnnAttention::prepare(const AttnShape& s) {
-  check_shape("cudnn attention", s);
+  check_attention_shape("cudnn attention", s);
   impl_->plan(s, false);
   impl_->plan(s, true);
 }
@@ -569,12 +549,7 @@ void CudnnAttention::prepare(const AttnShape& s) {
 void CudnnAttention::fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                          Tensor& lse, const AttnShape& s) {
   const char* op = "attention_fwd (cuDNN)";
-  check_shape(op, s);
-  check_act(op, "q", q, s, s.H);
-  check_act(op, "k", k, s, s.Hkv);
-  check_act(op, "v", v, s, s.Hkv);
-  check_act(op, "out", out, s, s.H);
-  check_lse(op, lse, s);
+  check_attention_fwd_args(op, q, k, v, out, lse, s);
   auto& p = impl_->plan(s, false);
   float scale = s.scale, neg_inf = std::numeric_limits<float>::lowest();
   impl_->execute(p, {kQ, kK, kV, kO, kStats, kScale, kNegInf},
@@ -585,16 +560,7 @@ void CudnnAttention::bwd(const Tensor& dout, const Tensor& q, const Tensor& k, c
                          const Tensor& out, const Tensor& lse, Tensor& dq, Tensor& dk, Tensor& dv,
                          const AttnShape& s) {
   const char* op = "attention_bwd (cuDNN)";
-  check_shape(op, s);
-  check_act(op, "dout", dout, s, s.H);
-  check_act(op, "q", q, s, s.H);
-  check_act(op, "k", k, s, s.Hkv);
-  check_act(op, "v", v, s, s.Hkv);
-  check_act(op, "out", out, s, s.H);
-  check_act(op, "dq", dq, s, s.H);
-  check_act(op, "dk", dk, s, s.Hkv);
-  check_act(op, "dv", dv, s, s.Hkv);
-  check_lse(op, lse, s);
+  check_attention_bwd_args(op, dout, q, k, v, out, lse, dq, dk, dv, s);
   auto& p = impl_->plan(s, true);
   float scale = s.scale, neg_inf = std::numeric_limits<float>::lowest(), one = 1.f;
   impl_->execute(p, {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kScale, kNegInf, kOne},
@@ -791,7 +757,7 @@ bool AttentionDispatch::use_cudnn(const AttnShape& s, const Tensor& q, const Ten
       spdlog::info("attention {}: cuDNN ({})", shape_text(s), cudnn_->plan_info(s));
       pick = true;
     } else {
-      check_shape("attention", s);
+      check_attention_shape("attention", s);
       pick = autotune(s, q, k, v);
     }
     cudnn_for_[key_of(s)] = pick;
