@@ -17,10 +17,6 @@ bool ends_with(const std::string& s, const std::string& tail) {
   return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-// Residual output projections get the GPT-2 1/sqrt(2 L) init factor (as LlamaModel does).
-bool is_residual_out(const Param& p) {
-  return ends_with(p.name, "o_proj.weight") || ends_with(p.name, "down_proj.weight");
-}
 
 std::string shape_text(const Shape& s) {
   std::string out = "[";
@@ -37,6 +33,10 @@ std::string g(double x) {
 std::string pad(const std::string& s, size_t w) { return s.size() >= w ? s : s + std::string(w - s.size(), ' '); }
 
 }  // namespace
+
+bool is_residual_out_proj(const std::string& name) {
+  return ends_with(name, "o_proj.weight") || ends_with(name, "down_proj.weight");
+}
 
 std::string parametrization_name(const Config& cfg) {
   if (cfg.mup.enabled) return "mup";
@@ -98,7 +98,7 @@ MupResult apply_mup(const Config& cfg, const ParamList& params) {
         p->lr_mult = on_muon ? matrix_mup_lr_mult(cfg.optim, p->shape, m) : 1.0 / m;
         if (independent) p->wd_mult = 1.0 / m;
         double std = cfg.model.init_std / std::sqrt(m);
-        if (is_residual_out(*p)) std /= std::sqrt(2.0 * cfg.mup.base_depth);
+        if (is_residual_out_proj(p->name)) std /= std::sqrt(2.0 * cfg.mup.base_depth);
         p->init_std = std;
       } else if (p->kind == ParamKind::Embedding || p->kind == ParamKind::LmHead) {
         p->init_std = cfg.model.init_std;

@@ -43,6 +43,11 @@
 
 namespace mf {
 
+// True for the last projection of a residual branch (o_proj, and every down_proj: dense MLP,
+// routed and shared experts): the GPT-2 1/sqrt(2 L) init factor and µP's residual multiplier
+// (folded into these weights on export) apply to them.
+bool is_residual_out_proj(const std::string& name);
+
 // "mup", "sp" or "rms" (see above).
 std::string parametrization_name(const Config& cfg);
 

@@ -34,7 +34,7 @@ std::map<std::string, double> export_weight_factors(const Config& cfg) {
   for (auto& [name, shape] : expected_param_names(cfg.model)) {
     double x = 1.0;
     if (name == "lm_head.weight") x = s.logit_mult;
-    if (ends_with(name, "o_proj.weight") || ends_with(name, "down_proj.weight")) x = s.residual_mult;
+    if (is_residual_out_proj(name)) x = s.residual_mult;
     if (ends_with(name, "q_proj.weight")) x = q;
     if (x != 1.0) f[name] = x;
   }
