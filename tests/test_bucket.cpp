@@ -138,6 +138,29 @@ TEST_CASE("bucket planner: sizes, order, every tensor once, oversized tensors al
       }
     }
   }
+  SECTION("a bucket never mixes reduce-scattered (ZeRO-1) and all-reduced tensors") {
+    auto z = s;
+    // sharded: 300 500 | 250 2500 plain | 10 990 20 sharded | rest plain
+    const std::vector<bool> sh = {true, true, false, false, true, true, true,
+                                  false, false, false, false};
+    for (size_t i = 0; i < z.size(); ++i) z[i].sharded = sh[i];
+    auto zb = plan_grad_buckets(z, 1.0);  // no size cap: only the kind splits
+    check_cover(zb, z);
+    std::vector<std::pair<size_t, size_t>> want_z = {{0, 2}, {2, 4}, {4, 7}, {7, 11}};
+    REQUIRE(zb.size() == want_z.size());
+    for (size_t k = 0; k < zb.size(); ++k) {
+      INFO("bucket " << k);
+      CHECK(zb[k].first == want_z[k].first);
+      CHECK(zb[k].last == want_z[k].second);
+      CHECK(zb[k].sharded == sh[zb[k].first]);
+      for (size_t i = zb[k].first; i < zb[k].last; ++i) CHECK(z[i].sharded == zb[k].sharded);
+    }
+    // With the cap as well: the same cuts as before plus the kind changes.
+    auto zc = plan_grad_buckets(z, cap_mb);
+    check_cover(zc, z);
+    for (auto& x : zc)
+      for (size_t i = x.first; i < x.last; ++i) CHECK(z[i].sharded == x.sharded);
+  }
   SECTION("bad inputs name the problem") {
     CHECK_THAT(error_of([&] { plan_grad_buckets(s, -1); }), Contains("train.bucket_mb"));
     auto bad = s;

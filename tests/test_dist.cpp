@@ -481,6 +481,57 @@ TEST_CASE("gloo: collectives over 3 ranks give exact results", "[dist][gloo]") {
   for (size_t i = 0; i < N; ++i) REQUIRE(noisy[0][i] == Approx(ref[i]).margin(1e-5));
 }
 
+TEST_CASE("gloo: sharded reduce-scatter and all-gather in place (ZeRO-1)", "[dist][gloo][zero]") {
+  const int n = 3;
+  // 1037: shards of 384 floats, the last one short; 100: rank 0 holds it all, the others nothing.
+  for (size_t N : {size_t(1037), size_t(100), size_t(64 * 3)}) {
+    std::vector<std::vector<float>> rs(n), ag(n);
+    auto errs = with_gloo(n, [&](int r, Communicator& c) {
+      rs[r] = ints(r + 40, N);
+      c.reduce_scatter_avg_async(rs[r].data(), N)->wait();
+      ag[r] = ints(r + 50, N);  // every rank's input differs: only its own shard may survive
+      c.allgather_shards(ag[r].data(), N);
+    });
+    for (int r = 0; r < n; ++r) { INFO("rank " << r << ": " << errs[r]); REQUIRE(errs[r].empty()); }
+    std::vector<float> mean(N, 0.0f), gathered(N, 0.0f);
+    for (int r = 0; r < n; ++r) {
+      auto x = ints(r + 40, N);
+      for (size_t i = 0; i < N; ++i) mean[i] += x[i];
+      const ShardRange sh = shard_range(N, n, r);
+      auto y = ints(r + 50, N);
+      for (size_t i = sh.lo; i < sh.hi; ++i) gathered[i] = y[i];
+    }
+    for (int r = 0; r < n; ++r) {
+      INFO("N " << N << " rank " << r);
+      const ShardRange sh = shard_range(N, n, r);
+      for (size_t i = sh.lo; i < sh.hi; ++i) REQUIRE(rs[r][i] == Approx(mean[i] / 3.0f).epsilon(1e-6));
+      CHECK(ag[r] == gathered);
+    }
+  }
+}
+
+TEST_CASE("shard_range: contiguous aligned shards that cover the buffer", "[dist][zero]") {
+  for (size_t n : {size_t(0), size_t(1), size_t(63), size_t(64), size_t(1000), size_t(12345)})
+    for (int w : {1, 2, 3, 8}) {
+      INFO("n " << n << " world " << w);
+      size_t next = 0;
+      for (int r = 0; r < w; ++r) {
+        ShardRange sh = shard_range(n, w, r);
+        CHECK(sh.lo == next);  // in rank order, no gaps
+        CHECK(sh.lo <= sh.hi);
+        CHECK(sh.size() <= shard_stride(n, w));
+        if (sh.size() > 0) CHECK(sh.lo % 64 == 0);
+        next = sh.hi;
+      }
+      CHECK(next == n);
+      CHECK(shard_stride(n, w) * size_t(w) >= n);
+      CHECK(shard_stride(n, w) % 64 == 0);
+      // Balanced: no rank holds more than a shard's worth above the even split.
+      CHECK(shard_stride(n, w) < (n + size_t(w) - 1) / size_t(w) + 64);
+    }
+  CHECK_THAT(error_of([] { shard_range(10, 2, 2); }), Contains("rank 2 of 2"));
+}
+
 TEST_CASE("gloo: check_same names the rank and the differing keys", "[dist][gloo]") {
   const int n = 3;
   std::vector<std::string> same_errs(n);

@@ -22,6 +22,7 @@ std::vector<GradBucket> plan_grad_buckets(const std::vector<GradSlot>& slots, do
     cur.offset = a.offset;
     cur.numel = b.offset + b.numel - a.offset;
     cur.ready_group = b.group;
+    cur.sharded = b.sharded;
     out.push_back(cur);
     cur = GradBucket();
     cur.first = end;
@@ -39,6 +40,7 @@ std::vector<GradBucket> plan_grad_buckets(const std::vector<GradSlot>& slots, do
       MF_CHECK(s.group >= p.group, what, " slot ", i, " is in group ", s.group,
                " after a slot of group ", p.group, ": slots must be in the order gradients finish");
     }
+    if (i > cur.first && slots[i - 1].sharded != s.sharded) close(i);
     if (filled > 0 && (cap == 0 || double(filled + s.numel) > cap)) close(i);
     filled += s.numel;
     if (cap == 0 || double(filled) >= cap) close(i + 1);

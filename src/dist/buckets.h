@@ -14,6 +14,7 @@ struct GradSlot {
   int64_t offset = 0;  // first float in the arena
   int64_t numel = 0;
   int group = 0;       // index of the backward stage that finishes it (non-decreasing)
+  bool sharded = false;  // ZeRO-1: reduce-scattered (its optimizer update is split over ranks)
 };
 
 struct GradBucket {
@@ -21,11 +22,12 @@ struct GradBucket {
   int64_t offset = 0;          // arena range [offset, offset + numel): the slots and the padding
   int64_t numel = 0;           // between them
   int ready_group = 0;         // the bucket may start once this group is final
+  bool sharded = false;        // its slots' `sharded` (a bucket never mixes the two kinds)
 };
 
 // Packs the slots, in order, into buckets of at most `bucket_mb` MiB of f32 (counting the slots'
 // elements): a bucket closes before a slot that would overflow it, so a slot larger than the cap
-// gets a bucket of its own. bucket_mb = 0: one slot per bucket. Every slot lands in exactly one
+// gets a bucket of its own, and a bucket also closes where `sharded` changes. bucket_mb = 0: one slot per bucket. Every slot lands in exactly one
 // bucket. Slots must be listed in increasing, non-overlapping offsets and non-decreasing groups;
 // otherwise an mf::Error names the slot (`what` labels the source in messages).
 std::vector<GradBucket> plan_grad_buckets(const std::vector<GradSlot>& slots, double bucket_mb,

@@ -1,8 +1,10 @@
 #include "dist/communicator.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <sstream>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -43,6 +45,37 @@ class DoneWork final : public CommWork {
 std::unique_ptr<CommWork> Communicator::allreduce_avg_async(float* data, size_t n) {
   allreduce_avg(data, n);
   return std::make_unique<DoneWork>();
+}
+
+size_t shard_stride(size_t n, int world) {
+  MF_CHECK(world >= 1, "shard_stride: world size ", world, " must be >= 1");
+  const size_t per = (n + size_t(world) - 1) / size_t(world);
+  return (per + 63) / 64 * 64;
+}
+
+ShardRange shard_range(size_t n, int world, int rank) {
+  MF_CHECK(rank >= 0 && rank < world, "shard_range: rank ", rank, " of ", world, " is out of range");
+  const size_t c = shard_stride(n, world);
+  ShardRange r;
+  r.lo = std::min(n, size_t(rank) * c);
+  r.hi = std::min(n, r.lo + c);
+  return r;
+}
+
+std::unique_ptr<CommWork> Communicator::reduce_scatter_avg_async(float* data, size_t n) {
+  return allreduce_avg_async(data, n);
+}
+
+void Communicator::allgather_shards(float* data, size_t n) {
+  // Host memory (Gloo): pad to size() equal shards in a temporary and use the plain all-gather.
+  const int w = size();
+  if (w == 1 || n == 0) return;
+  const size_t c = shard_stride(n, w);
+  const ShardRange mine = shard_range(n, w, rank());
+  std::vector<float> tmp(c * size_t(w), 0.0f);
+  std::copy(data + mine.lo, data + mine.hi, tmp.begin() + ptrdiff_t(size_t(rank()) * c));
+  allgather(tmp.data() + size_t(rank()) * c, tmp.data(), c);
+  std::copy(tmp.begin(), tmp.begin() + ptrdiff_t(n), data);
 }
 
 namespace {

@@ -23,6 +23,17 @@ namespace mf {
 struct DistEnv;
 class TcpStore;
 
+// The part of an n-float buffer that one rank owns in the sharded collectives
+// (reduce_scatter_avg_async, allgather_shards): rank r owns [r*C, min((r+1)*C, n)) with
+// C = ceil(n / world) rounded up to a multiple of 64 floats, so every shard starts 256 bytes past
+// an aligned buffer start. The last ranks' shards may be short or empty.
+struct ShardRange {
+  size_t lo = 0, hi = 0;
+  size_t size() const { return hi - lo; }
+};
+size_t shard_stride(size_t n, int world);  // C above
+ShardRange shard_range(size_t n, int world, int rank);
+
 // A collective started by an *_async call. wait() returns once the result may be used: on the host
 // (single, Gloo) the buffer holds it; with NCCL the communicator's stream waits for it, so work queued
 // on that stream afterwards sees it. wait() rethrows the collective's error. A work destroyed without
@@ -50,6 +61,16 @@ class Communicator {
   // stream that waits for the work already queued on the communicator's stream. Any other
   // collective first finishes every pending work. The default (single process) runs it at once.
   virtual std::unique_ptr<CommWork> allreduce_avg_async(float* data, size_t n);
+  // Starts the sharded mean over ranks, in place: once wait() returns, this rank's shard of
+  // data[0..n) (shard_range(n, size(), rank())) holds the mean over ranks of that range; the rest of
+  // data is unspecified (it may hold the input, partial sums or the full mean). Queued like
+  // allreduce_avg_async. The default all-reduces the whole buffer (Gloo, whose options API has no
+  // reduce-scatter; correct, with twice the traffic); NCCL runs a true reduce-scatter.
+  virtual std::unique_ptr<CommWork> reduce_scatter_avg_async(float* data, size_t n);
+  // In place: every rank's shard of data[0..n) (shard_range) is sent to every other rank, so all
+  // ranks end with the same buffer. The inverse of reduce_scatter_avg_async (ZeRO-1's parameter
+  // all-gather).
+  virtual void allgather_shards(float* data, size_t n);
   // send holds size() chunks of `recv_count` floats; recv[0..recv_count) <- sum over ranks of chunk
   // rank(). send and recv must not overlap.
   virtual void reduce_scatter_sum(const float* send, float* recv, size_t recv_count) = 0;

@@ -79,6 +79,7 @@ class NcclCommunicator final : public Communicator {
       cudaStreamDestroy(comm_stream_);  // destruction is deferred until its work is done
     }
     if (scratch_) cudaFree(scratch_);
+    if (pad_) cudaFree(pad_);
     if (comm_) {
       // Finalize flushes pending work; errors here cannot be reported, so abort on any.
       ncclResult_t r = ncclCommFinalize(comm_);
@@ -99,24 +100,59 @@ class NcclCommunicator final : public Communicator {
   // run while it communicates.
   std::unique_ptr<CommWork> allreduce_avg_async(float* data, size_t n) override {
     if (n == 0) return Communicator::allreduce_avg_async(data, n);
-    if (!comm_stream_) {
-      int lo = 0, hi = 0;
-      cuda_ok(cudaDeviceGetStreamPriorityRange(&lo, &hi), "cudaDeviceGetStreamPriorityRange");
-      cuda_ok(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, hi),
-              "cudaStreamCreateWithPriority (communication stream)");
-    }
-    cudaEvent_t ready = nullptr, done = nullptr;
-    cuda_ok(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
-    cuda_ok(cudaEventRecord(ready, stream_), "cudaEventRecord (gradients ready)");
-    cudaError_t w = cudaStreamWaitEvent(comm_stream_, ready, 0);
-    cudaEventDestroy(ready);  // released once the wait is satisfied
-    cuda_ok(w, "cudaStreamWaitEvent (communication stream)");
+    begin_async();
     settle(ncclAllReduce(data, data, n, ncclFloat32, ncclAvg, comm_, comm_stream_),
            "ncclAllReduce(avg, async)");
-    cuda_ok(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
-    cuda_ok(cudaEventRecord(done, comm_stream_), "cudaEventRecord (all-reduce done)");
-    comm_pending_ = true;
-    return std::make_unique<NcclWork>(stream_, done);
+    return end_async();
+  }
+
+  // A true reduce-scatter. NCCL wants size() equal chunks: when n is not size() shard strides
+  // the gradients go through a zero-padded scratch buffer (device copies, cheap next to the wire).
+  std::unique_ptr<CommWork> reduce_scatter_avg_async(float* data, size_t n) override {
+    if (n == 0 || size_ == 1) return Communicator::allreduce_avg_async(data, n);
+    begin_async();
+    const size_t c = shard_stride(n, size_), padded = c * size_t(size_);
+    const ShardRange mine = shard_range(n, size_, rank_);
+    if (padded == n) {  // in place: recv = send + rank * count
+      settle(ncclReduceScatter(data, data + size_t(rank_) * c, c, ncclFloat32, ncclAvg, comm_,
+                               comm_stream_),
+             "ncclReduceScatter(avg, async)");
+    } else {
+      float* buf = pad_buffer(padded);
+      cuda_ok(cudaMemcpyAsync(buf, data, n * sizeof(float), cudaMemcpyDeviceToDevice, comm_stream_),
+              "cudaMemcpyAsync (reduce-scatter in)");
+      cuda_ok(cudaMemsetAsync(buf + n, 0, (padded - n) * sizeof(float), comm_stream_),
+              "cudaMemsetAsync (reduce-scatter padding)");
+      settle(ncclReduceScatter(buf, buf + size_t(rank_) * c, c, ncclFloat32, ncclAvg, comm_,
+                               comm_stream_),
+             "ncclReduceScatter(avg, async)");
+      if (mine.size() > 0)
+        cuda_ok(cudaMemcpyAsync(data + mine.lo, buf + size_t(rank_) * c, mine.size() * sizeof(float),
+                                cudaMemcpyDeviceToDevice, comm_stream_),
+                "cudaMemcpyAsync (reduce-scatter out)");
+    }
+    return end_async();
+  }
+
+  void allgather_shards(float* data, size_t n) override {
+    if (n == 0 || size_ == 1) return;
+    join_comm_stream();
+    const size_t c = shard_stride(n, size_), padded = c * size_t(size_);
+    const ShardRange mine = shard_range(n, size_, rank_);
+    if (padded == n) {
+      settle(ncclAllGather(data + size_t(rank_) * c, data, c, ncclFloat32, comm_, stream_),
+             "ncclAllGather(shards)");
+      return;
+    }
+    float* buf = pad_buffer(padded);
+    if (mine.size() > 0)
+      cuda_ok(cudaMemcpyAsync(buf + size_t(rank_) * c, data + mine.lo, mine.size() * sizeof(float),
+                              cudaMemcpyDeviceToDevice, stream_),
+              "cudaMemcpyAsync (all-gather in)");
+    settle(ncclAllGather(buf + size_t(rank_) * c, buf, c, ncclFloat32, comm_, stream_),
+           "ncclAllGather(shards)");
+    cuda_ok(cudaMemcpyAsync(data, buf, n * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+            "cudaMemcpyAsync (all-gather out)");
   }
 
   void allreduce_sum(float* data, size_t n) override {
@@ -168,6 +204,44 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  // Asynchronous collectives: the communication stream (created on first use) waits for the work
+  // queued so far on the compute stream; end_async records the event the returned work waits on.
+  void begin_async() {
+    if (!comm_stream_) {
+      int lo = 0, hi = 0;
+      cuda_ok(cudaDeviceGetStreamPriorityRange(&lo, &hi), "cudaDeviceGetStreamPriorityRange");
+      cuda_ok(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, hi),
+              "cudaStreamCreateWithPriority (communication stream)");
+    }
+    cudaEvent_t ready = nullptr;
+    cuda_ok(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_ok(cudaEventRecord(ready, stream_), "cudaEventRecord (gradients ready)");
+    cudaError_t w = cudaStreamWaitEvent(comm_stream_, ready, 0);
+    cudaEventDestroy(ready);  // released once the wait is satisfied
+    cuda_ok(w, "cudaStreamWaitEvent (communication stream)");
+  }
+  std::unique_ptr<CommWork> end_async() {
+    cudaEvent_t done = nullptr;
+    cuda_ok(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_ok(cudaEventRecord(done, comm_stream_), "cudaEventRecord (collective done)");
+    comm_pending_ = true;
+    return std::make_unique<NcclWork>(stream_, done);
+  }
+
+  // The padding buffer of the sharded collectives, grown to `n` floats. Both streams use it, one
+  // at a time: collectives on the compute stream first join the communication stream, and async
+  // ones start after the compute stream's earlier work. Growing frees the old buffer only after
+  // the device is idle (cudaFree synchronises).
+  float* pad_buffer(size_t n) {
+    if (n > pad_cap_) {
+      if (pad_) cuda_ok(cudaFree(pad_), "cudaFree (padding buffer)");
+      pad_ = nullptr;
+      cuda_ok(cudaMalloc(&pad_, n * sizeof(float)), "cudaMalloc (sharded collective padding)");
+      pad_cap_ = n;
+    }
+    return pad_;
+  }
+
   // Any other collective first makes the compute stream wait for the pending asynchronous ones, so
   // the communicator's kernels never run on two streams at once and their order is the issue order.
   void join_comm_stream() {
@@ -211,6 +285,8 @@ class NcclCommunicator final : public Communicator {
   bool comm_pending_ = false;           // async work issued since the last join
   ncclComm_t comm_ = nullptr;
   float* scratch_ = nullptr;
+  float* pad_ = nullptr;  // pad_buffer
+  size_t pad_cap_ = 0;
   std::chrono::milliseconds init_timeout_{120000};
 };
 

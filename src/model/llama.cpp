@@ -100,10 +100,7 @@ void LlamaModel::build_params() {
     p->kind = kind;
     p->shape = shape;
     p->init_std = std;
-    p->master = be_.empty(shape, DType::F32);
-    p->weight = be_.act_dtype() == DType::F32 ? p->master : be_.empty(shape, be_.act_dtype());
-    p->grad.shape = shape;  // a view into the gradient arena, placed below
-    p->grad.dtype = DType::F32;
+    // master and grad become views into the two arenas placed below (weight too on f32 backends)
     params_.push_back(std::move(p));
     return params_.back().get();
   };
@@ -163,11 +160,14 @@ void LlamaModel::build_params() {
   for (size_t j = 0; j < params_.size(); ++j)
     MF_CHECK(offset[j] >= 0, "internal: parameter ", params_[j]->name, " in no gradient group");
   grad_arena_ = be_.empty({std::max<int64_t>(total, 1)}, DType::F32);
+  master_arena_ = be_.empty({std::max<int64_t>(total, 1)}, DType::F32);
+  be_.zero(master_arena_);  // the padding between tensors is copied around by ZeRO-1's all-gather
   for (size_t j = 0; j < params_.size(); ++j) {
-    Tensor& g = params_[j]->grad;
-    g.ptr = grad_arena_.f32() + offset[j];
-    g.device = grad_arena_.device;
-    g.owner = grad_arena_.owner;  // the views keep the arena alive
+    Param& p = *params_[j];
+    // Views keep their arena alive (owner).
+    p.grad = grad_arena_.slice0(offset[j], offset[j] + p.numel()).view(p.shape);
+    p.master = master_arena_.slice0(offset[j], offset[j] + p.numel()).view(p.shape);
+    p.weight = be_.act_dtype() == DType::F32 ? p.master : be_.empty(p.shape, be_.act_dtype());
   }
 }
 

@@ -60,6 +60,10 @@ class LlamaModel {
   // embedding (last: with tied embeddings it also takes the lm head's gradient).
   std::vector<ParamList> grad_groups();
   Tensor grad_arena() const { return grad_arena_; }
+  // The f32 master weights live in a second arena with the same layout (Param::master of a tensor
+  // sits at the same offset as its Param::grad), so a gradient bucket's range is also the range of
+  // its weights (ZeRO-1 all-gathers updated weights over the bucket ranges).
+  Tensor master_arena() const { return master_arena_; }
   // Called by forward_backward(..., grads_final = true) with the index of each group right after
   // the calls that finish its gradients have been issued to the backend (finished on the host for
   // the CPU; queued on the device stream for CUDA). Null = none.
@@ -125,7 +129,7 @@ class LlamaModel {
   std::vector<std::unique_ptr<MoeLayer>> moe_layers_;
   std::unique_ptr<Acts> acts_;
   // Gradient arena and the groups of grad_groups() as indices into params_.
-  Tensor grad_arena_;
+  Tensor grad_arena_, master_arena_;
   std::vector<std::vector<size_t>> grad_groups_;
   GradReadyHook grad_hook_;
   void grads_ready(int group, bool grads_final) {

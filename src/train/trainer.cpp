@@ -1,5 +1,6 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -155,8 +156,8 @@ void Trainer::setup() {
                "vocab {}), backend {}",
                model_->num_params(), cfg_.model.n_layers, cfg_.model.d_model, cfg_.model.n_heads,
                cfg_.model.n_kv_heads, cfg_.model.d_ff, cfg_.model.vocab_size, be_->name());
+  setup_grad_buckets();  // ZeRO-1 shards follow the buckets: plan them first
   setup_distributed();
-  setup_grad_buckets();
 
   DataLoaderOptions lo;
   lo.B = B;
@@ -195,8 +196,15 @@ void Trainer::setup() {
   std::string ckpt = opts_.resume;
   if (ckpt.empty() && !opts_.no_resume) ckpt = find_latest_checkpoint(run_dir_);
   if (!ckpt.empty()) {
-    nlohmann::json st = load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_,
-                                        sharded_);
+    nlohmann::json st;
+    try {
+      st = load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_, sharded_);
+    } catch (const Error& e) {
+      if (cfg_.train.zero != 1 || world_ == 1) throw;
+      throw Error(std::string(e.what()) + "\n  (with train.zero = 1 each rank's optimizer state "
+                  "covers its shard of every gradient bucket: resume with the same world size and "
+                  "train.bucket_mb as the run that wrote " + ckpt + ")");
+    }
     model_->sync_weights();
     start_step_ = st.at("step").get<int>();
     tokens_seen_ = st.value("tokens", 0LL);
@@ -276,37 +284,12 @@ double Trainer::mean_over_ranks(double x) {
   return v;
 }
 
-void Trainer::setup_distributed() {
-  ParamList all = model_->params();
-  owner_.assign(all.size(), -1);
-  if (world_ > 1) {
-    // Greedy balance by size: largest first onto the least-loaded rank (deterministic).
-    std::vector<size_t> order(all.size());
-    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(),
-                     [&](size_t a, size_t b) { return all[a]->numel() > all[b]->numel(); });
-    std::vector<int64_t> load(size_t(world_), 0);
-    for (size_t i : order) {
-      const Param* p = all[i];
-      // Hidden matrices under a matrix optimizer (Muon and its family) are always spread.
-      const bool matrix = cfg_.optim.name != "adamw" && p->kind == ParamKind::Hidden;
-      if (!p->trainable || p->kind == ParamKind::Bias || !(matrix || cfg_.train.zero == 1))
-        continue;
-      const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
-      owner_[i] = r;
-      load[size_t(r)] += p->numel();
-      sharded_ = true;
-    }
-  }
-  ParamList mine;
-  for (size_t i = 0; i < all.size(); ++i)
-    if (owner_[i] < 0 || owner_[i] == rank_) mine.push_back(all[i]);
-  opt_ = std::make_unique<Optimizer>(cfg_, mine, *be_);
-  if (rank_ == 0 && !opts_.quiet) print_memory_plan(*model_, *opt_, *be_);
-  if (sharded_)
-    spdlog::info("optimizer sharded over {} ranks: this rank updates {} of {} tensors{}", world_,
-                 mine.size(), all.size(),
-                 cfg_.train.zero == 1 ? " (ZeRO-1)" : " (distributed matrix optimizer)");
+// Which tensors ZeRO-1 splits into element ranges: those AdamW updates (elementwise, so any range
+// of a tensor can be updated on its own). Matrices under a matrix optimizer need the whole matrix
+// and are spread over the ranks whole instead (distributed Muon).
+bool Trainer::zero_sliced(const Param& p) const {
+  const bool matrix = cfg_.optim.name != "adamw" && p.kind == ParamKind::Hidden;
+  return world_ > 1 && cfg_.train.zero == 1 && p.trainable && p.kind != ParamKind::Bias && !matrix;
 }
 
 void Trainer::setup_grad_buckets() {
@@ -314,24 +297,99 @@ void Trainer::setup_grad_buckets() {
   const Tensor arena = model_->grad_arena();
   std::vector<GradSlot> slots;
   const std::vector<ParamList> groups = model_->grad_groups();
+  slot_params_.clear();
   for (size_t g = 0; g < groups.size(); ++g)
-    for (const Param* p : groups[g])
-      slots.push_back({int64_t(p->grad.f32() - arena.f32()), p->numel(), int(g)});
+    for (Param* p : groups[g]) {
+      slots.push_back({int64_t(p->grad.f32() - arena.f32()), p->numel(), int(g), zero_sliced(*p)});
+      slot_params_.push_back(p);
+    }
   buckets_ = plan_grad_buckets(slots, cfg_.train.bucket_mb);
   if (cfg_.train.overlap_comm)
     model_->set_grad_ready_hook([this](int group) { start_ready_buckets(group); });
   int64_t largest = 0;
-  for (const GradBucket& b : buckets_) largest = std::max(largest, b.numel);
-  spdlog::info("gradient all-reduce: {} bucket(s) (train.bucket_mb = {}; largest {:.2f} MiB), {}",
+  int n_sharded = 0;
+  for (const GradBucket& b : buckets_) {
+    largest = std::max(largest, b.numel);
+    n_sharded += b.sharded;
+  }
+  spdlog::info("gradient all-reduce: {} bucket(s) (train.bucket_mb = {}; largest {:.2f} MiB{}), {}",
                buckets_.size(), cfg_.train.bucket_mb, double(largest) * 4 / (1 << 20),
+               n_sharded ? fmt::format("; {} reduce-scattered for ZeRO-1", n_sharded) : "",
                cfg_.train.overlap_comm ? "overlapping backward" : "after backward");
+}
+
+void Trainer::setup_distributed() {
+  ParamList all = model_->params();
+  owner_.assign(all.size(), -1);
+  fragments_.clear();
+  if (world_ > 1) {
+    // Distributed matrix optimizer: each matrix is updated whole by one rank, greedily balanced
+    // by size (largest first onto the least-loaded rank; deterministic), then broadcast.
+    std::vector<size_t> order(all.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return all[a]->numel() > all[b]->numel(); });
+    std::vector<int64_t> load(size_t(world_), 0);
+    for (size_t i : order) {
+      const Param* p = all[i];
+      const bool matrix = cfg_.optim.name != "adamw" && p->kind == ParamKind::Hidden;
+      if (!p->trainable || !matrix) continue;
+      const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+      owner_[i] = r;
+      load[size_t(r)] += p->numel();
+      sharded_ = true;
+    }
+    // ZeRO-1: every reduce-scattered bucket's range is split into world_size shards
+    // (shard_range); this rank updates the parts of tensors that fall in its shard, as
+    // 1-D fragment parameters viewing the master and gradient arenas.
+    const float* garena = model_->grad_arena().f32();
+    for (const GradBucket& b : buckets_) {
+      if (!b.sharded) continue;
+      const ShardRange sh = shard_range(size_t(b.numel), world_, rank_);
+      const int64_t lo = b.offset + int64_t(sh.lo), hi = b.offset + int64_t(sh.hi);
+      for (size_t s = b.first; s < b.last; ++s) {
+        Param* p = slot_params_[s];
+        for (size_t i = 0; i < all.size(); ++i)
+          if (all[i] == p) owner_[i] = kSliced;
+        const int64_t off = int64_t(p->grad.f32() - garena);
+        const int64_t a = std::max(lo, off), e = std::min(hi, off + p->numel());
+        if (a >= e) continue;
+        auto f = std::make_unique<Param>(*p);
+        f->name = p->name + "[" + std::to_string(a - off) + ":" + std::to_string(e - off) + "]";
+        f->shape = {e - a};
+        f->master = p->master.view({p->numel()}).slice0(a - off, e - off);
+        f->grad = p->grad.view({p->numel()}).slice0(a - off, e - off);
+        f->weight = f->master;  // the compute copy is refreshed after the all-gather
+        fragments_.push_back(std::move(f));
+      }
+      sharded_ = true;
+    }
+  }
+  ParamList mine;
+  for (size_t i = 0; i < all.size(); ++i)
+    if (owner_[i] == -1 || owner_[i] == rank_) mine.push_back(all[i]);
+  for (auto& f : fragments_) mine.push_back(f.get());
+  opt_ = std::make_unique<Optimizer>(cfg_, mine, *be_);
+  if (rank_ == 0 && !opts_.quiet) print_memory_plan(*model_, *opt_, *be_);
+  if (sharded_) {
+    int64_t n_mine = 0, n_all = 0;
+    for (const OptEntry& e : opt_->entries()) n_mine += e.param->numel();
+    for (const Param* p : all)
+      if (p->trainable && p->kind != ParamKind::Bias) n_all += p->numel();
+    spdlog::info("optimizer sharded over {} ranks: this rank updates {:.1f}% of the weights "
+                 "({} whole tensors, {} ZeRO-1 fragments){}",
+                 world_, 100.0 * double(n_mine) / double(std::max<int64_t>(n_all, 1)),
+                 mine.size() - fragments_.size(), fragments_.size(),
+                 cfg_.train.zero == 1 ? "" : " (distributed matrix optimizer)");
+  }
 }
 
 void Trainer::start_ready_buckets(int group) {
   float* arena = model_->grad_arena().f32();
   while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].ready_group <= group) {
     const GradBucket& b = buckets_[next_bucket_++];
-    inflight_.push_back(comm_->allreduce_avg_async(arena + b.offset, size_t(b.numel)));
+    inflight_.push_back(b.sharded ? comm_->reduce_scatter_avg_async(arena + b.offset, size_t(b.numel))
+                                  : comm_->allreduce_avg_async(arena + b.offset, size_t(b.numel)));
   }
 }
 
@@ -344,15 +402,36 @@ void Trainer::allreduce_grads() {
   next_bucket_ = 0;
 }
 
-void Trainer::broadcast_owned_params() {
+double Trainer::grad_norm() {
+  if (fragments_.empty() && !std::count(owner_.begin(), owner_.end(), kSliced))
+    return global_grad_norm(model_->params(), *be_);
+  // ZeRO-1: a reduce-scattered gradient is only valid in each rank's shard; sum the shards'
+  // squares over ranks and add the all-reduced tensors' (the same on every rank) once.
+  ParamList whole, mine;
+  ParamList all = model_->params();
+  for (size_t i = 0; i < all.size(); ++i)
+    if (owner_[i] != kSliced) whole.push_back(all[i]);
+  for (auto& f : fragments_) mine.push_back(f.get());
+  const double a = global_grad_norm(whole, *be_), m = global_grad_norm(mine, *be_);
+  return std::sqrt(a * a + mean_over_ranks(m * m) * world_);
+}
+
+void Trainer::gather_params() {
   if (world_ == 1) return;
   ParamList all = model_->params();
+  float* masters = model_->master_arena().f32();
+  for (const GradBucket& b : buckets_)
+    if (b.sharded) comm_->allgather_shards(masters + b.offset, size_t(b.numel));
+  for (size_t i = 0; i < all.size(); ++i)
+    if (owner_[i] >= 0) comm_->broadcast(all[i]->master.f32(), size_t(all[i]->numel()), owner_[i]);
+  model_->sync_weights();
+}
+
+void Trainer::qk_clip_step(int* clipped) {
+  *clipped = diag_->qk_clip(*model_, *be_);  // 0 unless optim.qk_clip_tau > 0
+  if (world_ == 1 || cfg_.optim.qk_clip_tau <= 0) return;
   // QK-clip rescales q/k rows from each rank's own batch statistics: rank 0's result wins.
-  const bool all_from_root = cfg_.optim.qk_clip_tau > 0;
-  for (size_t i = 0; i < all.size(); ++i) {
-    const int root = owner_[i] >= 0 ? owner_[i] : (all_from_root ? 0 : -1);
-    if (root >= 0) comm_->broadcast(all[i]->master.f32(), size_t(all[i]->numel()), root);
-  }
+  for (Param* p : model_->params()) comm_->broadcast(p->master.f32(), size_t(p->numel()), 0);
   model_->sync_weights();
 }
 
@@ -398,7 +477,7 @@ TrainResult Trainer::run() {
     }
     allreduce_grads();
     loss = mean_over_ranks(loss);
-    const double gnorm = global_grad_norm(model_->params(), *be_);
+    const double gnorm = grad_norm();
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
       std::string last = find_latest_checkpoint(run_dir_);
       MF_FAIL("step ", step + 1, ": non-finite ", (!std::isfinite(loss) ? "loss" : "gradient norm"),
@@ -409,8 +488,9 @@ TrainResult Trainer::run() {
     }
     const double clip = clip_factor(gnorm, cfg_.optim.grad_clip);
     opt_->step(step, float(clip));
-    const int qk_clipped = diag_->qk_clip(*model_, *be_);  // 0 unless optim.qk_clip_tau > 0
-    broadcast_owned_params();
+    gather_params();  // ZeRO-1 all-gather, distributed-Muon broadcasts
+    int qk_clipped = 0;
+    qk_clip_step(&qk_clipped);
     // MoE: bias balancing on the step's expert loads summed over ranks (no-op for dense models).
     model_->post_step([this](std::vector<float>& v) {
       if (world_ == 1 || v.empty()) return;

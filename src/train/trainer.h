@@ -9,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "config/config.h"
+#include "model/params.h"
 
 namespace mf {
 
@@ -55,7 +56,10 @@ class Trainer {
   void setup_grad_buckets();
   void start_ready_buckets(int group);  // the model's grad-ready hook
   void allreduce_grads();               // starts the remaining buckets, waits for all
-  void broadcast_owned_params();
+  bool zero_sliced(const Param& p) const;
+  double grad_norm();                   // global, over ranks' shards where ZeRO-1 splits them
+  void gather_params();                 // after the update: every rank gets every new weight
+  void qk_clip_step(int* clipped);
   double mean_over_ranks(double x);
 
   Config cfg_;
@@ -66,7 +70,14 @@ class Trainer {
   // Data-parallel optimizer sharding: owner_[i] = rank that updates params()[i] and holds its
   // optimizer state, or -1 when every rank updates it (replicated). Muon matrices are always
   // spread over the ranks (distributed Muon); AdamW params only with train.zero = 1.
+  // ZeRO-1 (train.zero = 1): the AdamW-updated tensors' gradients are reduce-scattered by bucket
+  // and each rank updates only its shard of each bucket, through fragments_ (1-D Params viewing
+  // parts of the master and gradient arenas); their owner_ is kSliced. Then the updated shards are
+  // all-gathered.
+  static constexpr int kSliced = -2;
   std::vector<int> owner_;
+  std::vector<std::unique_ptr<Param>> fragments_;
+  std::vector<Param*> slot_params_;  // the tensor of each gradient slot, in arena order
   bool sharded_ = false;
   // Gradient all-reduce: buckets of the model's gradient arena (train.bucket_mb), started from
   // the grad-ready hook during the last micro-batch's backward when train.overlap_comm is on.
