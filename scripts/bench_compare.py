@@ -3,6 +3,7 @@
 same configs and writes a Markdown report (docs/benchmarks.md).
 
     scripts/bench_compare.py run [--out DIR] [--seq 1024|2048|all] [--cases NAME,...]
+                                 [--moe] [--moe-case-spec NAME=CONFIG:SEQ:MB:BT[:PARTNER]]
                                  [--impl both|muonforge|torch] [--steps N] [--warmup N]
                                  [--binary PATH] [--python PATH] [--timeout S] [--report FILE]
     scripts/bench_compare.py report RESULTS.jsonl... [-o docs/benchmarks.md]
@@ -34,6 +35,16 @@ CASES = {
     "350m-2048": ("configs/llama-350m.json", 2048, 8, 262144),
     "1b-1024": ("configs/llama-1b.json", 1024, 8, 131072),
     "1b-2048": ("configs/llama-1b.json", 2048, 4, 131072),
+}
+
+# MoE benchmark (`run --moe`, muonforge only: bench_torch.py has no MoE model): each MoE case is
+# measured beside a dense model of the same active size in the same run. name: (config, seq_len,
+# micro_batch, batch_tokens, dense partner or None). moe-moonlight-small's active MLP is
+# (top_k 6 + 2 shared) x d_expert 256 = 2048 wide, the 124M model's d_ff, so the 124M config is its
+# dense partner (the MoE model's first, dense layer is 3072 wide: 2% more active weights).
+MOE_CASES = {
+    "moe-small-1024": ("configs/moe-moonlight-small.json", 1024, 16, 524288, "moe-dense-1024"),
+    "moe-dense-1024": ("configs/llama-124m.json", 1024, 16, 524288, None),
 }
 
 TARGETS = """\
@@ -84,8 +95,8 @@ def last_json(text):
     return None
 
 
-def run_one(impl, case, args, binary, logdir):
-    cfg, T, mb, bt = CASES[case]
+def run_one(impl, case, args, binary, logdir, table=None):
+    cfg, T, mb, bt = (table or CASES)[case][:4]
     common = ["--seq-len", str(T), "--micro-batch", str(mb), "--batch-tokens", str(bt),
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--json"]
     if impl == "muonforge":
@@ -132,15 +143,57 @@ def g(rec, *path):
     return x
 
 
+def moe_report(records):
+    """The MoE section: each MoE case beside its dense partner, measured in the same run."""
+    res = {}
+    for r in records:
+        if r.get("kind") == "result" and r.get("group") == "moe":
+            res[r["case"]] = r
+            if r["case"] not in MOE_CASES:
+                MOE_CASES[r["case"]] = (r["config"], r["seq_len"], r["micro_batch"], r["batch_tokens"],
+                                        r.get("partner"))
+    if not res:
+        return []
+    lines = ["", "## MoE beside a dense model of the same active size", "",
+             "muonforge only (`bench_compare.py run --moe`; scripts/bench_torch.py has no MoE model). "
+             "Active parameters: the weights multiplied per token (routed experts at top_k / "
+             "n_experts, lm head included, embedding lookup not); MFU is computed on them.", "",
+             "| case | config | experts (top-k + shared) | params | active params | mb x accum | tok/s | "
+             "MFU (active) | peak mem (MiB) | tok/s vs dense partner |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    errors = []
+    for case, spec in MOE_CASES.items():
+        r = res.get(case)
+        if not r:
+            continue
+        if "error" in r:
+            errors.append(f"- {case}: {r['error']}")
+        partner = res.get(spec[4]) if len(spec) > 4 and spec[4] else None
+        tm, tp = g(r, "tok_per_s"), g(partner, "tok_per_s")
+        moe = g(r, "moe")
+        ex = f"{moe['n_experts']} ({moe['top_k']} + {moe['n_shared']})" if moe else "dense"
+        accum = r["batch_tokens"] // (r["micro_batch"] * r["seq_len"])
+        lines.append(
+            f"| {case} | {r['config']} | {ex} | {fmt(g(r, 'params'), '.1f', 1e-6)}M | "
+            f"{fmt(g(r, 'active_params'), '.1f', 1e-6)}M | {r['micro_batch']} x {accum} | "
+            f"{fmt(tm, '.0f')} | {fmt(g(r, 'mfu'), '.1%')} | "
+            f"{fmt(g(r, 'memory', 'peak_allocated'), '.0f', 2 ** -20)} | "
+            f"{fmt(tm / tp if tm and tp else None, '.2f') if partner else ''} |")
+    if errors:
+        lines += ["", "Failed or timed-out MoE runs:", ""] + errors
+    return lines
+
+
 def report(records):
     for r in records:  # cases added with --case-spec travel in the results
-        if r.get("kind") == "result" and r["case"] not in CASES:
+        if r.get("kind") == "result" and r.get("group") != "moe" and r["case"] not in CASES:
             CASES[r["case"]] = (r["config"], r["seq_len"], r["micro_batch"], r["batch_tokens"])
     env = next((r for r in records if r.get("kind") == "env"), None)
     res = {}
     for r in records:
-        if r.get("kind") == "result":
+        if r.get("kind") == "result" and r.get("group") != "moe":
             res[(r["case"], r["impl"])] = r  # later lines win (re-runs)
+    moe_lines = moe_report(records)
     lines = ["# Benchmarks: muonforge vs PyTorch", ""]
     if not any("data" in r for r in res.values()):
         lines += ["**No GPU figures exist yet.** No benchmark has run on a GPU. This file is written by "
@@ -150,6 +203,12 @@ def report(records):
                   "| --- | --- | --- | --- | --- |"]
         for k, (c, T, mb, bt) in CASES.items():
             lines.append(f"| {k} | {c} | {T} | {mb} | {bt} ({bt // (mb * T)}) |")
+        lines += ["", "and, with `--moe` (`scripts/gpu_check.sh --part 4`), muonforge only:", "",
+                  "| case | config | seq_len | micro_batch | batch_tokens (accumulation) | dense partner |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for k, (c, T, mb, bt, partner) in MOE_CASES.items():
+            lines.append(f"| {k} | {c} | {T} | {mb} | {bt} ({bt // (mb * T)}) | {partner or ''} |")
+        lines += moe_lines
         lines += ["", "## Targets", "", TARGETS]
         return "\n".join(lines) + "\n"
     if env:
@@ -210,6 +269,7 @@ def report(records):
                 f"{fmt(g(r, 'time_ms', 'muon'), '.1f')} | {fmt(g(r, 'gemm', 'tflops'), '.1f')} |")
     if errors:
         lines += ["", "Failed or timed-out runs:", ""] + errors
+    lines += moe_lines
     notes = sorted({n for r in res.values() for n in (g(r, "notes") or [])})
     if notes:
         lines += ["", "Notes from bench_torch.py:", ""] + [f"- {n}" for n in notes]
@@ -227,20 +287,43 @@ def add_case_specs(specs):
             sys.exit(f"error: --case-spec {spec}: expected NAME=CONFIG:SEQ:MICRO_BATCH:BATCH_TOKENS")
 
 
+def add_moe_case_specs(specs):
+    for spec in specs or []:
+        try:
+            name, rest = spec.split("=", 1)
+            parts = rest.split(":")
+            partner = None
+            if len(parts) == 5:
+                partner = parts.pop()
+            cfg, T, mb, bt = parts
+            MOE_CASES[name] = (cfg, int(T), int(mb), int(bt), partner or None)
+        except ValueError:
+            sys.exit(f"error: --moe-case-spec {spec}: expected NAME=CONFIG:SEQ:MICRO_BATCH:BATCH_TOKENS[:PARTNER]")
+    for name, spec in MOE_CASES.items():
+        if spec[4] and spec[4] not in MOE_CASES:
+            sys.exit(f"error: MoE case {name} names the dense partner {spec[4]}, which is not a MoE-group "
+                     f"case (known: {', '.join(MOE_CASES)})")
+
+
 def cmd_run(args):
     binary = find_binary(args.binary)
     add_case_specs(args.case_spec)
-    cases = list(CASES) if not args.cases else args.cases.split(",")
+    add_moe_case_specs(args.moe_case_spec)
+    table = MOE_CASES if args.moe else CASES
+    cases = list(table) if not args.cases else args.cases.split(",")
     for c in cases:
-        if c not in CASES:
-            sys.exit(f"error: unknown case {c}; known: {', '.join(CASES)}")
+        if c not in table:
+            sys.exit(f"error: unknown {'MoE ' if args.moe else ''}case {c}; known: {', '.join(table)}")
+    if args.moe and args.impl == "torch":
+        sys.exit("error: --moe runs muonforge only (scripts/bench_torch.py has no MoE model)")
     if args.seq != "all" and not args.cases:
-        cases = [c for c in cases if CASES[c][1] == int(args.seq)]
+        cases = [c for c in cases if table[c][1] == int(args.seq)]
     os.makedirs(args.out, exist_ok=True)
     logdir = os.path.join(args.out, "logs")
     os.makedirs(logdir, exist_ok=True)
     path = os.path.join(args.out, "results.jsonl")
-    impls = ["muonforge", "torch"] if args.impl == "both" else [args.impl]
+    impls = ["muonforge", "torch"] if args.impl == "both" and not args.moe else [
+        "muonforge" if args.moe else args.impl]
     t_start = time.time()
     with open(path, "a") as f:
         f.write(json.dumps(env_info(args.python)) + "\n")
@@ -248,15 +331,18 @@ def cmd_run(args):
             for impl in impls:
                 left = args.budget - (time.time() - t_start) if args.budget else None
                 if left is not None and left < 30:
-                    rec = {"kind": "result", "impl": impl, "case": case, "config": CASES[case][0],
-                           "seq_len": CASES[case][1], "micro_batch": CASES[case][2],
-                           "batch_tokens": CASES[case][3], "wall_s": 0,
+                    rec = {"kind": "result", "impl": impl, "case": case, "config": table[case][0],
+                           "seq_len": table[case][1], "micro_batch": table[case][2],
+                           "batch_tokens": table[case][3], "wall_s": 0,
                            "error": "skipped: --budget spent"}
                 else:
                     run_args = argparse.Namespace(**vars(args))
                     if left is not None:
                         run_args.timeout = int(max(20, min(args.timeout, left - 5)))
-                    rec = run_one(impl, case, run_args, binary, logdir)
+                    rec = run_one(impl, case, run_args, binary, logdir, table)
+                if args.moe:
+                    rec["group"] = "moe"
+                    rec["partner"] = table[case][4]
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 d = rec.get("data") or {}
@@ -295,6 +381,10 @@ def main():
     r.add_argument("--cases", help="comma-separated subset of: " + ", ".join(CASES))
     r.add_argument("--case-spec", action="append", metavar="NAME=CONFIG:SEQ:MB:BATCH_TOKENS",
                    help="add a case (e.g. tiny=configs/tiny.json:128:8:2048 for a CPU smoke test)")
+    r.add_argument("--moe", action="store_true",
+                   help="the MoE cases, each beside its dense partner (muonforge only): " + ", ".join(MOE_CASES))
+    r.add_argument("--moe-case-spec", action="append", metavar="NAME=CONFIG:SEQ:MB:BATCH_TOKENS[:PARTNER]",
+                   help="add a MoE-group case (PARTNER: the name of its dense case in the group)")
     r.add_argument("--impl", choices=["both", "muonforge", "torch"], default="both")
     r.add_argument("--steps", type=int, default=4)
     r.add_argument("--warmup", type=int, default=2)
@@ -317,6 +407,10 @@ def main():
     else:
         for k, (c, T, mb, bt) in CASES.items():
             print(f"{k:10s} {c} seq {T} micro-batch {mb} batch_tokens {bt} (accum {bt // (mb * T)})")
+        print("with --moe (muonforge only):")
+        for k, (c, T, mb, bt, partner) in MOE_CASES.items():
+            print(f"{k:14s} {c} seq {T} micro-batch {mb} batch_tokens {bt} (accum {bt // (mb * T)})"
+                  + (f", beside {partner}" if partner else ""))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh $OUT --part 1     # environment, [gpu] tests, e2e, launcher, sanitizer
 #   bash scripts/gpu_check.sh $OUT --part 2     # muonforge vs PyTorch benchmarks at seq 1024
 #   bash scripts/gpu_check.sh $OUT --part 3     # ... at seq 2048
+#   bash scripts/gpu_check.sh $OUT --part 4     # MoE (moe-moonlight-small) beside the dense 124M
 #   bash scripts/gpu_check.sh $OUT --quick      # part 1 without the sanitizer + 124m-1024 bench
 #
 # Every step runs under a timeout and the whole call stays inside --budget seconds (default 540,
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-case "$PART" in 1|2|3) ;; *) echo "gpu_check: --part must be 1, 2 or 3" >&2; exit 2 ;; esac
+case "$PART" in 1|2|3|4) ;; *) echo "gpu_check: --part must be 1, 2, 3 or 4" >&2; exit 2 ;; esac
 
 T0=$(date +%s)
 mkdir -p "$OUTDIR"
@@ -216,6 +217,8 @@ elif [ "$PART" = 1 ]; then
   part1
 elif [ "$PART" = 2 ]; then
   bench "--seq 1024" seq1024
-else
+elif [ "$PART" = 3 ]; then
   bench "--seq 2048" seq2048
+else
+  bench "--moe" moe
 fi

@@ -1,10 +1,16 @@
 // muonforge bench, the memory plan and the PyTorch baseline script (CPU; cheap settings).
 #include <catch2/catch.hpp>
 
+#include <unistd.h>
+
 #include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -20,6 +26,7 @@ using namespace mf;
 
 namespace {
 
+namespace fs = std::filesystem;
 const std::string kRoot = std::string(MF_TEST_DIR) + "/..";
 const std::string kTiny = kRoot + "/configs/tiny.json";
 
@@ -229,4 +236,56 @@ TEST_CASE("scripts/bench_torch.py smoke test (skips without torch)", "[bench][to
   CHECK(j.at("flops_per_token").get<double>() == Approx(m.flops_per_token()));
   // Untrained, the loss is near ln V for both (same init scheme).
   CHECK(std::fabs(j.at("loss_first").get<double>() - std::log(double(cfg.model.vocab_size))) < 0.1);
+}
+
+TEST_CASE("bench_compare.py --moe: a MoE case beside its dense partner (CPU)", "[bench][moe][python]") {
+  const std::string out = (fs::temp_directory_path() / ("mf_bc_" + std::to_string(getpid()))).string();
+  fs::remove_all(out);
+  int rc = 0;
+  const std::string cmd = "cd '" + kRoot + "' && OMP_NUM_THREADS=1 python3 scripts/bench_compare.py run --out '" +
+                          out + "' --moe --cases moe,dense --moe-case-spec moe=configs/moe-tiny.json:64:2:256:dense "
+                          "--moe-case-spec dense=configs/tiny.json:64:2:256 --device cpu --steps 1 --warmup 1 "
+                          "--binary '" + std::string(MF_BINARY) + "'";
+  std::string log = run_capture(cmd, &rc);
+  INFO(log);
+  REQUIRE(rc == 0);
+  std::ifstream f(out + "/results.jsonl");
+  std::string line;
+  std::map<std::string, nlohmann::json> res;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j.value("kind", "") == "result") res[j["case"].get<std::string>()] = j;
+  }
+  REQUIRE(res.size() == 2);
+  for (auto& [name, r] : res) {
+    INFO(name << ": " << r.dump());
+    CHECK(r["group"] == "moe");
+    CHECK(r["impl"] == "muonforge");
+    REQUIRE(r.contains("data"));
+  }
+  const auto& moe = res["moe"]["data"];
+  const auto& dense = res["dense"]["data"];
+  CHECK(res["moe"]["partner"] == "dense");
+  REQUIRE(moe.contains("moe"));
+  CHECK(!dense.contains("moe"));
+  // Routed experts count at top_k / n_experts: active < total for the MoE model only... and the
+  // FLOPs the MFU uses follow the active count.
+  CHECK(moe["active_params"].get<double>() < 0.8 * moe["params"].get<double>());
+  CHECK(moe["flops_per_token"].get<double>() > 6.0 * moe["active_params"].get<double>());
+  CHECK(moe["flops_per_token"].get<double>() < 6.0 * moe["active_params"].get<double>() * 1.5);
+  std::ifstream md(out + "/benchmarks.md");
+  std::stringstream ss;
+  ss << md.rdbuf();
+  const std::string rep = ss.str();
+  CHECK_THAT(rep, Catch::Contains("## MoE beside a dense model of the same active size"));
+  CHECK_THAT(rep, Catch::Contains("| moe | configs/moe-tiny.json | 8 (2 + 1) |"));
+  // Torch is never asked to run a MoE model, and an unknown partner is an error.
+  CHECK(log.find("torch") == std::string::npos);
+  rc = 0;
+  log = run_capture("cd '" + kRoot + "' && python3 scripts/bench_compare.py run --out '" + out +
+                    "' --moe --moe-case-spec x=configs/moe-tiny.json:64:2:256:nobody --binary '" +
+                    std::string(MF_BINARY) + "'", &rc);
+  CHECK(rc != 0);
+  CHECK_THAT(log, Catch::Contains("nobody"));
+  fs::remove_all(out);
 }

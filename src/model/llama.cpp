@@ -494,11 +494,10 @@ int64_t LlamaModel::activation_bytes() const {
   return bytes;
 }
 
-double LlamaModel::flops_per_token() const {
-  // PaLM / llm.c convention: 6 FLOPs per weight per token (forward + backward) for every matrix
-  // that is multiplied (embedding lookup excluded, lm head included), plus 12 * L * d * T for
-  // the attention scores and values (not halved for causality).
-  // MoE: routed expert weights count top_k / n_experts (the active share); biases not at all.
+double LlamaModel::active_matmul_params() const {
+  // Weights multiplied per token: embedding lookup excluded, lm head included (twice the
+  // embedding when tied: it is a matmul there). MoE: routed expert weights count
+  // top_k / n_experts (the active share); norms and biases not at all.
   const std::string expert_tag = ".mlp.experts.";
   const double active = cfg_.moe.n_experts > 0 ? double(cfg_.moe.top_k) / cfg_.moe.n_experts : 1;
   double n = 0;
@@ -509,7 +508,13 @@ double LlamaModel::flops_per_token() const {
     n += double(p->numel()) * (p->name.find(expert_tag) != std::string::npos ? active : 1.0);
   }
   if (cfg_.tie_embeddings) n += double(wte_->numel());
-  return 6.0 * n + 12.0 * cfg_.n_layers * double(cfg_.d_model) * T_;
+  return n;
+}
+
+double LlamaModel::flops_per_token() const {
+  // PaLM / llm.c convention: 6 FLOPs per multiplied weight per token (forward + backward), plus
+  // 12 * L * d * T for the attention scores and values (not halved for causality).
+  return 6.0 * active_matmul_params() + 12.0 * cfg_.n_layers * double(cfg_.d_model) * T_;
 }
 
 }  // namespace mf

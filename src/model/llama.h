@@ -90,6 +90,9 @@ class LlamaModel {
 
   // 6N + attention FLOPs per token for a forward+backward pass (MFU accounting).
   double flops_per_token() const;
+  // Weights multiplied per token (MoE: routed experts at their top_k / n_experts share); the
+  // "active parameters" of MoE papers, counting the lm head but not the embedding lookup.
+  double active_matmul_params() const;
   const ModelConfig& config() const { return cfg_; }
   const ModelScales& scales() const { return scales_; }
   // Softmax scale the attention uses (ModelScales::attn_scale, or 1/sqrt(head_dim) when 0).

@@ -403,6 +403,10 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
   r["device"] = be->name();
   r["act_dtype"] = dtype_name(be->act_dtype());
   r["params"] = model.num_params();
+  r["active_params"] = int64_t(model.active_matmul_params());
+  if (cfg.model.moe.n_experts > 0)
+    r["moe"] = {{"n_experts", cfg.model.moe.n_experts}, {"top_k", cfg.model.moe.top_k},
+                {"n_shared", cfg.model.moe.n_shared}, {"d_expert", cfg.model.moe.d_expert}};
   r["flops_per_token"] = fpt;
   r["micro_batch"] = B;
   r["seq_len"] = T;
