@@ -379,7 +379,7 @@ void Trainer::setup_distributed() {
     spdlog::info("optimizer sharded over {} ranks: this rank updates {:.1f}% of the weights "
                  "({} whole tensors, {} ZeRO-1 fragments){}",
                  world_, 100.0 * double(n_mine) / double(std::max<int64_t>(n_all, 1)),
-                 mine.size() - fragments_.size(), fragments_.size(),
+                 opt_->entries().size() - fragments_.size(), fragments_.size(),
                  cfg_.train.zero == 1 ? "" : " (distributed matrix optimizer)");
   }
 }
