@@ -6,6 +6,7 @@ namespace mf::cuda {
 // ---- fallback GEMM ----------------------------------------------------------------------------
 constexpr int kGemmTile = 16;           // output tile is kGemmTile x kGemmTile, one thread each
 constexpr int kGemmMaxGridY = 65535;    // row tiles beyond this are looped over
+constexpr int kGemmMaxGridZ = 65535;    // batch entries beyond this are looped over
 
 struct GemmFallbackParams {
   bool transA, transB;
@@ -15,39 +16,42 @@ struct GemmFallbackParams {
   const void* C;
   void* D;
   float alpha, beta;
+  int64_t batch, strideA, strideB, strideC, strideD;  // strided batch (elements)
 };
 
 template <typename TAB, typename TCD>
 __global__ void gemm_fallback_kernel(GemmFallbackParams p) {
   __shared__ float As[kGemmTile][kGemmTile + 1];
   __shared__ float Bs[kGemmTile][kGemmTile + 1];
-  const TAB* A = static_cast<const TAB*>(p.A);
-  const TAB* B = static_cast<const TAB*>(p.B);
-  const TCD* C = static_cast<const TCD*>(p.C);
-  TCD* D = static_cast<TCD*>(p.D);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = int64_t(blockIdx.x) * kGemmTile + tx;
   const int64_t row_tiles = (p.M + kGemmTile - 1) / kGemmTile;
-  for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
-    const int64_t row = rt * kGemmTile + ty;
-    const int64_t arow = rt * kGemmTile + ty;  // row of op(A) this thread loads
-    float acc = 0.f;
-    for (int64_t k0 = 0; k0 < p.K; k0 += kGemmTile) {
-      const int64_t ak = k0 + tx, bk = k0 + ty;
-      float a = 0.f, b = 0.f;
-      if (arow < p.M && ak < p.K) a = to_f(p.transA ? A[ak * p.lda + arow] : A[arow * p.lda + ak]);
-      if (bk < p.K && col < p.N) b = to_f(p.transB ? B[col * p.ldb + bk] : B[bk * p.ldb + col]);
-      As[ty][tx] = a;
-      Bs[ty][tx] = b;
-      __syncthreads();
+  for (int64_t z = blockIdx.z; z < p.batch; z += gridDim.z) {
+    const TAB* A = static_cast<const TAB*>(p.A) + z * p.strideA;
+    const TAB* B = static_cast<const TAB*>(p.B) + z * p.strideB;
+    const TCD* C = static_cast<const TCD*>(p.C) + z * p.strideC;
+    TCD* D = static_cast<TCD*>(p.D) + z * p.strideD;
+    for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
+      const int64_t row = rt * kGemmTile + ty;
+      const int64_t arow = rt * kGemmTile + ty;  // row of op(A) this thread loads
+      float acc = 0.f;
+      for (int64_t k0 = 0; k0 < p.K; k0 += kGemmTile) {
+        const int64_t ak = k0 + tx, bk = k0 + ty;
+        float a = 0.f, b = 0.f;
+        if (arow < p.M && ak < p.K) a = to_f(p.transA ? A[ak * p.lda + arow] : A[arow * p.lda + ak]);
+        if (bk < p.K && col < p.N) b = to_f(p.transB ? B[col * p.ldb + bk] : B[bk * p.ldb + col]);
+        As[ty][tx] = a;
+        Bs[ty][tx] = b;
+        __syncthreads();
 #pragma unroll
-      for (int kk = 0; kk < kGemmTile; ++kk) acc += As[ty][kk] * Bs[kk][tx];
-      __syncthreads();
-    }
-    if (row < p.M && col < p.N) {
-      float v = p.alpha * acc;
-      if (p.beta != 0.f) v += p.beta * to_f(C[row * p.ldc + col]);
-      D[row * p.ldd + col] = from_f<TCD>(v);
+        for (int kk = 0; kk < kGemmTile; ++kk) acc += As[ty][kk] * Bs[kk][tx];
+        __syncthreads();
+      }
+      if (row < p.M && col < p.N) {
+        float v = p.alpha * acc;
+        if (p.beta != 0.f) v += p.beta * to_f(C[row * p.ldc + col]);
+        D[row * p.ldd + col] = from_f<TCD>(v);
+      }
     }
   }
 }
@@ -57,16 +61,21 @@ void launch_gemm_fallback_t(const GemmFallbackParams& p, cudaStream_t stream) {
   const dim3 block(kGemmTile, kGemmTile);
   const int64_t gy = std::min<int64_t>(ceil_div(p.M, kGemmTile), kGemmMaxGridY);
   const int64_t gx = ceil_div(p.N, kGemmTile);
+  const int64_t gz = std::min<int64_t>(p.batch, kGemmMaxGridZ);
   MF_CHECK(gx <= 0x7fffffff, "gemm fallback: N = ", p.N, " is too large");
-  gemm_fallback_kernel<TAB, TCD><<<dim3(unsigned(gx), unsigned(gy)), block, 0, stream>>>(p);
+  gemm_fallback_kernel<TAB, TCD>
+      <<<dim3(unsigned(gx), unsigned(gy), unsigned(gz)), block, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }
 
 void launch_gemm_fallback(const GemmArgs& g, cudaStream_t stream) {
-  if (g.M == 0 || g.N == 0) return;
+  if (g.M == 0 || g.N == 0 || g.batch < 1) return;
+  const bool many = g.batch > 1;
   GemmFallbackParams p{g.transA, g.transB, g.M, g.N, g.K, g.lda, g.ldb,
                        g.ldc ? g.ldc : g.ldd, g.ldd, g.A, g.B, g.C ? g.C : g.D, g.D,
-                       g.alpha, g.beta};
+                       g.alpha, g.beta, g.batch,
+                       many ? g.strideA : 0, many ? g.strideB : 0,
+                       many ? (g.C ? g.strideC : g.strideD) : 0, many ? g.strideD : 0};
   if (g.ab == DType::BF16 && g.cd == DType::BF16) return launch_gemm_fallback_t<bf16, bf16>(p, stream);
   if (g.ab == DType::BF16 && g.cd == DType::F32) return launch_gemm_fallback_t<bf16, float>(p, stream);
   if (g.ab == DType::F32 && g.cd == DType::F32) return launch_gemm_fallback_t<float, float>(p, stream);

@@ -8,7 +8,8 @@ namespace mf::cuda {
 
 // Fallback: the row-major GemmArgs contract of CublasLt::gemm (C must be set, ldc too), fp32
 // accumulation, one thread per output element over 16x16 shared-memory tiles. Slow; correct for
-// any size, alignment and leading dimension.
+// any size, alignment and leading dimension. Strided batches (GemmArgs::batch) run along the
+// grid's z dimension.
 void launch_gemm_fallback(const GemmArgs& g, cudaStream_t stream);
 
 // y (=) x W^T.  x [N,in], W [out,in] (same dtype), y [N,out] (f32 or bf16).

@@ -2,6 +2,7 @@
 #include "backend/cuda/cublaslt.h"
 
 #include <algorithm>
+#include <climits>
 
 #include "common.cuh"
 #include "matmul.cuh"
@@ -19,12 +20,24 @@ cudaDataType_t lt_type(DType t) {
   MF_FAIL("gemm: dtype ", dtype_name(t), " is not a GEMM operand type (f32 or bf16)");
 }
 
-// Largest power of two <= 16 dividing both the address and the row pitch in bytes.
-int alignment(const void* p, int64_t ld, size_t esize) {
+// Largest power of two <= 16 dividing the address, the row pitch and the batch stride in bytes
+// (stride 0: one matrix, or the same one for every batch entry).
+int alignment(const void* p, int64_t ld, int64_t stride, size_t esize) {
   const uint64_t a = reinterpret_cast<uintptr_t>(p), pitch = uint64_t(ld) * esize;
+  const uint64_t bstride = uint64_t(stride) * esize;
   int al = 16;
-  while (al > 1 && ((a % al) != 0 || (pitch % al) != 0)) al /= 2;
+  while (al > 1 && ((a % al) != 0 || (pitch % al) != 0 || (bstride % al) != 0)) al /= 2;
   return al;
+}
+
+// Strided batch on one layout: int32 count, int64 stride in elements (cublasLt.h).
+void set_batch(cublasLtMatrixLayout_t l, int64_t batch, int64_t stride) {
+  const int32_t count = int32_t(batch);
+  const int64_t offset = stride;
+  CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                                sizeof count));
+  CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                &offset, sizeof offset));
 }
 
 }  // namespace
@@ -54,13 +67,14 @@ CublasLt::~CublasLt() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-CublasLt::Plan* CublasLt::plan_for(const GemmArgs& g, int64_t ldc) {
+CublasLt::Plan* CublasLt::plan_for(const GemmArgs& g) {
   const size_t eab = dtype_size(g.ab), ecd = dtype_size(g.cd);
-  const void* C = g.C ? g.C : g.D;
-  const int alA = alignment(g.A, g.lda, eab), alB = alignment(g.B, g.ldb, eab);
-  const int alC = alignment(C, ldc, ecd), alD = alignment(g.D, g.ldd, ecd);
-  Key key{int(g.transA), int(g.transB), g.M, g.N, g.K, g.lda, g.ldb, ldc, g.ldd, int(g.ab),
-          int(g.cd), alA, alB, alC, alD, int(g.beta != 0.f)};
+  const int64_t ldc = g.ldc;
+  const int alA = alignment(g.A, g.lda, g.strideA, eab), alB = alignment(g.B, g.ldb, g.strideB, eab);
+  const int alC = alignment(g.C, ldc, g.strideC, ecd), alD = alignment(g.D, g.ldd, g.strideD, ecd);
+  const Key key{int64_t(g.transA), int64_t(g.transB), g.M, g.N, g.K, g.lda, g.ldb, ldc, g.ldd,
+                int64_t(g.ab), int64_t(g.cd), alA, alB, alC, alD, int64_t(g.beta != 0.f),
+                g.batch, g.strideA, g.strideB, g.strideC, g.strideD};
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second.get();
 
@@ -79,6 +93,12 @@ CublasLt::Plan* CublasLt::plan_for(const GemmArgs& g, int64_t ldc) {
                                           tb == CUBLAS_OP_N ? n : k, g.lda));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->c, tcd, m, n, ldc));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->d, tcd, m, n, g.ldd));
+  if (g.batch > 1) {  // the first operand is B, the second A (see the column-major view above)
+    set_batch(plan->a, g.batch, g.strideB);
+    set_batch(plan->b, g.batch, g.strideA);
+    set_batch(plan->c, g.batch, g.strideC);
+    set_batch(plan->d, g.batch, g.strideD);
+  }
 
   cublasLtMatmulPreference_t pref = nullptr;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -111,17 +131,33 @@ void CublasLt::gemm(const GemmArgs& g) {
            " is not supported (bf16 or f32)");
   MF_CHECK(!(g.ab == DType::F32 && g.cd == DType::BF16),
            "gemm: f32 operands with a bf16 output are not supported");
+  MF_CHECK(g.batch >= 1 && g.batch <= int64_t(INT32_MAX), "gemm: batch must be in [1, 2^31), got ",
+           g.batch);
   if (g.M == 0 || g.N == 0) return;
-  const int64_t ldc = g.ldc ? g.ldc : g.ldd;
-  MF_CHECK(g.lda >= std::max<int64_t>(1, g.transA ? g.M : g.K) &&
-               g.ldb >= std::max<int64_t>(1, g.transB ? g.K : g.N) && g.ldd >= g.N && ldc >= g.N,
-           "gemm: leading dimensions too small (lda=", g.lda, " ldb=", g.ldb, " ldd=", g.ldd,
-           ") for M=", g.M, " N=", g.N, " K=", g.K);
-  Plan* p = (g.K == 0 || force_fallback_) ? nullptr : plan_for(g, ldc);
+  // Resolved arguments: C = D (with D's stride) when not given, ldc = ldd when 0, strides 0
+  // for a single GEMM (so the plan key does not depend on unused fields).
+  GemmArgs r = g;
+  r.ldc = g.ldc ? g.ldc : g.ldd;
+  if (!r.C) {
+    r.C = r.D;
+    r.strideC = r.strideD;
+  }
+  if (r.batch == 1) r.strideA = r.strideB = r.strideC = r.strideD = 0;
+  MF_CHECK(r.lda >= std::max<int64_t>(1, r.transA ? r.M : r.K) &&
+               r.ldb >= std::max<int64_t>(1, r.transB ? r.K : r.N) && r.ldd >= r.N && r.ldc >= r.N,
+           "gemm: leading dimensions too small (lda=", r.lda, " ldb=", r.ldb, " ldd=", r.ldd,
+           ") for M=", r.M, " N=", r.N, " K=", r.K);
+  if (r.batch > 1) {
+    MF_CHECK(r.strideA >= 0 && r.strideB >= 0 && r.strideC >= 0,
+             "gemm: batch strides must be >= 0 (strideA=", r.strideA, " strideB=", r.strideB,
+             " strideC=", r.strideC, ")");
+    MF_CHECK(r.strideD >= (r.M - 1) * r.ldd + r.N, "gemm: strideD=", r.strideD,
+             " makes the ", r.batch, " outputs of ", r.M, "x", r.N, " (ldd=", r.ldd, ") overlap");
+  }
+  Plan* p = (r.K == 0 || force_fallback_) ? nullptr : plan_for(r);
   if (p && p->ok) {
-    const void* C = g.C ? g.C : g.D;
-    const cublasStatus_t st = cublasLtMatmul(handle_, p->op, &g.alpha, g.B, p->a, g.A, p->b,
-                                             &g.beta, C, p->c, g.D, p->d, &p->algo, workspace_,
+    const cublasStatus_t st = cublasLtMatmul(handle_, p->op, &r.alpha, r.B, p->a, r.A, p->b,
+                                             &r.beta, r.C, p->c, r.D, p->d, &p->algo, workspace_,
                                              kWorkspaceBytes, stream_);
     if (st == CUBLAS_STATUS_SUCCESS) return;
     // An algorithm the heuristic offered but that rejects this layout: remember, fall back.
@@ -129,10 +165,7 @@ void CublasLt::gemm(const GemmArgs& g) {
     p->ok = false;
   }
   ++fallback_calls_;
-  GemmArgs f = g;
-  f.ldc = ldc;
-  if (!f.C) f.C = f.D;
-  launch_gemm_fallback(f, stream_);
+  launch_gemm_fallback(r, stream_);
 }
 
 }  // namespace mf::cuda

@@ -9,17 +9,22 @@
 //
 // Types: A and B share one dtype (bf16, or f32); C and D share one (bf16 or f32). Accumulation
 // is always fp32 (CUBLAS_COMPUTE_32F), so bf16 x bf16 -> f32 gives the f32 dW accumulation.
-// The plan (descriptors + heuristic algorithm) is cached per shape/layout/dtype/alignment key.
+// Strided batch: batch > 1 runs `batch` independent GEMMs in one call, the i-th on
+// A + i*strideA, B + i*strideB, C + i*strideC, D + i*strideD (strides in elements; C = D
+// implies strideC = strideD). cuBLASLt gets CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT (int32) and
+// CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET (int64) on all four layouts; the fallback kernel
+// walks the batch along the grid's z dimension.
+// The plan (descriptors + heuristic algorithm) is cached per shape/layout/dtype/alignment/batch key.
 // When cuBLASLt offers no algorithm (odd alignments), a plain SIMT kernel (kernels/matmul.cu)
 // computes the same thing, so every shape works.
 #pragma once
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <tuple>
 
 #include "core/tensor.h"
 
@@ -39,6 +44,11 @@ struct GemmArgs {
   DType ab = DType::BF16;  // dtype of A and B
   DType cd = DType::BF16;  // dtype of C and D
   float alpha = 1.f, beta = 0.f;
+  int64_t batch = 1;  // strided batch count (>= 1)
+  // Batch strides in elements (read only when batch > 1). strideC is ignored when C is nullptr
+  // (C = D, stride strideD). Input strides may be 0 (the same matrix for every batch entry);
+  // strideD must keep the outputs apart.
+  int64_t strideA = 0, strideB = 0, strideC = 0, strideD = 0;
 };
 
 class CublasLt {
@@ -58,9 +68,11 @@ class CublasLt {
 
  private:
   struct Plan;
-  using Key = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                         int, int, int, int, int, int, int>;
-  Plan* plan_for(const GemmArgs& g, int64_t ldc);
+  // transA, transB, M, N, K, lda, ldb, ldc, ldd, ab, cd, 4 alignments, beta != 0, batch and the
+  // four strides (0 when batch == 1).
+  using Key = std::array<int64_t, 21>;
+  // g with ldc / C / strideC resolved (C = D when nullptr).
+  Plan* plan_for(const GemmArgs& g);
 
   cudaStream_t stream_;
   cublasLtHandle_t handle_ = nullptr;
