@@ -16,8 +16,6 @@ namespace {
 
 constexpr int kMoThreads = 256;
 constexpr int64_t kMoMaxBlocks = 8192;
-// X = U / (norm_mult ||U||_F + kNsNormEps), the same guard as Backend::newton_schulz.
-constexpr double kNsNormEps = 1e-7;
 
 unsigned mo_blocks(int64_t n) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kMoThreads), kMoMaxBlocks)));
@@ -30,39 +28,6 @@ unsigned mo_blocks(int64_t n) {
 void check_f32_matrix(const char* op, const char* name, const Tensor& t) {
   check_dtype(op, name, t, DType::F32);
   MF_CHECK(t.ndim() == 2, op, ": ", describe(name, t), " must be a matrix");
-}
-
-// ---- Newton-Schulz ------------------------------------------------------------------------------
-
-struct NsParams {
-  const float* U;
-  float* O;
-  float* X;          // [m, n], m = min(r, c)
-  const double* ss;  // ||U||_F^2 on the device
-  int64_t r, c;
-  bool transposed;
-  double norm_mult;
-};
-
-__global__ void nsc_prepare_kernel(NsParams p) {
-  const float inv = float(1.0 / (p.norm_mult * sqrt(*p.ss) + kNsNormEps));
-  const int64_t n = p.transposed ? p.r : p.c, m = p.transposed ? p.c : p.r;
-  MO_GRID_STRIDE(q, p.r * p.c) {
-    const int64_t i = q / n, j = q % n;  // X row i, column j
-    p.X[q] = (p.transposed ? p.U[j * m + i] : p.U[q]) * inv;
-  }
-}
-
-__global__ void nsc_finish_kernel(NsParams p) {
-  const int64_t n = p.transposed ? p.r : p.c, m = p.transposed ? p.c : p.r;
-  MO_GRID_STRIDE(q, p.r * p.c) {
-    if (p.transposed) {
-      const int64_t j = q / m, i = q % m;  // O [n, m] = X^T
-      p.O[q] = p.X[i * n + j];
-    } else {
-      p.O[q] = p.X[q];
-    }
-  }
 }
 
 // ---- NorMuon ---------------------------------------------------------------------------------
@@ -253,48 +218,16 @@ void op_block_copy(const Ctx& ctx, const Tensor& src, int64_t sr, int64_t sc, Te
 // The contract is f32 and this path serves Polar Express (first coefficients 8.2 / -22.5 / 15.9)
 // and Kaon (a chaotic map, which amplifies every rounding step by step): in bf16 the rounding
 // of X would dominate the comparison with the CPU, so the three GEMMs per step run in fp32 with
-// CUBLAS_COMPUTE_32F (no TF32). The plain quintic Muon keeps its bf16 path (op_newton_schulz).
+// CUBLAS_COMPUTE_32F (no TF32). The plain quintic Muon keeps its bf16 path (op_newton_schulz);
+// both run kernels/muon.cu's run_newton_schulz (batched over a stack [k,r,c]).
 void op_newton_schulz_coeffs(const Ctx& ctx, const Tensor& U, Tensor& O,
                              const std::vector<float>& coeffs, float norm_mult) {
   const char* op = "newton_schulz_coeffs";
-  check_f32_matrix(op, "input", U);
-  check_f32_matrix(op, "output", O);
-  MF_CHECK(O.shape == U.shape, op, ": ", describe("output", O), " must have the shape of ",
-           describe("input", U));
+  check_ns_stack(op, U, O);  // [r,c] or a stack [k,r,c], each slice on its own
   MF_CHECK(coeffs.size() % 3 == 0, op, ": coeffs must hold (a,b,c) triples, got ", coeffs.size(),
            " values");
   MF_CHECK(norm_mult > 0, op, ": norm_mult must be > 0, got ", norm_mult);
-  const int64_t r = U.dim(0), cols = U.dim(1);
-  if (r == 0 || cols == 0) return;
-  const bool transposed = r > cols;
-  const int64_t m = transposed ? cols : r, n = transposed ? r : cols;
-
-  const int nparts = reduce_partials_count();
-  Arena sz;
-  sz.take<double>(nparts);
-  sz.take<double>(1);
-  for (int i = 0; i < 2; ++i) sz.take<float>(size_t(m * n));
-  for (int i = 0; i < 2; ++i) sz.take<float>(size_t(m * m));
-  Arena ar(ctx.scratch->get(sz.used()));
-  double* partials = ar.take<double>(nparts);
-  double* ss = ar.take<double>(1);
-  float* X = ar.take<float>(size_t(m * n));
-  float* Xn = ar.take<float>(size_t(m * n));
-  float* A = ar.take<float>(size_t(m * m));
-  float* B = ar.take<float>(size_t(m * m));
-
-  launch_sum_squares_f32(U.data<float>(), U.numel(), ss, partials, ctx.stream);
-  NsParams p{U.data<float>(), O.data<float>(), X, ss, r, cols, transposed, double(norm_mult)};
-  nsc_prepare_kernel<<<mo_blocks(m * n), kMoThreads, 0, ctx.stream>>>(p);
-  CUDA_CHECK_LAUNCH();
-
-  for (size_t it = 0; it + 2 < coeffs.size(); it += 3) {
-    ns_iteration(ctx, DType::F32, X, A, B, Xn, m, n, coeffs[it], coeffs[it + 1], coeffs[it + 2]);
-    std::swap(X, Xn);
-  }
-  p.X = X;
-  nsc_finish_kernel<<<mo_blocks(m * n), kMoThreads, 0, ctx.stream>>>(p);
-  CUDA_CHECK_LAUNCH();
+  run_newton_schulz(ctx, DType::F32, U, O, coeffs, double(norm_mult));
 }
 
 void op_normuon_normalize(const Ctx& ctx, Tensor& O, Tensor& v, float beta2, float eps) {

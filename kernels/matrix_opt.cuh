@@ -18,6 +18,7 @@ namespace mf::cuda {
 void op_block_copy(const Ctx& ctx, const Tensor& src, int64_t sr, int64_t sc, Tensor& dst,
                    int64_t dr, int64_t dc, int64_t rows, int64_t cols);
 // Newton-Schulz with one (a,b,c) per iteration, f32 GEMMs (CUBLAS_COMPUTE_32F); see the .cu.
+// U, O: [r,c] or a stack [k,r,c] (each slice normalised on its own, strided-batched GEMMs).
 void op_newton_schulz_coeffs(const Ctx& ctx, const Tensor& U, Tensor& O,
                              const std::vector<float>& coeffs, float norm_mult);
 // NorMuon's per-row normalisation with the Frobenius norm kept; no host synchronisation.

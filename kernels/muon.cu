@@ -1,14 +1,17 @@
-// Muon momentum (elementwise) and Newton-Schulz (device norm + cast kernels around cuBLASLt).
+// Muon momentum (elementwise) and Newton-Schulz (device norms + cast kernels around cuBLASLt),
+// batched over a stack of same-shape matrices.
 #include "muon.cuh"
 
+#include <vector>
+
 #include "backend/cuda/cublaslt.h"
-#include "reduce.cuh"
 
 namespace mf::cuda {
 
 constexpr int kMuonThreads = 256;
 constexpr int64_t kMuonMaxBlocks = 8192;
-constexpr float kNsNormEps = 1e-7f;  // X = U / (||U||_F + kNsNormEps), as in Keller Jordan's Muon
+// X = U / (norm_mult ||U||_F + kNsNormEps), as in Keller Jordan's Muon and the CPU backend.
+constexpr double kNsNormEps = 1e-7;
 
 struct MomentumParams {
   const float* g;
@@ -29,42 +32,88 @@ __global__ void muon_momentum_kernel(MomentumParams p) {
   }
 }
 
-struct NsCastParams {
-  const float* U;    // prepare: input [r,c]
-  float* O;          // finish: output [r,c]
-  bf16* X;           // [m,n], m = min(r,c), n = max(r,c)
-  const double* ss;  // prepare: ||U||_F^2 on the device
-  int64_t r, c;
-  bool transposed;   // r > c: X = U^T
-};
+// ---- batched Newton-Schulz: k independent [r,c] slices -------------------------------------------
+// Per-slice sum of squares: grid (P, k) blocks each reduce a fixed strided set of one slice in
+// double, then one block per slice adds its P partials in order (no atomics: deterministic).
+constexpr int kNsSsThreads = 256;
+constexpr int64_t kNsSsElemsPerBlock = int64_t(kNsSsThreads) * 16;
+constexpr int64_t kNsSsMaxBlocks = 256;  // per slice
+constexpr int64_t kNsMaxGridY = 65535;   // slices beyond this are looped over
+// Slice strides of the X / A / B buffers are rounded up to 8 elements (16 bytes in bf16) so
+// every slice of a strided-batched GEMM keeps the alignment of the first one.
+constexpr int64_t kNsStrideAlign = 8;
 
-// X[i,j] = U[i,j] * inv (or U[j,i] * inv when transposed), one thread per X element.
-__global__ void ns_prepare_kernel(NsCastParams p) {
-  const float inv = float(1.0 / (sqrt(*p.ss) + double(kNsNormEps)));
-  const int64_t total = p.r * p.c;
-  const int64_t n = p.transposed ? p.r : p.c, m = p.transposed ? p.c : p.r;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < total; q += stride) {
-    const int64_t i = q / n, j = q % n;  // X row i, column j
-    const float u = p.transposed ? p.U[j * m + i] : p.U[q];
-    p.X[q] = __float2bfloat16(u * inv);
+static int64_t ns_ss_blocks(int64_t per) {
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(per, kNsSsElemsPerBlock), kNsSsMaxBlocks));
+}
+static int64_t ns_stride(int64_t elems) { return ceil_div(elems, kNsStrideAlign) * kNsStrideAlign; }
+
+__global__ void __launch_bounds__(kNsSsThreads)
+    ns_sumsq_partial_kernel(const float* U, int64_t k, int64_t per, double* partials) {
+  __shared__ double red[32];
+  for (int64_t s = blockIdx.y; s < k; s += gridDim.y) {
+    const float* x = U + s * per;
+    double acc = 0;
+    for (int64_t i = int64_t(blockIdx.x) * kNsSsThreads + threadIdx.x; i < per;
+         i += int64_t(gridDim.x) * kNsSsThreads)
+      acc += double(x[i]) * double(x[i]);
+    acc = block_sum(acc, red);
+    if (threadIdx.x == 0) partials[s * gridDim.x + blockIdx.x] = acc;
   }
 }
 
-// O[q] from X, one thread per O element.
-__global__ void ns_finish_kernel(NsCastParams p) {
-  const int64_t total = p.r * p.c;
+__global__ void __launch_bounds__(kNsSsThreads)
+    ns_sumsq_final_kernel(const double* partials, int64_t nparts, double* ss) {
+  __shared__ double red[32];
+  const int64_t s = blockIdx.x;
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < nparts; i += kNsSsThreads) acc += partials[s * nparts + i];
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) ss[s] = acc;
+}
+
+template <typename TX>
+struct NsCastParams {
+  const float* U;    // prepare: input [k,r,c]
+  float* O;          // finish: output [k,r,c]
+  TX* X;             // k slices [m,n], m = min(r,c), n = max(r,c), slice stride xs
+  const double* ss;  // prepare: ||U_s||_F^2 of every slice, on the device
+  int64_t k, r, c, xs;
+  bool transposed;   // r > c: X_s = U_s^T
+  double norm_mult;
+};
+
+// X_s[i,j] = U_s[i,j] * inv_s (or U_s[j,i] * inv_s when transposed), one thread per element,
+// inv_s = 1 / (norm_mult ||U_s||_F + 1e-7): the CPU backend's formula.
+template <typename TX>
+__global__ void ns_prepare_kernel(NsCastParams<TX> p) {
+  const int64_t per = p.r * p.c;
   const int64_t n = p.transposed ? p.r : p.c, m = p.transposed ? p.c : p.r;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < total; q += stride) {
-    float x;
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < p.k * per; q += stride) {
+    const int64_t s = q / per, e = q % per;
+    const float inv = float(1.0 / (p.norm_mult * sqrt(p.ss[s]) + kNsNormEps));
+    const int64_t i = e / n, j = e % n;  // X row i, column j
+    const float u = p.transposed ? p.U[s * per + j * m + i] : p.U[q];
+    p.X[s * p.xs + e] = from_f<TX>(u * inv);
+  }
+}
+
+// O from X, one thread per O element (transposed back when r > c).
+template <typename TX>
+__global__ void ns_finish_kernel(NsCastParams<TX> p) {
+  const int64_t per = p.r * p.c;
+  const int64_t n = p.transposed ? p.r : p.c, m = p.transposed ? p.c : p.r;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < p.k * per; q += stride) {
+    const int64_t s = q / per, e = q % per;
+    const TX* X = p.X + s * p.xs;
     if (p.transposed) {
-      const int64_t j = q / m, i = q % m;  // O is [n, m] = X^T
-      x = __bfloat162float(p.X[i * n + j]);
+      const int64_t j = e / m, i = e % m;  // O_s is [n, m] = X_s^T
+      p.O[q] = to_f(X[i * n + j]);
     } else {
-      x = __bfloat162float(p.X[q]);
+      p.O[q] = to_f(X[e]);
     }
-    p.O[q] = x;
   }
 }
 
@@ -88,67 +137,104 @@ void op_muon_momentum(const Ctx& ctx, const Tensor& g, Tensor& M, Tensor& U, flo
 }
 
 void ns_iteration(const Ctx& ctx, DType dt, const void* X, void* A, void* B, void* Xn, int64_t m,
-                  int64_t n, float a, float b, float c) {
+                  int64_t n, int64_t k, int64_t xs, int64_t as, float a, float b, float c) {
   GemmArgs g;  // A (=) X X^T   [m,m]
   g.transB = true;
   g.M = m; g.N = m; g.K = n;
   g.A = X; g.lda = n; g.B = X; g.ldb = n; g.D = A; g.ldd = m;
   g.ab = dt; g.cd = dt; g.alpha = 1.f; g.beta = 0.f;
+  g.batch = k; g.strideA = xs; g.strideB = xs; g.strideD = as;
   ctx.lt->gemm(g);
 
   g = GemmArgs{};  // B (=) b A + c A A   [m,m]
   g.M = m; g.N = m; g.K = m;
   g.A = A; g.lda = m; g.B = A; g.ldb = m; g.C = A; g.ldc = m; g.D = B; g.ldd = m;
   g.ab = dt; g.cd = dt; g.alpha = c; g.beta = b;
+  g.batch = k; g.strideA = as; g.strideB = as; g.strideC = as; g.strideD = as;
   ctx.lt->gemm(g);
 
   g = GemmArgs{};  // Xn (=) a X + B X   [m,n]
   g.M = m; g.N = n; g.K = m;
   g.A = B; g.lda = m; g.B = X; g.ldb = n; g.C = X; g.ldc = n; g.D = Xn; g.ldd = n;
   g.ab = dt; g.cd = dt; g.alpha = 1.f; g.beta = a;
+  g.batch = k; g.strideA = as; g.strideB = xs; g.strideC = xs; g.strideD = xs;
   ctx.lt->gemm(g);
+}
+
+namespace {
+
+template <typename TX>
+void run_newton_schulz_t(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
+                         const std::vector<float>& coeffs, double norm_mult) {
+  const bool stack = U.ndim() == 3;
+  const int64_t k = stack ? U.dim(0) : 1, r = U.dim(-2), cols = U.dim(-1);
+  if (k == 0 || r == 0 || cols == 0) return;
+  const bool transposed = r > cols;
+  const int64_t m = transposed ? cols : r, n = transposed ? r : cols;
+  const int64_t per = r * cols, xs = ns_stride(m * n), as = ns_stride(m * m);
+  const int64_t P = ns_ss_blocks(per);
+
+  Arena sz;
+  sz.take<double>(size_t(k * P));
+  sz.take<double>(size_t(k));
+  for (int i = 0; i < 2; ++i) sz.take<TX>(size_t(k * xs));
+  for (int i = 0; i < 2; ++i) sz.take<TX>(size_t(k * as));
+  Arena ar(ctx.scratch->get(sz.used()));
+  double* partials = ar.take<double>(size_t(k * P));
+  double* ss = ar.take<double>(size_t(k));
+  TX* X = ar.take<TX>(size_t(k * xs));
+  TX* Xn = ar.take<TX>(size_t(k * xs));
+  TX* A = ar.take<TX>(size_t(k * as));
+  TX* B = ar.take<TX>(size_t(k * as));
+
+  const float* u = U.data<float>();
+  const dim3 ss_grid(unsigned(P), unsigned(std::min(k, kNsMaxGridY)));
+  ns_sumsq_partial_kernel<<<ss_grid, kNsSsThreads, 0, ctx.stream>>>(u, k, per, partials);
+  CUDA_CHECK_LAUNCH();
+  ns_sumsq_final_kernel<<<unsigned(k), kNsSsThreads, 0, ctx.stream>>>(partials, P, ss);
+  CUDA_CHECK_LAUNCH();
+  NsCastParams<TX> cp{u, O.data<float>(), X, ss, k, r, cols, xs, transposed, norm_mult};
+  ns_prepare_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
+  CUDA_CHECK_LAUNCH();
+
+  for (size_t it = 0; it + 2 < coeffs.size(); it += 3) {
+    ns_iteration(ctx, dt, X, A, B, Xn, m, n, k, xs, as, coeffs[it], coeffs[it + 1],
+                 coeffs[it + 2]);
+    std::swap(X, Xn);
+  }
+  cp.X = X;
+  ns_finish_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void check_ns_stack(const char* op, const Tensor& U, const Tensor& O) {
+  check_dtype(op, "input", U, DType::F32);
+  check_dtype(op, "output", O, DType::F32);
+  MF_CHECK(U.ndim() == 2 || U.ndim() == 3, op, ": input must be a matrix [r,c] or a stack [k,r,c], got ",
+           describe("U", U));
+  MF_CHECK(O.shape == U.shape, op, ": ", describe("output", O), " must have the shape of ",
+           describe("input", U));
+  MF_CHECK(U.ndim() == 2 || U.dim(0) <= int64_t(0x7fffffff), op, ": ", U.dim(0),
+           " slices are too many for one call");
+}
+
+void run_newton_schulz(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
+                       const std::vector<float>& coeffs, double norm_mult) {
+  if (dt == DType::BF16) return run_newton_schulz_t<bf16>(ctx, dt, U, O, coeffs, norm_mult);
+  if (dt == DType::F32) return run_newton_schulz_t<float>(ctx, dt, U, O, coeffs, norm_mult);
+  MF_FAIL("newton_schulz: X dtype ", dtype_name(dt), " is not supported (bf16 or f32)");
 }
 
 void op_newton_schulz(const Ctx& ctx, const Tensor& U, Tensor& O, int steps, float a, float b,
                       float c) {
   const char* op = "newton_schulz";
-  check_dtype(op, "input", U, DType::F32);
-  check_dtype(op, "output", O, DType::F32);
-  MF_CHECK(U.ndim() == 2, op, ": input must be a matrix, got ", describe("U", U));
-  MF_CHECK(O.shape == U.shape, op, ": ", describe("output", O), " must have the shape of ",
-           describe("input", U));
+  check_ns_stack(op, U, O);
   MF_CHECK(steps >= 0, op, ": steps must be >= 0, got ", steps);
-  const int64_t r = U.dim(0), cols = U.dim(1);
-  if (r == 0 || cols == 0) return;
-  const bool transposed = r > cols;
-  const int64_t m = transposed ? cols : r, n = transposed ? r : cols;
-
-  const int nparts = reduce_partials_count();
-  Arena sz;
-  sz.take<double>(nparts);
-  sz.take<double>(1);
-  for (int i = 0; i < 2; ++i) sz.take<bf16>(size_t(m * n));
-  for (int i = 0; i < 2; ++i) sz.take<bf16>(size_t(m * m));
-  Arena ar(ctx.scratch->get(sz.used()));
-  double* partials = ar.take<double>(nparts);
-  double* ss = ar.take<double>(1);
-  bf16* X = ar.take<bf16>(size_t(m * n));
-  bf16* Xn = ar.take<bf16>(size_t(m * n));
-  bf16* A = ar.take<bf16>(size_t(m * m));
-  bf16* B = ar.take<bf16>(size_t(m * m));
-
-  launch_sum_squares_f32(U.data<float>(), U.numel(), ss, partials, ctx.stream);
-  NsCastParams cp{U.data<float>(), O.data<float>(), X, ss, r, cols, transposed};
-  ns_prepare_kernel<<<elt_blocks(m * n), kMuonThreads, 0, ctx.stream>>>(cp);
-  CUDA_CHECK_LAUNCH();
-
-  for (int it = 0; it < steps; ++it) {
-    ns_iteration(ctx, DType::BF16, X, A, B, Xn, m, n, a, b, c);
-    std::swap(X, Xn);
-  }
-  cp.X = X;
-  ns_finish_kernel<<<elt_blocks(m * n), kMuonThreads, 0, ctx.stream>>>(cp);
-  CUDA_CHECK_LAUNCH();
+  std::vector<float> coeffs;
+  for (int i = 0; i < steps; ++i) coeffs.insert(coeffs.end(), {a, b, c});
+  run_newton_schulz(ctx, DType::BF16, U, O, coeffs, 1.0);
 }
 
 }  // namespace mf::cuda

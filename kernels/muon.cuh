@@ -1,5 +1,7 @@
 // Muon: momentum update and the Newton-Schulz orthogonalisation (NS5).
 #pragma once
+#include <vector>
+
 #include "common.cuh"
 
 namespace mf::cuda {
@@ -8,17 +10,29 @@ namespace mf::cuda {
 // U may alias g.
 void op_muon_momentum(const Ctx& ctx, const Tensor& g, Tensor& M, Tensor& U, float mu,
                       bool nesterov, float grad_scale);
-// O (=) NS(U), U and O f32 [r,c] (O may alias U). X = U / (||U||_F + 1e-7) in bf16, transposed
-// to [min, max] when r > c; `steps` times: A = X X^T; B = b A + c A A; X = a X + B X — three
-// cuBLASLt bf16 GEMMs with fp32 accumulation per step, no host synchronisation (the norm stays
-// on the device); the result is cast back to f32 (transposed back).
+// O (=) NS(U), U and O f32 [r,c] or a stack [k,r,c] (O may alias U); each slice on its own.
+// X_s = U_s / (||U_s||_F + 1e-7) in bf16, transposed to [min, max] when r > c; `steps` times:
+// A = X X^T; B = b A + c A A; X = a X + B X — three strided-batched cuBLASLt bf16 GEMMs with
+// fp32 accumulation per step (one call each for all k slices), no host synchronisation (the
+// norms stay on the device); the result is cast back to f32 (transposed back).
 void op_newton_schulz(const Ctx& ctx, const Tensor& U, Tensor& O, int steps, float a, float b,
                       float c);
 
-// One Newton-Schulz iteration on X [m,n] (dtype dt, row-major) with scratch A, B [m,m] and the
-// output Xn [m,n]: A = X X^T; B = b A + c A A; Xn = a X + B X — three cuBLASLt GEMMs with fp32
-// accumulation. Shared by op_newton_schulz (bf16) and op_newton_schulz_coeffs (f32).
+// The shared implementation of op_newton_schulz (dt = BF16, one (a,b,c) repeated) and
+// op_newton_schulz_coeffs (dt = F32, kernels/matrix_opt.cu): U, O f32 [r,c] or [k,r,c], already
+// checked (check_ns_stack); coeffs holds (a,b,c) triples, one per iteration; X_s = U_s /
+// (norm_mult ||U_s||_F + 1e-7) in dtype dt. Per-slice norms by a deterministic two-pass
+// reduction (grid P x k, then one block per slice), batched prepare / finish kernels.
+void run_newton_schulz(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
+                       const std::vector<float>& coeffs, double norm_mult);
+// f32 U and O of one shape, [r,c] or [k,r,c]; mf::Error naming op otherwise.
+void check_ns_stack(const char* op, const Tensor& U, const Tensor& O);
+
+// One Newton-Schulz iteration on k slices X_s [m,n] (dtype dt, row-major, slice stride xs
+// elements) with scratch A, B (k slices [m,m], stride as) and the output Xn (like X):
+// A = X X^T; B = b A + c A A; Xn = a X + B X — three strided-batched cuBLASLt GEMMs with fp32
+// accumulation (k = 1: plain GEMMs).
 void ns_iteration(const Ctx& ctx, DType dt, const void* X, void* A, void* B, void* Xn, int64_t m,
-                  int64_t n, float a, float b, float c);
+                  int64_t n, int64_t k, int64_t xs, int64_t as, float a, float b, float c);
 
 }  // namespace mf::cuda

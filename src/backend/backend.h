@@ -153,6 +153,10 @@ class Backend {
                              float grad_scale) = 0;
   // O (=) NS(U) for U [r,c]: X = U / (||U||_F + 1e-7), transposed when r > c; `steps` times
   // A = X X^T; X = a X + (b A + c A^2) X; transposed back. O may alias U.
+  // Batched: U and O may also be a stack [k,r,c]; each [r,c] slice is orthogonalised on its own
+  // (its own Frobenius norm), exactly as if the op were called once per slice. The CPU backend
+  // loops over the slices with the per-matrix code (bitwise the per-matrix results); CUDA runs
+  // each GEMM of an iteration as one strided-batched cuBLASLt call over the k slices.
   virtual void newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b,
                              float c) = 0;
 
@@ -219,6 +223,7 @@ class Backend {
   // Newton-Schulz with one (a,b,c) per iteration (coeffs holds 3*steps floats):
   // X = U / (norm_mult * ||U||_F + 1e-7), transposed when rows > cols; for each (a,b,c):
   // A = X X^T, X = a X + (b A + c A^2) X; transposed back into O (O may alias U).
+  // Like newton_schulz, U and O may be a stack [k,r,c] of independently normalised slices.
   virtual void newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vector<float>& coeffs,
                                     float norm_mult);
   // NorMuon: for O [r,c] and v [r]: v_i (=) beta2 v_i + (1-beta2) mean_j O_ij^2;

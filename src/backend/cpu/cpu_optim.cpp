@@ -88,11 +88,23 @@ void CpuBackend::muon_momentum(const Tensor& g, Tensor& M, Tensor& U, float mu, 
 
 void CpuBackend::newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b,
                                float c) {
-  MF_CHECK(U.ndim() == 2, "newton_schulz: input must be a matrix, got shape ", shape_str(U.shape));
+  MF_CHECK(U.ndim() == 2 || U.ndim() == 3,
+           "newton_schulz: input must be a matrix [r,c] or a stack [k,r,c], got shape ",
+           shape_str(U.shape));
   MF_CHECK(U.dtype == DType::F32, "newton_schulz: input is ", dtype_name(U.dtype),
            ", expected f32");
   check_same_f32("newton_schulz", "output", U, O);
   MF_CHECK(steps >= 0, "newton_schulz: steps must be >= 0, got ", steps);
+  if (U.ndim() == 3) {
+    // A stack: each slice on its own with exactly the per-matrix code below (bitwise equal to
+    // one call per slice; the slices of O alias those of U when O aliases U).
+    const Shape ms{U.dim(1), U.dim(2)};
+    for (int64_t x = 0; x < U.dim(0); ++x) {
+      Tensor o = O.slice0(x, x + 1).view(ms);
+      newton_schulz(U.slice0(x, x + 1).view(ms), o, steps, a, b, c);
+    }
+    return;
+  }
   const int64_t r = U.dim(0), cols = U.dim(1);
   if (r == 0 || cols == 0) return;
   // Work on X [m, n] with m <= n so that A = X X^T is the small Gram matrix.

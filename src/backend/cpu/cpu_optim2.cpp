@@ -147,13 +147,24 @@ void CpuBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
 
 void CpuBackend::newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vector<float>& coeffs,
                                       float norm_mult) {
-  check_matrix("newton_schulz_coeffs", "input", U);
-  check_matrix("newton_schulz_coeffs", "output", O);
+  check_f32("newton_schulz_coeffs", "input", U);
+  check_f32("newton_schulz_coeffs", "output", O);
+  MF_CHECK(U.ndim() == 2 || U.ndim() == 3,
+           "newton_schulz_coeffs: input must be a matrix [r,c] or a stack [k,r,c], got shape ",
+           shape_str(U.shape));
   MF_CHECK(O.shape == U.shape, "newton_schulz_coeffs: output has shape ", shape_str(O.shape),
            ", expected ", shape_str(U.shape));
   MF_CHECK(coeffs.size() % 3 == 0, "newton_schulz_coeffs: coeffs must hold (a,b,c) triples, got ",
            coeffs.size(), " values");
   MF_CHECK(norm_mult > 0, "newton_schulz_coeffs: norm_mult must be > 0, got ", norm_mult);
+  if (U.ndim() == 3) {  // a stack: the per-matrix code on each slice (bitwise the same results)
+    const Shape ms{U.dim(1), U.dim(2)};
+    for (int64_t x = 0; x < U.dim(0); ++x) {
+      Tensor o = O.slice0(x, x + 1).view(ms);
+      newton_schulz_coeffs(U.slice0(x, x + 1).view(ms), o, coeffs, norm_mult);
+    }
+    return;
+  }
   const int64_t r = U.dim(0), cols = U.dim(1);
   if (r == 0 || cols == 0) return;
   const bool transposed = r > cols;
