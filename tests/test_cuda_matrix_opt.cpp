@@ -31,6 +31,7 @@
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
 #include "config/config.h"
+#include "core/bf16.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "model/llama.h"
@@ -39,6 +40,9 @@
 #include "optim/matrix_opt.h"
 #include "optim/mup.h"
 #include "optim/optimizer.h"
+#ifdef MF_HAS_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 
 using namespace mf;
 using Catch::Matchers::Contains;
@@ -365,6 +369,177 @@ TEST_CASE("cuda newton_schulz_coeffs matches the CPU backend (quintic, Polar Exp
     }
   Tensor dU = g.up(rand_host({4, 5}, rng));
   CHECK_THROWS_WITH(gpu->newton_schulz_coeffs(dU, dU, {1.f, 2.f}, 1.f), Contains("triples"));
+}
+
+namespace {
+// A stack [k,r,c] whose slices have very different scales (10^-1, 1, 10): the batched NS must
+// normalise each slice by its own norm.
+Tensor rand_stack(int64_t k, int64_t r, int64_t c, Rng& rng) {
+  Tensor U = host_tensor({k, r, c}, DType::F32);
+  for (int64_t x = 0; x < k; ++x) {
+    const double scale = std::pow(10.0, double(x % 3) - 1.0);
+    for (int64_t i = 0; i < r * c; ++i) U.f32()[x * r * c + i] = float(scale * rng.normal());
+  }
+  return U;
+}
+Vec slice_of(const Vec& v, int64_t x, int64_t per) {
+  return Vec(v.begin() + x * per, v.begin() + (x + 1) * per);
+}
+// bf16 NS (plain Muon): vs the fp32 CPU per slice, the tolerance of test_cuda_smoke's NS check
+// (relative Frobenius). Batched vs one call per slice on the GPU: the same math, but cuBLASLt
+// may pick another algorithm for the strided batch (another fp32 summation order, then bf16
+// rounding), so "close", not bitwise. Not yet measured on a GPU: 1e-2 is a guess at 3x margin.
+constexpr double kTolNsBf16 = 3e-2;
+constexpr double kTolNsBf16Batch = 1e-2;
+}  // namespace
+
+TEST_CASE("cuda batched newton_schulz / newton_schulz_coeffs: per slice as the CPU, and as one call per slice",
+          "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  CpuBackend cpu;
+  Dev g{*gpu};
+  Rng rng(111);
+  const std::vector<float> pe = ns_coefficients("polar_express", 5);
+  for (int64_t k : {1, 3, 7})
+    for (auto rc : std::vector<std::pair<int64_t, int64_t>>{{64, 192}, {192, 64}, {128, 128}}) {
+      const int64_t r = rc.first, c = rc.second, per = r * c;
+      INFO("stack [" << k << "," << r << "," << c << "]");
+      const Tensor U = rand_stack(k, r, c, rng);
+      const Shape ms{r, c};
+      // bf16 quintic (Backend::newton_schulz).
+      Tensor want = host_tensor(U.shape, DType::F32);
+      cpu.newton_schulz(U, want, 5, kNsA, kNsB, kNsC);  // = per-slice calls (test_optim.cpp)
+      Tensor dU = g.up(U), dO = gpu->empty(U.shape, DType::F32);
+      gpu->newton_schulz(dU, dO, 5, kNsA, kNsB, kNsC);
+      const Vec got = to_vec(g.down(dO)), wv = to_vec(want);
+      for (int64_t x = 0; x < k; ++x) {
+        INFO("bf16 slice " << x);
+        CHECK(rel_fro(slice_of(got, x, per), slice_of(wv, x, per)) < kTolNsBf16);
+        Tensor one = g.up(U.slice0(x, x + 1).view(ms));
+        gpu->newton_schulz(one, one, 5, kNsA, kNsB, kNsC);
+        CHECK(rel_fro(slice_of(got, x, per), to_vec(g.down(one))) < kTolNsBf16Batch);
+      }
+      gpu->newton_schulz(dU, dU, 5, kNsA, kNsB, kNsC);  // O aliases U: the same computation
+      CHECK(to_vec(g.down(dU)) == got);
+
+      // f32 Polar Express (Backend::newton_schulz_coeffs).
+      Tensor wc = host_tensor(U.shape, DType::F32);
+      cpu.newton_schulz_coeffs(U, wc, pe, kPolarExpressNormMult);
+      Tensor dU2 = g.up(U), dC = gpu->empty(U.shape, DType::F32);
+      gpu->newton_schulz_coeffs(dU2, dC, pe, kPolarExpressNormMult);
+      const Vec gc = to_vec(g.down(dC)), wcv = to_vec(wc);
+      for (int64_t x = 0; x < k; ++x) {
+        INFO("f32 slice " << x);
+        CHECK(norm_err(slice_of(gc, x, per), slice_of(wcv, x, per)) <= kTolNs);
+        Tensor one = g.up(U.slice0(x, x + 1).view(ms));
+        gpu->newton_schulz_coeffs(one, one, pe, kPolarExpressNormMult);
+        CHECK(norm_err(slice_of(gc, x, per), to_vec(g.down(one))) <= kTolNs);
+      }
+    }
+  Tensor four = gpu->empty({2, 2, 3, 3}, DType::F32);
+  CHECK_THROWS_WITH(gpu->newton_schulz(four, four, 5, kNsA, kNsB, kNsC), Contains("stack [k,r,c]"));
+  Tensor a = gpu->empty({3, 4, 5}, DType::F32), b = gpu->empty({3, 5, 4}, DType::F32);
+  CHECK_THROWS_WITH(gpu->newton_schulz_coeffs(a, b, pe, 1.f), Contains("shape"));
+}
+
+TEST_CASE("cuBLASLt strided-batched gemm matches a host reference, cuBLASLt and SIMT fallback",
+          "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+#ifdef MF_HAS_CUDA
+  auto gpu = gpu_backend();
+  auto* cb = dynamic_cast<CudaBackend*>(gpu.get());
+  REQUIRE(cb);
+  cuda::CublasLt& lt = cb->cublas();
+  Rng rng(112);
+  struct Case {
+    bool ta, tb;
+    int64_t M, N, K, batch;
+    int64_t padA, padB, padC, padD;  // extra elements between batch entries (sentinels)
+    DType ab, cd;
+    float alpha, beta;
+    bool sep_c;    // C its own buffer (else C = D)
+    bool bcast_b;  // strideB = 0: one B for every entry
+  };
+  const std::vector<Case> cases = {
+      {false, false, 33, 17, 65, 3, 0, 0, 0, 0, DType::BF16, DType::F32, 1.f, 0.f, false, false},
+      {false, true, 64, 64, 192, 7, 0, 0, 0, 0, DType::BF16, DType::BF16, 1.f, 0.f, false, false},
+      {false, false, 64, 192, 64, 3, 8, 8, 0, 8, DType::BF16, DType::BF16, 1.f, -0.5f, false, false},
+      {true, false, 40, 24, 16, 5, 3, 5, 2, 7, DType::F32, DType::F32, 1.3f, 0.75f, true, false},
+      {false, true, 9, 11, 13, 4, 1, 0, 0, 3, DType::F32, DType::F32, 0.5f, 1.f, false, true},
+      {true, true, 16, 8, 24, 1, 5, 5, 5, 5, DType::BF16, DType::F32, 1.f, 1.f, true, false},
+  };
+  for (bool fallback : {false, true})
+    for (size_t ci = 0; ci < cases.size(); ++ci) {
+      const Case& t = cases[ci];
+      INFO("case " << ci << (fallback ? " (SIMT fallback)" : " (cuBLASLt)"));
+      const int64_t lda = t.ta ? t.M : t.K, ldb = t.tb ? t.K : t.N, ldd = t.N;
+      const int64_t sA = t.M * t.K + t.padA, sB = t.bcast_b ? 0 : t.K * t.N + t.padB;
+      const int64_t sD = t.M * t.N + t.padD, sC = t.sep_c ? t.M * t.N + t.padC : sD;
+      auto rnd = [&](int64_t n, DType dt) {
+        Vec v(static_cast<size_t>(n));
+        for (auto& x : v) {
+          x = rng.uniform() * 2.0 - 1.0;
+          if (dt == DType::BF16) x = double(round_to_bf16(float(x)));
+        }
+        return v;
+      };
+      const Vec A = rnd(t.batch * sA, t.ab), B = rnd(std::max<int64_t>(1, t.batch * sB + t.K * t.N), t.ab);
+      const Vec C = rnd(t.batch * sC, t.cd), D0 = rnd(t.batch * sD, t.cd);
+      // Reference in double; D's padding must stay untouched.
+      Vec want = D0;
+      for (int64_t z = 0; z < t.batch; ++z)
+        for (int64_t i = 0; i < t.M; ++i)
+          for (int64_t j = 0; j < t.N; ++j) {
+            double acc = 0;
+            for (int64_t q = 0; q < t.K; ++q) {
+              const double a = t.ta ? A[z * sA + q * lda + i] : A[z * sA + i * lda + q];
+              const double b = t.tb ? B[z * sB + j * ldb + q] : B[z * sB + q * ldb + j];
+              acc += a * b;
+            }
+            const double cin = t.sep_c ? C[z * sC + i * ldd + j] : D0[z * sD + i * ldd + j];
+            want[z * sD + i * ldd + j] = t.alpha * acc + (t.beta != 0.f ? t.beta * cin : 0.0);
+          }
+      auto up = [&](const Vec& v, DType dt) {
+        Tensor d = gpu->empty({int64_t(v.size())}, dt);
+        gpu->upload(test::host_of({int64_t(v.size())}, v), d);
+        return d;
+      };
+      Tensor dA = up(A, t.ab), dB = up(B, t.ab), dC = up(C, t.cd), dD = up(D0, t.cd);
+      cuda::GemmArgs ga;
+      ga.transA = t.ta; ga.transB = t.tb;
+      ga.M = t.M; ga.N = t.N; ga.K = t.K;
+      ga.A = dA.ptr; ga.lda = lda; ga.B = dB.ptr; ga.ldb = ldb;
+      ga.C = t.sep_c ? dC.ptr : nullptr; ga.ldc = t.sep_c ? ldd : 0;
+      ga.D = dD.ptr; ga.ldd = ldd;
+      ga.ab = t.ab; ga.cd = t.cd; ga.alpha = t.alpha; ga.beta = t.beta;
+      ga.batch = t.batch; ga.strideA = sA; ga.strideB = sB; ga.strideC = t.sep_c ? sC : 0;
+      ga.strideD = sD;
+      lt.set_force_fallback(fallback);
+      const size_t before = lt.fallback_calls();
+      lt.gemm(ga);
+      lt.set_force_fallback(false);
+      if (fallback) CHECK(lt.fallback_calls() == before + 1);
+      const Vec got = test::fetch(*gpu, dD);
+      Vec gm, wm;  // the M x N outputs only
+      for (int64_t z = 0; z < t.batch; ++z)
+        for (int64_t e = 0; e < t.M * t.N; ++e) {
+          gm.push_back(got[z * sD + e]);
+          wm.push_back(want[z * sD + e]);
+        }
+      CHECK(norm_err(gm, wm) < (t.cd == DType::BF16 ? 1e-2 : 1e-5));
+      for (int64_t z = 0; z < t.batch; ++z)  // the padding between outputs is never written
+        for (int64_t e = t.M * t.N; e < sD; ++e) CHECK(got[z * sD + e] == D0[z * sD + e]);
+    }
+  // Overlapping outputs are rejected.
+  Tensor d = gpu->empty({64}, DType::F32);
+  cuda::GemmArgs bad;
+  bad.M = 4; bad.N = 4; bad.K = 4;
+  bad.A = d.ptr; bad.lda = 4; bad.B = d.ptr; bad.ldb = 4; bad.D = d.ptr; bad.ldd = 4;
+  bad.ab = bad.cd = DType::F32;
+  bad.batch = 2; bad.strideD = 8;
+  CHECK_THROWS_WITH(lt.gemm(bad), Contains("overlap"));
+#endif
 }
 
 TEST_CASE("cuda normuon_normalize, cautious_decay, adam_precond match the CPU backend", "[gpu][cuda]") {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -725,4 +726,184 @@ TEST_CASE("Optimizer describe() lists every optimized param with its group", "[o
   CHECK(d.find("1.225") != std::string::npos);  // spectral scale sqrt(12/8) of q_proj
   CHECK(opt.lr(0) == Approx(0.02 * 0.5));
   CHECK(opt.lr_multiplier(1) == Approx(1.0));
+}
+
+// ---- batched Newton-Schulz (a stack [k,r,c]) and the Optimizer's grouping ----------------------
+
+TEST_CASE("newton_schulz / newton_schulz_coeffs on a stack equal per-slice calls bitwise", "[optim]") {
+  CpuBackend be;
+  Rng rng(71);
+  // r > c (the transposed path), r < c, square, a stack of 1, 1-row and 1-column slices.
+  const std::vector<Shape> stacks = {{3, 12, 8}, {4, 8, 12}, {2, 9, 9}, {1, 16, 5},
+                                     {5, 1, 7},  {3, 7, 1},  {0, 4, 4}};
+  const std::vector<std::vector<float>> coeff_sets = {ns_coefficients("quintic", 5),
+                                                      ns_coefficients("polar_express", 5),
+                                                      kaon_coefficients(5)};
+  for (const Shape& s : stacks) {
+    INFO("stack " << shape_str(s));
+    const int64_t k = s[0];
+    const Shape ms{s[1], s[2]};
+    // Slices of very different scales: each must be normalised by its own norm.
+    Tensor U = host_tensor(s);
+    for (int64_t x = 0; x < k; ++x) {
+      Tensor slice = rand_tensor(ms, rng, std::pow(10.0, double(x % 3) - 1.0), 0.05 * double(x));
+      std::memcpy(U.f32() + x * slice.numel(), slice.ptr, slice.nbytes());
+    }
+    // Per-slice reference: one call per [r,c] matrix.
+    Tensor want = host_tensor(s);
+    for (int64_t x = 0; x < k; ++x) {
+      Tensor o = want.slice0(x, x + 1).view(ms);
+      be.newton_schulz(U.slice0(x, x + 1).view(ms), o, 5, kNsA, kNsB, kNsC);
+    }
+    Tensor got = host_tensor(s);
+    be.newton_schulz(U, got, 5, kNsA, kNsB, kNsC);
+    REQUIRE(bitwise_equal(got, want));
+    Tensor inplace = clone(U);
+    be.newton_schulz(inplace, inplace, 5, kNsA, kNsB, kNsC);  // O aliases U
+    REQUIRE(bitwise_equal(inplace, want));
+    if (k > 0 && s[1] > 1 && s[2] > 1) {
+      // Not the identity: the slices were orthogonalised (spectral norm of a slice ~1).
+      CHECK_FALSE(bitwise_equal(got, U));
+    }
+
+    for (size_t ci = 0; ci < coeff_sets.size(); ++ci) {
+      INFO("coefficient set " << ci);
+      const float nm = ci == 1 ? kPolarExpressNormMult : 1.0f;
+      Tensor wc = host_tensor(s);
+      for (int64_t x = 0; x < k; ++x) {
+        Tensor o = wc.slice0(x, x + 1).view(ms);
+        be.newton_schulz_coeffs(U.slice0(x, x + 1).view(ms), o, coeff_sets[ci], nm);
+      }
+      Tensor gc = clone(U);
+      be.newton_schulz_coeffs(gc, gc, coeff_sets[ci], nm);
+      REQUIRE(bitwise_equal(gc, wc));
+    }
+  }
+  // A 4-D input and mismatched shapes are rejected with the shape named.
+  Tensor four = rand_tensor({2, 2, 3, 3}, rng);
+  CHECK_THROWS_WITH(be.newton_schulz(four, four, 5, kNsA, kNsB, kNsC),
+                    Catch::Contains("stack [k,r,c]") && Catch::Contains("[2,2,3,3]"));
+  CHECK_THROWS_WITH(be.newton_schulz_coeffs(four, four, ns_coefficients("quintic", 5), 1.0f),
+                    Catch::Contains("stack [k,r,c]"));
+  Tensor a = rand_tensor({3, 4, 5}, rng), b = host_tensor({3, 5, 4});
+  CHECK_THROWS_WITH(be.newton_schulz(a, b, 5, kNsA, kNsB, kNsC), Catch::Contains("shape"));
+  CHECK_THROWS_WITH(be.newton_schulz_coeffs(a, b, ns_coefficients("quintic", 5), 1.0f),
+                    Catch::Contains("shape"));
+}
+
+namespace {
+
+// Params sharing matrix shapes, so that the Optimizer groups them: [12,8] x2 + a [3,12,8] stack
+// (5 slices), [8,12] x2 + a [2,8,12] stack (4 slices), and shapes of their own.
+const std::vector<Spec> kGroupSpecs = {
+    {"embed", {11, 8}, ParamKind::Embedding, 1.0, 1.0},
+    {"l0.q", {12, 8}, ParamKind::Hidden, 0.5, 2.0},
+    {"l0.o", {8, 12}, ParamKind::Hidden, 2.0, 0.5},
+    {"l0.norm", {8}, ParamKind::Norm, 1.0, 0.0},
+    {"l0.experts", {3, 12, 8}, ParamKind::Hidden, 1.5, 1.0},
+    {"l1.q", {12, 8}, ParamKind::Hidden, 1.0, 1.0},
+    {"l1.o", {8, 12}, ParamKind::Hidden, 1.0, 1.0},
+    {"l1.experts", {2, 8, 12}, ParamKind::Hidden, 1.0, 1.0},
+    {"l1.down", {1, 8}, ParamKind::Hidden, 1.0, 1.0},
+    {"l1.odd", {5, 7}, ParamKind::Hidden, 1.0, 1.0},
+    {"lm_head", {11, 8}, ParamKind::LmHead, 1.0, 1.0},
+};
+
+struct GroupModel {
+  std::vector<std::unique_ptr<Param>> owned;
+  ParamList list;
+  explicit GroupModel(uint64_t seed) {
+    Rng rng(seed);
+    for (const Spec& s : kGroupSpecs) {
+      auto p = std::make_unique<Param>();
+      p->name = s.name;
+      p->shape = s.shape;
+      p->kind = s.kind;
+      p->lr_mult = s.lr_mult;
+      p->wd_mult = s.wd_mult;
+      p->master = rand_tensor(s.shape, rng, 0.5, s.kind == ParamKind::Norm ? 1.0 : 0.0);
+      p->weight = p->master;
+      p->grad = host_tensor(s.shape);
+      list.push_back(p.get());
+      owned.push_back(std::move(p));
+    }
+  }
+  void fill_grads(uint64_t seed) {
+    Rng rng(seed);
+    for (size_t i = 0; i < owned.size(); ++i) {
+      // Matrices of very different gradient scales (per-slice normalisation must hold).
+      Tensor g = rand_tensor(owned[i]->shape, rng, 0.01 * double(1 + 7 * (i % 4)));
+      std::memcpy(owned[i]->grad.ptr, g.ptr, g.nbytes());
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("Optimizer: batched Newton-Schulz updates are bitwise the per-matrix ones", "[optim]") {
+  CpuBackend be;
+  struct Case {
+    std::string label;
+    std::function<void(Config&)> set;
+    int64_t max_batch;  // slices of the largest batched call with the default budget
+  };
+  const std::vector<Case> cases = {
+      {"muon quintic", [](Config& c) { c.optim.name = "muon"; }, 5},
+      {"muon polar_express + cautious wd",
+       [](Config& c) {
+         c.optim.name = "muon";
+         c.optim.ns = "polar_express";
+         c.optim.cautious_wd = true;
+       },
+       5},
+      {"normuon", [](Config& c) { c.optim.name = "normuon"; }, 5},
+      {"normuon polar_express, independent wd",
+       [](Config& c) {
+         c.optim.name = "normuon";
+         c.optim.ns = "polar_express";
+         c.optim.wd_mode = "independent";
+       },
+       5},
+      {"kaon", [](Config& c) { c.optim.name = "kaon"; }, 5},
+      {"freon (per matrix)", [](Config& c) { c.optim.name = "freon"; }, 1},
+  };
+  for (const Case& cs : cases) {
+    for (int64_t budget : {int64_t(0), int64_t(1)}) {  // 0: the default cap; 1: chunks of one
+      INFO(cs.label << (budget ? ", budget 1 (chunked)" : ", default budget"));
+      Config cfg = make_config("muon", "shape", "coupled");
+      cs.set(cfg);
+      GroupModel a(7), b(7);
+      Optimizer batched(cfg, a.list, be), single(cfg, b.list, be);
+      single.set_batch_newton_schulz(false);
+      CHECK(single.max_ns_batch() == 1);
+      if (budget) batched.set_ns_stack_budget(budget);
+      if (budget == 0) CHECK(batched.max_ns_batch() == cs.max_batch);
+      // Budget 1: the cap is the largest param (the [3,12,8] stack, 288 elements): the [12,8]
+      // group splits into {l0.q}, {l0.experts}, {l1.q}; the [8,12] one into {l0.o, l1.o},
+      // {l1.experts}.
+      if (budget == 1 && cs.max_batch > 1) CHECK(batched.max_ns_batch() == 3);
+      CHECK(batched.muon_scratch_numel() >= single.muon_scratch_numel());
+      for (int step = 0; step < 4; ++step) {
+        a.fill_grads(500 + step);
+        b.fill_grads(500 + step);
+        batched.step(step, 0.7f);
+        single.step(step, 0.7f);
+      }
+      for (size_t i = 0; i < a.owned.size(); ++i) {
+        INFO(a.owned[i]->name);
+        REQUIRE(bitwise_equal(a.owned[i]->master, b.owned[i]->master));
+      }
+      auto sa = batched.state_tensors(), sb = single.state_tensors();
+      REQUIRE(sa.size() == sb.size());
+      for (size_t i = 0; i < sa.size(); ++i) {
+        INFO(sa[i].first);
+        REQUIRE(sa[i].first == sb[i].first);
+        REQUIRE(bitwise_equal(sa[i].second, sb[i].second));
+      }
+    }
+  }
+  Config cfg = make_config("muon", "shape", "coupled");
+  GroupModel m(3);
+  Optimizer o(cfg, m.list, be);
+  CHECK_THROWS_WITH(o.set_ns_stack_budget(0), Catch::Contains("budget"));
 }

@@ -5,12 +5,23 @@
 #include <cstdio>
 #include <map>
 #include <sstream>
+#include <tuple>
 
 #include "core/error.h"
 #include "optim/schedule.h"
 
+namespace {
 // NorMuon: eps in O / (sqrt(v) + eps).
-namespace { constexpr float kNorMuonEps = 1e-8f; }
+constexpr float kNorMuonEps = 1e-8f;
+// Cap of the stacked scratch of one batched Newton-Schulz call: 16 Mi f32 elements (64 MiB).
+// A group of same-shape matrices is cut into chunks of whole entries (a param is never split,
+// so a chunk may exceed the cap by one param: the cap is max(largest param, this)). Why 64 MiB:
+// the batching pays off once a call has a few dozen matrices (the 124M config's 48 768x768
+// attention projections fit 28 to a chunk), while the optimizer's U scratch grows from one
+// matrix to one chunk, and on CUDA the NS kernels add their bf16 X / Xn / A / B buffers (at most
+// 2x the chunk's bytes, 4x on the f32 newton_schulz_coeffs path) to the shared Scratch.
+constexpr int64_t kNsStackBudget = int64_t(16) << 20;
+}  // namespace
 
 namespace mf {
 
@@ -168,9 +179,47 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
     }
     entries_.push_back(std::move(e));
   }
-  if (scratch > 0) muon_scratch_ = be.empty({scratch}, DType::F32);
+  largest_matrix_param_ = scratch;
+  plan_ns_chunks(kNsStackBudget);  // also allocates muon_scratch_ (largest param or chunk)
   if (freon_need > 0) freon_work_ = be.empty({freon_need}, DType::F32);
 }
+
+// Batched NS groups: Muon-like entries except Freon (its eigen path is per matrix), keyed by
+// kind and [rows, cols], in the order of the entries; each group is cut into chunks of whole
+// entries of at most max(largest param, budget) elements. Grows the U scratch to the largest chunk.
+void Optimizer::plan_ns_chunks(int64_t budget) {
+  MF_CHECK(budget >= 1, "optimizer: the Newton-Schulz stack budget must be >= 1 element, got ",
+           budget);
+  const int64_t cap = std::max(largest_matrix_param_, budget);
+  ns_chunks_.clear();
+  std::map<std::tuple<int, int64_t, int64_t>, size_t> open;  // key -> index of the open chunk
+  int64_t need = largest_matrix_param_;
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const OptEntry& e = entries_[i];
+    if (e.pre || !muon_like(e.kind) || e.kind == OptKind::Freon) continue;
+    const Shape& s = e.param->shape;
+    const int64_t rows = s[s.size() - 2], cols = s.back();
+    if (rows == 0 || cols == 0) continue;  // nothing to orthogonalise: the per-matrix path
+    const int64_t n = e.param->numel();
+    const auto key = std::make_tuple(int(e.kind), rows, cols);
+    auto it = open.find(key);
+    if (it == open.end() || ns_chunks_[it->second].numel + n > cap) {
+      NsChunk c;
+      c.rows = rows;
+      c.cols = cols;
+      ns_chunks_.push_back(c);
+      it = open.insert_or_assign(key, ns_chunks_.size() - 1).first;
+    }
+    NsChunk& c = ns_chunks_[it->second];
+    c.entries.push_back(i);
+    c.slices += n / (rows * cols);
+    c.numel += n;
+    need = std::max(need, c.numel);
+  }
+  if (need > muon_scratch_numel()) muon_scratch_ = be_.empty({need}, DType::F32);
+}
+
+void Optimizer::set_ns_stack_budget(int64_t numel) { plan_ns_chunks(numel); }
 
 double Optimizer::lr_multiplier(int step) const { return mf::lr_multiplier(scfg_, max_steps_, step); }
 double Optimizer::lr(int step) const { return ocfg_.lr * lr_multiplier(step); }
@@ -182,14 +231,21 @@ double Optimizer::decay_factor(const OptEntry& e, double lr_eff, double sched) c
 
 void Optimizer::step(int step, float grad_scale) {
   const double sched = lr_multiplier(step);
-  for (OptEntry& e : entries_) {
+  std::vector<bool> batched(entries_.size(), false);
+  if (batch_ns_)
+    for (const NsChunk& c : ns_chunks_)
+      for (size_t i : c.entries) batched[i] = true;
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    OptEntry& e = entries_[i];
     if (e.kind == OptKind::AdamW)
       step_adamw(e, sched, grad_scale);
     else if (e.pre)
       step_preconditioned(e, sched, grad_scale);
-    else
+    else if (!batched[i])
       step_muon(e, sched, grad_scale);
   }
+  if (batch_ns_)
+    for (const NsChunk& c : ns_chunks_) step_muon_chunk(c, sched, grad_scale);
   ++t_;
   // CUDA: refresh the bf16 compute copy from the fp32 master.
   for (OptEntry& e : entries_) {
@@ -214,9 +270,28 @@ void Optimizer::step_adamw(OptEntry& e, double sched, float grad_scale) {
   be_.adamw_update(p.master, p.grad, e.exp_avg, e.exp_avg_sq, a);
 }
 
+int64_t Optimizer::max_ns_batch() const {
+  int64_t k = 1;
+  if (batch_ns_)
+    for (const NsChunk& c : ns_chunks_) k = std::max(k, c.slices);
+  return k;
+}
+
+void Optimizer::orthogonalize(OptKind kind, Tensor& U) {
+  if (kind == OptKind::Kaon) {
+    be_.newton_schulz_coeffs(U, U, kaon_coefficients(ocfg_.kaon.steps), 1.0f);
+    be_.scale(U, 1.0f / kKaonNorm);
+  } else if (ocfg_.ns == "polar_express") {
+    be_.newton_schulz_coeffs(U, U, ns_coefficients(ocfg_.ns, ocfg_.ns_steps),
+                             kPolarExpressNormMult);
+  } else {
+    be_.newton_schulz(U, U, ocfg_.ns_steps, kNsA, kNsB, kNsC);
+  }
+}
+
+// The per-matrix path (Freon, or batching off): one orthogonalisation per [out, in] matrix.
 void Optimizer::step_muon(OptEntry& e, double sched, float grad_scale) {
   Param& p = *e.param;
-  const double lr_eff = e.lr * sched;
   Tensor U = muon_scratch_.slice0(0, p.numel()).view(p.shape);
   be_.muon_momentum(p.grad, e.momentum, U, float(ocfg_.momentum), ocfg_.nesterov, grad_scale);
   const int64_t rows = p.shape[p.shape.size() - 2], cols = p.shape.back();
@@ -224,18 +299,45 @@ void Optimizer::step_muon(OptEntry& e, double sched, float grad_scale) {
   // Stacked experts: each [out, in] matrix is orthogonalized on its own.
   for (int64_t x = 0; x < n_mat; ++x) {
     Tensor m = n_mat == 1 ? U : U.slice0(x, x + 1).view({rows, cols});
-    if (e.kind == OptKind::Freon) {
+    if (e.kind == OptKind::Freon)
       freon_orthogonalize(be_, m, m, ocfg_.freon.c, ocfg_.freon.eps, &freon_work_);
-    } else if (e.kind == OptKind::Kaon) {
-      be_.newton_schulz_coeffs(m, m, kaon_coefficients(ocfg_.kaon.steps), 1.0f);
-      be_.scale(m, 1.0f / kKaonNorm);
-    } else if (ocfg_.ns == "polar_express") {
-      be_.newton_schulz_coeffs(m, m, ns_coefficients(ocfg_.ns, ocfg_.ns_steps),
-                               kPolarExpressNormMult);
-    } else {
-      be_.newton_schulz(m, m, ocfg_.ns_steps, kNsA, kNsB, kNsC);
-    }
-    if (e.kind == OptKind::NorMuon) {
+    else
+      orthogonalize(e.kind, m);
+  }
+  finish_muon(e, U, sched);
+}
+
+// The batched path: the chunk's momentum outputs fill consecutive slices of the scratch, one NS
+// call orthogonalises the stack [slices, rows, cols], then each entry finishes on its own slices.
+void Optimizer::step_muon_chunk(const NsChunk& c, double sched, float grad_scale) {
+  int64_t off = 0;
+  for (size_t i : c.entries) {
+    OptEntry& e = entries_[i];
+    Param& p = *e.param;
+    Tensor U = muon_scratch_.slice0(off, off + p.numel()).view(p.shape);
+    be_.muon_momentum(p.grad, e.momentum, U, float(ocfg_.momentum), ocfg_.nesterov, grad_scale);
+    off += p.numel();
+  }
+  Tensor S = muon_scratch_.slice0(0, c.numel).view({c.slices, c.rows, c.cols});
+  orthogonalize(entries_[c.entries.front()].kind, S);
+  off = 0;
+  for (size_t i : c.entries) {
+    OptEntry& e = entries_[i];
+    Tensor U = muon_scratch_.slice0(off, off + e.param->numel()).view(e.param->shape);
+    finish_muon(e, U, sched);
+    off += e.param->numel();
+  }
+}
+
+// NorMuon's row normalisation (per [out, in] matrix), the weight decay and p -= lr s U.
+void Optimizer::finish_muon(OptEntry& e, Tensor& U, double sched) {
+  Param& p = *e.param;
+  const double lr_eff = e.lr * sched;
+  if (e.kind == OptKind::NorMuon) {
+    const int64_t rows = p.shape[p.shape.size() - 2], cols = p.shape.back();
+    const int64_t n_mat = p.shape.size() == 2 ? 1 : p.shape[0];
+    for (int64_t x = 0; x < n_mat; ++x) {
+      Tensor m = n_mat == 1 ? U : U.slice0(x, x + 1).view({rows, cols});
       Tensor v = n_mat == 1 ? e.normuon_v : e.normuon_v.slice0(x, x + 1).view({rows});
       be_.normuon_normalize(m, v, float(ocfg_.normuon_beta2), kNorMuonEps);
     }

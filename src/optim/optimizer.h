@@ -15,6 +15,12 @@
 // Muon: M = mu M + g; U = nesterov ? g + mu M : M; O = NS(U); p = p(1-decay) - lr_eff * s * O,
 // s from optim.scale (shape | rms | spectral). 3-D hidden params [E, out, in] are orthogonalized
 // one [out, in] slice at a time.
+// Batched Newton-Schulz (muon, normuon, kaon): entries whose matrices share one [out, in] shape
+// are grouped (a stacked [E, out, in] param brings E slices); per group the momentum outputs are
+// written into consecutive slices of one stacked scratch and orthogonalised by ONE batched
+// newton_schulz / newton_schulz_coeffs call (each slice normalised on its own), then each entry
+// gets its NorMuon normalisation, decay and axpy as before. On the CPU every update is bitwise
+// the per-matrix one. Freon (eigen path) stays per matrix. See kNsStackBudget for the scratch cap.
 #pragma once
 #include <memory>
 #include <string>
@@ -72,6 +78,18 @@ class Optimizer {
   double lr(int step) const;             // optim.lr * schedule (for logging)
   int64_t step_count() const { return t_; }  // updates applied so far (AdamW bias correction)
   const std::vector<OptEntry>& entries() const { return entries_; }
+  // Batched Newton-Schulz across matrices of one shape (default on). Off: one NS call per
+  // [out, in] matrix, the pre-batching path (tests compare the two bitwise on the CPU).
+  void set_batch_newton_schulz(bool on) { batch_ns_ = on; }
+  bool batch_newton_schulz() const { return batch_ns_; }
+  // f32 elements of the U / NS-output scratch (the largest matrix param, or the largest stacked
+  // group chunk when batching), for memory plans.
+  int64_t muon_scratch_numel() const { return muon_scratch_.defined() ? muon_scratch_.numel() : 0; }
+  // Largest number of [out, in] slices in one batched NS call (1 when nothing is batched).
+  int64_t max_ns_batch() const;
+  // Re-plans the batched groups with another cap on one call's stack (f32 elements; the
+  // default is kNsStackBudget in optimizer.cpp, 64 MiB). For tests of the chunking.
+  void set_ns_stack_budget(int64_t numel);
 
   // Table of groups: param, kind, shape, optimizer, peak lr, wd, scale.
   std::string describe() const;
@@ -90,7 +108,18 @@ class Optimizer {
 
  private:
   void step_adamw(OptEntry& e, double sched, float grad_scale);
+  // One group chunk of the batched path: entries (indices into entries_) of one [rows, cols]
+  // matrix shape and one kind, slices = sum of their matrices, numel = slices * rows * cols.
+  struct NsChunk {
+    std::vector<size_t> entries;
+    int64_t rows = 0, cols = 0, slices = 0, numel = 0;
+  };
   void step_muon(OptEntry& e, double sched, float grad_scale);
+  void step_muon_chunk(const NsChunk& c, double sched, float grad_scale);
+  // U (=) the orthogonalised U for the Muon-like kind (not Freon); U [r,c] or a stack [k,r,c].
+  void orthogonalize(OptKind kind, Tensor& U);
+  void finish_muon(OptEntry& e, Tensor& U, double sched);  // NorMuon, decay, axpy
+  void plan_ns_chunks(int64_t budget);
   void step_preconditioned(OptEntry& e, double sched, float grad_scale);
   void apply_decay(OptEntry& e, double decay, const Tensor& update);
   double decay_factor(const OptEntry& e, double lr_eff, double sched) const;
@@ -100,7 +129,10 @@ class Optimizer {
   int max_steps_ = 0;
   Backend& be_;
   std::vector<OptEntry> entries_;
-  Tensor muon_scratch_;  // U / NS output, sized for the largest Muon param
+  Tensor muon_scratch_;  // U / NS output: the largest Muon param, or the largest NsChunk
+  std::vector<NsChunk> ns_chunks_;  // the batched groups (every Muon-like entry except Freon)
+  int64_t largest_matrix_param_ = 0;  // elements of the largest matrix-optimizer param
+  bool batch_ns_ = true;
   Tensor freon_work_;    // Freon's temporaries (freon_workspace), sized for the largest matrix
   int64_t t_ = 0;
 };
