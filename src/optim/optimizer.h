@@ -87,6 +87,7 @@ class Optimizer {
   int64_t muon_scratch_numel() const { return muon_scratch_.defined() ? muon_scratch_.numel() : 0; }
   // Largest number of [out, in] slices in one batched NS call (1 when nothing is batched).
   int64_t max_ns_batch() const;
+  const OptimConfig& config() const { return ocfg_; }
   // Re-plans the batched groups with another cap on one call's stack (f32 elements; the
   // default is kNsStackBudget in optimizer.cpp, 64 MiB). For tests of the chunking.
   void set_ns_stack_budget(int64_t numel);

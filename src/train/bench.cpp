@@ -151,20 +151,18 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
     if (p->weight.defined() && p->weight.ptr != p->master.ptr) weights += sum_bytes(p->weight);
     grads += sum_bytes(p->grad);
   }
-  int64_t state = 0, muon_max = 0, ns_dims_min = 0, ns_dims_max = 0;
+  int64_t state = 0;
   // Every optimizer's state as it checkpoints it (AdamW m/v, Muon momentum, Shampoo/SOAP/ASGO
   // statistics and roots...).
   for (auto& [name, t] : opt.state_tensors()) state += sum_bytes(t);
-  for (const OptEntry& e : opt.entries()) {
-    if (e.kind == OptKind::Muon && e.param->numel() > muon_max) {
-      muon_max = e.param->numel();
-      const Shape& s = e.param->shape;
-      const int64_t r = s[s.size() - 2], cc = s.back();
-      ns_dims_min = std::min(r, cc);
-      ns_dims_max = std::max(r, cc);
-    }
-  }
-  const int64_t muon_scratch = muon_max * 4;  // Optimizer's U / NS output buffer (f32)
+  // The optimizer's U / NS stack (f32): one chunk of same-shape matrices orthogonalised in one
+  // batched call, capped at max(largest matrix, 64 MiB).
+  const int64_t muon_scratch = opt.muon_scratch_numel() * 4;
+  bool ns_f32 = false;  // newton_schulz_coeffs (Polar Express, Kaon) runs in f32, the quintic in bf16
+  for (const OptEntry& e : opt.entries())
+    ns_f32 = ns_f32 || e.kind == OptKind::Kaon ||
+             ((e.kind == OptKind::Muon || e.kind == OptKind::NorMuon) &&
+              opt.config().ns == "polar_express");
 
   // The model's activation buffers for one micro-batch B x T, as allocated (activation
   // recompute shares buffers across layers; MoE layers' own buffers are not counted).
@@ -174,12 +172,13 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   const bool cuda = be.device() == Device::CUDA;
   // Expected workspace peak on CUDA (kernels/ Scratch is one grow-only buffer; the largest user
   // sets it): the fused lm-head xent chunk (f32 logits + bf16 dlogits, capped at 256 MiB), the
-  // Newton-Schulz buffers of the largest Muon matrix (X ping-pong, A, A^2 in bf16), plus the
-  // 32 MiB cuBLASLt workspace. An estimate from docs/cuda.md, not a measurement.
+  // Newton-Schulz buffers of one batched chunk (X ping-pong, A, A^2 per matrix: at most 2x the
+  // chunk's f32 bytes in bf16, 4x in f32), plus the 32 MiB cuBLASLt workspace. An estimate from
+  // docs/cuda.md, not a measurement.
   int64_t ws_expected = 0;
   if (cuda) {
     const int64_t xent = std::min<int64_t>(N * V * 6, int64_t(256) << 20);
-    const int64_t ns = 2 * (2 * ns_dims_min * ns_dims_max + 2 * ns_dims_min * ns_dims_min);
+    const int64_t ns = (ns_f32 ? 4 : 2) * muon_scratch;
     ws_expected = std::max(xent, ns) + (int64_t(32) << 20);
   }
   const int64_t workspace_now = int64_t(mi.workspace);
@@ -220,7 +219,7 @@ std::string memory_plan_table(const nlohmann::json& p) {
   row("weights", p.at("weights").get<double>(), cuda ? "f32 master + bf16 compute copy" : "f32");
   row("gradients", p.at("grads").get<double>(), "f32");
   row("optimizer state", p.at("optimizer_state").get<double>(), "every state tensor (f32)");
-  row("muon scratch", p.at("muon_scratch").get<double>(), "largest Muon matrix, f32");
+  row("muon scratch", p.at("muon_scratch").get<double>(), "batched Newton-Schulz chunk, f32");
   row("activations", p.at("activations").get<double>(),
       p.at("activations_moe_excluded").get<bool>() ? "as allocated; MoE expert buffers NOT counted"
                                                    : "as allocated (model.recompute = " + p.value("recompute", std::string("none")) + ")");
