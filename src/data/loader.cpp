@@ -193,17 +193,18 @@ LoaderState DataLoader::state() const {
   return s;
 }
 
-void DataLoader::restore(const LoaderState& s) {
+int64_t DataLoader::restore(const LoaderState& s) {
   const std::string& L = opt_.label;
   const LoaderState cur = state();
   auto same = [&](const char* name, auto saved, auto now) {
     MF_CHECK(saved == now, L, ": cannot restore the data position: it was saved with ", name, " = ",
              saved, " but this loader has ", name, " = ", now,
-             " (resume with the same data, micro_batch, seq_len, world size, shuffle and seed)");
+             " (resume with the same data, micro_batch, seq_len, shuffle and seed)");
   };
   same("B", s.B, cur.B);
   same("T", s.T, cur.T);
-  same("world_size", s.world_size, cur.world_size);
+  MF_CHECK(s.world_size >= 1, L, ": cannot restore the data position: saved world_size ",
+           s.world_size, " is not positive");
   same("shuffle", s.shuffle, cur.shuffle);
   if (s.shuffle) same("seed", s.seed, cur.seed);
   same("number of shards", s.n_shards, cur.n_shards);
@@ -215,11 +216,29 @@ void DataLoader::restore(const LoaderState& s) {
   state_.shard_pos = s.shard_pos;
   state_.step = s.step;
   enter_epoch();
-  const int64_t G = groups_in_shard(current_shard());
-  MF_CHECK(int64_t(s.group) < G, L, ": saved group ", s.group, " is outside the ", G,
-           " micro-steps of shard '", paths_[size_t(current_shard())], "'");
-  state_.group = s.group;
+  const int64_t W_old = s.world_size, W = opt_.world_size;
+  MF_CHECK(int64_t(s.group) * W_old < runs_in_shard(current_shard()) || s.group == 0, L,
+           ": saved group ", s.group, " (of ", W_old, " runs each) is outside the ",
+           runs_in_shard(current_shard()), " runs of shard '", paths_[size_t(current_shard())], "'");
+  // The runs of this shard's order already used, continued by the new ranks.
+  const int64_t used = int64_t(s.group) * W_old;
+  const int64_t reread = used % W;
+  int64_t group = used / W;
+  if (W == W_old)
+    MF_CHECK(group < groups_in_shard(current_shard()), L, ": saved group ", s.group,
+             " is outside the ", groups_in_shard(current_shard()), " micro-steps of shard '",
+             paths_[size_t(current_shard())], "'");
+  if (group >= groups_in_shard(current_shard())) {  // the rest of this shard is too short for W
+    group = 0;
+    if (++state_.shard_pos >= shards_.size()) {
+      state_.shard_pos = 0;
+      ++state_.epoch;
+      enter_epoch();
+    }
+  }
+  state_.group = uint64_t(group);
   enter_shard();
+  return reread;
 }
 
 void DataLoader::reset() {

@@ -31,7 +31,10 @@
 // micro-batches served) plus the settings it was taken under; it is the same on every rank.
 // restore(state) on a loader built with the same files, B, T, world size, shuffle and seed
 // makes the following next() calls return exactly what they would have returned; a mismatch is
-// an error naming the field. reset() returns to the very start (used for the validation set,
+// an error naming the field. A different world size is allowed: the runs already used in the
+// current shard (group * W_saved of its order) are kept and the new ranks continue from
+// group = that / W_new, so the global order of runs is unchanged (when W_new does not divide it,
+// the last few runs are read again; restore() returns how many). reset() returns to the very start (used for the validation set,
 // which is evaluated from its beginning each time).
 //
 // Errors (mf::Error, naming the file): a glob that matches nothing, any malformed shard (see
@@ -101,7 +104,9 @@ class DataLoader {
   RunRef peek() const;
 
   LoaderState state() const;
-  void restore(const LoaderState& s);
+  // Returns the number of runs that will be read a second time (0 unless the world size
+  // changed and W_new does not divide the runs already used in the current shard).
+  int64_t restore(const LoaderState& s);
   void reset();
 
   const std::vector<std::string>& paths() const { return paths_; }

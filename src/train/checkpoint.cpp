@@ -4,8 +4,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
 #include <unistd.h>
 
+#include "core/log.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
 #include "dist/communicator.h"
@@ -157,6 +160,123 @@ std::string find_latest_checkpoint(const std::string& run_dir) {
   return (fs::path(run_dir) / checkpoint_dir_name(steps.back())).string();
 }
 
+namespace {
+
+// An optimizer state tensor's name, "<param>.<state>" or, for a ZeRO-1 fragment of elements
+// [a, b) of the flattened parameter, "<param>[a:b].<state>".
+struct StateName {
+  std::string param, state;
+  int64_t a = -1, b = -1;  // -1: the whole tensor
+  std::string key() const { return param + "." + state; }
+};
+
+bool parse_state_name(const std::string& n, const std::map<std::string, int64_t>& numel_of,
+                      StateName* out) {
+  const size_t lb = n.find('[');
+  if (lb != std::string::npos) {
+    const size_t colon = n.find(':', lb), rb = n.find("].", lb);
+    if (colon == std::string::npos || rb == std::string::npos || colon > rb) return false;
+    try {
+      out->a = std::stoll(n.substr(lb + 1, colon - lb - 1));
+      out->b = std::stoll(n.substr(colon + 1, rb - colon - 1));
+    } catch (const std::exception&) {
+      return false;
+    }
+    out->param = n.substr(0, lb);
+    out->state = n.substr(rb + 2);
+    auto it = numel_of.find(out->param);
+    return it != numel_of.end() && 0 <= out->a && out->a < out->b && out->b <= it->second &&
+           !out->state.empty();
+  }
+  // The longest parameter name followed by '.': parameter names contain dots themselves.
+  for (size_t dot = n.rfind('.'); dot != std::string::npos && dot > 0; dot = n.rfind('.', dot - 1)) {
+    if (numel_of.count(n.substr(0, dot))) {
+      out->param = n.substr(0, dot);
+      out->state = n.substr(dot + 1);
+      out->a = out->b = -1;
+      return true;
+    }
+    if (dot == 0) break;
+  }
+  return false;
+}
+
+// The optimizer state this run expects, assembled from every optimizer file of a checkpoint
+// written with another sharding (world size, train.zero, bucket sizes): whole tensors are taken
+// as they are; elementwise state (AdamW's m and v) is rebuilt from the fragments that cover it and
+// cut to this run's fragments. Only what this rank needs is read and kept.
+std::vector<std::pair<std::string, Tensor>> reshard_optimizer_state(
+    const std::vector<std::string>& files, const ParamList& params,
+    const std::vector<std::pair<std::string, Tensor>>& expected) {
+  std::map<std::string, int64_t> numel_of;
+  for (const Param* p : params) numel_of[p->name] = p->numel();
+  // What is needed: for each "<param>.<state>", the element range [lo, hi) this rank's
+  // fragments span, or the whole tensor.
+  struct Need {
+    int64_t lo = -1, hi = -1;
+    std::vector<float> data;      // elements [lo, hi)
+    std::vector<char> covered;    // per element
+    Tensor whole;                 // a whole tensor by that name, as stored
+  };
+  std::map<std::string, Need> need;
+  for (const auto& [name, t] : expected) {
+    StateName sn;
+    MF_CHECK(parse_state_name(name, numel_of, &sn), "internal: optimizer state name '", name,
+             "' names no parameter of the model");
+    Need& nd = need[sn.key()];
+    const int64_t a = sn.a < 0 ? 0 : sn.a, b = sn.b < 0 ? t.numel() : sn.b;
+    nd.lo = nd.lo < 0 ? a : std::min(nd.lo, a);
+    nd.hi = std::max(nd.hi, b);
+  }
+  for (auto& [key, nd] : need) {
+    nd.data.assign(size_t(nd.hi - nd.lo), 0.0f);
+    nd.covered.assign(size_t(nd.hi - nd.lo), 0);
+  }
+  for (const std::string& f : files) {
+    SafetensorsReader r(f);
+    for (const std::string& name : r.names()) {
+      StateName sn;
+      MF_CHECK(parse_state_name(name, numel_of, &sn), f, ": optimizer state tensor '", name,
+               "' names no parameter of this model (a checkpoint of another model?)");
+      auto it = need.find(sn.key());
+      if (it == need.end()) continue;
+      Need& nd = it->second;
+      const int64_t a = sn.a < 0 ? 0 : sn.a, b = sn.b < 0 ? r.entry(name).numel() : sn.b;
+      if (b <= nd.lo || a >= nd.hi) continue;  // no overlap with what this rank needs
+      Tensor t = r.read_f32(name);
+      MF_CHECK(t.numel() == b - a, f, ": optimizer state tensor '", name, "' has ", t.numel(),
+               " elements, its name says ", b - a);
+      if (sn.a < 0) nd.whole = t;
+      const int64_t from = std::max(a, nd.lo), to = std::min(b, nd.hi);
+      std::copy(t.f32() + (from - a), t.f32() + (to - a), nd.data.begin() + (from - nd.lo));
+      std::fill(nd.covered.begin() + (from - nd.lo), nd.covered.begin() + (to - nd.lo), 1);
+    }
+  }
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& [name, t] : expected) {
+    StateName sn;
+    parse_state_name(name, numel_of, &sn);
+    const Need& nd = need.at(sn.key());
+    if (sn.a < 0 && nd.whole.defined() && nd.whole.shape == t.shape) {  // stored whole, as needed
+      out.emplace_back(name, nd.whole);
+      continue;
+    }
+    const int64_t a = sn.a < 0 ? 0 : sn.a, b = sn.b < 0 ? t.numel() : sn.b;
+    const bool complete = std::all_of(nd.covered.begin() + (a - nd.lo),
+                                      nd.covered.begin() + (b - nd.lo), [](char c) { return c; });
+    MF_CHECK(complete, "optimizer state: the checkpoint's optimizer files (", files.size(),
+             " of them, e.g. ", files.front(), ") do not hold all of '", name,
+             "' (elements ", a, " to ", b, " of ", sn.key(), "): was it written with another "
+             "optim.name?");
+    Tensor h = host_tensor(t.shape);
+    std::copy(nd.data.begin() + (a - nd.lo), nd.data.begin() + (b - nd.lo), h.f32());
+    out.emplace_back(name, h);
+  }
+  return out;
+}
+
+}  // namespace
+
 nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& params, Backend& be,
                                Optimizer* opt, int rank, int world_size, bool sharded) {
   MF_CHECK(fs::is_directory(ckpt_dir), "checkpoint ", ckpt_dir, " is not a directory");
@@ -167,21 +287,38 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
            ": missing integer \"step\"");
   load_weights((fs::path(ckpt_dir) / "model.safetensors").string(), params, be);
   if (opt) {
-    const int shards = st.value("optimizer_shards", 0);
-    if (shards > 0 || sharded)
-      MF_CHECK(shards == world_size && sharded, state_path, ": the optimizer state was ",
-               shards > 0 ? "sharded over " + std::to_string(shards) + " ranks"
-                          : std::string("written unsharded"),
-               " but this run ", sharded ? "shards it over " + std::to_string(world_size) + " ranks"
-                                         : std::string("does not shard it"),
-               "; resume with the same world size (and train.zero / optim.name) as the run "
-               "that wrote it");
-    const std::string opath = (fs::path(ckpt_dir) / optimizer_file(shards > 0, rank)).string();
-    SafetensorsReader r(opath);
-    std::vector<std::pair<std::string, Tensor>> tensors;
-    for (auto& n : r.names()) tensors.emplace_back(n, r.read_f32(n));
     MF_CHECK(st.contains("optimizer"), state_path, ": missing \"optimizer\" state");
-    opt->load_state(tensors, st["optimizer"], opath);
+    const int shards = st.value("optimizer_shards", 0);
+    MF_CHECK(shards >= 0, state_path, ": optimizer_shards is ", shards);
+    std::vector<std::string> files;
+    for (int r = 0; r < std::max(shards, 1); ++r)
+      files.push_back((fs::path(ckpt_dir) / optimizer_file(shards > 0, r)).string());
+    for (const std::string& f : files)
+      MF_CHECK(fs::exists(f), ckpt_dir, ": optimizer state file ", fs::path(f).filename().string(),
+               " is missing (the checkpoint says the state is in ", files.size(), " file(s))");
+    const auto expected = opt->state_tensors();
+    // Same layout: this rank's own file holds exactly the tensors it expects.
+    bool direct = false;
+    std::string own;
+    if ((shards == 0 && !sharded) || (shards == world_size && sharded)) {
+      own = files[shards > 0 ? size_t(rank) : 0];
+      std::set<std::string> want, have;
+      for (const auto& kv : expected) want.insert(kv.first);
+      for (const auto& n : SafetensorsReader(own).names()) have.insert(n);
+      direct = want == have;
+    }
+    std::vector<std::pair<std::string, Tensor>> tensors;
+    if (direct) {
+      SafetensorsReader r(own);
+      for (auto& n : r.names()) tensors.emplace_back(n, r.read_f32(n));
+    } else {
+      tensors = reshard_optimizer_state(files, params, expected);
+      if (rank == 0)
+        spdlog::info("optimizer state of {} written {}; re-sharded for this run ({} rank(s){})",
+                     ckpt_dir, shards > 0 ? "by " + std::to_string(shards) + " ranks" : "unsharded",
+                     world_size, sharded ? ", sharded" : "");
+    }
+    opt->load_state(tensors, st["optimizer"], direct ? own : ckpt_dir + " (optimizer files)");
   }
   return st;
 }

@@ -44,8 +44,11 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
 std::string find_latest_checkpoint(const std::string& run_dir);
 
 // Loads master weights (compute copies are synced by the caller), optimizer state when opt is
-// given (this rank's shard when the checkpoint is sharded: then the world size must match), and
-// returns state.json. Errors name the checkpoint file and the tensor.
+// given, and returns state.json. When the checkpoint was written with the same sharding, each
+// rank reads its own optimizer file; otherwise (another world size, train.zero or bucket size)
+// every rank reads the parts it needs from all the files: whole tensors as stored, AdamW's
+// elementwise state rebuilt from the ZeRO-1 fragments and cut to this run's. Errors name the
+// checkpoint file and the tensor.
 nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& params, Backend& be,
                                Optimizer* opt, int rank = 0, int world_size = 1,
                                bool sharded = false);

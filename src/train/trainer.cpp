@@ -196,21 +196,20 @@ void Trainer::setup() {
   std::string ckpt = opts_.resume;
   if (ckpt.empty() && !opts_.no_resume) ckpt = find_latest_checkpoint(run_dir_);
   if (!ckpt.empty()) {
-    nlohmann::json st;
-    try {
-      st = load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_, sharded_);
-    } catch (const Error& e) {
-      if (cfg_.train.zero != 1 || world_ == 1) throw;
-      throw Error(std::string(e.what()) + "\n  (with train.zero = 1 each rank's optimizer state "
-                  "covers its shard of every gradient bucket: resume with the same world size and "
-                  "train.bucket_mb as the run that wrote " + ckpt + ")");
-    }
+    nlohmann::json st =
+        load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_, sharded_);
     model_->sync_weights();
     start_step_ = st.at("step").get<int>();
     tokens_seen_ = st.value("tokens", 0LL);
     LoaderState ls = st.at("loader").get<LoaderState>();
-    train_loader_->restore(ls);
+    const int64_t reread = train_loader_->restore(ls);
     spdlog::info("resumed from {} at step {}", ckpt, start_step_);
+    if (ls.world_size != world_)
+      spdlog::warn("the checkpoint was written by {} rank(s), this run has {}: the data position "
+                   "and the optimizer state carry over{}", ls.world_size, world_,
+                   reread > 0 ? fmt::format(" ({} micro-batch(es) of the current shard are read "
+                                            "again)", reread)
+                              : std::string());
   } else {
     if (cfg_.train.init_from) {
       load_hf_model(*cfg_.train.init_from, cfg_.model, model_->params(), *be_);
