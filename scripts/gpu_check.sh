@@ -15,7 +15,7 @@
 # OUTDIR/results.jsonl and OUTDIR/benchmarks.md.
 #
 # The binaries come from .devbuild/devbuild.tar.xz (scripts/pack_device.sh) or, failing that,
-# from build-device/ or build/ built on the device itself (see docs/gpu.md, "plan B").
+# from build-device/ or build/ built on the device itself (scripts/device_env.sh; docs/gpu.md).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${1:-}"
@@ -104,57 +104,9 @@ finish() {
 trap finish EXIT
 
 # ---- binaries and libraries --------------------------------------------------------------------
-DEV=""
-if [ -f "$REPO/.devbuild/devbuild.tar.xz" ]; then
-  DEV="$WORK/dev"
-  mkdir -p "$DEV"
-  if ! tar -C "$DEV" -xJf "$REPO/.devbuild/devbuild.tar.xz" 2>"$LOGS/unpack.err"; then
-    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
-      "$REPO/.devbuild/devbuild.tar.xz" "$DEV" || { echo "gpu_check: cannot unpack the pack" >&2; exit 1; }
-  fi
-  BIN_DIR="$DEV/build-device"
-  # The binaries were compiled with absolute paths of the checkout they were built in (test
-  # fixtures, scripts, the muonforge binary): make those paths lead here.
-  SRC="$(sed -n 's/^source: *//p' "$REPO/.devbuild/MANIFEST.txt" 2>/dev/null | head -1)"
-  if [ -n "$SRC" ] && [ "$SRC" != "$REPO" ] && [ ! -e "$SRC" ]; then
-    mkdir -p "$(dirname "$SRC")" && ln -s "$REPO" "$SRC" && echo "gpu_check: linked $SRC -> $REPO"
-  fi
-  [ -e "$REPO/build-device" ] || ln -s "$BIN_DIR" "$REPO/build-device"
-elif [ -x "$REPO/build-device/muonforge" ]; then
-  BIN_DIR="$REPO/build-device"
-elif [ -x "$REPO/build/muonforge" ]; then
-  BIN_DIR="$REPO/build"
-else
-  echo "gpu_check: no binaries: carry .devbuild (scripts/pack_device.sh) or build here first" >&2
-  exit 1
-fi
-BIN="$BIN_DIR/muonforge"
-TESTS="$BIN_DIR/tests"
-
-LIBS=""
-[ -n "$DEV" ] && LIBS="$DEV/lib"
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 \
-         /usr/local/nvidia/lib; do
-  [ -d "$d" ] && LIBS="$LIBS:$d"
-done
-PYLIBS="$(python3 - <<'EOF' 2>/dev/null
-import os
-seen = []
-try:
-    import nvidia
-    roots = list(nvidia.__path__)
-except Exception:
-    roots = []
-for r in roots:
-    for dp, dn, fn in sorted(os.walk(r)):
-        if any(f.startswith("lib") and ".so" in f for f in fn) and dp not in seen:
-            seen.append(dp)
-print(":".join(seen))
-EOF
-)"
-[ -n "$PYLIBS" ] && LIBS="$LIBS:$PYLIBS"
-export LD_LIBRARY_PATH="${LIBS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export MF_BINARY="$BIN" PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+DEV_WORK="$WORK"
+# shellcheck source=device_env.sh
+source "$REPO/scripts/device_env.sh" || exit 1
 echo "gpu_check: part $PART, binaries $BIN_DIR"
 echo "gpu_check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 

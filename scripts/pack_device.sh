@@ -12,6 +12,10 @@
 # device's own (this Debian 12 build needs glibc >= 2.34 and GLIBCXX 3.4.30; Ubuntu 24.04 has more).
 #
 # usage: scripts/pack_device.sh [--no-build] [--jobs N]
+#        scripts/pack_device.sh --sweep-data [SHARED_DATA_DIR]
+#   --sweep-data: only copy what scripts/gpu_sweep.sh needs into .devdata/ (git-ignored): the
+#   Gutenberg books (train-150MB.txt.xz, val.txt.xz) and the GPT-2 tokenizer files from
+#   ../shared/data (about 45 MB; with .devbuild it stays under the 64 MiB carry limit)
 #   env BUILD_DIR (default build-device), MAX_MIB (default 56: the carry limit is 64 MiB together
 #   with the working tree)
 set -euo pipefail
@@ -23,6 +27,20 @@ JOBS=2
 BUILD_IT=1
 while [ $# -gt 0 ]; do
   case "$1" in
+    --sweep-data)
+      SHARED="${2:-$REPO/../shared/data}"
+      for f in gutenberg/train-150MB.txt.xz gutenberg/val.txt.xz tokenizers/gpt2/encoder.json \
+               tokenizers/gpt2/vocab.bpe; do
+        [ -f "$SHARED/$f" ] || { echo "pack_device: $SHARED/$f not found (pass the shared data folder)" >&2; exit 1; }
+      done
+      rm -rf "$REPO/.devdata"
+      mkdir -p "$REPO/.devdata/gpt2"
+      cp "$SHARED/gutenberg/train-150MB.txt.xz" "$SHARED/gutenberg/val.txt.xz" "$REPO/.devdata/"
+      cp "$SHARED/tokenizers/gpt2/encoder.json" "$SHARED/tokenizers/gpt2/vocab.bpe" "$REPO/.devdata/gpt2/"
+      chmod -R u+w "$REPO/.devdata"
+      echo "pack_device: .devdata/ $(du -sm "$REPO/.devdata" | cut -f1) MiB," \
+           ".devbuild/ $(du -sm "$REPO/.devbuild" 2>/dev/null | cut -f1) MiB (carry limit 64 MiB with the tree)"
+      exit 0 ;;
     --no-build) BUILD_IT=0 ;;
     --jobs) JOBS="$2"; shift ;;
     -h|--help) sed -n '2,18p' "$0"; exit 0 ;;

@@ -22,7 +22,8 @@ Validation split: unless --val files are given, the last --val-frac of every doc
 the first newline at or after that point) goes to val, the rest to train. Deterministic.
 
 Standard library only; tiktoken is used for GPT-2 when it is installed (and can load its
-tables), otherwise a pure-Python byte-level BPE reading encoder.json + vocab.bpe.
+tables) and no --gpt2-dir is given, otherwise a pure-Python byte-level BPE reading
+encoder.json + vocab.bpe.
 """
 
 import argparse
@@ -196,6 +197,13 @@ def make_tokenizer(name, gpt2_dir=None, quiet=False):
         return ByteTokenizer()
     if name != "gpt2":
         raise UserError(f"--tokenizer must be 'byte' or 'gpt2', got '{name}'")
+    if gpt2_dir:
+        # Local tables asked for: never let tiktoken try the network (offline machines can hang
+        # on it); the pure-Python BPE gives the same tokens.
+        tok = Gpt2BpeTokenizer(gpt2_dir)
+        if not quiet:
+            log(f"tokenizer: gpt2 (pure-Python BPE from {gpt2_dir})")
+        return tok
     try:
         import tiktoken
         try:

@@ -431,10 +431,21 @@ def main(argv=None):
         cfg["run"]["dir"] = str(run_dir)
         cfg["run"]["name"] = run["name"]
         text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-        sha = hashlib.sha256((text + base.read_text()).encode()).hexdigest()[:16]
+        # The fingerprint leaves out where OUT is, so a sweep folder can move (scripts/gpu_sweep.sh
+        # carries finished runs from one device machine to the next); older folders recorded the
+        # absolute path, which is still accepted.
+        legacy = hashlib.sha256((text + base.read_text()).encode()).hexdigest()[:16]
+        moved = json.loads(text)
+        moved["run"]["dir"] = "runs/" + run["name"]
+        moved["base"] = os.path.basename(str(base))
+        sha = hashlib.sha256((json.dumps(moved, indent=2, sort_keys=True) + base.read_text())
+                             .encode()).hexdigest()[:16]
         run["config"] = out / "configs" / f"{run['name']}.json"
         run["sha"] = sha
         st = read_status(run_dir)
+        if st.get("config_sha") == legacy:
+            st["config_sha"] = sha
+            write_status(run_dir, st)
         if st.get("config_sha") and st["config_sha"] != sha:
             conflicts.append(run["name"])
             continue
