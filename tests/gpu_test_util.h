@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "core/tensor.h"
+#include "test_util.h"  // norm_err, Vec
 
 // Ends the test case with a warning when no CUDA device is usable (or the build is CPU-only).
 #define MF_SKIP_WITHOUT_GPU()                                                      \
@@ -41,18 +42,6 @@ inline Vec fetch(Backend& be, const Tensor& t) {
   Tensor h = host_tensor(t.shape, DType::F32);
   be.download(t, h);
   return Vec(h.f32(), h.f32() + h.numel());
-}
-
-// max |got - want| / max |want|; NaN -> infinity (the op harness's measure, op_tolerance.h).
-inline double norm_err(const Vec& got, const Vec& want) {
-  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (std::isnan(got[i]) || std::isnan(want[i])) return std::numeric_limits<double>::infinity();
-    num = std::max(num, std::abs(got[i] - want[i]));
-    den = std::max(den, std::abs(want[i]));
-  }
-  return den > 0 ? num / den : num;
 }
 
 }  // namespace mf::test

@@ -74,17 +74,7 @@ Tensor clone(const Tensor& t) {
 }
 Vec to_vec(const Tensor& t) { return Vec(t.f32(), t.f32() + t.numel()); }
 
-// max |got - want| / max |want|; NaN or a size mismatch -> infinity.
-double norm_err(const Vec& got, const Vec& want) {
-  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) return std::numeric_limits<double>::infinity();
-    num = std::max(num, std::abs(got[i] - want[i]));
-    den = std::max(den, std::abs(want[i]));
-  }
-  return den > 0 ? num / den : num;
-}
+using mf::test::norm_err;
 double fro(const Vec& a) {
   double s = 0;
   for (double x : a) s += x * x;

@@ -57,16 +57,7 @@ double dot_all(const Vec& a, const Vec& b) {
 }
 
 
-double norm_err(const Vec& got, const Vec& want) {
-  REQUIRE(got.size() == want.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (std::isnan(got[i])) return INFINITY;
-    num = std::max(num, std::abs(got[i] - want[i]));
-    den = std::max(den, std::abs(want[i]));
-  }
-  return num / std::max(den, 1e-300);
-}
+using mf::test::norm_err;
 
 Tensor host_of(const Shape& s, const Vec& v) {
   Tensor t = host_tensor(s);

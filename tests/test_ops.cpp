@@ -56,17 +56,7 @@ std::vector<int32_t> id_vec(Rng& rng, size_t n, int64_t range) {
   return v;
 }
 
-// Normalized max error (see op_tolerance.h); NaN or a size mismatch -> infinity.
-double norm_err(const Vec& got, const Vec& want) {
-  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (std::isnan(got[i]) || std::isnan(want[i])) return std::numeric_limits<double>::infinity();
-    num = std::max(num, std::abs(got[i] - want[i]));
-    den = std::max(den, std::abs(want[i]));
-  }
-  return num / std::max(den, 1e-300);
-}
+using mf::test::norm_err;
 
 // The value a float takes after a round trip through bf16 (round to nearest even).
 double round_bf16(double x) {

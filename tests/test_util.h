@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <set>
 #include <string>
 #include <vector>
@@ -60,6 +61,20 @@ inline std::string run_capture(const std::string& cmd, int* rc) {
 }
 
 using Vec = std::vector<double>;
+
+// The op harness's error measure (op_tolerance.h): max |got - want| / max |want| (the plain max
+// difference when want is all zeros); a size mismatch or a non-finite value -> infinity.
+inline double norm_err(const Vec& got, const Vec& want) {
+  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i]) || !std::isfinite(want[i]))
+      return std::numeric_limits<double>::infinity();
+    num = std::max(num, std::abs(got[i] - want[i]));
+    den = std::max(den, std::abs(want[i]));
+  }
+  return den > 0 ? num / den : num;
+}
 
 // Central differences of loss() over every coordinate of p (or max_checks sampled ones) against
 // the analytic gradient. Returns the max error normalized by the largest analytic gradient
