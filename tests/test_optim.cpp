@@ -396,9 +396,10 @@ const std::vector<Spec> kSpecs = {
 struct Model {
   std::vector<std::unique_ptr<Param>> owned;
   ParamList list;
-  explicit Model(uint64_t seed, bool separate_weight = false) {
+  explicit Model(uint64_t seed, bool separate_weight = false,
+                 const std::vector<Spec>& specs = kSpecs) {
     Rng rng(seed);
-    for (const Spec& s : kSpecs) {
+    for (const Spec& s : specs) {
       auto p = std::make_unique<Param>();
       p->name = s.name;
       p->shape = s.shape;
@@ -809,25 +810,8 @@ const std::vector<Spec> kGroupSpecs = {
     {"lm_head", {11, 8}, ParamKind::LmHead, 1.0, 1.0},
 };
 
-struct GroupModel {
-  std::vector<std::unique_ptr<Param>> owned;
-  ParamList list;
-  explicit GroupModel(uint64_t seed) {
-    Rng rng(seed);
-    for (const Spec& s : kGroupSpecs) {
-      auto p = std::make_unique<Param>();
-      p->name = s.name;
-      p->shape = s.shape;
-      p->kind = s.kind;
-      p->lr_mult = s.lr_mult;
-      p->wd_mult = s.wd_mult;
-      p->master = rand_tensor(s.shape, rng, 0.5, s.kind == ParamKind::Norm ? 1.0 : 0.0);
-      p->weight = p->master;
-      p->grad = host_tensor(s.shape);
-      list.push_back(p.get());
-      owned.push_back(std::move(p));
-    }
-  }
+struct GroupModel : Model {
+  explicit GroupModel(uint64_t seed) : Model(seed, false, kGroupSpecs) {}
   void fill_grads(uint64_t seed) {
     Rng rng(seed);
     for (size_t i = 0; i < owned.size(); ++i) {
