@@ -10,7 +10,10 @@ Figures (written to --out, default the first sweep folder's plots/):
                    parametrisation, one line per width: with µP the minimum stays at the same lr
                    as the width grows (the transfer plot).
   speedup.png      per width: tokens AdamW used / tokens Muon needs to reach AdamW's final loss
-                   (best lr of each, smoothed training loss), per parametrisation.
+                   (best lr of each), per parametrisation. On the validation curves (linear
+                   interpolation between evaluations) when both runs evaluated at least 5 times,
+                   else on training loss averaged over a trailing tenth of the points: a coarse
+                   estimate (speedup.csv's "basis" column says which).
   diagnostics.png  when runs logged train.diag_every records: mean SVD entropy of the hidden
                    matrices and the largest max attention logit vs step (best-lr runs).
 Also speedup.csv and best.csv (best lr and loss per width and optimizer).
@@ -84,6 +87,7 @@ def load_runs(folders, metric):
                     continue
                 recs = read_metrics(folder / "runs" / row["run"] / "metrics.jsonl")
                 train = [(r["tokens"], r["loss"]) for r in recs if "loss" in r and "tokens" in r]
+                tok_at = {r["step"]: r["tokens"] for r in recs if "loss" in r and "tokens" in r}
                 diag = [r for r in recs if "diag" in r]
                 final = fnum(row.get("final_val_loss")) if metric == "val" else math.nan
                 if math.isnan(final):
@@ -103,9 +107,13 @@ def load_runs(folders, metric):
                     mup = cfg.get("mup", {}).get("enabled", False)
                 else:
                     mup = mup.lower() == "true"
+                bt = cfg.get("train", {}).get("batch_tokens")
+                val = [(tok_at.get(r["step"], r["step"] * bt if bt else math.nan), r["val_loss"])
+                       for r in recs if "val_loss" in r and "step" in r]
+                val = [(t, l) for t, l in val if math.isfinite(t)]
                 runs.append({"name": row["run"], "width": width, "lr": lr, "opt": opt,
                              "param": "µP" if mup else "SP", "final": final, "train": train,
-                             "diag": diag})
+                             "val": val, "diag": diag})
     if not runs:
         raise UserError("no finished runs in " + ", ".join(map(str, folders)))
     return runs
@@ -127,13 +135,44 @@ def label(param, opt, params):
     return f"{opt} ({param})" if len(params) > 1 else opt
 
 
-def tokens_to_reach(train, target):
-    toks = [t for t, _ in train]
-    sm = smooth([l for _, l in train])
-    for t, l in zip(toks, sm):
+def crossing(curve, target):
+    """Tokens at which a (tokens, loss) curve first reaches target, linearly interpolated between
+    its points; nan if it never does."""
+    prev = None
+    for t, l in curve:
         if l <= target:
-            return t
+            if prev is None or prev[1] == l:
+                return t
+            t0, l0 = prev
+            return t0 + (t - t0) * (l0 - target) / (l0 - l)
+        prev = (t, l)
     return math.nan
+
+
+def trailing_mean(curve, w):
+    ls = [l for _, l in curve]
+    return [(t, sum(ls[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)))
+            for i, (t, _) in enumerate(curve)]
+
+
+MIN_VAL_POINTS = 5
+
+
+def speedup_basis(a, m):
+    """(basis, AdamW's final loss, AdamW's tokens, Muon's tokens to reach it).
+
+    Validation curves when both runs evaluated at least MIN_VAL_POINTS times: the same held-out
+    batches at every point, so the crossing is not an artefact of one easy training batch.
+    Otherwise the training loss, both curves averaged over a trailing window of a tenth of the
+    points (at least 5): a coarse estimate, since the runs see their batches in one order and
+    the target is set by the last few of them."""
+    if len(a["val"]) >= MIN_VAL_POINTS and len(m["val"]) >= MIN_VAL_POINTS:
+        target = a["val"][-1][1]
+        return "val", target, a["val"][-1][0], crossing(m["val"], target)
+    w = max(5, len(a["train"]) // 10)
+    sa, sm = trailing_mean(a["train"], w), trailing_mean(m["train"], w)
+    target = sa[-1][1]
+    return f"train (window {w})", target, a["train"][-1][0], crossing(sm, target)
 
 
 def main(argv=None):
@@ -219,15 +258,16 @@ def main(argv=None):
             a, m = best.get((p, "adamw", w)), best.get((p, "muon", w))
             if not a or not m or not a["train"] or not m["train"]:
                 continue
-            target = smooth([l for _, l in a["train"]])[-1]
-            need = tokens_to_reach(m["train"], target)
-            a_tokens = a["train"][-1][0]
+            basis, target, a_tokens, need = speedup_basis(a, m)
+            first = (m["val"] if basis == "val" else m["train"])[0][0]
+            if need == first:  # already there at Muon's first point: the true crossing is earlier
+                basis += ", lower bound"
             rows.append({"param": p, "width": w, "adamw_run": a["name"], "muon_run": m["name"],
-                         "adamw_final_loss": target, "adamw_tokens": a_tokens,
+                         "basis": basis, "adamw_final_loss": target, "adamw_tokens": a_tokens,
                          "muon_tokens_to_match": need,
                          "speedup": a_tokens / need if need and math.isfinite(need) else math.nan})
     with open(out / "speedup.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=["param", "width", "adamw_run", "muon_run",
+        wr = csv.DictWriter(f, fieldnames=["param", "width", "adamw_run", "muon_run", "basis",
                                            "adamw_final_loss", "adamw_tokens",
                                            "muon_tokens_to_match", "speedup"])
         wr.writeheader()

@@ -10,7 +10,8 @@
    130 with the run marked interrupted; the same command resumes it from the checkpoint and
    metrics.jsonl tells one story (steps 1..N once each).
 4. Bad sweep files are refused with a message naming the problem.
-5. plot.py makes the PNGs from the finished sweep (prints SKIP-PLOT when matplotlib is missing).
+5. plot.py's speedup measure (interpolated validation crossing, windowed training fallback).
+6. plot.py makes the PNGs from the finished sweep (prints SKIP-PLOT when matplotlib is missing).
 Standard library only; exits non-zero on the first failure.
 """
 
@@ -149,7 +150,29 @@ def main():
         rc, log = run(SWEEP + [str(bad), "--out", str(tmp / "bad"), "--dry-run"])
         check(rc == 2 and words in log, f"bad sweep refused with '{words}': {log.strip()[-160:]}")
 
-    # 5. plots
+    # 5. the speedup measure (pure functions; no matplotlib needed)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import plot as plotmod
+    curve = [(100, 3.0), (200, 2.5), (300, 2.0), (400, 1.9)]
+    check(abs(plotmod.crossing(curve, 2.25) - 250) < 1e-9, "crossing interpolates between points")
+    check(plotmod.crossing(curve, 3.5) == 100 and math.isnan(plotmod.crossing(curve, 1.0)),
+          "crossing: reached at once / never reached")
+    adam = {"val": [(100, 3.0), (200, 2.6), (300, 2.5), (400, 2.45), (500, 2.4)],
+            "train": [(t, 2.0) for t in range(10)]}
+    muon = {"val": [(100, 2.8), (200, 2.3), (300, 2.2), (400, 2.15), (500, 2.1)],
+            "train": [(t, 2.0) for t in range(10)]}
+    basis, target, a_tok, m_tok = plotmod.speedup_basis(adam, muon)
+    check(basis == "val" and target == 2.4 and a_tok == 500 and abs(m_tok - 180) < 1e-9,
+          f"speedup on validation curves when both evaluated 5 times: {basis} {m_tok}")
+    # One easy last training batch must not decide it: the trailing window averages it away.
+    a_train = [(t, 2.0) for t in range(1, 50)] + [(50, 1.0)]
+    m_train = [(t, 2.5 - t / 50) for t in range(1, 51)]
+    basis, target, a_tok, m_tok = plotmod.speedup_basis({"val": [], "train": a_train},
+                                                        {"val": [], "train": m_train})
+    check(basis.startswith("train") and target > 1.7 and math.isfinite(m_tok) and m_tok < 50,
+          f"training-loss fallback uses a trailing window: {basis} target {target} tokens {m_tok}")
+
+    # 6. plots
     try:
         import matplotlib  # noqa: F401
     except ImportError:
