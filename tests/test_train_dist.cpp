@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -96,6 +97,15 @@ std::map<int, double> losses(const std::string& run) {
   return m;
 }
 
+// Every step's train loss and every val loss of `got` within 1e-5 of `ref` (losses() maps).
+void check_losses_match(const std::map<int, double>& ref, std::map<int, double> got) {
+  REQUIRE(got.size() == ref.size());
+  for (auto& [k, v] : ref) {
+    INFO("step " << k << " (negative: val loss)");
+    CHECK(got[k] == Approx(v).epsilon(1e-5));
+  }
+}
+
 std::vector<char> bytes(const std::string& p) {
   std::ifstream f(p, std::ios::binary);
   return std::vector<char>(std::istreambuf_iterator<char>(f), {});
@@ -119,12 +129,7 @@ TEST_CASE("2 and 3 ranks give the losses of one process", "[dist]") {
                                       " --set run.name=" + name));
           INFO(r.out);
           REQUIRE(r.rc == 0);
-          auto got = losses(name);
-          REQUIRE(got.size() == ref.size());
-          for (auto& [k, v] : ref) {
-            INFO("step " << k);
-            CHECK(got[k] == Approx(v).epsilon(1e-5));
-          }
+          check_losses_match(ref, losses(name));
           // Sharded optimizer state: one file per rank (Muon always, AdamW with ZeRO-1).
           const bool sharded = opt == "muon" || zero == 1;
           CHECK(fs::exists(kRoot + "/runs/" + name + "/ckpt-000006/optimizer-rank1.safetensors") ==
@@ -164,12 +169,7 @@ TEST_CASE("many small gradient buckets, overlap on and off, give the losses of o
         // The log line states the plan: many buckets, and whether they overlap backward.
         CHECK(r.out.find(c.overlap ? "overlapping backward" : "after backward") != std::string::npos);
         CHECK(r.out.find("gradient all-reduce: 1 bucket") == std::string::npos);
-        auto got = losses(name);
-        REQUIRE(got.size() == ref.size());
-        for (auto& [k, v] : ref) {
-          INFO("step " << k);
-          CHECK(got[k] == Approx(v).epsilon(1e-5));
-        }
+        check_losses_match(ref, losses(name));
       }
     }
   }
@@ -288,12 +288,7 @@ TEST_CASE("ZeRO-1 splits the AdamW state over the ranks and resumes bit-exactly"
   INFO(d.out);
   REQUIRE(d.rc == 0);
   CHECK(d.out.find("re-sharded") != std::string::npos);
-  auto ref = losses("z_straight"), got = losses("z_rebucket");
-  REQUIRE(got.size() == ref.size());
-  for (auto& [k, v] : ref) {
-    INFO("step " << k);
-    CHECK(got[k] == Approx(v).epsilon(1e-5));
-  }
+  check_losses_match(losses("z_straight"), losses("z_rebucket"));
 }
 
 TEST_CASE("a run resumes on another number of ranks", "[dist][zero]") {
@@ -328,12 +323,7 @@ TEST_CASE("a run resumes on another number of ranks", "[dist][zero]") {
       REQUIRE(b.rc == 0);
       CHECK(b.out.find("resumed from") != std::string::npos);
       CHECK(b.out.find("written by " + std::to_string(c.w1) + " rank(s)") != std::string::npos);
-      auto ref = losses(ref_name), got = losses(run);
-      REQUIRE(got.size() == ref.size());
-      for (auto& [k, v] : ref) {
-        INFO("step " << k);
-        CHECK(got[k] == Approx(v).epsilon(1e-5));
-      }
+      check_losses_match(losses(ref_name), losses(run));
     }
   }
 }
@@ -396,12 +386,7 @@ TEST_CASE("matrix optimizers beyond Muon are spread over ranks with the same los
       INFO(r.out);
       REQUIRE(r.rc == 0);
       CHECK(r.out.find("distributed matrix optimizer") != std::string::npos);
-      auto ref = losses(opt + "_w1"), got = losses(opt + "_w2");
-      REQUIRE(got.size() == ref.size());
-      for (auto& [k, v] : ref) {
-        INFO("step " << k);
-        CHECK(got[k] == Approx(v).epsilon(1e-5));
-      }
+      check_losses_match(losses(opt + "_w1"), losses(opt + "_w2"));
       CHECK(fs::exists(kRoot + "/runs/" + opt + "_w2/ckpt-000006/optimizer-rank1.safetensors"));
     }
   }
