@@ -25,6 +25,7 @@
 #include "dist/communicator.h"
 #include "dist/store.h"
 #include "model/llama.h"
+#include "test_util.h"
 #ifdef MF_HAS_GLOO
 #include "dist/gloo_comm.h"
 #endif
@@ -35,14 +36,7 @@ using ms = std::chrono::milliseconds;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+using mf::test::error_of;
 
 constexpr double kMiB = 1024.0 * 1024.0;
 

@@ -15,6 +15,7 @@
 #include "config/config.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "test_util.h"
 
 using Catch::Contains;
 using nlohmann::json;
@@ -66,14 +67,7 @@ json small() {
   })");
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const mf::Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using mf::test::error_of;
 
 int count_leaves(const json& j) {
   if (!j.is_object()) return 1;

@@ -53,14 +53,7 @@ void write_raw(const std::string& path, std::array<int32_t, 3> head, size_t body
   f.write(body.data(), std::streamsize(body.size()));
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const mf::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+using mf::test::error_of;
 
 bool contains(const std::string& s, const std::string& part) {
   return s.find(part) != std::string::npos;

@@ -22,6 +22,7 @@
 #include "dist/communicator.h"
 #include "dist/env.h"
 #include "dist/store.h"
+#include "test_util.h"
 #ifdef MF_HAS_GLOO
 #include "dist/gloo_comm.h"
 #endif
@@ -33,14 +34,7 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+using mf::test::error_of;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();

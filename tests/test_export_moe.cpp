@@ -76,14 +76,7 @@ json read_json(const std::string& path) {
   return json::parse(f);
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using mf::test::error_of;
 
 TrainOptions quiet() {
   TrainOptions q;

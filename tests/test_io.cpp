@@ -28,14 +28,7 @@ namespace {
 using mf::test::TempDir;
 
 // The message of the mf::Error `f` throws ("" when it does not throw).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const mf::Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using mf::test::error_of;
 
 mf::Tensor random_tensor(const mf::Shape& shape, uint64_t seed) {
   mf::Tensor t = mf::host_tensor(shape, mf::DType::F32);

@@ -60,6 +60,17 @@ inline std::string run_capture(const std::string& cmd, int* rc) {
   return out;
 }
 
+// The message of the exception f throws, or "<no error>" when it throws none (error tests match
+// parts of the message: every user-facing error names the file, key or value to fix).
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
 using Vec = std::vector<double>;
 
 // The op harness's error measure (op_tolerance.h): max |got - want| / max |want| (the plain max
