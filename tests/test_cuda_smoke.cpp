@@ -390,8 +390,11 @@ TEST_CASE("cuda: flash attention (tensor-core and fallback paths) matches a doub
   Rng rng(61);
   struct S { int B, T, H, Hkv, hd; };
   // hd 64/128 take the mma.sync kernels; 48 and 16 the SIMT fallback. T crosses tile edges.
+  // The last three: several 64-row tiles with a partial last one, GQA groups of 4, B > 1
+  // (hd 128's dk/dv kernel steps 32 queries at a time, so T = 200 / 520 end mid-step too).
   for (S s : {S{1, 1, 1, 1, 64}, S{2, 7, 4, 2, 64}, S{1, 65, 2, 1, 64}, S{1, 130, 4, 4, 128},
-              S{2, 33, 6, 2, 128}, S{1, 127, 3, 1, 48}, S{2, 9, 2, 2, 16}}) {
+              S{2, 33, 6, 2, 128}, S{1, 127, 3, 1, 48}, S{2, 9, 2, 2, 16},
+              S{2, 200, 8, 2, 128}, S{3, 257, 4, 1, 64}, S{1, 520, 2, 1, 128}}) {
     INFO("B=" << s.B << " T=" << s.T << " H=" << s.H << " Hkv=" << s.Hkv << " hd=" << s.hd);
     AttnRef r{s.B, s.T, s.H, s.Hkv, s.hd, 1.0 / std::sqrt(double(s.hd))};
     const size_t nq = size_t(s.B) * s.T * s.H * s.hd, nk = size_t(s.B) * s.T * s.Hkv * s.hd;
