@@ -19,6 +19,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "dist/buckets.h"
 #include "dist/communicator.h"
 #include "dist/env.h"
 #include "dist/store.h"
@@ -502,6 +503,60 @@ TEST_CASE("gloo: sharded reduce-scatter and all-gather in place (ZeRO-1)", "[dis
       CHECK(ag[r] == gathered);
     }
   }
+}
+
+TEST_CASE("gloo: all-gather of unequal ranges in place (distributed Muon)", "[dist][gloo]") {
+  const int n = 3;
+  const size_t N = 1000;
+  // Rank 0 owns [10, 400), rank 1 nothing, rank 2 [400, 999); 0-10 and 999 belong to nobody.
+  const std::vector<std::pair<size_t, size_t>> ranges = {{10, 400}, {0, 0}, {400, 999}};
+  std::vector<std::vector<float>> got(n);
+  std::vector<std::string> wrong_count(n);
+  auto errs = with_gloo(n, [&](int r, Communicator& c) {
+    got[r] = ints(r + 60, N);  // every rank's input differs: only the owner's range may survive
+    c.allgather_ranges(got[r].data(), ranges);
+    wrong_count[r] = error_of([&] { c.allgather_ranges(got[r].data(), {{0, 1}}); });
+  });
+  for (int r = 0; r < n; ++r) { INFO("rank " << r << ": " << errs[r]); REQUIRE(errs[r].empty()); }
+  for (int r = 0; r < n; ++r) {
+    INFO("rank " << r);
+    const auto own = ints(r + 60, N), r0 = ints(60, N), r2 = ints(62, N);
+    for (size_t i = 0; i < N; ++i) {
+      const float want = (i >= 10 && i < 400) ? r0[i] : (i >= 400 && i < 999) ? r2[i] : own[i];
+      REQUIRE(got[r][i] == want);
+    }
+    CHECK_THAT(wrong_count[r], Contains("1 ranges for 3 ranks"));
+  }
+}
+
+TEST_CASE("partition_contiguous: balanced contiguous runs in rank order", "[dist]") {
+  Rng rng(7);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int w = 1 + int(rng.below(8));
+    std::vector<int64_t> sizes(rng.below(40));
+    for (auto& s : sizes) s = int64_t(rng.below(5)) == 0 ? int64_t(rng.below(100000)) : int64_t(rng.below(1000));
+    const std::vector<int> rank = partition_contiguous(sizes, w);
+    REQUIRE(rank.size() == sizes.size());
+    double total = 0;
+    int64_t biggest = 0;
+    for (auto s : sizes) { total += double(s); biggest = std::max(biggest, s); }
+    std::vector<double> load(size_t(w), 0.0);
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      REQUIRE(rank[i] >= 0);
+      REQUIRE(rank[i] < w);
+      if (i > 0) REQUIRE(rank[i] >= rank[i - 1]);  // contiguous, in rank order
+      load[size_t(rank[i])] += double(sizes[i]);
+    }
+    INFO("trial " << trial << " world " << w << " items " << sizes.size());
+    // Every boundary lies within half an item of its target, so a load is off by at most one item.
+    for (double l : load) REQUIRE(std::abs(l - total / w) <= double(biggest) + 1e-9);
+  }
+  // Equal items split evenly; more ranks than items leaves ranks empty.
+  CHECK(partition_contiguous({5, 5, 5, 5, 5, 5}, 3) == std::vector<int>{0, 0, 1, 1, 2, 2});
+  CHECK(partition_contiguous({100, 1, 1, 1}, 2) == std::vector<int>{0, 1, 1, 1});
+  CHECK(partition_contiguous({4, 4}, 4).size() == 2);
+  CHECK(partition_contiguous({}, 3).empty());
+  CHECK_THAT(error_of([] { partition_contiguous({1}, 0); }), Contains("0 ranks"));
 }
 
 TEST_CASE("shard_range: contiguous aligned shards that cover the buffer", "[dist][zero]") {

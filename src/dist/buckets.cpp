@@ -49,4 +49,25 @@ std::vector<GradBucket> plan_grad_buckets(const std::vector<GradSlot>& slots, do
   return out;
 }
 
+std::vector<int> partition_contiguous(const std::vector<int64_t>& sizes, int world) {
+  MF_CHECK(world >= 1, "partition over ", world, " ranks: need at least 1");
+  std::vector<double> prefix(sizes.size() + 1, 0.0);  // prefix[k]: total of items [0, k)
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    MF_CHECK(sizes[i] >= 0, "partition: item ", i, " has negative size ", sizes[i]);
+    prefix[i + 1] = prefix[i] + double(sizes[i]);
+  }
+  const double total = prefix.back();
+  std::vector<int> rank(sizes.size(), world - 1);
+  size_t begin = 0;  // first item of rank r
+  for (int r = 0; r + 1 < world; ++r) {
+    const double target = total * double(r + 1) / double(world);
+    size_t end = begin;  // the boundary in [begin, n] nearest to target (the last on a tie)
+    while (end < sizes.size() && std::abs(prefix[end + 1] - target) <= std::abs(prefix[end] - target))
+      ++end;
+    for (size_t i = begin; i < end; ++i) rank[i] = r;
+    begin = end;
+  }
+  return rank;
+}
+
 }  // namespace mf

@@ -33,4 +33,11 @@ struct GradBucket {
 std::vector<GradBucket> plan_grad_buckets(const std::vector<GradSlot>& slots, double bucket_mb,
                                           const std::string& what = "gradient");
 
+// The distributed matrix optimizer's ownership: the items (sizes, listed in arena order) split
+// into `world` contiguous runs of balanced total size. Returns each item's rank, non-decreasing
+// from 0; rank r's run ends at the item boundary nearest to (r + 1) / world of the total, so every
+// rank's load is within one item of total / world (runs may be empty when items are few or large).
+// Contiguous runs let each rank's updated matrices travel as one range (allgather_ranges).
+std::vector<int> partition_contiguous(const std::vector<int64_t>& sizes, int world);
+
 }  // namespace mf

@@ -78,6 +78,18 @@ void Communicator::allgather_shards(float* data, size_t n) {
   std::copy(tmp.begin(), tmp.begin() + ptrdiff_t(n), data);
 }
 
+void Communicator::allgather_ranges(float* data,
+                                    const std::vector<std::pair<size_t, size_t>>& ranges) {
+  MF_CHECK(ranges.size() == size_t(size()), "allgather_ranges: ", ranges.size(), " ranges for ",
+           size(), " ranks");
+  if (size() == 1) return;
+  for (int r = 0; r < size(); ++r) {
+    const auto& [lo, hi] = ranges[size_t(r)];
+    MF_CHECK(lo <= hi, "allgather_ranges: rank ", r, "'s range [", lo, ", ", hi, ") is reversed");
+    if (hi > lo) broadcast(data + lo, hi - lo, r);
+  }
+}
+
 namespace {
 
 class SingleCommunicator final : public Communicator {

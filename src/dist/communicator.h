@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
@@ -71,6 +72,12 @@ class Communicator {
   // ranks end with the same buffer. The inverse of reduce_scatter_avg_async (ZeRO-1's parameter
   // all-gather).
   virtual void allgather_shards(float* data, size_t n);
+  // In place: rank r's range data[ranges[r].first, ranges[r].second) is sent to every other rank
+  // (an all-gather of unequal, disjoint ranges; the distributed matrix optimizer's update, each
+  // rank's matrices being one run of the master arena). `ranges` has size() entries, the same on
+  // every rank; empty ranges are skipped. The default broadcasts each range from its rank; NCCL
+  // groups those broadcasts into one launch.
+  virtual void allgather_ranges(float* data, const std::vector<std::pair<size_t, size_t>>& ranges);
   // send holds size() chunks of `recv_count` floats; recv[0..recv_count) <- sum over ranks of chunk
   // rank(). send and recv must not overlap.
   virtual void reduce_scatter_sum(const float* send, float* recv, size_t recv_count) = 0;

@@ -321,21 +321,33 @@ void Trainer::setup_distributed() {
   ParamList all = model_->params();
   owner_.assign(all.size(), -1);
   fragments_.clear();
+  matrix_ranges_.clear();
   if (world_ > 1) {
-    // Distributed matrix optimizer: each matrix is updated whole by one rank, greedily balanced
-    // by size (largest first onto the least-loaded rank; deterministic), then broadcast.
-    std::vector<size_t> order(all.size());
-    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(),
-                     [&](size_t a, size_t b) { return all[a]->numel() > all[b]->numel(); });
-    std::vector<int64_t> load(size_t(world_), 0);
-    for (size_t i : order) {
-      const Param* p = all[i];
-      const bool matrix = cfg_.optim.name != "adamw" && p->kind == ParamKind::Hidden;
-      if (!p->trainable || !matrix) continue;
-      const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
-      owner_[i] = r;
-      load[size_t(r)] += p->numel();
+    // Distributed matrix optimizer: each matrix is updated whole by one rank. The matrices, in
+    // master-arena order, are split into contiguous runs of balanced size, one per rank, so that
+    // after the update each rank's matrices travel as one range of the arena (allgather_ranges).
+    // What lies between them in a run (norm gains, routers, ZeRO-1 fragments, padding) is the
+    // same on every rank by then, so sending it along changes nothing.
+    const float* marena = model_->master_arena().f32();
+    std::vector<size_t> mats;  // indices into `all`, by arena offset
+    for (size_t i = 0; i < all.size(); ++i)
+      if (all[i]->trainable && cfg_.optim.name != "adamw" && all[i]->kind == ParamKind::Hidden)
+        mats.push_back(i);
+    std::stable_sort(mats.begin(), mats.end(), [&](size_t a, size_t b) {
+      return all[a]->master.f32() < all[b]->master.f32();
+    });
+    std::vector<int64_t> sizes;
+    for (size_t i : mats) sizes.push_back(all[i]->numel());
+    const std::vector<int> rank_of = partition_contiguous(sizes, world_);
+    if (!mats.empty()) matrix_ranges_.assign(size_t(world_), {0, 0});
+    for (size_t k = 0; k < mats.size(); ++k) {
+      const Param* p = all[mats[k]];
+      const int r = rank_of[k];
+      owner_[mats[k]] = r;
+      const size_t lo = size_t(p->master.f32() - marena), hi = lo + size_t(p->numel());
+      auto& range = matrix_ranges_[size_t(r)];
+      if (range.second == range.first) range = {lo, hi};
+      else range = {std::min(range.first, lo), std::max(range.second, hi)};
       sharded_ = true;
     }
     // ZeRO-1: every reduce-scattered bucket's range is split into world_size shards
@@ -417,12 +429,11 @@ double Trainer::grad_norm() {
 
 void Trainer::gather_params() {
   if (world_ == 1) return;
-  ParamList all = model_->params();
   float* masters = model_->master_arena().f32();
   for (const GradBucket& b : buckets_)
     if (b.sharded) comm_->allgather_shards(masters + b.offset, size_t(b.numel));
-  for (size_t i = 0; i < all.size(); ++i)
-    if (owner_[i] >= 0) comm_->broadcast(all[i]->master.f32(), size_t(all[i]->numel()), owner_[i]);
+  // After the all-gathers above, so the fragments inside the ranges are already whole.
+  if (!matrix_ranges_.empty()) comm_->allgather_ranges(masters, matrix_ranges_);
   model_->sync_weights();
 }
 

@@ -76,6 +76,9 @@ class Trainer {
   // all-gathered.
   static constexpr int kSliced = -2;
   std::vector<int> owner_;
+  // The distributed matrix optimizer's master-arena range [first, second) per rank: its matrices
+  // are one contiguous run (partition_contiguous). Empty when no rank owns matrices.
+  std::vector<std::pair<size_t, size_t>> matrix_ranges_;
   std::vector<std::unique_ptr<Param>> fragments_;
   std::vector<Param*> slot_params_;  // the tensor of each gradient slot, in arena order
   bool sharded_ = false;
