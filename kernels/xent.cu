@@ -9,13 +9,20 @@ namespace mf::cuda {
 constexpr int kXentThreads = 512;                      // one block per row of logits
 constexpr size_t kXentScratchBytes = size_t(256) << 20;  // logits f32 + dlogits bf16 per chunk
 constexpr int64_t kXentRowAlign = 64;                  // chunk rows rounded down to this (GEMM tiles)
+// Row pitch of the logits / dlogits scratch, in elements: V rounded up to a multiple of 8, so
+// every row starts 16-byte aligned in bf16 and f32 whatever V is (GPT-2's 50257 is odd). With a
+// pitch of V the bf16 dlogits rows would only be 2-byte aligned, which keeps cuBLASLt off its
+// 16-byte-aligned tensor-core kernels (or sends the GEMMs to the SIMT fallback). The pad columns
+// [V, ld) are never read: every GEMM and the row kernel use only the first V columns.
+constexpr int64_t kXentLdAlign = 8;
 
 struct XentParams {
-  const float* logits;     // [rows, V]
-  bf16* dlogits;           // [rows, V] or nullptr (no gradient)
+  const float* logits;     // [rows, ld] (first V columns used)
+  bf16* dlogits;           // [rows, ld] or nullptr (no gradient)
   const int32_t* targets;  // [rows] (already offset to the chunk)
   float* losses;           // [rows]
   int64_t V;
+  int64_t ld;              // row pitch of logits and dlogits (>= V)
   float gscale;            // loss_scale * logit_scale
 };
 
@@ -31,7 +38,7 @@ __global__ void __launch_bounds__(kXentThreads) xent_row_kernel(XentParams p) {
   __shared__ float red_m[kXentThreads / kWarp];
   __shared__ float red_s[kXentThreads / kWarp];
   const int64_t row = blockIdx.x;
-  const float* z = p.logits + row * p.V;
+  const float* z = p.logits + row * p.ld;
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   float m = -INFINITY, s = 0.f;
   for (int64_t j = tid; j < p.V; j += kXentThreads) {
@@ -61,7 +68,7 @@ __global__ void __launch_bounds__(kXentThreads) xent_row_kernel(XentParams p) {
   const bool valid = y >= 0 && int64_t(y) < p.V;
   if (tid == 0) p.losses[row] = valid ? lse - z[y] : __int_as_float(0x7fc00000);
   if (!p.dlogits) return;
-  bf16* dl = p.dlogits + row * p.V;
+  bf16* dl = p.dlogits + row * p.ld;
   for (int64_t j = tid; j < p.V; j += kXentThreads) {
     float g = p.gscale * expf(z[j] - lse);
     if (j == y) g -= p.gscale;
@@ -99,17 +106,18 @@ void op_lmhead_xent(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tens
   }
   if (N == 0) return;
   const bool grads = dx || dW;
-  const size_t row_bytes = size_t(V) * (sizeof(float) + (grads ? sizeof(bf16) : 0));
+  const int64_t ld = ceil_div(V, kXentLdAlign) * kXentLdAlign;
+  const size_t row_bytes = size_t(ld) * (sizeof(float) + (grads ? sizeof(bf16) : 0));
   int64_t R = std::max<int64_t>(1, int64_t(kXentScratchBytes / row_bytes));
   if (R >= kXentRowAlign) R = R / kXentRowAlign * kXentRowAlign;
   R = std::min(R, N);
 
   Arena sz;
-  sz.take<float>(size_t(R * V));
-  if (grads) sz.take<bf16>(size_t(R * V));
+  sz.take<float>(size_t(R * ld));
+  if (grads) sz.take<bf16>(size_t(R * ld));
   Arena ar(ctx.scratch->get(sz.used()));
-  float* logits = ar.take<float>(size_t(R * V));
-  bf16* dlogits = grads ? ar.take<bf16>(size_t(R * V)) : nullptr;
+  float* logits = ar.take<float>(size_t(R * ld));
+  bf16* dlogits = grads ? ar.take<bf16>(size_t(R * ld)) : nullptr;
 
   const bf16* xp = static_cast<const bf16*>(x.ptr);
   for (int64_t r0 = 0; r0 < N; r0 += R) {
@@ -117,18 +125,18 @@ void op_lmhead_xent(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tens
     GemmArgs g;  // logits[rows,V] = logit_scale * x[r0:r0+rows] W^T
     g.transB = true;
     g.M = rows; g.N = V; g.K = d;
-    g.A = xp + r0 * d; g.lda = d; g.B = W.ptr; g.ldb = d; g.D = logits; g.ldd = V;
+    g.A = xp + r0 * d; g.lda = d; g.B = W.ptr; g.ldb = d; g.D = logits; g.ldd = ld;
     g.ab = DType::BF16; g.cd = DType::F32; g.alpha = logit_scale; g.beta = 0.f;
     ctx.lt->gemm(g);
 
-    XentParams p{logits, dlogits, targets.data<int32_t>() + r0, losses.data<float>() + r0, V,
+    XentParams p{logits, dlogits, targets.data<int32_t>() + r0, losses.data<float>() + r0, V, ld,
                  loss_scale * logit_scale};
     launch_xent_rows(p, rows, ctx.stream);
 
     if (dx) {
       GemmArgs h;  // dx[rows,d] (=) dlogits[rows,V] W[V,d]
       h.M = rows; h.N = d; h.K = V;
-      h.A = dlogits; h.lda = V; h.B = W.ptr; h.ldb = d;
+      h.A = dlogits; h.lda = ld; h.B = W.ptr; h.ldb = d;
       h.D = static_cast<bf16*>(dx->ptr) + r0 * d; h.ldd = d;
       h.ab = DType::BF16; h.cd = DType::BF16; h.alpha = 1.f; h.beta = 0.f;
       ctx.lt->gemm(h);
@@ -137,7 +145,7 @@ void op_lmhead_xent(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tens
       GemmArgs h;  // dW[V,d] += dlogits^T[V,rows] x[rows,d]
       h.transA = true;
       h.M = V; h.N = d; h.K = rows;
-      h.A = dlogits; h.lda = V; h.B = xp + r0 * d; h.ldb = d; h.D = dW->ptr; h.ldd = d;
+      h.A = dlogits; h.lda = ld; h.B = xp + r0 * d; h.ldb = d; h.D = dW->ptr; h.ldd = d;
       h.ab = DType::BF16; h.cd = dW->dtype; h.alpha = 1.f; h.beta = 1.f;
       ctx.lt->gemm(h);
     }
