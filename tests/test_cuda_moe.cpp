@@ -1,5 +1,5 @@
 // The CUDA Mixture-of-Experts ops (kernels/moe.cu) against CpuBackend (ref_moe.h), op by op, on
-// awkward shapes: N = 1, 7, 127 tokens; E = 4, 64 experts; k = 1, 2, 6; with and without an
+// awkward shapes: N = 1, 7, 127 tokens; E = 4, 64, 100 experts; k = 1, 2, 6; with and without an
 // expert capacity; softmax and sigmoid scores; with and without the selection bias. Every case
 // is tagged [gpu] and skips itself (WARN + return) without a CUDA device or in a CPU-only build.
 //
@@ -112,7 +112,7 @@ struct Shape3 {
 std::vector<Shape3> shapes() {
   std::vector<Shape3> s;
   for (int64_t N : {1, 7, 127})
-    for (int E : {4, 64})
+    for (int E : {4, 64, 100})  // 100: lanes own 3 or 4 experts, not a multiple of 32
       for (int k : {1, 2, 6})
         if (k <= E) s.push_back({N, E, k});
   return s;
