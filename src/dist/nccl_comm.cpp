@@ -182,6 +182,24 @@ class NcclCommunicator final : public Communicator {
     join_comm_stream();
     settle(ncclBroadcast(data, data, n, ncclFloat32, root, comm_, stream_), "ncclBroadcast");
   }
+  // One broadcast per rank's range, grouped into a single NCCL launch (an in-place all-gatherv).
+  void allgather_ranges(float* data, const std::vector<std::pair<size_t, size_t>>& ranges) override {
+    MF_CHECK(ranges.size() == size_t(size_), "allgather_ranges: ", ranges.size(), " ranges for ",
+             size_, " ranks");
+    if (size_ == 1) return;
+    join_comm_stream();
+    nccl_ok(ncclGroupStart(), "ncclGroupStart (all-gather of ranges)");
+    ncclResult_t first = ncclSuccess;
+    for (int r = 0; r < size_; ++r) {
+      const auto& [lo, hi] = ranges[size_t(r)];
+      if (hi <= lo) continue;
+      const ncclResult_t b = ncclBroadcast(data + lo, data + lo, hi - lo, ncclFloat32, r, comm_, stream_);
+      if (first == ncclSuccess && b != ncclSuccess && b != ncclInProgress) first = b;
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    nccl_ok(first, "ncclBroadcast (all-gather of ranges)");
+    settle(end, "ncclGroupEnd (all-gather of ranges)");
+  }
   void barrier() override {
     join_comm_stream();
     settle(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_), "barrier");
@@ -231,10 +249,14 @@ class NcclCommunicator final : public Communicator {
   // The padding buffer of the sharded collectives, grown to `n` floats. Both streams use it, one
   // at a time: collectives on the compute stream first join the communication stream, and async
   // ones start after the compute stream's earlier work. Growing frees the old buffer only after
-  // the device is idle (cudaFree synchronises).
+  // both streams are done with it (rare: the buffer only ever grows).
   float* pad_buffer(size_t n) {
     if (n > pad_cap_) {
-      if (pad_) cuda_ok(cudaFree(pad_), "cudaFree (padding buffer)");
+      if (pad_) {
+        cuda_ok(cudaStreamSynchronize(comm_stream_), "cudaStreamSynchronize (padding buffer)");
+        cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (padding buffer)");
+        cuda_ok(cudaFree(pad_), "cudaFree (padding buffer)");
+      }
       pad_ = nullptr;
       cuda_ok(cudaMalloc(&pad_, n * sizeof(float)), "cudaMalloc (sharded collective padding)");
       pad_cap_ = n;
