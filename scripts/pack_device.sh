@@ -12,7 +12,11 @@
 # device's own (this Debian 12 build needs glibc >= 2.34 and GLIBCXX 3.4.30; Ubuntu 24.04 has more).
 #
 # usage: scripts/pack_device.sh [--no-build] [--jobs N]
+#        scripts/pack_device.sh --status
 #        scripts/pack_device.sh --sweep-data [SHARED_DATA_DIR]
+#   --status: say whether .devbuild/ was packed from the sources now checked out (what the binaries
+#   are built from: src, kernels, tests, third_party, CMakeLists.txt); exit 0 when current, 1 when
+#   stale or missing (then run this script without options)
 #   --sweep-data: only copy what scripts/gpu_sweep.sh needs into .devdata/ (git-ignored): the
 #   Gutenberg books (train-150MB.txt.xz, val.txt.xz) and the GPT-2 tokenizer files from
 #   ../shared/data (about 45 MB; with .devbuild it stays under the 64 MiB carry limit)
@@ -41,9 +45,23 @@ while [ $# -gt 0 ]; do
       echo "pack_device: .devdata/ $(du -sm "$REPO/.devdata" | cut -f1) MiB," \
            ".devbuild/ $(du -sm "$REPO/.devbuild" 2>/dev/null | cut -f1) MiB (carry limit 64 MiB with the tree)"
       exit 0 ;;
+    --status)
+      M="$REPO/.devbuild/MANIFEST.txt"
+      [ -f "$M" ] && [ -f "$REPO/.devbuild/devbuild.tar.xz" ] || { echo "pack_device: no .devbuild/ pack"; exit 1; }
+      C=$(sed -n 's/^commit: \([0-9a-f]*\).*/\1/p' "$M")
+      DIRTY=$(grep -c '^commit: .*uncommitted' "$M" || true)
+      PATHS=(src kernels tests third_party CMakeLists.txt)
+      CHANGED=$( (git -C "$REPO" diff --name-only "$C" -- "${PATHS[@]}" 2>/dev/null || echo "(commit $C unknown)") | sort -u)
+      if [ "$DIRTY" = 0 ] && [ -z "$CHANGED" ]; then
+        echo "pack_device: .devbuild/ is current (packed at ${C:0:12}, $(sed -n 's/^date: *//p' "$M"))"; exit 0
+      fi
+      echo "pack_device: .devbuild/ is stale (packed at ${C:0:12}$([ "$DIRTY" != 0 ] && echo ' with uncommitted changes'));" \
+           "changed since: $(echo "$CHANGED" | grep -c .) file(s)"
+      echo "$CHANGED" | head -20 | sed 's/^/  /'
+      exit 1 ;;
     --no-build) BUILD_IT=0 ;;
     --jobs) JOBS="$2"; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "pack_device.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -109,7 +127,7 @@ RAW=$(du -sb "$STAGE/build-device" "$STAGE/lib" | awk '{s+=$1} END {print s}')
 tar -C "$STAGE" -cf - build-device lib | xz -T2 -6 >"$OUTDIR/devbuild.tar.xz"
 {
   echo "muonforge device pack"
-  echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+  echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet HEAD -- src kernels tests third_party CMakeLists.txt 2>/dev/null || echo ' (+ uncommitted changes)')"
   echo "source: $REPO"
   echo "date:   $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "built:  $BUILD (sm_90a), $(/usr/local/cuda/bin/nvcc --version 2>/dev/null | tail -2 | head -1)"
