@@ -103,6 +103,8 @@ def run_one(impl, case, args, binary, logdir, table=None):
         cmd = [binary, "bench", os.path.join(REPO, cfg), "--quiet"] + common
         if args.device:
             cmd += ["--device", args.device]
+        if getattr(args, "profile", 0):
+            cmd += ["--profile", str(args.profile)]
     else:
         cmd = [args.python, os.path.join(REPO, "scripts", "bench_torch.py"), os.path.join(REPO, cfg),
                "--binary", binary] + common
@@ -184,6 +186,27 @@ def moe_report(records):
     return lines
 
 
+def profile_report(records, top=8):
+    """Where muonforge's step goes: the largest regions of each case's profiled step."""
+    rows = []
+    for r in records:
+        p = g(r, "profile") if r.get("kind") == "result" and r.get("impl") == "muonforge" else None
+        if not p:
+            continue
+        regs = sorted(p["regions"], key=lambda x: -x["ms"])[:top]
+        cells = ", ".join(f"{x['region']} {x['ms']:.2f} ({x['share']:.0%})" for x in regs)
+        rows.append(f"| {r['case']} | {p['step_ms']:.1f} | {p['regions_ms'] / p['step_ms']:.0%} | {cells} |")
+    if not rows:
+        return []
+    return ["", "## Where muonforge's step goes", "",
+            f"`muonforge bench --profile`: one more step after the timed ones, with a CUDA event at every "
+            f"region boundary; exclusive ms per step of the {top} largest regions (share of that step). "
+            "`fwd.*`/`bwd.*` are the model's ops, `opt.*` the optimizer by kind of update, "
+            "`bwd.recompute/...` activation recompute, `fwd.moe/...` MoE sub-steps. "
+            "\"covered\" is the part of the step inside some region (the rest: the host between them).", "",
+            "| case | step (ms) | covered | largest regions: ms (share) |", "| --- | --- | --- | --- |"] + rows
+
+
 def report(records):
     for r in records:  # cases added with --case-spec travel in the results
         if r.get("kind") == "result" and r.get("group") != "moe" and r["case"] not in CASES:
@@ -209,6 +232,7 @@ def report(records):
         for k, (c, T, mb, bt, partner) in MOE_CASES.items():
             lines.append(f"| {k} | {c} | {T} | {mb} | {bt} ({bt // (mb * T)}) | {partner or ''} |")
         lines += moe_lines
+        lines += profile_report(records)
         lines += ["", "## Targets", "", TARGETS]
         return "\n".join(lines) + "\n"
     if env:
@@ -270,6 +294,7 @@ def report(records):
     if errors:
         lines += ["", "Failed or timed-out runs:", ""] + errors
     lines += moe_lines
+    lines += profile_report(records)
     notes = sorted({n for r in res.values() for n in (g(r, "notes") or [])})
     if notes:
         lines += ["", "Notes from bench_torch.py:", ""] + [f"- {n}" for n in notes]
@@ -388,6 +413,8 @@ def main():
     r.add_argument("--impl", choices=["both", "muonforge", "torch"], default="both")
     r.add_argument("--steps", type=int, default=4)
     r.add_argument("--warmup", type=int, default=2)
+    r.add_argument("--profile", type=int, default=1,
+                   help="profiled muonforge steps after the timed ones (region table; 0: none)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"])
     r.add_argument("--binary")
     r.add_argument("--python", default=os.environ.get("MF_TORCH_PYTHON", "python3"))

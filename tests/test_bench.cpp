@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -12,10 +13,12 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "backend/profiler.h"
 #include "config/config.h"
 #include "model/llama.h"
 #include "optim/mup.h"
@@ -170,6 +173,117 @@ TEST_CASE("run_bench on the CPU: every figure present and consistent", "[bench]"
     CHECK(rep.find(s) != std::string::npos);
 }
 
+TEST_CASE("region profiler: nested paths, exclusive time, calls, misuse", "[bench][profile]") {
+  auto be = make_backend("cpu");
+  CHECK(be->profiler() == nullptr);
+  {
+    ProfRegion none(*be, "ignored");  // no profiler: nothing recorded, nothing thrown
+  }
+  {
+    OpProfiler prof(*be);
+    CHECK(be->profiler() == &prof);
+    CHECK_THROWS_WITH(OpProfiler(*be), Catch::Contains("already attached"));
+    for (int i = 0; i < 2; ++i) {
+      ProfRegion a(*be, "outer");
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      {
+        ProfRegion b(*be, "inner");
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+      a.next("other");
+    }
+    prof.flush();
+    std::map<std::string, OpProfiler::Region> got;
+    for (const auto& g : prof.regions()) got[g.path] = g;
+    REQUIRE(got.size() == 3);
+    CHECK(got.at("outer").calls == 2);
+    CHECK(got.at("outer/inner").calls == 2);
+    CHECK(got.at("other").calls == 2);
+    CHECK(got.at("outer/inner").ms >= 200);
+    CHECK(got.at("outer").ms >= 40);
+    CHECK(got.at("outer").ms < 200);  // exclusive: inclusive time would be >= 240
+    CHECK(prof.regions().front().path == "outer/inner");  // largest first
+    CHECK(prof.total_ms() == Approx(got.at("outer").ms + got.at("outer/inner").ms + got.at("other").ms));
+    // A region open across a flush keeps counting into the next one.
+    prof.reset();
+    CHECK(prof.total_ms() == 0);
+    {
+      ProfRegion c(*be, "across");
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      prof.flush();
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    }
+    prof.flush();
+    CHECK(prof.regions().front().path == "across");
+    CHECK(prof.regions().front().ms >= 60);
+    CHECK_THROWS_WITH(prof.leave(), Catch::Contains("without an open region"));
+  }
+  CHECK(be->profiler() == nullptr);  // detached on destruction
+}
+
+TEST_CASE("run_bench --profile: the model's regions, per step, covering the step", "[bench][profile]") {
+  BenchOptions o;
+  o.steps = 1;
+  o.warmup = 0;
+  o.gemm_size = -1;
+  o.attention = false;
+  o.muon_split = false;
+  o.verbose = false;
+  o.profile_steps = 2;
+  const Config cfg = tiny_config({"train.batch_tokens=512", "model.recompute=mlp"});  // 2 micro-batches
+  const nlohmann::json r = run_bench(cfg, o);
+  const auto& p = r.at("profile");
+  INFO(p.dump(1));
+  CHECK(p.at("steps") == 2);
+  std::map<std::string, nlohmann::json> got;
+  double sum = 0;
+  for (const auto& g : p.at("regions")) {
+    got[g.at("region").get<std::string>()] = g;
+    sum += g.at("ms").get<double>();
+  }
+  const int L = cfg.model.n_layers, accum = 2;
+  for (const char* name : {"fwd.attention", "bwd.attention", "fwd.qkv", "bwd.qkv", "fwd.mlp_down"})
+    CHECK(got.at(name).at("calls").get<double>() == L * accum);  // per step
+  CHECK(got.at("loss.lm_head_xent").at("calls").get<double>() == accum);
+  // recompute = mlp: every layer but the last rebuilds its MLP input inside the backward.
+  CHECK(got.at("bwd.recompute/fwd.mlp_up").at("calls").get<double>() == (L - 1) * accum);
+  CHECK(got.count("opt.matrix_batched") == 1);
+  CHECK(got.count("opt.adamw") == 1);
+  CHECK(got.count("grad_norm") == 1);
+  CHECK(sum == Approx(p.at("regions_ms").get<double>()));
+  // On the CPU the regions tile the step but for host bookkeeping between them.
+  CHECK(p.at("regions_ms").get<double>() <= p.at("step_ms").get<double>() * 1.001);
+  CHECK(p.at("regions_ms").get<double>() >= p.at("step_ms").get<double>() * 0.5);
+  const std::string rep = bench_report(r);
+  CHECK(rep.find("bwd.attention") != std::string::npos);
+  CHECK(rep.find("exclusive time") != std::string::npos);
+  o.profile_steps = 0;
+  CHECK(run_bench(cfg, o).at("profile").is_null());
+}
+
+TEST_CASE("run_bench --profile on a MoE model: router, experts and combine apart", "[bench][profile][moe]") {
+  BenchOptions o;
+  o.steps = 1;
+  o.warmup = 0;
+  o.gemm_size = -1;
+  o.attention = false;
+  o.muon_split = false;
+  o.verbose = false;
+  o.profile_steps = 1;
+  const Config cfg = load_config(kRoot + "/configs/moe-tiny.json",
+                                 {"train.device=cpu", "train.seq_len=32", "model.max_seq_len=32",
+                                  "train.micro_batch=2", "train.batch_tokens=64", "train.world_size=1"});
+  const nlohmann::json r = run_bench(cfg, o);
+  std::map<std::string, double> calls;
+  for (const auto& g : r.at("profile").at("regions"))
+    calls[g.at("region").get<std::string>()] = g.at("calls").get<double>();
+  INFO(r.at("profile").dump(1));
+  const int moe_layers = cfg.model.n_layers - cfg.model.moe.first_dense;
+  for (const char* name : {"fwd.moe/router", "fwd.moe/experts", "fwd.moe/combine", "bwd.moe/experts",
+                           "bwd.moe/router"})
+    CHECK(calls[name] == moe_layers);
+}
+
 TEST_CASE("run_bench: AdamW config has no Muon split; bad options are errors", "[bench]") {
   BenchOptions o;
   o.steps = 1;
@@ -287,6 +401,12 @@ TEST_CASE("bench_compare.py --moe: a MoE case beside its dense partner (CPU)", "
   const std::string rep = ss.str();
   CHECK_THAT(rep, Catch::Contains("## MoE beside a dense model of the same active size"));
   CHECK_THAT(rep, Catch::Contains("| moe | configs/moe-tiny.json | 8 (2 + 1) |"));
+  // The profiled step (bench_compare passes --profile 1): its largest regions, per case.
+  REQUIRE(moe.contains("profile"));
+  CHECK(moe["profile"]["steps"] == 1);
+  CHECK_THAT(rep, Catch::Contains("## Where muonforge's step goes"));
+  CHECK_THAT(rep, Catch::Contains("| moe | "));
+  CHECK_THAT(rep, Catch::Contains("fwd.moe/"));
   // Torch is never asked to run a MoE model, and an unknown partner is an error.
   CHECK(log.find("torch") == std::string::npos);
   rc = 0;

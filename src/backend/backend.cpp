@@ -1,9 +1,11 @@
 #include "backend/backend.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
 #include "backend/cpu/cpu_backend.h"
+#include "core/error.h"
 #include "core/log.h"
 
 #ifdef MF_HAS_CUDA
@@ -29,6 +31,19 @@ MemoryInfo Backend::memory_info() const {
   }
   return m;
 }
+
+size_t Backend::record_mark() {
+  host_marks_.push_back(std::chrono::steady_clock::now());
+  return host_marks_.size() - 1;
+}
+
+double Backend::marks_elapsed_ms(size_t a, size_t b) {
+  MF_CHECK(a < host_marks_.size() && b < host_marks_.size(), "marks_elapsed_ms: mark ",
+           std::max(a, b), " was not recorded (", host_marks_.size(), " marks)");
+  return std::chrono::duration<double, std::milli>(host_marks_[b] - host_marks_[a]).count();
+}
+
+void Backend::clear_marks() { host_marks_.clear(); }
 
 // ---- default MoE entries: a backend without MoE kernels still compiles and says so ------------
 

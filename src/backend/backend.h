@@ -11,6 +11,7 @@
 //  - Activation tensors have dtype act_dtype(); rstd / lse / losses / grads / optimizer state
 //    are always f32; token ids are i32.
 #pragma once
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -21,6 +22,8 @@ namespace mf {
 
 // Memory of the device a backend computes on (bench, memory plan). CPU: host RAM from
 // /proc/meminfo (MemAvailable / MemTotal). CUDA: cudaMemGetInfo of the backend's device.
+class OpProfiler;  // backend/profiler.h
+
 struct MemoryInfo {
   size_t free = 0, total = 0;  // bytes; 0 when unknown
   size_t tensors = 0;          // bytes held by tensors from empty() (0: not tracked, e.g. CPU)
@@ -77,6 +80,19 @@ class Backend {
   // dst <- src on this backend; converts between f32 and bf16 (the master -> compute weight cast).
   virtual void copy(const Tensor& src, Tensor& dst) = 0;
   virtual void synchronize() {}
+
+  // ---- profiling (muonforge bench --profile; backend/profiler.h) ------------------------
+  // record_mark() notes the point of this backend's timeline reached by the work queued so far
+  // and returns its index (0, 1, ... since clear_marks()); marks_elapsed_ms(a, b) is the time from
+  // mark a to mark b in milliseconds, waiting for b. The default reads the host clock, which is
+  // right for a backend whose ops are done when they return (CPU); CUDA records events.
+  virtual size_t record_mark();
+  virtual double marks_elapsed_ms(size_t a, size_t b);
+  virtual void clear_marks();
+  // The profiler that ProfRegions report to; null (the default) = profiling off, and a region
+  // costs one pointer test.
+  OpProfiler* profiler() const { return profiler_; }
+  void set_profiler(OpProfiler* p) { profiler_ = p; }
   // Not pure: the default reads /proc/meminfo (host RAM) and tracks no tensors.
   virtual MemoryInfo memory_info() const;
   // model.attention: "flash", "cudnn" or "auto" (docs/config.md). Only the CUDA backend acts on
@@ -236,6 +252,10 @@ class Backend {
   // Same shapes; out may alias num.
   virtual void adam_precond(const Tensor& num, const Tensor& g, Tensor& v, Tensor& out, float b2,
                             float eps, float bc1, float bc2);
+
+ private:
+  std::vector<std::chrono::steady_clock::time_point> host_marks_;
+  OpProfiler* profiler_ = nullptr;
 };
 
 

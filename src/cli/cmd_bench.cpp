@@ -36,6 +36,9 @@ const char* kBenchUsage =
     "  --no-gemm          skip the GEMM rate check\n"
     "  --no-muon-split    skip the separate Muon timing\n"
     "  --no-attn          skip timing attention alone\n"
+    "  --profile N        N more steps with the region profiler on: time per model region\n"
+    "                     (fwd.qkv, bwd.attention, opt.matrix_batched, ...) on the device's\n"
+    "                     own timeline (CUDA events), exclusive of nested regions\n"
     "  --quiet            no per-step lines and no memory plan\n"
     "  --json             also print the result as one JSON object on the last line\n";
 
@@ -100,6 +103,9 @@ int cmd_bench(const Args& args) {
       o.gemm_size = -1;
     } else if (a == "--no-attn") {
       o.attention = false;
+    } else if (a == "--profile") {
+      o.profile_steps = to_int(a, need_value(args, i));
+      MF_CHECK(o.profile_steps >= 0, "bench: --profile needs a step count >= 0, got ", o.profile_steps);
     } else if (a == "--no-muon-split") {
       o.muon_split = false;
     } else if (a == "--quiet") {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "backend/profiler.h"
 #include "core/rng.h"
 #include "model/moe.h"
 
@@ -239,16 +240,21 @@ void LlamaModel::attention_block(int i) {
   Layer& w = layers_[i];
   Acts::PerLayer& l = a.L[i];
   const float theta = float(cfg_.rope_theta), rmult = float(scales_.residual_mult);
+  ProfRegion r(be_, "fwd.qkv");
   be_.matmul_fwd(l.xn1, w.wq->weight, l.q);  // (N,H*hd)
   be_.matmul_fwd(l.xn1, w.wk->weight, l.k);  // (N,Hkv*hd)
   be_.matmul_fwd(l.xn1, w.wv->weight, l.v);
   Tensor q4 = heads(l.q, cfg_.n_heads), k4 = heads(l.k, cfg_.n_kv_heads);
   Tensor v4 = heads(l.v, cfg_.n_kv_heads), ao4 = heads(l.ao, cfg_.n_heads);
+  r.next("fwd.rope");
   be_.rope_fwd(q4, q4, theta);
   be_.rope_fwd(k4, k4, theta);
+  r.next("fwd.attention");
   be_.attention_fwd(q4, k4, v4, ao4, l.lse, attn_shape());
+  r.next("fwd.o_proj");
   be_.matmul_fwd(l.ao, w.wo->weight, a.branch);  // (N,d)
   if (rmult != 1.f) be_.scale(a.branch, rmult);
+  r.next("fwd.norm");
   be_.add_rmsnorm_fwd(l.r_attn, &a.branch, l.r_mlp, w.ln2->weight, float(cfg_.norm_eps), l.xn2,
                       l.rstd2);
 }
@@ -257,8 +263,10 @@ void LlamaModel::attention_block(int i) {
 void LlamaModel::mlp_hidden(int i) {
   Layer& w = layers_[i];
   Acts::PerLayer& l = acts_->L[i];
+  ProfRegion r(be_, "fwd.mlp_up");
   be_.matmul_fwd(l.xn2, w.wgate->weight, l.gate);  // (N,f)
   be_.matmul_fwd(l.xn2, w.wup->weight, l.up);
+  r.next("fwd.swiglu");
   be_.swiglu_fwd(l.gate, l.up, l.h);
 }
 
@@ -269,34 +277,42 @@ void LlamaModel::run_forward(const int32_t* inputs, bool train) {
   in_host.ptr = const_cast<int32_t*>(inputs);
   in_host.shape = {N};
   in_host.dtype = DType::I32;
+  ProfRegion r(be_, "fwd.upload");
   be_.upload(in_host, a.tokens);
 
   const float eps = float(cfg_.norm_eps);
   const float rmult = float(scales_.residual_mult);
+  r.next("fwd.embedding");
   be_.embedding_fwd(a.tokens, wte_->weight, a.L[0].r_attn);  // (N,d)
   for (int i = 0; i < cfg_.n_layers; ++i) {
     Layer& w = layers_[i];
     Acts::PerLayer& l = a.L[i];
     // Residual stream entering attention: the embedding, or the last layer's stream + MLP out.
+    r.next("fwd.norm");
     if (i == 0)
       be_.add_rmsnorm_fwd(l.r_attn, nullptr, l.r_attn, w.ln1->weight, eps, l.xn1, l.rstd1);
     else
       be_.add_rmsnorm_fwd(a.L[i - 1].r_mlp, &a.branch, l.r_attn, w.ln1->weight, eps, l.xn1,
                           l.rstd1);
+    r.end();
     attention_block(i);
     if (w.moe) {
+      r.next("fwd.moe");
       w.moe->forward(l.xn2, a.branch, train);  // MoE: (N,d)
     } else {
       mlp_hidden(i);
+      r.next("fwd.mlp_down");
       be_.matmul_fwd(l.h, w.wdown->weight, a.branch);  // (N,d)
     }
     if (rmult != 1.f) be_.scale(a.branch, rmult);
   }
+  r.next("fwd.norm");
   be_.add_rmsnorm_fwd(a.L.back().r_mlp, &a.branch, a.r_final, norm_f_->weight, eps, a.xf,
                       a.rstd_f);
 }
 
 double LlamaModel::loss_from_host(const Tensor& losses) {
+  ProfRegion r(be_, "loss.readback");
   Tensor h = host_tensor(losses.shape);
   be_.download(losses, h);
   double s = 0;
@@ -325,6 +341,7 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
   t_host.ptr = const_cast<int32_t*>(targets);
   t_host.shape = {int64_t(B_) * T_};
   t_host.dtype = DType::I32;
+  ProfRegion r(be_, "loss.lm_head_xent");
   be_.upload(t_host, a.targets);
   // Loss and its gradient w.r.t. the final normed stream and the lm head, in one fused pass.
   be_.lmhead_xent(a.xf, lm_head_->weight, a.targets, float(scales_.logit_mult), a.losses, &a.dxf,
@@ -335,12 +352,15 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
   const AttnShape s = attn_shape();
   // dresid holds dL/d(residual stream) as we walk back; branch gradients are read from it
   // (times the residual multiplier) before the norm's backward adds into it.
+  r.next("bwd.norm");
   be_.zero(a.dresid);
   be_.rmsnorm_bwd(a.dxf, a.r_final, norm_f_->weight, a.rstd_f, a.dresid, norm_f_->grad);
+  r.next("bwd.grads_ready");
   int group = 0;
   grads_ready(group++, grads_final);  // final norm (and the untied lm head)
   auto branch_grad = [&]() -> Tensor& {
     if (rmult == 1.f) return a.dresid;
+    r.next("bwd.residual_scale");
     be_.copy(a.dresid, a.dbranch);
     be_.scale(a.dbranch, rmult);
     return a.dbranch;
@@ -350,6 +370,7 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
     Acts::PerLayer& l = a.L[i];
     // Activation recompute: rebuild what the shared buffers lost, from what was kept. The ops
     // are deterministic, so the gradients are bitwise those of a run without recompute.
+    if (cfg_.recompute != "none" && i < cfg_.n_layers - 1) r.next("bwd.recompute");
     if (cfg_.recompute == "full" && i < cfg_.n_layers - 1) {
       be_.add_rmsnorm_fwd(l.r_attn, nullptr, l.r_attn, w.ln1->weight, float(cfg_.norm_eps),
                           l.xn1, l.rstd1);
@@ -361,33 +382,47 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
     // MLP branch: r_out = r_mlp + down(silu(gate(xn2)) * up(xn2))
     Tensor& dmlp = branch_grad();
     if (w.moe) {
+      r.next("bwd.moe");
       // MoE: dxn (=); the balance loss gradient in the units of loss_scale * sum of losses.
       w.moe->backward(dmlp, l.xn2, a.dxn, loss_scale * float(int64_t(B_) * T_));
     } else {
+      r.next("bwd.mlp_down");
       be_.matmul_bwd(dmlp, l.h, w.wdown->weight, &a.dh, &w.wdown->grad, false);
+      r.next("bwd.swiglu");
       be_.swiglu_bwd(a.dh, l.gate, l.up, a.dgate, a.dup);
+      r.next("bwd.mlp_up");
       be_.matmul_bwd(a.dgate, l.xn2, w.wgate->weight, &a.dxn, &w.wgate->grad, false);
       be_.matmul_bwd(a.dup, l.xn2, w.wup->weight, &a.dxn, &w.wup->grad, true);
     }
+    r.next("bwd.norm");
     be_.rmsnorm_bwd(a.dxn, l.r_mlp, w.ln2->weight, l.rstd2, a.dresid, w.ln2->grad);
     // Attention branch: r_mlp = r_attn + o(attn(rope(q), rope(k), v))
     Tensor& dattn = branch_grad();
+    r.next("bwd.o_proj");
     be_.matmul_bwd(dattn, l.ao, w.wo->weight, &a.dao, &w.wo->grad, false);
     Tensor dq4 = heads(a.dq, cfg_.n_heads), dk4 = heads(a.dk, cfg_.n_kv_heads);
     Tensor dv4 = heads(a.dv, cfg_.n_kv_heads);
+    r.next("bwd.attention");
     be_.attention_bwd(heads(a.dao, cfg_.n_heads), heads(l.q, cfg_.n_heads),
                       heads(l.k, cfg_.n_kv_heads), heads(l.v, cfg_.n_kv_heads),
                       heads(l.ao, cfg_.n_heads), l.lse, dq4, dk4, dv4, s);
+    r.next("bwd.rope");
     be_.rope_bwd(dq4, dq4, theta);
     be_.rope_bwd(dk4, dk4, theta);
+    r.next("bwd.qkv");
     be_.matmul_bwd(a.dq, l.xn1, w.wq->weight, &a.dxn, &w.wq->grad, false);
     be_.matmul_bwd(a.dk, l.xn1, w.wk->weight, &a.dxn, &w.wk->grad, true);
     be_.matmul_bwd(a.dv, l.xn1, w.wv->weight, &a.dxn, &w.wv->grad, true);
+    r.next("bwd.norm");
     be_.rmsnorm_bwd(a.dxn, l.r_attn, w.ln1->weight, l.rstd1, a.dresid, w.ln1->grad);
+    r.next("bwd.grads_ready");
     grads_ready(group++, grads_final);  // layer i
   }
+  r.next("bwd.embedding");
   be_.embedding_bwd(a.tokens, a.dresid, wte_->grad);
+  r.next("bwd.grads_ready");
   grads_ready(group++, grads_final);  // embedding
+  r.end();
   return loss_from_host(a.losses) + moe_aux_loss();
 }
 

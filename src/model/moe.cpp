@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "backend/profiler.h"
 #include "core/error.h"
 
 namespace mf {
@@ -121,10 +122,12 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
   const int64_t E = mc_.n_experts, k = mc_.top_k;
   const MoeRouterArgs ra = route_args();
   // Router in fp32 on the master weights; the bias only steers the selection.
+  ProfRegion r(be_, "router");
   be_.moe_router_fwd(x, router_->master, bias_ ? &bias_->master : nullptr, ra, probs_,
                      topk_idx_, topk_w_, counts_, score_sum_);  // (N,E) (N,k) (N,k) (E) (E)
   be_.moe_permute(topk_idx_, int(E), capacity_, offsets_, row_of_, row_token_);
   // The host needs the per-expert row blocks to slice the expert GEMMs (one small sync).
+  r.next("counts_sync");
   Tensor h_off = host_tensor({E + 1}, DType::I32), h_cnt = host_tensor({E}, DType::I32);
   Tensor h_ss = host_tensor({E}, DType::F32);
   be_.download(offsets_, h_off);
@@ -153,7 +156,9 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
 
   // Routed experts: gather rows by expert, one SwiGLU per expert block, combine with weights.
   Tensor xg = s_.xg.slice0(0, M);
+  r.next("gather");
   be_.moe_gather(x, row_token_, xg);  // (M,d)
+  r.next("experts");
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
     if (r1 == r0) continue;
@@ -173,11 +178,13 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
   }
   // Shared experts (a dense SwiGLU of width n_shared * d_expert) write out first.
   if (fs_ > 0) {
+    r.next("shared");
     be_.matmul_fwd(x, shared_.gate->weight, sgate_);  // (N,fs)
     be_.matmul_fwd(x, shared_.up->weight, sup_);
     be_.swiglu_fwd(sgate_, sup_, sh_);
     be_.matmul_fwd(sh_, shared_.down->weight, out);  // (N,d)
   }
+  r.next("combine");
   be_.moe_combine_fwd(yg_.slice0(0, M), topk_w_, row_of_, out, /*accumulate=*/fs_ > 0);
 }
 
@@ -185,6 +192,7 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
   const int64_t E = mc_.n_experts, k = mc_.top_k;
   const int64_t M = offsets_h_[size_t(E)];
   // Shared experts: dx (=).
+  ProfRegion r(be_, "shared");
   if (fs_ > 0) {
     be_.matmul_bwd(dout, sh_, shared_.down->weight, &s_.sdh, &shared_.down->grad, false);
     be_.swiglu_bwd(s_.sdh, sgate_, sup_, s_.sdgate, s_.sdup);
@@ -195,10 +203,13 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
   }
   // Combine: gradients into the expert outputs (by row) and the combine weights.
   Tensor dyg = s_.dyg.slice0(0, M), yg = yg_.slice0(0, M);
+  r.next("combine");
   be_.moe_combine_bwd(dout, yg, topk_w_, row_of_, dyg, s_.dtopk_w);
   if (M > 0) {
     Tensor xg = s_.xg.slice0(0, M);
+    r.next("gather");
     be_.moe_gather(x, row_token_, xg);  // recomputed rather than kept per layer
+    r.next("experts");
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
       if (r1 == r0) continue;
@@ -217,11 +228,13 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
       be_.matmul_bwd(dup.slice0(r0, r1), xe, experts_[size_t(e)].up->weight, &dxe,
                      &experts_[size_t(e)].up->grad, true);
     }
+    r.next("gather");
     be_.moe_gather_bwd(s_.dxg.slice0(0, M), row_of_, dx);  // dx (+=)
   }
   // Router: combine-weight gradients, plus the balance loss's gradient on the scores:
   // d(coef E sum_i f_i P_i)/d pn[n,i] = coef E f_i / N, times aux_grad_scale (= loss_scale * N).
   const Tensor* aux = nullptr;
+  r.next("router");
   if (mc_.balance == "aux_loss" && mc_.aux_coef > 0) {
     Tensor h = host_tensor({E});
     for (int64_t e = 0; e < E; ++e)

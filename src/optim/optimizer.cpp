@@ -7,6 +7,7 @@
 #include <sstream>
 #include <tuple>
 
+#include "backend/profiler.h"
 #include "core/error.h"
 #include "optim/schedule.h"
 
@@ -235,18 +236,31 @@ void Optimizer::step(int step, float grad_scale) {
   if (batch_ns_)
     for (const NsChunk& c : ns_chunks_)
       for (size_t i : c.entries) batched[i] = true;
+  // Profiler regions by kind of update (switched only when the kind changes).
+  ProfRegion r(be_, "opt.adamw");
+  const char* region = "opt.adamw";
+  auto in_region = [&](const char* name) {
+    if (name != region) r.next(name);
+    region = name;
+  };
   for (size_t i = 0; i < entries_.size(); ++i) {
     OptEntry& e = entries_[i];
-    if (e.kind == OptKind::AdamW)
+    if (e.kind == OptKind::AdamW) {
+      in_region("opt.adamw");
       step_adamw(e, sched, grad_scale);
-    else if (e.pre)
+    } else if (e.pre) {
+      in_region("opt.preconditioned");
       step_preconditioned(e, sched, grad_scale);
-    else if (!batched[i])
+    } else if (!batched[i]) {
+      in_region("opt.matrix");
       step_muon(e, sched, grad_scale);
+    }
   }
+  in_region("opt.matrix_batched");
   if (batch_ns_)
     for (const NsChunk& c : ns_chunks_) step_muon_chunk(c, sched, grad_scale);
   ++t_;
+  in_region("opt.weight_cast");
   // CUDA: refresh the bf16 compute copy from the fp32 master.
   for (OptEntry& e : entries_) {
     Param& p = *e.param;

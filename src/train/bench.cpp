@@ -9,6 +9,7 @@
 #include <sstream>
 #include <vector>
 
+#include "backend/profiler.h"
 #include "core/log.h"
 #include "core/rng.h"
 #include "model/llama.h"
@@ -293,42 +294,80 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
   const double fpt = model.flops_per_token();
   const ParamList params = model.params();
 
-  std::vector<double> t_step, t_fb, t_norm, t_opt, losses;
-  const int total = o.warmup + o.steps;
-  for (int s = 0; s < total; ++s) {
+  // One optimizer step; returns the loss, t (seconds: fwd+bwd, grad norm, optimizer, whole step).
+  struct StepTimes {
+    double loss = 0, fb = 0, norm = 0, opt = 0, step = 0;
+  };
+  auto one_step = [&](int s) {
     be->synchronize();
     const auto t0 = Clock::now();
-    model.zero_grads();
-    double loss = 0;
+    {
+      ProfRegion r(*be, "zero_grads");
+      model.zero_grads();
+    }
+    StepTimes st;
     for (int m = 0; m < accum; ++m) {
       const int b = m % nbatches;
-      loss += model.forward_backward(in[size_t(b)].data(), tg[size_t(b)].data(), loss_scale) / accum;
+      st.loss += model.forward_backward(in[size_t(b)].data(), tg[size_t(b)].data(), loss_scale) / accum;
     }
     be->synchronize();
     const auto t1 = Clock::now();
+    ProfRegion r(*be, "grad_norm");
     const double gnorm = global_grad_norm(params, *be);
     const double clip = clip_factor(gnorm, cfg.optim.grad_clip);
     be->synchronize();
     const auto t2 = Clock::now();
+    r.end();
     opt.step(s, float(clip));
+    r.next("post_step");
     model.post_step();
     be->synchronize();
     const auto t3 = Clock::now();
+    st.fb = secs(t0, t1);
+    st.norm = secs(t1, t2);
+    st.opt = secs(t2, t3);
+    st.step = secs(t0, t3);
+    return st;
+  };
+
+  std::vector<double> t_step, t_fb, t_norm, t_opt, losses;
+  const int total = o.warmup + o.steps;
+  for (int s = 0; s < total; ++s) {
+    const StepTimes st = one_step(s);
     mem.sample();
-    MF_CHECK(std::isfinite(loss), "bench: non-finite loss ", loss, " at step ", s + 1);
-    losses.push_back(loss);
+    MF_CHECK(std::isfinite(st.loss), "bench: non-finite loss ", st.loss, " at step ", s + 1);
+    losses.push_back(st.loss);
     const bool timed = s >= o.warmup;
     if (timed) {
-      t_step.push_back(secs(t0, t3));
-      t_fb.push_back(secs(t0, t1));
-      t_norm.push_back(secs(t1, t2));
-      t_opt.push_back(secs(t2, t3));
+      t_step.push_back(st.step);
+      t_fb.push_back(st.fb);
+      t_norm.push_back(st.norm);
+      t_opt.push_back(st.opt);
     }
     if (o.verbose)
       spdlog::info("bench step {}/{}{} | loss {:.4f} | {:.1f} ms (fwd+bwd {:.1f}, norm {:.1f}, "
                    "opt {:.1f})",
-                   s + 1, total, timed ? "" : " (warm-up)", loss, 1e3 * secs(t0, t3),
-                   1e3 * secs(t0, t1), 1e3 * secs(t1, t2), 1e3 * secs(t2, t3));
+                   s + 1, total, timed ? "" : " (warm-up)", st.loss, 1e3 * st.step, 1e3 * st.fb,
+                   1e3 * st.norm, 1e3 * st.opt);
+  }
+
+  // Profiled steps (--profile N): the same step with a mark at every region boundary, after the
+  // timed ones (marks cost a little; they never touch the figures above).
+  nlohmann::json profile = nullptr;
+  if (o.profile_steps > 0) {
+    OpProfiler prof(*be);
+    std::vector<double> t_prof;
+    for (int s = 0; s < o.profile_steps; ++s) {
+      t_prof.push_back(one_step(total + s).step);
+      prof.flush();
+    }
+    const double n = double(o.profile_steps), step_ms = 1e3 * mean(t_prof);
+    nlohmann::json regions = nlohmann::json::array();
+    for (const OpProfiler::Region& g : prof.regions())
+      regions.push_back({{"region", g.path}, {"ms", g.ms / n}, {"calls", double(g.calls) / n},
+                         {"share", g.ms / n / std::max(step_ms, 1e-12)}});
+    profile = {{"steps", o.profile_steps}, {"step_ms", step_ms},
+               {"regions_ms", prof.total_ms() / n}, {"regions", regions}};
   }
 
   // Forward alone over the same micro-batches (backward is derived from it).
@@ -456,9 +495,30 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
   }
   m["peak_rss"] = int64_t(rss);
   r["memory"] = m;
+  r["profile"] = profile;
   r["loss_first"] = losses.front();
   r["loss_last"] = losses.back();
   return r;
+}
+
+std::string profile_table(const nlohmann::json& p) {
+  std::ostringstream o;
+  const double step = p.at("step_ms").get<double>(), covered = p.at("regions_ms").get<double>();
+  o << "  profile      " << p.at("steps").get<int>() << " profiled step(s), "
+    << fmt("%.2f", step) << " ms each; regions cover " << fmt("%.2f", covered) << " ms ("
+    << fmt("%.1f%%", 100 * covered / std::max(step, 1e-12))
+    << "; the rest: host gaps between regions)\n";
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "    %-36s %10s %7s %9s\n", "region (exclusive time)", "ms/step",
+                "share", "calls");
+  o << buf;
+  for (const auto& g : p.at("regions")) {
+    std::snprintf(buf, sizeof buf, "    %-36s %10.3f %6.1f%% %9.0f\n",
+                  g.at("region").get<std::string>().c_str(), g.at("ms").get<double>(),
+                  100 * g.at("share").get<double>(), g.at("calls").get<double>());
+    o << buf;
+  }
+  return o.str();
 }
 
 std::string bench_report(const nlohmann::json& r) {
@@ -526,6 +586,7 @@ std::string bench_report(const nlohmann::json& r) {
          fmt("%.0f MiB", mib(m.at("peak_workspace").get<double>())));
   }
   line("  host         peak RSS " + fmt("%.0f MiB", mib(m.at("peak_rss").get<double>())));
+  if (r.contains("profile") && !r.at("profile").is_null()) o << profile_table(r.at("profile"));
   line("  loss         " + fmt("%.4f", r.at("loss_first").get<double>()) + " -> " +
        fmt("%.4f", r.at("loss_last").get<double>()) + " (random tokens)");
   return o.str();

@@ -29,12 +29,16 @@ struct BenchOptions {
   bool muon_split = true;  // time a Muon-only optimizer over the hidden matrices afterwards
   bool attention = true;   // time attention_fwd / attention_bwd alone at the model's shape
   bool verbose = true;     // per-step lines on the console
+  int profile_steps = 0;   // > 0: that many extra steps with the region profiler on
+                           // (backend/profiler.h), reported as "profile"
 };
 
 // Everything measured, as one JSON object (the keys are documented in docs/gpu.md).
 nlohmann::json run_bench(const Config& cfg, const BenchOptions& opts);
 // The human-readable report of a run_bench result.
 std::string bench_report(const nlohmann::json& r);
+// The region table of a run_bench result's "profile" (part of bench_report).
+std::string profile_table(const nlohmann::json& profile);
 
 // One dense n x n x n GEMM (y = x W^T, act_dtype operands, random data) through
 // Backend::matmul_fwd: median seconds of `reps` after `warmup` calls. Returns FLOP/s (2 n^3 / t).

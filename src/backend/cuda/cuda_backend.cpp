@@ -2,6 +2,7 @@
 // which checks the arguments and launches on the backend's stream.
 #include "backend/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -65,6 +66,7 @@ CudaBackend::CudaBackend(int device) : allocated_(std::make_shared<std::atomic<s
 
 CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
+  for (cudaEvent_t e : mark_events_) cudaEventDestroy(e);
   attn_.reset();  // the cuDNN handle is bound to stream_
   mo_.reset();  // its library handles are bound to stream_
   scratch_.reset();
@@ -154,6 +156,27 @@ void CudaBackend::download(const Tensor& src, Tensor& dst) {
 void CudaBackend::copy(const Tensor& src, Tensor& dst) { cuda::op_cast(ctx_, src, dst); }
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+size_t CudaBackend::record_mark() {
+  if (marks_used_ == mark_events_.size()) {
+    cudaEvent_t e = nullptr;
+    CUDA_CHECK(cudaEventCreate(&e));  // with timing (the default flags)
+    mark_events_.push_back(e);
+  }
+  CUDA_CHECK(cudaEventRecord(mark_events_[marks_used_], stream_));
+  return marks_used_++;
+}
+
+double CudaBackend::marks_elapsed_ms(size_t a, size_t b) {
+  MF_CHECK(a < marks_used_ && b < marks_used_, "marks_elapsed_ms: mark ", std::max(a, b),
+           " was not recorded (", marks_used_, " marks)");
+  CUDA_CHECK(cudaEventSynchronize(mark_events_[b]));
+  float ms = 0;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, mark_events_[a], mark_events_[b]));
+  return double(ms);
+}
+
+void CudaBackend::clear_marks() { marks_used_ = 0; }
 
 MemoryInfo CudaBackend::memory_info() const {
   MemoryInfo m;

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <memory>
+#include <vector>
 
 #include "backend/backend.h"
 #include "backend/cuda/cublaslt.h"
@@ -37,6 +38,11 @@ class CudaBackend final : public Backend {
   void download(const Tensor& src, Tensor& host_dst) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void synchronize() override;
+  // Profiling marks: timing events recorded on the backend's stream, from a pool reused after
+  // clear_marks().
+  size_t record_mark() override;
+  double marks_elapsed_ms(size_t a, size_t b) override;
+  void clear_marks() override;
   // cudaMemGetInfo of this device; tensors = bytes_allocated(); workspace = scratch + cuBLASLt's.
   MemoryInfo memory_info() const override;
   // "flash" (the default until called), "cudnn" or "auto": see cuda::AttentionDispatch.
@@ -129,6 +135,8 @@ class CudaBackend final : public Backend {
   // cuSOLVER / cuBLAS handles of the eigen path, created on first use (cuda_matrix_opt.cpp).
   std::shared_ptr<cuda::MatOptLibs> mo_;
   cuda::MatOptLibs& mo_libs();
+  std::vector<cudaEvent_t> mark_events_;  // pool; the first marks_used_ hold recorded marks
+  size_t marks_used_ = 0;
 };
 
 int cuda_device_count();
