@@ -42,6 +42,19 @@ Config tiny_config(std::vector<std::string> extra = {}) {
   return load_config(kTiny, sets);
 }
 
+// One untimed-extras step: no warm-up, GEMM check, attention timing or Muon split.
+BenchOptions bare_options(int profile_steps = 0) {
+  BenchOptions o;
+  o.steps = 1;
+  o.warmup = 0;
+  o.gemm_size = -1;
+  o.attention = false;
+  o.muon_split = false;
+  o.verbose = false;
+  o.profile_steps = profile_steps;
+  return o;
+}
+
 std::string run_capture(const std::string& cmd, int* rc) {
   std::string out;
   FILE* p = popen((cmd + " 2>&1").c_str(), "r");
@@ -222,14 +235,7 @@ TEST_CASE("region profiler: nested paths, exclusive time, calls, misuse", "[benc
 }
 
 TEST_CASE("run_bench --profile: the model's regions, per step, covering the step", "[bench][profile]") {
-  BenchOptions o;
-  o.steps = 1;
-  o.warmup = 0;
-  o.gemm_size = -1;
-  o.attention = false;
-  o.muon_split = false;
-  o.verbose = false;
-  o.profile_steps = 2;
+  BenchOptions o = bare_options(2);
   const Config cfg = tiny_config({"train.batch_tokens=512", "model.recompute=mlp"});  // 2 micro-batches
   const nlohmann::json r = run_bench(cfg, o);
   const auto& p = r.at("profile");
@@ -248,7 +254,7 @@ TEST_CASE("run_bench --profile: the model's regions, per step, covering the step
   // recompute = mlp: every layer but the last rebuilds its MLP input inside the backward.
   CHECK(got.at("bwd.recompute/fwd.mlp_up").at("calls").get<double>() == (L - 1) * accum);
   CHECK(got.count("opt.matrix_batched") == 1);
-  CHECK(got.count("opt.adamw") == 1);
+  CHECK(got.at("opt.adamw").at("calls").get<double>() == 1);  // one region per kind, per step
   CHECK(got.count("grad_norm") == 1);
   CHECK(sum == Approx(p.at("regions_ms").get<double>()));
   // On the CPU the regions tile the step but for host bookkeeping between them.
@@ -262,14 +268,7 @@ TEST_CASE("run_bench --profile: the model's regions, per step, covering the step
 }
 
 TEST_CASE("run_bench --profile on a MoE model: router, experts and combine apart", "[bench][profile][moe]") {
-  BenchOptions o;
-  o.steps = 1;
-  o.warmup = 0;
-  o.gemm_size = -1;
-  o.attention = false;
-  o.muon_split = false;
-  o.verbose = false;
-  o.profile_steps = 1;
+  BenchOptions o = bare_options(1);
   const Config cfg = load_config(kRoot + "/configs/moe-tiny.json",
                                  {"train.device=cpu", "train.seq_len=32", "model.max_seq_len=32",
                                   "train.micro_batch=2", "train.batch_tokens=64", "train.world_size=1"});
@@ -285,12 +284,8 @@ TEST_CASE("run_bench --profile on a MoE model: router, experts and combine apart
 }
 
 TEST_CASE("run_bench: AdamW config has no Muon split; bad options are errors", "[bench]") {
-  BenchOptions o;
-  o.steps = 1;
-  o.warmup = 0;
-  o.gemm_size = -1;
-  o.attention = false;
-  o.verbose = false;
+  BenchOptions o = bare_options();
+  o.muon_split = true;  // the AdamW config must report no Muon split by itself
   const nlohmann::json r = run_bench(tiny_config({"optim.name=adamw"}), o);
   CHECK(r.at("time_ms").at("muon").is_null());
   CHECK(r.at("share").at("muon").is_null());

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <sstream>
 #include <tuple>
@@ -240,7 +241,7 @@ void Optimizer::step(int step, float grad_scale) {
   ProfRegion r(be_, "opt.adamw");
   const char* region = "opt.adamw";
   auto in_region = [&](const char* name) {
-    if (name != region) r.next(name);
+    if (std::strcmp(name, region) != 0) r.next(name);
     region = name;
   };
   for (size_t i = 0; i < entries_.size(); ++i) {
