@@ -477,7 +477,7 @@ TEST_CASE("gloo: collectives over 3 ranks give exact results", "[dist][gloo]") {
 }
 
 TEST_CASE("gloo: sharded reduce-scatter and all-gather in place (ZeRO-1)", "[dist][gloo][zero]") {
-  const int n = 3;
+  for (int n : {3, 2, 4}) {
   // 1037: shards of 384 floats, the last one short; 100: rank 0 holds it all, the others nothing.
   for (size_t N : {size_t(1037), size_t(100), size_t(64 * 3)}) {
     std::vector<std::vector<float>> rs(n), ag(n);
@@ -497,12 +497,40 @@ TEST_CASE("gloo: sharded reduce-scatter and all-gather in place (ZeRO-1)", "[dis
       for (size_t i = sh.lo; i < sh.hi; ++i) gathered[i] = y[i];
     }
     for (int r = 0; r < n; ++r) {
-      INFO("N " << N << " rank " << r);
+      INFO("world " << n << " N " << N << " rank " << r);
       const ShardRange sh = shard_range(N, n, r);
-      for (size_t i = sh.lo; i < sh.hi; ++i) REQUIRE(rs[r][i] == Approx(mean[i] / 3.0f).epsilon(1e-6));
+      for (size_t i = sh.lo; i < sh.hi; ++i) REQUIRE(rs[r][i] == Approx(mean[i] / float(n)).epsilon(1e-6));
       CHECK(ag[r] == gathered);
+      // A true reduce-scatter: outside its shard a rank holds its input or partial sums, not the
+      // mean an all-reduce would leave there.
+      if (N == 1037) {
+        size_t at_mean = 0;
+        for (size_t i = 0; i < N; ++i)
+          if ((i < sh.lo || i >= sh.hi) && rs[r][i] == mean[i] / float(n)) ++at_mean;
+        CHECK(at_mean < (N - sh.size()) / 2);
+      }
     }
   }
+  }
+}
+
+TEST_CASE("gloo: a peer that dies before a reduce-scatter makes it fail, not hang", "[dist][gloo][zero]") {
+  const int n = 3;
+  TcpStore server("127.0.0.1", 0, true, ms(3000));
+  auto t0 = Clock::now();
+  auto errs = run_ranks(n, [&](int r) {
+    TcpStore store("127.0.0.1", server.port(), false, ms(3000));
+    auto comm = make_gloo_communicator(r, n, store, "127.0.0.1", ms(2000));
+    std::vector<float> x(1000, 1.0f);
+    comm->reduce_scatter_avg_async(x.data(), x.size())->wait();
+    if (r == 2) return;  // "crashes": its communicator and connections go away
+    std::this_thread::sleep_for(ms(200));
+    comm->reduce_scatter_avg_async(x.data(), x.size())->wait();
+  });
+  CHECK(seconds_since(t0) < 15.0);
+  CHECK(errs[2].empty());
+  CHECK_THAT(errs[0], Contains("gloo reduce_scatter (async) failed on rank 0 of 3"));
+  CHECK_THAT(errs[1], Contains("gloo reduce_scatter (async) failed on rank 1 of 3"));
 }
 
 TEST_CASE("gloo: all-gather of unequal ranges in place (distributed Muon)", "[dist][gloo]") {

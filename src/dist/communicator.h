@@ -65,8 +65,8 @@ class Communicator {
   // Starts the sharded mean over ranks, in place: once wait() returns, this rank's shard of
   // data[0..n) (shard_range(n, size(), rank())) holds the mean over ranks of that range; the rest of
   // data is unspecified (it may hold the input, partial sums or the full mean). Queued like
-  // allreduce_avg_async. The default all-reduces the whole buffer (Gloo, whose options API has no
-  // reduce-scatter; correct, with twice the traffic); NCCL runs a true reduce-scatter.
+  // allreduce_avg_async. The default all-reduces the whole buffer (correct, with twice the
+  // traffic); Gloo runs a ring reduce-scatter, NCCL ncclReduceScatter.
   virtual std::unique_ptr<CommWork> reduce_scatter_avg_async(float* data, size_t n);
   // In place: every rank's shard of data[0..n) (shard_range) is sent to every other rank, so all
   // ranks end with the same buffer. The inverse of reduce_scatter_avg_async (ZeRO-1's parameter

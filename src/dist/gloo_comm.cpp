@@ -24,6 +24,8 @@
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
+#include <gloo/transport/unbound_buffer.h>
+#include <gloo/types.h>
 
 #include "core/error.h"
 #include "dist/env.h"
@@ -108,7 +110,7 @@ std::string first_external_ipv4() {
   return ip;
 }
 
-// An all-reduce queued on the communication thread; wait() blocks until the thread ran it.
+// A collective queued on the communication thread; wait() blocks until the thread ran it.
 class GlooWork final : public CommWork {
  public:
   explicit GlooWork(std::shared_future<void> done) : done_(std::move(done)) {}
@@ -170,30 +172,24 @@ class GlooCommunicator final : public Communicator {
   }
 
   std::unique_ptr<CommWork> allreduce_avg_async(float* data, size_t n) override {
-    // The tag is taken now, on the issuing thread, so tags follow the issue order on every rank.
-    Job job{data, n, n == 0 || size_ == 1 ? 0u : next_tag(), {}};
-    std::shared_future<void> done = job.done.get_future().share();
-    if (n == 0 || size_ == 1) {
-      job.done.set_value();
-      return std::make_unique<GlooWork>(std::move(done));
-    }
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (!worker_.joinable()) worker_ = std::thread([this] { work_loop(); });
-      queue_.push_back(std::move(job));
-      ++pending_;
-    }
-    cv_.notify_all();
-    return std::make_unique<GlooWork>(std::move(done));
+    return enqueue(Job::Allreduce, data, n);
   }
 
-  // Gloo 0.5 has no reduce-scatter in its options API (only the legacy halving-doubling
-  // algorithm class), so this is an all-reduce of a copy followed by taking our chunk: correct,
-  // with size() times the traffic of a true reduce-scatter. Fine for CPU runs.
+  // A ring reduce-scatter over the shard_range chunks (ring_reduce_scatter): each rank sends and
+  // receives (W-1)/W of the buffer once, half the traffic of the all-reduce it replaces.
+  std::unique_ptr<CommWork> reduce_scatter_avg_async(float* data, size_t n) override {
+    return enqueue(Job::ReduceScatter, data, n);
+  }
+
+  // Gloo 0.5's options API has no reduce-scatter (only the legacy halving-doubling algorithm
+  // class), so this is our own ring over gloo's point-to-point buffers.
   void reduce_scatter_sum(const float* send, float* recv, size_t n) override {
     drain();
+    if (n == 0) return;
     std::vector<float> tmp(send, send + n * size_t(size_));
-    allreduce_sum(tmp.data(), tmp.size());
+    const uint32_t tag = take_tags(ring_steps());
+    ring_reduce_scatter(tmp.data(), tmp.size(), [n](int k) { return ShardRange{size_t(k) * n, size_t(k + 1) * n}; },
+                        tag, "reduce_scatter");
     std::memcpy(recv, tmp.data() + size_t(rank_) * n, n * sizeof(float));
   }
 
@@ -285,11 +281,69 @@ class GlooCommunicator final : public Communicator {
 
  private:
   struct Job {
+    enum Kind { Allreduce, ReduceScatter } kind;
     float* data;
     size_t n;
-    uint32_t tag;
+    uint32_t tag;  // the first of the tags the job uses
     std::promise<void> done;
   };
+
+  // Queues an asynchronous mean (all-reduce or sharded reduce-scatter) on the communication thread.
+  std::unique_ptr<CommWork> enqueue(Job::Kind kind, float* data, size_t n) {
+    const bool noop = n == 0 || size_ == 1;
+    // The tags are taken now, on the issuing thread, so they follow the issue order on every rank.
+    uint32_t tag = 0;
+    if (!noop) tag = kind == Job::Allreduce ? next_tag() : take_tags(ring_steps());
+    Job job{kind, data, n, tag, {}};
+    std::shared_future<void> done = job.done.get_future().share();
+    if (noop) {
+      job.done.set_value();
+      return std::make_unique<GlooWork>(std::move(done));
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!worker_.joinable()) worker_ = std::thread([this] { work_loop(); });
+      queue_.push_back(std::move(job));
+      ++pending_;
+    }
+    cv_.notify_all();
+    return std::make_unique<GlooWork>(std::move(done));
+  }
+
+  int ring_steps() const { return size_ - 1; }
+
+  // In place over data[0..n), cut into size() chunks chunk(k) (disjoint, any may be empty): at the
+  // end this rank's chunk chunk(rank()) holds the sum over ranks; the other chunks hold partial sums.
+  // Step s (0 <= s < W-1) sends chunk (r-s-1) mod W, as summed so far, to rank r+1 and adds the chunk
+  // (r-s-2) mod W received from rank r-1; after W-1 steps chunk r has passed every rank. Step s uses
+  // the tag tag0+s. Every rank adds in the same ring order, so results do not depend on timing.
+  template <typename ChunkFn>
+  void ring_reduce_scatter(float* data, size_t n, ChunkFn chunk, uint32_t tag0, const char* op) {
+    if (n == 0 || size_ == 1) return;
+    guard(op, [&] {
+      const int w = size_;
+      const int next = (rank_ + 1) % w, prev = (rank_ + w - 1) % w;
+      size_t max_chunk = 0;
+      for (int k = 0; k < w; ++k) max_chunk = std::max(max_chunk, chunk(k).size());
+      std::vector<float> scratch(std::max<size_t>(max_chunk, 1));
+      auto out = ctx_->createUnboundBuffer(data, n * sizeof(float));
+      auto in = ctx_->createUnboundBuffer(scratch.data(), scratch.size() * sizeof(float));
+      for (int s = 0; s < w - 1; ++s) {
+        const uint64_t slot = gloo::Slot::build(kRingSlotPrefix, (tag0 + uint32_t(s)) & 0x7fffffffu);
+        const ShardRange send = chunk(((rank_ - s - 1) % w + w) % w);
+        const ShardRange recv = chunk(((rank_ - s - 2) % w + w) % w);
+        if (send.size() > 0) out->send(next, slot, send.lo * sizeof(float), send.size() * sizeof(float));
+        if (recv.size() > 0) in->recv(prev, slot, 0, recv.size() * sizeof(float));
+        if (recv.size() > 0) {
+          MF_CHECK(in->waitRecv(timeout_), "receive from rank ", prev, " was aborted");
+          float* dst = data + recv.lo;
+          for (size_t i = 0; i < recv.size(); ++i) dst[i] += scratch[i];
+        }
+        // The next step sends the chunk just summed; this one's buffer region must be free again.
+        if (send.size() > 0) MF_CHECK(out->waitSend(timeout_), "send to rank ", next, " was aborted");
+      }
+    });
+  }
 
   // Sum over ranks in place (the calling thread owns the context for the duration).
   void ring_allreduce(float* data, size_t n, uint32_t tag, const char* op) {
@@ -304,7 +358,7 @@ class GlooCommunicator final : public Communicator {
     });
   }
 
-  // The communication thread: runs queued all-reduces in issue order. After a failure the rest of
+  // The communication thread: runs queued collectives in issue order. After a failure the rest of
   // the queue fails at once with the first error (the context is no longer usable).
   void work_loop() {
     std::unique_lock<std::mutex> lk(mu_);
@@ -316,10 +370,20 @@ class GlooCommunicator final : public Communicator {
       const std::string failed = failed_;
       lk.unlock();
       try {
-        MF_CHECK(failed.empty(), "gloo allreduce (async) on rank ", rank_, " skipped: an earlier "
+        MF_CHECK(failed.empty(), "gloo ", job.kind == Job::Allreduce ? "allreduce" : "reduce_scatter",
+                 " (async) on rank ", rank_, " skipped: an earlier "
                  "asynchronous collective failed: ", failed);
-        ring_allreduce(job.data, job.n, job.tag, "allreduce (async)");
-        scale(job.data, job.n, 1.0f / float(size_));  // the same sum-then-scale as allreduce_avg
+        if (job.kind == Job::Allreduce) {
+          ring_allreduce(job.data, job.n, job.tag, "allreduce (async)");
+          scale(job.data, job.n, 1.0f / float(size_));  // the same sum-then-scale as allreduce_avg
+        } else {
+          const size_t n = job.n;
+          const int w = size_;
+          ring_reduce_scatter(job.data, n, [n, w](int k) { return shard_range(n, w, k); }, job.tag,
+                              "reduce_scatter (async)");
+          const ShardRange mine = shard_range(n, w, rank_);
+          scale(job.data + mine.lo, mine.size(), 1.0f / float(w));
+        }
         job.done.set_value();
       } catch (const std::exception& e) {
         {
@@ -334,7 +398,7 @@ class GlooCommunicator final : public Communicator {
     }
   }
 
-  // Blocks until the communication thread has finished every queued all-reduce, so that this
+  // Blocks until the communication thread has finished every queued collective, so that this
   // thread may use the context. Errors stay with the works (wait() reports them).
   void drain() {
     std::unique_lock<std::mutex> lk(mu_);
@@ -357,12 +421,19 @@ class GlooCommunicator final : public Communicator {
     MF_CHECK(root >= 0 && root < size_, "broadcast root ", root, " is out of range for ", size_, " ranks");
   }
   uint32_t next_tag() { return tag_++ & 0x7fffffffu; }
+  uint32_t take_tags(int k) {  // k consecutive tags (at least one), the first returned
+    const uint32_t t = tag_ & 0x7fffffffu;
+    tag_ += uint32_t(std::max(k, 1));
+    return t;
+  }
+  // Our own point-to-point collectives' slot prefix, clear of gloo's (0x01..0x08).
+  static constexpr uint8_t kRingSlotPrefix = 0x40;
 
   int rank_, size_;
   ms timeout_;
   uint32_t tag_ = 0;
   std::shared_ptr<gloo::Context> ctx_;
-  // Asynchronous all-reduces (allreduce_avg_async): a queue served by one thread, started lazily.
+  // Asynchronous means (allreduce_avg_async, reduce_scatter_avg_async): a queue served by one thread, started lazily.
   std::mutex mu_;
   std::condition_variable cv_, idle_;
   std::deque<Job> queue_;
