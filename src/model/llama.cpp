@@ -336,13 +336,19 @@ double LlamaModel::forward(const int32_t* inputs, const int32_t* targets) {
 double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* targets,
                                     float loss_scale, bool grads_final) {
   Acts& a = *acts_;
-  run_forward(inputs, /*train=*/true);
+  // The targets go up before the forward is queued: an upload waits for the stream (the CUDA
+  // backend's staging), and here the stream is idle, while after the forward it would stall the
+  // host until the whole forward had run.
   Tensor t_host;
   t_host.ptr = const_cast<int32_t*>(targets);
   t_host.shape = {int64_t(B_) * T_};
   t_host.dtype = DType::I32;
+  {
+    ProfRegion up(be_, "fwd.upload");
+    be_.upload(t_host, a.targets);
+  }
+  run_forward(inputs, /*train=*/true);
   ProfRegion r(be_, "loss.lm_head_xent");
-  be_.upload(t_host, a.targets);
   // Loss and its gradient w.r.t. the final normed stream and the lm head, in one fused pass.
   be_.lmhead_xent(a.xf, lm_head_->weight, a.targets, float(scales_.logit_mult), a.losses, &a.dxf,
                   &lm_head_->grad, loss_scale);
