@@ -18,6 +18,13 @@ Figures (written to --out, default the first sweep folder's plots/):
                    matrices and the largest max attention logit vs step (best-lr runs).
 Also speedup.csv and best.csv (best lr and loss per width and optimizer).
 
+Seeds (train.seed): runs that differ only in their seed are one cell. A cell's final loss is the
+mean over its seeds (lr_transfer.png draws the min..max range as an error bar), the best lr is
+the one with the lowest mean, and the speedup is computed per seed, pairing AdamW's and Muon's
+runs of the same seed, then averaged (speedup.csv lists every seed's value, min and max).
+Other keys that vary between runs (model.init_std, optim.wd, ...) split the parametrisation
+label ("SP, init_std=0.04"), so such runs are never mixed into another cell's lr curve.
+
 "Final loss" is the last val_loss when the runs evaluated, else the last train loss (--metric
 chooses). Runs that did not finish are left out. Needs matplotlib (pip install matplotlib);
 everything else is the standard library.
@@ -82,7 +89,11 @@ def load_runs(folders, metric):
         if not res.is_file():
             raise UserError(f"{folder}: no results.csv (is it a scripts/sweep.py output folder?)")
         with open(res) as f:
-            for row in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            keys = fields[fields.index("status") + 1:fields.index("steps")] \
+                if "status" in fields and "steps" in fields else []
+            for row in reader:
                 if row.get("status") != "done":
                     continue
                 recs = read_metrics(folder / "runs" / row["run"] / "metrics.jsonl")
@@ -111,24 +122,115 @@ def load_runs(folders, metric):
                 val = [(tok_at.get(r["step"], r["step"] * bt if bt else math.nan), r["val_loss"])
                        for r in recs if "val_loss" in r and "step" in r]
                 val = [(t, l) for t, l in val if math.isfinite(t)]
+                seed = row.get("train.seed") or cfg.get("train", {}).get("seed", "")
+                extra = {k: (row.get(k) or json.dumps(lookup(cfg, k)))
+                         for k in keys if k not in STRUCTURAL_KEYS}
                 runs.append({"name": row["run"], "width": width, "lr": lr, "opt": opt,
                              "param": "µP" if mup else "SP", "final": final, "train": train,
-                             "val": val, "diag": diag})
+                             "val": val, "diag": diag, "seed": str(seed), "extra": extra})
     if not runs:
         raise UserError("no finished runs in " + ", ".join(map(str, folders)))
+    label_variants(runs)
     return runs
 
 
-def best_runs(runs):
-    """{(param, opt, width): run with the lowest final loss}."""
-    best = {}
+# Grid keys that plot.py reads itself (width, parametrisation, optimizer, lr, seed); any other
+# key that varies splits the parametrisation label.
+STRUCTURAL_KEYS = {"model.d_model", "model.n_heads", "model.n_kv_heads", "model.d_ff",
+                   "mup.enabled", "optim.scale", "optim.name", "optim.lr", "optim.adamw.lr",
+                   "train.seed"}
+
+
+def lookup(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def label_variants(runs):
+    """Appends ", key=value" to each run's "param" for every extra key whose value differs between
+    runs (keys shortened to their last part), so cells never mix, e.g., two init_stds."""
+    keys = sorted({k for r in runs for k in r.get("extra", {})})
+    varying = [k for k in keys if len({str(r.get("extra", {}).get(k)) for r in runs}) > 1]
     for r in runs:
-        if not math.isfinite(r["final"]):
+        parts = [f"{k.split('.')[-1]}={r['extra'].get(k)}" for k in varying]
+        if parts:
+            r["param"] = r["param"] + ", " + ", ".join(parts)
+    return varying
+
+
+def cells(runs):
+    """{(param, opt, width, lr): [runs]}: one cell per configuration, its runs the seeds."""
+    out = defaultdict(list)
+    for r in runs:
+        out[(r["param"], r["opt"], r["width"], r["lr"])].append(r)
+    for k in out:
+        out[k].sort(key=lambda r: (r["seed"], r["name"]))
+    return out
+
+
+def cell_stats(rs):
+    """(mean, min, max) of the finite final losses of a cell's runs; nan when none is finite."""
+    xs = [r["final"] for r in rs if math.isfinite(r["final"])]
+    if not xs:
+        return math.nan, math.nan, math.nan
+    return sum(xs) / len(xs), min(xs), max(xs)
+
+
+def best_cells(runs):
+    """{(param, opt, width): the runs (seeds) of the lr with the lowest mean final loss}. A cell
+    counts only when every one of its seeds has a finite loss (a diverged seed is a bad lr)."""
+    best = {}
+    for (p, o, w, _), rs in cells(runs).items():
+        if not all(math.isfinite(r["final"]) for r in rs):
             continue
-        k = (r["param"], r["opt"], r["width"])
-        if k not in best or r["final"] < best[k]["final"]:
-            best[k] = r
+        m = cell_stats(rs)[0]
+        k = (p, o, w)
+        if k not in best or m < cell_stats(best[k])[0]:
+            best[k] = rs
     return best
+
+
+def speedup_row(adamw_runs, muon_runs):
+    """The speedup of one parametrisation and width from the best-lr cells: per seed present in
+    both (AdamW's and Muon's runs of the same seed paired; without a common seed the first runs),
+    then the mean of the finite ones. Returns a dict for speedup.csv."""
+    by_seed_a = {r["seed"]: r for r in adamw_runs}
+    pairs = [(by_seed_a[m["seed"]], m) for m in muon_runs if m["seed"] in by_seed_a]
+    if not pairs:
+        pairs = [(adamw_runs[0], muon_runs[0])]
+    per = []
+    for a, m in pairs:
+        if not a["train"] or not m["train"]:
+            continue
+        basis, target, a_tokens, need = speedup_basis(a, m)
+        first = (m["val"] if basis == "val" else m["train"])[0][0]
+        if need == first:  # already there at Muon's first point: the true crossing is earlier
+            basis += ", lower bound"
+        sp = a_tokens / need if need and math.isfinite(need) else math.nan
+        per.append({"seed": a["seed"], "a": a, "m": m, "basis": basis, "target": target,
+                    "a_tokens": a_tokens, "need": need, "speedup": sp})
+    if not per:
+        return None
+    fin = [x["speedup"] for x in per if math.isfinite(x["speedup"])]
+
+    def mean(xs):
+        xs = [x for x in xs if math.isfinite(x)]
+        return sum(xs) / len(xs) if xs else math.nan
+    return {"adamw_run": " ".join(x["a"]["name"] for x in per),
+            "muon_run": " ".join(x["m"]["name"] for x in per),
+            "basis": "; ".join(sorted({x["basis"] for x in per})),
+            "adamw_final_loss": mean([x["target"] for x in per]),
+            "adamw_tokens": mean([x["a_tokens"] for x in per]),
+            "muon_tokens_to_match": mean([x["need"] for x in per]),
+            "speedup": mean(fin) if fin else math.nan,
+            "seeds": " ".join(x["seed"] for x in per),
+            "speedup_per_seed": " ".join(f"{x['speedup']:.4g}" for x in per),
+            "speedup_min": min(fin) if fin else math.nan,
+            "speedup_max": max(fin) if fin else math.nan}
 
 
 def label(param, opt, params):
@@ -197,7 +299,9 @@ def main(argv=None):
     widths = sorted({r["width"] for r in runs})
     params = sorted({r["param"] for r in runs})
     opts = sorted({r["opt"] for r in runs})
-    best = best_runs(runs)
+    best_all = best_cells(runs)
+    best = {k: rs[0] for k, rs in best_all.items()}
+    n_seeds = max(len(rs) for rs in cells(runs).values())
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
 
@@ -230,19 +334,24 @@ def main(argv=None):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (p, o) in zip(axes[0], panels):
         for wi, w in enumerate(widths):
-            pts = sorted((r["lr"], r["final"]) for r in runs
-                         if r["param"] == p and r["opt"] == o and r["width"] == w
-                         and math.isfinite(r["final"]) and math.isfinite(r["lr"]))
+            pts = sorted((lr, *cell_stats(rs)) for (cp, co, cw, lr), rs in cells(runs).items()
+                         if cp == p and co == o and cw == w and math.isfinite(lr)
+                         and math.isfinite(cell_stats(rs)[0]))
             if not pts:
                 continue
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
-                    color=colors[wi % len(colors)], label=f"d_model {w}")
-            bx, by = min(pts, key=lambda t: t[1])
+            xs, ys = [t[0] for t in pts], [t[1] for t in pts]
+            if n_seeds > 1:  # the range over seeds
+                ax.errorbar(xs, ys, yerr=[[t[1] - t[2] for t in pts], [t[3] - t[1] for t in pts]],
+                            marker="o", capsize=3, color=colors[wi % len(colors)],
+                            label=f"d_model {w}")
+            else:
+                ax.plot(xs, ys, marker="o", color=colors[wi % len(colors)], label=f"d_model {w}")
+            bx, by = min(((t[0], t[1]) for t in pts), key=lambda t: t[1])
             ax.plot([bx], [by], marker="*", markersize=12, color=colors[wi % len(colors)])
         ax.set_xscale("log")
         ax.set_title(label(p, o, params) if len(params) > 1 else o)
         ax.set_xlabel("optim.lr")
-        ax.set_ylabel(f"final {args.metric} loss")
+        ax.set_ylabel(f"final {args.metric} loss" + (f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Learning-rate transfer across widths (star = best lr)")
@@ -255,33 +364,36 @@ def main(argv=None):
     rows = []
     for p in params:
         for w in widths:
-            a, m = best.get((p, "adamw", w)), best.get((p, "muon", w))
-            if not a or not m or not a["train"] or not m["train"]:
+            a, m = best_all.get((p, "adamw", w)), best_all.get((p, "muon", w))
+            if not a or not m:
                 continue
-            basis, target, a_tokens, need = speedup_basis(a, m)
-            first = (m["val"] if basis == "val" else m["train"])[0][0]
-            if need == first:  # already there at Muon's first point: the true crossing is earlier
-                basis += ", lower bound"
-            rows.append({"param": p, "width": w, "adamw_run": a["name"], "muon_run": m["name"],
-                         "basis": basis, "adamw_final_loss": target, "adamw_tokens": a_tokens,
-                         "muon_tokens_to_match": need,
-                         "speedup": a_tokens / need if need and math.isfinite(need) else math.nan})
+            row = speedup_row(a, m)
+            if row:
+                rows.append({"param": p, "width": w, **row})
     with open(out / "speedup.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=["param", "width", "adamw_run", "muon_run", "basis",
                                            "adamw_final_loss", "adamw_tokens",
-                                           "muon_tokens_to_match", "speedup"])
+                                           "muon_tokens_to_match", "speedup", "seeds",
+                                           "speedup_per_seed", "speedup_min", "speedup_max"])
         wr.writeheader()
         wr.writerows(rows)
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for pi, p in enumerate(params):
-        pts = [(r["width"], r["speedup"]) for r in rows if r["param"] == p]
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
-                    color=colors[pi % len(colors)], label=p)
+        pr = [r for r in rows if r["param"] == p]
+        if not pr:
+            continue
+        xs, ys = [r["width"] for r in pr], [r["speedup"] for r in pr]
+        if n_seeds > 1:
+            ax.errorbar(xs, ys, yerr=[[max(0.0, r["speedup"] - r["speedup_min"]) for r in pr],
+                                      [max(0.0, r["speedup_max"] - r["speedup"]) for r in pr]],
+                        marker="o", capsize=3, color=colors[pi % len(colors)], label=p)
+        else:
+            ax.plot(xs, ys, marker="o", color=colors[pi % len(colors)], label=p)
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xlabel("d_model")
     ax.set_ylabel("AdamW tokens / Muon tokens to match")
-    ax.set_title("Muon speedup over AdamW (best lr each)")
+    ax.set_title("Muon speedup over AdamW (best lr each)" +
+                 (f", mean of {n_seeds} seeds" if n_seeds > 1 else ""))
     ax.grid(alpha=0.3)
     if rows:
         ax.legend(fontsize=8)
@@ -292,9 +404,11 @@ def main(argv=None):
 
     with open(out / "best.csv", "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["param", "optimizer", "width", "best_lr", "final_loss", "run"])
-        for (p, o, w), r in sorted(best.items()):
-            wr.writerow([p, o, w, r["lr"], r["final"], r["name"]])
+        wr.writerow(["param", "optimizer", "width", "best_lr", "final_loss", "run", "seeds",
+                     "final_loss_min", "final_loss_max"])
+        for (p, o, w), rs in sorted(best_all.items()):
+            mean, lo, hi = cell_stats(rs)
+            wr.writerow([p, o, w, rs[0]["lr"], mean, rs[0]["name"], len(rs), lo, hi])
 
     # Diagnostics of the best runs.
     diag_runs = [r for r in best.values() if r["diag"]]

@@ -172,6 +172,32 @@ def main():
     check(basis.startswith("train") and target > 1.7 and math.isfinite(m_tok) and m_tok < 50,
           f"training-loss fallback uses a trailing window: {basis} target {target} tokens {m_tok}")
 
+    # 5b. seeds and varying keys: a cell's loss is the mean over seeds, the best lr is chosen on
+    # that mean, the speedup pairs AdamW and Muon runs of the same seed, and a key other than
+    # width / lr / optimizer / seed that varies (init_std) splits the label instead of mixing.
+    def fake(name, opt, lr, seed, final, speed, init="0.08"):
+        val = [(t * 100, 3.0 - speed * t * 0.1) for t in range(1, 6)]
+        return {"name": name, "width": 64, "lr": lr, "opt": opt, "param": "SP", "final": final,
+                "train": [(1, 3.0)], "val": val, "diag": [], "seed": seed,
+                "extra": {"model.init_std": init}}
+    runs = [fake("a1", "adamw", 0.01, "1", 2.50, 1.0), fake("a2", "adamw", 0.01, "2", 2.70, 1.0),
+            fake("b1", "adamw", 0.02, "1", 2.45, 1.0), fake("b2", "adamw", 0.02, "2", 2.95, 1.0),
+            fake("m1", "muon", 0.02, "1", 2.2, 2.0), fake("m2", "muon", 0.02, "2", 2.3, 4.0),
+            fake("x1", "adamw", 0.02, "1", 1.0, 1.0, init="0.04")]
+    varying = plotmod.label_variants(runs)
+    check(varying == ["model.init_std"] and runs[-1]["param"] == "SP, init_std=0.04"
+          and runs[0]["param"] == "SP, init_std=0.08", f"init_std splits the label: {varying}")
+    best = plotmod.best_cells(runs)
+    a = best[("SP, init_std=0.08", "adamw", 64)]
+    check([r["name"] for r in a] == ["a1", "a2"],
+          f"best lr by the mean over seeds (0.01: 2.60 beats 0.02: 2.70 though b1 is lowest): {a}")
+    row = plotmod.speedup_row(a, best[("SP, init_std=0.08", "muon", 64)])
+    # AdamW ends at 2.5 (val 3.0 - 0.1*5) at 500 tokens; Muon seed 1 falls 0.2/100 tokens, so it
+    # reaches 2.5 at 250 (2.0x), seed 2 falls 0.4/100 tokens: 125 (4.0x).
+    check(row["seeds"] == "1 2" and abs(row["speedup_min"] - 2.0) < 1e-9
+          and abs(row["speedup_max"] - 4.0) < 1e-9 and abs(row["speedup"] - 3.0) < 1e-9,
+          f"speedup per seed, paired, then averaged: {row}")
+
     # 6. plots
     try:
         import matplotlib  # noqa: F401
