@@ -391,3 +391,29 @@ TEST_CASE("matrix optimizers beyond Muon are spread over ranks with the same los
     }
   }
 }
+
+TEST_CASE("QK-clip on 2 ranks clips by the max over ranks and keeps the ranks' weights equal",
+          "[dist][qkclip]") {
+  setup_once();
+  // tau tiny: every head is clipped every step, from each rank's own batch's logits. Before every
+  // checkpoint (every 2 steps) the trainer compares the ranks' weights and fails on a difference,
+  // so a clip that used each rank's own maximum would stop this run.
+  const std::string o = " --set optim.qk_clip_tau=0.001";
+  for (int zero : {0, 1}) {
+    const std::string name = "qkclip_w2_z" + std::to_string(zero);
+    DYNAMIC_SECTION(name) {
+      Result r = sh(launch(2, o + " --set train.zero=" + std::to_string(zero) + " --set run.name=" + name));
+      INFO(r.out);
+      REQUIRE(r.rc == 0);
+      CHECK(r.out.find("weights differ") == std::string::npos);
+      std::ifstream f(kRoot + "/runs/" + name + "/metrics.jsonl");
+      std::string line;
+      int clipped_steps = 0;
+      while (std::getline(f, line)) {
+        auto j = nlohmann::json::parse(line);
+        if (j.value("qk_clipped", 0) > 0) ++clipped_steps;
+      }
+      CHECK(clipped_steps == 6);
+    }
+  }
+}

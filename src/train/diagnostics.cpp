@@ -269,11 +269,13 @@ void Diagnostics::before_step(const ParamList& params, Backend& be) {
     if (p && tracked(*p)) before_.push_back(download_host(be, p->master));
 }
 
-int Diagnostics::qk_clip(LlamaModel& model, Backend& be) {
+int Diagnostics::qk_clip(LlamaModel& model, Backend& be,
+                         const std::function<void(std::vector<std::vector<double>>&)>& combine) {
   have_logits_ = false;
   last_clipped_ = 0;
   if (!(tau_ > 0)) return 0;
   last_logits_ = max_attention_logits(model, be);
+  if (combine) combine(last_logits_);
   have_logits_ = true;
   last_clipped_ = apply_qk_clip(model, be, tau_, last_logits_);
   return last_clipped_;

@@ -30,6 +30,7 @@
 // copies re-synced.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -75,8 +76,11 @@ class Diagnostics {
   // steps: it downloads every matrix).
   void before_step(const ParamList& params, Backend& be);
   // QK-clip, when optim.qk_clip_tau > 0 (call after every optimizer step); returns the number of
-  // heads clipped. No-op (0) otherwise.
-  int qk_clip(LlamaModel& model, Backend& be);
+  // heads clipped. No-op (0) otherwise. `combine`, when given, turns this process's per-head max
+  // logits into the job's (data parallel: the max over ranks), so that every rank applies the same
+  // clip to the same weights and they stay identical without sending any weights.
+  int qk_clip(LlamaModel& model, Backend& be,
+              const std::function<void(std::vector<std::vector<double>>&)>& combine = nullptr);
   // The record for completed step `done` (call after the optimizer step and qk_clip).
   nlohmann::json after_step(LlamaModel& model, Backend& be, int done);
 

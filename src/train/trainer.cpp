@@ -438,11 +438,51 @@ void Trainer::gather_params() {
 }
 
 void Trainer::qk_clip_step(int* clipped) {
-  *clipped = diag_->qk_clip(*model_, *be_);  // 0 unless optim.qk_clip_tau > 0
-  if (world_ == 1 || cfg_.optim.qk_clip_tau <= 0) return;
-  // QK-clip rescales q/k rows from each rank's own batch statistics: rank 0's result wins.
-  for (Param* p : model_->params()) comm_->broadcast(p->master.f32(), size_t(p->numel()), 0);
-  model_->sync_weights();
+  if (world_ == 1) {
+    *clipped = diag_->qk_clip(*model_, *be_);  // 0 unless optim.qk_clip_tau > 0
+    return;
+  }
+  // Each rank measures the max logits on its own batch; the clip uses the max over ranks, so every
+  // rank scales the same rows of the same (identical) weights by the same factors.
+  *clipped = diag_->qk_clip(*model_, *be_, [this](std::vector<std::vector<double>>& logits) {
+    std::string mine;
+    for (const auto& layer : logits)
+      mine.append(reinterpret_cast<const char*>(layer.data()), layer.size() * sizeof(double));
+    const std::vector<std::string> all = comm_->allgather_bytes(mine);
+    for (int r = 0; r < world_; ++r) {
+      MF_CHECK(all[size_t(r)].size() == mine.size(), "QK-clip: rank ", r, " sent ",
+               all[size_t(r)].size(), " bytes of max logits, this rank ", mine.size());
+      const double* v = reinterpret_cast<const double*>(all[size_t(r)].data());
+      size_t i = 0;
+      for (auto& layer : logits)
+        for (double& x : layer) x = std::max(x, v[i++]);
+    }
+  });
+}
+
+void Trainer::check_weights_agree(int done) {
+  if (world_ == 1) return;
+  // A fingerprint per parameter (its sum of squares: a fixed-order reduction, so identical
+  // weights give identical bits on every rank), compared across ranks.
+  const ParamList& params = model_->params();
+  std::string mine;
+  for (const Param* p : params) {
+    const double s = be_->sum_squares(p->master);
+    mine.append(reinterpret_cast<const char*>(&s), sizeof(s));
+  }
+  const std::vector<std::string> all = comm_->allgather_bytes(mine);
+  for (int r = 1; r < world_; ++r) {
+    if (all[size_t(r)] == all[0]) continue;
+    std::string first = "?";
+    for (size_t i = 0; i < params.size(); ++i)
+      if (all[size_t(r)].compare(i * 8, 8, all[0], i * 8, 8) != 0) {
+        first = params[i]->name;
+        break;
+      }
+    MF_FAIL("after step ", done, " rank ", r, "'s weights differ from rank 0's (first: ", first,
+            "); data-parallel ranks must hold identical weights. This is a bug in muonforge: "
+            "please report it with the config (this is rank ", rank_, ")");
+  }
 }
 
 nlohmann::json Trainer::state_json(int step) const {
@@ -555,6 +595,7 @@ TrainResult Trainer::run() {
     // Ranks may see a signal at different steps: agree, so all checkpoint and stop together.
     if (world_ > 1) stopping = mean_over_ranks(stopping ? 1.0 : 0.0) > 0;
     if ((cfg_.train.ckpt_every > 0 && done % cfg_.train.ckpt_every == 0) || last || stopping) {
+      check_weights_agree(done);
       res.last_checkpoint =
           save_checkpoint(run_dir_, done, model_->params(), *opt_, *be_, state_json(done), cfg_,
                           cfg_.train.keep_ckpts, *comm_, sharded_);

@@ -60,6 +60,9 @@ class Trainer {
   double grad_norm();                   // global, over ranks' shards where ZeRO-1 splits them
   void gather_params();                 // after the update: every rank gets every new weight
   void qk_clip_step(int* clipped);
+  // Data parallel: throws, naming the first differing parameter, unless every rank holds the same
+  // master weights (checked before each checkpoint; cheap: one reduction per parameter).
+  void check_weights_agree(int done);
   double mean_over_ranks(double x);
 
   Config cfg_;
