@@ -106,6 +106,21 @@ void check_losses_match(const std::map<int, double>& ref, std::map<int, double> 
   }
 }
 
+// Runs `run` with w1 ranks and args `first` up to step 3 (--stop-at 3), then continues it to the
+// end with w2 ranks and args `then`; both sittings must succeed and the second must resume.
+// Returns the second sitting's result.
+Result stop_then_resume(const std::string& run, int w1, const std::string& first, int w2,
+                        const std::string& then) {
+  Result a = sh(launch(w1, first + " --set run.name=" + run + " --stop-at 3"));
+  INFO(a.out);
+  REQUIRE(a.rc == 0);
+  Result b = sh(launch(w2, then + " --set run.name=" + run));
+  INFO(b.out);
+  REQUIRE(b.rc == 0);
+  CHECK(b.out.find("resumed from") != std::string::npos);
+  return b;
+}
+
 std::vector<char> bytes(const std::string& p) {
   std::ifstream f(p, std::ios::binary);
   return std::vector<char>(std::istreambuf_iterator<char>(f), {});
@@ -271,22 +286,14 @@ TEST_CASE("ZeRO-1 splits the AdamW state over the ranks and resumes bit-exactly"
   CHECK(covered == total);
 
   // Stop after step 3, continue with the same command: the same final weights, byte for byte.
-  Result b = sh(launch(3, o + "--set run.name=z_resumed --stop-at 3"));
-  REQUIRE(b.rc == 0);
-  Result c = sh(launch(3, o + "--set run.name=z_resumed"));
-  INFO(c.out);
-  REQUIRE(c.rc == 0);
-  CHECK(c.out.find("resumed from") != std::string::npos);
+  stop_then_resume("z_resumed", 3, o, 3, o);
   CHECK(bytes(ck + "model.safetensors") ==
         bytes(kRoot + "/runs/z_resumed/ckpt-000006/model.safetensors"));
   CHECK(losses("z_straight") == losses("z_resumed"));
 
   // Other buckets mean other shards: the state is re-sharded from the fragments on resume.
-  Result d0 = sh(launch(3, o + "--set run.name=z_rebucket --stop-at 3"));
-  REQUIRE(d0.rc == 0);
-  Result d = sh(launch(3, o + "--set run.name=z_rebucket --set train.bucket_mb=0.004"));
+  Result d = stop_then_resume("z_rebucket", 3, o, 3, o + "--set train.bucket_mb=0.004");
   INFO(d.out);
-  REQUIRE(d.rc == 0);
   CHECK(d.out.find("re-sharded") != std::string::npos);
   check_losses_match(losses("z_straight"), losses("z_rebucket"));
 }
@@ -313,15 +320,9 @@ TEST_CASE("a run resumes on another number of ranks", "[dist][zero]") {
       if (!fs::exists(kRoot + "/runs/" + ref_name + "/ckpt-000006"))
         REQUIRE(sh(launch(2, o + " --set run.name=" + ref_name)).rc == 0);
       const std::string run = std::string("rw_") + c.name;
-      Result a = sh(launch(c.w1, o + " --set train.zero=" + std::to_string(c.z1) +
-                                     " --set run.name=" + run + " --stop-at 3"));
-      INFO(a.out);
-      REQUIRE(a.rc == 0);
-      Result b = sh(launch(c.w2, o + " --set train.zero=" + std::to_string(c.z2) +
-                                     " --set run.name=" + run));
+      Result b = stop_then_resume(run, c.w1, o + " --set train.zero=" + std::to_string(c.z1), c.w2,
+                                  o + " --set train.zero=" + std::to_string(c.z2));
       INFO(b.out);
-      REQUIRE(b.rc == 0);
-      CHECK(b.out.find("resumed from") != std::string::npos);
       CHECK(b.out.find("written by " + std::to_string(c.w1) + " rank(s)") != std::string::npos);
       check_losses_match(losses(ref_name), losses(run));
     }
