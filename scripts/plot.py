@@ -5,12 +5,13 @@
 
 Figures (written to --out, default the first sweep folder's plots/):
   loss_curves.png  training loss vs tokens, one panel per width (model.d_model), one curve per
-                   optimizer / parametrisation at its best learning rate (Muon vs AdamW).
+                   optimizer / parametrisation at its best learning rate.
   lr_transfer.png  final loss vs learning rate (optim.lr), one panel per optimizer /
                    parametrisation, one line per width: with µP the minimum stays at the same lr
                    as the width grows (the transfer plot).
-  speedup.png      per width: tokens AdamW used / tokens Muon needs to reach AdamW's final loss
-                   (best lr of each), per parametrisation. On the validation curves (linear
+  speedup.png      per width: tokens AdamW used / tokens Muon (and every other optimizer in the
+                   sweep) needs to reach AdamW's final loss (best lr of each), per
+                   parametrisation. On the validation curves (linear
                    interpolation between evaluations) when both runs evaluated at least 5 times,
                    else on training loss averaged over a trailing tenth of the points: a coarse
                    estimate (speedup.csv's "basis" column says which).
@@ -195,9 +196,10 @@ def best_cells(runs):
 
 
 def speedup_row(adamw_runs, muon_runs):
-    """The speedup of one parametrisation and width from the best-lr cells: per seed present in
-    both (AdamW's and Muon's runs of the same seed paired; without a common seed the first runs),
-    then the mean of the finite ones. Returns a dict for speedup.csv."""
+    """The speedup of one optimizer (Muon or another) over AdamW for one parametrisation and
+    width, from the best-lr cells: per seed present in both (AdamW's and the other optimizer's
+    runs of the same seed paired; without a common seed the first runs), then the mean of the
+    finite ones. Returns a dict for speedup.csv."""
     by_seed_a = {r["seed"]: r for r in adamw_runs}
     pairs = [(by_seed_a[m["seed"]], m) for m in muon_runs if m["seed"] in by_seed_a]
     if not pairs:
@@ -221,11 +223,11 @@ def speedup_row(adamw_runs, muon_runs):
         xs = [x for x in xs if math.isfinite(x)]
         return sum(xs) / len(xs) if xs else math.nan
     return {"adamw_run": " ".join(x["a"]["name"] for x in per),
-            "muon_run": " ".join(x["m"]["name"] for x in per),
+            "run": " ".join(x["m"]["name"] for x in per),
             "basis": "; ".join(sorted({x["basis"] for x in per})),
             "adamw_final_loss": mean([x["target"] for x in per]),
             "adamw_tokens": mean([x["a_tokens"] for x in per]),
-            "muon_tokens_to_match": mean([x["need"] for x in per]),
+            "tokens_to_match": mean([x["need"] for x in per]),
             "speedup": mean(fin) if fin else math.nan,
             "seeds": " ".join(x["seed"] for x in per),
             "speedup_per_seed": " ".join(f"{x['speedup']:.4g}" for x in per),
@@ -233,8 +235,42 @@ def speedup_row(adamw_runs, muon_runs):
             "speedup_max": max(fin) if fin else math.nan}
 
 
+def speedup_rows(best_all, params, widths, opts):
+    """speedup.csv's rows: every optimizer but AdamW against AdamW, per parametrisation and
+    width where both have a best-lr cell."""
+    rows = []
+    for p in params:
+        for o in challengers(opts):
+            for w in widths:
+                a, m = best_all.get((p, "adamw", w)), best_all.get((p, o, w))
+                if not a or not m:
+                    continue
+                row = speedup_row(a, m)
+                if row:
+                    rows.append({"param": p, "width": w, "optimizer": o, **row})
+    return rows
+
+
 def label(param, opt, params):
     return f"{opt} ({param})" if len(params) > 1 else opt
+
+
+NAMES = {"adamw": "AdamW", "muon": "Muon", "normuon": "NorMuon", "soap": "SOAP", "asgo": "ASGO"}
+
+
+def pretty(opt):
+    return NAMES.get(opt, opt.capitalize())
+
+
+def challengers(opts):
+    """The optimizers whose speedup over AdamW is measured: all but AdamW, Muon first."""
+    return sorted((o for o in opts if o != "adamw"), key=lambda o: (o != "muon", o))
+
+
+def comparison_title(opts):
+    """'Muon vs AdamW' for the classic pair, else every optimizer named (AdamW last)."""
+    names = [pretty(o) for o in challengers(opts)] + (["AdamW"] if "adamw" in opts else [])
+    return " vs ".join(names) if len(names) <= 3 else f"{len(names)} optimizers"
 
 
 def crossing(curve, target):
@@ -323,7 +359,7 @@ def main(argv=None):
         ax.set_ylabel("train loss (smoothed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Muon vs AdamW: training loss at the best learning rate")
+    fig.suptitle(f"{comparison_title(opts)}: training loss at the best learning rate")
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=110)
     plt.close(fig)
@@ -360,39 +396,34 @@ def main(argv=None):
     plt.close(fig)
     written.append("lr_transfer.png")
 
-    # Speedup: tokens AdamW used / tokens Muon needs to match AdamW's final (smoothed) loss.
-    rows = []
-    for p in params:
-        for w in widths:
-            a, m = best_all.get((p, "adamw", w)), best_all.get((p, "muon", w))
-            if not a or not m:
-                continue
-            row = speedup_row(a, m)
-            if row:
-                rows.append({"param": p, "width": w, **row})
+    # Speedup: tokens AdamW used / tokens another optimizer needs to match AdamW's final loss.
+    rows = speedup_rows(best_all, params, widths, opts)
     with open(out / "speedup.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=["param", "width", "adamw_run", "muon_run", "basis",
-                                           "adamw_final_loss", "adamw_tokens",
-                                           "muon_tokens_to_match", "speedup", "seeds",
+        wr = csv.DictWriter(f, fieldnames=["param", "width", "optimizer", "adamw_run", "run",
+                                           "basis", "adamw_final_loss", "adamw_tokens",
+                                           "tokens_to_match", "speedup", "seeds",
                                            "speedup_per_seed", "speedup_min", "speedup_max"])
         wr.writeheader()
         wr.writerows(rows)
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for pi, p in enumerate(params):
-        pr = [r for r in rows if r["param"] == p]
-        if not pr:
-            continue
+    lines = sorted({(r["param"], r["optimizer"]) for r in rows},
+                   key=lambda k: (params.index(k[0]), challengers(opts).index(k[1])))
+    only_muon = {o for _, o in lines} <= {"muon"}
+    for li, (p, o) in enumerate(lines):
+        pr = [r for r in rows if r["param"] == p and r["optimizer"] == o]
         xs, ys = [r["width"] for r in pr], [r["speedup"] for r in pr]
+        name = p if only_muon else label(p, o, params)
         if n_seeds > 1:
             ax.errorbar(xs, ys, yerr=[[max(0.0, r["speedup"] - r["speedup_min"]) for r in pr],
                                       [max(0.0, r["speedup_max"] - r["speedup"]) for r in pr]],
-                        marker="o", capsize=3, color=colors[pi % len(colors)], label=p)
+                        marker="o", capsize=3, color=colors[li % len(colors)], label=name)
         else:
-            ax.plot(xs, ys, marker="o", color=colors[pi % len(colors)], label=p)
+            ax.plot(xs, ys, marker="o", color=colors[li % len(colors)], label=name)
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xlabel("d_model")
-    ax.set_ylabel("AdamW tokens / Muon tokens to match")
-    ax.set_title("Muon speedup over AdamW (best lr each)" +
+    who = "Muon" if only_muon else "optimizer"
+    ax.set_ylabel(f"AdamW tokens / {who} tokens to match")
+    ax.set_title(f"{who.capitalize()} speedup over AdamW (best lr each)" +
                  (f", mean of {n_seeds} seeds" if n_seeds > 1 else ""))
     ax.grid(alpha=0.3)
     if rows:

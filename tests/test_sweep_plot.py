@@ -198,6 +198,19 @@ def main():
           and abs(row["speedup_max"] - 4.0) < 1e-9 and abs(row["speedup"] - 3.0) < 1e-9,
           f"speedup per seed, paired, then averaged: {row}")
 
+    # 5c. optimizers beyond Muon (configs/sweeps/optimizers.json): each gets its own speedup row
+    # against AdamW, Muon first, and the titles name the optimizers in the sweep.
+    more = [fake("a1", "adamw", 0.01, "1", 2.5, 1.0), fake("a2", "adamw", 0.01, "2", 2.5, 1.0),
+            fake("s1", "soap", 0.004, "1", 2.3, 1.25), fake("s2", "soap", 0.004, "2", 2.4, 2.5),
+            fake("m1", "muon", 0.02, "1", 2.2, 2.0), fake("m2", "muon", 0.02, "2", 2.3, 4.0)]
+    rows = plotmod.speedup_rows(plotmod.best_cells(more), ["SP"], [64], {"adamw", "soap", "muon"})
+    check([(r["optimizer"], round(r["speedup"], 9)) for r in rows] == [("muon", 3.0), ("soap", 1.875)],
+          f"one speedup row per optimizer but AdamW, Muon first (soap: 1.25x and 2.5x): {rows}")
+    check(plotmod.comparison_title({"adamw", "muon"}) == "Muon vs AdamW"
+          and plotmod.comparison_title({"adamw", "soap", "muon"}) == "Muon vs SOAP vs AdamW"
+          and plotmod.comparison_title({"adamw", "muon", "normuon", "soap", "asgo"}) == "5 optimizers",
+          "titles name the optimizers compared")
+
     # 6. plots
     try:
         import matplotlib  # noqa: F401
