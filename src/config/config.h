@@ -91,7 +91,8 @@ struct AsgoConfig {
   int precond_every = 1;       // recompute (V^1/2 + eps I)^-1 every k steps
   double beta1 = 0.9;          // momentum (EMA of the gradient); 0: plain G
   double beta2 = 0.95;         // EMA of V; 1: accumulate V = V + G G^T (the paper's Algorithm 1)
-  double eps = 1e-8;
+  double eps = 1e-6;           // absolute, in gradient units; 1e-8 trains badly at CPU scale
+                               // (docs/optimizers.md, "ASGO's epsilon and root refresh")
 };
 
 struct FreonConfig {
