@@ -11,6 +11,9 @@
    metrics.jsonl tells one story (steps 1..N once each).
 4. Bad sweep files are refused with a message naming the problem.
 5. plot.py's speedup measure (interpolated validation crossing, windowed training fallback).
+5d. Every shipped sweep file (configs/sweeps/*.json), full and --reduced, expands, and every
+   config it writes passes `muonforge config` (a typo in a key or value fails here, not hours
+   into a sweep).
 6. plot.py makes the PNGs from the finished sweep (prints SKIP-PLOT when matplotlib is missing).
 Standard library only; exits non-zero on the first failure.
 """
@@ -210,6 +213,20 @@ def main():
           and plotmod.comparison_title({"adamw", "soap", "muon"}) == "Muon vs SOAP vs AdamW"
           and plotmod.comparison_title({"adamw", "muon", "normuon", "soap", "asgo"}) == "5 optimizers",
           "titles name the optimizers compared")
+
+    # 5d. every shipped sweep file expands, and every config it writes validates
+    for sf in sorted((REPO / "configs" / "sweeps").glob("*.json")):
+        for mode in ([], ["--reduced"]):
+            dest = tmp / "expand" / (sf.stem + ("-reduced" if mode else ""))
+            rc, log = run(SWEEP + [str(sf), "--dry-run", "--out", str(dest)] + mode)
+            check(rc == 0, f"{sf.name} {' '.join(mode)} expands: {log.strip()[-200:]}")
+            cfgs = sorted((dest / "configs").glob("*.json"))
+            bad = []
+            for c in cfgs:
+                rc, log = run([binary, "config", str(c)])
+                if rc != 0:
+                    bad.append(f"{c.name}: {log.strip()[-200:]}")
+            check(cfgs and not bad, f"{sf.name} {' '.join(mode)}: {len(cfgs)} configs validate {bad[:2]}")
 
     # 6. plots
     try:
