@@ -251,6 +251,9 @@ TEST_CASE("run_bench --profile: the model's regions, per step, covering the step
   for (const char* name : {"fwd.attention", "bwd.attention", "fwd.qkv", "bwd.qkv", "fwd.mlp_down"})
     CHECK(got.at(name).at("calls").get<double>() == L * accum);  // per step
   CHECK(got.at("loss.lm_head_xent").at("calls").get<double>() == accum);
+  // The losses stay on the device until the step's micro-batches are queued: one readback.
+  CHECK(got.at("loss.accumulate").at("calls").get<double>() == accum);
+  CHECK(got.at("loss.readback").at("calls").get<double>() == 1);
   // recompute = mlp: every layer but the last rebuilds its MLP input inside the backward.
   CHECK(got.at("bwd.recompute/fwd.mlp_up").at("calls").get<double>() == (L - 1) * accum);
   CHECK(got.count("opt.matrix_batched") == 1);

@@ -111,6 +111,50 @@ TEST_CASE("cuda: upload/download round trips and casts", "[gpu][cuda]") {
   CHECK_THROWS_WITH(be->scale(host, 2.f), Catch::Contains("host tensor"));
 }
 
+TEST_CASE("cuda: back-to-back uploads through the pinned ring, host buffer reused at once",
+          "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  // A slow kernel first, so the copies queue up behind it and the ring wraps (8 slots) while the
+  // stream is still busy: a slot refilled before its copy ran would corrupt an earlier upload.
+  const int64_t n = 1 << 22;
+  Tensor big = be->empty({n}, DType::F32);
+  for (int i = 0; i < 20; ++i) be->scale(big, 1.0001f);
+  const int kUploads = 40;
+  std::vector<Tensor> dst;
+  Tensor host = host_tensor({4099}, DType::I32), hf = host_tensor({4099}, DType::F32);
+  for (int u = 0; u < kUploads; ++u) {
+    // One host buffer, rewritten after every upload: upload must have taken its copy.
+    for (int64_t i = 0; i < host.numel(); ++i) host.i32()[i] = int32_t(u * 100003 + i);
+    dst.push_back(be->empty({host.numel()}, DType::I32));
+    be->upload(host, dst.back());
+    for (int64_t i = 0; i < hf.numel(); ++i) hf.f32()[i] = float(u) + 0.25f * float(i % 7);
+    dst.push_back(be->empty({hf.numel()}, DType::BF16));  // the f32 -> bf16 staging path
+    be->upload(hf, dst.back());
+  }
+  // Larger than the ring's limit: the synchronous path.
+  Tensor large = host_tensor({(int64_t(5) << 20) / 4 + 3}, DType::I32);
+  for (int64_t i = 0; i < large.numel(); ++i) large.i32()[i] = int32_t(7 * i + 1);
+  Tensor dl = be->empty({large.numel()}, DType::I32);
+  be->upload(large, dl);
+  for (int u = 0; u < kUploads; ++u) {
+    INFO("upload " << u);
+    Tensor h = host_tensor({host.numel()}, DType::I32);
+    be->download(dst[size_t(2 * u)], h);
+    bool ok = true;
+    for (int64_t i = 0; i < h.numel(); ++i) ok = ok && h.i32()[i] == int32_t(u * 100003 + i);
+    CHECK(ok);
+    const Vec b = fetch(*be, dst[size_t(2 * u + 1)]);
+    ok = true;
+    for (size_t i = 0; i < b.size(); ++i)
+      ok = ok && b[i] == double(round_to_bf16(float(u) + 0.25f * float(i % 7)));
+    CHECK(ok);
+  }
+  Tensor hl = host_tensor({large.numel()}, DType::I32);
+  be->download(dl, hl);
+  CHECK(std::equal(hl.i32(), hl.i32() + hl.numel(), large.i32()));
+}
+
 TEST_CASE("cuda: matmul through cuBLASLt matches a double reference", "[gpu][cuda]") {
   MF_SKIP_WITHOUT_GPU();
   auto be = make_backend("cuda");

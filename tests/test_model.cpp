@@ -178,3 +178,44 @@ TEST_CASE("activation recompute gives bitwise-identical losses and gradients", "
   }
   CHECK(none.q[0] != none.q[1]);
 }
+
+TEST_CASE("deferred micro-batch losses: one readback gives the mean of the micro-batch losses",
+          "[model]") {
+  auto m = fixture_meta();
+  SafetensorsReader r(kFixture + ".safetensors");
+  Tensor tok = r.read_f32("tokens");
+  Config c = fixture_config(m);
+  const int B = c.train.micro_batch, T = c.train.seq_len;
+  std::vector<int32_t> in, tg;
+  split_tokens(tok.f32(), B, T, in, tg);
+  // Three different micro-batches: the same tokens shifted by one, two and three vocabulary ids.
+  std::vector<std::vector<int32_t>> ins, tgs;
+  for (int k = 1; k <= 3; ++k) {
+    ins.push_back(in);
+    tgs.push_back(tg);
+    for (auto& x : ins.back()) x = (x + k) % c.model.vocab_size;
+    for (auto& x : tgs.back()) x = (x + 2 * k) % c.model.vocab_size;
+  }
+  CpuBackend be;
+  LlamaModel model(c.model, be, B, T);
+  load_init(model, r);
+  const float scale = 1.0f / float(3 * B * T);
+  model.zero_grads();
+  std::vector<double> each;
+  for (int k = 0; k < 3; ++k) each.push_back(model.forward_backward(ins[k].data(), tgs[k].data(), scale));
+  std::vector<float> g_sync(model.grad_arena().f32(), model.grad_arena().f32() + model.grad_arena().numel());
+  REQUIRE(each[0] != each[1]);
+  model.zero_grads();
+  for (int k = 0; k < 3; ++k) model.forward_backward_deferred(ins[k].data(), tgs[k].data(), scale);
+  const double mean = (each[0] + each[1] + each[2]) / 3;
+  CHECK(std::fabs(model.take_loss() - mean) < 1e-6 * mean);
+  std::vector<float> g_def(model.grad_arena().f32(), model.grad_arena().f32() + model.grad_arena().numel());
+  CHECK(g_def == g_sync);  // deferring the loss changes no gradient
+  // take_loss reset the sum: one more micro-batch reads back exactly its own loss.
+  model.forward_backward_deferred(ins[1].data(), tgs[1].data(), scale);
+  CHECK(model.take_loss() == each[1]);
+  CHECK_THROWS_WITH(model.take_loss(), Catch::Contains("no micro-batch since the last take_loss"));
+  model.forward_backward_deferred(ins[0].data(), tgs[0].data(), scale);
+  CHECK_THROWS_WITH(model.forward_backward(ins[0].data(), tgs[0].data(), scale),
+                    Catch::Contains("not taken yet"));
+}

@@ -74,6 +74,9 @@ class Backend {
   virtual Tensor empty(const Shape& s, DType t) = 0;
   virtual void zero(Tensor& t) = 0;
   // dst (this backend, any float dtype or i32) <- src (host tensor of f32 or i32), converting.
+  // Returns once host_src may be reused or freed; the copy itself is ordered on the backend's
+  // stream like any op (CUDA: small uploads go through a pinned staging ring without waiting for
+  // the stream, so a per-micro-batch token upload does not drain the queued work).
   virtual void upload(const Tensor& host_src, Tensor& dst) = 0;
   // host dst (f32 or i32) <- src (this backend), converting.
   virtual void download(const Tensor& src, Tensor& host_dst) = 0;

@@ -27,6 +27,7 @@ struct LlamaModel::Acts {
   Tensor branch;                        // (N,d) output of o_proj / down_proj before the add
   Tensor r_final, rstd_f, xf;           // final norm
   Tensor losses;                        // (N) f32
+  Tensor loss_sum;                      // (N) f32: losses summed over deferred micro-batches
   // backward scratch
   Tensor dresid, dbranch, dxf, dxn;     // (N,d)
   Tensor dh, dgate, dup;                // (N,f)
@@ -82,6 +83,7 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelS
   a.branch = A({N, d});
   a.r_final = A({N, d}); a.rstd_f = F({N}); a.xf = A({N, d});
   a.losses = F({N});
+  a.loss_sum = F({N});
   a.dresid = A({N, d}); a.dbranch = A({N, d}); a.dxf = A({N, d}); a.dxn = A({N, d});
   if (any_dense) {
     a.dh = A({N, f}); a.dgate = A({N, f}); a.dup = A({N, f});
@@ -335,6 +337,29 @@ double LlamaModel::forward(const int32_t* inputs, const int32_t* targets) {
 
 double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* targets,
                                     float loss_scale, bool grads_final) {
+  MF_CHECK(deferred_count_ == 0, "forward_backward: ", deferred_count_,
+           " deferred micro-batch loss(es) not taken yet (call take_loss first)");
+  forward_backward_deferred(inputs, targets, loss_scale, grads_final);
+  return take_loss();
+}
+
+double LlamaModel::take_loss() {
+  MF_CHECK(deferred_count_ > 0, "take_loss: no micro-batch since the last take_loss");
+  Acts& a = *acts_;
+  ProfRegion r(be_, "loss.readback");
+  Tensor h = host_tensor(a.loss_sum.shape);
+  be_.download(a.loss_sum, h);
+  double s = 0;
+  for (int64_t i = 0; i < h.numel(); ++i) s += h.f32()[i];
+  const double loss = (s / double(h.numel()) + deferred_aux_) / deferred_count_;
+  be_.zero(a.loss_sum);
+  deferred_count_ = 0;
+  deferred_aux_ = 0;
+  return loss;
+}
+
+void LlamaModel::forward_backward_deferred(const int32_t* inputs, const int32_t* targets,
+                                           float loss_scale, bool grads_final) {
   Acts& a = *acts_;
   // The targets go up before the forward is queued: an upload waits for the stream (the CUDA
   // backend's staging), and here the stream is idle, while after the forward it would stall the
@@ -428,8 +453,12 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
   be_.embedding_bwd(a.tokens, a.dresid, wte_->grad);
   r.next("bwd.grads_ready");
   grads_ready(group++, grads_final);  // embedding
+  r.next("loss.accumulate");
+  // Exact for the first micro-batch (0 + 1 * x), so one micro-batch reads back what it computed.
+  be_.axpy(1.f, a.losses, a.loss_sum);
   r.end();
-  return loss_from_host(a.losses) + moe_aux_loss();
+  ++deferred_count_;
+  deferred_aux_ += moe_aux_loss();
 }
 
 // ---- MoE hooks -------------------------------------------------------------------------------

@@ -51,6 +51,15 @@ class LlamaModel {
   // micro-batch before the gradients are used, so the grad-ready hook (if set) is called.
   double forward_backward(const int32_t* inputs, const int32_t* targets, float loss_scale,
                           bool grads_final = true);
+  // The same, but the micro-batch's per-position losses stay on the device, added into a
+  // running sum; take_loss() reads them once for all the micro-batches since the last call. The
+  // trainer uses this so that no micro-batch waits for the device (forward_backward reads its
+  // loss back at once, which drains the queue).
+  void forward_backward_deferred(const int32_t* inputs, const int32_t* targets, float loss_scale,
+                                 bool grads_final = true);
+  // Mean over the deferred micro-batches of each one's mean loss (plus the mean of their MoE
+  // balance losses), then resets the sum. Throws if there was none.
+  double take_loss();
 
   // ---- Gradient communication (data parallelism; the model itself never communicates) ----
   // Every Param::grad is a view into one flat f32 arena (zero_grads clears it in one op). The
@@ -113,6 +122,8 @@ class LlamaModel {
   void build_params();
   void run_forward(const int32_t* inputs, bool train = false);
   double loss_from_host(const Tensor& losses);
+  int deferred_count_ = 0;    // micro-batches summed into Acts::loss_sum since take_loss()
+  double deferred_aux_ = 0;   // their MoE balance losses (host values)
   Tensor heads(const Tensor& x, int h) const;
   AttnShape attn_shape() const;
   void attention_block(int i);

@@ -517,16 +517,16 @@ TrainResult Trainer::run() {
     const bool diag_step = diag_->due(step);
     if (diag_step) diag_->before_step(model_->params(), *be_);
     model_->zero_grads();
-    double loss = 0;
     for (int micro = 0; micro < accum; ++micro) {
       train_loader_->next(in.data(), tg.data());
       // The last micro-batch's backward finishes the gradients: its grad-ready hook starts the
-      // all-reduce of each bucket as soon as the bucket is final (train.overlap_comm).
-      loss += model_->forward_backward(in.data(), tg.data(), loss_scale,
-                                       /*grads_final=*/micro == accum - 1) / accum;
+      // all-reduce of each bucket as soon as the bucket is final (train.overlap_comm). The loss
+      // stays on the device until the step's micro-batches are all queued.
+      model_->forward_backward_deferred(in.data(), tg.data(), loss_scale,
+                                        /*grads_final=*/micro == accum - 1);
     }
     allreduce_grads();
-    loss = mean_over_ranks(loss);
+    double loss = mean_over_ranks(model_->take_loss());
     const double gnorm = grad_norm();
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
       std::string last = find_latest_checkpoint(run_dir_);

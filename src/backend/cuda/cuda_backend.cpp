@@ -67,6 +67,10 @@ CudaBackend::CudaBackend(int device) : allocated_(std::make_shared<std::atomic<s
 CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   for (cudaEvent_t e : mark_events_) cudaEventDestroy(e);
+  for (UploadSlot& u : upload_ring_) {
+    if (u.done) cudaEventDestroy(u.done);
+    if (u.host) cudaFreeHost(u.host);
+  }
   attn_.reset();  // the cuDNN handle is bound to stream_
   mo_.reset();  // its library handles are bound to stream_
   scratch_.reset();
@@ -118,17 +122,54 @@ void CudaBackend::upload(const Tensor& src, Tensor& dst) {
   MF_CHECK(src.numel() == dst.numel(), op, " ", cuda::describe("src", src), " into ",
            cuda::describe("dst", dst), ": sizes differ");
   if (src.numel() == 0) return;
+  const bool to_bf16 = src.dtype == DType::F32 && dst.dtype == DType::BF16;
+  MF_CHECK(to_bf16 || src.dtype == dst.dtype, op, " ", cuda::describe("src", src), " into ",
+           cuda::describe("dst", dst), ": unsupported conversion (f32 -> f32/bf16, i32 -> i32)");
+  const size_t bytes = dst.nbytes();
+  UploadSlot* slot = nullptr;
+  if (bytes <= kUploadRingMaxBytes) {
+    if (upload_ring_.empty()) upload_ring_.resize(kUploadSlots);
+    UploadSlot& u = upload_ring_[upload_next_++ % kUploadSlots];
+    if (u.pending) CUDA_CHECK(cudaEventSynchronize(u.done));  // the slot's last copy has run
+    u.pending = false;
+    if (!u.done) CUDA_CHECK(cudaEventCreateWithFlags(&u.done, cudaEventDisableTiming));
+    if (u.cap < bytes) {
+      if (u.host) CUDA_CHECK(cudaFreeHost(u.host));
+      u.host = nullptr;
+      u.cap = 0;
+      const size_t cap = std::max<size_t>(bytes, 64 << 10);
+      if (cudaHostAlloc(&u.host, cap, cudaHostAllocDefault) == cudaSuccess) {
+        u.cap = cap;
+      } else {  // no pinned memory to spare: this upload takes the synchronous path
+        (void)cudaGetLastError();
+        u.host = nullptr;
+      }
+    }
+    if (u.host) slot = &u;
+  }
+  if (slot) {
+    // Through the pinned ring: the host copy (or bf16 conversion) into the slot is all the caller
+    // waits for. A copy from pageable memory would synchronise the stream (CUDA's pageable
+    // cudaMemcpyAsync semantics), draining the queue once per micro-batch.
+    UploadSlot& u = *slot;
+    if (to_bf16)
+      f32_to_bf16(static_cast<const float*>(src.ptr), static_cast<uint16_t*>(u.host),
+                  size_t(src.numel()));
+    else
+      std::memcpy(u.host, src.ptr, bytes);
+    CUDA_CHECK(cudaMemcpyAsync(dst.ptr, u.host, bytes, cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaEventRecord(u.done, stream_));
+    u.pending = true;
+    return;
+  }
   const void* from = src.ptr;
   std::vector<uint16_t> staging;
-  if (src.dtype == DType::F32 && dst.dtype == DType::BF16) {
+  if (to_bf16) {
     staging.resize(size_t(src.numel()));
     f32_to_bf16(static_cast<const float*>(src.ptr), staging.data(), staging.size());
     from = staging.data();
-  } else {
-    MF_CHECK(src.dtype == dst.dtype, op, " ", cuda::describe("src", src), " into ",
-             cuda::describe("dst", dst), ": unsupported conversion (f32 -> f32/bf16, i32 -> i32)");
   }
-  CUDA_CHECK(cudaMemcpyAsync(dst.ptr, from, dst.nbytes(), cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaMemcpyAsync(dst.ptr, from, bytes, cudaMemcpyHostToDevice, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));  // staging / caller's buffer may go away
 }
 

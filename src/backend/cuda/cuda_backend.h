@@ -137,6 +137,18 @@ class CudaBackend final : public Backend {
   cuda::MatOptLibs& mo_libs();
   std::vector<cudaEvent_t> mark_events_;  // pool; the first marks_used_ hold recorded marks
   size_t marks_used_ = 0;
+  // Pinned staging ring of upload(): each slot's event is recorded after the copy out of it, and
+  // a slot is refilled only once that event has completed.
+  struct UploadSlot {
+    void* host = nullptr;  // pinned (cudaHostAlloc)
+    size_t cap = 0;
+    cudaEvent_t done = nullptr;
+    bool pending = false;
+  };
+  static constexpr size_t kUploadSlots = 8;
+  static constexpr size_t kUploadRingMaxBytes = size_t(4) << 20;  // larger uploads synchronise
+  std::vector<UploadSlot> upload_ring_;
+  size_t upload_next_ = 0;
 };
 
 int cuda_device_count();
