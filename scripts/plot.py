@@ -21,7 +21,8 @@ Also speedup.csv and best.csv (best lr and loss per width and optimizer).
 
 Seeds (train.seed): runs that differ only in their seed are one cell. A cell's final loss is the
 mean over its seeds (lr_transfer.png draws the min..max range as an error bar), the best lr is
-the one with the lowest mean, and the speedup is computed per seed, pairing AdamW's and Muon's
+the one with the lowest mean over the seeds every lr of that width has (so extra seeds run only
+at the best lr do not change which lr is best), and the speedup is computed per seed, pairing AdamW's and Muon's
 runs of the same seed, then averaged (speedup.csv lists every seed's value, min and max).
 Other keys that vary between runs (model.init_std, optim.wd, ...) split the parametrisation
 label ("SP, init_std=0.04"), so such runs are never mixed into another cell's lr curve.
@@ -182,16 +183,23 @@ def cell_stats(rs):
 
 
 def best_cells(runs):
-    """{(param, opt, width): the runs (seeds) of the lr with the lowest mean final loss}. A cell
-    counts only when every one of its seeds has a finite loss (a diverged seed is a bad lr)."""
-    best = {}
+    """{(param, opt, width): the runs (seeds) of the best lr}. The lrs are compared on the seeds
+    they all have (a mean over three seeds against one seed's loss would favour the noisier
+    cell), or on their own means when they share none; the chosen cell keeps all its seeds. A
+    cell counts only when every one of its seeds has a finite loss (a diverged seed is a bad
+    lr)."""
+    cands = defaultdict(list)
     for (p, o, w, _), rs in cells(runs).items():
-        if not all(math.isfinite(r["final"]) for r in rs):
-            continue
-        m = cell_stats(rs)[0]
-        k = (p, o, w)
-        if k not in best or m < cell_stats(best[k])[0]:
-            best[k] = rs
+        if all(math.isfinite(r["final"]) for r in rs):
+            cands[(p, o, w)].append(rs)
+    best = {}
+    for k, group in cands.items():
+        common = set.intersection(*({r["seed"] for r in rs} for rs in group))
+
+        def score(rs):
+            xs = [r["final"] for r in rs if not common or r["seed"] in common]
+            return sum(xs) / len(xs)
+        best[k] = min(group, key=score)
     return best
 
 

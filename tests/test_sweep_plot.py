@@ -194,6 +194,13 @@ def main():
     a = best[("SP, init_std=0.08", "adamw", 64)]
     check([r["name"] for r in a] == ["a1", "a2"],
           f"best lr by the mean over seeds (0.01: 2.60 beats 0.02: 2.70 though b1 is lowest): {a}")
+    # Extra seeds at one lr only: lrs are compared on the seeds they share (seed 1: 2.40 < 2.50),
+    # not a three-seed mean (2.60) against one seed (2.50); the winner keeps its three seeds.
+    uneven = [fake("c1", "adamw", 0.01, "1", 2.40, 1.0), fake("c2", "adamw", 0.01, "2", 2.70, 1.0),
+              fake("c3", "adamw", 0.01, "3", 2.70, 1.0), fake("d1", "adamw", 0.02, "1", 2.50, 1.0)]
+    ub = plotmod.best_cells(uneven)[("SP", "adamw", 64)]
+    check(sorted(r["name"] for r in ub) == ["c1", "c2", "c3"],
+          f"best lr on the common seeds, all seeds kept: {[r['name'] for r in ub]}")
     row = plotmod.speedup_row(a, best[("SP, init_std=0.08", "muon", 64)])
     # AdamW ends at 2.5 (val 3.0 - 0.1*5) at 500 tokens; Muon seed 1 falls 0.2/100 tokens, so it
     # reaches 2.5 at 250 (2.0x), seed 2 falls 0.4/100 tokens: 125 (4.0x).
