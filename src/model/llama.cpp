@@ -345,14 +345,8 @@ double LlamaModel::forward_backward(const int32_t* inputs, const int32_t* target
 
 double LlamaModel::take_loss() {
   MF_CHECK(deferred_count_ > 0, "take_loss: no micro-batch since the last take_loss");
-  Acts& a = *acts_;
-  ProfRegion r(be_, "loss.readback");
-  Tensor h = host_tensor(a.loss_sum.shape);
-  be_.download(a.loss_sum, h);
-  double s = 0;
-  for (int64_t i = 0; i < h.numel(); ++i) s += h.f32()[i];
-  const double loss = (s / double(h.numel()) + deferred_aux_) / deferred_count_;
-  be_.zero(a.loss_sum);
+  const double loss = (loss_from_host(acts_->loss_sum) + deferred_aux_) / deferred_count_;
+  be_.zero(acts_->loss_sum);
   deferred_count_ = 0;
   deferred_aux_ = 0;
   return loss;
@@ -361,9 +355,9 @@ double LlamaModel::take_loss() {
 void LlamaModel::forward_backward_deferred(const int32_t* inputs, const int32_t* targets,
                                            float loss_scale, bool grads_final) {
   Acts& a = *acts_;
-  // The targets go up before the forward is queued: an upload waits for the stream (the CUDA
-  // backend's staging), and here the stream is idle, while after the forward it would stall the
-  // host until the whole forward had run.
+  // The targets go up before the forward is queued. The CUDA upload does not wait for the stream
+  // (pinned staging ring), but should it fall back to its synchronous path (no pinned memory),
+  // the stream is idle here, while after the forward the host would stall until it had run.
   Tensor t_host;
   t_host.ptr = const_cast<int32_t*>(targets);
   t_host.shape = {int64_t(B_) * T_};
