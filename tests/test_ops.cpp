@@ -765,6 +765,58 @@ TEST_CASE("attention equals naive masked softmax(QK^T scale) V, and lse matches"
   CHECK(lse[1] == Approx(0.5 * (-0.5 + 0 + 1 + 4)));
 }
 
+TEST_CASE("tiled float attention is bitwise equal to the row-at-a-time loops", "[ops]") {
+  // CpuBackend runs ref::attention_*_tiled for float; attention_*_rows is the plain loop it
+  // rearranges. Same operations in the same order: not one bit may differ, for any tile split
+  // (T below, at and across the 16-row tiles and 64-key blocks), GQA group, thread count or
+  // backward path.
+  std::vector<AttnShape> shapes = attention_shapes();
+  shapes.push_back(attn_shape(3, 200, 6, 2, 20));
+  shapes.push_back(attn_shape(1, 64, 4, 4, 32));
+  shapes.push_back(attn_shape(2, 81, 8, 2, 12));
+  const int threads0 = omp_get_max_threads();
+  for (AttnShape s : shapes) {
+    INFO("B=" << s.B << " T=" << s.T << " H=" << s.H << " Hkv=" << s.Hkv << " hd=" << s.hd);
+    Rng rng(303 + s.T + s.hd);
+    const size_t nq = size_t(s.B * s.T * s.H * s.hd), nk = size_t(s.B * s.T * s.Hkv * s.hd);
+    const size_t nr = size_t(s.B * s.H * s.T);
+    auto fvec = [&](size_t n, double lo, double hi) {
+      std::vector<float> x(n);
+      for (auto& e : x) e = float(lo + (hi - lo) * rng.uniform());
+      return x;
+    };
+    const std::vector<float> q = fvec(nq, -3, 3), k = fvec(nk, -3, 3), v = fvec(nk, -1, 1),
+                             dout = fvec(nq, -1, 1);
+    std::vector<float> out_r(nq), lse_r(nr), dq_r(nq), dk_r(nk), dv_r(nk);
+    ref::attention_fwd_rows(q.data(), k.data(), v.data(), out_r.data(), lse_r.data(), dims(s),
+                            s.scale);
+    ref::attention_bwd_rows(dout.data(), q.data(), k.data(), v.data(), out_r.data(), lse_r.data(),
+                            dq_r.data(), dk_r.data(), dv_r.data(), dims(s), s.scale);
+    for (int threads : {1, 2, 3}) {
+      INFO("threads " << threads);
+      omp_set_num_threads(threads);
+      std::vector<float> out(nq, 7.f), lse(nr, 7.f), dq(nq, 7.f), dk(nk, 7.f), dv(nk, 7.f);
+      ref::attention_fwd_tiled(q.data(), k.data(), v.data(), out.data(), lse.data(), dims(s),
+                               s.scale);
+      CHECK(std::memcmp(out.data(), out_r.data(), nq * sizeof(float)) == 0);
+      CHECK(std::memcmp(lse.data(), lse_r.data(), nr * sizeof(float)) == 0);
+      for (auto path : {ref::AttnBwdPath::TwoPass, ref::AttnBwdPath::Fused}) {
+        INFO("backward path " << (path == ref::AttnBwdPath::Fused ? "fused" : "two-pass"));
+        std::fill(dq.begin(), dq.end(), 7.f);
+        std::fill(dk.begin(), dk.end(), 7.f);
+        std::fill(dv.begin(), dv.end(), 7.f);
+        ref::attention_bwd_tiled(dout.data(), q.data(), k.data(), v.data(), out_r.data(),
+                                 lse_r.data(), dq.data(), dk.data(), dv.data(), dims(s), s.scale,
+                                 path);
+        CHECK(std::memcmp(dq.data(), dq_r.data(), nq * sizeof(float)) == 0);
+        CHECK(std::memcmp(dk.data(), dk_r.data(), nk * sizeof(float)) == 0);
+        CHECK(std::memcmp(dv.data(), dv_r.data(), nk * sizeof(float)) == 0);
+      }
+    }
+  }
+  omp_set_num_threads(threads0);
+}
+
 TEST_CASE("lmhead_xent equals naive logits + log_softmax; loss_scale; chunking", "[ops]") {
   const int64_t N = 19, d = 9, V = 37;
   Rng rng(91);

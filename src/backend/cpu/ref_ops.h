@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/error.h"
@@ -219,10 +220,22 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
+// The float path (CpuBackend) runs tiled versions of the two attention functions below
+// (attention_tiled.cpp): the same operations in the same order, rearranged so that the compiler
+// can vectorise them, and bitwise equal to these row-at-a-time loops (tests/test_ops.cpp).
+void attention_fwd_tiled(const float* q, const float* k, const float* v, float* out, float* lse,
+                         const AttnDims& s, float scale);
+// Auto: one fused pass per (batch, kv head) when there are enough of them for the threads, else
+// a dq pass by query tiles and a dk/dv pass by key tiles. Both give the same bits.
+enum class AttnBwdPath { Auto, TwoPass, Fused };
+void attention_bwd_tiled(const float* dout, const float* q, const float* k, const float* v,
+                         const float* out, const float* lse, float* dq, float* dk, float* dv,
+                         const AttnDims& s, float scale, AttnBwdPath path = AttnBwdPath::Auto);
+
 // Flash-style forward: for each (b, h, query t) an online softmax over key blocks of
 // kAttnKeyBlock keys j <= t, so only one block of scores is ever held.
 template <class T>
-void attention_fwd(const T* q, const T* k, const T* v, T* out, T* lse, const AttnDims& s, T scale) {
+void attention_fwd_rows(const T* q, const T* k, const T* v, T* out, T* lse, const AttnDims& s, T scale) {
   const int64_t group = s.H / s.Hkv, hd = s.hd;
   const int64_t items = s.B * s.H * s.T;
 #pragma omp parallel if (items * (s.T / 2 + 1) * hd >= kMinParallelWork)
@@ -268,8 +281,8 @@ void attention_fwd(const T* q, const T* k, const T* v, T* out, T* lse, const Att
 // dk/dv summed over the query heads of their group. Two passes with no shared writes: dq by
 // query row, then dk/dv by key row (heads of the group, then queries, in a fixed order).
 template <class T>
-void attention_bwd(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
-                   T* dq, T* dk, T* dv, const AttnDims& s, T scale) {
+void attention_bwd_rows(const T* dout, const T* q, const T* k, const T* v, const T* out,
+                        const T* lse, T* dq, T* dk, T* dv, const AttnDims& s, T scale) {
   const int64_t group = s.H / s.Hkv, hd = s.hd;
   std::vector<T> D(size_t(s.B * s.H * s.T));
   const int64_t qitems = s.B * s.H * s.T;
@@ -327,6 +340,23 @@ void attention_bwd(const T* dout, const T* q, const T* k, const T* v, const T* o
       }
     }
   }
+}
+
+template <class T>
+void attention_fwd(const T* q, const T* k, const T* v, T* out, T* lse, const AttnDims& s, T scale) {
+  if constexpr (std::is_same_v<T, float>)
+    attention_fwd_tiled(q, k, v, out, lse, s, scale);
+  else
+    attention_fwd_rows(q, k, v, out, lse, s, scale);
+}
+
+template <class T>
+void attention_bwd(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
+                   T* dq, T* dk, T* dv, const AttnDims& s, T scale) {
+  if constexpr (std::is_same_v<T, float>)
+    attention_bwd_tiled(dout, q, k, v, out, lse, dq, dk, dv, s, scale);
+  else
+    attention_bwd_rows(dout, q, k, v, out, lse, dq, dk, dv, s, scale);
 }
 
 // ---- SwiGLU -----------------------------------------------------------------------------------
