@@ -1,7 +1,8 @@
 // Trainer end to end on CPU: bit-exact resume, checkpoint retention, metrics, non-finite stop,
-// corrupted checkpoints.
+// corrupted checkpoints; sampling from a trained run.
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -14,7 +15,9 @@
 #include "data/shard.h"
 #include "io/safetensors.h"
 #include "train/checkpoint.h"
+#include "train/sample.h"
 #include "train/trainer.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace mf;
@@ -208,5 +211,122 @@ TEST_CASE("a corrupted checkpoint gives a clear error on resume", "[train]") {
   TrainOptions bad = quiet;
   bad.resume = root;
   CHECK_THROWS_WITH(Trainer(c, bad), Catch::Contains("state.json"));
+  fs::remove_all(root);
+}
+
+// ---- sampling (`muonforge sample`, src/train/sample.h) ------------------------------------------
+
+TEST_CASE("pick_token: greedy, top-k and the softmax distribution", "[train][sample]") {
+  Rng rng(11);
+  SampleOptions greedy;
+  greedy.temperature = 0;
+  CHECK(pick_token({0.5f, 2.0f, -1.0f, 2.0f}, greedy, rng) == 1);  // ties to the lower id
+  SampleOptions top1;
+  top1.top_k = 1;
+  top1.temperature = 5.0;
+  for (int i = 0; i < 50; ++i) CHECK(pick_token({0.1f, -3.0f, 0.3f, 0.2f}, top1, rng) == 2);
+
+  // Probabilities 1/7, 2/7, 4/7 (and 0 for a token far below): frequencies within 0.015.
+  const std::vector<float> lg{0.0f, float(std::log(2.0)), float(std::log(4.0)), -60.0f};
+  SampleOptions t1;
+  std::vector<int> n(4, 0);
+  const int draws = 20000;
+  for (int i = 0; i < draws; ++i) ++n[size_t(pick_token(lg, t1, rng))];
+  CHECK(std::abs(n[0] / double(draws) - 1.0 / 7) < 0.015);
+  CHECK(std::abs(n[1] / double(draws) - 2.0 / 7) < 0.015);
+  CHECK(std::abs(n[2] / double(draws) - 4.0 / 7) < 0.015);
+  CHECK(n[3] == 0);
+  // Temperature 2 flattens: probabilities proportional to 1, sqrt 2, 2.
+  SampleOptions t2;
+  t2.temperature = 2.0;
+  std::fill(n.begin(), n.end(), 0);
+  for (int i = 0; i < draws; ++i) ++n[size_t(pick_token(lg, t2, rng))];
+  const double z = 1 + std::sqrt(2.0) + 2;
+  CHECK(std::abs(n[0] / double(draws) - 1 / z) < 0.015);
+  CHECK(std::abs(n[2] / double(draws) - 2 / z) < 0.015);
+  // top-k 2 never draws the third most likely token.
+  SampleOptions k2;
+  k2.top_k = 2;
+  std::fill(n.begin(), n.end(), 0);
+  for (int i = 0; i < 2000; ++i) ++n[size_t(pick_token(lg, k2, rng))];
+  CHECK(n[0] == 0);
+  CHECK(n[1] > 0);
+  CHECK(n[2] > n[1]);
+
+  CHECK_THROWS_WITH(pick_token({0.0f, std::nanf("")}, t1, rng),
+                    Catch::Contains("logit of token 1"));
+}
+
+TEST_CASE("sampling: logits_row is causal; a trained model continues its language; the CLI",
+          "[train][sample]") {
+  const std::string root = temp_dir("sample");
+  // A noise-free version of write_data's language: x -> x + 3 (mod 32).
+  for (const char* split : {"train", "val"}) {
+    std::vector<uint32_t> toks;
+    for (int i = 0; i < 6000; ++i) toks.push_back(uint32_t(i * 3 % 32));
+    write_shard(root + "/" + split + "_000000.bin", toks, 2);
+  }
+  Config c = tiny_config(root, root + "/run", "muon");
+  c.train.max_steps = 60;
+  c.train.eval_every = 0;
+  c.train.ckpt_every = 60;
+  c.optim.adamw.lr = 0.02;
+  TrainOptions quiet;
+  quiet.quiet = true;
+  TrainResult r = Trainer(c, quiet).run();
+  INFO("loss " << r.losses.front() << " -> " << r.losses.back());
+  REQUIRE(r.losses.back() < 0.2);
+
+  auto cpu = make_backend("cpu");
+  const int T = c.train.seq_len;
+  LlamaModel m(c.model, *cpu, 1, T);
+  load_checkpoint(r.last_checkpoint, m.params(), *cpu, nullptr);
+  m.sync_weights();
+
+  // logits_row(p) is row p of the full logits (a one-row GEMM may round differently), and
+  // tokens after p do not change it.
+  std::vector<int32_t> in(static_cast<size_t>(T));
+  for (int t = 0; t < T; ++t) in[size_t(t)] = (t * 7 + 1) % 32;
+  const std::vector<float> full = m.logits(in.data());
+  const std::vector<float> row5 = m.logits_row(in.data(), 5);
+  REQUIRE(row5.size() == 32);
+  for (int v = 0; v < 32; ++v) CHECK(row5[size_t(v)] == Approx(full[size_t(5 * 32 + v)]).margin(1e-5));
+  for (int t = 6; t < T; ++t) in[size_t(t)] = 31 - in[size_t(t)];
+  CHECK(m.logits_row(in.data(), 5) == row5);
+
+  // Greedy continuation of 0 3 6 is 9 12 15 ... past the window of 16 tokens.
+  SampleOptions g;
+  g.temperature = 0;
+  g.max_new_tokens = 24;
+  std::vector<int32_t> seen;
+  const std::vector<int32_t> got = generate(m, {0, 3, 6}, g, [&](int32_t t) { seen.push_back(t); });
+  REQUIRE(got.size() == 24);
+  CHECK(seen == got);
+  for (int i = 0; i < 24; ++i) CHECK(got[size_t(i)] == (9 + 3 * i) % 32);
+  // Sampling at temperature 1 is reproducible from its seed.
+  SampleOptions s1;
+  s1.max_new_tokens = 12;
+  s1.seed = 5;
+  CHECK(generate(m, {1}, s1) == generate(m, {1}, s1));
+  CHECK_THROWS_WITH(generate(m, {1, 40}, s1), Catch::Contains("prompt token 1 is 40"));
+
+  // The command line: run directory -> newest checkpoint; ids for a non-byte vocabulary.
+  using mf::test::run_capture;
+  int rc = 0;
+  const std::string bin = MF_BINARY;
+  std::string out = run_capture(bin + " sample " + root + "/run --prompt-ids 0,3,6 --greedy " +
+                                "--tokens 5", &rc);
+  CHECK(rc == 0);
+  CHECK_THAT(out, Catch::StartsWith("sample: " + root + "/run/ckpt-000060 (step 60)") &&
+                      Catch::EndsWith("\n0 3 6 | 9 12 15 18 21\n"));
+  out = run_capture(bin + " sample " + root + "/run --prompt hello", &rc);
+  CHECK(rc == 1);
+  CHECK_THAT(out, Catch::Contains("vocab_size 32") && Catch::Contains("--prompt-ids"));
+  out = run_capture(bin + " sample " + root + " --tokens 3", &rc);
+  CHECK(rc == 1);
+  CHECK_THAT(out, Catch::Contains("holds no checkpoint"));
+  out = run_capture(bin + " sample " + root + "/run --prompt-ids 1,x", &rc);
+  CHECK(rc == 1);
+  CHECK_THAT(out, Catch::Contains("'x' is not a token id"));
   fs::remove_all(root);
 }

@@ -14,5 +14,6 @@ int cmd_inspect(const Args& args);  // src/cli/cmd_inspect.cpp
 int cmd_export(const Args& args);   // src/cli/cmd_export.cpp
 int cmd_config(const Args& args);   // src/cli/cmd_config.cpp: print the resolved config
 int cmd_bench(const Args& args);    // src/cli/cmd_bench.cpp: throughput / MFU / memory
+int cmd_sample(const Args& args);   // src/cli/cmd_sample.cpp: generate text from a checkpoint
 
 }  // namespace mf

@@ -22,6 +22,7 @@ const std::map<std::string, Command>& commands() {
       {"export", {mf::cmd_export, "export a checkpoint as a Hugging Face model directory"}},
       {"inspect", {mf::cmd_inspect, "print header and token statistics of a token shard"}},
       {"config", {mf::cmd_config, "resolve, validate and print a config"}},
+      {"sample", {mf::cmd_sample, "generate text from a checkpoint (prompt continuation)"}},
       {"bench", {mf::cmd_bench, "time training steps on synthetic tokens: tokens/s, MFU, memory"}},
   };
   return c;

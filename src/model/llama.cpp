@@ -507,6 +507,19 @@ std::vector<float> LlamaModel::logits(const int32_t* inputs) {
   return out;
 }
 
+std::vector<float> LlamaModel::logits_row(const int32_t* inputs, int64_t row) {
+  const int64_t N = int64_t(B_) * T_, V = cfg_.vocab_size;
+  MF_CHECK(row >= 0 && row < N, "logits_row: row ", row, " outside 0..", N - 1);
+  run_forward(inputs);
+  Tensor lg = be_.empty({1, V}, be_.act_dtype());
+  be_.matmul_fwd(acts_->xf.slice0(row, row + 1), lm_head_->weight, lg);
+  Tensor h = host_tensor({1, V});
+  be_.download(lg, h);
+  std::vector<float> out(h.f32(), h.f32() + V);
+  for (auto& x : out) x *= float(scales_.logit_mult);
+  return out;
+}
+
 double LlamaModel::attn_scale() const {
   return scales_.attn_scale > 0 ? scales_.attn_scale : 1.0 / std::sqrt(double(cfg_.head_dim()));
 }

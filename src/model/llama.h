@@ -80,6 +80,8 @@ class LlamaModel {
   void set_grad_ready_hook(GradReadyHook hook) { grad_hook_ = std::move(hook); }
   // Full logits [B*T, V] of the last forward (recomputed; for tests and inspection).
   std::vector<float> logits(const int32_t* inputs);
+  // Logits [V] of one position (row b * T + t) after a forward over `inputs` (sampling).
+  std::vector<float> logits_row(const int32_t* inputs, int64_t row);
 
   // ---- Mixture of Experts (model.moe.n_experts > 0; model/moe.h) ----
   // forward_backward returns the mean cross-entropy plus the balance loss of every MoE layer

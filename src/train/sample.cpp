@@ -1,0 +1,83 @@
+#include "train/sample.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <numeric>
+
+#include "core/error.h"
+#include "train/checkpoint.h"
+
+namespace fs = std::filesystem;
+
+namespace mf {
+
+int32_t pick_token(const std::vector<float>& logits, const SampleOptions& o, Rng& rng) {
+  const int64_t V = int64_t(logits.size());
+  MF_CHECK(V > 0, "sample: empty logits");
+  MF_CHECK(o.temperature >= 0 && std::isfinite(o.temperature), "sample: temperature ",
+           o.temperature, " must be a finite number >= 0");
+  for (int64_t i = 0; i < V; ++i)
+    MF_CHECK(std::isfinite(logits[size_t(i)]), "sample: logit of token ", i, " is ",
+             logits[size_t(i)], " (the checkpoint's weights are not finite?)");
+  if (o.temperature == 0.0)
+    return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  // Candidates by descending logit, ties to the lower id; keep the top_k first.
+  std::vector<int32_t> ids(static_cast<size_t>(V));
+  std::iota(ids.begin(), ids.end(), 0);
+  const int64_t k = o.top_k > 0 ? std::min<int64_t>(o.top_k, V) : V;
+  auto by_logit = [&](int32_t a, int32_t b) {
+    return logits[size_t(a)] > logits[size_t(b)] || (logits[size_t(a)] == logits[size_t(b)] && a < b);
+  };
+  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), by_logit);
+  const double top = logits[size_t(ids[0])];
+  std::vector<double> w(static_cast<size_t>(k));
+  double sum = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    w[size_t(i)] = std::exp((double(logits[size_t(ids[size_t(i)])]) - top) / o.temperature);
+    sum += w[size_t(i)];
+  }
+  double u = rng.uniform() * sum;
+  for (int64_t i = 0; i < k; ++i) {
+    u -= w[size_t(i)];
+    if (u < 0) return ids[size_t(i)];
+  }
+  return ids[size_t(k - 1)];  // rounding left u a hair above the last weight
+}
+
+std::vector<int32_t> generate(LlamaModel& model, const std::vector<int32_t>& prompt,
+                              const SampleOptions& o,
+                              const std::function<void(int32_t)>& on_token) {
+  MF_CHECK(model.B() == 1, "sample: the model must be built with micro-batch 1, not ", model.B());
+  MF_CHECK(!prompt.empty(), "sample: the prompt is empty (give at least one token)");
+  MF_CHECK(o.max_new_tokens >= 0, "sample: --tokens ", o.max_new_tokens, " must be >= 0");
+  const int64_t V = model.config().vocab_size, T = model.T();
+  for (size_t i = 0; i < prompt.size(); ++i)
+    MF_CHECK(prompt[i] >= 0 && prompt[i] < V, "sample: prompt token ", i, " is ", prompt[i],
+             ", outside the vocabulary 0..", V - 1);
+  Rng rng(o.seed, 0x5a4d504cULL);
+  std::vector<int32_t> ctx = prompt, out, window(size_t(T), 0);
+  for (int n = 0; n < o.max_new_tokens; ++n) {
+    const int64_t len = std::min<int64_t>(T, int64_t(ctx.size()));
+    std::fill(window.begin(), window.end(), 0);
+    std::copy(ctx.end() - len, ctx.end(), window.begin());
+    const int32_t tok = pick_token(model.logits_row(window.data(), len - 1), o, rng);
+    ctx.push_back(tok);
+    out.push_back(tok);
+    if (on_token) on_token(tok);
+  }
+  return out;
+}
+
+std::string resolve_checkpoint_dir(const std::string& path) {
+  MF_CHECK(fs::is_directory(path), "sample: ", path, " is not a directory (give a checkpoint "
+           "directory runs/NAME/ckpt-NNNNNN or a run directory runs/NAME)");
+  const fs::path p(path);
+  if (fs::exists(p / "config.json") && fs::exists(p / "model.safetensors")) return path;
+  const std::string latest = find_latest_checkpoint(path);
+  MF_CHECK(!latest.empty(), "sample: ", path, " holds no checkpoint (no config.json + "
+           "model.safetensors, and no ckpt-NNNNNN directory)");
+  return latest;
+}
+
+}  // namespace mf
