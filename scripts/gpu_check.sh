@@ -136,6 +136,14 @@ part1() {
   done
 
   step train_parity 240 "python3 '$REPO/scripts/gpu_train_parity.py' --binary '$BIN' --work '$WORK/train'"
+  # The CUDA run against scripts/torch_parity.py's PyTorch reference (fp32 on the host), on the
+  # shard train_parity just wrote: 20 steps, every loss within 2e-2.
+  step torch_parity 240 "python3 '$REPO/scripts/torch_parity.py' '$REPO/configs/tiny.json' \
+    --binary '$BIN' --work '$WORK/torch_parity' --steps 20 --threads 8 --set train.device=cuda \
+    --set model.vocab_size=512 --set 'data.train=$WORK/train/data/train_*.bin' --set data.val= \
+    2>&1 | tee '$WORK/torch_parity.out'; rc=\${PIPESTATUS[0]}
+    echo \"KEY: \$(grep -a '^torch_parity: \(PASS\|FAIL\)' '$WORK/torch_parity.out' | cut -c15-90)\"
+    exit \$rc"
 
   if [ "$QUICK" = 0 ] && command -v compute-sanitizer >/dev/null; then
     step memcheck_smoke 420 "compute-sanitizer --tool memcheck --error-exitcode 3 \

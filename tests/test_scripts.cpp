@@ -2,14 +2,19 @@
 // sweep in its reduced form with this build's muonforge binary, checks results.csv, skipping of
 // finished runs, refusal of changed configs, resume after SIGINT, bad sweep files, and the PNGs
 // (the plot part is skipped with a warning when matplotlib is not importable); and
-// scripts/gpu_sweep.sh sitting by sitting (tests/test_gpu_sweep_script.py).
+// scripts/gpu_sweep.sh sitting by sitting (tests/test_gpu_sweep_script.py); scripts/torch_parity.py
+// against PyTorch when a Python with torch is at hand.
 #include <catch2/catch.hpp>
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
+#include "core/rng.h"
+#include "data/shard.h"
 #include "test_util.h"
 
 namespace {
@@ -53,4 +58,58 @@ TEST_CASE("gpu_sweep.sh sittings on the CPU: carry-over, budget stop, the shippe
   CHECK(log.find("ok: sitting 2 skipped the carried runs") != std::string::npos);
   CHECK(log.find("ok: a sitting stops at its budget") != std::string::npos);
   CHECK(log.find("ok: the sitting sweep file expands to 18 runs") != std::string::npos);
+}
+
+TEST_CASE("torch_parity.py: a run checked step by step against PyTorch", "[scripts][python]") {
+  if (std::system("python3 --version > /dev/null 2>&1") != 0) {
+    WARN("python3 not found: skipping scripts/torch_parity.py");
+    return;
+  }
+  const std::string script = std::string(MF_SOURCE_DIR) + "/scripts/torch_parity.py";
+  const std::string bin = std::string(" --binary ") + MF_BINARY;
+  const std::string work = " --work /tmp/mf_parity_" + std::to_string(::getpid());
+  const std::string cfg = std::string(" ") + MF_SOURCE_DIR + "/configs/tiny.json";
+  int rc = 0;
+  // Refused before PyTorch is needed: what the reference does not model, named.
+  std::string log = run_capture("python3 " + script + cfg + bin + " --set optim.name=soap", &rc);
+  CHECK(rc == 2);
+  CHECK_THAT(log, Catch::Contains("does not model: optim.name 'soap'"));
+  log = run_capture("python3 " + script + cfg + bin + " --torch-set optim.nope=1", &rc);
+  CHECK(rc == 2);
+  CHECK_THAT(log, Catch::Contains("no config key 'optim.nope'"));
+
+  // The comparison itself needs a Python with PyTorch: $MF_TORCH_PYTHON, or Debian's python3-torch.
+  std::string py = std::getenv("MF_TORCH_PYTHON") ? std::getenv("MF_TORCH_PYTHON") : "/usr/bin/python3";
+  if (std::system((py + " -c 'import torch' > /dev/null 2>&1").c_str()) != 0) {
+    WARN("no PyTorch in " + py + " (set MF_TORCH_PYTHON): the parity run is not tested");
+    return;
+  }
+  // Shards of a small learnable language (the default corpus is not built in a fresh clone).
+  const std::string data = "/tmp/mf_parity_data_" + std::to_string(::getpid());
+  std::system(("mkdir -p " + data).c_str());
+  mf::Rng rng(5);
+  for (const char* split : {"train", "val"}) {
+    std::vector<uint32_t> toks;
+    uint32_t x = 0;
+    for (int i = 0; i < 20000; ++i) toks.push_back(x = (x * 5 + 3 + uint32_t(rng.below(3))) % 256);
+    mf::write_shard(data + "/" + split + "_000000.bin", toks, 2);
+  }
+  // µP at width_mult 2 with depth and head-dim multipliers, independent wd, AdamW groups.
+  const std::string sets =
+      " --set data.train=" + data + "/train_*.bin --set data.val=" + data + "/val_*.bin" +
+      " --steps 4 --threads 2 --set train.max_steps=30 --set mup.enabled=true --set mup.base_width=64"
+      " --set mup.base_depth=2 --set mup.base_head_dim=16 --set optim.scale=spectral"
+      " --set optim.wd_mode=independent --set optim.wd=0.01 --set optim.adamw.wd=0.01";
+  log = run_capture(py + " " + script + cfg + bin + work + sets, &rc);
+  INFO(log);
+  CHECK(rc == 0);
+  CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));
+  CHECK_THAT(log, Catch::Contains("    4 "));  // the step table reached step 4
+  // A different lr on the PyTorch side only: the losses part and the µP table disagrees.
+  log = run_capture(py + " " + script + cfg + bin + work + sets + " --torch-set optim.lr=0.03", &rc);
+  INFO(log);
+  CHECK(rc == 1);
+  CHECK_THAT(log, Catch::Contains("torch_parity: FAIL") &&
+                      Catch::Contains("self_attn.q_proj.weight: lr 0.02 (mup_table) vs 0.03 (here)"));
+  std::system(("rm -rf /tmp/mf_parity_" + std::to_string(::getpid()) + " " + data).c_str());
 }

@@ -31,6 +31,8 @@ const char* kTrainUsage =
     "  --no-resume    start from scratch even if the run directory has checkpoints\n"
     "  --stop-at N    checkpoint and exit after step N (continue later with the same command)\n"
     "  --quiet        no per-step lines\n"
+    "  --init-only    write the initial weights as ckpt-000000 and exit (a reference to start from)\n"
+    "  --dump-batches FILE  write every micro-batch's inputs then targets (int32, B x T each)\n"
     "Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits.\n";
 
 const char* kEvalUsage =
@@ -67,6 +69,10 @@ int cmd_train(const Args& args) {
       opts.stop_at = std::stoi(need_value(args, i));
     } else if (a == "--quiet") {
       opts.quiet = true;
+    } else if (a == "--init-only") {
+      opts.init_only = true;
+    } else if (a == "--dump-batches") {
+      opts.dump_batches = need_value(args, i);
     } else if (!a.empty() && a[0] == '-') {
       MF_FAIL("train: unknown option ", a, " (see muonforge train --help)");
     } else {

@@ -510,6 +510,22 @@ TrainResult Trainer::run() {
     res.steps_done = start_step_;
     return res;
   }
+  if (opts_.init_only) {
+    MF_CHECK(start_step_ == 0, "--init-only: ", run_dir_, " already holds a checkpoint at step ",
+             start_step_, "; pass --no-resume to start over");
+    check_weights_agree(0);
+    res.last_checkpoint = save_checkpoint(run_dir_, 0, model_->params(), *opt_, *be_,
+                                          state_json(0), cfg_, cfg_.train.keep_ckpts, *comm_,
+                                          sharded_);
+    spdlog::info("initial weights written to {} (--init-only)", res.last_checkpoint);
+    return res;
+  }
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> dump(nullptr, &std::fclose);
+  if (!opts_.dump_batches.empty()) {
+    MF_CHECK(world_ == 1, "--dump-batches works in a single process (world size ", world_, ")");
+    dump.reset(std::fopen(opts_.dump_batches.c_str(), "wb"));
+    MF_CHECK(dump, "--dump-batches: cannot open ", opts_.dump_batches, " for writing");
+  }
   auto t_start = Clock::now(), t_log = Clock::now();
   long long tokens_log = 0;
   int step = start_step_;
@@ -519,6 +535,12 @@ TrainResult Trainer::run() {
     model_->zero_grads();
     for (int micro = 0; micro < accum; ++micro) {
       train_loader_->next(in.data(), tg.data());
+      if (dump) {
+        MF_CHECK(std::fwrite(in.data(), sizeof(int32_t), size_t(N), dump.get()) == size_t(N) &&
+                     std::fwrite(tg.data(), sizeof(int32_t), size_t(N), dump.get()) == size_t(N) &&
+                     std::fflush(dump.get()) == 0,
+                 "--dump-batches: writing ", opts_.dump_batches, " failed");
+      }
       // The last micro-batch's backward finishes the gradients: its grad-ready hook starts the
       // all-reduce of each bucket as soon as the bucket is final (train.overlap_comm). The loss
       // stays on the device until the step's micro-batches are all queued.

@@ -1,0 +1,423 @@
+#!/usr/bin/env python3
+"""Checks a muonforge training run step by step against an independent PyTorch implementation.
+
+    scripts/torch_parity.py CONFIG [--set KEY=VALUE]... [--steps N] [--tol X] [--work DIR]
+                            [--torch-set KEY=VALUE]... [--binary PATH] [--threads N]
+
+What it does:
+  1. `muonforge config` resolves CONFIG (with the --set overrides).
+  2. `muonforge train --init-only` writes the initial weights (ckpt-000000).
+  3. `muonforge train --stop-at N --dump-batches F` trains the first N steps of the real run (the
+     schedule still spans train.max_steps) and writes every micro-batch it trained on.
+  4. This script trains the same N steps in PyTorch (float32) from those weights on those batches:
+     its own Llama forward (RMSNorm, rotate-half RoPE, GQA, SwiGLU), autograd for the backward,
+     and its own Muon / AdamW, lr schedule, clipping, weight decay and µP rules, all written from
+     docs/config.md, not from muonforge's code. The per-parameter lr, wd and Muon scale it derives
+     are also compared with the run's mup_table.csv.
+  5. It prints, for every step, both losses and both gradient norms, then the largest relative
+     difference of each weight tensor after step N, and exits 1 when a loss differs by more than
+     --tol (default 1e-4 against muonforge's fp32 CPU backend, 2e-2 against bf16 CUDA).
+
+Supported: dense Llama, optim.name muon or adamw (quintic Newton-Schulz, no cautious wd, no
+QK-clip), every schedule, grad clipping, both weight-decay modes, SP / µP / rms scaling, tied or
+untied embeddings. Anything else stops with a message naming the key. Needs PyTorch (Debian's
+python3-torch works: run with /usr/bin/python3). Work files go to --work (default
+runs/parity-NAME), which is replaced. --torch-set changes the config of the PyTorch side only: a
+what-if (would the losses match if muonforge used another rule?) and a way to see the check fail.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NS_ABC = (3.4445, -4.7750, 2.0315)  # the quintic Newton-Schulz coefficients (Keller Jordan's Muon)
+
+
+class UserError(Exception):
+    pass
+
+
+def find_binary(explicit):
+    for c in [explicit, os.environ.get("MUONFORGE_BINARY"), os.path.join(REPO, "build", "muonforge"),
+              os.path.join(REPO, "build-lead", "muonforge")]:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise UserError("no muonforge binary: build it (scripts/setup.sh) or pass --binary PATH")
+
+
+def set_key(cfg, kv):
+    key, eq, text = kv.partition("=")
+    if not eq or not key:
+        raise UserError(f"--torch-set {kv!r}: expected KEY=VALUE")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    node, parts = cfg, key.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            raise UserError(f"--torch-set {kv!r}: no config section {p!r}")
+        node = node[p]
+    if parts[-1] not in node:
+        raise UserError(f"--torch-set {kv!r}: no config key {key!r}")
+    node[parts[-1]] = value
+
+
+def run(cmd, what):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = "\n".join((p.stderr.strip() or p.stdout.strip()).splitlines()[-15:])
+        raise UserError(f"{what} failed (exit {p.returncode}): {' '.join(cmd)}\n{tail}")
+    return p.stdout
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+def read_safetensors(torch, path):
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        if e["dtype"] != "F32":
+            raise UserError(f"{path}: tensor {name} is {e['dtype']}, expected F32 master weights")
+        a, b = e["data_offsets"]
+        buf = bytearray(data[8 + n + a:8 + n + b])
+        out[name] = torch.frombuffer(buf, dtype=torch.float32).reshape(e["shape"]).clone()
+    return out
+
+
+def read_metrics(run_dir):
+    rows = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            j = json.loads(line)
+            if "loss" in j and "step" in j:
+                rows[j["step"]] = j
+    return rows
+
+
+# ---- the rules, from docs/config.md --------------------------------------------------------------
+
+def check_supported(cfg):
+    m, o, t = cfg["model"], cfg["optim"], cfg["train"]
+    bad = []
+    if m.get("moe", {}).get("n_experts", 0) > 0:
+        bad.append("model.moe.n_experts > 0 (MoE)")
+    if o["name"] not in ("muon", "adamw"):
+        bad.append(f"optim.name {o['name']!r} (muon or adamw only)")
+    if o["name"] == "muon" and o.get("ns", "quintic") != "quintic":
+        bad.append(f"optim.ns {o['ns']!r} (quintic only)")
+    if o.get("cautious_wd"):
+        bad.append("optim.cautious_wd true")
+    if o.get("qk_clip_tau", 0) > 0:
+        bad.append("optim.qk_clip_tau > 0")
+    if t.get("init_from"):
+        bad.append("train.init_from (the check starts from muonforge's own init)")
+    if bad:
+        raise UserError("torch_parity.py does not model: " + "; ".join(bad))
+
+
+def lr_multiplier(s, max_steps, step):
+    if step < s["warmup"]:
+        return (step + 1) / s["warmup"]
+    r = s["min_lr_ratio"]
+
+    def progress(start):
+        span = max_steps - start
+        return 1.0 if span <= 0 else min(max((step - start) / span, 0.0), 1.0)
+
+    if s["decay"] == "constant":
+        return 1.0
+    if s["decay"] == "cosine":
+        return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress(s["warmup"])))
+    if s["decay"] == "linear":
+        return 1 - (1 - r) * progress(s["warmup"])
+    start = max(s["warmup"], max_steps - round(s["wsd_decay_frac"] * max_steps))  # wsd
+    return 1.0 if step < start else 1 - (1 - r) * progress(start)
+
+
+def muon_scale(mode, rows, cols):
+    if mode == "shape":
+        return math.sqrt(max(1.0, rows / cols))
+    if mode == "rms":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(rows / cols)  # spectral
+
+
+def kind_of(name):
+    if name.endswith("embed_tokens.weight"):
+        return "embedding"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if name.endswith("norm.weight"):
+        return "norm"
+    return "hidden"
+
+
+def param_rules(cfg, name, shape):
+    """lr, wd (with its multiplier), optimizer and Muon scale of one parameter."""
+    o, mup = cfg["optim"], cfg["mup"]
+    m = cfg["model"]["d_model"] / mup["base_width"] if mup["enabled"] else 1.0
+    independent = o["wd_mode"] == "independent"
+    if kind_of(name) == "hidden":
+        wd = o["wd"] * (1 / m if mup["enabled"] and independent else 1.0)
+        if o["name"] == "muon":
+            return dict(opt="muon", lr=o["lr"], wd=wd, scale=muon_scale(o["scale"], *shape))
+        return dict(opt="adamw", lr=o["lr"] / m, wd=wd, betas=o["betas"], eps=o["eps"])
+    a = o["adamw"]
+    return dict(opt="adamw", lr=a["lr"], wd=a["wd"], betas=a["betas"], eps=a["eps"])
+
+
+def model_scalars(cfg):
+    md, mup = cfg["model"], cfg["mup"]
+    hd = md["d_model"] // md["n_heads"]
+    if not mup["enabled"]:
+        return 1.0, 1.0 / math.sqrt(hd), 1.0
+    m = md["d_model"] / mup["base_width"]
+    base_hd = mup.get("base_head_dim", 0) or hd
+    return 1.0 / m, math.sqrt(base_hd) / hd, mup["base_depth"] / md["n_layers"]
+
+
+def compare_mup_table(cfg, path, names_shapes):
+    if not os.path.exists(path):
+        return []
+    issues = []
+    with open(path) as f:
+        table = {r["param"]: r for r in csv.DictReader(f)}
+    for name, shape in names_shapes:
+        r, want = table.get(name), param_rules(cfg, name, shape)
+        if r is None:
+            issues.append(f"{name}: missing from mup_table.csv")
+            continue
+        got = dict(opt=r["optimizer"], lr=float(r["lr"]), wd=float(r["wd"]),
+                   scale=float(r["muon_scale"]))
+        if got["opt"] != want["opt"]:
+            issues.append(f"{name}: optimizer {got['opt']} (mup_table) vs {want['opt']} (here)")
+        for k in ("lr", "wd") + (("scale",) if want["opt"] == "muon" else ()):
+            if not math.isclose(got[k], want[k], rel_tol=1e-5, abs_tol=1e-12):
+                issues.append(f"{name}: {k} {got[k]:g} (mup_table) vs {want[k]:g} (here)")
+    return issues
+
+
+# ---- the model and optimizers in PyTorch ---------------------------------------------------------
+
+def forward_loss(torch, cfg, W, inp, tgt, scalars):
+    F = torch.nn.functional
+    md = cfg["model"]
+    d, L, H, Hkv = md["d_model"], md["n_layers"], md["n_heads"], md["n_kv_heads"]
+    hd, eps = d // H, md["norm_eps"]
+    logit_mult, attn_scale, rmult = scalars
+    B, T = inp.shape
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    inv = 1.0 / (md["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).float()
+    sin = torch.cat([ang.sin(), ang.sin()], -1).float()
+
+    def rope(x):  # [B, heads, T, hd], rotate-half
+        x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    x = W["model.embed_tokens.weight"][inp]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        h = rms(x, W[p + "input_layernorm.weight"])
+        q = (h @ W[p + "self_attn.q_proj.weight"].T).view(B, T, H, hd).transpose(1, 2)
+        k = (h @ W[p + "self_attn.k_proj.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
+        v = (h @ W[p + "self_attn.v_proj.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        s = (q @ k.transpose(-1, -2)) * attn_scale
+        a = torch.softmax(s.masked_fill(mask, float("-inf")), -1) @ v
+        o = a.transpose(1, 2).reshape(B, T, d) @ W[p + "self_attn.o_proj.weight"].T
+        x = x + rmult * o
+        h = rms(x, W[p + "post_attention_layernorm.weight"])
+        g = h @ W[p + "mlp.gate_proj.weight"].T
+        u = h @ W[p + "mlp.up_proj.weight"].T
+        x = x + rmult * ((F.silu(g) * u) @ W[p + "mlp.down_proj.weight"].T)
+    head = W["model.embed_tokens.weight"] if md["tie_embeddings"] else W["lm_head.weight"]
+    logits = (rms(x, W["model.norm.weight"]) @ head.T) * logit_mult
+    return F.cross_entropy(logits.view(B * T, -1), tgt.reshape(-1))
+
+
+def newton_schulz(torch, U, steps):
+    a, b, c = NS_ABC
+    X = U.double()
+    X = (U / (X.norm().item() + 1e-7)).float()
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        Bm = b * A + c * (A @ A)
+        X = a * X + Bm @ X
+    return X.T if tall else X
+
+
+class Optim:
+    def __init__(self, torch, cfg, W):
+        self.torch, self.cfg, self.t = torch, cfg, 0
+        self.rules = {n: param_rules(cfg, n, tuple(w.shape)) for n, w in W.items()}
+        self.state = {n: {} for n in W}
+
+    def step(self, W, grads, step, grad_scale):
+        torch, o = self.torch, self.cfg["optim"]
+        sched = lr_multiplier(self.cfg["schedule"], self.cfg["train"]["max_steps"], step)
+        self.t += 1
+        with torch.no_grad():
+            for n, w in W.items():
+                r, st, g = self.rules[n], self.state[n], grads[n] * grad_scale
+                lr = r["lr"] * sched
+                decay = sched * r["wd"] if o["wd_mode"] == "independent" else lr * r["wd"]
+                if r["opt"] == "muon":
+                    M = st.setdefault("m", torch.zeros_like(w))
+                    M.mul_(o["momentum"]).add_(g)
+                    U = g + o["momentum"] * M if o["nesterov"] else M.clone()
+                    O = newton_schulz(torch, U, o["ns_steps"])
+                    if decay:
+                        w.mul_(1 - decay)
+                    w.add_(O, alpha=-lr * r["scale"])
+                else:
+                    (b1, b2), eps = r["betas"], r["eps"]
+                    m = st.setdefault("m", torch.zeros_like(w))
+                    v = st.setdefault("v", torch.zeros_like(w))
+                    m.mul_(b1).add_(g, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    mhat, vhat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
+                    w.mul_(1 - decay).sub_(lr * mhat / (vhat.sqrt() + eps))
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--tol", type=float, help="largest allowed |loss difference| (default 1e-4 "
+                    "against the CPU backend, 2e-2 against CUDA)")
+    ap.add_argument("--work", help="work folder, replaced (default runs/parity-NAME)")
+    ap.add_argument("--binary")
+    ap.add_argument("--torch-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config value for the PyTorch side only (e.g. optim.lr=0.03)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads")
+    args = ap.parse_args(argv)
+    binary = find_binary(args.binary)
+    sets = []
+    for s in args.set:
+        sets += ["--set", s]
+    cfg = json.loads(run([binary, "config", args.config, "--json"] + sets, "muonforge config"))
+    check_supported(cfg)
+    tcfg = json.loads(json.dumps(cfg))  # the PyTorch side's copy
+    for kv in args.torch_set:
+        set_key(tcfg, kv)
+    check_supported(tcfg)
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{sys.executable} has no PyTorch; run with a Python that has it "
+                        f"(on Debian: /usr/bin/python3 with python3-torch)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t = cfg["train"]
+    if not 1 <= args.steps <= t["max_steps"]:
+        raise UserError(f"--steps {args.steps} must be in 1..train.max_steps ({t['max_steps']})")
+    work = os.path.abspath(args.work or os.path.join(REPO, "runs", "parity-" + cfg["run"]["name"]))
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    run_dir = os.path.join(work, "muonforge")
+    # Logging, eval and checkpoint cadence do not change what is trained.
+    quiet = sets + ["--set", f"run.dir={run_dir}", "--set", "train.log_every=1",
+                    "--set", "train.eval_every=0", "--set", "train.diag_every=0",
+                    "--set", f"train.ckpt_every={t['max_steps']}", "--quiet"]
+    run([binary, "train", args.config, "--no-resume", "--init-only"] + quiet, "muonforge --init-only")
+    # Read now: train.keep_ckpts may retire ckpt-000000 once step N is written.
+    W = read_safetensors(torch, os.path.join(run_dir, "ckpt-000000", "model.safetensors"))
+    batches = os.path.join(work, "batches.bin")
+    run([binary, "train", args.config, "--stop-at", str(args.steps), "--dump-batches", batches] + quiet,
+        "muonforge train")
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    on_cuda = "backend cuda" in log
+    tol = args.tol if args.tol is not None else (2e-2 if on_cuda else 1e-4)
+
+    for w in W.values():
+        w.requires_grad_(True)
+    issues = compare_mup_table(tcfg, os.path.join(run_dir, "mup_table.csv"),
+                               [(n, tuple(w.shape)) for n, w in W.items()])
+    B, T = t["micro_batch"], t["seq_len"]
+    accum = t["batch_tokens"] // (B * T)
+    raw = open(batches, "rb").read()
+    need = args.steps * accum * 2 * B * T * 4
+    if len(raw) != need:
+        raise UserError(f"{batches}: {len(raw)} bytes, expected {need} ({args.steps} steps x "
+                        f"{accum} micro-batches x inputs+targets x {B}x{T} int32)")
+    toks = torch.frombuffer(bytearray(raw), dtype=torch.int32).long().view(-1, 2, B, T)
+    scalars = model_scalars(tcfg)
+    opt = Optim(torch, tcfg, W)
+    mf = read_metrics(run_dir)
+    clip = tcfg["optim"]["grad_clip"]
+    print(f"torch_parity: {args.config} on muonforge's {'CUDA (bf16)' if on_cuda else 'CPU (fp32)'} "
+          f"backend vs PyTorch {torch.__version__} fp32, {args.steps} steps of {accum} x {B}x{T} "
+          f"tokens, tolerance {tol:g}")
+    print(f"{'step':>5} {'loss muonforge':>15} {'loss torch':>12} {'|diff|':>9} "
+          f"{'gnorm muonforge':>16} {'gnorm torch':>12}")
+    worst = 0.0
+    for step in range(args.steps):
+        grads = {n: torch.zeros_like(w) for n, w in W.items()}
+        loss_sum = 0.0
+        for k in range(accum):
+            inp, tgt = toks[step * accum + k]
+            loss = forward_loss(torch, tcfg, W, inp, tgt, scalars)
+            g = torch.autograd.grad(loss / accum, list(W.values()))
+            for (n, _), gi in zip(W.items(), g):
+                grads[n] += gi
+            loss_sum += loss.item()
+        loss = loss_sum / accum
+        gnorm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+        scale = min(1.0, clip / (gnorm + 1e-6)) if clip > 0 else 1.0
+        opt.step(W, grads, step, scale)
+        rec = mf.get(step + 1, {})
+        ml, mg = rec.get("loss", float("nan")), rec.get("grad_norm", float("nan"))
+        diff = abs(ml - loss)
+        worst = max(worst, diff if diff == diff else math.inf)
+        print(f"{step + 1:>5} {ml:>15.7f} {loss:>12.7f} {diff:>9.2e} {mg:>16.6f} {gnorm:>12.6f}")
+
+    final = os.path.join(run_dir, f"ckpt-{args.steps:06d}", "model.safetensors")
+    Wm = read_safetensors(torch, final)
+    print(f"weights after step {args.steps}: largest |muonforge - torch| / max|torch| per tensor")
+    rel = []
+    for n, w in W.items():
+        ref = w.detach()
+        rel.append(((Wm[n] - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30), n))
+    for r, n in sorted(rel, reverse=True)[:5]:
+        print(f"  {r:9.2e}  {n}")
+    if issues:
+        print("per-parameter hyper-parameters differ from mup_table.csv:")
+        for i in issues:
+            print("  " + i)
+    ok = worst <= tol and not issues
+    print(f"torch_parity: {'PASS' if ok else 'FAIL'}: largest loss difference {worst:.2e} "
+          f"(tolerance {tol:g}){'; mup_table mismatches' if issues else ''}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
