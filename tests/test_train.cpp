@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/rng.h"
+#include "data/loader.h"
 #include "data/shard.h"
 #include "io/safetensors.h"
 #include "train/checkpoint.h"
@@ -75,6 +76,11 @@ Config tiny_config(const std::string& data, const std::string& run_dir, const st
   c.run.dir = run_dir;
   c.run.name = "t";
   return c;
+}
+
+// The error of a second --init-only in the same run directory.
+std::string error_of_init_again(const Config& c, const TrainOptions& o) {
+  return mf::test::error_of([&] { Trainer(c, o).run(); });
 }
 
 std::vector<char> file_bytes(const std::string& p) {
@@ -328,5 +334,50 @@ TEST_CASE("sampling: logits_row is causal; a trained model continues its languag
   out = run_capture(bin + " sample " + root + "/run --prompt-ids 1,x", &rc);
   CHECK(rc == 1);
   CHECK_THAT(out, Catch::Contains("'x' is not a token id"));
+  fs::remove_all(root);
+}
+
+TEST_CASE("--init-only writes the initial weights; --dump-batches records the trained batches",
+          "[train]") {
+  const std::string root = temp_dir("initonly");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  Config a = tiny_config(root, root + "/a", "muon");
+  a.data.shuffle = false;
+  TrainOptions init = quiet;
+  init.init_only = true;
+  TrainResult r0 = Trainer(a, init).run();
+  REQUIRE(r0.last_checkpoint == root + "/a/ckpt-000000");
+  CHECK(r0.losses.empty());
+  const std::vector<char> w0 = file_bytes(r0.last_checkpoint + "/model.safetensors");
+  Trainer(a, init).run();  // again: it resumes at step 0 and writes the same weights
+  CHECK(file_bytes(r0.last_checkpoint + "/model.safetensors") == w0);
+
+  // Training on from ckpt-000000 is the fresh run, bit for bit; the dump holds its batches.
+  TrainOptions dump = quiet;
+  dump.dump_batches = root + "/batches.bin";
+  TrainResult ra = Trainer(a, dump).run();
+  Config b = tiny_config(root, root + "/b", "muon");
+  b.data.shuffle = false;
+  TrainResult rb = Trainer(b, quiet).run();
+  CHECK(ra.losses == rb.losses);
+  CHECK(file_bytes(ra.last_checkpoint + "/model.safetensors") ==
+        file_bytes(rb.last_checkpoint + "/model.safetensors"));
+  // Past step 0 there are no initial weights to write any more.
+  CHECK_THAT(error_of_init_again(a, init), Catch::Contains("already holds a checkpoint at step 8"));
+  const std::vector<char> d = file_bytes(root + "/batches.bin");
+  const int64_t N = int64_t(a.train.micro_batch) * a.train.seq_len;
+  REQUIRE(d.size() == size_t(8 * 2 * 2 * N) * sizeof(int32_t));  // 8 steps x 2 micro x in+tgt
+  DataLoaderOptions lo;
+  lo.B = a.train.micro_batch;
+  lo.T = a.train.seq_len;
+  DataLoader loader(a.data.train, lo);
+  std::vector<int32_t> in(static_cast<size_t>(N)), tg(static_cast<size_t>(N));
+  for (int k = 0; k < 3; ++k) {  // the first micro-batches, inputs then targets
+    loader.next(in.data(), tg.data());
+    CHECK(std::memcmp(d.data() + size_t(2 * k * N) * 4, in.data(), size_t(N) * 4) == 0);
+    CHECK(std::memcmp(d.data() + size_t((2 * k + 1) * N) * 4, tg.data(), size_t(N) * 4) == 0);
+  }
   fs::remove_all(root);
 }

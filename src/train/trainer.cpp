@@ -505,11 +505,6 @@ TrainResult Trainer::run() {
   const double fpt = model_->flops_per_token(), peak = peak_flops(*be_);
 
   install_stop_handlers();
-  if (start_step_ >= max_steps) {
-    spdlog::info("run already complete ({} of {} steps)", start_step_, max_steps);
-    res.steps_done = start_step_;
-    return res;
-  }
   if (opts_.init_only) {
     MF_CHECK(start_step_ == 0, "--init-only: ", run_dir_, " already holds a checkpoint at step ",
              start_step_, "; pass --no-resume to start over");
@@ -518,6 +513,11 @@ TrainResult Trainer::run() {
                                           state_json(0), cfg_, cfg_.train.keep_ckpts, *comm_,
                                           sharded_);
     spdlog::info("initial weights written to {} (--init-only)", res.last_checkpoint);
+    return res;
+  }
+  if (start_step_ >= max_steps) {
+    spdlog::info("run already complete ({} of {} steps)", start_step_, max_steps);
+    res.steps_done = start_step_;
     return res;
   }
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> dump(nullptr, &std::fclose);
