@@ -73,6 +73,9 @@ class ByteTokenizer:
     def encode(self, text):
         return text.encode("utf-8")
 
+    def decode_bytes(self, ids):
+        return bytes(ids)
+
 
 def gpt2_byte_to_unicode():
     """GPT-2's reversible map from the 256 byte values to printable unicode characters:
@@ -178,6 +181,19 @@ class Gpt2BpeTokenizer:
             out.extend(self.bpe("".join(bm[b] for b in piece.encode("utf-8"))))
         return out
 
+    def decode_bytes(self, ids):
+        """The bytes of token ids (a token may end inside a UTF-8 character)."""
+        if not hasattr(self, "decoder"):
+            self.decoder = {i: t for t, i in self.encoder.items()}
+            self.byte_of = {c: b for b, c in self.byte_map.items()}
+        out = bytearray()
+        for i in ids:
+            t = self.decoder.get(i)
+            if t is None:
+                raise UserError(f"token id {i} is not in the GPT-2 vocabulary")
+            out.extend(self.byte_of[c] for c in t)
+        return bytes(out)
+
 
 class TiktokenGpt2:
     name = "gpt2"
@@ -190,6 +206,9 @@ class TiktokenGpt2:
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)
+
+    def decode_bytes(self, ids):
+        return self.enc.decode_bytes(ids)
 
 
 def make_tokenizer(name, gpt2_dir=None, quiet=False):

@@ -119,6 +119,15 @@ class Gpt2Bpe(unittest.TestCase):
         self.assertEqual((tok.vocab_size, tok.eot), (50257, 50256))
         self.check(tok)
 
+    def test_decode_round_trip(self):
+        # scripts/sample.py prints tokens through decode_bytes: every vector text comes back.
+        tok = pd.Gpt2BpeTokenizer(GPT2_DIR)
+        texts, ids = load_vectors()
+        for text, want in zip(texts, ids):
+            self.assertEqual(tok.decode_bytes(want), text.encode("utf-8"), f"input {text!r}")
+        with self.assertRaises(pd.UserError):
+            tok.decode_bytes([50257])
+
     def test_vectors_re_fallback(self):
         # The `re` approximation agrees on every vector (it differs only for non-decimal numerals
         # glued to letters).

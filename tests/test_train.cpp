@@ -325,6 +325,15 @@ TEST_CASE("sampling: logits_row is causal; a trained model continues its languag
   CHECK(rc == 0);
   CHECK_THAT(out, Catch::StartsWith("sample: " + root + "/run/ckpt-000060 (step 60)") &&
                       Catch::EndsWith("\n0 3 6 | 9 12 15 18 21\n"));
+  // scripts/sample.py: text in, text out (byte tokens here: ids 3 and 6 are bytes 3 and 6).
+  if (std::system("python3 --version > /dev/null 2>&1") == 0) {
+    out = run_capture("(python3 " + std::string(MF_SOURCE_DIR) + "/scripts/sample.py " + root +
+                          "/run --tokenizer byte --prompt \"$(printf '\\003\\006')\" --greedy "
+                          "--tokens 5 --binary " + bin + " 2>/dev/null)",
+                      &rc);
+    CHECK(rc == 0);
+    CHECK(out == std::string("\003\006\011\014\017\022\025\n"));
+  }
   out = run_capture(bin + " sample " + root + "/run --prompt hello", &rc);
   CHECK(rc == 1);
   CHECK_THAT(out, Catch::Contains("vocab_size 32") && Catch::Contains("--prompt-ids"));
