@@ -18,9 +18,10 @@ What it does:
      difference of each weight tensor after step N, and exits 1 when a loss differs by more than
      --tol (default 1e-4 against muonforge's fp32 CPU backend, 2e-2 against bf16 CUDA).
 
-Supported: dense Llama, optim.name muon or adamw (quintic Newton-Schulz, no cautious wd, no
-QK-clip), every schedule, grad clipping, both weight-decay modes, SP / µP / rms scaling, tied or
-untied embeddings. Anything else stops with a message naming the key. Needs PyTorch (Debian's
+Supported: dense and MoE Llama (softmax or sigmoid router, top-k renormalisation, route scale,
+shared experts, leading dense layers, aux-loss or bias balancing, capacity drops), optim.name
+muon or adamw (quintic Newton-Schulz, no cautious wd, no QK-clip), every schedule, grad
+clipping, both weight-decay modes, SP / µP / rms scaling, tied or untied embeddings. Anything else stops with a message naming the key. Needs PyTorch (Debian's
 python3-torch works: run with /usr/bin/python3). Work files go to --work (default
 runs/parity-NAME), which is replaced. --torch-set changes the config of the PyTorch side only: a
 what-if (would the losses match if muonforge used another rule?) and a way to see the check fail.
@@ -111,8 +112,6 @@ def read_metrics(run_dir):
 def check_supported(cfg):
     m, o, t = cfg["model"], cfg["optim"], cfg["train"]
     bad = []
-    if m.get("moe", {}).get("n_experts", 0) > 0:
-        bad.append("model.moe.n_experts > 0 (MoE)")
     if o["name"] not in ("muon", "adamw"):
         bad.append(f"optim.name {o['name']!r} (muon or adamw only)")
     if o["name"] == "muon" and o.get("ns", "quintic") != "quintic":
@@ -155,6 +154,10 @@ def muon_scale(mode, rows, cols):
 
 
 def kind_of(name):
+    if name.endswith("mlp.gate.weight"):
+        return "router"
+    if name.endswith("e_score_correction_bias"):
+        return "bias"
     if name.endswith("embed_tokens.weight"):
         return "embedding"
     if name == "lm_head.weight":
@@ -175,6 +178,11 @@ def param_rules(cfg, name, shape):
             return dict(opt="muon", lr=o["lr"], wd=wd, scale=muon_scale(o["scale"], *shape))
         return dict(opt="adamw", lr=o["lr"] / m, wd=wd, betas=o["betas"], eps=o["eps"])
     a = o["adamw"]
+    if kind_of(name) == "bias":  # moved by the balancing rule, never by an optimizer
+        return dict(opt="none", lr=0.0, wd=0.0)
+    if kind_of(name) == "router":  # AdamW, with the hidden-matrix µP multipliers
+        return dict(opt="adamw", lr=a["lr"] / m, wd=a["wd"] * (1 / m if mup["enabled"] and
+                    independent else 1.0), betas=a["betas"], eps=a["eps"])
     return dict(opt="adamw", lr=a["lr"], wd=a["wd"], betas=a["betas"], eps=a["eps"])
 
 
@@ -203,6 +211,8 @@ def compare_mup_table(cfg, path, names_shapes):
                    scale=float(r["muon_scale"]))
         if got["opt"] != want["opt"]:
             issues.append(f"{name}: optimizer {got['opt']} (mup_table) vs {want['opt']} (here)")
+        if want["opt"] == "none":
+            continue
         for k in ("lr", "wd") + (("scale",) if want["opt"] == "muon" else ()):
             if not math.isclose(got[k], want[k], rel_tol=1e-5, abs_tol=1e-12):
                 issues.append(f"{name}: {k} {got[k]:g} (mup_table) vs {want[k]:g} (here)")
@@ -211,7 +221,46 @@ def compare_mup_table(cfg, path, names_shapes):
 
 # ---- the model and optimizers in PyTorch ---------------------------------------------------------
 
-def forward_loss(torch, cfg, W, inp, tgt, scalars):
+def moe_mlp(torch, mc, W, p, x):
+    """x [N, d] (normed) -> (out [N, d], aux loss, expert counts [E]); semantics of
+    docs/config.md (model.moe) and DeepSeek-V3 / Switch routing."""
+    F = torch.nn.functional
+    E, K, N = mc["n_experts"], mc["top_k"], x.shape[0]
+    logits = x @ W[p + "gate.weight"].T
+    probs = logits.sigmoid() if mc["score"] == "sigmoid" else logits.softmax(-1)
+    sel = probs.detach()
+    if mc["balance"] == "bias":
+        sel = sel + W[p + "gate.e_score_correction_bias"].detach()
+    idx = sel.topk(K, dim=-1).indices
+    a = probs.gather(1, idx)
+    wts = (a / (a.sum(-1, keepdim=True) + 1e-20) if mc["norm_topk"] else a) * mc["route_scale"]
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    keep = torch.ones(N, K, dtype=torch.bool)
+    if mc.get("capacity_factor", 0) > 0:  # each expert keeps its first pairs in token order
+        cap, seen = math.ceil(mc["capacity_factor"] * N * K / E), [0] * E
+        for n, row in enumerate(idx.tolist()):
+            for j, e in enumerate(row):
+                keep[n, j] = seen[e] < cap
+                seen[e] += 1
+    out = torch.zeros_like(x)
+    for e in range(E):
+        q = p + f"experts.{e}."
+        coef = (wts * ((idx == e) & keep)).sum(-1, keepdim=True)
+        y = (F.silu(x @ W[q + "gate_proj.weight"].T) * (x @ W[q + "up_proj.weight"].T))
+        out = out + coef * (y @ W[q + "down_proj.weight"].T)
+    if mc["n_shared"]:
+        q = p + "shared_experts."
+        y = F.silu(x @ W[q + "gate_proj.weight"].T) * (x @ W[q + "up_proj.weight"].T)
+        out = out + y @ W[q + "down_proj.weight"].T
+    aux = torch.zeros(())
+    if mc["balance"] == "aux_loss":
+        pn = probs if mc["score"] == "softmax" else probs / probs.sum(-1, keepdim=True)
+        aux = mc["aux_coef"] * E * ((counts.float() / (N * K)) * pn.mean(0)).sum()
+    return out, aux, counts
+
+
+def forward_loss(torch, cfg, W, inp, tgt, scalars, loads=None):
+    """Cross-entropy plus the MoE balance loss; adds each MoE layer's expert counts to loads."""
     F = torch.nn.functional
     md = cfg["model"]
     d, L, H, Hkv = md["d_model"], md["n_layers"], md["n_heads"], md["n_kv_heads"]
@@ -232,6 +281,7 @@ def forward_loss(torch, cfg, W, inp, tgt, scalars):
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
     mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    mc, aux = md.get("moe", {}), torch.zeros(())
     x = W["model.embed_tokens.weight"][inp]
     for i in range(L):
         p = f"model.layers.{i}."
@@ -246,12 +296,19 @@ def forward_loss(torch, cfg, W, inp, tgt, scalars):
         o = a.transpose(1, 2).reshape(B, T, d) @ W[p + "self_attn.o_proj.weight"].T
         x = x + rmult * o
         h = rms(x, W[p + "post_attention_layernorm.weight"])
+        if mc.get("n_experts", 0) > 0 and i >= mc["first_dense"]:
+            out, a, counts = moe_mlp(torch, mc, W, p + "mlp.", h.reshape(B * T, d))
+            x = x + rmult * out.view(B, T, d)
+            aux = aux + a
+            if loads is not None:
+                loads[i] = loads.get(i, 0) + counts
+            continue
         g = h @ W[p + "mlp.gate_proj.weight"].T
         u = h @ W[p + "mlp.up_proj.weight"].T
         x = x + rmult * ((F.silu(g) * u) @ W[p + "mlp.down_proj.weight"].T)
     head = W["model.embed_tokens.weight"] if md["tie_embeddings"] else W["lm_head.weight"]
     logits = (rms(x, W["model.norm.weight"]) @ head.T) * logit_mult
-    return F.cross_entropy(logits.view(B * T, -1), tgt.reshape(-1))
+    return F.cross_entropy(logits.view(B * T, -1), tgt.reshape(-1)) + aux
 
 
 def newton_schulz(torch, U, steps):
@@ -280,7 +337,10 @@ class Optim:
         self.t += 1
         with torch.no_grad():
             for n, w in W.items():
-                r, st, g = self.rules[n], self.state[n], grads[n] * grad_scale
+                r, st = self.rules[n], self.state[n]
+                if r["opt"] == "none":
+                    continue
+                g = grads[n] * grad_scale
                 lr = r["lr"] * sched
                 decay = sched * r["wd"] if o["wd_mode"] == "independent" else lr * r["wd"]
                 if r["opt"] == "muon":
@@ -354,7 +414,9 @@ def main(argv=None):
     on_cuda = "backend cuda" in log
     tol = args.tol if args.tol is not None else (2e-2 if on_cuda else 1e-4)
 
-    for w in W.values():
+    trainable_names = [n for n in W if kind_of(n) != "bias"]
+    trainable = [W[n] for n in trainable_names]
+    for w in trainable:
         w.requires_grad_(True)
     issues = compare_mup_table(tcfg, os.path.join(run_dir, "mup_table.csv"),
                                [(n, tuple(w.shape)) for n, w in W.items()])
@@ -378,18 +440,25 @@ def main(argv=None):
     worst = 0.0
     for step in range(args.steps):
         grads = {n: torch.zeros_like(w) for n, w in W.items()}
-        loss_sum = 0.0
+        loss_sum, loads = 0.0, {}
         for k in range(accum):
             inp, tgt = toks[step * accum + k]
-            loss = forward_loss(torch, tcfg, W, inp, tgt, scalars)
-            g = torch.autograd.grad(loss / accum, list(W.values()))
-            for (n, _), gi in zip(W.items(), g):
+            loss = forward_loss(torch, tcfg, W, inp, tgt, scalars, loads)
+            g = torch.autograd.grad(loss / accum, trainable)
+            for n, gi in zip(trainable_names, g):
                 grads[n] += gi
             loss_sum += loss.item()
         loss = loss_sum / accum
         gnorm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
         scale = min(1.0, clip / (gnorm + 1e-6)) if clip > 0 else 1.0
         opt.step(W, grads, step, scale)
+        mc = tcfg["model"].get("moe", {})
+        if mc.get("balance") == "bias" and mc.get("bias_rate", 0) > 0:
+            with torch.no_grad():  # DeepSeek-V3: under-loaded experts up, over-loaded down
+                for i, c in loads.items():
+                    b = W[f"model.layers.{i}.mlp.gate.e_score_correction_bias"]
+                    c = c.double()
+                    b += (mc["bias_rate"] * torch.sign(c.mean() - c)).float()
         rec = mf.get(step + 1, {})
         ml, mg = rec.get("loss", float("nan")), rec.get("grad_norm", float("nan"))
         diff = abs(ml - loss)

@@ -105,6 +105,20 @@ TEST_CASE("torch_parity.py: a run checked step by step against PyTorch", "[scrip
   CHECK(rc == 0);
   CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));
   CHECK_THAT(log, Catch::Contains("    4 "));  // the step table reached step 4
+  // MoE: sigmoid router with bias balancing (moe-tiny.json), then softmax + aux loss + capacity.
+  const std::string moe = std::string(" ") + MF_SOURCE_DIR + "/configs/moe-tiny.json" + bin + work +
+                          " --steps 3 --threads 2 --set train.max_steps=30 --set data.train=" +
+                          data + "/train_*.bin --set data.val=" + data + "/val_*.bin";
+  log = run_capture(py + " " + script + moe, &rc);
+  INFO(log);
+  CHECK(rc == 0);
+  CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));
+  log = run_capture(py + " " + script + moe + " --set model.moe.balance=aux_loss --set "
+                    "model.moe.score=softmax --set model.moe.capacity_factor=1 --set "
+                    "model.moe.aux_coef=0.05", &rc);
+  INFO(log);
+  CHECK(rc == 0);
+  CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));
   // A different lr on the PyTorch side only: the losses part and the µP table disagrees.
   log = run_capture(py + " " + script + cfg + bin + work + sets + " --torch-set optim.lr=0.03", &rc);
   INFO(log);
