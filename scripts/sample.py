@@ -20,16 +20,15 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import bench_torch  # noqa: E402  (the binary lookup)
 import prepare_data as pd  # noqa: E402
 
 
 def find_binary(explicit):
-    repo = os.path.dirname(HERE)
-    for c in [explicit, os.environ.get("MUONFORGE_BINARY"), os.path.join(repo, "build", "muonforge"),
-              os.path.join(repo, "build-lead", "muonforge")]:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    raise pd.UserError("no muonforge binary: build it (scripts/setup.sh) or pass --binary PATH")
+    b = bench_torch.find_binary(explicit)
+    if not b:
+        raise pd.UserError("no muonforge binary: build it (scripts/setup.sh) or pass --binary PATH")
+    return b
 
 
 def vocab_size_of(path):

@@ -37,7 +37,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NS_ABC = (3.4445, -4.7750, 2.0315)  # the quintic Newton-Schulz coefficients (Keller Jordan's Muon)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import bench_torch  # noqa: E402  (the binary lookup and the quintic Newton-Schulz)
 
 
 class UserError(Exception):
@@ -45,11 +46,10 @@ class UserError(Exception):
 
 
 def find_binary(explicit):
-    for c in [explicit, os.environ.get("MUONFORGE_BINARY"), os.path.join(REPO, "build", "muonforge"),
-              os.path.join(REPO, "build-lead", "muonforge")]:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    raise UserError("no muonforge binary: build it (scripts/setup.sh) or pass --binary PATH")
+    b = bench_torch.find_binary(explicit)
+    if not b:
+        raise UserError("no muonforge binary: build it (scripts/setup.sh) or pass --binary PATH")
+    return b
 
 
 def set_key(cfg, kv):
@@ -311,20 +311,6 @@ def forward_loss(torch, cfg, W, inp, tgt, scalars, loads=None):
     return F.cross_entropy(logits.view(B * T, -1), tgt.reshape(-1)) + aux
 
 
-def newton_schulz(torch, U, steps):
-    a, b, c = NS_ABC
-    X = U.double()
-    X = (U / (X.norm().item() + 1e-7)).float()
-    tall = X.shape[0] > X.shape[1]
-    if tall:
-        X = X.T
-    for _ in range(steps):
-        A = X @ X.T
-        Bm = b * A + c * (A @ A)
-        X = a * X + Bm @ X
-    return X.T if tall else X
-
-
 class Optim:
     def __init__(self, torch, cfg, W):
         self.torch, self.cfg, self.t = torch, cfg, 0
@@ -347,7 +333,7 @@ class Optim:
                     M = st.setdefault("m", torch.zeros_like(w))
                     M.mul_(o["momentum"]).add_(g)
                     U = g + o["momentum"] * M if o["nesterov"] else M.clone()
-                    O = newton_schulz(torch, U, o["ns_steps"])
+                    O = bench_torch.zeropower_ns5(torch, U, o["ns_steps"], torch.float32)
                     if decay:
                         w.mul_(1 - decay)
                     w.add_(O, alpha=-lr * r["scale"])
