@@ -94,7 +94,8 @@ TEST_CASE("torch_parity.py: a run checked step by step against PyTorch", "[scrip
     for (int i = 0; i < 20000; ++i) toks.push_back(x = (x * 5 + 3 + uint32_t(rng.below(3))) % 256);
     mf::write_shard(data + "/" + split + "_000000.bin", toks, 2);
   }
-  // µP at width_mult 2 with depth and head-dim multipliers, independent wd, AdamW groups.
+  // µP at width_mult 2 with depth and head-dim multipliers, independent wd, AdamW groups; first
+  // with Muon, then with NorMuon and cautious weight decay.
   const std::string sets =
       " --set data.train=" + data + "/train_*.bin --set data.val=" + data + "/val_*.bin" +
       " --steps 4 --threads 2 --set train.max_steps=30 --set mup.enabled=true --set mup.base_width=64"
@@ -105,6 +106,12 @@ TEST_CASE("torch_parity.py: a run checked step by step against PyTorch", "[scrip
   CHECK(rc == 0);
   CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));
   CHECK_THAT(log, Catch::Contains("    4 "));  // the step table reached step 4
+  log = run_capture(py + " " + script + cfg + bin + work + sets +
+                        " --set optim.name=normuon --set optim.cautious_wd=true",
+                    &rc);
+  INFO(log);
+  CHECK(rc == 0);
+  CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));
   // MoE: sigmoid router with bias balancing (moe-tiny.json), then softmax + aux loss + capacity.
   const std::string moe = std::string(" ") + MF_SOURCE_DIR + "/configs/moe-tiny.json" + bin + work +
                           " --steps 3 --threads 2 --set train.max_steps=30 --set data.train=" +
