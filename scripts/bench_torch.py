@@ -93,7 +93,8 @@ def apply_set(cfg, kv):
 
 
 def find_binary(arg):
-    cands = [arg, os.environ.get("MF_BINARY"), os.path.join(REPO, "build", "muonforge")]
+    cands = [arg, os.environ.get("MF_BINARY"), os.environ.get("MUONFORGE_BINARY"),
+             os.path.join(REPO, "build", "muonforge")]
     cands += sorted(glob.glob(os.path.join(REPO, "build*", "muonforge")), key=os.path.getmtime,
                     reverse=True)
     for c in cands:
