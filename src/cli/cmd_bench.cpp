@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/args.h"
 #include "cli/commands.h"
 #include "config/config.h"
 #include "core/error.h"
@@ -42,23 +43,6 @@ const char* kBenchUsage =
     "  --quiet            no per-step lines and no memory plan\n"
     "  --json             also print the result as one JSON object on the last line\n";
 
-std::string need_value(const Args& a, size_t& i) {
-  MF_CHECK(i + 1 < a.size(), "bench: option ", a[i], " needs a value");
-  return a[++i];
-}
-
-int to_int(const std::string& opt, const std::string& v) {
-  size_t pos = 0;
-  long long x = 0;
-  try {
-    x = std::stoll(v, &pos);
-  } catch (...) {
-    pos = 0;
-  }
-  MF_CHECK(pos == v.size() && !v.empty(), "bench: ", opt, " needs an integer, got '", v, "'");
-  return int(x);
-}
-
 }  // namespace
 
 int cmd_bench(const Args& args) {
@@ -72,39 +56,39 @@ int cmd_bench(const Args& args) {
       std::fputs(kBenchUsage, stdout);
       return 0;
     } else if (a == "--set") {
-      sets.push_back(need_value(args, i));
+      sets.push_back(option_value(args, i, "bench"));
     } else if (a.rfind("--set=", 0) == 0) {
       sets.push_back(a.substr(6));
     } else if (a == "--steps") {
-      o.steps = to_int(a, need_value(args, i));
+      o.steps = int(next_int(args, i, "bench"));
     } else if (a == "--warmup") {
-      o.warmup = to_int(a, need_value(args, i));
+      o.warmup = int(next_int(args, i, "bench"));
     } else if (a == "--seq-len") {
-      const std::string v = need_value(args, i);
-      to_int(a, v);
+      const std::string v = option_value(args, i, "bench");
+      option_int("bench", a, v);
       sets.push_back("train.seq_len=" + v);
       sets.push_back("model.max_seq_len=" + v);
     } else if (a == "--micro-batch") {
-      const std::string v = need_value(args, i);
-      to_int(a, v);
+      const std::string v = option_value(args, i, "bench");
+      option_int("bench", a, v);
       sets.push_back("train.micro_batch=" + v);
     } else if (a == "--batch-tokens") {
-      const std::string v = need_value(args, i);
-      to_int(a, v);
+      const std::string v = option_value(args, i, "bench");
+      option_int("bench", a, v);
       sets.push_back("train.batch_tokens=" + v);
     } else if (a == "--device") {
-      sets.push_back("train.device=" + need_value(args, i));
+      sets.push_back("train.device=" + option_value(args, i, "bench"));
     } else if (a == "--fwd-reps") {
-      o.fwd_reps = to_int(a, need_value(args, i));
+      o.fwd_reps = int(next_int(args, i, "bench"));
     } else if (a == "--gemm-size") {
-      o.gemm_size = to_int(a, need_value(args, i));
+      o.gemm_size = int(next_int(args, i, "bench"));
       MF_CHECK(o.gemm_size > 0, "bench: --gemm-size must be positive (use --no-gemm to skip)");
     } else if (a == "--no-gemm") {
       o.gemm_size = -1;
     } else if (a == "--no-attn") {
       o.attention = false;
     } else if (a == "--profile") {
-      o.profile_steps = to_int(a, need_value(args, i));
+      o.profile_steps = int(next_int(args, i, "bench"));
       MF_CHECK(o.profile_steps >= 0, "bench: --profile needs a step count >= 0, got ", o.profile_steps);
     } else if (a == "--no-muon-split") {
       o.muon_split = false;

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <sstream>
 
+#include "cli/args.h"
 #include "cli/commands.h"
 #include "config/config.h"
 #include "core/error.h"
@@ -41,21 +42,6 @@ const char* kUsage =
     "  --ids              print token ids (the default when the vocabulary is not bytes)\n"
     "The text goes to stdout as it is generated; a header line goes to stderr.\n";
 
-std::string value_of(const Args& a, size_t& i) {
-  MF_CHECK(i + 1 < a.size(), "sample: option ", a[i], " needs a value");
-  return a[++i];
-}
-
-template <class T>
-T number_of(const Args& a, size_t& i) {
-  const std::string opt = a[i], v = value_of(a, i);
-  std::istringstream in(v);
-  T x{};
-  in >> x;
-  MF_CHECK(in && in.peek() == EOF, "sample: ", opt, " '", v, "' is not a number");
-  return x;
-}
-
 std::vector<int32_t> parse_ids(const std::string& list) {
   std::vector<int32_t> ids;
   std::istringstream in(list);
@@ -84,26 +70,26 @@ int cmd_sample(const Args& args) {
       std::fputs(kUsage, stdout);
       return 0;
     } else if (a == "--prompt") {
-      prompt_text = value_of(args, i);
+      prompt_text = option_value(args, i, "sample");
       have_text = true;
     } else if (a == "--prompt-ids") {
-      prompt_ids = value_of(args, i);
+      prompt_ids = option_value(args, i, "sample");
     } else if (a == "--tokens") {
-      o.max_new_tokens = number_of<int>(args, i);
+      o.max_new_tokens = int(next_int(args, i, "sample"));
     } else if (a == "--temperature") {
-      o.temperature = number_of<double>(args, i);
+      o.temperature = next_double(args, i, "sample");
     } else if (a == "--greedy") {
       o.temperature = 0;
     } else if (a == "--top-k") {
-      o.top_k = number_of<int>(args, i);
+      o.top_k = int(next_int(args, i, "sample"));
     } else if (a == "--seed") {
-      o.seed = number_of<uint64_t>(args, i);
+      o.seed = uint64_t(next_int(args, i, "sample"));
     } else if (a == "--context") {
-      context = number_of<int>(args, i);
+      context = int(next_int(args, i, "sample"));
     } else if (a == "--ids") {
       print_ids = true;
     } else if (a == "--device") {
-      device = value_of(args, i);
+      device = option_value(args, i, "sample");
     } else if (!a.empty() && a[0] == '-') {
       MF_FAIL("sample: unknown option ", a, " (see muonforge sample --help)");
     } else {

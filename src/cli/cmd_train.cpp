@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "cli/args.h"
 #include "cli/commands.h"
 #include "config/config.h"
 #include "core/error.h"
@@ -41,10 +42,6 @@ const char* kEvalUsage =
     "Evaluates the weights of a checkpoint on token shards (default: the run's data.val) and\n"
     "prints the mean cross-entropy loss and perplexity.\n";
 
-std::string need_value(const Args& a, size_t& i) {
-  MF_CHECK(i + 1 < a.size(), "option ", a[i], " needs a value");
-  return a[++i];
-}
 
 }  // namespace
 
@@ -58,21 +55,21 @@ int cmd_train(const Args& args) {
       std::fputs(kTrainUsage, stdout);
       return 0;
     } else if (a == "--set") {
-      sets.push_back(need_value(args, i));
+      sets.push_back(option_value(args, i, "train"));
     } else if (a.rfind("--set=", 0) == 0) {
       sets.push_back(a.substr(6));
     } else if (a == "--resume") {
-      opts.resume = need_value(args, i);
+      opts.resume = option_value(args, i, "train");
     } else if (a == "--no-resume") {
       opts.no_resume = true;
     } else if (a == "--stop-at") {
-      opts.stop_at = std::stoi(need_value(args, i));
+      opts.stop_at = int(next_int(args, i, "train"));
     } else if (a == "--quiet") {
       opts.quiet = true;
     } else if (a == "--init-only") {
       opts.init_only = true;
     } else if (a == "--dump-batches") {
-      opts.dump_batches = need_value(args, i);
+      opts.dump_batches = option_value(args, i, "train");
     } else if (!a.empty() && a[0] == '-') {
       MF_FAIL("train: unknown option ", a, " (see muonforge train --help)");
     } else {
@@ -100,11 +97,11 @@ int cmd_eval(const Args& args) {
       std::fputs(kEvalUsage, stdout);
       return 0;
     } else if (a == "--data") {
-      data = need_value(args, i);
+      data = option_value(args, i, "eval");
     } else if (a == "--batches") {
-      batches = std::stoi(need_value(args, i));
+      batches = int(next_int(args, i, "eval"));
     } else if (a == "--device") {
-      device = need_value(args, i);
+      device = option_value(args, i, "eval");
     } else if (!a.empty() && a[0] == '-') {
       MF_FAIL("eval: unknown option ", a, " (see muonforge eval --help)");
     } else {
