@@ -497,26 +497,25 @@ std::vector<MoeLayer*> LlamaModel::moe_layers() {
 
 std::vector<float> LlamaModel::logits(const int32_t* inputs) {
   run_forward(inputs);
-  const int64_t N = int64_t(B_) * T_, V = cfg_.vocab_size;
-  Tensor lg = be_.empty({N, V}, be_.act_dtype());
-  be_.matmul_fwd(acts_->xf, lm_head_->weight, lg);
-  Tensor h = host_tensor({N, V});
-  be_.download(lg, h);
-  std::vector<float> out(h.f32(), h.f32() + N * V);
-  for (auto& x : out) x *= float(scales_.logit_mult);
-  return out;
+  return head_logits(acts_->xf);
 }
 
 std::vector<float> LlamaModel::logits_row(const int32_t* inputs, int64_t row) {
-  const int64_t N = int64_t(B_) * T_, V = cfg_.vocab_size;
+  const int64_t N = int64_t(B_) * T_;
   MF_CHECK(row >= 0 && row < N, "logits_row: row ", row, " outside 0..", N - 1);
   run_forward(inputs);
-  Tensor lg = be_.empty({1, V}, be_.act_dtype());
-  be_.matmul_fwd(acts_->xf.slice0(row, row + 1), lm_head_->weight, lg);
-  Tensor h = host_tensor({1, V});
+  return head_logits(acts_->xf.slice0(row, row + 1));
+}
+
+// lm_head applied to final-norm rows x [n, d], times the µP logit multiplier, on the host.
+std::vector<float> LlamaModel::head_logits(const Tensor& x) {
+  const int64_t n = x.dim(0), V = cfg_.vocab_size;
+  Tensor lg = be_.empty({n, V}, be_.act_dtype());
+  be_.matmul_fwd(x, lm_head_->weight, lg);
+  Tensor h = host_tensor({n, V});
   be_.download(lg, h);
-  std::vector<float> out(h.f32(), h.f32() + V);
-  for (auto& x : out) x *= float(scales_.logit_mult);
+  std::vector<float> out(h.f32(), h.f32() + n * V);
+  for (auto& v : out) v *= float(scales_.logit_mult);
   return out;
 }
 

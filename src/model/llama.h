@@ -124,6 +124,7 @@ class LlamaModel {
   void build_params();
   void run_forward(const int32_t* inputs, bool train = false);
   double loss_from_host(const Tensor& losses);
+  std::vector<float> head_logits(const Tensor& x);  // logits(), logits_row()
   int deferred_count_ = 0;    // micro-batches summed into Acts::loss_sum since take_loss()
   double deferred_aux_ = 0;   // their MoE balance losses (host values)
   Tensor heads(const Tensor& x, int h) const;
