@@ -112,6 +112,65 @@ MF_ATTN_CLONES void attention_fwd_tiled(const float* q, const float* k, const fl
 
 namespace {
 
+#if defined(__GNUC__) || defined(__clang__)
+#define MF_ALWAYS_INLINE inline __attribute__((always_inline))  // compiled into each clone
+#define MF_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define MF_ALWAYS_INLINE inline
+#define MF_LAMBDA_INLINE
+#endif
+
+// Per-thread scratch of one query tile's backward.
+struct DqScratch {
+  std::vector<float> kt, vt, acc, P, dS;
+  explicit DqScratch(int64_t hd)
+      : kt(size_t(hd * kAttnKeyBlock)), vt(size_t(hd * kAttnKeyBlock)), acc(size_t(kQTile * hd)),
+        P(size_t(kQTile * kAttnKeyBlock)), dS(size_t(kQTile * kAttnKeyBlock)) {}
+};
+
+// The backward of query rows [t0, t1) of head h: Dt[t - t0] (=) rowsum(dO * O) of row t, then,
+// key block by key block, each row's probabilities P and dS (kept in w.P / w.dS, row i at
+// i * kAttnKeyBlock, valid for keys j <= t) added into dq in key order; on_block(j0, jn) runs
+// after each block (the fused pass accumulates dk, dv from P and dS there). Writes dq's rows.
+template <class OnBlock>
+MF_ALWAYS_INLINE void dq_tile(const float* dout, const float* q, const float* k, const float* v,
+                              const float* out, const float* lse, float* dq, const AttnDims& s,
+                              float scale, int64_t b, int64_t h, int64_t t0, int64_t t1,
+                              DqScratch& w, float* Dt, OnBlock on_block) {
+  const int64_t hd = s.hd, g = h / (s.H / s.Hkv), KB = kAttnKeyBlock;
+  for (int64_t t = t0; t < t1; ++t)
+    Dt[t - t0] = dot(dout + s.q_at(b, t, h), out + s.q_at(b, t, h), hd);
+  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+  for (int64_t j0 = 0; j0 < t1; j0 += KB) {
+    const int64_t jn = std::min(t1, j0 + KB) - j0;
+    transpose_rows(k + s.kv_at(b, j0, g), s.Hkv * hd, jn, hd, w.kt.data(), KB);
+    transpose_rows(v + s.kv_at(b, j0, g), s.Hkv * hd, jn, hd, w.vt.data(), KB);
+    for (int64_t t = std::max(t0, j0); t < t1; ++t) {
+      const int64_t i = t - t0, nj = std::min(t + 1, j0 + KB) - j0;
+      float* pi = w.P.data() + i * KB;
+      float* di = w.dS.data() + i * KB;
+      dots(q + s.q_at(b, t, h), w.kt.data(), KB, hd, 0, nj, pi);
+      dots(dout + s.q_at(b, t, h), w.vt.data(), KB, hd, 0, nj, di);
+      const float L = lse[s.row_at(b, h, t)], Di = Dt[i];
+      float* ai = w.acc.data() + i * hd;
+      for (int64_t j = 0; j < nj; ++j) {
+        const float p = std::exp(scale * pi[j] - L);
+        const float ds = p * (di[j] - Di);
+        pi[j] = p;
+        di[j] = ds;
+        const float* kr = k + s.kv_at(b, j0 + j, g);
+        for (int64_t c = 0; c < hd; ++c) ai[c] += ds * kr[c];
+      }
+    }
+    on_block(j0, jn);
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    float* o = dq + s.q_at(b, t, h);
+    const float* ai = w.acc.data() + (t - t0) * hd;
+    for (int64_t c = 0; c < hd; ++c) o[c] = scale * ai[c];
+  }
+}
+
 // Backward in one pass per (batch, kv head): each probability and dS is computed once and feeds
 // dq (by query row) and dk, dv (by key row). Each output still adds its terms in the row loops'
 // order: dq over keys ascending; dk, dv over the group's heads, then queries ascending.
@@ -123,9 +182,8 @@ MF_ATTN_CLONES void attention_bwd_fused(const float* dout, const float* q, const
   const int64_t items = s.B * s.Hkv;
 #pragma omp parallel if (s.B * s.H * s.T * (s.T / 2 + 1) * hd >= kMinParallelWork)
   {
-    std::vector<float> kt(size_t(hd * KB)), vt(size_t(hd * KB)), acc(size_t(kQTile * hd));
-    std::vector<float> P(size_t(kQTile * KB)), dS(size_t(kQTile * KB)), Dt(kQTile);
-    std::vector<float> ak(size_t(T * hd)), av(size_t(T * hd));
+    DqScratch w(hd);
+    std::vector<float> Dt(kQTile), ak(size_t(T * hd)), av(size_t(T * hd));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t b = it / s.Hkv, g = it % s.Hkv;
@@ -134,48 +192,24 @@ MF_ATTN_CLONES void attention_bwd_fused(const float* dout, const float* q, const
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         for (int64_t t0 = 0; t0 < T; t0 += kQTile) {
           const int64_t t1 = std::min(T, t0 + kQTile);
-          for (int64_t t = t0; t < t1; ++t)
-            Dt[size_t(t - t0)] = dot(dout + s.q_at(b, t, h), out + s.q_at(b, t, h), hd);
-          std::fill(acc.begin(), acc.end(), 0.0f);
-          for (int64_t j0 = 0; j0 < t1; j0 += KB) {
-            const int64_t jn = std::min(t1, j0 + KB) - j0;
-            transpose_rows(k + s.kv_at(b, j0, g), s.Hkv * hd, jn, hd, kt.data(), KB);
-            transpose_rows(v + s.kv_at(b, j0, g), s.Hkv * hd, jn, hd, vt.data(), KB);
-            for (int64_t t = std::max(t0, j0); t < t1; ++t) {
-              const int64_t i = t - t0, nj = std::min(t + 1, j0 + KB) - j0;
-              float* pi = P.data() + i * KB;
-              float* di = dS.data() + i * KB;
-              dots(q + s.q_at(b, t, h), kt.data(), KB, hd, 0, nj, pi);
-              dots(dout + s.q_at(b, t, h), vt.data(), KB, hd, 0, nj, di);
-              const float L = lse[s.row_at(b, h, t)];
-              float* ai = acc.data() + i * hd;
-              for (int64_t j = 0; j < nj; ++j) {
-                const float p = std::exp(scale * pi[j] - L);
-                const float ds = p * (di[j] - Dt[size_t(i)]);
-                pi[j] = p;
-                di[j] = ds;
-                const float* kr = k + s.kv_at(b, j0 + j, g);
-                for (int64_t c = 0; c < hd; ++c) ai[c] += ds * kr[c];
-              }
-            }
-            for (int64_t j = 0; j < jn; ++j) {
-              float* akj = ak.data() + (j0 + j) * hd;
-              float* avj = av.data() + (j0 + j) * hd;
-              for (int64_t t = std::max(t0, j0 + j); t < t1; ++t) {
-                const int64_t i = t - t0;
-                const float* qr = q + s.q_at(b, t, h);
-                const float* dor = dout + s.q_at(b, t, h);
-                const float ds = dS[size_t(i * KB + j)], p = P[size_t(i * KB + j)];
-                for (int64_t c = 0; c < hd; ++c) akj[c] += ds * qr[c];
-                for (int64_t c = 0; c < hd; ++c) avj[c] += p * dor[c];
-              }
-            }
-          }
-          for (int64_t t = t0; t < t1; ++t) {
-            float* o = dq + s.q_at(b, t, h);
-            const float* ai = acc.data() + (t - t0) * hd;
-            for (int64_t c = 0; c < hd; ++c) o[c] = scale * ai[c];
-          }
+          // dk, dv of the block's keys from the rows' P and dS, queries in order.
+          dq_tile(dout, q, k, v, out, lse, dq, s, scale, b, h, t0, t1, w, Dt.data(),
+                  [=, &ak, &av, &w](int64_t j0, int64_t jn) MF_LAMBDA_INLINE {
+                    const float* P = w.P.data();
+                    const float* dS = w.dS.data();
+                    for (int64_t j = 0; j < jn; ++j) {
+                      float* akj = ak.data() + (j0 + j) * hd;
+                      float* avj = av.data() + (j0 + j) * hd;
+                      for (int64_t t = std::max(t0, j0 + j); t < t1; ++t) {
+                        const int64_t i = t - t0;
+                        const float* qr = q + s.q_at(b, t, h);
+                        const float* dor = dout + s.q_at(b, t, h);
+                        const float ds = dS[i * KB + j], p = P[i * KB + j];
+                        for (int64_t c = 0; c < hd; ++c) akj[c] += ds * qr[c];
+                        for (int64_t c = 0; c < hd; ++c) avj[c] += p * dor[c];
+                      }
+                    }
+                  });
         }
       }
       for (int64_t j = 0; j < T; ++j) {
@@ -202,48 +236,21 @@ MF_ATTN_CLONES void attention_bwd_tiled(const float* dout, const float* q, const
     attention_bwd_fused(dout, q, k, v, out, lse, dq, dk, dv, s, scale);
     return;
   }
-  const int64_t group = s.H / s.Hkv, hd = s.hd, T = s.T, KB = kAttnKeyBlock;
+  const int64_t group = s.H / s.Hkv, hd = s.hd, T = s.T;
   std::vector<float> D(size_t(s.B * s.H * T));
   // Pass 1: dq, by tiles of query rows (and D = rowsum(dO * O) for pass 2).
   const int64_t ntiles = (T + kQTile - 1) / kQTile;
   const int64_t qitems = s.B * s.H * ntiles;
 #pragma omp parallel if (s.B * s.H * s.T * (s.T / 2 + 1) * hd >= kMinParallelWork)
   {
-    std::vector<float> kt(size_t(hd * KB)), vt(size_t(hd * KB)), sc(static_cast<size_t>(KB)),
-        dp(static_cast<size_t>(KB));
-    std::vector<float> acc(size_t(kQTile * hd));
+    DqScratch w(hd);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < qitems; ++it) {
       const int64_t bh = it / ntiles, tile = ntiles - 1 - it % ntiles;
-      const int64_t b = bh / s.H, h = bh % s.H, g = h / group;
+      const int64_t b = bh / s.H, h = bh % s.H;
       const int64_t t0 = tile * kQTile, t1 = std::min(T, t0 + kQTile);
-      for (int64_t t = t0; t < t1; ++t)
-        D[size_t(s.row_at(b, h, t))] = dot(dout + s.q_at(b, t, h), out + s.q_at(b, t, h), hd);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j0 = 0; j0 < t1; j0 += KB) {
-        const int64_t jn = std::min(t1, j0 + KB) - j0;
-        transpose_rows(k + s.kv_at(b, j0, g), s.Hkv * hd, jn, hd, kt.data(), KB);
-        transpose_rows(v + s.kv_at(b, j0, g), s.Hkv * hd, jn, hd, vt.data(), KB);
-        for (int64_t t = std::max(t0, j0); t < t1; ++t) {
-          const int64_t nj = std::min(t + 1, j0 + KB) - j0;
-          const float* dor = dout + s.q_at(b, t, h);
-          const float L = lse[s.row_at(b, h, t)], Dt = D[size_t(s.row_at(b, h, t))];
-          dots(q + s.q_at(b, t, h), kt.data(), KB, hd, 0, nj, sc.data());
-          dots(dor, vt.data(), KB, hd, 0, nj, dp.data());
-          float* ai = acc.data() + (t - t0) * hd;
-          for (int64_t j = 0; j < nj; ++j) {
-            const float p = std::exp(scale * sc[size_t(j)] - L);
-            const float ds = p * (dp[size_t(j)] - Dt);
-            const float* kr = k + s.kv_at(b, j0 + j, g);
-            for (int64_t c = 0; c < hd; ++c) ai[c] += ds * kr[c];
-          }
-        }
-      }
-      for (int64_t t = t0; t < t1; ++t) {
-        float* o = dq + s.q_at(b, t, h);
-        const float* ai = acc.data() + (t - t0) * hd;
-        for (int64_t c = 0; c < hd; ++c) o[c] = scale * ai[c];
-      }
+      dq_tile(dout, q, k, v, out, lse, dq, s, scale, b, h, t0, t1, w,
+              D.data() + s.row_at(b, h, t0), [](int64_t, int64_t) {});
     }
   }
   // Pass 2: dk, dv, by tiles of key rows; each key sums its group's heads, then queries in order.
