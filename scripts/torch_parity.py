@@ -20,9 +20,14 @@ What it does:
      weight tensor by more than --wtol (default 1e-3 on the CPU; only reported against CUDA).
 
 Supported: dense and MoE Llama (softmax or sigmoid router, top-k renormalisation, route scale,
-shared experts, leading dense layers, aux-loss or bias balancing, capacity drops), optim.name
-muon, normuon or adamw (quintic Newton-Schulz, cautious wd or not, no QK-clip), every schedule,
-grad clipping, both weight-decay modes, SP / µP / rms scaling, tied or untied embeddings. Anything else stops with a message naming the key. Needs PyTorch (Debian's
+shared experts, leading dense layers, aux-loss or bias balancing, capacity drops), every
+optim.name (muon with quintic or Polar Express Newton-Schulz, normuon, freon, kaon, shampoo,
+soap, asgo, adamw; the µP rule of each), cautious wd, QK-clip (heads clipped compared per step),
+every schedule, grad clipping, both weight-decay modes, SP / µP / rms scaling, tied or untied
+embeddings. SOAP takes muonforge's eigenbases (from a checkpoint per step) once it has verified
+them against its own statistics (Optim.soap_refresh); shampoo, soap, asgo and freon need an eps
+above fp32 rounding to agree over several steps (docs/optimizers.md). Anything else stops with
+a message naming the key. Needs PyTorch (Debian's
 python3-torch works: run with /usr/bin/python3). Work files go to --work (default
 runs/parity-NAME), which is replaced. --torch-set changes the config of the PyTorch side only: a
 what-if (would the losses match if muonforge used another rule?) and a way to see the check fail.
@@ -39,7 +44,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
-import bench_torch  # noqa: E402  (the binary lookup and the quintic Newton-Schulz)
+import bench_torch  # noqa: E402  (the binary lookup)
 
 
 class UserError(Exception):
@@ -110,15 +115,17 @@ def read_metrics(run_dir):
 
 # ---- the rules, from docs/config.md --------------------------------------------------------------
 
+MATRIX_OPTS = ("muon", "normuon", "freon", "kaon", "shampoo", "soap", "asgo")
+MUON_LIKE = ("muon", "normuon", "freon", "kaon")
+
+
 def check_supported(cfg):
-    m, o, t = cfg["model"], cfg["optim"], cfg["train"]
+    o, t = cfg["optim"], cfg["train"]
     bad = []
-    if o["name"] not in ("muon", "normuon", "adamw"):
-        bad.append(f"optim.name {o['name']!r} (muon, normuon or adamw only)")
-    if o["name"] != "adamw" and o.get("ns", "quintic") != "quintic":
-        bad.append(f"optim.ns {o['ns']!r} (quintic only)")
-    if o.get("qk_clip_tau", 0) > 0:
-        bad.append("optim.qk_clip_tau > 0")
+    if o["name"] not in MATRIX_OPTS + ("adamw",):
+        bad.append(f"optim.name {o['name']!r}")
+    if o.get("ns", "quintic") not in ("quintic", "polar_express"):
+        bad.append(f"optim.ns {o['ns']!r} (quintic or polar_express)")
     if t.get("init_from"):
         bad.append("train.init_from (the check starts from muonforge's own init)")
     if bad:
@@ -166,6 +173,24 @@ def kind_of(name):
     return "hidden"
 
 
+def preconditioned_mup(o, shape, m):
+    """docs/optimizers.md, µP table: soap and grafted shampoo take AdamW's 1/m; ungrafted
+    shampoo (exponent e_L + e_R) and asgo (1/2) take (nb_base / nb)^e, the base shape being
+    shape / m rounded."""
+    if o["name"] == "soap" or (o["name"] == "shampoo" and o["shampoo"]["graft"] == "adam"):
+        return 1.0 / m
+    sub = o[o["name"]]
+    e = sub["exp_l"] + sub["exp_r"] if o["name"] == "shampoo" else 0.5
+    b = sub["block_size"]
+
+    def nb(r, c):
+        return 1 if b <= 0 else math.ceil(r / b) * math.ceil(c / b)
+
+    rows, cols = shape[-2], shape[-1]
+    base = nb(max(1, math.floor(rows / m + 0.5)), max(1, math.floor(cols / m + 0.5)))
+    return (base / nb(rows, cols)) ** e
+
+
 def param_rules(cfg, name, shape):
     """lr, wd (with its multiplier), optimizer and Muon scale of one parameter."""
     o, mup = cfg["optim"], cfg["mup"]
@@ -173,8 +198,11 @@ def param_rules(cfg, name, shape):
     independent = o["wd_mode"] == "independent"
     if kind_of(name) == "hidden":
         wd = o["wd"] * (1 / m if mup["enabled"] and independent else 1.0)
-        if o["name"] in ("muon", "normuon"):
+        if o["name"] in MUON_LIKE:
             return dict(opt=o["name"], lr=o["lr"], wd=wd, scale=muon_scale(o["scale"], *shape))
+        if o["name"] in ("shampoo", "soap", "asgo"):
+            return dict(opt=o["name"], lr=o["lr"] * preconditioned_mup(o, shape, m), wd=wd,
+                        scale=1.0)
         return dict(opt="adamw", lr=o["lr"] / m, wd=wd, betas=o["betas"], eps=o["eps"])
     a = o["adamw"]
     if kind_of(name) == "bias":  # moved by the balancing rule, never by an optimizer
@@ -258,8 +286,9 @@ def moe_mlp(torch, mc, W, p, x):
     return out, aux, counts
 
 
-def forward_loss(torch, cfg, W, inp, tgt, scalars, loads=None):
-    """Cross-entropy plus the MoE balance loss; adds each MoE layer's expert counts to loads."""
+def forward_loss(torch, cfg, W, inp, tgt, scalars, loads=None, qk=None):
+    """Cross-entropy plus the MoE balance loss; adds each MoE layer's expert counts to loads and
+    puts each layer's rotated q and k of the first sequence into qk (for QK-clip)."""
     F = torch.nn.functional
     md = cfg["model"]
     d, L, H, Hkv = md["d_model"], md["n_layers"], md["n_heads"], md["n_kv_heads"]
@@ -289,6 +318,8 @@ def forward_loss(torch, cfg, W, inp, tgt, scalars, loads=None):
         k = (h @ W[p + "self_attn.k_proj.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
         v = (h @ W[p + "self_attn.v_proj.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
         q, k = rope(q), rope(k)
+        if qk is not None:
+            qk[i] = (q[0].detach(), k[0].detach())
         k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         s = (q @ k.transpose(-1, -2)) * attn_scale
         a = torch.softmax(s.masked_fill(mask, float("-inf")), -1) @ v
@@ -310,11 +341,239 @@ def forward_loss(torch, cfg, W, inp, tgt, scalars, loads=None):
     return F.cross_entropy(logits.view(B * T, -1), tgt.reshape(-1)) + aux
 
 
+def qk_clip(torch, W, qk, attn_scale, tau):
+    """Kimi K2's MuonClip as docs/reproduction.md states it: a head whose max logit S (first
+    sequence of the step's last micro-batch, pre-step weights) exceeds tau gets the factor
+    gamma = tau / S on its logits; with GQA the shared Wk rows take sqrt of the group's smallest
+    gamma and each Wq head the rest. Returns the number of heads clipped."""
+    clipped = 0
+    with torch.no_grad():
+        for i, (q, k) in sorted(qk.items()):
+            H, T, hd = q.shape
+            group = H // k.shape[0]
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            gamma = []
+            for h in range(H):
+                s = (q[h] @ k[h // group].T) * attn_scale
+                mx = s.masked_fill(~causal, float("-inf")).max().item()
+                gamma.append(tau / mx if mx > tau else 1.0)
+                clipped += mx > tau
+            wq = W[f"model.layers.{i}.self_attn.q_proj.weight"]
+            wk = W[f"model.layers.{i}.self_attn.k_proj.weight"]
+            for g in range(k.shape[0]):
+                gmin = min(gamma[g * group:(g + 1) * group])
+                if gmin >= 1.0:
+                    continue
+                wk[g * hd:(g + 1) * hd] *= math.sqrt(gmin)
+                for h in range(g * group, (g + 1) * group):
+                    wq[h * hd:(h + 1) * hd] *= gamma[h] / math.sqrt(gmin)
+    return clipped
+
+
+# Newton-Schulz coefficient lists (docs/optimizers.md): Muon's quintic, Polar Express's five
+# per-step tuples (the last repeated beyond five), Kaon's map 4.1 (I - X X^T)^2 X.
+QUINTIC = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def newton_schulz(U, coeffs, norm_mult):
+    X = U / (norm_mult * U.norm() + 1e-7)
+    tall = U.shape[0] > U.shape[1]
+    if tall:
+        X = X.T
+    for a, b, c in coeffs:
+        A = X @ X.T
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.T if tall else X
+
+
+def sym_fn(torch, S, f):
+    """Q diag(f(lambda)) Q^T for symmetric S, in float64."""
+    lam, Q = torch.linalg.eigh(S.double())
+    return (Q * f(lam.clamp(min=0))) @ Q.T
+
+
+def eigvecs_descending(torch, S):
+    """Eigenvectors of S as columns, eigenvalues descending (SOAP keeps its second moment in
+    place when the basis is refreshed, so the order matters; the signs do not)."""
+    _, Q = torch.linalg.eigh(S.double())
+    return Q.flip(-1)
+
+
+def blocks(rows, cols, b):
+    br, bc = (min(b, rows), min(b, cols)) if b > 0 else (rows, cols)
+    return [(slice(r, r + br), slice(c, c + bc)) for r in range(0, rows, br)
+            for c in range(0, cols, bc)]
+
+
 class Optim:
-    def __init__(self, torch, cfg, W):
+    """The optimizers of docs/optimizers.md. State in float64 where the rule is statistics and
+    eigendecompositions (shampoo, soap, asgo, freon), float32 otherwise."""
+
+    def __init__(self, torch, cfg, W, soap_bases=None):
         self.torch, self.cfg, self.t = torch, cfg, 0
         self.rules = {n: param_rules(cfg, n, tuple(w.shape)) for n, w in W.items()}
         self.state = {n: {} for n in W}
+        # SOAP: soap_bases(t, name) -> (QL, QR) flat arrays of muonforge's bases after step t.
+        self.soap_bases, self.issues, self.name = soap_bases, [], None
+
+    def muon_direction(self, r, st, g):
+        torch, o = self.torch, self.cfg["optim"]
+        M = st.setdefault("m", torch.zeros_like(g))
+        M.mul_(o["momentum"]).add_(g)
+        U = g + o["momentum"] * M if o["nesterov"] else M.clone()
+        if r["opt"] == "kaon":
+            return newton_schulz(U, [(4.1, -8.2, 4.1)] * o["kaon"]["steps"], 1.0) / 1.175
+        if r["opt"] == "freon":  # (U U^T + eps lmax I)^-c U / ||U||_{S_q}^(1-2c), q = 2 - 2c
+            c, eps = o["freon"]["c"], o["freon"]["eps"]
+            Ud = U.double()
+            left = U.shape[0] <= U.shape[1]
+            S = Ud @ Ud.T if left else Ud.T @ Ud
+            lam = torch.linalg.eigvalsh(S).clamp(min=0)
+            q = 2 - 2 * c
+            norm_q = lam.pow(q / 2).sum().pow(1 / q)
+            e = eps * lam.max()
+            P = sym_fn(torch, S, lambda l: torch.where(l + e > 0, (l + e).pow(-c), 0.0))
+            P = P / norm_q ** (1 - 2 * c)
+            return (P @ Ud if left else Ud @ P).float()
+        if o["ns"] == "polar_express":
+            O = newton_schulz(U, [POLAR_EXPRESS[min(i, 4)] for i in range(o["ns_steps"])], 1.02)
+        else:
+            O = newton_schulz(U, [QUINTIC] * o["ns_steps"], 1.0)
+        if r["opt"] == "normuon":  # per-row second moment, Frobenius norm kept
+            v = st.setdefault("v", torch.zeros(g.shape[0]))
+            v.mul_(o["normuon_beta2"]).add_((1 - o["normuon_beta2"]) *
+                                            O.double().pow(2).mean(1).float())
+            before = O.double().pow(2).sum()
+            O = O / (v.sqrt() + 1e-8)[:, None]
+            O = O * float((before / O.double().pow(2).sum()).sqrt())
+        return O
+
+    def shampoo_direction(self, st, g):
+        torch, c, t = self.torch, self.cfg["optim"]["shampoo"], self.t
+        b1, b2 = c["beta1"], c["beta2"]
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        M = st.setdefault("m", torch.zeros_like(g))
+        M.mul_(b1).add_(g, alpha=1 - b1)
+        if c["graft"] == "adam":
+            V = st.setdefault("v", torch.zeros_like(g))
+            V.mul_(b2).addcmul_(g, g, value=1 - b2)
+            A = (M / bc1) / ((V / bc2).sqrt() + c["graft_eps"])
+        D = torch.empty_like(g)
+        gd, Md = g.double(), M.double()
+        for i, (rs, cs) in enumerate(blocks(*g.shape, c["block_size"])):
+            gb = gd[rs, cs]
+            L = st.setdefault(f"L{i}", torch.zeros(gb.shape[0], gb.shape[0], dtype=torch.float64))
+            R = st.setdefault(f"R{i}", torch.zeros(gb.shape[1], gb.shape[1], dtype=torch.float64))
+            L.mul_(b2).add_(gb @ gb.T, alpha=1 - b2)
+            R.mul_(b2).add_(gb.T @ gb, alpha=1 - b2)
+            if (t - 1) % c["precond_every"] == 0:  # stale inverse roots in between
+                st[f"PL{i}"] = sym_fn(torch, L / bc2, lambda l: (l + c["eps"]).pow(-c["exp_l"]))
+                st[f"PR{i}"] = sym_fn(torch, R / bc2, lambda l: (l + c["eps"]).pow(-c["exp_r"]))
+            d = st[f"PL{i}"] @ Md[rs, cs] @ st[f"PR{i}"]
+            if c["graft"] == "adam":  # Shampoo's direction, Adam's norm, per block
+                d = d * (A[rs, cs].double().norm() / d.norm())
+            else:
+                d = d / bc1
+            D[rs, cs] = d.float()
+        return D
+
+    def soap_direction(self, st, g):
+        torch, c = self.torch, self.cfg["optim"]["soap"]
+        b1, b2 = c["beta1"], c["beta2"]
+        D = torch.zeros_like(g)
+        gd = g.double()
+        bl = blocks(*g.shape, c["block_size"])
+        if self.t == 1:  # the first gradient only builds the statistics and the bases
+            for i, (rs, cs) in enumerate(bl):
+                gb = gd[rs, cs]
+                st[f"L{i}"] = (1 - b2) * gb @ gb.T
+                st[f"R{i}"] = (1 - b2) * gb.T @ gb
+            self.soap_refresh(st, bl)
+            return D
+        ta = self.t - 1  # Adam's step count
+        bc1, bc2 = 1 - b1 ** ta, 1 - b2 ** ta
+        M = st.setdefault("m", torch.zeros_like(g))
+        M.mul_(b1).add_(g, alpha=1 - b1)
+        V = st.setdefault("v", torch.zeros_like(gd))
+        Md = M.double()
+        for i, (rs, cs) in enumerate(bl):
+            QL, QR, gb = st[f"QL{i}"], st[f"QR{i}"], gd[rs, cs]
+            gr = QL.T @ gb @ QR
+            mr = QL.T @ Md[rs, cs] @ QR
+            v = V[rs, cs]
+            v.mul_(b2).add_(gr * gr, alpha=1 - b2)
+            n = (mr / bc1) / ((v / bc2).sqrt() + c["eps"])
+            D[rs, cs] = (QL @ n @ QR.T).float()
+            st[f"L{i}"].mul_(b2).add_(gb @ gb.T, alpha=1 - b2)
+            st[f"R{i}"].mul_(b2).add_(gb.T @ gb, alpha=1 - b2)
+        if ta % c["precond_every"] == 0:
+            self.soap_refresh(st, bl)
+        return D
+
+    def soap_refresh(self, st, bl):
+        """New eigenbases of L and R. Where eigenvalues (nearly) coincide the eigenvectors are
+        not unique, and early gradients are close to low rank, so the bases of two correct
+        implementations differ in near-null subspaces, where SOAP's elementwise Adam then moves
+        the weights differently. So with soap_bases the check takes muonforge's bases after
+        verifying that they are an eigenbasis (eigenvalues descending) of the statistics here."""
+        torch = self.torch
+        if self.soap_bases is None:
+            for i in range(len(bl)):
+                st[f"QL{i}"] = eigvecs_descending(torch, st[f"L{i}"])
+                st[f"QR{i}"] = eigvecs_descending(torch, st[f"R{i}"])
+            return
+        QLf, QRf = self.soap_bases(self.t, self.name)
+        ol = orr = 0
+        for i in range(len(bl)):
+            for side, flat, off in (("L", QLf, ol), ("R", QRf, orr)):
+                S = st[f"{side}{i}"]
+                k = S.shape[0]
+                Q = flat[off:off + k * k].view(k, k).double()
+                lam = torch.linalg.eigvalsh(S)
+                top = max(float(lam.abs().max()), 1e-30)
+                R = Q.T @ S @ Q
+                d = R.diagonal()
+                ortho = float((Q.T @ Q - torch.eye(k, dtype=torch.float64)).abs().max())
+                off_diag = float((R - torch.diag(d)).abs().max()) / top
+                order = float((d[1:] - d[:-1]).clamp(min=0).max()) / top if k > 1 else 0.0
+                if max(ortho, off_diag, order) > 1e-4:
+                    self.issues.append(
+                        f"step {self.t}: muonforge's SOAP basis Q{side} of {self.name} block {i} "
+                        f"is not a descending eigenbasis here (|Q^T Q - I| {ortho:.1e}, "
+                        f"off-diagonal {off_diag:.1e}, order {order:.1e} of lambda_max)")
+                st[f"Q{side}{i}"] = Q
+            ol += st[f"L{i}"].shape[0] ** 2
+            orr += st[f"R{i}"].shape[0] ** 2
+
+    def asgo_direction(self, st, g):
+        torch, c, t = self.torch, self.cfg["optim"]["asgo"], self.t
+        b1, b2 = c["beta1"], c["beta2"]
+        bc1 = 1 - b1 ** t if b1 > 0 else 1.0
+        bc2 = 1.0 if b2 >= 1 else 1 - b2 ** t
+        M = st.setdefault("m", torch.zeros_like(g))
+        M.mul_(b1).add_(g, alpha=1 - b1)
+        D = torch.empty_like(g)
+        gd, Md = g.double(), M.double()
+        for i, (rs, cs) in enumerate(blocks(*g.shape, c["block_size"])):
+            gb = gd[rs, cs]
+            left = gb.shape[0] <= gb.shape[1]  # the statistic lives on the smaller side
+            S = gb @ gb.T if left else gb.T @ gb
+            n = S.shape[0]
+            V = st.setdefault(f"V{i}", torch.zeros(n, n, dtype=torch.float64))
+            if b2 >= 1:
+                V.add_(S)
+            else:
+                V.mul_(b2).add_(S, alpha=1 - b2)
+            if (t - 1) % c["precond_every"] == 0:
+                st[f"P{i}"] = sym_fn(torch, V / bc2, lambda l: 1.0 / (l.sqrt() + c["eps"]))
+            P = st[f"P{i}"]
+            D[rs, cs] = ((P @ Md[rs, cs] if left else Md[rs, cs] @ P) / bc1).float()
+        return D
 
     def step(self, W, grads, step, grad_scale):
         torch, o = self.torch, self.cfg["optim"]
@@ -323,28 +582,22 @@ class Optim:
         with torch.no_grad():
             for n, w in W.items():
                 r, st = self.rules[n], self.state[n]
+                self.name = n
                 if r["opt"] == "none":
                     continue
                 g = grads[n] * grad_scale
                 lr = r["lr"] * sched
                 decay = sched * r["wd"] if o["wd_mode"] == "independent" else lr * r["wd"]
-                if r["opt"] in ("muon", "normuon"):
-                    M = st.setdefault("m", torch.zeros_like(w))
-                    M.mul_(o["momentum"]).add_(g)
-                    U = g + o["momentum"] * M if o["nesterov"] else M.clone()
-                    O = bench_torch.zeropower_ns5(torch, U, o["ns_steps"], torch.float32)
-                    if r["opt"] == "normuon":  # per-row second moment, Frobenius norm kept
-                        v = st.setdefault("v", torch.zeros(w.shape[0]))
-                        v.mul_(o["normuon_beta2"]).add_((1 - o["normuon_beta2"]) *
-                                                        O.double().pow(2).mean(1).float())
-                        before = O.double().pow(2).sum()
-                        O = O / (v.sqrt() + 1e-8)[:, None]
-                        O = O * float((before / O.double().pow(2).sum()).sqrt())
+                if r["opt"] in MUON_LIKE + ("shampoo", "soap", "asgo"):
+                    if r["opt"] in MUON_LIKE:
+                        D = self.muon_direction(r, st, g)
+                    else:
+                        D = getattr(self, r["opt"] + "_direction")(st, g)
                     if decay and o.get("cautious_wd"):  # only where weight and update agree
-                        w.mul_(torch.where(w * O >= 0, 1 - decay, 1.0))
+                        w.mul_(torch.where(w * D >= 0, 1 - decay, 1.0))
                     elif decay:
                         w.mul_(1 - decay)
-                    w.add_(O, alpha=-lr * r["scale"])
+                    w.add_(D, alpha=-lr * r["scale"])
                 else:
                     (b1, b2), eps = r["betas"], r["eps"]
                     m = st.setdefault("m", torch.zeros_like(w))
@@ -405,6 +658,9 @@ def main(argv=None):
     # Read now: train.keep_ckpts may retire ckpt-000000 once step N is written.
     W = read_safetensors(torch, os.path.join(run_dir, "ckpt-000000", "model.safetensors"))
     batches = os.path.join(work, "batches.bin")
+    soap = tcfg["optim"]["name"] == "soap"
+    if soap:  # every step's optimizer state, for the eigenbases (Optim.soap_refresh)
+        quiet += ["--set", "train.ckpt_every=1", "--set", f"train.keep_ckpts={args.steps + 1}"]
     run([binary, "train", args.config, "--stop-at", str(args.steps), "--dump-batches", batches] + quiet,
         "muonforge train")
     log = open(os.path.join(run_dir, "log.txt")).read()
@@ -427,21 +683,36 @@ def main(argv=None):
                         f"{accum} micro-batches x inputs+targets x {B}x{T} int32)")
     toks = torch.frombuffer(bytearray(raw), dtype=torch.int32).long().view(-1, 2, B, T)
     scalars = model_scalars(tcfg)
-    opt = Optim(torch, tcfg, W)
+    cache = {}
+
+    def soap_bases(step, name):
+        path = os.path.join(run_dir, f"ckpt-{step:06d}", "optimizer.safetensors")
+        if step not in cache:
+            if not os.path.exists(path):
+                raise UserError(f"{path} is missing (SOAP's bases are read from every step)")
+            cache.clear()
+            cache[step] = read_safetensors(torch, path)
+        st = cache[step]
+        if name + ".soap_QL" not in st:
+            raise UserError(f"{path}: no {name}.soap_QL in muonforge's optimizer state")
+        return st[name + ".soap_QL"].reshape(-1), st[name + ".soap_QR"].reshape(-1)
+
+    opt = Optim(torch, tcfg, W, soap_bases if soap and cfg["optim"]["name"] == "soap" else None)
     mf = read_metrics(run_dir)
     clip = tcfg["optim"]["grad_clip"]
     print(f"torch_parity: {args.config} on muonforge's {'CUDA (bf16)' if on_cuda else 'CPU (fp32)'} "
           f"backend vs PyTorch {torch.__version__} fp32, {args.steps} steps of {accum} x {B}x{T} "
           f"tokens, tolerance {tol:g}")
+    tau = tcfg["optim"].get("qk_clip_tau", 0)
     print(f"{'step':>5} {'loss muonforge':>15} {'loss torch':>12} {'|diff|':>9} "
-          f"{'gnorm muonforge':>16} {'gnorm torch':>12}")
+          f"{'gnorm muonforge':>16} {'gnorm torch':>12}" + ("  heads clipped" if tau > 0 else ""))
     worst = 0.0
     for step in range(args.steps):
         grads = {n: torch.zeros_like(w) for n, w in W.items()}
-        loss_sum, loads = 0.0, {}
+        loss_sum, loads, qk = 0.0, {}, {}
         for k in range(accum):
             inp, tgt = toks[step * accum + k]
-            loss = forward_loss(torch, tcfg, W, inp, tgt, scalars, loads)
+            loss = forward_loss(torch, tcfg, W, inp, tgt, scalars, loads, qk)
             g = torch.autograd.grad(loss / accum, trainable)
             for n, gi in zip(trainable_names, g):
                 grads[n] += gi
@@ -450,6 +721,7 @@ def main(argv=None):
         gnorm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
         scale = min(1.0, clip / (gnorm + 1e-6)) if clip > 0 else 1.0
         opt.step(W, grads, step, scale)
+        clipped = qk_clip(torch, W, qk, scalars[1], tau) if tau > 0 else 0
         mc = tcfg["model"].get("moe", {})
         if mc.get("balance") == "bias" and mc.get("bias_rate", 0) > 0:
             with torch.no_grad():  # DeepSeek-V3: under-loaded experts up, over-loaded down
@@ -461,7 +733,13 @@ def main(argv=None):
         ml, mg = rec.get("loss", float("nan")), rec.get("grad_norm", float("nan"))
         diff = abs(ml - loss)
         worst = max(worst, diff if diff == diff else math.inf)
-        print(f"{step + 1:>5} {ml:>15.7f} {loss:>12.7f} {diff:>9.2e} {mg:>16.6f} {gnorm:>12.6f}")
+        line = f"{step + 1:>5} {ml:>15.7f} {loss:>12.7f} {diff:>9.2e} {mg:>16.6f} {gnorm:>12.6f}"
+        if tau > 0:
+            mclip = rec.get("qk_clipped")
+            line += f"  {mclip} / {clipped}"
+            if mclip != clipped:
+                issues.append(f"step {step + 1}: muonforge clipped {mclip} heads, torch {clipped}")
+        print(line)
 
     final = os.path.join(run_dir, f"ckpt-{args.steps:06d}", "model.safetensors")
     Wm = read_safetensors(torch, final)
@@ -472,15 +750,16 @@ def main(argv=None):
         rel.append(((Wm[n] - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30), n))
     for r, n in sorted(rel, reverse=True)[:5]:
         print(f"  {r:9.2e}  {n}")
+    issues += opt.issues
     if issues:
-        print("per-parameter hyper-parameters differ from mup_table.csv:")
+        print("per-parameter hyper-parameters (mup_table.csv), QK-clip counts or SOAP bases differ:")
         for i in issues:
             print("  " + i)
     wworst = max(rel)[0]
     ok = worst <= tol and wworst <= wtol and not issues
     print(f"torch_parity: {'PASS' if ok else 'FAIL'}: largest loss difference {worst:.2e} "
           f"(tolerance {tol:g}), largest weight difference {wworst:.2e} (tolerance {wtol:g})"
-          f"{'; mup_table mismatches' if issues else ''}")
+          f"{'; ' + str(len(issues)) + ' other mismatch(es)' if issues else ''}")
     return 0 if ok else 1
 
 
