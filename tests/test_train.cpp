@@ -15,6 +15,7 @@
 #include "data/loader.h"
 #include "data/shard.h"
 #include "io/safetensors.h"
+#include "model/kv_decoder.h"
 #include "train/checkpoint.h"
 #include "train/sample.h"
 #include "train/trainer.h"
@@ -344,6 +345,95 @@ TEST_CASE("sampling: logits_row is causal; a trained model continues its languag
   CHECK(rc == 1);
   CHECK_THAT(out, Catch::Contains("'x' is not a token id"));
   fs::remove_all(root);
+}
+
+namespace {
+
+// Largest |a - b| over the largest |b| (at least 1).
+double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double d = 0, m = 1;
+  for (size_t i = 0; i < a.size(); ++i) {
+    d = std::max(d, double(std::fabs(a[i] - b[i])));
+    m = std::max(m, double(std::fabs(b[i])));
+  }
+  return d / m;
+}
+
+}  // namespace
+
+TEST_CASE("KvDecoder: every position's logits match the model's forward; generate with and "
+          "without the cache*", "[train][sample]") {
+  auto cpu = make_backend("cpu");
+  const int T = 12;
+  struct Case {
+    const char* name;
+    ModelConfig m;
+    ModelScales s;
+  };
+  ModelConfig dense;
+  dense.vocab_size = 40;
+  dense.d_model = 32;
+  dense.n_layers = 2;
+  dense.n_heads = 4;
+  dense.n_kv_heads = 2;  // GQA
+  dense.d_ff = 48;
+  dense.max_seq_len = 32;
+  dense.init_std = 0.2;  // large enough that attention is not uniform
+  ModelConfig tied = dense;
+  tied.tie_embeddings = true;
+  ModelConfig moe = dense;
+  moe.n_layers = 3;
+  moe.moe.n_experts = 4;
+  moe.moe.top_k = 2;
+  moe.moe.n_shared = 1;
+  moe.moe.d_expert = 16;
+  moe.moe.first_dense = 1;
+  moe.moe.score = "sigmoid";
+  moe.moe.balance = "bias";
+  moe.moe.route_scale = 1.5;
+  ModelScales mup;  // µP-style multipliers, all away from 1
+  mup.logit_mult = 0.5;
+  mup.attn_scale = 0.3;
+  mup.residual_mult = 0.7;
+  for (const Case& c : {Case{"dense GQA", dense, {}}, Case{"tied, µP scales", tied, mup},
+                        Case{"MoE: sigmoid + bias, shared expert, first layer dense", moe, mup}}) {
+    INFO(c.name);
+    LlamaModel m(c.m, *cpu, 1, T, c.s);
+    m.init_weights(11);
+    if (Param* b = m.find("model.layers.1.mlp.gate.e_score_correction_bias")) {
+      Tensor h = host_tensor(b->shape);  // a bias that changes which experts are chosen
+      for (int e = 0; e < 4; ++e) h.f32()[e] = 0.3f * float(e % 2);
+      cpu->upload(h, b->master);
+      m.sync_weights();
+    }
+    std::vector<int32_t> in(static_cast<size_t>(T));
+    for (int t = 0; t < T; ++t) in[size_t(t)] = (t * 13 + 5) % 40;
+    KvDecoder dec(m, *cpu, T);
+    std::vector<float> first;
+    for (int p = 0; p < T; ++p) {
+      const std::vector<float> got = dec.push(in[size_t(p)]);
+      if (p == 0) first = got;
+      INFO("position " << p);
+      CHECK(rel_diff(got, m.logits_row(in.data(), p)) < 1e-5);
+    }
+    CHECK(dec.length() == T);
+    CHECK_THROWS_WITH(dec.push(1), Catch::Contains("cache is full"));
+    dec.reset();
+    CHECK(dec.push(in[0]) == first);
+    CHECK_THROWS_WITH(dec.push(40), Catch::Contains("token 40 outside the vocabulary"));
+
+    // Greedy text within the window is the same with and without the cache.
+    SampleOptions g;
+    g.temperature = 0;
+    g.max_new_tokens = T - 3;
+    SampleOptions ref = g;
+    ref.kv_cache = false;
+    CHECK(generate(m, {1, 2, 3}, g) == generate(m, {1, 2, 3}, ref));
+    // Past the window the cache refills with the newest T/2 tokens and goes on.
+    g.max_new_tokens = 3 * T;
+    CHECK(generate(m, {1, 2, 3}, g).size() == size_t(3 * T));
+  }
 }
 
 TEST_CASE("--init-only writes the initial weights; --dump-batches records the trained batches",

@@ -23,7 +23,7 @@ namespace {
 const char* kUsage =
     "usage: muonforge sample CKPT_OR_RUN_DIR [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N]\n"
     "                        [--temperature T | --greedy] [--top-k K] [--seed S] [--context N]\n"
-    "                        [--ids] [--device auto|cpu|cuda]\n"
+    "                        [--ids] [--no-kv-cache] [--device auto|cpu|cuda]\n"
     "\n"
     "Continues a prompt with the weights of a checkpoint (runs/NAME/ckpt-NNNNNN, or a run\n"
     "directory runs/NAME for its newest checkpoint) and prints the result.\n"
@@ -38,7 +38,9 @@ const char* kUsage =
     "  --top-k K          sample among the K most likely tokens only (default 0: all)\n"
     "  --seed S           sampling seed (default 1337): same seed, same text\n"
     "  --context N        context window in tokens (default train.seq_len; at most\n"
-    "                     model.max_seq_len). Every token reruns the forward over the window.\n"
+    "                     model.max_seq_len). A full cache is refilled with the newest N/2.\n"
+    "  --no-kv-cache      rerun the model's forward over the newest N tokens for every token\n"
+    "                     (slower; the reference the key/value cache is tested against)\n"
     "  --ids              print token ids (the default when the vocabulary is not bytes)\n"
     "The text goes to stdout as it is generated; a header line goes to stderr.\n";
 
@@ -86,6 +88,8 @@ int cmd_sample(const Args& args) {
       o.seed = uint64_t(next_int(args, i, "sample"));
     } else if (a == "--context") {
       context = int(next_int(args, i, "sample"));
+    } else if (a == "--no-kv-cache") {
+      o.kv_cache = false;
     } else if (a == "--ids") {
       print_ids = true;
     } else if (a == "--device") {
@@ -138,9 +142,11 @@ int cmd_sample(const Args& args) {
   LlamaModel model(cfg.model, *be, 1, T, mup_model_scales(cfg));
   nlohmann::json state = load_checkpoint(ckpt, model.params(), *be, nullptr);
   model.sync_weights();
-  std::fprintf(stderr, "sample: %s (step %s) on %s, window %d tokens, temperature %g, top-k %d, "
-               "seed %llu\n", ckpt.c_str(), state.value("step", nlohmann::json()).dump().c_str(),
-               be->name().c_str(), T, o.temperature, o.top_k, (unsigned long long)o.seed);
+  std::fprintf(stderr, "sample: %s (step %s) on %s, window %d tokens%s, temperature %g, "
+               "top-k %d, seed %llu\n", ckpt.c_str(),
+               state.value("step", nlohmann::json()).dump().c_str(),
+               o.kv_cache ? "cpu (key/value cache)" : be->name().c_str(), T,
+               o.kv_cache ? "" : " (no cache)", o.temperature, o.top_k, (unsigned long long)o.seed);
 
   if (print_ids) {
     for (size_t i = 0; i < prompt.size(); ++i) std::printf("%s%d", i ? " " : "", prompt[i]);

@@ -106,6 +106,7 @@ class LlamaModel {
   double active_matmul_params() const;
   const ModelConfig& config() const { return cfg_; }
   const ModelScales& scales() const { return scales_; }
+  Backend& backend() { return be_; }
   // Softmax scale the attention uses (ModelScales::attn_scale, or 1/sqrt(head_dim) when 0).
   double attn_scale() const;
   // Rotated q (B,T,H,hd) and k (B,T,Hkv,hd) of layer `layer` from the last forward, in act_dtype

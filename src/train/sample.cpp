@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "model/kv_decoder.h"
 #include "train/checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -57,6 +58,27 @@ std::vector<int32_t> generate(LlamaModel& model, const std::vector<int32_t>& pro
              ", outside the vocabulary 0..", V - 1);
   Rng rng(o.seed, 0x5a4d504cULL);
   std::vector<int32_t> ctx = prompt, out, window(size_t(T), 0);
+  if (o.kv_cache) {
+    KvDecoder dec(model, model.backend(), int(T));
+    // Feeds the newest `keep` tokens of the context into an empty cache; the last logits.
+    auto refill = [&](int64_t keep) {
+      dec.reset();
+      std::vector<float> lg;
+      for (auto it = ctx.end() - std::min<int64_t>(keep, int64_t(ctx.size())); it != ctx.end(); ++it)
+        lg = dec.push(*it);
+      return lg;
+    };
+    std::vector<float> logits = refill(T);
+    for (int n = 0; n < o.max_new_tokens; ++n) {
+      const int32_t tok = pick_token(logits, o, rng);
+      ctx.push_back(tok);
+      out.push_back(tok);
+      if (on_token) on_token(tok);
+      if (n + 1 == o.max_new_tokens) break;
+      logits = dec.length() < dec.max_len() ? dec.push(tok) : refill(std::max<int64_t>(1, T / 2));
+    }
+    return out;
+  }
   for (int n = 0; n < o.max_new_tokens; ++n) {
     const int64_t len = std::min<int64_t>(T, int64_t(ctx.size()));
     std::fill(window.begin(), window.end(), 0);

@@ -1,9 +1,13 @@
 // Text generation from a trained model: `muonforge sample` (src/cli/cmd_sample.cpp).
 //
-// No KV cache: every new token reruns the forward over the context window (the model's T, the
-// last T tokens when the context is longer). Positions after the context hold token 0; causal
-// attention keeps them from touching the logits that are read. Enough to look at what a small
-// pretraining run has learned, not a serving engine.
+// The context window is the model's T. By default tokens go through a KvDecoder
+// (model/kv_decoder.h): each new token costs one position, not a window forward. When the
+// cache is full it is refilled with the newest T/2 tokens (rotary positions restart at 0), so a
+// token sees between T/2 and T tokens of context. With kv_cache = false every token reruns the
+// model's own forward over the newest T tokens (positions after the context hold token 0; causal
+// attention keeps them from the logits that are read): the reference the cache is tested
+// against, and the way to sample on the GPU backend. Meant for looking at what a pretraining
+// run has learned, not for serving.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -20,6 +24,7 @@ struct SampleOptions {
   double temperature = 1.0;  // 0: greedy (argmax)
   int top_k = 0;             // 0: the whole vocabulary
   uint64_t seed = 1337;
+  bool kv_cache = true;      // false: a full window forward per token (see above)
 };
 
 // Draws one token from logits[V]: argmax at temperature 0 (ties to the lower id), else
