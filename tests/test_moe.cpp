@@ -779,6 +779,47 @@ TEST_CASE("moe balance loss: in the loss, in the metrics, zero when balance is n
   }
 }
 
+TEST_CASE("moe model: activation recompute gives bitwise-identical losses and gradients",
+          "[moe][model]") {
+  CpuBackend be;
+  const int B = 2, T = 8;
+  auto tokens = random_tokens(5, size_t(B * T), 48), targets = random_tokens(6, size_t(B * T), 48);
+  ModelScales scales;
+  scales.residual_mult = 0.7;
+  for (const std::string balance : {"aux_loss", "bias"}) {
+    INFO(balance);
+    struct Out {
+      double loss;
+      std::vector<std::vector<float>> grads, q;
+    };
+    auto run = [&](const std::string& rc) {
+      ModelConfig mc = tiny_moe(balance, balance == "bias" ? "sigmoid" : "softmax");
+      mc.n_layers = 4;  // one dense layer, then three MoE layers
+      mc.recompute = rc;
+      LlamaModel model(mc, be, B, T, scales);
+      model.init_weights(8);
+      model.zero_grads();
+      Out o;
+      o.loss = model.forward_backward(tokens.data(), targets.data(), 1.f / (B * T));
+      for (Param* p : model.params()) o.grads.emplace_back(p->grad.f32(), p->grad.f32() + p->numel());
+      for (int l = 0; l < mc.n_layers; ++l) {
+        Tensor q = model.attn_q(l);
+        o.q.emplace_back(q.f32(), q.f32() + q.numel());
+      }
+      return o;
+    };
+    const Out none = run("none");
+    for (const char* rc : {"mlp", "full"}) {
+      INFO("recompute " << rc);
+      const Out o = run(rc);
+      CHECK(o.loss == none.loss);
+      CHECK(o.grads == none.grads);
+      CHECK(o.q == none.q);
+    }
+    CHECK(none.q[1] != none.q[2]);
+  }
+}
+
 TEST_CASE("moe training is deterministic and independent of the thread count",
           "[moe][determinism]") {
   const int B = 2, T = 16;
