@@ -53,10 +53,10 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelS
   a.targets = be_.empty({N}, DType::I32);
   a.L.resize(cfg.n_layers);
   // Activation recompute: layers > 0 share layer 0's buffers for what backward recomputes
-  // ("mlp": gate, up, h; "full": everything but the residual stream entering the layer). An MoE
-  // layer keeps its own activations (routing, permuted rows, expert hidden states) either way:
-  // "full" recomputes its attention half and hands the expert block the same xn2 again. (Dense
-  // layers lead, model.moe.first_dense, so a dense layer i > 0 always has a dense layer 0.)
+  // ("mlp": gate, up, h; "full": everything but the residual stream entering the layer). MoE
+  // layers keep their routing and rebuild their expert activations (shared in MoeScratch) in
+  // either mode. (Dense layers lead, model.moe.first_dense, so a dense layer i > 0 always has a
+  // dense layer 0.)
   const bool rc_full = cfg.recompute == "full", rc_mlp = rc_full || cfg.recompute == "mlp";
   bool any_dense = false;
   for (int i = 0; i < cfg.n_layers; ++i) {
@@ -395,16 +395,19 @@ void LlamaModel::forward_backward_deferred(const int32_t* inputs, const int32_t*
     Acts::PerLayer& l = a.L[i];
     // Activation recompute: rebuild what the shared buffers lost, from what was kept. The ops
     // are deterministic, so the gradients are bitwise those of a run without recompute.
-    // (An MoE layer has no dense MLP to rebuild: "mlp" leaves it alone.)
+    // MoE layers rebuild their expert activations (routing kept) instead of a dense MLP; they
+    // share them in MoeScratch, which the last layer's forward wrote last.
     const bool rc_full = cfg_.recompute == "full" && i < cfg_.n_layers - 1;
     const bool rc_mlp = cfg_.recompute != "none" && i < cfg_.n_layers - 1 && !w.moe;
-    if (rc_full || rc_mlp) r.next("bwd.recompute");
+    const bool rc_moe = cfg_.recompute != "none" && i < cfg_.n_layers - 1 && w.moe;
+    if (rc_full || rc_mlp || rc_moe) r.next("bwd.recompute");
     if (rc_full) {
       be_.add_rmsnorm_fwd(l.r_attn, nullptr, l.r_attn, w.ln1->weight, float(cfg_.norm_eps),
                           l.xn1, l.rstd1);
       attention_block(i);
     }
     if (rc_mlp) mlp_hidden(i);
+    if (rc_moe) w.moe->rebuild(l.xn2);
     // MLP branch: r_out = r_mlp + down(silu(gate(xn2)) * up(xn2))
     Tensor& dmlp = branch_grad();
     if (w.moe) {

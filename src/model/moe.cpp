@@ -37,6 +37,17 @@ MoeScratch::MoeScratch(const ModelConfig& cfg, Backend& be, int64_t N) {
     sdgate = be.empty({N, fs}, act);
     sdup = be.empty({N, fs}, act);
   }
+  if (cfg.recompute != "none") {
+    gate = be.empty({N * k, de}, act);
+    up = be.empty({N * k, de}, act);
+    h = be.empty({N * k, de}, act);
+    yg = be.empty({N * k, d}, act);
+    if (fs > 0) {
+      sgate = be.empty({N, fs}, act);
+      sup = be.empty({N, fs}, act);
+      sh = be.empty({N, fs}, act);
+    }
+  }
 }
 
 MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, MoeScratch& scratch,
@@ -87,14 +98,24 @@ MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, Mo
   offsets_ = be.empty({E + 1}, DType::I32);
   row_of_ = be.empty({N, k}, DType::I32);
   row_token_ = be.empty({N * k}, DType::I32);
-  gate_ = be.empty({N * k, de_}, act);
-  up_ = be.empty({N * k, de_}, act);
-  h_ = be.empty({N * k, de_}, act);
-  yg_ = be.empty({N * k, d_}, act);
-  if (fs_ > 0) {
-    sgate_ = be.empty({N, fs_}, act);
-    sup_ = be.empty({N, fs_}, act);
-    sh_ = be.empty({N, fs_}, act);
+  if (scratch.gate.defined()) {  // activation recompute: shared, rebuilt before backward
+    gate_ = scratch.gate;
+    up_ = scratch.up;
+    h_ = scratch.h;
+    yg_ = scratch.yg;
+    sgate_ = scratch.sgate;
+    sup_ = scratch.sup;
+    sh_ = scratch.sh;
+  } else {
+    gate_ = be.empty({N * k, de_}, act);
+    up_ = be.empty({N * k, de_}, act);
+    h_ = be.empty({N * k, de_}, act);
+    yg_ = be.empty({N * k, d_}, act);
+    if (fs_ > 0) {
+      sgate_ = be.empty({N, fs_}, act);
+      sup_ = be.empty({N, fs_}, act);
+      sh_ = be.empty({N, fs_}, act);
+    }
   }
   counts_h_.assign(size_t(E), 0);
   offsets_h_.assign(size_t(E + 1), 0);
@@ -154,9 +175,24 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
     ++step_passes_;
   }
 
-  // Routed experts: gather rows by expert, one SwiGLU per expert block, combine with weights.
+  r.end();
+  expert_activations(x);
+  // Shared experts (a dense SwiGLU of width n_shared * d_expert) write out first.
+  if (fs_ > 0) {
+    r.next("shared");
+    be_.matmul_fwd(sh_, shared_.down->weight, out);  // (N,d)
+  }
+  r.next("combine");
+  be_.moe_combine_fwd(yg_.slice0(0, M), topk_w_, row_of_, out, /*accumulate=*/fs_ > 0);
+}
+
+void MoeLayer::rebuild(const Tensor& x) { expert_activations(x); }
+
+void MoeLayer::expert_activations(const Tensor& x) {
+  const int64_t E = mc_.n_experts, M = offsets_h_[size_t(E)];
+  // Routed experts: gather rows by expert, one SwiGLU per expert block (combined by the caller).
   Tensor xg = s_.xg.slice0(0, M);
-  r.next("gather");
+  ProfRegion r(be_, "gather");
   be_.moe_gather(x, row_token_, xg);  // (M,d)
   r.next("experts");
   for (int64_t e = 0; e < E; ++e) {
@@ -176,16 +212,12 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
     Tensor y = yg_.slice0(r0, r1);
     be_.matmul_fwd(h_.slice0(r0, r1), experts_[size_t(e)].down->weight, y);  // (m,d)
   }
-  // Shared experts (a dense SwiGLU of width n_shared * d_expert) write out first.
   if (fs_ > 0) {
     r.next("shared");
     be_.matmul_fwd(x, shared_.gate->weight, sgate_);  // (N,fs)
     be_.matmul_fwd(x, shared_.up->weight, sup_);
     be_.swiglu_fwd(sgate_, sup_, sh_);
-    be_.matmul_fwd(sh_, shared_.down->weight, out);  // (N,d)
   }
-  r.next("combine");
-  be_.moe_combine_fwd(yg_.slice0(0, M), topk_w_, row_of_, out, /*accumulate=*/fs_ > 0);
 }
 
 void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float aux_grad_scale) {

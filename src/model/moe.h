@@ -47,6 +47,10 @@ struct MoeScratch {
   Tensor dlogits;            // (N, E) f32
   Tensor aux_grad;           // (E) f32
   Tensor sdh, sdgate, sdup;  // (N, n_shared*de) shared experts
+  // model.recompute != "none": the expert activations backward needs, shared by every MoE layer
+  // (each layer but the last rebuilds its own with MoeLayer::rebuild before its backward).
+  Tensor gate, up, h, yg;    // (N*k, de) x3, (N*k, d)
+  Tensor sgate, sup, sh;     // (N, n_shared*de)
 };
 
 class MoeLayer {
@@ -64,6 +68,10 @@ class MoeLayer {
   // dx (=) dL/dx for dout = dL/dout (N, d); parameter grads (+=). aux_grad_scale multiplies the
   // gradient of the balance loss (loss_scale * N: the same units as the cross-entropy gradient).
   void backward(const Tensor& dout, const Tensor& x, Tensor& dx, float aux_grad_scale);
+  // Activation recompute: recomputes the expert activations of the last forward from the same
+  // input x (the routing is kept), bitwise as forward made them. Needed before backward when the
+  // layer's activations live in the shared MoeScratch buffers and another layer ran since.
+  void rebuild(const Tensor& x);
 
   // Balance loss of the last forward (0 unless balance == "aux_loss").
   double aux_loss() const { return aux_loss_; }
@@ -91,6 +99,8 @@ class MoeLayer {
     Param *gate, *up, *down;
   };
   MoeRouterArgs route_args() const;
+  // Gathered rows -> expert gate/up/h/yg, and the shared experts' gate/up/h (not their output).
+  void expert_activations(const Tensor& x);
   void step_stats(nlohmann::json& out) const;
 
   MoeConfig mc_;
