@@ -791,6 +791,7 @@ TEST_CASE("moe model: activation recompute gives bitwise-identical losses and gr
     struct Out {
       double loss;
       std::vector<std::vector<float>> grads, q;
+      int64_t bytes;
     };
     auto run = [&](const std::string& rc) {
       ModelConfig mc = tiny_moe(balance, balance == "bias" ? "sigmoid" : "softmax");
@@ -800,6 +801,7 @@ TEST_CASE("moe model: activation recompute gives bitwise-identical losses and gr
       model.init_weights(8);
       model.zero_grads();
       Out o;
+      o.bytes = model.activation_bytes();
       o.loss = model.forward_backward(tokens.data(), targets.data(), 1.f / (B * T));
       for (Param* p : model.params()) o.grads.emplace_back(p->grad.f32(), p->grad.f32() + p->numel());
       for (int l = 0; l < mc.n_layers; ++l) {
@@ -809,12 +811,17 @@ TEST_CASE("moe model: activation recompute gives bitwise-identical losses and gr
       return o;
     };
     const Out none = run("none");
+    // The expert activations of one MoE layer: gate, up, h (N k x de), yg (N k x d) and the
+    // shared expert's gate, up, h (N x n_shared de), f32. With recompute three layers hold one set.
+    const int64_t N = B * T, per_layer = 4 * (N * 2 * (3 * 10 + 24) + N * 3 * 10);
     for (const char* rc : {"mlp", "full"}) {
       INFO("recompute " << rc);
       const Out o = run(rc);
       CHECK(o.loss == none.loss);
       CHECK(o.grads == none.grads);
       CHECK(o.q == none.q);
+      if (std::string(rc) == "mlp") CHECK(none.bytes - o.bytes == 2 * per_layer);
+      else CHECK(none.bytes - o.bytes > 2 * per_layer);  // attention buffers shared too
     }
     CHECK(none.q[1] != none.q[2]);
   }

@@ -564,6 +564,10 @@ int64_t LlamaModel::activation_bytes() const {
     for (const Tensor* t : {&l.r_attn, &l.rstd1, &l.xn1, &l.q, &l.k, &l.v, &l.ao, &l.lse,
                             &l.r_mlp, &l.rstd2, &l.xn2, &l.gate, &l.up, &l.h})
       all.push_back(t);
+  if (moe_scratch_)
+    for (const Tensor* t : moe_scratch_->buffers()) all.push_back(t);
+  for (const auto& m : moe_layers_)
+    for (const Tensor* t : m->own_buffers()) all.push_back(t);
   std::vector<const void*> seen;
   int64_t bytes = 0;
   for (const Tensor* t : all) {

@@ -114,7 +114,7 @@ class LlamaModel {
   Tensor attn_q(int layer);
   Tensor attn_k(int layer);
   // Bytes of the activation and gradient-scratch buffers this model allocated (shared buffers
-  // counted once; MoE layers' own buffers not included).
+  // counted once; MoE layers' buffers and their shared scratch included).
   int64_t activation_bytes() const;
   int B() const { return B_; }
   int T() const { return T_; }

@@ -50,6 +50,19 @@ MoeScratch::MoeScratch(const ModelConfig& cfg, Backend& be, int64_t N) {
   }
 }
 
+std::vector<const Tensor*> MoeScratch::buffers() const {
+  return {&xg, &dxg, &dyg, &dh, &dgate, &dup, &dtopk_w, &dlogits, &aux_grad, &sdh, &sdgate,
+          &sdup, &gate, &up, &h, &yg, &sgate, &sup, &sh};
+}
+
+std::vector<const Tensor*> MoeLayer::own_buffers() const {
+  std::vector<const Tensor*> out = {&probs_, &topk_w_, &score_sum_, &topk_idx_, &counts_,
+                                    &offsets_, &row_of_, &row_token_};
+  if (!s_.gate.defined())
+    for (const Tensor* t : {&gate_, &up_, &h_, &yg_, &sgate_, &sup_, &sh_}) out.push_back(t);
+  return out;
+}
+
 MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, MoeScratch& scratch,
                    const AddParamFn& add, double out_std)
     : mc_(cfg.moe), be_(be), layer_(layer), N_(N), d_(cfg.d_model), de_(cfg.moe.d_expert),

@@ -51,6 +51,7 @@ struct MoeScratch {
   // (each layer but the last rebuilds its own with MoeLayer::rebuild before its backward).
   Tensor gate, up, h, yg;    // (N*k, de) x3, (N*k, d)
   Tensor sgate, sup, sh;     // (N, n_shared*de)
+  std::vector<const Tensor*> buffers() const;
 };
 
 class MoeLayer {
@@ -72,6 +73,9 @@ class MoeLayer {
   // input x (the routing is kept), bitwise as forward made them. Needed before backward when the
   // layer's activations live in the shared MoeScratch buffers and another layer ran since.
   void rebuild(const Tensor& x);
+  // This layer's own buffers (what forward keeps for backward), for the memory plan; tensors
+  // shared with MoeScratch (activation recompute) are not included.
+  std::vector<const Tensor*> own_buffers() const;
 
   // Balance loss of the last forward (0 unless balance == "aux_loss").
   double aux_loss() const { return aux_loss_; }

@@ -166,7 +166,7 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
               opt.config().ns == "polar_express");
 
   // The model's activation buffers for one micro-batch B x T, as allocated (activation
-  // recompute shares buffers across layers; MoE layers' own buffers are not counted).
+  // recompute shares buffers across layers; MoE layers and their shared scratch included).
   const int64_t acts = model.activation_bytes();
 
   const MemoryInfo mi = be.memory_info();
@@ -195,7 +195,6 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   j["optimizer_state"] = state;
   j["muon_scratch"] = muon_scratch;
   j["activations"] = acts;
-  j["activations_moe_excluded"] = c.moe.n_experts > 0;
   j["recompute"] = c.recompute;
   j["workspace_now"] = workspace_now;
   j["workspace_expected"] = ws_expected;
@@ -222,8 +221,7 @@ std::string memory_plan_table(const nlohmann::json& p) {
   row("optimizer state", p.at("optimizer_state").get<double>(), "every state tensor (f32)");
   row("muon scratch", p.at("muon_scratch").get<double>(), "batched Newton-Schulz chunk, f32");
   row("activations", p.at("activations").get<double>(),
-      p.at("activations_moe_excluded").get<bool>() ? "as allocated; MoE expert buffers NOT counted"
-                                                   : "as allocated (model.recompute = " + p.value("recompute", std::string("none")) + ")");
+      "as allocated (model.recompute = " + p.value("recompute", std::string("none")) + ")");
   if (cuda) {
     row("workspace now", p.at("workspace_now").get<double>(), "scratch + cuBLASLt 32 MiB");
     row("workspace (expected)", p.at("workspace_expected").get<double>(),
