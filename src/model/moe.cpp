@@ -190,12 +190,10 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
 
   r.end();
   expert_activations(x);
-  // Shared experts (a dense SwiGLU of width n_shared * d_expert) write out first.
-  if (fs_ > 0) {
-    r.next("shared");
-    be_.matmul_fwd(sh_, shared_.down->weight, out);  // (N,d)
-  }
+  // Shared experts (a dense SwiGLU of width n_shared * d_expert) write out first, then the
+  // routed experts' rows are added with their weights.
   r.next("combine");
+  if (fs_ > 0) be_.matmul_fwd(sh_, shared_.down->weight, out);  // (N,d)
   be_.moe_combine_fwd(yg_.slice0(0, M), topk_w_, row_of_, out, /*accumulate=*/fs_ > 0);
 }
 
