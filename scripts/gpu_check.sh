@@ -144,6 +144,19 @@ part1() {
     2>&1 | tee '$WORK/torch_parity.out'; rc=\${PIPESTATUS[0]}
     echo \"KEY: \$(grep -a '^torch_parity: \(PASS\|FAIL\)' '$WORK/torch_parity.out' | cut -c15-90)\"
     exit \$rc"
+  # The CUDA matrix-optimizer primitives in a whole run: NorMuon with Polar Express and cautious
+  # wd (newton_schulz_coeffs, normuon_normalize, cautious_decay), then blocked Shampoo (block_copy,
+  # gemm, cuSOLVER sym_func, adam_precond; eps above fp32 rounding, docs/optimizers.md).
+  for fam in "normuon:--set optim.name=normuon --set optim.ns=polar_express --set optim.cautious_wd=true --set optim.wd=0.1" \
+             "shampoo:--set optim.name=shampoo --set optim.lr=0.004 --set optim.shampoo.block_size=48 --set optim.shampoo.eps=1e-4 --set optim.shampoo.precond_every=2"; do
+    name=${fam%%:*}
+    step "torch_parity_$name" 180 "python3 '$REPO/scripts/torch_parity.py' '$REPO/configs/tiny.json' \
+      --binary '$BIN' --work '$WORK/torch_parity_$name' --steps 10 --threads 8 --set train.device=cuda \
+      --set model.vocab_size=512 --set 'data.train=$WORK/train/data/train_*.bin' --set data.val= \
+      ${fam#*:} 2>&1 | tee '$WORK/torch_parity_$name.out'; rc=\${PIPESTATUS[0]}
+      echo \"KEY: \$(grep -a '^torch_parity: \(PASS\|FAIL\)' '$WORK/torch_parity_$name.out' | cut -c15-90)\"
+      exit \$rc"
+  done
 
   if [ "$QUICK" = 0 ] && command -v compute-sanitizer >/dev/null; then
     step memcheck_smoke 420 "compute-sanitizer --tool memcheck --error-exitcode 3 \
