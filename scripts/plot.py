@@ -83,7 +83,7 @@ def smooth(xs, frac=0.05):
     return out
 
 
-def load_runs(folders, metric):
+def load_runs(folders, metric, only=None):
     runs = []
     for folder in folders:
         folder = Path(folder)
@@ -129,9 +129,23 @@ def load_runs(folders, metric):
                          for k in keys if k not in STRUCTURAL_KEYS}
                 runs.append({"name": row["run"], "width": width, "lr": lr, "opt": opt,
                              "param": "µP" if mup else "SP", "final": final, "train": train,
-                             "val": val, "diag": diag, "seed": str(seed), "extra": extra})
+                             "val": val, "diag": diag, "seed": str(seed), "extra": extra,
+                             "cfg": cfg})
     if not runs:
         raise UserError("no finished runs in " + ", ".join(map(str, folders)))
+    for kv in only or []:
+        key, eq, text = kv.partition("=")
+        if not eq or not key:
+            raise UserError(f"--only {kv!r}: expected KEY=VALUE (a config key, e.g. mup.enabled=true)")
+        try:
+            want = json.loads(text)
+        except json.JSONDecodeError:
+            want = text
+        if all(lookup(r["cfg"], key) is None for r in runs):
+            raise UserError(f"--only {kv!r}: no run's config.json has the key {key!r}")
+        runs = [r for r in runs if lookup(r["cfg"], key) == want]
+        if not runs:
+            raise UserError(f"--only {kv!r}: no finished run has {key} = {text}")
     label_variants(runs)
     return runs
 
@@ -328,6 +342,9 @@ def main(argv=None):
     ap.add_argument("--out", help="output folder (default FIRST_FOLDER/plots)")
     ap.add_argument("--metric", choices=["val", "train"], default="val",
                     help="final loss: last val_loss (default, falls back to train) or last train loss")
+    ap.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                    help="keep the runs whose resolved config has KEY = VALUE (JSON value; "
+                         "repeatable), e.g. --only mup.enabled=true")
     args = ap.parse_args(argv)
     try:
         import matplotlib
@@ -337,7 +354,7 @@ def main(argv=None):
         raise UserError("matplotlib is not installed: pip install matplotlib "
                         "(scripts/setup.sh tries to)")
 
-    runs = load_runs(args.folders, args.metric)
+    runs = load_runs(args.folders, args.metric, args.only)
     out = Path(args.out) if args.out else Path(args.folders[0]) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     widths = sorted({r["width"] for r in runs})

@@ -14,7 +14,8 @@
 5d. Every shipped sweep file (configs/sweeps/*.json), full and --reduced, expands, and every
    config it writes passes `muonforge config` (a typo in a key or value fails here, not hours
    into a sweep).
-6. plot.py makes the PNGs from the finished sweep (prints SKIP-PLOT when matplotlib is missing).
+6. plot.py makes the PNGs from the finished sweep (prints SKIP-PLOT when matplotlib is missing);
+   --only KEY=VALUE keeps a subset of the runs.
 Standard library only; exits non-zero on the first failure.
 """
 
@@ -251,6 +252,13 @@ def main():
               f"{name} is a PNG")
     sp = list(csv.DictReader(open(tmp / "plots" / "speedup.csv")))
     check(len(sp) == 2 and all(r["param"] == "µP" for r in sp), f"speedup.csv has both widths: {sp}")
+    # --only keeps the runs with one config value: one width left, one speedup row.
+    rc, log = run(PLOT + [str(out1), "--out", str(tmp / "plots64"), "--only", "model.d_model=64"])
+    sp64 = list(csv.DictReader(open(tmp / "plots64" / "speedup.csv"))) if rc == 0 else []
+    check(rc == 0 and [r["width"] for r in sp64] == ["64"], f"plot.py --only model.d_model=64: {sp64}")
+    rc, log = run(PLOT + [str(out1), "--out", str(tmp / "plots64"), "--only", "optim.nope=1"])
+    check(rc == 2 and "no run's config.json has the key 'optim.nope'" in log,
+          "plot.py --only names an unknown key")
     rc, log = run(PLOT + [str(tmp / "nothing")])
     check(rc == 2 and "no results.csv" in log, "plot.py refuses a folder that is not a sweep")
     shutil.rmtree(tmp, ignore_errors=True)
