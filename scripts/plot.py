@@ -40,6 +40,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sweep  # noqa: E402  (KEY=VALUE parsing, shared with sweep files' --set)
+
 
 class UserError(Exception):
     pass
@@ -133,19 +136,16 @@ def load_runs(folders, metric, only=None):
                              "cfg": cfg})
     if not runs:
         raise UserError("no finished runs in " + ", ".join(map(str, folders)))
-    for kv in only or []:
-        key, eq, text = kv.partition("=")
-        if not eq or not key:
-            raise UserError(f"--only {kv!r}: expected KEY=VALUE (a config key, e.g. mup.enabled=true)")
-        try:
-            want = json.loads(text)
-        except json.JSONDecodeError:
-            want = text
+    try:
+        wanted = sweep.parse_sets(only, "--only")  # the sweep file's KEY=VALUE rules
+    except sweep.UserError as e:
+        raise UserError(str(e))
+    for key, want in wanted.items():
         if all(lookup(r["cfg"], key) is None for r in runs):
-            raise UserError(f"--only {kv!r}: no run's config.json has the key {key!r}")
+            raise UserError(f"--only {key}: no run's config.json has the key {key!r}")
         runs = [r for r in runs if lookup(r["cfg"], key) == want]
         if not runs:
-            raise UserError(f"--only {kv!r}: no finished run has {key} = {text}")
+            raise UserError(f"--only {key}: no finished run has {key} = {json.dumps(want)}")
     label_variants(runs)
     return runs
 

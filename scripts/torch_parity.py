@@ -45,6 +45,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import bench_torch  # noqa: E402  (the binary lookup)
+import sweep  # noqa: E402  (KEY=VALUE parsing)
 
 
 class UserError(Exception):
@@ -59,13 +60,10 @@ def find_binary(explicit):
 
 
 def set_key(cfg, kv):
-    key, eq, text = kv.partition("=")
-    if not eq or not key:
-        raise UserError(f"--torch-set {kv!r}: expected KEY=VALUE")
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
+        (key, value), = sweep.parse_sets([kv], "--torch-set").items()
+    except sweep.UserError as e:
+        raise UserError(str(e))
     node, parts = cfg, key.split(".")
     for p in parts[:-1]:
         if not isinstance(node.get(p), dict):
