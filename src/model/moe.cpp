@@ -37,29 +37,36 @@ MoeScratch::MoeScratch(const ModelConfig& cfg, Backend& be, int64_t N) {
     sdgate = be.empty({N, fs}, act);
     sdup = be.empty({N, fs}, act);
   }
-  if (cfg.recompute != "none") {
-    gate = be.empty({N * k, de}, act);
-    up = be.empty({N * k, de}, act);
-    h = be.empty({N * k, de}, act);
-    yg = be.empty({N * k, d}, act);
-    if (fs > 0) {
-      sgate = be.empty({N, fs}, act);
-      sup = be.empty({N, fs}, act);
-      sh = be.empty({N, fs}, act);
-    }
+  if (cfg.recompute != "none") acts = MoeExpertActs(cfg, be, N);
+}
+
+MoeExpertActs::MoeExpertActs(const ModelConfig& cfg, Backend& be, int64_t N) {
+  const MoeConfig& m = cfg.moe;
+  const int64_t d = cfg.d_model, de = m.d_expert, k = m.top_k, fs = shared_width(m);
+  const DType act = be.act_dtype();
+  gate = be.empty({N * k, de}, act);
+  up = be.empty({N * k, de}, act);
+  h = be.empty({N * k, de}, act);
+  yg = be.empty({N * k, d}, act);
+  if (fs > 0) {
+    sgate = be.empty({N, fs}, act);
+    sup = be.empty({N, fs}, act);
+    sh = be.empty({N, fs}, act);
   }
 }
 
 std::vector<const Tensor*> MoeScratch::buffers() const {
-  return {&xg, &dxg, &dyg, &dh, &dgate, &dup, &dtopk_w, &dlogits, &aux_grad, &sdh, &sdgate,
-          &sdup, &gate, &up, &h, &yg, &sgate, &sup, &sh};
+  std::vector<const Tensor*> out = {&xg, &dxg, &dyg, &dh, &dgate, &dup, &dtopk_w, &dlogits,
+                                    &aux_grad, &sdh, &sdgate, &sdup};
+  for (const Tensor* t : acts.buffers()) out.push_back(t);
+  return out;
 }
 
 std::vector<const Tensor*> MoeLayer::own_buffers() const {
   std::vector<const Tensor*> out = {&probs_, &topk_w_, &score_sum_, &topk_idx_, &counts_,
                                     &offsets_, &row_of_, &row_token_};
-  if (!s_.gate.defined())
-    for (const Tensor* t : {&gate_, &up_, &h_, &yg_, &sgate_, &sup_, &sh_}) out.push_back(t);
+  if (!s_.acts.gate.defined())
+    for (const Tensor* t : x_.buffers()) out.push_back(t);
   return out;
 }
 
@@ -102,7 +109,6 @@ MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, Mo
                        out_std);
   }
 
-  const DType act = be.act_dtype();
   probs_ = be.empty({N, E}, DType::F32);
   topk_w_ = be.empty({N, k}, DType::F32);
   score_sum_ = be.empty({E}, DType::F32);
@@ -111,25 +117,8 @@ MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, Mo
   offsets_ = be.empty({E + 1}, DType::I32);
   row_of_ = be.empty({N, k}, DType::I32);
   row_token_ = be.empty({N * k}, DType::I32);
-  if (scratch.gate.defined()) {  // activation recompute: shared, rebuilt before backward
-    gate_ = scratch.gate;
-    up_ = scratch.up;
-    h_ = scratch.h;
-    yg_ = scratch.yg;
-    sgate_ = scratch.sgate;
-    sup_ = scratch.sup;
-    sh_ = scratch.sh;
-  } else {
-    gate_ = be.empty({N * k, de_}, act);
-    up_ = be.empty({N * k, de_}, act);
-    h_ = be.empty({N * k, de_}, act);
-    yg_ = be.empty({N * k, d_}, act);
-    if (fs_ > 0) {
-      sgate_ = be.empty({N, fs_}, act);
-      sup_ = be.empty({N, fs_}, act);
-      sh_ = be.empty({N, fs_}, act);
-    }
-  }
+  // Activation recompute: shared by every MoE layer, rebuilt before each one's backward.
+  x_ = scratch.acts.gate.defined() ? scratch.acts : MoeExpertActs(cfg, be, N);
   counts_h_.assign(size_t(E), 0);
   offsets_h_.assign(size_t(E + 1), 0);
   score_sum_h_.assign(size_t(E), 0.f);
@@ -193,8 +182,8 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
   // Shared experts (a dense SwiGLU of width n_shared * d_expert) write out first, then the
   // routed experts' rows are added with their weights.
   r.next("combine");
-  if (fs_ > 0) be_.matmul_fwd(sh_, shared_.down->weight, out);  // (N,d)
-  be_.moe_combine_fwd(yg_.slice0(0, M), topk_w_, row_of_, out, /*accumulate=*/fs_ > 0);
+  if (fs_ > 0) be_.matmul_fwd(x_.sh, shared_.down->weight, out);  // (N,d)
+  be_.moe_combine_fwd(x_.yg.slice0(0, M), topk_w_, row_of_, out, /*accumulate=*/fs_ > 0);
 }
 
 void MoeLayer::rebuild(const Tensor& x) { expert_activations(x); }
@@ -209,25 +198,25 @@ void MoeLayer::expert_activations(const Tensor& x) {
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
     if (r1 == r0) continue;
-    Tensor g = gate_.slice0(r0, r1), u = up_.slice0(r0, r1);
+    Tensor g = x_.gate.slice0(r0, r1), u = x_.up.slice0(r0, r1);
     be_.matmul_fwd(xg.slice0(r0, r1), experts_[size_t(e)].gate->weight, g);  // (m,de)
     be_.matmul_fwd(xg.slice0(r0, r1), experts_[size_t(e)].up->weight, u);
   }
   if (M > 0) {
-    Tensor h = h_.slice0(0, M);
-    be_.swiglu_fwd(gate_.slice0(0, M), up_.slice0(0, M), h);
+    Tensor h = x_.h.slice0(0, M);
+    be_.swiglu_fwd(x_.gate.slice0(0, M), x_.up.slice0(0, M), h);
   }
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
     if (r1 == r0) continue;
-    Tensor y = yg_.slice0(r0, r1);
-    be_.matmul_fwd(h_.slice0(r0, r1), experts_[size_t(e)].down->weight, y);  // (m,d)
+    Tensor y = x_.yg.slice0(r0, r1);
+    be_.matmul_fwd(x_.h.slice0(r0, r1), experts_[size_t(e)].down->weight, y);  // (m,d)
   }
   if (fs_ > 0) {
     r.next("shared");
-    be_.matmul_fwd(x, shared_.gate->weight, sgate_);  // (N,fs)
-    be_.matmul_fwd(x, shared_.up->weight, sup_);
-    be_.swiglu_fwd(sgate_, sup_, sh_);
+    be_.matmul_fwd(x, shared_.gate->weight, x_.sgate);  // (N,fs)
+    be_.matmul_fwd(x, shared_.up->weight, x_.sup);
+    be_.swiglu_fwd(x_.sgate, x_.sup, x_.sh);
   }
 }
 
@@ -237,15 +226,15 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
   // Shared experts: dx (=).
   ProfRegion r(be_, "shared");
   if (fs_ > 0) {
-    be_.matmul_bwd(dout, sh_, shared_.down->weight, &s_.sdh, &shared_.down->grad, false);
-    be_.swiglu_bwd(s_.sdh, sgate_, sup_, s_.sdgate, s_.sdup);
+    be_.matmul_bwd(dout, x_.sh, shared_.down->weight, &s_.sdh, &shared_.down->grad, false);
+    be_.swiglu_bwd(s_.sdh, x_.sgate, x_.sup, s_.sdgate, s_.sdup);
     be_.matmul_bwd(s_.sdgate, x, shared_.gate->weight, &dx, &shared_.gate->grad, false);
     be_.matmul_bwd(s_.sdup, x, shared_.up->weight, &dx, &shared_.up->grad, true);
   } else {
     be_.zero(dx);
   }
   // Combine: gradients into the expert outputs (by row) and the combine weights.
-  Tensor dyg = s_.dyg.slice0(0, M), yg = yg_.slice0(0, M);
+  Tensor dyg = s_.dyg.slice0(0, M), yg = x_.yg.slice0(0, M);
   r.next("combine");
   be_.moe_combine_bwd(dout, yg, topk_w_, row_of_, dyg, s_.dtopk_w);
   if (M > 0) {
@@ -257,11 +246,11 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
       const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
       if (r1 == r0) continue;
       Tensor dh = s_.dh.slice0(r0, r1);
-      be_.matmul_bwd(dyg.slice0(r0, r1), h_.slice0(r0, r1), experts_[size_t(e)].down->weight,
+      be_.matmul_bwd(dyg.slice0(r0, r1), x_.h.slice0(r0, r1), experts_[size_t(e)].down->weight,
                      &dh, &experts_[size_t(e)].down->grad, false);
     }
     Tensor dgate = s_.dgate.slice0(0, M), dup = s_.dup.slice0(0, M);
-    be_.swiglu_bwd(s_.dh.slice0(0, M), gate_.slice0(0, M), up_.slice0(0, M), dgate, dup);
+    be_.swiglu_bwd(s_.dh.slice0(0, M), x_.gate.slice0(0, M), x_.up.slice0(0, M), dgate, dup);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
       if (r1 == r0) continue;

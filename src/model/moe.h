@@ -37,6 +37,17 @@ namespace mf {
 // Creates a parameter in the model's table: (name, kind, shape, init std) -> Param*.
 using AddParamFn = std::function<Param*(const std::string&, ParamKind, Shape, double)>;
 
+// What an MoE layer's backward needs of its experts' forward: routed rows gate, up, h = silu(gate)
+// * up (N*k, de) and their outputs yg (N*k, d); the shared experts' sgate, sup, sh (N, n_shared*de;
+// undefined without shared experts). Default-constructed: nothing allocated.
+struct MoeExpertActs {
+  MoeExpertActs() = default;
+  MoeExpertActs(const ModelConfig& cfg, Backend& be, int64_t N);
+  Tensor gate, up, h, yg;
+  Tensor sgate, sup, sh;
+  std::vector<const Tensor*> buffers() const { return {&gate, &up, &h, &yg, &sgate, &sup, &sh}; }
+};
+
 // Scratch shared by every MoE layer of a model (used within one layer's forward or backward).
 struct MoeScratch {
   MoeScratch(const ModelConfig& cfg, Backend& be, int64_t N);
@@ -49,8 +60,7 @@ struct MoeScratch {
   Tensor sdh, sdgate, sdup;  // (N, n_shared*de) shared experts
   // model.recompute != "none": the expert activations backward needs, shared by every MoE layer
   // (each layer but the last rebuilds its own with MoeLayer::rebuild before its backward).
-  Tensor gate, up, h, yg;    // (N*k, de) x3, (N*k, d)
-  Tensor sgate, sup, sh;     // (N, n_shared*de)
+  MoeExpertActs acts;
   std::vector<const Tensor*> buffers() const;
 };
 
@@ -121,8 +131,7 @@ class MoeLayer {
   // Kept from forward for backward.
   Tensor probs_, topk_w_, score_sum_;                  // (N,E) (N,k) (E) f32
   Tensor topk_idx_, counts_, offsets_, row_of_, row_token_;  // i32
-  Tensor gate_, up_, h_, yg_;                          // (N*k,de) x3, (N*k,d)
-  Tensor sgate_, sup_, sh_;                            // (N,fs) shared experts
+  MoeExpertActs x_;  // its own, or MoeScratch::acts under activation recompute
   std::vector<int32_t> counts_h_, offsets_h_;
   std::vector<float> score_sum_h_;
   double aux_loss_ = 0;
