@@ -397,17 +397,18 @@ void LlamaModel::forward_backward_deferred(const int32_t* inputs, const int32_t*
     // are deterministic, so the gradients are bitwise those of a run without recompute.
     // MoE layers rebuild their expert activations (routing kept) instead of a dense MLP; they
     // share them in MoeScratch, which the last layer's forward wrote last.
-    const bool rc_full = cfg_.recompute == "full" && i < cfg_.n_layers - 1;
-    const bool rc_mlp = cfg_.recompute != "none" && i < cfg_.n_layers - 1 && !w.moe;
-    const bool rc_moe = cfg_.recompute != "none" && i < cfg_.n_layers - 1 && w.moe;
-    if (rc_full || rc_mlp || rc_moe) r.next("bwd.recompute");
-    if (rc_full) {
-      be_.add_rmsnorm_fwd(l.r_attn, nullptr, l.r_attn, w.ln1->weight, float(cfg_.norm_eps),
-                          l.xn1, l.rstd1);
-      attention_block(i);
+    if (cfg_.recompute != "none" && i < cfg_.n_layers - 1) {
+      r.next("bwd.recompute");
+      if (cfg_.recompute == "full") {
+        be_.add_rmsnorm_fwd(l.r_attn, nullptr, l.r_attn, w.ln1->weight, float(cfg_.norm_eps),
+                            l.xn1, l.rstd1);
+        attention_block(i);
+      }
+      if (w.moe)
+        w.moe->rebuild(l.xn2);
+      else
+        mlp_hidden(i);
     }
-    if (rc_mlp) mlp_hidden(i);
-    if (rc_moe) w.moe->rebuild(l.xn2);
     // MLP branch: r_out = r_mlp + down(silu(gate(xn2)) * up(xn2))
     Tensor& dmlp = branch_grad();
     if (w.moe) {
