@@ -4,7 +4,6 @@
 #include <cmath>
 #include <string>
 
-#include "backend/cpu/ref_moe.h"
 #include "backend/cpu/ref_ops.h"
 #include "core/error.h"
 
@@ -83,6 +82,14 @@ KvDecoder::KvDecoder(LlamaModel& model, Backend& be, int max_len)
   scores_.resize(size_t(std::max<int64_t>(max_len, mc.n_experts)));
   g_.resize(size_t(widest));
   u_.resize(size_t(widest));
+  route_.E = mc.n_experts;
+  route_.k = mc.top_k;
+  route_.sigmoid = mc.score == "sigmoid";
+  route_.norm_topk = mc.norm_topk;
+  route_.route_scale = mc.route_scale;
+  route_idx_.resize(size_t(mc.top_k));
+  route_w_.resize(size_t(mc.top_k));
+  route_counts_.resize(size_t(std::max(mc.n_experts, 1)));
 }
 
 // out[d] (+)= scale * down(silu(gate x) * up x)
@@ -161,20 +168,11 @@ std::vector<float> KvDecoder::push(int32_t token) {
       continue;
     }
     // MoE: route this token (top-k of the scores, the bias only choosing), then its experts.
-    const MoeConfig& mc = cfg_.moe;
-    ref::MoeRoute route;
-    route.E = mc.n_experts;
-    route.k = mc.top_k;
-    route.sigmoid = mc.score == "sigmoid";
-    route.norm_topk = mc.norm_topk;
-    route.route_scale = mc.route_scale;
-    std::vector<int32_t> idx(size_t(mc.top_k)), counts(size_t(mc.n_experts));
-    std::vector<float> w(size_t(mc.top_k));
     ref::moe_router_fwd<float>(h_.data(), L.router.data(), L.bias.empty() ? nullptr : L.bias.data(),
-                               1, d, route, scores_.data(), idx.data(), w.data(), counts.data(),
-                               nullptr);
-    for (int j = 0; j < mc.top_k; ++j)
-      mlp_add(L.experts[size_t(idx[size_t(j)])], h_.data(), rmult * w[size_t(j)], x_.data());
+                               1, d, route_, scores_.data(), route_idx_.data(), route_w_.data(),
+                               route_counts_.data(), nullptr);
+    for (size_t j = 0; j < route_idx_.size(); ++j)
+      mlp_add(L.experts[size_t(route_idx_[j])], h_.data(), rmult * route_w_[j], x_.data());
     if (L.shared.f > 0) mlp_add(L.shared, h_.data(), rmult, x_.data());
   }
   ref::add_rmsnorm_fwd<float>(x_.data(), nullptr, x_.data(), norm_f_.data(), 1, d, eps, h_.data(),

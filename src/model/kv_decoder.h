@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/ref_moe.h"
 #include "model/llama.h"
 
 namespace mf {
@@ -56,6 +57,10 @@ class KvDecoder {
   std::vector<float> inv_freq_;  // [head_dim / 2]
   // Scratch for one position.
   std::vector<float> x_, h_, q_, k_, v_, att_, tmp_, scores_, g_, u_;
+  // MoE routing of one token: the rule (from model.moe) and the chosen experts and weights.
+  ref::MoeRoute route_;
+  std::vector<int32_t> route_idx_, route_counts_;
+  std::vector<float> route_w_;
 };
 
 }  // namespace mf
