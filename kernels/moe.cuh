@@ -7,6 +7,8 @@
 #include "backend/backend.h"
 #include "common.cuh"
 
+#include <vector>
+
 namespace mf::cuda {
 
 // Largest expert count the router kernel handles (one warp per token keeps a 64-bit "taken"
@@ -41,5 +43,17 @@ void op_moe_combine_fwd(const Ctx& ctx, const Tensor& yg, const Tensor& topk_w,
 void op_moe_combine_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& yg,
                         const Tensor& topk_w, const Tensor& row_of, Tensor& dyg,
                         Tensor& dtopk_w);
+
+
+// Grouped expert GEMMs (kernels/moe_gemm.cu), the contract of Backend::moe_expert_fwd/bwd with
+// bf16 x, dy, y, dx and W, f32 dW. w_table / dw_table: device arrays holding the E expert
+// pointers of W / dW in order (CudaBackend keeps one per list). Offsets are read on the device;
+// a plan outside [0, rows] is clamped rather than trusted.
+void op_moe_expert_fwd(const Ctx& ctx, const Tensor& x, const std::vector<const Tensor*>& W,
+                       const void* const* w_table, const Tensor& offsets, Tensor& y);
+void op_moe_expert_bwd(const Ctx& ctx, const Tensor& dy, const Tensor& x,
+                       const std::vector<const Tensor*>& W, const void* const* w_table,
+                       const Tensor& offsets, Tensor* dx, const std::vector<Tensor*>* dW,
+                       void* const* dw_table, bool accumulate_dx);
 
 }  // namespace mf::cuda

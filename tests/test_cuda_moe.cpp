@@ -451,3 +451,112 @@ TEST_CASE("cuda moe ops reject bad arguments with clear errors", "[gpu][moe]") {
   Tensor xg = gpu->empty({2, 7}, gpu->act_dtype());
   CHECK_THROWS_WITH(gpu->moe_gather(x, rt, xg), Catch::Contains("same width"));
 }
+
+TEST_CASE("cuda grouped expert GEMMs (moe_expert_fwd / _bwd) match CpuBackend", "[gpu][moe]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = make_backend("cuda");
+  CpuBackend cpu;
+  const DType act = gpu->act_dtype();
+  Rng rng(606);
+  // Row blocks: router plans (with a capacity drop) and hand-made ones with empty experts and
+  // blocks of several 64-row tiles. Widths: aligned (16-byte loads), odd (element loads) and
+  // several K steps.
+  std::vector<IVec> plans;
+  for (const Shape3& s : {Shape3{127, 4, 2}, Shape3{127, 64, 6}, Shape3{7, 100, 2}})
+    for (int64_t cap : {int64_t(0), ref::moe_capacity(0.7, s.N, s.k, s.E)})
+      plans.push_back(make_plan(rng, s, cap, true).offsets);
+  plans.push_back({0, 200, 200, 275});
+  plans.push_back({0, 0, 0, 130});
+  plans.push_back({0, 1});
+  struct Dims {
+    int64_t in, out;
+  };
+  int variant = 0;
+  for (const IVec& off : plans)
+    for (const Dims& dm : {Dims{64, 96}, Dims{37, 50}, Dims{128, 200}}) {
+      ++variant;
+      const int64_t E = int64_t(off.size()) - 1, M = off.back(), R = M + 3;
+      INFO("experts " << E << " rows " << M << " in " << dm.in << " out " << dm.out);
+      std::vector<FVec> Wv, dW0;
+      std::vector<Tensor> Wg, Wc, dWg, dWc;
+      for (int64_t e = 0; e < E; ++e) {
+        Wv.push_back(rand_f(rng, size_t(dm.out * dm.in), -0.5, 0.5, true));
+        dW0.push_back(rand_f(rng, size_t(dm.out * dm.in), -0.5, 0.5, false));
+        Wg.push_back(on(*gpu, {dm.out, dm.in}, act, Wv.back()));
+        Wc.push_back(host_f({dm.out, dm.in}, Wv.back()));
+        dWg.push_back(on(*gpu, {dm.out, dm.in}, DType::F32, dW0.back()));
+        dWc.push_back(host_f({dm.out, dm.in}, dW0.back()));
+      }
+      std::vector<const Tensor*> pWg, pWc;
+      std::vector<Tensor*> pdWg, pdWc;
+      for (int64_t e = 0; e < E; ++e) {
+        pWg.push_back(&Wg[size_t(e)]);
+        pWc.push_back(&Wc[size_t(e)]);
+        pdWg.push_back(&dWg[size_t(e)]);
+        pdWc.push_back(&dWc[size_t(e)]);
+      }
+      const FVec x = rand_f(rng, size_t(R * dm.in), -1, 1, true);
+      const FVec dy = rand_f(rng, size_t(R * dm.out), -1, 1, true);
+      const FVec y0 = rand_f(rng, size_t(R * dm.out), -1, 1, true);
+      const FVec dx0 = rand_f(rng, size_t(R * dm.in), -1, 1, true);
+      Tensor goff = on_i(*gpu, {E + 1}, off), coff = host_i({E + 1}, off);
+
+      Tensor gx = on(*gpu, {R, dm.in}, act, x), cx = host_f({R, dm.in}, x);
+      Tensor gy = on(*gpu, {R, dm.out}, act, y0), cy = host_f({R, dm.out}, y0);
+      gpu->moe_expert_fwd(gx, pWg, goff, gy);
+      cpu.moe_expert_fwd(cx, pWc, coff, cy);
+      const FVec ygot = get_f(*gpu, gy);
+      CHECK(rel(ygot, FVec(cy.f32(), cy.f32() + R * dm.out)) < tol_for(act));
+      CHECK(FVec(ygot.begin() + M * dm.out, ygot.end()) == FVec(y0.begin() + M * dm.out, y0.end()));
+
+      const bool acc = variant % 2 == 0;
+      INFO("accumulate dx " << acc);
+      Tensor gdy = on(*gpu, {R, dm.out}, act, dy), cdy = host_f({R, dm.out}, dy);
+      Tensor gdx = on(*gpu, {R, dm.in}, act, dx0), cdx = host_f({R, dm.in}, dx0);
+      gpu->moe_expert_bwd(gdy, gx, pWg, goff, &gdx, &pdWg, acc);
+      cpu.moe_expert_bwd(cdy, cx, pWc, coff, &cdx, &pdWc, acc);
+      const FVec dxgot = get_f(*gpu, gdx);
+      CHECK(rel(dxgot, FVec(cdx.f32(), cdx.f32() + R * dm.in)) < tol_for(act));
+      CHECK(FVec(dxgot.begin() + M * dm.in, dxgot.end()) == FVec(dx0.begin() + M * dm.in, dx0.end()));
+      for (int64_t e = 0; e < E; ++e) {
+        INFO("expert " << e << " rows " << off[size_t(e + 1)] - off[size_t(e)]);
+        const FVec g = get_f(*gpu, dWg[size_t(e)]);
+        const FVec c(dWc[size_t(e)].f32(), dWc[size_t(e)].f32() + dm.out * dm.in);
+        CHECK(rel(g, c) < 1e-5);  // products exact in f32, only the summation order differs
+        if (off[size_t(e + 1)] == off[size_t(e)]) CHECK(g == dW0[size_t(e)]);
+      }
+    }
+  // Repeat runs are bitwise equal (no atomics).
+  const IVec off = {0, 200, 200, 275};
+  const int64_t in = 96, out = 64;
+  Tensor goff = on_i(*gpu, {4}, off);
+  std::vector<Tensor> Ws, dWs;
+  std::vector<const Tensor*> W;
+  std::vector<Tensor*> dW;
+  for (int e = 0; e < 3; ++e) {
+    Ws.push_back(on(*gpu, {out, in}, act, rand_f(rng, size_t(out * in), -0.5, 0.5, true)));
+    dWs.push_back(gpu->empty({out, in}, DType::F32));
+  }
+  for (int e = 0; e < 3; ++e) {
+    W.push_back(&Ws[size_t(e)]);
+    dW.push_back(&dWs[size_t(e)]);
+  }
+  Tensor gx = on(*gpu, {275, in}, act, rand_f(rng, size_t(275 * in), -1, 1, true));
+  Tensor gdy = on(*gpu, {275, out}, act, rand_f(rng, size_t(275 * out), -1, 1, true));
+  Tensor gy = gpu->empty({275, out}, act), gdx = gpu->empty({275, in}, act);
+  auto run = [&] {
+    for (Tensor& t : dWs) gpu->zero(t);
+    gpu->moe_expert_fwd(gx, W, goff, gy);
+    gpu->moe_expert_bwd(gdy, gx, W, goff, &gdx, &dW, false);
+    FVec all = get_f(*gpu, gy), more = get_f(*gpu, gdx);
+    all.insert(all.end(), more.begin(), more.end());
+    for (const Tensor& t : dWs) {
+      more = get_f(*gpu, t);
+      all.insert(all.end(), more.begin(), more.end());
+    }
+    return all;
+  };
+  const FVec first = run(), second = run();
+  REQUIRE(first.size() == second.size());
+  CHECK(std::memcmp(first.data(), second.data(), first.size() * sizeof(float)) == 0);
+}

@@ -386,6 +386,94 @@ TEST_CASE("moe ops on CpuBackend match the double reference", "[moe][ops]") {
   }
 }
 
+TEST_CASE("moe grouped expert GEMMs on CpuBackend match a double loop over the row blocks",
+          "[moe][ops]") {
+  CpuBackend be;
+  const double tol = test::op_tolerance("moe", DType::F32);
+  Rng rng(515);
+  // Row counts per expert: empty experts, one row, uneven blocks; rows past offsets[E] (a
+  // capacity drop) must stay untouched.
+  for (const std::vector<int>& counts : {std::vector<int>{3, 0, 5, 1}, std::vector<int>{0, 0, 9},
+                                         std::vector<int>{7}}) {
+    const int64_t E = int64_t(counts.size()), in = 6, out = 5;
+    std::vector<int32_t> off(size_t(E + 1), 0);
+    for (int64_t e = 0; e < E; ++e) off[size_t(e + 1)] = off[size_t(e)] + counts[size_t(e)];
+    const int64_t M = off.back(), R = M + 2;
+    INFO("experts " << E << ", rows " << M);
+    Tensor toff = host_tensor({E + 1}, DType::I32);
+    std::copy(off.begin(), off.end(), toff.i32());
+    std::vector<Tensor> Wt, dWt;
+    std::vector<const Tensor*> W;
+    std::vector<Tensor*> dW;
+    std::vector<Vec> Wv, dW0;
+    for (int64_t e = 0; e < E; ++e) {
+      Wv.push_back(floats(uniform_vec(rng, size_t(out * in))));
+      dW0.push_back(floats(uniform_vec(rng, size_t(out * in))));
+      Wt.push_back(host_of({out, in}, Wv.back()));
+      dWt.push_back(host_of({out, in}, dW0.back()));
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      W.push_back(&Wt[size_t(e)]);
+      dW.push_back(&dWt[size_t(e)]);
+    }
+    const Vec x = floats(uniform_vec(rng, size_t(R * in)));
+    const Vec dy = floats(uniform_vec(rng, size_t(R * out)));
+    const Vec y0 = floats(uniform_vec(rng, size_t(R * out)));
+    const Vec dx0 = floats(uniform_vec(rng, size_t(R * in)));
+    // The double loop: expert e owns rows off[e] .. off[e+1].
+    Vec y = y0, dx_set = dx0, dx_acc = dx0;
+    std::vector<Vec> dWw = dW0;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = off[size_t(e)]; r < off[size_t(e + 1)]; ++r) {
+        for (int64_t o = 0; o < out; ++o) {
+          double s = 0;
+          for (int64_t i = 0; i < in; ++i) s += x[size_t(r * in + i)] * Wv[size_t(e)][size_t(o * in + i)];
+          y[size_t(r * out + o)] = s;
+        }
+        for (int64_t i = 0; i < in; ++i) {
+          double s = 0;
+          for (int64_t o = 0; o < out; ++o) s += dy[size_t(r * out + o)] * Wv[size_t(e)][size_t(o * in + i)];
+          dx_set[size_t(r * in + i)] = s;
+          dx_acc[size_t(r * in + i)] += s;
+          for (int64_t o = 0; o < out; ++o)
+            dWw[size_t(e)][size_t(o * in + i)] += dy[size_t(r * out + o)] * x[size_t(r * in + i)];
+        }
+      }
+    Tensor tx = host_of({R, in}, x), tdy = host_of({R, out}, dy), ty = host_of({R, out}, y0);
+    be.moe_expert_fwd(tx, W, toff, ty);
+    CHECK(norm_err(vec_of(ty), y) < tol);
+    CHECK(vec_of(ty.slice0(M, R)) == Vec(y0.begin() + M * out, y0.end()));  // untouched
+    for (bool acc : {false, true}) {
+      Tensor tdx = host_of({R, in}, dx0);
+      for (int64_t e = 0; e < E; ++e) dWt[size_t(e)] = host_of({out, in}, dW0[size_t(e)]);
+      be.moe_expert_bwd(tdy, tx, W, toff, &tdx, acc ? nullptr : &dW, acc);
+      CHECK(norm_err(vec_of(tdx), acc ? dx_acc : dx_set) < tol);
+      CHECK(vec_of(tdx.slice0(M, R)) == Vec(dx0.begin() + M * in, dx0.end()));
+      for (int64_t e = 0; e < E; ++e)  // dW (+=) when given, untouched when not
+        CHECK(norm_err(vec_of(dWt[size_t(e)]), acc ? dW0[size_t(e)] : dWw[size_t(e)]) < tol);
+    }
+    // dx null: only the weight gradients
+    for (int64_t e = 0; e < E; ++e) dWt[size_t(e)] = host_of({out, in}, dW0[size_t(e)]);
+    be.moe_expert_bwd(tdy, tx, W, toff, nullptr, &dW, false);
+    for (int64_t e = 0; e < E; ++e) CHECK(norm_err(vec_of(dWt[size_t(e)]), dWw[size_t(e)]) < tol);
+  }
+
+  // Bad plans and lists name the op and the problem.
+  Tensor x = host_tensor({4, 3}), y = host_tensor({4, 2}), Wa = host_tensor({2, 3});
+  const std::vector<const Tensor*> W2 = {&Wa, &Wa};
+  Tensor off = host_tensor({3}, DType::I32);
+  off.i32()[1] = 3;
+  off.i32()[2] = 2;
+  CHECK_THROWS_WITH(be.moe_expert_fwd(x, W2, off, y),
+                    Contains("moe_expert_fwd") && Contains("decrease at expert 1"));
+  off.i32()[2] = 5;
+  CHECK_THROWS_WITH(be.moe_expert_fwd(x, W2, off, y), Contains("offsets[E] = 5") && Contains("4"));
+  Tensor off_short = host_tensor({2}, DType::I32);
+  CHECK_THROWS_WITH(be.moe_expert_fwd(x, W2, off_short, y),
+                    Contains("offsets must be i32 [3]"));
+  CHECK_THROWS_WITH(be.moe_expert_fwd(x, {}, off, y), Contains("no expert weights"));
+}
+
 TEST_CASE("moe permutation plan: token order, capacity drops, deterministic", "[moe][plan]") {
   Rng rng(77);
   const int64_t N = 50, k = 3, E = 6;

@@ -77,6 +77,53 @@ void Backend::moe_combine_bwd(const Tensor&, const Tensor&, const Tensor&, const
 
 #undef MF_MOE_UNIMPLEMENTED
 
+namespace {
+// The expert row blocks of a moe_permute plan, on the host, checked against the operands.
+std::vector<int32_t> expert_offsets(Backend& be, const char* op, const Tensor& offsets,
+                                    size_t E, int64_t rows) {
+  MF_CHECK(E > 0, op, ": no expert weights given");
+  MF_CHECK(offsets.dtype == DType::I32 && offsets.numel() == int64_t(E) + 1, op,
+           ": offsets must be i32 [", E + 1, "] (one more than the ", E, " expert weights)");
+  Tensor h = host_tensor({int64_t(E) + 1}, DType::I32);
+  be.download(offsets, h);
+  std::vector<int32_t> off(h.i32(), h.i32() + E + 1);
+  MF_CHECK(off[0] == 0, op, ": offsets[0] = ", off[0], ", expected 0");
+  for (size_t e = 0; e < E; ++e)
+    MF_CHECK(off[e + 1] >= off[e], op, ": offsets decrease at expert ", e, " (", off[e], " > ",
+             off[e + 1], ")");
+  MF_CHECK(off[E] <= rows, op, ": offsets[E] = ", off[E], " rows but the operands have ", rows);
+  return off;
+}
+}  // namespace
+
+void Backend::moe_expert_fwd(const Tensor& x, const std::vector<const Tensor*>& W,
+                             const Tensor& offsets, Tensor& y) {
+  const auto off = expert_offsets(*this, "moe_expert_fwd", offsets, W.size(),
+                                  std::min(x.shape[0], y.shape[0]));
+  for (size_t e = 0; e < W.size(); ++e) {
+    if (off[e + 1] == off[e]) continue;
+    Tensor ye = y.slice0(off[e], off[e + 1]);
+    matmul_fwd(x.slice0(off[e], off[e + 1]), *W[e], ye);
+  }
+}
+
+void Backend::moe_expert_bwd(const Tensor& dy, const Tensor& x,
+                             const std::vector<const Tensor*>& W, const Tensor& offsets,
+                             Tensor* dx, const std::vector<Tensor*>* dW, bool accumulate_dx) {
+  const int64_t rows = std::min(dy.shape[0], x.shape[0]);
+  const auto off = expert_offsets(*this, "moe_expert_bwd", offsets, W.size(),
+                                  dx ? std::min(rows, dx->shape[0]) : rows);
+  MF_CHECK(!dW || dW->size() == W.size(), "moe_expert_bwd: ", dW ? dW->size() : 0,
+           " weight gradients for ", W.size(), " experts");
+  for (size_t e = 0; e < W.size(); ++e) {
+    if (off[e + 1] == off[e]) continue;
+    Tensor dxe;
+    if (dx) dxe = dx->slice0(off[e], off[e + 1]);
+    matmul_bwd(dy.slice0(off[e], off[e + 1]), x.slice0(off[e], off[e + 1]), *W[e],
+               dx ? &dxe : nullptr, dW ? (*dW)[e] : nullptr, accumulate_dx);
+  }
+}
+
 void Backend::set_attention_impl(const std::string& mode) {
   static bool said = false;
   if (mode == "cudnn" && !said)

@@ -218,6 +218,21 @@ class Backend {
   // (0 for dropped slots). Rows of dyg that no slot maps to are left untouched.
   virtual void moe_combine_bwd(const Tensor& dout, const Tensor& yg, const Tensor& topk_w,
                                const Tensor& row_of, Tensor& dyg, Tensor& dtopk_w);
+  // Expert linear layers over the permuted rows, all experts in one call (a grouped GEMM).
+  // W holds E weights [out,in] of one shape and dtype; offsets i32 [E+1] is the plan of
+  // moe_permute, read where it lives (no host copy needed by the CUDA backend). x [R,in],
+  // y [R,out] with R >= offsets[E]:  y[r,:] (=) x[r,:] W_e^T for offsets[e] <= r < offsets[e+1].
+  // Rows of y at or past offsets[E] are left untouched.
+  // The defaults (used by the CPU backend) copy offsets to the host and call matmul_fwd /
+  // matmul_bwd once per expert with rows.
+  virtual void moe_expert_fwd(const Tensor& x, const std::vector<const Tensor*>& W,
+                              const Tensor& offsets, Tensor& y);
+  // dx[r,:] (= or += when accumulate_dx) dy[r,:] W_e;  dW_e (+=) dy[rows of e]^T x[rows of e].
+  // dx or dW may be null (that part is skipped); dW holds E distinct tensors of W's shape. An
+  // expert with no rows leaves its dW_e unchanged.
+  virtual void moe_expert_bwd(const Tensor& dy, const Tensor& x,
+                              const std::vector<const Tensor*>& W, const Tensor& offsets,
+                              Tensor* dx, const std::vector<Tensor*>* dW, bool accumulate_dx);
 
   // ---- matrix-optimizer primitives (src/optim/matrix_opt.h; docs/optimizers.md) ---------------
   // Not pure: the defaults throw "<op> is not implemented on the <name> backend", so a backend

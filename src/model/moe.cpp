@@ -94,11 +94,9 @@ MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, Mo
     bias_ = add(p + "gate.e_score_correction_bias", ParamKind::Bias, {E}, 0.0);
   for (int64_t e = 0; e < E; ++e) {
     const std::string q = p + "experts." + std::to_string(e) + ".";
-    Expert x;
-    x.gate = add(q + "gate_proj.weight", ParamKind::Hidden, {de_, d_}, cfg.init_std);
-    x.up = add(q + "up_proj.weight", ParamKind::Hidden, {de_, d_}, cfg.init_std);
-    x.down = add(q + "down_proj.weight", ParamKind::Hidden, {d_, de_}, out_std);
-    experts_.push_back(x);
+    gate_.add(add(q + "gate_proj.weight", ParamKind::Hidden, {de_, d_}, cfg.init_std));
+    up_.add(add(q + "up_proj.weight", ParamKind::Hidden, {de_, d_}, cfg.init_std));
+    down_.add(add(q + "down_proj.weight", ParamKind::Hidden, {d_, de_}, out_std));
   }
   if (fs_ > 0) {
     shared_.gate = add(p + "shared_experts.gate_proj.weight", ParamKind::Hidden, {fs_, d_},
@@ -195,22 +193,13 @@ void MoeLayer::expert_activations(const Tensor& x) {
   ProfRegion r(be_, "gather");
   be_.moe_gather(x, row_token_, xg);  // (M,d)
   r.next("experts");
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
-    if (r1 == r0) continue;
-    Tensor g = x_.gate.slice0(r0, r1), u = x_.up.slice0(r0, r1);
-    be_.matmul_fwd(xg.slice0(r0, r1), experts_[size_t(e)].gate->weight, g);  // (m,de)
-    be_.matmul_fwd(xg.slice0(r0, r1), experts_[size_t(e)].up->weight, u);
-  }
   if (M > 0) {
-    Tensor h = x_.h.slice0(0, M);
-    be_.swiglu_fwd(x_.gate.slice0(0, M), x_.up.slice0(0, M), h);
-  }
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
-    if (r1 == r0) continue;
-    Tensor y = x_.yg.slice0(r0, r1);
-    be_.matmul_fwd(x_.h.slice0(r0, r1), experts_[size_t(e)].down->weight, y);  // (m,d)
+    Tensor g = x_.gate.slice0(0, M), u = x_.up.slice0(0, M), h = x_.h.slice0(0, M);
+    Tensor y = x_.yg.slice0(0, M);
+    be_.moe_expert_fwd(xg, gate_.w, offsets_, g);  // (M,de)
+    be_.moe_expert_fwd(xg, up_.w, offsets_, u);
+    be_.swiglu_fwd(g, u, h);
+    be_.moe_expert_fwd(h, down_.w, offsets_, y);  // (M,d)
   }
   if (fs_ > 0) {
     r.next("shared");
@@ -242,26 +231,14 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
     r.next("gather");
     be_.moe_gather(x, row_token_, xg);  // recomputed rather than kept per layer
     r.next("experts");
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
-      if (r1 == r0) continue;
-      Tensor dh = s_.dh.slice0(r0, r1);
-      be_.matmul_bwd(dyg.slice0(r0, r1), x_.h.slice0(r0, r1), experts_[size_t(e)].down->weight,
-                     &dh, &experts_[size_t(e)].down->grad, false);
-    }
-    Tensor dgate = s_.dgate.slice0(0, M), dup = s_.dup.slice0(0, M);
-    be_.swiglu_bwd(s_.dh.slice0(0, M), x_.gate.slice0(0, M), x_.up.slice0(0, M), dgate, dup);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r0 = offsets_h_[size_t(e)], r1 = offsets_h_[size_t(e + 1)];
-      if (r1 == r0) continue;
-      Tensor dxe = s_.dxg.slice0(r0, r1), xe = xg.slice0(r0, r1);
-      be_.matmul_bwd(dgate.slice0(r0, r1), xe, experts_[size_t(e)].gate->weight, &dxe,
-                     &experts_[size_t(e)].gate->grad, false);
-      be_.matmul_bwd(dup.slice0(r0, r1), xe, experts_[size_t(e)].up->weight, &dxe,
-                     &experts_[size_t(e)].up->grad, true);
-    }
+    Tensor dh = s_.dh.slice0(0, M), dgate = s_.dgate.slice0(0, M), dup = s_.dup.slice0(0, M);
+    Tensor dxg = s_.dxg.slice0(0, M);
+    be_.moe_expert_bwd(dyg, x_.h.slice0(0, M), down_.w, offsets_, &dh, &down_.g, false);
+    be_.swiglu_bwd(dh, x_.gate.slice0(0, M), x_.up.slice0(0, M), dgate, dup);
+    be_.moe_expert_bwd(dgate, xg, gate_.w, offsets_, &dxg, &gate_.g, false);
+    be_.moe_expert_bwd(dup, xg, up_.w, offsets_, &dxg, &up_.g, true);
     r.next("gather");
-    be_.moe_gather_bwd(s_.dxg.slice0(0, M), row_of_, dx);  // dx (+=)
+    be_.moe_gather_bwd(dxg, row_of_, dx);  // dx (+=)
   }
   // Router: combine-weight gradients, plus the balance loss's gradient on the scores:
   // d(coef E sum_i f_i P_i)/d pn[n,i] = coef E f_i / N, times aux_grad_scale (= loss_scale * N).

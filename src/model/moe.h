@@ -125,7 +125,17 @@ class MoeLayer {
   MoeScratch& s_;
   Param* router_ = nullptr;
   Param* bias_ = nullptr;
-  std::vector<Expert> experts_;
+  // The routed experts' weights and gradients by projection, in expert order: the operands of
+  // the grouped moe_expert_fwd / moe_expert_bwd.
+  struct ExpertGroup {
+    std::vector<const Tensor*> w;
+    std::vector<Tensor*> g;
+    void add(Param* p) {
+      w.push_back(&p->weight);
+      g.push_back(&p->grad);
+    }
+  };
+  ExpertGroup gate_, up_, down_;
   Expert shared_{nullptr, nullptr, nullptr};
 
   // Kept from forward for backward.

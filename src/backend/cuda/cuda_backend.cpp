@@ -71,6 +71,7 @@ CudaBackend::~CudaBackend() {
     if (u.done) cudaEventDestroy(u.done);
     if (u.host) cudaFreeHost(u.host);
   }
+  for (auto& [ptrs, table] : pointer_tables_) cudaFree(table);
   attn_.reset();  // the cuDNN handle is bound to stream_
   mo_.reset();  // its library handles are bound to stream_
   scratch_.reset();
@@ -313,6 +314,51 @@ void CudaBackend::moe_combine_fwd(const Tensor& yg, const Tensor& topk_w, const 
 void CudaBackend::moe_combine_bwd(const Tensor& dout, const Tensor& yg, const Tensor& topk_w,
                                   const Tensor& row_of, Tensor& dyg, Tensor& dtopk_w) {
   cuda::op_moe_combine_bwd(ctx_, dout, yg, topk_w, row_of, dyg, dtopk_w);
+}
+
+void** CudaBackend::pointer_table(const std::vector<void*>& ptrs) {
+  auto it = pointer_tables_.find(ptrs);
+  if (it != pointer_tables_.end()) return it->second;
+  void** table = nullptr;
+  CUDA_CHECK(cudaMalloc(&table, ptrs.size() * sizeof(void*)));
+  // Synchronous, once per list; the stream may still be using an older table, never this one.
+  CUDA_CHECK(cudaMemcpy(table, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+  pointer_tables_.emplace(ptrs, table);
+  return table;
+}
+
+namespace {
+template <typename T>
+std::vector<void*> pointers_of(const std::vector<T*>& ts) {
+  std::vector<void*> p;
+  p.reserve(ts.size());
+  for (T* t : ts) p.push_back(const_cast<void*>(static_cast<const void*>(t->ptr)));
+  return p;
+}
+bool all_bf16(const std::vector<const Tensor*>& ts) {
+  for (const Tensor* t : ts)
+    if (t->dtype != DType::BF16) return false;
+  return true;
+}
+}  // namespace
+
+void CudaBackend::moe_expert_fwd(const Tensor& x, const std::vector<const Tensor*>& W,
+                                 const Tensor& offsets, Tensor& y) {
+  if (W.empty() || x.dtype != DType::BF16 || y.dtype != DType::BF16 || !all_bf16(W))
+    return Backend::moe_expert_fwd(x, W, offsets, y);
+  cuda::op_moe_expert_fwd(ctx_, x, W, pointer_table(pointers_of(W)), offsets, y);
+}
+
+void CudaBackend::moe_expert_bwd(const Tensor& dy, const Tensor& x,
+                                 const std::vector<const Tensor*>& W, const Tensor& offsets,
+                                 Tensor* dx, const std::vector<Tensor*>* dW, bool accumulate_dx) {
+  bool grouped = !W.empty() && dy.dtype == DType::BF16 && x.dtype == DType::BF16 && all_bf16(W) &&
+                 (!dx || dx->dtype == DType::BF16);
+  if (dW)
+    for (const Tensor* g : *dW) grouped = grouped && g->dtype == DType::F32;
+  if (!grouped) return Backend::moe_expert_bwd(dy, x, W, offsets, dx, dW, accumulate_dx);
+  cuda::op_moe_expert_bwd(ctx_, dy, x, W, pointer_table(pointers_of(W)), offsets, dx, dW,
+                          dW ? pointer_table(pointers_of(*dW)) : nullptr, accumulate_dx);
 }
 
 // ---- reductions and elementwise ----------------------------------------------------------------

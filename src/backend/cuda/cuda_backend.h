@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -84,6 +85,13 @@ class CudaBackend final : public Backend {
                        bool accumulate) override;
   void moe_combine_bwd(const Tensor& dout, const Tensor& yg, const Tensor& topk_w,
                        const Tensor& row_of, Tensor& dyg, Tensor& dtopk_w) override;
+  // bf16 operands (f32 dW): one grouped launch per product (kernels/moe_gemm.cu); other dtypes
+  // take the per-expert default.
+  void moe_expert_fwd(const Tensor& x, const std::vector<const Tensor*>& W, const Tensor& offsets,
+                      Tensor& y) override;
+  void moe_expert_bwd(const Tensor& dy, const Tensor& x, const std::vector<const Tensor*>& W,
+                      const Tensor& offsets, Tensor* dx, const std::vector<Tensor*>* dW,
+                      bool accumulate_dx) override;
 
   double sum_squares(const Tensor& x) override;
   double sum(const Tensor& x) override;
@@ -149,6 +157,10 @@ class CudaBackend final : public Backend {
   static constexpr size_t kUploadRingMaxBytes = size_t(4) << 20;  // larger uploads synchronise
   std::vector<UploadSlot> upload_ring_;
   size_t upload_next_ = 0;
+  // Device arrays of tensor pointers for the grouped expert GEMMs, one per distinct list (the
+  // expert weights and gradients never move, so each is uploaded once).
+  std::map<std::vector<void*>, void**> pointer_tables_;
+  void** pointer_table(const std::vector<void*>& ptrs);
 };
 
 int cuda_device_count();
