@@ -75,6 +75,31 @@ double reduce_entry(const Ctx& ctx, const char* op, const Tensor& x) {
 }
 }  // namespace
 
+std::vector<double> op_sum_squares_each(const Ctx& ctx, const std::vector<const Tensor*>& xs) {
+  std::vector<double> host(xs.size(), 0.0);
+  if (xs.empty()) return host;
+  for (const Tensor* x : xs) check_float("sum_squares_each", "x", *x);
+  // One partials area reused by every tensor (the stream orders the passes) and one result
+  // slot per tensor, copied back together.
+  Arena sz;
+  sz.take<double>(kReduceBlocks);
+  sz.take<double>(xs.size());
+  Arena a(ctx.scratch->get(sz.used()));
+  double* partials = a.take<double>(kReduceBlocks);
+  double* outs = a.take<double>(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const ReduceParams p{xs[i]->ptr, xs[i]->numel(), partials, outs + i};
+    if (xs[i]->dtype == DType::F32)
+      launch_reduce<float, ReduceOp::SumSquares>(p, ctx.stream);
+    else
+      launch_reduce<bf16, ReduceOp::SumSquares>(p, ctx.stream);
+  }
+  CUDA_CHECK(cudaMemcpyAsync(host.data(), outs, xs.size() * sizeof(double),
+                             cudaMemcpyDeviceToHost, ctx.stream));
+  CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+  return host;
+}
+
 double op_sum_squares(const Ctx& ctx, const Tensor& x) {
   return reduce_entry<ReduceOp::SumSquares>(ctx, "sum_squares", x);
 }

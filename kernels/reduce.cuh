@@ -5,10 +5,14 @@
 #pragma once
 #include "common.cuh"
 
+#include <vector>
+
 namespace mf::cuda {
 
 double op_sum_squares(const Ctx& ctx, const Tensor& x);  // synchronizes
 double op_sum(const Ctx& ctx, const Tensor& x);          // synchronizes
+// op_sum_squares of each tensor (the same kernels, so the same bits), synchronizing once.
+std::vector<double> op_sum_squares_each(const Ctx& ctx, const std::vector<const Tensor*>& xs);
 void op_scale(const Ctx& ctx, Tensor& x, float alpha);  // x (=) alpha x
 void op_axpy(const Ctx& ctx, float alpha, const Tensor& x, Tensor& y);  // y (=) y + alpha x
 

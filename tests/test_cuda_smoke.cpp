@@ -366,6 +366,21 @@ TEST_CASE("cuda: reductions are exact in double and deterministic", "[gpu][cuda]
     for (size_t i = 0; i < x.size(); ++i) want[i] = 3.0 * double(float(x[i]));
     CHECK(norm_err(fetch(*be, y), want) < 1e-6);
   }
+  // sum_squares_each: one sync for many tensors, the same bits as one call per tensor (f32 and
+  // bf16, an empty one, sizes across the reduction grid).
+  std::vector<Tensor> ts;
+  for (int64_t n : {int64_t(5), int64_t(0), int64_t(262147), int64_t(1)})
+    for (DType t : {DType::F32, DType::BF16}) ts.push_back(dev_of(*be, {n}, t, rand_vec(rng, n, -2, 2, false)));
+  std::vector<const Tensor*> ptrs;
+  for (const Tensor& t : ts) ptrs.push_back(&t);
+  const std::vector<double> each = be->sum_squares_each(ptrs);
+  REQUIRE(each.size() == ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    INFO("tensor " << i << " of " << ts[i].numel());
+    CHECK(each[i] == be->sum_squares(ts[i]));
+    if (ts[i].numel() > 0) CHECK(each[i] > 0);
+  }
+  CHECK(be->sum_squares_each({}).empty());
 }
 
 namespace {

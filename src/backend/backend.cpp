@@ -45,6 +45,13 @@ double Backend::marks_elapsed_ms(size_t a, size_t b) {
 
 void Backend::clear_marks() { host_marks_.clear(); }
 
+std::vector<double> Backend::sum_squares_each(const std::vector<const Tensor*>& xs) {
+  std::vector<double> out;
+  out.reserve(xs.size());
+  for (const Tensor* x : xs) out.push_back(sum_squares(*x));
+  return out;
+}
+
 // ---- default MoE entries: a backend without MoE kernels still compiles and says so ------------
 
 #define MF_MOE_UNIMPLEMENTED(op) MF_FAIL(op, " is not implemented on the ", name(), " backend")

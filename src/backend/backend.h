@@ -157,6 +157,10 @@ class Backend {
   // ---- reductions and elementwise ---------------------------------------------------------
   // sum of squares of all elements, accumulated in double (synchronizes).
   virtual double sum_squares(const Tensor& x) = 0;
+  // sum_squares of each tensor, in order (one result per tensor, the same values as calling
+  // sum_squares on each). The default calls sum_squares per tensor; CUDA queues every reduction
+  // and synchronizes once, so a global gradient norm over ~100 tensors costs one round trip.
+  virtual std::vector<double> sum_squares_each(const std::vector<const Tensor*>& xs);
   // sum of all elements (synchronizes).
   virtual double sum(const Tensor& x) = 0;
   // x (=) alpha * x

@@ -72,11 +72,11 @@ void validate_optim(const Config& c) {
 }  // namespace
 
 double global_grad_norm(const ParamList& params, Backend& be) {
+  std::vector<const Tensor*> grads;
+  for (const Param* p : params)
+    if (p && is_optimized(*p) && p->grad.defined()) grads.push_back(&p->grad);
   double ss = 0;
-  for (const Param* p : params) {
-    if (!p || !is_optimized(*p) || !p->grad.defined()) continue;
-    ss += be.sum_squares(p->grad);
-  }
+  for (double s : be.sum_squares_each(grads)) ss += s;  // in parameter order
   return std::sqrt(ss);
 }
 

@@ -465,11 +465,11 @@ void Trainer::check_weights_agree(int done) {
   // A fingerprint per parameter (its sum of squares: a fixed-order reduction, so identical
   // weights give identical bits on every rank), compared across ranks.
   const ParamList& params = model_->params();
+  std::vector<const Tensor*> masters;
+  for (const Param* p : params) masters.push_back(&p->master);
   std::string mine;
-  for (const Param* p : params) {
-    const double s = be_->sum_squares(p->master);
+  for (double s : be_->sum_squares_each(masters))
     mine.append(reinterpret_cast<const char*>(&s), sizeof(s));
-  }
   const std::vector<std::string> all = comm_->allgather_bytes(mine);
   for (int r = 1; r < world_; ++r) {
     if (all[size_t(r)] == all[0]) continue;

@@ -364,6 +364,9 @@ void CudaBackend::moe_expert_bwd(const Tensor& dy, const Tensor& x,
 // ---- reductions and elementwise ----------------------------------------------------------------
 
 double CudaBackend::sum_squares(const Tensor& x) { return cuda::op_sum_squares(ctx_, x); }
+std::vector<double> CudaBackend::sum_squares_each(const std::vector<const Tensor*>& xs) {
+  return cuda::op_sum_squares_each(ctx_, xs);
+}
 double CudaBackend::sum(const Tensor& x) { return cuda::op_sum(ctx_, x); }
 void CudaBackend::scale(Tensor& x, float alpha) { cuda::op_scale(ctx_, x, alpha); }
 void CudaBackend::axpy(float alpha, const Tensor& x, Tensor& y) { cuda::op_axpy(ctx_, alpha, x, y); }

@@ -94,6 +94,7 @@ class CudaBackend final : public Backend {
                       bool accumulate_dx) override;
 
   double sum_squares(const Tensor& x) override;
+  std::vector<double> sum_squares_each(const std::vector<const Tensor*>& xs) override;
   double sum(const Tensor& x) override;
   void scale(Tensor& x, float alpha) override;
   void axpy(float alpha, const Tensor& x, Tensor& y) override;
