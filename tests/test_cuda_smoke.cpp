@@ -155,6 +155,35 @@ TEST_CASE("cuda: back-to-back uploads through the pinned ring, host buffer reuse
   CHECK(std::equal(hl.i32(), hl.i32() + hl.numel(), large.i32()));
 }
 
+TEST_CASE("cuda: an asynchronous read-back sees the sources as queued, not as later rewritten",
+          "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto be = make_backend("cuda");
+  const int64_t n = 1 << 22;
+  Tensor big = be->empty({n}, DType::F32);
+  Tensor ti = be->empty({65}, DType::I32), tf = be->empty({33}, DType::F32);
+  auto rb = be->make_readback({&ti, &tf});
+  for (int round = 0; round < 3; ++round) {
+    INFO("round " << round);
+    Tensor hi = host_tensor({65}, DType::I32), hf = host_tensor({33}, DType::F32);
+    for (int64_t i = 0; i < 65; ++i) hi.i32()[i] = int32_t(1000 * round + i);
+    for (int64_t i = 0; i < 33; ++i) hf.f32()[i] = 0.5f * float(round) + float(i);
+    be->upload(hi, ti);
+    be->upload(hf, tf);
+    for (int i = 0; i < 20; ++i) be->scale(big, 1.0001f);  // keep the stream busy
+    rb->start();
+    // Queued after start(): must not show in this read-back.
+    be->upload(host_tensor({65}, DType::I32), ti);
+    be->zero(tf);
+    rb->wait();
+    CHECK(std::equal(hi.i32(), hi.i32() + 65, rb->host(0).i32()));
+    CHECK(std::equal(hf.f32(), hf.f32() + 33, rb->host(1).f32()));
+    rb->wait();  // a second wait returns at once
+  }
+  Tensor bad = be->empty({4}, DType::BF16);
+  CHECK_THROWS_WITH(be->make_readback({&bad}), Catch::Contains("f32 or i32"));
+}
+
 TEST_CASE("cuda: matmul through cuBLASLt matches a double reference", "[gpu][cuda]") {
   MF_SKIP_WITHOUT_GPU();
   auto be = make_backend("cuda");

@@ -45,6 +45,28 @@ double Backend::marks_elapsed_ms(size_t a, size_t b) {
 
 void Backend::clear_marks() { host_marks_.clear(); }
 
+namespace {
+class SyncReadback final : public Backend::Readback {
+ public:
+  SyncReadback(Backend& be, const std::vector<const Tensor*>& src) : be_(be), src_(src) {
+    for (const Tensor* t : src) host_.push_back(host_tensor(t->shape, t->dtype));
+  }
+  void start() override {
+    for (size_t i = 0; i < src_.size(); ++i) be_.download(*src_[i], host_[i]);
+  }
+  void wait() override {}
+
+ private:
+  Backend& be_;
+  std::vector<const Tensor*> src_;
+};
+}  // namespace
+
+std::unique_ptr<Backend::Readback> Backend::make_readback(
+    const std::vector<const Tensor*>& sources) {
+  return std::make_unique<SyncReadback>(*this, sources);
+}
+
 std::vector<double> Backend::sum_squares_each(const std::vector<const Tensor*>& xs) {
   std::vector<double> out;
   out.reserve(xs.size());

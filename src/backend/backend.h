@@ -83,6 +83,23 @@ class Backend {
   // dst <- src on this backend; converts between f32 and bf16 (the master -> compute weight cast).
   virtual void copy(const Tensor& src, Tensor& dst) = 0;
   virtual void synchronize() {}
+  // Asynchronous read-back of small tensors of this backend (the MoE routing plan): a Readback
+  // is bound to its sources; start() queues copies of them into its host buffers behind the work
+  // queued so far and returns at once; wait() returns once they have arrived, and host(i) then
+  // holds source i (same dtype: f32 or i32). The default copies inside start() (a CPU backend's
+  // ops are done when they return); CUDA copies into pinned memory and waits on an event, so
+  // the host goes on queueing work instead of draining the stream.
+  class Readback {
+   public:
+    virtual ~Readback() = default;
+    virtual void start() = 0;
+    virtual void wait() = 0;
+    const Tensor& host(size_t i) const { return host_.at(i); }
+
+   protected:
+    std::vector<Tensor> host_;
+  };
+  virtual std::unique_ptr<Readback> make_readback(const std::vector<const Tensor*>& sources);
 
   // ---- profiling (muonforge bench --profile; backend/profiler.h) ------------------------
   // record_mark() notes the point of this backend's timeline reached by the work queued so far

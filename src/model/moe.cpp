@@ -121,6 +121,7 @@ MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, Mo
   offsets_h_.assign(size_t(E + 1), 0);
   score_sum_h_.assign(size_t(E), 0.f);
   step_load_.assign(size_t(E), 0);
+  readback_ = be.make_readback({&offsets_, &counts_, &score_sum_});
 }
 
 MoeLayer::~MoeLayer() = default;
@@ -135,29 +136,25 @@ MoeRouterArgs MoeLayer::route_args() const {
   return a;
 }
 
-int64_t MoeLayer::last_dropped() const {
+int64_t MoeLayer::last_dropped() {
+  settle();
   return N_ * mc_.top_k - int64_t(offsets_h_.back());
 }
 
-void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
+void MoeLayer::settle() {
+  if (!pending_) return;
   const int64_t E = mc_.n_experts, k = mc_.top_k;
-  const MoeRouterArgs ra = route_args();
-  // Router in fp32 on the master weights; the bias only steers the selection.
-  ProfRegion r(be_, "router");
-  be_.moe_router_fwd(x, router_->master, bias_ ? &bias_->master : nullptr, ra, probs_,
-                     topk_idx_, topk_w_, counts_, score_sum_);  // (N,E) (N,k) (N,k) (E) (E)
-  be_.moe_permute(topk_idx_, int(E), capacity_, offsets_, row_of_, row_token_);
-  // The host needs the per-expert row blocks to slice the expert GEMMs (one small sync).
-  r.next("counts_sync");
-  Tensor h_off = host_tensor({E + 1}, DType::I32), h_cnt = host_tensor({E}, DType::I32);
-  Tensor h_ss = host_tensor({E}, DType::F32);
-  be_.download(offsets_, h_off);
-  be_.download(counts_, h_cnt);
-  be_.download(score_sum_, h_ss);
-  std::copy(h_off.i32(), h_off.i32() + E + 1, offsets_h_.begin());
-  std::copy(h_cnt.i32(), h_cnt.i32() + E, counts_h_.begin());
-  std::copy(h_ss.f32(), h_ss.f32() + E, score_sum_h_.begin());
+  readback_->wait();
+  pending_ = false;
+  const int32_t* off = readback_->host(0).i32();
+  const int32_t* cnt = readback_->host(1).i32();
+  const float* ss = readback_->host(2).f32();
+  std::copy(off, off + E + 1, offsets_h_.begin());
+  std::copy(cnt, cnt + E, counts_h_.begin());
+  std::copy(ss, ss + E, score_sum_h_.begin());
   const int64_t M = offsets_h_[size_t(E)];
+  MF_CHECK(capacity_ > 0 || M == N_ * k, "MoE layer ", layer_, ": the dropless plan kept ", M,
+           " of ", N_ * k, " rows");
 
   // Balance loss: coef * E * sum_i f_i P_i with f_i = counts_i / (N k), P_i = score_sum_i / N.
   aux_loss_ = 0;
@@ -168,13 +165,35 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
            double(N_);
     aux_loss_ = mc_.aux_coef * double(E) * s;
   }
-  if (record) {
+  if (pending_record_) {
     for (int64_t e = 0; e < E; ++e) step_load_[size_t(e)] += counts_h_[size_t(e)];
     step_dropped_ += N_ * k - M;
     step_aux_sum_ += aux_loss_;
     ++step_passes_;
   }
+}
 
+void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
+  const int64_t E = mc_.n_experts, k = mc_.top_k;
+  const MoeRouterArgs ra = route_args();
+  // Router in fp32 on the master weights; the bias only steers the selection.
+  ProfRegion r(be_, "router");
+  be_.moe_router_fwd(x, router_->master, bias_ ? &bias_->master : nullptr, ra, probs_,
+                     topk_idx_, topk_w_, counts_, score_sum_);  // (N,E) (N,k) (N,k) (E) (E)
+  settle();  // the previous pass's read-back, before its buffers are refilled
+  be_.moe_permute(topk_idx_, int(E), capacity_, offsets_, row_of_, row_token_);
+  // The host reads the plan back for the statistics and the balance loss without waiting; the
+  // expert GEMMs take the row blocks from offsets_ on the device. Dropless, every one of the
+  // N*k rows is kept; with a capacity the kept count is needed now (one wait).
+  readback_->start();
+  pending_ = true;
+  pending_record_ = record;
+  if (capacity_ > 0) {
+    r.next("counts_sync");
+    settle();
+  }
+  m_ = capacity_ > 0 ? int64_t(offsets_h_[size_t(E)]) : N_ * k;
+  const int64_t M = m_;
   r.end();
   expert_activations(x);
   // Shared experts (a dense SwiGLU of width n_shared * d_expert) write out first, then the
@@ -187,7 +206,7 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
 void MoeLayer::rebuild(const Tensor& x) { expert_activations(x); }
 
 void MoeLayer::expert_activations(const Tensor& x) {
-  const int64_t E = mc_.n_experts, M = offsets_h_[size_t(E)];
+  const int64_t M = m_;
   // Routed experts: gather rows by expert, one SwiGLU per expert block (combined by the caller).
   Tensor xg = s_.xg.slice0(0, M);
   ProfRegion r(be_, "gather");
@@ -210,8 +229,7 @@ void MoeLayer::expert_activations(const Tensor& x) {
 }
 
 void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float aux_grad_scale) {
-  const int64_t E = mc_.n_experts, k = mc_.top_k;
-  const int64_t M = offsets_h_[size_t(E)];
+  const int64_t E = mc_.n_experts, k = mc_.top_k, M = m_;
   // Shared experts: dx (=).
   ProfRegion r(be_, "shared");
   if (fs_ > 0) {
@@ -245,6 +263,7 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
   const Tensor* aux = nullptr;
   r.next("router");
   if (mc_.balance == "aux_loss" && mc_.aux_coef > 0) {
+    settle();  // the counts
     Tensor h = host_tensor({E});
     for (int64_t e = 0; e < E; ++e)
       h.f32()[e] = float(double(aux_grad_scale) * mc_.aux_coef * double(E) *
@@ -256,7 +275,8 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
                      s_.dlogits, dx, router_->grad);
 }
 
-void MoeLayer::step_stats(nlohmann::json& m) const {
+void MoeLayer::step_stats(nlohmann::json& m) {
+  settle();
   const int64_t E = mc_.n_experts;
   int64_t mn = step_load_[0], mx = step_load_[0];
   double sum = 0, sq = 0;
@@ -275,7 +295,8 @@ void MoeLayer::step_stats(nlohmann::json& m) const {
   m["dropped"] = step_dropped_;
 }
 
-void MoeLayer::append_step_stats(std::vector<float>& out) const {
+void MoeLayer::append_step_stats(std::vector<float>& out) {
+  settle();
   for (int64_t v : step_load_) out.push_back(float(v));
   out.push_back(float(step_dropped_));
   out.push_back(float(step_aux_sum_));
@@ -283,6 +304,7 @@ void MoeLayer::append_step_stats(std::vector<float>& out) const {
 }
 
 size_t MoeLayer::set_step_stats(const std::vector<float>& in, size_t at) {
+  settle();
   MF_CHECK(at + step_load_.size() + 3 <= in.size(), "MoE layer ", layer_,
            ": step statistics buffer too short");
   for (auto& v : step_load_) v = int64_t(std::llround(in[at++]));
@@ -293,6 +315,7 @@ size_t MoeLayer::set_step_stats(const std::vector<float>& in, size_t at) {
 }
 
 void MoeLayer::post_step() {
+  settle();
   const int64_t E = mc_.n_experts;
   nlohmann::json m;
   step_stats(m);
@@ -327,7 +350,7 @@ void MoeLayer::post_step() {
   step_passes_ = 0;
 }
 
-nlohmann::json MoeLayer::metrics() const {
+nlohmann::json MoeLayer::metrics() {
   if (!last_metrics_.is_null()) return last_metrics_;
   nlohmann::json m;  // no completed step yet: the statistics so far
   step_stats(m);

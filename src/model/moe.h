@@ -88,25 +88,34 @@ class MoeLayer {
   std::vector<const Tensor*> own_buffers() const;
 
   // Balance loss of the last forward (0 unless balance == "aux_loss").
-  double aux_loss() const { return aux_loss_; }
+  double aux_loss() {
+    settle();
+    return aux_loss_;
+  }
   // The step's statistics as floats (E loads, dropped, aux-loss sum, passes), appended to `out`;
   // set_step_stats reads them back from `in` at `at` (after a sum over data-parallel ranks, so
   // every rank applies the same bias update) and returns the position after them.
-  void append_step_stats(std::vector<float>& out) const;
+  void append_step_stats(std::vector<float>& out);
   size_t set_step_stats(const std::vector<float>& in, size_t at);
   // After each optimizer step: the bias update (balance == "bias") and the step's statistics.
   void post_step();
   // Statistics of the last completed step (see post_step): layer, load_min, load_max, load_cv,
   // aux_loss, dropped, and bias_min / bias_max when there is a bias.
-  nlohmann::json metrics() const;
+  nlohmann::json metrics();
 
   int layer() const { return layer_; }
   Param* router() const { return router_; }
   Param* bias() const { return bias_; }
   // Host copies of the last forward's routing, for tests and inspection.
-  const std::vector<int32_t>& last_counts() const { return counts_h_; }
-  const std::vector<int32_t>& last_offsets() const { return offsets_h_; }
-  int64_t last_dropped() const;
+  const std::vector<int32_t>& last_counts() {
+    settle();
+    return counts_h_;
+  }
+  const std::vector<int32_t>& last_offsets() {
+    settle();
+    return offsets_h_;
+  }
+  int64_t last_dropped();
 
  private:
   struct Expert {
@@ -115,7 +124,12 @@ class MoeLayer {
   MoeRouterArgs route_args() const;
   // Gathered rows -> expert gate/up/h/yg, and the shared experts' gate/up/h (not their output).
   void expert_activations(const Tensor& x);
-  void step_stats(nlohmann::json& out) const;
+  void step_stats(nlohmann::json& out);
+  // Takes in the last forward's routing read-back (offsets, counts, score sums) once it has
+  // arrived: the host copies, the balance loss and, for a training pass, the step statistics.
+  // Forward only starts the read-back (no wait) unless a capacity makes the kept row count
+  // needed at once; whatever needs the numbers calls settle() first.
+  void settle();
 
   MoeConfig mc_;
   Backend& be_;
@@ -145,6 +159,9 @@ class MoeLayer {
   std::vector<int32_t> counts_h_, offsets_h_;
   std::vector<float> score_sum_h_;
   double aux_loss_ = 0;
+  std::unique_ptr<Backend::Readback> readback_;  // offsets_, counts_, score_sum_
+  bool pending_ = false, pending_record_ = false;  // a read-back not yet settled; its `record`
+  int64_t m_ = 0;  // rows kept by the last forward (N * top_k when dropless)
 
   // Statistics of the step in progress (training passes) and of the last completed step.
   std::vector<int64_t> step_load_;

@@ -195,6 +195,57 @@ void CudaBackend::download(const Tensor& src, Tensor& dst) {
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
+namespace {
+class CudaReadback final : public Backend::Readback {
+ public:
+  CudaReadback(cudaStream_t stream, const std::vector<const Tensor*>& src)
+      : stream_(stream), src_(src) {
+    for (const Tensor* t : src) {
+      cuda::check_dev("make_readback", "source", *t);
+      MF_CHECK(t->dtype == DType::F32 || t->dtype == DType::I32, "make_readback: ",
+               cuda::describe("source", *t), " must be f32 or i32");
+      void* p = nullptr;
+      CUDA_CHECK(cudaHostAlloc(&p, std::max<size_t>(t->nbytes(), 16), cudaHostAllocDefault));
+      Tensor h;
+      h.ptr = p;
+      h.shape = t->shape;
+      h.dtype = t->dtype;
+      h.device = Device::CPU;
+      h.owner = std::shared_ptr<void>(p, [](void* q) { cudaFreeHost(q); });
+      host_.push_back(h);
+    }
+    CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  }
+  ~CudaReadback() override {
+    if (pending_) cudaEventSynchronize(done_);  // the copies write into host_
+    cudaEventDestroy(done_);
+  }
+  void start() override {
+    for (size_t i = 0; i < src_.size(); ++i)
+      CUDA_CHECK(cudaMemcpyAsync(host_[i].ptr, src_[i]->ptr, src_[i]->nbytes(),
+                                 cudaMemcpyDeviceToHost, stream_));
+    CUDA_CHECK(cudaEventRecord(done_, stream_));
+    pending_ = true;
+  }
+  void wait() override {
+    if (!pending_) return;
+    CUDA_CHECK(cudaEventSynchronize(done_));
+    pending_ = false;
+  }
+
+ private:
+  cudaStream_t stream_;
+  std::vector<const Tensor*> src_;
+  cudaEvent_t done_ = nullptr;
+  bool pending_ = false;
+};
+}  // namespace
+
+std::unique_ptr<Backend::Readback> CudaBackend::make_readback(
+    const std::vector<const Tensor*>& sources) {
+  return std::make_unique<CudaReadback>(stream_, sources);
+}
+
 void CudaBackend::copy(const Tensor& src, Tensor& dst) { cuda::op_cast(ctx_, src, dst); }
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }

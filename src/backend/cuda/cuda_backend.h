@@ -39,6 +39,8 @@ class CudaBackend final : public Backend {
   void download(const Tensor& src, Tensor& host_dst) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void synchronize() override;
+  // Pinned host buffers and an event (see Backend::Readback).
+  std::unique_ptr<Readback> make_readback(const std::vector<const Tensor*>& sources) override;
   // Profiling marks: timing events recorded on the backend's stream, from a pool reused after
   // clear_marks().
   size_t record_mark() override;
