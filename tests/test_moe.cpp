@@ -952,6 +952,114 @@ TEST_CASE("moe training is deterministic and independent of the thread count",
   CHECK(a.first.back() < a.first.front());  // it learns the repeated batch
 }
 
+namespace {
+// A CPU backend whose read-backs behave like the CUDA one at its most delayed: start() fills the
+// host buffers with garbage and the data only arrives in wait(). An MoE layer that used its
+// routing numbers without settling the read-back first would read the garbage.
+class LateReadbackCpu final : public CpuBackend {
+ public:
+  class Late final : public Readback {
+   public:
+    Late(Backend& be, const std::vector<const Tensor*>& src) : be_(be), src_(src) {
+      for (const Tensor* t : src) host_.push_back(host_tensor(t->shape, t->dtype));
+    }
+    void start() override {
+      for (Tensor& h : host_)
+        for (int64_t i = 0; i < h.numel(); ++i) h.data<int32_t>()[i] = -123456;  // garbage
+      pending_ = true;
+    }
+    void wait() override {
+      if (pending_)
+        for (size_t i = 0; i < src_.size(); ++i) be_.download(*src_[i], host_[i]);
+      pending_ = false;
+      ++waits;
+    }
+    int waits = 0;
+
+   private:
+    Backend& be_;
+    std::vector<const Tensor*> src_;
+    bool pending_ = false;
+  };
+  std::unique_ptr<Readback> make_readback(const std::vector<const Tensor*>& src) override {
+    return std::make_unique<Late>(*this, src);
+  }
+};
+}  // namespace
+
+TEST_CASE("moe: routing read back late gives the same training, metrics and balance loss",
+          "[moe][readback]") {
+  const int B = 2, T = 16;
+  auto tokens = random_tokens(21, size_t(B * T), 48), targets = random_tokens(22, size_t(B * T), 48);
+  for (const char* balance : {"aux_loss", "bias"})
+    for (double cap : {0.0, 0.9}) {
+      INFO("balance " << balance << " capacity_factor " << cap);
+      auto run = [&](CpuBackend& be) {
+        ModelConfig mc = tiny_moe(balance, "softmax");
+        mc.n_layers = 3;
+        mc.moe.capacity_factor = cap;
+        Config c;
+        c.model = mc;
+        c.train.max_steps = 4;
+        c.schedule.warmup = 0;
+        LlamaModel model(mc, be, B, T);
+        model.init_weights(5);
+        Optimizer opt(c, model.params(), be);
+        std::vector<double> out;
+        for (int s = 0; s < 4; ++s) {
+          opt.zero_grad();
+          // two deferred micro-batches, an evaluation forward between steps
+          model.forward_backward_deferred(tokens.data(), targets.data(), 0.5f / (B * T), false);
+          model.forward_backward_deferred(targets.data(), tokens.data(), 0.5f / (B * T), true);
+          out.push_back(model.take_loss());
+          opt.step(s, float(clip_factor(global_grad_norm(model.params(), be), 1.0)));
+          model.post_step();
+          const nlohmann::json m = model.moe_metrics();
+          out.push_back(m["aux_loss"].get<double>());
+          out.push_back(double(m["dropped"].get<int64_t>()));
+          out.push_back(m["load_cv_max"].get<double>());
+          out.push_back(model.forward(tokens.data(), targets.data()));
+          out.push_back(model.moe_aux_loss());
+          for (MoeLayer* l : model.moe_layers()) {
+            out.push_back(double(l->last_dropped()));
+            for (int v : l->last_counts()) out.push_back(double(v));
+          }
+        }
+        for (Param* p : model.params())
+          out.insert(out.end(), p->master.f32(), p->master.f32() + p->numel());
+        return out;
+      };
+      CpuBackend plain;
+      LateReadbackCpu late;
+      const std::vector<double> a = run(plain), b = run(late);
+      REQUIRE(a.size() == b.size());
+      CHECK(a == b);
+      if (std::string(balance) == "aux_loss") CHECK(a[1] > 0);  // the balance loss is in play
+      if (cap > 0) CHECK(a[2] > 0);                              // and rows were dropped
+    }
+  // The balance-loss gradient uses this pass's counts: a forward on other tokens just before
+  // (whose counts differ) must not change the gradients.
+  for (int late_rb = 0; late_rb < 2; ++late_rb) {
+    INFO("late read-back " << late_rb);
+    auto grads = [&](bool other_forward_first) {
+      CpuBackend plain;
+      LateReadbackCpu late;
+      CpuBackend& be = late_rb ? late : plain;
+      ModelConfig mc = tiny_moe("aux_loss", "softmax");
+      mc.moe.aux_coef = 1.0;  // a large balance term, so wrong counts move the gradients
+      LlamaModel model(mc, be, B, T);
+      model.init_weights(6);
+      if (other_forward_first) model.forward(targets.data(), tokens.data());
+      model.zero_grads();
+      model.forward_backward(tokens.data(), targets.data(), 1.f / (B * T));
+      std::vector<float> g;
+      for (Param* p : model.params()) g.insert(g.end(), p->grad.f32(), p->grad.f32() + p->numel());
+      return g;
+    };
+    CHECK(grads(false) == grads(true));
+  }
+}
+
 TEST_CASE("moe configs: moe-tiny trains, moe-moonlight-small has the Moonlight shape",
           "[moe][config]") {
   const std::string root = std::string(MF_TEST_DIR) + "/..";
