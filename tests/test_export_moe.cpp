@@ -155,6 +155,9 @@ TEST_CASE("MoE export then init_from gives identical weights", "[export][moe]") 
                                                         {"none", "softmax"}}) {
     DYNAMIC_SECTION(balance << " " << score) {
       Config c = small_moe(root, "a_" + balance, balance, score);
+      // An odd number of bias steps: with rate 0.05 an expert's load often flips from over to
+      // under, and two steps of +0.05 and -0.05 cancel exactly in f32.
+      if (balance == "bias") c.train.max_steps = 3;
       TrainResult r = Trainer(c, quiet()).run();
       const std::string out = root / ("hf_" + balance);
       export_checkpoint(r.last_checkpoint, out, DType::F32);
@@ -186,7 +189,7 @@ TEST_CASE("MoE export then init_from gives identical weights", "[export][moe]") 
       CHECK(n == expected_param_names(c.model).size());
       CHECK(biases == (balance == "bias" ? 2u : 0u));
       // Training goes on from the imported weights.
-      CHECK(t.run().steps_done == 2);
+      CHECK(t.run().steps_done == c.train.max_steps);
 
       // bf16 export rounds; init_from still loads it.
       export_checkpoint(r.last_checkpoint, out + "_bf16", DType::BF16);

@@ -64,7 +64,7 @@ std::vector<const Tensor*> MoeScratch::buffers() const {
 
 std::vector<const Tensor*> MoeLayer::own_buffers() const {
   std::vector<const Tensor*> out = {&probs_, &topk_w_, &score_sum_, &topk_idx_, &counts_,
-                                    &offsets_, &row_of_, &row_token_};
+                                    &offsets_, &row_of_, &row_token_, &bias_step_};
   if (!s_.acts.gate.defined())
     for (const Tensor* t : x_.buffers()) out.push_back(t);
   return out;
@@ -90,8 +90,10 @@ MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, Mo
 
   const std::string p = "model.layers." + std::to_string(layer) + ".mlp.";
   router_ = add(p + "gate.weight", ParamKind::Router, {E, d_}, cfg.init_std);
-  if (mc_.balance == "bias")
+  if (mc_.balance == "bias") {
     bias_ = add(p + "gate.e_score_correction_bias", ParamKind::Bias, {E}, 0.0);
+    bias_step_ = be.empty({E}, DType::F32);
+  }
   for (int64_t e = 0; e < E; ++e) {
     const std::string q = p + "experts." + std::to_string(e) + ".";
     gate_.add(add(q + "gate_proj.weight", ParamKind::Hidden, {de_, d_}, cfg.init_std));
@@ -319,31 +321,25 @@ void MoeLayer::post_step() {
   const int64_t E = mc_.n_experts;
   nlohmann::json m;
   step_stats(m);
-  if (bias_) {
+  if (bias_ && step_passes_ > 0 && mc_.bias_rate > 0) {
+    // DeepSeek-V3: raise the bias of under-loaded experts, lower it for over-loaded ones. The
+    // step (+-bias_rate or 0, from the loads the host already has) goes up without waiting and
+    // is added on the device: bias (=) bias + float(rate * sign), one f32 rounding, as a
+    // PyTorch `bias += rate * sign` on an f32 tensor.
+    double sum = 0;
+    for (int64_t v : step_load_) sum += double(v);
+    const double mean = sum / double(E);
     Tensor h = host_tensor({E});
-    be_.download(bias_->master, h);
-    if (step_passes_ > 0 && mc_.bias_rate > 0) {
-      // DeepSeek-V3: raise the bias of under-loaded experts, lower it for over-loaded ones.
-      double sum = 0;
-      for (int64_t v : step_load_) sum += double(v);
-      const double mean = sum / double(E);
-      for (int64_t e = 0; e < E; ++e) {
-        const double load = double(step_load_[size_t(e)]);
-        const double sgn = load < mean ? 1.0 : (load > mean ? -1.0 : 0.0);
-        h.f32()[e] = float(double(h.f32()[e]) + mc_.bias_rate * sgn);
-      }
-      be_.upload(h, bias_->master);
-      if (bias_->weight.ptr != bias_->master.ptr) be_.copy(bias_->master, bias_->weight);
+    for (int64_t e = 0; e < E; ++e) {
+      const double load = double(step_load_[size_t(e)]);
+      const double sgn = load < mean ? 1.0 : (load > mean ? -1.0 : 0.0);
+      h.f32()[e] = float(mc_.bias_rate * sgn);
     }
-    float bmin = h.f32()[0], bmax = h.f32()[0];
-    for (int64_t e = 1; e < E; ++e) {
-      bmin = std::min(bmin, h.f32()[e]);
-      bmax = std::max(bmax, h.f32()[e]);
-    }
-    m["bias_min"] = bmin;
-    m["bias_max"] = bmax;
+    be_.upload(h, bias_step_);
+    be_.axpy(1.f, bias_step_, bias_->master);
+    if (bias_->weight.ptr != bias_->master.ptr) be_.copy(bias_->master, bias_->weight);
   }
-  last_metrics_ = m;
+  last_metrics_ = m;  // the bias range is added by metrics(), when asked
   std::fill(step_load_.begin(), step_load_.end(), 0);
   step_dropped_ = 0;
   step_aux_sum_ = 0;
@@ -351,9 +347,18 @@ void MoeLayer::post_step() {
 }
 
 nlohmann::json MoeLayer::metrics() {
-  if (!last_metrics_.is_null()) return last_metrics_;
-  nlohmann::json m;  // no completed step yet: the statistics so far
-  step_stats(m);
+  nlohmann::json m = last_metrics_;
+  if (m.is_null()) {  // no completed step yet: the statistics so far
+    step_stats(m);
+    return m;
+  }
+  if (bias_) {  // read back here (log steps), not in every post_step
+    const int64_t E = mc_.n_experts;
+    Tensor h = host_tensor({E});
+    be_.download(bias_->master, h);
+    m["bias_min"] = *std::min_element(h.f32(), h.f32() + E);
+    m["bias_max"] = *std::max_element(h.f32(), h.f32() + E);
+  }
   return m;
 }
 

@@ -155,6 +155,7 @@ class MoeLayer {
   // Kept from forward for backward.
   Tensor probs_, topk_w_, score_sum_;                  // (N,E) (N,k) (E) f32
   Tensor topk_idx_, counts_, offsets_, row_of_, row_token_;  // i32
+  Tensor bias_step_;  // f32 (E): the bias update of post_step (balance == "bias")
   MoeExpertActs x_;  // its own, or MoeScratch::acts under activation recompute
   std::vector<int32_t> counts_h_, offsets_h_;
   std::vector<float> score_sum_h_;

@@ -569,10 +569,10 @@ TrainResult Trainer::run() {
       Tensor h = host_tensor({int64_t(v.size())});
       std::copy(v.begin(), v.end(), h.f32());
       if (be_->device() == Device::CUDA) {  // NCCL reduces device memory
-        Tensor d = be_->empty(h.shape, DType::F32);
-        be_->upload(h, d);
-        comm_->allreduce_sum(d.f32(), v.size());
-        be_->download(d, h);
+        if (moe_stats_dev_.numel() != h.numel()) moe_stats_dev_ = be_->empty(h.shape, DType::F32);
+        be_->upload(h, moe_stats_dev_);
+        comm_->allreduce_sum(moe_stats_dev_.f32(), v.size());
+        be_->download(moe_stats_dev_, h);
       } else {
         comm_->allreduce_sum(h.f32(), v.size());
       }

@@ -97,6 +97,7 @@ class Trainer {
   std::unique_ptr<Optimizer> opt_;
   std::unique_ptr<DataLoader> train_loader_, val_loader_;
   std::unique_ptr<Diagnostics> diag_;  // train.diag_every records, QK-clip
+  Tensor moe_stats_dev_;  // MoE step statistics summed over ranks on the device (NCCL); after be_
   std::string run_dir_;
   int start_step_ = 0;
   long long tokens_seen_ = 0;
