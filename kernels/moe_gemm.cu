@@ -250,6 +250,21 @@ void check_experts(const char* op, const char* what, const std::vector<const Ten
   }
 }
 
+// The checks both entries share: bf16 experts of one shape, two bf16 row operands on the
+// device, and an i32 plan of E + 1 offsets.
+void check_operands(const char* op, const std::vector<const Tensor*>& W, const char* an,
+                    const Tensor& a, const char* bn, const Tensor& b, const Tensor& offsets) {
+  MF_CHECK(!W.empty(), op, ": no expert weights given");
+  check_experts(op, "W", W, W[0]->dim(0), W[0]->dim(-1), DType::BF16);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{an, &a}, {bn, &b}}) {
+    check_dev(op, name, *t);
+    check_dtype(op, name, *t, DType::BF16);
+  }
+  check_dev(op, "offsets", offsets);
+  check_dtype(op, "offsets", offsets, DType::I32);
+  check_numel(op, "offsets", offsets, int64_t(W.size()) + 1, "experts + 1");
+}
+
 bool all_vec(const std::vector<const Tensor*>& W, int64_t ld) {
   for (const Tensor* w : W)
     if (!vec_ok(w->ptr, ld)) return false;
@@ -296,16 +311,8 @@ void launch_rows(const Ctx& ctx, const Tensor& a, const std::vector<const Tensor
 void op_moe_expert_fwd(const Ctx& ctx, const Tensor& x, const std::vector<const Tensor*>& W,
                        const void* const* w_table, const Tensor& offsets, Tensor& y) {
   const char* op = "moe_expert_fwd";
-  MF_CHECK(!W.empty(), op, ": no expert weights given");
+  check_operands(op, W, "x", x, "y", y, offsets);
   const int64_t out = W[0]->dim(0), in = W[0]->dim(-1);
-  check_experts(op, "W", W, out, in, DType::BF16);
-  check_dev(op, "x", x);
-  check_dev(op, "y", y);
-  check_dev(op, "offsets", offsets);
-  check_dtype(op, "x", x, DType::BF16);
-  check_dtype(op, "y", y, DType::BF16);
-  check_dtype(op, "offsets", offsets, DType::I32);
-  check_numel(op, "offsets", offsets, int64_t(W.size()) + 1, "experts + 1");
   const int64_t R = std::min(rows_of(op, "x", x, in), rows_of(op, "y", y, out));
   if (R == 0) return;
   launch_rows(ctx, x, W, w_table, /*w_k_contig=*/true, offsets, y, false, R, out, in);
@@ -316,17 +323,9 @@ void op_moe_expert_bwd(const Ctx& ctx, const Tensor& dy, const Tensor& x,
                        const Tensor& offsets, Tensor* dx, const std::vector<Tensor*>* dW,
                        void* const* dw_table, bool accumulate_dx) {
   const char* op = "moe_expert_bwd";
-  MF_CHECK(!W.empty(), op, ": no expert weights given");
+  check_operands(op, W, "dy", dy, "x", x, offsets);
   const int64_t out = W[0]->dim(0), in = W[0]->dim(-1);
   const int E = int(W.size());
-  check_experts(op, "W", W, out, in, DType::BF16);
-  check_dev(op, "dy", dy);
-  check_dev(op, "x", x);
-  check_dev(op, "offsets", offsets);
-  check_dtype(op, "dy", dy, DType::BF16);
-  check_dtype(op, "x", x, DType::BF16);
-  check_dtype(op, "offsets", offsets, DType::I32);
-  check_numel(op, "offsets", offsets, int64_t(E) + 1, "experts + 1");
   int64_t R = std::min(rows_of(op, "dy", dy, out), rows_of(op, "x", x, in));
   if (dx) {
     check_dev(op, "dx", *dx);
