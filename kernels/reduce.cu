@@ -132,6 +132,42 @@ void launch_axpy(const AxpyParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
+// The factor is formed from the two device sums by every thread (the same IEEE double ops as
+// the host's std::sqrt(nr / nx)), then applied as op_scale would (alpha * x, rounded once).
+template <typename T>
+__global__ void scale_by_norms_kernel(T* x, int64_t n, const double* sums) {
+  const double nr = sums[0], nx = sums[1];
+  const float alpha = nx > 0 ? float(sqrt(nr / nx)) : 0.0f;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    x[i] = from_f<T>(alpha * to_f(x[i]));
+}
+
+void op_scale_to_norm_of(const Ctx& ctx, Tensor& x, const Tensor& ref) {
+  const char* op = "scale_to_norm_of";
+  check_float(op, "x", x);
+  check_float(op, "ref", ref);
+  if (x.numel() == 0) return;
+  Arena sz;
+  sz.take<double>(kReduceBlocks);
+  sz.take<double>(2);
+  Arena a(ctx.scratch->get(sz.used()));
+  double* partials = a.take<double>(kReduceBlocks);
+  double* sums = a.take<double>(2);
+  const ReduceParams pr{ref.ptr, ref.numel(), partials, sums};
+  const ReduceParams px{x.ptr, x.numel(), partials, sums + 1};
+  if (ref.dtype == DType::F32) launch_reduce<float, ReduceOp::SumSquares>(pr, ctx.stream);
+  else launch_reduce<bf16, ReduceOp::SumSquares>(pr, ctx.stream);
+  if (x.dtype == DType::F32) launch_reduce<float, ReduceOp::SumSquares>(px, ctx.stream);
+  else launch_reduce<bf16, ReduceOp::SumSquares>(px, ctx.stream);
+  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(x.numel(), kEltThreads), kEltMaxBlocks));
+  if (x.dtype == DType::F32)
+    scale_by_norms_kernel<float><<<blocks, kEltThreads, 0, ctx.stream>>>(x.data<float>(), x.numel(), sums);
+  else
+    scale_by_norms_kernel<bf16><<<blocks, kEltThreads, 0, ctx.stream>>>(x.data<bf16>(), x.numel(), sums);
+  CUDA_CHECK_LAUNCH();
+}
+
 void op_scale(const Ctx& ctx, Tensor& x, float alpha) {
   check_float("scale", "x", x);
   AxpyParams p{nullptr, x.ptr, x.numel(), alpha};

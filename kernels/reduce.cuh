@@ -14,6 +14,8 @@ double op_sum(const Ctx& ctx, const Tensor& x);          // synchronizes
 // op_sum_squares of each tensor (the same kernels, so the same bits), synchronizing once.
 std::vector<double> op_sum_squares_each(const Ctx& ctx, const std::vector<const Tensor*>& xs);
 void op_scale(const Ctx& ctx, Tensor& x, float alpha);  // x (=) alpha x
+// x (=) x * float(sqrt(ss(ref) / ss(x))) (0 when ss(x) = 0), both sums kept on the device.
+void op_scale_to_norm_of(const Ctx& ctx, Tensor& x, const Tensor& ref);
 void op_axpy(const Ctx& ctx, float alpha, const Tensor& x, Tensor& y);  // y (=) y + alpha x
 
 // Device-resident sum of squares of n f32 values into *out (no host sync). `partials` is scratch

@@ -552,6 +552,24 @@ TEST_CASE("cuda normuon_normalize, cautious_decay, adam_precond match the CPU ba
       CHECK(norm_err(to_vec(g.down(dv)), to_vec(wv)) <= kTolF32);
     }
   }
+  SECTION("scale_to_norm_of (grafting): the sums stay on the device, same bits as via the host") {
+    for (const Shape& s : std::vector<Shape>{{37, 53}, {301}, {128, 128}}) {
+      INFO(shape_str(s));
+      const Tensor x = rand_host(s, rng, 0.3), ref = rand_host(s, rng, 2.0);
+      Tensor wx = clone(x);
+      cpu.scale_to_norm_of(wx, ref);
+      CHECK(std::abs(fro(to_vec(wx)) - fro(to_vec(ref))) <= 1e-5 * fro(to_vec(ref)));
+      Tensor dx = g.up(x), dref = g.up(ref), dx2 = g.up(x);
+      gpu->scale_to_norm_of(dx, dref);
+      const double nr = gpu->sum_squares(dref), nx = gpu->sum_squares(dx2);
+      gpu->scale(dx2, float(std::sqrt(nr / nx)));
+      CHECK(to_vec(g.down(dx)) == to_vec(g.down(dx2)));
+      CHECK(norm_err(to_vec(g.down(dx)), to_vec(wx)) <= kTolF32);
+    }
+    Tensor z = g.up(host_tensor({5, 7}, DType::F32)), r = g.up(rand_host({5, 7}, rng));
+    gpu->scale_to_norm_of(z, r);  // a zero direction stays zero (no 0/0)
+    CHECK(fro(to_vec(g.down(z))) == 0.0);
+  }
   SECTION("cautious_decay") {
     for (const Shape& s : std::vector<Shape>{{37, 53}, {301}, {2, 5, 9}}) {
       INFO(shape_str(s));

@@ -891,3 +891,23 @@ TEST_CASE("Optimizer: batched Newton-Schulz updates are bitwise the per-matrix o
   Optimizer o(cfg, m.list, be);
   CHECK_THROWS_WITH(o.set_ns_stack_budget(0), Catch::Contains("budget"));
 }
+
+TEST_CASE("scale_to_norm_of rescales to the reference's Frobenius norm; a zero stays zero",
+          "[optim][ops]") {
+  CpuBackend be;
+  Rng rng(91);
+  Tensor x = host_tensor({7, 9}), ref = host_tensor({7, 9}), dir = host_tensor({7, 9});
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    x.f32()[i] = float(rng.uniform() - 0.5);
+    ref.f32()[i] = float(3.0 * (rng.uniform() - 0.5));
+  }
+  std::memcpy(dir.f32(), x.f32(), x.nbytes());
+  be.scale_to_norm_of(x, ref);
+  CHECK(std::sqrt(be.sum_squares(x)) == Approx(std::sqrt(be.sum_squares(ref))).epsilon(1e-6));
+  const double k = double(x.f32()[0]) / double(dir.f32()[0]);  // the direction is kept
+  for (int64_t i = 0; i < x.numel(); ++i)
+    CHECK(double(x.f32()[i]) == Approx(k * double(dir.f32()[i])).epsilon(1e-6));
+  Tensor z = host_tensor({3, 3});
+  be.scale_to_norm_of(z, ref.slice0(0, 1).view({3, 3}));
+  for (int64_t i = 0; i < z.numel(); ++i) CHECK(z.f32()[i] == 0.f);
+}

@@ -1,6 +1,7 @@
 #include "backend/backend.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 
@@ -65,6 +66,11 @@ class SyncReadback final : public Backend::Readback {
 std::unique_ptr<Backend::Readback> Backend::make_readback(
     const std::vector<const Tensor*>& sources) {
   return std::make_unique<SyncReadback>(*this, sources);
+}
+
+void Backend::scale_to_norm_of(Tensor& x, const Tensor& ref) {
+  const double nr = sum_squares(ref), nx = sum_squares(x);
+  scale(x, nx > 0 ? float(std::sqrt(nr / nx)) : 0.0f);
 }
 
 std::vector<double> Backend::sum_squares_each(const std::vector<const Tensor*>& xs) {

@@ -182,6 +182,11 @@ class Backend {
   virtual double sum(const Tensor& x) = 0;
   // x (=) alpha * x
   virtual void scale(Tensor& x, float alpha) = 0;
+  // x (=) x * float(sqrt(sum_squares(ref) / sum_squares(x))), or 0 when sum_squares(x) = 0:
+  // x rescaled to the Frobenius norm of ref (Shampoo's grafting). The default reads both sums
+  // back and calls scale; CUDA keeps them on the device, so a blocked, grafted Shampoo step
+  // does not synchronize twice per block.
+  virtual void scale_to_norm_of(Tensor& x, const Tensor& ref);
   // y (=) y + alpha * x
   virtual void axpy(float alpha, const Tensor& x, Tensor& y) = 0;
 

@@ -206,8 +206,7 @@ class Shampoo final : public BlockedBase {
       be_.gemm(tmp, false, PR, false, d, 1.0f, 0.0f);  // PL m PR
       if (graft) {
         cut(A_, b, tmp);
-        const double na = be_.sum_squares(tmp), nd = be_.sum_squares(d);
-        be_.scale(d, nd > 0 ? float(std::sqrt(na / nd)) : 0.0f);
+        be_.scale_to_norm_of(d, tmp);  // the block's AdamW norm
       } else {
         be_.scale(d, float(1.0 / bc1));
       }

@@ -420,6 +420,9 @@ std::vector<double> CudaBackend::sum_squares_each(const std::vector<const Tensor
 }
 double CudaBackend::sum(const Tensor& x) { return cuda::op_sum(ctx_, x); }
 void CudaBackend::scale(Tensor& x, float alpha) { cuda::op_scale(ctx_, x, alpha); }
+void CudaBackend::scale_to_norm_of(Tensor& x, const Tensor& ref) {
+  cuda::op_scale_to_norm_of(ctx_, x, ref);
+}
 void CudaBackend::axpy(float alpha, const Tensor& x, Tensor& y) { cuda::op_axpy(ctx_, alpha, x, y); }
 
 // ---- optimizer primitives ----------------------------------------------------------------------

@@ -99,6 +99,7 @@ class CudaBackend final : public Backend {
   std::vector<double> sum_squares_each(const std::vector<const Tensor*>& xs) override;
   double sum(const Tensor& x) override;
   void scale(Tensor& x, float alpha) override;
+  void scale_to_norm_of(Tensor& x, const Tensor& ref) override;
   void axpy(float alpha, const Tensor& x, Tensor& y) override;
 
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
