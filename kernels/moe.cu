@@ -338,14 +338,15 @@ __global__ void __launch_bounds__(kMoeScatterThreads) moe_scatter_kernel(MoePlan
 
 // ---- gather / combine -----------------------------------------------------------------------
 
-// xg[r,:] = x[row_token[r],:]; block r.
+// xg[r,:] = x[row_token[r],:] (zeros for row_token -1); block r.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMoeRowThreads) moe_gather_kernel(MoeRowsParams p) {
   const int64_t r = blockIdx.x;
   const int32_t tok = p.map[r];
   T* dst = static_cast<T*>(p.dst) + r * p.d;
-  if (tok < 0 || tok >= p.rows_src) {
-    for (int64_t c = threadIdx.x; c < p.d; c += blockDim.x) dst[c] = from_f<T>(__int_as_float(0x7fc00000));
+  if (tok < 0 || tok >= p.rows_src) {  // -1: a row past the kept ones (zeros); beyond: NaN
+    const float fill = tok < 0 ? 0.f : __int_as_float(0x7fc00000);
+    for (int64_t c = threadIdx.x; c < p.d; c += blockDim.x) dst[c] = from_f<T>(fill);
     return;
   }
   const T* src = static_cast<const T*>(p.src) + int64_t(tok) * p.d;

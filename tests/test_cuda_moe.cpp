@@ -314,11 +314,13 @@ TEST_CASE("cuda moe_gather / moe_gather_bwd match CpuBackend", "[gpu][moe]") {
         const Plan p = make_plan(rng, s, cap, true);
         const Shape nk{s.N, int64_t(s.k)};
         const FVec x = rand_f(rng, size_t(s.N * d), -2, 2, true);
-        // gather: exact copies.
-        Tensor cxg = host_tensor({p.M, d});
-        cpu.moe_gather(host_f({s.N, d}, x), host_i({s.N * s.k}, p.row_token), cxg);
-        Tensor gx = on(*gpu, {s.N, d}, dt, x), grt = on_i(*gpu, {s.N * s.k}, p.row_token);
-        Tensor gxg = gpu->empty({p.M, d}, dt);
+        // gather: exact copies, over all N*k rows (those past the kept M are zeros).
+        const int64_t R = s.N * s.k;
+        Tensor cxg = host_tensor({R, d});
+        cpu.moe_gather(host_f({s.N, d}, x), host_i({R}, p.row_token), cxg);
+        for (int64_t i = p.M * d; i < R * d; ++i) REQUIRE(cxg.f32()[i] == 0.f);
+        Tensor gx = on(*gpu, {s.N, d}, dt, x), grt = on_i(*gpu, {R}, p.row_token);
+        Tensor gxg = gpu->empty({R, d}, dt);
         gpu->moe_gather(gx, grt, gxg);
         CHECK(get_f(*gpu, gxg) == FVec(cxg.f32(), cxg.f32() + cxg.numel()));
         // gather_bwd: dx (+=) sum over the token's kept slots.

@@ -586,6 +586,21 @@ TEST_CASE("moe ops reject bad arguments with clear messages", "[moe][errors]") {
   Tensor x_wrong = host_tensor({5, 3}, DType::I32);
   Tensor xg = host_tensor({10, 3});
   CHECK_THROWS_WITH(be.moe_gather(x_wrong, row_token, xg), Contains("moe_gather") && Contains("dtype"));
+  // Gather: -1 rows (past the kept ones) become zeros; any other token outside x is refused.
+  Tensor x5 = host_tensor({5, 3});
+  for (int64_t i = 0; i < x5.numel(); ++i) x5.f32()[i] = float(i + 1);
+  Tensor tok = host_tensor({4}, DType::I32), xg4 = host_tensor({4, 3});
+  const int32_t toks[4] = {4, -1, 0, -1};
+  std::copy(toks, toks + 4, tok.i32());
+  for (int64_t i = 0; i < xg4.numel(); ++i) xg4.f32()[i] = 7.f;
+  be.moe_gather(x5, tok, xg4);
+  CHECK(std::vector<float>(xg4.f32(), xg4.f32() + 12) ==
+        std::vector<float>{13, 14, 15, 0, 0, 0, 1, 2, 3, 0, 0, 0});
+  tok.i32()[1] = 5;
+  CHECK_THROWS_WITH(be.moe_gather(x5, tok, xg4),
+                    Contains("moe_gather") && Contains("row_token[1] = 5"));
+  tok.i32()[1] = -2;
+  CHECK_THROWS_WITH(be.moe_gather(x5, tok, xg4), Contains("row_token[1] = -2"));
 }
 
 // ================================================================================================
@@ -969,8 +984,10 @@ class LateReadbackCpu final : public CpuBackend {
       pending_ = true;
     }
     void wait() override {
-      if (pending_)
+      if (pending_) {
         for (size_t i = 0; i < src_.size(); ++i) be_.download(*src_[i], host_[i]);
+        ++static_cast<LateReadbackCpu&>(be_).data_waits;
+      }
       pending_ = false;
       ++waits;
     }
@@ -984,6 +1001,7 @@ class LateReadbackCpu final : public CpuBackend {
   std::unique_ptr<Readback> make_readback(const std::vector<const Tensor*>& src) override {
     return std::make_unique<Late>(*this, src);
   }
+  int data_waits = 0;  // waits that had a read-back in flight (the host stalled on the device)
 };
 }  // namespace
 
@@ -1037,6 +1055,24 @@ TEST_CASE("moe: routing read back late gives the same training, metrics and bala
       if (std::string(balance) == "aux_loss") CHECK(a[1] > 0);  // the balance loss is in play
       if (cap > 0) CHECK(a[2] > 0);                              // and rows were dropped
     }
+  // No MoE forward waits for its own read-back, with or without a capacity: a forward settles
+  // only the previous pass (one wait per layer), never the one it started.
+  for (double cap : {0.0, 0.9}) {
+    INFO("capacity_factor " << cap);
+    LateReadbackCpu late;
+    ModelConfig mc = tiny_moe("bias", "softmax");
+    mc.n_layers = 3;
+    mc.moe.capacity_factor = cap;
+    LlamaModel model(mc, late, B, T);
+    model.init_weights(7);
+    const int n_moe = int(model.moe_layers().size());
+    REQUIRE(n_moe > 0);
+    model.forward(tokens.data(), targets.data());
+    CHECK(late.data_waits == 0);
+    model.forward(targets.data(), tokens.data());
+    CHECK(late.data_waits == n_moe);
+    if (cap > 0) CHECK(model.moe_layers()[0]->last_dropped() > 0);
+  }
   // The balance-loss gradient uses this pass's counts: a forward on other tokens just before
   // (whose counts differ) must not change the gradients.
   for (int late_rb = 0; late_rb < 2; ++late_rb) {

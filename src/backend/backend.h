@@ -233,7 +233,8 @@ class Backend {
   // row_token i32 [N*k] (=) the token of row r < M (-1 beyond).
   virtual void moe_permute(const Tensor& topk_idx, int E, int64_t capacity, Tensor& offsets,
                            Tensor& row_of, Tensor& row_token);
-  // xg[r,:] (=) x[row_token[r],:] for the M rows of xg (row_token holds at least M entries).
+  // xg[r,:] (=) x[row_token[r],:] for every row of xg (row_token holds at least as many entries);
+  // a row whose row_token is -1 (past the kept rows, with a capacity) is set to zeros.
   virtual void moe_gather(const Tensor& x, const Tensor& row_token, Tensor& xg);
   // dx[n,:] (+=) sum over j = 0..k-1 of dxg[row_of[n,j],:] (dropped slots skipped).
   virtual void moe_gather_bwd(const Tensor& dxg, const Tensor& row_of, Tensor& dx);

@@ -185,16 +185,14 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
   settle();  // the previous pass's read-back, before its buffers are refilled
   be_.moe_permute(topk_idx_, int(E), capacity_, offsets_, row_of_, row_token_);
   // The host reads the plan back for the statistics and the balance loss without waiting; the
-  // expert GEMMs take the row blocks from offsets_ on the device. Dropless, every one of the
-  // N*k rows is kept; with a capacity the kept count is needed now (one wait).
+  // expert GEMMs take the row blocks from offsets_ on the device. The row buffers are sized for
+  // all N*k slots: dropless, every row is kept; with a capacity the kept count M = offsets[E] is
+  // known only on the device, so the ops run over N*k rows: the rows past M gather zeros, the
+  // grouped GEMMs leave them untouched, and no slot's row_of points at them.
   readback_->start();
   pending_ = true;
   pending_record_ = record;
-  if (capacity_ > 0) {
-    r.next("counts_sync");
-    settle();
-  }
-  m_ = capacity_ > 0 ? int64_t(offsets_h_[size_t(E)]) : N_ * k;
+  m_ = N_ * k;
   const int64_t M = m_;
   r.end();
   expert_activations(x);

@@ -127,8 +127,8 @@ class MoeLayer {
   void step_stats(nlohmann::json& out);
   // Takes in the last forward's routing read-back (offsets, counts, score sums) once it has
   // arrived: the host copies, the balance loss and, for a training pass, the step statistics.
-  // Forward only starts the read-back (no wait) unless a capacity makes the kept row count
-  // needed at once; whatever needs the numbers calls settle() first.
+  // Forward only starts the read-back (no wait, with or without a capacity); whatever needs the
+  // numbers calls settle() first.
   void settle();
 
   MoeConfig mc_;
@@ -162,7 +162,8 @@ class MoeLayer {
   double aux_loss_ = 0;
   std::unique_ptr<Backend::Readback> readback_;  // offsets_, counts_, score_sum_
   bool pending_ = false, pending_record_ = false;  // a read-back not yet settled; its `record`
-  int64_t m_ = 0;  // rows kept by the last forward (N * top_k when dropless)
+  int64_t m_ = 0;  // rows the expert ops run over: all N * top_k slots (with a capacity, rows
+                   // past the kept offsets[E] hold zeros in, are never combined)
 
   // Statistics of the step in progress (training passes) and of the last completed step.
   std::vector<int64_t> step_load_;

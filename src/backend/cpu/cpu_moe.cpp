@@ -153,8 +153,8 @@ void CpuBackend::moe_gather(const Tensor& x, const Tensor& row_token, Tensor& xg
   MF_CHECK(row_token.numel() >= M, op, ": ", desc("row_token", row_token),
            " has fewer entries than the ", M, " rows of xg");
   for (int64_t r = 0; r < M; ++r)
-    MF_CHECK(row_token.i32()[r] >= 0 && row_token.i32()[r] < N, op, ": row_token[", r, "] = ",
-             row_token.i32()[r], " is outside [0, ", N, ")");
+    MF_CHECK(row_token.i32()[r] >= -1 && row_token.i32()[r] < N, op, ": row_token[", r, "] = ",
+             row_token.i32()[r], " is outside [-1, ", N, ")");
   ref::moe_gather(x.f32(), row_token.i32(), M, d, xg.f32());
 }
 

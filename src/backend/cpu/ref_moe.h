@@ -208,11 +208,15 @@ inline void moe_permute(const int32_t* idx, int64_t N, int64_t k, int64_t E, int
     }
 }
 
-// xg[r,:] (=) x[row_token[r],:] for r < M.
+// xg[r,:] (=) x[row_token[r],:] for r < M; zeros where row_token[r] < 0 (a row past the kept).
 template <class T>
 void moe_gather(const T* x, const int32_t* row_token, int64_t M, int64_t d, T* xg) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < M; ++r) {
+    if (row_token[r] < 0) {
+      std::fill(xg + r * d, xg + (r + 1) * d, T(0));
+      continue;
+    }
     const T* src = x + int64_t(row_token[r]) * d;
     std::copy(src, src + d, xg + r * d);
   }
