@@ -255,6 +255,10 @@ void check_experts(const char* op, const char* what, const std::vector<const Ten
 void check_operands(const char* op, const std::vector<const Tensor*>& W, const char* an,
                     const Tensor& a, const char* bn, const Tensor& b, const Tensor& offsets) {
   MF_CHECK(!W.empty(), op, ": no expert weights given");
+  // The weight-gradient grid has one y per expert; an empty matrix would leave y unwritten.
+  MF_CHECK(W.size() <= 65535, op, ": ", W.size(), " experts is more than one launch takes (65535)");
+  MF_CHECK(W[0]->numel() > 0, op, ": the expert matrices are empty (", W[0]->dim(0), " x ",
+           W[0]->dim(-1), ")");
   check_experts(op, "W", W, W[0]->dim(0), W[0]->dim(-1), DType::BF16);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{an, &a}, {bn, &b}}) {
     check_dev(op, name, *t);

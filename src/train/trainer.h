@@ -70,6 +70,9 @@ class Trainer {
   Config cfg_;
   TrainOptions opts_;
   int rank_ = 0, world_ = 1;
+  // Declared first so it is destroyed last: the communicators (NCCL waits on the compute stream
+  // when a collective was left in flight), the model's and optimizer's tensors all need it.
+  std::unique_ptr<Backend> be_;
   std::unique_ptr<TcpStore> store_;     // rank 0 hosts it; outlives comm_
   std::unique_ptr<Communicator> comm_;  // single-process, Gloo (CPU) or NCCL (CUDA)
   // Data-parallel optimizer sharding: owner_[i] = rank that updates params()[i] and holds its
@@ -92,7 +95,6 @@ class Trainer {
   std::vector<GradBucket> buckets_;
   size_t next_bucket_ = 0;
   std::vector<std::unique_ptr<CommWork>> inflight_;
-  std::unique_ptr<Backend> be_;
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<Optimizer> opt_;
   std::unique_ptr<DataLoader> train_loader_, val_loader_;

@@ -11,6 +11,7 @@
 #include "attention.cuh"
 #include "cast.cuh"
 #include "core/bf16.h"
+#include "dist/env.h"
 #include "embedding.cuh"
 #include "matmul.cuh"
 #include "moe.cuh"
@@ -34,11 +35,14 @@ int cuda_device_count() {
 }
 
 std::unique_ptr<Backend> make_cuda_backend() {
-  // One process per GPU: LOCAL_RANK (set by scripts/launch.py / torchrun) picks the device.
+  // One process per GPU: the local rank picks the device, by the same rules the process group
+  // uses (LOCAL_RANK from scripts/launch.py / torchrun, SLURM_LOCALID under srun, or the rank
+  // modulo LOCAL_WORLD_SIZE). A process run alone takes the current device.
   int dev = -1;
-  if (const char* lr = std::getenv("LOCAL_RANK")) {
+  const DistEnv env = read_dist_env();
+  if (env.source != "single") {
     const int n = cuda_device_count();
-    if (n > 0) dev = std::atoi(lr) % n;
+    if (n > 0) dev = env.local_rank % n;
   }
   return std::make_unique<CudaBackend>(dev);
 }
@@ -372,8 +376,12 @@ void** CudaBackend::pointer_table(const std::vector<void*>& ptrs) {
   if (it != pointer_tables_.end()) return it->second;
   void** table = nullptr;
   CUDA_CHECK(cudaMalloc(&table, ptrs.size() * sizeof(void*)));
-  // Synchronous, once per list; the stream may still be using an older table, never this one.
-  CUDA_CHECK(cudaMemcpy(table, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+  // Once per list, queued on the backend's stream so the kernels that read the table come after
+  // it. (A plain cudaMemcpy would go on the legacy stream, which a non-blocking stream does not
+  // wait for, and from pageable memory it may return before the bytes reach the device.) The
+  // pageable source is staged before cudaMemcpyAsync returns, so `ptrs` may go away.
+  CUDA_CHECK(cudaMemcpyAsync(table, ptrs.data(), ptrs.size() * sizeof(void*),
+                             cudaMemcpyHostToDevice, stream_));
   pointer_tables_.emplace(ptrs, table);
   return table;
 }

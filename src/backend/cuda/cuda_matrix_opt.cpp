@@ -70,6 +70,9 @@ struct MatOptLibs {
     CUSOLVER_CHECK(cusolverDnDsyevd_bufferSize(solver, CUSOLVER_EIG_MODE_VECTOR,
                                                CUBLAS_FILL_MODE_UPPER, int(n), A, int(n), W,
                                                &lw));
+    // The workspace (about 1 + 6n + 2n^2 doubles) is an int: it wraps from n ~ 32k on.
+    MF_CHECK(lw > 0, "cuSOLVER syevd: the workspace size for n = ", n,
+             " does not fit its 32-bit count (", lw, ")");
     lwork.emplace(n, lw);
     return lw;
   }
@@ -218,7 +221,7 @@ void CudaBackend::sym_eig(const Tensor& S, Tensor& Q) {
            cuda::describe("S", S));
   const int64_t n = S.dim(0);
   if (n == 0) return;
-  MF_CHECK(n <= 46340, op, ": n = ", n, " is beyond cuSOLVER's 32-bit syevd (n^2 < 2^31)");
+  MF_CHECK(n <= 32000, op, ": n = ", n, " is beyond cuSOLVER's 32-bit syevd (its 2n^2 workspace < 2^31)");
   cuda::MatOptLibs& libs = mo_libs();
   cuda::EigBuffers b = cuda::eig_buffers(ctx_, libs, n, false);
   cuda::decompose(op, ctx_, libs, S, n, b);
@@ -234,7 +237,7 @@ void CudaBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
            cuda::describe("S", S));
   const int64_t n = S.dim(0);
   if (n == 0) return;
-  MF_CHECK(n <= 46340, op, ": n = ", n, " is beyond cuSOLVER's 32-bit syevd (n^2 < 2^31)");
+  MF_CHECK(n <= 32000, op, ": n = ", n, " is beyond cuSOLVER's 32-bit syevd (its 2n^2 workspace < 2^31)");
   cuda::MatOptLibs& libs = mo_libs();
   cuda::EigBuffers b = cuda::eig_buffers(ctx_, libs, n, true);
   cuda::decompose(op, ctx_, libs, S, n, b);  // out may alias S: S is consumed here
