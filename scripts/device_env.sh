@@ -33,12 +33,13 @@ fi
 BIN="$BIN_DIR/muonforge"
 TESTS="$BIN_DIR/tests"
 
+# Order: the packed non-CUDA libraries, then the Python nvidia-* packages' folders, then the
+# toolkit's. PyTorch loads its CUDA libraries from those packages (RUNPATH, which LD_LIBRARY_PATH
+# overrides), so they go before the toolkit: an older toolkit copy of the same soname would
+# otherwise be forced on torch. muonforge was built with the 13.0 toolkit and runs on any 13.x
+# library of the same soname; cuDNN and NCCL exist only in the packages.
 LIBS=""
 [ -n "$DEV" ] && LIBS="$DEV/lib"
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 \
-         /usr/local/nvidia/lib; do
-  [ -d "$d" ] && LIBS="$LIBS:$d"
-done
 PYLIBS="$(python3 - <<'EOF' 2>/dev/null
 import os
 seen = []
@@ -49,11 +50,19 @@ except Exception:
     roots = []
 for r in roots:
     for dp, dn, fn in sorted(os.walk(r)):
+        if os.path.basename(dp) == "stubs":  # link-time stubs (a stub libcuda breaks everything)
+            continue
         if any(f.startswith("lib") and ".so" in f for f in fn) and dp not in seen:
             seen.append(dp)
 print(":".join(seen))
 EOF
 )"
 [ -n "$PYLIBS" ] && LIBS="$LIBS:$PYLIBS"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 \
+         /usr/local/nvidia/lib; do
+  [ -d "$d" ] && LIBS="$LIBS:$d"
+done
 export LD_LIBRARY_PATH="${LIBS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MF_BINARY="$BIN" PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+# An NCCL set-up failure then says why in the log (the default is silent).
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"

@@ -115,7 +115,9 @@ part1() {
   step env 60 "
     nvidia-smi -L || { echo 'KEY: NO GPU VISIBLE (nvidia-smi -L failed)'; exit 1; }
     nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-    nvcc --version | tail -2; python3 -c 'import torch; print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.is_available())'
+    nvcc --version | tail -2
+    python3 -c 'import torch; print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.is_available(), \"cudnn\", torch.backends.cudnn.version(), \"nccl\", torch.cuda.nccl.version())' || echo 'KEY: torch cannot report its CUDA libraries'
+    python3 -c 'import torch; a = torch.randn(256, 256, device=\"cuda\", dtype=torch.bfloat16); print(\"torch cuda matmul ok\", float((a @ a).float().abs().sum()) > 0)' || echo 'KEY: TORCH CUDA MATMUL FAILS with this LD_LIBRARY_PATH (torch steps will fail)'
     command -v compute-sanitizer && compute-sanitizer --version | tail -1
     cat '$REPO/.devbuild/MANIFEST.txt' 2>/dev/null | head -6
     echo; echo 'ldd muonforge:'; ldd '$BIN'

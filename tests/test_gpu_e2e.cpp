@@ -275,6 +275,23 @@ TEST_CASE("e2e NCCL: a one-rank communicator on the device, collectives and trai
   Tensor back = host_tensor({n});
   be.download(d, back);
   for (int64_t i = 0; i < n; ++i) REQUIRE(back.f32()[i] == h.f32()[i]);
+  // The asynchronous path (the communication stream, its events, the compute stream's wait):
+  // a kernel queued after wait() on the compute stream sees the collective's result.
+  {
+    Tensor e = be.empty({n}, DType::F32);
+    be.upload(h, e);
+    auto w1 = comm->allreduce_avg_async(d.f32(), size_t(n));
+    auto w2 = comm->allreduce_avg_async(e.f32(), size_t(n / 2));
+    w1->wait();
+    w2->wait();
+    be.axpy(2.f, e, d);  // d (=) d + 2e on the compute stream
+    be.download(d, back);
+    for (int64_t i = 0; i < n; ++i) REQUIRE(back.f32()[i] == 3.f * h.f32()[i]);
+    auto w3 = comm->reduce_scatter_avg_async(d.f32(), size_t(n));
+    w3->wait();
+    be.download(d, back);
+    for (int64_t i = 0; i < n; ++i) REQUIRE(back.f32()[i] == 3.f * h.f32()[i]);
+  }
   // Training with the all-reduce in the loop gives the same losses as without it.
   const Config cfg = e2e_config("muon");
   const RunOut with = train_run(cfg, "cuda", comm.get(), &be);
