@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <vector>
 
 #include "common.cuh"
 #include "matmul.cuh"
@@ -45,8 +46,11 @@ void set_batch(cublasLtMatrixLayout_t l, int64_t batch, int64_t stride) {
 struct CublasLt::Plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
-  cublasLtMatmulAlgo_t algo{};
-  bool ok = false;  // false: no cuBLASLt algorithm, use the fallback kernel
+  // The heuristic's candidates, best first; algos[next] is the one in use. An algorithm that
+  // answers NOT_SUPPORTED at run time is dropped for the next; none left: the fallback kernel.
+  std::vector<cublasLtMatmulAlgo_t> algos;
+  size_t next = 0;
+  bool ok() const { return next < algos.size(); }
   ~Plan() {
     if (a) cublasLtMatrixLayoutDestroy(a);
     if (b) cublasLtMatrixLayoutDestroy(b);
@@ -109,15 +113,15 @@ CublasLt::Plan* CublasLt::plan_for(const GemmArgs& g) {
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b32, sizeof b32);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c32, sizeof c32);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d32, sizeof d32);
-  cublasLtMatmulHeuristicResult_t res{};
+  constexpr int kCandidates = 8;
+  cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
   int found = 0;
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, plan->op, plan->a, plan->b,
-                                                           plan->c, plan->d, pref, 1, &res, &found);
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+      handle_, plan->op, plan->a, plan->b, plan->c, plan->d, pref, kCandidates, res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
-  if (st == CUBLAS_STATUS_SUCCESS && found > 0 && res.state == CUBLAS_STATUS_SUCCESS) {
-    plan->algo = res.algo;
-    plan->ok = true;
-  }
+  if (st == CUBLAS_STATUS_SUCCESS)
+    for (int i = 0; i < std::min(found, kCandidates); ++i)
+      if (res[i].state == CUBLAS_STATUS_SUCCESS) plan->algos.push_back(res[i].algo);
   Plan* p = plan.get();
   plans_.emplace(key, std::move(plan));
   return p;
@@ -155,14 +159,14 @@ void CublasLt::gemm(const GemmArgs& g) {
              " makes the ", r.batch, " outputs of ", r.M, "x", r.N, " (ldd=", r.ldd, ") overlap");
   }
   Plan* p = (r.K == 0 || force_fallback_) ? nullptr : plan_for(r);
-  if (p && p->ok) {
+  while (p && p->ok()) {
     const cublasStatus_t st = cublasLtMatmul(handle_, p->op, &r.alpha, r.B, p->a, r.A, p->b,
-                                             &r.beta, r.C, p->c, r.D, p->d, &p->algo, workspace_,
-                                             kWorkspaceBytes, stream_);
+                                             &r.beta, r.C, p->c, r.D, p->d, &p->algos[p->next],
+                                             workspace_, kWorkspaceBytes, stream_);
     if (st == CUBLAS_STATUS_SUCCESS) return;
-    // An algorithm the heuristic offered but that rejects this layout: remember, fall back.
+    // An algorithm the heuristic offered but that rejects this layout: remember, try the next.
     if (st != CUBLAS_STATUS_NOT_SUPPORTED) CUBLAS_CHECK(st);
-    p->ok = false;
+    ++p->next;
   }
   ++fallback_calls_;
   launch_gemm_fallback(r, stream_);
