@@ -117,6 +117,51 @@ __global__ void ns_finish_kernel(NsCastParams<TX> p) {
   }
 }
 
+// Tall matrices (r > c): X_s = U_s^T * inv_s (prepare) and O_s = X_s^T (finish) as a tiled
+// transpose through shared memory, so both the reads and the writes are coalesced (one thread
+// per element would stride one side by the row length). out_s[b,a] = in_s[a,b] * inv_s for
+// in_s [A,B] (slice stride in_stride) and out_s [B,A] (slice stride out_stride); inv_s as in
+// ns_prepare_kernel when ss is given, else 1 (the same bits as the element-wise kernels: one
+// f32 product, one rounding to TO).
+constexpr int kNsTile = 32, kNsTileRows = 8;
+template <typename TI, typename TO, bool SCALE>
+__global__ void __launch_bounds__(kNsTile * kNsTileRows)
+    ns_transpose_kernel(const TI* in, int64_t in_stride, TO* out, int64_t out_stride, int64_t A,
+                        int64_t B, const double* ss, double norm_mult) {
+  __shared__ float tile[kNsTile][kNsTile + 1];
+  const int64_t s = blockIdx.z;  // one slice per z (the launcher keeps k within the grid)
+  const int64_t a0 = int64_t(blockIdx.y) * kNsTile, b0 = int64_t(blockIdx.x) * kNsTile;
+  const TI* I = in + s * in_stride;
+  TO* O = out + s * out_stride;
+  for (int y = threadIdx.y; y < kNsTile; y += kNsTileRows) {
+    const int64_t a = a0 + y, b = b0 + threadIdx.x;
+    if (a < A && b < B) tile[y][threadIdx.x] = to_f(I[a * B + b]);
+  }
+  __syncthreads();
+  float inv = 1.f;
+  if constexpr (SCALE) inv = float(1.0 / (norm_mult * sqrt(ss[s]) + kNsNormEps));
+  for (int y = threadIdx.y; y < kNsTile; y += kNsTileRows) {
+    const int64_t b = b0 + y, a = a0 + threadIdx.x;
+    if (a < A && b < B)
+      O[b * A + a] = from_f<TO>(SCALE ? tile[threadIdx.x][y] * inv : tile[threadIdx.x][y]);
+  }
+}
+
+// False (nothing launched) when the grid cannot hold the shape; the caller then runs the
+// element-wise kernel.
+template <bool SCALE, typename TI, typename TO>
+bool launch_ns_transpose(const TI* in, int64_t in_stride, TO* out, int64_t out_stride, int64_t A,
+                         int64_t B, int64_t k, const double* ss, double norm_mult,
+                         cudaStream_t stream) {
+  const int64_t gx = ceil_div(B, int64_t(kNsTile)), gy = ceil_div(A, int64_t(kNsTile));
+  if (gx > 0x7fffffff || gy > 65535 || k > 65535) return false;
+  const dim3 grid{unsigned(gx), unsigned(gy), unsigned(k)};
+  ns_transpose_kernel<TI, TO, SCALE><<<grid, dim3(kNsTile, kNsTileRows), 0, stream>>>(
+      in, in_stride, out, out_stride, A, B, ss, norm_mult);
+  CUDA_CHECK_LAUNCH();
+  return true;
+}
+
 static unsigned elt_blocks(int64_t n) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kMuonThreads), kMuonMaxBlocks)));
 }
@@ -194,8 +239,12 @@ void run_newton_schulz_t(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
   ns_sumsq_final_kernel<<<unsigned(k), kNsSsThreads, 0, ctx.stream>>>(partials, P, ss);
   CUDA_CHECK_LAUNCH();
   NsCastParams<TX> cp{u, O.data<float>(), X, ss, k, r, cols, xs, transposed, norm_mult};
-  ns_prepare_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
-  CUDA_CHECK_LAUNCH();
+  // U_s [n,m] -> X_s [m,n] when tall (coalesced tiles), else element-wise.
+  if (!(transposed &&
+        launch_ns_transpose<true, float, TX>(u, per, X, xs, n, m, k, ss, norm_mult, ctx.stream))) {
+    ns_prepare_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
+    CUDA_CHECK_LAUNCH();
+  }
 
   for (size_t it = 0; it + 2 < coeffs.size(); it += 3) {
     ns_iteration(ctx, dt, X, A, B, Xn, m, n, k, xs, as, coeffs[it], coeffs[it + 1],
@@ -203,8 +252,12 @@ void run_newton_schulz_t(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
     std::swap(X, Xn);
   }
   cp.X = X;
-  ns_finish_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
-  CUDA_CHECK_LAUNCH();
+  // X_s [m,n] -> O_s [n,m] when tall (coalesced tiles), else element-wise.
+  if (!(transposed && launch_ns_transpose<false, TX, float>(X, xs, O.data<float>(), per, m, n, k,
+                                                            nullptr, 1.0, ctx.stream))) {
+    ns_finish_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
+    CUDA_CHECK_LAUNCH();
+  }
 }
 
 }  // namespace
