@@ -78,8 +78,6 @@ class NcclCommunicator final : public Communicator {
       }
       cudaStreamDestroy(comm_stream_);  // destruction is deferred until its work is done
     }
-    if (scratch_) cudaFree(scratch_);
-    if (pad_) cudaFree(pad_);
     if (comm_) {
       // Finalize flushes pending work; errors here cannot be reported, so abort on any.
       ncclResult_t r = ncclCommFinalize(comm_);
@@ -89,6 +87,10 @@ class NcclCommunicator final : public Communicator {
       if (state == ncclSuccess) ncclCommDestroy(comm_);
       else ncclCommAbort(comm_);
     }
+    // Freed after the communicator is gone: cudaFree waits for the device, which a collective
+    // stuck on a dead peer would keep busy until the abort above.
+    if (scratch_) cudaFree(scratch_);
+    if (pad_) cudaFree(pad_);
   }
 
   int rank() const override { return rank_; }

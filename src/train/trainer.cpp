@@ -113,6 +113,9 @@ Trainer::Trainer(const Config& cfg, const TrainOptions& opts) : cfg_(cfg), opts_
 Trainer::~Trainer() {
   // Collectives still in flight (a step that threw) finish before the gradients are freed.
   inflight_.clear();
+  // The communicator goes before the model's and optimizer's memory: freeing device memory
+  // waits for the device, and NCCL's teardown aborts a collective stuck on a dead peer.
+  comm_.reset();
 }
 LlamaModel& Trainer::model() { return *model_; }
 Backend& Trainer::backend() { return *be_; }
