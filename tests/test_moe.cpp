@@ -989,9 +989,7 @@ class LateReadbackCpu final : public CpuBackend {
         ++static_cast<LateReadbackCpu&>(be_).data_waits;
       }
       pending_ = false;
-      ++waits;
     }
-    int waits = 0;
 
    private:
     Backend& be_;

@@ -176,7 +176,7 @@ void MoeLayer::settle() {
 }
 
 void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
-  const int64_t E = mc_.n_experts, k = mc_.top_k;
+  const int64_t E = mc_.n_experts;
   const MoeRouterArgs ra = route_args();
   // Router in fp32 on the master weights; the bias only steers the selection.
   ProfRegion r(be_, "router");
@@ -185,41 +185,33 @@ void MoeLayer::forward(const Tensor& x, Tensor& out, bool record) {
   settle();  // the previous pass's read-back, before its buffers are refilled
   be_.moe_permute(topk_idx_, int(E), capacity_, offsets_, row_of_, row_token_);
   // The host reads the plan back for the statistics and the balance loss without waiting; the
-  // expert GEMMs take the row blocks from offsets_ on the device. The row buffers are sized for
-  // all N*k slots: dropless, every row is kept; with a capacity the kept count M = offsets[E] is
-  // known only on the device, so the ops run over N*k rows: the rows past M gather zeros, the
-  // grouped GEMMs leave them untouched, and no slot's row_of points at them.
+  // expert GEMMs take the row blocks from offsets_ on the device. The row ops run over all N*k
+  // slots (the row buffers' size): dropless, every row is kept; with a capacity the kept count
+  // M = offsets[E] is known only on the device, and the rows past it gather zeros, the grouped
+  // GEMMs leave them untouched and no slot's row_of points at them.
   readback_->start();
   pending_ = true;
   pending_record_ = record;
-  m_ = N_ * k;
-  const int64_t M = m_;
   r.end();
   expert_activations(x);
   // Shared experts (a dense SwiGLU of width n_shared * d_expert) write out first, then the
   // routed experts' rows are added with their weights.
   r.next("combine");
   if (fs_ > 0) be_.matmul_fwd(x_.sh, shared_.down->weight, out);  // (N,d)
-  be_.moe_combine_fwd(x_.yg.slice0(0, M), topk_w_, row_of_, out, /*accumulate=*/fs_ > 0);
+  be_.moe_combine_fwd(x_.yg, topk_w_, row_of_, out, /*accumulate=*/fs_ > 0);
 }
 
 void MoeLayer::rebuild(const Tensor& x) { expert_activations(x); }
 
 void MoeLayer::expert_activations(const Tensor& x) {
-  const int64_t M = m_;
   // Routed experts: gather rows by expert, one SwiGLU per expert block (combined by the caller).
-  Tensor xg = s_.xg.slice0(0, M);
   ProfRegion r(be_, "gather");
-  be_.moe_gather(x, row_token_, xg);  // (M,d)
+  be_.moe_gather(x, row_token_, s_.xg);  // (N*k,d)
   r.next("experts");
-  if (M > 0) {
-    Tensor g = x_.gate.slice0(0, M), u = x_.up.slice0(0, M), h = x_.h.slice0(0, M);
-    Tensor y = x_.yg.slice0(0, M);
-    be_.moe_expert_fwd(xg, gate_.w, offsets_, g);  // (M,de)
-    be_.moe_expert_fwd(xg, up_.w, offsets_, u);
-    be_.swiglu_fwd(g, u, h);
-    be_.moe_expert_fwd(h, down_.w, offsets_, y);  // (M,d)
-  }
+  be_.moe_expert_fwd(s_.xg, gate_.w, offsets_, x_.gate);  // (N*k,de)
+  be_.moe_expert_fwd(s_.xg, up_.w, offsets_, x_.up);
+  be_.swiglu_fwd(x_.gate, x_.up, x_.h);
+  be_.moe_expert_fwd(x_.h, down_.w, offsets_, x_.yg);  // (N*k,d)
   if (fs_ > 0) {
     r.next("shared");
     be_.matmul_fwd(x, shared_.gate->weight, x_.sgate);  // (N,fs)
@@ -229,7 +221,7 @@ void MoeLayer::expert_activations(const Tensor& x) {
 }
 
 void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float aux_grad_scale) {
-  const int64_t E = mc_.n_experts, k = mc_.top_k, M = m_;
+  const int64_t E = mc_.n_experts, k = mc_.top_k;
   // Shared experts: dx (=).
   ProfRegion r(be_, "shared");
   if (fs_ > 0) {
@@ -241,23 +233,17 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
     be_.zero(dx);
   }
   // Combine: gradients into the expert outputs (by row) and the combine weights.
-  Tensor dyg = s_.dyg.slice0(0, M), yg = x_.yg.slice0(0, M);
   r.next("combine");
-  be_.moe_combine_bwd(dout, yg, topk_w_, row_of_, dyg, s_.dtopk_w);
-  if (M > 0) {
-    Tensor xg = s_.xg.slice0(0, M);
-    r.next("gather");
-    be_.moe_gather(x, row_token_, xg);  // recomputed rather than kept per layer
-    r.next("experts");
-    Tensor dh = s_.dh.slice0(0, M), dgate = s_.dgate.slice0(0, M), dup = s_.dup.slice0(0, M);
-    Tensor dxg = s_.dxg.slice0(0, M);
-    be_.moe_expert_bwd(dyg, x_.h.slice0(0, M), down_.w, offsets_, &dh, &down_.g, false);
-    be_.swiglu_bwd(dh, x_.gate.slice0(0, M), x_.up.slice0(0, M), dgate, dup);
-    be_.moe_expert_bwd(dgate, xg, gate_.w, offsets_, &dxg, &gate_.g, false);
-    be_.moe_expert_bwd(dup, xg, up_.w, offsets_, &dxg, &up_.g, true);
-    r.next("gather");
-    be_.moe_gather_bwd(dxg, row_of_, dx);  // dx (+=)
-  }
+  be_.moe_combine_bwd(dout, x_.yg, topk_w_, row_of_, s_.dyg, s_.dtopk_w);
+  r.next("gather");
+  be_.moe_gather(x, row_token_, s_.xg);  // recomputed rather than kept per layer
+  r.next("experts");
+  be_.moe_expert_bwd(s_.dyg, x_.h, down_.w, offsets_, &s_.dh, &down_.g, false);
+  be_.swiglu_bwd(s_.dh, x_.gate, x_.up, s_.dgate, s_.dup);
+  be_.moe_expert_bwd(s_.dgate, s_.xg, gate_.w, offsets_, &s_.dxg, &gate_.g, false);
+  be_.moe_expert_bwd(s_.dup, s_.xg, up_.w, offsets_, &s_.dxg, &up_.g, true);
+  r.next("gather");
+  be_.moe_gather_bwd(s_.dxg, row_of_, dx);  // dx (+=)
   // Router: combine-weight gradients, plus the balance loss's gradient on the scores:
   // d(coef E sum_i f_i P_i)/d pn[n,i] = coef E f_i / N, times aux_grad_scale (= loss_scale * N).
   const Tensor* aux = nullptr;

@@ -162,8 +162,6 @@ class MoeLayer {
   double aux_loss_ = 0;
   std::unique_ptr<Backend::Readback> readback_;  // offsets_, counts_, score_sum_
   bool pending_ = false, pending_record_ = false;  // a read-back not yet settled; its `record`
-  int64_t m_ = 0;  // rows the expert ops run over: all N * top_k slots (with a capacity, rows
-                   // past the kept offsets[E] hold zeros in, are never combined)
 
   // Statistics of the step in progress (training passes) and of the last completed step.
   std::vector<int64_t> step_load_;
