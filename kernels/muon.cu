@@ -74,46 +74,33 @@ __global__ void __launch_bounds__(kNsSsThreads)
 
 template <typename TX>
 struct NsCastParams {
-  const float* U;    // prepare: input [k,r,c]
+  const float* U;    // prepare: input [k,r,c], r <= c
   float* O;          // finish: output [k,r,c]
-  TX* X;             // k slices [m,n], m = min(r,c), n = max(r,c), slice stride xs
+  TX* X;             // k slices [r,c] with slice stride xs
   const double* ss;  // prepare: ||U_s||_F^2 of every slice, on the device
-  int64_t k, r, c, xs;
-  bool transposed;   // r > c: X_s = U_s^T
+  int64_t k, per, xs;  // per = r * c
   double norm_mult;
 };
 
-// X_s[i,j] = U_s[i,j] * inv_s (or U_s[j,i] * inv_s when transposed), one thread per element,
+// Square and wide matrices (r <= c, X_s = U_s): X_s = U_s * inv_s, one thread per element,
 // inv_s = 1 / (norm_mult ||U_s||_F + 1e-7): the CPU backend's formula.
 template <typename TX>
 __global__ void ns_prepare_kernel(NsCastParams<TX> p) {
-  const int64_t per = p.r * p.c;
-  const int64_t n = p.transposed ? p.r : p.c, m = p.transposed ? p.c : p.r;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < p.k * per; q += stride) {
-    const int64_t s = q / per, e = q % per;
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < p.k * p.per; q += stride) {
+    const int64_t s = q / p.per, e = q % p.per;
     const float inv = float(1.0 / (p.norm_mult * sqrt(p.ss[s]) + kNsNormEps));
-    const int64_t i = e / n, j = e % n;  // X row i, column j
-    const float u = p.transposed ? p.U[s * per + j * m + i] : p.U[q];
-    p.X[s * p.xs + e] = from_f<TX>(u * inv);
+    p.X[s * p.xs + e] = from_f<TX>(p.U[q] * inv);
   }
 }
 
-// O from X, one thread per O element (transposed back when r > c).
+// O_s = X_s back in f32 (r <= c), one thread per element.
 template <typename TX>
 __global__ void ns_finish_kernel(NsCastParams<TX> p) {
-  const int64_t per = p.r * p.c;
-  const int64_t n = p.transposed ? p.r : p.c, m = p.transposed ? p.c : p.r;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < p.k * per; q += stride) {
-    const int64_t s = q / per, e = q % per;
-    const TX* X = p.X + s * p.xs;
-    if (p.transposed) {
-      const int64_t j = e / m, i = e % m;  // O_s is [n, m] = X_s^T
-      p.O[q] = to_f(X[i * n + j]);
-    } else {
-      p.O[q] = to_f(X[e]);
-    }
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < p.k * p.per; q += stride) {
+    const int64_t s = q / p.per, e = q % p.per;
+    p.O[q] = to_f(p.X[s * p.xs + e]);
   }
 }
 
@@ -129,7 +116,7 @@ __global__ void __launch_bounds__(kNsTile * kNsTileRows)
     ns_transpose_kernel(const TI* in, int64_t in_stride, TO* out, int64_t out_stride, int64_t A,
                         int64_t B, const double* ss, double norm_mult) {
   __shared__ float tile[kNsTile][kNsTile + 1];
-  const int64_t s = blockIdx.z;  // one slice per z (the launcher keeps k within the grid)
+  const int64_t s = blockIdx.z;  // one slice per z (the launcher splits k into grids)
   const int64_t a0 = int64_t(blockIdx.y) * kNsTile, b0 = int64_t(blockIdx.x) * kNsTile;
   const TI* I = in + s * in_stride;
   TO* O = out + s * out_stride;
@@ -147,19 +134,21 @@ __global__ void __launch_bounds__(kNsTile * kNsTileRows)
   }
 }
 
-// False (nothing launched) when the grid cannot hold the shape; the caller then runs the
-// element-wise kernel.
 template <bool SCALE, typename TI, typename TO>
-bool launch_ns_transpose(const TI* in, int64_t in_stride, TO* out, int64_t out_stride, int64_t A,
+void launch_ns_transpose(const TI* in, int64_t in_stride, TO* out, int64_t out_stride, int64_t A,
                          int64_t B, int64_t k, const double* ss, double norm_mult,
                          cudaStream_t stream) {
   const int64_t gx = ceil_div(B, int64_t(kNsTile)), gy = ceil_div(A, int64_t(kNsTile));
-  if (gx > 0x7fffffff || gy > 65535 || k > 65535) return false;
-  const dim3 grid{unsigned(gx), unsigned(gy), unsigned(k)};
-  ns_transpose_kernel<TI, TO, SCALE><<<grid, dim3(kNsTile, kNsTileRows), 0, stream>>>(
-      in, in_stride, out, out_stride, A, B, ss, norm_mult);
-  CUDA_CHECK_LAUNCH();
-  return true;
+  MF_CHECK(gx <= 0x7fffffff && gy <= 65535, "newton_schulz: a ", A, " x ", B,
+           " matrix is beyond the transpose grid (at most ", 65535 * kNsTile, " rows)");
+  for (int64_t s0 = 0; s0 < k; s0 += 65535) {  // gridDim.z holds 65535 slices per launch
+    const int64_t kz = std::min<int64_t>(k - s0, 65535);
+    const dim3 grid{unsigned(gx), unsigned(gy), unsigned(kz)};
+    ns_transpose_kernel<TI, TO, SCALE><<<grid, dim3(kNsTile, kNsTileRows), 0, stream>>>(
+        in + s0 * in_stride, in_stride, out + s0 * out_stride, out_stride, A, B,
+        SCALE ? ss + s0 : nullptr, norm_mult);
+    CUDA_CHECK_LAUNCH();
+  }
 }
 
 static unsigned elt_blocks(int64_t n) {
@@ -238,10 +227,10 @@ void run_newton_schulz_t(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
   CUDA_CHECK_LAUNCH();
   ns_sumsq_final_kernel<<<unsigned(k), kNsSsThreads, 0, ctx.stream>>>(partials, P, ss);
   CUDA_CHECK_LAUNCH();
-  NsCastParams<TX> cp{u, O.data<float>(), X, ss, k, r, cols, xs, transposed, norm_mult};
-  // U_s [n,m] -> X_s [m,n] when tall (coalesced tiles), else element-wise.
-  if (!(transposed &&
-        launch_ns_transpose<true, float, TX>(u, per, X, xs, n, m, k, ss, norm_mult, ctx.stream))) {
+  NsCastParams<TX> cp{u, O.data<float>(), X, ss, k, per, xs, norm_mult};
+  if (transposed) {  // U_s [n,m] -> X_s [m,n] through coalesced tiles
+    launch_ns_transpose<true, float, TX>(u, per, X, xs, n, m, k, ss, norm_mult, ctx.stream);
+  } else {
     ns_prepare_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
     CUDA_CHECK_LAUNCH();
   }
@@ -252,9 +241,10 @@ void run_newton_schulz_t(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
     std::swap(X, Xn);
   }
   cp.X = X;
-  // X_s [m,n] -> O_s [n,m] when tall (coalesced tiles), else element-wise.
-  if (!(transposed && launch_ns_transpose<false, TX, float>(X, xs, O.data<float>(), per, m, n, k,
-                                                            nullptr, 1.0, ctx.stream))) {
+  if (transposed) {  // X_s [m,n] -> O_s [n,m]
+    launch_ns_transpose<false, TX, float>(X, xs, O.data<float>(), per, m, n, k, nullptr, 1.0,
+                                          ctx.stream);
+  } else {
     ns_finish_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
     CUDA_CHECK_LAUNCH();
   }
