@@ -111,16 +111,21 @@ struct AxpyParams {
   void* y;
   int64_t n;
   float alpha;
+  // Given: alpha is float(sqrt(sums[0] / sums[1])) (0 when sums[1] <= 0), formed from two device
+  // sums by every thread with the same IEEE double ops as the host's std::sqrt(nr / nx).
+  const double* sums = nullptr;
 };
 
 template <typename TX, typename TY>
 __global__ void axpy_kernel(AxpyParams p) {
   const TX* x = static_cast<const TX*>(p.x);
   TY* y = static_cast<TY*>(p.y);
+  float alpha = p.alpha;
+  if (p.sums) alpha = p.sums[1] > 0 ? float(sqrt(p.sums[0] / p.sums[1])) : 0.0f;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
     const float yi = to_f(y[i]);
-    y[i] = from_f<TY>(x ? yi + p.alpha * to_f(x[i]) : p.alpha * yi);
+    y[i] = from_f<TY>(x ? yi + alpha * to_f(x[i]) : alpha * yi);
   }
 }
 
@@ -130,17 +135,6 @@ void launch_axpy(const AxpyParams& p, cudaStream_t stream) {
   const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(p.n, kEltThreads), kEltMaxBlocks));
   axpy_kernel<TX, TY><<<blocks, kEltThreads, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
-}
-
-// The factor is formed from the two device sums by every thread (the same IEEE double ops as
-// the host's std::sqrt(nr / nx)), then applied as op_scale would (alpha * x, rounded once).
-template <typename T>
-__global__ void scale_by_norms_kernel(T* x, int64_t n, const double* sums) {
-  const double nr = sums[0], nx = sums[1];
-  const float alpha = nx > 0 ? float(sqrt(nr / nx)) : 0.0f;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    x[i] = from_f<T>(alpha * to_f(x[i]));
 }
 
 void op_scale_to_norm_of(const Ctx& ctx, Tensor& x, const Tensor& ref) {
@@ -160,12 +154,9 @@ void op_scale_to_norm_of(const Ctx& ctx, Tensor& x, const Tensor& ref) {
   else launch_reduce<bf16, ReduceOp::SumSquares>(pr, ctx.stream);
   if (x.dtype == DType::F32) launch_reduce<float, ReduceOp::SumSquares>(px, ctx.stream);
   else launch_reduce<bf16, ReduceOp::SumSquares>(px, ctx.stream);
-  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(x.numel(), kEltThreads), kEltMaxBlocks));
-  if (x.dtype == DType::F32)
-    scale_by_norms_kernel<float><<<blocks, kEltThreads, 0, ctx.stream>>>(x.data<float>(), x.numel(), sums);
-  else
-    scale_by_norms_kernel<bf16><<<blocks, kEltThreads, 0, ctx.stream>>>(x.data<bf16>(), x.numel(), sums);
-  CUDA_CHECK_LAUNCH();
+  const AxpyParams ps{nullptr, x.ptr, x.numel(), 0.f, sums};  // x (=) float(sqrt(nr/nx)) x
+  if (x.dtype == DType::F32) launch_axpy<float, float>(ps, ctx.stream);
+  else launch_axpy<bf16, bf16>(ps, ctx.stream);
 }
 
 void op_scale(const Ctx& ctx, Tensor& x, float alpha) {
