@@ -16,8 +16,10 @@ starts again (the program resumes from its run directory's latest checkpoint), o
 launcher prints the failing rank's last lines and exits with its exit code.
 
 Multi-node restarts are per node: a node whose workers fail restarts them, and the workers on the
-other nodes see their peers vanish (store/collective errors), fail and restart too. Under Slurm,
-run with srun --kill-on-bad-exit=1 so that a node that gives up ends the whole step.
+other nodes see their peers vanish (store/collective errors), fail and restart too. Workers get
+the attempt number in MF_RESTART_COUNT and the rendezvous store only admits ranks of its own
+attempt, so a restarted rank waits for the new rank 0 rather than joining the group going down.
+Under Slurm, run with srun --kill-on-bad-exit=1 so that a node that gives up ends the whole step.
 """
 import argparse
 import collections

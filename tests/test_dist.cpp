@@ -101,6 +101,16 @@ TEST_CASE("dist env: torchrun variables", "[dist][env]") {
   CHECK(e.master_port == 31337);
   CHECK(e.distributed());
   CHECK_THAT(e.str(), Contains("rank 5/8") && Contains("node7:31337"));
+  CHECK(e.attempt == 0);
+
+  // The restart count: the launcher's MF_RESTART_COUNT, else torchrun's TORCHELASTIC_RESTART_COUNT.
+  CHECK(parse_dist_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MF_RESTART_COUNT", "3"}}).attempt == 3);
+  CHECK(parse_dist_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"TORCHELASTIC_RESTART_COUNT", "2"}})
+            .attempt == 2);
+  CHECK(parse_dist_env({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}, {"MF_RESTART_COUNT", "1"}})
+            .attempt == 1);
+  CHECK_THAT(parse_dist_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MF_RESTART_COUNT", "1"}}).str(),
+             Contains("restart 1"));
 
   // Only RANK and WORLD_SIZE: one node assumed; NODE_RANK used when GROUP_RANK is absent.
   DistEnv m = parse_dist_env({{"RANK", "2"}, {"WORLD_SIZE", "3"}});
@@ -128,6 +138,10 @@ TEST_CASE("dist env: bad torchrun values name the variable", "[dist][env]") {
   CHECK_THAT(err({{"RANK", "3"}, {"WORLD_SIZE", "2"}}), Contains("RANK=3") && Contains("WORLD_SIZE=2"));
   CHECK_THAT(err({{"RANK", "-1"}, {"WORLD_SIZE", "2"}}), Contains("RANK=-1"));
   CHECK_THAT(err({{"RANK", "abc"}, {"WORLD_SIZE", "2"}}), Contains("RANK='abc' is not an integer"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MF_RESTART_COUNT", "-1"}}),
+             Contains("MF_RESTART_COUNT=-1"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"TORCHELASTIC_RESTART_COUNT", "x"}}),
+             Contains("TORCHELASTIC_RESTART_COUNT='x'"));
   CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2x"}}), Contains("WORLD_SIZE='2x'"));
   CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "0"}}), Contains("WORLD_SIZE=0"));
   CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "70000"}}),
@@ -325,6 +339,69 @@ TEST_CASE("store: a foreign service on the port is not mistaken for the store", 
   t.join();
   ::close(fd);
   CHECK_THAT(e, Contains("not a muonforge rendezvous store"));
+}
+
+TEST_CASE("store: a foreign service that answers with other bytes fails at once", "[dist][store]") {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
+  REQUIRE(::listen(fd, 4) == 0);
+  socklen_t len = sizeof(a);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  std::thread t([fd] {
+    int c = ::accept(fd, nullptr, nullptr);
+    if (c < 0) return;
+    const char reply[] = "HTTP/1.1 400 Bad Request\r\n\r\n";
+    (void)!::write(c, reply, sizeof(reply) - 1);
+    char buf[64];
+    (void)!::read(c, buf, sizeof(buf));
+    ::close(c);
+  });
+  auto t0 = Clock::now();
+  std::string e = error_of([&] { TcpStore c("127.0.0.1", ntohs(a.sin_port), false, ms(5000)); });
+  double dt = seconds_since(t0);
+  t.join();
+  ::close(fd);
+  CHECK_THAT(e, Contains("not a muonforge rendezvous store"));
+  CHECK(dt < 2.0);  // no retrying a stranger until the timeout
+}
+
+// A restarted rank (generation g) may knock while the port still holds the store of the group that
+// is going down (generation g-1): it must wait for its own group's store, not join the old one.
+TEST_CASE("store: a restarted rank waits for the store of its own restart", "[dist][store]") {
+  auto old_group = std::make_unique<TcpStore>("127.0.0.1", 0, true, ms(5000), 0);
+  const int port = old_group->port();
+  std::unique_ptr<TcpStore> fresh;
+  std::string e;
+  std::thread client([&] {
+    e = error_of([&] {
+      TcpStore c("127.0.0.1", port, false, ms(8000), 1);
+      c.set("joined", "yes");
+    });
+  });
+  std::this_thread::sleep_for(ms(400));
+  CHECK_FALSE(old_group->check({"joined"}));  // never talked to the old store
+  old_group.reset();                           // the old rank 0 exits
+  fresh = std::make_unique<TcpStore>("127.0.0.1", port, true, ms(5000), 1);
+  client.join();
+  CHECK(e == "<no error>");
+  CHECK(fresh->get("joined", ms(1000)) == "yes");
+
+  // Past the timeout the error says what it waited for.
+  TcpStore stuck("127.0.0.1", 0, true, ms(5000), 0);
+  auto t0 = Clock::now();
+  e = error_of([&] { TcpStore c("127.0.0.1", stuck.port(), false, ms(700), 1); });
+  CHECK(seconds_since(t0) < 4.0);
+  CHECK_THAT(e, Contains("still belonged to restart 0") && Contains("this rank is restart 1"));
+
+  // A rank older than the store is a node whose launcher fell behind: fail at once.
+  TcpStore ahead("127.0.0.1", 0, true, ms(5000), 2);
+  t0 = Clock::now();
+  e = error_of([&] { TcpStore c("127.0.0.1", ahead.port(), false, ms(5000), 1); });
+  CHECK(seconds_since(t0) < 2.0);
+  CHECK_THAT(e, Contains("restart 1") && Contains("already serves restart 2") && Contains("out of step"));
 }
 
 // ---- communicators -----------------------------------------------------------------------------

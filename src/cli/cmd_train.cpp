@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "data/loader.h"
+#include "dist/env.h"
 #include "model/llama.h"
 #include "optim/mup.h"
 #include "train/checkpoint.h"
@@ -82,7 +83,9 @@ int cmd_train(const Args& args) {
     return 2;
   }
   Config cfg = load_config(path, sets);
-  spdlog::info("config {} resolved:\n{}", path, config_to_string(cfg));
+  // Rank 0 alone: every rank runs the same config (the trainer checks that), and a dump per rank would
+  // fill the launcher's tail of a failing rank with config lines instead of its error.
+  if (read_dist_env().rank == 0) spdlog::info("config {} resolved:\n{}", path, config_to_string(cfg));
   Trainer t(cfg, opts);
   TrainResult r = t.run();
   return r.interrupted && stop_requested() ? 130 : 0;

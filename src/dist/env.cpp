@@ -74,6 +74,12 @@ void validate(DistEnv& e, const char* rank_var, const char* world_var, const cha
   MF_CHECK(!e.master_addr.empty(), "environment variable MASTER_ADDR is empty");
 }
 
+void read_attempt(const Vars& v, DistEnv& e) {
+  const char* var = find(v, "MF_RESTART_COUNT") ? "MF_RESTART_COUNT" : "TORCHELASTIC_RESTART_COUNT";
+  e.attempt = get_int(v, var, 0);
+  MF_CHECK(e.attempt >= 0, "environment variable ", var, "=", e.attempt, " must be >= 0");
+}
+
 DistEnv from_torchrun(const Vars& v) {
   DistEnv e;
   e.source = "torchrun";
@@ -105,6 +111,7 @@ DistEnv from_torchrun(const Vars& v) {
   }
   e.master_port = get_int(v, "MASTER_PORT", 29500);
   validate(e, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE");
+  read_attempt(v, e);
   return e;
 }
 
@@ -143,6 +150,7 @@ DistEnv from_slurm(const Vars& v) {
   }
   validate(e, "SLURM_PROCID", world_var, "SLURM_LOCALID",
            find(v, "SLURM_TASKS_PER_NODE") ? "SLURM_TASKS_PER_NODE" : "SLURM_NTASKS_PER_NODE");
+  read_attempt(v, e);
   return e;
 }
 
@@ -153,6 +161,7 @@ std::string DistEnv::str() const {
   os << "rank " << rank << "/" << world_size << " (local " << local_rank << "/" << local_world_size
      << ", node " << node_rank << ", from " << source << ")";
   if (distributed()) os << " master " << master_addr << ":" << master_port;
+  if (attempt > 0) os << ", restart " << attempt;
   return os.str();
 }
 
@@ -168,7 +177,8 @@ DistEnv read_dist_env() {
   static const char* names[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                                 "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
                                 "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_LOCALID", "SLURM_NODEID",
-                                "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_ID"};
+                                "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_ID",
+                                "MF_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"};
   Vars v;
   for (const char* n : names) {
     if (const char* s = std::getenv(n)) v[n] = s;

@@ -26,11 +26,12 @@ namespace mf {
 // ---- wire format -------------------------------------------------------------------------------
 // Request: u8 op, u32 body length, body. Reply: u8 status, u32 payload length, payload.
 // Strings inside a body are u32 length + bytes; integers are host-order (all ranks of a job share
-// one architecture). The first request on a connection is HELLO with the magic and version.
+// one architecture). The first request on a connection is HELLO with the magic, the version and the
+// client's generation (restart count); the reply carries the magic and the server's generation.
 namespace {
 
 constexpr uint32_t kMagic = 0x4d465354;  // "MFST"
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
 constexpr uint32_t kMaxFrame = 1u << 30;
 
 enum Op : uint8_t { HELLO = 1, SET = 2, GET = 3, ADD = 4, WAIT = 5, CHECK = 6, ERASE = 7 };
@@ -163,7 +164,7 @@ int family_of(const std::string& host) {
 
 class StoreServer {
  public:
-  StoreServer(const std::string& host, int port) {
+  StoreServer(const std::string& host, int port, uint32_t generation) : generation_(generation) {
     int fam = family_of(host);
     listen_fd_ = ::socket(fam, SOCK_STREAM | SOCK_CLOEXEC, 0);
     MF_CHECK(listen_fd_ >= 0, "cannot create the store's socket: ", errno_str(errno));
@@ -252,6 +253,7 @@ class StoreServer {
           hello = true;
           Writer w;
           w.u32(kMagic);
+          w.u32(generation_);  // the client compares it with its own
           reply = w.buf;
         } else if (op == SET) {
           std::string k = r.str();
@@ -326,6 +328,7 @@ class StoreServer {
 
   int listen_fd_ = -1;
   int port_ = 0;
+  uint32_t generation_ = 0;
   std::atomic<bool> stop_{false};
   std::thread accept_thread_;
   std::mutex mu_;
@@ -397,45 +400,91 @@ TcpStore::ms TcpStore::default_timeout() {
 }
 
 std::unique_ptr<TcpStore> TcpStore::from_env(const DistEnv& env) {
-  return std::make_unique<TcpStore>(env.master_addr, env.master_port, env.rank == 0, default_timeout());
+  return std::make_unique<TcpStore>(env.master_addr, env.master_port, env.rank == 0, default_timeout(),
+                                    uint32_t(env.attempt));
 }
 
-TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout)
-    : host_(host), port_(port), timeout_(timeout), state_(std::make_unique<State>()) {
+TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout, uint32_t generation)
+    : host_(host), port_(port), timeout_(timeout), generation_(generation),
+      state_(std::make_unique<State>()) {
   MF_CHECK(timeout.count() > 0, "store timeout must be positive");
   MF_CHECK(port >= (is_server ? 0 : 1) && port <= 65535, "MASTER_PORT=", port, " is out of range 1..65535");
   if (is_server) {
-    server_ = std::make_unique<StoreServer>(host, port);
+    server_ = std::make_unique<StoreServer>(host, port, generation);
     port_ = server_->port();
   }
-  auto start = Clock::now();
-  auto deadline = start + timeout;
+  auto deadline = Clock::now() + timeout;
+  // Connect and greet until a store of our own attempt answers. A store that hangs up without a
+  // word is retried (a group going down after a failure closes its store while restarted ranks may
+  // already knock); so is one of an earlier attempt. Anything else that answers is a stranger.
+  enum { UNREACHABLE, HUNG_UP, EARLIER } last = UNREACHABLE;
   std::string err = "no attempt";
+  uint32_t seen = 0;
   ms backoff(50);
   while (true) {
     auto left = std::chrono::duration_cast<ms>(deadline - Clock::now());
     if (left.count() <= 0) break;
-    fd_ = try_connect(host_, port_, std::min(left, ms(5000)), &err);
-    if (fd_ >= 0) break;
+    int fd = try_connect(host_, port_, std::min(left, ms(5000)), &err);
+    if (fd >= 0) {
+      Writer w;
+      w.u32(kMagic);
+      w.u32(kVersion);
+      w.u32(generation_);
+      set_recv_timeout(fd, std::max(left, ms(1)));
+      char reply[13];  // status u8, length u32 (= 8), magic u32, generation u32
+      size_t got = 0;
+      errno = 0;
+      if (send_frame(fd, HELLO, w.buf)) {
+        while (got < sizeof(reply)) {
+          ssize_t k = ::recv(fd, reply + got, sizeof(reply) - got, 0);
+          if (k < 0 && errno == EINTR) continue;
+          if (k == 0) errno = 0;
+          if (k <= 0) break;
+          got += size_t(k);
+        }
+      }
+      int e = errno;
+      uint32_t len = 0, magic = 0;
+      if (got == sizeof(reply)) {
+        std::memcpy(&len, reply + 1, 4);
+        std::memcpy(&magic, reply + 5, 4);
+        std::memcpy(&seen, reply + 9, 4);
+      }
+      if (got == sizeof(reply) && reply[0] == char(OK) && len == 8 && magic == kMagic) {
+        if (seen == generation_) {
+          fd_ = fd;
+          break;
+        }
+        ::close(fd);
+        MF_CHECK(seen < generation_, "this rank is restart ", generation_, " of the job but the store "
+                 "at ", where(), " already serves restart ", seen, ": the launchers on the nodes are "
+                 "out of step (a node restarted its workers more often than the others); start the "
+                 "job again");
+        last = EARLIER;
+      } else {
+        ::close(fd);
+        // Hanging up before a single byte is what a store going down does; any bytes that are not
+        // our reply, or silence until the timeout, come from something else.
+        MF_CHECK(got == 0 && (e == 0 || e == ECONNRESET || e == EPIPE), "the service at ", where(),
+                 " is not a muonforge rendezvous store (",
+                 got > 0 ? "wrong greeting" : e == EAGAIN || e == EWOULDBLOCK ? "no greeting" : errno_str(e),
+                 "); another program may be using MASTER_PORT ", port_);
+        last = HUNG_UP;
+      }
+    }
     std::this_thread::sleep_for(std::min(backoff, std::chrono::duration_cast<ms>(deadline - Clock::now())));
     backoff = std::min(backoff * 2, ms(1000));
   }
-  MF_CHECK(fd_ >= 0, "cannot reach master ", host_, ":", port_, " after ", secs(timeout), " (last error: ",
-           err, "); check MASTER_ADDR/MASTER_PORT, that rank 0 started, and that the port is open "
-           "between the nodes (timeout: MF_STORE_TIMEOUT)");
-  Writer w;
-  w.u32(kMagic);
-  w.u32(kVersion);
-  uint8_t status = FAILED;
-  std::string reply;
-  set_recv_timeout(fd_, timeout);
-  bool ok = send_frame(fd_, HELLO, w.buf) && recv_frame(fd_, &status, &reply);
-  if (!ok || status != OK || reply.size() != 4 || Reader(reply).u32() != kMagic) {
-    ::close(fd_);
-    fd_ = -1;
-    MF_FAIL("the service at ", host_, ":", port_, " is not a muonforge rendezvous store (no or wrong "
-            "greeting); another program may be using MASTER_PORT ", port_);
-  }
+  if (fd_ >= 0) return;
+  MF_CHECK(last != EARLIER, "the store at ", where(), " still belonged to restart ", seen, " of the job "
+           "after ", secs(timeout), " while this rank is restart ", generation_, ": rank 0's node "
+           "did not restart its workers (timeout: MF_STORE_TIMEOUT)");
+  MF_CHECK(last != HUNG_UP, "the service at ", host_, ":", port_, " hung up without a greeting for ",
+           secs(timeout), ": it is not a muonforge rendezvous store (another program may be using "
+           "MASTER_PORT ", port_, ") or rank 0 keeps failing as it starts");
+  MF_FAIL("cannot reach master ", host_, ":", port_, " after ", secs(timeout), " (last error: ",
+          err, "); check MASTER_ADDR/MASTER_PORT, that rank 0 started, and that the port is open "
+          "between the nodes (timeout: MF_STORE_TIMEOUT)");
 }
 
 TcpStore::~TcpStore() {

@@ -10,6 +10,7 @@
 //   - no server answers within the timeout -> "cannot reach master host:port after 60 s ..."
 //   - get/wait on keys nobody sets          -> "timed out after 60 s waiting for key(s) ..."
 //   - the server goes away mid-call         -> "lost the connection to the store at host:port ..."
+//   - the port holds an earlier attempt's store past the timeout -> "... still belonged to restart N"
 // Thread-safe: calls from several threads on one client are serialised.
 #pragma once
 #include <chrono>
@@ -29,7 +30,11 @@ class TcpStore {
 
   // is_server: also host the server, listening on all interfaces at `port` (port 0 picks a free
   // one; port() tells which). Then connect as a client to host:port, retrying until `timeout`.
-  TcpStore(const std::string& host, int port, bool is_server, ms timeout = default_timeout());
+  // `generation` is the job's restart count (DistEnv::attempt): a client only talks to a server of
+  // its own generation. It waits (within `timeout`) while the port still holds the store of an
+  // earlier one, or a store that hangs up as it goes down, and fails at once on a later one.
+  TcpStore(const std::string& host, int port, bool is_server, ms timeout = default_timeout(),
+           uint32_t generation = 0);
   ~TcpStore();
   TcpStore(const TcpStore&) = delete;
   TcpStore& operator=(const TcpStore&) = delete;
@@ -73,6 +78,7 @@ class TcpStore {
   std::string host_;
   int port_ = 0;
   ms timeout_;
+  uint32_t generation_ = 0;
   int fd_ = -1;
   std::unique_ptr<StoreServer> server_;
   struct State;
