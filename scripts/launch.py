@@ -6,8 +6,10 @@
 Flags follow torchrun: --nproc-per-node N|gpu|cpu|auto, --nnodes, --node-rank, --master-addr,
 --master-port, --standalone, --max-restarts, --log-dir (underscored spellings work too). Run one
 launcher per node. Each worker gets RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK NODE_RANK
-MASTER_ADDR MASTER_PORT, OMP_NUM_THREADS (cpu_count // nproc unless set) and MF_RESTART_COUNT
-(also TORCHELASTIC_RESTART_COUNT). Rank 0 hosts the rendezvous store at MASTER_ADDR:MASTER_PORT.
+MASTER_ADDR MASTER_PORT, OMP_NUM_THREADS (cpu_count // nproc unless set), MF_RESTART_COUNT
+(also TORCHELASTIC_RESTART_COUNT) and MF_LAUNCHER_PID (a muonforge worker whose launcher dies,
+killed or lost with its terminal, finishes its step, checkpoints and stops). Rank 0 hosts the
+rendezvous store at MASTER_ADDR:MASTER_PORT.
 
 Every line a worker prints appears on the console as "[rank] line" and in LOGDIR/rank_<rank>.log
 (appended across restarts). SIGINT/SIGTERM/SIGHUP are forwarded to the workers. When a worker exits
@@ -230,6 +232,8 @@ class Launcher:
                 "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(port), "OMP_NUM_THREADS": omp,
                 "MF_RESTART_COUNT": str(attempt), "TORCHELASTIC_RESTART_COUNT": str(attempt),
                 "TORCHELASTIC_MAX_RESTARTS": str(a.max_restarts),
+                # muonforge workers watch this pid: when the launcher dies they checkpoint and stop
+                "MF_LAUNCHER_PID": str(os.getpid()),
             })
             log = open(os.path.join(a.log_dir, f"rank_{rank}.log"), "a", encoding="utf-8")
             log.write(f"=== {stamp} attempt {attempt} (MF_RESTART_COUNT={attempt}) rank {rank}/{world} "

@@ -10,12 +10,14 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -265,6 +267,63 @@ TEST_CASE("two nodes: a rank killed on either node restarts both; the job ends a
       CHECK(losses(run) == losses("nodes_straight"));
     }
   }
+}
+
+// Pids of the live (non-zombie) processes whose command line contains `needle`.
+std::vector<int> processes_with(const std::string& needle) {
+  std::vector<int> pids;
+  for (auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream cmd(e.path() / "cmdline"), stat(e.path() / "stat");
+    std::string c((std::istreambuf_iterator<char>(cmd)), {}), st((std::istreambuf_iterator<char>(stat)), {});
+    const size_t paren = st.rfind(')');
+    if (paren != std::string::npos && paren + 2 < st.size() && st[paren + 2] == 'Z') continue;
+    std::replace(c.begin(), c.end(), '\0', ' ');
+    if (c.find(needle) != std::string::npos) pids.push_back(std::stoi(name));
+  }
+  return pids;
+}
+
+TEST_CASE("a launcher killed with SIGKILL: its workers checkpoint and stop", "[dist]") {
+  setup_once();
+  const std::string pidfile = kRoot + "/orphan.pid";
+  std::system(("OMP_NUM_THREADS=1 " +
+               launch(2, "--set run.name=orphan --set train.max_steps=100000000 "
+                         "--set train.ckpt_every=0 --set train.eval_every=0") +
+               " >" + kRoot + "/orphan.log 2>&1 & echo $! >" + pidfile)
+                  .c_str());
+  int launcher = 0;
+  std::ifstream(pidfile) >> launcher;
+  REQUIRE(launcher > 1);
+  // Let both workers train a few steps.
+  auto t0 = std::chrono::steady_clock::now();
+  while (losses("orphan").size() < 3 &&
+         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60))
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  REQUIRE(losses("orphan").size() >= 3);
+  REQUIRE(processes_with("run.name=orphan ").size() >= 2);
+  ::kill(launcher, SIGKILL);
+  t0 = std::chrono::steady_clock::now();
+  std::vector<int> left;
+  do {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    left = processes_with("run.name=orphan ");
+  } while (!left.empty() && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30));
+  for (int pid : left) ::kill(pid, SIGKILL);  // do not leave them behind when the check fails
+  CHECK(left.empty());
+  // They stopped the way SIGTERM stops a run: with a checkpoint of the step they were on.
+  std::ifstream latest(kRoot + "/runs/orphan/latest");
+  std::string ckpt;
+  latest >> ckpt;
+  CHECK(ckpt.rfind("ckpt-", 0) == 0);
+  std::ifstream log(kRoot + "/runs/orphan/log.txt");
+  std::string text((std::istreambuf_iterator<char>(log)), {});
+  CHECK(text.find("the launcher (pid " + std::to_string(launcher) + ") has exited") != std::string::npos);
+
+  Result bad = sh("MF_LAUNCHER_PID=abc " + kBin + " train " + kRoot + "/cfg.json --quiet --set run.name=badpid");
+  CHECK(bad.rc == 1);
+  CHECK(bad.out.find("MF_LAUNCHER_PID='abc'") != std::string::npos);
 }
 
 TEST_CASE("mismatched configs, a taken port and a missing master fail fast", "[dist]") {

@@ -9,7 +9,11 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <mutex>
 #include <sstream>
+#include <thread>
+
+#include <signal.h>
 
 #include "core/log.h"
 #include "data/loader.h"
@@ -98,12 +102,46 @@ void fault_injection(int done, int rank) {
   }
 }
 
+// Is the process `pid` gone (no such process, or a zombie nobody has reaped yet)?
+bool process_gone(long pid) {
+  if (::kill(pid_t(pid), 0) != 0 && errno == ESRCH) return true;
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  if (!f) return false;  // no procfs: kill() is all we can tell
+  std::string stat((std::istreambuf_iterator<char>(f)), {});
+  const size_t paren = stat.rfind(')');  // the name may hold spaces and parentheses
+  return paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'Z';
+}
+
+// Workers started by scripts/launch.py (MF_LAUNCHER_PID) stop when the launcher dies (SIGKILL,
+// OOM killer, a lost ssh session): otherwise they would train on unsupervised, holding their
+// GPUs, or die of SIGPIPE at their next log line with no checkpoint. A thread polls the launcher
+// and, once it is gone, raises SIGTERM: the step finishes, a checkpoint is written, the run stops.
+// SIGPIPE is ignored so that logging into the dead launcher's pipe cannot kill the process first.
+void watch_launcher() {
+  static std::once_flag once;
+  const char* v = std::getenv("MF_LAUNCHER_PID");
+  if (!v || !*v) return;
+  char* end = nullptr;
+  const long pid = std::strtol(v, &end, 10);
+  MF_CHECK(*end == '\0' && pid > 1, "environment variable MF_LAUNCHER_PID='", v,
+           "' is not a process id (scripts/launch.py sets it; unset it to run without a launcher)");
+  std::call_once(once, [pid] {
+    std::signal(SIGPIPE, SIG_IGN);
+    std::thread([pid] {
+      while (!process_gone(pid)) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      spdlog::warn("the launcher (pid {}) has exited; stopping after this step with a checkpoint", pid);
+      std::raise(SIGTERM);
+    }).detach();
+  });
+}
+
 }  // namespace
 
 void install_stop_handlers() {
   g_stop_signal = 0;
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
+  watch_launcher();
 }
 bool stop_requested() { return g_stop_signal.load() != 0; }
 
