@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -23,6 +24,7 @@
 #include "dist/communicator.h"
 #include "dist/env.h"
 #include "dist/store.h"
+#include "dist/watchdog.h"
 #include "test_util.h"
 #ifdef MF_HAS_GLOO
 #include "dist/gloo_comm.h"
@@ -402,6 +404,72 @@ TEST_CASE("store: a restarted rank waits for the store of its own restart", "[di
   e = error_of([&] { TcpStore c("127.0.0.1", ahead.port(), false, ms(5000), 1); });
   CHECK(seconds_since(t0) < 2.0);
   CHECK_THAT(e, Contains("restart 1") && Contains("already serves restart 2") && Contains("out of step"));
+}
+
+// ---- watchdog ------------------------------------------------------------------------------------
+
+TEST_CASE("watchdog: finished work is released, work past the timeout fires once", "[dist][watchdog]") {
+  std::mutex mu;
+  std::vector<std::string> fired;
+  std::atomic<int> released{0};
+  std::atomic<bool> started_here{false};
+  const auto caller = std::this_thread::get_id();
+  Watchdog::Hooks hooks;
+  hooks.thread_start = [&] { started_here = std::this_thread::get_id() != caller; };
+  hooks.fire = [&](const std::string& why) {
+    std::lock_guard<std::mutex> lk(mu);
+    fired.push_back(why);
+  };
+  std::atomic<bool> a_done{false}, b_done{false};
+  {
+    Watchdog w(ms(600), hooks, ms(20));
+    w.watch("allreduce A", [&] { return a_done.load(); }, [&] { ++released; });
+    w.watch("allreduce B", [&] { return b_done.load(); }, [&] { ++released; });
+    CHECK(w.pending() == 2);
+    std::this_thread::sleep_for(ms(150));
+    a_done = true;  // A finishes well within the timeout
+    auto t0 = Clock::now();
+    while (w.pending() > 1 && seconds_since(t0) < 5) std::this_thread::sleep_for(ms(10));
+    CHECK(w.pending() == 1);
+    CHECK(released == 1);
+    CHECK_FALSE(w.fired());
+    // B never finishes: it fires once its 600 ms are up, and only once.
+    t0 = Clock::now();
+    while (!w.fired() && seconds_since(t0) < 5) std::this_thread::sleep_for(ms(10));
+    CHECK(w.fired());
+    std::this_thread::sleep_for(ms(200));
+    CHECK(w.pending() == 1);
+  }  // destruction releases B
+  CHECK(released == 2);
+  CHECK(started_here);
+  REQUIRE(fired.size() == 1);
+  CHECK_THAT(fired[0], Contains("allreduce B has not finished") && Contains("MF_COMM_TIMEOUT") &&
+                           Contains("timeout 0.6 s"));
+}
+
+TEST_CASE("watchdog: an asynchronous communicator error fires at once", "[dist][watchdog]") {
+  std::atomic<int> calls{0};
+  std::string why;
+  std::atomic<bool> broken{false};
+  Watchdog::Hooks hooks;
+  hooks.async_error = [&] { return broken ? std::string("remote process exited") : std::string(); };
+  hooks.fire = [&](const std::string& w) {
+    why = w;
+    ++calls;
+  };
+  Watchdog w(ms(60000), hooks, ms(20));
+  w.watch("broadcast", [] { return false; });
+  std::this_thread::sleep_for(ms(100));
+  CHECK(calls == 0);
+  broken = true;
+  auto t0 = Clock::now();
+  while (calls == 0 && seconds_since(t0) < 5) std::this_thread::sleep_for(ms(10));
+  CHECK(seconds_since(t0) < 2);
+  std::this_thread::sleep_for(ms(100));
+  CHECK(calls == 1);
+  CHECK_THAT(why, Contains("remote process exited"));
+  CHECK_THAT(error_of([] { Watchdog bad(ms(0), {nullptr, nullptr, [](const std::string&) {}}); }),
+             Contains("MF_COMM_TIMEOUT"));
 }
 
 // ---- communicators -----------------------------------------------------------------------------

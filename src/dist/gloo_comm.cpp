@@ -30,6 +30,7 @@
 #include "core/error.h"
 #include "dist/env.h"
 #include "dist/store.h"
+#include "dist/watchdog.h"
 
 namespace mf {
 
@@ -467,7 +468,7 @@ std::unique_ptr<Communicator> make_gloo_communicator(const DistEnv& env, TcpStor
     if (is_loopback(attr.hostname) && env.world_size > env.local_world_size)
       attr.hostname = first_external_ipv4();
   }
-  ms op_timeout(int64_t(env_seconds("MF_COMM_TIMEOUT", 1800.0) * 1000.0));
+  ms op_timeout = comm_timeout_from_env();
   return std::make_unique<GlooCommunicator>(env.rank, env.world_size, store, attr, op_timeout);
 }
 

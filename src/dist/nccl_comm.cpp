@@ -5,12 +5,16 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "dist/env.h"
 #include "dist/store.h"
+#include "dist/watchdog.h"
 
 namespace mf {
 
@@ -68,9 +72,11 @@ class NcclCommunicator final : public Communicator {
     ncclResult_t r = ncclCommInitRankConfig(&comm_, size_, id, rank_, &config);
     settle(r, "ncclCommInitRankConfig", init_timeout_);
     cuda_ok(cudaMalloc(&scratch_, sizeof(float)), "cudaMalloc");
+    start_watchdog();
   }
 
   ~NcclCommunicator() override {
+    watchdog_.reset();  // before the teardown below: no async-error poll races finalize or abort
     if (comm_stream_) {
       try {
         join_comm_stream();
@@ -105,6 +111,7 @@ class NcclCommunicator final : public Communicator {
     begin_async();
     settle(ncclAllReduce(data, data, n, ncclFloat32, ncclAvg, comm_, comm_stream_),
            "ncclAllReduce(avg, async)");
+    queued(comm_stream_, "ncclAllReduce(avg, async)");
     return end_async();
   }
 
@@ -133,6 +140,7 @@ class NcclCommunicator final : public Communicator {
                                 cudaMemcpyDeviceToDevice, comm_stream_),
                 "cudaMemcpyAsync (reduce-scatter out)");
     }
+    queued(comm_stream_, "ncclReduceScatter(avg, async)");
     return end_async();
   }
 
@@ -144,6 +152,7 @@ class NcclCommunicator final : public Communicator {
     if (padded == n) {
       settle(ncclAllGather(data + size_t(rank_) * c, data, c, ncclFloat32, comm_, stream_),
              "ncclAllGather(shards)");
+      queued(stream_, "ncclAllGather(shards)");
       return;
     }
     float* buf = pad_buffer(padded);
@@ -153,6 +162,7 @@ class NcclCommunicator final : public Communicator {
               "cudaMemcpyAsync (all-gather in)");
     settle(ncclAllGather(buf + size_t(rank_) * c, buf, c, ncclFloat32, comm_, stream_),
            "ncclAllGather(shards)");
+    queued(stream_, "ncclAllGather(shards)");
     cuda_ok(cudaMemcpyAsync(data, buf, n * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
             "cudaMemcpyAsync (all-gather out)");
   }
@@ -161,28 +171,33 @@ class NcclCommunicator final : public Communicator {
     if (n == 0) return;
     join_comm_stream();
     settle(ncclAllReduce(data, data, n, ncclFloat32, ncclSum, comm_, stream_), "ncclAllReduce");
+    queued(stream_, "ncclAllReduce");
   }
   void allreduce_avg(float* data, size_t n) override {
     if (n == 0) return;
     join_comm_stream();
     settle(ncclAllReduce(data, data, n, ncclFloat32, ncclAvg, comm_, stream_), "ncclAllReduce(avg)");
+    queued(stream_, "ncclAllReduce(avg)");
   }
   void reduce_scatter_sum(const float* send, float* recv, size_t n) override {
     if (n == 0) return;
     join_comm_stream();
     settle(ncclReduceScatter(send, recv, n, ncclFloat32, ncclSum, comm_, stream_), "ncclReduceScatter");
+    queued(stream_, "ncclReduceScatter");
   }
   void allgather(const float* send, float* recv, size_t n) override {
     if (n == 0) return;
     join_comm_stream();
     // NCCL accepts send == recv + rank*n (in place).
     settle(ncclAllGather(send, recv, n, ncclFloat32, comm_, stream_), "ncclAllGather");
+    queued(stream_, "ncclAllGather");
   }
   void broadcast(float* data, size_t n, int root) override {
     MF_CHECK(root >= 0 && root < size_, "broadcast root ", root, " is out of range for ", size_, " ranks");
     if (n == 0) return;
     join_comm_stream();
     settle(ncclBroadcast(data, data, n, ncclFloat32, root, comm_, stream_), "ncclBroadcast");
+    queued(stream_, "ncclBroadcast");
   }
   // One broadcast per rank's range, grouped into a single NCCL launch (an in-place all-gatherv).
   void allgather_ranges(float* data, const std::vector<std::pair<size_t, size_t>>& ranges) override {
@@ -201,10 +216,12 @@ class NcclCommunicator final : public Communicator {
     const ncclResult_t end = ncclGroupEnd();
     nccl_ok(first, "ncclBroadcast (all-gather of ranges)");
     settle(end, "ncclGroupEnd (all-gather of ranges)");
+    queued(stream_, "ncclBroadcast (all-gather of ranges)");
   }
   void barrier() override {
     join_comm_stream();
     settle(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_), "barrier");
+    queued(stream_, "barrier");
     cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (barrier)");
   }
 
@@ -288,6 +305,7 @@ class NcclCommunicator final : public Communicator {
     auto deadline = Clock::now() + timeout;
     while (r == ncclInProgress) {
       if (Clock::now() > deadline) {
+        watchdog_.reset();
         ncclCommAbort(comm_);
         comm_ = nullptr;
         MF_FAIL(what, " on rank ", rank_, " of ", size_, " did not finish within ", timeout.count() / 1000,
@@ -301,6 +319,41 @@ class NcclCommunicator final : public Communicator {
     nccl_ok(r, what);
   }
 
+  // A dead or stuck peer never makes a queued collective fail: it spins, and the next stream
+  // synchronisation would block forever. Every collective is watched (an event recorded after it
+  // on its stream); one that has not finished MF_COMM_TIMEOUT after it was queued, or an
+  // asynchronous NCCL error (a peer's connection closed), ends the process with exit code 1 and
+  // a message naming the collective, so that the launcher restarts the group from the latest
+  // checkpoint (PyTorch's NCCL watchdog does the same). No checkpoint is written: the device state
+  // is not trustworthy after a collective failed half-way.
+  void start_watchdog() {
+    Watchdog::Hooks h;
+    h.thread_start = [dev = device_] { cudaSetDevice(dev); };
+    h.async_error = [this]() -> std::string {
+      ncclResult_t st = ncclSuccess;
+      if (ncclCommGetAsyncError(comm_, &st) != ncclSuccess) return "ncclCommGetAsyncError failed";
+      if (st == ncclSuccess || st == ncclInProgress) return {};
+      return std::string(ncclGetErrorString(st)) + " " + ncclGetLastError(comm_);
+    };
+    h.fire = [rank = rank_, size = size_](const std::string& why) {
+      spdlog::error("NCCL on rank {} of {}: {}; exiting with code 1 so that the launcher can restart "
+                    "the group from the latest checkpoint", rank, size, why);
+      spdlog::default_logger()->flush();
+      std::fflush(nullptr);
+      std::_Exit(1);
+    };
+    watchdog_ = std::make_unique<Watchdog>(comm_timeout_from_env(), std::move(h));
+  }
+  void queued(cudaStream_t s, const char* what) {
+    if (!watchdog_) return;
+    cudaEvent_t e = nullptr;
+    cuda_ok(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate (watchdog)");
+    cuda_ok(cudaEventRecord(e, s), "cudaEventRecord (watchdog)");
+    watchdog_->watch(std::string(what) + " on rank " + std::to_string(rank_) + " of " + std::to_string(size_),
+                     [e] { return cudaEventQuery(e) != cudaErrorNotReady; },
+                     [e] { cudaEventDestroy(e); });
+  }
+
   int rank_, size_;
   int device_ = 0;
   TcpStore& store_;
@@ -312,6 +365,7 @@ class NcclCommunicator final : public Communicator {
   float* pad_ = nullptr;  // pad_buffer
   size_t pad_cap_ = 0;
   std::chrono::milliseconds init_timeout_{120000};
+  std::unique_ptr<Watchdog> watchdog_;  // declared last: stopped first
 };
 
 }  // namespace
