@@ -144,6 +144,10 @@ struct SpectralParams {
   SymFuncArgs a;
 };
 
+// std::max(x, 0.0) as the CPU reference computes it: negatives (rounding) to 0, but a NaN stays NaN
+// so that a broken statistic shows in the result (fmax would turn it into 0).
+__device__ __forceinline__ double clamp_eig(double x) { return x < 0.0 ? 0.0 : x; }
+
 // One block. Thread 0 takes lmax and the Schatten sum serially over descending eigenvalues
 // (the CPU's order); then every thread fills its share of f.
 __global__ void spectral_f_kernel(SpectralParams p) {
@@ -152,8 +156,8 @@ __global__ void spectral_f_kernel(SpectralParams p) {
   if (threadIdx.x == 0) {
     double lmax = 0, s = 0;
     for (int64_t k = p.n - 1; k >= 0; --k) {
-      const double l = fmax(p.W[k] * a.input_scale, 0.0);
-      lmax = fmax(lmax, l);
+      const double l = clamp_eig(p.W[k] * a.input_scale);
+      lmax = lmax < l ? l : lmax;  // std::max's rule, as on the CPU
       if (a.schatten_q > 0) s += pow(l, 0.5 * a.schatten_q);
     }
     double scale = a.scale;
@@ -164,7 +168,7 @@ __global__ void spectral_f_kernel(SpectralParams p) {
   __syncthreads();
   const double scale = sh_scale, eps = sh_eps;
   for (int64_t k = threadIdx.x; k < p.n; k += blockDim.x) {
-    const double l = fmax(p.W[k] * a.input_scale, 0.0);
+    const double l = clamp_eig(p.W[k] * a.input_scale);
     const double base = pow(l, a.root) + eps;
     p.f[k] = base > 0 ? scale * pow(base, a.power) : 0.0;  // 0^negative: the null space
   }

@@ -122,6 +122,19 @@ def resolve_config(path, sets, binary):
 
 # ---- model -------------------------------------------------------------------------------------
 
+def sdpa_takes_gqa(torch):
+    """Does F.scaled_dot_product_attention take enable_gqa (PyTorch >= 2.5)? It is a builtin, so
+    inspect.signature cannot tell on every version: try it on a tiny input."""
+    F = torch.nn.functional
+    q = torch.zeros(1, 2, 1, 8)
+    kv = torch.zeros(1, 1, 1, 8)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
 def build(torch, cfg):
     nn = torch.nn
     F = torch.nn.functional
@@ -131,8 +144,7 @@ def build(torch, cfg):
     hd = d // H
     eps, theta = m["norm_eps"], m["rope_theta"]
     has_sdpa = hasattr(F, "scaled_dot_product_attention")
-    import inspect
-    sdpa_gqa = has_sdpa and "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    sdpa_gqa = has_sdpa and sdpa_takes_gqa(torch)
 
     class RMSNorm(nn.Module):
         def __init__(self):

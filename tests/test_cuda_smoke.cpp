@@ -553,10 +553,12 @@ TEST_CASE("cuda: fused lm-head cross-entropy matches a double reference", "[gpu]
     CHECK(norm_err(fetch(*be, tl), loss) < 1e-4);
     CHECK(norm_err(fetch(*be, tdx), dx) < 3e-2);
     CHECK(norm_err(fetch(*be, tdW), dW) < 3e-2);
-    // Loss only.
+    // Loss only. Without gradient scratch a chunk holds more rows (at V = 50257 all 900 rows in
+    // one GEMM instead of 832 + 68), and cuBLASLt may pick another algorithm for another M, so the
+    // logits can differ in the last bits: equal to fp32 rounding, not bitwise.
     Tensor tl2 = be->empty({s.N}, DType::F32);
     be->lmhead_xent(tx, tW, tt, float(ls), tl2, nullptr, nullptr, 1.f);
-    CHECK(fetch(*be, tl2) == fetch(*be, tl));
+    CHECK(norm_err(fetch(*be, tl2), fetch(*be, tl)) < 1e-6);
   }
 }
 
