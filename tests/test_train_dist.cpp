@@ -212,26 +212,46 @@ TEST_CASE("a killed rank is restarted and the job ends as if uninterrupted", "[d
   CHECK(c.out.find("rank 1") != std::string::npos);
 }
 
-// Two launchers on this host stand for two nodes (--nnodes 2, one rank each, a fixed port). Returns
-// both launchers' exit codes and output; `env` goes before both commands.
-std::pair<Result, Result> two_nodes(const std::string& run, const std::string& env) {
+// Two launchers on this host stand for two nodes (--nnodes 2, one rank each, a fixed port),
+// started in the background; `env` goes before both commands, `args` after the config.
+struct TwoNodes {
+  std::string log[2];
+  int launcher[2] = {0, 0};
+};
+
+TwoNodes start_two_nodes(const std::string& run, const std::string& env, const std::string& args = "") {
   static int next_port = 0;
   if (next_port == 0) next_port = 20000 + int(getpid() % 20000);
   const int port = next_port++;
-  std::string cmd[2], log[2];
+  TwoNodes t;
   for (int node = 0; node < 2; ++node) {
-    log[node] = kRoot + "/" + run + ".node" + std::to_string(node) + ".log";
-    cmd[node] = "OMP_NUM_THREADS=1 MF_STORE_TIMEOUT=20 " + env + " python3 " + kLaunch +
-                " --nnodes 2 --node-rank " + std::to_string(node) + " --nproc-per-node 1 " +
-                "--master-addr 127.0.0.1 --master-port " + std::to_string(port) +
-                " --max-restarts 1 " + kBin + " train " + kRoot + "/cfg.json --quiet --set run.name=" +
-                run + " >" + log[node] + " 2>&1; echo $? >" + log[node] + ".rc";
+    t.log[node] = kRoot + "/" + run + ".node" + std::to_string(node) + ".log";
+    fs::remove(t.log[node] + ".rc");
+    const std::string cmd = "OMP_NUM_THREADS=1 MF_STORE_TIMEOUT=20 " + env + " python3 " + kLaunch +
+                            " --nnodes 2 --node-rank " + std::to_string(node) + " --nproc-per-node 1 " +
+                            "--master-addr 127.0.0.1 --master-port " + std::to_string(port) +
+                            " --max-restarts 1 " + kBin + " train " + kRoot + "/cfg.json --quiet " +
+                            "--set run.name=" + run + " " + args;
+    // The subshell records the launcher's pid, then its exit code once it is done.
+    std::system(("(" + cmd + " >" + t.log[node] + " 2>&1 & echo $! >" + t.log[node] + ".pid; wait $!; echo $? >" +
+                 t.log[node] + ".rc.tmp; mv " + t.log[node] + ".rc.tmp " + t.log[node] + ".rc) &")
+                    .c_str());
+    for (int i = 0; i < 100 && t.launcher[node] <= 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      std::ifstream(t.log[node] + ".pid") >> t.launcher[node];
+    }
   }
-  std::system(("(" + cmd[0] + ") & (" + cmd[1] + ") & wait").c_str());
+  return t;
+}
+
+std::pair<Result, Result> wait_two_nodes(const TwoNodes& t) {
   std::pair<Result, Result> r;
   Result* out[2] = {&r.first, &r.second};
+  const auto t0 = std::chrono::steady_clock::now();
   for (int node = 0; node < 2; ++node) {
-    std::ifstream f(log[node]), g(log[node] + ".rc");
+    while (!fs::exists(t.log[node] + ".rc") && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(120))
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::ifstream f(t.log[node]), g(t.log[node] + ".rc");
     std::stringstream ss;
     ss << f.rdbuf();
     int rc = -1;
@@ -239,6 +259,10 @@ std::pair<Result, Result> two_nodes(const std::string& run, const std::string& e
     *out[node] = {rc, ss.str(), 0.0};
   }
   return r;
+}
+
+std::pair<Result, Result> two_nodes(const std::string& run, const std::string& env) {
+  return wait_two_nodes(start_two_nodes(run, env));
 }
 
 TEST_CASE("two nodes: a rank killed on either node restarts both; the job ends as if uninterrupted",
@@ -267,6 +291,31 @@ TEST_CASE("two nodes: a rank killed on either node restarts both; the job ends a
       CHECK(losses(run) == losses("nodes_straight"));
     }
   }
+}
+
+TEST_CASE("two nodes: SIGTERM to one launcher stops both nodes at the same checkpoint", "[dist][nodes]") {
+  setup_once();
+  TwoNodes t = start_two_nodes("nodes_term", "",
+                               "--set train.max_steps=100000000 --set train.ckpt_every=0 "
+                               "--set train.eval_every=0");
+  REQUIRE(t.launcher[0] > 0);
+  auto t0 = std::chrono::steady_clock::now();
+  while (losses("nodes_term").size() < 3 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60))
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ::kill(t.launcher[0], SIGTERM);
+  auto [n0, n1] = wait_two_nodes(t);
+  INFO("--- node 0:\n" << n0.out << "\n--- node 1:\n" << n1.out);
+  CHECK(n0.rc == 128 + SIGTERM);  // the launcher that got the signal says so
+  CHECK(n1.rc == 0);              // the other node's rank stopped because its peer asked to
+  CHECK(n1.out.find("another rank was asked to stop") != std::string::npos);
+  CHECK(n1.out.find("restart") == std::string::npos);  // and no restart
+  std::ifstream latest(kRoot + "/runs/nodes_term/latest");
+  std::string ckpt;
+  latest >> ckpt;
+  REQUIRE(ckpt.rfind("ckpt-", 0) == 0);
+  const std::string step = std::to_string(std::stoi(ckpt.substr(5)));
+  CHECK(n0.out.find("after step " + step) != std::string::npos);
+  CHECK(n1.out.find("after step " + step) != std::string::npos);
 }
 
 // Pids of the live (non-zombie) processes whose command line contains `needle`.

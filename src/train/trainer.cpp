@@ -666,9 +666,12 @@ TrainResult Trainer::run() {
     }
     fault_injection(done, rank_);
     if (stopping) {
-      if (stop_requested() || (world_ > 1 && opts_.stop_at == 0))
+      if (stop_requested())
         spdlog::warn("stopped by signal {} after step {}; resume with the same command",
                      g_stop_signal.load(), done);
+      else if (world_ > 1 && opts_.stop_at == 0)
+        spdlog::warn("stopped after step {}: another rank was asked to stop (a signal there); "
+                     "resume with the same command", done);
       else
         spdlog::info("stopped after step {} as asked (--stop-at); resume with the same command",
                      done);
