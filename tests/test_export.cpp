@@ -145,6 +145,17 @@ TEST_CASE("a µP model exports with its multipliers folded in: same logits as pl
   INFO("max |logit diff| " << worst << ", max |logit| " << scale);
   CHECK(scale > 1e-3);
   CHECK(worst < 1e-5 * std::max(1.0, scale));
+  // And back: a µP model initialised from the export divides the multipliers out again, so it
+  // computes the same logits as the model that was exported.
+  Config back = c;
+  back.run.dir = root + "/mup_back";
+  back.train.init_from = root + "/hf";
+  Trainer tb(back, q);
+  const std::vector<float> d = tb.model().logits(in.data());
+  double worst_back = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst_back = std::max(worst_back, double(std::fabs(a[i] - d[i])));
+  INFO("max |logit diff| after init_from into µP " << worst_back);
+  CHECK(worst_back < 1e-5 * std::max(1.0, scale));
   // MoE: the residual multiplier folds into every expert's and the shared experts' down_proj.
   Config moe = c;
   moe.model.moe.n_experts = 4;

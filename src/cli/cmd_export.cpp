@@ -1,8 +1,12 @@
 // `muonforge export CKPT OUTDIR`: a checkpoint as a Hugging Face LlamaForCausalLM directory.
+// `muonforge import HF_DIR OUTDIR`: the reverse, a Hugging Face model as a checkpoint of ours.
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "config/config.h"
 #include "train/export.h"
 
 namespace mf {
@@ -16,6 +20,20 @@ const char* kUsage =
     "  AutoModelForCausalLM.from_pretrained(\"OUTDIR\")\n"
     "MoE models get a \"muonforge_moe\" config.json (Llama keys + DeepSeek-V3 MoE keys, tensors\n"
     "under the DeepSeek-V3 names) that train.init_from reads; transformers has no class for it.\n";
+
+const char* kImportUsage =
+    "usage: muonforge import HF_DIR OUTDIR [--config BASE.json] [--set KEY=VALUE]...\n"
+    "\n"
+    "Turns a Hugging Face Llama model directory (config.json + model.safetensors, or shards with\n"
+    "model.safetensors.index.json; or a muonforge_moe export) into a muonforge checkpoint\n"
+    "directory at step 0: OUTDIR/config.json, model.safetensors (f32) and state.json.\n"
+    "The config's model section comes from HF_DIR/config.json; the other sections from\n"
+    "--config BASE.json (default: the built-in defaults), then --set. train.init_from is set to\n"
+    "HF_DIR, and under µP (mup.enabled) the multipliers are divided out of the weights, so the\n"
+    "checkpoint computes the Hugging Face model's logits. Then, for example:\n"
+    "  muonforge eval OUTDIR --data 'data/x/val_*.bin'\n"
+    "  muonforge sample OUTDIR --prompt 'Once upon a time'\n"
+    "  muonforge train OUTDIR/config.json --set run.name=finetune   (starts from HF_DIR's weights)\n";
 }
 
 int cmd_export(const Args& args) {
@@ -44,6 +62,43 @@ int cmd_export(const Args& args) {
   int n = export_checkpoint(pos[0], pos[1], dt);
   std::printf("exported %d tensors from %s to %s (config.json + model.safetensors)\n", n,
               pos[0].c_str(), pos[1].c_str());
+  return 0;
+}
+
+int cmd_import(const Args& args) {
+  std::vector<std::string> pos, sets;
+  std::string base;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "-h" || a == "--help") {
+      std::fputs(kImportUsage, stdout);
+      return 0;
+    } else if (a == "--config") {
+      MF_CHECK(i + 1 < args.size(), "import: --config needs a config file");
+      base = args[++i];
+    } else if (a == "--set") {
+      MF_CHECK(i + 1 < args.size(), "import: --set needs KEY=VALUE");
+      sets.push_back(args[++i]);
+    } else if (a.rfind("--set=", 0) == 0) {
+      sets.push_back(a.substr(6));
+    } else if (!a.empty() && a[0] == '-') {
+      MF_FAIL("import: unknown option ", a, " (see muonforge import --help)");
+    } else {
+      pos.push_back(a);
+    }
+  }
+  if (pos.size() != 2) {
+    std::fputs(kImportUsage, stderr);
+    return 2;
+  }
+  const Config cfg = config_for_hf_model(pos[0], base, sets);
+  const int n = import_hf_model(pos[0], cfg, pos[1]);
+  std::printf("imported %d tensors from %s into %s (config.json + model.safetensors + state.json)%s\n"
+              "next: muonforge eval %s --data GLOB | muonforge sample %s | muonforge train "
+              "%s/config.json --set run.name=NAME\n",
+              n, pos[0].c_str(), pos[1].c_str(),
+              cfg.mup.enabled ? "; µP multipliers divided out of the weights" : "", pos[1].c_str(),
+              pos[1].c_str(), pos[1].c_str());
   return 0;
 }
 

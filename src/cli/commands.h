@@ -12,6 +12,7 @@ int cmd_train(const Args& args);    // src/cli/cmd_train.cpp
 int cmd_eval(const Args& args);     // src/cli/cmd_train.cpp
 int cmd_inspect(const Args& args);  // src/cli/cmd_inspect.cpp
 int cmd_export(const Args& args);   // src/cli/cmd_export.cpp
+int cmd_import(const Args& args);   // src/cli/cmd_export.cpp: a Hugging Face model as a checkpoint
 int cmd_config(const Args& args);   // src/cli/cmd_config.cpp: print the resolved config
 int cmd_bench(const Args& args);    // src/cli/cmd_bench.cpp: throughput / MFU / memory
 int cmd_sample(const Args& args);   // src/cli/cmd_sample.cpp: generate text from a checkpoint

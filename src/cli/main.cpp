@@ -20,6 +20,7 @@ const std::map<std::string, Command>& commands() {
       {"train", {mf::cmd_train, "train a model from a JSON config (resumes automatically)"}},
       {"eval", {mf::cmd_eval, "evaluate a checkpoint on the validation shards"}},
       {"export", {mf::cmd_export, "export a checkpoint as a Hugging Face model directory"}},
+      {"import", {mf::cmd_import, "turn a Hugging Face model directory into a checkpoint"}},
       {"inspect", {mf::cmd_inspect, "print header and token statistics of a token shard"}},
       {"config", {mf::cmd_config, "resolve, validate and print a config"}},
       {"sample", {mf::cmd_sample, "generate text from a checkpoint (prompt continuation)"}},

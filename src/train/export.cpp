@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "core/error.h"
 #include "io/atomic_file.h"
 #include "io/hf.h"
 #include "io/safetensors.h"
@@ -78,14 +79,63 @@ int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, D
 }
 
 void load_hf_model(const std::string& dir, const ModelConfig& m, const ParamList& params,
-                   Backend& be) {
+                   Backend& be, const std::map<std::string, double>& unfold) {
   nlohmann::json hf = read_hf_config(dir);
   check_hf_config(hf, m, (fs::path(dir) / "config.json").string());
   HfWeights w(dir);
   for (Param* p : params) {
     Tensor h = w.read_f32(p->name, p->shape);
+    auto f = unfold.find(p->name);
+    if (f != unfold.end()) {
+      const float inv = float(1.0 / f->second);
+      float* x = h.f32();
+      for (int64_t i = 0; i < h.numel(); ++i) x[i] *= inv;
+    }
     be.upload(h, p->master);
   }
+}
+
+Config config_for_hf_model(const std::string& hf_dir, const std::string& base_path,
+                           const std::vector<std::string>& overrides) {
+  const nlohmann::json hf = read_hf_config(hf_dir);
+  Config c = base_path.empty() ? Config{} : load_config(base_path);
+  c.model = model_config_from_hf(hf, (fs::path(hf_dir) / "config.json").string());
+  c.train.init_from = fs::absolute(hf_dir).lexically_normal().string();
+  // Through JSON so that the overrides are type-checked and the whole config validated, with
+  // the Hugging Face directory named as its origin.
+  return config_from_json(config_to_json(c), "import of " + hf_dir, ".", overrides);
+}
+
+int import_hf_model(const std::string& hf_dir, const Config& cfg, const std::string& out_dir) {
+  const fs::path out(out_dir);
+  MF_CHECK(!fs::exists(out) || (fs::is_directory(out) && fs::is_empty(out)), "import: ", out_dir,
+           " already exists and is not an empty directory; give a new one");
+  // The weights as our model holds them: under µP the multipliers export folds in are divided
+  // out, so the checkpoint computes the Hugging Face model's logits with cfg's µP scalars.
+  const std::map<std::string, double> unfold = export_weight_factors(cfg);
+  HfWeights w(hf_dir);
+  SafetensorsWriter sw;
+  std::vector<Tensor> keep;
+  const auto expected = expected_param_names(cfg.model);
+  for (auto& [name, shape] : expected) {
+    MF_CHECK(w.contains(name), "import: ", w.source(), " has no tensor ", name, " (expected ",
+             shape_str(shape), " for this config)");
+    Tensor t = w.read_f32(name, shape);
+    if (auto it = unfold.find(name); it != unfold.end()) {
+      const float inv = float(1.0 / it->second);
+      for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] *= inv;
+    }
+    keep.push_back(t);
+    sw.add(name, t, DType::F32);
+  }
+  fs::create_directories(out);
+  sw.set_metadata("muonforge_imported_from", cfg.train.init_from.value_or(hf_dir));
+  sw.write((out / "model.safetensors").string());
+  atomic_write_text((out / "config.json").string(), config_to_string(cfg) + "\n");
+  // state.json last: its presence marks a complete checkpoint.
+  nlohmann::json st = {{"step", 0}, {"imported_from", cfg.train.init_from.value_or(hf_dir)}};
+  atomic_write_text((out / "state.json").string(), st.dump(2) + "\n");
+  return int(expected.size());
 }
 
 }  // namespace mf

@@ -5,6 +5,7 @@
 #pragma once
 #include <map>
 #include <string>
+#include <vector>
 
 #include "backend/backend.h"
 #include "config/config.h"
@@ -25,8 +26,24 @@ std::map<std::string, double> export_weight_factors(const Config& cfg);
 int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, DType store_as);
 
 // Loads weights from a Hugging Face Llama (or muonforge_moe) directory into params after checking
-// its config.json against `m` (every mismatch named). Compute copies must be synced by the caller.
+// its config.json against `m` (every mismatch named). Tensors named in `unfold` are divided by
+// their factor: pass export_weight_factors(cfg) so that a µP model starts out computing the
+// logits of the Hugging Face model (the inverse of export's folding). Compute copies must be
+// synced by the caller.
 void load_hf_model(const std::string& dir, const ModelConfig& m, const ParamList& params,
-                   Backend& be);
+                   Backend& be, const std::map<std::string, double>& unfold = {});
+
+// The config of a Hugging Face model directory: the model section from its config.json
+// (model_config_from_hf), every other section from `base_path` (empty: the defaults), and
+// train.init_from set to the directory, then `overrides` ("a.b=v") applied and all validated.
+Config config_for_hf_model(const std::string& hf_dir, const std::string& base_path,
+                           const std::vector<std::string>& overrides);
+
+// `muonforge import`: writes OUT_DIR as a checkpoint of ours at step 0 (config.json = cfg,
+// model.safetensors in f32, state.json) from the Hugging Face model in hf_dir, with µP's
+// multipliers divided out of the weights when cfg enables µP. eval, sample and export read it;
+// `train OUT_DIR/config.json` starts from the same weights through train.init_from. OUT_DIR must
+// be new or empty. Returns the number of tensors written.
+int import_hf_model(const std::string& hf_dir, const Config& cfg, const std::string& out_dir);
 
 }  // namespace mf

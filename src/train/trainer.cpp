@@ -253,9 +253,13 @@ void Trainer::setup() {
                               : std::string());
   } else {
     if (cfg_.train.init_from) {
-      load_hf_model(*cfg_.train.init_from, cfg_.model, model_->params(), *be_);
+      // Under µP the model's scalars (logit, residual, attention multipliers) are undone in the
+      // weights, so the run starts from the function the Hugging Face model computes.
+      load_hf_model(*cfg_.train.init_from, cfg_.model, model_->params(), *be_,
+                    export_weight_factors(cfg_));
       model_->sync_weights();
-      spdlog::info("initialised from Hugging Face model {}", *cfg_.train.init_from);
+      spdlog::info("initialised from Hugging Face model {}{}", *cfg_.train.init_from,
+                   cfg_.mup.enabled ? " (µP multipliers divided out of the weights)" : "");
     } else {
       model_->init_weights(cfg_.train.seed);
     }
