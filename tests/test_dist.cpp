@@ -105,10 +105,11 @@ TEST_CASE("dist env: torchrun variables", "[dist][env]") {
   CHECK_THAT(e.str(), Contains("rank 5/8") && Contains("node7:31337"));
   CHECK(e.attempt == 0);
 
-  // The restart count: the launcher's MF_RESTART_COUNT, else torchrun's TORCHELASTIC_RESTART_COUNT.
+  // The restart count: the launcher's MF_RESTART_COUNT. Not torchrun's TORCHELASTIC_RESTART_COUNT,
+  // which nodes do not keep in step.
   CHECK(parse_dist_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MF_RESTART_COUNT", "3"}}).attempt == 3);
   CHECK(parse_dist_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"TORCHELASTIC_RESTART_COUNT", "2"}})
-            .attempt == 2);
+            .attempt == 0);
   CHECK(parse_dist_env({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}, {"MF_RESTART_COUNT", "1"}})
             .attempt == 1);
   CHECK_THAT(parse_dist_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MF_RESTART_COUNT", "1"}}).str(),
@@ -142,8 +143,8 @@ TEST_CASE("dist env: bad torchrun values name the variable", "[dist][env]") {
   CHECK_THAT(err({{"RANK", "abc"}, {"WORLD_SIZE", "2"}}), Contains("RANK='abc' is not an integer"));
   CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MF_RESTART_COUNT", "-1"}}),
              Contains("MF_RESTART_COUNT=-1"));
-  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"TORCHELASTIC_RESTART_COUNT", "x"}}),
-             Contains("TORCHELASTIC_RESTART_COUNT='x'"));
+  CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MF_RESTART_COUNT", "x"}}),
+             Contains("MF_RESTART_COUNT='x'"));
   CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2x"}}), Contains("WORLD_SIZE='2x'"));
   CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "0"}}), Contains("WORLD_SIZE=0"));
   CHECK_THAT(err({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "70000"}}),
@@ -373,7 +374,10 @@ TEST_CASE("store: a foreign service that answers with other bytes fails at once"
 // A restarted rank (generation g) may knock while the port still holds the store of the group that
 // is going down (generation g-1): it must wait for its own group's store, not join the old one.
 TEST_CASE("store: a restarted rank waits for the store of its own restart", "[dist][store]") {
-  auto old_group = std::make_unique<TcpStore>("127.0.0.1", 0, true, ms(5000), 0);
+  std::atomic<int> told_newer{0};  // on_superseded calls, with the newer generation (1)
+  auto old_group = std::make_unique<TcpStore>("127.0.0.1", 0, true, ms(5000), 0, [&](uint32_t g) {
+    told_newer += int(g);
+  });
   const int port = old_group->port();
   std::unique_ptr<TcpStore> fresh;
   std::string e;
@@ -385,6 +389,7 @@ TEST_CASE("store: a restarted rank waits for the store of its own restart", "[di
   });
   std::this_thread::sleep_for(ms(400));
   CHECK_FALSE(old_group->check({"joined"}));  // never talked to the old store
+  CHECK(told_newer == 1);                      // but the old store heard of the new group
   old_group.reset();                           // the old rank 0 exits
   fresh = std::make_unique<TcpStore>("127.0.0.1", port, true, ms(5000), 1);
   client.join();

@@ -74,10 +74,12 @@ void validate(DistEnv& e, const char* rank_var, const char* world_var, const cha
   MF_CHECK(!e.master_addr.empty(), "environment variable MASTER_ADDR is empty");
 }
 
+// Only scripts/launch.py's count: its launchers restart every node once per failure. torchrun's
+// TORCHELASTIC_RESTART_COUNT is not kept in step across nodes (a node restarted by another's
+// failure keeps its count), and torchrun gives every rendezvous round a fresh store anyway.
 void read_attempt(const Vars& v, DistEnv& e) {
-  const char* var = find(v, "MF_RESTART_COUNT") ? "MF_RESTART_COUNT" : "TORCHELASTIC_RESTART_COUNT";
-  e.attempt = get_int(v, var, 0);
-  MF_CHECK(e.attempt >= 0, "environment variable ", var, "=", e.attempt, " must be >= 0");
+  e.attempt = get_int(v, "MF_RESTART_COUNT", 0);
+  MF_CHECK(e.attempt >= 0, "environment variable MF_RESTART_COUNT=", e.attempt, " must be >= 0");
 }
 
 DistEnv from_torchrun(const Vars& v) {
@@ -178,7 +180,7 @@ DistEnv read_dist_env() {
                                 "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
                                 "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_LOCALID", "SLURM_NODEID",
                                 "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_ID",
-                                "MF_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"};
+                                "MF_RESTART_COUNT"};
   Vars v;
   for (const char* n : names) {
     if (const char* s = std::getenv(n)) v[n] = s;

@@ -24,9 +24,9 @@ struct DistEnv {
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
   std::string source = "single";  // "torchrun", "slurm" or "single"
-  // Which start of the worker group this is: 0 first, then +1 per launcher restart
-  // (MF_RESTART_COUNT, else torchrun's TORCHELASTIC_RESTART_COUNT, else 0). The rendezvous store
-  // matches it so that a restarted rank never joins a group that is still going down.
+  // Which start of the worker group this is: 0 first, then +1 per restart by scripts/launch.py
+  // (MF_RESTART_COUNT; 0 without it, e.g. under torchrun, whose count differs across nodes). The
+  // rendezvous store matches it so that a restarted rank never joins a group going down.
   int attempt = 0;
 
   bool distributed() const { return world_size > 1; }

@@ -56,6 +56,9 @@ class NcclCommunicator final : public Communicator {
       : rank_(env.rank), size_(env.world_size), store_(store), stream_(stream) {
     cuda_ok(cudaGetDevice(&device_), "cudaGetDevice");
     init_timeout_ = std::max(std::chrono::milliseconds(120000), store.timeout());
+    // Read (and checked) before NCCL is initialised, so a bad value leaks no communicator.
+    comm_timeout_ = comm_timeout_from_env();
+    MF_CHECK(comm_timeout_.count() > 0, "MF_COMM_TIMEOUT must be positive (seconds)");
     ncclUniqueId id;
     std::string key = store.unique_prefix("nccl") + "unique_id";
     if (rank_ == 0) {
@@ -301,7 +304,9 @@ class NcclCommunicator final : public Communicator {
              ncclGetErrorString(r), comm_ ? std::string(" ") + ncclGetLastError(comm_) : std::string());
   }
   // Non-blocking communicators may answer ncclInProgress; wait (bounded) until the call is done.
-  void settle(ncclResult_t r, const char* what, std::chrono::milliseconds timeout = std::chrono::minutes(30)) {
+  // Bounded by MF_COMM_TIMEOUT (a collective stuck at enqueue), or `timeout` when given (init).
+  void settle(ncclResult_t r, const char* what, std::chrono::milliseconds timeout = {}) {
+    if (timeout.count() <= 0) timeout = comm_timeout_;
     auto deadline = Clock::now() + timeout;
     while (r == ncclInProgress) {
       if (Clock::now() > deadline) {
@@ -342,7 +347,7 @@ class NcclCommunicator final : public Communicator {
       std::fflush(nullptr);
       std::_Exit(1);
     };
-    watchdog_ = std::make_unique<Watchdog>(comm_timeout_from_env(), std::move(h));
+    watchdog_ = std::make_unique<Watchdog>(comm_timeout_, std::move(h));
   }
   void queued(cudaStream_t s, const char* what) {
     if (!watchdog_) return;
@@ -365,6 +370,7 @@ class NcclCommunicator final : public Communicator {
   float* pad_ = nullptr;  // pad_buffer
   size_t pad_cap_ = 0;
   std::chrono::milliseconds init_timeout_{120000};
+  std::chrono::milliseconds comm_timeout_{1800000};  // MF_COMM_TIMEOUT
   std::unique_ptr<Watchdog> watchdog_;  // declared last: stopped first
 };
 

@@ -9,10 +9,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -164,7 +168,9 @@ int family_of(const std::string& host) {
 
 class StoreServer {
  public:
-  StoreServer(const std::string& host, int port, uint32_t generation) : generation_(generation) {
+  StoreServer(const std::string& host, int port, uint32_t generation,
+              std::function<void(uint32_t)> on_newer)
+      : generation_(generation), on_newer_(std::move(on_newer)) {
     int fam = family_of(host);
     listen_fd_ = ::socket(fam, SOCK_STREAM | SOCK_CLOEXEC, 0);
     MF_CHECK(listen_fd_ >= 0, "cannot create the store's socket: ", errno_str(errno));
@@ -229,7 +235,11 @@ class StoreServer {
       pollfd p{listen_fd_, POLLIN, 0};
       if (::poll(&p, 1, 100) <= 0) continue;
       int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) continue;
+      if (fd < 0) {
+        // Out of descriptors (EMFILE) or a connection gone before accept: do not spin on it.
+        std::this_thread::sleep_for(ms(50));
+        continue;
+      }
       int one = 1;
       ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
       std::lock_guard<std::mutex> lk(mu_);
@@ -251,6 +261,10 @@ class StoreServer {
           // Anything but our greeting is a stranger (port scanner, wrong service): hang up.
           if (op != HELLO || r.u32() != kMagic || r.u32() != kVersion) break;
           hello = true;
+          // A rank of a later restart knocking means the job was restarted without this group:
+          // tell the owner once (the trainer exits, so the new group gets the port).
+          const uint32_t theirs = r.u32();
+          if (theirs > generation_ && on_newer_ && !told_newer_.exchange(true)) on_newer_(theirs);
           Writer w;
           w.u32(kMagic);
           w.u32(generation_);  // the client compares it with its own
@@ -323,12 +337,19 @@ class StoreServer {
       }
       if (!send_frame(fd, status, reply)) break;
     }
+    // Close at once (not at the server's end): clients that retry, or a scanner, must not pile up
+    // descriptors in a long-lived rank 0.
+    std::lock_guard<std::mutex> lk(mu_);
     ::shutdown(fd, SHUT_RDWR);
+    ::close(fd);
+    conn_fds_.erase(std::remove(conn_fds_.begin(), conn_fds_.end(), fd), conn_fds_.end());
   }
 
   int listen_fd_ = -1;
   int port_ = 0;
   uint32_t generation_ = 0;
+  std::function<void(uint32_t)> on_newer_;
+  std::atomic<bool> told_newer_{false};
   std::atomic<bool> stop_{false};
   std::thread accept_thread_;
   std::mutex mu_;
@@ -400,17 +421,28 @@ TcpStore::ms TcpStore::default_timeout() {
 }
 
 std::unique_ptr<TcpStore> TcpStore::from_env(const DistEnv& env) {
+  const int attempt = env.attempt;
+  auto superseded = [attempt](uint32_t newer) {
+    // Called on a store thread of rank 0: this group's peers are gone (a launcher restarted its
+    // workers), and the new group needs this port. Leave at once; the launcher restarts us too.
+    std::fprintf(stderr, "error: a rank of restart %u knocked on this job's rendezvous store, which "
+                 "serves restart %d: the job was restarted on another node without this group; "
+                 "exiting so that this node restarts too\n", newer, attempt);
+    std::fflush(nullptr);
+    std::_Exit(1);
+  };
   return std::make_unique<TcpStore>(env.master_addr, env.master_port, env.rank == 0, default_timeout(),
-                                    uint32_t(env.attempt));
+                                    uint32_t(env.attempt), superseded);
 }
 
-TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout, uint32_t generation)
+TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout, uint32_t generation,
+                   std::function<void(uint32_t)> on_superseded)
     : host_(host), port_(port), timeout_(timeout), generation_(generation),
       state_(std::make_unique<State>()) {
   MF_CHECK(timeout.count() > 0, "store timeout must be positive");
   MF_CHECK(port >= (is_server ? 0 : 1) && port <= 65535, "MASTER_PORT=", port, " is out of range 1..65535");
   if (is_server) {
-    server_ = std::make_unique<StoreServer>(host, port, generation);
+    server_ = std::make_unique<StoreServer>(host, port, generation, std::move(on_superseded));
     port_ = server_->port();
   }
   auto deadline = Clock::now() + timeout;
@@ -425,12 +457,13 @@ TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout
     auto left = std::chrono::duration_cast<ms>(deadline - Clock::now());
     if (left.count() <= 0) break;
     int fd = try_connect(host_, port_, std::min(left, ms(5000)), &err);
+    if (fd < 0) last = UNREACHABLE;
     if (fd >= 0) {
       Writer w;
       w.u32(kMagic);
       w.u32(kVersion);
       w.u32(generation_);
-      set_recv_timeout(fd, std::max(left, ms(1)));
+      set_recv_timeout(fd, std::max(std::min(left, ms(5000)), ms(1)));
       char reply[13];  // status u8, length u32 (= 8), magic u32, generation u32
       size_t got = 0;
       errno = 0;
@@ -443,7 +476,6 @@ TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout
           got += size_t(k);
         }
       }
-      int e = errno;
       uint32_t len = 0, magic = 0;
       if (got == sizeof(reply)) {
         std::memcpy(&len, reply + 1, 4);
@@ -463,12 +495,11 @@ TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout
         last = EARLIER;
       } else {
         ::close(fd);
-        // Hanging up before a single byte is what a store going down does; any bytes that are not
-        // our reply, or silence until the timeout, come from something else.
-        MF_CHECK(got == 0 && (e == 0 || e == ECONNRESET || e == EPIPE), "the service at ", where(),
-                 " is not a muonforge rendezvous store (",
-                 got > 0 ? "wrong greeting" : e == EAGAIN || e == EWOULDBLOCK ? "no greeting" : errno_str(e),
-                 "); another program may be using MASTER_PORT ", port_);
+        // Hanging up, or staying silent, before a single byte is what a store going down (or a
+        // frozen one) does: retry until the timeout. Bytes that are not our reply come from
+        // something else.
+        MF_CHECK(got == 0, "the service at ", where(), " is not a muonforge rendezvous store (wrong "
+                 "greeting); another program may be using MASTER_PORT ", port_);
         last = HUNG_UP;
       }
     }
@@ -479,9 +510,10 @@ TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout
   MF_CHECK(last != EARLIER, "the store at ", where(), " still belonged to restart ", seen, " of the job "
            "after ", secs(timeout), " while this rank is restart ", generation_, ": rank 0's node "
            "did not restart its workers (timeout: MF_STORE_TIMEOUT)");
-  MF_CHECK(last != HUNG_UP, "the service at ", host_, ":", port_, " hung up without a greeting for ",
-           secs(timeout), ": it is not a muonforge rendezvous store (another program may be using "
-           "MASTER_PORT ", port_, ") or rank 0 keeps failing as it starts");
+  MF_CHECK(last != HUNG_UP, "the service at ", host_, ":", port_, " hung up or stayed silent "
+           "instead of greeting for ", secs(timeout), ": it is not a muonforge rendezvous store "
+           "(another program may be using MASTER_PORT ", port_, "), or rank 0 is stuck or keeps "
+           "failing as it starts");
   MF_FAIL("cannot reach master ", host_, ":", port_, " after ", secs(timeout), " (last error: ",
           err, "); check MASTER_ADDR/MASTER_PORT, that rank 0 started, and that the port is open "
           "between the nodes (timeout: MF_STORE_TIMEOUT)");

@@ -15,6 +15,7 @@
 #pragma once
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -33,8 +34,12 @@ class TcpStore {
   // `generation` is the job's restart count (DistEnv::attempt): a client only talks to a server of
   // its own generation. It waits (within `timeout`) while the port still holds the store of an
   // earlier one, or a store that hangs up as it goes down, and fails at once on a later one.
+  // on_superseded (server only) runs once, on a server thread, when a client of a later
+  // generation greets this server: the job was restarted elsewhere without this group.
+  // from_env makes it end the process (exit code 1), so the new group gets the port at once
+  // instead of waiting for this one to fail on its own.
   TcpStore(const std::string& host, int port, bool is_server, ms timeout = default_timeout(),
-           uint32_t generation = 0);
+           uint32_t generation = 0, std::function<void(uint32_t)> on_superseded = {});
   ~TcpStore();
   TcpStore(const TcpStore&) = delete;
   TcpStore& operator=(const TcpStore&) = delete;

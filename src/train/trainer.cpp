@@ -127,10 +127,17 @@ void watch_launcher() {
            "' is not a process id (scripts/launch.py sets it; unset it to run without a launcher)");
   std::call_once(once, [pid] {
     std::signal(SIGPIPE, SIG_IGN);
-    std::thread([pid] {
-      while (!process_gone(pid)) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    // A direct child sees its parent change when the launcher dies (no pid-reuse doubt); through
+    // a wrapper (sh -c ...) only the pid can be watched.
+    const bool child = ::getppid() == pid_t(pid);
+    std::thread([pid, child] {
+      while (child ? ::getppid() == pid_t(pid) : !process_gone(pid))
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      if (stop_requested()) return;  // already stopping (the launcher forwarded a signal first)
       spdlog::warn("the launcher (pid {}) has exited; stopping after this step with a checkpoint", pid);
-      std::raise(SIGTERM);
+      // As a signal would, but never a second one: on_signal's "twice means now" is for users.
+      int none = 0;
+      g_stop_signal.compare_exchange_strong(none, SIGTERM);
     }).detach();
   });
 }
@@ -141,6 +148,7 @@ void install_stop_handlers() {
   g_stop_signal = 0;
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
+  std::signal(SIGHUP, on_signal);  // a closed terminal, or the launcher forwarding one: checkpoint
   watch_launcher();
 }
 bool stop_requested() { return g_stop_signal.load() != 0; }
