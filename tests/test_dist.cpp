@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -369,6 +370,32 @@ TEST_CASE("store: a foreign service that answers with other bytes fails at once"
   ::close(fd);
   CHECK_THAT(e, Contains("not a muonforge rendezvous store"));
   CHECK(dt < 2.0);  // no retrying a stranger until the timeout
+}
+
+// Rank 0 lives for the whole job: clients that come and go (retries, scanners, short tools) must
+// not leave descriptors behind.
+TEST_CASE("store: finished connections release their descriptors", "[dist][store]") {
+  auto open_fds = [] {
+    size_t n = 0;
+    for (auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+      (void)e;
+      ++n;
+    }
+    return n;
+  };
+  TcpStore server("127.0.0.1", 0, true, ms(5000));
+  server.set("k", "v");
+  for (int i = 0; i < 20; ++i) TcpStore("127.0.0.1", server.port(), false, ms(5000)).get("k");
+  std::this_thread::sleep_for(ms(200));
+  const size_t before = open_fds();
+  for (int i = 0; i < 300; ++i) {
+    TcpStore c("127.0.0.1", server.port(), false, ms(5000));
+    CHECK(c.get("k") == "v");
+  }
+  std::this_thread::sleep_for(ms(300));  // the server's threads see the hang-ups
+  const size_t after = open_fds();
+  INFO("open descriptors before " << before << ", after 300 more clients " << after);
+  CHECK(after <= before + 5);
 }
 
 // A restarted rank (generation g) may knock while the port still holds the store of the group that
