@@ -494,15 +494,17 @@ TEST_CASE("a run resumes on another number of ranks", "[dist][zero]") {
   }
 }
 
-TEST_CASE("SIGTERM to the launcher: all ranks checkpoint the same step, then resume", "[dist]") {
+TEST_CASE("SIGTERM or SIGHUP to the launcher: all ranks checkpoint the same step, then resume",
+          "[dist]") {
   setup_once();
-  const std::string name = "sigterm";
+  const int sig = GENERATE(SIGTERM, SIGHUP);  // SIGHUP: the launcher's terminal closed
+  const std::string name = sig == SIGTERM ? "sigterm" : "sighup";
   const std::string metrics = kRoot + "/runs/" + name + "/metrics.jsonl";
   // Many steps so the signal lands mid-run; the launcher runs in the background.
   const std::string cmd = launch(2, "--set run.name=" + name + " --set train.max_steps=400 " +
                                         "--set train.ckpt_every=1000 --set train.eval_every=0");
   const std::string pidfile = kRoot + "/launcher.pid";
-  std::system(("OMP_NUM_THREADS=1 " + cmd + " >" + kRoot + "/sigterm.log 2>&1 & echo $! >" +
+  std::system(("OMP_NUM_THREADS=1 " + cmd + " >" + kRoot + "/" + name + ".log 2>&1 & echo $! >" +
                pidfile).c_str());
   std::ifstream pf(pidfile);
   int pid = 0;
@@ -514,7 +516,7 @@ TEST_CASE("SIGTERM to the launcher: all ranks checkpoint the same step, then res
          std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60))
     usleep(100 * 1000);
   REQUIRE(losses(name).size() >= 3);
-  kill(pid, SIGTERM);
+  kill(pid, sig);
   int rc = -1;
   for (int i = 0; i < 600 && rc < 0; ++i) {  // the launcher exits within 60 s
     if (kill(pid, 0) != 0) rc = 0;
