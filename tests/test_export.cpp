@@ -16,6 +16,8 @@
 #include "model/llama.h"
 #include "train/export.h"
 #include "train/trainer.h"
+#include "io/hf.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace mf;
@@ -205,6 +207,86 @@ TEST_CASE("muonforge export command line", "[export][cli]") {
   CHECK(run(bin + " export " + r.last_checkpoint + " " + root + "/o --dtype fp8") == 1);
   CHECK(run(bin + " export") == 2);
   CHECK(run(bin + " export --help") == 0);
+  fs::remove_all(root);
+}
+
+// The loss `muonforge eval` prints for a checkpoint directory (NaN when it fails).
+double eval_loss(const std::string& ckpt, const std::string& data) {
+  int rc = -1;
+  const std::string out = mf::test::run_capture(std::string(MF_BINARY) + " eval " + ckpt + " --data '" +
+                                                data + "' --batches 4 --device cpu", &rc);
+  INFO(out);
+  const size_t at = out.find(": loss ");
+  if (rc != 0 || at == std::string::npos) return std::nan("");
+  return std::stod(out.substr(at + 7));
+}
+
+TEST_CASE("muonforge import: a Hugging Face directory becomes a checkpoint of ours", "[export][cli]") {
+  const std::string root = temp_dir("import");
+  const std::string bin = MF_BINARY;
+  TrainOptions q;
+  q.quiet = true;
+  for (const bool mup : {false, true}) {
+    INFO("mup " << mup);
+    const std::string tag = mup ? "mup" : "sp";
+    Config c = small(root, tag, false);
+    if (mup) {  // multipliers that export folds into the weights and import must divide out
+      c.mup.enabled = true;
+      c.mup.base_width = 8;
+      c.mup.base_depth = 1;
+      c.mup.base_head_dim = 4;
+      c.optim.scale = "spectral";
+    }
+    const TrainResult r = Trainer(c, q).run();
+    export_checkpoint(r.last_checkpoint, root + "/hf_" + tag, DType::F32);
+    // The base config supplies every section but the model, which comes from the HF directory.
+    Config base = c;
+    base.model.d_model = 64;  // overwritten by the import
+    base.model.d_ff = 128;
+    std::ofstream(root + "/base_" + tag + ".json") << config_to_json(base).dump(2);
+    int rc = -1;
+    std::string out = mf::test::run_capture(bin + " import " + root + "/hf_" + tag + " " + root + "/imp_" +
+                                                tag + " --config " + root + "/base_" + tag + ".json" +
+                                                " --set run.name=imported",
+                                            &rc);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("imported " + std::to_string(expected_param_names(c.model).size()) + " tensors") !=
+          std::string::npos);
+    const Config got = load_config(root + "/imp_" + tag + "/config.json");
+    CHECK(got.model.d_model == c.model.d_model);
+    CHECK(got.model.d_ff == c.model.d_ff);
+    CHECK(got.mup.enabled == mup);
+    CHECK(got.run.name == "imported");
+    REQUIRE(got.train.init_from.has_value());
+    CHECK(fs::equivalent(*got.train.init_from, root + "/hf_" + tag));
+    // The imported checkpoint computes what the trained one did (µP: multipliers divided out).
+    const double want = eval_loss(r.last_checkpoint, root + "/train_*.bin");
+    const double have = eval_loss(root + "/imp_" + tag, root + "/train_*.bin");
+    REQUIRE(std::isfinite(want));
+    CHECK(have == Approx(want).epsilon(1e-5));
+    // And it trains on from there: train.init_from points at the HF directory.
+    out = mf::test::run_capture(bin + " train " + root + "/imp_" + tag + "/config.json --quiet " +
+                                    "--set train.max_steps=1 --set run.dir=" + root + "/ft_" + tag,
+                                &rc);
+    CHECK(rc == 0);
+    CHECK(out.find("initialised from Hugging Face model") != std::string::npos);
+  }
+  // Errors: an existing non-empty output, a missing input, usage.
+  int rc = -1;
+  std::string out = mf::test::run_capture(bin + " import " + root + "/hf_sp " + root + "/imp_sp", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("not an empty directory") != std::string::npos);
+  out = mf::test::run_capture(bin + " import " + root + "/nothing " + root + "/x", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("nothing") != std::string::npos);
+  out = mf::test::run_capture(bin + " import " + root + "/hf_sp " + root + "/y --set optim.lr=abc", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("optim.lr") != std::string::npos);
+  CHECK(!fs::exists(root + "/y/model.safetensors"));
+  CHECK(run(bin + " import") == 2);
+  CHECK(run(bin + " import a b --frobnicate") == 1);
+  CHECK(run(bin + " import --help") == 0);
   fs::remove_all(root);
 }
 

@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "io/atomic_file.h"
 #include "io/hf.h"
 #include "io/safetensors.h"
@@ -101,6 +102,15 @@ Config config_for_hf_model(const std::string& hf_dir, const std::string& base_pa
   Config c = base_path.empty() ? Config{} : load_config(base_path);
   c.model = model_config_from_hf(hf, (fs::path(hf_dir) / "config.json").string());
   c.train.init_from = fs::absolute(hf_dir).lexically_normal().string();
+  // A training length past the model's context (the default 1024 on a small model) is lowered to
+  // the context, unless the overrides set it.
+  bool seq_set = false;
+  for (const std::string& o : overrides) seq_set = seq_set || o.rfind("train.seq_len=", 0) == 0;
+  if (!seq_set && c.train.seq_len > c.model.max_seq_len) {
+    spdlog::info("import: train.seq_len {} lowered to the model's context, model.max_seq_len {}",
+                 c.train.seq_len, c.model.max_seq_len);
+    c.train.seq_len = c.model.max_seq_len;
+  }
   // Through JSON so that the overrides are type-checked and the whole config validated, with
   // the Hugging Face directory named as its origin.
   return config_from_json(config_to_json(c), "import of " + hf_dir, ".", overrides);
