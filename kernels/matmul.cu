@@ -68,6 +68,33 @@ void launch_gemm_fallback_t(const GemmFallbackParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
+// Declared in backend/cuda/cublaslt.h; here so that every build of the kernels (the CPU emulator in
+// tests/cuemu included) has it next to the fallback that also takes resolved arguments.
+GemmArgs resolve_gemm(const GemmArgs& g) {
+  GemmArgs r = g;
+  r.ldc = g.ldc ? g.ldc : g.ldd;
+  if (!r.C) {
+    r.C = r.D;
+    r.strideC = r.strideD;
+  }
+  if (r.batch == 1) r.strideA = r.strideB = r.strideC = r.strideD = 0;
+  // With K = 0 nothing of A or B is read (D = beta C), so their leading dimensions are free, as
+  // on the CPU backend (found by the emulator: cuemu_test_cuda_matrix_opt's {4, 6, 0} case).
+  MF_CHECK((r.K == 0 || (r.lda >= std::max<int64_t>(1, r.transA ? r.M : r.K) &&
+                         r.ldb >= std::max<int64_t>(1, r.transB ? r.K : r.N))) &&
+               r.ldd >= r.N && r.ldc >= r.N,
+           "gemm: leading dimensions too small (lda=", r.lda, " ldb=", r.ldb, " ldd=", r.ldd,
+           ") for M=", r.M, " N=", r.N, " K=", r.K);
+  if (r.batch > 1) {
+    MF_CHECK(r.strideA >= 0 && r.strideB >= 0 && r.strideC >= 0,
+             "gemm: batch strides must be >= 0 (strideA=", r.strideA, " strideB=", r.strideB,
+             " strideC=", r.strideC, ")");
+    MF_CHECK(r.strideD >= (r.M - 1) * r.ldd + r.N, "gemm: strideD=", r.strideD,
+             " makes the ", r.batch, " outputs of ", r.M, "x", r.N, " (ldd=", r.ldd, ") overlap");
+  }
+  return r;
+}
+
 void launch_gemm_fallback(const GemmArgs& g, cudaStream_t stream) {
   if (g.M == 0 || g.N == 0 || g.batch < 1) return;
   const bool many = g.batch > 1;

@@ -10,6 +10,16 @@
 #if defined(__CUDACC__)
 namespace mf::cuda {
 
+#if defined(MF_CUEMU)
+}  // namespace mf::cuda
+namespace cuemu {
+void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);  // tests/cuemu
+}
+namespace mf::cuda {
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  ::cuemu::mma16816(d, a, b);  // the CPU emulator's warp-collective model of the instruction
+}
+#else
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -17,6 +27,7 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 
 __device__ __forceinline__ uint32_t ld_pair(const bf16* p) {  // two consecutive elements
   return *reinterpret_cast<const uint32_t*>(p);

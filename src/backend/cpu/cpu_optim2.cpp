@@ -90,9 +90,22 @@ void CpuBackend::block_copy(const Tensor& src, int64_t sr, int64_t sc, Tensor& d
            " is out of range");
   const float* s = src.f32();
   float* d = dst.f32();
-  const int64_t ls = src.dim(1), ld = dst.dim(1);
+  int64_t ls = src.dim(1);
+  const int64_t ld = dst.dim(1);
+  // Overlapping windows of one buffer: the result is as if the source window had been copied out
+  // first (a row-by-row memmove would let early rows overwrite later source rows).
+  std::vector<float> tmp;
+  const char *s0 = static_cast<const char*>(src.ptr), *d0 = static_cast<const char*>(dst.ptr);
+  if (s0 < d0 + dst.nbytes() && d0 < s0 + src.nbytes()) {
+    tmp.resize(size_t(rows) * size_t(cols));
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(tmp.data() + i * cols, s + (sr + i) * ls + sc, size_t(cols) * sizeof(float));
+    s = tmp.data();
+    sr = sc = 0;
+    ls = cols;
+  }
   for (int64_t i = 0; i < rows; ++i)
-    std::memmove(d + (dr + i) * ld + dc, s + (sr + i) * ls + sc, size_t(cols) * sizeof(float));
+    std::memcpy(d + (dr + i) * ld + dc, s + (sr + i) * ls + sc, size_t(cols) * sizeof(float));
 }
 
 void CpuBackend::sym_eig(const Tensor& S, Tensor& Q) {

@@ -138,26 +138,7 @@ void CublasLt::gemm(const GemmArgs& g) {
   MF_CHECK(g.batch >= 1 && g.batch <= int64_t(INT32_MAX), "gemm: batch must be in [1, 2^31), got ",
            g.batch);
   if (g.M == 0 || g.N == 0) return;
-  // Resolved arguments: C = D (with D's stride) when not given, ldc = ldd when 0, strides 0
-  // for a single GEMM (so the plan key does not depend on unused fields).
-  GemmArgs r = g;
-  r.ldc = g.ldc ? g.ldc : g.ldd;
-  if (!r.C) {
-    r.C = r.D;
-    r.strideC = r.strideD;
-  }
-  if (r.batch == 1) r.strideA = r.strideB = r.strideC = r.strideD = 0;
-  MF_CHECK(r.lda >= std::max<int64_t>(1, r.transA ? r.M : r.K) &&
-               r.ldb >= std::max<int64_t>(1, r.transB ? r.K : r.N) && r.ldd >= r.N && r.ldc >= r.N,
-           "gemm: leading dimensions too small (lda=", r.lda, " ldb=", r.ldb, " ldd=", r.ldd,
-           ") for M=", r.M, " N=", r.N, " K=", r.K);
-  if (r.batch > 1) {
-    MF_CHECK(r.strideA >= 0 && r.strideB >= 0 && r.strideC >= 0,
-             "gemm: batch strides must be >= 0 (strideA=", r.strideA, " strideB=", r.strideB,
-             " strideC=", r.strideC, ")");
-    MF_CHECK(r.strideD >= (r.M - 1) * r.ldd + r.N, "gemm: strideD=", r.strideD,
-             " makes the ", r.batch, " outputs of ", r.M, "x", r.N, " (ldd=", r.ldd, ") overlap");
-  }
+  const GemmArgs r = resolve_gemm(g);
   Plan* p = (r.K == 0 || force_fallback_) ? nullptr : plan_for(r);
   while (p && p->ok()) {
     const cublasStatus_t st = cublasLtMatmul(handle_, p->op, &r.alpha, r.B, p->a, r.A, p->b,

@@ -51,6 +51,11 @@ struct GemmArgs {
   int64_t strideA = 0, strideB = 0, strideC = 0, strideD = 0;
 };
 
+// g with C = D (with D's stride) when C is null, ldc = ldd when 0, and strides 0 for a single
+// GEMM (so a plan key does not depend on unused fields); checks the leading dimensions and batch
+// strides (mf::Error naming them).
+GemmArgs resolve_gemm(const GemmArgs& g);
+
 class CublasLt {
  public:
   static constexpr size_t kWorkspaceBytes = size_t(32) << 20;  // 32 MiB, Hopper's recommendation

@@ -1,0 +1,250 @@
+// cuemu: just enough of the CUDA runtime and language for kernels/*.cu to compile as C++ and run
+// on the CPU (tests/cuemu/README.md). Device memory is host memory, every stream is the host
+// thread (work runs at launch), and a kernel's blocks run one after another, each block's threads
+// as cooperative fibers (runtime.cpp) so that __syncthreads, warp shuffles and mma.sync behave
+// as on the device. Never part of the real build: only test_cuemu links it.
+#pragma once
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#ifndef __CUDACC__
+#define __CUDACC__ 1
+#endif
+#define MF_CUEMU 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __restrict__ __restrict
+#define __shared__ static
+#define __constant__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 { unsigned x, y, z; };
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(8) int2 { int x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+// The executing thread's coordinates (set by the fiber scheduler before it resumes a thread).
+namespace cuemu {
+struct Coords { uint3 threadIdx, blockIdx; dim3 blockDim, gridDim; };
+extern Coords g_coords;
+}  // namespace cuemu
+#define threadIdx (::cuemu::g_coords.threadIdx)
+#define blockIdx (::cuemu::g_coords.blockIdx)
+#define blockDim (::cuemu::g_coords.blockDim)
+#define gridDim (::cuemu::g_coords.gridDim)
+
+// ---- runtime API ----------------------------------------------------------------------------------
+// Every runtime entry point under its own name, so that nothing clashes with a real libcudart
+// linked into the same program.
+#define cudaMalloc cuemu_cudaMalloc
+#define cudaFree cuemu_cudaFree
+#define cudaMemcpy cuemu_cudaMemcpy
+#define cudaMemcpyAsync cuemu_cudaMemcpyAsync
+#define cudaMemset cuemu_cudaMemset
+#define cudaMemsetAsync cuemu_cudaMemsetAsync
+#define cudaMemcpy2DAsync cuemu_cudaMemcpy2DAsync
+#define cudaStreamSynchronize cuemu_cudaStreamSynchronize
+#define cudaDeviceSynchronize cuemu_cudaDeviceSynchronize
+#define cudaGetLastError cuemu_cudaGetLastError
+#define cudaPeekAtLastError cuemu_cudaPeekAtLastError
+#define cudaGetDevice cuemu_cudaGetDevice
+#define cudaDeviceGetAttribute cuemu_cudaDeviceGetAttribute
+#define cudaGetErrorString cuemu_cudaGetErrorString
+#define cudaGetErrorName cuemu_cudaGetErrorName
+#define cudaGetDeviceCount cuemu_cudaGetDeviceCount
+#define cudaSetDevice cuemu_cudaSetDevice
+#define cudaMemGetInfo cuemu_cudaMemGetInfo
+#define cudaStreamCreateWithFlags cuemu_cudaStreamCreateWithFlags
+#define cudaStreamCreateWithPriority cuemu_cudaStreamCreateWithPriority
+#define cudaDeviceGetStreamPriorityRange cuemu_cudaDeviceGetStreamPriorityRange
+#define cudaStreamDestroy cuemu_cudaStreamDestroy
+#define cudaStreamWaitEvent cuemu_cudaStreamWaitEvent
+#define cudaEventCreate cuemu_cudaEventCreate
+#define cudaEventCreateWithFlags cuemu_cudaEventCreateWithFlags
+#define cudaEventRecord cuemu_cudaEventRecord
+#define cudaEventSynchronize cuemu_cudaEventSynchronize
+#define cudaEventQuery cuemu_cudaEventQuery
+#define cudaEventDestroy cuemu_cudaEventDestroy
+#define cudaEventElapsedTime cuemu_cudaEventElapsedTime
+#define cudaHostAlloc cuemu_cudaHostAlloc
+#define cudaMallocHost cuemu_cudaMallocHost
+#define cudaFreeHost cuemu_cudaFreeHost
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
+                   cudaErrorLaunchFailure = 719, cudaErrorNotReady = 600 };
+using cudaError = cudaError_t;
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
+                      cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97, cudaDevAttrMultiProcessorCount = 16 };
+using cudaStream_t = struct CUstream_st*;
+using cudaEvent_t = struct CUevent_st*;
+
+cudaError_t cudaMalloc(void** p, size_t n);
+template <typename T>
+cudaError_t cudaMalloc(T** p, size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
+cudaError_t cudaFree(void* p);
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind);
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind, cudaStream_t = nullptr);
+cudaError_t cudaMemset(void* p, int v, size_t n);
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                              size_t height, cudaMemcpyKind, cudaStream_t = nullptr);
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr);
+cudaError_t cudaStreamSynchronize(cudaStream_t);
+cudaError_t cudaDeviceSynchronize();
+cudaError_t cudaGetLastError();
+cudaError_t cudaPeekAtLastError();
+cudaError_t cudaGetDevice(int* d);
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device);
+const char* cudaGetErrorString(cudaError_t e);
+const char* cudaGetErrorName(cudaError_t e);
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+constexpr unsigned cudaStreamNonBlocking = 1, cudaEventDisableTiming = 2, cudaHostAllocDefault = 0;
+cudaError_t cudaGetDeviceCount(int* n);
+cudaError_t cudaSetDevice(int d);
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags);
+cudaError_t cudaStreamCreateWithPriority(cudaStream_t* s, unsigned flags, int priority);
+cudaError_t cudaDeviceGetStreamPriorityRange(int* lo, int* hi);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
+cudaError_t cudaEventCreate(cudaEvent_t* e);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventQuery(cudaEvent_t e);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b);
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned flags);
+template <typename T>
+cudaError_t cudaHostAlloc(T** p, size_t n, unsigned flags) { return cudaHostAlloc(reinterpret_cast<void**>(p), n, flags); }
+cudaError_t cudaMallocHost(void** p, size_t n);
+template <typename T>
+cudaError_t cudaMallocHost(T** p, size_t n) { return cudaMallocHost(reinterpret_cast<void**>(p), n); }
+cudaError_t cudaFreeHost(void* p);
+
+// ---- device functions -----------------------------------------------------------------------------
+namespace cuemu {
+void syncthreads();
+void syncwarp();
+uint64_t warp_exchange(uint64_t mine, int src_lane);  // value of src_lane (this lane's if out of range)
+unsigned warp_ballot(bool pred);
+int lane_id();
+
+template <typename T>
+T shfl_from(T v, int src) {
+  static_assert(sizeof(T) <= 8, "cuemu: shuffles of at most 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = warp_exchange(bits, src);
+  T r;
+  std::memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+}  // namespace cuemu
+
+inline void __syncthreads() { ::cuemu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { ::cuemu::syncwarp(); }
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+  const int lane = ::cuemu::lane_id();
+  return ::cuemu::shfl_from(v, (lane & ~(width - 1)) | ((lane ^ mask) & (width - 1)));
+}
+template <typename T>
+T __shfl_sync(unsigned, T v, int src, int width = 32) {
+  const int lane = ::cuemu::lane_id();
+  return ::cuemu::shfl_from(v, (lane & ~(width - 1)) | (src & (width - 1)));
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned d, int width = 32) {
+  const int lane = ::cuemu::lane_id(), base = lane & ~(width - 1);
+  const int src = (lane - base) >= int(d) ? lane - int(d) : lane;
+  return ::cuemu::shfl_from(v, src);
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned d, int width = 32) {
+  const int lane = ::cuemu::lane_id(), base = lane & ~(width - 1);
+  const int src = (lane - base) + int(d) < width ? lane + int(d) : lane;
+  return ::cuemu::shfl_from(v, src);
+}
+inline unsigned __ballot_sync(unsigned, int pred) { return ::cuemu::warp_ballot(pred != 0); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(unsigned(x)); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline int __float_as_int(float f) { int x; std::memcpy(&x, &f, 4); return x; }
+inline unsigned __float_as_uint(float f) { unsigned x; std::memcpy(&x, &f, 4); return x; }
+inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
+template <typename T>
+T __ldg(const T* p) { return *p; }
+// CUDA's integer and float min/max overloads (mixed types promote, as there).
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) { return b < a ? b : a; }
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
+int atomicAdd(int* p, int v);
+unsigned atomicAdd(unsigned* p, unsigned v);
+unsigned long long atomicAdd(unsigned long long* p, unsigned long long v);
+float atomicAdd(float* p, float v);
+double atomicAdd(double* p, double v);
+int atomicMax(int* p, int v);
+int atomicMin(int* p, int v);
+using std::exp; using std::log; using std::sqrt; using std::pow; using std::fabs;
+using std::fmax; using std::fmin; using std::isfinite; using std::isnan; using std::isinf;
+
+// ---- launches (kernels/*.cu's `k<<<cfg>>>(args)` is rewritten to cuemu::launch(Cfg(cfg), k, args)) --
+namespace cuemu {
+struct Cfg {
+  dim3 grid, block;
+  size_t smem;
+  Cfg(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
+};
+// Runs body() for every thread of every block (blocks in order, threads as fibers).
+void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx);
+unsigned char* dynamic_smem();  // the current block's dynamic shared memory (cfg.smem bytes)
+
+// Counts the launch under `name` (CUEMU_REPORT=1 prints the counts at exit: which kernels a test
+// exercised).
+void count_launch(const char* name);
+
+template <typename... P, typename... A>
+void launch(const Cfg& cfg, const char* name, void (*kernel)(P...), A&&... args) {
+  count_launch(name);
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  struct Ctx { void (*k)(P...); std::tuple<std::decay_t<P>...>* p; } ctx{kernel, &params};
+  run_grid(cfg, [](void* c) {
+    auto* x = static_cast<Ctx*>(c);
+    std::apply(x->k, *x->p);  // each thread gets copies of the by-value parameters
+  }, &ctx);
+}
+}  // namespace cuemu

@@ -1,0 +1,437 @@
+// cuemu runtime: memory and stream calls on the host, and the fiber scheduler that runs a grid.
+//
+// A block's threads are fibers on the calling OS thread (a register-only switch on x86-64,
+// ucontext elsewhere: glibc's swapcontext makes a system call per switch, which made the
+// emulator spend most of its time in the kernel). The scheduler resumes every
+// runnable fiber in thread order; a fiber runs until it finishes or reaches a synchronisation
+// point: __syncthreads (waits for every live thread of the block) or a warp collective (shuffle,
+// ballot, __syncwarp, mma: waits for every live lane of its warp). When no fiber can run, the
+// waiters whose condition holds are released; if none holds the kernel has a divergent barrier,
+// which is reported as an error instead of hanging. Blocks run one after another, so a kernel's
+// `static` (= __shared__) locals are the block's shared memory.
+#include <ucontext.h>
+
+#include <algorithm>
+#include <atomic>
+#include <map>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda_runtime.h"
+
+// Here the coordinates are the scheduler's own variables, not the executing thread's shorthands.
+#undef threadIdx
+#undef blockIdx
+#undef blockDim
+#undef gridDim
+
+#if defined(__x86_64__)
+// cuemu_switch(save, to): saves the callee-saved registers on the current stack, stores the stack
+// pointer in *save, switches to the stack `to` and restores what a previous switch saved there.
+extern "C" void cuemu_switch(void** save, void* to);
+asm(R"(
+.text
+.globl cuemu_switch
+.type cuemu_switch,@function
+cuemu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size cuemu_switch,.-cuemu_switch
+.section .note.GNU-stack,"",@progbits
+.text
+)");
+#endif
+
+namespace cuemu {
+
+Coords g_coords;
+
+namespace {
+
+enum class St { Run, Block, Warp, Done };
+
+struct Fiber {
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
+  ucontext_t ctx;
+#endif
+  St st = St::Run;
+  uint3 tid{0, 0, 0};
+  int linear = 0;
+};
+
+constexpr size_t kStack = 256 * 1024;
+
+struct Grid {
+#if defined(__x86_64__)
+  void* sched_sp = nullptr;
+#else
+  ucontext_t sched;
+#endif
+  std::vector<Fiber> fibers;
+  Fiber* cur = nullptr;
+  void (*body)(void*) = nullptr;
+  void* body_ctx = nullptr;
+  std::vector<unsigned char> dyn;
+  // Warp collectives: one slot per lane, read after every lane of the warp has written.
+  std::vector<uint64_t> slots;
+  std::vector<unsigned char> ballot;
+};
+Grid* g = nullptr;
+cudaError_t g_last = cudaSuccess;
+// Fiber stacks, kept from launch to launch (allocating 256 x 256 KiB per launch cost more than
+// running most kernels).
+std::vector<std::vector<char>> g_stacks;
+std::map<std::string, long>& launch_counts() {
+  static auto* m = new std::map<std::string, long>;  // never destroyed: read by the atexit report
+  return *m;
+}
+
+void to_scheduler(Fiber* f) {
+#if defined(__x86_64__)
+  cuemu_switch(&f->sp, g->sched_sp);
+#else
+  swapcontext(&f->ctx, &g->sched);
+#endif
+}
+
+void resume(Fiber* f) {
+#if defined(__x86_64__)
+  cuemu_switch(&g->sched_sp, f->sp);
+#else
+  swapcontext(&g->sched, &f->ctx);
+#endif
+}
+
+void fiber_main() {
+  g->body(g->body_ctx);
+  g->cur->st = St::Done;
+  to_scheduler(g->cur);  // never resumed
+  std::abort();
+}
+
+void wait_as(St s) {
+  Fiber* f = g->cur;
+  f->st = s;
+  to_scheduler(f);
+}
+
+void run_block(const Cfg& cfg) {
+  const unsigned nt = cfg.block.x * cfg.block.y * cfg.block.z;
+  g->fibers.assign(nt, Fiber{});
+  if (g_stacks.size() < nt) g_stacks.resize(nt);
+  for (unsigned i = 0; i < nt; ++i) {
+    Fiber& f = g->fibers[i];
+    f.linear = int(i);
+    f.tid = {i % cfg.block.x, (i / cfg.block.x) % cfg.block.y, i / (cfg.block.x * cfg.block.y)};
+    if (g_stacks[i].size() < kStack) g_stacks[i].resize(kStack);
+#if defined(__x86_64__)
+    // A fresh stack as cuemu_switch leaves one: six zeroed registers, then fiber_main as the
+    // return address, placed so that fiber_main starts with the ABI's alignment (rsp = 8 mod 16).
+    uintptr_t top = reinterpret_cast<uintptr_t>(g_stacks[i].data() + kStack) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top - 16);
+    sp[0] = reinterpret_cast<void*>(&fiber_main);
+    sp -= 6;
+    for (int r = 0; r < 6; ++r) sp[r] = nullptr;
+    f.sp = sp;
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = g_stacks[i].data();
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_main, 0);
+#endif
+  }
+  const unsigned nwarps = (nt + 31) / 32;
+  while (true) {
+    bool ran = false;
+    for (Fiber& f : g->fibers) {
+      if (f.st != St::Run) continue;
+      g->cur = &f;
+      g_coords.threadIdx = f.tid;
+      resume(&f);
+      ran = true;
+    }
+    if (ran) continue;
+    // Nobody can run: release the warps whose live lanes all wait at a warp collective, else the
+    // block if all its live threads wait at __syncthreads.
+    bool released = false, any_live = false, all_block = true;
+    for (unsigned w = 0; w < nwarps; ++w) {
+      bool live = false, all_warp = true;
+      for (unsigned i = w * 32; i < std::min(nt, w * 32 + 32); ++i) {
+        const St s = g->fibers[i].st;
+        if (s == St::Done) continue;
+        live = true;
+        if (s != St::Warp) all_warp = false;
+      }
+      if (live && all_warp) {
+        for (unsigned i = w * 32; i < std::min(nt, w * 32 + 32); ++i)
+          if (g->fibers[i].st == St::Warp) g->fibers[i].st = St::Run;
+        released = true;
+      }
+    }
+    if (released) continue;
+    for (Fiber& f : g->fibers) {
+      if (f.st == St::Done) continue;
+      any_live = true;
+      if (f.st != St::Block) all_block = false;
+    }
+    if (!any_live) break;
+    if (!all_block)
+      throw std::runtime_error("cuemu: deadlock in block (" + std::to_string(g_coords.blockIdx.x) + "," +
+                               std::to_string(g_coords.blockIdx.y) + "," + std::to_string(g_coords.blockIdx.z) +
+                               "): threads wait at __syncthreads and at warp collectives at once "
+                               "(a barrier inside divergent code?)");
+    for (Fiber& f : g->fibers) f.st = f.st == St::Block ? St::Run : f.st;
+  }
+}
+
+}  // namespace
+
+void syncthreads() { wait_as(St::Block); }
+
+int lane_id() { return g->cur->linear % 32; }
+
+void syncwarp() { wait_as(St::Warp); }
+
+uint64_t warp_exchange(uint64_t mine, int src) {
+  const int me = g->cur->linear, base = me - me % 32;
+  g->slots[size_t(me)] = mine;
+  wait_as(St::Warp);  // every lane has written
+  uint64_t r = mine;
+  const int at = base + src;
+  if (src >= 0 && src < 32 && size_t(at) < g->fibers.size() && g->fibers[size_t(at)].st != St::Done)
+    r = g->slots[size_t(at)];
+  wait_as(St::Warp);  // every lane has read before anyone writes again
+  return r;
+}
+
+unsigned warp_ballot(bool pred) {
+  const int me = g->cur->linear, base = me - me % 32;
+  g->ballot[size_t(me)] = pred;
+  wait_as(St::Warp);
+  unsigned m = 0;
+  for (int l = 0; l < 32 && size_t(base + l) < g->fibers.size(); ++l)
+    if (g->fibers[size_t(base + l)].st != St::Done && g->ballot[size_t(base + l)]) m |= 1u << l;
+  wait_as(St::Warp);
+  return m;
+}
+
+unsigned char* dynamic_smem() { return g->dyn.data(); }
+
+void count_launch(const char* name) {
+  static const bool hooked = [] {
+    if (std::getenv("CUEMU_REPORT")) {
+      std::atexit([] {
+        std::fprintf(stderr, "cuemu: launches per launch site (kernel as written at the launch)\n");
+        for (auto& [k, n] : launch_counts()) std::fprintf(stderr, "  %8ld  %s\n", n, k.c_str());
+      });
+    }
+    return true;
+  }();
+  (void)hooked;
+  ++launch_counts()[name];
+}
+
+void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx) {
+  const unsigned nt = cfg.block.x * cfg.block.y * cfg.block.z;
+  if (nt == 0 || nt > 1024 || cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0 ||
+      cfg.grid.y > 65535 || cfg.grid.z > 65535) {
+    g_last = cudaErrorInvalidValue;  // what the device reports for a bad configuration
+    return;
+  }
+  Grid grid;
+  Grid* outer = g;
+  g = &grid;
+  grid.body = body;
+  grid.body_ctx = ctx;
+  grid.dyn.assign(std::max<size_t>(cfg.smem, 16), 0xA5);  // garbage, as on the device
+  grid.slots.assign(nt, 0);
+  grid.ballot.assign(nt, 0);
+  g_coords.blockDim = cfg.block;
+  g_coords.gridDim = cfg.grid;
+  try {
+    for (unsigned z = 0; z < cfg.grid.z; ++z)
+      for (unsigned y = 0; y < cfg.grid.y; ++y)
+        for (unsigned x = 0; x < cfg.grid.x; ++x) {
+          g_coords.blockIdx = {x, y, z};
+          run_block(cfg);
+        }
+  } catch (...) {
+    g = outer;
+    throw;
+  }
+  g = outer;
+}
+
+}  // namespace cuemu
+
+// ---- runtime API ------------------------------------------------------------------------------
+cudaError_t cudaMalloc(void** p, size_t n) {
+  *p = std::aligned_alloc(256, std::max<size_t>(256, (n + 255) / 256 * 256));
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
+  if (n) std::memmove(d, s, n);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, cudaStream_t) {
+  return cudaMemcpy(d, s, n, k);
+}
+cudaError_t cudaMemset(void* p, int v, size_t n) {
+  if (n) std::memset(p, v, n);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { return cudaMemset(p, v, n); }
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                              size_t height, cudaMemcpyKind, cudaStream_t) {
+  for (size_t r = 0; r < height; ++r)
+    std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = cuemu::g_last;
+  cuemu::g_last = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError() { return cuemu::g_last; }
+cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 227 * 1024 : 132;  // an H100/H200
+  return cudaSuccess;
+}
+const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : e == cudaErrorInvalidValue ? "invalid argument" : "cuemu error";
+}
+const char* cudaGetErrorName(cudaError_t e) {
+  return e == cudaSuccess ? "cudaSuccess" : e == cudaErrorInvalidValue ? "cudaErrorInvalidValue" : "cudaError";
+}
+
+template <typename T>
+static T atomic_add(T* p, T v) {
+  const T old = *p;  // fibers never run in parallel: a plain read-modify-write is atomic
+  *p = old + v;
+  return old;
+}
+int atomicAdd(int* p, int v) { return atomic_add(p, v); }
+unsigned atomicAdd(unsigned* p, unsigned v) { return atomic_add(p, v); }
+unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return atomic_add(p, v); }
+float atomicAdd(float* p, float v) { return atomic_add(p, v); }
+double atomicAdd(double* p, double v) { return atomic_add(p, v); }
+int atomicMax(int* p, int v) {
+  const int old = *p;
+  *p = std::max(old, v);
+  return old;
+}
+int atomicMin(int* p, int v) {
+  const int old = *p;
+  *p = std::min(old, v);
+  return old;
+}
+
+// ---- mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 ------------------------------------------------
+// Every lane deposits its fragments; once the warp has, each lane rebuilds A (16x16), B (16x8)
+// from the PTX ISA fragment layouts (kernels/mma.cuh) and computes its four outputs in f32.
+namespace cuemu {
+namespace {
+struct MmaStage { uint32_t a[4], b[2]; float c[4]; };
+std::vector<MmaStage> g_mma;
+float bf_lo(uint32_t v) { return __uint_as_float(v << 16); }
+float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+}  // namespace
+
+void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int me = lane_id(), base = g->cur->linear - me;
+  if (g_mma.size() < g->fibers.size()) g_mma.resize(g->fibers.size());
+  MmaStage& s = g_mma[size_t(g->cur->linear)];
+  for (int i = 0; i < 4; ++i) s.a[i] = a[i], s.c[i] = d[i];
+  s.b[0] = b[0];
+  s.b[1] = b[1];
+  wait_as(St::Warp);
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const MmaStage& o = g_mma[size_t(base + l)];
+    const int gi = l >> 2, t = l & 3;
+    A[gi][2 * t] = bf_lo(o.a[0]);         A[gi][2 * t + 1] = bf_hi(o.a[0]);
+    A[gi + 8][2 * t] = bf_lo(o.a[1]);     A[gi + 8][2 * t + 1] = bf_hi(o.a[1]);
+    A[gi][2 * t + 8] = bf_lo(o.a[2]);     A[gi][2 * t + 9] = bf_hi(o.a[2]);
+    A[gi + 8][2 * t + 8] = bf_lo(o.a[3]); A[gi + 8][2 * t + 9] = bf_hi(o.a[3]);
+    B[2 * t][gi] = bf_lo(o.b[0]);         B[2 * t + 1][gi] = bf_hi(o.b[0]);
+    B[2 * t + 8][gi] = bf_lo(o.b[1]);     B[2 * t + 9][gi] = bf_hi(o.b[1]);
+  }
+  const int gi = me >> 2, t = me & 3;
+  const int rows[4] = {gi, gi, gi + 8, gi + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    float acc = s.c[i];
+    for (int k = 0; k < 16; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
+    out[i] = acc;
+  }
+  wait_as(St::Warp);  // every lane has read the stage
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+}  // namespace cuemu
+
+// ---- streams, events, host memory: everything is synchronous on the host ----------------------
+namespace {
+struct EmuEvent { double t = 0; };
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
+  *t = size_t(141) << 30;  // an H200's 141 GB, for memory plans
+  *f = *t;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+  static char token;
+  *s = reinterpret_cast<cudaStream_t>(&token);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamCreateWithPriority(cudaStream_t* s, unsigned f, int) { return cudaStreamCreateWithFlags(s, f); }
+cudaError_t cudaDeviceGetStreamPriorityRange(int* lo, int* hi) { *lo = 0; *hi = -5; return cudaSuccess; }
+cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = reinterpret_cast<cudaEvent_t>(new EmuEvent); return cudaSuccess; }
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) { reinterpret_cast<EmuEvent*>(e)->t = now_ms(); return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventDestroy(cudaEvent_t e) { delete reinterpret_cast<EmuEvent*>(e); return cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
+  *ms = float(reinterpret_cast<EmuEvent*>(b)->t - reinterpret_cast<EmuEvent*>(a)->t);
+  return cudaSuccess;
+}
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { return cudaMalloc(p, n); }
+cudaError_t cudaMallocHost(void** p, size_t n) { return cudaMalloc(p, n); }
+cudaError_t cudaFreeHost(void* p) { return cudaFree(p); }
