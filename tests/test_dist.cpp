@@ -44,18 +44,28 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// A port nobody listens on right now (bound, read, closed).
-int unused_port() {
+// A socket listening on a free loopback port (a stand-in for a foreign service); -1 on failure.
+int listening_socket(int* port) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || ::listen(fd, 4) != 0) {
+    if (fd >= 0) ::close(fd);
+    return -1;
+  }
   socklen_t len = sizeof(a);
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  *port = ntohs(a.sin_port);
+  return fd;
+}
+
+// A port nobody listens on right now (taken, read, released).
+int unused_port() {
+  int port = 0;
+  const int fd = listening_socket(&port);
   ::close(fd);
-  return ntohs(a.sin_port);
+  return port;
 }
 
 // Runs f(rank) on `n` threads; returns each thread's error text ("" when it returned normally).
@@ -327,33 +337,23 @@ TEST_CASE("store: a client waiting on a dead server fails fast", "[dist][store]"
 }
 
 TEST_CASE("store: a foreign service on the port is not mistaken for the store", "[dist][store]") {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
-  REQUIRE(::listen(fd, 4) == 0);
-  socklen_t len = sizeof(a);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  int port = 0;
+  const int fd = listening_socket(&port);
+  REQUIRE(fd >= 0);
   std::thread t([fd] {
     int c = ::accept(fd, nullptr, nullptr);  // accept and hang up without a word
     if (c >= 0) ::close(c);
   });
-  std::string e = error_of([&] { TcpStore c("127.0.0.1", ntohs(a.sin_port), false, ms(2000)); });
+  std::string e = error_of([&] { TcpStore c("127.0.0.1", port, false, ms(2000)); });
   t.join();
   ::close(fd);
   CHECK_THAT(e, Contains("not a muonforge rendezvous store"));
 }
 
 TEST_CASE("store: a foreign service that answers with other bytes fails at once", "[dist][store]") {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
-  REQUIRE(::listen(fd, 4) == 0);
-  socklen_t len = sizeof(a);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  int port = 0;
+  const int fd = listening_socket(&port);
+  REQUIRE(fd >= 0);
   std::thread t([fd] {
     int c = ::accept(fd, nullptr, nullptr);
     if (c < 0) return;
@@ -364,7 +364,7 @@ TEST_CASE("store: a foreign service that answers with other bytes fails at once"
     ::close(c);
   });
   auto t0 = Clock::now();
-  std::string e = error_of([&] { TcpStore c("127.0.0.1", ntohs(a.sin_port), false, ms(5000)); });
+  std::string e = error_of([&] { TcpStore c("127.0.0.1", port, false, ms(5000)); });
   double dt = seconds_since(t0);
   t.join();
   ::close(fd);

@@ -99,6 +99,16 @@ std::map<int, double> losses(const std::string& run) {
   return m;
 }
 
+// Waits (at most 60 s) until `run` has logged n losses: a run started in the background is mid-run.
+bool trained_steps(const std::string& run, size_t n) {
+  const auto t0 = std::chrono::steady_clock::now();
+  while (losses(run).size() < n) {
+    if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(60)) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return true;
+}
+
 // Every step's train loss and every val loss of `got` within 1e-5 of `ref` (losses() maps).
 void check_losses_match(const std::map<int, double>& ref, std::map<int, double> got) {
   REQUIRE(got.size() == ref.size());
@@ -299,9 +309,7 @@ TEST_CASE("two nodes: SIGTERM to one launcher stops both nodes at the same check
                                "--set train.max_steps=100000000 --set train.ckpt_every=0 "
                                "--set train.eval_every=0");
   REQUIRE(t.launcher[0] > 0);
-  auto t0 = std::chrono::steady_clock::now();
-  while (losses("nodes_term").size() < 3 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60))
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  REQUIRE(trained_steps("nodes_term", 3));
   ::kill(t.launcher[0], SIGTERM);
   auto [n0, n1] = wait_two_nodes(t);
   INFO("--- node 0:\n" << n0.out << "\n--- node 1:\n" << n1.out);
@@ -345,15 +353,10 @@ TEST_CASE("a launcher killed with SIGKILL: its workers checkpoint and stop", "[d
   int launcher = 0;
   std::ifstream(pidfile) >> launcher;
   REQUIRE(launcher > 1);
-  // Let both workers train a few steps.
-  auto t0 = std::chrono::steady_clock::now();
-  while (losses("orphan").size() < 3 &&
-         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60))
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  REQUIRE(losses("orphan").size() >= 3);
+  REQUIRE(trained_steps("orphan", 3));  // both workers are mid-run
   REQUIRE(processes_with("run.name=orphan ").size() >= 2);
   ::kill(launcher, SIGKILL);
-  t0 = std::chrono::steady_clock::now();
+  const auto t0 = std::chrono::steady_clock::now();
   std::vector<int> left;
   do {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -510,12 +513,7 @@ TEST_CASE("SIGTERM or SIGHUP to the launcher: all ranks checkpoint the same step
   int pid = 0;
   pf >> pid;
   REQUIRE(pid > 0);
-  // Wait (bounded) until training has logged a few steps.
-  auto t0 = std::chrono::steady_clock::now();
-  while (losses(name).size() < 3 &&
-         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60))
-    usleep(100 * 1000);
-  REQUIRE(losses(name).size() >= 3);
+  REQUIRE(trained_steps(name, 3));
   kill(pid, sig);
   int rc = -1;
   for (int i = 0; i < 600 && rc < 0; ++i) {  // the launcher exits within 60 s

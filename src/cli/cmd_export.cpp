@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/args.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "config/config.h"
@@ -74,11 +75,9 @@ int cmd_import(const Args& args) {
       std::fputs(kImportUsage, stdout);
       return 0;
     } else if (a == "--config") {
-      MF_CHECK(i + 1 < args.size(), "import: --config needs a config file");
-      base = args[++i];
+      base = option_value(args, i, "import");
     } else if (a == "--set") {
-      MF_CHECK(i + 1 < args.size(), "import: --set needs KEY=VALUE");
-      sets.push_back(args[++i]);
+      sets.push_back(option_value(args, i, "import"));
     } else if (a.rfind("--set=", 0) == 0) {
       sets.push_back(a.substr(6));
     } else if (!a.empty() && a[0] == '-') {

@@ -20,6 +20,17 @@ bool ends_with(const std::string& s, const std::string& tail) {
   return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
+// Host f32 t multiplied by factors[name] (export's folding) or divided by it (import's
+// unfolding); tensors not listed keep factor 1.
+void apply_factor(Tensor& t, const std::string& name, const std::map<std::string, double>& factors,
+                  bool divide) {
+  auto it = factors.find(name);
+  if (it == factors.end()) return;
+  const float x = float(divide ? 1.0 / it->second : it->second);
+  float* p = t.f32();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] *= x;
+}
+
 }  // namespace
 
 // µP's model scalars have no place in a Hugging Face Llama, but each multiplies a linear map, so
@@ -64,10 +75,7 @@ int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, D
     Tensor t = r.read_f32(name);
     MF_CHECK(t.shape == shape, r.path(), ": tensor ", name, " has shape ", shape_str(t.shape),
              ", expected ", shape_str(shape));
-    if (auto it = fold.find(name); it != fold.end()) {
-      const float x = float(it->second);
-      for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] *= x;
-    }
+    apply_factor(t, name, fold, false);
     keep.push_back(t);
     w.add(name, t, store_as);
   }
@@ -86,12 +94,7 @@ void load_hf_model(const std::string& dir, const ModelConfig& m, const ParamList
   HfWeights w(dir);
   for (Param* p : params) {
     Tensor h = w.read_f32(p->name, p->shape);
-    auto f = unfold.find(p->name);
-    if (f != unfold.end()) {
-      const float inv = float(1.0 / f->second);
-      float* x = h.f32();
-      for (int64_t i = 0; i < h.numel(); ++i) x[i] *= inv;
-    }
+    apply_factor(h, p->name, unfold, true);
     be.upload(h, p->master);
   }
 }
@@ -128,13 +131,8 @@ int import_hf_model(const std::string& hf_dir, const Config& cfg, const std::str
   std::vector<Tensor> keep;
   const auto expected = expected_param_names(cfg.model);
   for (auto& [name, shape] : expected) {
-    MF_CHECK(w.contains(name), "import: ", w.source(), " has no tensor ", name, " (expected ",
-             shape_str(shape), " for this config)");
-    Tensor t = w.read_f32(name, shape);
-    if (auto it = unfold.find(name); it != unfold.end()) {
-      const float inv = float(1.0 / it->second);
-      for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] *= inv;
-    }
+    Tensor t = w.read_f32(name, shape);  // names the tensor and file when missing or misshapen
+    apply_factor(t, name, unfold, true);
     keep.push_back(t);
     sw.add(name, t, DType::F32);
   }
