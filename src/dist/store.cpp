@@ -465,24 +465,16 @@ TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout
       w.u32(generation_);
       set_recv_timeout(fd, std::max(std::min(left, ms(5000)), ms(1)));
       char reply[13];  // status u8, length u32 (= 8), magic u32, generation u32
-      size_t got = 0;
-      errno = 0;
-      if (send_frame(fd, HELLO, w.buf)) {
-        while (got < sizeof(reply)) {
-          ssize_t k = ::recv(fd, reply + got, sizeof(reply) - got, 0);
-          if (k < 0 && errno == EINTR) continue;
-          if (k == 0) errno = 0;
-          if (k <= 0) break;
-          got += size_t(k);
-        }
-      }
+      // The first byte apart: none at all is a hang-up, a short or wrong reply a stranger.
+      const bool first = send_frame(fd, HELLO, w.buf) && recv_all(fd, reply, 1);
+      const bool whole = first && recv_all(fd, reply + 1, sizeof(reply) - 1);
       uint32_t len = 0, magic = 0;
-      if (got == sizeof(reply)) {
+      if (whole) {
         std::memcpy(&len, reply + 1, 4);
         std::memcpy(&magic, reply + 5, 4);
         std::memcpy(&seen, reply + 9, 4);
       }
-      if (got == sizeof(reply) && reply[0] == char(OK) && len == 8 && magic == kMagic) {
+      if (whole && reply[0] == char(OK) && len == 8 && magic == kMagic) {
         if (seen == generation_) {
           fd_ = fd;
           break;
@@ -498,7 +490,7 @@ TcpStore::TcpStore(const std::string& host, int port, bool is_server, ms timeout
         // Hanging up, or staying silent, before a single byte is what a store going down (or a
         // frozen one) does: retry until the timeout. Bytes that are not our reply come from
         // something else.
-        MF_CHECK(got == 0, "the service at ", where(), " is not a muonforge rendezvous store (wrong "
+        MF_CHECK(!first, "the service at ", where(), " is not a muonforge rendezvous store (wrong "
                  "greeting); another program may be using MASTER_PORT ", port_);
         last = HUNG_UP;
       }
