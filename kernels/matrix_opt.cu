@@ -243,7 +243,7 @@ void op_normuon_normalize(const Ctx& ctx, Tensor& O, Tensor& v, float beta2, flo
   const int64_t r = O.dim(0), c = O.dim(1);
   if (r == 0 || c == 0) return;
   MF_CHECK(r <= int64_t(0x7fffffff), op, ": ", r, " rows are too many for one launch");
-  const int nparts = reduce_partials_count();
+  const int nparts = reduce_partials_count(O.numel());
   Arena sz;
   sz.take<double>(nparts);
   sz.take<double>(2);

@@ -1,58 +1,123 @@
-// Deterministic two-pass reductions, scale and axpy. See reduce.cuh.
+// Deterministic two-pass reductions (any number of tensors in two launches), scale and axpy.
+// See reduce.cuh.
 #include "reduce.cuh"
 
 namespace mf::cuda {
 
-constexpr int kReduceBlocks = 1024;   // fixed: part of the summation order (determinism)
 constexpr int kReduceThreads = 256;
-constexpr int kFinalThreads = 1024;   // second pass: one block over the partials
+constexpr int64_t kReduceChunk = 65536;  // elements per first-pass block: fixes the summation order
+constexpr int kReduceLanes = 4;          // independent accumulators per thread
 constexpr int kEltThreads = 256;
 constexpr int64_t kEltMaxBlocks = 4096;
 
+namespace {
+
 enum class ReduceOp { Sum, SumSquares };
 
-struct ReduceParams {
+// One tensor of a reduction: its chunks are first .. first + ceil(n / kReduceChunk) - 1.
+struct ReduceSeg {
   const void* x;
   int64_t n;
-  double* partials;  // [kReduceBlocks]
-  double* out;       // [1]
+  int64_t first;
+  int bf16;  // element type: 1 bf16, 0 f32
+  int pad_ = 0;
 };
 
-template <typename T, ReduceOp OP>
-__global__ void __launch_bounds__(kReduceThreads) reduce_partial_kernel(ReduceParams p) {
+struct ReduceParams {
+  const ReduceSeg* segs;  // device table of nsegs entries, or nullptr: the one segment `one`
+  ReduceSeg one;
+  int nsegs;
+  double* partials;  // one per chunk of every segment
+  double* out;       // one per segment
+};
+
+__host__ __device__ int64_t chunks_of(int64_t n) { return (n + kReduceChunk - 1) / kReduceChunk; }
+
+// First pass: block b reduces chunk b of the concatenated segments in double. Thread t takes
+// elements t, t + 256, ... of the chunk into accumulator (element / 256) % 4, and the four
+// accumulators are added in order: the same bits for a tensor whatever its neighbours.
+template <ReduceOp OP>
+__global__ void __launch_bounds__(kReduceThreads) reduce_chunk_kernel(ReduceParams p) {
   __shared__ double red[kWarp];
-  const T* x = static_cast<const T*>(p.x);
-  double acc = 0.0;
-  const int64_t stride = int64_t(kReduceBlocks) * kReduceThreads;
-  for (int64_t i = int64_t(blockIdx.x) * kReduceThreads + threadIdx.x; i < p.n; i += stride) {
-    const double v = double(to_f(x[i]));
-    acc += OP == ReduceOp::SumSquares ? v * v : v;
+  const int64_t b = blockIdx.x;
+  const ReduceSeg* seg = &p.one;
+  if (p.segs) {  // the last segment whose first chunk is <= b (never an empty one)
+    int lo = 0, hi = p.nsegs - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.segs[mid].first <= b) lo = mid; else hi = mid - 1;
+    }
+    seg = &p.segs[lo];
   }
-  acc = block_sum(acc, red);
-  if (threadIdx.x == 0) p.partials[blockIdx.x] = acc;
+  const int64_t begin = (b - seg->first) * kReduceChunk;
+  const int64_t end = min(seg->n, begin + kReduceChunk);
+  double acc[kReduceLanes] = {0.0, 0.0, 0.0, 0.0};
+  const float* xf = static_cast<const float*>(seg->x);
+  const bf16* xb = static_cast<const bf16*>(seg->x);
+  const bool is_bf16 = seg->bf16 != 0;
+  int64_t i = begin + threadIdx.x;
+  for (; i + (kReduceLanes - 1) * kReduceThreads < end; i += kReduceLanes * kReduceThreads) {
+    double v[kReduceLanes];
+#pragma unroll
+    for (int l = 0; l < kReduceLanes; ++l)
+      v[l] = double(is_bf16 ? to_f(xb[i + l * kReduceThreads]) : xf[i + l * kReduceThreads]);
+#pragma unroll
+    for (int l = 0; l < kReduceLanes; ++l) acc[l] += OP == ReduceOp::SumSquares ? v[l] * v[l] : v[l];
+  }
+  for (int l = 0; i < end; i += kReduceThreads, ++l) {
+    const double v = double(is_bf16 ? to_f(xb[i]) : xf[i]);
+    acc[l] += OP == ReduceOp::SumSquares ? v * v : v;
+  }
+  double sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  sum = block_sum(sum, red);
+  if (threadIdx.x == 0) p.partials[b] = sum;
 }
 
-__global__ void __launch_bounds__(kFinalThreads) reduce_final_kernel(ReduceParams p) {
+// Second pass: block s adds segment s's chunk partials (thread-strided, then the block tree).
+__global__ void __launch_bounds__(kReduceThreads) reduce_segment_kernel(ReduceParams p) {
   __shared__ double red[kWarp];
+  const ReduceSeg& seg = p.segs ? p.segs[blockIdx.x] : p.one;
+  const int64_t nc = chunks_of(seg.n);
   double acc = 0.0;
-  for (int i = threadIdx.x; i < kReduceBlocks; i += kFinalThreads) acc += p.partials[i];
+  for (int64_t c = threadIdx.x; c < nc; c += kReduceThreads) acc += p.partials[seg.first + c];
   acc = block_sum(acc, red);
-  if (threadIdx.x == 0) *p.out = acc;
+  if (threadIdx.x == 0) p.out[blockIdx.x] = acc;
 }
 
-template <typename T, ReduceOp OP>
-void launch_reduce(const ReduceParams& p, cudaStream_t stream) {
-  reduce_partial_kernel<T, OP><<<kReduceBlocks, kReduceThreads, 0, stream>>>(p);
-  CUDA_CHECK_LAUNCH();
-  reduce_final_kernel<<<1, kFinalThreads, 0, stream>>>(p);
+template <ReduceOp OP>
+void launch_reduce(const ReduceParams& p, int64_t total_chunks, cudaStream_t stream) {
+  MF_CHECK(total_chunks <= int64_t(0x7fffffff), "reduce: ", total_chunks, " chunks are too many");
+  if (total_chunks > 0) {
+    reduce_chunk_kernel<OP><<<unsigned(total_chunks), kReduceThreads, 0, stream>>>(p);
+    CUDA_CHECK_LAUNCH();
+  }
+  reduce_segment_kernel<<<unsigned(p.segs ? p.nsegs : 1), kReduceThreads, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }
 
-int reduce_partials_count() { return kReduceBlocks; }
+ReduceSeg seg_of(const Tensor& x, int64_t first) {
+  return {x.ptr, x.numel(), first, x.dtype == DType::BF16 ? 1 : 0};
+}
+
+// One tensor, its result left at `out` on the device (no table: the segment rides in the params).
+template <ReduceOp OP>
+void reduce_one(const void* x, int64_t n, bool is_bf16, double* out, double* partials,
+                cudaStream_t stream) {
+  ReduceParams p{};
+  p.one = {x, n, 0, is_bf16 ? 1 : 0};
+  p.nsegs = 1;
+  p.partials = partials;
+  p.out = out;
+  launch_reduce<OP>(p, chunks_of(n), stream);
+}
+
+}  // namespace
+
+int reduce_partials_count(int64_t n) { return int(std::max<int64_t>(1, chunks_of(n))); }
 
 void launch_sum_squares_f32(const float* x, int64_t n, double* out, double* partials,
                             cudaStream_t stream) {
-  launch_reduce<float, ReduceOp::SumSquares>({x, n, partials, out}, stream);
+  reduce_one<ReduceOp::SumSquares>(x, n, false, out, partials, stream);
 }
 
 namespace {
@@ -60,16 +125,14 @@ template <ReduceOp OP>
 double reduce_entry(const Ctx& ctx, const char* op, const Tensor& x) {
   check_float(op, "x", x);
   Arena sz;
-  sz.take<double>(kReduceBlocks);
+  sz.take<double>(size_t(reduce_partials_count(x.numel())));
   sz.take<double>(1);
   Arena a(ctx.scratch->get(sz.used()));
-  ReduceParams p{x.ptr, x.numel(), a.take<double>(kReduceBlocks), a.take<double>(1)};
-  if (x.dtype == DType::F32)
-    launch_reduce<float, OP>(p, ctx.stream);
-  else
-    launch_reduce<bf16, OP>(p, ctx.stream);
+  double* partials = a.take<double>(size_t(reduce_partials_count(x.numel())));
+  double* out = a.take<double>(1);
+  reduce_one<OP>(x.ptr, x.numel(), x.dtype == DType::BF16, out, partials, ctx.stream);
   double host = 0.0;
-  CUDA_CHECK(cudaMemcpyAsync(&host, p.out, sizeof host, cudaMemcpyDeviceToHost, ctx.stream));
+  CUDA_CHECK(cudaMemcpyAsync(&host, out, sizeof host, cudaMemcpyDeviceToHost, ctx.stream));
   CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
   return host;
 }
@@ -78,23 +141,31 @@ double reduce_entry(const Ctx& ctx, const char* op, const Tensor& x) {
 std::vector<double> op_sum_squares_each(const Ctx& ctx, const std::vector<const Tensor*>& xs) {
   std::vector<double> host(xs.size(), 0.0);
   if (xs.empty()) return host;
-  for (const Tensor* x : xs) check_float("sum_squares_each", "x", *x);
-  // One partials area reused by every tensor (the stream orders the passes) and one result
-  // slot per tensor, copied back together.
+  MF_CHECK(xs.size() <= size_t(65535) * 1024, "sum_squares_each: ", xs.size(), " tensors are too many");
+  // Two launches for all the tensors: the segment table goes up with the partials' scratch.
+  std::vector<ReduceSeg> segs;
+  segs.reserve(xs.size());
+  int64_t chunks = 0;
+  for (const Tensor* x : xs) {
+    check_float("sum_squares_each", "x", *x);
+    segs.push_back(seg_of(*x, chunks));
+    chunks += chunks_of(x->numel());
+  }
   Arena sz;
-  sz.take<double>(kReduceBlocks);
+  sz.take<ReduceSeg>(segs.size());
+  sz.take<double>(size_t(std::max<int64_t>(1, chunks)));
   sz.take<double>(xs.size());
   Arena a(ctx.scratch->get(sz.used()));
-  double* partials = a.take<double>(kReduceBlocks);
-  double* outs = a.take<double>(xs.size());
-  for (size_t i = 0; i < xs.size(); ++i) {
-    const ReduceParams p{xs[i]->ptr, xs[i]->numel(), partials, outs + i};
-    if (xs[i]->dtype == DType::F32)
-      launch_reduce<float, ReduceOp::SumSquares>(p, ctx.stream);
-    else
-      launch_reduce<bf16, ReduceOp::SumSquares>(p, ctx.stream);
-  }
-  CUDA_CHECK(cudaMemcpyAsync(host.data(), outs, xs.size() * sizeof(double),
+  ReduceSeg* table = a.take<ReduceSeg>(segs.size());
+  ReduceParams p{};
+  p.segs = table;
+  p.nsegs = int(segs.size());
+  p.partials = a.take<double>(size_t(std::max<int64_t>(1, chunks)));
+  p.out = a.take<double>(xs.size());
+  CUDA_CHECK(cudaMemcpyAsync(table, segs.data(), segs.size() * sizeof(ReduceSeg),
+                             cudaMemcpyHostToDevice, ctx.stream));
+  launch_reduce<ReduceOp::SumSquares>(p, chunks, ctx.stream);
+  CUDA_CHECK(cudaMemcpyAsync(host.data(), p.out, xs.size() * sizeof(double),
                              cudaMemcpyDeviceToHost, ctx.stream));
   CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
   return host;
@@ -104,7 +175,6 @@ double op_sum_squares(const Ctx& ctx, const Tensor& x) {
   return reduce_entry<ReduceOp::SumSquares>(ctx, "sum_squares", x);
 }
 double op_sum(const Ctx& ctx, const Tensor& x) { return reduce_entry<ReduceOp::Sum>(ctx, "sum", x); }
-
 // ---- scale / axpy -----------------------------------------------------------------------------
 struct AxpyParams {
   const void* x;  // nullptr: scale only (y = alpha y)
@@ -142,18 +212,15 @@ void op_scale_to_norm_of(const Ctx& ctx, Tensor& x, const Tensor& ref) {
   check_float(op, "x", x);
   check_float(op, "ref", ref);
   if (x.numel() == 0) return;
+  const size_t nparts = size_t(std::max(reduce_partials_count(ref.numel()), reduce_partials_count(x.numel())));
   Arena sz;
-  sz.take<double>(kReduceBlocks);
+  sz.take<double>(nparts);
   sz.take<double>(2);
   Arena a(ctx.scratch->get(sz.used()));
-  double* partials = a.take<double>(kReduceBlocks);
+  double* partials = a.take<double>(nparts);
   double* sums = a.take<double>(2);
-  const ReduceParams pr{ref.ptr, ref.numel(), partials, sums};
-  const ReduceParams px{x.ptr, x.numel(), partials, sums + 1};
-  if (ref.dtype == DType::F32) launch_reduce<float, ReduceOp::SumSquares>(pr, ctx.stream);
-  else launch_reduce<bf16, ReduceOp::SumSquares>(pr, ctx.stream);
-  if (x.dtype == DType::F32) launch_reduce<float, ReduceOp::SumSquares>(px, ctx.stream);
-  else launch_reduce<bf16, ReduceOp::SumSquares>(px, ctx.stream);
+  reduce_one<ReduceOp::SumSquares>(ref.ptr, ref.numel(), ref.dtype == DType::BF16, sums, partials, ctx.stream);
+  reduce_one<ReduceOp::SumSquares>(x.ptr, x.numel(), x.dtype == DType::BF16, sums + 1, partials, ctx.stream);
   const AxpyParams ps{nullptr, x.ptr, x.numel(), 0.f, sums};  // x (=) float(sqrt(nr/nx)) x
   if (x.dtype == DType::F32) launch_axpy<float, float>(ps, ctx.stream);
   else launch_axpy<bf16, bf16>(ps, ctx.stream);

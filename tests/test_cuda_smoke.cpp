@@ -407,9 +407,34 @@ TEST_CASE("cuda: reductions are exact in double and deterministic", "[gpu][cuda]
   for (size_t i = 0; i < ts.size(); ++i) {
     INFO("tensor " << i << " of " << ts[i].numel());
     CHECK(each[i] == be->sum_squares(ts[i]));
+    double want = 0;
+    for (double v : fetch(*be, ts[i])) want += v * v;
+    CHECK(std::abs(each[i] - want) <= 1e-12 * want);
     if (ts[i].numel() > 0) CHECK(each[i] > 0);
   }
   CHECK(be->sum_squares_each({}).empty());
+  // Many tensors in one call (the chunk-to-tensor search), empties first and last, one tensor
+  // twice: each result is still its own tensor's.
+  {
+    std::vector<Tensor> many;
+    many.push_back(dev_of(*be, {0}, DType::F32, {}));
+    for (int i = 0; i < 150; ++i) {
+      const int64_t n = 1 + (int64_t(i) * 7919) % 70000;
+      many.push_back(dev_of(*be, {n}, i % 3 ? DType::BF16 : DType::F32, rand_vec(rng, n, -1, 1, false)));
+    }
+    many.push_back(dev_of(*be, {0}, DType::BF16, {}));
+    std::vector<const Tensor*> mp;
+    for (const Tensor& t : many) mp.push_back(&t);
+    mp.push_back(&many[7]);
+    const std::vector<double> got = be->sum_squares_each(mp);
+    REQUIRE(got.size() == mp.size());
+    for (size_t i = 0; i < mp.size(); ++i) {
+      INFO("tensor " << i << " of " << mp[i]->numel());
+      CHECK(got[i] == be->sum_squares(*mp[i]));
+    }
+    CHECK(got.front() == 0.0);
+    CHECK(got.back() == got[7]);
+  }
 }
 
 namespace {
