@@ -15,6 +15,8 @@
 #include <atomic>
 #include <map>
 #include <chrono>
+#include <numeric>
+#include <random>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
@@ -58,6 +60,10 @@ cuemu_switch:
 .text
 )");
 #endif
+
+// The __shared__ section's bounds (cuda_runtime.h), weak so that a program without one links.
+extern "C" char __start_cuemu_smem[] __attribute__((weak));
+extern "C" char __stop_cuemu_smem[] __attribute__((weak));
 
 namespace cuemu {
 
@@ -134,7 +140,65 @@ void wait_as(St s) {
   to_scheduler(f);
 }
 
+// CUEMU_ORDER: the order in which blocks are run and a block's runnable threads resumed.
+// `forward` (default): thread (and block) index order. `reverse`: the opposite. `shuffle[:SEED]`:
+// a fresh random order for every block and every scheduling round. Results that change with the
+// order come from threads that read what another thread writes without a barrier between.
+enum class Order { Forward, Reverse, Shuffle };
+struct Mode {
+  Order order = Order::Forward;
+  std::mt19937_64 rng{1};
+};
+Mode parse_order(const std::string& v) {
+  Mode r;
+  if (v.empty() || v == "forward") {
+  } else if (v == "reverse") {
+    r.order = Order::Reverse;
+  } else if (v.rfind("shuffle", 0) == 0 && (v.size() == 7 || (v[7] == ':' && v.size() > 8))) {
+    r.order = Order::Shuffle;
+    if (v.size() > 8) {
+      char* end = nullptr;
+      r.rng.seed(std::strtoull(v.c_str() + 8, &end, 10));
+      if (*end) throw std::invalid_argument("cuemu: order '" + v + "': the seed is not a number");
+    }
+  } else {
+    throw std::invalid_argument("cuemu: order '" + v + "': expected forward, reverse or shuffle[:SEED]");
+  }
+  return r;
+}
+
+Mode& mode() {
+  static Mode* m = [] {
+    const char* e = std::getenv("CUEMU_ORDER");
+    try {
+      return new Mode(parse_order(e ? e : ""));
+    } catch (const std::exception& ex) {
+      std::fprintf(stderr, "%s (CUEMU_ORDER)\n", ex.what());
+      std::exit(2);
+    }
+  }();
+  return *m;
+}
+
+// An index order of n items under the mode.
+void arrange(std::vector<unsigned>& idx, size_t n) {
+  idx.resize(n);
+  std::iota(idx.begin(), idx.end(), 0u);
+  Mode& m = mode();
+  if (m.order == Order::Reverse) std::reverse(idx.begin(), idx.end());
+  if (m.order == Order::Shuffle) std::shuffle(idx.begin(), idx.end(), m.rng);
+}
+
+// Shared memory starts every block as 0xFF bytes (NaN for f32/bf16/f64, -1 for integers): the
+// device gives no initial contents, and a stale value from the previous block could pass a test.
+void poison_shared() {
+  if (__start_cuemu_smem && __stop_cuemu_smem > __start_cuemu_smem)
+    std::memset(__start_cuemu_smem, 0xFF, size_t(__stop_cuemu_smem - __start_cuemu_smem));
+  std::memset(g->dyn.data(), 0xFF, g->dyn.size());
+}
+
 void run_block(const Cfg& cfg) {
+  poison_shared();
   const unsigned nt = cfg.block.x * cfg.block.y * cfg.block.z;
   g->fibers.assign(nt, Fiber{});
   if (g_stacks.size() < nt) g_stacks.resize(nt);
@@ -161,9 +225,13 @@ void run_block(const Cfg& cfg) {
 #endif
   }
   const unsigned nwarps = (nt + 31) / 32;
+  std::vector<unsigned> order;
+  arrange(order, nt);
   while (true) {
     bool ran = false;
-    for (Fiber& f : g->fibers) {
+    if (mode().order == Order::Shuffle) arrange(order, nt);
+    for (unsigned i : order) {
+      Fiber& f = g->fibers[i];
       if (f.st != St::Run) continue;
       g->cur = &f;
       g_coords.threadIdx = f.tid;
@@ -205,6 +273,8 @@ void run_block(const Cfg& cfg) {
 }
 
 }  // namespace
+
+void set_order(const std::string& order) { mode() = parse_order(order); }
 
 void syncthreads() { wait_as(St::Block); }
 
@@ -263,18 +333,28 @@ void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx) {
   g = &grid;
   grid.body = body;
   grid.body_ctx = ctx;
-  grid.dyn.assign(std::max<size_t>(cfg.smem, 16), 0xA5);  // garbage, as on the device
+  grid.dyn.assign(std::max<size_t>(cfg.smem, 16), 0xFF);
   grid.slots.assign(nt, 0);
   grid.ballot.assign(nt, 0);
   g_coords.blockDim = cfg.block;
   g_coords.gridDim = cfg.grid;
   try {
-    for (unsigned z = 0; z < cfg.grid.z; ++z)
-      for (unsigned y = 0; y < cfg.grid.y; ++y)
-        for (unsigned x = 0; x < cfg.grid.x; ++x) {
-          g_coords.blockIdx = {x, y, z};
-          run_block(cfg);
-        }
+    const size_t nb = size_t(cfg.grid.x) * cfg.grid.y * cfg.grid.z;
+    if (mode().order == Order::Forward) {
+      for (unsigned z = 0; z < cfg.grid.z; ++z)
+        for (unsigned y = 0; y < cfg.grid.y; ++y)
+          for (unsigned x = 0; x < cfg.grid.x; ++x) {
+            g_coords.blockIdx = {x, y, z};
+            run_block(cfg);
+          }
+    } else {
+      std::vector<unsigned> blocks;
+      arrange(blocks, nb);
+      for (unsigned b : blocks) {
+        g_coords.blockIdx = {b % cfg.grid.x, (b / cfg.grid.x) % cfg.grid.y, unsigned(b / (size_t(cfg.grid.x) * cfg.grid.y))};
+        run_block(cfg);
+      }
+    }
   } catch (...) {
     g = outer;
     throw;
@@ -286,8 +366,11 @@ void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx) {
 
 // ---- runtime API ------------------------------------------------------------------------------
 cudaError_t cudaMalloc(void** p, size_t n) {
-  *p = std::aligned_alloc(256, std::max<size_t>(256, (n + 255) / 256 * 256));
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+  const size_t bytes = std::max<size_t>(256, (n + 255) / 256 * 256);
+  *p = std::aligned_alloc(256, bytes);
+  if (!*p) return cudaErrorMemoryAllocation;
+  std::memset(*p, 0xFF, bytes);  // the device does not zero new memory either
+  return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
   std::free(p);
@@ -357,44 +440,61 @@ int atomicMin(int* p, int v) {
 }
 
 // ---- mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 ------------------------------------------------
-// Every lane deposits its fragments; once the warp has, each lane rebuilds A (16x16), B (16x8)
-// from the PTX ISA fragment layouts (kernels/mma.cuh) and computes its four outputs in f32.
+// Every lane deposits its fragments; once the warp has, the first lane to run rebuilds A (16x16),
+// B (16x8) and C (16x8) from the PTX ISA fragment layouts (kernels/mma.cuh) and computes the warp's
+// D in f32; each lane then takes its four outputs.
 namespace cuemu {
 namespace {
 struct MmaStage { uint32_t a[4], b[2]; float c[4]; };
+struct MmaWarp { bool done = false; float D[16][8]; };
 std::vector<MmaStage> g_mma;
+std::vector<MmaWarp> g_mma_warp;
 float bf_lo(uint32_t v) { return __uint_as_float(v << 16); }
 float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+// The rows and columns of a lane's accumulator fragment c[0..3].
+int frag_row(int lane, int i) { return (lane >> 2) + (i >= 2 ? 8 : 0); }
+int frag_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
 }  // namespace
 
 void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   const int me = lane_id(), base = g->cur->linear - me;
-  if (g_mma.size() < g->fibers.size()) g_mma.resize(g->fibers.size());
+  if (g_mma.size() < g->fibers.size()) {
+    g_mma.resize(g->fibers.size());
+    g_mma_warp.resize((g->fibers.size() + 31) / 32);
+  }
   MmaStage& s = g_mma[size_t(g->cur->linear)];
   for (int i = 0; i < 4; ++i) s.a[i] = a[i], s.c[i] = d[i];
   s.b[0] = b[0];
   s.b[1] = b[1];
   wait_as(St::Warp);
-  float A[16][16], B[16][8];
-  for (int l = 0; l < 32; ++l) {
-    const MmaStage& o = g_mma[size_t(base + l)];
-    const int gi = l >> 2, t = l & 3;
-    A[gi][2 * t] = bf_lo(o.a[0]);         A[gi][2 * t + 1] = bf_hi(o.a[0]);
-    A[gi + 8][2 * t] = bf_lo(o.a[1]);     A[gi + 8][2 * t + 1] = bf_hi(o.a[1]);
-    A[gi][2 * t + 8] = bf_lo(o.a[2]);     A[gi][2 * t + 9] = bf_hi(o.a[2]);
-    A[gi + 8][2 * t + 8] = bf_lo(o.a[3]); A[gi + 8][2 * t + 9] = bf_hi(o.a[3]);
-    B[2 * t][gi] = bf_lo(o.b[0]);         B[2 * t + 1][gi] = bf_hi(o.b[0]);
-    B[2 * t + 8][gi] = bf_lo(o.b[1]);     B[2 * t + 9][gi] = bf_hi(o.b[1]);
+  MmaWarp& w = g_mma_warp[size_t(base / 32)];
+  if (!w.done) {
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+      const MmaStage& o = g_mma[size_t(base + l)];
+      const int gi = l >> 2, t = l & 3;
+      A[gi][2 * t] = bf_lo(o.a[0]);         A[gi][2 * t + 1] = bf_hi(o.a[0]);
+      A[gi + 8][2 * t] = bf_lo(o.a[1]);     A[gi + 8][2 * t + 1] = bf_hi(o.a[1]);
+      A[gi][2 * t + 8] = bf_lo(o.a[2]);     A[gi][2 * t + 9] = bf_hi(o.a[2]);
+      A[gi + 8][2 * t + 8] = bf_lo(o.a[3]); A[gi + 8][2 * t + 9] = bf_hi(o.a[3]);
+      B[2 * t][gi] = bf_lo(o.b[0]);         B[2 * t + 1][gi] = bf_hi(o.b[0]);
+      B[2 * t + 8][gi] = bf_lo(o.b[1]);     B[2 * t + 9][gi] = bf_hi(o.b[1]);
+      for (int i = 0; i < 4; ++i) w.D[frag_row(l, i)][frag_col(l, i)] = o.c[i];
+    }
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 8; ++c) {
+        float acc = w.D[r][c];
+        for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][c];
+        w.D[r][c] = acc;
+      }
+    w.done = true;
   }
-  const int gi = me >> 2, t = me & 3;
-  const int rows[4] = {gi, gi, gi + 8, gi + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
   float out[4];
-  for (int i = 0; i < 4; ++i) {
-    float acc = s.c[i];
-    for (int k = 0; k < 16; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
-    out[i] = acc;
-  }
-  wait_as(St::Warp);  // every lane has read the stage
+  for (int i = 0; i < 4; ++i) out[i] = w.D[frag_row(me, i)][frag_col(me, i)];
+  wait_as(St::Warp);  // every lane has read the stage and the result
+  // Lane 0 re-arms the warp's slot; no lane can reach the next mma's computation before lane 0
+  // has arrived there, hence after this.
+  if (me == 0) w.done = false;
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 }  // namespace cuemu

@@ -17,6 +17,8 @@ inline std::unique_ptr<Backend> cuemu_make_backend(const std::string& device) {
 }
 }  // namespace mf
 
+// Tests that train whole models shrink their shapes under the emulator (MF_CUEMU_TEST).
+#define MF_CUEMU_TEST 1
 #define make_backend cuemu_make_backend
 #define cuda_available cuemu_cuda_available
 #undef MF_HAS_NCCL

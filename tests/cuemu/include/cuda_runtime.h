@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -22,7 +23,9 @@
 #define __forceinline__ inline
 #define __noinline__
 #define __restrict__ __restrict
-#define __shared__ static
+// Every __shared__ variable lives in one section, which the runtime poisons before each block
+// (runtime.cpp), so a read of shared memory no thread of the block wrote is NaN / -1.
+#define __shared__ static __attribute__((section("cuemu_smem")))
 #define __constant__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
@@ -232,6 +235,10 @@ struct Cfg {
 // Runs body() for every thread of every block (blocks in order, threads as fibers).
 void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx);
 unsigned char* dynamic_smem();  // the current block's dynamic shared memory (cfg.smem bytes)
+
+// Sets the block and thread order (as CUEMU_ORDER does: "forward", "reverse", "shuffle[:SEED]");
+// throws std::invalid_argument on anything else.
+void set_order(const std::string& order);
 
 // Counts the launch under `name` (CUEMU_REPORT=1 prints the counts at exit: which kernels a test
 // exercised).

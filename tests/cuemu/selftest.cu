@@ -1,0 +1,117 @@
+// Kernels for test_cuemu_runtime.cpp: each exercises one behaviour of the emulator itself
+// (scheduling order, shared-memory poison, warp collectives, barrier errors). Written as CUDA and
+// rewritten by cu2cpp.py like kernels/*.cu.
+#include <cuda_runtime.h>
+
+namespace selftest {
+
+// Block sum with the barriers it needs: out[blockIdx.x] = sum of x over the block's threads.
+__global__ void block_sum_kernel(const float* x, float* out) {
+  __shared__ float part[32];
+  float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (int w = 0; w < int(blockDim.x / 32); ++w) s += part[w];
+    out[blockIdx.x] = s;
+  }
+}
+
+// The same with the barrier left out: thread 0 reads the other warps' partial sums whether or
+// not they have been written.
+__global__ void racy_block_sum_kernel(const float* x, float* out) {
+  __shared__ float part[32];
+  float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) part[warp] = v;
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (int w = 0; w < int(blockDim.x / 32); ++w) s += part[w];
+    out[blockIdx.x] = s;
+  }
+}
+
+// Each thread writes its slot of static shared memory in block 0 only, then every block reads all
+// slots back: blocks after the first read shared memory nobody in them wrote.
+__global__ void stale_shared_kernel(unsigned* out) {
+  __shared__ unsigned slot[64];
+  if (blockIdx.x == 0) slot[threadIdx.x] = 7u;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = slot[threadIdx.x];
+}
+
+// The same for dynamic shared memory.
+__global__ void stale_dynamic_kernel(unsigned* out) {
+  extern __shared__ unsigned dyn[];
+  if (blockIdx.x == 0) dyn[threadIdx.x] = 7u;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = dyn[threadIdx.x];
+}
+
+// Records which block ran in which position, and every block's coordinates.
+__global__ void block_order_kernel(int* counter, int* position, int* coords) {
+  const int b = int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
+  if (threadIdx.x == 0) {
+    position[b] = atomicAdd(counter, 1);
+    coords[3 * b] = int(blockIdx.x);
+    coords[3 * b + 1] = int(blockIdx.y);
+    coords[3 * b + 2] = int(blockIdx.z);
+  }
+}
+
+// Records the order in which one block's threads first ran.
+__global__ void thread_order_kernel(int* counter, int* position) {
+  position[threadIdx.x] = atomicAdd(counter, 1);
+}
+
+// Shuffles and ballot within each warp.
+__global__ void warp_ops_kernel(int* out) {
+  const int lane = threadIdx.x % 32;
+  const unsigned odd = __ballot_sync(0xffffffffu, lane & 1);
+  const int up = __shfl_up_sync(0xffffffffu, lane, 1);
+  const int down = __shfl_down_sync(0xffffffffu, lane, 2);
+  const int bcast = __shfl_sync(0xffffffffu, lane * 10, 3);
+  out[4 * threadIdx.x] = int(odd);
+  out[4 * threadIdx.x + 1] = up;
+  out[4 * threadIdx.x + 2] = down;
+  out[4 * threadIdx.x + 3] = bcast;
+}
+
+// Half of each warp waits at __syncthreads, the other half at a warp collective: on the device a
+// hang or undefined behaviour, here an error.
+__global__ void divergent_barrier_kernel(float* out) {
+  float v = float(threadIdx.x);
+  if (threadIdx.x % 32 < 16) {
+    __syncthreads();
+  } else {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+  }
+  out[threadIdx.x] = v;
+}
+
+void block_sum(const float* x, float* out, int blocks, int threads, bool racy) {
+  if (racy)
+    racy_block_sum_kernel<<<blocks, threads>>>(x, out);
+  else
+    block_sum_kernel<<<blocks, threads>>>(x, out);
+}
+void stale_shared(unsigned* out, int blocks, bool dynamic) {
+  if (dynamic)
+    stale_dynamic_kernel<<<blocks, 64, 64 * sizeof(unsigned)>>>(out);
+  else
+    stale_shared_kernel<<<blocks, 64>>>(out);
+}
+void block_order(int* counter, int* position, int* coords, dim3 grid) {
+  block_order_kernel<<<grid, 32>>>(counter, position, coords);
+}
+void thread_order(int* counter, int* position, int threads) {
+  thread_order_kernel<<<1, threads>>>(counter, position);
+}
+void warp_ops(int* out, int threads) { warp_ops_kernel<<<1, threads>>>(out); }
+void divergent_barrier(float* out) { divergent_barrier_kernel<<<1, 64>>>(out); }
+
+}  // namespace selftest

@@ -1,0 +1,184 @@
+// The emulator's own behaviour (tests/cuemu/README.md): thread and block orders, shared and global
+// memory poison, warp collectives and the divergent-barrier error. The kernels are selftest.cu,
+// rewritten by cu2cpp.py like kernels/*.cu.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <set>
+#include <stdexcept>
+#include <vector>
+
+#include "cuda_runtime.h"
+
+namespace selftest {
+void block_sum(const float* x, float* out, int blocks, int threads, bool racy);
+void stale_shared(unsigned* out, int blocks, bool dynamic);
+void block_order(int* counter, int* position, int* coords, dim3 grid);
+void thread_order(int* counter, int* position, int threads);
+void warp_ops(int* out, int threads);
+void divergent_barrier(float* out);
+}  // namespace selftest
+
+namespace {
+
+// Device memory for n values of T, filled from `init` when given.
+template <typename T>
+struct Dev {
+  T* p = nullptr;
+  size_t n;
+  explicit Dev(size_t n_, const std::vector<T>* init = nullptr) : n(n_) {
+    REQUIRE(cudaMalloc(&p, n * sizeof(T)) == cudaSuccess);
+    if (init) REQUIRE(cudaMemcpy(p, init->data(), n * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
+  }
+  ~Dev() { cudaFree(p); }
+  std::vector<T> get() const {
+    std::vector<T> h(n);
+    REQUIRE(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
+    return h;
+  }
+};
+
+// Restores the default order when a test ends, pass or fail.
+struct OrderGuard {
+  explicit OrderGuard(const char* o) { cuemu::set_order(o); }
+  ~OrderGuard() { cuemu::set_order("forward"); }
+};
+
+struct SumCase {
+  std::vector<float> want, got_fwd, got_rev;
+};
+
+SumCase run_sums(bool racy) {
+  const int blocks = 3, threads = 256;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(0.5f, 1.5f);
+  std::vector<float> x(size_t(blocks) * threads);
+  for (float& v : x) v = u(rng);
+  SumCase c;
+  for (int b = 0; b < blocks; ++b) {
+    double s = 0;
+    for (int t = 0; t < threads; ++t) s += x[size_t(b) * threads + t];
+    c.want.push_back(float(s));
+  }
+  Dev<float> dx(x.size(), &x), dout(blocks);
+  for (const char* o : {"forward", "reverse"}) {
+    OrderGuard g(o);
+    selftest::block_sum(dx.p, dout.p, blocks, threads, racy);
+    REQUIRE(cudaGetLastError() == cudaSuccess);
+    (std::strcmp(o, "forward") == 0 ? c.got_fwd : c.got_rev) = dout.get();
+  }
+  return c;
+}
+
+bool close_to(const std::vector<float>& a, const std::vector<float>& b) {
+  for (size_t i = 0; i < a.size(); ++i)
+    if (!(std::fabs(a[i] - b[i]) <= 1e-3f * std::fabs(b[i]))) return false;
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("cuemu: a block reduction with its barrier is right in every order", "[cuemu]") {
+  const SumCase c = run_sums(false);
+  CHECK(close_to(c.got_fwd, c.want));
+  CHECK(close_to(c.got_rev, c.want));
+  OrderGuard g("shuffle:5");
+  const SumCase s = run_sums(false);
+  CHECK(close_to(s.got_fwd, s.want));
+}
+
+TEST_CASE("cuemu: a missing barrier shows as a wrong result in some order", "[cuemu]") {
+  // Forward: thread 0 reads the other warps' slots before they write them (poison: NaN).
+  // Reverse: the other warps have written first, and the result happens to be right.
+  const SumCase c = run_sums(true);
+  CHECK_FALSE(close_to(c.got_fwd, c.want));
+  for (float v : c.got_fwd) CHECK(std::isnan(v));
+  CHECK(close_to(c.got_rev, c.want));
+}
+
+TEST_CASE("cuemu: shared memory starts every block poisoned", "[cuemu]") {
+  for (bool dynamic : {false, true}) {
+    Dev<unsigned> out(3 * 64);
+    selftest::stale_shared(out.p, 3, dynamic);
+    const std::vector<unsigned> h = out.get();
+    for (int t = 0; t < 64; ++t) {
+      CHECK(h[size_t(t)] == 7u);             // block 0 wrote it
+      CHECK(h[size_t(64 + t)] == ~0u);       // later blocks did not: 0xFF bytes, not block 0's 7
+      CHECK(h[size_t(128 + t)] == ~0u);
+    }
+  }
+}
+
+TEST_CASE("cuemu: cudaMalloc returns poisoned memory", "[cuemu]") {
+  Dev<float> f(100);
+  for (float v : f.get()) CHECK(std::isnan(v));
+}
+
+TEST_CASE("cuemu: orders of blocks and threads", "[cuemu]") {
+  const dim3 grid(3, 2, 2);
+  const int nb = 12, nt = 70;
+  auto blocks = [&](const char* o) {
+    OrderGuard g(o);
+    Dev<int> counter(1), pos(nb), coords(3 * nb);
+    REQUIRE(cudaMemset(counter.p, 0, sizeof(int)) == cudaSuccess);
+    selftest::block_order(counter.p, pos.p, coords.p, grid);
+    const std::vector<int> c = coords.get();
+    for (int b = 0; b < nb; ++b) {  // every block ran once, with its own coordinates
+      CHECK(c[size_t(3 * b)] == b % 3);
+      CHECK(c[size_t(3 * b + 1)] == (b / 3) % 2);
+      CHECK(c[size_t(3 * b + 2)] == b / 6);
+    }
+    return pos.get();
+  };
+  auto threads = [&](const char* o) {
+    OrderGuard g(o);
+    Dev<int> counter(1), pos(nt);
+    REQUIRE(cudaMemset(counter.p, 0, sizeof(int)) == cudaSuccess);
+    selftest::thread_order(counter.p, pos.p, nt);
+    return pos.get();
+  };
+  std::vector<int> ident(nb), rev(nb), tident(nt), trev(nt);
+  for (int i = 0; i < nb; ++i) ident[size_t(i)] = i, rev[size_t(i)] = nb - 1 - i;
+  for (int i = 0; i < nt; ++i) tident[size_t(i)] = i, trev[size_t(i)] = nt - 1 - i;
+  CHECK(blocks("forward") == ident);
+  CHECK(blocks("reverse") == rev);
+  CHECK(threads("forward") == tident);
+  CHECK(threads("reverse") == trev);
+  const std::vector<int> sb = blocks("shuffle:3"), st = threads("shuffle:3");
+  CHECK(std::set<int>(sb.begin(), sb.end()).size() == size_t(nb));  // a permutation
+  CHECK(std::set<int>(st.begin(), st.end()).size() == size_t(nt));
+  CHECK(sb != ident);
+  CHECK(st != tident);
+  CHECK(blocks("shuffle:3") == sb);  // a seed gives the same order again
+  CHECK(blocks("shuffle:4") != sb);
+}
+
+TEST_CASE("cuemu: warp shuffles and ballot", "[cuemu]") {
+  for (const char* o : {"forward", "shuffle:9"}) {
+    OrderGuard g(o);
+    Dev<int> out(4 * 64);
+    selftest::warp_ops(out.p, 64);
+    const std::vector<int> h = out.get();
+    for (int t = 0; t < 64; ++t) {
+      const int lane = t % 32;
+      CHECK(unsigned(h[size_t(4 * t)]) == 0xAAAAAAAAu);
+      CHECK(h[size_t(4 * t + 1)] == (lane >= 1 ? lane - 1 : lane));
+      CHECK(h[size_t(4 * t + 2)] == (lane + 2 < 32 ? lane + 2 : lane));
+      CHECK(h[size_t(4 * t + 3)] == 30);
+    }
+  }
+}
+
+TEST_CASE("cuemu: a barrier in divergent code is an error, not a hang", "[cuemu]") {
+  Dev<float> out(64);
+  CHECK_THROWS_WITH(selftest::divergent_barrier(out.p), Catch::Contains("deadlock"));
+}
+
+TEST_CASE("cuemu: a bad order names itself", "[cuemu]") {
+  CHECK_THROWS_WITH(cuemu::set_order("backwards"), Catch::Contains("backwards"));
+  CHECK_THROWS_WITH(cuemu::set_order("shuffle:x"), Catch::Contains("seed"));
+  cuemu::set_order("forward");
+}
