@@ -365,14 +365,32 @@ void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx) {
 }  // namespace cuemu
 
 // ---- runtime API ------------------------------------------------------------------------------
+namespace {
+// Device memory in use, for cudaMemGetInfo (memory plans and bench's peak figures).
+std::map<void*, size_t>& allocations() {
+  static auto* m = new std::map<void*, size_t>;
+  return *m;
+}
+size_t g_allocated = 0;
+constexpr size_t kDeviceBytes = size_t(141) << 30;  // an H200's 141 GB
+}  // namespace
+
 cudaError_t cudaMalloc(void** p, size_t n) {
   const size_t bytes = std::max<size_t>(256, (n + 255) / 256 * 256);
+  if (bytes > kDeviceBytes - g_allocated) return cudaErrorMemoryAllocation;
   *p = std::aligned_alloc(256, bytes);
   if (!*p) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xFF, bytes);  // the device does not zero new memory either
+  allocations()[*p] = bytes;
+  g_allocated += bytes;
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
+  if (!p) return cudaSuccess;
+  auto it = allocations().find(p);
+  if (it == allocations().end()) return cudaErrorInvalidValue;  // not from cudaMalloc
+  g_allocated -= it->second;
+  allocations().erase(it);
   std::free(p);
   return cudaSuccess;
 }
@@ -509,8 +527,8 @@ double now_ms() {
 cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
-  *t = size_t(141) << 30;  // an H200's 141 GB, for memory plans
-  *f = *t;
+  *t = kDeviceBytes;
+  *f = kDeviceBytes - g_allocated;
   return cudaSuccess;
 }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
@@ -532,6 +550,12 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
   *ms = float(reinterpret_cast<EmuEvent*>(b)->t - reinterpret_cast<EmuEvent*>(a)->t);
   return cudaSuccess;
 }
-cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { return cudaMalloc(p, n); }
-cudaError_t cudaMallocHost(void** p, size_t n) { return cudaMalloc(p, n); }
-cudaError_t cudaFreeHost(void* p) { return cudaFree(p); }
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
+  *p = std::aligned_alloc(256, std::max<size_t>(256, (n + 255) / 256 * 256));
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+cudaError_t cudaMallocHost(void** p, size_t n) { return cudaHostAlloc(p, n, 0); }
+cudaError_t cudaFreeHost(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}

@@ -182,3 +182,21 @@ TEST_CASE("cuemu: a bad order names itself", "[cuemu]") {
   CHECK_THROWS_WITH(cuemu::set_order("shuffle:x"), Catch::Contains("seed"));
   cuemu::set_order("forward");
 }
+
+TEST_CASE("cuemu: cudaMemGetInfo counts what is allocated; cudaFree refuses foreign pointers", "[cuemu]") {
+  size_t free0 = 0, total = 0, free1 = 0, free2 = 0;
+  REQUIRE(cudaMemGetInfo(&free0, &total) == cudaSuccess);
+  CHECK(free0 <= total);
+  void* p = nullptr;
+  REQUIRE(cudaMalloc(&p, size_t(10) << 20) == cudaSuccess);
+  REQUIRE(cudaMemGetInfo(&free1, &total) == cudaSuccess);
+  CHECK(free0 - free1 == size_t(10) << 20);
+  void* too_big = nullptr;
+  CHECK(cudaMalloc(&too_big, total) == cudaErrorMemoryAllocation);
+  int on_stack = 0;
+  CHECK(cudaFree(&on_stack) == cudaErrorInvalidValue);
+  CHECK(cudaFree(p) == cudaSuccess);
+  REQUIRE(cudaMemGetInfo(&free2, &total) == cudaSuccess);
+  CHECK(free2 == free0);
+  CHECK(cudaFree(nullptr) == cudaSuccess);
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The muonforge command line on the emulated CUDA backend (muonforge_cuemu), as a user runs it:
+#   cli_test.sh MUONFORGE_CUEMU REPO_ROOT
+# - train on "cuda": memory plan, per-step lines, eval, checkpoints;
+# - --stop-at 3 then the same command again resumes and ends with the same bytes as one
+#   uninterrupted run (model and optimizer state);
+# - the same run on the CPU backend: per-step losses within 2e-2 (bf16 vs f32);
+# - an MoE model trains on "cuda" and logs expert load;
+# - bench prints its figures; sample reads a CUDA-trained checkpoint on "cuda" and on "cpu".
+set -euo pipefail
+bin=$(realpath "$1")
+root=$2
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+python3 "$root/scripts/prepare_data.py" default --out data > /dev/null
+common=(--set model.n_heads=2 --set model.n_kv_heads=1 --set train.seq_len=64 --set train.micro_batch=2
+        --set train.batch_tokens=256 --set train.max_steps=6 --set schedule.warmup=2 --set train.log_every=1
+        --set train.eval_every=3 --set train.eval_batches=1 --set train.ckpt_every=3
+        --set 'data.train=data/train_*.bin' --set 'data.val=data/val_*.bin')
+
+echo "== train on cuda, uninterrupted"
+"$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda --set run.dir=whole > whole.log 2>&1 ||
+  { tail -20 whole.log; fail "train on cuda"; }
+grep -q "memory plan (cuda" whole.log || fail "no memory plan in whole.log"
+grep -q "step 6/6 | loss" whole.log || fail "no step 6 line"
+grep -q "val loss" whole.log || fail "no val loss line"
+[ -f whole/ckpt-000006/model.safetensors ] || fail "no final checkpoint"
+
+echo "== train on cuda, stopped at 3 and resumed"
+"$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda --set run.dir=split --stop-at 3 > split1.log 2>&1 ||
+  { tail -20 split1.log; fail "train --stop-at 3"; }
+[ -f split/ckpt-000003/model.safetensors ] || fail "no checkpoint at the stop"
+[ ! -e split/ckpt-000006 ] || fail "--stop-at 3 ran on"
+"$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda --set run.dir=split > split2.log 2>&1 ||
+  { tail -20 split2.log; fail "resume"; }
+grep -qi "resum" split2.log || fail "the second run did not say it resumed"
+for f in model.safetensors optimizer.safetensors; do
+  cmp -s whole/ckpt-000006/$f split/ckpt-000006/$f || fail "$f after resume differs from the uninterrupted run"
+done
+
+echo "== the same run on the cpu backend"
+"$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cpu --set run.dir=cpu > cpu.log 2>&1 ||
+  { tail -20 cpu.log; fail "train on cpu"; }
+python3 - whole/metrics.jsonl cpu/metrics.jsonl <<'PY'
+import json, sys
+def losses(p):
+    return [r["loss"] for r in map(json.loads, open(p)) if "loss" in r]
+g, c = losses(sys.argv[1]), losses(sys.argv[2])
+assert len(g) == len(c) == 6, (len(g), len(c))
+worst = max(abs(a - b) for a, b in zip(g, c))
+print("cuda vs cpu: worst |loss diff| %.2e over %d steps" % (worst, len(g)))
+assert worst <= 2e-2, (g, c)
+assert g[-1] < g[0] - 0.5, g
+PY
+
+echo "== moe on cuda"
+"$bin" train "$root/configs/moe-tiny.json" "${common[@]}" --set train.device=cuda --set train.max_steps=3 \
+  --set run.dir=moe > moe.log 2>&1 || { tail -20 moe.log; fail "moe train on cuda"; }
+grep -q "step 3/3 | loss" moe.log || fail "no moe step 3 line"
+python3 - moe/metrics.jsonl <<'PY'
+import json, sys
+steps = [r for r in map(json.loads, open(sys.argv[1])) if "loss" in r]
+assert len(steps) == 3, len(steps)
+for r in steps:
+    moe = r["moe"]  # expert load per layer, aux loss, drops
+    assert moe["layers"] and moe["dropped"] == 0, moe
+    for l in moe["layers"]:  # tokens routed, the balancing biases moving
+        assert l["load_max"] > 0 and l["load_max"] >= l["load_min"] >= 0 and l["bias_max"] > l["bias_min"], l
+print("moe: load_cv_max %s at the last step" % steps[-1]["moe"].get("load_cv_max"))
+PY
+
+echo "== bench on cuda"
+"$bin" bench "$root/configs/tiny.json" --device cuda --set model.n_heads=2 --set model.n_kv_heads=1 \
+  --seq-len 64 --micro-batch 2 --batch-tokens 256 --steps 2 --warmup 1 --gemm-size 64 > bench.log 2>&1 ||
+  { tail -20 bench.log; fail "bench on cuda"; }
+for want in "throughput" "MFU" "time split" "Muon" "peak device used"; do
+  grep -q "$want" bench.log || fail "bench printed no '$want'"
+done
+grep -Eq "tensors [1-9][0-9]* MiB" bench.log || fail "bench counted no device memory"
+
+echo "== sample a cuda-trained checkpoint"
+"$bin" sample whole --device cuda --tokens 20 --greedy --ids > sample_cuda.txt 2> sample_cuda.err ||
+  { cat sample_cuda.err; fail "sample on cuda"; }
+"$bin" sample whole --device cpu --tokens 20 --greedy --ids > sample_cpu.txt 2> sample_cpu.err ||
+  { cat sample_cpu.err; fail "sample on cpu"; }
+[ -s sample_cuda.txt ] || fail "sample on cuda printed nothing"
+echo "cuda: $(head -c 120 sample_cuda.txt)"
+echo "cpu:  $(head -c 120 sample_cpu.txt)"
+echo "PASS"
