@@ -12,12 +12,18 @@ namespace mf::cuda {
 
 #if defined(MF_CUEMU)
 }  // namespace mf::cuda
-namespace cuemu {
-void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);  // tests/cuemu
-}
+namespace cuemu {  // tests/cuemu: warp-collective models of the two instructions
+void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+void ldmatrix(uint32_t* d, int nmat, bool trans, const void* row);
+}  // namespace cuemu
 namespace mf::cuda {
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  ::cuemu::mma16816(d, a, b);  // the CPU emulator's warp-collective model of the instruction
+  ::cuemu::mma16816(d, a, b);
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&d)[4], const bf16* row) { ::cuemu::ldmatrix(d, 4, false, row); }
+__device__ __forceinline__ void ldsm_x2(uint32_t (&d)[2], const bf16* row) { ::cuemu::ldmatrix(d, 2, false, row); }
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t (&d)[2], const bf16* row) {
+  ::cuemu::ldmatrix(d, 2, true, row);
 }
 #else
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -27,11 +33,25 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+// ldmatrix.m8n8.b16: each of the warp's lanes 8m..8m+7 gives the shared-memory address of one
+// 16-byte row of 8x8 matrix m; lane l receives, in d[m], elements (l/4, 2(l%4)..2(l%4)+1) of
+// matrix m, or with .trans elements (2(l%4), l/4) and (2(l%4)+1, l/4). Whole warp, uniform.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&d)[4], const bf16* row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t (&d)[2], const bf16* row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(d[0]), "=r"(d[1]) : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t (&d)[2], const bf16* row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(d[0]), "=r"(d[1]) : "r"(a));
+}
 #endif
 
-__device__ __forceinline__ uint32_t ld_pair(const bf16* p) {  // two consecutive elements
-  return *reinterpret_cast<const uint32_t*>(p);
-}
 __device__ __forceinline__ uint32_t pack2(bf16 lo, bf16 hi) {  // lo in the low 16 bits
   return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
 }
@@ -39,29 +59,32 @@ __device__ __forceinline__ uint32_t pack2f(float lo, float hi) {
   return pack2(__float2bfloat16(lo), __float2bfloat16(hi));
 }
 
-// A fragment: rows [r0, r0+16), columns [c0, c0+16) of a row-major smem tile.
+// The fragment reads are ldmatrix (one instruction for a whole fragment, no bank conflicts with
+// the 16-byte row padding the kernels use). They need the warp's 32 lanes together and every row
+// address 16-byte aligned: LD a multiple of 8 elements, column offsets multiples of 8, tiles
+// 16-byte aligned.
+// A fragment: rows [r0, r0+16), columns [c0, c0+16) of a row-major smem tile. Matrices 0..3 are
+// (rows r0.., cols c0..), (r0+8.., c0..), (r0.., c0+8..), (r0+8.., c0+8..): a0..a3.
 template <int LD>
 __device__ __forceinline__ void frag_a(uint32_t (&a)[4], const bf16* s, int r0, int c0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  a[0] = ld_pair(s + (r0 + g) * LD + c0 + 2 * t);
-  a[1] = ld_pair(s + (r0 + g + 8) * LD + c0 + 2 * t);
-  a[2] = ld_pair(s + (r0 + g) * LD + c0 + 8 + 2 * t);
-  a[3] = ld_pair(s + (r0 + g + 8) * LD + c0 + 8 + 2 * t);
+  static_assert(LD % 8 == 0, "ldmatrix rows must be 16-byte aligned");
+  const int m = lane >> 3, i = lane & 7;
+  ldsm_x4(a, s + (r0 + i + (m & 1) * 8) * LD + c0 + (m >> 1) * 8);
 }
 // B fragment with B[k][n] = S[n0 + n][k0 + k]: the tile's rows are the n index (K for Q K^T).
+// Matrix 0: rows n0.., cols k0..k0+7 (b0); matrix 1: cols k0+8.. (b1).
 template <int LD>
 __device__ __forceinline__ void frag_b_rows_n(uint32_t (&b)[2], const bf16* s, int n0, int k0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  b[0] = ld_pair(s + (n0 + g) * LD + k0 + 2 * t);
-  b[1] = ld_pair(s + (n0 + g) * LD + k0 + 8 + 2 * t);
+  static_assert(LD % 8 == 0, "ldmatrix rows must be 16-byte aligned");
+  const int m = (lane >> 3) & 1, i = lane & 7;  // lanes 16..31 repeat 0..15 (x2 reads 0..15)
+  ldsm_x2(b, s + (n0 + i) * LD + k0 + m * 8);
 }
 // B fragment with B[k][n] = S[k0 + k][n0 + n]: the tile's rows are the k index (V for P V).
+// Transposed: matrix 0 is rows k0..k0+7 (b0), matrix 1 rows k0+8.. (b1), cols n0..n0+7.
 template <int LD>
 __device__ __forceinline__ void frag_b_rows_k(uint32_t (&b)[2], const bf16* s, int k0, int n0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  const bf16* c = s + n0 + g;
-  b[0] = pack2(c[(k0 + 2 * t) * LD], c[(k0 + 2 * t + 1) * LD]);
-  b[1] = pack2(c[(k0 + 2 * t + 8) * LD], c[(k0 + 2 * t + 9) * LD]);
+  static_assert(LD % 8 == 0, "ldmatrix rows must be 16-byte aligned");
+  ldsm_x2_trans(b, s + (k0 + (lane & 15)) * LD + n0);
 }
 
 }  // namespace mf::cuda

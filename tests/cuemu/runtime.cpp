@@ -515,6 +515,47 @@ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   if (me == 0) w.done = false;
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
+
+// ---- ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 ------------------------------------
+// Lanes 8m..8m+7 give the row addresses of matrix m; after the warp has arrived each lane reads
+// its elements of every matrix (PTX ISA fragment layout of ldmatrix). A row address that is not
+// 16-byte aligned shared memory is the device's misaligned / illegal address: the launch fails.
+namespace {
+std::vector<const void*> g_ldsm;
+bool in_shared(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  const bool stat = __start_cuemu_smem && c >= __start_cuemu_smem && c + bytes <= __stop_cuemu_smem;
+  const char* d = reinterpret_cast<const char*>(g->dyn.data());
+  return stat || (c >= d && c + bytes <= d + g->dyn.size());
+}
+}  // namespace
+
+void ldmatrix(uint32_t* d, int nmat, bool trans, const void* row) {
+  const int me = lane_id(), base = g->cur->linear - me;
+  if (g_ldsm.size() < g->fibers.size()) g_ldsm.resize(g->fibers.size());
+  g_ldsm[size_t(g->cur->linear)] = row;
+  wait_as(St::Warp);
+  const int gi = me >> 2, t = me & 3;
+  for (int m = 0; m < nmat; ++m) {
+    uint16_t v[2] = {0, 0};
+    for (int e = 0; e < 2; ++e) {
+      // Non-transposed: row gi, column 2t+e. Transposed: row 2t+e, column gi.
+      const int r = trans ? 2 * t + e : gi, c = trans ? gi : 2 * t + e;
+      const size_t src = size_t(base + 8 * m + r);
+      const void* rp = src < g_ldsm.size() ? g_ldsm[src] : nullptr;
+      if (!rp || reinterpret_cast<uintptr_t>(rp) % 16 != 0 || !in_shared(rp, 16)) {
+        if (g_last == cudaSuccess)
+          std::fprintf(stderr, "cuemu: ldmatrix: lane %d's row address %p is not 16-byte aligned shared memory\n",
+                       8 * m + r, rp);
+        g_last = cudaErrorLaunchFailure;
+        continue;
+      }
+      std::memcpy(&v[e], static_cast<const char*>(rp) + 2 * c, 2);
+    }
+    d[m] = uint32_t(v[0]) | (uint32_t(v[1]) << 16);
+  }
+  wait_as(St::Warp);  // every lane has read the addresses before any lane deposits again
+}
 }  // namespace cuemu
 
 // ---- streams, events, host memory: everything is synchronous on the host ----------------------

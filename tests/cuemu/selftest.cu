@@ -3,6 +3,8 @@
 // rewritten by cu2cpp.py like kernels/*.cu.
 #include <cuda_runtime.h>
 
+#include "mma.cuh"
+
 namespace selftest {
 
 // Block sum with the barriers it needs: out[blockIdx.x] = sum of x over the block's threads.
@@ -114,4 +116,30 @@ void thread_order(int* counter, int* position, int threads) {
 void warp_ops(int* out, int threads) { warp_ops_kernel<<<1, threads>>>(out); }
 void divergent_barrier(float* out) { divergent_barrier_kernel<<<1, 64>>>(out); }
 
+}  // namespace selftest
+
+namespace selftest {
+// ldmatrix through kernels/mma.cuh's helpers: a 16x16 tile with tile[r][c] = 100 r + c (as bf16
+// bits), read as an A fragment (x4), a B fragment by rows of n (x2) and by rows of k (x2.trans).
+// out[lane][0..7] = a0..a3, b_rows_n0..1, b_rows_k0..1. `offset` shifts the tile by that many
+// elements (not a multiple of 8: misaligned rows).
+__global__ void ldmatrix_kernel(unsigned* out, int offset) {
+  __shared__ __align__(16) __nv_bfloat16 tile[16 * 24 + 8];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 16 * 24 + 8; i += 32) tile[i] = __ushort_as_bfloat16(0);
+  __syncwarp();
+  __nv_bfloat16* s = tile + offset;
+  for (int i = lane; i < 256; i += 32) s[(i / 16) * 24 + i % 16] = __ushort_as_bfloat16(uint16_t(100 * (i / 16) + i % 16));
+  __syncwarp();
+  uint32_t a[4], b[2], bt[2];
+  mf::cuda::frag_a<24>(a, s, 0, 0, lane);
+  mf::cuda::frag_b_rows_n<24>(b, s, 8, 0, lane);
+  mf::cuda::frag_b_rows_k<24>(bt, s, 0, 8, lane);
+  for (int i = 0; i < 4; ++i) out[8 * lane + i] = a[i];
+  out[8 * lane + 4] = b[0];
+  out[8 * lane + 5] = b[1];
+  out[8 * lane + 6] = bt[0];
+  out[8 * lane + 7] = bt[1];
+}
+void ldmatrix(unsigned* out, int offset) { ldmatrix_kernel<<<1, 32>>>(out, offset); }
 }  // namespace selftest

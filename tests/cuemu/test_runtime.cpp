@@ -20,6 +20,7 @@ void block_order(int* counter, int* position, int* coords, dim3 grid);
 void thread_order(int* counter, int* position, int threads);
 void warp_ops(int* out, int threads);
 void divergent_barrier(float* out);
+void ldmatrix(unsigned* out, int offset);
 }  // namespace selftest
 
 namespace {
@@ -199,4 +200,34 @@ TEST_CASE("cuemu: cudaMemGetInfo counts what is allocated; cudaFree refuses fore
   REQUIRE(cudaMemGetInfo(&free2, &total) == cudaSuccess);
   CHECK(free2 == free0);
   CHECK(cudaFree(nullptr) == cudaSuccess);
+}
+
+TEST_CASE("cuemu: ldmatrix gives the mma fragments of the PTX layouts", "[cuemu]") {
+  Dev<unsigned> out(32 * 8);
+  selftest::ldmatrix(out.p, 0);
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  const std::vector<unsigned> h = out.get();
+  auto pair = [](int r0, int c0, int r1, int c1) {  // tile values at two places, low then high
+    return unsigned(100 * r0 + c0) | (unsigned(100 * r1 + c1) << 16);
+  };
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    const unsigned* o = &h[size_t(8 * lane)];
+    INFO("lane " << lane);
+    // A (16x16, rows 0..15, cols 0..15): a0 (g, 2t), a1 (g+8, 2t), a2 (g, 2t+8), a3 (g+8, 2t+8).
+    CHECK(o[0] == pair(g, 2 * t, g, 2 * t + 1));
+    CHECK(o[1] == pair(g + 8, 2 * t, g + 8, 2 * t + 1));
+    CHECK(o[2] == pair(g, 2 * t + 8, g, 2 * t + 9));
+    CHECK(o[3] == pair(g + 8, 2 * t + 8, g + 8, 2 * t + 9));
+    // B[k][n] = S[8 + n][k]: b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g).
+    CHECK(o[4] == pair(8 + g, 2 * t, 8 + g, 2 * t + 1));
+    CHECK(o[5] == pair(8 + g, 2 * t + 8, 8 + g, 2 * t + 9));
+    // B[k][n] = S[k][8 + n]: b0 = (S[2t][8+g], S[2t+1][8+g]), b1 = rows 2t+8, 2t+9.
+    CHECK(o[6] == pair(2 * t, 8 + g, 2 * t + 1, 8 + g));
+    CHECK(o[7] == pair(2 * t + 8, 8 + g, 2 * t + 9, 8 + g));
+  }
+  // Rows 2 elements off 16-byte alignment: a failed launch, as on the device.
+  selftest::ldmatrix(out.p, 2);
+  CHECK(cudaGetLastError() != cudaSuccess);
+  CHECK(cudaGetLastError() == cudaSuccess);  // and the error is cleared by reading it
 }
