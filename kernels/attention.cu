@@ -533,10 +533,16 @@ __global__ void attn_bwd_dkdv_simt_kernel(AttnParams p) {
 }
 
 // ---- launchers --------------------------------------------------------------------------------
-template <typename Kernel>
-void set_smem(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+// Opts KERNEL in to `smem` bytes of dynamic shared memory above the default 48 KiB, once per
+// process (each kernel always asks for the same amount; a process drives one device).
+template <auto KERNEL>
+void set_smem(size_t smem) {
+  if (smem <= 48 * 1024) return;
+  static const bool done = [smem] {
+    CUDA_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)done;
 }
 
 template <int HD>
@@ -556,7 +562,7 @@ size_t dkdv_smem() {
 template <int HD>
 void launch_attn_fwd_tc(const AttnParams& p, cudaStream_t stream) {
   const size_t smem = fwd_smem<HD>();
-  set_smem(attn_fwd_tc_kernel<HD>, smem);
+  set_smem<attn_fwd_tc_kernel<HD>>(smem);
   const dim3 grid(unsigned(ceil_div(p.T, kAttnTileRows)), unsigned(p.B * p.H));
   attn_fwd_tc_kernel<HD><<<grid, kAttnThreads, smem, stream>>>(p);
   CUDA_CHECK_LAUNCH();
@@ -565,8 +571,8 @@ void launch_attn_fwd_tc(const AttnParams& p, cudaStream_t stream) {
 template <int HD>
 void launch_attn_bwd_tc(const AttnParams& p, cudaStream_t stream) {
   const size_t s1 = dq_smem<HD>(), s2 = dkdv_smem<HD>();
-  set_smem(attn_bwd_dq_tc_kernel<HD>, s1);
-  set_smem(attn_bwd_dkdv_tc_kernel<HD>, s2);
+  set_smem<attn_bwd_dq_tc_kernel<HD>>(s1);
+  set_smem<attn_bwd_dkdv_tc_kernel<HD>>(s2);
   const unsigned tiles = unsigned(ceil_div(p.T, kAttnTileRows));
   attn_bwd_dq_tc_kernel<HD><<<dim3(tiles, unsigned(p.B * p.H)), kAttnThreads, s1, stream>>>(p);
   CUDA_CHECK_LAUNCH();
