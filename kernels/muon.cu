@@ -83,24 +83,29 @@ struct NsCastParams {
 };
 
 // Square and wide matrices (r <= c, X_s = U_s): X_s = U_s * inv_s, one thread per element,
-// inv_s = 1 / (norm_mult ||U_s||_F + 1e-7): the CPU backend's formula.
+// inv_s = 1 / (norm_mult ||U_s||_F + 1e-7): the CPU backend's formula. Slices along the grid's y
+// (looping past 65535), elements along x: no 64-bit division per element, inv_s once per slice.
 template <typename TX>
 __global__ void ns_prepare_kernel(NsCastParams<TX> p) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < p.k * p.per; q += stride) {
-    const int64_t s = q / p.per, e = q % p.per;
+  for (int64_t s = blockIdx.y; s < p.k; s += gridDim.y) {
     const float inv = float(1.0 / (p.norm_mult * sqrt(p.ss[s]) + kNsNormEps));
-    p.X[s * p.xs + e] = from_f<TX>(p.U[q] * inv);
+    const float* u = p.U + s * p.per;
+    TX* x = p.X + s * p.xs;
+    for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.per; e += stride)
+      x[e] = from_f<TX>(u[e] * inv);
   }
 }
 
-// O_s = X_s back in f32 (r <= c), one thread per element.
+// O_s = X_s back in f32 (r <= c), one thread per element, slices as in ns_prepare_kernel.
 template <typename TX>
 __global__ void ns_finish_kernel(NsCastParams<TX> p) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < p.k * p.per; q += stride) {
-    const int64_t s = q / p.per, e = q % p.per;
-    p.O[q] = to_f(p.X[s * p.xs + e]);
+  for (int64_t s = blockIdx.y; s < p.k; s += gridDim.y) {
+    const TX* x = p.X + s * p.xs;
+    float* o = p.O + s * p.per;
+    for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.per; e += stride)
+      o[e] = to_f(x[e]);
   }
 }
 
@@ -153,6 +158,14 @@ void launch_ns_transpose(const TI* in, int64_t in_stride, TO* out, int64_t out_s
 
 static unsigned elt_blocks(int64_t n) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kMuonThreads), kMuonMaxBlocks)));
+}
+// k slices of `per` elements each: x covers a slice (the grid at most kMuonMaxBlocks blocks in
+// all), y the slices.
+static dim3 slice_grid(int64_t per, int64_t k) {
+  const int64_t ys = std::max<int64_t>(1, std::min<int64_t>(k, 65535));
+  const int64_t xs = std::max<int64_t>(1, std::min<int64_t>(ceil_div(per, kMuonThreads),
+                                                            std::max<int64_t>(1, kMuonMaxBlocks / ys)));
+  return dim3(unsigned(xs), unsigned(ys));
 }
 
 void op_muon_momentum(const Ctx& ctx, const Tensor& g, Tensor& M, Tensor& U, float mu,
@@ -231,7 +244,7 @@ void run_newton_schulz_t(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
   if (transposed) {  // U_s [n,m] -> X_s [m,n] through coalesced tiles
     launch_ns_transpose<true, float, TX>(u, per, X, xs, n, m, k, ss, norm_mult, ctx.stream);
   } else {
-    ns_prepare_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
+    ns_prepare_kernel<TX><<<slice_grid(per, k), kMuonThreads, 0, ctx.stream>>>(cp);
     CUDA_CHECK_LAUNCH();
   }
 
@@ -245,7 +258,7 @@ void run_newton_schulz_t(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
     launch_ns_transpose<false, TX, float>(X, xs, O.data<float>(), per, m, n, k, nullptr, 1.0,
                                           ctx.stream);
   } else {
-    ns_finish_kernel<TX><<<elt_blocks(k * per), kMuonThreads, 0, ctx.stream>>>(cp);
+    ns_finish_kernel<TX><<<slice_grid(per, k), kMuonThreads, 0, ctx.stream>>>(cp);
     CUDA_CHECK_LAUNCH();
   }
 }
