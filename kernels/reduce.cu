@@ -141,7 +141,7 @@ double reduce_entry(const Ctx& ctx, const char* op, const Tensor& x) {
 std::vector<double> op_sum_squares_each(const Ctx& ctx, const std::vector<const Tensor*>& xs) {
   std::vector<double> host(xs.size(), 0.0);
   if (xs.empty()) return host;
-  MF_CHECK(xs.size() <= size_t(65535) * 1024, "sum_squares_each: ", xs.size(), " tensors are too many");
+  MF_CHECK(xs.size() <= size_t(0x7fffffff), "sum_squares_each: ", xs.size(), " tensors are too many for one grid");
   // Two launches for all the tensors: the segment table goes up with the partials' scratch.
   std::vector<ReduceSeg> segs;
   segs.reserve(xs.size());
