@@ -15,6 +15,8 @@ constexpr int64_t kXentRowAlign = 64;                  // chunk rows rounded dow
 // 16-byte-aligned tensor-core kernels (or sends the GEMMs to the SIMT fallback). The pad columns
 // [V, ld) are never read: every GEMM and the row kernel use only the first V columns.
 constexpr int64_t kXentLdAlign = 8;
+constexpr int kXentVec = 8;  // columns per vector step of the row kernel (kXentLdAlign keeps rows aligned)
+static_assert(kXentLdAlign % kXentVec == 0, "xent rows must stay 32-byte aligned for the vector loads");
 
 struct XentParams {
   const float* logits;     // [rows, ld] (first V columns used)
@@ -41,10 +43,26 @@ __global__ void __launch_bounds__(kXentThreads) xent_row_kernel(XentParams p) {
   const float* z = p.logits + row * p.ld;
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   float m = -INFINITY, s = 0.f;
-  for (int64_t j = tid; j < p.V; j += kXentThreads) {
+  // kXentVec columns per thread per step (two 16-byte loads; rows are 32-byte aligned since ld is
+  // a multiple of 8): the running max moves once per group, then the group's exps are added.
+  const int64_t nvec = p.V / kXentVec;
+  for (int64_t i = tid; i < nvec; i += kXentThreads) {
+    float v[kXentVec];
+    load_f<kXentVec>(z + i * kXentVec, v);
+    float vm = v[0];
+#pragma unroll
+    for (int k = 1; k < kXentVec; ++k) vm = fmaxf(vm, v[k]);
+    if (vm > m) {
+      s *= expf(m - vm);  // m = -inf first: exp(-inf) = 0
+      m = vm;
+    }
+#pragma unroll
+    for (int k = 0; k < kXentVec; ++k) s += expf(v[k] - m);
+  }
+  for (int64_t j = nvec * kXentVec + tid; j < p.V; j += kXentThreads) {  // the last V % 8 columns
     const float v = z[j];
     if (v > m) {
-      s = s * expf(m - v) + 1.f;  // m = -inf first: exp(-inf) = 0
+      s = s * expf(m - v) + 1.f;
       m = v;
     } else {
       s += expf(v - m);
@@ -69,7 +87,17 @@ __global__ void __launch_bounds__(kXentThreads) xent_row_kernel(XentParams p) {
   if (tid == 0) p.losses[row] = valid ? lse - z[y] : __int_as_float(0x7fc00000);
   if (!p.dlogits) return;
   bf16* dl = p.dlogits + row * p.ld;
-  for (int64_t j = tid; j < p.V; j += kXentThreads) {
+  for (int64_t i = tid; i < nvec; i += kXentThreads) {
+    float g[kXentVec];
+    load_f<kXentVec>(z + i * kXentVec, g);
+#pragma unroll
+    for (int k = 0; k < kXentVec; ++k) {
+      g[k] = p.gscale * expf(g[k] - lse);
+      if (i * kXentVec + k == y) g[k] -= p.gscale;
+    }
+    store_f<kXentVec>(dl + i * kXentVec, g);  // one 16-byte store
+  }
+  for (int64_t j = nvec * kXentVec + tid; j < p.V; j += kXentThreads) {
     float g = p.gscale * expf(z[j] - lse);
     if (j == y) g -= p.gscale;
     dl[j] = __float2bfloat16(g);
