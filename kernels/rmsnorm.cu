@@ -1,6 +1,7 @@
 // RMSNorm: forward one warp per row (two passes over the row: add+store+sum of squares, then
 // normalise); backward one block per strided row set with per-block dw partials in shared
-// memory, then a column pass that adds the partials in block order (deterministic).
+// memory, then a column pass that adds the partials in block order (deterministic). Both take
+// 16-byte accesses when d and the pointers allow, element by element otherwise.
 #include "rmsnorm.cuh"
 
 namespace mf::cuda {
@@ -68,7 +69,9 @@ __global__ void __launch_bounds__(kRmsFwdWarps * kWarp) rmsnorm_fwd_kernel(Rmsno
   }
 }
 
-template <typename T, typename TW>
+// VEC consecutive columns per thread per step (16-byte accesses when VEC > 1): thread t owns
+// columns [VEC t, VEC t + VEC) + k VEC blockDim in every loop, so part[] needs no barrier.
+template <typename T, typename TW, int VEC>
 __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormParams p) {
   extern __shared__ float smem[];  // [kWarp] reduction scratch, then [d] dw partial
   float* red = smem;
@@ -77,26 +80,44 @@ __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormPara
   const T* x = static_cast<const T*>(p.x);
   const TW* w = static_cast<const TW*>(p.w);
   T* dx = static_cast<T*>(p.dx);
-  const int tid = threadIdx.x;
-  // Column c is owned by thread c % blockDim in every loop below, so part[] needs no barrier.
-  for (int64_t c = tid; c < p.d; c += kRmsBwdThreads) part[c] = 0.f;
+  const int64_t c0 = int64_t(threadIdx.x) * VEC, step = int64_t(kRmsBwdThreads) * VEC;
+  for (int64_t c = c0; c < p.d; c += step)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) part[c + e] = 0.f;
   for (int64_t row = blockIdx.x; row < p.N; row += p.blocks) {
     const T* g = dy + row * p.d;
     const T* xr = x + row * p.d;
     const float r = p.rstd[row];
     float dot = 0.f;
-    for (int64_t c = tid; c < p.d; c += kRmsBwdThreads) dot += to_f(g[c]) * to_f(w[c]) * to_f(xr[c]);
+    for (int64_t c = c0; c < p.d; c += step) {
+      float gv[VEC], wv[VEC], xv[VEC];
+      load_f<VEC>(g + c, gv);
+      load_f<VEC>(w + c, wv);
+      load_f<VEC>(xr + c, xv);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dot += gv[e] * wv[e] * xv[e];
+    }
     dot = block_sum(dot, red);
     const float coef = dot * r * r * r / float(p.d);
     T* o = dx + row * p.d;
-    for (int64_t c = tid; c < p.d; c += kRmsBwdThreads) {
-      const float gc = to_f(g[c]), xc = to_f(xr[c]);
-      o[c] = from_f<T>(to_f(o[c]) + r * to_f(w[c]) * gc - xc * coef);
-      part[c] += gc * xc * r;
+    for (int64_t c = c0; c < p.d; c += step) {
+      float gv[VEC], wv[VEC], xv[VEC], ov[VEC];
+      load_f<VEC>(g + c, gv);
+      load_f<VEC>(w + c, wv);
+      load_f<VEC>(xr + c, xv);
+      load_f<VEC>(o + c, ov);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        ov[e] = ov[e] + r * wv[e] * gv[e] - xv[e] * coef;
+        part[c + e] += gv[e] * xv[e] * r;
+      }
+      store_f<VEC>(o + c, ov);
     }
   }
   float* out = p.partials + int64_t(blockIdx.x) * p.d;
-  for (int64_t c = tid; c < p.d; c += kRmsBwdThreads) out[c] = part[c];
+  for (int64_t c = c0; c < p.d; c += step)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[c + e] = part[c + e];
 }
 
 __global__ void rmsnorm_dw_kernel(RmsnormParams p) {
@@ -127,10 +148,14 @@ void launch_rmsnorm_bwd(const RmsnormParams& p, size_t max_smem, cudaStream_t st
   const size_t smem = (kWarp + size_t(p.d)) * sizeof(float);
   MF_CHECK(smem <= max_smem, "rmsnorm_bwd: d = ", p.d, " needs ", smem,
            " bytes of shared memory, more than the device's ", max_smem);
+  constexpr int VEC = 16 / sizeof(T);
+  const bool vec = p.d % VEC == 0 && aligned16(p.dy) && aligned16(p.x) && aligned16(p.dx) &&
+                   ((VEC * sizeof(TW)) % 16 != 0 || aligned16(p.w));  // w is read by vector iff that
+                                                                     // is a whole number of 16 bytes
+  auto* kernel = vec ? rmsnorm_bwd_kernel<T, TW, VEC> : rmsnorm_bwd_kernel<T, TW, 1>;
   if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(rmsnorm_bwd_kernel<T, TW>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  rmsnorm_bwd_kernel<T, TW><<<p.blocks, kRmsBwdThreads, smem, stream>>>(p);
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<p.blocks, kRmsBwdThreads, smem, stream>>>(p);
   CUDA_CHECK_LAUNCH();
   rmsnorm_dw_kernel<<<unsigned(ceil_div(p.d, kRmsColThreads)), kRmsColThreads, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
