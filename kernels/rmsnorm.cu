@@ -69,8 +69,10 @@ __global__ void __launch_bounds__(kRmsFwdWarps * kWarp) rmsnorm_fwd_kernel(Rmsno
   }
 }
 
-// VEC consecutive columns per thread per step (16-byte accesses when VEC > 1): thread t owns
-// columns [VEC t, VEC t + VEC) + k VEC blockDim in every loop, so part[] needs no barrier.
+// VEC consecutive columns per thread per step (16-byte accesses when VEC > 1, then d % VEC == 0):
+// thread t owns columns [VEC t, VEC t + VEC) + k VEC blockDim in every loop, so part[] needs no
+// barrier. part[] keeps column c + e (c a multiple of VEC) at e (d / VEC) + c / VEC, so a warp's
+// 32 threads touch 32 consecutive floats (no bank conflicts).
 template <typename T, typename TW, int VEC>
 __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormParams p) {
   extern __shared__ float smem[];  // [kWarp] reduction scratch, then [d] dw partial
@@ -81,9 +83,10 @@ __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormPara
   const TW* w = static_cast<const TW*>(p.w);
   T* dx = static_cast<T*>(p.dx);
   const int64_t c0 = int64_t(threadIdx.x) * VEC, step = int64_t(kRmsBwdThreads) * VEC;
+  const int64_t plane = p.d / VEC;
   for (int64_t c = c0; c < p.d; c += step)
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) part[c + e] = 0.f;
+    for (int e = 0; e < VEC; ++e) part[e * plane + c / VEC] = 0.f;
   for (int64_t row = blockIdx.x; row < p.N; row += p.blocks) {
     const T* g = dy + row * p.d;
     const T* xr = x + row * p.d;
@@ -109,7 +112,7 @@ __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormPara
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         ov[e] = ov[e] + r * wv[e] * gv[e] - xv[e] * coef;
-        part[c + e] += gv[e] * xv[e] * r;
+        part[e * plane + c / VEC] += gv[e] * xv[e] * r;
       }
       store_f<VEC>(o + c, ov);
     }
@@ -117,7 +120,7 @@ __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormPara
   float* out = p.partials + int64_t(blockIdx.x) * p.d;
   for (int64_t c = c0; c < p.d; c += step)
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) out[c + e] = part[c + e];
+    for (int e = 0; e < VEC; ++e) out[c + e] = part[e * plane + c / VEC];
 }
 
 __global__ void rmsnorm_dw_kernel(RmsnormParams p) {
