@@ -124,11 +124,12 @@ namespace {
 template <ReduceOp OP>
 double reduce_entry(const Ctx& ctx, const char* op, const Tensor& x) {
   check_float(op, "x", x);
+  const size_t nparts = size_t(reduce_partials_count(x.numel()));
   Arena sz;
-  sz.take<double>(size_t(reduce_partials_count(x.numel())));
+  sz.take<double>(nparts);
   sz.take<double>(1);
   Arena a(ctx.scratch->get(sz.used()));
-  double* partials = a.take<double>(size_t(reduce_partials_count(x.numel())));
+  double* partials = a.take<double>(nparts);
   double* out = a.take<double>(1);
   reduce_one<OP>(x.ptr, x.numel(), x.dtype == DType::BF16, out, partials, ctx.stream);
   double host = 0.0;
