@@ -61,10 +61,6 @@ cuemu_switch:
 )");
 #endif
 
-// The __shared__ section's bounds (cuda_runtime.h), weak so that a program without one links.
-extern "C" char __start_cuemu_smem[] __attribute__((weak));
-extern "C" char __stop_cuemu_smem[] __attribute__((weak));
-
 namespace cuemu {
 
 Coords g_coords;
@@ -189,11 +185,17 @@ void arrange(std::vector<unsigned>& idx, size_t n) {
   if (m.order == Order::Shuffle) std::shuffle(idx.begin(), idx.end(), m.rng);
 }
 
+// The static __shared__ variables of every kernel that has run (register_shared).
+struct Region { char* p; size_t bytes; };
+std::vector<Region>& static_shared() {
+  static auto* v = new std::vector<Region>;
+  return *v;
+}
+
 // Shared memory starts every block as 0xFF bytes (NaN for f32/bf16/f64, -1 for integers): the
 // device gives no initial contents, and a stale value from the previous block could pass a test.
 void poison_shared() {
-  if (__start_cuemu_smem && __stop_cuemu_smem > __start_cuemu_smem)
-    std::memset(__start_cuemu_smem, 0xFF, size_t(__stop_cuemu_smem - __start_cuemu_smem));
+  for (const Region& r : static_shared()) std::memset(r.p, 0xFF, r.bytes);
   std::memset(g->dyn.data(), 0xFF, g->dyn.size());
 }
 
@@ -276,6 +278,12 @@ void run_block(const Cfg& cfg) {
 
 void set_order(const std::string& order) { mode() = parse_order(order); }
 
+bool register_shared(void* p, size_t bytes) {
+  static_shared().push_back({static_cast<char*>(p), bytes});
+  std::memset(p, 0xFF, bytes);  // registered by the first thread to reach it, before any use
+  return true;
+}
+
 void syncthreads() { wait_as(St::Block); }
 
 int lane_id() { return g->cur->linear % 32; }
@@ -340,20 +348,13 @@ void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx) {
   g_coords.gridDim = cfg.grid;
   try {
     const size_t nb = size_t(cfg.grid.x) * cfg.grid.y * cfg.grid.z;
-    if (mode().order == Order::Forward) {
-      for (unsigned z = 0; z < cfg.grid.z; ++z)
-        for (unsigned y = 0; y < cfg.grid.y; ++y)
-          for (unsigned x = 0; x < cfg.grid.x; ++x) {
-            g_coords.blockIdx = {x, y, z};
-            run_block(cfg);
-          }
-    } else {
-      std::vector<unsigned> blocks;
-      arrange(blocks, nb);
-      for (unsigned b : blocks) {
-        g_coords.blockIdx = {b % cfg.grid.x, (b / cfg.grid.x) % cfg.grid.y, unsigned(b / (size_t(cfg.grid.x) * cfg.grid.y))};
-        run_block(cfg);
-      }
+    std::vector<unsigned> blocks;  // empty: index order
+    if (mode().order != Order::Forward) arrange(blocks, nb);
+    for (size_t i = 0; i < nb; ++i) {
+      const size_t b = blocks.empty() ? i : blocks[i];
+      g_coords.blockIdx = {unsigned(b % cfg.grid.x), unsigned((b / cfg.grid.x) % cfg.grid.y),
+                           unsigned(b / (size_t(cfg.grid.x) * cfg.grid.y))};
+      run_block(cfg);
     }
   } catch (...) {
     g = outer;
@@ -373,10 +374,11 @@ std::map<void*, size_t>& allocations() {
 }
 size_t g_allocated = 0;
 constexpr size_t kDeviceBytes = size_t(141) << 30;  // an H200's 141 GB
+size_t padded(size_t n) { return std::max<size_t>(256, (n + 255) / 256 * 256); }  // 256-byte pieces
 }  // namespace
 
 cudaError_t cudaMalloc(void** p, size_t n) {
-  const size_t bytes = std::max<size_t>(256, (n + 255) / 256 * 256);
+  const size_t bytes = padded(n);
   if (bytes > kDeviceBytes - g_allocated) return cudaErrorMemoryAllocation;
   *p = std::aligned_alloc(256, bytes);
   if (!*p) return cudaErrorMemoryAllocation;
@@ -524,9 +526,10 @@ namespace {
 std::vector<const void*> g_ldsm;
 bool in_shared(const void* p, size_t bytes) {
   const char* c = static_cast<const char*>(p);
-  const bool stat = __start_cuemu_smem && c >= __start_cuemu_smem && c + bytes <= __stop_cuemu_smem;
+  for (const Region& r : static_shared())
+    if (c >= r.p && c + bytes <= r.p + r.bytes) return true;
   const char* d = reinterpret_cast<const char*>(g->dyn.data());
-  return stat || (c >= d && c + bytes <= d + g->dyn.size());
+  return c >= d && c + bytes <= d + g->dyn.size();
 }
 }  // namespace
 
@@ -592,7 +595,7 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
   return cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
-  *p = std::aligned_alloc(256, std::max<size_t>(256, (n + 255) / 256 * 256));
+  *p = std::aligned_alloc(256, padded(n));
   return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaMallocHost(void** p, size_t n) { return cudaHostAlloc(p, n, 0); }

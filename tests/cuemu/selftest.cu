@@ -7,29 +7,17 @@
 
 namespace selftest {
 
-// Block sum with the barriers it needs: out[blockIdx.x] = sum of x over the block's threads.
+// Block sum: out[blockIdx.x] = sum of x over the block's threads. BARRIER false leaves out the
+// __syncthreads, so thread 0 reads the other warps' partial sums whether or not they have been
+// written.
+template <bool BARRIER>
 __global__ void block_sum_kernel(const float* x, float* out) {
   __shared__ float part[32];
   float v = x[blockIdx.x * blockDim.x + threadIdx.x];
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) part[warp] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float s = 0.f;
-    for (int w = 0; w < int(blockDim.x / 32); ++w) s += part[w];
-    out[blockIdx.x] = s;
-  }
-}
-
-// The same with the barrier left out: thread 0 reads the other warps' partial sums whether or
-// not they have been written.
-__global__ void racy_block_sum_kernel(const float* x, float* out) {
-  __shared__ float part[32];
-  float v = x[blockIdx.x * blockDim.x + threadIdx.x];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) part[warp] = v;
+  if (BARRIER) __syncthreads();
   if (threadIdx.x == 0) {
     float s = 0.f;
     for (int w = 0; w < int(blockDim.x / 32); ++w) s += part[w];
@@ -97,9 +85,9 @@ __global__ void divergent_barrier_kernel(float* out) {
 
 void block_sum(const float* x, float* out, int blocks, int threads, bool racy) {
   if (racy)
-    racy_block_sum_kernel<<<blocks, threads>>>(x, out);
+    block_sum_kernel<false><<<blocks, threads>>>(x, out);
   else
-    block_sum_kernel<<<blocks, threads>>>(x, out);
+    block_sum_kernel<true><<<blocks, threads>>>(x, out);
 }
 void stale_shared(unsigned* out, int blocks, bool dynamic) {
   if (dynamic)

@@ -23,9 +23,10 @@
 #define __forceinline__ inline
 #define __noinline__
 #define __restrict__ __restrict
-// Every __shared__ variable lives in one section, which the runtime poisons before each block
-// (runtime.cpp), so a read of shared memory no thread of the block wrote is NaN / -1.
-#define __shared__ static __attribute__((section("cuemu_smem")))
+// A __shared__ variable is a static local; cu2cpp.py registers each one (cuemu::register_shared)
+// and the runtime poisons them all before every block, so a read of shared memory no thread of
+// the block wrote is NaN / -1.
+#define __shared__ static
 #define __constant__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
@@ -235,6 +236,9 @@ struct Cfg {
 // Runs body() for every thread of every block (blocks in order, threads as fibers).
 void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx);
 unsigned char* dynamic_smem();  // the current block's dynamic shared memory (cfg.smem bytes)
+// Records a static __shared__ variable (once per declaration: cu2cpp.py emits the call as a static
+// local's initialiser) and poisons it at once; returns true.
+bool register_shared(void* p, size_t bytes);
 
 // Sets the block and thread order (as CUEMU_ORDER does: "forward", "reverse", "shuffle[:SEED]");
 // throws std::invalid_argument on anything else.
