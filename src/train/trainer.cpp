@@ -364,10 +364,10 @@ void Trainer::setup_grad_buckets() {
     largest = std::max(largest, b.numel);
     n_sharded += b.sharded;
   }
-  spdlog::info("gradient all-reduce: {} bucket(s) (train.bucket_mb = {}; largest {:.2f} MiB{}), {}",
+  spdlog::info("gradient all-reduce: {} bucket(s) (train.bucket_mb = {}; largest {:.2f} MiB{}), {} ({})",
                buckets_.size(), cfg_.train.bucket_mb, double(largest) * 4 / (1 << 20),
                n_sharded ? fmt::format("; {} reduce-scattered for ZeRO-1", n_sharded) : "",
-               cfg_.train.overlap_comm ? "overlapping backward" : "after backward");
+               cfg_.train.overlap_comm ? "overlapping backward" : "after backward", comm_->name());
 }
 
 void Trainer::setup_distributed() {

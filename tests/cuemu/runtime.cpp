@@ -336,6 +336,8 @@ void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx) {
     g_last = cudaErrorInvalidValue;  // what the device reports for a bad configuration
     return;
   }
+  if (!cfg.stream) legacy_ready();
+  eager_work(cfg.stream);  // the stream's queued collectives come first
   Grid grid;
   Grid* outer = g;
   g = &grid;
@@ -396,26 +398,51 @@ cudaError_t cudaFree(void* p) {
   std::free(p);
   return cudaSuccess;
 }
+namespace {
+// Work issued to stream `s` that runs at once: it first waits for what the stream has queued.
+void eager_on(cudaStream_t s) {
+  if (!s) cuemu::legacy_ready();
+  cuemu::eager_work(s);
+}
+}  // namespace
+
 cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
+  eager_on(nullptr);
   if (n) std::memmove(d, s, n);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, cudaStream_t) {
-  return cudaMemcpy(d, s, n, k);
+// Device-to-device copies and memsets join a stream's queue when it has one (streams.cpp); a copy
+// from or to host memory waits for the queue instead (pageable memory: the device's copy waits too).
+cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
+  if (k == cudaMemcpyDeviceToDevice && cuemu::stream_busy(st)) {
+    if (n) cuemu::enqueue(st, [d, s, n] { std::memmove(d, s, n); }, nullptr);
+    return cudaSuccess;
+  }
+  eager_on(st);
+  if (n) std::memmove(d, s, n);
+  return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int v, size_t n) {
+  eager_on(nullptr);
   if (n) std::memset(p, v, n);
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { return cudaMemset(p, v, n); }
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t st) {
+  if (cuemu::stream_busy(st)) {
+    if (n) cuemu::enqueue(st, [p, v, n] { std::memset(p, v, n); }, nullptr);
+    return cudaSuccess;
+  }
+  eager_on(st);
+  if (n) std::memset(p, v, n);
+  return cudaSuccess;
+}
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
-                              size_t height, cudaMemcpyKind, cudaStream_t) {
+                              size_t height, cudaMemcpyKind, cudaStream_t st) {
+  eager_on(st);
   for (size_t r = 0; r < height; ++r)
     std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 cudaError_t cudaGetLastError() {
   const cudaError_t e = cuemu::g_last;
   cuemu::g_last = cudaSuccess;
@@ -561,37 +588,12 @@ void ldmatrix(uint32_t* d, int nmat, bool trans, const void* row) {
 }
 }  // namespace cuemu
 
-// ---- streams, events, host memory: everything is synchronous on the host ----------------------
-namespace {
-struct EmuEvent { double t = 0; };
-double now_ms() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-}  // namespace
+// ---- device, host memory (streams and events: streams.cpp) -------------------------------------
 cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
   *t = kDeviceBytes;
   *f = kDeviceBytes - g_allocated;
-  return cudaSuccess;
-}
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
-  static char token;
-  *s = reinterpret_cast<cudaStream_t>(&token);
-  return cudaSuccess;
-}
-cudaError_t cudaStreamCreateWithPriority(cudaStream_t* s, unsigned f, int) { return cudaStreamCreateWithFlags(s, f); }
-cudaError_t cudaDeviceGetStreamPriorityRange(int* lo, int* hi) { *lo = 0; *hi = -5; return cudaSuccess; }
-cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
-cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = reinterpret_cast<cudaEvent_t>(new EmuEvent); return cudaSuccess; }
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
-cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) { reinterpret_cast<EmuEvent*>(e)->t = now_ms(); return cudaSuccess; }
-cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
-cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
-cudaError_t cudaEventDestroy(cudaEvent_t e) { delete reinterpret_cast<EmuEvent*>(e); return cudaSuccess; }
-cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
-  *ms = float(reinterpret_cast<EmuEvent*>(b)->t - reinterpret_cast<EmuEvent*>(a)->t);
   return cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {

@@ -2,7 +2,8 @@
 // for the CPU emulator (tests/cuemu): its [gpu] cases then run here, on the CPU, through the
 // hand-written kernels, their launchers and the backend's host code. Where the real backend calls
 // cuBLASLt the emulator runs the SIMT fallback kernel, cuSOLVER and cuBLAS become LAPACK/BLAS, and
-// there is no cuDNN (cases that need it skip as on a machine without it); NCCL is left out.
+// there is no cuDNN (cases that need it skip as on a machine without it); NCCL is emulated
+// between processes (nccl_emu.cpp).
 #include <memory>
 #include <string>
 
@@ -21,7 +22,9 @@ inline std::unique_ptr<Backend> cuemu_make_backend(const std::string& device) {
 #define MF_CUEMU_TEST 1
 #define make_backend cuemu_make_backend
 #define cuda_available cuemu_cuda_available
-#undef MF_HAS_NCCL
+#ifndef MF_HAS_NCCL
+#define MF_HAS_NCCL 1  // the emulated NCCL (nccl_emu.cpp)
+#endif
 #ifndef MF_HAS_CUDA
 #define MF_HAS_CUDA 1
 #endif

@@ -1,13 +1,16 @@
 // cuemu: just enough of the CUDA runtime and language for kernels/*.cu to compile as C++ and run
-// on the CPU (tests/cuemu/README.md). Device memory is host memory, every stream is the host
-// thread (work runs at launch), and a kernel's blocks run one after another, each block's threads
-// as cooperative fibers (runtime.cpp) so that __syncthreads, warp shuffles and mma.sync behave
-// as on the device. Never part of the real build: only test_cuemu links it.
+// on the CPU (tests/cuemu/README.md). Device memory is host memory; kernels, GEMMs and copies run
+// at once on the calling thread, while collectives (the emulated NCCL) are queued on their stream
+// and run late (streams.cpp), so a missing stream wait shows. A kernel's blocks run one after
+// another, each block's threads as cooperative fibers (runtime.cpp) so that __syncthreads, warp
+// shuffles and mma.sync behave as on the device. Never part of the real build: only the cuemu
+// targets link it.
 #pragma once
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -231,7 +234,8 @@ namespace cuemu {
 struct Cfg {
   dim3 grid, block;
   size_t smem;
-  Cfg(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
+  cudaStream_t stream;
+  Cfg(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = nullptr) : grid(g), block(b), smem(s), stream(st) {}
 };
 // Runs body() for every thread of every block (blocks in order, threads as fibers).
 void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx);
@@ -239,6 +243,29 @@ unsigned char* dynamic_smem();  // the current block's dynamic shared memory (cf
 // Records a static __shared__ variable (once per declaration: cu2cpp.py emits the call as a static
 // local's initialiser) and poisons it at once; returns true.
 bool register_shared(void* p, size_t bytes);
+
+// Streams (streams.cpp). Work runs at once on the calling thread, except what is queued with
+// enqueue (collectives, and the copies and memsets issued to a stream behind one). A stream's
+// queue runs in order on its own thread: an item's `early` part as soon as the queue reaches it,
+// its `late` part when something waits for it or CUEMU_COMM_DELAY_MS (default 2000) after it was
+// queued, whichever comes first.
+// Makes the queued work of `s` run and returns when it has (the stream's order before eager work).
+void stream_ready(cudaStream_t s);
+// stream_ready, then counts one piece of eager work issued to `s` (launch, copy, GEMM).
+void eager_work(cudaStream_t s);
+// Whether `s` has queued work not yet done.
+bool stream_busy(cudaStream_t s);
+// Queues work on `s`, behind its earlier queued work. On an idle stream `early` runs before this
+// returns. `late` may be empty (then the item does not wait to be asked for).
+void enqueue(cudaStream_t s, std::function<void()> early, std::function<void()> late);
+// Empty when `s` is ordered after all eager work issued so far to the other streams (not the
+// legacy one), by event waits or host synchronisations; otherwise says what is not.
+std::string ordered_after_all(cudaStream_t s);
+// stream_ready for every stream.
+void device_ready();
+// What work on the legacy stream (stream 0, cudaMemcpy) waits for: the legacy stream itself and
+// every stream made without cudaStreamNonBlocking.
+void legacy_ready();
 
 // Sets the block and thread order (as CUEMU_ORDER does: "forward", "reverse", "shuffle[:SEED]");
 // throws std::invalid_argument on anything else.
