@@ -157,26 +157,23 @@ def kill_test():
     env = dict(os.environ, OMP_NUM_THREADS="1", MF_COMM_TIMEOUT="60")
     log = open(os.path.join(WORK, name + ".log"), "w")
     p = subprocess.Popen(cmd, cwd=WORK, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    # Wait until step 3's checkpoint exists (rank 1 is then training step 4 or later), kill rank 1.
+    # Find the rank-1 worker, wait until step 2's checkpoint exists (it is then training step 3 or
+    # later), and kill it.
     deadline = time.time() + 300
-    mdir = os.path.join(WORK, name)
-    while not os.path.exists(os.path.join(mdir, "ckpt-000002")) and time.time() < deadline:
-        time.sleep(0.05)
-    out = subprocess.run(["pgrep", "-f", "run.dir=" + name], stdout=subprocess.PIPE, text=True).stdout
-    pids = [int(x) for x in out.split() if int(x) != p.pid]
     victims = []
-    for pid in pids:
-        try:
-            with open("/proc/%d/environ" % pid, "rb") as f:
-                env_vars = f.read().split(b"\0")
-            if b"RANK=1" in env_vars and os.path.basename(os.readlink("/proc/%d/exe" % pid)) == os.path.basename(BIN):
-                victims.append(pid)
-        except OSError:
-            pass
+    while not victims and time.time() < deadline and p.poll() is None:
+        victims = rank1_workers(name)
+        time.sleep(0.02)
+    while not os.path.exists(os.path.join(WORK, name, "ckpt-000002")) and time.time() < deadline:
+        time.sleep(0.02)
     if len(victims) != 1:
         p.kill()
-        fail("expected one rank-1 worker to kill, found %s among %s" % (victims, pids))
-    os.kill(victims[0], signal.SIGKILL)
+        fail("expected one rank-1 worker to kill, found %s" % victims)
+    try:
+        os.kill(victims[0], signal.SIGKILL)
+    except ProcessLookupError:
+        p.kill()
+        fail("rank 1 ended before it could be killed (the machine is unusually slow or fast?)")
     rc = p.wait(timeout=600)
     log.close()
     text = open(os.path.join(WORK, name + ".log")).read()
@@ -187,6 +184,21 @@ def kill_test():
         print(text[-4000:])
         fail("the launcher did not restart the group")
     same_files("muon_w2", name, 6)
+
+
+def rank1_workers(name):
+    """Pids of muonforge_cuemu processes of run `name` whose environment says RANK=1."""
+    out = subprocess.run(["pgrep", "-f", "run.dir=" + name], stdout=subprocess.PIPE, text=True).stdout
+    found = []
+    for pid in (int(x) for x in out.split()):
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                env_vars = f.read().split(b"\0")
+            if b"RANK=1" in env_vars and os.path.basename(os.readlink("/proc/%d/exe" % pid)) == os.path.basename(BIN):
+                found.append(pid)
+        except OSError:
+            pass
+    return found
 
 
 if __name__ == "__main__":
