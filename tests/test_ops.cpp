@@ -715,17 +715,16 @@ TEST_CASE("CpuBackend ops are deterministic (bitwise equal on repeat)", "[ops]")
     Bufs a = out, b = out, one = out;
     run_on(cpu, c, in, a);
     run_on(cpu, c, in, b);
-    // The OpenMP loops never split a reduction across threads, so even the thread count does
-    // not change a bit. (GEMM ops are left out: their threading belongs to OpenBLAS.)
-    const bool uses_blas = c.op.rfind("matmul", 0) == 0 || c.op == "lmhead_xent";
+    // The OpenMP loops never split a reduction across threads, and GEMMs cut C into slabs by
+    // shape alone, so even the thread count does not change a bit.
     omp_set_num_threads(1);
-    if (!uses_blas) run_on(cpu, c, in, one);
+    run_on(cpu, c, in, one);
     omp_set_num_threads(threads);
     for (size_t j = 0; j < a.size(); ++j) {
       INFO(c.op << " [" << c.label << "] output " << a[j].spec.name << ", " << threads
                 << " threads");
       CHECK(a[j].f == b[j].f);
-      if (!uses_blas) CHECK(a[j].f == one[j].f);
+      CHECK(a[j].f == one[j].f);
     }
   }
 }
@@ -1091,4 +1090,38 @@ TEST_CASE("op argument errors throw mf::Error naming the tensors", "[ops]") {
   lt.i32()[2] = 10;
   CHECK_THROWS_WITH(cpu.lmhead_xent(lx, lW, lt, 1.f, ll, nullptr, nullptr, 1.f),
                     Catch::Contains("targets[2] = 10"));
+}
+
+TEST_CASE("float GEMM: slabs on the threads give the same bits for 1, 2 and 3 threads", "[ops][gemm]") {
+  // Shapes above the slab threshold (split by rows, or by columns when wider than tall, with a
+  // ragged last slab), one below it, every transpose; checked against a double GEMM too.
+  struct Shape3 { int64_t M, N, K; };
+  const int threads0 = omp_get_max_threads();
+  Rng rng(77);
+  for (Shape3 sh : {Shape3{515, 130, 96}, Shape3{70, 600, 64}, Shape3{300, 300, 40}, Shape3{40, 30, 20}})
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb) {
+        const int64_t M = sh.M, N = sh.N, K = sh.K;
+        const int64_t lda = ta ? M : K, ldb = tb ? K : N;
+        std::vector<float> A(size_t(M * K)), B(size_t(K * N)), C0(size_t(M * N));
+        for (float& v : A) v = float(rng.normal());
+        for (float& v : B) v = float(rng.normal());
+        for (float& v : C0) v = float(rng.normal());
+        std::vector<double> Ad(A.begin(), A.end()), Bd(B.begin(), B.end()), Cd(C0.begin(), C0.end());
+        ref::gemm<double>(ta, tb, M, N, K, 0.5, Ad.data(), lda, Bd.data(), ldb, 0.25, Cd.data(), N);
+        std::vector<std::vector<float>> got;
+        for (int t : {1, 2, 3}) {
+          omp_set_num_threads(t);
+          std::vector<float> C = C0;
+          ref::gemm<float>(ta, tb, M, N, K, 0.5f, A.data(), lda, B.data(), ldb, 0.25f, C.data(), N);
+          got.push_back(C);
+        }
+        omp_set_num_threads(threads0);
+        INFO("M " << M << " N " << N << " K " << K << " transA " << ta << " transB " << tb);
+        CHECK(std::memcmp(got[0].data(), got[1].data(), got[0].size() * sizeof(float)) == 0);
+        CHECK(std::memcmp(got[0].data(), got[2].data(), got[0].size() * sizeof(float)) == 0);
+        double worst = 0;
+        for (size_t i = 0; i < Cd.size(); ++i) worst = std::max(worst, std::abs(double(got[0][i]) - Cd[i]));
+        CHECK(worst < 1e-4 * std::sqrt(double(K)) * 4);
+      }
 }

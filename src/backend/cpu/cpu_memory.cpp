@@ -15,13 +15,24 @@ CpuBackend::CpuBackend() {
   // OpenBLAS's own thread pool and our OpenMP loops alternate many times per step; both spin
   // while waiting, and on a small machine they starve each other (measured on 2 cores: the tiny
   // config runs 3.6k tok/s with threaded BLAS, 10.4k with single-threaded BLAS; at d_model 512
-  // they are even). So GEMMs run on one thread unless OPENBLAS_NUM_THREADS says otherwise.
+  // they are even). So OpenBLAS runs on one thread unless OPENBLAS_NUM_THREADS says otherwise,
+  // and ref::gemm<float> spreads a GEMM's slabs over the OpenMP threads instead.
   static const bool once = [] {
     if (!std::getenv("OPENBLAS_NUM_THREADS")) openblas_set_num_threads(1);
     return true;
   }();
   (void)once;
 }
+
+namespace ref {
+bool blas_threaded() {
+  static const bool threaded = [] {
+    const char* e = std::getenv("OPENBLAS_NUM_THREADS");
+    return e && std::atoi(e) > 1;
+  }();
+  return threaded;
+}
+}  // namespace ref
 
 Tensor CpuBackend::empty(const Shape& s, DType t) {
   MF_CHECK(t != DType::BF16, "the CPU backend is fp32 only (asked for bf16 ", shape_str(s), ")");

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/ref_ops.h"
 
 namespace mf {
 
@@ -129,16 +130,13 @@ void CpuBackend::newton_schulz(const Tensor& U, Tensor& O, int steps, float a, f
   const int M = int(m), N = int(n);
   for (int it = 0; it < steps; ++it) {
     // A (=) X X^T   [m,m]
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, M, N, 1.0f, X.data(), N, X.data(), N,
-                0.0f, A.data(), M);
+    ref::gemm<float>(false, true, M, M, N, 1.0f, X.data(), N, X.data(), N, 0.0f, A.data(), M);
     // B (=) b A + c A A   [m,m]
     for (size_t i = 0; i < B.size(); ++i) B[i] = b * A[i];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, M, M, c, A.data(), M, A.data(), M,
-                1.0f, B.data(), M);
+    ref::gemm<float>(false, false, M, M, M, c, A.data(), M, A.data(), M, 1.0f, B.data(), M);
     // Xn (=) a X + B X   [m,n]
     for (size_t i = 0; i < Xn.size(); ++i) Xn[i] = a * X[i];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, M, 1.0f, B.data(), M, X.data(),
-                N, 1.0f, Xn.data(), N);
+    ref::gemm<float>(false, false, M, N, M, 1.0f, B.data(), M, X.data(), N, 1.0f, Xn.data(), N);
     X.swap(Xn);
   }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/ref_ops.h"
 #include "core/error.h"
 #include "optim/linalg.h"
 
@@ -73,9 +74,8 @@ void CpuBackend::gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, Tensor
     if (beta != 0 && beta != 1) scale(C, beta);
     return;
   }
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m),
-              int(n), int(k), alpha, A.f32(), int(A.dim(1)), B.f32(), int(B.dim(1)),
-              beta == 0 ? 0.0f : beta, C.f32(), int(n));
+  ref::gemm<float>(ta, tb, m, n, k, alpha, A.f32(), A.dim(1), B.f32(), B.dim(1), beta == 0 ? 0.0f : beta,
+                   C.f32(), n);
 }
 
 void CpuBackend::block_copy(const Tensor& src, int64_t sr, int64_t sc, Tensor& dst, int64_t dr,
@@ -192,14 +192,11 @@ void CpuBackend::newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vec
   const int M = int(m), N = int(n);
   for (size_t it = 0; it + 2 < coeffs.size(); it += 3) {
     const float a = coeffs[it], b = coeffs[it + 1], c = coeffs[it + 2];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, M, N, 1.0f, X.data(), N, X.data(), N,
-                0.0f, A.data(), M);
+    ref::gemm<float>(false, true, M, M, N, 1.0f, X.data(), N, X.data(), N, 0.0f, A.data(), M);
     for (size_t i = 0; i < B.size(); ++i) B[i] = b * A[i];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, M, M, c, A.data(), M, A.data(), M,
-                1.0f, B.data(), M);
+    ref::gemm<float>(false, false, M, M, M, c, A.data(), M, A.data(), M, 1.0f, B.data(), M);
     for (size_t i = 0; i < Xn.size(); ++i) Xn[i] = a * X[i];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, M, 1.0f, B.data(), M, X.data(), N,
-                1.0f, Xn.data(), N);
+    ref::gemm<float>(false, false, M, N, M, 1.0f, B.data(), M, X.data(), N, 1.0f, Xn.data(), N);
     X.swap(Xn);
   }
   float* op = O.f32();

@@ -9,7 +9,8 @@
 // depend on the number of threads. Long row reductions accumulate in double.
 //
 // GEMMs go through ref::gemm<T>: plain loops for double, OpenBLAS sgemm for float (the float
-// specialization below). sgemm is never called from inside an OpenMP parallel region.
+// specialization below: slabs of C on the OpenMP threads, the same bits for any thread count).
+// ref::gemm is never called from inside an OpenMP parallel region.
 #pragma once
 #include <cblas.h>
 
@@ -58,6 +59,20 @@ void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, co
   }
 }
 
+// The float GEMM's slabs: C is cut into slabs of whole rows (or, when it is wider than tall,
+// whole columns), one single-threaded sgemm each, run by the OpenMP threads. The slab width
+// depends on the shape only, so the result does not depend on the number of threads (a slab's
+// elements are computed by the same sgemm call whatever thread runs it). Widths are multiples of
+// 32 between 64 and 256, about an eighth of the split dimension; shapes below kGemmSlabWork
+// multiply-adds are one call. OpenBLAS runs single-threaded (CpuBackend): its own pool and our
+// OpenMP threads spin against each other. With OPENBLAS_NUM_THREADS > 1 the slabs run one after
+// another and BLAS threads each (the same bits).
+constexpr int64_t kGemmSlabWork = int64_t(1) << 20;
+inline int64_t gemm_slab(int64_t dim) {
+  return std::clamp<int64_t>((dim / 8 + 31) / 32 * 32, 64, 256);
+}
+bool blas_threaded();  // cpu_memory.cpp: OPENBLAS_NUM_THREADS > 1
+
 template <>
 inline void gemm<float>(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha,
                         const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
@@ -70,9 +85,28 @@ inline void gemm<float>(bool transA, bool transB, int64_t M, int64_t N, int64_t 
   }
   for (int64_t v : {M, N, K, lda, ldb, ldc})
     MF_CHECK(v <= INT_MAX, "sgemm dimension ", v, " exceeds the 32-bit BLAS interface");
-  cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans,
-              transB ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha, A, int(lda), B,
-              int(ldb), beta, C, int(ldc));
+  const CBLAS_TRANSPOSE ta = transA ? CblasTrans : CblasNoTrans, tb = transB ? CblasTrans : CblasNoTrans;
+  const bool by_rows = M >= N;
+  const int64_t dim = by_rows ? M : N, slab = gemm_slab(dim);
+  const int64_t slabs = M * N * K < kGemmSlabWork ? 1 : (dim + slab - 1) / slab;
+  if (slabs == 1) {
+    cblas_sgemm(CblasRowMajor, ta, tb, int(M), int(N), int(K), alpha, A, int(lda), B, int(ldb), beta,
+                C, int(ldc));
+    return;
+  }
+#pragma omp parallel for schedule(static) if (!blas_threaded())
+  for (int64_t s = 0; s < slabs; ++s) {
+    const int64_t lo = s * slab, n = std::min(dim, lo + slab) - lo;
+    if (by_rows) {  // rows lo.. of op(A) and C
+      const float* a = transA ? A + lo : A + lo * lda;
+      cblas_sgemm(CblasRowMajor, ta, tb, int(n), int(N), int(K), alpha, a, int(lda), B, int(ldb), beta,
+                  C + lo * ldc, int(ldc));
+    } else {  // columns lo.. of op(B) and C
+      const float* b = transB ? B + lo * ldb : B + lo;
+      cblas_sgemm(CblasRowMajor, ta, tb, int(M), int(n), int(K), alpha, A, int(lda), b, int(ldb), beta,
+                  C + lo, int(ldc));
+    }
+  }
 }
 
 // ---- embedding --------------------------------------------------------------------------------
