@@ -100,6 +100,9 @@ void CpuBackend::newton_schulz(const Tensor& U, Tensor& O, int steps, float a, f
     // A stack: each slice on its own with exactly the per-matrix code below (bitwise equal to
     // one call per slice; the slices of O alias those of U when O aliases U).
     const Shape ms{U.dim(1), U.dim(2)};
+    // One slice per thread (its GEMMs and loops then run on that thread: nested regions are
+    // inactive); each slice's arithmetic is the same whichever thread runs it.
+#pragma omp parallel for schedule(dynamic) if (U.dim(0) > 1)
     for (int64_t x = 0; x < U.dim(0); ++x) {
       Tensor o = O.slice0(x, x + 1).view(ms);
       newton_schulz(U.slice0(x, x + 1).view(ms), o, steps, a, b, c);

@@ -172,6 +172,9 @@ void CpuBackend::newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vec
   MF_CHECK(norm_mult > 0, "newton_schulz_coeffs: norm_mult must be > 0, got ", norm_mult);
   if (U.ndim() == 3) {  // a stack: the per-matrix code on each slice (bitwise the same results)
     const Shape ms{U.dim(1), U.dim(2)};
+    // One slice per thread (its GEMMs and loops then run on that thread: nested regions are
+    // inactive); each slice's arithmetic is the same whichever thread runs it.
+#pragma omp parallel for schedule(dynamic) if (U.dim(0) > 1)
     for (int64_t x = 0; x < U.dim(0); ++x) {
       Tensor o = O.slice0(x, x + 1).view(ms);
       newton_schulz_coeffs(U.slice0(x, x + 1).view(ms), o, coeffs, norm_mult);

@@ -10,7 +10,8 @@
 //
 // GEMMs go through ref::gemm<T>: plain loops for double, OpenBLAS sgemm for float (the float
 // specialization below: slabs of C on the OpenMP threads, the same bits for any thread count).
-// ref::gemm is never called from inside an OpenMP parallel region.
+// Called inside an OpenMP parallel region (Newton-Schulz over a stack of matrices, one per
+// thread), ref::gemm runs its slabs on the calling thread: the same bits.
 #pragma once
 #include <cblas.h>
 
