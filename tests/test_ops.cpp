@@ -1096,6 +1096,7 @@ TEST_CASE("float GEMM: slabs on the threads give the same bits for 1, 2 and 3 th
   // Shapes above the slab threshold (split by rows, or by columns when wider than tall, with a
   // ragged last slab), one below it, every transpose; checked against a double GEMM too.
   struct Shape3 { int64_t M, N, K; };
+  CpuBackend cpu;  // sets OpenBLAS to one thread, as in training
   const int threads0 = omp_get_max_threads();
   Rng rng(77);
   for (Shape3 sh : {Shape3{515, 130, 96}, Shape3{70, 600, 64}, Shape3{300, 300, 40}, Shape3{40, 30, 20}})

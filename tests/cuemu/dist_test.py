@@ -164,7 +164,8 @@ def kill_test():
     while not victims and time.time() < deadline and p.poll() is None:
         victims = rank1_workers(name)
         time.sleep(0.02)
-    while not os.path.exists(os.path.join(WORK, name, "ckpt-000002")) and time.time() < deadline:
+    while not os.path.exists(os.path.join(WORK, name, "ckpt-000002")) and time.time() < deadline \
+            and p.poll() is None:
         time.sleep(0.02)
     if len(victims) != 1:
         p.kill()
@@ -187,14 +188,15 @@ def kill_test():
 
 
 def rank1_workers(name):
-    """Pids of muonforge_cuemu processes of run `name` whose environment says RANK=1."""
+    """Pids of this test's muonforge_cuemu processes of run `name` whose environment says RANK=1."""
     out = subprocess.run(["pgrep", "-f", "run.dir=" + name], stdout=subprocess.PIPE, text=True).stdout
     found = []
     for pid in (int(x) for x in out.split()):
         try:
             with open("/proc/%d/environ" % pid, "rb") as f:
                 env_vars = f.read().split(b"\0")
-            if b"RANK=1" in env_vars and os.path.basename(os.readlink("/proc/%d/exe" % pid)) == os.path.basename(BIN):
+            if b"RANK=1" in env_vars and os.path.basename(os.readlink("/proc/%d/exe" % pid)) == os.path.basename(BIN) \
+                    and os.path.realpath("/proc/%d/cwd" % pid) == os.path.realpath(WORK):
                 found.append(pid)
         except OSError:
             pass

@@ -18,6 +18,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -157,6 +158,11 @@ void run_hub(State& st, const Op& o) {
     if (!recv_all(st.fd[size_t(r)], &h, sizeof h) || h.wire != kWire) {
       st.fail(ncclRemoteError, "rank " + std::to_string(r) + " closed its connection (did it exit?) during " +
                                    describe(mine));
+      return;
+    }
+    if (h.rank != r) {
+      st.fail(ncclInternalError, "the connection of rank " + std::to_string(r) + " carries rank " +
+                                     std::to_string(h.rank) + "'s header");
       return;
     }
     if (h.kind != mine.kind || h.count != mine.count || h.root != mine.root || h.seq != mine.seq ||
@@ -337,6 +343,8 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId u
       }
       const int c = ::accept(lfd, nullptr, nullptr);
       if (c < 0) continue;
+      timeval tv{10, 0};  // a connection that never says hello must not hold up the others
+      ::setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
       Hello h{};
       if (!recv_all(c, &h, sizeof h) || h.wire != kWire || h.nonce != id.nonce || h.nranks != nranks ||
           h.rank <= 0 || h.rank >= nranks || st->fd[size_t(h.rank)] >= 0) {
@@ -345,6 +353,8 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId u
       }
       const int one = 1;
       ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      tv = timeval{0, 0};  // collectives wait as long as the watchdog allows
+      ::setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
       st->fd[size_t(h.rank)] = c;
       ++got;
     }
@@ -401,7 +411,10 @@ ncclResult_t submit(ncclComm_t comm, cudaStream_t stream, Op o) {
   const float* src = o.send;
   const size_t len = contrib_len(o, st->rank, st->n);
   cuemu::enqueue(
-      stream, [in, src, len] { in->assign(src, src + len); },
+      stream,
+      [st, in, src, len] {
+        if (!st->aborted) in->assign(src, src + len);  // an aborted communicator's memory may be gone
+      },
       [st, o] {
         run(*st, o);
         std::lock_guard<std::mutex> l(st->m);

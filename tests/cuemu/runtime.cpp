@@ -391,6 +391,7 @@ cudaError_t cudaMalloc(void** p, size_t n) {
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
+  cuemu::device_ready();  // as on the device: queued work that may still use the memory runs first
   auto it = allocations().find(p);
   if (it == allocations().end()) return cudaErrorInvalidValue;  // not from cudaMalloc
   g_allocated -= it->second;
@@ -602,6 +603,7 @@ cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
 }
 cudaError_t cudaMallocHost(void** p, size_t n) { return cudaHostAlloc(p, n, 0); }
 cudaError_t cudaFreeHost(void* p) {
+  cuemu::device_ready();
   std::free(p);
   return cudaSuccess;
 }

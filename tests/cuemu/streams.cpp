@@ -172,21 +172,32 @@ namespace cuemu {
 void stream_ready(cudaStream_t s) { ready(get(s)); }
 bool stream_busy(cudaStream_t s) { return busy(get(s)); }
 
-void enqueue(cudaStream_t sh, std::function<void()> early, std::function<void()> late) {
-  Stream* s = get(sh);
-  std::lock_guard<std::mutex> l(s->m);
-  // An idle stream reaches the item at once: its early part runs here, in issue order with the
-  // eager work around it (on the worker it would race the host's next kernels).
-  if (early && s->q.empty() && s->done == s->issued) {
-    early();
-    early = nullptr;
-  }
+}  // namespace cuemu
+
+namespace {
+// Appends an item to `s`'s queue (s->m held) and starts its worker if needed.
+void push_locked(Stream* s, std::function<void()> early, std::function<void()> late) {
   s->q.push_back({++s->issued, Clock::now() + delay(), std::move(early), std::move(late)});
   if (!s->worker) {
     s->worker = true;
     std::thread(serve, s).detach();
   }
   s->cv.notify_all();
+}
+}  // namespace
+
+namespace cuemu {
+
+// An idle stream reaches the item at once: its early part (never a blocking one) runs here, in
+// issue order with the eager work around it (on the worker it would race the host's next kernels).
+void enqueue(cudaStream_t sh, std::function<void()> early, std::function<void()> late) {
+  Stream* s = get(sh);
+  std::lock_guard<std::mutex> l(s->m);
+  if (early && s->q.empty() && s->done == s->issued) {
+    early();
+    early = nullptr;
+  }
+  push_locked(s, std::move(early), std::move(late));
 }
 
 void eager_work(cudaStream_t sh) {
@@ -315,14 +326,18 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t sh, cudaEvent_t eh, unsigned) {
     std::lock_guard<std::mutex> l(e.s->m);
     if (e.s->done >= e.ticket) return cudaSuccess;
   }
-  if (busy(s)) {
-    // The waiting stream has queued work: the wait joins its queue.
-    Stream* src = e.s;
-    const uint64_t t = e.ticket;
-    cuemu::enqueue(sh, [src, t] { wait_for(src, t); }, nullptr);
-  } else {
-    wait_for(e.s, e.ticket);  // eager work after this point must see the event's work done
+  {
+    // The waiting stream has queued work: the wait joins its queue (checked and pushed under one
+    // lock: a blocking wait must never run while a stream's lock is held).
+    std::lock_guard<std::mutex> l(s->m);
+    if (s->done < s->issued) {
+      Stream* src = e.s;
+      const uint64_t t = e.ticket;
+      push_locked(s, [src, t] { wait_for(src, t); }, nullptr);
+      return cudaSuccess;
+    }
   }
+  wait_for(e.s, e.ticket);  // eager work after this point must see the event's work done
   return cudaSuccess;
 }
 cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = reinterpret_cast<cudaEvent_t>(new Event); return cudaSuccess; }
@@ -350,10 +365,12 @@ cudaError_t cudaEventSynchronize(cudaEvent_t eh) {
 // Thread-safe (the NCCL watchdog polls from its own thread). Never asks for the work to run.
 cudaError_t cudaEventQuery(cudaEvent_t eh) {
   if (!eh) return cudaErrorInvalidValue;
-  const Event e = *reinterpret_cast<Event*>(eh);
-  if (!e.s) return cudaSuccess;
-  std::lock_guard<std::mutex> l(e.s->m);
-  return e.s->done >= e.ticket ? cudaSuccess : cudaErrorNotReady;
+  const auto* e = reinterpret_cast<const Event*>(eh);
+  Stream* s = e->s;
+  const uint64_t ticket = e->ticket;
+  if (!s) return cudaSuccess;
+  std::lock_guard<std::mutex> l(s->m);
+  return s->done >= ticket ? cudaSuccess : cudaErrorNotReady;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { delete reinterpret_cast<Event*>(e); return cudaSuccess; }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {

@@ -219,6 +219,7 @@ TEST_CASE("cuemu NCCL: a collective must be ordered after the other streams' wor
   cudaEventRecord(e, compute);
   cudaStreamWaitEvent(comm_stream, e, 0);
   CHECK(ncclAllReduce(d, d, 8, ncclFloat32, ncclSum, comm, comm_stream) == ncclSuccess);
+  cudaStreamSynchronize(comm_stream);  // before the compute stream writes d again
   REQUIRE(cudaMemcpyAsync(d, h.data(), 8 * sizeof(float), cudaMemcpyHostToDevice, compute) == cudaSuccess);
   cudaStreamSynchronize(compute);
   CHECK(ncclAllReduce(d, d, 8, ncclFloat32, ncclSum, comm, comm_stream) == ncclSuccess);

@@ -256,7 +256,8 @@ void eager_work(cudaStream_t s);
 // Whether `s` has queued work not yet done.
 bool stream_busy(cudaStream_t s);
 // Queues work on `s`, behind its earlier queued work. On an idle stream `early` runs before this
-// returns. `late` may be empty (then the item does not wait to be asked for).
+// returns (under the stream's lock: it must not block). `late` may be empty (then the item does
+// not wait to be asked for).
 void enqueue(cudaStream_t s, std::function<void()> early, std::function<void()> late);
 // Empty when `s` is ordered after all eager work issued so far to the other streams (not the
 // legacy one), by event waits or host synchronisations; otherwise says what is not.
