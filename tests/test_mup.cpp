@@ -3,6 +3,7 @@
 // under SP), the host eigen-solver and singular values, SVD entropy, max attention logits against
 // a brute-force double loop, QK-clip, and the diagnostics records written by the trainer.
 #include <catch2/catch.hpp>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -360,6 +361,24 @@ TEST_CASE("symmetric eigenvalues and singular values on known spectra", "[mup][d
   }
   std::vector<double> bad = {1.0, NAN, NAN, 1.0};
   CHECK_THROWS_AS(symmetric_eigenvalues(bad, 2), Error);
+}
+
+TEST_CASE("singular values: the same bits for 1, 2 and 3 threads", "[mup][diag]") {
+  // 200 columns: the tridiagonalisation's row loops run in parallel (above 128 rows).
+  Rng rng(31, 1);
+  const int r = 260, c = 200;
+  std::vector<float> w(size_t(r) * c);
+  for (float& x : w) x = float(rng.normal());
+  const int threads0 = omp_get_max_threads();
+  std::vector<std::vector<double>> got;
+  for (int t : {1, 2, 3}) {
+    omp_set_num_threads(t);
+    got.push_back(singular_values(w.data(), r, c));
+  }
+  omp_set_num_threads(threads0);
+  REQUIRE(got[0].size() == size_t(c));
+  CHECK(got[0] == got[1]);
+  CHECK(got[0] == got[2]);
 }
 
 TEST_CASE("SVD entropy: flat spectrum 1, rank one 0", "[mup][diag]") {

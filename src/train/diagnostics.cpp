@@ -56,15 +56,15 @@ void tridiagonalize(std::vector<double>& a, int n, std::vector<double>& d, std::
     const double vv = tail + v[m0] * v[m0];
     const double beta = 2.0 / vv;
     // p = beta * A22 v
-    double pv = 0;
-#pragma omp parallel for reduction(+ : pv) schedule(static) if (n - m0 > 128)
+#pragma omp parallel for schedule(static) if (n - m0 > 128)
     for (int i = m0; i < n; ++i) {
       const double* row = &a[size_t(i) * n];
       double s = 0;
       for (int j = m0; j < n; ++j) s += row[j] * v[j];
       p[i] = beta * s;
-      pv += p[i] * v[i];
     }
+    double pv = 0;  // in index order: the same bits for any number of threads
+    for (int i = m0; i < n; ++i) pv += p[i] * v[i];
     const double half = 0.5 * beta * pv;
     for (int i = m0; i < n; ++i) p[i] -= half * v[i];  // p is now w
 #pragma omp parallel for schedule(static) if (n - m0 > 128)
