@@ -24,6 +24,7 @@
 
 #include "core/error.h"
 #include "dist/env.h"
+#include "dist/sockio.h"
 
 namespace mf {
 
@@ -91,30 +92,6 @@ struct Reader {
     return s;
   }
 };
-
-// Returns false on EOF / error (errno set; 0 for a clean EOF).
-bool send_all(int fd, const char* p, size_t n) {
-  while (n > 0) {
-    ssize_t k = ::send(fd, p, n, MSG_NOSIGNAL);
-    if (k < 0 && errno == EINTR) continue;
-    if (k <= 0) return false;
-    p += k;
-    n -= size_t(k);
-  }
-  return true;
-}
-
-bool recv_all(int fd, char* p, size_t n) {
-  while (n > 0) {
-    ssize_t k = ::recv(fd, p, n, 0);
-    if (k < 0 && errno == EINTR) continue;
-    if (k == 0) errno = 0;
-    if (k <= 0) return false;
-    p += k;
-    n -= size_t(k);
-  }
-  return true;
-}
 
 bool send_frame(int fd, uint8_t tag, const std::string& body) {
   std::string f(5, '\0');

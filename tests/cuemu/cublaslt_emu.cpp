@@ -96,7 +96,6 @@ void CublasLt::gemm(const GemmArgs& g) {
     launch_gemm_fallback(r, stream_);
     return;
   }
-  if (!stream_) cuemu::legacy_ready();
   cuemu::eager_work(stream_);  // the stream's queued collectives come first
   host_gemm(r);
 }

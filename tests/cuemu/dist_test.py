@@ -46,15 +46,21 @@ def fail(msg):
     sys.exit(1)
 
 
-def train(name, nproc, extra, check=True, max_restarts=0):
-    cmd = LAUNCH + ["--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-                    BIN, "train", os.path.join(ROOT, "configs", "tiny.json")] + COMMON + extra + \
+def command(name, nproc, extra, max_restarts=0):
+    """launch.py ... muonforge_cuemu train tiny.json with the test's settings, into run dir `name`."""
+    return LAUNCH + ["--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+                     BIN, "train", os.path.join(ROOT, "configs", "tiny.json")] + COMMON + extra + \
         ["--set", "run.dir=" + name]
+
+
+def train(name, nproc, extra):
+    """Runs the job to its end; fails the test unless it exits 0."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=WORK, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = subprocess.run(command(name, nproc, extra), cwd=WORK, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
     with open(os.path.join(WORK, name + ".log"), "w") as f:
         f.write(r.stdout)
-    if check and r.returncode != 0:
+    if r.returncode != 0:
         print(r.stdout[-4000:])
         fail("%s: exit code %d" % (name, r.returncode))
     return r
@@ -149,9 +155,7 @@ def main():
 
 def kill_test():
     name = "muon_w2_kill"
-    cmd = LAUNCH + ["--nproc-per-node", "2", "--max-restarts", "1", BIN, "train",
-                    os.path.join(ROOT, "configs", "tiny.json")] + COMMON + OPTS["muon"] + \
-        ["--set", "run.dir=" + name]
+    cmd = command(name, 2, OPTS["muon"], max_restarts=1)
     # A short watchdog: the surviving rank's collective fails at once, MF_COMM_TIMEOUT only bounds
     # a hang if it did not.
     env = dict(os.environ, OMP_NUM_THREADS="1", MF_COMM_TIMEOUT="60")

@@ -8,12 +8,6 @@
 // A handle is the stream it works on: the host call waits for that stream's queued work first.
 struct cublasContext { cudaStream_t stream = nullptr; };
 struct cusolverDnContext { cudaStream_t stream = nullptr; };
-namespace {
-void eager_on(cudaStream_t s) {
-  if (!s) cuemu::legacy_ready();
-  cuemu::eager_work(s);
-}
-}  // namespace
 
 extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w,
                         double* work, const int* lwork, int* iwork, const int* liwork, int* info);
@@ -24,7 +18,7 @@ cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) { h->stream = s
 cublasStatus_t cublasDgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                            const double* alpha, const double* A, int lda, const double* B, int ldb,
                            const double* beta, double* C, int ldc) {
-  eager_on(h->stream);
+  cuemu::eager_work(h->stream);
   cblas_dgemm(CblasColMajor, ta == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
               tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, *alpha, A, lda, B, ldb, *beta, C, ldc);
   return CUBLAS_STATUS_SUCCESS;
@@ -40,7 +34,7 @@ cusolverStatus_t cusolverDnDsyevd_bufferSize(cusolverDnHandle_t, cusolverEigMode
 }
 cusolverStatus_t cusolverDnDsyevd(cusolverDnHandle_t h, cusolverEigMode_t jobz, cublasFillMode_t uplo, int n,
                                   double* A, int lda, double* W, double* work, int lwork, int* info) {
-  eager_on(h->stream);
+  cuemu::eager_work(h->stream);
   const char jz = jobz == CUSOLVER_EIG_MODE_VECTOR ? 'V' : 'N', ul = uplo == CUBLAS_FILL_MODE_UPPER ? 'U' : 'L';
   int liwork = 3 + 5 * n;
   std::vector<int> iwork(static_cast<size_t>(liwork));

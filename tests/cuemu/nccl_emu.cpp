@@ -13,6 +13,8 @@
 // dies closes its socket: the others get ncclRemoteError, as from NCCL, and their watchdog ends them.
 #include "nccl.h"
 
+#include "dist/sockio.h"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -38,6 +40,8 @@
 
 namespace {
 
+using mf::recv_all;
+using mf::send_all;
 using Clock = std::chrono::steady_clock;
 constexpr char kMagic[] = "cuemu-nccl-v1";
 constexpr uint32_t kWire = 0x4e43434cu;  // 'NCCL'
@@ -71,29 +75,6 @@ struct Hello {
   uint32_t pad = 0;
   uint64_t nonce;
 };
-
-bool send_all(int fd, const void* p, size_t n) {
-  const char* c = static_cast<const char*>(p);
-  while (n > 0) {
-    const ssize_t k = ::send(fd, c, n, MSG_NOSIGNAL);
-    if (k < 0 && errno == EINTR) continue;
-    if (k <= 0) return false;
-    c += k;
-    n -= size_t(k);
-  }
-  return true;
-}
-bool recv_all(int fd, void* p, size_t n) {
-  char* c = static_cast<char*>(p);
-  while (n > 0) {
-    const ssize_t k = ::recv(fd, c, n, 0);
-    if (k < 0 && errno == EINTR) continue;
-    if (k <= 0) return false;
-    c += k;
-    n -= size_t(k);
-  }
-  return true;
-}
 
 struct State {
   int rank = 0, n = 1;

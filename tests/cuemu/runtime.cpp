@@ -336,7 +336,6 @@ void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx) {
     g_last = cudaErrorInvalidValue;  // what the device reports for a bad configuration
     return;
   }
-  if (!cfg.stream) legacy_ready();
   eager_work(cfg.stream);  // the stream's queued collectives come first
   Grid grid;
   Grid* outer = g;
@@ -399,16 +398,9 @@ cudaError_t cudaFree(void* p) {
   std::free(p);
   return cudaSuccess;
 }
-namespace {
-// Work issued to stream `s` that runs at once: it first waits for what the stream has queued.
-void eager_on(cudaStream_t s) {
-  if (!s) cuemu::legacy_ready();
-  cuemu::eager_work(s);
-}
-}  // namespace
 
 cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
-  eager_on(nullptr);
+  cuemu::eager_work(nullptr);
   if (n) std::memmove(d, s, n);
   return cudaSuccess;
 }
@@ -419,12 +411,12 @@ cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, 
     if (n) cuemu::enqueue(st, [d, s, n] { std::memmove(d, s, n); }, nullptr);
     return cudaSuccess;
   }
-  eager_on(st);
+  cuemu::eager_work(st);
   if (n) std::memmove(d, s, n);
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int v, size_t n) {
-  eager_on(nullptr);
+  cuemu::eager_work(nullptr);
   if (n) std::memset(p, v, n);
   return cudaSuccess;
 }
@@ -433,13 +425,13 @@ cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t st) {
     if (n) cuemu::enqueue(st, [p, v, n] { std::memset(p, v, n); }, nullptr);
     return cudaSuccess;
   }
-  eager_on(st);
+  cuemu::eager_work(st);
   if (n) std::memset(p, v, n);
   return cudaSuccess;
 }
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
                               size_t height, cudaMemcpyKind, cudaStream_t st) {
-  eager_on(st);
+  cuemu::eager_work(st);
   for (size_t r = 0; r < height; ++r)
     std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
   return cudaSuccess;

@@ -165,16 +165,18 @@ double now_ms() {
   return std::chrono::duration<double, std::milli>(Clock::now().time_since_epoch()).count();
 }
 
-}  // namespace
+// A copy of the stream list (taken under the lock; streams are never freed).
+std::vector<Stream*> all_streams() {
+  std::lock_guard<std::mutex> l(g_streams_m);
+  return streams();
+}
 
-namespace cuemu {
+// Legacy-stream work (cudaMemcpy, launches on stream 0) waits for the blocking streams.
+void legacy_ready() {
+  for (Stream* s : all_streams())
+    if (s->blocking) ready(s);
+}
 
-void stream_ready(cudaStream_t s) { ready(get(s)); }
-bool stream_busy(cudaStream_t s) { return busy(get(s)); }
-
-}  // namespace cuemu
-
-namespace {
 // Appends an item to `s`'s queue (s->m held) and starts its worker if needed.
 void push_locked(Stream* s, std::function<void()> early, std::function<void()> late) {
   s->q.push_back({++s->issued, Clock::now() + delay(), std::move(early), std::move(late)});
@@ -184,9 +186,18 @@ void push_locked(Stream* s, std::function<void()> early, std::function<void()> l
   }
   s->cv.notify_all();
 }
+
+// The host has waited for the work of clock `c`.
+void host_synced(const VClock& c) {
+  std::lock_guard<std::mutex> l(g_streams_m);
+  merge(g_host, c);
+}
+
 }  // namespace
 
 namespace cuemu {
+
+bool stream_busy(cudaStream_t s) { return busy(get(s)); }
 
 // An idle stream reaches the item at once: its early part (never a blocking one) runs here, in
 // issue order with the eager work around it (on the worker it would race the host's next kernels).
@@ -201,6 +212,7 @@ void enqueue(cudaStream_t sh, std::function<void()> early, std::function<void()>
 }
 
 void eager_work(cudaStream_t sh) {
+  if (!sh) legacy_ready();
   Stream* s = get(sh);
   ready(s);
   std::lock_guard<std::mutex> l(s->m);
@@ -209,14 +221,12 @@ void eager_work(cudaStream_t sh) {
 
 std::string ordered_after_all(cudaStream_t sh) {
   Stream* s = get(sh);
-  std::vector<Stream*> all;
-  VClock host;
+  const std::vector<Stream*> all = all_streams();
+  VClock host, mine;
   {
     std::lock_guard<std::mutex> l(g_streams_m);
-    all = streams();
     host = g_host;
   }
-  VClock mine;
   {
     std::lock_guard<std::mutex> l(s->m);
     mine = s->vc;
@@ -240,36 +250,8 @@ std::string ordered_after_all(cudaStream_t sh) {
 }
 
 void device_ready() {
-  std::vector<Stream*> all;
-  {
-    std::lock_guard<std::mutex> l(g_streams_m);
-    all = streams();
-  }
-  for (Stream* s : all) ready(s);
+  for (Stream* s : all_streams()) ready(s);
 }
-
-// Legacy-stream work (cudaMemcpy, launches on stream 0) waits for the blocking streams.
-void legacy_ready() {
-  std::vector<Stream*> all;
-  {
-    std::lock_guard<std::mutex> l(g_streams_m);
-    all = streams();
-  }
-  for (Stream* s : all)
-    if (s->blocking) ready(s);
-}
-
-}  // namespace cuemu
-
-namespace {
-// The host has waited for the work of clock `c`.
-void host_synced(const VClock& c) {
-  std::lock_guard<std::mutex> l(g_streams_m);
-  merge(g_host, c);
-}
-}  // namespace
-
-namespace cuemu {
 
 }  // namespace cuemu
 
@@ -293,7 +275,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t sh) {
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t sh) {
-  if (!sh) cuemu::legacy_ready();
+  if (!sh) legacy_ready();
   Stream* s = get(sh);
   ready(s);
   VClock c;
@@ -305,12 +287,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t sh) {
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize() {
-  std::vector<Stream*> all;
-  {
-    std::lock_guard<std::mutex> l(g_streams_m);
-    all = streams();
-  }
-  for (Stream* s : all) cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(s == all[0] ? nullptr : s));
+  for (Stream* s : all_streams()) cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(s));
   return cudaSuccess;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t sh, cudaEvent_t eh, unsigned) {

@@ -31,6 +31,23 @@ float* up(const std::vector<float>& h) {
   return d;
 }
 
+// The communicator's asynchronous state once stream `s` has run its queued collectives.
+ncclResult_t state_after(ncclComm_t comm, cudaStream_t s) {
+  cudaStreamSynchronize(s);
+  ncclResult_t st = ncclInProgress;
+  ncclCommGetAsyncError(comm, &st);
+  return st;
+}
+
+// A one-rank communicator (no sockets).
+ncclComm_t one_rank() {
+  ncclUniqueId id;
+  REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+  ncclComm_t comm = nullptr;
+  REQUIRE(ncclCommInitRankConfig(&comm, 1, id, 0, nullptr) == ncclSuccess);
+  return comm;
+}
+
 // Runs `body(rank)` as rank 0 here and as rank 1 in a forked child; returns the child's exit
 // status (0 when its body returned 0). The child makes its own stream (no worker thread survives
 // a fork) and ends with _exit.
@@ -138,9 +155,7 @@ TEST_CASE("cuemu NCCL: two processes, every collective", "[cuemu][nccl]") {
     for (size_t k = 0; k < 2; ++k)
       for (size_t i = 0; i < n; ++i) expect(ag[k * n + i] == float(i) + 1000.f * float(k));
     for (size_t i = 0; i < 2 * n; ++i) expect(bc[i] == float(i) + 100.f);
-    ncclResult_t st = ncclInProgress;
-    ncclCommGetAsyncError(comm, &st);
-    expect(st == ncclSuccess);
+    expect(state_after(comm, s) == ncclSuccess);
     expect(ncclCommFinalize(comm) == ncclSuccess);
     expect(ncclCommDestroy(comm) == ncclSuccess);
     return bad;
@@ -156,9 +171,7 @@ TEST_CASE("cuemu NCCL: ranks that call different collectives both get the error"
     if (ncclCommInitRankConfig(&comm, 2, id, rank, nullptr) != ncclSuccess) return 50;
     float* d = up(std::vector<float>(16, 1.f));
     ncclAllReduce(d, d, rank == 0 ? 8 : 9, ncclFloat32, ncclSum, comm, s);
-    cudaStreamSynchronize(s);
-    ncclResult_t st = ncclSuccess;
-    ncclCommGetAsyncError(comm, &st);
+    const ncclResult_t st = state_after(comm, s);
     const std::string why = ncclGetLastError(comm);
     const bool named = why.find("count 9") != std::string::npos && why.find("count 8") != std::string::npos;
     ncclCommAbort(comm);
@@ -181,26 +194,13 @@ TEST_CASE("cuemu NCCL: a peer that exits is ncclRemoteError, not a hang", "[cuem
     cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
     float* d = up(std::vector<float>(4, 1.f));
     ncclAllReduce(d, d, 4, ncclFloat32, ncclSum, comm, s);
-    cudaStreamSynchronize(s);
-    ncclResult_t st = ncclSuccess;
-    ncclCommGetAsyncError(comm, &st);
-    CHECK(st == ncclRemoteError);
+    CHECK(state_after(comm, s) == ncclRemoteError);
     CHECK(std::string(ncclGetLastError(comm)).find("rank 1 closed its connection") != std::string::npos);
     ncclCommAbort(comm);
     return 0;
   });
   CHECK(child == 0);
 }
-
-namespace {
-ncclComm_t one_rank() {
-  ncclUniqueId id;
-  REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
-  ncclComm_t comm = nullptr;
-  REQUIRE(ncclCommInitRankConfig(&comm, 1, id, 0, nullptr) == ncclSuccess);
-  return comm;
-}
-}  // namespace
 
 TEST_CASE("cuemu NCCL: a collective must be ordered after the other streams' work", "[cuemu][nccl]") {
   cudaStream_t compute, comm_stream;
@@ -223,10 +223,7 @@ TEST_CASE("cuemu NCCL: a collective must be ordered after the other streams' wor
   REQUIRE(cudaMemcpyAsync(d, h.data(), 8 * sizeof(float), cudaMemcpyHostToDevice, compute) == cudaSuccess);
   cudaStreamSynchronize(compute);
   CHECK(ncclAllReduce(d, d, 8, ncclFloat32, ncclSum, comm, comm_stream) == ncclSuccess);
-  cudaStreamSynchronize(comm_stream);
-  ncclResult_t st = ncclInProgress;
-  ncclCommGetAsyncError(comm, &st);
-  CHECK(st == ncclSuccess);
+  CHECK(state_after(comm, comm_stream) == ncclSuccess);
   CHECK(down(d, 8)[3] == 2.f);
   cudaEventDestroy(e);
   ncclCommDestroy(comm);
@@ -243,10 +240,7 @@ TEST_CASE("cuemu NCCL: an input written while its collective is in flight is an 
   REQUIRE(ncclAllReduce(d, d, 8, ncclFloat32, ncclSum, comm, s) == ncclSuccess);
   // The legacy-stream copy does not wait for a non-blocking stream: a race on the device.
   cudaMemcpy(d, h.data(), 8 * sizeof(float), cudaMemcpyHostToDevice);
-  cudaStreamSynchronize(s);
-  ncclResult_t st = ncclSuccess;
-  ncclCommGetAsyncError(comm, &st);
-  CHECK(st == ncclInvalidUsage);
+  CHECK(state_after(comm, s) == ncclInvalidUsage);
   CHECK(std::string(ncclGetLastError(comm)).find("changed while the collective was in flight") != std::string::npos);
   ncclCommAbort(comm);
   cudaStreamDestroy(s);

@@ -249,9 +249,8 @@ bool register_shared(void* p, size_t bytes);
 // queue runs in order on its own thread: an item's `early` part as soon as the queue reaches it,
 // its `late` part when something waits for it or CUEMU_COMM_DELAY_MS (default 2000) after it was
 // queued, whichever comes first.
-// Makes the queued work of `s` run and returns when it has (the stream's order before eager work).
-void stream_ready(cudaStream_t s);
-// stream_ready, then counts one piece of eager work issued to `s` (launch, copy, GEMM).
+// Called by eager work issued to `s` (launch, copy, GEMM) before it runs: makes the queued work
+// of `s` run first (and, for the legacy stream 0, that of the blocking streams), then counts it.
 void eager_work(cudaStream_t s);
 // Whether `s` has queued work not yet done.
 bool stream_busy(cudaStream_t s);
@@ -262,11 +261,8 @@ void enqueue(cudaStream_t s, std::function<void()> early, std::function<void()> 
 // Empty when `s` is ordered after all eager work issued so far to the other streams (not the
 // legacy one), by event waits or host synchronisations; otherwise says what is not.
 std::string ordered_after_all(cudaStream_t s);
-// stream_ready for every stream.
+// Makes the queued work of every stream run, and returns when it has.
 void device_ready();
-// What work on the legacy stream (stream 0, cudaMemcpy) waits for: the legacy stream itself and
-// every stream made without cudaStreamNonBlocking.
-void legacy_ready();
 
 // Sets the block and thread order (as CUEMU_ORDER does: "forward", "reverse", "shuffle[:SEED]");
 // throws std::invalid_argument on anything else.
