@@ -3,8 +3,9 @@
 //
 // Tensor-core kernels: a block has kAttnWarps warps; each warp owns 16 rows of the tile it
 // computes (query rows in fwd/dq, key rows in dk/dv). Tiles are staged in shared memory with
-// 16-byte loads (rows past T are zero-filled, so padded rows never inject NaN/Inf); rows are
-// padded by kAttnPad elements so the fragment reads below are bank-conflict free. Fragments are
+// 16-byte cp.async copies (rows past T are zero-filled, so padded rows never inject NaN/Inf),
+// issued a stage ahead so that they land while the tensor cores work on the tile before; rows
+// are padded by kAttnPad elements so the fragment reads below are bank-conflict free. Fragments are
 // read from shared memory following the PTX ISA layout of mma.m16n8k16 (kernels/mma.cuh):
 // C (16x8 f32) holds c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1) and A a0..a3 the same rows,
 // so an accumulator pair of n-tiles (2kk, 2kk+1) is exactly the A fragment of k-chunk kk: the
@@ -67,18 +68,18 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c)[NT][
   a[3] = pack2f(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// Stage rows [row0, row0 + ROWS) of one head into smem (stride HD + kAttnPad); rows >= T are 0.
-// g points at row t = 0 of the head; consecutive rows are row_stride elements apart.
+// Start copying rows [row0, row0 + ROWS) of one head into smem (stride HD + kAttnPad) with
+// cp.async; rows >= T become 0. g points at row t = 0 of the head; consecutive rows are
+// row_stride elements apart. The caller commits the group and waits for it.
 template <int HD, int ROWS>
-__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int64_t row_stride, int row0, int T) {
+__device__ __forceinline__ void load_tile_async(bf16* s, const bf16* g, int64_t row_stride, int row0, int T) {
   constexpr int kVecPerRow = HD / 8;
   constexpr int LD = HD + kAttnPad;
   for (int idx = threadIdx.x; idx < ROWS * kVecPerRow; idx += kAttnThreads) {
     const int r = idx / kVecPerRow, c = (idx % kVecPerRow) * 8;
     const int t = row0 + r;
-    int4 val = make_int4(0, 0, 0, 0);
-    if (t < T) val = *reinterpret_cast<const int4*>(g + int64_t(t) * row_stride + c);
-    *reinterpret_cast<int4*>(s + r * LD + c) = val;
+    const bool in = t < T;
+    cp_async16(s + r * LD + c, g + (in ? int64_t(t) * row_stride + c : 0), in);
   }
 }
 
@@ -103,7 +104,11 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_tc_kernel(AttnParams p)
   const int wr0 = warp * kAttnRowsPerWarp;
   const int row[2] = {q0 + wr0 + g, q0 + wr0 + g + 8};
 
-  load_tile<HD, BR>(Qs, qg, qs, q0, p.T);
+  // The pipeline: K of the next tile is copied while this tile's softmax and P V run, and V of
+  // this tile while Q K^T runs. Two barriers per tile, as without the copies in flight.
+  load_tile_async<HD, BR>(Qs, qg, qs, q0, p.T);
+  load_tile_async<HD, BC>(Ks, kg, kvs, 0, p.T);
+  cp_async_commit();
   float o[NO][4];
 #pragma unroll
   for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -111,26 +116,37 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_tc_kernel(AttnParams p)
 
   const int kv_end = min(p.T, q0 + BR);
   for (int kv0 = 0; kv0 < kv_end; kv0 += BC) {
-    __syncthreads();  // everyone is done with the previous K/V (and Q is staged)
-    load_tile<HD, BC>(Ks, kg, kvs, kv0, p.T);
-    load_tile<HD, BC>(Vs, vg, kvs, kv0, p.T);
-    __syncthreads();
-    if (kv0 > q0 + wr0 + kAttnRowsPerWarp - 1) continue;  // every key is in this warp's future
+    cp_async_wait<0>();
+    __syncthreads();  // K (and Q) are in place; every warp is done with the previous V
+    load_tile_async<HD, BC>(Vs, vg, kvs, kv0, p.T);
+    cp_async_commit();
+    // Warps whose rows all precede kv0 skip the arithmetic but not the barriers.
+    const bool active = kv0 <= q0 + wr0 + kAttnRowsPerWarp - 1;
 
     float s[NS][4];
+    if (active) {
 #pragma unroll
-    for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4];
-      frag_a<LD>(a, Qs, wr0, kk * 16, lane);
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        uint32_t a[4];
+        frag_a<LD>(a, Qs, wr0, kk * 16, lane);
 #pragma unroll
-      for (int j = 0; j < NS; ++j) {
-        uint32_t bb[2];
-        frag_b_rows_n<LD>(bb, Ks, j * 8, kk * 16, lane);
-        mma16816(s[j], a, bb);
+        for (int j = 0; j < NS; ++j) {
+          uint32_t bb[2];
+          frag_b_rows_n<LD>(bb, Ks, j * 8, kk * 16, lane);
+          mma16816(s[j], a, bb);
+        }
       }
     }
+    cp_async_wait<0>();
+    __syncthreads();  // V is in place; every warp is done with K
+    if (kv0 + BC < kv_end) {
+      load_tile_async<HD, BC>(Ks, kg, kvs, kv0 + BC, p.T);
+      cp_async_commit();
+    }
+    if (!active) continue;
+
     float mt[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < NS; ++j)
@@ -207,8 +223,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dq_tc_kernel(AttnParams
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
   bf16* dOs = Qs + BR * LD;
-  bf16* Ks = dOs + BR * LD;
-  bf16* Vs = Ks + BC * LD;
+  bf16* Vs = dOs + BR * LD;
+  bf16* Kbuf[2] = {Vs + BC * LD, Vs + 2 * BC * LD};  // K alternates: the next tile's lands in the other
 
   const int qtile = gridDim.x - 1 - blockIdx.x;
   const int b = blockIdx.y / p.H, h = blockIdx.y % p.H, hk = h / p.group;
@@ -228,35 +244,62 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dq_tc_kernel(AttnParams
     Dr[r] = ok ? p.D[at] : 0.f;
   }
 
-  load_tile<HD, BR>(Qs, p.q + qoff, qs, q0, p.T);
-  load_tile<HD, BR>(dOs, p.dout + qoff, qs, q0, p.T);
+  // The pipeline: V of this tile and K of the next are copied while S = Q K^T runs; the next K
+  // goes into the other K buffer, which the previous tile's dQ += dS K has finished with.
+  load_tile_async<HD, BR>(Qs, p.q + qoff, qs, q0, p.T);
+  load_tile_async<HD, BR>(dOs, p.dout + qoff, qs, q0, p.T);
+  load_tile_async<HD, BC>(Kbuf[0], p.k + kvoff, kvs, 0, p.T);
+  cp_async_commit();
   float dq[NO][4];
 #pragma unroll
   for (int n = 0; n < NO; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
 
   const int kv_end = min(p.T, q0 + BR);
-  for (int kv0 = 0; kv0 < kv_end; kv0 += BC) {
-    __syncthreads();
-    load_tile<HD, BC>(Ks, p.k + kvoff, kvs, kv0, p.T);
-    load_tile<HD, BC>(Vs, p.v + kvoff, kvs, kv0, p.T);
-    __syncthreads();
-    if (kv0 > q0 + wr0 + kAttnRowsPerWarp - 1) continue;
+  for (int kv0 = 0, it = 0; kv0 < kv_end; kv0 += BC, ++it) {
+    const bf16* Ks = Kbuf[it & 1];
+    cp_async_wait<0>();
+    __syncthreads();  // this K (and Q, dO) in place; every warp is done with the last V and K
+    load_tile_async<HD, BC>(Vs, p.v + kvoff, kvs, kv0, p.T);
+    cp_async_commit();
+    const bool more = kv0 + BC < kv_end;
+    if (more) {
+      load_tile_async<HD, BC>(Kbuf[(it + 1) & 1], p.k + kvoff, kvs, kv0 + BC, p.T);
+      cp_async_commit();
+    }
+    const bool active = kv0 <= q0 + wr0 + kAttnRowsPerWarp - 1;  // some key in this warp's past
 
     float s[NS][4], dp[NS][4];
+    if (active) {
 #pragma unroll
-    for (int j = 0; j < NS; ++j)
+      for (int j = 0; j < NS; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        uint32_t a[4];
+        frag_a<LD>(a, Qs, wr0, kk * 16, lane);
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+          uint32_t bb[2];
+          frag_b_rows_n<LD>(bb, Ks, j * 8, kk * 16, lane);  // S = Q K^T
+          mma16816(s[j], a, bb);
+        }
+      }
+    }
+    if (more)
+      cp_async_wait<1>();  // V has landed; the next K may still be in flight
+    else
+      cp_async_wait<0>();
+    __syncthreads();  // V in place
+    if (!active) continue;
+
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4], ad[4];
-      frag_a<LD>(a, Qs, wr0, kk * 16, lane);
+      uint32_t ad[4];
       frag_a<LD>(ad, dOs, wr0, kk * 16, lane);
 #pragma unroll
       for (int j = 0; j < NS; ++j) {
         uint32_t bb[2];
-        frag_b_rows_n<LD>(bb, Ks, j * 8, kk * 16, lane);  // S = Q K^T
-        mma16816(s[j], a, bb);
         frag_b_rows_n<LD>(bb, Vs, j * 8, kk * 16, lane);  // dP = dO V^T
         mma16816(dp[j], ad, bb);
       }
@@ -295,93 +338,121 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dq_tc_kernel(AttnParams
 }
 
 // ---- backward: dk, dv (tensor cores) ----------------------------------------------------------
+// Start copying query tile [q0, q0 + BQ) of head h: Q and dO rows, lse (natural log) and D.
+template <int HD, int BQ>
+__device__ __forceinline__ void load_qtile_async(bf16* Qs, bf16* dOs, float* lse_s, float* D_s,
+                                                 const AttnParams& p, int b, int h, int q0) {
+  const int64_t qs = int64_t(p.H) * HD;
+  const int64_t qoff = (int64_t(b) * p.T * p.H + h) * HD;
+  const int64_t rowoff = (int64_t(b) * p.H + h) * p.T;
+  load_tile_async<HD, BQ>(Qs, p.q + qoff, qs, q0, p.T);
+  load_tile_async<HD, BQ>(dOs, p.dout + qoff, qs, q0, p.T);
+  for (int i = threadIdx.x; i < BQ; i += kAttnThreads) {
+    const int t = q0 + i;
+    const bool in = t < p.T;
+    cp_async4(lse_s + i, p.lse + rowoff + (in ? t : 0), in);
+    cp_async4(D_s + i, p.D + rowoff + (in ? t : 0), in);
+  }
+}
+
 template <int HD>
 __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dkdv_tc_kernel(AttnParams p) {
   constexpr int BKV = kAttnTileRows, BQ = AttnTraits<HD>::kDkvQueries, LD = HD + kAttnPad;
   constexpr int NO = HD / 8, NS = BQ / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  // K and V stay for the whole block; the query tiles (Q, dO, lse, D) alternate between two
+  // buffers, the next one landing while this one is used.
   bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
   bf16* Vs = Ks + BKV * LD;
-  bf16* Qs = Vs + BKV * LD;
-  bf16* dOs = Qs + BQ * LD;
-  float* lse_s = reinterpret_cast<float*>(dOs + BQ * LD);
-  float* D_s = lse_s + BQ;
+  bf16* Qb[2] = {Vs + BKV * LD, Vs + BKV * LD + BQ * LD};
+  bf16* dOb[2] = {Qb[1] + BQ * LD, Qb[1] + 2 * BQ * LD};
+  float* lse_b[2] = {reinterpret_cast<float*>(dOb[1] + BQ * LD), reinterpret_cast<float*>(dOb[1] + BQ * LD) + BQ};
+  float* D_b[2] = {lse_b[1] + BQ, lse_b[1] + 2 * BQ};
 
   const int b = blockIdx.y / p.Hkv, hk = blockIdx.y % p.Hkv;
   const int kv0 = blockIdx.x * BKV;  // early key tiles see the most queries: they start first
-  const int64_t qs = int64_t(p.H) * HD, kvs = int64_t(p.Hkv) * HD;
+  const int64_t kvs = int64_t(p.Hkv) * HD;
   const int64_t kvoff = (int64_t(b) * p.T * p.Hkv + hk) * HD;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane >> 2, t4 = lane & 3;
   const int wr0 = warp * kAttnRowsPerWarp;
   const int kvrow[2] = {kv0 + wr0 + g, kv0 + wr0 + g + 8};
 
-  load_tile<HD, BKV>(Ks, p.k + kvoff, kvs, kv0, p.T);
-  load_tile<HD, BKV>(Vs, p.v + kvoff, kvs, kv0, p.T);
+  load_tile_async<HD, BKV>(Ks, p.k + kvoff, kvs, kv0, p.T);
+  load_tile_async<HD, BKV>(Vs, p.v + kvoff, kvs, kv0, p.T);
+  load_qtile_async<HD, BQ>(Qb[0], dOb[0], lse_b[0], D_b[0], p, b, hk * p.group, kv0);
+  cp_async_commit();
   float dk[NO][4], dv[NO][4];
 #pragma unroll
   for (int n = 0; n < NO; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
 
-  for (int hi = 0; hi < p.group; ++hi) {
-    const int h = hk * p.group + hi;
-    const int64_t qoff = (int64_t(b) * p.T * p.H + h) * HD;
-    const int64_t rowoff = (int64_t(b) * p.H + h) * p.T;
-    for (int q0 = kv0; q0 < p.T; q0 += BQ) {
-      __syncthreads();  // previous Q/dO tile consumed (and K/V staged on the first pass)
-      load_tile<HD, BQ>(Qs, p.q + qoff, qs, q0, p.T);
-      load_tile<HD, BQ>(dOs, p.dout + qoff, qs, q0, p.T);
-      for (int i = threadIdx.x; i < BQ; i += kAttnThreads) {
-        const int t = q0 + i;
-        lse_s[i] = t < p.T ? p.lse[rowoff + t] * kLog2e : 0.f;
-        D_s[i] = t < p.T ? p.D[rowoff + t] : 0.f;
-      }
-      __syncthreads();
-      if (q0 + BQ - 1 < kv0 + wr0) continue;  // every query precedes this warp's keys
+  // Query tiles in order: for each head of the group, q0 = kv0, kv0 + BQ, ... < T (causal: the
+  // queries before kv0 see none of these keys).
+  for (int hi = 0, q0 = kv0, buf = 0; hi < p.group; buf ^= 1) {
+    int nhi = hi, nq0 = q0 + BQ;
+    if (nq0 >= p.T) {
+      ++nhi;
+      nq0 = kv0;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // this query tile in place; every warp is done with the other buffer
+    if (nhi < p.group) {
+      load_qtile_async<HD, BQ>(Qb[buf ^ 1], dOb[buf ^ 1], lse_b[buf ^ 1], D_b[buf ^ 1], p, b,
+                               hk * p.group + nhi, nq0);
+      cp_async_commit();
+    }
+    const bf16* Qs = Qb[buf];
+    const bf16* dOs = dOb[buf];
+    const float* lse_s = lse_b[buf];
+    const float* D_s = D_b[buf];
+    const int tq0 = q0;
+    hi = nhi;
+    q0 = nq0;
+    if (tq0 + BQ - 1 < kv0 + wr0) continue;  // every query precedes this warp's keys
 
-      float st[NS][4], dpt[NS][4];
+    float st[NS][4], dpt[NS][4];
 #pragma unroll
-      for (int j = 0; j < NS; ++j)
+    for (int j = 0; j < NS; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
+      for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        uint32_t a[4], av[4];
-        frag_a<LD>(a, Ks, wr0, kk * 16, lane);
-        frag_a<LD>(av, Vs, wr0, kk * 16, lane);
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t a[4], av[4];
+      frag_a<LD>(a, Ks, wr0, kk * 16, lane);
+      frag_a<LD>(av, Vs, wr0, kk * 16, lane);
 #pragma unroll
-        for (int j = 0; j < NS; ++j) {
-          uint32_t bb[2];
-          frag_b_rows_n<LD>(bb, Qs, j * 8, kk * 16, lane);  // S^T = K Q^T
-          mma16816(st[j], a, bb);
-          frag_b_rows_n<LD>(bb, dOs, j * 8, kk * 16, lane);  // dP^T = V dO^T
-          mma16816(dpt[j], av, bb);
-        }
+      for (int j = 0; j < NS; ++j) {
+        uint32_t bb[2];
+        frag_b_rows_n<LD>(bb, Qs, j * 8, kk * 16, lane);  // S^T = K Q^T
+        mma16816(st[j], a, bb);
+        frag_b_rows_n<LD>(bb, dOs, j * 8, kk * 16, lane);  // dP^T = V dO^T
+        mma16816(dpt[j], av, bb);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = j * 8 + 2 * t4 + (e & 1);
+        const int qrow = tq0 + qi, kr = kvrow[e >> 1];
+        const bool ok = qrow < p.T && qrow >= kr && kr < p.T;
+        const float pe = ok ? exp2f(st[j][e] * p.scale_log2 - lse_s[qi] * kLog2e) : 0.f;
+        st[j][e] = pe;                           // P^T
+        dpt[j][e] = pe * (dpt[j][e] - D_s[qi]);  // dS^T
       }
 #pragma unroll
-      for (int j = 0; j < NS; ++j)
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      uint32_t ap[4], as[4];
+      acc_to_a<NS>(ap, st, kk);
+      acc_to_a<NS>(as, dpt, kk);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = j * 8 + 2 * t4 + (e & 1);
-          const int qrow = q0 + qi, kr = kvrow[e >> 1];
-          const bool ok = qrow < p.T && qrow >= kr && kr < p.T;
-          const float pe = ok ? exp2f(st[j][e] * p.scale_log2 - lse_s[qi]) : 0.f;
-          st[j][e] = pe;                           // P^T
-          dpt[j][e] = pe * (dpt[j][e] - D_s[qi]);  // dS^T
-        }
-#pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk) {
-        uint32_t ap[4], as[4];
-        acc_to_a<NS>(ap, st, kk);
-        acc_to_a<NS>(as, dpt, kk);
-#pragma unroll
-        for (int n = 0; n < NO; ++n) {
-          uint32_t bb[2];
-          frag_b_rows_k<LD>(bb, dOs, kk * 16, n * 8, lane);  // dV += P^T dO
-          mma16816(dv[n], ap, bb);
-          frag_b_rows_k<LD>(bb, Qs, kk * 16, n * 8, lane);  // dK += dS^T Q
-          mma16816(dk[n], as, bb);
-        }
+      for (int n = 0; n < NO; ++n) {
+        uint32_t bb[2];
+        frag_b_rows_k<LD>(bb, dOs, kk * 16, n * 8, lane);  // dV += P^T dO
+        mma16816(dv[n], ap, bb);
+        frag_b_rows_k<LD>(bb, Qs, kk * 16, n * 8, lane);  // dK += dS^T Q
+        mma16816(dk[n], as, bb);
       }
     }
   }
@@ -550,13 +621,17 @@ size_t fwd_smem() {
   return size_t(kAttnTileRows + 2 * AttnTraits<HD>::kFwdKeys) * (HD + kAttnPad) * sizeof(bf16);
 }
 template <int HD>
-size_t dq_smem() {
-  return size_t(2 * kAttnTileRows + 2 * AttnTraits<HD>::kDqKeys) * (HD + kAttnPad) * sizeof(bf16);
+size_t dq_smem() {  // Q, dO, V and two K tiles
+  return size_t(2 * kAttnTileRows + 3 * AttnTraits<HD>::kDqKeys) * (HD + kAttnPad) * sizeof(bf16);
 }
 template <int HD>
-size_t dkdv_smem() {
+size_t dkdv_smem() {  // K and V, and two buffers of Q, dO, lse and D
   constexpr int BQ = AttnTraits<HD>::kDkvQueries;
-  return size_t(2 * kAttnTileRows + 2 * BQ) * (HD + kAttnPad) * sizeof(bf16) + 2 * BQ * sizeof(float);
+  return size_t(2 * kAttnTileRows + 4 * BQ) * (HD + kAttnPad) * sizeof(bf16) + 4 * BQ * sizeof(float);
+}
+template <int HD>
+size_t bwd_smem() {
+  return std::max(dq_smem<HD>(), dkdv_smem<HD>());
 }
 
 template <int HD>
@@ -689,7 +764,8 @@ void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Te
   p.o = static_cast<bf16*>(out.ptr);
   p.lse = lse.data<float>();
   if (use_tensor_cores(s, {q.ptr, k.ptr, v.ptr, out.ptr})) {
-    MF_CHECK(fwd_smem<128>() <= ctx.max_smem_optin, op, ": the device has too little shared memory");
+    MF_CHECK((s.hd == 64 ? fwd_smem<64>() : fwd_smem<128>()) <= ctx.max_smem_optin, op,
+             ": the device has too little shared memory");
     if (s.hd == 64) return launch_attn_fwd_tc<64>(p, ctx.stream);
     return launch_attn_fwd_tc<128>(p, ctx.stream);
   }
@@ -719,7 +795,8 @@ void op_attention_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& q, const
                            0, ctx.stream>>>(p);
   CUDA_CHECK_LAUNCH();
   if (use_tensor_cores(s, {dout.ptr, q.ptr, k.ptr, v.ptr, dq.ptr, dk.ptr, dv.ptr})) {
-    MF_CHECK(dq_smem<128>() <= ctx.max_smem_optin, op, ": the device has too little shared memory");
+    MF_CHECK((s.hd == 64 ? bwd_smem<64>() : bwd_smem<128>()) <= ctx.max_smem_optin, op,
+             ": the device has too little shared memory");
     if (s.hd == 64) return launch_attn_bwd_tc<64>(p, ctx.stream);
     return launch_attn_bwd_tc<128>(p, ctx.stream);
   }

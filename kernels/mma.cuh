@@ -1,5 +1,6 @@
 // Tensor-core building blocks shared by the mma.sync kernels (attention.cu, moe_gemm.cu): the
-// m16n8k16 bf16 -> f32 instruction and fragment reads from row-major shared-memory tiles. The
+// m16n8k16 bf16 -> f32 instruction, fragment reads from row-major shared-memory tiles, and the
+// cp.async copies that stage those tiles. The
 // fragment layouts are the PTX ISA's for mma.m16n8k16 (groupID g = lane/4, tig t = lane%4):
 //   A (16x16, row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
 //   B (16x8, col):  b0 = (k = 2t..2t+1, n = g), b1 = (k = 2t+8..2t+9, n = g)
@@ -15,6 +16,9 @@ namespace mf::cuda {
 namespace cuemu {  // tests/cuemu: warp-collective models of the two instructions
 void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 void ldmatrix(uint32_t* d, int nmat, bool trans, const void* row);
+void cp_async(void* smem, const void* gmem, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending);
 }  // namespace cuemu
 namespace mf::cuda {
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -25,6 +29,15 @@ __device__ __forceinline__ void ldsm_x2(uint32_t (&d)[2], const bf16* row) { ::c
 __device__ __forceinline__ void ldsm_x2_trans(uint32_t (&d)[2], const bf16* row) {
   ::cuemu::ldmatrix(d, 2, true, row);
 }
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {
+  ::cuemu::cp_async(smem, gmem, 16, fill ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool fill) {
+  ::cuemu::cp_async(smem, gmem, 4, fill ? 4 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() { ::cuemu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { ::cuemu::cp_async_wait(N); }
 #else
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
@@ -49,6 +62,27 @@ __device__ __forceinline__ void ldsm_x2(uint32_t (&d)[2], const bf16* row) {
 __device__ __forceinline__ void ldsm_x2_trans(uint32_t (&d)[2], const bf16* row) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(d[0]), "=r"(d[1]) : "r"(a));
+}
+// cp.async (sm_80+): a copy from global to shared memory that does not pass through registers
+// and does not stall the issuing thread. `fill` false writes zeros instead (src-size 0: nothing
+// is read, but gmem must still be a valid address). The copies a thread issues since its last
+// commit form one group; cp_async_wait<N> returns once at most N of the thread's groups are
+// still in flight (groups complete in order). The data is then visible to this thread only:
+// other threads of the block see it after a __syncthreads that follows the wait.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(fill ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool fill) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(fill ? 4 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 #endif
 

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <map>
 #include <chrono>
 #include <numeric>
@@ -69,6 +70,13 @@ namespace {
 
 enum class St { Run, Block, Warp, Done };
 
+// One cp.async copy in flight: its destination and the bytes it will write there.
+struct AsyncCopy {
+  void* dst;
+  int bytes;
+  unsigned char data[16];
+};
+
 struct Fiber {
 #if defined(__x86_64__)
   void* sp = nullptr;
@@ -78,6 +86,8 @@ struct Fiber {
   St st = St::Run;
   uint3 tid{0, 0, 0};
   int linear = 0;
+  std::vector<AsyncCopy> open;                    // cp.async issued since the last commit
+  std::deque<std::vector<AsyncCopy>> committed;   // groups in flight, oldest first
 };
 
 constexpr size_t kStack = 256 * 1024;
@@ -227,13 +237,13 @@ void run_block(const Cfg& cfg) {
 #endif
   }
   const unsigned nwarps = (nt + 31) / 32;
-  std::vector<unsigned> order;
-  arrange(order, nt);
+  std::vector<unsigned> order, ready;
+  unsigned lo = 0, n = nt;  // the fibers that may be runnable: all, or the warp just released
   while (true) {
     bool ran = false;
-    if (mode().order == Order::Shuffle) arrange(order, nt);
+    arrange(order, n);
     for (unsigned i : order) {
-      Fiber& f = g->fibers[i];
+      Fiber& f = g->fibers[lo + i];
       if (f.st != St::Run) continue;
       g->cur = &f;
       g_coords.threadIdx = f.tid;
@@ -241,9 +251,14 @@ void run_block(const Cfg& cfg) {
       ran = true;
     }
     if (ran) continue;
-    // Nobody can run: release the warps whose live lanes all wait at a warp collective, else the
-    // block if all its live threads wait at __syncthreads.
-    bool released = false, any_live = false, all_block = true;
+    // Nobody can run: release one warp whose live lanes all wait at a warp collective, else the
+    // block if all its live threads wait at __syncthreads. One warp at a time, so that warps drift
+    // apart between barriers as far as they can: forward lets the lowest ready warp run ahead,
+    // reverse the highest, shuffle a random one each time. A warp reading shared memory that
+    // another warp rewrites without a barrier between them then sees the new data in one order
+    // and the old in another.
+    bool any_live = false, all_block = true;
+    ready.clear();
     for (unsigned w = 0; w < nwarps; ++w) {
       bool live = false, all_warp = true;
       for (unsigned i = w * 32; i < std::min(nt, w * 32 + 32); ++i) {
@@ -252,13 +267,18 @@ void run_block(const Cfg& cfg) {
         live = true;
         if (s != St::Warp) all_warp = false;
       }
-      if (live && all_warp) {
-        for (unsigned i = w * 32; i < std::min(nt, w * 32 + 32); ++i)
-          if (g->fibers[i].st == St::Warp) g->fibers[i].st = St::Run;
-        released = true;
-      }
+      if (live && all_warp) ready.push_back(w);
     }
-    if (released) continue;
+    if (!ready.empty()) {
+      unsigned w = ready.front();
+      if (mode().order == Order::Reverse) w = ready.back();
+      if (mode().order == Order::Shuffle) w = ready[size_t(mode().rng() % ready.size())];
+      for (unsigned i = w * 32; i < std::min(nt, w * 32 + 32); ++i)
+        if (g->fibers[i].st == St::Warp) g->fibers[i].st = St::Run;
+      lo = w * 32;
+      n = std::min(nt, lo + 32) - lo;
+      continue;
+    }
     for (Fiber& f : g->fibers) {
       if (f.st == St::Done) continue;
       any_live = true;
@@ -271,6 +291,8 @@ void run_block(const Cfg& cfg) {
                                "): threads wait at __syncthreads and at warp collectives at once "
                                "(a barrier inside divergent code?)");
     for (Fiber& f : g->fibers) f.st = f.st == St::Block ? St::Run : f.st;
+    lo = 0;
+    n = nt;
   }
 }
 
@@ -578,6 +600,44 @@ void ldmatrix(uint32_t* d, int nmat, bool trans, const void* row) {
     d[m] = uint32_t(v[0]) | (uint32_t(v[1]) << 16);
   }
   wait_as(St::Warp);  // every lane has read the addresses before any lane deposits again
+}
+
+// ---- cp.async.{ca,cg}.shared.global, commit_group, wait_group ---------------------------------
+// The widest window the device allows: at issue the destination turns to poison (0xFF bytes), so
+// a thread still reading the old tile there (a missing barrier before the copy) reads NaN; the
+// data lands only when the issuing thread waits for its group, so a read before the wait and
+// barrier reads poison too. The source is read at issue. A misaligned or non-shared destination,
+// or a misaligned source, fails the launch as on the device.
+void cp_async(void* smem, const void* gmem, int bytes, int src_bytes) {
+  const bool ok_size = (bytes == 4 || bytes == 8 || bytes == 16) && src_bytes >= 0 && src_bytes <= bytes;
+  if (!ok_size || reinterpret_cast<uintptr_t>(smem) % unsigned(bytes) != 0 || !in_shared(smem, size_t(bytes)) ||
+      reinterpret_cast<uintptr_t>(gmem) % unsigned(bytes) != 0 || in_shared(gmem, 1)) {
+    if (g_last == cudaSuccess)
+      std::fprintf(stderr,
+                   "cuemu: cp.async of %d bytes (%d from the source) from %p to %p: the destination must be "
+                   "shared memory and both addresses %d-byte aligned\n",
+                   bytes, src_bytes, gmem, smem, bytes);
+    g_last = cudaErrorLaunchFailure;
+    return;
+  }
+  AsyncCopy c{smem, bytes, {}};
+  std::memcpy(c.data, gmem, size_t(src_bytes));  // the rest stays zero (zfill)
+  std::memset(smem, 0xFF, size_t(bytes));
+  g->cur->open.push_back(c);
+}
+
+void cp_async_commit() {
+  Fiber* f = g->cur;
+  f->committed.push_back(std::move(f->open));
+  f->open.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber* f = g->cur;
+  while (f->committed.size() > size_t(std::max(pending, 0))) {
+    for (const AsyncCopy& c : f->committed.front()) std::memcpy(c.dst, c.data, size_t(c.bytes));
+    f->committed.pop_front();
+  }
 }
 }  // namespace cuemu
 

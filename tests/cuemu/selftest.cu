@@ -131,3 +131,43 @@ __global__ void ldmatrix_kernel(unsigned* out, int offset) {
 }
 void ldmatrix(unsigned* out, int offset) { ldmatrix_kernel<<<1, 32>>>(out, offset); }
 }  // namespace selftest
+
+namespace selftest {
+// cp.async through kernels/mma.cuh's helpers, one warp: lane l copies src[4l..4l+3] into a[] as
+// group 0 and zero-fills b[4l..4l+3] as group 1. out[8l + 0..7]: a[4l] before any wait, a[4l]
+// and b[4l] after waiting down to one group in flight, then both after waiting for all; with
+// `offset` (floats, not a multiple of 4) the destination is misaligned.
+__global__ void cp_async_kernel(const float* src, float* out, int offset) {
+  __shared__ __align__(16) float a[4 * 32 + 4];
+  __shared__ __align__(16) float b[4 * 32];
+  const int lane = threadIdx.x;
+  for (int i = 0; i < 4; ++i) a[4 * lane + i] = b[4 * lane + i] = -1.f;
+  mf::cuda::cp_async16(a + offset + 4 * lane, src + 4 * lane, true);
+  mf::cuda::cp_async_commit();
+  mf::cuda::cp_async16(b + 4 * lane, src, false);
+  mf::cuda::cp_async_commit();
+  float* o = out + 8 * lane;
+  o[0] = a[4 * lane];
+  mf::cuda::cp_async_wait<1>();
+  o[1] = a[4 * lane];
+  o[2] = a[4 * lane + 3];
+  o[3] = b[4 * lane];
+  mf::cuda::cp_async_wait<0>();
+  o[4] = a[4 * lane];
+  o[5] = b[4 * lane];
+  o[6] = b[4 * lane + 3];
+  o[7] = 0.f;
+}
+void cp_async(const float* src, float* out, int offset) { cp_async_kernel<<<1, 32>>>(src, out, offset); }
+
+// Each warp passes four warp barriers; after each, lane 0 records the running position of that
+// step. Shows how far one warp runs ahead of another between block barriers.
+__global__ void warp_drift_kernel(int* counter, int* position) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = 0; i < 4; ++i) {
+    __syncwarp();
+    if (lane == 0) position[4 * warp + i] = atomicAdd(counter, 1);
+  }
+}
+void warp_drift(int* counter, int* position, int warps) { warp_drift_kernel<<<1, 32 * warps>>>(counter, position); }
+}  // namespace selftest

@@ -21,6 +21,8 @@ void thread_order(int* counter, int* position, int threads);
 void warp_ops(int* out, int threads);
 void divergent_barrier(float* out);
 void ldmatrix(unsigned* out, int offset);
+void cp_async(const float* src, float* out, int offset);
+void warp_drift(int* counter, int* position, int warps);
 }  // namespace selftest
 
 namespace {
@@ -230,4 +232,46 @@ TEST_CASE("cuemu: ldmatrix gives the mma fragments of the PTX layouts", "[cuemu]
   selftest::ldmatrix(out.p, 2);
   CHECK(cudaGetLastError() != cudaSuccess);
   CHECK(cudaGetLastError() == cudaSuccess);  // and the error is cleared by reading it
+}
+
+TEST_CASE("cuemu: cp.async lands at the wait, poisons its destination before, zero-fills", "[cuemu]") {
+  std::vector<float> src(128);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = 1.f + float(i);
+  Dev<float> s(128, &src), out(8 * 32);
+  selftest::cp_async(s.p, out.p, 0);
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  const std::vector<float> h = out.get();
+  for (int l = 0; l < 32; ++l) {
+    INFO("lane " << l);
+    const float* o = &h[size_t(8 * l)];
+    CHECK(std::isnan(o[0]));          // issued, not waited for: neither the old -1 nor the data
+    CHECK(o[1] == src[size_t(4 * l)]);  // group 0 done after wait_group 1
+    CHECK(o[2] == src[size_t(4 * l + 3)]);
+    CHECK(std::isnan(o[3]));          // group 1 (the newest) may still be in flight
+    CHECK(o[4] == src[size_t(4 * l)]);
+    CHECK(o[5] == 0.f);               // src-size 0: zeros, whatever the source holds
+    CHECK(o[6] == 0.f);
+  }
+  // A destination 4 bytes off 16-byte alignment: a failed launch, as on the device.
+  selftest::cp_async(s.p, out.p, 1);
+  CHECK(cudaGetLastError() != cudaSuccess);
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("cuemu: between block barriers one warp runs ahead of the others", "[cuemu]") {
+  auto run = [](const char* o) {
+    OrderGuard g(o);
+    Dev<int> counter(1), pos(12);
+    REQUIRE(cudaMemset(counter.p, 0, sizeof(int)) == cudaSuccess);
+    selftest::warp_drift(counter.p, pos.p, 3);
+    return pos.get();
+  };
+  // forward: warp 0 passes all its warp barriers first, then warp 1, then warp 2; reverse: the
+  // other way round. (Lock-step rounds would interleave them: 0, 3, 6, 9 for warp 0.)
+  CHECK(run("forward") == std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11});
+  CHECK(run("reverse") == std::vector<int>{8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3});
+  const std::vector<int> sh = run("shuffle:2");
+  CHECK(std::set<int>(sh.begin(), sh.end()).size() == 12);
+  for (int w = 0; w < 3; ++w)  // each warp's own steps stay in order
+    for (int i = 1; i < 4; ++i) CHECK(sh[size_t(4 * w + i)] > sh[size_t(4 * w + i - 1)]);
 }
