@@ -14,6 +14,9 @@
 // Softmax runs in the log2 domain (scores times scale*log2(e), exp2f); lse is stored in natural
 // log units like the CPU reference.
 #include "attention.cuh"
+
+#include <cstdlib>
+
 #include "mma.cuh"
 
 namespace mf::cuda {
@@ -27,7 +30,8 @@ constexpr int kSimtWarpsPerBlock = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Tile shapes per head dim (columns of the inner loop; rows are always kAttnTileRows).
+// Tile shapes per head dim (columns of the inner loop; rows are kAttnTileRows, or MT times that
+// in the forward).
 template <int HD>
 struct AttnTraits;
 template <>
@@ -84,9 +88,15 @@ __device__ __forceinline__ void load_tile_async(bf16* s, const bf16* g, int64_t 
 }
 
 // ---- forward (tensor cores) -------------------------------------------------------------------
-template <int HD>
+// Each warp owns MT m-tiles (16 query rows each): every K and V fragment read from shared memory
+// feeds MT mma instead of one, which halves the shared-memory traffic per product at MT = 2
+// (what bounds mma.sync kernels on sm_80/sm_90), at the price of MT times the accumulators
+// (hd 64: 243 registers instead of 101, so 2 blocks per SM instead of 4). hd 128 has MT = 1 only:
+// at 2 it spills. attention_fwd_mtiles() picks MT for hd 64.
+template <int HD, int MT>
 __global__ void __launch_bounds__(kAttnThreads) attn_fwd_tc_kernel(AttnParams p) {
-  constexpr int BR = kAttnTileRows, BC = AttnTraits<HD>::kFwdKeys, LD = HD + kAttnPad;
+  constexpr int WR = MT * kAttnRowsPerWarp;  // rows per warp
+  constexpr int BR = kAttnWarps * WR, BC = AttnTraits<HD>::kFwdKeys, LD = HD + kAttnPad;
   constexpr int NO = HD / 8, NS = BC / 8;  // n-tiles of O and of S
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
@@ -101,18 +111,29 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_tc_kernel(AttnParams p)
   const bf16* kg = p.k + (int64_t(b) * p.T * p.Hkv + hk) * HD;
   const bf16* vg = p.v + (int64_t(b) * p.T * p.Hkv + hk) * HD;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane >> 2, t4 = lane & 3;
-  const int wr0 = warp * kAttnRowsPerWarp;
-  const int row[2] = {q0 + wr0 + g, q0 + wr0 + g + 8};
+  const int wr0 = warp * WR;
+  // row[i][r]: the query row of accumulator half r (c0,c1 / c2,c3) of m-tile i.
+  int row[MT][2];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    row[i][0] = q0 + wr0 + i * kAttnRowsPerWarp + g;
+    row[i][1] = row[i][0] + 8;
+  }
 
   // The pipeline: K of the next tile is copied while this tile's softmax and P V run, and V of
   // this tile while Q K^T runs. Two barriers per tile, as without the copies in flight.
   load_tile_async<HD, BR>(Qs, qg, qs, q0, p.T);
   load_tile_async<HD, BC>(Ks, kg, kvs, 0, p.T);
   cp_async_commit();
-  float o[NO][4];
+  float o[MT][NO][4];
+  float m[MT][2], l[MT][2];
 #pragma unroll
-  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[i][n][0] = o[i][n][1] = o[i][n][2] = o[i][n][3] = 0.f;
+    m[i][0] = m[i][1] = -INFINITY;
+    l[i][0] = l[i][1] = 0.f;
+  }
 
   const int kv_end = min(p.T, q0 + BR);
   for (int kv0 = 0; kv0 < kv_end; kv0 += BC) {
@@ -121,21 +142,25 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_tc_kernel(AttnParams p)
     load_tile_async<HD, BC>(Vs, vg, kvs, kv0, p.T);
     cp_async_commit();
     // Warps whose rows all precede kv0 skip the arithmetic but not the barriers.
-    const bool active = kv0 <= q0 + wr0 + kAttnRowsPerWarp - 1;
+    const bool active = kv0 <= q0 + wr0 + WR - 1;
 
-    float s[NS][4];
+    float s[MT][NS][4];
     if (active) {
 #pragma unroll
-      for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NS; ++j) s[i][j][0] = s[i][j][1] = s[i][j][2] = s[i][j][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < HD / 16; ++kk) {
-        uint32_t a[4];
-        frag_a<LD>(a, Qs, wr0, kk * 16, lane);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int i = 0; i < MT; ++i) frag_a<LD>(a[i], Qs, wr0 + i * kAttnRowsPerWarp, kk * 16, lane);
 #pragma unroll
         for (int j = 0; j < NS; ++j) {
           uint32_t bb[2];
           frag_b_rows_n<LD>(bb, Ks, j * 8, kk * 16, lane);
-          mma16816(s[j], a, bb);
+#pragma unroll
+          for (int i = 0; i < MT; ++i) mma16816(s[i][j], a[i], bb);
         }
       }
     }
@@ -147,71 +172,79 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_tc_kernel(AttnParams p)
     }
     if (!active) continue;
 
-    float mt[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < NS; ++j)
+    for (int i = 0; i < MT; ++i) {
+      float mt[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = kv0 + j * 8 + 2 * t4 + (e & 1);
-        const int r = e >> 1;
-        const float x = (col > row[r] || col >= p.T) ? -INFINITY : s[j][e] * p.scale_log2;
-        s[j][e] = x;
-        mt[r] = fmaxf(mt[r], x);
-      }
-    float alpha[2], base[2];
+      for (int j = 0; j < NS; ++j)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mt[r] = fmaxf(mt[r], __shfl_xor_sync(kFullMask, mt[r], 1));
-      mt[r] = fmaxf(mt[r], __shfl_xor_sync(kFullMask, mt[r], 2));
-      const float mn = fmaxf(m[r], mt[r]);
-      base[r] = mn == -INFINITY ? 0.f : mn;  // a fully masked row so far: keep exp2 finite
-      alpha[r] = exp2f(m[r] - base[r]);      // 0 when m was -inf
-      m[r] = mn;
-      l[r] *= alpha[r];
-    }
+        for (int e = 0; e < 4; ++e) {
+          const int col = kv0 + j * 8 + 2 * t4 + (e & 1);
+          const int r = e >> 1;
+          const float x = (col > row[i][r] || col >= p.T) ? -INFINITY : s[i][j][e] * p.scale_log2;
+          s[i][j][e] = x;
+          mt[r] = fmaxf(mt[r], x);
+        }
+      float alpha[2], base[2];
 #pragma unroll
-    for (int j = 0; j < NS; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pe = exp2f(s[j][e] - base[e >> 1]);  // masked: exp2(-inf) = 0
-        s[j][e] = pe;
-        l[e >> 1] += pe;  // thread-partial; reduced over the quad at the end
+      for (int r = 0; r < 2; ++r) {
+        mt[r] = fmaxf(mt[r], __shfl_xor_sync(kFullMask, mt[r], 1));
+        mt[r] = fmaxf(mt[r], __shfl_xor_sync(kFullMask, mt[r], 2));
+        const float mn = fmaxf(m[i][r], mt[r]);
+        base[r] = mn == -INFINITY ? 0.f : mn;  // a fully masked row so far: keep exp2 finite
+        alpha[r] = exp2f(m[i][r] - base[r]);   // 0 when m was -inf
+        m[i][r] = mn;
+        l[i][r] *= alpha[r];
       }
 #pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
+      for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pe = exp2f(s[i][j][e] - base[e >> 1]);  // masked: exp2(-inf) = 0
+          s[i][j][e] = pe;
+          l[i][e >> 1] += pe;  // thread-partial; reduced over the quad at the end
+        }
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[i][n][0] *= alpha[0];
+        o[i][n][1] *= alpha[0];
+        o[i][n][2] *= alpha[1];
+        o[i][n][3] *= alpha[1];
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t a[4];
-      acc_to_a<NS>(a, s, kk);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) acc_to_a<NS>(a[i], s[i], kk);
 #pragma unroll
       for (int n = 0; n < NO; ++n) {
         uint32_t bb[2];
         frag_b_rows_k<LD>(bb, Vs, kk * 16, n * 8, lane);
-        mma16816(o[n], a, bb);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) mma16816(o[i][n], a[i], bb);
       }
     }
   }
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
-    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
-  }
-  const float inv[2] = {1.f / l[0], 1.f / l[1]};
+  for (int i = 0; i < MT; ++i) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] >= p.T) continue;
-    bf16* dst = p.o + ((int64_t(b) * p.T + row[r]) * p.H + h) * HD + 2 * t4;
+    for (int r = 0; r < 2; ++r) {
+      l[i][r] += __shfl_xor_sync(kFullMask, l[i][r], 1);
+      l[i][r] += __shfl_xor_sync(kFullMask, l[i][r], 2);
+    }
+    const float inv[2] = {1.f / l[i][0], 1.f / l[i][1]};
 #pragma unroll
-    for (int n = 0; n < NO; ++n)
-      *reinterpret_cast<bf162*>(dst + n * 8) =
-          __floats2bfloat162_rn(o[n][2 * r] * inv[r], o[n][2 * r + 1] * inv[r]);
-    if (t4 == 0) p.lse[(int64_t(b) * p.H + h) * p.T + row[r]] = (m[r] + log2f(l[r])) * kLn2;
+    for (int r = 0; r < 2; ++r) {
+      if (row[i][r] >= p.T) continue;
+      bf16* dst = p.o + ((int64_t(b) * p.T + row[i][r]) * p.H + h) * HD + 2 * t4;
+#pragma unroll
+      for (int n = 0; n < NO; ++n)
+        *reinterpret_cast<bf162*>(dst + n * 8) =
+            __floats2bfloat162_rn(o[i][n][2 * r] * inv[r], o[i][n][2 * r + 1] * inv[r]);
+      if (t4 == 0) p.lse[(int64_t(b) * p.H + h) * p.T + row[i][r]] = (m[i][r] + log2f(l[i][r])) * kLn2;
+    }
   }
 }
 
@@ -224,7 +257,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dq_tc_kernel(AttnParams
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
   bf16* dOs = Qs + BR * LD;
   bf16* Vs = dOs + BR * LD;
-  bf16* Kbuf[2] = {Vs + BC * LD, Vs + 2 * BC * LD};  // K alternates: the next tile's lands in the other
+  bf16* K0 = Vs + BC * LD;  // two K tiles: K0 and K0 + BC * LD; the next tile lands in the other
 
   const int qtile = gridDim.x - 1 - blockIdx.x;
   const int b = blockIdx.y / p.H, h = blockIdx.y % p.H, hk = h / p.group;
@@ -248,7 +281,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dq_tc_kernel(AttnParams
   // goes into the other K buffer, which the previous tile's dQ += dS K has finished with.
   load_tile_async<HD, BR>(Qs, p.q + qoff, qs, q0, p.T);
   load_tile_async<HD, BR>(dOs, p.dout + qoff, qs, q0, p.T);
-  load_tile_async<HD, BC>(Kbuf[0], p.k + kvoff, kvs, 0, p.T);
+  load_tile_async<HD, BC>(K0, p.k + kvoff, kvs, 0, p.T);
   cp_async_commit();
   float dq[NO][4];
 #pragma unroll
@@ -256,14 +289,14 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dq_tc_kernel(AttnParams
 
   const int kv_end = min(p.T, q0 + BR);
   for (int kv0 = 0, it = 0; kv0 < kv_end; kv0 += BC, ++it) {
-    const bf16* Ks = Kbuf[it & 1];
+    const bf16* Ks = K0 + (it & 1) * (BC * LD);
     cp_async_wait<0>();
     __syncthreads();  // this K (and Q, dO) in place; every warp is done with the last V and K
     load_tile_async<HD, BC>(Vs, p.v + kvoff, kvs, kv0, p.T);
     cp_async_commit();
     const bool more = kv0 + BC < kv_end;
     if (more) {
-      load_tile_async<HD, BC>(Kbuf[(it + 1) & 1], p.k + kvoff, kvs, kv0 + BC, p.T);
+      load_tile_async<HD, BC>(K0 + ((it + 1) & 1) * (BC * LD), p.k + kvoff, kvs, kv0 + BC, p.T);
       cp_async_commit();
     }
     const bool active = kv0 <= q0 + wr0 + kAttnRowsPerWarp - 1;  // some key in this warp's past
@@ -364,10 +397,11 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dkdv_tc_kernel(AttnPara
   // buffers, the next one landing while this one is used.
   bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
   bf16* Vs = Ks + BKV * LD;
-  bf16* Qb[2] = {Vs + BKV * LD, Vs + BKV * LD + BQ * LD};
-  bf16* dOb[2] = {Qb[1] + BQ * LD, Qb[1] + 2 * BQ * LD};
-  float* lse_b[2] = {reinterpret_cast<float*>(dOb[1] + BQ * LD), reinterpret_cast<float*>(dOb[1] + BQ * LD) + BQ};
-  float* D_b[2] = {lse_b[1] + BQ, lse_b[1] + 2 * BQ};
+  // Buffer i: Q at Qb + i * kStride, dO BQ * LD elements after it; lse at lseb + i * kFStride,
+  // D BQ floats after it.
+  constexpr int kStride = 2 * BQ * LD, kFStride = 2 * BQ;
+  bf16* Qb = Vs + BKV * LD;
+  float* lseb = reinterpret_cast<float*>(Qb + 2 * kStride);
 
   const int b = blockIdx.y / p.Hkv, hk = blockIdx.y % p.Hkv;
   const int kv0 = blockIdx.x * BKV;  // early key tiles see the most queries: they start first
@@ -379,7 +413,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dkdv_tc_kernel(AttnPara
 
   load_tile_async<HD, BKV>(Ks, p.k + kvoff, kvs, kv0, p.T);
   load_tile_async<HD, BKV>(Vs, p.v + kvoff, kvs, kv0, p.T);
-  load_qtile_async<HD, BQ>(Qb[0], dOb[0], lse_b[0], D_b[0], p, b, hk * p.group, kv0);
+  load_qtile_async<HD, BQ>(Qb, Qb + BQ * LD, lseb, lseb + BQ, p, b, hk * p.group, kv0);
   cp_async_commit();
   float dk[NO][4], dv[NO][4];
 #pragma unroll
@@ -398,14 +432,15 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dkdv_tc_kernel(AttnPara
     cp_async_wait<0>();
     __syncthreads();  // this query tile in place; every warp is done with the other buffer
     if (nhi < p.group) {
-      load_qtile_async<HD, BQ>(Qb[buf ^ 1], dOb[buf ^ 1], lse_b[buf ^ 1], D_b[buf ^ 1], p, b,
-                               hk * p.group + nhi, nq0);
+      bf16* nQ = Qb + (buf ^ 1) * kStride;
+      float* nl = lseb + (buf ^ 1) * kFStride;
+      load_qtile_async<HD, BQ>(nQ, nQ + BQ * LD, nl, nl + BQ, p, b, hk * p.group + nhi, nq0);
       cp_async_commit();
     }
-    const bf16* Qs = Qb[buf];
-    const bf16* dOs = dOb[buf];
-    const float* lse_s = lse_b[buf];
-    const float* D_s = D_b[buf];
+    const bf16* Qs = Qb + buf * kStride;
+    const bf16* dOs = Qs + BQ * LD;
+    const float* lse_s = lseb + buf * kFStride;
+    const float* D_s = lse_s + BQ;
     const int tq0 = q0;
     hi = nhi;
     q0 = nq0;
@@ -616,9 +651,9 @@ void set_smem(size_t smem) {
   (void)done;
 }
 
-template <int HD>
-size_t fwd_smem() {
-  return size_t(kAttnTileRows + 2 * AttnTraits<HD>::kFwdKeys) * (HD + kAttnPad) * sizeof(bf16);
+template <int HD, int MT>
+size_t fwd_smem() {  // Q (MT m-tiles per warp), K and V
+  return size_t(MT * kAttnTileRows + 2 * AttnTraits<HD>::kFwdKeys) * (HD + kAttnPad) * sizeof(bf16);
 }
 template <int HD>
 size_t dq_smem() {  // Q, dO, V and two K tiles
@@ -634,12 +669,12 @@ size_t bwd_smem() {
   return std::max(dq_smem<HD>(), dkdv_smem<HD>());
 }
 
-template <int HD>
+template <int HD, int MT>
 void launch_attn_fwd_tc(const AttnParams& p, cudaStream_t stream) {
-  const size_t smem = fwd_smem<HD>();
-  set_smem<attn_fwd_tc_kernel<HD>>(smem);
-  const dim3 grid(unsigned(ceil_div(p.T, kAttnTileRows)), unsigned(p.B * p.H));
-  attn_fwd_tc_kernel<HD><<<grid, kAttnThreads, smem, stream>>>(p);
+  const size_t smem = fwd_smem<HD, MT>();
+  set_smem<attn_fwd_tc_kernel<HD, MT>>(smem);
+  const dim3 grid(unsigned(ceil_div(p.T, MT * kAttnTileRows)), unsigned(p.B * p.H));
+  attn_fwd_tc_kernel<HD, MT><<<grid, kAttnThreads, smem, stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -724,6 +759,31 @@ void check_lse(const char* op, const Tensor& lse, const AttnShape& s) {
 
 }  // namespace
 
+namespace {
+// 0 until first asked: then MF_ATTN_FWD_MTILES, or the default.
+int g_fwd_mtiles = 0;
+}  // namespace
+
+int attention_fwd_mtiles() {
+  if (g_fwd_mtiles == 0) {
+    const char* e = std::getenv("MF_ATTN_FWD_MTILES");
+    if (e == nullptr || *e == '\0') {
+      g_fwd_mtiles = 2;
+    } else {
+      const std::string v(e);
+      MF_CHECK(v == "1" || v == "2", "environment variable MF_ATTN_FWD_MTILES='", v,
+               "': expected 1 or 2 (16-row m-tiles per warp in the hd-64 attention forward)");
+      g_fwd_mtiles = v == "1" ? 1 : 2;
+    }
+  }
+  return g_fwd_mtiles;
+}
+
+void set_attention_fwd_mtiles(int mt) {
+  MF_CHECK(mt == 1 || mt == 2, "set_attention_fwd_mtiles: ", mt, " is not 1 or 2");
+  g_fwd_mtiles = mt;
+}
+
 void check_attention_shape(const char* op, const AttnShape& s) {
   MF_CHECK(s.B > 0 && s.T > 0 && s.H > 0 && s.Hkv > 0 && s.hd > 0, op, ": bad shape B=", s.B,
            " T=", s.T, " H=", s.H, " Hkv=", s.Hkv, " hd=", s.hd);
@@ -764,10 +824,12 @@ void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Te
   p.o = static_cast<bf16*>(out.ptr);
   p.lse = lse.data<float>();
   if (use_tensor_cores(s, {q.ptr, k.ptr, v.ptr, out.ptr})) {
-    MF_CHECK((s.hd == 64 ? fwd_smem<64>() : fwd_smem<128>()) <= ctx.max_smem_optin, op,
-             ": the device has too little shared memory");
-    if (s.hd == 64) return launch_attn_fwd_tc<64>(p, ctx.stream);
-    return launch_attn_fwd_tc<128>(p, ctx.stream);
+    const int mt = s.hd == 64 ? attention_fwd_mtiles() : 1;
+    const size_t smem = s.hd == 128 ? fwd_smem<128, 1>() : mt == 2 ? fwd_smem<64, 2>() : fwd_smem<64, 1>();
+    MF_CHECK(smem <= ctx.max_smem_optin, op, ": the device has too little shared memory");
+    if (s.hd == 128) return launch_attn_fwd_tc<128, 1>(p, ctx.stream);
+    if (mt == 2) return launch_attn_fwd_tc<64, 2>(p, ctx.stream);
+    return launch_attn_fwd_tc<64, 1>(p, ctx.stream);
   }
   dispatch_simt(p, false, ctx.stream);
 }

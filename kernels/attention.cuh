@@ -17,6 +17,12 @@ void check_attention_bwd_args(const char* op, const Tensor& dout, const Tensor& 
                               const Tensor& lse, const Tensor& dq, const Tensor& dk,
                               const Tensor& dv, const AttnShape& s);
 
+// The forward's 16-row m-tiles per warp for head dim 64 (hd 128 always uses 1): 2 by default,
+// or the environment variable MF_ATTN_FWD_MTILES (1 or 2; anything else is an error) read on
+// first use. The setter is for tests and benchmarks that compare the two.
+int attention_fwd_mtiles();
+void set_attention_fwd_mtiles(int mt);
+
 // q, out [B,T,H,hd] bf16; k, v [B,T,Hkv,hd] bf16 (any shape with those element counts);
 // lse f32 [B,H,T] (natural log of sum exp(scale q.k) over keys j <= t).
 void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Tensor& v,

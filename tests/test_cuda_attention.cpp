@@ -26,6 +26,7 @@
 #ifdef MF_HAS_CUDA
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cudnn_attention.h"
+#include "attention.cuh"
 #endif
 
 using namespace mf;
@@ -165,10 +166,23 @@ TEST_CASE("flash attention matches the double reference at both head dims, tails
   // Tensor-core shapes (hd 64 and 128): T not a multiple of the 64-row tiles or of hd 128's
   // 32-query dk/dv tiles, one tile only, and groups of 1, 2 and 6 query heads per KV head, so the
   // copy pipelines run their first, middle and last stages and cross from one head to the next.
+  // hd 64 runs with 1 and 2 m-tiles per warp in the forward (hd 128 has 1 only).
+  std::vector<std::pair<S, int>> cases;
   for (const S& s : {S{2, 200, 8, 2, 64}, S{1, 97, 6, 1, 64}, S{1, 40, 2, 2, 64}, S{1, 77, 4, 2, 128},
-                     S{1, 256, 4, 4, 128}, S{1, 130, 2, 1, 128}}) {
+                     S{1, 256, 4, 4, 128}, S{1, 130, 2, 1, 128}})
+    for (int mt : {1, 2})
+      if (s.hd == 64 || mt == 1) cases.push_back({s, mt});
+#ifdef MF_HAS_CUDA
+  const int mt0 = cuda::attention_fwd_mtiles();
+  CHECK(mt0 == 2);  // the default (ctest sets no MF_ATTN_FWD_MTILES)
+  CHECK_THROWS_WITH(cuda::set_attention_fwd_mtiles(3), Catch::Contains("not 1 or 2"));
+#endif
+  for (const auto& [s, mt] : cases) {
+#ifdef MF_HAS_CUDA
+    cuda::set_attention_fwd_mtiles(mt);
+#endif
     Problem p(*be, rng, s);
-    INFO(p.label());
+    INFO(p.label() << " m-tiles " << mt);
     Tensor to = be->empty(p.qs, DType::BF16), tl = be->empty(p.ls, DType::F32);
     be->attention_fwd(p.tq, p.tk, p.tv, to, tl, p.as);
     const Vec got_out = fetch(*be, to), got_lse = fetch(*be, tl);
@@ -187,6 +201,9 @@ TEST_CASE("flash attention matches the double reference at both head dims, tails
     CHECK(fetch(*be, tdq) == dq);
     CHECK(fetch(*be, tdk) == dk);
   }
+#ifdef MF_HAS_CUDA
+  cuda::set_attention_fwd_mtiles(mt0);
+#endif
 }
 
 TEST_CASE("cuDNN attention forward and backward match the double reference",
