@@ -29,6 +29,11 @@ grep -q "step 6/6 | loss" whole.log || fail "no step 6 line"
 grep -q "val loss" whole.log || fail "no val loss line"
 [ -f whole/ckpt-000006/model.safetensors ] || fail "no final checkpoint"
 
+echo "== a bad MF_ATTN_FWD_MTILES is an error that names it"
+if MF_ATTN_FWD_MTILES=3 "$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda \
+    --set run.dir=badenv > badenv.log 2>&1; then fail "MF_ATTN_FWD_MTILES=3 was accepted"; fi
+grep -q "MF_ATTN_FWD_MTILES='3': expected 1 or 2" badenv.log || { cat badenv.log; fail "no clear error for MF_ATTN_FWD_MTILES=3"; }
+
 echo "== train on cuda, stopped at 3 and resumed"
 "$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda --set run.dir=split --stop-at 3 > split1.log 2>&1 ||
   { tail -20 split1.log; fail "train --stop-at 3"; }

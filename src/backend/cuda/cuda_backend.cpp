@@ -53,6 +53,7 @@ CudaBackend::CudaBackend(int device) : allocated_(std::make_shared<std::atomic<s
   if (device < 0) CUDA_CHECK(cudaGetDevice(&device));
   MF_CHECK(device < n, "CudaBackend: device ", device, " requested but only ", n, " visible");
   dev_ = device;
+  (void)cuda::attention_fwd_mtiles();  // a bad MF_ATTN_FWD_MTILES fails here, whatever the model
   CUDA_CHECK(cudaSetDevice(dev_));
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   lt_ = std::make_unique<cuda::CublasLt>(stream_);
