@@ -137,17 +137,6 @@ part1() {
     step "$(basename "$t")_gpu" 120 "'$t' '[gpu]' --order decl -r compact"
   done
 
-  # The hd-64 attention forward with 1 and 2 m-tiles per warp (MF_ATTN_FWD_MTILES; kernels/
-  # attention.cu): the default is 2, FA2's shape, unmeasured until this step ran. Then both the
-  # 124M model's attention at seq 1024 and 2048, forward and backward, in one line each.
-  step attention_mtiles 180 "keys=''; for T in 1024 2048; do for mt in 1 2; do
-      out=\"$WORK/attn_mt\${mt}_\$T.out\"
-      MF_ATTN_FWD_MTILES=\$mt '$BIN' bench '$REPO/configs/llama-124m.json' --seq-len \$T --micro-batch 8 --batch-tokens \$((8 * T)) \
-        --steps 1 --warmup 1 --no-gemm --no-muon-split >\"\$out\" 2>&1
-      grep -a 'attention    alone' \"\$out\" || tail -5 \"\$out\"
-      keys=\"\$keys T\$T mt\$mt \$(grep -a -o 'fwd [0-9.]* ms' \"\$out\" | head -1);\"
-    done; done
-    echo \"KEY:\$keys\"; grep -q 'attention    alone' '$WORK/attn_mt1_1024.out' && grep -q 'attention    alone' '$WORK/attn_mt2_1024.out'"
   step train_parity 240 "python3 '$REPO/scripts/gpu_train_parity.py' --binary '$BIN' --work '$WORK/train'"
   # The CUDA run against scripts/torch_parity.py's PyTorch reference (fp32 on the host), on the
   # shard train_parity just wrote: 20 steps, every loss within 2e-2.
@@ -171,6 +160,18 @@ part1() {
       exit \$rc"
   done
 
+  # The hd-64 attention forward with 1 and 2 m-tiles per warp (MF_ATTN_FWD_MTILES; kernels/
+  # attention.cu; the default, 2, is FA2's shape and unmeasured until this step runs): four
+  # one-step benches of the 124M model (seq 1024 and 2048, each with 1 and 2), printing each
+  # one's "attention alone" line (forward and backward); the key figure is the forward times.
+  step attention_mtiles 180 "keys=''; for T in 1024 2048; do for mt in 1 2; do
+      out=\"$WORK/attn_mt\${mt}_\$T.out\"
+      MF_ATTN_FWD_MTILES=\$mt '$BIN' bench '$REPO/configs/llama-124m.json' --seq-len \$T --micro-batch 8 --batch-tokens \$((8 * T)) \
+        --steps 1 --warmup 1 --no-gemm --no-muon-split >\"\$out\" 2>&1
+      grep -a 'attention    alone' \"\$out\" || tail -5 \"\$out\"
+      keys=\"\$keys T\$T mt\$mt \$(grep -a -o 'fwd [0-9.]* ms' \"\$out\" | head -1);\"
+    done; done
+    echo \"KEY:\$keys\"; grep -q 'attention    alone' '$WORK/attn_mt1_1024.out' && grep -q 'attention    alone' '$WORK/attn_mt2_1024.out'"
   # compute-sanitizer refuses the device under some runtimes (gVisor: "Device not supported";
   # docs of the device tool): probe once on one small test instead of failing three steps.
   local san_probe=""
