@@ -97,6 +97,7 @@ void CublasLt::gemm(const GemmArgs& g) {
     return;
   }
   cuemu::eager_work(stream_);  // the stream's queued collectives come first
+  cuemu::count_stat("gemm");
   host_gemm(r);
 }
 

@@ -16,6 +16,7 @@
 #include <deque>
 #include <map>
 #include <chrono>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <cstdio>
@@ -337,6 +338,59 @@ unsigned warp_ballot(bool pred) {
 
 unsigned char* dynamic_smem() { return g->dyn.data(); }
 
+namespace {
+std::mutex& stats_mutex() {
+  static auto* m = new std::mutex;
+  return *m;
+}
+std::map<std::string, long>& stats_map() {
+  static auto* m = new std::map<std::string, long>;  // never destroyed: read by the atexit writer
+  return *m;
+}
+}  // namespace
+
+void count_stat(const char* kind) {
+  static const bool hooked = [] {
+    if (const char* path = std::getenv("CUEMU_STATS"); path && *path) {
+      static std::string file = path;
+      std::atexit([] {
+        FILE* f = std::fopen(file.c_str(), "w");
+        if (!f) {
+          std::fprintf(stderr, "cuemu: CUEMU_STATS=%s: cannot write the file\n", file.c_str());
+          return;
+        }
+        std::fputc('{', f);
+        bool first = true;
+        for (const auto& [k, n] : stats()) {
+          std::fprintf(f, "%s\"%s\": %ld", first ? "" : ", ", k.c_str(), n);
+          first = false;
+        }
+        std::fputs("}\n", f);
+        std::fclose(f);
+      });
+    }
+    return true;
+  }();
+  (void)hooked;
+  // A drain: the host waits for every stream while work has been issued since the last such
+  // wait. The first of several read-backs in a row drains; the others find nothing to wait for.
+  static std::atomic<bool> issued{false};
+  const std::string k = kind;
+  bool drain = false;
+  if (k == "launch" || k == "gemm" || k == "device_copy" || k == "queued")
+    issued = true;
+  else if (k == "stream_sync" || k == "sync_copy" || k == "pageable_readback")
+    drain = issued.exchange(false);
+  std::lock_guard<std::mutex> l(stats_mutex());
+  ++stats_map()[k];
+  if (drain) ++stats_map()["drain"];
+}
+
+std::map<std::string, long> stats() {
+  std::lock_guard<std::mutex> l(stats_mutex());
+  return stats_map();
+}
+
 void count_launch(const char* name) {
   static const bool hooked = [] {
     if (std::getenv("CUEMU_REPORT")) {
@@ -349,6 +403,7 @@ void count_launch(const char* name) {
   }();
   (void)hooked;
   ++launch_counts()[name];
+  count_stat("launch");
 }
 
 void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx) {
@@ -398,9 +453,22 @@ std::map<void*, size_t>& allocations() {
 size_t g_allocated = 0;
 constexpr size_t kDeviceBytes = size_t(141) << 30;  // an H200's 141 GB
 size_t padded(size_t n) { return std::max<size_t>(256, (n + 255) / 256 * 256); }  // 256-byte pieces
+// cudaHostAlloc's blocks (start -> bytes): copies to and from them are asynchronous.
+std::map<const char*, size_t>& pinned_blocks() {
+  static auto* m = new std::map<const char*, size_t>;
+  return *m;
+}
+bool pinned(const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  auto it = pinned_blocks().upper_bound(c);
+  if (it == pinned_blocks().begin()) return false;
+  --it;
+  return c >= it->first && c + n <= it->first + it->second;
+}
 }  // namespace
 
 cudaError_t cudaMalloc(void** p, size_t n) {
+  cuemu::count_stat("malloc");
   const size_t bytes = padded(n);
   if (bytes > kDeviceBytes - g_allocated) return cudaErrorMemoryAllocation;
   *p = std::aligned_alloc(256, bytes);
@@ -412,6 +480,7 @@ cudaError_t cudaMalloc(void** p, size_t n) {
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
+  cuemu::count_stat("free");
   cuemu::device_ready();  // as on the device: queued work that may still use the memory runs first
   auto it = allocations().find(p);
   if (it == allocations().end()) return cudaErrorInvalidValue;  // not from cudaMalloc
@@ -422,6 +491,7 @@ cudaError_t cudaFree(void* p) {
 }
 
 cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
+  cuemu::count_stat("sync_copy");
   cuemu::eager_work(nullptr);
   if (n) std::memmove(d, s, n);
   return cudaSuccess;
@@ -429,6 +499,12 @@ cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
 // Device-to-device copies and memsets join a stream's queue when it has one (streams.cpp); a copy
 // from or to host memory waits for the queue instead (pageable memory: the device's copy waits too).
 cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
+  if (k == cudaMemcpyDeviceToHost && !pinned(d, n)) {
+    cuemu::count_stat("pageable_readback");  // the host waits for the stream and this copy
+  } else {
+    cuemu::count_stat("device_copy");
+    if (k == cudaMemcpyHostToDevice && !pinned(s, n)) cuemu::count_stat("pageable_upload");
+  }
   if (k == cudaMemcpyDeviceToDevice && cuemu::stream_busy(st)) {
     if (n) cuemu::enqueue(st, [d, s, n] { std::memmove(d, s, n); }, nullptr);
     return cudaSuccess;
@@ -443,6 +519,7 @@ cudaError_t cudaMemset(void* p, int v, size_t n) {
   return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t st) {
+  cuemu::count_stat("device_copy");
   if (cuemu::stream_busy(st)) {
     if (n) cuemu::enqueue(st, [p, v, n] { std::memset(p, v, n); }, nullptr);
     return cudaSuccess;
@@ -453,6 +530,7 @@ cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t st) {
 }
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
                               size_t height, cudaMemcpyKind, cudaStream_t st) {
+  cuemu::count_stat("device_copy");
   cuemu::eager_work(st);
   for (size_t r = 0; r < height; ++r)
     std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
@@ -651,11 +729,13 @@ cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
 }
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
   *p = std::aligned_alloc(256, padded(n));
+  if (*p) pinned_blocks()[static_cast<const char*>(*p)] = padded(n);
   return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaMallocHost(void** p, size_t n) { return cudaHostAlloc(p, n, 0); }
 cudaError_t cudaFreeHost(void* p) {
   cuemu::device_ready();
+  pinned_blocks().erase(static_cast<const char*>(p));
   std::free(p);
   return cudaSuccess;
 }

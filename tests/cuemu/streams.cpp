@@ -202,6 +202,7 @@ bool stream_busy(cudaStream_t s) { return busy(get(s)); }
 // An idle stream reaches the item at once: its early part (never a blocking one) runs here, in
 // issue order with the eager work around it (on the worker it would race the host's next kernels).
 void enqueue(cudaStream_t sh, std::function<void()> early, std::function<void()> late) {
+  count_stat("queued");
   Stream* s = get(sh);
   std::lock_guard<std::mutex> l(s->m);
   if (early && s->q.empty() && s->done == s->issued) {
@@ -274,7 +275,8 @@ cudaError_t cudaStreamDestroy(cudaStream_t sh) {
   s->cv.notify_all();
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t sh) {
+namespace {
+void stream_sync(cudaStream_t sh) {
   if (!sh) legacy_ready();
   Stream* s = get(sh);
   ready(s);
@@ -284,10 +286,16 @@ cudaError_t cudaStreamSynchronize(cudaStream_t sh) {
     c = s->clock();
   }
   host_synced(c);
+}
+}  // namespace
+cudaError_t cudaStreamSynchronize(cudaStream_t sh) {
+  cuemu::count_stat("stream_sync");
+  stream_sync(sh);
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize() {
-  for (Stream* s : all_streams()) cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(s));
+  cuemu::count_stat("stream_sync");
+  for (Stream* s : all_streams()) stream_sync(reinterpret_cast<cudaStream_t>(s));
   return cudaSuccess;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t sh, cudaEvent_t eh, unsigned) {
@@ -332,6 +340,7 @@ cudaError_t cudaEventRecord(cudaEvent_t eh, cudaStream_t sh) {
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t eh) {
   if (!eh) return cudaErrorInvalidValue;
+  cuemu::count_stat("event_sync");
   const Event e = *reinterpret_cast<Event*>(eh);
   if (e.s) {
     wait_for(e.s, e.ticket);

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -271,6 +272,22 @@ void set_order(const std::string& order);
 // Counts the launch under `name` (CUEMU_REPORT=1 prints the counts at exit: which kernels a test
 // exercised).
 void count_launch(const char* name);
+
+// What the host asked of the device, by kind: "launch" (kernels), "gemm" (CublasLt::gemm on the
+// host path), "malloc" / "free" (cudaMalloc / cudaFree; a cudaFree also waits for the device),
+// "stream_sync" (cudaStreamSynchronize, cudaDeviceSynchronize: the host waits until a stream has
+// drained), "event_sync" (cudaEventSynchronize: the host waits for the work up to an event),
+// "sync_copy" (cudaMemcpy: waits for the legacy stream), "device_copy" (cudaMemcpyAsync,
+// cudaMemsetAsync, cudaMemcpy2DAsync), "queued" (work queued behind a stream: collectives and the
+// copies behind them), "pageable_readback" / "pageable_upload" (cudaMemcpyAsync to / from host
+// memory not from cudaHostAlloc: the device copies those synchronously, and a read-back waits for
+// the stream), and "drain": a stream_sync, sync_copy or pageable_readback while work (launch,
+// gemm, device_copy, queued) has been issued since the last drain, i.e. a point where the device
+// runs out of work until the host issues more. Thread-safe. CUEMU_STATS=FILE writes them to FILE as one
+// JSON object at exit, so a script can compare whole runs: what two runs of N and 2N steps differ
+// by is what N steps cost.
+void count_stat(const char* kind);
+std::map<std::string, long> stats();
 
 template <typename... P, typename... A>
 void launch(const Cfg& cfg, const char* name, void (*kernel)(P...), A&&... args) {
