@@ -15,6 +15,7 @@
 // log units like the CPU reference.
 #include "attention.cuh"
 
+#include <atomic>
 #include <cstdlib>
 
 #include "mma.cuh"
@@ -761,7 +762,7 @@ void check_lse(const char* op, const Tensor& lse, const AttnShape& s) {
 
 namespace {
 // 0 until first asked: then MF_ATTN_FWD_MTILES, or the default.
-int g_fwd_mtiles = 0;
+std::atomic<int> g_fwd_mtiles{0};
 }  // namespace
 
 int attention_fwd_mtiles() {

@@ -162,12 +162,13 @@ part1() {
 
   # The hd-64 attention forward with 1 and 2 m-tiles per warp (MF_ATTN_FWD_MTILES; kernels/
   # attention.cu; the default, 2, is FA2's shape and unmeasured until this step runs): four
-  # one-step benches of the 124M model (seq 1024 and 2048, each with 1 and 2), printing each
-  # one's "attention alone" line (forward and backward); the key figure is the forward times.
+  # one-step benches of the 124M model (seq 1024 and 2048, each with 1 and 2) on flash attention
+  # (its config says "auto", which may pick cuDNN), printing each one's "attention alone" line
+  # (forward and backward); the key figure is the forward times.
   step attention_mtiles 180 "keys=''; for T in 1024 2048; do for mt in 1 2; do
       out=\"$WORK/attn_mt\${mt}_\$T.out\"
       MF_ATTN_FWD_MTILES=\$mt '$BIN' bench '$REPO/configs/llama-124m.json' --seq-len \$T --micro-batch 8 --batch-tokens \$((8 * T)) \
-        --steps 1 --warmup 1 --no-gemm --no-muon-split >\"\$out\" 2>&1
+        --set model.attention=flash --steps 1 --warmup 1 --no-gemm --no-muon-split >\"\$out\" 2>&1
       grep -a 'attention    alone' \"\$out\" || tail -5 \"\$out\"
       keys=\"\$keys T\$T mt\$mt \$(grep -a -o 'fwd [0-9.]* ms' \"\$out\" | head -1);\"
     done; done

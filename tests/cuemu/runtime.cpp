@@ -339,6 +339,8 @@ unsigned warp_ballot(bool pred) {
 unsigned char* dynamic_smem() { return g->dyn.data(); }
 
 namespace {
+std::atomic<long> g_work_seq{0};   // work issued so far (launch, gemm, device_copy, queued)
+std::atomic<bool> g_issued{false};  // work issued since the last drain
 std::mutex& stats_mutex() {
   static auto* m = new std::mutex;
   return *m;
@@ -374,15 +376,27 @@ void count_stat(const char* kind) {
   (void)hooked;
   // A drain: the host waits for every stream while work has been issued since the last such
   // wait. The first of several read-backs in a row drains; the others find nothing to wait for.
-  static std::atomic<bool> issued{false};
+  // (One flag for all streams: a wait on an idle stream while another has work counts too.)
   const std::string k = kind;
   bool drain = false;
-  if (k == "launch" || k == "gemm" || k == "device_copy" || k == "queued")
-    issued = true;
-  else if (k == "stream_sync" || k == "sync_copy" || k == "pageable_readback")
-    drain = issued.exchange(false);
+  if (k == "launch" || k == "gemm" || k == "device_copy" || k == "queued") {
+    g_work_seq.fetch_add(1);
+    g_issued = true;
+  } else if (k == "stream_sync" || k == "sync_copy" || k == "pageable_readback" || k == "free") {
+    drain = g_issued.exchange(false);
+  }
   std::lock_guard<std::mutex> l(stats_mutex());
   ++stats_map()[k];
+  if (drain) ++stats_map()["drain"];
+}
+
+long work_seq() { return g_work_seq.load(); }
+
+void count_event_wait(long seq_at_record) {
+  // Waiting for an event recorded after the last work issued is waiting for all of it.
+  const bool drain = seq_at_record == g_work_seq.load() && g_issued.exchange(false);
+  std::lock_guard<std::mutex> l(stats_mutex());
+  ++stats_map()["event_sync"];
   if (drain) ++stats_map()["drain"];
 }
 
@@ -453,12 +467,18 @@ std::map<void*, size_t>& allocations() {
 size_t g_allocated = 0;
 constexpr size_t kDeviceBytes = size_t(141) << 30;  // an H200's 141 GB
 size_t padded(size_t n) { return std::max<size_t>(256, (n + 255) / 256 * 256); }  // 256-byte pieces
-// cudaHostAlloc's blocks (start -> bytes): copies to and from them are asynchronous.
+// cudaHostAlloc's blocks (start -> bytes): copies to and from them are asynchronous. Under
+// pinned_mutex(): cudaFreeHost may run on any thread (a tensor's deleter).
 std::map<const char*, size_t>& pinned_blocks() {
   static auto* m = new std::map<const char*, size_t>;
   return *m;
 }
+std::mutex& pinned_mutex() {
+  static auto* m = new std::mutex;
+  return *m;
+}
 bool pinned(const void* p, size_t n) {
+  std::lock_guard<std::mutex> l(pinned_mutex());
   const char* c = static_cast<const char*>(p);
   auto it = pinned_blocks().upper_bound(c);
   if (it == pinned_blocks().begin()) return false;
@@ -729,13 +749,19 @@ cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
 }
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
   *p = std::aligned_alloc(256, padded(n));
-  if (*p) pinned_blocks()[static_cast<const char*>(*p)] = padded(n);
+  if (*p) {
+    std::lock_guard<std::mutex> l(pinned_mutex());
+    pinned_blocks()[static_cast<const char*>(*p)] = padded(n);
+  }
   return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaMallocHost(void** p, size_t n) { return cudaHostAlloc(p, n, 0); }
 cudaError_t cudaFreeHost(void* p) {
   cuemu::device_ready();
-  pinned_blocks().erase(static_cast<const char*>(p));
+  {
+    std::lock_guard<std::mutex> l(pinned_mutex());
+    pinned_blocks().erase(static_cast<const char*>(p));
+  }
   std::free(p);
   return cudaSuccess;
 }

@@ -9,8 +9,8 @@ steady-state steps cost.
 Checks, per step after the first two:
 - no cudaMalloc and no cudaFree (every buffer is allocated at setup; a cudaFree also stalls the
   device);
-- drains (the host waits for every stream while work is queued: the device runs dry until the
-  host issues more) are the same for 2 and 4 micro-batches and for 2 and 4 layers, and at most 2
+- drains (the host waits for every stream while work is queued, or for an event recorded after
+  the last work issued: the device runs dry until the host issues more) are the same for 2 and 4 micro-batches and for 2 and 4 layers, and at most 2
   for a dense model (the loss read back for the log line, the gradient norm for clipping) and 3
   for MoE with bias balancing (at a log step the expert biases are read after the step updated
   them): a read-back added inside the layer or micro-batch loop fails here;

@@ -76,6 +76,7 @@ struct Event {
   uint64_t ticket = 0;
   VClock vc;  // the stream's clock when recorded
   double t_ms = 0;
+  long work_seq = 0;  // cuemu::work_seq() when recorded (what a wait for it covers: stats)
 };
 
 std::chrono::milliseconds delay() {
@@ -336,12 +337,13 @@ cudaError_t cudaEventRecord(cudaEvent_t eh, cudaStream_t sh) {
   e->ticket = s->issued;
   e->vc = s->clock();
   e->t_ms = now_ms();
+  e->work_seq = cuemu::work_seq();
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t eh) {
   if (!eh) return cudaErrorInvalidValue;
-  cuemu::count_stat("event_sync");
   const Event e = *reinterpret_cast<Event*>(eh);
+  cuemu::count_event_wait(e.work_seq);
   if (e.s) {
     wait_for(e.s, e.ticket);
     host_synced(e.vc);

@@ -281,13 +281,18 @@ void count_launch(const char* name);
 // cudaMemsetAsync, cudaMemcpy2DAsync), "queued" (work queued behind a stream: collectives and the
 // copies behind them), "pageable_readback" / "pageable_upload" (cudaMemcpyAsync to / from host
 // memory not from cudaHostAlloc: the device copies those synchronously, and a read-back waits for
-// the stream), and "drain": a stream_sync, sync_copy or pageable_readback while work (launch,
-// gemm, device_copy, queued) has been issued since the last drain, i.e. a point where the device
-// runs out of work until the host issues more. Thread-safe. CUEMU_STATS=FILE writes them to FILE as one
+// the stream), and "drain": a stream_sync, sync_copy, pageable_readback, cudaFree, or an
+// event_sync on an event recorded after the last work issued, while work (launch, gemm,
+// device_copy, queued) has been issued since the last drain, i.e. a point where the device runs
+// out of work until the host issues more. Thread-safe. CUEMU_STATS=FILE writes them to FILE as one
 // JSON object at exit, so a script can compare whole runs: what two runs of N and 2N steps differ
 // by is what N steps cost.
 void count_stat(const char* kind);
 std::map<std::string, long> stats();
+// The number of work items issued so far (cudaEventRecord keeps it), and an event wait: counted as
+// "event_sync", and as a drain too when no work was issued after the event was recorded.
+long work_seq();
+void count_event_wait(long seq_at_record);
 
 template <typename... P, typename... A>
 void launch(const Cfg& cfg, const char* name, void (*kernel)(P...), A&&... args) {
