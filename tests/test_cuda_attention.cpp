@@ -96,6 +96,28 @@ struct Problem {
     ref::attention_bwd(dout.data(), q.data(), k.data(), v.data(), o.data(), l.data(), dq.data(),
                        dk.data(), dv.data(), dims(s), double(as.scale));
   }
+  // Checks a forward's out and lse (on the device) against the reference, then takes the reference
+  // gradients for that forward's own out and lse, as training feeds the backward.
+  void check_fwd(Backend& be, const Tensor& to, const Tensor& tl) {
+    const Vec got_out = fetch(be, to), got_lse = fetch(be, tl);
+    CHECK(norm_err(got_out, out) < kFwdTol);
+    CHECK(norm_err(got_lse, lse) < kLseTol);
+    ref_bwd(got_out, got_lse);
+  }
+  struct Grads {
+    Tensor dq, dk, dv;
+  };
+  Grads empty_grads(Backend& be) const {
+    return {be.empty(qs, DType::BF16), be.empty(ks, DType::BF16), be.empty(ks, DType::BF16)};
+  }
+  // Checks dq, dk, dv against the last ref_bwd; returns them as fetched (dq, dk, dv).
+  std::vector<Vec> check_grads(Backend& be, const Grads& g) const {
+    std::vector<Vec> got{fetch(be, g.dq), fetch(be, g.dk), fetch(be, g.dv)};
+    CHECK(norm_err(got[0], dq) < kBwdTol);
+    CHECK(norm_err(got[1], dk) < kBwdTol);  // GQA: summed over the group's heads
+    CHECK(norm_err(got[2], dv) < kBwdTol);
+    return got;
+  }
   std::string label() const {
     return "B=" + std::to_string(s.B) + " T=" + std::to_string(s.T) + " H=" + std::to_string(s.H) +
            " Hkv=" + std::to_string(s.Hkv) + " hd=" + std::to_string(s.hd);
@@ -191,21 +213,14 @@ TEST_CASE("flash attention matches the double reference at both head dims, tails
     INFO(p.label() << " m-tiles " << mt);
     Tensor to = be->empty(p.qs, DType::BF16), tl = be->empty(p.ls, DType::F32);
     be->attention_fwd(p.tq, p.tk, p.tv, to, tl, p.as);
-    const Vec got_out = fetch(*be, to), got_lse = fetch(*be, tl);
-    CHECK(norm_err(got_out, p.out) < kFwdTol);
-    CHECK(norm_err(got_lse, p.lse) < kLseTol);
-    p.ref_bwd(got_out, got_lse);
-    Tensor tdq = be->empty(p.qs, DType::BF16), tdk = be->empty(p.ks, DType::BF16),
-           tdv = be->empty(p.ks, DType::BF16);
-    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, tdq, tdk, tdv, p.as);
-    const Vec dq = fetch(*be, tdq), dk = fetch(*be, tdk), dv = fetch(*be, tdv);
-    CHECK(norm_err(dq, p.dq) < kBwdTol);
-    CHECK(norm_err(dk, p.dk) < kBwdTol);  // GQA: summed over the group's heads
-    CHECK(norm_err(dv, p.dv) < kBwdTol);
+    p.check_fwd(*be, to, tl);
+    Problem::Grads g = p.empty_grads(*be);
+    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, g.dq, g.dk, g.dv, p.as);
+    const std::vector<Vec> got = p.check_grads(*be, g);
     // Deterministic: a second backward gives the same bits.
-    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, tdq, tdk, tdv, p.as);
-    CHECK(fetch(*be, tdq) == dq);
-    CHECK(fetch(*be, tdk) == dk);
+    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, g.dq, g.dk, g.dv, p.as);
+    CHECK(fetch(*be, g.dq) == got[0]);
+    CHECK(fetch(*be, g.dk) == got[1]);
   }
 }
 
@@ -231,21 +246,14 @@ TEST_CASE("cuDNN attention forward and backward match the double reference",
     }
     be->attention_fwd(p.tq, p.tk, p.tv, to, tl, p.as);
     CHECK(cb->attention().choice(p.as) == "cudnn");
-    const Vec got_out = fetch(*be, to), got_lse = fetch(*be, tl);
-    CHECK(norm_err(got_out, p.out) < kFwdTol);
-    CHECK(norm_err(got_lse, p.lse) < kLseTol);
     // Backward from cuDNN's own (bf16) out and lse, as training does.
-    p.ref_bwd(got_out, got_lse);
-    Tensor tdq = be->empty(p.qs, DType::BF16), tdk = be->empty(p.ks, DType::BF16),
-           tdv = be->empty(p.ks, DType::BF16);
-    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, tdq, tdk, tdv, p.as);
-    CHECK(norm_err(fetch(*be, tdq), p.dq) < kBwdTol);
-    CHECK(norm_err(fetch(*be, tdk), p.dk) < kBwdTol);  // GQA: summed over the group's heads
-    CHECK(norm_err(fetch(*be, tdv), p.dv) < kBwdTol);
+    p.check_fwd(*be, to, tl);
+    Problem::Grads g = p.empty_grads(*be);
+    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, g.dq, g.dk, g.dv, p.as);
+    p.check_grads(*be, g);
     // A second call reuses the cached plan and overwrites (=) its outputs.
-    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, tdq, tdk, tdv, p.as);
-    CHECK(norm_err(fetch(*be, tdq), p.dq) < kBwdTol);
-    CHECK(norm_err(fetch(*be, tdv), p.dv) < kBwdTol);
+    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, g.dq, g.dk, g.dv, p.as);
+    p.check_grads(*be, g);
   }
   const MemoryInfo m = be->memory_info();
   CHECK(m.workspace > 0);
@@ -273,21 +281,16 @@ TEST_CASE("cuDNN and flash agree on lse; each backward follows the other's forwa
     CHECK(norm_err(clse, flse) < kLseTol);
     CHECK(norm_err(fetch(*be, co), fetch(*be, fo)) < kFwdTol);
 
-    Tensor tdq = be->empty(p.qs, DType::BF16), tdk = be->empty(p.ks, DType::BF16),
-           tdv = be->empty(p.ks, DType::BF16);
+    Problem::Grads g = p.empty_grads(*be);
     // cuDNN backward from the flash forward.
     p.ref_bwd(fetch(*be, fo), flse);
-    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, fo, fl, tdq, tdk, tdv, p.as);
-    CHECK(norm_err(fetch(*be, tdq), p.dq) < kBwdTol);
-    CHECK(norm_err(fetch(*be, tdk), p.dk) < kBwdTol);
-    CHECK(norm_err(fetch(*be, tdv), p.dv) < kBwdTol);
+    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, fo, fl, g.dq, g.dk, g.dv, p.as);
+    p.check_grads(*be, g);
     // Flash backward from the cuDNN forward.
     be->set_attention_impl("flash");
     p.ref_bwd(fetch(*be, co), clse);
-    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, co, cl, tdq, tdk, tdv, p.as);
-    CHECK(norm_err(fetch(*be, tdq), p.dq) < kBwdTol);
-    CHECK(norm_err(fetch(*be, tdk), p.dk) < kBwdTol);
-    CHECK(norm_err(fetch(*be, tdv), p.dv) < kBwdTol);
+    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, co, cl, g.dq, g.dk, g.dv, p.as);
+    p.check_grads(*be, g);
   }
 #endif
 }
@@ -310,17 +313,11 @@ TEST_CASE("model.attention = auto picks a path per shape and matches the referen
     INFO("auto chose " << pick);
     CHECK((pick == "flash" || pick == "cudnn"));
     if (!cuda::CudnnAttention::compiled() || !cudnn_supports(s)) CHECK(pick == "flash");
-    const Vec got_out = fetch(*be, to), got_lse = fetch(*be, tl);
-    CHECK(norm_err(got_out, p.out) < kFwdTol);
-    CHECK(norm_err(got_lse, p.lse) < kLseTol);
-    p.ref_bwd(got_out, got_lse);
-    Tensor tdq = be->empty(p.qs, DType::BF16), tdk = be->empty(p.ks, DType::BF16),
-           tdv = be->empty(p.ks, DType::BF16);
-    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, tdq, tdk, tdv, p.as);
+    p.check_fwd(*be, to, tl);
+    Problem::Grads g = p.empty_grads(*be);
+    be->attention_bwd(p.tdo, p.tq, p.tk, p.tv, to, tl, g.dq, g.dk, g.dv, p.as);
     CHECK(cb->attention().choice(p.as) == pick);  // chosen once per shape
-    CHECK(norm_err(fetch(*be, tdq), p.dq) < kBwdTol);
-    CHECK(norm_err(fetch(*be, tdk), p.dk) < kBwdTol);
-    CHECK(norm_err(fetch(*be, tdv), p.dv) < kBwdTol);
+    p.check_grads(*be, g);
   }
 #endif
 }
