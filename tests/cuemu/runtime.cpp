@@ -76,6 +76,8 @@ struct AsyncCopy {
   void* dst;
   int bytes;
   unsigned char data[16];
+  const void* src;  // checked again at the wait: it must not have changed while in flight
+  int src_bytes;
 };
 
 struct Fiber {
@@ -704,7 +706,8 @@ void ldmatrix(uint32_t* d, int nmat, bool trans, const void* row) {
 // The widest window the device allows: at issue the destination turns to poison (0xFF bytes), so
 // a thread still reading the old tile there (a missing barrier before the copy) reads NaN; the
 // data lands only when the issuing thread waits for its group, so a read before the wait and
-// barrier reads poison too. The source is read at issue. A misaligned or non-shared destination,
+// barrier reads poison too. The source is read at issue and compared at the wait: a write to it in
+// between is a race with the copy and fails the launch. A misaligned or non-shared destination,
 // or a misaligned source, fails the launch as on the device.
 void cp_async(void* smem, const void* gmem, int bytes, int src_bytes) {
   const bool ok_size = (bytes == 4 || bytes == 8 || bytes == 16) && src_bytes >= 0 && src_bytes <= bytes;
@@ -718,7 +721,7 @@ void cp_async(void* smem, const void* gmem, int bytes, int src_bytes) {
     g_last = cudaErrorLaunchFailure;
     return;
   }
-  AsyncCopy c{smem, bytes, {}};
+  AsyncCopy c{smem, bytes, {}, gmem, src_bytes};
   std::memcpy(c.data, gmem, size_t(src_bytes));  // the rest stays zero (zfill)
   std::memset(smem, 0xFF, size_t(bytes));
   g->cur->open.push_back(c);
@@ -733,7 +736,19 @@ void cp_async_commit() {
 void cp_async_wait(int pending) {
   Fiber* f = g->cur;
   while (f->committed.size() > size_t(std::max(pending, 0))) {
-    for (const AsyncCopy& c : f->committed.front()) std::memcpy(c.dst, c.data, size_t(c.bytes));
+    for (const AsyncCopy& c : f->committed.front()) {
+      // The device may read the source at any moment between issue and wait, so a write to it
+      // in that window (by this block: blocks run one at a time) races with the copy.
+      if (c.src_bytes > 0 && std::memcmp(c.src, c.data, size_t(c.src_bytes)) != 0) {
+        if (g_last == cudaSuccess)
+          std::fprintf(stderr,
+                       "cuemu: cp.async of %d bytes from %p to %p: the source was written while the "
+                       "copy was in flight (between the cp.async and its wait)\n",
+                       c.bytes, c.src, c.dst);
+        g_last = cudaErrorLaunchFailure;
+      }
+      std::memcpy(c.dst, c.data, size_t(c.bytes));
+    }
     f->committed.pop_front();
   }
 }

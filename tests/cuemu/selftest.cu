@@ -160,6 +160,22 @@ __global__ void cp_async_kernel(const float* src, float* out, int offset) {
 }
 void cp_async(const float* src, float* out, int offset) { cp_async_kernel<<<1, 32>>>(src, out, offset); }
 
+// Lane l copies src[4l..4l+3] into shared memory and then writes src[4l] = -src[4l], before the
+// wait (a race with the copy on the device) or after it; out[4l..4l+3] is what landed.
+__global__ void cp_async_src_write_kernel(float* src, float* out, bool before_wait) {
+  __shared__ __align__(16) float a[4 * 32];
+  const int lane = threadIdx.x;
+  mf::cuda::cp_async16(a + 4 * lane, src + 4 * lane, true);
+  mf::cuda::cp_async_commit();
+  if (before_wait) src[4 * lane] = -src[4 * lane];
+  mf::cuda::cp_async_wait<0>();
+  if (!before_wait) src[4 * lane] = -src[4 * lane];
+  for (int i = 0; i < 4; ++i) out[4 * lane + i] = a[4 * lane + i];
+}
+void cp_async_src_write(float* src, float* out, bool before_wait) {
+  cp_async_src_write_kernel<<<1, 32>>>(src, out, before_wait);
+}
+
 // Each warp passes four warp barriers; after each, lane 0 records the running position of that
 // step. Shows how far one warp runs ahead of another between block barriers.
 __global__ void warp_drift_kernel(int* counter, int* position) {

@@ -22,6 +22,7 @@ void warp_ops(int* out, int threads);
 void divergent_barrier(float* out);
 void ldmatrix(unsigned* out, int offset);
 void cp_async(const float* src, float* out, int offset);
+void cp_async_src_write(float* src, float* out, bool before_wait);
 void warp_drift(int* counter, int* position, int warps);
 }  // namespace selftest
 
@@ -254,6 +255,21 @@ TEST_CASE("cuemu: cp.async lands at the wait, poisons its destination before, ze
   }
   // A destination 4 bytes off 16-byte alignment: a failed launch, as on the device.
   selftest::cp_async(s.p, out.p, 1);
+  CHECK(cudaGetLastError() != cudaSuccess);
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("cuemu: a write to a cp.async source before the wait fails the launch", "[cuemu]") {
+  std::vector<float> src(128);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = 1.f + float(i);
+  {
+    Dev<float> s(128, &src), out(128);
+    selftest::cp_async_src_write(s.p, out.p, false);  // written after the wait: no race
+    REQUIRE(cudaGetLastError() == cudaSuccess);
+    CHECK(out.get() == src);
+  }
+  Dev<float> s(128, &src), out(128);
+  selftest::cp_async_src_write(s.p, out.p, true);
   CHECK(cudaGetLastError() != cudaSuccess);
   CHECK(cudaGetLastError() == cudaSuccess);
 }
