@@ -422,11 +422,40 @@ void count_launch(const char* name) {
   count_stat("launch");
 }
 
-void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx) {
+namespace {
+constexpr int kSmemDefault = 48 * 1024;    // dynamic shared memory a kernel may ask for by default
+constexpr int kSmemOptin = 227 * 1024;     // cudaDevAttrMaxSharedMemoryPerBlockOptin (H100/H200)
+std::mutex& smem_mutex() { static std::mutex m; return m; }
+std::map<const void*, int>& smem_limits() { static std::map<const void*, int> m; return m; }
+int max_dynamic_smem(const void* kernel) {
+  std::lock_guard<std::mutex> l(smem_mutex());
+  auto it = smem_limits().find(kernel);
+  return it == smem_limits().end() ? kSmemDefault : it->second;
+}
+}  // namespace
+
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > kSmemOptin) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> l(smem_mutex());
+  smem_limits()[kernel] = bytes;
+  return cudaSuccess;
+}
+
+void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx, const void* kernel) {
   const unsigned nt = cfg.block.x * cfg.block.y * cfg.block.z;
   if (nt == 0 || nt > 1024 || cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0 ||
       cfg.grid.y > 65535 || cfg.grid.z > 65535) {
     g_last = cudaErrorInvalidValue;  // what the device reports for a bad configuration
+    return;
+  }
+  // More dynamic shared memory than 48 KiB needs the kernel's attribute raised first.
+  if (kernel && cfg.smem > size_t(max_dynamic_smem(kernel))) {
+    if (g_last == cudaSuccess)
+      std::fprintf(stderr,
+                   "cuemu: launch with %zu bytes of dynamic shared memory; the kernel allows %d "
+                   "(cudaFuncAttributeMaxDynamicSharedMemorySize, default 48 KiB, at most 227 KiB)\n",
+                   cfg.smem, max_dynamic_smem(kernel));
+    g_last = cudaErrorInvalidValue;
     return;
   }
   eager_work(cfg.stream);  // the stream's queued collectives come first

@@ -172,6 +172,22 @@ __global__ void cp_async_src_write_kernel(float* src, float* out, bool before_wa
   if (!before_wait) src[4 * lane] = -src[4 * lane];
   for (int i = 0; i < 4; ++i) out[4 * lane + i] = a[4 * lane + i];
 }
+// Thread 0 writes the last float of `bytes` of dynamic shared memory and reads it back into *out.
+__global__ void dyn_smem_kernel(float* out, int bytes) {
+  extern __shared__ float dyn[];
+  if (threadIdx.x == 0) {
+    dyn[bytes / 4 - 1] = 3.f;
+    *out = dyn[bytes / 4 - 1];
+  }
+}
+cudaError_t dyn_smem(float* out, int bytes, int attribute) {
+  if (attribute >= 0) {
+    const cudaError_t e = cudaFuncSetAttribute(dyn_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attribute);
+    if (e != cudaSuccess) return e;
+  }
+  dyn_smem_kernel<<<1, 32, size_t(bytes)>>>(out, bytes);
+  return cudaGetLastError();
+}
 void cp_async_src_write(float* src, float* out, bool before_wait) {
   cp_async_src_write_kernel<<<1, 32>>>(src, out, before_wait);
 }

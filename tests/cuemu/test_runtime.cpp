@@ -23,6 +23,7 @@ void divergent_barrier(float* out);
 void ldmatrix(unsigned* out, int offset);
 void cp_async(const float* src, float* out, int offset);
 void cp_async_src_write(float* src, float* out, bool before_wait);
+cudaError_t dyn_smem(float* out, int bytes, int attribute);  // attribute < 0: not set
 void warp_drift(int* counter, int* position, int warps);
 }  // namespace selftest
 
@@ -272,6 +273,18 @@ TEST_CASE("cuemu: a write to a cp.async source before the wait fails the launch"
   selftest::cp_async_src_write(s.p, out.p, true);
   CHECK(cudaGetLastError() != cudaSuccess);
   CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("cuemu: over 48 KiB of dynamic shared memory needs the kernel's attribute", "[cuemu]") {
+  Dev<float> out(1);
+  CHECK(selftest::dyn_smem(out.p, 48 * 1024, -1) == cudaSuccess);
+  CHECK(out.get()[0] == 3.f);
+  CHECK(selftest::dyn_smem(out.p, 64 * 1024, -1) == cudaErrorInvalidValue);   // attribute not raised
+  CHECK(selftest::dyn_smem(out.p, 64 * 1024, 64 * 1024) == cudaSuccess);
+  CHECK(out.get()[0] == 3.f);
+  CHECK(selftest::dyn_smem(out.p, 96 * 1024, -1) == cudaErrorInvalidValue);   // above what was set
+  CHECK(selftest::dyn_smem(out.p, 96 * 1024, 228 * 1024) == cudaErrorInvalidValue);  // above the opt-in
+  CHECK(selftest::dyn_smem(out.p, 227 * 1024, 227 * 1024) == cudaSuccess);
 }
 
 TEST_CASE("cuemu: between block barriers one warp runs ahead of the others", "[cuemu]") {

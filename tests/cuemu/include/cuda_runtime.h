@@ -126,8 +126,16 @@ cudaError_t cudaGetDevice(int* d);
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device);
 const char* cudaGetErrorString(cudaError_t e);
 const char* cudaGetErrorName(cudaError_t e);
-template <typename F>
-cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+namespace cuemu {
+// cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): recorded per kernel;
+// a launch asking for more than 48 KiB of dynamic shared memory without it fails, as on the device.
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
+}  // namespace cuemu
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*f)(P...), cudaFuncAttribute a, int v) {
+  if (a != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  return cuemu::set_max_dynamic_smem(reinterpret_cast<const void*>(f), v);
+}
 constexpr unsigned cudaStreamNonBlocking = 1, cudaEventDisableTiming = 2, cudaHostAllocDefault = 0;
 cudaError_t cudaGetDeviceCount(int* n);
 cudaError_t cudaSetDevice(int d);
@@ -239,7 +247,7 @@ struct Cfg {
   Cfg(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = nullptr) : grid(g), block(b), smem(s), stream(st) {}
 };
 // Runs body() for every thread of every block (blocks in order, threads as fibers).
-void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx);
+void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx, const void* kernel = nullptr);
 unsigned char* dynamic_smem();  // the current block's dynamic shared memory (cfg.smem bytes)
 // Records a static __shared__ variable (once per declaration: cu2cpp.py emits the call as a static
 // local's initialiser) and poisons it at once; returns true.
@@ -302,6 +310,6 @@ void launch(const Cfg& cfg, const char* name, void (*kernel)(P...), A&&... args)
   run_grid(cfg, [](void* c) {
     auto* x = static_cast<Ctx*>(c);
     std::apply(x->k, *x->p);  // each thread gets copies of the by-value parameters
-  }, &ctx);
+  }, &ctx, reinterpret_cast<const void*>(kernel));
 }
 }  // namespace cuemu
