@@ -545,6 +545,7 @@ cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
   cuemu::count_stat("sync_copy");
   cuemu::eager_work(nullptr);
   if (n) std::memmove(d, s, n);
+  cuemu::legacy_synced();
   return cudaSuccess;
 }
 // Device-to-device copies and memsets join a stream's queue when it has one (streams.cpp); a copy
@@ -561,12 +562,21 @@ cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, 
     return cudaSuccess;
   }
   cuemu::eager_work(st);
-  if (n) std::memmove(d, s, n);
+  if (k == cudaMemcpyDeviceToHost && pinned(d, n)) {
+    cuemu::pinned_copy(st, true, d, s, n);
+  } else if (k == cudaMemcpyHostToDevice && pinned(s, n)) {
+    cuemu::pinned_copy(st, false, const_cast<void*>(s), d, n);
+  } else {
+    if (n) std::memmove(d, s, n);
+    // To pageable memory the copy is synchronous: the stream's earlier work is done too.
+    if (k == cudaMemcpyDeviceToHost) cuemu::stream_synced(st);
+  }
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int v, size_t n) {
   cuemu::eager_work(nullptr);
   if (n) std::memset(p, v, n);
+  cuemu::legacy_synced();
   return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t st) {
@@ -738,6 +748,10 @@ void ldmatrix(uint32_t* d, int nmat, bool trans, const void* row) {
 // barrier reads poison too. The source is read at issue and compared at the wait: a write to it in
 // between is a race with the copy and fails the launch. A misaligned or non-shared destination,
 // or a misaligned source, fails the launch as on the device.
+void fail_launch() {
+  if (g_last == cudaSuccess) g_last = cudaErrorLaunchFailure;
+}
+
 void cp_async(void* smem, const void* gmem, int bytes, int src_bytes) {
   const bool ok_size = (bytes == 4 || bytes == 8 || bytes == 16) && src_bytes >= 0 && src_bytes <= bytes;
   if (!ok_size || reinterpret_cast<uintptr_t>(smem) % unsigned(bytes) != 0 || !in_shared(smem, size_t(bytes)) ||
@@ -802,10 +816,16 @@ cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
 cudaError_t cudaMallocHost(void** p, size_t n) { return cudaHostAlloc(p, n, 0); }
 cudaError_t cudaFreeHost(void* p) {
   cuemu::device_ready();
+  size_t n = 0;
   {
     std::lock_guard<std::mutex> l(pinned_mutex());
-    pinned_blocks().erase(static_cast<const char*>(p));
+    auto it = pinned_blocks().find(static_cast<const char*>(p));
+    if (it != pinned_blocks().end()) {
+      n = it->second;
+      pinned_blocks().erase(it);
+    }
   }
+  if (n) cuemu::host_memory_freed(p, n);
   std::free(p);
   return cudaSuccess;
 }

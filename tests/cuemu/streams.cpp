@@ -19,6 +19,18 @@
 //   streams, by an event wait or a host synchronisation (ordered_after_all): otherwise the device
 //   could run it before the kernels that write its inputs.
 //
+// Copies between the device and pinned host memory (cudaHostAlloc) are asynchronous on the device:
+// the host may touch the host side only after a synchronisation that covers the copy (a stream or
+// device sync, an event sync or a successful event query on an event recorded after it). The
+// emulator gives those the widest window too:
+// - a read-back (device to pinned host) takes its data at issue, fills the host buffer with 0xFF
+//   bytes (NaN, -1), and lands the data only when such a synchronisation happens, so the host
+//   reading it early reads poison;
+// - an upload (pinned host to device) runs at issue, and keeps a copy of the host bytes; when a
+//   synchronisation covers it, or when a later copy uses the same host bytes first, they must be
+//   unchanged: a host write in between races with the device's copy (error on stderr, and the
+//   next cudaGetLastError reports cudaErrorLaunchFailure).
+//
 // A copy or memset issued to a stream with queued work goes into the queue behind it (it runs as
 // soon as the queue reaches it) if it is device to device, and otherwise waits for the queue
 // (pageable host memory). An event stands for the stream's queue position and eager work count
@@ -27,6 +39,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -188,10 +201,59 @@ void push_locked(Stream* s, std::function<void()> early, std::function<void()> l
   s->cv.notify_all();
 }
 
+// Copies between the device and pinned host memory not yet covered by a host synchronisation.
+struct HostCopy {
+  bool readback;           // device -> host (else host -> device)
+  char* host;              // the host side
+  size_t n;
+  std::vector<char> data;  // readback: the data to land; upload: the host bytes at issue
+  const Stream* s;
+  uint64_t seq;            // the stream's eager count including this copy
+};
+std::mutex g_copies_m;
+std::deque<HostCopy> g_copies;  // issue order (under g_copies_m)
+
+bool overlaps(const HostCopy& c, const char* p, size_t n) { return p < c.host + c.n && c.host < p + n; }
+
+// An upload's host bytes must not have changed since it was issued (reported once: the bytes seen
+// become the reference).
+void check_upload(HostCopy& c, const char* when) {
+  if (c.readback || std::memcmp(c.host, c.data.data(), c.n) == 0) return;
+  c.data.assign(c.host, c.host + c.n);
+  std::fprintf(stderr,
+               "cuemu: the host wrote pinned memory %p (%zu bytes) while the device could still be "
+               "copying it to the device (cudaMemcpyAsync host to device; found %s)\n",
+               static_cast<void*>(c.host), c.n, when);
+  cuemu::fail_launch();
+}
+
+// Retires the copies that `covered` says are done: read-backs land, uploads are checked.
+template <typename F>
+void retire_copies(F covered) {
+  std::lock_guard<std::mutex> l(g_copies_m);
+  for (auto it = g_copies.begin(); it != g_copies.end();) {
+    if (!covered(*it)) {
+      ++it;
+      continue;
+    }
+    if (it->readback)
+      std::memcpy(it->host, it->data.data(), it->n);
+    else
+      check_upload(*it, "at the synchronisation that covers the copy");
+    it = g_copies.erase(it);
+  }
+}
+
 // The host has waited for the work of clock `c`.
 void host_synced(const VClock& c) {
-  std::lock_guard<std::mutex> l(g_streams_m);
-  merge(g_host, c);
+  {
+    std::lock_guard<std::mutex> l(g_streams_m);
+    merge(g_host, c);
+  }
+  retire_copies([&](const HostCopy& h) {
+    auto it = c.find(h.s);
+    return it != c.end() && it->second >= h.seq;
+  });
 }
 
 }  // namespace
@@ -253,6 +315,58 @@ std::string ordered_after_all(cudaStream_t sh) {
 
 void device_ready() {
   for (Stream* s : all_streams()) ready(s);
+}
+
+void pinned_copy(cudaStream_t sh, bool readback, void* host, const void* device, size_t n) {
+  if (!n) return;
+  Stream* s = get(sh);
+  uint64_t seq;
+  {
+    std::lock_guard<std::mutex> l(s->m);
+    seq = s->eager;  // eager_work has counted this copy
+  }
+  char* h = static_cast<char*>(host);
+  std::lock_guard<std::mutex> l(g_copies_m);
+  // Earlier uploads from these host bytes, not yet covered by a synchronisation: the bytes must
+  // still be the ones they were issued with.
+  for (HostCopy& c : g_copies)
+    if (!c.readback && overlaps(c, h, n)) check_upload(c, "when a later copy used the same host bytes");
+  HostCopy c{readback, h, n, {}, s, seq};
+  if (readback) {
+    c.data.assign(static_cast<const char*>(device), static_cast<const char*>(device) + n);
+    std::memset(h, 0xFF, n);
+  } else {
+    c.data.assign(h, h + n);
+    std::memcpy(const_cast<void*>(device), h, n);
+  }
+  g_copies.push_back(std::move(c));
+}
+
+void stream_synced(cudaStream_t sh) {
+  Stream* s = get(sh);
+  VClock c;
+  {
+    std::lock_guard<std::mutex> l(s->m);
+    c = s->clock();
+  }
+  host_synced(c);
+}
+
+void legacy_synced() {
+  for (Stream* s : all_streams()) {
+    if (!s->blocking) continue;  // the legacy stream is blocking too
+    VClock c;
+    {
+      std::lock_guard<std::mutex> l(s->m);
+      c = s->clock();
+    }
+    host_synced(c);
+  }
+}
+
+void host_memory_freed(const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  retire_copies([&](const HostCopy& h) { return overlaps(h, c, n); });
 }
 
 }  // namespace cuemu
@@ -357,8 +471,12 @@ cudaError_t cudaEventQuery(cudaEvent_t eh) {
   Stream* s = e->s;
   const uint64_t ticket = e->ticket;
   if (!s) return cudaSuccess;
-  std::lock_guard<std::mutex> l(s->m);
-  return s->done >= ticket ? cudaSuccess : cudaErrorNotReady;
+  {
+    std::lock_guard<std::mutex> l(s->m);
+    if (s->done < ticket) return cudaErrorNotReady;
+  }
+  host_synced(e->vc);  // the host now knows the work before the event is done
+  return cudaSuccess;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { delete reinterpret_cast<Event*>(e); return cudaSuccess; }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {

@@ -287,6 +287,105 @@ TEST_CASE("cuemu: over 48 KiB of dynamic shared memory needs the kernel's attrib
   CHECK(selftest::dyn_smem(out.p, 227 * 1024, 227 * 1024) == cudaSuccess);
 }
 
+namespace {
+struct Pinned {
+  float* p = nullptr;
+  explicit Pinned(size_t n) { REQUIRE(cudaHostAlloc(reinterpret_cast<void**>(&p), n * sizeof(float), 0) == cudaSuccess); }
+  ~Pinned() { cudaFreeHost(p); }
+};
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { REQUIRE(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess); }
+  ~Stream() { cudaStreamDestroy(s); }
+};
+struct Event {
+  cudaEvent_t e = nullptr;
+  Event() { REQUIRE(cudaEventCreate(&e) == cudaSuccess); }
+  ~Event() { cudaEventDestroy(e); }
+};
+}  // namespace
+
+TEST_CASE("cuemu: a read-back into pinned memory lands at the synchronisation that covers it", "[cuemu]") {
+  const size_t n = 64;
+  std::vector<float> src(n);
+  for (size_t i = 0; i < n; ++i) src[i] = 0.5f + float(i);
+  Dev<float> d(n, &src);
+  Pinned h(n);
+  Stream st;
+  auto issue = [&] {
+    for (size_t i = 0; i < n; ++i) h.p[i] = 0.f;
+    REQUIRE(cudaMemcpyAsync(h.p, d.p, n * sizeof(float), cudaMemcpyDeviceToHost, st.s) == cudaSuccess);
+    CHECK(std::isnan(h.p[0]));  // not yet: the host may not read it before a synchronisation
+    CHECK(std::isnan(h.p[n - 1]));
+  };
+  auto landed = [&] { return std::vector<float>(h.p, h.p + n) == src; };
+  issue();
+  REQUIRE(cudaStreamSynchronize(st.s) == cudaSuccess);
+  CHECK(landed());
+
+  Event before, after;
+  REQUIRE(cudaEventRecord(before.e, st.s) == cudaSuccess);
+  issue();
+  REQUIRE(cudaEventRecord(after.e, st.s) == cudaSuccess);
+  REQUIRE(cudaEventSynchronize(before.e) == cudaSuccess);  // recorded before the copy
+  CHECK(std::isnan(h.p[0]));
+  REQUIRE(cudaEventSynchronize(after.e) == cudaSuccess);
+  CHECK(landed());
+
+  issue();
+  REQUIRE(cudaEventRecord(after.e, st.s) == cudaSuccess);
+  REQUIRE(cudaEventQuery(after.e) == cudaSuccess);  // a successful query covers it too
+  CHECK(landed());
+
+  issue();  // a read-back into pageable memory on the same stream waits for the stream
+  std::vector<float> pageable(n);
+  REQUIRE(cudaMemcpyAsync(pageable.data(), d.p, n * sizeof(float), cudaMemcpyDeviceToHost, st.s) == cudaSuccess);
+  CHECK(landed());
+
+  issue();  // another stream's synchronisation does not cover it
+  Stream other;
+  REQUIRE(cudaStreamSynchronize(other.s) == cudaSuccess);
+  CHECK(std::isnan(h.p[0]));
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  CHECK(landed());
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("cuemu: the host writing pinned memory an upload may still read is reported", "[cuemu]") {
+  const size_t n = 64;
+  Dev<float> d(n);
+  Pinned h(n);
+  Stream st;
+  std::vector<float> first(n);
+  for (size_t i = 0; i < n; ++i) h.p[i] = first[i] = 1.f + float(i);
+  const size_t bytes = n * sizeof(float);
+  // Written after the stream was synchronised: fine, and the device has the first bytes.
+  REQUIRE(cudaMemcpyAsync(d.p, h.p, bytes, cudaMemcpyHostToDevice, st.s) == cudaSuccess);
+  REQUIRE(cudaStreamSynchronize(st.s) == cudaSuccess);
+  h.p[3] = -1.f;
+  CHECK(cudaGetLastError() == cudaSuccess);
+  CHECK(d.get() == first);
+  // Written after an event recorded behind the copy was waited for: fine (the upload ring's way).
+  Event done;
+  REQUIRE(cudaMemcpyAsync(d.p, h.p, bytes, cudaMemcpyHostToDevice, st.s) == cudaSuccess);
+  REQUIRE(cudaEventRecord(done.e, st.s) == cudaSuccess);
+  REQUIRE(cudaEventSynchronize(done.e) == cudaSuccess);
+  h.p[3] = -2.f;
+  REQUIRE(cudaMemcpyAsync(d.p, h.p, bytes, cudaMemcpyHostToDevice, st.s) == cudaSuccess);
+  CHECK(cudaGetLastError() == cudaSuccess);
+  // Written before any synchronisation: found at the synchronisation ...
+  h.p[5] = -3.f;
+  REQUIRE(cudaStreamSynchronize(st.s) == cudaSuccess);
+  CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
+  // ... or when the next copy reuses the bytes (a staging ring without its event wait).
+  REQUIRE(cudaMemcpyAsync(d.p, h.p, bytes, cudaMemcpyHostToDevice, st.s) == cudaSuccess);
+  h.p[7] = -4.f;
+  REQUIRE(cudaMemcpyAsync(d.p, h.p, bytes, cudaMemcpyHostToDevice, st.s) == cudaSuccess);
+  CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
+  REQUIRE(cudaStreamSynchronize(st.s) == cudaSuccess);
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
+
 TEST_CASE("cuemu: between block barriers one warp runs ahead of the others", "[cuemu]") {
   auto run = [](const char* o) {
     OrderGuard g(o);

@@ -272,6 +272,18 @@ void enqueue(cudaStream_t s, std::function<void()> early, std::function<void()> 
 std::string ordered_after_all(cudaStream_t s);
 // Makes the queued work of every stream run, and returns when it has.
 void device_ready();
+// A cudaMemcpyAsync between the device and pinned host memory on `s` (after eager_work(s)): an
+// upload runs now and its host bytes are checked later; a read-back fills `host` with poison and
+// lands when a host synchronisation covers it (streams.cpp has the rules).
+void pinned_copy(cudaStream_t s, bool readback, void* host, const void* device, size_t n);
+// The host waited for the work issued to `s` so far (a read-back into pageable memory).
+void stream_synced(cudaStream_t s);
+// The host waited for the legacy stream (cudaMemcpy, cudaMemset): it and the blocking streams.
+void legacy_synced();
+// cudaFreeHost: the copies using [p, p + n) are over.
+void host_memory_freed(const void* p, size_t n);
+// Makes the next cudaGetLastError report cudaErrorLaunchFailure (unless an error is pending).
+void fail_launch();
 
 // Sets the block and thread order (as CUEMU_ORDER does: "forward", "reverse", "shuffle[:SEED]");
 // throws std::invalid_argument on anything else.
