@@ -327,6 +327,26 @@ TEST_CASE("cuda: muon momentum and Newton-Schulz match a double reference", "[gp
     be->newton_schulz(tU2, tO, 0, float(a), float(b), float(c));
     CHECK(frob_rel(fetch(*be, tO), ns_ref(U, s.r, s.c, 0, a, b, c)) < 5e-3);
   }
+  // A stack [k,r,c]: every GEMM of an iteration is one strided-batched cuBLASLt call over the k
+  // slices (X X^T reads X with two strides, the last product A and X with different ones); each
+  // slice is normalised and orthogonalised on its own.
+  for (S s : {S{7, 33}, S{33, 7}, S{96, 256}}) {
+    const int64_t k = 3;
+    INFO("stack of " << k << " x [" << s.r << "," << s.c << "]");
+    Vec U = rand_vec(rng, size_t(k * s.r * s.c), -1, 1, false);
+    for (int64_t i = 0; i < s.r * s.c; ++i) U[size_t(2 * s.r * s.c + i)] *= 40.0;  // norms differ
+    Tensor tU = dev_of(*be, {k, s.r, s.c}, DType::F32, U);
+    Tensor tO = be->empty({k, s.r, s.c}, DType::F32);
+    be->newton_schulz(tU, tO, 5, float(a), float(b), float(c));
+    const Vec got = fetch(*be, tO);
+    for (int64_t j = 0; j < k; ++j) {
+      INFO("slice " << j);
+      const size_t n = size_t(s.r * s.c), at = size_t(j) * n;
+      const Vec Uj(U.begin() + long(at), U.begin() + long(at + n));
+      const Vec gj(got.begin() + long(at), got.begin() + long(at + n));
+      CHECK(frob_rel(gj, ns_ref(Uj, s.r, s.c, 5, a, b, c)) < 3e-2);
+    }
+  }
 }
 
 TEST_CASE("cuda: adamw matches a double reference; fused bf16 copy", "[gpu][cuda]") {

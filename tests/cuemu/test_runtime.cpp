@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cublasLt.h"
 #include "cuda_runtime.h"
 
 namespace selftest {
@@ -384,6 +385,61 @@ TEST_CASE("cuemu: the host writing pinned memory an upload may still read is rep
   CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
   REQUIRE(cudaStreamSynchronize(st.s) == cudaSuccess);
   CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+// The emulated cuBLASLt against a product worked by hand, in cuBLAS's column-major convention:
+// A = [1 2 3; 4 5 6] (2x3), B = [1 0; 0 1; 1 1] (3x2), A B = [4 5; 10 11].
+TEST_CASE("cuemu: the emulated cublasLtMatmul is column-major, with transposes and checks", "[cuemu]") {
+  cublasLtHandle_t h = nullptr;
+  REQUIRE(cublasLtCreate(&h) == CUBLAS_STATUS_SUCCESS);
+  auto run = [&](bool transA, int64_t lda, std::vector<float> a, float beta, std::vector<float>& d,
+                 cublasStatus_t* heuristic = nullptr) {
+    Dev<float> A(a.size(), &a), B(6, nullptr), D(4, &d);
+    const std::vector<float> b = {1, 0, 1, 0, 1, 1};
+    REQUIRE(cudaMemcpy(B.p, b.data(), 6 * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess);
+    cublasLtMatmulDesc_t op = nullptr;
+    REQUIRE(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
+    const cublasOperation_t t = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
+    REQUIRE(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t) == CUBLAS_STATUS_SUCCESS);
+    cublasLtMatrixLayout_t la, lb, ld;
+    cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, transA ? 3 : 2, transA ? 2 : 3, lda);
+    cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, 3, 2, 3);
+    cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, 2, 2, 2);
+    cublasLtMatmulPreference_t pref;
+    cublasLtMatmulPreferenceCreate(&pref);
+    cublasLtMatmulHeuristicResult_t res[2];
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, op, la, lb, ld, ld, pref, 2, res, &found);
+    if (heuristic) *heuristic = st;
+    if (st == CUBLAS_STATUS_SUCCESS) {
+      REQUIRE(found == 1);
+      const float alpha = 1.f;
+      CHECK(cublasLtMatmul(h, op, &alpha, A.p, la, B.p, lb, &beta, D.p, ld, D.p, ld, &res[0].algo, nullptr, 0,
+                           nullptr) == CUBLAS_STATUS_SUCCESS);
+      d = D.get();
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatrixLayoutDestroy(ld);
+    cublasLtMatmulDescDestroy(op);
+  };
+  std::vector<float> d = {0, 0, 0, 0};
+  run(false, 2, {1, 4, 2, 5, 3, 6}, 0.f, d);
+  CHECK(d == std::vector<float>{4, 10, 5, 11});
+  d = {1, 1, 1, 1};
+  run(true, 3, {1, 2, 3, 4, 5, 6}, 1.f, d);  // A stored transposed (3x2); D += A B
+  CHECK(d == std::vector<float>{5, 11, 6, 12});
+  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+  run(false, 1, {1, 4, 2, 5, 3, 6}, 0.f, d, &st);  // ld 1 < 2 rows
+  CHECK(st == CUBLAS_STATUS_INVALID_VALUE);
+  cublasLtMatrixLayout_t l;
+  cublasLtMatrixLayoutCreate(&l, CUDA_R_32F, 2, 2, 2);
+  const int64_t wide = 3;  // BATCH_COUNT is an int32
+  CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &wide, sizeof wide) ==
+        CUBLAS_STATUS_INVALID_VALUE);
+  cublasLtMatrixLayoutDestroy(l);
+  cublasLtDestroy(h);
 }
 
 TEST_CASE("cuemu: between block barriers one warp runs ahead of the others", "[cuemu]") {
