@@ -551,20 +551,22 @@ cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
 // Device-to-device copies and memsets join a stream's queue when it has one (streams.cpp); a copy
 // from or to host memory waits for the queue instead (pageable memory: the device's copy waits too).
 cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
-  if (k == cudaMemcpyDeviceToHost && !pinned(d, n)) {
+  // Whether the host side, if any, is pinned (one lookup: the map is under a mutex).
+  const bool pin = k == cudaMemcpyDeviceToHost ? pinned(d, n) : k == cudaMemcpyHostToDevice && pinned(s, n);
+  if (k == cudaMemcpyDeviceToHost && !pin) {
     cuemu::count_stat("pageable_readback");  // the host waits for the stream and this copy
   } else {
     cuemu::count_stat("device_copy");
-    if (k == cudaMemcpyHostToDevice && !pinned(s, n)) cuemu::count_stat("pageable_upload");
+    if (k == cudaMemcpyHostToDevice && !pin) cuemu::count_stat("pageable_upload");
   }
   if (k == cudaMemcpyDeviceToDevice && cuemu::stream_busy(st)) {
     if (n) cuemu::enqueue(st, [d, s, n] { std::memmove(d, s, n); }, nullptr);
     return cudaSuccess;
   }
   cuemu::eager_work(st);
-  if (k == cudaMemcpyDeviceToHost && pinned(d, n)) {
+  if (k == cudaMemcpyDeviceToHost && pin) {
     cuemu::pinned_copy(st, true, d, s, n);
-  } else if (k == cudaMemcpyHostToDevice && pinned(s, n)) {
+  } else if (k == cudaMemcpyHostToDevice && pin) {
     cuemu::pinned_copy(st, false, const_cast<void*>(s), d, n);
   } else {
     if (n) std::memmove(d, s, n);

@@ -256,6 +256,16 @@ void host_synced(const VClock& c) {
   });
 }
 
+// The host has waited for the work issued to `s` so far.
+void synced_with(Stream* s) {
+  VClock c;
+  {
+    std::lock_guard<std::mutex> l(s->m);
+    c = s->clock();
+  }
+  host_synced(c);
+}
+
 }  // namespace
 
 namespace cuemu {
@@ -342,26 +352,11 @@ void pinned_copy(cudaStream_t sh, bool readback, void* host, const void* device,
   g_copies.push_back(std::move(c));
 }
 
-void stream_synced(cudaStream_t sh) {
-  Stream* s = get(sh);
-  VClock c;
-  {
-    std::lock_guard<std::mutex> l(s->m);
-    c = s->clock();
-  }
-  host_synced(c);
-}
+void stream_synced(cudaStream_t sh) { synced_with(get(sh)); }
 
 void legacy_synced() {
-  for (Stream* s : all_streams()) {
-    if (!s->blocking) continue;  // the legacy stream is blocking too
-    VClock c;
-    {
-      std::lock_guard<std::mutex> l(s->m);
-      c = s->clock();
-    }
-    host_synced(c);
-  }
+  for (Stream* s : all_streams())
+    if (s->blocking) synced_with(s);  // the legacy stream is blocking too
 }
 
 void host_memory_freed(const void* p, size_t n) {
@@ -395,12 +390,7 @@ void stream_sync(cudaStream_t sh) {
   if (!sh) legacy_ready();
   Stream* s = get(sh);
   ready(s);
-  VClock c;
-  {
-    std::lock_guard<std::mutex> l(s->m);
-    c = s->clock();
-  }
-  host_synced(c);
+  synced_with(s);
 }
 }  // namespace
 cudaError_t cudaStreamSynchronize(cudaStream_t sh) {
