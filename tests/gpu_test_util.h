@@ -37,6 +37,15 @@ inline Tensor dev_of(Backend& be, const Shape& s, DType t, const Vec& v) {
   return d;
 }
 
+// The same, as a view `offset` elements into a larger allocation (off the kernels' 16-byte
+// vector paths when offset * dtype size is not a multiple of 16). The view keeps it alive.
+inline Tensor dev_of(Backend& be, const Shape& s, DType t, const Vec& v, int64_t offset) {
+  const int64_t n = shape_numel(s);
+  Tensor d = be.empty({n + offset}, t).slice0(offset, n + offset).view(s);
+  be.upload(host_of(s, v), d);
+  return d;
+}
+
 // The contents of t (any backend, any float dtype) as doubles.
 inline Vec fetch(Backend& be, const Tensor& t) {
   Tensor h = host_tensor(t.shape, DType::F32);

@@ -304,11 +304,13 @@ TEST_CASE("cuda moe_gather / moe_gather_bwd match CpuBackend", "[gpu][moe]") {
   auto gpu = make_backend("cuda");
   CpuBackend cpu;
   Rng rng(404);
-  int variant = 0;
-  for (const auto& s : shapes())
+  const auto all = shapes();
+  for (size_t si = 0; si < all.size(); ++si)
     for (int64_t cap_mode : {0, 1})
       for (DType dt : {DType::F32, DType::BF16}) {
-        const int64_t d = ++variant % 2 ? 64 : 37;
+        const auto& s = all[si];
+        // Each dtype at both row widths: 64 takes the 16-byte vector path, 37 the scalar one.
+        const int64_t d = (si + size_t(cap_mode)) % 2 ? 64 : 37;
         const int64_t cap = cap_mode ? ref::moe_capacity(0.75, s.N, s.k, s.E) : 0;
         INFO(tag(s, cap) << " d=" << d << " dtype=" << dname(dt));
         const Plan p = make_plan(rng, s, cap, true);
@@ -341,11 +343,14 @@ TEST_CASE("cuda moe_combine_fwd / moe_combine_bwd match CpuBackend", "[gpu][moe]
   CpuBackend cpu;
   Rng rng(505);
   int variant = 0;
-  for (const auto& s : shapes())
+  const auto all = shapes();
+  for (size_t si = 0; si < all.size(); ++si)
     for (int64_t cap_mode : {0, 1})
       for (DType dt : {DType::F32, DType::BF16}) {
+        const auto& s = all[si];
         ++variant;
-        const int64_t d = variant % 2 ? 37 : 64;
+        // Each dtype at both row widths: 64 takes the 16-byte vector path, 37 the scalar one.
+        const int64_t d = (si + size_t(cap_mode)) % 2 ? 37 : 64;
         const bool accumulate = variant % 3 == 0;
         const int64_t cap = cap_mode ? ref::moe_capacity(0.75, s.N, s.k, s.E) : 0;
         INFO(tag(s, cap) << " d=" << d << " dtype=" << dname(dt) << " accumulate=" << accumulate);

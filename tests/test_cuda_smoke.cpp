@@ -353,8 +353,9 @@ TEST_CASE("cuda: adamw matches a double reference; fused bf16 copy", "[gpu][cuda
   MF_SKIP_WITHOUT_GPU();
   auto be = make_backend("cuda");
   Rng rng(47);
-  for (int64_t n : {1, 7, 33, 1027}) {
-    INFO("n = " << n);
+  // Offset 1: every tensor one element into its allocation, the kernel's scalar path.
+  for (auto [n, off] : {std::pair<int64_t, int64_t>{1, 0}, {7, 0}, {33, 0}, {1027, 0}, {33, 1}, {1027, 1}}) {
+    INFO("n = " << n << ", tensors at element offset " << off);
     const Vec p0 = rand_vec(rng, n, -1, 1, false), g = rand_vec(rng, n, -1, 1, false);
     const Vec m0 = rand_vec(rng, n, -0.1, 0.1, false), v0 = rand_vec(rng, n, 0.0, 0.01, false);
     AdamWArgs a;
@@ -368,8 +369,8 @@ TEST_CASE("cuda: adamw matches a double reference; fused bf16 copy", "[gpu][cuda
       p[i] = p0[i] * (1 - double(a.decay)) -
              a.lr * (m[i] / a.bc1) / (std::sqrt(v[i] / a.bc2) + double(a.eps));
     }
-    Tensor tp = dev_of(*be, {n}, DType::F32, p0), tg = dev_of(*be, {n}, DType::F32, g);
-    Tensor tm = dev_of(*be, {n}, DType::F32, m0), tv = dev_of(*be, {n}, DType::F32, v0);
+    Tensor tp = dev_of(*be, {n}, DType::F32, p0, off), tg = dev_of(*be, {n}, DType::F32, g, off);
+    Tensor tm = dev_of(*be, {n}, DType::F32, m0, off), tv = dev_of(*be, {n}, DType::F32, v0, off);
     be->adamw_update(tp, tg, tm, tv, a);
     const Vec gp = fetch(*be, tp);
     CHECK(norm_err(gp, p) < 1e-6);
@@ -378,8 +379,9 @@ TEST_CASE("cuda: adamw matches a double reference; fused bf16 copy", "[gpu][cuda
 #ifdef MF_HAS_CUDA
     auto* cb = dynamic_cast<CudaBackend*>(be.get());
     REQUIRE(cb);
-    Tensor tp2 = dev_of(*be, {n}, DType::F32, p0), tm2 = dev_of(*be, {n}, DType::F32, m0);
-    Tensor tv2 = dev_of(*be, {n}, DType::F32, v0), w = be->empty({n}, DType::BF16);
+    Tensor tp2 = dev_of(*be, {n}, DType::F32, p0, off), tm2 = dev_of(*be, {n}, DType::F32, m0, off);
+    Tensor tv2 = dev_of(*be, {n}, DType::F32, v0, off);
+    Tensor w = be->empty({n + off}, DType::BF16).slice0(off, n + off);
     cb->adamw_update_fused(tp2, tg, tm2, tv2, a, &w);
     const Vec gp2 = fetch(*be, tp2);
     CHECK(gp2 == gp);  // same arithmetic, bitwise

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -174,22 +175,35 @@ void make_case_data(const OpCase& c, uint64_t seed, bool bf16, Bufs& in, Bufs& o
   }
 }
 
-DType dtype_on(const Backend& be, Kind k) {
-  return k == Kind::I32 ? DType::I32 : k == Kind::F32 ? DType::F32 : be.act_dtype();
-}
+// Where a case's tensors live on a backend: the dtype of its activations (the backend's
+// act_dtype() unless a test asks for another), and whether every tensor is a view one element
+// into a larger allocation, which takes each kernel off its 16-byte vector path.
+struct Placement {
+  DType act;
+  bool offset = false;
+};
 
-Tensor to_backend(Backend& be, const Buf& b) {
+DType dtype_of(Kind k, DType act) { return k == Kind::I32 ? DType::I32 : k == Kind::F32 ? DType::F32 : act; }
+
+Tensor to_backend(Backend& be, const Buf& b, const Placement& pl) {
   Tensor h = b.spec.kind == Kind::I32 ? host_i32(b.spec.shape, b.i) : host_f32(b.spec.shape, b.f);
-  Tensor t = be.empty(b.spec.shape, dtype_on(be, b.spec.kind));
+  const DType dt = dtype_of(b.spec.kind, pl.act);
+  Tensor t;
+  if (pl.offset) {  // the view keeps the allocation alive (Tensor::owner)
+    const int64_t n = shape_numel(b.spec.shape);
+    t = be.empty({n + 1}, dt).slice0(1, n + 1).view(b.spec.shape);
+  } else {
+    t = be.empty(b.spec.shape, dt);
+  }
   be.upload(h, t);
   return t;
 }
 
 // Runs the case on `be`; `out` holds the initial outputs and receives the results.
-void run_on(Backend& be, const OpCase& c, const Bufs& in, Bufs& out) {
+void run_on(Backend& be, const OpCase& c, const Bufs& in, Bufs& out, const Placement& pl) {
   std::vector<Tensor> tin, tout;
-  for (auto& b : in) tin.push_back(to_backend(be, b));
-  for (auto& b : out) tout.push_back(to_backend(be, b));
+  for (auto& b : in) tin.push_back(to_backend(be, b, pl));
+  for (auto& b : out) tout.push_back(to_backend(be, b, pl));
   c.run(be, tin, tout);
   be.synchronize();
   for (size_t k = 0; k < out.size(); ++k) {
@@ -197,6 +211,10 @@ void run_on(Backend& be, const OpCase& c, const Bufs& in, Bufs& out) {
     be.download(tout[k], h);
     out[k].f = to_vec(h);
   }
+}
+
+void run_on(Backend& be, const OpCase& c, const Bufs& in, Bufs& out) {
+  run_on(be, c, in, out, Placement{be.act_dtype()});
 }
 
 std::string shape_label(std::initializer_list<std::pair<const char*, int64_t>> kv) {
@@ -350,7 +368,7 @@ ref::AttnDims dims(const AttnShape& s) { return {s.B, s.T, s.H, s.Hkv, s.hd}; }
 std::vector<AttnShape> attention_shapes() {
   return {attn_shape(1, 1, 1, 1, 8),   attn_shape(2, 7, 6, 2, 16),  attn_shape(1, 33, 6, 6, 8),
           attn_shape(2, 33, 4, 1, 64), attn_shape(1, 127, 6, 2, 16), attn_shape(1, 65, 3, 3, 8),
-          attn_shape(2, 128, 12, 4, 64)};
+          attn_shape(2, 128, 12, 4, 64), attn_shape(1, 40, 4, 2, 96), attn_shape(1, 21, 2, 1, 160)};
 }
 
 void add_attention_cases(std::vector<OpCase>& cs) {
@@ -701,6 +719,41 @@ TEST_CASE("every op case: CudaBackend matches CpuBackend", "[ops][gpu]") {
     run_on(cpu, c, in, want);
     run_on(*gpu, c, in, got);
     check_outputs(c, got, want, gpu->act_dtype(), "cuda vs cpu");
+  }
+}
+
+// The same table on the kernels' other paths, which training at aligned bf16 never takes: every
+// tensor a view one element into its allocation (each kernel's scalar path, flash attention's
+// SIMT fallback, cuBLASLt at 2-byte alignment), and f32 activations (each op's f32
+// instantiation; the f32 tolerance, as both backends then compute in f32).
+TEST_CASE("every op case: CudaBackend matches CpuBackend on unaligned views and in f32", "[ops][gpu]") {
+  if (!cuda_available()) {
+    WARN("no CUDA device (or a CPU-only build): skipping the GPU op comparison");
+    return;
+  }
+  auto gpu = make_backend("cuda");
+  CpuBackend cpu;
+  const auto& cases = op_cases();
+  // The ops whose CUDA kernels take bf16 activations only (tensor-core tiles).
+  const std::set<std::string> bf16_only = {"attention_fwd", "attention_bwd", "lmhead_xent"};
+  for (const Placement pl : {Placement{DType::BF16, true}, Placement{DType::F32, false},
+                             Placement{DType::F32, true}}) {
+    const std::string who = std::string("cuda (") + dtype_name(pl.act) +
+                            (pl.offset ? ", unaligned views)" : ")") + " vs cpu";
+    for (size_t k = 0; k < cases.size(); ++k) {
+      const OpCase& c = cases[k];
+      Bufs in, out;
+      make_case_data(c, case_seed(k), pl.act == DType::BF16, in, out);
+      Bufs got = out, want = out;
+      run_on(cpu, c, in, want);
+      if (pl.act == DType::F32 && bf16_only.count(c.op)) {  // a clear error, not a wrong answer
+        INFO(c.op << " [" << c.label << "] on f32 tensors");
+        CHECK_THROWS_WITH(run_on(*gpu, c, in, got, pl), Catch::Contains("expected bf16"));
+        continue;
+      }
+      run_on(*gpu, c, in, got, pl);
+      check_outputs(c, got, want, pl.act, who);
+    }
   }
 }
 
