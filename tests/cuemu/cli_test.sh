@@ -6,7 +6,7 @@
 #   uninterrupted run (model and optimizer state);
 # - the same run on the CPU backend: per-step losses within 2e-2 (bf16 vs f32);
 # - an MoE model trains on "cuda" and logs expert load;
-# - bench prints its figures; sample reads a CUDA-trained checkpoint on "cuda" and on "cpu".
+# - bench prints its figures and a region profile; sample reads a CUDA-trained checkpoint on "cuda" and on "cpu".
 set -euo pipefail
 bin=$(realpath "$1")
 root=$2
@@ -79,9 +79,11 @@ PY
 
 echo "== bench on cuda"
 "$bin" bench "$root/configs/tiny.json" --device cuda --set model.n_heads=2 --set model.n_kv_heads=1 \
-  --seq-len 64 --micro-batch 2 --batch-tokens 256 --steps 2 --warmup 1 --gemm-size 64 > bench.log 2>&1 ||
+  --seq-len 64 --micro-batch 2 --batch-tokens 256 --steps 2 --warmup 1 --gemm-size 64 --profile 1 > bench.log 2>&1 ||
   { tail -20 bench.log; fail "bench on cuda"; }
-for want in "throughput" "MFU" "time split" "Muon" "peak device used"; do
+# --profile times regions with CUDA events (cudaEventElapsedTime between recorded, timed events).
+for want in "throughput" "MFU" "time split" "Muon" "peak device used" "region (exclusive time)" \
+            "fwd.attention" "bwd.mlp_down" "opt.matrix"; do
   grep -q "$want" bench.log || fail "bench printed no '$want'"
 done
 grep -Eq "tensors [1-9][0-9]* MiB" bench.log || fail "bench counted no device memory"

@@ -85,7 +85,8 @@ struct Stream {
 };
 
 struct Event {
-  Stream* s = nullptr;
+  bool timing = true;  // created without cudaEventDisableTiming
+  Stream* s = nullptr;  // null until recorded
   uint64_t ticket = 0;
   VClock vc;  // the stream's clock when recorded
   double t_ms = 0;
@@ -431,7 +432,12 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t sh, cudaEvent_t eh, unsigned) {
   return cudaSuccess;
 }
 cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = reinterpret_cast<cudaEvent_t>(new Event); return cudaSuccess; }
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
+  auto* ev = new Event;
+  ev->timing = !(flags & cudaEventDisableTiming);
+  *e = reinterpret_cast<cudaEvent_t>(ev);
+  return cudaSuccess;
+}
 cudaError_t cudaEventRecord(cudaEvent_t eh, cudaStream_t sh) {
   if (!eh) return cudaErrorInvalidValue;
   auto* e = reinterpret_cast<Event*>(eh);
@@ -469,7 +475,18 @@ cudaError_t cudaEventQuery(cudaEvent_t eh) {
   return cudaSuccess;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { delete reinterpret_cast<Event*>(e); return cudaSuccess; }
-cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
-  *ms = float(reinterpret_cast<Event*>(b)->t_ms - reinterpret_cast<Event*>(a)->t_ms);
+// As the runtime: both events made with timing and recorded (else an invalid handle), both done
+// (else not ready: it never waits). The time is the host's clock at the record.
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t ah, cudaEvent_t bh) {
+  if (!ms) return cudaErrorInvalidValue;
+  if (!ah || !bh) return cudaErrorInvalidResourceHandle;
+  const auto* a = reinterpret_cast<const Event*>(ah);
+  const auto* b = reinterpret_cast<const Event*>(bh);
+  for (const Event* e : {a, b}) {
+    if (!e->timing || !e->s) return cudaErrorInvalidResourceHandle;
+    std::lock_guard<std::mutex> l(e->s->m);
+    if (e->s->done < e->ticket) return cudaErrorNotReady;
+  }
+  *ms = float(b->t_ms - a->t_ms);
   return cudaSuccess;
 }

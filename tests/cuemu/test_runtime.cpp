@@ -389,6 +389,34 @@ TEST_CASE("cuemu: the host writing pinned memory an upload may still read is rep
 
 // The emulated cuBLASLt against a product worked by hand, in cuBLAS's column-major convention:
 // A = [1 2 3; 4 5 6] (2x3), B = [1 0; 0 1; 1 1] (3x2), A B = [4 5; 10 11].
+TEST_CASE("cuemu: cudaEventElapsedTime wants timed, recorded, completed events", "[cuemu]") {
+  Stream st;
+  Event a, b;
+  float ms = -1.f;
+  CHECK(cudaEventElapsedTime(&ms, a.e, b.e) == cudaErrorInvalidResourceHandle);  // not recorded
+  REQUIRE(cudaEventRecord(a.e, st.s) == cudaSuccess);
+  REQUIRE(cudaEventRecord(b.e, st.s) == cudaSuccess);
+  REQUIRE(cudaEventSynchronize(b.e) == cudaSuccess);
+  REQUIRE(cudaEventElapsedTime(&ms, a.e, b.e) == cudaSuccess);
+  CHECK(ms >= 0.f);
+  // An event made without timing cannot be timed.
+  cudaEvent_t untimed = nullptr;
+  REQUIRE(cudaEventCreateWithFlags(&untimed, cudaEventDisableTiming) == cudaSuccess);
+  REQUIRE(cudaEventRecord(untimed, st.s) == cudaSuccess);
+  REQUIRE(cudaEventSynchronize(untimed) == cudaSuccess);
+  CHECK(cudaEventElapsedTime(&ms, a.e, untimed) == cudaErrorInvalidResourceHandle);
+  cudaEventDestroy(untimed);
+  // Behind queued work the second event is not done yet, and asking does not wait for it.
+  bool ran = false;
+  cuemu::enqueue(st.s, nullptr, [&] { ran = true; });
+  REQUIRE(cudaEventRecord(b.e, st.s) == cudaSuccess);
+  CHECK(cudaEventElapsedTime(&ms, a.e, b.e) == cudaErrorNotReady);
+  CHECK_FALSE(ran);
+  REQUIRE(cudaEventSynchronize(b.e) == cudaSuccess);
+  CHECK(ran);
+  CHECK(cudaEventElapsedTime(&ms, a.e, b.e) == cudaSuccess);
+}
+
 TEST_CASE("cuemu: the emulated cublasLtMatmul is column-major, with transposes and checks", "[cuemu]") {
   cublasLtHandle_t h = nullptr;
   REQUIRE(cublasLtCreate(&h) == CUBLAS_STATUS_SUCCESS);

@@ -99,7 +99,8 @@ extern Coords g_coords;
 #define cudaFreeHost cuemu_cudaFreeHost
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
-                   cudaErrorLaunchFailure = 719, cudaErrorNotReady = 600 };
+                   cudaErrorInvalidResourceHandle = 400, cudaErrorLaunchFailure = 719,
+                   cudaErrorNotReady = 600 };
 using cudaError = cudaError_t;
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
                       cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
