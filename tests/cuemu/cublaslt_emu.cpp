@@ -15,7 +15,9 @@
 //   a call whose pointers (or, with a batch, strides) are less aligned than declared gets
 //   NOT_SUPPORTED, as a device algorithm would; a workspace larger than the call passes: the same.
 // CUEMU_GEMM=simt makes the heuristic return no algorithm, so the wrapper takes its SIMT fallback
-// kernel (kernels/matmul.cu), as on the device when cuBLASLt has none.
+// kernel (kernels/matmul.cu), as on the device when cuBLASLt has none. CUEMU_GEMM=picky puts
+// first an algorithm that refuses pointers not 256-byte aligned, so the wrapper's step to the
+// next algorithm on NOT_SUPPORTED runs.
 #include <cblas.h>
 
 #include <cstdlib>
@@ -44,18 +46,24 @@ struct cublasLtMatmulPreferenceOpaque_t {
 
 namespace {
 
-bool simt_everywhere() {
-  static const bool on = [] {
+enum class GemmMode { Host, Simt, Picky };
+
+GemmMode gemm_mode() {
+  static const GemmMode m = [] {
     const char* e = std::getenv("CUEMU_GEMM");
     const std::string v = e ? e : "host";
-    if (v != "host" && v != "simt") {
-      std::fprintf(stderr, "cuemu: CUEMU_GEMM=%s: expected host or simt\n", v.c_str());
+    if (v != "host" && v != "simt" && v != "picky") {
+      std::fprintf(stderr, "cuemu: CUEMU_GEMM=%s: expected host, simt or picky\n", v.c_str());
       std::exit(2);
     }
-    return v == "simt";
+    return v == "simt" ? GemmMode::Simt : v == "picky" ? GemmMode::Picky : GemmMode::Host;
   }();
-  return on;
+  return m;
 }
+
+// CUEMU_GEMM=picky: the first algorithm offered wants every pointer (and batch stride) 256-byte
+// aligned, more than the preference declared, and refuses others with NOT_SUPPORTED at the call.
+constexpr uint32_t kPickyAlign = 256;
 
 cublasStatus_t invalid(const char* why) {
   std::fprintf(stderr, "cuemu: cuBLASLt: %s\n", why);
@@ -194,10 +202,18 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
   const cublasStatus_t st = check(*op, *a, *b, *c, *d);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
   *returned = 0;
-  if (simt_everywhere()) return CUBLAS_STATUS_NOT_SUPPORTED;  // "no algorithm": the wrapper's fallback
+  if (gemm_mode() == GemmMode::Simt) return CUBLAS_STATUS_NOT_SUPPORTED;  // "no algorithm": the wrapper's fallback
   cublasLtMatmulHeuristicResult_t r{};
   for (int i = 0; i < 4; ++i) r.algo.data[i] = pref->align[i];
   r.state = CUBLAS_STATUS_SUCCESS;
+  if (gemm_mode() == GemmMode::Picky && requested >= 2) {
+    cublasLtMatmulHeuristicResult_t picky = r;
+    for (int i = 0; i < 4; ++i) picky.algo.data[i] = kPickyAlign;
+    results[0] = picky;
+    results[1] = r;
+    *returned = 2;
+    return CUBLAS_STATUS_SUCCESS;
+  }
   results[0] = r;
   *returned = 1;
   return CUBLAS_STATUS_SUCCESS;
