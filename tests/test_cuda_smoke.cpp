@@ -95,6 +95,9 @@ TEST_CASE("cuda: upload/download round trips and casts", "[gpu][cuda]") {
       Tensor fv = f.slice0(1, n), bv = be->empty({n - 1}, DType::BF16);
       be->copy(fv, bv);
       CHECK(fetch(*be, bv) == Vec(rounded.begin() + 1, rounded.end()));
+      Tensor bf = b2.slice0(1, n), fb = be->empty({n - 1}, DType::F32);  // and bf16 -> f32
+      be->copy(bf, fb);
+      CHECK(fetch(*be, fb) == Vec(rounded.begin() + 1, rounded.end()));
     }
   }
   // i32 round trip.
