@@ -703,23 +703,37 @@ TEST_CASE("every op case: CpuBackend matches the double reference", "[ops]") {
   }
 }
 
+// The whole table on the CUDA backend with tensors placed as `pl`, against CpuBackend. The ops in
+// `bf16_only` must refuse f32 activations with an error naming bf16 (a clear error, not a wrong
+// answer).
+void gpu_table(Backend& gpu, const Placement& pl, const std::set<std::string>& bf16_only = {}) {
+  CpuBackend cpu;
+  const auto& cases = op_cases();
+  const std::string who = std::string("cuda (") + dtype_name(pl.act) +
+                          (pl.offset ? ", unaligned views)" : ")") + " vs cpu";
+  for (size_t k = 0; k < cases.size(); ++k) {
+    const OpCase& c = cases[k];
+    Bufs in, out;
+    make_case_data(c, case_seed(k), pl.act == DType::BF16, in, out);
+    Bufs got = out, want = out;
+    run_on(cpu, c, in, want);
+    if (pl.act == DType::F32 && bf16_only.count(c.op)) {
+      INFO(c.op << " [" << c.label << "] on f32 tensors");
+      CHECK_THROWS_WITH(run_on(gpu, c, in, got, pl), Catch::Contains("expected bf16"));
+      continue;
+    }
+    run_on(gpu, c, in, got, pl);
+    check_outputs(c, got, want, pl.act, who);
+  }
+}
+
 TEST_CASE("every op case: CudaBackend matches CpuBackend", "[ops][gpu]") {
   if (!cuda_available()) {
     WARN("no CUDA device (or a CPU-only build): skipping the GPU op comparison");
     return;
   }
   auto gpu = make_backend("cuda");
-  CpuBackend cpu;
-  const auto& cases = op_cases();
-  for (size_t k = 0; k < cases.size(); ++k) {
-    const OpCase& c = cases[k];
-    Bufs in, out;
-    make_case_data(c, case_seed(k), gpu->act_dtype() == DType::BF16, in, out);
-    Bufs got = out, want = out;
-    run_on(cpu, c, in, want);
-    run_on(*gpu, c, in, got);
-    check_outputs(c, got, want, gpu->act_dtype(), "cuda vs cpu");
-  }
+  gpu_table(*gpu, Placement{gpu->act_dtype()});
 }
 
 // The same table on the kernels' other paths, which training at aligned bf16 never takes: every
@@ -732,29 +746,11 @@ TEST_CASE("every op case: CudaBackend matches CpuBackend on unaligned views and 
     return;
   }
   auto gpu = make_backend("cuda");
-  CpuBackend cpu;
-  const auto& cases = op_cases();
   // The ops whose CUDA kernels take bf16 activations only (tensor-core tiles).
   const std::set<std::string> bf16_only = {"attention_fwd", "attention_bwd", "lmhead_xent"};
   for (const Placement pl : {Placement{DType::BF16, true}, Placement{DType::F32, false},
-                             Placement{DType::F32, true}}) {
-    const std::string who = std::string("cuda (") + dtype_name(pl.act) +
-                            (pl.offset ? ", unaligned views)" : ")") + " vs cpu";
-    for (size_t k = 0; k < cases.size(); ++k) {
-      const OpCase& c = cases[k];
-      Bufs in, out;
-      make_case_data(c, case_seed(k), pl.act == DType::BF16, in, out);
-      Bufs got = out, want = out;
-      run_on(cpu, c, in, want);
-      if (pl.act == DType::F32 && bf16_only.count(c.op)) {  // a clear error, not a wrong answer
-        INFO(c.op << " [" << c.label << "] on f32 tensors");
-        CHECK_THROWS_WITH(run_on(*gpu, c, in, got, pl), Catch::Contains("expected bf16"));
-        continue;
-      }
-      run_on(*gpu, c, in, got, pl);
-      check_outputs(c, got, want, pl.act, who);
-    }
-  }
+                             Placement{DType::F32, true}})
+    gpu_table(*gpu, pl, bf16_only);
 }
 
 TEST_CASE("CpuBackend ops are deterministic (bitwise equal on repeat)", "[ops]") {
