@@ -191,8 +191,8 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
   return invalid("unknown preference attribute");
 }
 
-// One algorithm (unless CUEMU_GEMM=simt): it records the alignments the preference promised and
-// needs no workspace.
+// One algorithm: it records the alignments the preference promised and needs no workspace. None
+// with CUEMU_GEMM=simt; with CUEMU_GEMM=picky the picky one comes first.
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
                                               cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
                                               cublasLtMatrixLayout_t d, cublasLtMatmulPreference_t pref,
@@ -206,16 +206,14 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
   cublasLtMatmulHeuristicResult_t r{};
   for (int i = 0; i < 4; ++i) r.algo.data[i] = pref->align[i];
   r.state = CUBLAS_STATUS_SUCCESS;
+  int k = 0;
   if (gemm_mode() == GemmMode::Picky && requested >= 2) {
-    cublasLtMatmulHeuristicResult_t picky = r;
-    for (int i = 0; i < 4; ++i) picky.algo.data[i] = kPickyAlign;
-    results[0] = picky;
-    results[1] = r;
-    *returned = 2;
-    return CUBLAS_STATUS_SUCCESS;
+    results[k] = r;
+    for (int i = 0; i < 4; ++i) results[k].algo.data[i] = kPickyAlign;
+    ++k;
   }
-  results[0] = r;
-  *returned = 1;
+  results[k++] = r;
+  *returned = k;
   return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -802,7 +802,7 @@ void cp_async_wait(int pending) {
                        "cuemu: cp.async of %d bytes from %p to %p: the source was written while the "
                        "copy was in flight (between the cp.async and its wait)\n",
                        c.bytes, c.src, c.dst);
-        g_last = cudaErrorLaunchFailure;
+        fail_launch();
       }
       std::memcpy(c.dst, c.data, size_t(c.bytes));
     }

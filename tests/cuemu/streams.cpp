@@ -257,6 +257,12 @@ void host_synced(const VClock& c) {
   });
 }
 
+// Whether the recorded event's stream has run its queue up to the event (never waits).
+bool reached(const Event& e) {
+  std::lock_guard<std::mutex> l(e.s->m);
+  return e.s->done >= e.ticket;
+}
+
 // The host has waited for the work issued to `s` so far.
 void synced_with(Stream* s) {
   VClock c;
@@ -431,13 +437,13 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t sh, cudaEvent_t eh, unsigned) {
   wait_for(e.s, e.ticket);  // eager work after this point must see the event's work done
   return cudaSuccess;
 }
-cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = reinterpret_cast<cudaEvent_t>(new Event); return cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
   auto* ev = new Event;
   ev->timing = !(flags & cudaEventDisableTiming);
   *e = reinterpret_cast<cudaEvent_t>(ev);
   return cudaSuccess;
 }
+cudaError_t cudaEventCreate(cudaEvent_t* e) { return cudaEventCreateWithFlags(e, 0); }
 cudaError_t cudaEventRecord(cudaEvent_t eh, cudaStream_t sh) {
   if (!eh) return cudaErrorInvalidValue;
   auto* e = reinterpret_cast<Event*>(eh);
@@ -464,13 +470,8 @@ cudaError_t cudaEventSynchronize(cudaEvent_t eh) {
 cudaError_t cudaEventQuery(cudaEvent_t eh) {
   if (!eh) return cudaErrorInvalidValue;
   const auto* e = reinterpret_cast<const Event*>(eh);
-  Stream* s = e->s;
-  const uint64_t ticket = e->ticket;
-  if (!s) return cudaSuccess;
-  {
-    std::lock_guard<std::mutex> l(s->m);
-    if (s->done < ticket) return cudaErrorNotReady;
-  }
+  if (!e->s) return cudaSuccess;
+  if (!reached(*e)) return cudaErrorNotReady;
   host_synced(e->vc);  // the host now knows the work before the event is done
   return cudaSuccess;
 }
@@ -482,11 +483,9 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t ah, cudaEvent_t bh) {
   if (!ah || !bh) return cudaErrorInvalidResourceHandle;
   const auto* a = reinterpret_cast<const Event*>(ah);
   const auto* b = reinterpret_cast<const Event*>(bh);
-  for (const Event* e : {a, b}) {
+  for (const Event* e : {a, b})
     if (!e->timing || !e->s) return cudaErrorInvalidResourceHandle;
-    std::lock_guard<std::mutex> l(e->s->m);
-    if (e->s->done < e->ticket) return cudaErrorNotReady;
-  }
+  if (!reached(*a) || !reached(*b)) return cudaErrorNotReady;
   *ms = float(b->t_ms - a->t_ms);
   return cudaSuccess;
 }
