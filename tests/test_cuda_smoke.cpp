@@ -640,3 +640,80 @@ TEST_CASE("cuda: embedding backward is deterministic and in token order", "[gpu]
     for (int64_t c = 0; c < d; ++c) same = same && o[size_t(n * d + c)] == w[size_t(tok[n] * d + c)];
   CHECK(same);
 }
+
+// The ops whose entries take the activation and the weight in either float dtype (embedding,
+// fused residual + RMSNorm forward and backward, axpy): every mixed pairing, on aligned tensors
+// (the 16-byte vector path) and on views one element into their allocations (the scalar path),
+// against CpuBackend in f32 on the same bf16-representable values. Training passes equal dtypes
+// only, so these instantiations run nowhere else. An output stored in bf16 carries one bf16
+// rounding (tolerance 1e-2 of its largest value); an f32 output only the summation order (1e-5).
+TEST_CASE("cuda: mixed-dtype ops (bf16 with f32 weights and the reverse) match the CPU in f32",
+          "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = make_backend("cuda");
+  auto cpu = make_backend("cpu");
+  Rng rng(97);
+  const int64_t N = 37, V = 29, d = 64;
+  auto tol = [](DType t) { return t == DType::BF16 ? 1e-2 : 1e-5; };
+  std::vector<int32_t> tok(N);
+  for (auto& t : tok) t = int32_t(rng.below(V));
+  Tensor ids_g = gpu->empty({N}, DType::I32), ids_c = cpu->empty({N}, DType::I32);
+  gpu->upload(host_ids(tok), ids_g);
+  cpu->upload(host_ids(tok), ids_c);
+  const Vec wte = rand_vec(rng, size_t(V * d)), x = rand_vec(rng, size_t(N * d)),
+            br = rand_vec(rng, size_t(N * d)), w = rand_vec(rng, size_t(d), 0.5, 1.5),
+            dy = rand_vec(rng, size_t(N * d)), dx0 = rand_vec(rng, size_t(N * d)),
+            dw0 = rand_vec(rng, size_t(d), -1, 1, false);
+  const std::pair<DType, DType> mixed[] = {{DType::BF16, DType::F32}, {DType::F32, DType::BF16}};
+  for (const int64_t off : {int64_t(0), int64_t(1)}) {
+    for (auto [act, wt] : mixed) {
+      INFO("activations " << dtype_name(act) << ", weights " << dtype_name(wt) << ", offset " << off);
+      auto on_gpu = [&](const Shape& s, DType t, const Vec& v) { return dev_of(*gpu, s, t, v, off); };
+      auto on_cpu = [&](const Shape& s, const Vec& v) { return dev_of(*cpu, s, DType::F32, v); };
+      // embedding: table in `wt`, output in `act`
+      {
+        Tensor tw = on_gpu({V, d}, wt, wte), to = on_gpu({N, d}, act, x);
+        gpu->embedding_fwd(ids_g, tw, to);
+        Tensor cw = on_cpu({V, d}, wte), co = on_cpu({N, d}, x);
+        cpu->embedding_fwd(ids_c, cw, co);
+        CHECK(norm_err(fetch(*gpu, to), fetch(*cpu, co)) == 0.0);  // a gather of representable values
+      }
+      // fused residual add + RMSNorm forward, weight in `wt`
+      {
+        Tensor gx = on_gpu({N, d}, act, x), gb = on_gpu({N, d}, act, br), gr = on_gpu({N, d}, act, dx0),
+               gw = on_gpu({d}, wt, w), gy = on_gpu({N, d}, act, dy), gs = on_gpu({N}, DType::F32, Vec(N, 7.0));
+        gpu->add_rmsnorm_fwd(gx, &gb, gr, gw, 1e-5f, gy, gs);
+        Tensor cx = on_cpu({N, d}, x), cb = on_cpu({N, d}, br), cr = on_cpu({N, d}, dx0),
+               cw = on_cpu({d}, w), cy = on_cpu({N, d}, dy), cs = on_cpu({N}, Vec(N, 7.0));
+        cpu->add_rmsnorm_fwd(cx, &cb, cr, cw, 1e-5f, cy, cs);
+        CHECK(norm_err(fetch(*gpu, gr), fetch(*cpu, cr)) <= tol(act));
+        // the residual sum is rounded to `act` before the norm reads it: bf16 twice at most
+        CHECK(norm_err(fetch(*gpu, gy), fetch(*cpu, cy)) <= 2 * tol(act));
+        CHECK(norm_err(fetch(*gpu, gs), fetch(*cpu, cs)) <= tol(act));
+      }
+      // RMSNorm backward (dx and dw accumulate), weight in `wt`; rstd from the CPU forward
+      {
+        Tensor cx = on_cpu({N, d}, x), cw = on_cpu({d}, w), cy = on_cpu({N, d}, Vec(size_t(N * d), 0.0)),
+               cs = on_cpu({N}, Vec(N, 0.0));
+        cpu->add_rmsnorm_fwd(cx, nullptr, cx, cw, 1e-5f, cy, cs);
+        const Vec rstd = fetch(*cpu, cs);
+        Tensor gdy = on_gpu({N, d}, act, dy), gx = on_gpu({N, d}, act, x), gw = on_gpu({d}, wt, w),
+               gs = on_gpu({N}, DType::F32, rstd), gdx = on_gpu({N, d}, act, dx0),
+               gdw = on_gpu({d}, DType::F32, dw0);
+        gpu->rmsnorm_bwd(gdy, gx, gw, gs, gdx, gdw);
+        Tensor cdy = on_cpu({N, d}, dy), cdx = on_cpu({N, d}, dx0), cdw = on_cpu({d}, dw0);
+        cpu->rmsnorm_bwd(cdy, cx, cw, cs, cdx, cdw);
+        CHECK(norm_err(fetch(*gpu, gdx), fetch(*cpu, cdx)) <= tol(act));
+        CHECK(norm_err(fetch(*gpu, gdw), fetch(*cpu, cdw)) <= 1e-5);
+      }
+      // axpy: x in `wt`, y in `act` (both pairings over the loop)
+      {
+        Tensor gx = on_gpu({N, d}, wt, x), gy = on_gpu({N, d}, act, dy);
+        gpu->axpy(-0.75f, gx, gy);
+        Tensor cx = on_cpu({N, d}, x), cy = on_cpu({N, d}, dy);
+        cpu->axpy(-0.75f, cx, cy);
+        CHECK(norm_err(fetch(*gpu, gy), fetch(*cpu, cy)) <= tol(act));
+      }
+    }
+  }
+}
