@@ -21,6 +21,7 @@
 #include <random>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -819,7 +820,28 @@ cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
   *f = kDeviceBytes - g_allocated;
   return cudaSuccess;
 }
+// CUEMU_PINNED_MAX=BYTES: a pinned allocation larger than BYTES fails with
+// cudaErrorMemoryAllocation, as when the host's page-locked memory runs out; callers must take
+// their pageable path (or fail with a clear error).
+size_t pinned_max() {
+  static const size_t m = [] {
+    const char* e = std::getenv("CUEMU_PINNED_MAX");
+    if (!e || !*e) return std::numeric_limits<size_t>::max();
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(e, &end, 10);
+    if (*end) {
+      std::fprintf(stderr, "cuemu: CUEMU_PINNED_MAX=%s: expected a number of bytes\n", e);
+      std::exit(2);
+    }
+    return size_t(v);
+  }();
+  return m;
+}
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
+  if (n > pinned_max()) {
+    *p = nullptr;
+    return cuemu::g_last = cudaErrorMemoryAllocation;  // also what cudaGetLastError reports next
+  }
   *p = std::aligned_alloc(256, padded(n));
   if (*p) {
     std::lock_guard<std::mutex> l(pinned_mutex());
