@@ -223,7 +223,11 @@ std::string describe(const json& v) {
   return type_word(v) + " " + d;
 }
 
-std::string num(double x) { return json(x).dump(); }
+// x as JSON writes it, whole numbers (an int field's value) without a ".0".
+std::string num(double x) {
+  if (std::isfinite(x) && x == std::trunc(x) && std::fabs(x) < 1e15) return json(int64_t(x)).dump();
+  return json(x).dump();
+}
 
 size_t edit_distance(const std::string& a, const std::string& b) {
   std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
@@ -396,7 +400,7 @@ json read_json_file(const fs::path& p, const std::string& who) {
   ss << in.rdbuf();
   try {
     return json::parse(ss.str(), nullptr, true, /*ignore_comments=*/true);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     std::string msg = e.what();
     auto close = msg.find("] ");  // drop nlohmann's "[json.exception.parse_error.101] " prefix
     if (close != std::string::npos) msg = msg.substr(close + 2);
@@ -470,6 +474,8 @@ void apply_override(const std::string& ov, const std::string& file, const Schema
   bool parsed = true;
   try {
     v = json::parse(text);
+  } catch (const json::out_of_range&) {  // a number past double's range (1e400)
+    throw Error(where + ": " + text + " is out of range for a number");
   } catch (const json::parse_error&) {
     parsed = false;
     v = text;
