@@ -1,6 +1,7 @@
 // `muonforge export CKPT OUTDIR`: a checkpoint as a Hugging Face LlamaForCausalLM directory.
 // `muonforge import HF_DIR OUTDIR`: the reverse, a Hugging Face model as a checkpoint of ours.
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -8,7 +9,10 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "config/config.h"
+#include "train/checkpoint.h"
 #include "train/export.h"
+
+namespace fs = std::filesystem;
 
 namespace mf {
 
@@ -17,7 +21,8 @@ const char* kUsage =
     "usage: muonforge export CKPT_DIR OUTDIR [--dtype f32|bf16]\n"
     "\n"
     "Writes OUTDIR/config.json (LlamaForCausalLM) and OUTDIR/model.safetensors from a checkpoint\n"
-    "directory (runs/NAME/ckpt-NNNNNN). Load it with transformers:\n"
+    "directory (runs/NAME/ckpt-NNNNNN; a run directory runs/NAME: its latest). Load it with\n"
+    "transformers:\n"
     "  AutoModelForCausalLM.from_pretrained(\"OUTDIR\")\n"
     "MoE models get a \"muonforge_moe\" config.json (Llama keys + DeepSeek-V3 MoE keys, tensors\n"
     "under the DeepSeek-V3 names) that train.init_from reads; transformers has no class for it.\n";
@@ -30,11 +35,12 @@ const char* kImportUsage =
     "directory at step 0: OUTDIR/config.json, model.safetensors (f32) and state.json.\n"
     "The config's model section comes from HF_DIR/config.json; the other sections from\n"
     "--config BASE.json (default: the built-in defaults), then --set. train.init_from is set to\n"
-    "HF_DIR, and under µP (mup.enabled) the multipliers are divided out of the weights, so the\n"
-    "checkpoint computes the Hugging Face model's logits. Then, for example:\n"
+    "HF_DIR and run.name to OUTDIR's name (unless --set gives one), and under µP (mup.enabled)\n"
+    "the multipliers are divided out of the weights, so the checkpoint computes the Hugging Face\n"
+    "model's logits. Then, for example:\n"
     "  muonforge eval OUTDIR --data 'data/x/val_*.bin'\n"
     "  muonforge sample OUTDIR --prompt 'Once upon a time'\n"
-    "  muonforge train OUTDIR/config.json --set run.name=finetune   (starts from HF_DIR's weights)\n";
+    "  muonforge train OUTDIR/config.json   (a fine-tune from HF_DIR's weights in runs/<OUTDIR's name>)\n";
 }
 
 int cmd_export(const Args& args) {
@@ -60,9 +66,12 @@ int cmd_export(const Args& args) {
     std::fputs(kUsage, stderr);
     return 2;
   }
-  int n = export_checkpoint(pos[0], pos[1], dt);
+  const std::string ckpt = resolve_checkpoint_dir(pos[0], "export");  // a run dir: its latest
+  MF_CHECK(!fs::exists(pos[1]) || fs::is_directory(pos[1]), "export: OUTDIR ", pos[1],
+           " exists and is not a directory");
+  int n = export_checkpoint(ckpt, pos[1], dt);
   std::printf("exported %d tensors from %s to %s (config.json + model.safetensors)\n", n,
-              pos[0].c_str(), pos[1].c_str());
+              ckpt.c_str(), pos[1].c_str());
   return 0;
 }
 
@@ -90,14 +99,24 @@ int cmd_import(const Args& args) {
     std::fputs(kImportUsage, stderr);
     return 2;
   }
+  // A run name of its own (OUTDIR's name) unless one is given: BASE's would make
+  // `train OUTDIR/config.json` resume BASE's run instead of fine-tuning from these weights.
+  bool named = false;
+  for (auto& s : sets) named = named || s.rfind("run.name=", 0) == 0;
+  if (!named) {
+    std::string name = fs::path(pos[1]).lexically_normal().filename().string();
+    if (name.empty() || name == "." || name == "..")
+      name = fs::absolute(pos[1]).lexically_normal().parent_path().filename().string();
+    sets.push_back("run.name=" + name);
+  }
   const Config cfg = config_for_hf_model(pos[0], base, sets);
   const int n = import_hf_model(pos[0], cfg, pos[1]);
   std::printf("imported %d tensors from %s into %s (config.json + model.safetensors + state.json)%s\n"
               "next: muonforge eval %s --data GLOB | muonforge sample %s | muonforge train "
-              "%s/config.json --set run.name=NAME\n",
+              "%s/config.json (fine-tunes in %s)\n",
               n, pos[0].c_str(), pos[1].c_str(),
               cfg.mup.enabled ? "; µP multipliers divided out of the weights" : "", pos[1].c_str(),
-              pos[1].c_str(), pos[1].c_str());
+              pos[1].c_str(), pos[1].c_str(), cfg.run_dir().c_str());
   return 0;
 }
 
