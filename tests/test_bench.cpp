@@ -323,6 +323,22 @@ TEST_CASE("muonforge bench CLI: report, --json line, errors", "[bench][cli]") {
   out = run_capture("'" + bin + "' bench --help", &rc);
   CHECK(rc == 0);
   CHECK(out.find("--warmup") != std::string::npos);
+  // Integer options are range-checked as 64-bit values, never wrapped to 32 bits.
+  out = run_capture("'" + bin + "' bench '" + kTiny + "' --steps 4294967297", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("--steps must be at most 2147483647, got 4294967297") != std::string::npos);
+  out = run_capture("'" + bin + "' train '" + kTiny + "' --stop-at -3", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("--stop-at must be >= 1, got -3") != std::string::npos);
+  out = run_capture("'" + bin + "' train '" + kTiny + "' --resume x --no-resume", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("--resume and --no-resume contradict") != std::string::npos);
+  out = run_capture("'" + bin + "' eval a b", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("more than one checkpoint given (a, b)") != std::string::npos);
+  out = run_capture("'" + bin + "' config '" + kTiny + "' --set optim.lr=1e400", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("(--set optim.lr=1e400): 1e400 is out of range") != std::string::npos);
 }
 
 TEST_CASE("scripts/bench_torch.py smoke test (skips without torch)", "[bench][torch]") {

@@ -168,6 +168,74 @@ TEST_CASE("run directory: retention, latest pointer, metrics", "[train]") {
   fs::remove_all(root);
 }
 
+// Starting over or branching in a used run directory: the earlier run's later checkpoints are
+// set aside (superseded-N), so they neither outrank the new run's (pruning keeps the highest
+// steps) nor get resumed later; one process per run directory; --stop-at already reached.
+TEST_CASE("run directory: --no-resume and branching set old checkpoints aside; one trainer "
+          "per directory", "[train]") {
+  const std::string root = temp_dir("branch");
+  write_data(root);
+  const std::string run = root + "/run";
+  Config c = tiny_config(root, run, "adamw");
+  TrainOptions quiet;
+  quiet.quiet = true;
+  REQUIRE(Trainer(c, quiet).run().steps_done == 8);  // ckpt-000006, ckpt-000008
+  const std::vector<char> old8 = file_bytes(run + "/ckpt-000008/model.safetensors");
+
+  // Start over, stopping at step 4: the new run's checkpoints survive pruning, `latest` is its.
+  TrainOptions fresh = quiet;
+  fresh.no_resume = true;
+  fresh.stop_at = 4;
+  TrainResult r1 = Trainer(c, fresh).run();
+  CHECK(r1.losses.size() == 4);
+  CHECK(fs::exists(run + "/ckpt-000004"));
+  CHECK(!fs::exists(run + "/ckpt-000008"));
+  CHECK(find_latest_checkpoint(run) == run + "/ckpt-000004");
+  CHECK(file_bytes(run + "/superseded-1/ckpt-000008/model.safetensors") == old8);  // kept
+  CHECK(fs::exists(run + "/superseded-1/ckpt-000006"));
+  CHECK(fs::exists(run + "/superseded-1/metrics.jsonl"));
+  // The next plain run continues the new run, not the old one.
+  TrainOptions to6 = quiet;
+  to6.stop_at = 6;
+  TrainResult r2 = Trainer(c, to6).run();
+  CHECK(r2.losses.size() == 2);
+  CHECK(r2.steps_done == 6);
+
+  // --stop-at at or below the current step: nothing to do (it used to train one more step).
+  TrainResult r3 = Trainer(c, to6).run();
+  CHECK(r3.losses.empty());
+  CHECK(r3.steps_done == 6);
+
+  // Branch from ckpt-000004: ckpt-000006 goes to superseded-2 and the run goes on from step 4.
+  TrainOptions branch = quiet;
+  branch.resume = run + "/ckpt-000004";
+  TrainResult r4 = Trainer(c, branch).run();
+  CHECK(r4.losses.size() == 4);
+  CHECK(fs::exists(run + "/superseded-2/ckpt-000006"));
+  CHECK(find_latest_checkpoint(run) == run + "/ckpt-000008");
+
+  // A launcher restart (MF_RESTART_COUNT > 0) resumes even under --no-resume.
+  ::setenv("MF_RESTART_COUNT", "1", 1);
+  TrainOptions restart = quiet;
+  restart.no_resume = true;
+  TrainResult r5 = Trainer(c, restart).run();
+  ::unsetenv("MF_RESTART_COUNT");
+  CHECK(r5.losses.empty());
+  CHECK(r5.steps_done == 8);
+  CHECK(!fs::exists(run + "/superseded-3"));
+
+  // Two trainers in one run directory: the second is refused with an error naming it.
+  {
+    Trainer holder(c, quiet);
+    const std::string err = mf::test::error_of([&] { Trainer second(c, quiet); });
+    CHECK(err.find("is in use by another training process (pid " + std::to_string(getpid())) !=
+          std::string::npos);
+    CHECK(err.find(run) != std::string::npos);
+  }
+  CHECK(Trainer(c, quiet).run().steps_done == 8);  // released with the first
+  fs::remove_all(root);
+}
+
 TEST_CASE("a non-finite loss stops the run and names the step", "[train]") {
   const std::string root = temp_dir("nan");
   write_data(root);
@@ -217,7 +285,10 @@ TEST_CASE("a corrupted checkpoint gives a clear error on resume", "[train]") {
   // An explicit --resume of a directory that is not a checkpoint.
   TrainOptions bad = quiet;
   bad.resume = root;
-  CHECK_THROWS_WITH(Trainer(c, bad), Catch::Contains("state.json"));
+  CHECK_THROWS_WITH(Trainer(c, bad), Catch::Contains(root + " holds no checkpoint"));
+  // A run directory is taken as its latest checkpoint (here the truncated one: a clear error).
+  bad.resume = root + "/run";
+  CHECK_THROWS_WITH(Trainer(c, bad), Catch::Contains("model.safetensors"));
   fs::remove_all(root);
 }
 

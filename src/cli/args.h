@@ -2,6 +2,7 @@
 // the value (e.g. "bench: --steps needs an integer, got 'x'").
 #pragma once
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -39,6 +40,17 @@ inline double option_double(const char* cmd, const std::string& opt, const std::
 inline int64_t next_int(const Args& args, size_t& i, const char* cmd) {
   const std::string opt = args[i];
   return option_int(cmd, opt, option_value(args, i, cmd));
+}
+
+// The same as an int in [lo, hi]: an error naming cmd, the option and the value otherwise (no
+// silent wrap of a value past 32 bits).
+inline int next_int_in(const Args& args, size_t& i, const char* cmd, int64_t lo,
+                       int64_t hi = std::numeric_limits<int>::max()) {
+  const std::string opt = args[i];
+  const int64_t v = next_int(args, i, cmd);
+  MF_CHECK(v >= lo, cmd, ": ", opt, " must be >= ", lo, ", got ", v);
+  MF_CHECK(v <= hi, cmd, ": ", opt, " must be at most ", hi, ", got ", v);
+  return int(v);
 }
 
 inline double next_double(const Args& args, size_t& i, const char* cmd) {

@@ -60,9 +60,9 @@ int cmd_bench(const Args& args) {
     } else if (a.rfind("--set=", 0) == 0) {
       sets.push_back(a.substr(6));
     } else if (a == "--steps") {
-      o.steps = int(next_int(args, i, "bench"));
+      o.steps = next_int_in(args, i, "bench", 1);
     } else if (a == "--warmup") {
-      o.warmup = int(next_int(args, i, "bench"));
+      o.warmup = next_int_in(args, i, "bench", 0);
     } else if (a == "--seq-len") {
       const std::string v = option_value(args, i, "bench");
       option_int("bench", a, v);
@@ -79,17 +79,15 @@ int cmd_bench(const Args& args) {
     } else if (a == "--device") {
       sets.push_back("train.device=" + option_value(args, i, "bench"));
     } else if (a == "--fwd-reps") {
-      o.fwd_reps = int(next_int(args, i, "bench"));
+      o.fwd_reps = next_int_in(args, i, "bench", 0);
     } else if (a == "--gemm-size") {
-      o.gemm_size = int(next_int(args, i, "bench"));
-      MF_CHECK(o.gemm_size > 0, "bench: --gemm-size must be positive (use --no-gemm to skip)");
+      o.gemm_size = next_int_in(args, i, "bench", 1, 1 << 16);  // --no-gemm skips it
     } else if (a == "--no-gemm") {
       o.gemm_size = -1;
     } else if (a == "--no-attn") {
       o.attention = false;
     } else if (a == "--profile") {
-      o.profile_steps = int(next_int(args, i, "bench"));
-      MF_CHECK(o.profile_steps >= 0, "bench: --profile needs a step count >= 0, got ", o.profile_steps);
+      o.profile_steps = next_int_in(args, i, "bench", 0);
     } else if (a == "--no-muon-split") {
       o.muon_split = false;
     } else if (a == "--quiet") {

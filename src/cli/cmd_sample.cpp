@@ -77,17 +77,17 @@ int cmd_sample(const Args& args) {
     } else if (a == "--prompt-ids") {
       prompt_ids = option_value(args, i, "sample");
     } else if (a == "--tokens") {
-      o.max_new_tokens = int(next_int(args, i, "sample"));
+      o.max_new_tokens = next_int_in(args, i, "sample", 0);
     } else if (a == "--temperature") {
       o.temperature = next_double(args, i, "sample");
     } else if (a == "--greedy") {
       o.temperature = 0;
     } else if (a == "--top-k") {
-      o.top_k = int(next_int(args, i, "sample"));
+      o.top_k = next_int_in(args, i, "sample", 0);
     } else if (a == "--seed") {
       o.seed = uint64_t(next_int(args, i, "sample"));
     } else if (a == "--context") {
-      context = int(next_int(args, i, "sample"));
+      context = next_int_in(args, i, "sample", 1);
     } else if (a == "--no-kv-cache") {
       o.kv_cache = false;
     } else if (a == "--ids") {
@@ -110,7 +110,7 @@ int cmd_sample(const Args& args) {
   MF_CHECK(o.top_k >= 0, "sample: --top-k ", o.top_k, " must be >= 0");
   MF_CHECK(o.max_new_tokens >= 0, "sample: --tokens ", o.max_new_tokens, " must be >= 0");
 
-  const std::string ckpt = resolve_checkpoint_dir(path);
+  const std::string ckpt = resolve_checkpoint_dir(path, "sample");
   Config cfg = load_config((fs::path(ckpt) / "config.json").string());
   if (!device.empty()) cfg.train.device = device;
   const int64_t V = cfg.model.vocab_size;

@@ -25,23 +25,27 @@ const char* kTrainUsage =
     "\n"
     "Trains the model described by CONFIG.json (see docs/config.md). The run directory\n"
     "(run.dir, default runs/{name}) receives config.json, log.txt, metrics.jsonl and ckpt-NNNNNN/.\n"
-    "When it already holds a checkpoint the run resumes from the latest one.\n"
+    "When it already holds a checkpoint the run resumes from the latest one. One training\n"
+    "process per run directory (run.dir/.lock): a second one is refused.\n"
     "\n"
     "options:\n"
     "  --set k=v      override a config value, e.g. --set optim.lr=0.01 --set train.max_steps=50\n"
-    "  --resume DIR   resume from this checkpoint directory\n"
-    "  --no-resume    start from scratch even if the run directory has checkpoints\n"
-    "  --stop-at N    checkpoint and exit after step N (continue later with the same command)\n"
+    "  --resume DIR   resume from this checkpoint directory (or a run directory's latest)\n"
+    "  --no-resume    start from scratch even if the run directory has checkpoints; they are\n"
+    "                 moved to run.dir/superseded-N/, not deleted (the same for checkpoints\n"
+    "                 past the one --resume names). A launcher restart resumes regardless.\n"
+    "  --stop-at N    checkpoint and exit after step N (continue later with a larger N or\n"
+    "                 without it); a run already at step N or past it exits at once\n"
     "  --quiet        no per-step lines\n"
     "  --init-only    write the initial weights as ckpt-000000 and exit (a reference to start from)\n"
     "  --dump-batches FILE  write every micro-batch's inputs then targets (int32, B x T each)\n"
     "Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits.\n";
 
 const char* kEvalUsage =
-    "usage: muonforge eval CKPT_DIR [--data GLOB] [--batches N] [--device auto|cpu|cuda]\n"
+    "usage: muonforge eval CKPT_DIR|RUN_DIR [--data GLOB] [--batches N] [--device auto|cpu|cuda]\n"
     "\n"
-    "Evaluates the weights of a checkpoint on token shards (default: the run's data.val) and\n"
-    "prints the mean cross-entropy loss and perplexity.\n";
+    "Evaluates the weights of a checkpoint (a run directory: its latest) on token shards\n"
+    "(default: the run's data.val) and prints the mean cross-entropy loss and perplexity.\n";
 
 
 }  // namespace
@@ -64,7 +68,7 @@ int cmd_train(const Args& args) {
     } else if (a == "--no-resume") {
       opts.no_resume = true;
     } else if (a == "--stop-at") {
-      opts.stop_at = int(next_int(args, i, "train"));
+      opts.stop_at = next_int_in(args, i, "train", 1);
     } else if (a == "--quiet") {
       opts.quiet = true;
     } else if (a == "--init-only") {
@@ -82,6 +86,8 @@ int cmd_train(const Args& args) {
     std::fputs(kTrainUsage, stderr);
     return 2;
   }
+  MF_CHECK(opts.resume.empty() || !opts.no_resume,
+           "train: --resume and --no-resume contradict each other; give one");
   Config cfg = load_config(path, sets);
   // Rank 0 alone: every rank runs the same config (the trainer checks that), and a dump per rank would
   // fill the launcher's tail of a failing rank with config lines instead of its error.
@@ -102,12 +108,13 @@ int cmd_eval(const Args& args) {
     } else if (a == "--data") {
       data = option_value(args, i, "eval");
     } else if (a == "--batches") {
-      batches = int(next_int(args, i, "eval"));
+      batches = next_int_in(args, i, "eval", 1);
     } else if (a == "--device") {
       device = option_value(args, i, "eval");
     } else if (!a.empty() && a[0] == '-') {
       MF_FAIL("eval: unknown option ", a, " (see muonforge eval --help)");
     } else {
+      MF_CHECK(ckpt.empty(), "eval: more than one checkpoint given (", ckpt, ", ", a, ")");
       ckpt = a;
     }
   }
@@ -115,8 +122,8 @@ int cmd_eval(const Args& args) {
     std::fputs(kEvalUsage, stderr);
     return 2;
   }
+  ckpt = resolve_checkpoint_dir(ckpt, "eval");  // a run directory: its newest checkpoint
   const std::string cpath = (fs::path(ckpt) / "config.json").string();
-  MF_CHECK(fs::exists(cpath), "eval: ", ckpt, " is not a checkpoint directory (no config.json)");
   Config cfg = load_config(cpath);
   if (!device.empty()) cfg.train.device = device;
   if (data.empty()) data = cfg.data.val;

@@ -56,11 +56,9 @@ int main(int argc, char** argv) {
   mf::Args args(argv + 2, argv + argc);
   try {
     return it->second.fn(args);
-  } catch (const mf::Error& e) {
+  } catch (const std::exception& e) {  // mf::Error and the rest: one line, exit 1
     std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    mf::log_file_only(std::string("error: ") + e.what());  // the run's log.txt, if it has one
     return 1;
   }
 }

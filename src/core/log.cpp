@@ -26,14 +26,24 @@ void setup_logging(int rank) {
   logger->flush_on(spdlog::level::info);
 }
 
+namespace {
+// The run log's sink (one at a time: a second Trainer in the same process replaces the first's).
+std::shared_ptr<spdlog::sinks::sink> g_log_file;
+}  // namespace
+
 void add_log_file(const std::string& path) {
-  // One run log at a time: a second Trainer in the same process replaces the first one's sink.
-  static std::shared_ptr<spdlog::sinks::sink> current;
+  std::shared_ptr<spdlog::sinks::sink>& current = g_log_file;
   auto& sinks = spdlog::default_logger()->sinks();
   if (current) sinks.erase(std::remove(sinks.begin(), sinks.end(), current), sinks.end());
   current = std::make_shared<spdlog::sinks::basic_file_sink_mt>(path, /*truncate=*/false);
   current->set_pattern("[%Y-%m-%d %H:%M:%S] %v");
   sinks.push_back(current);
+}
+
+void log_file_only(const std::string& line) {
+  if (!g_log_file) return;
+  g_log_file->log(spdlog::details::log_msg(spdlog::source_loc{}, "", spdlog::level::err, line));
+  g_log_file->flush();
 }
 
 }  // namespace mf

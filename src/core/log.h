@@ -11,5 +11,8 @@ namespace mf {
 void setup_logging(int rank = 0);
 // Also append everything to `path` (the run directory's log.txt).
 void add_log_file(const std::string& path);
+// Append `line` to that file alone (no console), if one was added: main() puts the error that
+// ends a run there, so log.txt tells how the run ended.
+void log_file_only(const std::string& line);
 
 }  // namespace mf

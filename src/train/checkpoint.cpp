@@ -160,6 +160,47 @@ std::string find_latest_checkpoint(const std::string& run_dir) {
   return (fs::path(run_dir) / checkpoint_dir_name(steps.back())).string();
 }
 
+std::string supersede_checkpoints(const std::string& run_dir, int keep_upto) {
+  std::vector<int> later;
+  for (int st : list_checkpoints(run_dir))
+    if (st > keep_upto) later.push_back(st);
+  if (later.empty()) return "";
+  fs::path dest;
+  for (int n = 1;; ++n) {
+    dest = fs::path(run_dir) / ("superseded-" + std::to_string(n));
+    if (!fs::exists(dest)) break;
+  }
+  fs::create_directories(dest);
+  const fs::path metrics = fs::path(run_dir) / "metrics.jsonl";
+  if (fs::exists(metrics)) fs::copy_file(metrics, dest / "metrics.jsonl");
+  for (int st : later) {
+    const std::string name = checkpoint_dir_name(st);
+    std::error_code ec;
+    fs::rename(fs::path(run_dir) / name, dest / name, ec);
+    MF_CHECK(!ec, "cannot move ", (fs::path(run_dir) / name).string(), " to ", dest.string(),
+             ": ", ec.message());
+  }
+  const fs::path latest = fs::path(run_dir) / "latest";
+  if (keep_upto >= 0 && fs::exists(fs::path(run_dir) / checkpoint_dir_name(keep_upto)))
+    atomic_write_text(latest.string(), checkpoint_dir_name(keep_upto) + "\n");
+  else
+    fs::remove(latest);
+  fsync_dir(dest.string());
+  fsync_dir(run_dir);
+  return dest.string();
+}
+
+std::string resolve_checkpoint_dir(const std::string& path, const std::string& who) {
+  MF_CHECK(fs::is_directory(path), who, ": ", path, " is not a directory (give a checkpoint "
+           "directory runs/NAME/ckpt-NNNNNN or a run directory runs/NAME)");
+  const fs::path p(path);
+  if (fs::exists(p / "config.json") && fs::exists(p / "model.safetensors")) return path;
+  const std::string latest = find_latest_checkpoint(path);
+  MF_CHECK(!latest.empty(), who, ": ", path, " holds no checkpoint (no config.json + "
+           "model.safetensors, and no ckpt-NNNNNN directory)");
+  return latest;
+}
+
 namespace {
 
 // An optimizer state tensor's name, "<param>.<state>" or, for a ZeRO-1 fragment of elements

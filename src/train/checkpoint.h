@@ -43,6 +43,19 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
 // back to scanning ckpt-* directories if the pointer is missing or stale.
 std::string find_latest_checkpoint(const std::string& run_dir);
 
+// Moves the complete checkpoints of run_dir with a step above `keep_upto` (all of them when it is
+// -1) and the metrics.jsonl beside them into a new folder run_dir/superseded-N (N = 1, 2, ...),
+// and points `latest` at ckpt-<keep_upto> (or removes it). For a run that starts over
+// (--no-resume) or branches from an earlier checkpoint: their checkpoints would otherwise
+// outrank the new run's (pruning keeps the highest steps; a stale `latest` falls back to the
+// highest). Returns the folder, or "" when nothing was moved.
+std::string supersede_checkpoints(const std::string& run_dir, int keep_upto);
+
+// A checkpoint directory (it has config.json and model.safetensors) as given, or a run
+// directory's newest complete checkpoint; otherwise an error that starts with `who` (the
+// command and option, e.g. "eval") and says which of the two to give.
+std::string resolve_checkpoint_dir(const std::string& path, const std::string& who);
+
 // Loads master weights (compute copies are synced by the caller), optimizer state when opt is
 // given, and returns state.json. When the checkpoint was written with the same sharding, each
 // rank reads its own optimizer file; otherwise (another world size, train.zero or bucket size)

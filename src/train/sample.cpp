@@ -90,16 +90,4 @@ std::vector<int32_t> generate(LlamaModel& model, const std::vector<int32_t>& pro
   }
   return out;
 }
-
-std::string resolve_checkpoint_dir(const std::string& path) {
-  MF_CHECK(fs::is_directory(path), "sample: ", path, " is not a directory (give a checkpoint "
-           "directory runs/NAME/ckpt-NNNNNN or a run directory runs/NAME)");
-  const fs::path p(path);
-  if (fs::exists(p / "config.json") && fs::exists(p / "model.safetensors")) return path;
-  const std::string latest = find_latest_checkpoint(path);
-  MF_CHECK(!latest.empty(), "sample: ", path, " holds no checkpoint (no config.json + "
-           "model.safetensors, and no ckpt-NNNNNN directory)");
-  return latest;
-}
-
 }  // namespace mf

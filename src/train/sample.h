@@ -37,8 +37,4 @@ std::vector<int32_t> generate(LlamaModel& model, const std::vector<int32_t>& pro
                               const SampleOptions& o,
                               const std::function<void(int32_t)>& on_token = nullptr);
 
-// A checkpoint directory (it has config.json and model.safetensors) as given, or a run
-// directory's newest complete checkpoint; a clear error otherwise.
-std::string resolve_checkpoint_dir(const std::string& path);
-
 }  // namespace mf

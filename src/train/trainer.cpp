@@ -6,14 +6,19 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include "core/log.h"
 #include "data/loader.h"
@@ -87,14 +92,38 @@ void* compute_stream(Backend& be) {
 // Peak dense bf16 FLOP/s used for MFU (H100/H200 SXM: 989 TFLOP/s); none for the CPU.
 double peak_flops(const Backend& be) { return be.device() == Device::CUDA ? 989e12 : 0.0; }
 
+// The leaf keys where two resolved configs differ, "key old -> new" joined by "; " (nested
+// objects by dotted path; a key present on one side only shows "(none)" on the other).
+void json_changes(const nlohmann::json& a, const nlohmann::json& b, const std::string& path,
+                  std::vector<std::string>& out) {
+  if (a.is_object() && b.is_object()) {
+    std::set<std::string> keys;
+    for (auto& [k, v] : a.items()) keys.insert(k);
+    for (auto& [k, v] : b.items()) keys.insert(k);
+    for (auto& k : keys) {
+      const std::string p = path.empty() ? k : path + "." + k;
+      json_changes(a.contains(k) ? a[k] : nlohmann::json(), b.contains(k) ? b[k] : nlohmann::json(),
+                   p, out);
+    }
+    return;
+  }
+  if (a != b)
+    out.push_back(path + " " + (a.is_null() ? std::string("(none)") : a.dump()) + " -> " +
+                  (b.is_null() ? std::string("(none)") : b.dump()));
+}
+
+// How often the launcher has restarted this group (MF_RESTART_COUNT; 0 on the first attempt).
+int restart_count() {
+  const char* rc = std::getenv("MF_RESTART_COUNT");
+  return rc ? std::atoi(rc) : 0;
+}
+
 // Testing aid for crash recovery: MF_FAULT_KILL_AT="STEP:RANK" makes that rank SIGKILL itself
 // right after step STEP (and its checkpoint), on the first attempt only (MF_RESTART_COUNT unset
 // or 0). Unset in normal use.
 void fault_injection(int done, int rank) {
   static const char* spec = std::getenv("MF_FAULT_KILL_AT");
-  if (!spec) return;
-  const char* rc = std::getenv("MF_RESTART_COUNT");
-  if (rc && std::string(rc) != "0") return;
+  if (!spec || restart_count() != 0) return;
   int step = -1, r = 0;
   if (std::sscanf(spec, "%d:%d", &step, &r) >= 1 && step == done && r == rank) {
     std::fflush(nullptr);
@@ -163,6 +192,50 @@ Trainer::~Trainer() {
   // waits for the device, and NCCL's teardown aborts a collective stuck on a dead peer.
   comm_.reset();
 }
+
+Trainer::LockFd::~LockFd() {
+  if (fd >= 0) ::close(fd);  // releases the flock
+}
+
+// What differs between the config saved in checkpoint `ckpt` and this run's ("" when nothing,
+// or when the saved one cannot be read: an older or hand-made checkpoint).
+std::string Trainer::config_changes(const std::string& ckpt) const {
+  std::ifstream f(fs::path(ckpt) / "config.json");
+  if (!f) return "";
+  const nlohmann::json saved = nlohmann::json::parse(f, nullptr, false, /*ignore_comments=*/true);
+  if (saved.is_discarded()) return "";
+  std::vector<std::string> diff;
+  json_changes(saved, config_to_json(cfg_), "", diff);
+  std::string out;
+  for (auto& d : diff) out += (out.empty() ? "" : "; ") + d;
+  return out;
+}
+
+// One training process per run directory: two would overwrite each other's checkpoints and
+// interleave metrics.jsonl. An flock on run_dir/.lock, released by the kernel when this process
+// ends however it ends (no stale lock after a crash); the holder's pid is written in the file.
+void Trainer::lock_run_dir() {
+  const std::string path = (fs::path(run_dir_) / ".lock").string();
+  int& fd = run_lock_.fd;
+  fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  MF_CHECK(fd >= 0, "cannot open ", path, ": ", std::strerror(errno));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    std::string holder;
+    std::ifstream(path) >> holder;
+    ::close(fd);
+    fd = -1;
+    MF_CHECK(err != EWOULDBLOCK, "run directory ", run_dir_, " is in use by another training "
+             "process", holder.empty() ? std::string() : " (pid " + holder + ")",
+             ": two runs in one directory would overwrite each other's checkpoints; wait for it "
+             "to end, or give this run another run.name (--set run.name=NAME)");
+    MF_FAIL("cannot lock ", path, ": ", std::strerror(err));
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) < 0)
+    spdlog::warn("cannot write the pid into {}: {}", path, std::strerror(errno));
+}
+
 LlamaModel& Trainer::model() { return *model_; }
 Backend& Trainer::backend() { return *be_; }
 
@@ -178,6 +251,7 @@ void Trainer::setup() {
   run_dir_ = cfg_.run_dir();
   if (rank_ == 0) {
     fs::create_directories(run_dir_);
+    lock_run_dir();
     add_log_file((fs::path(run_dir_) / "log.txt").string());
     // Half-written checkpoints of a crashed run are never renamed into place; clear them away.
     for (auto& e : fs::directory_iterator(run_dir_))
@@ -242,8 +316,17 @@ void Trainer::setup() {
   }
 
   // Where the weights come from: a checkpoint of this run, a Hugging Face model, or fresh init.
-  std::string ckpt = opts_.resume;
-  if (ckpt.empty() && !opts_.no_resume) ckpt = find_latest_checkpoint(run_dir_);
+  std::string ckpt;
+  if (!opts_.resume.empty()) ckpt = resolve_checkpoint_dir(opts_.resume, "train: --resume");
+  bool fresh = opts_.no_resume;
+  if (fresh && restart_count() > 0) {
+    // The launcher restarts a failed group with the same arguments: --no-resume meant "start
+    // this job over", not "throw away what the job itself has checkpointed since".
+    spdlog::info("restart {} of the group: resuming from the latest checkpoint despite "
+                 "--no-resume", restart_count());
+    fresh = false;
+  }
+  if (ckpt.empty() && !fresh) ckpt = find_latest_checkpoint(run_dir_);
   if (!ckpt.empty()) {
     nlohmann::json st =
         load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_, sharded_);
@@ -253,6 +336,15 @@ void Trainer::setup() {
     LoaderState ls = st.at("loader").get<LoaderState>();
     const int64_t reread = train_loader_->restore(ls);
     spdlog::info("resumed from {} at step {}", ckpt, start_step_);
+    if (rank_ == 0) {
+      const std::string changed = config_changes(ckpt);
+      if (!changed.empty())
+        spdlog::warn("this run's config differs from the checkpoint's (the run goes on with "
+                     "the new values): {}", changed);
+    }
+    if (cfg_.train.init_from)
+      spdlog::info("train.init_from ({}) is not used: the run continues from its checkpoint",
+                   *cfg_.train.init_from);
     if (ls.world_size != world_)
       spdlog::warn("the checkpoint was written by {} rank(s), this run has {}: the data position "
                    "and the optimizer state carry over{}", ls.world_size, world_,
@@ -273,6 +365,19 @@ void Trainer::setup() {
     }
   }
 
+  // Checkpoints of this run directory past the starting point belong to a run this one does not
+  // continue (--no-resume, or --resume of an earlier checkpoint): set them aside, never delete.
+  if (rank_ == 0) {
+    std::error_code ec;
+    const bool ours = !ckpt.empty() &&
+                      fs::equivalent(fs::path(ckpt).parent_path(), fs::path(run_dir_), ec);
+    const std::string moved = supersede_checkpoints(run_dir_, ours ? start_step_ : -1);
+    if (!moved.empty())
+      spdlog::warn("{}: the checkpoints of {}{} and metrics.jsonl moved to {} (delete that "
+                   "folder when you no longer need it)",
+                   ckpt.empty() ? "starting over" : "continuing from " + ckpt, run_dir_,
+                   ours ? fmt::format(" past step {}", start_step_) : std::string(), moved);
+  }
   // metrics.jsonl: after a resume, drop records past the checkpoint so the file tells one story.
   const std::string mpath = (fs::path(run_dir_) / "metrics.jsonl").string();
   if (rank_ == 0) {
@@ -573,6 +678,14 @@ TrainResult Trainer::run() {
     res.steps_done = start_step_;
     return res;
   }
+  if (opts_.stop_at > 0 && start_step_ >= opts_.stop_at) {
+    spdlog::info("the run is at step {}, already at or past --stop-at {}: nothing to do (raise "
+                 "--stop-at, or drop it to train to step {})", start_step_, opts_.stop_at,
+                 max_steps);
+    res.steps_done = start_step_;
+    res.interrupted = true;
+    return res;
+  }
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> dump(nullptr, &std::fclose);
   if (!opts_.dump_batches.empty()) {
     MF_CHECK(world_ == 1, "--dump-batches works in a single process (world size ", world_, ")");
@@ -685,8 +798,8 @@ TrainResult Trainer::run() {
         spdlog::warn("stopped after step {}: another rank was asked to stop (a signal there); "
                      "resume with the same command", done);
       else
-        spdlog::info("stopped after step {} as asked (--stop-at); resume with the same command",
-                     done);
+        spdlog::info("stopped after step {} as asked (--stop-at); continue with a larger "
+                     "--stop-at, or without it", done);
       res.interrupted = true;
       ++step;
       break;

@@ -65,11 +65,22 @@ class Trainer {
   // Data parallel: throws, naming the first differing parameter, unless every rank holds the same
   // master weights (checked before each checkpoint; cheap: one reduction per parameter).
   void check_weights_agree(int done);
+  std::string config_changes(const std::string& ckpt) const;  // vs the checkpoint's config.json
+  void lock_run_dir();  // rank 0: run_dir/.lock, or an error naming the process holding it
   double mean_over_ranks(double x);
 
   Config cfg_;
   TrainOptions opts_;
   int rank_ = 0, world_ = 1;
+  // Rank 0's flock on the run directory's .lock, held for the Trainer's life. A member that
+  // closes its descriptor itself: a constructor that throws after taking it releases it too.
+  struct LockFd {
+    int fd = -1;
+    LockFd() = default;
+    LockFd(const LockFd&) = delete;
+    LockFd& operator=(const LockFd&) = delete;
+    ~LockFd();
+  } run_lock_;
   // Declared first so it is destroyed last: the communicators (NCCL waits on the compute stream
   // when a collective was left in flight), the model's and optimizer's tensors all need it.
   std::unique_ptr<Backend> be_;
