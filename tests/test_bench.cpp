@@ -314,31 +314,28 @@ TEST_CASE("muonforge bench CLI: report, --json line, errors", "[bench][cli]") {
   CHECK(out.find("throughput") != std::string::npos);
   CHECK(out.find("memory plan") == std::string::npos);  // --quiet
 
-  out = run_capture("'" + bin + "' bench '" + kTiny + "' --steps x", &rc);
-  CHECK(rc == 1);
-  CHECK(out.find("--steps needs an integer") != std::string::npos);
-  out = run_capture("'" + bin + "' bench '" + kTiny + "' --frobnicate", &rc);
-  CHECK(rc == 1);
-  CHECK(out.find("unknown option --frobnicate") != std::string::npos);
+  // `muonforge ARGS` must exit 1 with an error containing `text`.
+  auto fails_with = [&](const std::string& cmd_args, const std::string& text) {
+    int code = -1;
+    const std::string o = run_capture("'" + bin + "' " + cmd_args, &code);
+    INFO("muonforge " << cmd_args << "\n" << o);
+    CHECK(code == 1);
+    CHECK(o.find(text) != std::string::npos);
+  };
+  const std::string tiny = "'" + kTiny + "'";
+  fails_with("bench " + tiny + " --steps x", "--steps needs an integer");
+  fails_with("bench " + tiny + " --frobnicate", "unknown option --frobnicate");
   out = run_capture("'" + bin + "' bench --help", &rc);
   CHECK(rc == 0);
   CHECK(out.find("--warmup") != std::string::npos);
   // Integer options are range-checked as 64-bit values, never wrapped to 32 bits.
-  out = run_capture("'" + bin + "' bench '" + kTiny + "' --steps 4294967297", &rc);
-  CHECK(rc == 1);
-  CHECK(out.find("--steps must be at most 2147483647, got 4294967297") != std::string::npos);
-  out = run_capture("'" + bin + "' train '" + kTiny + "' --stop-at -3", &rc);
-  CHECK(rc == 1);
-  CHECK(out.find("--stop-at must be >= 1, got -3") != std::string::npos);
-  out = run_capture("'" + bin + "' train '" + kTiny + "' --resume x --no-resume", &rc);
-  CHECK(rc == 1);
-  CHECK(out.find("--resume and --no-resume contradict") != std::string::npos);
-  out = run_capture("'" + bin + "' eval a b", &rc);
-  CHECK(rc == 1);
-  CHECK(out.find("more than one checkpoint given (a, b)") != std::string::npos);
-  out = run_capture("'" + bin + "' config '" + kTiny + "' --set optim.lr=1e400", &rc);
-  CHECK(rc == 1);
-  CHECK(out.find("(--set optim.lr=1e400): 1e400 is out of range") != std::string::npos);
+  fails_with("bench " + tiny + " --steps 4294967297",
+             "--steps must be at most 2147483647, got 4294967297");
+  fails_with("train " + tiny + " --stop-at -3", "--stop-at must be >= 1, got -3");
+  fails_with("train " + tiny + " --resume x --no-resume", "--resume and --no-resume contradict");
+  fails_with("eval a b", "more than one checkpoint given (a, b)");
+  fails_with("config " + tiny + " --set optim.lr=1e400",
+             "(--set optim.lr=1e400): 1e400 is out of range");
 }
 
 TEST_CASE("scripts/bench_torch.py smoke test (skips without torch)", "[bench][torch]") {
