@@ -107,8 +107,6 @@ int cmd_sample(const Args& args) {
   }
   MF_CHECK(!(have_text && !prompt_ids.empty()), "sample: give --prompt or --prompt-ids, not both");
   MF_CHECK(o.temperature >= 0, "sample: --temperature ", o.temperature, " must be >= 0");
-  MF_CHECK(o.top_k >= 0, "sample: --top-k ", o.top_k, " must be >= 0");
-  MF_CHECK(o.max_new_tokens >= 0, "sample: --tokens ", o.max_new_tokens, " must be >= 0");
 
   const std::string ckpt = resolve_checkpoint_dir(path, "sample");
   Config cfg = load_config((fs::path(ckpt) / "config.json").string());

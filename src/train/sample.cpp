@@ -2,14 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <filesystem>
 #include <numeric>
 
 #include "core/error.h"
 #include "model/kv_decoder.h"
-#include "train/checkpoint.h"
-
-namespace fs = std::filesystem;
 
 namespace mf {
 
