@@ -214,12 +214,14 @@ TEST_CASE("run directory: --no-resume and branching set old checkpoints aside; o
   CHECK(fs::exists(run + "/superseded-2/ckpt-000006"));
   CHECK(find_latest_checkpoint(run) == run + "/ckpt-000008");
 
-  // A launcher restart (MF_RESTART_COUNT > 0) resumes even under --no-resume.
+  // A launcher restart (its variables, MF_RESTART_COUNT > 0) resumes even under --no-resume.
+  ::setenv("RANK", "0", 1);
+  ::setenv("WORLD_SIZE", "1", 1);
   ::setenv("MF_RESTART_COUNT", "1", 1);
   TrainOptions restart = quiet;
   restart.no_resume = true;
   TrainResult r5 = Trainer(c, restart).run();
-  ::unsetenv("MF_RESTART_COUNT");
+  for (const char* v : {"RANK", "WORLD_SIZE", "MF_RESTART_COUNT"}) ::unsetenv(v);
   CHECK(r5.losses.empty());
   CHECK(r5.steps_done == 8);
   CHECK(!fs::exists(run + "/superseded-3"));

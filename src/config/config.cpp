@@ -763,6 +763,23 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
   return config_from_json(j, path, dir.empty() ? "." : dir, overrides);
 }
 
+namespace {
+void add_leaves(const json& j, const std::string& path, std::map<std::string, std::string>& out) {
+  if (j.is_object() && !j.empty()) {
+    for (auto it = j.begin(); it != j.end(); ++it)
+      add_leaves(it.value(), path.empty() ? it.key() : path + "." + it.key(), out);
+  } else {
+    out[path.empty() ? "<root>" : path] = j.dump();
+  }
+}
+}  // namespace
+
+std::map<std::string, std::string> json_leaves(const json& j) {
+  std::map<std::string, std::string> out;
+  add_leaves(j, "", out);
+  return out;
+}
+
 json config_to_json(const Config& c) {
   return nlohmann::json(to_ordered_json(c));
 }

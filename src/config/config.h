@@ -205,6 +205,9 @@ void validate_config(const Config& c);
 // The fully resolved config as JSON (every key, defaults included; train.world_size is left out
 // because it is not a JSON key). config_from_json(config_to_json(c)) reproduces c.
 nlohmann::json config_to_json(const Config& c);
+// Every leaf of `j` by dotted key path ("model.n_layers", "<root>" for a non-object) -> its
+// JSON text; an empty object counts as a leaf. For naming where two configs differ.
+std::map<std::string, std::string> json_leaves(const nlohmann::json& j);
 // The same, pretty-printed in schema order (model, mup, optim, ...) for humans and run dirs.
 std::string config_to_string(const Config& c, int indent = 2);
 

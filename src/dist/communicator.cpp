@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "config/config.h"  // json_leaves
 #include "core/error.h"
 #include "dist/env.h"
 #include "dist/store.h"
@@ -176,15 +177,6 @@ std::string hex(uint64_t h) {
 
 std::string hash_bytes(uint64_t h) { return std::string(reinterpret_cast<const char*>(&h), 8); }
 
-void flatten(const nlohmann::json& j, const std::string& path, std::map<std::string, std::string>& out) {
-  if (j.is_object() && !j.empty()) {
-    for (auto it = j.begin(); it != j.end(); ++it)
-      flatten(it.value(), path.empty() ? it.key() : path + "." + it.key(), out);
-  } else {
-    out[path.empty() ? "<root>" : path] = j.dump();
-  }
-}
-
 }  // namespace
 
 void check_same(Communicator& comm, const std::string& what, const std::string& value) {
@@ -204,8 +196,7 @@ void check_same_json(Communicator& comm, const std::string& what, const nlohmann
   for (int r = 1; r < comm.size(); ++r) same = same && all[r] == all[0];
   if (same) return;
   // Second round (every rank takes it: they all saw the same hashes): per-key hashes.
-  std::map<std::string, std::string> leaves;
-  flatten(value, "", leaves);
+  const std::map<std::string, std::string> leaves = json_leaves(value);
   std::string mine;
   for (auto& kv : leaves) mine += kv.first + "\t" + hex(fnv1a64(kv.second)) + "\n";
   std::vector<std::string> per_rank = comm.allgather_bytes(mine);

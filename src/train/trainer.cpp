@@ -11,7 +11,6 @@
 #include <fstream>
 #include <limits>
 #include <mutex>
-#include <set>
 #include <sstream>
 #include <thread>
 
@@ -92,38 +91,12 @@ void* compute_stream(Backend& be) {
 // Peak dense bf16 FLOP/s used for MFU (H100/H200 SXM: 989 TFLOP/s); none for the CPU.
 double peak_flops(const Backend& be) { return be.device() == Device::CUDA ? 989e12 : 0.0; }
 
-// The leaf keys where two resolved configs differ, "key old -> new" joined by "; " (nested
-// objects by dotted path; a key present on one side only shows "(none)" on the other).
-void json_changes(const nlohmann::json& a, const nlohmann::json& b, const std::string& path,
-                  std::vector<std::string>& out) {
-  if (a.is_object() && b.is_object()) {
-    std::set<std::string> keys;
-    for (auto& [k, v] : a.items()) keys.insert(k);
-    for (auto& [k, v] : b.items()) keys.insert(k);
-    for (auto& k : keys) {
-      const std::string p = path.empty() ? k : path + "." + k;
-      json_changes(a.contains(k) ? a[k] : nlohmann::json(), b.contains(k) ? b[k] : nlohmann::json(),
-                   p, out);
-    }
-    return;
-  }
-  if (a != b)
-    out.push_back(path + " " + (a.is_null() ? std::string("(none)") : a.dump()) + " -> " +
-                  (b.is_null() ? std::string("(none)") : b.dump()));
-}
-
-// How often the launcher has restarted this group (MF_RESTART_COUNT; 0 on the first attempt).
-int restart_count() {
-  const char* rc = std::getenv("MF_RESTART_COUNT");
-  return rc ? std::atoi(rc) : 0;
-}
-
 // Testing aid for crash recovery: MF_FAULT_KILL_AT="STEP:RANK" makes that rank SIGKILL itself
-// right after step STEP (and its checkpoint), on the first attempt only (MF_RESTART_COUNT unset
-// or 0). Unset in normal use.
-void fault_injection(int done, int rank) {
+// right after step STEP (and its checkpoint), on the first attempt only (DistEnv::attempt 0).
+// Unset in normal use.
+void fault_injection(int done, int rank, int attempt) {
   static const char* spec = std::getenv("MF_FAULT_KILL_AT");
-  if (!spec || restart_count() != 0) return;
+  if (!spec || attempt != 0) return;
   int step = -1, r = 0;
   if (std::sscanf(spec, "%d:%d", &step, &r) >= 1 && step == done && r == rank) {
     std::fflush(nullptr);
@@ -204,10 +177,18 @@ std::string Trainer::config_changes(const std::string& ckpt) const {
   if (!f) return "";
   const nlohmann::json saved = nlohmann::json::parse(f, nullptr, false, /*ignore_comments=*/true);
   if (saved.is_discarded()) return "";
-  std::vector<std::string> diff;
-  json_changes(saved, config_to_json(cfg_), "", diff);
+  const auto was = json_leaves(saved), now = json_leaves(config_to_json(cfg_));
   std::string out;
-  for (auto& d : diff) out += (out.empty() ? "" : "; ") + d;
+  auto add = [&](const std::string& key, const std::string& a, const std::string& b) {
+    out += (out.empty() ? "" : "; ") + key + " " + a + " -> " + b;
+  };
+  for (auto& [k, v] : was) {
+    auto it = now.find(k);
+    if (it == now.end()) add(k, v, "(none)");
+    else if (it->second != v) add(k, v, it->second);
+  }
+  for (auto& [k, v] : now)
+    if (!was.count(k)) add(k, "(none)", v);
   return out;
 }
 
@@ -245,6 +226,7 @@ void Trainer::setup() {
   const DistEnv env = read_dist_env();
   rank_ = env.rank;
   world_ = env.world_size;
+  attempt_ = env.attempt;
   MF_CHECK(cfg_.train.world_size == world_, "train.world_size is ", cfg_.train.world_size,
            " but the environment says WORLD_SIZE=", world_);
   if (env.distributed()) setup_logging(rank_);
@@ -319,11 +301,11 @@ void Trainer::setup() {
   std::string ckpt;
   if (!opts_.resume.empty()) ckpt = resolve_checkpoint_dir(opts_.resume, "train: --resume");
   bool fresh = opts_.no_resume;
-  if (fresh && restart_count() > 0) {
+  if (fresh && attempt_ > 0) {
     // The launcher restarts a failed group with the same arguments: --no-resume meant "start
     // this job over", not "throw away what the job itself has checkpointed since".
     spdlog::info("restart {} of the group: resuming from the latest checkpoint despite "
-                 "--no-resume", restart_count());
+                 "--no-resume", attempt_);
     fresh = false;
   }
   if (ckpt.empty() && !fresh) ckpt = find_latest_checkpoint(run_dir_);
@@ -789,7 +771,7 @@ TrainResult Trainer::run() {
                           cfg_.train.keep_ckpts, *comm_, sharded_);
       if (!opts_.quiet) spdlog::info("checkpoint {}", res.last_checkpoint);
     }
-    fault_injection(done, rank_);
+    fault_injection(done, rank_, attempt_);
     if (stopping) {
       if (stop_requested())
         spdlog::warn("stopped by signal {} after step {}; resume with the same command",
