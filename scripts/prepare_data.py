@@ -328,7 +328,8 @@ class ShardWriter:
         log(f"  wrote {path} ({len(tokens):,} tokens)")
 
     def close(self):
-        if len(self.buf) or not self.files:
+        # An empty split writes no file: a 0-token shard is one training would only reject.
+        if len(self.buf):
             self._flush(self.buf)
             self.buf = self.buf[:0]
 
@@ -348,8 +349,8 @@ def find_text_files(paths):
             if not found:
                 raise UserError(f"folder '{p}' contains no *.txt or *.xz files")
             out.extend(found)
-        elif p.is_file():
-            out.append(p)
+        elif p.exists():
+            out.append(p)  # a file, or a stream such as /dev/stdin
         else:
             raise UserError(f"input '{p}' does not exist")
     seen, uniq = set(), []
@@ -449,8 +450,11 @@ def build(docs_train, docs_val, out_dir, tok, shard_tokens, prefix="", workers=1
                     log(f"  {split}: {ndocs:,} documents, {w.total:,} tokens "
                         f"({w.total / max(last - t0, 1e-9):,.0f} tok/s)")
             w.close()
+            if w.total == 0 and split == "train":
+                raise UserError("the train split is empty: the inputs hold no text")
             if w.total == 0:
-                warn(f"the {split} split is empty")
+                warn("the val split is empty, so no val shard was written: train with "
+                     "--set data.val= (no evaluation), or give the val text with --val FILES")
             summary["splits"][split] = {
                 "documents": ndocs, "tokens": w.total,
                 "files": [{"path": str(p), "tokens": n, "sha256": sha256_file(p)} for p, n in w.files]}

@@ -88,6 +88,36 @@ class TextRecipe(unittest.TestCase):
             self.assertEqual(tr.count("first file") + va.count("first file"), 20)
             self.assertEqual(va.count("first file"), 2)
 
+    def test_empty_splits(self):
+        # --val-frac 0 writes no val shard (a 0-token shard is one training rejects) and says how to
+        # train without one; an input with no text at all is an error; a stream is a valid input.
+        script = str(REPO / "scripts" / "prepare_data.py")
+        with tempfile.TemporaryDirectory() as d:
+            src = Path(d) / "a.txt"
+            src.write_text("some text\n" * 30, encoding="utf-8")
+            out = Path(d) / "out"
+            r = subprocess.run([sys.executable, script, "text", str(src), "--out", str(out),
+                                "--val-frac", "0"], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            self.assertEqual(sorted(p.name for p in out.iterdir()), ["train_000000.bin"])
+            self.assertIn("no val shard was written", r.stdout + r.stderr)
+            self.assertIn("--set data.val=", r.stdout + r.stderr)
+            r = subprocess.run([sys.executable, script, "text", "/dev/null", "--out", str(out)],
+                               capture_output=True, text=True)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("the train split is empty", r.stderr)
+            self.assertNotIn("does not exist", r.stderr)
+            r = subprocess.run([sys.executable, script, "text", "/dev/stdin", "--out", str(out),
+                                "--val-frac", "0.2"], input="from a pipe\n" * 40,
+                               capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            self.assertEqual(sorted(p.name for p in out.iterdir()),
+                             ["train_000000.bin", "val_000000.bin"])
+            r = subprocess.run([sys.executable, script, "text", str(Path(d) / "missing.txt"),
+                                "--out", str(out)], capture_output=True, text=True)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("missing.txt' does not exist", r.stderr)
+
     def test_offline_message(self):
         try:
             pd.download("http://127.0.0.1:9/nothing.txt", Path(tempfile.gettempdir()) / "mf_never.txt",
