@@ -324,6 +324,9 @@ TEST_CASE("muonforge bench CLI: report, --json line, errors", "[bench][cli]") {
   };
   const std::string tiny = "'" + kTiny + "'";
   fails_with("bench " + tiny + " --steps x", "--steps needs an integer");
+  // Shortcut options are checked themselves: the error names them, not the --set they expand to.
+  fails_with("bench " + tiny + " --seq-len 0", "bench: --seq-len must be >= 1, got 0");
+  fails_with("bench " + tiny + " --micro-batch -2", "bench: --micro-batch must be >= 1, got -2");
   fails_with("bench " + tiny + " --frobnicate", "unknown option --frobnicate");
   out = run_capture("'" + bin + "' bench --help", &rc);
   CHECK(rc == 0);

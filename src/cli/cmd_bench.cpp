@@ -63,19 +63,14 @@ int cmd_bench(const Args& args) {
       o.steps = next_int_in(args, i, "bench", 1);
     } else if (a == "--warmup") {
       o.warmup = next_int_in(args, i, "bench", 0);
-    } else if (a == "--seq-len") {
-      const std::string v = option_value(args, i, "bench");
-      option_int("bench", a, v);
+    } else if (a == "--seq-len") {  // range-checked here, so an error names --seq-len
+      const std::string v = std::to_string(next_int_in(args, i, "bench", 1));
       sets.push_back("train.seq_len=" + v);
       sets.push_back("model.max_seq_len=" + v);
     } else if (a == "--micro-batch") {
-      const std::string v = option_value(args, i, "bench");
-      option_int("bench", a, v);
-      sets.push_back("train.micro_batch=" + v);
+      sets.push_back("train.micro_batch=" + std::to_string(next_int_in(args, i, "bench", 1)));
     } else if (a == "--batch-tokens") {
-      const std::string v = option_value(args, i, "bench");
-      option_int("bench", a, v);
-      sets.push_back("train.batch_tokens=" + v);
+      sets.push_back("train.batch_tokens=" + std::to_string(next_int_in(args, i, "bench", 1)));
     } else if (a == "--device") {
       sets.push_back("train.device=" + option_value(args, i, "bench"));
     } else if (a == "--fwd-reps") {
