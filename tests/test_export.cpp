@@ -207,6 +207,23 @@ TEST_CASE("muonforge export command line", "[export][cli]") {
   CHECK(run(bin + " export " + r.last_checkpoint + " " + root + "/o --dtype fp8") == 1);
   CHECK(run(bin + " export") == 2);
   CHECK(run(bin + " export --help") == 0);
+  // An existing export is replaced (as save_pretrained does), and says so; one of our checkpoints
+  // or run directories is refused and left as it was.
+  int rc = -1;
+  std::string out =
+      mf::test::run_capture(bin + " export " + r.last_checkpoint + " " + root + "/out", &rc);
+  CHECK(rc == 0);
+  CHECK(out.find("replaced the config.json and model.safetensors already in") != std::string::npos);
+  const auto before = fs::last_write_time(r.last_checkpoint + "/model.safetensors");
+  out = mf::test::run_capture(bin + " export " + r.last_checkpoint + " " + r.last_checkpoint, &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("holds a muonforge checkpoint (state.json)") != std::string::npos);
+  const std::string run_dir = fs::path(r.last_checkpoint).parent_path().string();
+  out = mf::test::run_capture(bin + " export " + r.last_checkpoint + " " + run_dir, &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("is a muonforge run directory") != std::string::npos);
+  CHECK(!fs::exists(run_dir + "/model.safetensors"));
+  CHECK(fs::last_write_time(r.last_checkpoint + "/model.safetensors") == before);
   fs::remove_all(root);
 }
 

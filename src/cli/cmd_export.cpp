@@ -67,11 +67,26 @@ int cmd_export(const Args& args) {
     return 2;
   }
   const std::string ckpt = resolve_checkpoint_dir(pos[0], "export");  // a run dir: its latest
-  MF_CHECK(!fs::exists(pos[1]) || fs::is_directory(pos[1]), "export: OUTDIR ", pos[1],
+  const fs::path out(pos[1]);
+  MF_CHECK(!fs::exists(out) || fs::is_directory(out), "export: OUTDIR ", pos[1],
            " exists and is not a directory");
+  // Like save_pretrained, an existing Hugging Face directory is written over; one of our
+  // checkpoints or run directories is not (its config.json and weights would be replaced).
+  MF_CHECK(!fs::exists(out / "state.json"), "export: OUTDIR ", pos[1], " holds a muonforge "
+           "checkpoint (state.json); exporting there would replace its weights and config: give "
+           "another directory");
+  MF_CHECK(find_latest_checkpoint(pos[1]).empty(), "export: OUTDIR ", pos[1], " is a muonforge "
+           "run directory (it holds ckpt-NNNNNN checkpoints): give another directory");
+  std::vector<std::string> replaced;
+  for (const char* f : {"config.json", "model.safetensors"})
+    if (fs::exists(out / f)) replaced.push_back(f);
   int n = export_checkpoint(ckpt, pos[1], dt);
   std::printf("exported %d tensors from %s to %s (config.json + model.safetensors)\n", n,
               ckpt.c_str(), pos[1].c_str());
+  if (!replaced.empty())
+    std::printf("replaced the %s already in %s\n",
+                replaced.size() == 2 ? "config.json and model.safetensors" : replaced[0].c_str(),
+                pos[1].c_str());
   return 0;
 }
 
