@@ -67,8 +67,6 @@ def main(argv=None):
            "--ids"] + rest
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     seen_bar, word = False, b""
     while True:
@@ -77,6 +75,9 @@ def main(argv=None):
             break
         if not seen_bar:
             seen_bar = c == b"|"  # the prompt's ids come first, then " | "
+            if seen_bar:  # the checkpoint loaded (its header is on stderr): the prompt, then the text
+                out.write(args.prompt)
+                out.flush()
             continue
         if c in b" \n":
             if word:
@@ -85,7 +86,8 @@ def main(argv=None):
                 word = b""
         else:
             word += c
-    out.write(dec.decode(b"", final=True) + "\n")
+    if seen_bar:
+        out.write(dec.decode(b"", final=True) + "\n")
     rc = proc.wait()
     if rc != 0:
         sys.exit(rc)

@@ -407,6 +407,17 @@ TEST_CASE("sampling: logits_row is causal; a trained model continues its languag
                       &rc);
     CHECK(rc == 0);
     CHECK(out == std::string("\003\006\011\014\017\022\025\n"));
+    // The prompt is echoed once the checkpoint has loaded (after stderr's header), and not at all
+    // when the binary fails.
+    const std::string script = "python3 " + std::string(MF_SOURCE_DIR) + "/scripts/sample.py " +
+                               root + "/run --tokenizer byte --prompt \"$(printf '\003')\" " +
+                               "--greedy --binary " + bin;
+    out = run_capture("(" + script + " --tokens 2 2>&1)", &rc);
+    CHECK(rc == 0);
+    CHECK_THAT(out, Catch::StartsWith("sample: ") && Catch::EndsWith("\003\006\011\n"));
+    out = run_capture("(" + script + " --top-k -1 2>/dev/null)", &rc);
+    CHECK(rc != 0);
+    CHECK(out.empty());
   }
   out = run_capture(bin + " sample " + root + "/run --prompt hello", &rc);
   CHECK(rc == 1);
