@@ -107,6 +107,8 @@ struct Grid {
   void (*body)(void*) = nullptr;
   void* body_ctx = nullptr;
   std::vector<unsigned char> dyn;
+  const void* kernel = nullptr;  // the launched kernel (null for a plain run_grid)
+  size_t dyn_bytes = 0;          // the dynamic shared memory the launch asked for
   // Warp collectives: one slot per lane, read after every lane of the warp has written.
   std::vector<uint64_t> slots;
   std::vector<unsigned char> ballot;
@@ -302,11 +304,58 @@ void run_block(const Cfg& cfg) {
 
 }  // namespace
 
+namespace {
+constexpr int kSmemDefault = 48 * 1024;  // dynamic shared memory a kernel may ask for by default
+constexpr int kSmemStatic = 48 * 1024;   // static __shared__ per kernel (ptxas refuses more)
+constexpr int kSmemOptin = 227 * 1024;   // cudaDevAttrMaxSharedMemoryPerBlockOptin (H100/H200)
+std::mutex& smem_mutex() { static std::mutex m; return m; }
+std::map<const void*, int>& smem_limits() { static auto* m = new std::map<const void*, int>; return *m; }
+// Static __shared__ bytes per kernel, summed as its variables register on its first run.
+std::map<const void*, size_t>& static_smem_of() { static auto* m = new std::map<const void*, size_t>; return *m; }
+int max_dynamic_smem(const void* kernel) {
+  std::lock_guard<std::mutex> l(smem_mutex());
+  auto it = smem_limits().find(kernel);
+  return it == smem_limits().end() ? kSmemDefault : it->second;
+}
+size_t static_smem(const void* kernel) {
+  std::lock_guard<std::mutex> l(smem_mutex());
+  auto it = static_smem_of().find(kernel);
+  return it == static_smem_of().end() ? 0 : it->second;
+}
+// A static __shared__ variable of `kernel` registers during its first launch, which asked for
+// `dyn` bytes of dynamic shared memory: the launch fails as the device's would if the static
+// total passes 48 KiB (a ptxas error there), or static + dynamic, or static + the kernel's
+// dynamic-size attribute (cudaFuncSetAttribute would have refused it), passes the opt-in limit.
+void add_static_smem(const void* kernel, size_t bytes, size_t dyn) {
+  size_t total = 0;
+  int attr = -1;
+  {
+    std::lock_guard<std::mutex> l(smem_mutex());
+    total = static_smem_of()[kernel] += bytes;
+    auto it = smem_limits().find(kernel);
+    if (it != smem_limits().end()) attr = it->second;
+  }
+  const char* what = nullptr;
+  size_t with = 0;
+  if (total > size_t(kSmemStatic)) what = "static shared memory alone";
+  else if (total + dyn > size_t(kSmemOptin)) what = "static + the launch's dynamic shared memory", with = dyn;
+  else if (attr >= 0 && total + size_t(attr) > size_t(kSmemOptin))
+    what = "static + the MaxDynamicSharedMemorySize attribute", with = size_t(attr);
+  if (!what) return;
+  if (g_last == cudaSuccess)
+    std::fprintf(stderr, "cuemu: a kernel has %zu bytes of static shared memory; %s (%zu bytes) "
+                 "passes the device's limit (48 KiB static, 227 KiB in all)\n",
+                 total, what, total + with);
+  g_last = cudaErrorInvalidValue;
+}
+}  // namespace
+
 void set_order(const std::string& order) { mode() = parse_order(order); }
 
 bool register_shared(void* p, size_t bytes) {
   static_shared().push_back({static_cast<char*>(p), bytes});
   std::memset(p, 0xFF, bytes);  // registered by the first thread to reach it, before any use
+  if (g && g->kernel) add_static_smem(g->kernel, bytes, g->dyn_bytes);
   return true;
 }
 
@@ -423,20 +472,11 @@ void count_launch(const char* name) {
   count_stat("launch");
 }
 
-namespace {
-constexpr int kSmemDefault = 48 * 1024;    // dynamic shared memory a kernel may ask for by default
-constexpr int kSmemOptin = 227 * 1024;     // cudaDevAttrMaxSharedMemoryPerBlockOptin (H100/H200)
-std::mutex& smem_mutex() { static std::mutex m; return m; }
-std::map<const void*, int>& smem_limits() { static std::map<const void*, int> m; return m; }
-int max_dynamic_smem(const void* kernel) {
-  std::lock_guard<std::mutex> l(smem_mutex());
-  auto it = smem_limits().find(kernel);
-  return it == smem_limits().end() ? kSmemDefault : it->second;
-}
-}  // namespace
-
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || bytes > kSmemOptin) return cudaErrorInvalidValue;
+  // The attribute plus the kernel's static shared memory may not pass the opt-in limit; the
+  // static size is known once the kernel has run here (add_static_smem checks the first run).
+  if (bytes < 0 || size_t(bytes) + static_smem(kernel) > size_t(kSmemOptin))
+    return cudaErrorInvalidValue;
   std::lock_guard<std::mutex> l(smem_mutex());
   smem_limits()[kernel] = bytes;
   return cudaSuccess;
@@ -459,12 +499,22 @@ void run_grid(const Cfg& cfg, void (*body)(void*), void* ctx, const void* kernel
     g_last = cudaErrorInvalidValue;
     return;
   }
+  if (kernel && static_smem(kernel) + cfg.smem > size_t(kSmemOptin)) {
+    if (g_last == cudaSuccess)
+      std::fprintf(stderr, "cuemu: launch with %zu bytes of dynamic shared memory on top of the "
+                   "kernel's %zu static bytes passes the 227 KiB opt-in limit\n",
+                   cfg.smem, static_smem(kernel));
+    g_last = cudaErrorInvalidValue;
+    return;
+  }
   eager_work(cfg.stream);  // the stream's queued collectives come first
   Grid grid;
   Grid* outer = g;
   g = &grid;
   grid.body = body;
   grid.body_ctx = ctx;
+  grid.kernel = kernel;
+  grid.dyn_bytes = cfg.smem;
   grid.dyn.assign(std::max<size_t>(cfg.smem, 16), 0xFF);
   grid.slots.assign(nt, 0);
   grid.ballot.assign(nt, 0);

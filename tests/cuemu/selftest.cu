@@ -188,6 +188,36 @@ cudaError_t dyn_smem(float* out, int bytes, int attribute) {
   dyn_smem_kernel<<<1, 32, size_t(bytes)>>>(out, bytes);
   return cudaGetLastError();
 }
+// 32 KiB of static shared memory beside `bytes` of dynamic: thread 0 writes one float of each.
+__global__ void mixed_smem_kernel(float* out, int bytes) {
+  __shared__ float fixed[8192];
+  extern __shared__ float dyn[];
+  if (threadIdx.x == 0) {
+    fixed[8191] = 1.f;
+    dyn[bytes / 4 - 1] = 2.f;
+    *out = fixed[8191] + dyn[bytes / 4 - 1];
+  }
+}
+cudaError_t mixed_smem(float* out, int bytes, int attribute) {
+  if (attribute >= 0) {
+    const cudaError_t e = cudaFuncSetAttribute(mixed_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attribute);
+    if (e != cudaSuccess) return e;
+  }
+  mixed_smem_kernel<<<1, 32, size_t(bytes)>>>(out, bytes);
+  return cudaGetLastError();
+}
+// 52 KiB of static shared memory: more than a kernel may declare.
+__global__ void big_static_kernel(float* out) {
+  __shared__ float big[13 * 1024];
+  if (threadIdx.x == 0) {
+    big[0] = 1.f;
+    *out = big[0];
+  }
+}
+cudaError_t big_static(float* out) {
+  big_static_kernel<<<1, 32>>>(out);
+  return cudaGetLastError();
+}
 void cp_async_src_write(float* src, float* out, bool before_wait) {
   cp_async_src_write_kernel<<<1, 32>>>(src, out, before_wait);
 }

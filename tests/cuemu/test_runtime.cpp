@@ -25,6 +25,8 @@ void ldmatrix(unsigned* out, int offset);
 void cp_async(const float* src, float* out, int offset);
 void cp_async_src_write(float* src, float* out, bool before_wait);
 cudaError_t dyn_smem(float* out, int bytes, int attribute);  // attribute < 0: not set
+cudaError_t mixed_smem(float* out, int bytes, int attribute);  // 32 KiB static + `bytes` dynamic
+cudaError_t big_static(float* out);                            // 52 KiB static
 void warp_drift(int* counter, int* position, int warps);
 }  // namespace selftest
 
@@ -286,6 +288,23 @@ TEST_CASE("cuemu: over 48 KiB of dynamic shared memory needs the kernel's attrib
   CHECK(selftest::dyn_smem(out.p, 96 * 1024, -1) == cudaErrorInvalidValue);   // above what was set
   CHECK(selftest::dyn_smem(out.p, 96 * 1024, 228 * 1024) == cudaErrorInvalidValue);  // above the opt-in
   CHECK(selftest::dyn_smem(out.p, 227 * 1024, 227 * 1024) == cudaSuccess);
+}
+
+TEST_CASE("cuemu: static and dynamic shared memory together stay within the opt-in limit", "[cuemu]") {
+  // The static size is learnt on the kernel's first run, so the first over-limit launch fails
+  // from inside it, and later attribute calls and launches are refused up front.
+  Dev<float> out(1);
+  CHECK(selftest::mixed_smem(out.p, 200 * 1024, 200 * 1024) == cudaErrorInvalidValue);  // first run
+  CHECK(cudaGetLastError() == cudaSuccess);
+  CHECK(selftest::mixed_smem(out.p, 1024, -1) == cudaSuccess);
+  CHECK(out.get()[0] == 3.f);
+  CHECK(selftest::mixed_smem(out.p, 195 * 1024, 195 * 1024) == cudaSuccess);  // 32 + 195 = 227 KiB
+  CHECK(out.get()[0] == 3.f);
+  CHECK(selftest::mixed_smem(out.p, 196 * 1024, 196 * 1024) == cudaErrorInvalidValue);  // the attribute
+  CHECK(selftest::mixed_smem(out.p, 200 * 1024, -1) == cudaErrorInvalidValue);  // above what was set
+  CHECK(cudaGetLastError() == cudaSuccess);
+  CHECK(selftest::big_static(out.p) == cudaErrorInvalidValue);  // over 48 KiB static
+  CHECK(cudaGetLastError() == cudaSuccess);
 }
 
 namespace {
