@@ -296,6 +296,7 @@ TEST_CASE("cuemu: static and dynamic shared memory together stay within the opt-
   Dev<float> out(1);
   CHECK(selftest::mixed_smem(out.p, 200 * 1024, 200 * 1024) == cudaErrorInvalidValue);  // first run
   CHECK(cudaGetLastError() == cudaSuccess);
+  CHECK(selftest::mixed_smem(out.p, 200 * 1024, -1) == cudaErrorInvalidValue);  // now refused up front
   CHECK(selftest::mixed_smem(out.p, 1024, -1) == cudaSuccess);
   CHECK(out.get()[0] == 3.f);
   CHECK(selftest::mixed_smem(out.p, 195 * 1024, 195 * 1024) == cudaSuccess);  // 32 + 195 = 227 KiB
