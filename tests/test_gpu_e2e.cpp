@@ -289,6 +289,13 @@ TEST_CASE("e2e NCCL: a one-rank communicator on the device, collectives and trai
   Tensor back = host_tensor({n});
   be.download(d, back);
   for (int64_t i = 0; i < n; ++i) REQUIRE(back.f32()[i] == h.f32()[i]);
+  // Host bytes go through the store: one rank gets its own back; a root out of range is named.
+  std::string bytes("config hash \0 with a zero", 26);
+  comm->broadcast_bytes(bytes, 0);
+  CHECK(bytes == std::string("config hash \0 with a zero", 26));
+  CHECK(comm->allgather_bytes(bytes) == std::vector<std::string>{bytes});
+  CHECK_THROWS_WITH(comm->broadcast_bytes(bytes, 1),
+                    Catch::Contains("broadcast root 1 is out of range for 1 ranks"));
   // The asynchronous path (the communication stream, its events, the compute stream's wait):
   // a kernel queued after wait() on the compute stream sees the collective's result.
   {
