@@ -335,6 +335,12 @@ class Launcher:
             w, rc = failed
             self.stop_all(signal.SIGTERM, a.grace_period)
             what = f"exit code {rc}" if rc > 0 else f"signal {signal.Signals(-rc).name}"
+            if self.signal is not None:
+                # Asked to stop while the failed group was going down: no new group (it would
+                # miss the signal and only be SIGKILLed after the grace period).
+                note(f"rank {w.rank} failed ({what}); not restarting: stopped by "
+                     f"{signal.Signals(self.signal).name}")
+                return 128 + self.signal
             if attempt < a.max_restarts:
                 note(f"rank {w.rank} failed ({what}); stopped the others; restarting the group "
                      f"(restart {attempt + 1} of {a.max_restarts})")

@@ -5,6 +5,8 @@
     dist_worker.py fail-once R CODE    rank R exits CODE on the first attempt (MF_RESTART_COUNT=0)
     dist_worker.py fail R CODE         rank R prints 30 numbered lines then exits CODE; others hang
     dist_worker.py signal FILE         print "ready", wait for SIGINT/SIGTERM, append it to FILE.R, exit 0
+    dist_worker.py slow-stop R CODE F  print "attempt A"; rank R exits CODE after 0.5 s on attempt 0; the
+                                       others, on SIGTERM, create F.R and take 5 s to exit
 """
 import os
 import signal
@@ -58,6 +60,21 @@ def main():
         with open(f"{sys.argv[2]}.{rank}", "a") as f:
             f.write(f"{signal.Signals(got[0]).name if got else 'none'}\n")
         print(f"rank {rank} got {signal.Signals(got[0]).name if got else 'nothing'}", flush=True)
+        return 0
+    if mode == "slow-stop":
+        bad, code, marker = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+        print(f"rank {rank} attempt {attempt}", flush=True)
+        if rank == bad and attempt == 0:
+            time.sleep(0.5)
+            return code
+
+        def slow_exit(signum, frame):
+            open(f"{marker}.{rank}", "w").close()
+            time.sleep(5)
+            sys.exit(1)
+
+        signal.signal(signal.SIGTERM, slow_exit)
+        time.sleep(60)
         return 0
     print(f"unknown mode {mode}", file=sys.stderr)
     return 2

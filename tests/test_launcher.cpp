@@ -185,6 +185,26 @@ TEST_CASE("launcher: SIGTERM and SIGINT are forwarded to the workers", "[launche
   }
 }
 
+TEST_CASE("launcher: a signal while a failed group is being stopped ends the job, no restart",
+          "[launcher]") {
+  // Rank 0 fails; rank 1 takes its time to exit after SIGTERM. SIGINT arrives in that window:
+  // the user asked to stop, so no new group may be started (it would only be SIGKILLed after
+  // the grace period, without a checkpoint).
+  std::string dir = temp_dir();
+  std::string cmd = launch("--standalone --nproc-per-node 2 --max-restarts 2 --grace-period 20 --log-dir " + dir,
+                           "slow-stop 0 3 " + dir + "/stopping") +
+                    " & pid=$!; for i in $(seq 300); do [ -e " + dir +
+                    "/stopping.1 ] && break; sleep 0.05; done; kill -INT $pid; wait $pid; "
+                    "echo \"launcher rc=$?\"";
+  Run r = sh(cmd);
+  INFO(r.out);
+  CHECK_THAT(r.out, Contains("launcher rc=130"));
+  CHECK_THAT(r.out, Contains("rank 0 attempt 0"));
+  CHECK(count(r.out, "attempt 1") == 0);
+  CHECK_THAT(r.out, !Contains("restarting the group"));
+  CHECK(r.secs < 15.0);
+}
+
 TEST_CASE("launcher: bad arguments are reported", "[launcher]") {
   Run r = sh("python3 " + kLaunch + " --nproc-per-node 0 true");
   CHECK(r.code == 2);
