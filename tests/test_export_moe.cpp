@@ -351,4 +351,25 @@ TEST_CASE("configs/moe-tiny.json trains 2 steps, exports and is read back", "[ex
   c2.run.dir = root / "again";
   c2.train.init_from = out;
   CHECK(Trainer(c2, quiet()).run().steps_done == 2);
+
+  // `import --config BASE`: the model keys config.json does not carry (how the model is run and
+  // balanced while training) come from BASE, as they do with train.init_from and BASE; they used
+  // to fall back to the defaults (moe-tiny's bias_rate 0.01 became 0.001).
+  const std::string base_path = root / "base.json";
+  std::ofstream(base_path) << json{{"base", cfg_path},
+                                   {"model", {{"recompute", "full"}, {"attention", "flash"},
+                                              {"moe", {{"bias_rate", 0.02},
+                                                       {"capacity_factor", 1.25},
+                                                       {"aux_coef", 0.05}}}}}}.dump();
+  const Config ci = config_for_hf_model(out, base_path, {});
+  CHECK(ci.model.moe.bias_rate == 0.02);
+  CHECK(ci.model.moe.capacity_factor == 1.25);
+  CHECK(ci.model.moe.aux_coef == 0.05);  // balance is bias: aux_loss_alpha (0) says nothing
+  CHECK(ci.model.recompute == "full");
+  CHECK(ci.model.attention == "flash");
+  CHECK(ci.model.moe.balance == "bias");   // from config.json
+  CHECK(ci.model.moe.n_experts == 8);
+  CHECK(config_for_hf_model(out, cfg_path, {}).model.moe.bias_rate == 0.01);  // moe-tiny's
+  CHECK(config_for_hf_model(out, base_path, {"model.moe.bias_rate=0.03"}).model.moe.bias_rate == 0.03);
+  CHECK(config_for_hf_model(out, "", {}).model.moe.bias_rate == MoeConfig{}.bias_rate);
 }

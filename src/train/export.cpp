@@ -103,7 +103,15 @@ Config config_for_hf_model(const std::string& hf_dir, const std::string& base_pa
                            const std::vector<std::string>& overrides) {
   const nlohmann::json hf = read_hf_config(hf_dir);
   Config c = base_path.empty() ? Config{} : load_config(base_path);
+  const ModelConfig base_model = c.model;
   c.model = model_config_from_hf(hf, (fs::path(hf_dir) / "config.json").string());
+  // What config.json does not carry (how the model is run, and MoE balancing hyper-parameters)
+  // stays BASE's, as with train.init_from and BASE, instead of falling back to the defaults.
+  c.model.attention = base_model.attention;
+  c.model.recompute = base_model.recompute;
+  c.model.moe.bias_rate = base_model.moe.bias_rate;
+  c.model.moe.capacity_factor = base_model.moe.capacity_factor;
+  if (c.model.moe.balance != "aux_loss") c.model.moe.aux_coef = base_model.moe.aux_coef;
   c.train.init_from = fs::absolute(hf_dir).lexically_normal().string();
   // A training length past the model's context (the default 1024 on a small model) is lowered to
   // the context, unless the overrides set it.
