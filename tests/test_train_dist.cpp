@@ -222,6 +222,28 @@ TEST_CASE("a killed rank is restarted and the job ends as if uninterrupted", "[d
   CHECK(c.out.find("rank 1") != std::string::npos);
 }
 
+TEST_CASE("a killed rank under --resume CKPT: the restart continues from the job's latest checkpoint",
+          "[dist]") {
+  setup_once();
+  REQUIRE(sh(launch(2, "--set run.name=resume_ref")).rc == 0);
+  // A first sitting to step 2; keep_ckpts 1, so ckpt-000002 is pruned once ckpt-000004 exists.
+  const std::string o = " --set run.name=resume_kill --set train.keep_ckpts=1";
+  REQUIRE(sh(launch(2, o + " --stop-at 2")).rc == 0);
+  // Rank 1 dies after step 5 (checkpoint at 4). The restart used to go back to --resume's
+  // ckpt-000002: gone by then, so the job failed (or, with it kept, the checkpoints since were
+  // moved to superseded-1 and the steps trained again).
+  Result r = sh("MF_FAULT_KILL_AT=5:1 " +
+                launch(2, o + " --resume " + kRoot + "/runs/resume_kill/ckpt-000002", "--max-restarts 1"));
+  INFO(r.out);
+  REQUIRE(r.rc == 0);
+  CHECK(r.out.find("resuming from the latest checkpoint " + kRoot + "/runs/resume_kill/ckpt-000004") !=
+        std::string::npos);
+  CHECK_FALSE(fs::exists(kRoot + "/runs/resume_kill/superseded-1"));
+  CHECK(losses("resume_ref") == losses("resume_kill"));
+  CHECK(bytes(kRoot + "/runs/resume_ref/ckpt-000006/model.safetensors") ==
+        bytes(kRoot + "/runs/resume_kill/ckpt-000006/model.safetensors"));
+}
+
 // Two launchers on this host stand for two nodes (--nnodes 2, one rank each, a fixed port),
 // started in the background; `env` goes before both commands, `args` after the config.
 struct TwoNodes {

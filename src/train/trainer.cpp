@@ -299,7 +299,17 @@ void Trainer::setup() {
 
   // Where the weights come from: a checkpoint of this run, a Hugging Face model, or fresh init.
   std::string ckpt;
-  if (!opts_.resume.empty()) ckpt = resolve_checkpoint_dir(opts_.resume, "train: --resume");
+  if (!opts_.resume.empty() && attempt_ > 0) {
+    // As with --no-resume below: the launcher restarts a failed group with the same arguments,
+    // and --resume CKPT named where the job starts, not where every restart goes back to (its
+    // later checkpoints would be set aside, and CKPT may have been pruned since).
+    ckpt = find_latest_checkpoint(run_dir_);
+    if (!ckpt.empty())
+      spdlog::info("restart {} of the group: resuming from the latest checkpoint {} rather than "
+                   "--resume {}", attempt_, ckpt, opts_.resume);
+  }
+  if (ckpt.empty() && !opts_.resume.empty())
+    ckpt = resolve_checkpoint_dir(opts_.resume, "train: --resume");
   bool fresh = opts_.no_resume;
   if (fresh && attempt_ > 0) {
     // The launcher restarts a failed group with the same arguments: --no-resume meant "start
