@@ -294,6 +294,26 @@ TEST_CASE("a corrupted checkpoint gives a clear error on resume", "[train]") {
   fs::remove_all(root);
 }
 
+TEST_CASE("resuming with another optim.name says so, whatever the tensors", "[train]") {
+  // The checkpoint's state.json records the optimizer; the differing state tensors used to be
+  // found first ("do not hold all of '...momentum_buffer' ...: was it written with another
+  // optim.name?"), so the check that names both optimizers was never reached.
+  const std::string root = temp_dir("optname");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  Config c = tiny_config(root, root + "/run", "adamw");
+  c.train.max_steps = 2;
+  Trainer(c, quiet).run();
+  for (const char* other : {"muon", "shampoo"}) {
+    Config o = tiny_config(root, root + "/run", other);
+    o.train.max_steps = 4;
+    CHECK_THROWS_WITH(Trainer(o, quiet), Catch::Contains("saved with optim.name=adamw") &&
+                                             Catch::Contains(std::string("optim.name=") + other));
+  }
+  fs::remove_all(root);
+}
+
 // ---- sampling (`muonforge sample`, src/train/sample.h) ------------------------------------------
 
 TEST_CASE("pick_token: greedy, top-k and the softmax distribution", "[train][sample]") {

@@ -329,6 +329,16 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
   load_weights((fs::path(ckpt_dir) / "model.safetensors").string(), params, be);
   if (opt) {
     MF_CHECK(st.contains("optimizer"), state_path, ": missing \"optimizer\" state");
+    // Before the tensors: another optimizer's state has other tensors, and the error about a
+    // missing one would only guess at the cause.
+    const nlohmann::json& saved = st["optimizer"];
+    if (saved.is_object() && saved.contains("optimizer") && saved["optimizer"].is_string()) {
+      const std::string was = saved["optimizer"].get<std::string>(),
+                        now = opt->state_json().value("optimizer", std::string());
+      MF_CHECK(was == now, "checkpoint ", ckpt_dir, ": its optimizer state was saved with optim.name=",
+               was, " but this run uses optim.name=", now, " (resume with optim.name=", was,
+               ", or start a new run from its weights: muonforge export, then train.init_from)");
+    }
     const int shards = st.value("optimizer_shards", 0);
     MF_CHECK(shards >= 0, state_path, ": optimizer_shards is ", shards);
     std::vector<std::string> files;
