@@ -180,11 +180,14 @@ __global__ void dyn_smem_kernel(float* out, int bytes) {
     *out = dyn[bytes / 4 - 1];
   }
 }
+// Raises `kernel`'s dynamic shared memory attribute to `attribute` (< 0: leaves it as it is).
+template <typename Kernel>
+cudaError_t smem_attribute(Kernel kernel, int attribute) {
+  if (attribute < 0) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attribute);
+}
 cudaError_t dyn_smem(float* out, int bytes, int attribute) {
-  if (attribute >= 0) {
-    const cudaError_t e = cudaFuncSetAttribute(dyn_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attribute);
-    if (e != cudaSuccess) return e;
-  }
+  if (const cudaError_t e = smem_attribute(dyn_smem_kernel, attribute); e != cudaSuccess) return e;
   dyn_smem_kernel<<<1, 32, size_t(bytes)>>>(out, bytes);
   return cudaGetLastError();
 }
@@ -199,10 +202,7 @@ __global__ void mixed_smem_kernel(float* out, int bytes) {
   }
 }
 cudaError_t mixed_smem(float* out, int bytes, int attribute) {
-  if (attribute >= 0) {
-    const cudaError_t e = cudaFuncSetAttribute(mixed_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attribute);
-    if (e != cudaSuccess) return e;
-  }
+  if (const cudaError_t e = smem_attribute(mixed_smem_kernel, attribute); e != cudaSuccess) return e;
   mixed_smem_kernel<<<1, 32, size_t(bytes)>>>(out, bytes);
   return cudaGetLastError();
 }
