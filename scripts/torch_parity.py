@@ -195,13 +195,20 @@ def param_rules(cfg, name, shape):
     m = cfg["model"]["d_model"] / mup["base_width"] if mup["enabled"] else 1.0
     independent = o["wd_mode"] == "independent"
     if kind_of(name) == "hidden":
-        wd = o["wd"] * (1 / m if mup["enabled"] and independent else 1.0)
+        if o["name"] in MUON_LIKE:
+            lr_mult = 1.0
+        elif o["name"] in ("shampoo", "soap", "asgo"):
+            lr_mult = preconditioned_mup(o, shape, m)
+        else:
+            lr_mult = 1 / m
+        # Under µP the decay per step shrinks as 1/m: independent wd directly, coupled wd
+        # (lr * wd) through the lr where it carries the 1/m (AdamW), else through wd.
+        wd = o["wd"] * ((1 / m if independent else 1 / (m * lr_mult)) if mup["enabled"] else 1.0)
         if o["name"] in MUON_LIKE:
             return dict(opt=o["name"], lr=o["lr"], wd=wd, scale=muon_scale(o["scale"], *shape))
         if o["name"] in ("shampoo", "soap", "asgo"):
-            return dict(opt=o["name"], lr=o["lr"] * preconditioned_mup(o, shape, m), wd=wd,
-                        scale=1.0)
-        return dict(opt="adamw", lr=o["lr"] / m, wd=wd, betas=o["betas"], eps=o["eps"])
+            return dict(opt=o["name"], lr=o["lr"] * lr_mult, wd=wd, scale=1.0)
+        return dict(opt="adamw", lr=o["lr"] * lr_mult, wd=wd, betas=o["betas"], eps=o["eps"])
     a = o["adamw"]
     if kind_of(name) == "bias":  # moved by the balancing rule, never by an optimizer
         return dict(opt="none", lr=0.0, wd=0.0)

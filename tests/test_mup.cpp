@@ -180,7 +180,13 @@ TEST_CASE("µP table at two widths matches the formulas", "[mup]") {
                                p->name.find("down_proj") != std::string::npos;
               const double std = 0.02 / std::sqrt(m) / (out ? std::sqrt(2.0 * 2) : 1.0);
               CHECK(p->init_std == Approx(std));
-              CHECK(p->wd_mult == Approx(wd_mode == "independent" ? 1.0 / m : 1.0));
+              // The decay per step scales as 1/m in both modes: coupled decays lr_eff*wd, so
+              // lr_mult * wd_mult carries the 1/m (AdamW through its lr, Muon through wd_mult).
+              if (wd_mode == "independent")
+                CHECK(p->wd_mult == Approx(1.0 / m));
+              else
+                CHECK(p->lr_mult * p->wd_mult == Approx(1.0 / m));
+              CHECK(p->wd_mult == Approx(wd_mode == "coupled" && opt == "adamw" ? 1.0 : 1.0 / m));
               if (opt == "muon") {
                 CHECK(row.optimizer == "muon");
                 CHECK(p->lr_mult == 1.0);

@@ -96,7 +96,11 @@ MupResult apply_mup(const Config& cfg, const ParamList& params) {
       if (hidden) {
         // AdamW: fan-in rule; matrix optimizers: their own rule (Muon: 1).
         p->lr_mult = on_muon ? matrix_mup_lr_mult(cfg.optim, p->shape, m) : 1.0 / m;
-        if (independent) p->wd_mult = 1.0 / m;
+        // The decay per step scales as 1/m in both modes (Qiu et al.: independent wd x 1/width):
+        // independent decays sched*wd*wd_mult; coupled decays lr*lr_mult*sched*wd*wd_mult, where
+        // AdamW's lr_mult already carries the 1/m (wd_mult 1) and a matrix optimizer's does not
+        // (Muon: wd_mult 1/m).
+        p->wd_mult = independent ? 1.0 / m : 1.0 / (m * p->lr_mult);
         double std = cfg.model.init_std / std::sqrt(m);
         if (is_residual_out_proj(p->name)) std /= std::sqrt(2.0 * cfg.mup.base_depth);
         p->init_std = std;

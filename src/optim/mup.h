@@ -29,9 +29,10 @@
 //          Model scalars: logits x 1/m; attention scale sqrt(base_head_dim)/head_dim (the µP
 //          1/head_dim rule, anchored so that it is 1/sqrt(head_dim) at the base head_dim;
 //          base_head_dim 0 = the model's own head_dim); residual branches x
-//          base_depth/n_layers. Weight decay: with optim.wd_mode = "independent" lambda is
-//          multiplied by 1/m for hidden matrices (the optimizer applies wd_mult); with "coupled"
-//          wd_mult stays 1 because decay = lr_eff * wd already carries AdamW's 1/m.
+//          base_depth/n_layers. Weight decay of hidden matrices shrinks as 1/m per step in
+//          both modes: with optim.wd_mode = "independent" lambda is multiplied by 1/m (the
+//          optimizer applies wd_mult); with "coupled" the decay lr_eff * wd * wd_mult gets
+//          wd_mult = 1/(m * lr_mult): 1 for AdamW (its lr_mult carries the 1/m), 1/m for Muon.
 //          At the base shape (m = 1, depth_mult = 1, head_dim = base_head_dim) µP equals SP.
 #pragma once
 #include <string>
