@@ -15,6 +15,7 @@ struct AdamWParams {
   void* out;  // optional compute copy
   int64_t n;
   float lr, b1, b2, eps, keep, inv_bc1, inv_bc2, grad_scale;
+  bool cautious;  // decay only where p * mhat >= 0
 };
 
 __device__ __forceinline__ float adamw_elem(const AdamWParams& a, float p, float g, float& m,
@@ -23,7 +24,8 @@ __device__ __forceinline__ float adamw_elem(const AdamWParams& a, float p, float
   m = a.b1 * m + (1.f - a.b1) * gi;
   v = a.b2 * v + (1.f - a.b2) * gi * gi;
   const float mhat = m * a.inv_bc1, vhat = v * a.inv_bc2;
-  return p * a.keep - a.lr * mhat / (sqrtf(vhat) + a.eps);
+  const float keep = a.cautious && p * mhat < 0.f ? 1.f : a.keep;
+  return p * keep - a.lr * mhat / (sqrtf(vhat) + a.eps);
 }
 
 template <int VEC, typename TO>
@@ -85,7 +87,7 @@ void op_adamw_update(const Ctx& ctx, Tensor& p, const Tensor& g, Tensor& m, Tens
            " bc2=", args.bc2, " must be positive (step >= 1)");
   AdamWParams a{p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), nullptr,
                 p.numel(), args.lr, args.b1, args.b2, args.eps, 1.f - args.decay,
-                1.f / args.bc1, 1.f / args.bc2, args.grad_scale};
+                1.f / args.bc1, 1.f / args.bc2, args.grad_scale, args.cautious};
   if (weight_out) {
     check_float(op, "weight_out", *weight_out);
     check_numel(op, "weight_out", *weight_out, p.numel(), "one per parameter");

@@ -208,7 +208,8 @@ def param_rules(cfg, name, shape):
             return dict(opt=o["name"], lr=o["lr"], wd=wd, scale=muon_scale(o["scale"], *shape))
         if o["name"] in ("shampoo", "soap", "asgo"):
             return dict(opt=o["name"], lr=o["lr"] * lr_mult, wd=wd, scale=1.0)
-        return dict(opt="adamw", lr=o["lr"] * lr_mult, wd=wd, betas=o["betas"], eps=o["eps"])
+        return dict(opt="adamw", lr=o["lr"] * lr_mult, wd=wd, betas=o["betas"], eps=o["eps"],
+                    cautious=bool(o.get("cautious_wd")))
     a = o["adamw"]
     if kind_of(name) == "bias":  # moved by the balancing rule, never by an optimizer
         return dict(opt="none", lr=0.0, wd=0.0)
@@ -610,7 +611,11 @@ class Optim:
                     m.mul_(b1).add_(g, alpha=1 - b1)
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
                     mhat, vhat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
-                    w.mul_(1 - decay).sub_(lr * mhat / (vhat.sqrt() + eps))
+                    if r.get("cautious"):  # hidden matrices only: where weight and step agree
+                        w.mul_(torch.where(w * mhat >= 0, 1 - decay, 1.0))  # step's sign: mhat's
+                    else:
+                        w.mul_(1 - decay)
+                    w.sub_(lr * mhat / (vhat.sqrt() + eps))
 
 
 # ---- main ----------------------------------------------------------------------------------------

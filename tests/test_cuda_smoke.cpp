@@ -357,20 +357,22 @@ TEST_CASE("cuda: adamw matches a double reference; fused bf16 copy", "[gpu][cuda
   auto be = make_backend("cuda");
   Rng rng(47);
   // Offset 1: every tensor one element into its allocation, the kernel's scalar path.
+  for (const bool cautious : {false, true})
   for (auto [n, off] : {std::pair<int64_t, int64_t>{1, 0}, {7, 0}, {33, 0}, {1027, 0}, {33, 1}, {1027, 1}}) {
-    INFO("n = " << n << ", tensors at element offset " << off);
+    INFO("n = " << n << ", tensors at element offset " << off << (cautious ? ", cautious" : ""));
     const Vec p0 = rand_vec(rng, n, -1, 1, false), g = rand_vec(rng, n, -1, 1, false);
     const Vec m0 = rand_vec(rng, n, -0.1, 0.1, false), v0 = rand_vec(rng, n, 0.0, 0.01, false);
     AdamWArgs a;
     a.lr = 1e-2f; a.b1 = 0.9f; a.b2 = 0.95f; a.eps = 1e-8f; a.decay = 1e-3f;
     a.bc1 = 1.f - std::pow(0.9f, 3.f); a.bc2 = 1.f - std::pow(0.95f, 3.f); a.grad_scale = 0.7f;
+    a.cautious = cautious;  // decay only where p0 and the step agree in sign
     Vec p(n), m(n), v(n);
     for (int64_t i = 0; i < n; ++i) {
       const double gi = g[i] * double(a.grad_scale);
       m[i] = a.b1 * m0[i] + (1 - double(a.b1)) * gi;
       v[i] = a.b2 * v0[i] + (1 - double(a.b2)) * gi * gi;
-      p[i] = p0[i] * (1 - double(a.decay)) -
-             a.lr * (m[i] / a.bc1) / (std::sqrt(v[i] / a.bc2) + double(a.eps));
+      const double u = (m[i] / a.bc1) / (std::sqrt(v[i] / a.bc2) + double(a.eps));
+      p[i] = p0[i] * (cautious && p0[i] * u < 0 ? 1.0 : 1 - double(a.decay)) - a.lr * u;
     }
     Tensor tp = dev_of(*be, {n}, DType::F32, p0, off), tg = dev_of(*be, {n}, DType::F32, g, off);
     Tensor tm = dev_of(*be, {n}, DType::F32, m0, off), tv = dev_of(*be, {n}, DType::F32, v0, off);

@@ -69,15 +69,17 @@ bool bitwise_equal(const Tensor& a, const Tensor& b) {
 
 // ---- float64 references ----------------------------------------------------------------------
 
+// cautious: decay only where the weight and the step u = mhat / (sqrt(vhat) + eps) agree in sign.
 void adamw_ref(Vec& p, const Vec& g, Vec& m, Vec& v, double lr, double b1, double b2, double eps,
-               double decay, int t, double gs) {
+               double decay, int t, double gs, bool cautious = false) {
   const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
   for (size_t i = 0; i < p.size(); ++i) {
     const double gi = g[i] * gs;
-    p[i] *= 1 - decay;
     m[i] = b1 * m[i] + (1 - b1) * gi;
     v[i] = b2 * v[i] + (1 - b2) * gi * gi;
-    p[i] -= lr * (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
+    const double u = (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
+    if (!cautious || p[i] * u >= 0) p[i] *= 1 - decay;
+    p[i] -= lr * u;
   }
 }
 
@@ -182,12 +184,15 @@ const std::vector<Shape> kShapes = {{1, 37}, {37, 1}, {33, 7}, {7, 33}, {64, 256
 TEST_CASE("adamw_update matches a float64 reference over several steps", "[optim]") {
   CpuBackend be;
   Rng rng(11);
+  for (const bool cautious : {false, true})
   for (const Shape& s : kShapes) {
-    INFO("shape " << shape_str(s));
+    INFO("shape " << shape_str(s) << (cautious ? ", cautious decay" : ""));
     Tensor p = rand_tensor(s, rng), m = host_tensor(s), v = host_tensor(s);
     const Tensor p0 = clone(p);
     Vec pr = to_vec(p), mr(pr.size(), 0.0), vr(pr.size(), 0.0);
-    const double lr = 3e-3, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1, gs = 0.7;
+    Vec pp = pr, mp = mr, vp = vr;  // the same steps with a plain decay
+    // A large decay, so that decaying where the signs differ would show past the tolerance.
+    const double lr = 3e-3, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = cautious ? 20.0 : 0.1, gs = 0.7;
     for (int t = 1; t <= 5; ++t) {
       Tensor g = rand_tensor(s, rng, 0.5 * t);
       AdamWArgs a;
@@ -199,9 +204,12 @@ TEST_CASE("adamw_update matches a float64 reference over several steps", "[optim
       a.bc1 = float(1 - std::pow(b1, t));
       a.bc2 = float(1 - std::pow(b2, t));
       a.grad_scale = float(gs);
+      a.cautious = cautious;
       be.adamw_update(p, g, m, v, a);
-      adamw_ref(pr, to_vec(g), mr, vr, lr, b1, b2, eps, lr * wd, t, gs);
+      adamw_ref(pr, to_vec(g), mr, vr, lr, b1, b2, eps, lr * wd, t, gs, cautious);
+      adamw_ref(pp, to_vec(g), mp, vp, lr, b1, b2, eps, lr * wd, t, gs);
     }
+    if (cautious) CHECK(max_rel_err(p, pp) > 1e-3);  // the mask left some weights undecayed
     CHECK(max_rel_err(p, pr) < 1e-6);
     CHECK(max_rel_err(m, mr) < 1e-6);
     CHECK(max_rel_err(v, vr) < 1e-6);

@@ -95,7 +95,7 @@ TEST_CASE("torch_parity.py: a run checked step by step against PyTorch", "[scrip
     mf::write_shard(data + "/" + split + "_000000.bin", toks, 2);
   }
   // µP at width_mult 2 with depth and head-dim multipliers, independent wd, AdamW groups; first
-  // with Muon, then with NorMuon and cautious weight decay.
+  // with Muon, then with NorMuon and cautious weight decay, then the rest below.
   const std::string sets =
       " --set data.train=" + data + "/train_*.bin --set data.val=" + data + "/val_*.bin" +
       " --steps 4 --threads 2 --set train.max_steps=30 --set mup.enabled=true --set mup.base_width=64"
@@ -126,7 +126,12 @@ TEST_CASE("torch_parity.py: a run checked step by step against PyTorch", "[scrip
         " --set optim.asgo.precond_every=2 --set optim.asgo.beta2=1",
         " --set optim.name=freon --set optim.freon.c=0.3 --set optim.freon.eps=1e-4",
         " --set optim.name=kaon --set optim.cautious_wd=true",
-        " --set optim.ns=polar_express --set optim.qk_clip_tau=0.03"}) {
+        " --set optim.ns=polar_express --set optim.qk_clip_tau=0.03",
+        // µP with coupled decay: Muon's wd multiplier carries the 1/width_mult its lr does not.
+        " --set optim.wd_mode=coupled --set optim.wd=2",
+        // AdamW on the hidden matrices with cautious decay (the optim.adamw group decays fully).
+        " --set optim.name=adamw --set optim.lr=3e-3 --set optim.wd=0.5 --set optim.cautious_wd=true"
+        " --set optim.adamw.wd=0.5"}) {
     log = run_capture(py + " " + script + cfg + bin + work + sets + family, &rc);
     INFO(family << "\n" << log);
     CHECK(rc == 0);

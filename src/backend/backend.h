@@ -38,8 +38,11 @@ struct AttnShape {
 // One AdamW step on one tensor. PyTorch semantics: p *= (1 - decay); then
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (m/bc1) / (sqrt(v/bc2) + eps).
 // g is multiplied by grad_scale first (clipping, averaging). bc1 = 1 - b1^t, bc2 = 1 - b2^t.
+// cautious: the decay applies only where the weight and this step's update agree in sign
+// (p * mhat >= 0, the sign of the update since its denominator is positive; arXiv 2510.12402).
 struct AdamWArgs {
   float lr = 0, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, decay = 0, bc1 = 1, bc2 = 1, grad_scale = 1;
+  bool cautious = false;
 };
 
 // Arguments of Backend::sym_func.

@@ -176,6 +176,7 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
       e.b1 = hidden ? ocfg_.betas[0] : ocfg_.adamw.betas[0];
       e.b2 = hidden ? ocfg_.betas[1] : ocfg_.adamw.betas[1];
       e.eps = hidden ? ocfg_.eps : ocfg_.adamw.eps;
+      e.cautious = hidden && ocfg_.cautious_wd;  // optim.* governs the hidden group only
       e.exp_avg = be.empty(p->shape, DType::F32);
       e.exp_avg_sq = be.empty(p->shape, DType::F32);
     }
@@ -282,6 +283,7 @@ void Optimizer::step_adamw(OptEntry& e, double sched, float grad_scale) {
   a.bc1 = float(1.0 - std::pow(e.b1, t));
   a.bc2 = float(1.0 - std::pow(e.b2, t));
   a.grad_scale = grad_scale;
+  a.cautious = e.cautious;
   be_.adamw_update(p.master, p.grad, e.exp_avg, e.exp_avg_sq, a);
 }
 
@@ -412,7 +414,9 @@ std::string Optimizer::describe() const {
   if (ocfg_.name == "kaon")
     os << "kaon: momentum " << ocfg_.momentum << ", steps " << ocfg_.kaon.steps << ", scale "
        << ocfg_.scale << "\n";
-  if (ocfg_.cautious_wd) os << "cautious weight decay on the " << ocfg_.name << " group\n";
+  if (ocfg_.cautious_wd)
+    os << "cautious weight decay on the hidden matrices (" << ocfg_.name
+       << "); the optim.adamw group decays as usual\n";
   for (const OptEntry& e : entries_)
     if (e.pre) {
       os << e.pre->describe() << " (first matrix: " << e.param->name << ")\n";

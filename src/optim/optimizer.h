@@ -57,6 +57,7 @@ struct OptEntry {
   double wd = 0;       // group wd (times wd_mult at update time)
   double wd_mult = 1;
   double b1 = 0.9, b2 = 0.95, eps = 1e-8;  // AdamW
+  bool cautious = false;  // AdamW: cautious decay (hidden matrices under optim.name = adamw)
   double scale = 1;    // Muon s (per [out,in] matrix); 1 for shampoo, soap, asgo
   Tensor exp_avg, exp_avg_sq;  // AdamW state
   Tensor momentum;             // Muon state (also normuon, freon, kaon)

@@ -64,7 +64,8 @@ void CpuBackend::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
     vp[i] = vi;
     const float mhat = mi * inv_bc1;
     const float vhat = vi * inv_bc2;
-    pp[i] = pp[i] * keep - a.lr * mhat / (std::sqrt(vhat) + a.eps);
+    const float k = a.cautious && pp[i] * mhat < 0.0f ? 1.0f : keep;
+    pp[i] = pp[i] * k - a.lr * mhat / (std::sqrt(vhat) + a.eps);
   }
 }
 
