@@ -216,7 +216,8 @@ def param_rules(cfg, name, shape):
     if kind_of(name) == "router":  # AdamW, with the hidden-matrix µP multipliers
         return dict(opt="adamw", lr=a["lr"] / m, wd=a["wd"] * (1 / m if mup["enabled"] and
                     independent else 1.0), betas=a["betas"], eps=a["eps"])
-    return dict(opt="adamw", lr=a["lr"], wd=a["wd"], betas=a["betas"], eps=a["eps"])
+    return dict(opt="adamw", lr=a["lr"], wd=0.0 if kind_of(name) == "norm" else a["wd"],
+                betas=a["betas"], eps=a["eps"])  # norm gains are never decayed
 
 
 def model_scalars(cfg):

@@ -213,6 +213,7 @@ TEST_CASE("µP table at two widths matches the formulas", "[mup]") {
               CHECK(p->lr_mult == 1.0);
               CHECK(p->wd_mult == 1.0);
               CHECK(p->init_std == 0.0);
+              CHECK(row.wd == 0.0);  // norm gains are never decayed
               break;
             default:
               FAIL("unexpected kind");

@@ -459,7 +459,8 @@ struct RefOptimizer {
       const Vec g = to_vec(model.owned[i]->grad);
       const bool hidden = sp.kind == ParamKind::Hidden;
       const double base_lr = hidden ? o.lr : o.adamw.lr;
-      const double wd = hidden ? o.wd : o.adamw.wd;
+      // Norm gains are never decayed (model.norm.weight has wd_mult 1 here, so this is tested).
+      const double wd = sp.kind == ParamKind::Norm ? 0.0 : hidden ? o.wd : o.adamw.wd;
       const double lr = base_lr * sched * sp.lr_mult;
       const double decay =
           (o.wd_mode == "coupled" ? lr : sched) * wd * sp.wd_mult;

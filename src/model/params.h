@@ -18,6 +18,9 @@ enum class ParamKind {
   Bias,       // non-trained buffers updated by rule (e_score_correction_bias)
 };
 const char* param_kind_name(ParamKind k);
+// Whether weight decay applies: not to RMSNorm gains (decay would pull them toward 0, not toward
+// their init of 1; nanoGPT and Megatron-LM exclude them too) nor to Bias buffers.
+inline bool weight_decayed(ParamKind k) { return k != ParamKind::Norm && k != ParamKind::Bias; }
 
 struct Param {
   std::string name;  // Hugging Face name

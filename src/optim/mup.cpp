@@ -129,7 +129,7 @@ MupResult apply_mup(const Config& cfg, const ParamList& params) {
       row.optimizer = "adamw";
       const bool main_group = p->kind == ParamKind::Hidden;  // only when optim.name == adamw
       row.lr = (main_group ? cfg.optim.lr : cfg.optim.adamw.lr) * p->lr_mult;
-      row.wd = (main_group ? cfg.optim.wd : cfg.optim.adamw.wd) * p->wd_mult;
+      row.wd = weight_decayed(p->kind) ? (main_group ? cfg.optim.wd : cfg.optim.adamw.wd) * p->wd_mult : 0.0;
     }
     r.rows.push_back(row);
   }

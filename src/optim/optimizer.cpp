@@ -172,7 +172,7 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
       e.kind = OptKind::AdamW;
       const bool hidden = p->kind == ParamKind::Hidden;  // only when optim.name == adamw
       e.lr = (hidden ? ocfg_.lr : ocfg_.adamw.lr) * p->lr_mult;
-      e.wd = hidden ? ocfg_.wd : ocfg_.adamw.wd;
+      e.wd = !weight_decayed(p->kind) ? 0.0 : hidden ? ocfg_.wd : ocfg_.adamw.wd;
       e.b1 = hidden ? ocfg_.betas[0] : ocfg_.adamw.betas[0];
       e.b2 = hidden ? ocfg_.betas[1] : ocfg_.adamw.betas[1];
       e.eps = hidden ? ocfg_.eps : ocfg_.adamw.eps;
