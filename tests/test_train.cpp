@@ -260,6 +260,48 @@ TEST_CASE("a non-finite loss stops the run and names the step", "[train]") {
   fs::remove_all(root);
 }
 
+TEST_CASE("an update that blows the weights up writes no checkpoint of them", "[train]") {
+  // optim.wd * lr >> 1 (coupled decay: w *= 1 - lr*wd) blows up in the update itself, after the
+  // step's loss check. Such weights were checkpointed (the last one with exit 0 and a NaN val
+  // loss), and then named "the last good checkpoint" when the next step's loss came out NaN, so
+  // resuming from it failed again.
+  const std::string root = temp_dir("wdblow");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  int n = 0;
+  for (double wd : {1e9, 1e30}) {   // finite huge weights; inf weights
+    for (int eval_every : {0, 1}) {
+      INFO("wd " << wd << " eval_every " << eval_every);
+      const std::string run = root + "/run" + std::to_string(n++);
+      Config c = tiny_config(root, run, "muon");
+      c.optim.wd = wd;
+      c.schedule.warmup = 1;
+      c.train.max_steps = 4;
+      c.train.ckpt_every = 1;
+      c.train.eval_every = eval_every;
+      const std::string err = mf::test::error_of([&] { Trainer(c, quiet).run(); });
+      CHECK(err.find("non-finite") != std::string::npos);
+      // The checkpoint called good holds weights that train on (wd off: only they are probed).
+      const std::string tag = "The last good checkpoint is ";
+      auto at = err.find(tag);
+      if (at == std::string::npos) {
+        CHECK(err.find("No good checkpoint was written yet.") != std::string::npos);
+        continue;
+      }
+      std::string good = err.substr(at + tag.size());
+      good = good.substr(0, good.find(". "));
+      Config probe = c;
+      probe.optim.wd = 0;
+      probe.train.max_steps = 5;
+      TrainOptions from = quiet;
+      from.resume = good;
+      CHECK_NOTHROW(Trainer(probe, from).run());
+    }
+  }
+  fs::remove_all(root);
+}
+
 TEST_CASE("a corrupted checkpoint gives a clear error on resume", "[train]") {
   const std::string root = temp_dir("corrupt");
   write_data(root);

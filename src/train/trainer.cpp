@@ -68,6 +68,29 @@ std::string fmt_duration(double s) {
   return buf;
 }
 
+// Where to go back to after a blow-up: "The last good checkpoint is DIR." naming the newest
+// checkpoint of run_dir below step `before` (the weights after `before` steps are the ones that
+// just gave a non-finite value, so a checkpoint of them is not good), or says there is none.
+std::string last_good_checkpoint(const std::string& run_dir, int before) {
+  std::string best;
+  int best_step = -1;
+  std::error_code ec;
+  for (auto& e : fs::directory_iterator(run_dir, ec)) {
+    const std::string name = e.path().filename().string();
+    int n = -1;
+    if (name.rfind("ckpt-", 0) != 0 || std::sscanf(name.c_str() + 5, "%d", &n) != 1) continue;
+    if (name != checkpoint_dir_name(n) || n >= before || n <= best_step) continue;
+    if (!fs::exists(e.path() / "model.safetensors", ec)) continue;
+    best = e.path().string(), best_step = n;
+  }
+  std::string out = best.empty() ? std::string("No good checkpoint was written yet.")
+                                 : "The last good checkpoint is " + best + ".";
+  if (fs::exists(fs::path(run_dir) / checkpoint_dir_name(before), ec))
+    out += " (" + checkpoint_dir_name(before) + " holds the weights that gave it: resuming from "
+           "it fails the same way.)";
+  return out;
+}
+
 std::string fmt_rate(double r) {
   char buf[32];
   if (r >= 1e6)
@@ -611,15 +634,27 @@ void Trainer::qk_clip_step(int* clipped) {
 }
 
 void Trainer::check_weights_agree(int done) {
-  if (world_ == 1) return;
   // A fingerprint per parameter (its sum of squares: a fixed-order reduction, so identical
-  // weights give identical bits on every rank), compared across ranks.
+  // weights give identical bits on every rank), compared across ranks. It is also the check that
+  // the step's update left the weights finite: the loss check before the update cannot see a
+  // blow-up in the update itself (optim.wd * lr > 2, say), and a checkpoint of NaN weights would
+  // be offered as "the last good checkpoint" and fail again on every resume.
   const ParamList& params = model_->params();
   std::vector<const Tensor*> masters;
   for (const Param* p : params) masters.push_back(&p->master);
+  const std::vector<double> sums = be_->sum_squares_each(masters);
+  for (size_t i = 0; i < params.size(); ++i)
+    if (!std::isfinite(sums[i])) {
+      if (done == 0)
+        MF_FAIL("the initial weights are non-finite (first: ", params[i]->name,
+                "); check model.init_std");
+      MF_FAIL("step ", done, ": the update left non-finite weights (first: ", params[i]->name,
+              "); not writing a checkpoint. ", last_good_checkpoint(run_dir_, done),
+              " Try a lower optim.lr / optim.adamw.lr / optim.wd or a longer schedule.warmup.");
+    }
+  if (world_ == 1) return;
   std::string mine;
-  for (double s : be_->sum_squares_each(masters))
-    mine.append(reinterpret_cast<const char*>(&s), sizeof(s));
+  for (double s : sums) mine.append(reinterpret_cast<const char*>(&s), sizeof(s));
   const std::vector<std::string> all = comm_->allgather_bytes(mine);
   for (int r = 1; r < world_; ++r) {
     if (all[size_t(r)] == all[0]) continue;
@@ -709,11 +744,9 @@ TrainResult Trainer::run() {
     double loss = mean_over_ranks(model_->take_loss());
     const double gnorm = grad_norm();
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
-      std::string last = find_latest_checkpoint(run_dir_);
       MF_FAIL("step ", step + 1, ": non-finite ", (!std::isfinite(loss) ? "loss" : "gradient norm"),
               " (loss ", loss, ", grad norm ", gnorm, "); stopping before the update. ",
-              last.empty() ? std::string("No checkpoint was written yet.")
-                           : "The last good checkpoint is " + last + ".",
+              last_good_checkpoint(run_dir_, step),
               " Try a lower optim.lr / optim.adamw.lr or a longer schedule.warmup.");
     }
     const double clip = clip_factor(gnorm, cfg_.optim.grad_clip);
@@ -767,6 +800,10 @@ TrainResult Trainer::run() {
     if (diag_step) append_metrics(diag_->after_step(*model_, *be_, done));
     if (val_loader_ && (done % cfg_.train.eval_every == 0 || last)) {
       const double vl = evaluate();
+      // Before the checkpoint below: weights that give a non-finite loss are not worth keeping.
+      MF_CHECK(std::isfinite(vl), "step ", done, ": non-finite validation loss (", vl,
+               "); not writing a checkpoint. ", last_good_checkpoint(run_dir_, done),
+               " Try a lower optim.lr / optim.adamw.lr / optim.wd or a longer schedule.warmup.");
       res.final_val_loss = vl;
       append_metrics({{"step", done}, {"val_loss", vl}});
       if (!opts_.quiet) spdlog::info("step {} | val loss {:.4f}", done, vl);

@@ -62,8 +62,9 @@ class Trainer {
   double grad_norm();                   // global, over ranks' shards where ZeRO-1 splits them
   void gather_params();                 // after the update: every rank gets every new weight
   void qk_clip_step(int* clipped);
-  // Data parallel: throws, naming the first differing parameter, unless every rank holds the same
-  // master weights (checked before each checkpoint; cheap: one reduction per parameter).
+  // Before each checkpoint: throws, naming the first such parameter, if a weight is non-finite
+  // or (data parallel) unless every rank holds the same master weights. Cheap: one reduction
+  // per parameter.
   void check_weights_agree(int done);
   std::string config_changes(const std::string& ckpt) const;  // vs the checkpoint's config.json
   void lock_run_dir();  // rank 0: run_dir/.lock, or an error naming the process holding it
