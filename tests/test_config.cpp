@@ -291,6 +291,10 @@ TEST_CASE("--set overrides", "[config]") {
   CHECK(c.train.seed == 99);
   CHECK(c.optim.name == "adamw");
   CHECK_THAT(c.key_source.at("optim.lr"), Contains("over.json (--set optim.lr=3e-3)"));
+  // Whole numbers written with an exponent are integers as long as the field holds them.
+  mf::Config e = mf::load_config(f, {"train.seed=1e19", "train.batch_tokens=2048e3"});
+  CHECK(e.train.seed == 10000000000000000000ULL);
+  CHECK(e.train.batch_tokens == 2048000);
 
   // Later overrides win; an object at a section path merges into it.
   mf::Config d = mf::load_config(f, {"optim.lr=1", "optim.lr=0.5",
@@ -349,6 +353,12 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
       {R"({"run": {"name": 5}})", "run.name", "expected string, got integer 5"},
       {R"({"train": {"init_from": 5}})", "train.init_from", "expected string or null"},
       {R"({"train": {"seed": -3}})", "train.seed", "expected non-negative integer"},
+      // a whole number too large for the field is out of range, not "expected integer, got integer"
+      {R"({"train": {"batch_tokens": 9223372036854775808}})", "train.batch_tokens",
+       "integer out of range: 9223372036854775808"},
+      {R"({"model": {"d_model": 1e300}})", "model.d_model", "integer out of range: 1e+300"},
+      {R"({"train": {"seed": 18446744073709551616}})", "train.seed", "integer out of range"},
+      {R"({"train": {"seed": -1e30}})", "train.seed", "expected non-negative integer"},
       {R"({"optim": {"betas": [0.9, "x"]}})", "optim.betas", "expected array of 2 numbers"},
       {R"({"model": {"moe": 4}})", "model.moe", "expected object, got integer 4"},
       {R"({"train": {"world_size": 2}})", "train.world_size", "WORLD_SIZE environment variable"},

@@ -280,7 +280,10 @@ bool as_integer(const json& v, long long& out) {
   }
   if (v.is_number_float()) {  // 5e5 or 768.0 are integers written as floats
     double d = v.get<double>();
-    if (!std::isfinite(d) || d != std::floor(d) || std::fabs(d) > 9007199254740992.0) return false;
+    // Every whole double is an exact integer; [-2^63, 2^63) is what long long holds.
+    if (!std::isfinite(d) || d != std::floor(d) || d < -9223372036854775808.0 ||
+        d >= 9223372036854775808.0)
+      return false;
     out = (long long)d;
     return true;
   }
@@ -291,17 +294,25 @@ void assign(const Field& f, const json& v, const std::string& where) {
   auto bad = [&](const char* expected) {
     fail(where, f.path, std::string("expected ") + expected + ", got " + describe(v));
   };
+  // A whole number too large for the field (2^63, 1e300) is out of range, not of the wrong type.
+  auto bad_int = [&](const char* expected) {
+    const double d = v.is_number_float() ? v.get<double>() : 0;
+    const bool whole = v.is_number_unsigned() || (v.is_number_float() && std::isfinite(d) &&
+                                                  d == std::floor(d) && !(d < 0 && f.kind == Kind::UInt64));
+    if (whole) fail(where, f.path, "integer out of range: " + v.dump());
+    bad(expected);
+  };
   switch (f.kind) {
     case Kind::Int: {
       long long x;
-      if (!as_integer(v, x)) bad("integer");
+      if (!as_integer(v, x)) bad_int("integer");
       if (x < INT_MIN || x > INT_MAX) fail(where, f.path, "integer out of range: " + v.dump());
       *static_cast<int*>(f.ptr) = (int)x;
       break;
     }
     case Kind::Int64: {
       long long x;
-      if (!as_integer(v, x)) bad("integer");
+      if (!as_integer(v, x)) bad_int("integer");
       *static_cast<long long*>(f.ptr) = x;
       break;
     }
@@ -310,8 +321,14 @@ void assign(const Field& f, const json& v, const std::string& where) {
         *static_cast<unsigned long long*>(f.ptr) = v.get<unsigned long long>();
         break;
       }
+      if (v.is_number_float() && v.get<double>() >= 9223372036854775808.0 &&
+          v.get<double>() < 18446744073709551616.0 && v.get<double>() == std::floor(v.get<double>())) {
+        *static_cast<unsigned long long*>(f.ptr) = (unsigned long long)v.get<double>();
+        break;
+      }
       long long x;
-      if (!as_integer(v, x) || x < 0) bad("non-negative integer");
+      if (!as_integer(v, x)) bad_int("non-negative integer");
+      if (x < 0) bad("non-negative integer");
       *static_cast<unsigned long long*>(f.ptr) = (unsigned long long)x;
       break;
     }
