@@ -424,6 +424,14 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
       {R"({"train": {"batch_tokens": 3000}})", "train.batch_tokens",
        "3000 is not a multiple of micro_batch * seq_len * world_size = 8 * 128 * 1 = 1024; use e.g. 2048 or 3072"},
       {R"({"train": {"batch_tokens": 512}})", "train.batch_tokens", "use e.g. 1024"},
+      // grad_accum is an int: 2^31 micro-batches and more per step used to run as 0 or negative
+      // ("take_loss: no micro-batch since the last take_loss")
+      {R"({"train": {"batch_tokens": 2199023255552}})", "train.batch_tokens",
+       "2199023255552 is 2147483648 micro-batches of micro_batch * seq_len * world_size = 1024 "
+       "tokens per step, more than 2147483647"},
+      {R"({"train": {"batch_tokens": 9223372036854775807}})", "train.batch_tokens",
+       "use e.g. 9223372036854774784 (or"},  // no overflowing "or -9223372036854775808"
+
       {R"({"train": {"seq_len": 256}})", "train.seq_len", "256 exceeds model.max_seq_len = 128"},
       {R"({"schedule": {"warmup": 301}})", "schedule.warmup", "301 exceeds train.max_steps = 300"},
   };
@@ -439,6 +447,13 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
   }
   // The unpatched config is valid (so each case fails for its own reason).
   CHECK_NOTHROW(mf::load_config(t.write("ok.json", small().dump())));
+  // micro_batch * seq_len * world_size past 2^63 (it used to wrap around).
+  CHECK_THROWS_WITH(
+      mf::load_config(t.write("ok2.json", small().dump()),
+                      {"model.max_seq_len=2147483647", "train.seq_len=2147483647",
+                       "train.micro_batch=2147483647", "train.world_size=3"}),
+      Contains("train.batch_tokens: 2048 is not a multiple of micro_batch * seq_len * world_size = "
+               "2147483647 * 2147483647 * 3 = more than 2^63; use e.g. a smaller micro_batch or seq_len"));
 }
 
 TEST_CASE("file-level errors: unreadable, invalid JSON, not an object", "[config]") {

@@ -741,15 +741,31 @@ void validate_config(const Config& c) {
   if (e.first_dense > m.n_layers)
     k.fail_cross("model.moe.first_dense", {"model.n_layers"}, std::to_string(e.first_dense) + " exceeds model.n_layers = " +
                                         std::to_string(m.n_layers));
-  long long unit = (long long)t.micro_batch * t.seq_len * t.world_size;
-  if (t.batch_tokens % unit) {
-    long long lo = t.batch_tokens / unit * unit, hi = lo + unit;
-    std::string suggest = lo > 0 ? std::to_string(lo) + " or " + std::to_string(hi) : std::to_string(hi);
+  // micro_batch * seq_len * world_size can pass 2^63 (three ints): then it exceeds any batch_tokens.
+  long long unit = LLONG_MAX;
+  const bool unit_fits =
+      !__builtin_mul_overflow((long long)t.micro_batch, (long long)t.seq_len, &unit) &&
+      !__builtin_mul_overflow(unit, (long long)t.world_size, &unit);
+  if (!unit_fits) unit = LLONG_MAX;
+  if (!unit_fits || t.batch_tokens % unit) {
+    long long lo = t.batch_tokens / unit * unit, hi = 0;
+    const bool hi_fits = unit_fits && !__builtin_add_overflow(lo, unit, &hi);
+    std::string suggest = lo > 0 && hi_fits ? std::to_string(lo) + " or " + std::to_string(hi)
+                          : lo > 0          ? std::to_string(lo)
+                          : hi_fits         ? std::to_string(hi)
+                                            : "a smaller micro_batch or seq_len";
     k.fail_cross("train.batch_tokens", {"train.micro_batch", "train.seq_len", "train.world_size"},
            std::to_string(t.batch_tokens) + " is not a multiple of micro_batch * seq_len * world_size = " +
                std::to_string(t.micro_batch) + " * " + std::to_string(t.seq_len) + " * " +
-               std::to_string(t.world_size) + " = " + std::to_string(unit) + "; use e.g. " + suggest + " (or change micro_batch or seq_len)");
+               std::to_string(t.world_size) + " = " + (unit_fits ? std::to_string(unit) : std::string("more than 2^63")) +
+               "; use e.g. " + suggest + " (or change micro_batch or seq_len)");
   }
+  // The trainer counts micro-batches per step in an int.
+  if (t.batch_tokens / unit > INT_MAX)
+    k.fail_cross("train.batch_tokens", {"train.micro_batch", "train.seq_len", "train.world_size"},
+                 std::to_string(t.batch_tokens) + " is " + std::to_string(t.batch_tokens / unit) +
+                     " micro-batches of micro_batch * seq_len * world_size = " + std::to_string(unit) +
+                     " tokens per step, more than " + std::to_string(INT_MAX));
   if (t.seq_len > m.max_seq_len)
     k.fail_cross("train.seq_len", {"model.max_seq_len"}, std::to_string(t.seq_len) + " exceeds model.max_seq_len = " +
                                 std::to_string(m.max_seq_len));
