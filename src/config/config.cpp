@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cfloat>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -557,6 +558,14 @@ class Check {
   void positive(const std::string& path, double v) const {
     if (!(v > 0)) fail(path, "must be > 0, got " + num(v));
   }
+  // > 0 and still > 0 where it is used: the kernels run in fp32, which rounds values below its
+  // smallest normal number toward 0 (adamw.eps=1e-46 became 0: m / (sqrt(v) + 0) = 0/0 = NaN).
+  void positive_fp32(const std::string& path, double v) const {
+    positive(path, v);
+    if (v < FLT_MIN)
+      fail(path, "must be >= 1.2e-38 (the smallest normal fp32 number; the CPU and CUDA kernels "
+                 "compute in fp32), got " + num(v));
+  }
   void non_negative(const std::string& path, double v) const {
     if (!(v >= 0)) fail(path, "must be >= 0, got " + num(v));
   }
@@ -627,8 +636,8 @@ void validate_config(const Config& c) {
   k.positive("model.n_kv_heads", m.n_kv_heads);
   k.positive("model.d_ff", m.d_ff);
   k.positive("model.max_seq_len", m.max_seq_len);
-  k.positive("model.rope_theta", m.rope_theta);
-  k.positive("model.norm_eps", m.norm_eps);
+  k.positive_fp32("model.rope_theta", m.rope_theta);
+  k.positive_fp32("model.norm_eps", m.norm_eps);
   k.positive("model.init_std", m.init_std);
   k.one_of("model.attention", m.attention, {"flash", "cudnn", "auto"});
   k.one_of("model.recompute", m.recompute, {"none", "mlp", "full"});
@@ -657,10 +666,10 @@ void validate_config(const Config& c) {
   k.positive("optim.ns_steps", o.ns_steps);
   k.one_of("optim.scale", o.scale, {"shape", "rms", "spectral"});
   k.betas("optim.betas", o.betas);
-  k.positive("optim.eps", o.eps);
+  k.positive_fp32("optim.eps", o.eps);
   k.positive("optim.adamw.lr", o.adamw.lr);
   k.betas("optim.adamw.betas", o.adamw.betas);
-  k.positive("optim.adamw.eps", o.adamw.eps);
+  k.positive_fp32("optim.adamw.eps", o.adamw.eps);
   k.non_negative("optim.adamw.wd", o.adamw.wd);
   k.non_negative("optim.grad_clip", o.grad_clip);
   k.non_negative("optim.qk_clip_tau", o.qk_clip_tau);
@@ -676,18 +685,18 @@ void validate_config(const Config& c) {
   k.unit_open("optim.shampoo.beta1", o.shampoo.beta1);
   k.unit_open("optim.shampoo.beta2", o.shampoo.beta2);
   k.one_of("optim.shampoo.graft", o.shampoo.graft, {"adam", "none"});
-  k.positive("optim.shampoo.graft_eps", o.shampoo.graft_eps);
+  k.positive_fp32("optim.shampoo.graft_eps", o.shampoo.graft_eps);
   k.non_negative("optim.soap.block_size", o.soap.block_size);
   k.positive("optim.soap.precond_every", o.soap.precond_every);
   k.unit_open("optim.soap.beta1", o.soap.beta1);
   k.unit_open("optim.soap.beta2", o.soap.beta2);
-  k.positive("optim.soap.eps", o.soap.eps);
+  k.positive_fp32("optim.soap.eps", o.soap.eps);
   k.non_negative("optim.asgo.block_size", o.asgo.block_size);
   k.positive("optim.asgo.precond_every", o.asgo.precond_every);
   k.unit_open("optim.asgo.beta1", o.asgo.beta1);
   if (!(o.asgo.beta2 > 0 && o.asgo.beta2 <= 1))
     k.fail("optim.asgo.beta2", "must be in (0, 1] (1: accumulate V = V + G G^T), got " + num(o.asgo.beta2));
-  k.positive("optim.asgo.eps", o.asgo.eps);
+  k.positive_fp32("optim.asgo.eps", o.asgo.eps);
   if (!(o.freon.c >= 0 && o.freon.c < 1))
     k.fail("optim.freon.c", "must be in [0, 1) (0: SGD, 0.5: Muon; the Schatten index q = 2 - 2c must be > 0), got " + num(o.freon.c));
   k.non_negative("optim.freon.eps", o.freon.eps);
