@@ -751,6 +751,31 @@ void validate_config(const Config& c) {
     k.fail_cross("model.moe.first_dense", {"model.n_layers"}, std::to_string(e.first_dense) + " exceeds model.n_layers = " +
                                         std::to_string(m.n_layers));
   // micro_batch * seq_len * world_size can pass 2^63 (three ints): then it exceeds any batch_tokens.
+  // The parameter count, in double (the shapes are ints; their products can pass 2^63, where the
+  // gradient arena's int64 offsets wrapped: d_model=1e9 failed with "internal: parameter
+  // model.embed_tokens.weight in no gradient group").
+  {
+    const double d = m.d_model, kv = double(m.n_kv_heads) * (m.d_model / m.n_heads);
+    const double attn = 2 * d * d + 2 * d * kv + 2 * d;
+    const double dense = attn + 3 * d * m.d_ff;
+    const double moe = attn + (double(e.n_experts) + e.n_shared) * 3 * d * e.d_expert + d * e.n_experts;
+    const double n_moe = e.n_experts > 0 ? double(m.n_layers) - e.first_dense : 0;
+    const double total = (double(m.n_layers) - n_moe) * dense + n_moe * moe +
+                         double(m.vocab_size) * d * (m.tie_embeddings ? 1 : 2) + d;
+    if (total > 9007199254740992.0)  // 2^53: 32 PiB of fp32 weights
+      k.fail_cross("model.d_model",
+                   {"model.vocab_size", "model.n_layers", "model.d_ff", "model.n_heads",
+                    "model.n_kv_heads", "model.moe.n_experts", "model.moe.n_shared",
+                    "model.moe.d_expert", "model.moe.first_dense"},
+                   "the model would have " + num(total) + " parameters (d_model " +
+                       std::to_string(m.d_model) + ", n_layers " + std::to_string(m.n_layers) +
+                       ", d_ff " + std::to_string(m.d_ff) + ", vocab_size " +
+                       std::to_string(m.vocab_size) +
+                       (e.n_experts > 0 ? ", moe.n_experts " + std::to_string(e.n_experts) +
+                                              ", moe.d_expert " + std::to_string(e.d_expert)
+                                        : std::string()) +
+                       "), more than 2^53");
+  }
   long long unit = LLONG_MAX;
   const bool unit_fits =
       !__builtin_mul_overflow((long long)t.micro_batch, (long long)t.seq_len, &unit) &&
