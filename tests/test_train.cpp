@@ -302,6 +302,19 @@ TEST_CASE("an update that blows the weights up writes no checkpoint of them", "[
   fs::remove_all(root);
 }
 
+TEST_CASE("a run directory that cannot be created is a run.dir error", "[train]") {
+  // It was a bare "filesystem error: cannot create directories: Not a directory [/dev/null/x]".
+  const std::string root = temp_dir("baddir");
+  write_data(root);
+  std::ofstream(root + "/file") << "x";
+  Config c = tiny_config(root, root + "/file/run", "muon");
+  TrainOptions quiet;
+  quiet.quiet = true;
+  const std::string err = mf::test::error_of([&] { Trainer(c, quiet).run(); });
+  CHECK(err.find("run.dir: cannot create the run directory " + root + "/file/run: ") != std::string::npos);
+  fs::remove_all(root);
+}
+
 TEST_CASE("a corrupted checkpoint gives a clear error on resume", "[train]") {
   const std::string root = temp_dir("corrupt");
   write_data(root);

@@ -255,7 +255,9 @@ void Trainer::setup() {
   if (env.distributed()) setup_logging(rank_);
   run_dir_ = cfg_.run_dir();
   if (rank_ == 0) {
-    fs::create_directories(run_dir_);
+    std::error_code ec;
+    fs::create_directories(run_dir_, ec);
+    MF_CHECK(!ec, "run.dir: cannot create the run directory ", run_dir_, ": ", ec.message());
     lock_run_dir();
     add_log_file((fs::path(run_dir_) / "log.txt").string());
     // Half-written checkpoints of a crashed run are never renamed into place; clear them away.
