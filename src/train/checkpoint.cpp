@@ -24,9 +24,6 @@ std::string checkpoint_dir_name(int step) {
   return buf;
 }
 
-namespace {
-
-// Steps of the complete checkpoints in run_dir, ascending.
 std::vector<int> list_checkpoints(const std::string& run_dir) {
   std::vector<int> steps;
   std::error_code ec;
@@ -40,6 +37,8 @@ std::vector<int> list_checkpoints(const std::string& run_dir) {
   std::sort(steps.begin(), steps.end());
   return steps;
 }
+
+namespace {
 
 void write_json(const std::string& path, const nlohmann::json& j) {
   atomic_write_text(path, j.dump(1) + "\n");

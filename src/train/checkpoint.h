@@ -26,6 +26,8 @@ class Optimizer;
 class Communicator;
 
 std::string checkpoint_dir_name(int step);  // "ckpt-000123"
+// Steps of the complete checkpoints (ckpt-NNNNNN with a state.json) in run_dir, ascending.
+std::vector<int> list_checkpoints(const std::string& run_dir);
 
 // Writes a checkpoint for `step` (the number of completed steps) and keeps the newest `keep`.
 // Collective over `comm`: rank 0 writes the model, state and config; the optimizer state is

@@ -73,18 +73,11 @@ std::string fmt_duration(double s) {
 // just gave a non-finite value, so a checkpoint of them is not good), or says there is none.
 std::string last_good_checkpoint(const std::string& run_dir, int before) {
   std::string best;
-  int best_step = -1;
-  std::error_code ec;
-  for (auto& e : fs::directory_iterator(run_dir, ec)) {
-    const std::string name = e.path().filename().string();
-    int n = -1;
-    if (name.rfind("ckpt-", 0) != 0 || std::sscanf(name.c_str() + 5, "%d", &n) != 1) continue;
-    if (name != checkpoint_dir_name(n) || n >= before || n <= best_step) continue;
-    if (!fs::exists(e.path() / "model.safetensors", ec)) continue;
-    best = e.path().string(), best_step = n;
-  }
+  for (int n : list_checkpoints(run_dir))
+    if (n < before) best = (fs::path(run_dir) / checkpoint_dir_name(n)).string();
   std::string out = best.empty() ? std::string("No good checkpoint was written yet.")
                                  : "The last good checkpoint is " + best + ".";
+  std::error_code ec;
   if (fs::exists(fs::path(run_dir) / checkpoint_dir_name(before), ec))
     out += " (" + checkpoint_dir_name(before) + " holds the weights that gave it: resuming from "
            "it fails the same way.)";
