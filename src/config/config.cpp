@@ -750,7 +750,6 @@ void validate_config(const Config& c) {
   if (e.first_dense > m.n_layers)
     k.fail_cross("model.moe.first_dense", {"model.n_layers"}, std::to_string(e.first_dense) + " exceeds model.n_layers = " +
                                         std::to_string(m.n_layers));
-  // micro_batch * seq_len * world_size can pass 2^63 (three ints): then it exceeds any batch_tokens.
   // The parameter count, in double (the shapes are ints; their products can pass 2^63, where the
   // gradient arena's int64 offsets wrapped: d_model=1e9 failed with "internal: parameter
   // model.embed_tokens.weight in no gradient group").
@@ -776,6 +775,7 @@ void validate_config(const Config& c) {
                                         : std::string()) +
                        "), more than 2^53");
   }
+  // micro_batch * seq_len * world_size can pass 2^63 (three ints): then it exceeds any batch_tokens.
   long long unit = LLONG_MAX;
   const bool unit_fits =
       !__builtin_mul_overflow((long long)t.micro_batch, (long long)t.seq_len, &unit) &&
