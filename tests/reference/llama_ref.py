@@ -106,8 +106,12 @@ def train(w0, batches, opt):
     hidden = [w[n] for n in w if kinds[n] == "hidden"]
     other = [w[n] for n in w if kinds[n] != "hidden"]
     if opt == "adamw":
-        o = torch.optim.AdamW(list(w.values()), lr=ADAMW["lr"], betas=ADAMW["betas"],
-                              eps=ADAMW["eps"], weight_decay=ADAMW["wd"])
+        # RMSNorm gains are not decayed (muonforge, like nanoGPT and Megatron-LM).
+        decayed = [w[n] for n in w if kinds[n] != "norm"]
+        norms = [w[n] for n in w if kinds[n] == "norm"]
+        o = torch.optim.AdamW([{"params": decayed}, {"params": norms, "weight_decay": 0.0}],
+                              lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"],
+                              weight_decay=ADAMW["wd"])
     else:
         o = torch.optim.AdamW(other, lr=MUON_ADAMW["lr"], betas=MUON_ADAMW["betas"],
                               eps=MUON_ADAMW["eps"], weight_decay=MUON_ADAMW["wd"])
