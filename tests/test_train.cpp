@@ -302,6 +302,20 @@ TEST_CASE("an update that blows the weights up writes no checkpoint of them", "[
   fs::remove_all(root);
 }
 
+TEST_CASE("a non-finite loss before any update blames the initial weights, not the lr", "[train]") {
+  const std::string root = temp_dir("initblow");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  Config c = tiny_config(root, root + "/run", "muon");
+  c.model.init_std = 1e30;  // finite in fp32; the logits overflow
+  const std::string err = mf::test::error_of([&] { Trainer(c, quiet).run(); });
+  CHECK(err.find("step 1: non-finite") != std::string::npos);
+  CHECK(err.find("the learning rate is not the cause: check model.init_std") != std::string::npos);
+  CHECK(err.find("Try a lower optim.lr") == std::string::npos);
+  fs::remove_all(root);
+}
+
 TEST_CASE("a run directory that cannot be created is a run.dir error", "[train]") {
   // It was a bare "filesystem error: cannot create directories: Not a directory [/dev/null/x]".
   const std::string root = temp_dir("baddir");

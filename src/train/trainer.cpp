@@ -739,10 +739,14 @@ TrainResult Trainer::run() {
     double loss = mean_over_ranks(model_->take_loss());
     const double gnorm = grad_norm();
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
+      // At step 0 no update has run: the initial weights (or the data) are at fault, not the lr.
       MF_FAIL("step ", step + 1, ": non-finite ", (!std::isfinite(loss) ? "loss" : "gradient norm"),
               " (loss ", loss, ", grad norm ", gnorm, "); stopping before the update. ",
               last_good_checkpoint(run_dir_, step),
-              " Try a lower optim.lr / optim.adamw.lr or a longer schedule.warmup.");
+              step == 0 ? " No update has run yet, so the learning rate is not the cause: check "
+                          "model.init_std, model.moe.route_scale and, if set, the weights of "
+                          "train.init_from."
+                        : " Try a lower optim.lr / optim.adamw.lr or a longer schedule.warmup.");
     }
     const double clip = clip_factor(gnorm, cfg_.optim.grad_clip);
     opt_->step(step, float(clip));
