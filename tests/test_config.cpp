@@ -428,9 +428,9 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
       {R"({"model": {"n_kv_heads": 3}})", "model.n_kv_heads", "3 does not divide model.n_heads = 4"},
       // shapes whose parameter count passes 2^53 (d_model=1e9 wrapped the int64 gradient offsets)
       {R"({"model": {"d_model": 1000000000}})", "model.d_model",
-       "the model would have 1.2000005129e+19 parameters (d_model 1000000000, n_layers 4"},
+       "the model would have 1.2000005129e+19 parameters (model.d_model 1000000000, model.n_layers 4"},
       {R"({"model": {"moe": {"n_experts": 2147483647, "top_k": 1, "d_expert": 2147483647}}})", "model.d_model",
-       "moe.n_experts 2147483647, moe.d_expert 2147483647), more than 2^53"},
+       "model.moe.n_experts 2147483647, model.moe.n_shared 0, model.moe.d_expert 2147483647), more than 2^53"},
       {R"({"model": {"moe": {"n_experts": 4, "top_k": 5}}})", "model.moe.top_k",
        "5 exceeds model.moe.n_experts = 4"},
       {R"({"model": {"moe": {"first_dense": 5}}})", "model.moe.first_dense", "5 exceeds model.n_layers = 4"},

@@ -2,6 +2,7 @@
 // logits, loss and every gradient of one batch, then the losses of 5 AdamW and 5 Muon steps.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 
@@ -218,4 +219,93 @@ TEST_CASE("deferred micro-batch losses: one readback gives the mean of the micro
   model.forward_backward_deferred(ins[0].data(), tgs[0].data(), scale);
   CHECK_THROWS_WITH(model.forward_backward(ins[0].data(), tgs[0].data(), scale),
                     Catch::Contains("not taken yet"));
+}
+
+TEST_CASE("ModelConfig::param_count equals what LlamaModel allocates", "[model][memory]") {
+  struct Case {
+    const char* what;
+    ModelConfig m;
+  };
+  std::vector<Case> cases;
+  ModelConfig base;
+  base.vocab_size = 97;
+  base.d_model = 32;
+  base.n_layers = 3;
+  base.n_heads = 4;
+  base.n_kv_heads = 2;  // GQA: k and v narrower than q
+  base.d_ff = 48;
+  base.max_seq_len = 16;
+  cases.push_back({"dense, GQA", base});
+  ModelConfig tied = base;
+  tied.tie_embeddings = true;
+  cases.push_back({"tied embeddings", tied});
+  ModelConfig moe = base;
+  moe.moe.n_experts = 5;
+  moe.moe.top_k = 2;
+  moe.moe.n_shared = 1;
+  moe.moe.d_expert = 24;
+  moe.moe.first_dense = 1;
+  cases.push_back({"moe, aux_loss", moe});
+  moe.moe.balance = "bias";  // adds the per-expert correction bias
+  cases.push_back({"moe, bias", moe});
+  for (const Case& c : cases) {
+    INFO(c.what);
+    CpuBackend be;
+    LlamaModel model(c.m, be, 2, 8);
+    CHECK(c.m.param_count() == double(model.num_params()));
+  }
+}
+
+TEST_CASE("a model larger than the device's memory fails before allocating, naming its shape keys",
+          "[model][memory][errors]") {
+  CpuBackend be;
+  const MemoryInfo mi = be.memory_info();
+  if (mi.total == 0) {
+    WARN("skipped: this machine reports no memory total");
+    return;
+  }
+  ModelConfig m;
+  m.vocab_size = 1000000000;  // 2 x 1e9 x 768 f32 weights and gradients: ~11 TiB
+  m.max_seq_len = 16;
+  try {
+    LlamaModel model(m, be, 1, 16);
+    FAIL("constructed a model of " << m.param_count() << " parameters");
+  } catch (const std::exception& e) {
+    const std::string msg = e.what();
+    INFO(msg);
+    CHECK(msg.find("does not fit in host memory") != std::string::npos);
+    CHECK(msg.find("model.vocab_size 1000000000") != std::string::npos);
+    CHECK(msg.find("parameters x 8 bytes") != std::string::npos);
+  }
+}
+
+TEST_CASE("a micro-batch whose activations exceed the device's memory fails before allocating",
+          "[model][memory][errors]") {
+  CpuBackend be;
+  const MemoryInfo mi = be.memory_info();
+  if (mi.total == 0) {
+    WARN("skipped: this machine reports no memory total");
+    return;
+  }
+  ModelConfig small;
+  small.vocab_size = 64;
+  small.d_model = 64;
+  small.n_heads = 4;
+  small.n_kv_heads = 4;
+  small.n_layers = 2;
+  small.d_ff = 128;
+  small.max_seq_len = 1 << 20;
+  // One (B*T, d) f32 activation alone is larger than the machine (so that without the check the
+  // allocation fails rather than filling memory).
+  const int B = int(std::min<double>(double(mi.total) / double(1 << 28) + 2, 2e9));
+  try {
+    LlamaModel model(small, be, B, 1 << 20);
+    FAIL("constructed a model with micro-batch " << B << " x 2^20 tokens");
+  } catch (const std::exception& e) {
+    const std::string msg = e.what();
+    INFO(msg);
+    CHECK(msg.find("does not fit in host memory") != std::string::npos);
+    CHECK(msg.find("(micro-batch " + std::to_string(B) + " x seq_len 1048576 tokens)") !=
+          std::string::npos);
+  }
 }

@@ -30,6 +30,25 @@ MemoryInfo Backend::memory_info() const {
     }
     std::fclose(f);
   }
+  // A container's or Slurm job's memory limit (cgroup v2, then v1) bounds both figures; an
+  // unlimited cgroup reads "max" (v2) or a huge number (v1), which the min leaves alone.
+  auto read_bytes = [](const char* path, unsigned long long& out) {
+    FILE* g = std::fopen(path, "r");
+    if (!g) return false;
+    const bool ok = std::fscanf(g, "%llu", &out) == 1;
+    std::fclose(g);
+    return ok;
+  };
+  unsigned long long limit = 0, used = 0;
+  if (read_bytes("/sys/fs/cgroup/memory.max", limit))
+    read_bytes("/sys/fs/cgroup/memory.current", used);
+  else if (read_bytes("/sys/fs/cgroup/memory/memory.limit_in_bytes", limit))
+    read_bytes("/sys/fs/cgroup/memory/memory.usage_in_bytes", used);
+  if (limit > 0 && (m.total == 0 || limit < m.total)) {
+    m.total = size_t(limit);
+    const size_t room = used < limit ? size_t(limit - used) : 0;
+    if (m.free == 0 || room < m.free) m.free = room;
+  }
   return m;
 }
 

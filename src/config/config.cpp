@@ -604,6 +604,30 @@ nlohmann::ordered_json to_ordered_json(const Config& c) {
 
 }  // namespace
 
+double ModelConfig::param_count() const {
+  // The table of LlamaModel::build_params and MoeLayer (model/moe.h), shape by shape.
+  const double d = d_model, hd = head_dim();
+  const double qd = double(n_heads) * hd, kvd = double(n_kv_heads) * hd;
+  const double attn = 2 * qd * d + 2 * kvd * d + 2 * d;  // q, o; k, v; two norms
+  const double dense = attn + 3 * d * double(d_ff);
+  const double E = moe.n_experts;
+  const double experts = (E + double(moe.n_shared)) * 3 * d * double(moe.d_expert);
+  const double sparse = attn + experts + d * E + (moe.balance == "bias" ? E : 0);
+  const double n_moe = moe.n_experts > 0 ? double(n_layers) - moe.first_dense : 0;
+  return (double(n_layers) - n_moe) * dense + n_moe * sparse +
+         double(vocab_size) * d * (tie_embeddings ? 1 : 2) + d;
+}
+
+std::string ModelConfig::shape_keys() const {
+  std::string s = "model.d_model " + std::to_string(d_model) + ", model.n_layers " +
+                  std::to_string(n_layers) + ", model.d_ff " + std::to_string(d_ff) +
+                  ", model.vocab_size " + std::to_string(vocab_size);
+  if (moe.n_experts > 0)
+    s += ", model.moe.n_experts " + std::to_string(moe.n_experts) + ", model.moe.n_shared " +
+         std::to_string(moe.n_shared) + ", model.moe.d_expert " + std::to_string(moe.d_expert);
+  return s;
+}
+
 // ---- public API ------------------------------------------------------------------------------
 
 int Config::grad_accum() const {
@@ -754,25 +778,13 @@ void validate_config(const Config& c) {
   // gradient arena's int64 offsets wrapped: d_model=1e9 failed with "internal: parameter
   // model.embed_tokens.weight in no gradient group").
   {
-    const double d = m.d_model, kv = double(m.n_kv_heads) * (m.d_model / m.n_heads);
-    const double attn = 2 * d * d + 2 * d * kv + 2 * d;
-    const double dense = attn + 3 * d * m.d_ff;
-    const double moe = attn + (double(e.n_experts) + e.n_shared) * 3 * d * e.d_expert + d * e.n_experts;
-    const double n_moe = e.n_experts > 0 ? double(m.n_layers) - e.first_dense : 0;
-    const double total = (double(m.n_layers) - n_moe) * dense + n_moe * moe +
-                         double(m.vocab_size) * d * (m.tie_embeddings ? 1 : 2) + d;
+    const double total = m.param_count();
     if (total > 9007199254740992.0)  // 2^53: 32 PiB of fp32 weights
       k.fail_cross("model.d_model",
                    {"model.vocab_size", "model.n_layers", "model.d_ff", "model.n_heads",
                     "model.n_kv_heads", "model.moe.n_experts", "model.moe.n_shared",
                     "model.moe.d_expert", "model.moe.first_dense"},
-                   "the model would have " + num(total) + " parameters (d_model " +
-                       std::to_string(m.d_model) + ", n_layers " + std::to_string(m.n_layers) +
-                       ", d_ff " + std::to_string(m.d_ff) + ", vocab_size " +
-                       std::to_string(m.vocab_size) +
-                       (e.n_experts > 0 ? ", moe.n_experts " + std::to_string(e.n_experts) +
-                                              ", moe.d_expert " + std::to_string(e.d_expert)
-                                        : std::string()) +
+                   "the model would have " + num(total) + " parameters (" + m.shape_keys() +
                        "), more than 2^53");
   }
   // micro_batch * seq_len * world_size can pass 2^63 (three ints): then it exceeds any batch_tokens.

@@ -43,6 +43,12 @@ struct ModelConfig {
   std::string recompute = "none";     // none | mlp | full (CUDA only)
   MoeConfig moe;
   int head_dim() const { return d_model / n_heads; }
+  // The number of parameters LlamaModel allocates (LlamaModel::num_params), in double: the shape
+  // keys are ints and their products can pass 2^63. Exact below 2^53.
+  double param_count() const;
+  // "model.d_model 64, model.n_layers 2, model.d_ff 256, model.vocab_size 256" (+ the MoE keys
+  // when moe.n_experts > 0): the keys that set the parameter count, for error messages.
+  std::string shape_keys() const;
 };
 
 // µP (DESIGN §4, src/optim/mup.h): off = the standard parametrisation. Moonlight's RMS matching

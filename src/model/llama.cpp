@@ -2,12 +2,52 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <string>
 
 #include "backend/profiler.h"
 #include "core/rng.h"
 #include "model/moe.h"
 
 namespace mf {
+
+namespace {
+std::string fmt(const char* f, double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, x);
+  return buf;
+}
+
+// Before anything is allocated: a model whose weights, gradients and residual stream alone exceed
+// the device's memory fails here with the shape keys named, not later with "out of host memory"
+// or std::bad_alloc from whichever allocation came first. A lower bound on what the model needs
+// (optimizer state and most activations come on top), so it never refuses what would fit.
+void check_fits_memory(const ModelConfig& cfg, const Backend& be, int B, int T) {
+  const MemoryInfo mi = be.memory_info();
+  if (mi.total == 0) return;  // unknown
+  const double act = be.act_dtype() == DType::F32 ? 4 : 2;
+  const double params = cfg.param_count();
+  // f32 master weights and gradients, plus the compute copy when activations are not f32
+  const double per_param = 8 + (act == 4 ? 0 : act);
+  const double weights = params * per_param;
+  // the residual stream entering each layer's attention, plus the model-wide (N, d) buffers
+  // (branch, r_final, xf, dresid, dbranch, dxf, dxn)
+  const double tokens = double(B) * double(T);
+  const double acts = tokens * double(cfg.d_model) * act * (double(cfg.n_layers) + 7);
+  if (weights + acts <= double(mi.total)) return;
+  auto size = [](double b) {
+    return b >= double(1ull << 30) ? fmt("%.1f GiB", b / double(1ull << 30))
+                                   : fmt("%.1f MiB", b / double(1ull << 20));
+  };
+  const bool gpu = be.device() == Device::CUDA;
+  MF_FAIL("the model does not fit in ", gpu ? "GPU" : "host",
+          " memory: its weights and gradients need ", size(weights), " (",
+          fmt("%.4g", params), " parameters x ", per_param, " bytes; ", cfg.shape_keys(),
+          ") and its activations at least ", size(acts), " (micro-batch ", B, " x seq_len ", T,
+          " tokens), more than the ", size(double(mi.total)), " this ", gpu ? "GPU" : "machine",
+          " has; make the model smaller, or lower train.micro_batch / train.seq_len");
+}
+}  // namespace
 
 struct LlamaModel::Layer {
   Param *ln1, *wq, *wk, *wv, *wo, *ln2, *wgate, *wup, *wdown;
@@ -37,6 +77,7 @@ struct LlamaModel::Acts {
 LlamaModel::LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelScales scales)
     : cfg_(cfg), be_(be), B_(B), T_(T), scales_(scales) {
   MF_CHECK(T <= cfg.max_seq_len, "seq_len ", T, " exceeds model.max_seq_len ", cfg.max_seq_len);
+  check_fits_memory(cfg, be, B, T);
   // MoE: scratch shared by the MoE layers, needed by build_params (which creates them).
   if (cfg.moe.n_experts > 0)
     moe_scratch_ = std::make_unique<MoeScratch>(cfg, be, int64_t(B) * T);
