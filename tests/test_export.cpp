@@ -228,14 +228,34 @@ TEST_CASE("muonforge export command line", "[export][cli]") {
 }
 
 // The loss `muonforge eval` prints for a checkpoint directory (NaN when it fails).
-double eval_loss(const std::string& ckpt, const std::string& data) {
+double eval_loss(const std::string& ckpt, const std::string& data, int batches = 4,
+                 std::string* output = nullptr) {
   int rc = -1;
   const std::string out = mf::test::run_capture(std::string(MF_BINARY) + " eval " + ckpt + " --data '" +
-                                                data + "' --batches 4 --device cpu", &rc);
+                                                data + "' --batches " + std::to_string(batches) +
+                                                " --device cpu", &rc);
+  if (output) *output = out;
   INFO(out);
   const size_t at = out.find(": loss ");
   if (rc != 0 || at == std::string::npos) return std::nan("");
   return std::stod(out.substr(at + 7));
+}
+
+TEST_CASE("muonforge eval: --batches past the data evaluates each micro-batch once", "[export][cli]") {
+  const std::string root = temp_dir("evalcap");
+  TrainOptions q;
+  q.quiet = true;
+  const TrainResult r = Trainer(small(root, "run", false), q).run();
+  const int avail = (4000 - 1) / (2 * 16);  // micro-batches of 2 x 16 (+1 target) in the shard
+  std::string out;
+  const double whole = eval_loss(r.last_checkpoint, root + "/train_*.bin", avail);
+  const double more = eval_loss(r.last_checkpoint, root + "/train_*.bin", avail + 40, &out);
+  REQUIRE(std::isfinite(whole));
+  CHECK(more == whole);  // it used to read the first 40 twice
+  CHECK(out.find("holds " + std::to_string(avail) + " micro-batch(es) of 2 x 16 tokens, fewer than "
+                 "the " + std::to_string(avail + 40) + " asked for") != std::string::npos);
+  CHECK(eval_loss(r.last_checkpoint, root + "/train_*.bin", avail - 40) != whole);
+  fs::remove_all(root);
 }
 
 TEST_CASE("muonforge import: a Hugging Face directory becomes a checkpoint of ours", "[export][cli]") {

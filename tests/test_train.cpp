@@ -168,6 +168,29 @@ TEST_CASE("run directory: retention, latest pointer, metrics", "[train]") {
   fs::remove_all(root);
 }
 
+TEST_CASE("eval_batches past the val set evaluates each micro-batch once", "[train]") {
+  const std::string root = temp_dir("evalcap");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  // 6000 val tokens in micro-batches of 4 x 16 (+1 target): 93 of them.
+  const int avail = int((6000 - 1) / (4 * 16));
+  auto val_loss = [&](int eval_batches, const std::string& name) {
+    Config c = tiny_config(root, root + "/" + name, "adamw");
+    c.train.max_steps = 2;
+    c.train.eval_every = 2;
+    c.train.eval_batches = eval_batches;
+    return Trainer(c, quiet).run().final_val_loss;
+  };
+  const double whole = val_loss(avail, "whole");
+  const double asked_more = val_loss(avail + 40, "more");  // used to read the first 40 twice
+  const double fewer = val_loss(avail - 40, "fewer");
+  REQUIRE(whole > 0);
+  CHECK(asked_more == whole);
+  CHECK(fewer != whole);  // the figure does depend on the batches read
+  fs::remove_all(root);
+}
+
 // Starting over or branching in a used run directory: the earlier run's later checkpoints are
 // set aside (superseded-N), so they neither outrank the new run's (pruning keeps the highest
 // steps) nor get resumed later; one process per run directory; --stop-at already reached.

@@ -313,6 +313,19 @@ void Trainer::setup() {
     lo.label = "data.val";
     lo.shuffle = false;
     val_loader_ = std::make_unique<DataLoader>(cfg_.data.val, lo);
+    // Past the val set's last micro-batch the loader starts over, and a mean over re-read
+    // batches weighs the first ones twice: evaluate each once instead, and say so.
+    eval_batches_ = cfg_.train.eval_batches;
+    const int64_t avail = val_loader_->steps_per_epoch() * world_;
+    if (avail < eval_batches_) {
+      eval_batches_ = int(avail);
+      if (rank_ == 0)
+        spdlog::warn("train.eval_batches = {} but data.val holds {} micro-batch(es) of {} x {} "
+                     "tokens{}: the val loss is the mean over those {}, each read once",
+                     cfg_.train.eval_batches, avail, B, T,
+                     world_ > 1 ? fmt::format(" ({} per rank)", avail / world_) : std::string(),
+                     avail);
+    }
   }
 
   // Where the weights come from: a checkpoint of this run, a Hugging Face model, or fresh init.
@@ -428,11 +441,11 @@ double Trainer::evaluate() {
   const int64_t N = int64_t(cfg_.train.micro_batch) * cfg_.train.seq_len;
   std::vector<int32_t> in(N), tg(N);
   double s = 0;
-  for (int i = rank_; i < cfg_.train.eval_batches; i += world_) {
+  for (int i = rank_; i < eval_batches_; i += world_) {
     val_loader_->next(in.data(), tg.data());
     s += model_->forward(in.data(), tg.data());
   }
-  return mean_over_ranks(s) * world_ / cfg_.train.eval_batches;
+  return mean_over_ranks(s) * world_ / eval_batches_;
 }
 
 double Trainer::mean_over_ranks(double x) {

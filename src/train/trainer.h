@@ -111,6 +111,8 @@ class Trainer {
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<Optimizer> opt_;
   std::unique_ptr<DataLoader> train_loader_, val_loader_;
+  // train.eval_batches, or fewer when data.val holds fewer micro-batches (each is read once)
+  int eval_batches_ = 0;
   std::unique_ptr<Diagnostics> diag_;  // train.diag_every records, QK-clip
   Tensor moe_stats_dev_;  // MoE step statistics summed over ranks on the device (NCCL); after be_
   std::string run_dir_;
