@@ -721,6 +721,40 @@ TEST_CASE("Optimizer rejects bad configs and params with clear errors", "[optim]
   REQUIRE_THROWS_WITH(Optimizer(cfg, pl, be), Catch::Contains("grad"));
 }
 
+TEST_CASE("Optimizer refuses a weight decay of 1 or more per step, naming keys and parameter",
+          "[optim]") {
+  CpuBackend be;
+  Model m(62);
+  // Coupled: lr x lr_mult x wd x wd_mult. q_proj has lr_mult 0.5 and wd_mult 2: 0.02 x 60 = 1.2.
+  Config cfg = make_config("muon", "shape", "coupled");
+  cfg.optim.wd = 60;
+  REQUIRE_THROWS_WITH(Optimizer(cfg, m.list, be),
+                      Catch::Contains("model.layers.0.self_attn.q_proj.weight by 1 - 1.2") &&
+                          Catch::Contains("optim.wd 60") && Catch::Contains("coupled") &&
+                          Catch::Contains("Lower optim.wd"));
+  // The multipliers count: at wd 40 q_proj, o_proj and down_proj decay 0.8, the expert stack
+  // (lr_mult 1.5) 1.2.
+  cfg.optim.wd = 40;
+  REQUIRE_THROWS_WITH(Optimizer(cfg, m.list, be),
+                      Catch::Contains("model.layers.0.mlp.experts.stack by 1 - 1.2"));
+  cfg.optim.wd = 30;  // 0.9 at most: allowed
+  CHECK_NOTHROW(Optimizer(cfg, m.list, be));
+  // The AdamW group has its own keys: 3e-3 x 400 = 1.2 for the embedding.
+  cfg.optim.adamw.wd = 400;
+  REQUIRE_THROWS_WITH(Optimizer(cfg, m.list, be),
+                      Catch::Contains("model.embed_tokens.weight") &&
+                          Catch::Contains("optim.adamw.lr 0.003") &&
+                          Catch::Contains("Lower optim.adamw.wd"));
+  // Independent: wd x wd_mult, whatever the lr (q_proj: 0.6 x 2).
+  cfg = make_config("muon", "shape", "independent");
+  cfg.optim.wd = 0.6;
+  REQUIRE_THROWS_WITH(Optimizer(cfg, m.list, be),
+                      Catch::Contains("q_proj.weight by 1 - 1.2") &&
+                          Catch::Contains("independent"));
+  cfg.optim.wd = 0.45;
+  CHECK_NOTHROW(Optimizer(cfg, m.list, be));
+}
+
 TEST_CASE("Optimizer describe() lists every optimized param with its group", "[optim]") {
   CpuBackend be;
   Config cfg = make_config("muon", "spectral", "coupled");

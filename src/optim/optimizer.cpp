@@ -180,6 +180,7 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
       e.exp_avg = be.empty(p->shape, DType::F32);
       e.exp_avg_sq = be.empty(p->shape, DType::F32);
     }
+    check_decay(e);
     entries_.push_back(std::move(e));
   }
   largest_matrix_param_ = scratch;
@@ -230,6 +231,27 @@ double Optimizer::lr(int step) const { return ocfg_.lr * lr_multiplier(step); }
 double Optimizer::decay_factor(const OptEntry& e, double lr_eff, double sched) const {
   if (ocfg_.wd_mode == "independent") return sched * e.wd * e.wd_mult;
   return lr_eff * e.wd * e.wd_mult;
+}
+
+void Optimizer::check_decay(const OptEntry& e) const {
+  // The schedule peaks at 1, so this is the largest fraction of the weights one step removes.
+  const double decay = decay_factor(e, e.lr, 1.0);
+  if (decay < 1) return;
+  const bool hidden = e.param->kind == ParamKind::Hidden;
+  const std::string lr_key = hidden ? "optim.lr" : "optim.adamw.lr";
+  const std::string wd_key = hidden ? "optim.wd" : "optim.adamw.wd";
+  const double group_lr = hidden ? ocfg_.lr : ocfg_.adamw.lr;
+  std::ostringstream why;
+  if (ocfg_.wd_mode == "independent")
+    why << wd_key << " " << e.wd << " x wd_mult " << e.wd_mult << " (optim.wd_mode independent)";
+  else
+    why << lr_key << " " << group_lr << " x lr_mult " << e.lr / group_lr << " x " << wd_key << " "
+        << e.wd << " x wd_mult " << e.wd_mult << " (optim.wd_mode coupled)";
+  MF_FAIL("weight decay would scale ", e.param->name, " by 1 - ", decay, " = ", 1 - decay,
+          " per step at the peak of the schedule (decay ", why.str(),
+          "): a decay of 1 or more zeroes or flips the weights every step. Lower ", wd_key,
+          ocfg_.wd_mode == "coupled" ? " (coupled decay is lr x wd: wd 0.1 at lr 3e-4 removes 3e-5)"
+                                     : " (independent decay is wd itself, per step: e.g. 1e-4)");
 }
 
 void Optimizer::step(int step, float grad_scale) {

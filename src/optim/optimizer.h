@@ -124,6 +124,8 @@ class Optimizer {
   void plan_ns_chunks(int64_t budget);
   void step_preconditioned(OptEntry& e, double sched, float grad_scale);
   void apply_decay(OptEntry& e, double decay, const Tensor& update);
+  // Refuses a peak decay of 1 or more (every step would zero or flip the weights), naming the keys.
+  void check_decay(const OptEntry& e) const;
   double decay_factor(const OptEntry& e, double lr_eff, double sched) const;
 
   OptimConfig ocfg_;
