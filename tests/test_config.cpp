@@ -379,6 +379,11 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
       {R"({"optim": {"adamw": {"eps": -1}}})", "optim.adamw.eps", "must be > 0"},
       // fp32 rounds these to 0 (adamw.eps=1e-300 trained into a NaN loss at step 2)
       {R"({"optim": {"adamw": {"eps": 1e-300}}})", "optim.adamw.eps", "must be >= 1.2e-38 (the smallest normal fp32 number"},
+      // scalars the kernels take as floats: past fp32's largest number they become inf
+      {R"({"model": {"init_std": 1e300}})", "model.init_std", "must be <= 3.4e38 (the largest fp32 number"},
+      {R"({"model": {"moe": {"route_scale": 1e308}}})", "model.moe.route_scale", "must be <= 3.4e38"},
+      {R"({"model": {"moe": {"aux_coef": 1e39}}})", "model.moe.aux_coef", "must be <= 3.4e38"},
+      {R"({"model": {"moe": {"bias_rate": 1e39}}})", "model.moe.bias_rate", "must be <= 3.4e38"},
       {R"({"optim": {"eps": 1e-46}})", "optim.eps", "must be >= 1.2e-38"},
       {R"({"optim": {"asgo": {"eps": 1e-300}}})", "optim.asgo.eps", "must be >= 1.2e-38"},
       {R"({"optim": {"soap": {"eps": 1e-40}}})", "optim.soap.eps", "must be >= 1.2e-38"},

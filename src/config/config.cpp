@@ -569,6 +569,13 @@ class Check {
   void non_negative(const std::string& path, double v) const {
     if (!(v >= 0)) fail(path, "must be >= 0, got " + num(v));
   }
+  // A scalar the kernels take as a float: past fp32's largest number it becomes inf (init_std
+  // 1e300 drew inf weights, route_scale 1e308 made every MoE output inf).
+  void fp32_finite(const std::string& path, double v) const {
+    if (v > FLT_MAX)
+      fail(path, "must be <= 3.4e38 (the largest fp32 number; the CPU and CUDA kernels compute "
+                 "in fp32), got " + num(v));
+  }
   void unit_closed(const std::string& path, double v) const {  // [0, 1]
     if (!(v >= 0 && v <= 1)) fail(path, "must be in [0, 1], got " + num(v));
   }
@@ -663,6 +670,7 @@ void validate_config(const Config& c) {
   k.positive_fp32("model.rope_theta", m.rope_theta);
   k.positive_fp32("model.norm_eps", m.norm_eps);
   k.positive("model.init_std", m.init_std);
+  k.fp32_finite("model.init_std", m.init_std);
   k.one_of("model.attention", m.attention, {"flash", "cudnn", "auto"});
   k.one_of("model.recompute", m.recompute, {"none", "mlp", "full"});
   k.non_negative("model.moe.n_experts", e.n_experts);
@@ -672,9 +680,12 @@ void validate_config(const Config& c) {
   k.non_negative("model.moe.first_dense", e.first_dense);
   k.one_of("model.moe.score", e.score, {"softmax", "sigmoid"});
   k.positive("model.moe.route_scale", e.route_scale);
+  k.fp32_finite("model.moe.route_scale", e.route_scale);
   k.one_of("model.moe.balance", e.balance, {"aux_loss", "bias", "none"});
   k.non_negative("model.moe.aux_coef", e.aux_coef);
+  k.fp32_finite("model.moe.aux_coef", e.aux_coef);
   k.non_negative("model.moe.bias_rate", e.bias_rate);
+  k.fp32_finite("model.moe.bias_rate", e.bias_rate);
   k.non_negative("model.moe.capacity_factor", e.capacity_factor);
 
   k.positive("mup.base_width", c.mup.base_width);
