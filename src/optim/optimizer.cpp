@@ -438,7 +438,7 @@ std::string Optimizer::describe() const {
        << ocfg_.scale << "\n";
   if (ocfg_.cautious_wd)
     os << "cautious weight decay on the hidden matrices (" << ocfg_.name
-       << "); the optim.adamw group decays as usual\n";
+       << "); the optim.adamw group decays as usual (norm gains never)\n";
   for (const OptEntry& e : entries_)
     if (e.pre) {
       os << e.pre->describe() << " (first matrix: " << e.param->name << ")\n";
