@@ -267,6 +267,7 @@ TEST_CASE("a non-finite loss stops the run and names the step", "[train]") {
   Config c = tiny_config(root, root + "/run", "adamw");
   c.optim.lr = 1e30;  // blows up within a couple of steps
   c.optim.adamw.lr = 1e30;
+  c.optim.wd = 0;  // lr x wd >= 1 is refused at start
   c.optim.grad_clip = 0;
   c.train.ckpt_every = 1;
   TrainOptions quiet;
@@ -284,28 +285,35 @@ TEST_CASE("a non-finite loss stops the run and names the step", "[train]") {
 }
 
 TEST_CASE("an update that blows the weights up writes no checkpoint of them", "[train]") {
-  // optim.wd * lr >> 1 (coupled decay: w *= 1 - lr*wd) blows up in the update itself, after the
-  // step's loss check. Such weights were checkpointed (the last one with exit 0 and a NaN val
-  // loss), and then named "the last good checkpoint" when the next step's loss came out NaN, so
-  // resuming from it failed again.
+  // A huge Muon lr blows up in the update itself, after the step's loss check. Such weights
+  // were checkpointed (the last one with exit 0 and a NaN val loss), and then named "the last
+  // good checkpoint" when the next step's loss came out NaN, so resuming from it failed again.
+  // (This used optim.wd * lr >> 1, which is now refused at start.)
   const std::string root = temp_dir("wdblow");
   write_data(root);
   TrainOptions quiet;
   quiet.quiet = true;
   int n = 0;
-  for (double wd : {1e9, 1e30}) {   // finite huge weights; inf weights
+  for (double lr : {1e20, 1e39}) {  // finite huge weights; inf weights (lr is inf in fp32)
     for (int eval_every : {0, 1}) {
-      INFO("wd " << wd << " eval_every " << eval_every);
+      INFO("lr " << lr << " eval_every " << eval_every);
       const std::string run = root + "/run" + std::to_string(n++);
       Config c = tiny_config(root, run, "muon");
-      c.optim.wd = wd;
+      c.optim.lr = lr;
+      c.optim.wd = 0;
       c.schedule.warmup = 1;
       c.train.max_steps = 4;
       c.train.ckpt_every = 1;
       c.train.eval_every = eval_every;
       const std::string err = mf::test::error_of([&] { Trainer(c, quiet).run(); });
       CHECK(err.find("non-finite") != std::string::npos);
-      // The checkpoint called good holds weights that train on (wd off: only they are probed).
+      if (lr > 3.4e38) {  // inf weights are caught right after the update, never checkpointed
+        CHECK(err.find(eval_every ? "step 1: non-finite validation loss"
+                                  : "step 1: the update left non-finite weights") !=
+              std::string::npos);
+        CHECK(list_checkpoints(run).empty());
+      }
+      // The checkpoint called good holds weights that train on (a sane lr: only they are probed).
       const std::string tag = "The last good checkpoint is ";
       auto at = err.find(tag);
       if (at == std::string::npos) {
@@ -315,7 +323,7 @@ TEST_CASE("an update that blows the weights up writes no checkpoint of them", "[
       std::string good = err.substr(at + tag.size());
       good = good.substr(0, good.find(". "));
       Config probe = c;
-      probe.optim.wd = 0;
+      probe.optim.lr = 0.02;
       probe.train.max_steps = 5;
       TrainOptions from = quiet;
       from.resume = good;

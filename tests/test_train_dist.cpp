@@ -244,6 +244,27 @@ TEST_CASE("a killed rank under --resume CKPT: the restart continues from the job
         bytes(kRoot + "/runs/resume_kill/ckpt-000006/model.safetensors"));
 }
 
+TEST_CASE("--no-resume in a used run directory: a rank killed in setup restarts the new run, not "
+          "the old one", "[dist]") {
+  setup_once();
+  REQUIRE(sh(launch(2, "--set run.name=fresh_ref")).rc == 0);
+  const std::string o = " --set run.name=fresh_kill";
+  // An earlier run of another seed, finished: ckpt-000002 .. ckpt-000006.
+  REQUIRE(sh(launch(2, o + " --set train.seed=7")).rc == 0);
+  // The new job starts over; rank 0 dies in setup on attempt 0, before the model is built. The
+  // restart resumes the job's latest checkpoint: there must be none (the old run's were set aside
+  // first). It used to find the old ckpt-000006, so the restart "continued" a finished run.
+  Result r = sh("MF_FAULT_KILL_AT=setup:0 " + launch(2, o + " --no-resume", "--max-restarts 1"));
+  INFO(r.out);
+  REQUIRE(r.rc == 0);
+  CHECK(r.out.find("restart") != std::string::npos);
+  CHECK(r.out.find("resumed from") == std::string::npos);
+  CHECK(fs::exists(kRoot + "/runs/fresh_kill/superseded-1/ckpt-000006"));
+  CHECK(losses("fresh_ref") == losses("fresh_kill"));
+  CHECK(bytes(kRoot + "/runs/fresh_ref/ckpt-000006/model.safetensors") ==
+        bytes(kRoot + "/runs/fresh_kill/ckpt-000006/model.safetensors"));
+}
+
 // Two launchers on this host stand for two nodes (--nnodes 2, one rank each, a fixed port),
 // started in the background; `env` goes before both commands, `args` after the config.
 struct TwoNodes {

@@ -120,6 +120,16 @@ void fault_injection(int done, int rank, int attempt) {
   }
 }
 
+// MF_FAULT_KILL_AT=setup:RANK: SIGKILL rank RANK in setup on the first attempt, once the run
+// directory is settled and before the model is built (tests of restarts that begin in setup).
+void fault_injection_setup(int rank, int attempt) {
+  const char* spec = std::getenv("MF_FAULT_KILL_AT");
+  int r = -1;
+  if (!spec || attempt != 0 || std::sscanf(spec, "setup:%d", &r) != 1 || r != rank) return;
+  std::fflush(nullptr);
+  std::raise(SIGKILL);
+}
+
 // Is the process `pid` gone (no such process, or a zombie nobody has reaped yet)?
 bool process_gone(long pid) {
   if (::kill(pid_t(pid), 0) != 0 && errno == ESRCH) return true;
@@ -236,6 +246,57 @@ void Trainer::lock_run_dir() {
 LlamaModel& Trainer::model() { return *model_; }
 Backend& Trainer::backend() { return *be_; }
 
+std::string Trainer::starting_checkpoint() const {
+  // A checkpoint of this run, a Hugging Face model (train.init_from), or fresh init ("").
+  std::string ckpt;
+  if (!opts_.resume.empty() && attempt_ > 0) {
+    // As with --no-resume below: the launcher restarts a failed group with the same arguments,
+    // and --resume CKPT named where the job starts, not where every restart goes back to (its
+    // later checkpoints would be set aside, and CKPT may have been pruned since).
+    ckpt = find_latest_checkpoint(run_dir_);
+    if (!ckpt.empty())
+      spdlog::info("restart {} of the group: resuming from the latest checkpoint {} rather than "
+                   "--resume {}", attempt_, ckpt, opts_.resume);
+  }
+  if (ckpt.empty() && !opts_.resume.empty())
+    ckpt = resolve_checkpoint_dir(opts_.resume, "train: --resume");
+  bool fresh = opts_.no_resume;
+  if (fresh && attempt_ > 0) {
+    // The launcher restarts a failed group with the same arguments: --no-resume meant "start
+    // this job over", not "throw away what the job itself has checkpointed since".
+    spdlog::info("restart {} of the group: resuming from the latest checkpoint despite "
+                 "--no-resume", attempt_);
+    fresh = false;
+  }
+  if (ckpt.empty() && !fresh) ckpt = find_latest_checkpoint(run_dir_);
+  return ckpt;
+}
+
+void Trainer::set_aside_later_checkpoints(const std::string& ckpt) const {
+  // Checkpoints of this run directory past the starting point belong to a run this one does not
+  // continue (--no-resume, or --resume of an earlier checkpoint): set them aside, never delete.
+  std::error_code ec;
+  const bool ours =
+      !ckpt.empty() && fs::equivalent(fs::path(ckpt).parent_path(), fs::path(run_dir_), ec);
+  int start = -1;
+  if (ours) {
+    // The step from its state.json; one that cannot be read is left to load_checkpoint to
+    // report, with nothing moved.
+    std::ifstream f(fs::path(ckpt) / "state.json");
+    const nlohmann::json st = nlohmann::json::parse(f, nullptr, false);
+    if (st.is_discarded() || !st.is_object() || !st.contains("step") ||
+        !st["step"].is_number_integer())
+      return;
+    start = st["step"].get<int>();
+  }
+  const std::string moved = supersede_checkpoints(run_dir_, start);
+  if (!moved.empty())
+    spdlog::warn("{}: the checkpoints of {}{} and metrics.jsonl moved to {} (delete that "
+                 "folder when you no longer need it)",
+                 ckpt.empty() ? "starting over" : "continuing from " + ckpt, run_dir_,
+                 ours ? fmt::format(" past step {}", start) : std::string(), moved);
+}
+
 void Trainer::setup() {
   // Configs built in code (tests, sweeps, tools) get the same checks as files.
   validate_config(cfg_);
@@ -262,6 +323,13 @@ void Trainer::setup() {
       }
   }
   if (env.distributed()) spdlog::info("distributed: {}", env.str());
+  // Where the weights come from, and setting aside what this run does not continue, before
+  // anything slow or collective: a group restarted by the launcher after attempt 0 died in setup
+  // (a peer that never joined, a kill) must find the run directory as this job left it, not the
+  // earlier run's later checkpoints.
+  const std::string ckpt = starting_checkpoint();
+  if (rank_ == 0) set_aside_later_checkpoints(ckpt);
+  fault_injection_setup(rank_, attempt_);
 
   be_ = make_backend(cfg_.train.device);
   select_attention(*be_, cfg_.model.attention, cfg_.train.deterministic);
@@ -328,28 +396,7 @@ void Trainer::setup() {
     }
   }
 
-  // Where the weights come from: a checkpoint of this run, a Hugging Face model, or fresh init.
-  std::string ckpt;
-  if (!opts_.resume.empty() && attempt_ > 0) {
-    // As with --no-resume below: the launcher restarts a failed group with the same arguments,
-    // and --resume CKPT named where the job starts, not where every restart goes back to (its
-    // later checkpoints would be set aside, and CKPT may have been pruned since).
-    ckpt = find_latest_checkpoint(run_dir_);
-    if (!ckpt.empty())
-      spdlog::info("restart {} of the group: resuming from the latest checkpoint {} rather than "
-                   "--resume {}", attempt_, ckpt, opts_.resume);
-  }
-  if (ckpt.empty() && !opts_.resume.empty())
-    ckpt = resolve_checkpoint_dir(opts_.resume, "train: --resume");
-  bool fresh = opts_.no_resume;
-  if (fresh && attempt_ > 0) {
-    // The launcher restarts a failed group with the same arguments: --no-resume meant "start
-    // this job over", not "throw away what the job itself has checkpointed since".
-    spdlog::info("restart {} of the group: resuming from the latest checkpoint despite "
-                 "--no-resume", attempt_);
-    fresh = false;
-  }
-  if (ckpt.empty() && !fresh) ckpt = find_latest_checkpoint(run_dir_);
+  // Load what starting_checkpoint() chose above.
   if (!ckpt.empty()) {
     nlohmann::json st =
         load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_, sharded_);
@@ -388,19 +435,6 @@ void Trainer::setup() {
     }
   }
 
-  // Checkpoints of this run directory past the starting point belong to a run this one does not
-  // continue (--no-resume, or --resume of an earlier checkpoint): set them aside, never delete.
-  if (rank_ == 0) {
-    std::error_code ec;
-    const bool ours = !ckpt.empty() &&
-                      fs::equivalent(fs::path(ckpt).parent_path(), fs::path(run_dir_), ec);
-    const std::string moved = supersede_checkpoints(run_dir_, ours ? start_step_ : -1);
-    if (!moved.empty())
-      spdlog::warn("{}: the checkpoints of {}{} and metrics.jsonl moved to {} (delete that "
-                   "folder when you no longer need it)",
-                   ckpt.empty() ? "starting over" : "continuing from " + ckpt, run_dir_,
-                   ours ? fmt::format(" past step {}", start_step_) : std::string(), moved);
-  }
   // metrics.jsonl: after a resume, drop records past the checkpoint so the file tells one story.
   const std::string mpath = (fs::path(run_dir_) / "metrics.jsonl").string();
   if (rank_ == 0) {

@@ -67,7 +67,9 @@ class Trainer {
   // per parameter.
   void check_weights_agree(int done);
   std::string config_changes(const std::string& ckpt) const;  // vs the checkpoint's config.json
-  void lock_run_dir();  // rank 0: run_dir/.lock, or an error naming the process holding it
+  void lock_run_dir();
+  std::string starting_checkpoint() const;  // what setup() loads ("": HF model or fresh init)
+  void set_aside_later_checkpoints(const std::string& ckpt) const;  // rank 0: supersede-N/  // rank 0: run_dir/.lock, or an error naming the process holding it
   double mean_over_ranks(double x);
 
   Config cfg_;
