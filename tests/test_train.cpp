@@ -168,6 +168,35 @@ TEST_CASE("run directory: retention, latest pointer, metrics", "[train]") {
   fs::remove_all(root);
 }
 
+// A kill between a checkpoint's rename into place and the rewrite of `latest` leaves `latest`
+// naming the checkpoint before it (this is that state on disk). The resume used to follow
+// `latest`: it set the newer, complete checkpoint aside into superseded-1 and trained its steps
+// again.
+TEST_CASE("a resume takes the newest complete checkpoint even when `latest` lags behind",
+          "[train]") {
+  const std::string root = temp_dir("latest_lag");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  Config a = tiny_config(root, root + "/straight", "muon");
+  TrainResult ra = Trainer(a, quiet).run();
+  const std::string run = root + "/run";
+  Config b = tiny_config(root, run, "muon");
+  TrainOptions to4 = quiet;
+  to4.stop_at = 4;
+  REQUIRE(Trainer(b, to4).run().steps_done == 4);  // ckpt-000002, ckpt-000004
+  { std::ofstream(run + "/latest") << "ckpt-000002\n"; }
+  CHECK(find_latest_checkpoint(run) == run + "/ckpt-000004");
+  TrainResult rb = Trainer(b, quiet).run();
+  CHECK(rb.losses.size() == 4);  // steps 5..8: it resumed at step 4
+  CHECK_FALSE(fs::exists(run + "/superseded-1"));
+  CHECK(file_bytes(ra.last_checkpoint + "/model.safetensors") ==
+        file_bytes(rb.last_checkpoint + "/model.safetensors"));
+  CHECK(file_bytes(ra.last_checkpoint + "/optimizer.safetensors") ==
+        file_bytes(rb.last_checkpoint + "/optimizer.safetensors"));
+  fs::remove_all(root);
+}
+
 TEST_CASE("eval_batches past the val set evaluates each micro-batch once", "[train]") {
   const std::string root = temp_dir("evalcap");
   write_data(root);

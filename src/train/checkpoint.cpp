@@ -148,15 +148,16 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
 }
 
 std::string find_latest_checkpoint(const std::string& run_dir) {
-  std::ifstream f(fs::path(run_dir) / "latest");
-  std::string name;
-  if (f && std::getline(f, name)) {
-    fs::path p = fs::path(run_dir) / name;
-    if (fs::exists(p / "state.json") && fs::exists(p / "model.safetensors")) return p.string();
-  }
+  // The highest step wins, whatever `latest` says: a checkpoint directory is renamed into place
+  // whole, and a crash between that rename and the rewrite of `latest` leaves `latest` naming the
+  // one before. Resuming that one would set the newer, complete checkpoint aside (superseded-N)
+  // and train its steps again.
   auto steps = list_checkpoints(run_dir);
-  if (steps.empty()) return "";
-  return (fs::path(run_dir) / checkpoint_dir_name(steps.back())).string();
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    const fs::path p = fs::path(run_dir) / checkpoint_dir_name(*it);
+    if (fs::exists(p / "model.safetensors")) return p.string();
+  }
+  return "";
 }
 
 std::string supersede_checkpoints(const std::string& run_dir, int keep_upto) {

@@ -41,8 +41,9 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
                             const Optimizer& opt, Backend& be, const nlohmann::json& state,
                             const Config& cfg, int keep);
 
-// The newest complete checkpoint in run_dir ("" when there is none). Follows `latest`, falling
-// back to scanning ckpt-* directories if the pointer is missing or stale.
+// The newest complete checkpoint in run_dir ("" when there is none): the ckpt-* directory of the
+// highest step with a state.json and a model.safetensors. `latest` names it too, except after a
+// crash between a checkpoint's rename into place and the rewrite of `latest`.
 std::string find_latest_checkpoint(const std::string& run_dir);
 
 // Moves the complete checkpoints of run_dir with a step above `keep_upto` (all of them when it is
