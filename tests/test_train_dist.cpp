@@ -265,6 +265,32 @@ TEST_CASE("--no-resume in a used run directory: a rank killed in setup restarts 
         bytes(kRoot + "/runs/fresh_kill/ckpt-000006/model.safetensors"));
 }
 
+// One process, no launcher: SIGKILLed while the save of step 4 deletes ckpt-000002 (keep_ckpts 1),
+// after that checkpoint's state.json is gone. The deletion used to happen in place, leaving a
+// ckpt-000002 directory with some of its files that no later pruning saw (it has no state.json).
+TEST_CASE("a kill while a checkpoint is pruned leaves no part of it behind", "[dist]") {
+  setup_once();
+  const std::string o = kBin + " train " + kRoot + "/cfg.json --quiet --set train.keep_ckpts=1";
+  REQUIRE(sh(o + " --set run.name=prune_ref").rc == 0);
+  const std::string run = kRoot + "/runs/prune_kill";
+  Result k = sh("MF_FAULT_KILL_AT=prune:4 " + o + " --set run.name=prune_kill");
+  CHECK(k.rc != 0);  // killed
+  CHECK(fs::exists(run + "/ckpt-000004/state.json"));
+  Result r = sh(o + " --set run.name=prune_kill");
+  INFO(r.out);
+  REQUIRE(r.rc == 0);
+  CHECK(r.out.find("resumed from " + run + "/ckpt-000004") != std::string::npos);
+  std::vector<std::string> left;
+  for (auto& e : fs::directory_iterator(run)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("ckpt-", 0) == 0 || n.rfind(".tmp-", 0) == 0) left.push_back(n);
+  }
+  CHECK(left == std::vector<std::string>{"ckpt-000006"});
+  CHECK(losses("prune_ref") == losses("prune_kill"));
+  CHECK(bytes(kRoot + "/runs/prune_ref/ckpt-000006/model.safetensors") ==
+        bytes(run + "/ckpt-000006/model.safetensors"));
+}
+
 // Two launchers on this host stand for two nodes (--nnodes 2, one rank each, a fixed port),
 // started in the background; `env` goes before both commands, `args` after the config.
 struct TwoNodes {

@@ -1,7 +1,9 @@
 #include "train/checkpoint.h"
 
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -39,6 +41,35 @@ std::vector<int> list_checkpoints(const std::string& run_dir) {
 }
 
 namespace {
+
+// Testing aid for crash recovery: MF_FAULT_KILL_AT="prune:STEP" SIGKILLs the process part-way
+// through deleting a checkpoint that the save of step STEP prunes (or replaces), once that
+// checkpoint's state.json is gone; on the first attempt only (MF_RESTART_COUNT unset or 0).
+void fault_injection_prune(int step) {
+  const char* spec = std::getenv("MF_FAULT_KILL_AT");
+  const char* attempt = std::getenv("MF_RESTART_COUNT");
+  int s = -1;
+  if (!spec || (attempt && std::atoi(attempt) != 0) || std::sscanf(spec, "prune:%d", &s) != 1 ||
+      s != step)
+    return;
+  std::fflush(nullptr);
+  std::raise(SIGKILL);
+}
+
+// Deletes the checkpoint directory `dir` (of the save of step `step`). It is first renamed to a
+// .tmp-ckpt-* name, which the next start clears away as it does half-written ones: removed in
+// place, a crash part-way left a ckpt-NNNNNN directory holding some of its files, and once its
+// state.json was gone no later pruning saw it (list_checkpoints skips it), so it stayed.
+void remove_checkpoint_dir(const fs::path& dir, int step) {
+  const fs::path trash = dir.parent_path() / (".tmp-" + dir.filename().string() + ".old");
+  std::error_code ec;
+  fs::remove_all(trash, ec);
+  fs::rename(dir, trash, ec);
+  const fs::path gone = ec ? dir : trash;  // could not rename: delete in place as before
+  fs::remove(gone / "state.json", ec);
+  fault_injection_prune(step);
+  fs::remove_all(gone, ec);
+}
 
 void write_json(const std::string& path, const nlohmann::json& j) {
   atomic_write_text(path, j.dump(1) + "\n");
@@ -131,7 +162,7 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
 
     // Re-saving the same step (e.g. the final step after a resume) replaces the old directory.
     std::error_code ec;
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);
+    if (fs::exists(final_dir)) remove_checkpoint_dir(final_dir, step);
     fs::rename(tmp_dir, final_dir, ec);
     MF_CHECK(!ec, "cannot rename ", tmp_dir.string(), " to ", final_dir.string(), ": ",
              ec.message());
@@ -141,7 +172,7 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
     // Keep the newest `keep` checkpoints.
     auto steps = list_checkpoints(run_dir);
     for (size_t i = 0; i + size_t(std::max(keep, 1)) < steps.size(); ++i)
-      fs::remove_all(fs::path(run_dir) / checkpoint_dir_name(steps[i]), ec);
+      remove_checkpoint_dir(fs::path(run_dir) / checkpoint_dir_name(steps[i]), step);
   }
   comm.barrier();
   return final_dir.string();

@@ -314,13 +314,17 @@ void Trainer::setup() {
     MF_CHECK(!ec, "run.dir: cannot create the run directory ", run_dir_, ": ", ec.message());
     lock_run_dir();
     add_log_file((fs::path(run_dir_) / "log.txt").string());
-    // Half-written checkpoints of a crashed run are never renamed into place; clear them away.
-    for (auto& e : fs::directory_iterator(run_dir_))
-      if (e.path().filename().string().rfind(".tmp-ckpt-", 0) == 0) {
-        spdlog::warn("removing the incomplete checkpoint {} left by an earlier crash",
-                     e.path().string());
-        fs::remove_all(e.path());
-      }
+    // Half-written checkpoints of a crashed run are never renamed into place, and checkpoints
+    // being deleted (pruned) are renamed out of the way first; clear both away.
+    for (auto& e : fs::directory_iterator(run_dir_)) {
+      const std::string n = e.path().filename().string();
+      if (n.rfind(".tmp-ckpt-", 0) != 0) continue;
+      const bool old = n.size() > 4 && n.compare(n.size() - 4, 4, ".old") == 0;
+      spdlog::warn("removing {} {} left by an earlier crash",
+                   old ? "the partly deleted checkpoint" : "the incomplete checkpoint",
+                   e.path().string());
+      fs::remove_all(e.path());
+    }
   }
   if (env.distributed()) spdlog::info("distributed: {}", env.str());
   // Where the weights come from, and setting aside what this run does not continue, before
