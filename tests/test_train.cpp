@@ -197,6 +197,30 @@ TEST_CASE("a resume takes the newest complete checkpoint even when `latest` lags
   fs::remove_all(root);
 }
 
+// A kill during an atomic write (metrics.jsonl rewritten at start, `latest`, config.json...)
+// leaves its NAME.tmp.PID file; they used to pile up in the run directory, one per kill.
+TEST_CASE("a resume clears the temporary files of atomic writes a kill cut short", "[train]") {
+  const std::string root = temp_dir("atomic_tmp");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  const std::string run = root + "/run";
+  Config c = tiny_config(root, run, "adamw");
+  TrainOptions to4 = quiet;
+  to4.stop_at = 4;
+  REQUIRE(Trainer(c, to4).run().steps_done == 4);
+  for (const char* n : {"metrics.jsonl.tmp.999999", "latest.tmp.12", "config.json.tmp.7"})
+    std::ofstream(run + "/" + n) << "partial";
+  std::ofstream(run + "/notes.tmp.txt") << "a user's file";
+  REQUIRE(Trainer(c, quiet).run().steps_done == 8);
+  std::vector<std::string> left;
+  for (auto& e : fs::directory_iterator(run))
+    if (e.path().filename().string().find(".tmp") != std::string::npos)
+      left.push_back(e.path().filename().string());
+  CHECK(left == std::vector<std::string>{"notes.tmp.txt"});
+  fs::remove_all(root);
+}
+
 TEST_CASE("eval_batches past the val set evaluates each micro-batch once", "[train]") {
   const std::string root = temp_dir("evalcap");
   write_data(root);

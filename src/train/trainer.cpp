@@ -325,6 +325,18 @@ void Trainer::setup() {
                    e.path().string());
       fs::remove_all(e.path());
     }
+    // So are the temporary files of atomic writes (latest, metrics.jsonl, config.json, ...:
+    // NAME.tmp.PID, see atomic_temp_path) that a kill cut short: this process holds the run
+    // directory's lock, so none of them is being written.
+    for (auto& e : fs::directory_iterator(run_dir_)) {
+      const std::string n = e.path().filename().string();
+      const size_t dot = n.rfind(".tmp.");
+      if (dot == std::string::npos || dot == 0 || dot + 5 == n.size() || !e.is_regular_file() ||
+          n.find_first_not_of("0123456789", dot + 5) != std::string::npos)
+        continue;
+      std::error_code ec;
+      fs::remove(e.path(), ec);
+    }
   }
   if (env.distributed()) spdlog::info("distributed: {}", env.str());
   // Where the weights come from, and setting aside what this run does not continue, before
