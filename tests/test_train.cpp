@@ -314,6 +314,27 @@ TEST_CASE("run directory: --no-resume and branching set old checkpoints aside; o
   fs::remove_all(root);
 }
 
+TEST_CASE("--resume of a checkpoint the branch has since pruned says so", "[train]") {
+  const std::string root = temp_dir("prunedbranch");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  Config c = tiny_config(root, root + "/run", "adamw");  // ckpt_every 2, keep_ckpts 2, 8 steps
+  TrainOptions first = quiet;
+  first.stop_at = 2;
+  Trainer(c, first).run();
+  TrainOptions branch = quiet;
+  branch.resume = root + "/run/ckpt-000002/";  // a trailing slash used to set CKPT itself aside
+  const TrainResult rb = Trainer(c, branch).run();  // trains to 8, keeping ckpt-6 and ckpt-8
+  CHECK(rb.losses.size() == 6);
+  REQUIRE_FALSE(fs::exists(root + "/run/ckpt-000002"));
+  // The same command again (say, after a kill): it used to say only "is not a directory".
+  const std::string err = mf::test::error_of([&] { Trainer(c, branch).run(); });
+  CHECK(err.find("was probably pruned (train.keep_ckpts)") != std::string::npos);
+  CHECK(err.find("ckpt-000008. To continue that run, drop --resume") != std::string::npos);
+  fs::remove_all(root);
+}
+
 TEST_CASE("a non-finite loss stops the run and names the step", "[train]") {
   const std::string root = temp_dir("nan");
   write_data(root);

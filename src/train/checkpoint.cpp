@@ -224,9 +224,13 @@ std::string supersede_checkpoints(const std::string& run_dir, int keep_upto) {
 std::string resolve_checkpoint_dir(const std::string& path, const std::string& who) {
   MF_CHECK(fs::is_directory(path), who, ": ", path, " is not a directory (give a checkpoint "
            "directory runs/NAME/ckpt-NNNNNN or a run directory runs/NAME)");
-  const fs::path p(path);
-  if (fs::exists(p / "config.json") && fs::exists(p / "model.safetensors")) return path;
-  const std::string latest = find_latest_checkpoint(path);
+  fs::path p(path);
+  // "runs/x/ckpt-000010/" -> "runs/x/ckpt-000010": callers take parent_path() as the run
+  // directory (a trailing slash made it the checkpoint itself, and --resume of it moved the
+  // checkpoint aside as "a later one" before loading it).
+  while (!p.has_filename() && p.has_parent_path() && p != p.root_path()) p = p.parent_path();
+  if (fs::exists(p / "config.json") && fs::exists(p / "model.safetensors")) return p.string();
+  const std::string latest = find_latest_checkpoint(p.string());
   MF_CHECK(!latest.empty(), who, ": ", path, " holds no checkpoint (no config.json + "
            "model.safetensors, and no ckpt-NNNNNN directory)");
   return latest;

@@ -258,8 +258,21 @@ std::string Trainer::starting_checkpoint() const {
       spdlog::info("restart {} of the group: resuming from the latest checkpoint {} rather than "
                    "--resume {}", attempt_, ckpt, opts_.resume);
   }
-  if (ckpt.empty() && !opts_.resume.empty())
+  if (ckpt.empty() && !opts_.resume.empty()) {
+    // The same --resume command run again after the branch has trained on: its starting
+    // checkpoint is in this run directory and may have been pruned (train.keep_ckpts) since.
+    std::error_code ec;
+    fs::path want(opts_.resume);
+    if (!want.has_filename()) want = want.parent_path();  // ".../ckpt-000010/"
+    const std::string newest = find_latest_checkpoint(run_dir_);
+    MF_CHECK(fs::exists(want) || newest.empty() ||
+                 !fs::equivalent(want.parent_path(), fs::path(run_dir_), ec),
+             "train: --resume ", opts_.resume, " does not exist: it was probably pruned "
+             "(train.keep_ckpts) by the run that branched from it, whose newest checkpoint is ",
+             newest, ". To continue that run, drop --resume; to branch again, resume from a "
+             "checkpoint that exists");
     ckpt = resolve_checkpoint_dir(opts_.resume, "train: --resume");
+  }
   bool fresh = opts_.no_resume;
   if (fresh && attempt_ > 0) {
     // The launcher restarts a failed group with the same arguments: --no-resume meant "start
