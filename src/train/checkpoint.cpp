@@ -203,7 +203,10 @@ std::string supersede_checkpoints(const std::string& run_dir, int keep_upto) {
   }
   fs::create_directories(dest);
   const fs::path metrics = fs::path(run_dir) / "metrics.jsonl";
-  if (fs::exists(metrics)) fs::copy_file(metrics, dest / "metrics.jsonl");
+  if (fs::exists(metrics)) {  // whole or not at all, should a kill come mid-copy
+    fs::copy_file(metrics, dest / "metrics.jsonl.part");
+    fs::rename(dest / "metrics.jsonl.part", dest / "metrics.jsonl");
+  }
   for (int st : later) {
     const std::string name = checkpoint_dir_name(st);
     std::error_code ec;
