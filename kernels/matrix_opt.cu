@@ -151,7 +151,7 @@ __device__ __forceinline__ double clamp_eig(double x) { return x < 0.0 ? 0.0 : x
 // One block. Thread 0 takes lmax and the Schatten sum serially over descending eigenvalues
 // (the CPU's order); then every thread fills its share of f.
 __global__ void spectral_f_kernel(SpectralParams p) {
-  __shared__ double sh_scale, sh_eps;
+  __shared__ double sh_scale, sh_eps, sh_base_min;
   const SymFuncArgs& a = p.a;
   if (threadIdx.x == 0) {
     double lmax = 0, s = 0;
@@ -164,12 +164,14 @@ __global__ void spectral_f_kernel(SpectralParams p) {
     if (a.schatten_q > 0) scale *= s > 0 ? pow(s, a.schatten_pow / a.schatten_q) : 1.0;
     sh_scale = scale;
     sh_eps = a.relative_eps ? a.eps * lmax : a.eps;
+    sh_base_min = a.base_floor_rel > 0 ? a.base_floor_rel * pow(lmax, a.root) : 0.0;
   }
   __syncthreads();
-  const double scale = sh_scale, eps = sh_eps;
+  const double scale = sh_scale, eps = sh_eps, base_min = sh_base_min;
   for (int64_t k = threadIdx.x; k < p.n; k += blockDim.x) {
     const double l = clamp_eig(p.W[k] * a.input_scale);
-    const double base = pow(l, a.root) + eps;
+    double base = pow(l, a.root) + eps;
+    base = base < base_min ? base_min : base;  // std::max's rule, as on the CPU
     p.f[k] = base > 0 ? scale * pow(base, a.power) : 0.0;  // 0^negative: the null space
   }
 }

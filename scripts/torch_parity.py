@@ -577,7 +577,10 @@ class Optim:
             else:
                 V.mul_(b2).add_(S, alpha=1 - b2)
             if (t - 1) % c["precond_every"] == 0:
-                st[f"P{i}"] = sym_fn(torch, V / bc2, lambda l: 1.0 / (l.sqrt() + c["eps"]))
+                # sqrt(l) + eps floored at 2^-24 sqrt(lambda_max) (muonforge's kAsgoFloorRel)
+                floor = 2.0 ** -24 * float(torch.linalg.eigvalsh(V / bc2).clamp(min=0).max().sqrt())
+                st[f"P{i}"] = sym_fn(torch, V / bc2,
+                                     lambda l: 1.0 / (l.sqrt() + c["eps"]).clamp(min=floor))
             P = st[f"P{i}"]
             D[rs, cs] = ((P @ Md[rs, cs] if left else Md[rs, cs] @ P) / bc1).float()
         return D

@@ -288,6 +288,9 @@ TEST_CASE("cuda sym_func matches the CPU backend for every caller's arguments", 
     a.eps = 1e-8;
     a.power = -1.0;
     cases.push_back({"asgo", a});
+    a.eps = 1e-30;  // a tiny eps: the floor 2^-24 sqrt(lambda_max) sets the null space's factor
+    a.base_floor_rel = kAsgoFloorRel;
+    cases.push_back({"asgo eps 1e-30, floored", a});
   }
   for (double c : {0.0, 0.5, 0.75}) {  // Freon: relative eps, Schatten-q scaling
     SymFuncArgs a;

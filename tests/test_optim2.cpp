@@ -478,8 +478,14 @@ struct RefOpt {
         Vec gb = cut(g, CC, b.r0, b.c0, b.rows, b.cols);
         Vec G2 = left ? mm(gb, false, gb, true, n, n, b.cols) : mm(gb, true, gb, false, n, n, b.rows);
         for (size_t k = 0; k < G2.size(); ++k) s.L[bi][k] = acc ? s.L[bi][k] + G2[k] : c.beta2 * s.L[bi][k] + (1 - c.beta2) * G2[k];
-        if ((t - 1) % c.precond_every == 0)
-          s.PL[bi] = symfun(s.L[bi], n, [&](double l) { return 1.0 / (std::sqrt(std::max(l / bc2, 0.0)) + c.eps); });
+        if ((t - 1) % c.precond_every == 0) {
+          Vec w, V;  // sqrt(l) + eps is floored at 2^-24 sqrt(lambda_max) (kAsgoFloorRel)
+          jacobi(s.L[bi], n, w, V);
+          const double floor = std::sqrt(std::max(w.front() / bc2, 0.0)) / 16777216.0;
+          s.PL[bi] = symfun(s.L[bi], n, [&](double l) {
+            return 1.0 / std::max(std::sqrt(std::max(l / bc2, 0.0)) + c.eps, floor);
+          });
+        }
         Vec mb = cut(s.m, CC, b.r0, b.c0, b.rows, b.cols);
         Vec db = left ? mm(s.PL[bi], false, mb, false, b.rows, b.cols, b.rows)
                       : mm(mb, false, s.PL[bi], false, b.rows, b.cols, b.cols);
@@ -712,6 +718,16 @@ TEST_CASE("CpuBackend sym_eig / sym_func: inverse roots, Schatten scaling, relat
     for (double l : w) sq += std::pow(std::max(l, 0.0), 0.75);
     const double norm = std::pow(sq, -0.5 / 1.5);
     Vec ref = symfun(s, n, [&](double l) { return norm / (std::sqrt(std::max(l, 0.0)) + 0.1 * lmax); });
+    CHECK(rel_err(to_vec(P), ref) < 1e-5);
+    SymFuncArgs f;  // base_floor_rel: sqrt(l) + eps is raised to at least 0.3 sqrt(lmax)
+    f.root = 0.5;
+    f.power = -1;
+    f.eps = 1e-3;
+    f.base_floor_rel = 0.3;
+    be.sym_func(S, f, P);
+    ref = symfun(s, n, [&](double l) {
+      return 1.0 / std::max(std::sqrt(std::max(l, 0.0)) + 1e-3, 0.3 * std::sqrt(lmax));
+    });
     CHECK(rel_err(to_vec(P), ref) < 1e-5);
   }
 }
@@ -1016,6 +1032,57 @@ TEST_CASE("matrix optimizer state names, load errors and describe()", "[optim2]"
   Config bad_ns = make_config("muon");
   bad_ns.optim.ns = "cubic";
   CHECK_THROWS_WITH(Optimizer(bad_ns, m.list, be), Contains("optim.ns is \"cubic\""));
+}
+
+TEST_CASE("asgo at a tiny eps: a rank-deficient gradient gives a bounded direction", "[optim2]") {
+  // G = A B has rank 2 of 8. The fp32 statistic V = G G^T then has six eigenvalues at the
+  // rounding level, some of them <= 0 (clamped to 0), and the fp32 momentum has components of
+  // rounding size along them. Without a floor those get the factor 1 / eps (1e30 at 1e-30): a
+  // direction of size ~1e23. With sqrt(lambda) + eps floored at 2^-24 sqrt(lambda_max) the
+  // spectral norm of (sqrt(V) + eps)^-1 G is at most 2^24, every eps below the floor gives the
+  // same direction (eps = 0 plus the floor), and on the range of G it is still close to the
+  // polar factor (ASGO's first step is (G G^T)^-1/2 G; the fp32 product with a preconditioner
+  // of condition number up to 2^24 leaves rounding of the size of the result, as at eps 1e-6).
+  CpuBackend be;
+  Rng rng(41);
+  const int r = 8, c = 32, k = 2;
+  const Vec A = to_vec(rand_tensor({r, k}, rng)), B = to_vec(rand_tensor({k, c}, rng));
+  const Tensor G = from_vec(mm(A, false, B, false, r, c, k), {r, c});
+  const Vec g = to_vec(G);
+  // The polar factor of G projected on its range: with Qk the top-k left singular vectors,
+  // Qk^T (G G^T)^-1/2 G = (QtG QtG^T)^-1/2 QtG, QtG = Qk^T G.
+  Vec w, V;
+  jacobi(mm(g, false, g, true, r, r, c), r, w, V);
+  Vec Qk(size_t(r) * k);
+  for (int i = 0; i < r; ++i)
+    for (int j = 0; j < k; ++j) Qk[size_t(i) * k + j] = V[size_t(i) * r + j];
+  const Vec QtG = mm(Qk, true, g, false, k, c, r);
+  Vec s, Y;
+  jacobi(mm(QtG, false, QtG, true, k, k, c), k, s, Y);
+  Vec P(size_t(k) * k, 0.0);
+  for (int i = 0; i < k; ++i)
+    for (int j = 0; j < k; ++j)
+      for (int m = 0; m < k; ++m) P[size_t(i) * k + j] += Y[size_t(i) * k + m] * Y[size_t(j) * k + m] / std::sqrt(s[size_t(m)]);
+  const Vec polar = mm(P, false, QtG, false, k, c, k);
+  Tensor first;
+  for (double eps : {1e-30, 1e-20, 1.2e-38}) {
+    INFO("eps " << eps);
+    OptimConfig o;
+    o.name = "asgo";
+    o.asgo.eps = eps;
+    auto pre = make_preconditioner(o, G.shape, be);
+    Tensor D = host_tensor(G.shape);
+    pre->direction(G, 1.0f, 1, D);
+    const Vec d = to_vec(D);
+    for (double x : d) REQUIRE(std::isfinite(x));
+    CHECK(fro(d) <= 16777216.0 * std::sqrt(double(r)));  // ||D||_F <= sqrt(r) ||D||_2 <= 2^24 sqrt(r)
+    CHECK(fro(d) < 2 * std::sqrt(double(k)));             // measured 1.56; the polar factor's is 1.41
+    CHECK(rel_err(mm(Qk, true, d, false, k, c, r), polar) < 0.25);  // measured 0.08
+    if (!first.defined())
+      first = clone(D);
+    else
+      CHECK(bitwise_equal(D, first));
+  }
 }
 
 TEST_CASE("freon at c = 1/2 equals the exact polar factor; at c = 0 normalised SGD", "[optim2]") {

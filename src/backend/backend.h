@@ -55,6 +55,7 @@ struct SymFuncArgs {
   double scale = 1.0;
   double schatten_q = 0.0;   // > 0: multiply by ||sigma||_q ^ schatten_pow
   double schatten_pow = 0.0;
+  double base_floor_rel = 0.0;  // > 0: the base l^root + e is at least this times lmax^root
 };
 
 // Routing hyper-parameters of one MoE layer (model.moe).
@@ -282,7 +283,10 @@ class Backend {
   // l = max(lambda * input_scale, 0), e = eps (times the largest l when relative_eps),
   // f = scale * (l^root + e)^power, and when schatten_q > 0 scale is further multiplied by
   // (sum_i l_i^(schatten_q/2))^(schatten_pow/schatten_q) (a Schatten-q norm of the singular
-  // values sigma = sqrt(l) raised to schatten_pow). out may alias S.
+  // values sigma = sqrt(l) raised to schatten_pow). When base_floor_rel > 0 the base
+  // l^root + e is raised to at least base_floor_rel * lmax^root first (lmax: the largest l), so
+  // a negative power amplifies no direction by more than 1 / base_floor_rel relative to the
+  // top one. out may alias S.
   virtual void sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out);
   // Newton-Schulz with one (a,b,c) per iteration (coeffs holds 3*steps floats):
   // X = U / (norm_mult * ||U||_F + 1e-7), transposed when rows > cols; for each (a,b,c):

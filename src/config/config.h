@@ -98,7 +98,8 @@ struct AsgoConfig {
   double beta1 = 0.9;          // momentum (EMA of the gradient); 0: plain G
   double beta2 = 0.95;         // EMA of V; 1: accumulate V = V + G G^T (the paper's Algorithm 1)
   double eps = 1e-6;           // absolute, in gradient units; 1e-8 trains badly at CPU scale
-                               // (docs/optimizers.md, "ASGO's epsilon and root refresh")
+                               // (docs/optimizers.md, "ASGO's epsilon and root refresh");
+                               // sqrt(lambda) + eps is floored at 2^-24 sqrt(lambda_max)
 };
 
 struct FreonConfig {

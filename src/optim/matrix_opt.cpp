@@ -361,7 +361,8 @@ class Asgo final : public BlockedBase {
         a.root = 0.5;
         a.eps = c_.eps;
         a.power = -1.0;
-        be_.sym_func(V, a, P);  // (V^1/2 + eps I)^-1
+        a.base_floor_rel = kAsgoFloorRel;
+        be_.sym_func(V, a, P);  // (max(V^1/2 + eps I, 2^-24 sqrt(lambda_max)))^-1
       }
       cut(M_, b, g);
       if (left)

@@ -50,6 +50,13 @@ std::vector<float> ns_coefficients(const std::string& ns, int steps);
 constexpr float kKaonGain = 4.1f, kKaonNorm = 1.175f;
 std::vector<float> kaon_coefficients(int steps);
 
+// ASGO's preconditioner (sqrt(V) + eps I)^-1 scales no direction by more than 2^24 (1 / the
+// fp32 unit roundoff) relative to the top one: sqrt(lambda) + eps is floored at
+// 2^-24 sqrt(lambda_max). The momentum M is fp32, so its components below 2^-24 of its size are
+// rounding, and V's eigenvalues that rounding leaves at or below zero would otherwise get the
+// factor 1 / eps (1e30 at eps = 1e-30). At eps >= 2^-24 sqrt(lambda_max) the floor is inactive.
+constexpr double kAsgoFloorRel = 1.0 / 16777216.0;
+
 // One block of a (possibly stacked) matrix: rows [r0, r0 + rows) and columns [c0, c0 + cols)
 // of the [E * out, in] view of the parameter; off_l / off_r = offsets of its left / right
 // statistics (rows^2 / cols^2 floats) in the flat state buffers.

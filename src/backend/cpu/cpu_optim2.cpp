@@ -141,9 +141,10 @@ void CpuBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
     scale *= s > 0 ? std::pow(s, a.schatten_pow / a.schatten_q) : 1.0;
   }
   const double eps = a.relative_eps ? a.eps * lmax : a.eps;
+  const double base_min = a.base_floor_rel > 0 ? a.base_floor_rel * std::pow(lmax, a.root) : 0.0;
   std::vector<double> f(static_cast<size_t>(n), 0.0);
   for (int i = 0; i < n; ++i) {
-    const double base = std::pow(w[size_t(i)], a.root) + eps;
+    const double base = std::max(std::pow(w[size_t(i)], a.root) + eps, base_min);
     f[size_t(i)] = base > 0 ? scale * std::pow(base, a.power) : 0.0;  // 0^negative: null space
   }
   // out = (V diag f) V^T with dgemm.
