@@ -410,7 +410,11 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
       {R"({"optim": {"soap": {"beta2": 1.0}}})", "optim.soap.beta2", "must be in [0, 1)"},
       {R"({"optim": {"soap": {"precond_every": -2}}})", "optim.soap.precond_every", "must be > 0"},
       {R"({"optim": {"asgo": {"beta2": 0}}})", "optim.asgo.beta2", "must be in (0, 1]"},
-      {R"({"optim": {"freon": {"c": 1.0}}})", "optim.freon.c", "must be in [0, 1)"},
+      {R"({"optim": {"freon": {"c": 1.0}}})", "optim.freon.c", "must be in [0, 0.9]"},
+      // c > 0.9: the inverted spectrum of the update grows like n^((2c-1)/(2-2c)), NaN at step 2
+      {R"({"optim": {"freon": {"c": 0.95}}})", "optim.freon.c", "9e18 at c = 0.95"},
+      {R"({"optim": {"freon": {"c": 0.9000001}}})", "optim.freon.c", "must be in [0, 0.9]"},
+      {R"({"optim": {"freon": {"c": -0.1}}})", "optim.freon.c", "must be in [0, 0.9]"},
       {R"({"optim": {"kaon": {"steps": 0}}})", "optim.kaon.steps", "must be in [1, 100]"},
       {R"({"optim": {"normuon_beta2": 1.5}})", "optim.normuon_beta2", "must be in [0, 1)"},
       {R"({"optim": {"shampoo": {"blocksize": 64}}})", "optim.shampoo.blocksize", "did you mean block_size?"},
@@ -465,6 +469,9 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
   }
   // The unpatched config is valid (so each case fails for its own reason).
   CHECK_NOTHROW(mf::load_config(t.write("ok.json", small().dump())));
+  // optim.freon.c: both ends of [0, 0.9] are accepted.
+  CHECK_NOTHROW(mf::load_config(t.write("ok.json", small().dump()), {"optim.freon.c=0.9"}));
+  CHECK_NOTHROW(mf::load_config(t.write("ok.json", small().dump()), {"optim.freon.c=0"}));
   // micro_batch * seq_len * world_size past 2^63 (it used to wrap around).
   CHECK_THROWS_WITH(
       mf::load_config(t.write("ok2.json", small().dump()),

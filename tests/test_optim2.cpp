@@ -1108,6 +1108,34 @@ TEST_CASE("freon at c = 1/2 equals the exact polar factor; at c = 0 normalised S
   }
 }
 
+TEST_CASE("freon's spectrum: at most 1 for c <= 1/2, n^((2c-1)/(2-2c)) for a flat spectrum above", "[optim2]") {
+  // O = (U U^T)^-c U / ||U||_{S_q}^(1-2c) has singular values (sigma_i / ||U||_{S_q})^(1-2c).
+  // For c > 1/2 the normalisation bounds them below by 1, not above: even U = s Q [I 0] (rank n,
+  // all sigma_i = s) gives n^((2c-1)/(2-2c)) for every one of them, whatever s. This is why
+  // config validation stops optim.freon.c at 0.9 (docs/optimizers.md, "Freon's range of c").
+  CpuBackend be;
+  Rng rng(31);
+  const int n = 8, cols = 20;
+  Tensor R = rand_tensor({n, n}, rng), S = host_tensor({n, n}), Q = host_tensor({n, n});
+  be.gemm(R, false, R, true, S, 1.0f, 0.0f);
+  be.sym_eig(S, Q);
+  for (double s : {1e-3, 3.0}) {
+    Tensor U = host_tensor({n, cols});
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < cols; ++j) U.f32()[i * cols + j] = j < n ? float(s * Q.f32()[i * n + j]) : 0.0f;
+    for (double c : {0.25, 0.5, 0.75, 0.9}) {
+      INFO("s " << s << ", c " << c);
+      Tensor O = host_tensor({n, cols});
+      freon_orthogonalize(be, U, O, c, 0.0);
+      const Vec o = to_vec(O);
+      Vec w, V;
+      jacobi(mm(o, false, o, true, n, n, cols), n, w, V);
+      const double want = std::pow(double(n), (2 * c - 1) / (2 - 2 * c));  // 8^-1/3, 1, 8, 4096
+      for (double l : w) CHECK(std::sqrt(l) == Approx(want).epsilon(1e-4));
+    }
+  }
+}
+
 TEST_CASE("each matrix optimizer solves a small least-squares problem", "[optim2]") {
   // min_W 0.5 ||W X - Y||^2 / n with W [12, 20]; every optimizer must cut the loss by 10x.
   CpuBackend be;

@@ -103,7 +103,8 @@ struct AsgoConfig {
 };
 
 struct FreonConfig {
-  double c = 0.5;              // O = (G G^T)^-c G: 0 = SGD (normalised), 0.5 = Muon, > 0.5 beyond
+  double c = 0.5;              // O = (G G^T)^-c G: 0 = SGD (normalised), 0.5 = Muon, > 0.5 beyond;
+                               // in [0, 0.9] (docs/optimizers.md, "Freon's range of c")
   double eps = 1e-7;           // relative to the largest eigenvalue of G G^T
 };
 
