@@ -358,6 +358,26 @@ TEST_CASE("a non-finite loss stops the run and names the step", "[train]") {
   fs::remove_all(root);
 }
 
+TEST_CASE("a blow-up under Freon with c above 1/2 names optim.freon.c", "[train]") {
+  const std::string root = temp_dir("freonblow");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  for (double fc : {0.8, 0.5}) {
+    INFO("freon.c " << fc);
+    Config c = tiny_config(root, root + "/run" + std::to_string(int(fc * 10)), "freon");
+    c.optim.freon.c = fc;
+    c.optim.lr = 1e20;  // blows up after the first update whatever c is
+    c.optim.wd = 0;
+    c.train.eval_every = 0;
+    const std::string err = mf::test::error_of([&] { Trainer(c, quiet).run(); });
+    CHECK(err.find("non-finite") != std::string::npos);
+    CHECK(err.find("Try a lower optim.lr") != std::string::npos);
+    CHECK((err.find("optim.freon.c = 0.8 > 0.5") != std::string::npos) == (fc > 0.5));
+  }
+  fs::remove_all(root);
+}
+
 TEST_CASE("an update that blows the weights up writes no checkpoint of them", "[train]") {
   // A huge Muon lr blows up in the update itself, after the step's loss check. Such weights
   // were checkpointed (the last one with exit 0 and a NaN val loss), and then named "the last

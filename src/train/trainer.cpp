@@ -130,6 +130,17 @@ void fault_injection_setup(int rank, int attempt) {
   std::raise(SIGKILL);
 }
 
+// What to try when training blows up after an update (non-finite loss, weights or val loss).
+std::string blowup_hint(const Config& c, bool with_wd) {
+  std::string h = std::string(" Try a lower optim.lr / optim.adamw.lr") +
+                  (with_wd ? " / optim.wd" : "") + " or a longer schedule.warmup.";
+  if (c.optim.name == "freon" && c.optim.freon.c > 0.5)
+    h += " optim.freon.c = " + fmt::format("{}", c.optim.freon.c) +
+         " > 0.5 gives updates whose singular values are all >= 1 and grow with width "
+         "(docs/optimizers.md, \"Freon's range of c\"): try a c nearer 0.5.";
+  return h;
+}
+
 // Is the process `pid` gone (no such process, or a zombie nobody has reaped yet)?
 bool process_gone(long pid) {
   if (::kill(pid_t(pid), 0) != 0 && errno == ESRCH) return true;
@@ -721,7 +732,7 @@ void Trainer::check_weights_agree(int done) {
                 "); check model.init_std");
       MF_FAIL("step ", done, ": the update left non-finite weights (first: ", params[i]->name,
               "); not writing a checkpoint. ", last_good_checkpoint(run_dir_, done),
-              " Try a lower optim.lr / optim.adamw.lr / optim.wd or a longer schedule.warmup.");
+              blowup_hint(cfg_, true));
     }
   if (world_ == 1) return;
   std::string mine;
@@ -822,7 +833,7 @@ TrainResult Trainer::run() {
               step == 0 ? " No update has run yet, so the learning rate is not the cause: check "
                           "model.init_std, model.moe.route_scale and, if set, the weights of "
                           "train.init_from."
-                        : " Try a lower optim.lr / optim.adamw.lr or a longer schedule.warmup.");
+                        : blowup_hint(cfg_, false));
     }
     const double clip = clip_factor(gnorm, cfg_.optim.grad_clip);
     opt_->step(step, float(clip));
@@ -878,7 +889,7 @@ TrainResult Trainer::run() {
       // Before the checkpoint below: weights that give a non-finite loss are not worth keeping.
       MF_CHECK(std::isfinite(vl), "step ", done, ": non-finite validation loss (", vl,
                "); not writing a checkpoint. ", last_good_checkpoint(run_dir_, done),
-               " Try a lower optim.lr / optim.adamw.lr / optim.wd or a longer schedule.warmup.");
+               blowup_hint(cfg_, true));
       res.final_val_loss = vl;
       append_metrics({{"step", done}, {"val_loss", vl}});
       if (!opts_.quiet) spdlog::info("step {} | val loss {:.4f}", done, vl);
