@@ -40,7 +40,7 @@ struct ModelConfig {
   bool tie_embeddings = false;
   double init_std = 0.02;
   std::string attention = "auto";     // flash | cudnn | auto (CUDA only)
-  std::string recompute = "none";     // none | mlp | full (CUDA only)
+  std::string recompute = "none";     // none | mlp | full (both backends)
   MoeConfig moe;
   int head_dim() const { return d_model / n_heads; }
   // The number of parameters LlamaModel allocates (LlamaModel::num_params), in double: the shape
@@ -159,7 +159,7 @@ struct TrainConfig {
   int diag_every = 0;                 // > 0: spectral / attention diagnostics every N steps
   std::optional<std::string> init_from;  // Hugging Face Llama directory
   std::string device = "auto";        // auto | cpu | cuda
-  std::string precision = "bf16";     // bf16 | fp32 (CUDA); CPU is always fp32
+  std::string precision = "bf16";     // bf16 | fp32: validated, not read yet (CUDA is bf16, CPU fp32)
   bool deterministic = false;
   int zero = 0;                       // 0 | 1 (ZeRO-1 optimizer state sharding)
   double bucket_mb = 25;              // gradient all-reduce bucket size in MiB; 0 = one per tensor
