@@ -18,8 +18,10 @@
 # from build-device/ or build/ built on the device itself (scripts/device_env.sh; docs/gpu.md).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+usage() { sed -n '2,/^[^#]/{/^#/p}' "$0"; }  # the comment block above
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 OUTDIR="${1:-}"
-[ -n "$OUTDIR" ] && [ "${OUTDIR#-}" = "$OUTDIR" ] || { sed -n '2,20p' "$0"; exit 2; }
+[ -n "$OUTDIR" ] && [ "${OUTDIR#-}" = "$OUTDIR" ] || { usage; exit 2; }
 shift
 PART=1
 QUICK=0
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET="$2"; shift ;;
     --bench-steps) BENCH_STEPS="$2"; shift ;;
     --bench-warmup) BENCH_WARMUP="$2"; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
   esac
   shift

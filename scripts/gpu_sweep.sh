@@ -22,8 +22,10 @@
 #   (default .devsweep), --binary PATH (skip device_env.sh: CPU tests).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+usage() { sed -n '2,/^[^#]/{/^#/p}' "$0"; }  # the comment block above
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 OUTDIR="${1:-}"
-[ -n "$OUTDIR" ] && [ "${OUTDIR#-}" = "$OUTDIR" ] || { sed -n '2,23p' "$0"; exit 2; }
+[ -n "$OUTDIR" ] && [ "${OUTDIR#-}" = "$OUTDIR" ] || { usage; exit 2; }
 shift
 BUDGET=540
 SWEEP="$REPO/configs/sweeps/muon_vs_adamw_gpu_sitting.json"
@@ -47,7 +49,7 @@ while [ $# -gt 0 ]; do
     --tokenizer) TOKENIZER="$2"; shift ;;
     --runs-dir) SOUT="$2"; shift ;;
     --binary) BIN="$2"; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) echo "gpu_sweep: unknown option $1" >&2; exit 2 ;;
   esac
   shift

@@ -9,6 +9,7 @@
 #   MUONFORGE_CUDA=AUTO|ON|OFF   CUDA backend (default AUTO: build it when nvcc is found)
 #   MUONFORGE_BUILD_DIR=dir      build directory (default build)
 #   MUONFORGE_JOBS=n             parallel build jobs (default: nproc)
+#   MUONFORGE_NO_PIP=1           do not pip-install matplotlib (for scripts/plot.py)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
