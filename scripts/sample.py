@@ -45,13 +45,19 @@ def vocab_size_of(path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other option (--tokens, --temperature, --greedy, --top-k, --seed, --context, "
+        "--no-kv-cache, --device) goes to `muonforge sample` as it is; --prompt-ids and --ids are "
+        "set by this script.")
     ap.add_argument("path", help="checkpoint directory or run directory")
-    ap.add_argument("--prompt", default="\n")
-    ap.add_argument("--tokenizer", choices=["auto", "byte", "gpt2"], default="auto")
+    ap.add_argument("--prompt", default="\n", help="prompt text (default a newline)")
+    ap.add_argument("--tokenizer", choices=["auto", "byte", "gpt2"], default="auto",
+                    help="auto (default): byte for a vocabulary of 256, else gpt2")
     ap.add_argument("--gpt2-dir", help="folder with encoder.json + vocab.bpe (default: "
                     "$MF_GPT2_DIR or ../shared/data/tokenizers/gpt2)")
-    ap.add_argument("--binary")
+    ap.add_argument("--binary", help="muonforge binary (default: $MF_BINARY, $MUONFORGE_BINARY, "
+                    "build/muonforge, else the newest build*/muonforge)")
     args, rest = ap.parse_known_args(argv)
     for r in rest:
         if r in ("--prompt-ids", "--ids"):
