@@ -25,7 +25,10 @@ const char* kUsage =
     "transformers:\n"
     "  AutoModelForCausalLM.from_pretrained(\"OUTDIR\")\n"
     "MoE models get a \"muonforge_moe\" config.json (Llama keys + DeepSeek-V3 MoE keys, tensors\n"
-    "under the DeepSeek-V3 names) that train.init_from reads; transformers has no class for it.\n";
+    "under the DeepSeek-V3 names) that train.init_from reads; transformers has no class for it.\n"
+    "\n"
+    "options:\n"
+    "  --dtype f32|bf16  dtype of the tensors in model.safetensors (default f32)\n";
 
 const char* kImportUsage =
     "usage: muonforge import HF_DIR OUTDIR [--config BASE.json] [--set KEY=VALUE]...\n"

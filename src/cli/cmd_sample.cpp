@@ -42,6 +42,8 @@ const char* kUsage =
     "  --no-kv-cache      rerun the model's forward over the newest N tokens for every token\n"
     "                     (slower; the reference the key/value cache is tested against)\n"
     "  --ids              print token ids (the default when the vocabulary is not bytes)\n"
+    "  --device D         auto | cpu | cuda for loading the model (default: the checkpoint's\n"
+    "                     train.device); decoding with the cache always runs on the CPU\n"
     "The text goes to stdout as it is generated; a header line goes to stderr.\n";
 
 std::vector<int32_t> parse_ids(const std::string& list) {

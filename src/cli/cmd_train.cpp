@@ -24,7 +24,8 @@ const char* kTrainUsage =
     "usage: muonforge train CONFIG.json [--set key.path=value]... [--resume CKPT_DIR | --no-resume]\n"
     "\n"
     "Trains the model described by CONFIG.json (see docs/config.md). The run directory\n"
-    "(run.dir, default runs/{name}) receives config.json, log.txt, metrics.jsonl and ckpt-NNNNNN/.\n"
+    "(run.dir, default runs/{name}) receives config.json, log.txt, metrics.jsonl, mup_table.csv,\n"
+    "ckpt-NNNNNN/ and latest (the newest checkpoint's name); see README.md.\n"
     "When it already holds a checkpoint the run resumes from the latest one. One training\n"
     "process per run directory (run.dir/.lock): a second one is refused.\n"
     "\n"
@@ -45,7 +46,13 @@ const char* kEvalUsage =
     "usage: muonforge eval CKPT_DIR|RUN_DIR [--data GLOB] [--batches N] [--device auto|cpu|cuda]\n"
     "\n"
     "Evaluates the weights of a checkpoint (a run directory: its latest) on token shards\n"
-    "(default: the run's data.val) and prints the mean cross-entropy loss and perplexity.\n";
+    "(default: the run's data.val) and prints the mean cross-entropy loss and perplexity.\n"
+    "\n"
+    "options:\n"
+    "  --data GLOB    token shards to evaluate on (default: the checkpoint's data.val)\n"
+    "  --batches N    micro-batches of train.micro_batch x train.seq_len tokens (default\n"
+    "                 train.eval_batches; fewer, each read once, when the shards hold fewer)\n"
+    "  --device D     auto | cpu | cuda (default: the checkpoint's train.device)\n";
 
 
 }  // namespace
