@@ -626,19 +626,22 @@ class Optim:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("config")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("config", help="muonforge config file (e.g. configs/tiny.json)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config value for both sides (repeatable)")
+    ap.add_argument("--steps", type=int, default=10,
+                    help="steps to compare (default 10; the schedule still spans train.max_steps)")
     ap.add_argument("--tol", type=float, help="largest allowed |loss difference| (default 1e-4 "
                     "against the CPU backend, 2e-2 against CUDA)")
     ap.add_argument("--wtol", type=float, help="largest allowed relative weight difference after "
                     "the last step, per tensor (default 1e-3 against the CPU backend; against CUDA "
                     "only reported)")
     ap.add_argument("--work", help="work folder, replaced (default runs/parity-NAME)")
-    ap.add_argument("--binary")
+    ap.add_argument("--binary", help="muonforge binary (default: $MF_BINARY, $MUONFORGE_BINARY, "
+                    "build/muonforge, else the newest build*/muonforge)")
     ap.add_argument("--torch-set", action="append", default=[], metavar="KEY=VALUE",
                     help="config value for the PyTorch side only (e.g. optim.lr=0.03)")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0: PyTorch's own)")
     args = ap.parse_args(argv)
     binary = find_binary(args.binary)
     sets = []
