@@ -12,6 +12,7 @@
 
 #include <unistd.h>
 
+#include "backend/backend.h"
 #include "config/config.h"
 #include "core/error.h"
 #include "core/rng.h"
@@ -590,4 +591,13 @@ TEST_CASE("muonforge config prints the resolved config or an error", "[config][c
   CHECK_THAT(output(), Contains("missing FILE"));
   CHECK(run("--help") == 0);
   CHECK_THAT(output(), Contains("usage: muonforge config FILE"));
+}
+
+TEST_CASE("train.precision fp32 is refused on CUDA, where it is not implemented", "[config]") {
+  REQUIRE_THROWS_WITH(mf::check_precision(mf::Device::CUDA, "fp32"),
+                      Catch::Contains("train.precision is \"fp32\"") &&
+                          Catch::Contains("does not implement yet"));
+  CHECK_NOTHROW(mf::check_precision(mf::Device::CUDA, "bf16"));
+  CHECK_NOTHROW(mf::check_precision(mf::Device::CPU, "fp32"));  // the CPU computes in fp32 anyway
+  CHECK_NOTHROW(mf::check_precision(mf::Device::CPU, "bf16"));  // the default; the CPU ignores it
 }

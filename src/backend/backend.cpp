@@ -230,6 +230,13 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
 }
 
 
+void check_precision(Device device, const std::string& precision) {
+  MF_CHECK(!(device == Device::CUDA && precision == "fp32"),
+           "train.precision is \"fp32\", which the CUDA backend does not implement yet: it "
+           "computes in bf16 with fp32 master weights, gradients and optimizer state. Use "
+           "\"bf16\", or train.device \"cpu\" for an fp32 run");
+}
+
 // ---- default matrix-optimizer entries (src/optim/matrix_opt.h) -------------------------------
 
 #define MF_OPT2_UNIMPLEMENTED(op) MF_FAIL(op, " is not implemented on the ", name(), " backend")

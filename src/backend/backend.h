@@ -314,6 +314,11 @@ class Backend {
 // "cpu", "cuda" or "auto" (cuda when built with CUDA and a device is present, else cpu).
 std::unique_ptr<Backend> make_backend(const std::string& device);
 
+// train.precision against what the backend on `device` computes in: the CUDA backend trains in
+// bf16 (fp32 master weights, gradients and optimizer state), the CPU in fp32 whatever the key
+// says. "fp32" on CUDA is an error rather than a bf16 run the config does not describe.
+void check_precision(Device device, const std::string& precision);
+
 // Applies model.attention to `be`. With train.deterministic on a CUDA backend, "auto" becomes
 // "flash" and "cudnn" is an error: cuDNN's attention backward accumulates dQ with atomics, so
 // two runs are not bitwise identical.
