@@ -29,7 +29,10 @@ Precedence of values: sweep "set" < "reduced"."set" < grid < --set.
 Re-running the same command skips finished runs and resumes interrupted or failed ones (the
 trainer resumes from the run's latest checkpoint). A run whose config changed since it was
 started is an error (use another --out or delete that run). Ctrl-C stops the running trainers
-(each writes a checkpoint) and exits; run again to continue.
+(each writes a checkpoint) and exits; run again to continue. If sweep.py dies without stopping
+them (SIGKILL, the OOM killer), its trainers notice within a second (MF_LAUNCHER_PID), finish
+their step, write a checkpoint and exit; a sitting started meanwhile waits for a run directory
+a trainer still holds (its .lock) before starting that run.
 
 Results: OUT/results.csv with one line per run: run, status, each grid key, steps, tokens,
 final_train_loss, final_val_loss, flops (tokens x the model's training FLOPs per token, the
@@ -42,6 +45,7 @@ errors, 130 when interrupted.
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import itertools
 import json
@@ -238,6 +242,28 @@ def write_status(run_dir, st):
     os.replace(tmp, run_dir / "sweep_status.json")
 
 
+def lock_holder(run_dir):
+    """The pid (text, "?" when unknown) of the process holding run_dir/.lock, the trainer's flock
+    on its run directory, or None when it is free. A trainer that an earlier sitting left behind
+    (sweep.py killed with SIGKILL) holds it until it has written its checkpoint and exited; a
+    trainer started meanwhile would be refused the directory and the run marked failed."""
+    path = run_dir / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only tests: released by the close below
+        return None
+    except OSError:
+        try:
+            return path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+    finally:
+        os.close(fd)
+
+
 class Job:
     def __init__(self, run, slot, proc, logf, t0):
         self.run, self.slot, self.proc, self.logf, self.t0 = run, slot, proc, logf, t0
@@ -261,16 +287,33 @@ def run_all(todo, out, binary, jobs, use_gpus, threads):
     running, failed = [], []
     free = list(range(jobs))
     queue = list(todo)
+    waiting = set()  # runs whose directory a trainer of an earlier sitting still holds
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while queue or running:
             while queue and free and not stop["sig"]:
-                run = queue.pop(0)
+                pick = None
+                for i, r in enumerate(queue):
+                    holder = lock_holder(out / "runs" / r["name"])
+                    if holder is None:
+                        pick = i
+                        break
+                    if r["name"] not in waiting:
+                        waiting.add(r["name"])
+                        log(f"{r['name']}: its run directory is still held by pid {holder}, a "
+                            f"trainer of an earlier sitting; starting it once that one has exited")
+                if pick is None:
+                    break
+                run = queue.pop(pick)
                 slot = free.pop(0)
                 env = dict(os.environ)
                 if use_gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot)
                 env.setdefault("OMP_NUM_THREADS", str(threads))
+                # The trainer watches this process: if sweep.py dies without stopping it (SIGKILL,
+                # the OOM killer), it finishes its step, writes a checkpoint and exits instead of
+                # training on unsupervised while the next sitting waits for its run directory.
+                env["MF_LAUNCHER_PID"] = str(os.getpid())
                 run_dir = out / "runs" / run["name"]
                 run_dir.mkdir(parents=True, exist_ok=True)
                 st = read_status(run_dir)
@@ -284,7 +327,7 @@ def run_all(todo, out, binary, jobs, use_gpus, threads):
                 proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
                 running.append(Job(run, slot, proc, logf, time.time()))
-            if not running:
+            if not running and (stop["sig"] or not queue):
                 break
             time.sleep(0.2)
             for j in list(running):

@@ -9,6 +9,10 @@
 3. Resume: a one-run sweep is interrupted with SIGINT once the trainer has checkpointed, exits
    130 with the run marked interrupted; the same command resumes it from the checkpoint and
    metrics.jsonl tells one story (steps 1..N once each).
+3b. sweep.py killed with SIGKILL: its trainer stops by itself with a checkpoint (it watches
+   sweep.py through MF_LAUNCHER_PID) instead of training on as an orphan; a sitting that finds a
+   run directory still locked by a trainer waits for it instead of starting a second trainer
+   there (which the lock refuses: the run failed, exit 1).
 4. Bad sweep files are refused with a message naming the problem.
 5. plot.py's speedup measure (interpolated validation crossing, windowed training fallback).
 5d. Every shipped sweep file (configs/sweeps/*.json), full and --reduced, expands, and every
@@ -138,6 +142,82 @@ def main():
     rows = list(csv.DictReader(open(out2 / "results.csv")))
     check(len(rows) == 1 and rows[0]["status"] == "done" and int(rows[0]["tokens"]) == 200 * 64,
           "resumed run collected with all its tokens")
+
+    # 3b. sweep.py killed with SIGKILL: its trainer does not train on as an orphan but stops with a
+    # checkpoint, and the next sitting waits for a run directory a trainer still holds instead of
+    # starting a second trainer there (refused by the run-dir lock: the run failed, exit 1).
+    def gone(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            return True
+        return stat[stat.rfind(")") + 2] == "Z"
+
+    spec = json.loads(sweep2.read_text())
+    spec["name"] = "orphan"
+    spec["set"]["train.max_steps"] = 100000  # far longer than the test: it must stop by itself
+    sweep3 = tmp / "orphan.json"
+    sweep3.write_text(json.dumps(spec))
+    out3 = tmp / "orphan"
+    run_dir = out3 / "runs" / "muon-lr0.01"
+    p = subprocess.Popen(SWEEP + [str(sweep3), "--out", str(out3), "--binary", binary] + dsets,
+                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "latest").exists():
+        time.sleep(0.05)
+    check((run_dir / "latest").exists(), "orphan: the trainer checkpointed")
+    trainer = int((run_dir / ".lock").read_text().strip())
+    p.kill()  # SIGKILL: no chance to stop the trainer
+    p.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and not gone(trainer):
+        time.sleep(0.1)
+    stopped = gone(trainer)
+    if not stopped:
+        os.kill(trainer, signal.SIGKILL)
+    tlog = (out3 / "logs" / "muon-lr0.01.log").read_text()
+    check(stopped and "has exited; stopping" in tlog,
+          "a trainer whose sweep.py was SIGKILLed stops by itself within 20 s: "
+          + "\n".join(tlog.strip().splitlines()[-3:]))
+    after = tlog.split("has exited; stopping")[-1]
+    check("checkpoint " in after and "stopped by signal" in after, "... after writing a checkpoint")
+
+    spec["name"] = "held"
+    spec["set"]["train.max_steps"] = 20
+    sweep4 = tmp / "held.json"
+    sweep4.write_text(json.dumps(spec))
+    out4 = tmp / "held"
+    run_dir = out4 / "runs" / "muon-lr0.01"
+    run_dir.mkdir(parents=True)
+    import fcntl
+    holder = open(run_dir / ".lock", "w")  # stands for a trainer an earlier sitting left behind
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write("999999\n")
+    holder.flush()
+    slog = tmp / "held.log"
+    with open(slog, "w") as f:
+        p = subprocess.Popen(SWEEP + [str(sweep4), "--out", str(out4), "--binary", binary] + dsets,
+                             cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None and "still held" not in slog.read_text():
+        time.sleep(0.1)
+    time.sleep(1)  # the sweep must keep waiting, not start the run
+    waiting = p.poll() is None
+    holder.close()  # the earlier trainer exits
+    rc = p.wait(timeout=120)
+    log = slog.read_text()
+    tlog = (out4 / "logs" / "muon-lr0.01.log").read_text() if (out4 / "logs" / "muon-lr0.01.log").exists() else ""
+    check(waiting and "still held by pid 999999" in log,
+          "a sitting waits for a run directory another trainer holds: " + log.strip()[-300:])
+    check(rc == 0 and "in use by another training process" not in tlog,
+          f"... then runs it once the directory is free (rc {rc}): " + tlog.strip()[-300:])
+    steps = [json.loads(l)["step"] for l in open(run_dir / "metrics.jsonl")]
+    check(steps == list(range(1, 21)), "... to the end, steps 1..20 once")
 
     # 4. bad sweep files
     bad = tmp / "bad.json"
