@@ -26,7 +26,8 @@ runs 2 ranks through scripts/launch.py (--max-restarts 0 or 1) and SIGKILLs the 
 worker or both, waiting for orphaned workers to checkpoint and exit before the rerun.
 
 Known: `--branch-rerun same` fails when the branch point is a checkpoint of the same run directory
-that the branch has pruned since (keep_ckpts): the rerun errors "--resume: ... is not a directory".
+that the branch has pruned since (keep_ckpts): the rerun stops with "--resume ... does not exist: it
+was probably pruned ... drop --resume" (by design: the plain command continues the branch).
 """
 import argparse
 import glob
