@@ -147,12 +147,12 @@ int cmd_eval(const Args& args) {
   lo.vocab_size = cfg.model.vocab_size;
   lo.label = "--data";
   DataLoader loader(data, lo);
-  if (loader.steps_per_epoch() < batches) {  // each micro-batch once, as training's val loss
+  const int64_t avail = loader.micro_batches_per_pass();
+  if (avail < batches) {  // each micro-batch once, as training's val loss
     std::fprintf(stderr, "eval: %s holds %lld micro-batch(es) of %lld x %lld tokens, fewer than "
                  "the %d asked for: the loss is the mean over those, each read once\n",
-                 data.c_str(), (long long)loader.steps_per_epoch(), (long long)lo.B,
-                 (long long)lo.T, batches);
-    batches = int(loader.steps_per_epoch());
+                 data.c_str(), (long long)avail, (long long)lo.B, (long long)lo.T, batches);
+    batches = int(avail);
   }
   const int64_t N = lo.B * lo.T;
   std::vector<int32_t> in(N), tg(N);

@@ -117,6 +117,9 @@ class DataLoader {
   int64_t groups_in_shard(int s) const;
   // Micro-steps in one pass over all shards (sum of G_s).
   int64_t steps_per_epoch() const;
+  // Distinct micro-batches all ranks together read in that pass (steps_per_epoch * world_size):
+  // what a validation pass can cover before the loader starts over.
+  int64_t micro_batches_per_pass() const { return steps_per_epoch() * opt_.world_size; }
   int64_t total_tokens() const { return total_tokens_; }
   const DataLoaderOptions& options() const { return opt_; }
 

@@ -2,22 +2,16 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <string>
 
 #include "backend/profiler.h"
+#include "core/log.h"  // spdlog, and with it fmt::format
 #include "core/rng.h"
 #include "model/moe.h"
 
 namespace mf {
 
 namespace {
-std::string fmt(const char* f, double x) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, x);
-  return buf;
-}
-
 // Before anything is allocated: a model whose weights, gradients and residual stream alone exceed
 // the device's memory fails here with the shape keys named, not later with "out of host memory"
 // or std::bad_alloc from whichever allocation came first. A lower bound on what the model needs
@@ -36,13 +30,13 @@ void check_fits_memory(const ModelConfig& cfg, const Backend& be, int B, int T) 
   const double acts = tokens * double(cfg.d_model) * act * (double(cfg.n_layers) + 7);
   if (weights + acts <= double(mi.total)) return;
   auto size = [](double b) {
-    return b >= double(1ull << 30) ? fmt("%.1f GiB", b / double(1ull << 30))
-                                   : fmt("%.1f MiB", b / double(1ull << 20));
+    return b >= double(1ull << 30) ? fmt::format("{:.1f} GiB", b / double(1ull << 30))
+                                   : fmt::format("{:.1f} MiB", b / double(1ull << 20));
   };
   const bool gpu = be.device() == Device::CUDA;
   MF_FAIL("the model does not fit in ", gpu ? "GPU" : "host",
           " memory: its weights and gradients need ", size(weights), " (",
-          fmt("%.4g", params), " parameters x ", per_param, " bytes; ", cfg.shape_keys(),
+          fmt::format("{:.4g}", params), " parameters x ", per_param, " bytes; ", cfg.shape_keys(),
           ") and its activations at least ", size(acts), " (micro-batch ", B, " x seq_len ", T,
           " tokens), more than the ", size(double(mi.total)), " this ", gpu ? "GPU" : "machine",
           " has; make the model smaller, or lower train.micro_batch / train.seq_len");

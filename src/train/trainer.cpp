@@ -272,16 +272,16 @@ std::string Trainer::starting_checkpoint() const {
   if (ckpt.empty() && !opts_.resume.empty()) {
     // The same --resume command run again after the branch has trained on: its starting
     // checkpoint is in this run directory and may have been pruned (train.keep_ckpts) since.
-    std::error_code ec;
     fs::path want(opts_.resume);
     if (!want.has_filename()) want = want.parent_path();  // ".../ckpt-000010/"
-    const std::string newest = find_latest_checkpoint(run_dir_);
-    MF_CHECK(fs::exists(want) || newest.empty() ||
-                 !fs::equivalent(want.parent_path(), fs::path(run_dir_), ec),
-             "train: --resume ", opts_.resume, " does not exist: it was probably pruned "
-             "(train.keep_ckpts) by the run that branched from it, whose newest checkpoint is ",
-             newest, ". To continue that run, drop --resume; to branch again, resume from a "
-             "checkpoint that exists");
+    std::error_code ec;
+    if (!fs::exists(want) && fs::equivalent(want.parent_path(), fs::path(run_dir_), ec)) {
+      const std::string newest = find_latest_checkpoint(run_dir_);
+      MF_CHECK(newest.empty(), "train: --resume ", opts_.resume, " does not exist: it was "
+               "probably pruned (train.keep_ckpts) by the run that branched from it, whose "
+               "newest checkpoint is ", newest, ". To continue that run, drop --resume; to "
+               "branch again, resume from a checkpoint that exists");
+    }
     ckpt = resolve_checkpoint_dir(opts_.resume, "train: --resume");
   }
   bool fresh = opts_.no_resume;
@@ -338,22 +338,21 @@ void Trainer::setup() {
     MF_CHECK(!ec, "run.dir: cannot create the run directory ", run_dir_, ": ", ec.message());
     lock_run_dir();
     add_log_file((fs::path(run_dir_) / "log.txt").string());
-    // Half-written checkpoints of a crashed run are never renamed into place, and checkpoints
-    // being deleted (pruned) are renamed out of the way first; clear both away.
+    // What a crash or kill left behind, cleared in one pass (this process holds the run
+    // directory's lock, so nothing here is being written): half-written checkpoints, never
+    // renamed into place; checkpoints being deleted (pruned), renamed out of the way first; and
+    // the temporary files of atomic writes (latest, metrics.jsonl, config.json, ...: NAME.tmp.PID,
+    // see atomic_temp_path).
     for (auto& e : fs::directory_iterator(run_dir_)) {
       const std::string n = e.path().filename().string();
-      if (n.rfind(".tmp-ckpt-", 0) != 0) continue;
-      const bool old = n.size() > 4 && n.compare(n.size() - 4, 4, ".old") == 0;
-      spdlog::warn("removing {} {} left by an earlier crash",
-                   old ? "the partly deleted checkpoint" : "the incomplete checkpoint",
-                   e.path().string());
-      fs::remove_all(e.path());
-    }
-    // So are the temporary files of atomic writes (latest, metrics.jsonl, config.json, ...:
-    // NAME.tmp.PID, see atomic_temp_path) that a kill cut short: this process holds the run
-    // directory's lock, so none of them is being written.
-    for (auto& e : fs::directory_iterator(run_dir_)) {
-      const std::string n = e.path().filename().string();
+      if (n.rfind(".tmp-ckpt-", 0) == 0) {
+        const bool old = n.size() > 4 && n.compare(n.size() - 4, 4, ".old") == 0;
+        spdlog::warn("removing {} {} left by an earlier crash",
+                     old ? "the partly deleted checkpoint" : "the incomplete checkpoint",
+                     e.path().string());
+        fs::remove_all(e.path());
+        continue;
+      }
       const size_t dot = n.rfind(".tmp.");
       if (dot == std::string::npos || dot == 0 || dot + 5 == n.size() || !e.is_regular_file() ||
           n.find_first_not_of("0123456789", dot + 5) != std::string::npos)
@@ -425,7 +424,7 @@ void Trainer::setup() {
     // Past the val set's last micro-batch the loader starts over, and a mean over re-read
     // batches weighs the first ones twice: evaluate each once instead, and say so.
     eval_batches_ = cfg_.train.eval_batches;
-    const int64_t avail = val_loader_->steps_per_epoch() * world_;
+    const int64_t avail = val_loader_->micro_batches_per_pass();
     if (avail < eval_batches_) {
       eval_batches_ = int(avail);
       if (rank_ == 0)
@@ -720,7 +719,7 @@ void Trainer::check_weights_agree(int done) {
   // A fingerprint per parameter (its sum of squares: a fixed-order reduction, so identical
   // weights give identical bits on every rank), compared across ranks. It is also the check that
   // the step's update left the weights finite: the loss check before the update cannot see a
-  // blow-up in the update itself (optim.wd * lr > 2, say), and a checkpoint of NaN weights would
+  // blow-up in the update itself (a huge lr, say), and a checkpoint of NaN weights would
   // be offered as "the last good checkpoint" and fail again on every resume.
   const ParamList& params = model_->params();
   std::vector<const Tensor*> masters;
