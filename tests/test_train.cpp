@@ -6,11 +6,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
+#include "config/config.h"
 #include "core/rng.h"
 #include "data/loader.h"
 #include "data/shard.h"
@@ -172,6 +174,51 @@ TEST_CASE("run directory: retention, latest pointer, metrics", "[train]") {
 // naming the checkpoint before it (this is that state on disk). The resume used to follow
 // `latest`: it set the newer, complete checkpoint aside into superseded-1 and trained its steps
 // again.
+TEST_CASE("metrics.jsonl is fsynced before each checkpoint is renamed into place", "[train]") {
+  // After a power loss the newest checkpoint must not have a metrics file that stops short of
+  // it. A kill cannot show that, so the order of the system calls is checked under strace.
+  if (std::system("strace -qq -o /dev/null true > /dev/null 2>&1") != 0) {
+    WARN("no working strace (missing, or ptrace not allowed): the fsync order of metrics.jsonl "
+         "is not tested");
+    return;
+  }
+  const std::string root = temp_dir("fsync");
+  write_data(root);
+  Config c = tiny_config(root, root + "/run", "adamw");
+  c.train.max_steps = 4;
+  c.train.eval_every = 0;
+  { std::ofstream(root + "/cfg.json") << config_to_string(c) << "\n"; }
+  int rc = 0;
+  // -y prints each descriptor's path; every syscall of every thread, in order, into trace.txt.
+  const std::string out = mf::test::run_capture(
+      "strace -f -qq -y -e trace=openat,fsync,rename,renameat,renameat2 -o " + root +
+          "/trace.txt " + MF_BINARY + " train " + root + "/cfg.json --quiet",
+      &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  std::ifstream f(root + "/trace.txt");
+  std::string line;
+  bool appended = false, synced = false;  // since the last checkpoint rename
+  int renames = 0;
+  const std::regex ckpt_rename("rename\\(\"[^\"]*/\\.tmp-ckpt-(\\d+)\", \"[^\"]*/ckpt-\\d+\"");
+  while (std::getline(f, line)) {
+    if (line.find("metrics.jsonl") != std::string::npos && line.find("O_APPEND") != std::string::npos)
+      appended = true, synced = false;
+    if (line.find("fsync(") != std::string::npos && line.find("/metrics.jsonl>") != std::string::npos)
+      synced = true;
+    std::smatch m;  // the checkpoint directory's own rename (not the files inside it)
+    if (std::regex_search(line, m, ckpt_rename) && m[1] != "000000") {
+      INFO(line);
+      CHECK(appended);
+      CHECK(synced);
+      ++renames;
+      appended = synced = false;
+    }
+  }
+  CHECK(renames == 2);  // steps 2 and 4
+  fs::remove_all(root);
+}
+
 TEST_CASE("a resume takes the newest complete checkpoint even when `latest` lags behind",
           "[train]") {
   const std::string root = temp_dir("latest_lag");

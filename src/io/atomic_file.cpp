@@ -38,6 +38,16 @@ void fsync_dir(const std::string& dir) {
            "' failed: ", std::strerror(err));
 }
 
+void fsync_file(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 && errno == ENOENT) return;
+  MF_CHECK(fd >= 0, "cannot open '", path, "' to sync it: ", errno_str());
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  MF_CHECK(rc == 0, "fsync of '", path, "' failed: ", std::strerror(err));
+}
+
 AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(atomic_temp_path(path)) {
   MF_CHECK(!path.empty(), "AtomicFile: empty path");
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

@@ -35,6 +35,9 @@ void atomic_write_file(const std::string& path, const void* data, size_t n);
 void atomic_write_text(const std::string& path, const std::string& text);
 // fsync a directory so a rename inside it is durable (also used after renaming checkpoint dirs).
 void fsync_dir(const std::string& dir);
+// fsync an existing file's data (e.g. an append-only log before a checkpoint that follows it
+// becomes visible); a missing file is not an error.
+void fsync_file(const std::string& path);
 // Directory part of `path` ("." when it has none).
 std::string parent_dir(const std::string& path);
 

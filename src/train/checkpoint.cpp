@@ -159,6 +159,9 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
     write_json((tmp_dir / "state.json").string(), st);
     atomic_write_text((tmp_dir / "config.json").string(), config_to_string(cfg) + "\n");
     fsync_dir(tmp_dir.string());
+    // metrics.jsonl's records up to this step reach the disk before the checkpoint exists, so
+    // after a power loss the newest checkpoint never has a metrics file that stops short of it.
+    fsync_file((fs::path(run_dir) / "metrics.jsonl").string());
 
     // Re-saving the same step (e.g. the final step after a resume) replaces the old directory.
     std::error_code ec;
