@@ -43,7 +43,20 @@ Standard library only. Exit status: 0 when every run finished, 1 when some faile
 errors, 130 when interrupted.
 """
 
-import argparse
+import signal
+import sys
+
+
+def _interrupted(signum, frame):  # noqa: ARG001
+    print("sweep: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+# Ctrl-C before the run loop installs its own handler (imports, expanding the grid): exit 130
+# quietly, as the loop does, rather than with a KeyboardInterrupt traceback.
+signal.signal(signal.SIGINT, _interrupted)
+
+import argparse  # noqa: E402
 import csv
 import fcntl
 import hashlib
@@ -52,9 +65,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -579,6 +579,8 @@ TEST_CASE("muonforge config prints the resolved config or an error", "[config][c
   json printed = json::parse(output());
   mf::Config c = mf::load_config(root + "/configs/tiny-adamw.json", {"optim.lr=0.004"});
   CHECK(printed == mf::config_to_json(c));
+  REQUIRE(run("configs/tiny-adamw.json --set=optim.lr=0.004 --json") == 0);  // the = form
+  CHECK(json::parse(output()) == mf::config_to_json(c));
 
   CHECK(run("configs/tiny.json") == 0);
   CHECK_THAT(output(), Contains("grad_accum 2") && Contains("runs/tiny"));
@@ -590,7 +592,7 @@ TEST_CASE("muonforge config prints the resolved config or an error", "[config][c
   CHECK(run("") == 1);
   CHECK_THAT(output(), Contains("missing FILE"));
   CHECK(run("--help") == 0);
-  CHECK_THAT(output(), Contains("usage: muonforge config FILE"));
+  CHECK_THAT(output(), Contains("usage: muonforge config FILE") && Contains("--set=KEY=VALUE works too"));
 }
 
 TEST_CASE("train.precision fp32 is refused on CUDA, where it is not implemented", "[config]") {

@@ -26,6 +26,7 @@ const char* kBenchUsage =
     "\n"
     "options:\n"
     "  --set k=v          override a config value (repeatable), e.g. --set train.micro_batch=8\n"
+    "                     (--set=k=v works too)\n"
     "  --steps N          timed steps (default 10)\n"
     "  --warmup N         untimed steps first (default 3)\n"
     "  --seq-len N        shortcut: --set train.seq_len=N --set model.max_seq_len=N\n"

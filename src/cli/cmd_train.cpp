@@ -31,6 +31,7 @@ const char* kTrainUsage =
     "\n"
     "options:\n"
     "  --set k=v      override a config value, e.g. --set optim.lr=0.01 --set train.max_steps=50\n"
+    "                 (repeatable; --set=k=v works too)\n"
     "  --resume DIR   resume from this checkpoint directory (or a run directory's latest)\n"
     "  --no-resume    start from scratch even if the run directory has checkpoints; they are\n"
     "                 moved to run.dir/superseded-N/, not deleted (the same for checkpoints\n"
