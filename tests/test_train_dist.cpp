@@ -291,6 +291,25 @@ TEST_CASE("a kill while a checkpoint is pruned leaves no part of it behind", "[d
         bytes(run + "/ckpt-000006/model.safetensors"));
 }
 
+TEST_CASE("a malformed MF_FAULT_KILL_AT is an error, not a silent run", "[dist]") {
+  setup_once();
+  const std::string o = kBin + " train " + kRoot + "/cfg.json --quiet --set run.name=fault_typo";
+  for (const char* bad : {"setup", "prune:x", "3:", "-1", "steps:3"}) {
+    Result r = sh(std::string("MF_FAULT_KILL_AT=") + bad + " " + o);
+    INFO(bad << "\n" << r.out);
+    CHECK(r.rc == 1);
+    CHECK(r.out.find(std::string("MF_FAULT_KILL_AT='") + bad + "': expected STEP, STEP:RANK") !=
+          std::string::npos);
+  }
+  // The plain STEP form is rank 0's: the run dies after step 2, and a restart (attempt 1) runs on.
+  Result k = sh("MF_FAULT_KILL_AT=2 " + o);
+  CHECK(k.rc != 0);
+  Result r = sh("MF_FAULT_KILL_AT=2 MF_RESTART_COUNT=1 " + o);
+  INFO(r.out);
+  CHECK(r.rc == 0);
+  CHECK(r.out.find("resumed from " + kRoot + "/runs/fault_typo/ckpt-000002") != std::string::npos);
+}
+
 // Two launchers on this host stand for two nodes (--nnodes 2, one rank each, a fixed port),
 // started in the background; `env` goes before both commands, `args` after the config.
 struct TwoNodes {

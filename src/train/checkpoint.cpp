@@ -1,7 +1,6 @@
 #include "train/checkpoint.h"
 
 #include <algorithm>
-#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -10,6 +9,7 @@
 #include <set>
 #include <unistd.h>
 
+#include "core/fault.h"
 #include "core/log.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
@@ -42,20 +42,6 @@ std::vector<int> list_checkpoints(const std::string& run_dir) {
 
 namespace {
 
-// Testing aid for crash recovery: MF_FAULT_KILL_AT="prune:STEP" SIGKILLs the process part-way
-// through deleting a checkpoint that the save of step STEP prunes (or replaces), once that
-// checkpoint's state.json is gone; on the first attempt only (MF_RESTART_COUNT unset or 0).
-void fault_injection_prune(int step) {
-  const char* spec = std::getenv("MF_FAULT_KILL_AT");
-  const char* attempt = std::getenv("MF_RESTART_COUNT");
-  int s = -1;
-  if (!spec || (attempt && std::atoi(attempt) != 0) || std::sscanf(spec, "prune:%d", &s) != 1 ||
-      s != step)
-    return;
-  std::fflush(nullptr);
-  std::raise(SIGKILL);
-}
-
 // Deletes the checkpoint directory `dir` (of the save of step `step`). It is first renamed to a
 // .tmp-ckpt-* name, which the next start clears away as it does half-written ones: removed in
 // place, a crash part-way left a ckpt-NNNNNN directory holding some of its files, and once its
@@ -67,7 +53,7 @@ void remove_checkpoint_dir(const fs::path& dir, int step) {
   fs::rename(dir, trash, ec);
   const fs::path gone = ec ? dir : trash;  // could not rename: delete in place as before
   fs::remove(gone / "state.json", ec);
-  fault_injection_prune(step);
+  fault_point(FaultPoint::Prune, step, 0);
   fs::remove_all(gone, ec);
 }
 

@@ -19,6 +19,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include "core/fault.h"
 #include "core/log.h"
 #include "data/loader.h"
 #include "dist/buckets.h"
@@ -106,29 +107,6 @@ void* compute_stream(Backend& be) {
 
 // Peak dense bf16 FLOP/s used for MFU (H100/H200 SXM: 989 TFLOP/s); none for the CPU.
 double peak_flops(const Backend& be) { return be.device() == Device::CUDA ? 989e12 : 0.0; }
-
-// Testing aid for crash recovery: MF_FAULT_KILL_AT="STEP:RANK" makes that rank SIGKILL itself
-// right after step STEP (and its checkpoint), on the first attempt only (DistEnv::attempt 0).
-// Unset in normal use.
-void fault_injection(int done, int rank, int attempt) {
-  static const char* spec = std::getenv("MF_FAULT_KILL_AT");
-  if (!spec || attempt != 0) return;
-  int step = -1, r = 0;
-  if (std::sscanf(spec, "%d:%d", &step, &r) >= 1 && step == done && r == rank) {
-    std::fflush(nullptr);
-    std::raise(SIGKILL);
-  }
-}
-
-// MF_FAULT_KILL_AT=setup:RANK: SIGKILL rank RANK in setup on the first attempt, once the run
-// directory is settled and before the model is built (tests of restarts that begin in setup).
-void fault_injection_setup(int rank, int attempt) {
-  const char* spec = std::getenv("MF_FAULT_KILL_AT");
-  int r = -1;
-  if (!spec || attempt != 0 || std::sscanf(spec, "setup:%d", &r) != 1 || r != rank) return;
-  std::fflush(nullptr);
-  std::raise(SIGKILL);
-}
 
 // What to try when training blows up after an update (non-finite loss, weights or val loss).
 std::string blowup_hint(const Config& c, bool with_wd) {
@@ -368,7 +346,7 @@ void Trainer::setup() {
   // earlier run's later checkpoints.
   const std::string ckpt = starting_checkpoint();
   if (rank_ == 0) set_aside_later_checkpoints(ckpt);
-  fault_injection_setup(rank_, attempt_);
+  fault_point(FaultPoint::Setup, 0, rank_);
 
   be_ = make_backend(cfg_.train.device);
   check_precision(be_->device(), cfg_.train.precision);
@@ -904,7 +882,7 @@ TrainResult Trainer::run() {
                           cfg_.train.keep_ckpts, *comm_, sharded_);
       if (!opts_.quiet) spdlog::info("checkpoint {}", res.last_checkpoint);
     }
-    fault_injection(done, rank_, attempt_);
+    fault_point(FaultPoint::Step, done, rank_);
     if (stopping) {
       if (stop_requested())
         spdlog::warn("stopped by signal {} after step {}; resume with the same command",
