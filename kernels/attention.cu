@@ -48,21 +48,25 @@ struct AttnTraits<128> {
   static constexpr int kDkvQueries = 32;  // dk + dv accumulators already take 128 registers
 };
 
-struct AttnParams {
-  const bf16* q;
-  const bf16* k;
-  const bf16* v;
-  const bf16* out;
-  const bf16* dout;
-  bf16* o;
-  bf16* dq;
-  bf16* dk;
-  bf16* dv;
+// E: the activation dtype. The tensor-core kernels take bf16 (AttnParams); the SIMT kernels
+// either (f32 for train.precision "fp32").
+template <class E>
+struct AttnParamsT {
+  const E* q;
+  const E* k;
+  const E* v;
+  const E* out;
+  const E* dout;
+  E* o;
+  E* dq;
+  E* dk;
+  E* dv;
   float* lse;  // [B,H,T]
   float* D;    // [B,H,T] rowsum(dout * out), backward
   int B, T, H, Hkv, group, hd;
   float scale, scale_log2;
 };
+using AttnParams = AttnParamsT<bf16>;
 
 // A fragment of k-chunk kk from f32 accumulators laid out as [n-tile][4].
 template <int NT>
@@ -508,50 +512,51 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dkdv_tc_kernel(AttnPara
 
 // ---- D = rowsum(dout * out) -------------------------------------------------------------------
 // One warp per (b, t, h) row, any head dim.
-__global__ void attn_bwd_rowdot_kernel(AttnParams p) {
+template <class T>
+__global__ void attn_bwd_rowdot_kernel(AttnParamsT<T> p) {
   const int64_t it = int64_t(blockIdx.x) * kSimtWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t rows = int64_t(p.B) * p.T * p.H;
   if (it >= rows) return;
-  const bf16* a = p.dout + it * p.hd;
-  const bf16* o = p.out + it * p.hd;
+  const T* a = p.dout + it * p.hd;
+  const T* o = p.out + it * p.hd;
   float s = 0.f;
-  for (int c = lane; c < p.hd; c += kWarp) s += __bfloat162float(a[c]) * __bfloat162float(o[c]);
+  for (int c = lane; c < p.hd; c += kWarp) s += to_f(a[c]) * to_f(o[c]);
   s = warp_sum(s);
   const int64_t h = it % p.H, t = (it / p.H) % p.T, b = it / (int64_t(p.H) * p.T);
   if (lane == 0) p.D[(b * p.H + h) * p.T + t] = s;
 }
 
 // ---- SIMT fallback: one warp per row, NPER head-dim elements per lane (hd <= 32 * NPER) -------
-template <int NPER>
-__device__ __forceinline__ void load_row(float (&x)[NPER], const bf16* p, int hd, int lane) {
+template <int NPER, class T>
+__device__ __forceinline__ void load_row(float (&x)[NPER], const T* p, int hd, int lane) {
 #pragma unroll
   for (int i = 0; i < NPER; ++i) {
     const int c = lane + i * kWarp;
-    x[i] = c < hd ? __bfloat162float(p[c]) : 0.f;
+    x[i] = c < hd ? to_f(p[c]) : 0.f;
   }
 }
-template <int NPER>
-__device__ __forceinline__ float row_dot(const float (&x)[NPER], const bf16* p, int hd, int lane) {
+template <int NPER, class T>
+__device__ __forceinline__ float row_dot(const float (&x)[NPER], const T* p, int hd, int lane) {
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < NPER; ++i) {
     const int c = lane + i * kWarp;
-    if (c < hd) s += x[i] * __bfloat162float(p[c]);
+    if (c < hd) s += x[i] * to_f(p[c]);
   }
   return warp_sum(s);
 }
-template <int NPER>
-__device__ __forceinline__ void store_row(bf16* p, const float (&x)[NPER], float scale, int hd, int lane) {
+template <int NPER, class T>
+__device__ __forceinline__ void store_row(T* p, const float (&x)[NPER], float scale, int hd, int lane) {
 #pragma unroll
   for (int i = 0; i < NPER; ++i) {
     const int c = lane + i * kWarp;
-    if (c < hd) p[c] = __float2bfloat16(x[i] * scale);
+    if (c < hd) p[c] = from_f<T>(x[i] * scale);
   }
 }
 
-template <int NPER>
-__global__ void attn_fwd_simt_kernel(AttnParams p) {
+template <class T, int NPER>
+__global__ void attn_fwd_simt_kernel(AttnParamsT<T> p) {
   const int64_t it = int64_t(blockIdx.x) * kSimtWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (it >= int64_t(p.B) * p.H * p.T) return;
@@ -571,7 +576,7 @@ __global__ void attn_fwd_simt_kernel(AttnParams p) {
 #pragma unroll
     for (int i = 0; i < NPER; ++i) {
       const int c = lane + i * kWarp;
-      acc[i] = acc[i] * corr + (c < p.hd ? pj * __bfloat162float(p.v[kv + c]) : 0.f);
+      acc[i] = acc[i] * corr + (c < p.hd ? pj * to_f(p.v[kv + c]) : 0.f);
     }
     m = mn;
   }
@@ -579,8 +584,8 @@ __global__ void attn_fwd_simt_kernel(AttnParams p) {
   if (lane == 0) p.lse[(int64_t(b) * p.H + h) * p.T + t] = m + logf(l);
 }
 
-template <int NPER>
-__global__ void attn_bwd_dq_simt_kernel(AttnParams p) {
+template <class T, int NPER>
+__global__ void attn_bwd_dq_simt_kernel(AttnParamsT<T> p) {
   const int64_t it = int64_t(blockIdx.x) * kSimtWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (it >= int64_t(p.B) * p.H * p.T) return;
@@ -601,14 +606,14 @@ __global__ void attn_bwd_dq_simt_kernel(AttnParams p) {
 #pragma unroll
     for (int i = 0; i < NPER; ++i) {
       const int c = lane + i * kWarp;
-      if (c < p.hd) acc[i] += ds * __bfloat162float(p.k[kv + c]);
+      if (c < p.hd) acc[i] += ds * to_f(p.k[kv + c]);
     }
   }
   store_row<NPER>(p.dq + qa, acc, p.scale, p.hd, lane);
 }
 
-template <int NPER>
-__global__ void attn_bwd_dkdv_simt_kernel(AttnParams p) {
+template <class T, int NPER>
+__global__ void attn_bwd_dkdv_simt_kernel(AttnParamsT<T> p) {
   const int64_t it = int64_t(blockIdx.x) * kSimtWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (it >= int64_t(p.B) * p.Hkv * p.T) return;
@@ -629,8 +634,8 @@ __global__ void attn_bwd_dkdv_simt_kernel(AttnParams p) {
       for (int i = 0; i < NPER; ++i) {
         const int c = lane + i * kWarp;
         if (c < p.hd) {
-          ak[i] += ds * __bfloat162float(p.q[qa + c]);
-          av[i] += pj * __bfloat162float(p.dout[qa + c]);
+          ak[i] += ds * to_f(p.q[qa + c]);
+          av[i] += pj * to_f(p.dout[qa + c]);
         }
       }
     }
@@ -691,26 +696,34 @@ void launch_attn_bwd_tc(const AttnParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
-template <int NPER>
-void launch_attn_simt(const AttnParams& p, bool backward, cudaStream_t stream) {
+template <class T, int NPER>
+void launch_attn_simt(const AttnParamsT<T>& p, bool backward, cudaStream_t stream) {
   const int threads = kSimtWarpsPerBlock * kWarp;
   const int64_t qrows = int64_t(p.B) * p.H * p.T, kvrows = int64_t(p.B) * p.Hkv * p.T;
   if (!backward) {
-    attn_fwd_simt_kernel<NPER><<<unsigned(ceil_div(qrows, kSimtWarpsPerBlock)), threads, 0, stream>>>(p);
+    attn_fwd_simt_kernel<T, NPER><<<unsigned(ceil_div(qrows, kSimtWarpsPerBlock)), threads, 0, stream>>>(p);
     CUDA_CHECK_LAUNCH();
     return;
   }
-  attn_bwd_dq_simt_kernel<NPER><<<unsigned(ceil_div(qrows, kSimtWarpsPerBlock)), threads, 0, stream>>>(p);
+  attn_bwd_dq_simt_kernel<T, NPER><<<unsigned(ceil_div(qrows, kSimtWarpsPerBlock)), threads, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
-  attn_bwd_dkdv_simt_kernel<NPER><<<unsigned(ceil_div(kvrows, kSimtWarpsPerBlock)), threads, 0, stream>>>(p);
+  attn_bwd_dkdv_simt_kernel<T, NPER><<<unsigned(ceil_div(kvrows, kSimtWarpsPerBlock)), threads, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }
 
-void dispatch_simt(const AttnParams& p, bool backward, cudaStream_t stream) {
-  if (p.hd <= 32) return launch_attn_simt<1>(p, backward, stream);
-  if (p.hd <= 64) return launch_attn_simt<2>(p, backward, stream);
-  if (p.hd <= 128) return launch_attn_simt<4>(p, backward, stream);
-  launch_attn_simt<8>(p, backward, stream);
+template <class T>
+void launch_rowdot(const AttnParamsT<T>& p, int64_t rows, cudaStream_t stream) {
+  attn_bwd_rowdot_kernel<T><<<unsigned(ceil_div(rows, kSimtWarpsPerBlock)), kSimtWarpsPerBlock * kWarp,
+                              0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void dispatch_simt(const AttnParamsT<T>& p, bool backward, cudaStream_t stream) {
+  if (p.hd <= 32) return launch_attn_simt<T, 1>(p, backward, stream);
+  if (p.hd <= 64) return launch_attn_simt<T, 2>(p, backward, stream);
+  if (p.hd <= 128) return launch_attn_simt<T, 4>(p, backward, stream);
+  launch_attn_simt<T, 8>(p, backward, stream);
 }
 
 // ---- entries ----------------------------------------------------------------------------------
@@ -726,8 +739,9 @@ void check_kernel_limits(const char* op, const AttnShape& s) {
            int64_t(s.B) * s.H, " exceeds the grid limit 65535");
 }
 
-AttnParams make_params(const AttnShape& s) {
-  AttnParams p{};
+template <class T>
+AttnParamsT<T> make_params(const AttnShape& s) {
+  AttnParamsT<T> p{};
   p.B = s.B; p.T = s.T; p.H = s.H; p.Hkv = s.Hkv; p.group = s.H / s.Hkv; p.hd = s.hd;
   p.scale = s.scale;
   p.scale_log2 = s.scale * kLog2e;
@@ -745,9 +759,11 @@ bool use_tensor_cores(const AttnShape& s, std::initializer_list<const void*> ptr
 
 namespace {
 
-void check_act(const char* op, const char* name, const Tensor& t, const AttnShape& s, int heads) {
+// Every activation has q's dtype (bf16, or f32 for train.precision "fp32").
+void check_act(const char* op, const char* name, const Tensor& t, const AttnShape& s, int heads,
+               DType dt) {
   check_dev(op, name, t);
-  check_dtype(op, name, t, DType::BF16);
+  check_dtype(op, name, t, dt);
   MF_CHECK(t.numel() == int64_t(s.B) * s.T * heads * s.hd, op, ": ", describe(name, t),
            " must have B*T*", heads, "*hd = ", int64_t(s.B) * s.T * heads * s.hd, " elements");
 }
@@ -795,10 +811,11 @@ void check_attention_shape(const char* op, const AttnShape& s) {
 void check_attention_fwd_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
                               const Tensor& out, const Tensor& lse, const AttnShape& s) {
   check_attention_shape(op, s);
-  check_act(op, "q", q, s, s.H);
-  check_act(op, "k", k, s, s.Hkv);
-  check_act(op, "v", v, s, s.Hkv);
-  check_act(op, "out", out, s, s.H);
+  check_float(op, "q", q);
+  check_act(op, "q", q, s, s.H, q.dtype);
+  check_act(op, "k", k, s, s.Hkv, q.dtype);
+  check_act(op, "v", v, s, s.Hkv, q.dtype);
+  check_act(op, "out", out, s, s.H, q.dtype);
   check_lse(op, lse, s);
 }
 
@@ -807,10 +824,10 @@ void check_attention_bwd_args(const char* op, const Tensor& dout, const Tensor& 
                               const Tensor& lse, const Tensor& dq, const Tensor& dk,
                               const Tensor& dv, const AttnShape& s) {
   check_attention_fwd_args(op, q, k, v, out, lse, s);
-  check_act(op, "dout", dout, s, s.H);
-  check_act(op, "dq", dq, s, s.H);
-  check_act(op, "dk", dk, s, s.Hkv);
-  check_act(op, "dv", dv, s, s.Hkv);
+  check_act(op, "dout", dout, s, s.H, q.dtype);
+  check_act(op, "dq", dq, s, s.H, q.dtype);
+  check_act(op, "dk", dk, s, s.Hkv, q.dtype);
+  check_act(op, "dv", dv, s, s.Hkv, q.dtype);
 }
 
 void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -818,7 +835,16 @@ void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Te
   const char* op = "attention_fwd";
   check_attention_fwd_args(op, q, k, v, out, lse, s);
   check_kernel_limits(op, s);
-  AttnParams p = make_params(s);
+  if (q.dtype == DType::F32) {  // train.precision "fp32": the SIMT kernels in f32
+    AttnParamsT<float> p = make_params<float>(s);
+    p.q = q.data<float>();
+    p.k = k.data<float>();
+    p.v = v.data<float>();
+    p.o = out.data<float>();
+    p.lse = lse.data<float>();
+    return dispatch_simt(p, false, ctx.stream);
+  }
+  AttnParams p = make_params<bf16>(s);
   p.q = static_cast<const bf16*>(q.ptr);
   p.k = static_cast<const bf16*>(k.ptr);
   p.v = static_cast<const bf16*>(v.ptr);
@@ -841,7 +867,25 @@ void op_attention_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& q, const
   const char* op = "attention_bwd";
   check_attention_bwd_args(op, dout, q, k, v, out, lse, dq, dk, dv, s);
   check_kernel_limits(op, s);
-  AttnParams p = make_params(s);
+  const int64_t rows = int64_t(s.B) * s.H * s.T;
+  Arena ar(ctx.scratch->get(size_t(rows) * sizeof(float)));
+  float* D = ar.take<float>(size_t(rows));
+  if (q.dtype == DType::F32) {  // train.precision "fp32": the SIMT kernels in f32
+    AttnParamsT<float> p = make_params<float>(s);
+    p.q = q.data<float>();
+    p.k = k.data<float>();
+    p.v = v.data<float>();
+    p.out = out.data<float>();
+    p.dout = dout.data<float>();
+    p.dq = dq.data<float>();
+    p.dk = dk.data<float>();
+    p.dv = dv.data<float>();
+    p.lse = lse.data<float>();
+    p.D = D;
+    launch_rowdot(p, rows, ctx.stream);
+    return dispatch_simt(p, true, ctx.stream);
+  }
+  AttnParams p = make_params<bf16>(s);
   p.q = static_cast<const bf16*>(q.ptr);
   p.k = static_cast<const bf16*>(k.ptr);
   p.v = static_cast<const bf16*>(v.ptr);
@@ -851,12 +895,8 @@ void op_attention_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& q, const
   p.dk = static_cast<bf16*>(dk.ptr);
   p.dv = static_cast<bf16*>(dv.ptr);
   p.lse = lse.data<float>();
-  const int64_t rows = int64_t(s.B) * s.H * s.T;
-  Arena ar(ctx.scratch->get(size_t(rows) * sizeof(float)));
-  p.D = ar.take<float>(size_t(rows));
-  attn_bwd_rowdot_kernel<<<unsigned(ceil_div(rows, kSimtWarpsPerBlock)), kSimtWarpsPerBlock * kWarp,
-                           0, ctx.stream>>>(p);
-  CUDA_CHECK_LAUNCH();
+  p.D = D;
+  launch_rowdot(p, rows, ctx.stream);
   if (use_tensor_cores(s, {dout.ptr, q.ptr, k.ptr, v.ptr, dq.ptr, dk.ptr, dv.ptr})) {
     MF_CHECK((s.hd == 64 ? bwd_smem<64>() : bwd_smem<128>()) <= ctx.max_smem_optin, op,
              ": the device has too little shared memory");

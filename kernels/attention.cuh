@@ -7,8 +7,9 @@
 namespace mf::cuda {
 
 // Argument checks shared by every attention path (these kernels and cuDNN's): all sizes > 0,
-// H a multiple of Hkv, scale > 0; device bf16 activations of B*T*heads*hd elements (q, out, dout,
-// dq: H heads; k, v, dk, dv: Hkv); device f32 lse of B*H*T. Errors name op and tensor.
+// H a multiple of Hkv, scale > 0; device activations of B*T*heads*hd elements, all of q's float
+// dtype (q, out, dout, dq: H heads; k, v, dk, dv: Hkv); device f32 lse of B*H*T. Errors name op
+// and tensor. cuDNN's path also requires bf16.
 void check_attention_shape(const char* op, const AttnShape& s);
 void check_attention_fwd_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
                               const Tensor& out, const Tensor& lse, const AttnShape& s);
@@ -23,11 +24,12 @@ void check_attention_bwd_args(const char* op, const Tensor& dout, const Tensor& 
 int attention_fwd_mtiles();
 void set_attention_fwd_mtiles(int mt);
 
-// q, out [B,T,H,hd] bf16; k, v [B,T,Hkv,hd] bf16 (any shape with those element counts);
-// lse f32 [B,H,T] (natural log of sum exp(scale q.k) over keys j <= t).
+// q, out [B,T,H,hd]; k, v [B,T,Hkv,hd] (any shape with those element counts), bf16 (tensor
+// cores for hd 64 and 128 on 16-byte aligned data, else SIMT) or f32 (SIMT, for
+// train.precision "fp32"); lse f32 [B,H,T] (natural log of sum exp(scale q.k) over keys j <= t).
 void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                       Tensor& out, Tensor& lse, const AttnShape& s);
-// dq, dk, dv (=), bf16, shapes of q, k, v. Deterministic (no atomics): dq by query tile, then
+// dq, dk, dv (=), q's dtype, shapes of q, k, v. Deterministic (no atomics): dq by query tile, then
 // dk/dv by key tile looping over the query heads of the group and the query tiles in order.
 void op_attention_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& out, const Tensor& lse, Tensor& dq,

@@ -284,13 +284,13 @@ void run_newton_schulz(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
 }
 
 void op_newton_schulz(const Ctx& ctx, const Tensor& U, Tensor& O, int steps, float a, float b,
-                      float c) {
+                      float c, DType dt) {
   const char* op = "newton_schulz";
   check_ns_stack(op, U, O);
   MF_CHECK(steps >= 0, op, ": steps must be >= 0, got ", steps);
   std::vector<float> coeffs;
   for (int i = 0; i < steps; ++i) coeffs.insert(coeffs.end(), {a, b, c});
-  run_newton_schulz(ctx, DType::BF16, U, O, coeffs, 1.0);
+  run_newton_schulz(ctx, dt, U, O, coeffs, 1.0);
 }
 
 }  // namespace mf::cuda

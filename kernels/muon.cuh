@@ -14,9 +14,10 @@ void op_muon_momentum(const Ctx& ctx, const Tensor& g, Tensor& M, Tensor& U, flo
 // X_s = U_s / (||U_s||_F + 1e-7) in bf16, transposed to [min, max] when r > c; `steps` times:
 // A = X X^T; B = b A + c A A; X = a X + B X — three strided-batched cuBLASLt bf16 GEMMs with
 // fp32 accumulation per step (one call each for all k slices), no host synchronisation (the
-// norms stay on the device); the result is cast back to f32 (transposed back).
+// norms stay on the device); the result is cast back to f32 (transposed back). dt = F32 keeps
+// X in f32 (f32 GEMMs, no TF32) for train.precision "fp32".
 void op_newton_schulz(const Ctx& ctx, const Tensor& U, Tensor& O, int steps, float a, float b,
-                      float c);
+                      float c, DType dt = DType::BF16);
 
 // The shared implementation of op_newton_schulz (dt = BF16, one (a,b,c) repeated) and
 // op_newton_schulz_coeffs (dt = F32, kernels/matrix_opt.cu): U, O f32 [r,c] or [k,r,c], already

@@ -7,7 +7,7 @@
 namespace mf::cuda {
 
 constexpr int kXentThreads = 512;                      // one block per row of logits
-constexpr size_t kXentScratchBytes = size_t(256) << 20;  // logits f32 + dlogits bf16 per chunk
+constexpr size_t kXentScratchBytes = size_t(256) << 20;  // logits f32 + dlogits (x's dtype) per chunk
 constexpr int64_t kXentRowAlign = 64;                  // chunk rows rounded down to this (GEMM tiles)
 // Row pitch of the logits / dlogits scratch, in elements: V rounded up to a multiple of 8, so
 // every row starts 16-byte aligned in bf16 and f32 whatever V is (GPT-2's 50257 is odd). With a
@@ -18,9 +18,10 @@ constexpr int64_t kXentLdAlign = 8;
 constexpr int kXentVec = 8;  // columns per vector step of the row kernel (kXentLdAlign keeps rows aligned)
 static_assert(kXentLdAlign % kXentVec == 0, "xent rows must stay 32-byte aligned for the vector loads");
 
+template <class T>
 struct XentParams {
   const float* logits;     // [rows, ld] (first V columns used)
-  bf16* dlogits;           // [rows, ld] or nullptr (no gradient)
+  T* dlogits;              // [rows, ld] or nullptr (no gradient); bf16, or f32 for fp32 runs
   const int32_t* targets;  // [rows] (already offset to the chunk)
   float* losses;           // [rows]
   int64_t V;
@@ -36,7 +37,8 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
   m = mn;
 }
 
-__global__ void __launch_bounds__(kXentThreads) xent_row_kernel(XentParams p) {
+template <class T>
+__global__ void __launch_bounds__(kXentThreads) xent_row_kernel(XentParams<T> p) {
   __shared__ float red_m[kXentThreads / kWarp];
   __shared__ float red_s[kXentThreads / kWarp];
   const int64_t row = blockIdx.x;
@@ -86,7 +88,7 @@ __global__ void __launch_bounds__(kXentThreads) xent_row_kernel(XentParams p) {
   const bool valid = y >= 0 && int64_t(y) < p.V;
   if (tid == 0) p.losses[row] = valid ? lse - z[y] : __int_as_float(0x7fc00000);
   if (!p.dlogits) return;
-  bf16* dl = p.dlogits + row * p.ld;
+  T* dl = p.dlogits + row * p.ld;
   for (int64_t i = tid; i < nvec; i += kXentThreads) {
     float g[kXentVec];
     load_f<kXentVec>(z + i * kXentVec, g);
@@ -95,26 +97,79 @@ __global__ void __launch_bounds__(kXentThreads) xent_row_kernel(XentParams p) {
       g[k] = p.gscale * expf(g[k] - lse);
       if (i * kXentVec + k == y) g[k] -= p.gscale;
     }
-    store_f<kXentVec>(dl + i * kXentVec, g);  // one 16-byte store
+    store_f<kXentVec>(dl + i * kXentVec, g);  // 16-byte vector stores (one in bf16, two in f32)
   }
   for (int64_t j = nvec * kXentVec + tid; j < p.V; j += kXentThreads) {
     float g = p.gscale * expf(z[j] - lse);
     if (j == y) g -= p.gscale;
-    dl[j] = __float2bfloat16(g);
+    dl[j] = from_f<T>(g);
   }
 }
 
-void launch_xent_rows(const XentParams& p, int64_t rows, cudaStream_t stream) {
+template <class T>
+void launch_xent_rows(const XentParams<T>& p, int64_t rows, cudaStream_t stream) {
   if (rows == 0) return;
-  xent_row_kernel<<<unsigned(rows), kXentThreads, 0, stream>>>(p);
+  xent_row_kernel<T><<<unsigned(rows), kXentThreads, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void lmhead_xent_t(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tensor& targets,
+                   float logit_scale, Tensor& losses, Tensor* dx, Tensor* dW, float loss_scale) {
+  const int64_t V = W.dim(0), d = W.dim(1), N = x.numel() / d;
+  const bool grads = dx || dW;
+  const int64_t ld = ceil_div(V, kXentLdAlign) * kXentLdAlign;
+  const size_t row_bytes = size_t(ld) * (sizeof(float) + (grads ? sizeof(T) : 0));
+  int64_t R = std::max<int64_t>(1, int64_t(kXentScratchBytes / row_bytes));
+  if (R >= kXentRowAlign) R = R / kXentRowAlign * kXentRowAlign;
+  R = std::min(R, N);
+
+  Arena sz;
+  sz.take<float>(size_t(R * ld));
+  if (grads) sz.take<T>(size_t(R * ld));
+  Arena ar(ctx.scratch->get(sz.used()));
+  float* logits = ar.take<float>(size_t(R * ld));
+  T* dlogits = grads ? ar.take<T>(size_t(R * ld)) : nullptr;
+
+  const T* xp = static_cast<const T*>(x.ptr);
+  const DType dt = x.dtype;
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t rows = std::min(R, N - r0);
+    GemmArgs g;  // logits[rows,V] = logit_scale * x[r0:r0+rows] W^T
+    g.transB = true;
+    g.M = rows; g.N = V; g.K = d;
+    g.A = xp + r0 * d; g.lda = d; g.B = W.ptr; g.ldb = d; g.D = logits; g.ldd = ld;
+    g.ab = dt; g.cd = DType::F32; g.alpha = logit_scale; g.beta = 0.f;
+    ctx.lt->gemm(g);
+
+    XentParams<T> p{logits, dlogits, targets.data<int32_t>() + r0, losses.data<float>() + r0, V, ld,
+                 loss_scale * logit_scale};
+    launch_xent_rows(p, rows, ctx.stream);
+
+    if (dx) {
+      GemmArgs h;  // dx[rows,d] (=) dlogits[rows,V] W[V,d]
+      h.M = rows; h.N = d; h.K = V;
+      h.A = dlogits; h.lda = ld; h.B = W.ptr; h.ldb = d;
+      h.D = static_cast<T*>(dx->ptr) + r0 * d; h.ldd = d;
+      h.ab = dt; h.cd = dt; h.alpha = 1.f; h.beta = 0.f;
+      ctx.lt->gemm(h);
+    }
+    if (dW) {
+      GemmArgs h;  // dW[V,d] += dlogits^T[V,rows] x[rows,d]
+      h.transA = true;
+      h.M = V; h.N = d; h.K = rows;
+      h.A = dlogits; h.lda = ld; h.B = xp + r0 * d; h.ldb = d; h.D = dW->ptr; h.ldd = d;
+      h.ab = dt; h.cd = dW->dtype; h.alpha = 1.f; h.beta = 1.f;
+      ctx.lt->gemm(h);
+    }
+  }
 }
 
 void op_lmhead_xent(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tensor& targets,
                     float logit_scale, Tensor& losses, Tensor* dx, Tensor* dW, float loss_scale) {
   const char* op = "lmhead_xent";
-  check_dtype(op, "x", x, DType::BF16);
-  check_dtype(op, "W", W, DType::BF16);
+  check_float(op, "x", x);  // bf16, or f32 for train.precision "fp32"
+  check_dtype(op, "W", W, x.dtype);
   check_dtype(op, "targets", targets, DType::I32);
   check_dtype(op, "losses", losses, DType::F32);
   MF_CHECK(W.ndim() == 2, op, ": ", describe("W", W), " must be [V,d]");
@@ -124,7 +179,7 @@ void op_lmhead_xent(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tens
   check_numel(op, "targets", targets, N, "one per row of x");
   check_numel(op, "losses", losses, N, "one per row of x");
   if (dx) {
-    check_dtype(op, "dx", *dx, DType::BF16);
+    check_dtype(op, "dx", *dx, x.dtype);
     MF_CHECK(dx->numel() == x.numel(), op, ": ", describe("dx", *dx), " must match ",
              describe("x", x));
   }
@@ -133,51 +188,9 @@ void op_lmhead_xent(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tens
     MF_CHECK(dW->shape == W.shape, op, ": ", describe("dW", *dW), " must match ", describe("W", W));
   }
   if (N == 0) return;
-  const bool grads = dx || dW;
-  const int64_t ld = ceil_div(V, kXentLdAlign) * kXentLdAlign;
-  const size_t row_bytes = size_t(ld) * (sizeof(float) + (grads ? sizeof(bf16) : 0));
-  int64_t R = std::max<int64_t>(1, int64_t(kXentScratchBytes / row_bytes));
-  if (R >= kXentRowAlign) R = R / kXentRowAlign * kXentRowAlign;
-  R = std::min(R, N);
-
-  Arena sz;
-  sz.take<float>(size_t(R * ld));
-  if (grads) sz.take<bf16>(size_t(R * ld));
-  Arena ar(ctx.scratch->get(sz.used()));
-  float* logits = ar.take<float>(size_t(R * ld));
-  bf16* dlogits = grads ? ar.take<bf16>(size_t(R * ld)) : nullptr;
-
-  const bf16* xp = static_cast<const bf16*>(x.ptr);
-  for (int64_t r0 = 0; r0 < N; r0 += R) {
-    const int64_t rows = std::min(R, N - r0);
-    GemmArgs g;  // logits[rows,V] = logit_scale * x[r0:r0+rows] W^T
-    g.transB = true;
-    g.M = rows; g.N = V; g.K = d;
-    g.A = xp + r0 * d; g.lda = d; g.B = W.ptr; g.ldb = d; g.D = logits; g.ldd = ld;
-    g.ab = DType::BF16; g.cd = DType::F32; g.alpha = logit_scale; g.beta = 0.f;
-    ctx.lt->gemm(g);
-
-    XentParams p{logits, dlogits, targets.data<int32_t>() + r0, losses.data<float>() + r0, V, ld,
-                 loss_scale * logit_scale};
-    launch_xent_rows(p, rows, ctx.stream);
-
-    if (dx) {
-      GemmArgs h;  // dx[rows,d] (=) dlogits[rows,V] W[V,d]
-      h.M = rows; h.N = d; h.K = V;
-      h.A = dlogits; h.lda = ld; h.B = W.ptr; h.ldb = d;
-      h.D = static_cast<bf16*>(dx->ptr) + r0 * d; h.ldd = d;
-      h.ab = DType::BF16; h.cd = DType::BF16; h.alpha = 1.f; h.beta = 0.f;
-      ctx.lt->gemm(h);
-    }
-    if (dW) {
-      GemmArgs h;  // dW[V,d] += dlogits^T[V,rows] x[rows,d]
-      h.transA = true;
-      h.M = V; h.N = d; h.K = rows;
-      h.A = dlogits; h.lda = ld; h.B = xp + r0 * d; h.ldb = d; h.D = dW->ptr; h.ldd = d;
-      h.ab = DType::BF16; h.cd = dW->dtype; h.alpha = 1.f; h.beta = 1.f;
-      ctx.lt->gemm(h);
-    }
-  }
+  if (x.dtype == DType::F32)
+    return lmhead_xent_t<float>(ctx, x, W, targets, logit_scale, losses, dx, dW, loss_scale);
+  lmhead_xent_t<bf16>(ctx, x, W, targets, logit_scale, losses, dx, dW, loss_scale);
 }
 
 }  // namespace mf::cuda

@@ -4,10 +4,11 @@
 
 namespace mf::cuda {
 
-// Contract of Backend::lmhead_xent. x [N,d] bf16, W [V,d] bf16, targets i32 [N], losses f32 [N],
-// dx bf16 [N,d] (=), dW f32 [V,d] (+=). Per chunk of rows (at most kXentScratchBytes of logits):
+// Contract of Backend::lmhead_xent. x [N,d], W [V,d] and dx [N,d] (=) share one dtype: bf16, or
+// f32 for train.precision "fp32"; targets i32 [N], losses f32 [N], dW f32 [V,d] (+=). Per chunk
+// of rows (at most kXentScratchBytes of logits and dlogits):
 //   logits f32 [rows,V] = logit_scale * x W^T           (cuBLASLt, fp32 accumulation)
-//   one block per row: online max/sum-exp, loss, dlogits bf16 = loss_scale * logit_scale *
+//   one block per row: online max/sum-exp, loss, dlogits (x's dtype) = loss_scale * logit_scale *
 //     (softmax - onehot)
 //   dx[rows] = dlogits W;  dW += dlogits^T x[rows]        (cuBLASLt)
 // A target outside [0,V) gives a NaN loss and no one-hot term (the kernel cannot throw).

@@ -148,10 +148,14 @@ part1() {
     2>&1 | tee '$WORK/torch_parity.out'; rc=\${PIPESTATUS[0]}
     echo \"KEY: \$(grep -a '^torch_parity: \(PASS\|FAIL\)' '$WORK/torch_parity.out' | cut -c15-90)\"
     exit \$rc"
-  # The CUDA matrix-optimizer primitives in a whole run: NorMuon with Polar Express and cautious
-  # wd (newton_schulz_coeffs, normuon_normalize, cautious_decay), then blocked Shampoo (block_copy,
-  # gemm, cuSOLVER sym_func, adam_precond; eps above fp32 rounding, docs/optimizers.md).
-  for fam in "normuon:--set optim.name=normuon --set optim.ns=polar_express --set optim.cautious_wd=true --set optim.wd=0.1" \
+  # train.precision fp32 (f32 GEMMs without TF32, f32 attention and cross-entropy kernels, Muon's
+  # Newton-Schulz in f32): the PyTorch fp32 reference's tolerances, 1e-4 per loss and 1e-3 per
+  # weight tensor. Then the CUDA matrix-optimizer primitives in a whole run: NorMuon with Polar
+  # Express and cautious wd (newton_schulz_coeffs, normuon_normalize, cautious_decay), then
+  # blocked Shampoo (block_copy, gemm, cuSOLVER sym_func, adam_precond; eps above fp32 rounding,
+  # docs/optimizers.md).
+  for fam in "fp32:--set train.precision=fp32" \
+             "normuon:--set optim.name=normuon --set optim.ns=polar_express --set optim.cautious_wd=true --set optim.wd=0.1" \
              "shampoo:--set optim.name=shampoo --set optim.lr=0.004 --set optim.shampoo.block_size=48 --set optim.shampoo.eps=1e-4 --set optim.shampoo.precond_every=2"; do
     name=${fam%%:*}
     step "torch_parity_$name" 180 "python3 '$REPO/scripts/torch_parity.py' '$REPO/configs/tiny.json' \

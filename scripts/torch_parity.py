@@ -16,8 +16,9 @@ What it does:
      are also compared with the run's mup_table.csv.
   5. It prints, for every step, both losses and both gradient norms, then the largest relative
      difference of each weight tensor after step N, and exits 1 when a loss differs by more than
-     --tol (default 1e-4 against muonforge's fp32 CPU backend, 2e-2 against bf16 CUDA) or a
-     weight tensor by more than --wtol (default 1e-3 on the CPU; only reported against CUDA).
+     --tol (default 1e-4 against muonforge's fp32 CPU backend or CUDA with train.precision fp32,
+     2e-2 against bf16 CUDA) or a weight tensor by more than --wtol (default 1e-3 in fp32; only
+     reported against bf16 CUDA).
 
 Supported: dense and MoE Llama (softmax or sigmoid router, top-k renormalisation, route scale,
 shared experts, leading dense layers, aux-loss or bias balancing, capacity drops), every
@@ -632,10 +633,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10,
                     help="steps to compare (default 10; the schedule still spans train.max_steps)")
     ap.add_argument("--tol", type=float, help="largest allowed |loss difference| (default 1e-4 "
-                    "against the CPU backend, 2e-2 against CUDA)")
+                    "in fp32: the CPU backend, or CUDA with train.precision fp32; 2e-2 against "
+                    "bf16 CUDA)")
     ap.add_argument("--wtol", type=float, help="largest allowed relative weight difference after "
-                    "the last step, per tensor (default 1e-3 against the CPU backend; against CUDA "
-                    "only reported)")
+                    "the last step, per tensor (default 1e-3 in fp32; against bf16 CUDA only "
+                    "reported)")
     ap.add_argument("--work", help="work folder, replaced (default runs/parity-NAME)")
     ap.add_argument("--binary", help="muonforge binary (default: $MF_BINARY, $MUONFORGE_BINARY, "
                     "build/muonforge, else the newest build*/muonforge)")
@@ -682,8 +684,9 @@ def main(argv=None):
         "muonforge train")
     log = open(os.path.join(run_dir, "log.txt")).read()
     on_cuda = "backend cuda" in log
-    tol = args.tol if args.tol is not None else (2e-2 if on_cuda else 1e-4)
-    wtol = args.wtol if args.wtol is not None else (math.inf if on_cuda else 1e-3)
+    bf16 = on_cuda and cfg["train"]["precision"] != "fp32"  # CUDA computes in train.precision
+    tol = args.tol if args.tol is not None else (2e-2 if bf16 else 1e-4)
+    wtol = args.wtol if args.wtol is not None else (math.inf if bf16 else 1e-3)
 
     trainable_names = [n for n in W if kind_of(n) != "bias"]
     trainable = [W[n] for n in trainable_names]
@@ -717,7 +720,7 @@ def main(argv=None):
     opt = Optim(torch, tcfg, W, soap_bases if soap and cfg["optim"]["name"] == "soap" else None)
     mf = read_metrics(run_dir)
     clip = tcfg["optim"]["grad_clip"]
-    print(f"torch_parity: {args.config} on muonforge's {'CUDA (bf16)' if on_cuda else 'CPU (fp32)'} "
+    print(f"torch_parity: {args.config} on muonforge's {('CUDA (bf16)' if bf16 else 'CUDA (fp32)') if on_cuda else 'CPU (fp32)'} "
           f"backend vs PyTorch {torch.__version__} fp32, {args.steps} steps of {accum} x {B}x{T} "
           f"tokens, tolerance {tol:g}")
     tau = tcfg["optim"].get("qk_clip_tau", 0)

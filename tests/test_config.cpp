@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
 #include "config/config.h"
 #include "core/error.h"
 #include "core/rng.h"
@@ -595,11 +596,11 @@ TEST_CASE("muonforge config prints the resolved config or an error", "[config][c
   CHECK_THAT(output(), Contains("usage: muonforge config FILE") && Contains("--set=KEY=VALUE works too"));
 }
 
-TEST_CASE("train.precision fp32 is refused on CUDA, where it is not implemented", "[config]") {
-  REQUIRE_THROWS_WITH(mf::check_precision(mf::Device::CUDA, "fp32"),
-                      Catch::Contains("train.precision is \"fp32\"") &&
-                          Catch::Contains("does not implement yet"));
-  CHECK_NOTHROW(mf::check_precision(mf::Device::CUDA, "bf16"));
-  CHECK_NOTHROW(mf::check_precision(mf::Device::CPU, "fp32"));  // the CPU computes in fp32 anyway
-  CHECK_NOTHROW(mf::check_precision(mf::Device::CPU, "bf16"));  // the default; the CPU ignores it
+TEST_CASE("train.precision: bf16 and fp32 are accepted, anything else named", "[config]") {
+  mf::CpuBackend cpu;
+  CHECK_NOTHROW(cpu.set_precision("fp32"));
+  CHECK_NOTHROW(cpu.set_precision("bf16"));  // the default; the CPU computes in fp32 anyway
+  CHECK(cpu.act_dtype() == mf::DType::F32);
+  CHECK_THROWS_WITH(cpu.set_precision("fp16"), Catch::Contains("train.precision \"fp16\"") &&
+                                                   Catch::Contains("expected \"bf16\" or \"fp32\""));
 }

@@ -189,6 +189,16 @@ void Backend::set_attention_impl(const std::string& mode) {
 
 void select_attention(Backend& be, const std::string& mode, bool deterministic) {
   std::string m = mode;
+  if (be.device() == Device::CUDA && be.act_dtype() == DType::F32) {
+    MF_CHECK(m != "cudnn", "model.attention = \"cudnn\" with train.precision = \"fp32\": cuDNN's "
+             "attention takes bf16 only; use model.attention = \"flash\" (or \"auto\", which "
+             "picks flash in fp32)");
+    if (m == "auto") {
+      m = "flash";
+      spdlog::info("train.precision fp32: model.attention = \"auto\" uses the flash path's f32 "
+                   "kernels (cuDNN's attention takes bf16 only)");
+    }
+  }
   if (deterministic && be.device() == Device::CUDA) {
     MF_CHECK(m != "cudnn", "model.attention = \"cudnn\" with train.deterministic = true: cuDNN's "
              "attention backward accumulates dQ with atomics, so runs are not bitwise "
@@ -230,11 +240,9 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
 }
 
 
-void check_precision(Device device, const std::string& precision) {
-  MF_CHECK(!(device == Device::CUDA && precision == "fp32"),
-           "train.precision is \"fp32\", which the CUDA backend does not implement yet: it "
-           "computes in bf16 with fp32 master weights, gradients and optimizer state. Use "
-           "\"bf16\", or train.device \"cpu\" for an fp32 run");
+void Backend::set_precision(const std::string& precision) {
+  MF_CHECK(precision == "bf16" || precision == "fp32", "train.precision \"", precision,
+           "\": expected \"bf16\" or \"fp32\"");
 }
 
 // ---- default matrix-optimizer entries (src/optim/matrix_opt.h) -------------------------------

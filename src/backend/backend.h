@@ -72,6 +72,11 @@ class Backend {
   virtual std::string name() const = 0;
   virtual Device device() const = 0;
   virtual DType act_dtype() const = 0;  // dtype of activations and of compute weights
+  // train.precision ("bf16" or "fp32"), applied before any model is built on this backend. The
+  // CPU computes in fp32 whatever it says; CUDA switches its activations and compute weights to
+  // f32 for "fp32" (every GEMM in fp32 without TF32, attention on the f32 SIMT kernels,
+  // Newton-Schulz in f32), for runs checked step by step against an fp32 reference.
+  virtual void set_precision(const std::string& precision);
 
   // ---- memory --------------------------------------------------------------------------
   // Zero-filled tensor on this backend.
@@ -314,14 +319,10 @@ class Backend {
 // "cpu", "cuda" or "auto" (cuda when built with CUDA and a device is present, else cpu).
 std::unique_ptr<Backend> make_backend(const std::string& device);
 
-// train.precision against what the backend on `device` computes in: the CUDA backend trains in
-// bf16 (fp32 master weights, gradients and optimizer state), the CPU in fp32 whatever the key
-// says. "fp32" on CUDA is an error rather than a bf16 run the config does not describe.
-void check_precision(Device device, const std::string& precision);
-
-// Applies model.attention to `be`. With train.deterministic on a CUDA backend, "auto" becomes
-// "flash" and "cudnn" is an error: cuDNN's attention backward accumulates dQ with atomics, so
-// two runs are not bitwise identical.
+// Applies model.attention to `be` (after set_precision). With train.deterministic on a CUDA
+// backend, "auto" becomes "flash" and "cudnn" is an error: cuDNN's attention backward
+// accumulates dQ with atomics, so two runs are not bitwise identical. The same for f32
+// activations (train.precision "fp32"): cuDNN's attention takes bf16 only.
 void select_attention(Backend& be, const std::string& mode, bool deterministic);
 bool cuda_available();  // built with CUDA and at least one device visible
 

@@ -139,6 +139,7 @@ int cmd_sample(const Args& args) {
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(context, needed)));
 
   auto be = make_backend(cfg.train.device);
+  be->set_precision(cfg.train.precision);  // a fp32 run evaluates in fp32 on CUDA too
   LlamaModel model(cfg.model, *be, 1, T, mup_model_scales(cfg));
   nlohmann::json state = load_checkpoint(ckpt, model.params(), *be, nullptr);
   model.sync_weights();

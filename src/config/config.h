@@ -159,7 +159,7 @@ struct TrainConfig {
   int diag_every = 0;                 // > 0: spectral / attention diagnostics every N steps
   std::optional<std::string> init_from;  // Hugging Face Llama directory
   std::string device = "auto";        // auto | cpu | cuda
-  std::string precision = "bf16";     // bf16 | fp32: CUDA is bf16 and refuses fp32 (check_precision); CPU is fp32
+  std::string precision = "bf16";     // bf16 | fp32 (Backend::set_precision): CUDA computes in it; the CPU always in fp32
   bool deterministic = false;
   int zero = 0;                       // 0 | 1 (ZeRO-1 optimizer state sharding)
   double bucket_mb = 25;              // gradient all-reduce bucket size in MiB; 0 = one per tensor

@@ -260,7 +260,7 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
   MF_CHECK(cfg.train.world_size == 1, "bench: runs one process; unset WORLD_SIZE (it is ",
            cfg.train.world_size, ")");
   auto be = make_backend(cfg.train.device);
-  check_precision(be->device(), cfg.train.precision);
+  be->set_precision(cfg.train.precision);
   select_attention(*be, cfg.model.attention, cfg.train.deterministic);
   const bool cuda = be->device() == Device::CUDA;
   MemTracker mem(*be);

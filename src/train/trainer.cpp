@@ -349,7 +349,7 @@ void Trainer::setup() {
   fault_point(FaultPoint::Setup, 0, rank_);
 
   be_ = make_backend(cfg_.train.device);
-  check_precision(be_->device(), cfg_.train.precision);
+  be_->set_precision(cfg_.train.precision);
   select_attention(*be_, cfg_.model.attention, cfg_.train.deterministic);
   if (env.distributed()) store_ = TcpStore::from_env(env);
   comm_ = make_communicator(env, store_.get(), be_->device(), compute_stream(*be_));

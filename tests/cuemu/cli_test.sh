@@ -4,8 +4,9 @@
 # - train on "cuda": memory plan, per-step lines, eval, checkpoints;
 # - --stop-at 3 then the same command again resumes and ends with the same bytes as one
 #   uninterrupted run (model and optimizer state);
-# - the same run on the CPU backend: per-step losses within 2e-2 (bf16 vs f32);
-# - an MoE model trains on "cuda" and logs expert load;
+# - the same run on the CPU backend: per-step losses within 2e-2 (bf16 vs f32), and within 1e-4
+#   with train.precision fp32 on cuda (and torch_parity's PyTorch reference agrees, when present);
+# - an MoE model trains on "cuda" and logs expert load, and in fp32 matches the CPU within 1e-4;
 # - bench prints its figures and a region profile; sample reads a CUDA-trained checkpoint on "cuda" and on "cpu".
 set -euo pipefail
 bin=$(realpath "$1")
@@ -61,6 +62,36 @@ assert worst <= 2e-2, (g, c)
 assert g[-1] < g[0] - 0.5, g
 PY
 
+echo "== train.precision fp32 on cuda: the cpu run's losses, step by step"
+"$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda --set train.precision=fp32 \
+  --set run.dir=fp32 > fp32.log 2>&1 || { tail -20 fp32.log; fail "train on cuda in fp32"; }
+python3 - fp32/metrics.jsonl cpu/metrics.jsonl <<'PY'
+import json, sys
+def losses(p):
+    return [r["loss"] for r in map(json.loads, open(p)) if "loss" in r]
+g, c = losses(sys.argv[1]), losses(sys.argv[2])
+assert len(g) == len(c) == 6, (len(g), len(c))
+worst = max(abs(a - b) for a, b in zip(g, c))
+print("cuda fp32 vs cpu: worst |loss diff| %.2e over %d steps" % (worst, len(g)))
+assert worst <= 1e-4, (g, c)
+PY
+if "$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda --set train.precision=fp32 \
+    --set model.attention=cudnn --set run.dir=fp32cudnn > fp32cudnn.log 2>&1; then
+  fail "train.precision fp32 with model.attention cudnn was accepted"
+fi
+grep -q 'cuDNN.s attention takes bf16 only' fp32cudnn.log || { cat fp32cudnn.log; fail "no clear error for fp32 + cudnn"; }
+# Against scripts/torch_parity.py's PyTorch reference, where Debian's python3-torch is installed.
+tpy=${MF_TORCH_PYTHON:-/usr/bin/python3}
+if "$tpy" -c 'import torch' > /dev/null 2>&1; then
+  "$tpy" "$root/scripts/torch_parity.py" "$root/configs/tiny.json" --binary "$bin" --work parity \
+    --steps 3 --threads 2 "${common[@]}" --set train.max_steps=30 --set train.device=cuda \
+    --set train.precision=fp32 > parity.log 2>&1 || { tail -30 parity.log; fail "torch_parity in fp32 on cuda"; }
+  grep -q "on muonforge's CUDA (fp32) backend" parity.log || { cat parity.log; fail "torch_parity did not see fp32 CUDA"; }
+  grep -a "^torch_parity: PASS" parity.log
+else
+  echo "no PyTorch in $tpy: torch_parity in fp32 on cuda not run"
+fi
+
 echo "== moe on cuda"
 "$bin" train "$root/configs/moe-tiny.json" "${common[@]}" --set train.device=cuda --set train.max_steps=3 \
   --set run.dir=moe > moe.log 2>&1 || { tail -20 moe.log; fail "moe train on cuda"; }
@@ -75,6 +106,23 @@ for r in steps:
     for l in moe["layers"]:  # tokens routed, the balancing biases moving
         assert l["load_max"] > 0 and l["load_max"] >= l["load_min"] >= 0 and l["bias_max"] > l["bias_min"], l
 print("moe: load_cv_max %s at the last step" % steps[-1]["moe"].get("load_cv_max"))
+PY
+
+echo "== moe with train.precision fp32 on cuda: the cpu run's losses (per-expert f32 GEMMs)"
+for dev in cuda cpu; do
+  "$bin" train "$root/configs/moe-tiny.json" "${common[@]}" --set train.device=$dev --set train.max_steps=3 \
+    --set train.precision=fp32 --set train.eval_every=0 --set run.dir=moe32$dev > moe32$dev.log 2>&1 ||
+    { tail -20 moe32$dev.log; fail "moe fp32 train on $dev"; }
+done
+python3 - moe32cuda/metrics.jsonl moe32cpu/metrics.jsonl <<'PY'
+import json, sys
+def losses(p):
+    return [r["loss"] for r in map(json.loads, open(p)) if "loss" in r]
+g, c = losses(sys.argv[1]), losses(sys.argv[2])
+assert len(g) == len(c) == 3, (len(g), len(c))
+worst = max(abs(a - b) for a, b in zip(g, c))
+print("moe cuda fp32 vs cpu: worst |loss diff| %.2e over %d steps" % (worst, len(g)))
+assert worst <= 1e-4, (g, c)
 PY
 
 echo "== bench on cuda"

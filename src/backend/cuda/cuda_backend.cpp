@@ -327,6 +327,10 @@ void CudaBackend::attention_bwd(const Tensor& dout, const Tensor& q, const Tenso
   attn_->bwd(dout, q, k, v, out, lse, dq, dk, dv, s);
 }
 void CudaBackend::set_attention_impl(const std::string& mode) { attn_->set_mode(mode); }
+void CudaBackend::set_precision(const std::string& precision) {
+  Backend::set_precision(precision);
+  act_ = precision == "fp32" ? DType::F32 : DType::BF16;
+}
 void CudaBackend::swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) {
   cuda::op_swiglu_fwd(ctx_, gate, up, h);
 }
@@ -449,7 +453,7 @@ void CudaBackend::muon_momentum(const Tensor& g, Tensor& M, Tensor& U, float mu,
   cuda::op_muon_momentum(ctx_, g, M, U, mu, nesterov, grad_scale);
 }
 void CudaBackend::newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b, float c) {
-  cuda::op_newton_schulz(ctx_, U, O, steps, a, b, c);
+  cuda::op_newton_schulz(ctx_, U, O, steps, a, b, c, act_);  // bf16, or f32 in fp32 runs
 }
 
 }  // namespace mf

@@ -31,7 +31,9 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return "cuda"; }
   Device device() const override { return Device::CUDA; }
-  DType act_dtype() const override { return DType::BF16; }
+  DType act_dtype() const override { return act_; }
+  // "bf16" (the default) or "fp32": see Backend::set_precision.
+  void set_precision(const std::string& precision) override;
 
   Tensor empty(const Shape& s, DType t) override;
   void zero(Tensor& t) override;
@@ -138,6 +140,7 @@ class CudaBackend final : public Backend {
 
  private:
   int dev_ = 0;
+  DType act_ = DType::BF16;  // train.precision: BF16, or F32 for "fp32"
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::CublasLt> lt_;
   std::unique_ptr<cuda::Scratch> scratch_;

@@ -550,6 +550,7 @@ void CudnnAttention::fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tens
                          Tensor& lse, const AttnShape& s) {
   const char* op = "attention_fwd (cuDNN)";
   check_attention_fwd_args(op, q, k, v, out, lse, s);
+  check_dtype(op, "q", q, DType::BF16);
   auto& p = impl_->plan(s, false);
   float scale = s.scale, neg_inf = std::numeric_limits<float>::lowest();
   impl_->execute(p, {kQ, kK, kV, kO, kStats, kScale, kNegInf},
@@ -561,6 +562,7 @@ void CudnnAttention::bwd(const Tensor& dout, const Tensor& q, const Tensor& k, c
                          const AttnShape& s) {
   const char* op = "attention_bwd (cuDNN)";
   check_attention_bwd_args(op, dout, q, k, v, out, lse, dq, dk, dv, s);
+  check_dtype(op, "q", q, DType::BF16);
   auto& p = impl_->plan(s, true);
   float scale = s.scale, neg_inf = std::numeric_limits<float>::lowest(), one = 1.f;
   impl_->execute(p, {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kScale, kNegInf, kOne},
