@@ -739,12 +739,32 @@ void check_kernel_limits(const char* op, const AttnShape& s) {
            int64_t(s.B) * s.H, " exceeds the grid limit 65535");
 }
 
+// The shape, q, k, v and lse of one call in element type T (the caller has checked the dtypes).
 template <class T>
-AttnParamsT<T> make_params(const AttnShape& s) {
+AttnParamsT<T> make_params(const AttnShape& s, const Tensor& q, const Tensor& k, const Tensor& v,
+                           const Tensor& out, const Tensor& lse) {
   AttnParamsT<T> p{};
+  p.q = static_cast<const T*>(q.ptr);
+  p.k = static_cast<const T*>(k.ptr);
+  p.v = static_cast<const T*>(v.ptr);
+  p.out = static_cast<const T*>(out.ptr);
+  p.lse = lse.data<float>();
   p.B = s.B; p.T = s.T; p.H = s.H; p.Hkv = s.Hkv; p.group = s.H / s.Hkv; p.hd = s.hd;
   p.scale = s.scale;
   p.scale_log2 = s.scale * kLog2e;
+  return p;
+}
+
+template <class T>
+AttnParamsT<T> make_bwd_params(const AttnShape& s, const Tensor& dout, const Tensor& q,
+                               const Tensor& k, const Tensor& v, const Tensor& out,
+                               const Tensor& lse, Tensor& dq, Tensor& dk, Tensor& dv, float* D) {
+  AttnParamsT<T> p = make_params<T>(s, q, k, v, out, lse);
+  p.dout = static_cast<const T*>(dout.ptr);
+  p.dq = static_cast<T*>(dq.ptr);
+  p.dk = static_cast<T*>(dk.ptr);
+  p.dv = static_cast<T*>(dv.ptr);
+  p.D = D;
   return p;
 }
 
@@ -836,20 +856,12 @@ void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Te
   check_attention_fwd_args(op, q, k, v, out, lse, s);
   check_kernel_limits(op, s);
   if (q.dtype == DType::F32) {  // train.precision "fp32": the SIMT kernels in f32
-    AttnParamsT<float> p = make_params<float>(s);
-    p.q = q.data<float>();
-    p.k = k.data<float>();
-    p.v = v.data<float>();
+    AttnParamsT<float> p = make_params<float>(s, q, k, v, out, lse);
     p.o = out.data<float>();
-    p.lse = lse.data<float>();
     return dispatch_simt(p, false, ctx.stream);
   }
-  AttnParams p = make_params<bf16>(s);
-  p.q = static_cast<const bf16*>(q.ptr);
-  p.k = static_cast<const bf16*>(k.ptr);
-  p.v = static_cast<const bf16*>(v.ptr);
+  AttnParams p = make_params<bf16>(s, q, k, v, out, lse);
   p.o = static_cast<bf16*>(out.ptr);
-  p.lse = lse.data<float>();
   if (use_tensor_cores(s, {q.ptr, k.ptr, v.ptr, out.ptr})) {
     const int mt = s.hd == 64 ? attention_fwd_mtiles() : 1;
     const size_t smem = s.hd == 128 ? fwd_smem<128, 1>() : mt == 2 ? fwd_smem<64, 2>() : fwd_smem<64, 1>();
@@ -871,31 +883,11 @@ void op_attention_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& q, const
   Arena ar(ctx.scratch->get(size_t(rows) * sizeof(float)));
   float* D = ar.take<float>(size_t(rows));
   if (q.dtype == DType::F32) {  // train.precision "fp32": the SIMT kernels in f32
-    AttnParamsT<float> p = make_params<float>(s);
-    p.q = q.data<float>();
-    p.k = k.data<float>();
-    p.v = v.data<float>();
-    p.out = out.data<float>();
-    p.dout = dout.data<float>();
-    p.dq = dq.data<float>();
-    p.dk = dk.data<float>();
-    p.dv = dv.data<float>();
-    p.lse = lse.data<float>();
-    p.D = D;
+    auto p = make_bwd_params<float>(s, dout, q, k, v, out, lse, dq, dk, dv, D);
     launch_rowdot(p, rows, ctx.stream);
     return dispatch_simt(p, true, ctx.stream);
   }
-  AttnParams p = make_params<bf16>(s);
-  p.q = static_cast<const bf16*>(q.ptr);
-  p.k = static_cast<const bf16*>(k.ptr);
-  p.v = static_cast<const bf16*>(v.ptr);
-  p.out = static_cast<const bf16*>(out.ptr);
-  p.dout = static_cast<const bf16*>(dout.ptr);
-  p.dq = static_cast<bf16*>(dq.ptr);
-  p.dk = static_cast<bf16*>(dk.ptr);
-  p.dv = static_cast<bf16*>(dv.ptr);
-  p.lse = lse.data<float>();
-  p.D = D;
+  auto p = make_bwd_params<bf16>(s, dout, q, k, v, out, lse, dq, dk, dv, D);
   launch_rowdot(p, rows, ctx.stream);
   if (use_tensor_cores(s, {dout.ptr, q.ptr, k.ptr, v.ptr, dq.ptr, dk.ptr, dv.ptr})) {
     MF_CHECK((s.hd == 64 ? bwd_smem<64>() : bwd_smem<128>()) <= ctx.max_smem_optin, op,

@@ -162,7 +162,8 @@ TEST_CASE("model.attention: invalid modes are errors; the CPU backend ignores th
 #endif
 }
 
-TEST_CASE("train.deterministic keeps attention on flash", "[gpu][cuda][attention]") {
+TEST_CASE("train.deterministic and train.precision fp32 keep attention on flash",
+          "[gpu][cuda][attention]") {
   MF_SKIP_WITHOUT_GPU();
   auto be = make_backend("cuda");
   CHECK_THROWS_WITH(select_attention(*be, "cudnn", true),
@@ -175,9 +176,21 @@ TEST_CASE("train.deterministic keeps attention on flash", "[gpu][cuda][attention
   CHECK_NOTHROW(select_attention(*be, "auto", false));
   CHECK(cb->attention().mode() == "auto");
 #endif
+  // train.precision fp32: cuDNN's attention is bf16 only, so the same holds without determinism.
+  auto be32 = make_backend("cuda");
+  be32->set_precision("fp32");
+  CHECK(be32->act_dtype() == DType::F32);
+  CHECK_THROWS_WITH(select_attention(*be32, "cudnn", false),
+                    Catch::Contains("train.precision = \"fp32\"") && Catch::Contains("bf16 only"));
+  CHECK_NOTHROW(select_attention(*be32, "auto", false));
+#ifdef MF_HAS_CUDA
+  CHECK(dynamic_cast<CudaBackend*>(be32.get())->attention().mode() == "flash");
+#endif
   // The CPU backend takes any mode either way.
   auto cpu = make_backend("cpu");
   CHECK_NOTHROW(select_attention(*cpu, "cudnn", true));
+  cpu->set_precision("fp32");
+  CHECK_NOTHROW(select_attention(*cpu, "cudnn", false));
 }
 
 TEST_CASE("flash attention matches the double reference at both head dims, tails and GQA groups",

@@ -189,25 +189,19 @@ void Backend::set_attention_impl(const std::string& mode) {
 
 void select_attention(Backend& be, const std::string& mode, bool deterministic) {
   std::string m = mode;
-  if (be.device() == Device::CUDA && be.act_dtype() == DType::F32) {
-    MF_CHECK(m != "cudnn", "model.attention = \"cudnn\" with train.precision = \"fp32\": cuDNN's "
-             "attention takes bf16 only; use model.attention = \"flash\" (or \"auto\", which "
-             "picks flash in fp32)");
+  // Why cuDNN's attention cannot serve this run, if it cannot ("" when it can).
+  std::string why;
+  if (be.device() == Device::CUDA && be.act_dtype() == DType::F32)
+    why = "train.precision = \"fp32\": cuDNN's attention takes bf16 only";
+  else if (be.device() == Device::CUDA && deterministic)
+    why = "train.deterministic = true: cuDNN's attention backward accumulates dQ with atomics, "
+          "so runs are not bitwise reproducible";
+  if (!why.empty()) {
+    MF_CHECK(m != "cudnn", "model.attention = \"cudnn\" with ", why,
+             "; use model.attention = \"flash\" (or \"auto\", which then picks flash)");
     if (m == "auto") {
       m = "flash";
-      spdlog::info("train.precision fp32: model.attention = \"auto\" uses the flash path's f32 "
-                   "kernels (cuDNN's attention takes bf16 only)");
-    }
-  }
-  if (deterministic && be.device() == Device::CUDA) {
-    MF_CHECK(m != "cudnn", "model.attention = \"cudnn\" with train.deterministic = true: cuDNN's "
-             "attention backward accumulates dQ with atomics, so runs are not bitwise "
-             "reproducible; use model.attention = \"flash\" (or \"auto\", which picks flash "
-             "in deterministic mode)");
-    if (m == "auto") {
-      m = "flash";
-      spdlog::info("train.deterministic: model.attention = \"auto\" uses the flash kernels "
-                   "(cuDNN's backward is not bitwise reproducible)");
+      spdlog::info("model.attention = \"auto\" uses the flash kernels: {}", why);
     }
   }
   be.set_attention_impl(m);

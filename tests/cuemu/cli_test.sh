@@ -15,6 +15,21 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 fail() { echo "FAIL: $*" >&2; exit 1; }
+# same_losses LABEL A/metrics.jsonl B/metrics.jsonl STEPS TOL: both runs logged STEPS losses, and
+# every step's losses agree within TOL.
+same_losses() {
+  python3 - "$@" <<'PY' || fail "$1: the losses differ"
+import json, sys
+label, a, b, steps, tol = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+def losses(p):
+    return [r["loss"] for r in map(json.loads, open(p)) if "loss" in r]
+g, c = losses(a), losses(b)
+assert len(g) == len(c) == steps, (len(g), len(c))
+worst = max(abs(x - y) for x, y in zip(g, c))
+print("%s: worst |loss diff| %.2e over %d steps" % (label, worst, len(g)))
+assert worst <= tol, (g, c)
+PY
+}
 
 python3 "$root/scripts/prepare_data.py" default --out data > /dev/null
 common=(--set model.n_heads=2 --set model.n_kv_heads=1 --set train.seq_len=64 --set train.micro_batch=2
@@ -50,31 +65,17 @@ done
 echo "== the same run on the cpu backend"
 "$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cpu --set run.dir=cpu > cpu.log 2>&1 ||
   { tail -20 cpu.log; fail "train on cpu"; }
-python3 - whole/metrics.jsonl cpu/metrics.jsonl <<'PY'
+same_losses "cuda vs cpu" whole/metrics.jsonl cpu/metrics.jsonl 6 2e-2
+python3 - whole/metrics.jsonl <<'PY' || fail "the cuda run did not learn"
 import json, sys
-def losses(p):
-    return [r["loss"] for r in map(json.loads, open(p)) if "loss" in r]
-g, c = losses(sys.argv[1]), losses(sys.argv[2])
-assert len(g) == len(c) == 6, (len(g), len(c))
-worst = max(abs(a - b) for a, b in zip(g, c))
-print("cuda vs cpu: worst |loss diff| %.2e over %d steps" % (worst, len(g)))
-assert worst <= 2e-2, (g, c)
+g = [r["loss"] for r in map(json.loads, open(sys.argv[1])) if "loss" in r]
 assert g[-1] < g[0] - 0.5, g
 PY
 
 echo "== train.precision fp32 on cuda: the cpu run's losses, step by step"
 "$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda --set train.precision=fp32 \
   --set run.dir=fp32 > fp32.log 2>&1 || { tail -20 fp32.log; fail "train on cuda in fp32"; }
-python3 - fp32/metrics.jsonl cpu/metrics.jsonl <<'PY'
-import json, sys
-def losses(p):
-    return [r["loss"] for r in map(json.loads, open(p)) if "loss" in r]
-g, c = losses(sys.argv[1]), losses(sys.argv[2])
-assert len(g) == len(c) == 6, (len(g), len(c))
-worst = max(abs(a - b) for a, b in zip(g, c))
-print("cuda fp32 vs cpu: worst |loss diff| %.2e over %d steps" % (worst, len(g)))
-assert worst <= 1e-4, (g, c)
-PY
+same_losses "cuda fp32 vs cpu" fp32/metrics.jsonl cpu/metrics.jsonl 6 1e-4
 if "$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda --set train.precision=fp32 \
     --set model.attention=cudnn --set run.dir=fp32cudnn > fp32cudnn.log 2>&1; then
   fail "train.precision fp32 with model.attention cudnn was accepted"
@@ -114,16 +115,7 @@ for dev in cuda cpu; do
     --set train.precision=fp32 --set train.eval_every=0 --set run.dir=moe32$dev > moe32$dev.log 2>&1 ||
     { tail -20 moe32$dev.log; fail "moe fp32 train on $dev"; }
 done
-python3 - moe32cuda/metrics.jsonl moe32cpu/metrics.jsonl <<'PY'
-import json, sys
-def losses(p):
-    return [r["loss"] for r in map(json.loads, open(p)) if "loss" in r]
-g, c = losses(sys.argv[1]), losses(sys.argv[2])
-assert len(g) == len(c) == 3, (len(g), len(c))
-worst = max(abs(a - b) for a, b in zip(g, c))
-print("moe cuda fp32 vs cpu: worst |loss diff| %.2e over %d steps" % (worst, len(g)))
-assert worst <= 1e-4, (g, c)
-PY
+same_losses "moe cuda fp32 vs cpu" moe32cuda/metrics.jsonl moe32cpu/metrics.jsonl 3 1e-4
 
 echo "== bench on cuda"
 "$bin" bench "$root/configs/tiny.json" --device cuda --set model.n_heads=2 --set model.n_kv_heads=1 \
