@@ -27,25 +27,29 @@ std::string atomic_temp_path(const std::string& path) {
   return path + ".tmp." + std::to_string(long(::getpid()));
 }
 
-void fsync_dir(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  MF_CHECK(fd >= 0, "cannot open directory '", dir, "' to sync it: ", errno_str());
-  int rc = ::fsync(fd);
-  int err = errno;
+namespace {
+// Opens `path` read-only with `flags` and fsyncs it: the fsync's errno (0 on success), or -1 when
+// the path does not exist and `missing_ok`. Failing to open it otherwise is an error naming it.
+int fsync_path(const std::string& path, int flags, bool missing_ok, const char* what) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | flags);
+  if (fd < 0 && missing_ok && errno == ENOENT) return -1;
+  MF_CHECK(fd >= 0, "cannot open ", what, "'", path, "' to sync it: ", errno_str());
+  const int err = ::fsync(fd) == 0 ? 0 : errno;
   ::close(fd);
+  return err;
+}
+}  // namespace
+
+void fsync_dir(const std::string& dir) {
+  const int err = fsync_path(dir, O_DIRECTORY, false, "directory ");
   // Some file systems do not support fsync on directories; that is not a data-loss error here.
-  MF_CHECK(rc == 0 || err == EINVAL || err == ENOTSUP, "fsync of directory '", dir,
+  MF_CHECK(err == 0 || err == EINVAL || err == ENOTSUP, "fsync of directory '", dir,
            "' failed: ", std::strerror(err));
 }
 
 void fsync_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0 && errno == ENOENT) return;
-  MF_CHECK(fd >= 0, "cannot open '", path, "' to sync it: ", errno_str());
-  int rc = ::fsync(fd);
-  int err = errno;
-  ::close(fd);
-  MF_CHECK(rc == 0, "fsync of '", path, "' failed: ", std::strerror(err));
+  const int err = fsync_path(path, 0, true, "");
+  MF_CHECK(err <= 0, "fsync of '", path, "' failed: ", std::strerror(err));
 }
 
 AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(atomic_temp_path(path)) {
