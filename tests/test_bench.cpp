@@ -24,6 +24,7 @@
 #include "optim/mup.h"
 #include "optim/optimizer.h"
 #include "train/bench.h"
+#include "test_util.h"
 
 using namespace mf;
 
@@ -140,6 +141,78 @@ TEST_CASE("memory_info: the CPU default reads /proc/meminfo", "[bench]") {
   CHECK(m.free > 0);
   CHECK(m.free <= m.total);
   CHECK(m.tensors == 0);
+}
+
+// Sets an environment variable for one scope.
+struct ScopedEnv {
+  std::string name;
+  ScopedEnv(const char* n, const std::string& v) : name(n) { setenv(n, v.c_str(), 1); }
+  ~ScopedEnv() { unsetenv(name.c_str()); }
+};
+
+TEST_CASE("memory_info: MF_FAULT_HOST_MEMORY pretends a smaller machine; bad values are errors",
+          "[bench][memory]") {
+  auto be = make_backend("cpu");
+  {
+    ScopedEnv e("MF_FAULT_HOST_MEMORY", std::to_string(size_t(300) << 20));
+    const MemoryInfo m = be->memory_info();
+    CHECK(m.total == (size_t(300) << 20));
+    CHECK(m.free > 0);
+    CHECK(m.free <= m.total);
+  }
+  for (const char* bad : {"0", "-5", "1e9", "12GiB"}) {
+    ScopedEnv e("MF_FAULT_HOST_MEMORY", bad);
+    const std::string msg = mf::test::error_of([&] { be->memory_info(); });
+    INFO(msg);
+    CHECK(msg.find(std::string("MF_FAULT_HOST_MEMORY='") + bad + "'") != std::string::npos);
+  }
+}
+
+TEST_CASE("check_memory_plan: a CPU run larger than the machine fails, counting its processes",
+          "[bench][memory][errors]") {
+  nlohmann::json p;
+  p["device"] = "cpu";
+  p["B"] = 8;
+  p["T"] = 256;
+  p["recompute"] = "none";
+  p["weights"] = int64_t(10) << 20;
+  p["grads"] = int64_t(10) << 20;
+  p["optimizer_state"] = int64_t(20) << 20;
+  p["muon_scratch"] = int64_t(0);
+  p["activations"] = int64_t(60) << 20;
+  p["total"] = int64_t(100) << 20;
+  p["device_total"] = int64_t(250) << 20;
+  p["free"] = int64_t(250) << 20;
+  CHECK_NOTHROW(check_memory_plan(p, 1));
+  CHECK_NOTHROW(check_memory_plan(p, 2));
+  std::string msg = mf::test::error_of([&] { check_memory_plan(p, 3); });
+  INFO(msg);
+  CHECK(msg.find("does not fit in host memory") != std::string::npos);
+  CHECK(msg.find("100 MiB per process, x 3 processes on this machine = 300 MiB") != std::string::npos);
+  CHECK(msg.find("more than the 250 MiB this machine has") != std::string::npos);
+  p["device_total"] = int64_t(90) << 20;
+  msg = mf::test::error_of([&] { check_memory_plan(p, 1); });
+  CHECK(msg.find("it needs 100 MiB (weights 10 MiB, gradients 10 MiB, optimizer state 20 MiB, "
+                 "activations 60 MiB for micro-batch 8 x seq_len 256") != std::string::npos);
+  CHECK(msg.find("train.micro_batch") != std::string::npos);
+  // On CUDA an allocation that does not fit fails by itself; the plan adds no error.
+  p["device"] = "cuda";
+  CHECK_NOTHROW(check_memory_plan(p, 1));
+}
+
+TEST_CASE("bench refuses a model whose memory plan exceeds the machine, before its first step",
+          "[bench][memory][errors]") {
+  // Wide MLP, long micro-batch: the weights and residual stream (LlamaModel's check: ~35 MiB)
+  // fit in 256 MiB, the MLP activations (6 x 2048 x 8192 f32, ~400 MiB, mapped but never
+  // touched) do not.
+  const Config cfg = tiny_config({"model.d_ff=8192", "train.micro_batch=32",
+                                  "train.batch_tokens=2048", "model.n_layers=1"});
+  ScopedEnv e("MF_FAULT_HOST_MEMORY", std::to_string(size_t(256) << 20));
+  BenchOptions o = bare_options();
+  const std::string msg = mf::test::error_of([&] { run_bench(cfg, o); });
+  INFO(msg);
+  CHECK(msg.find("the run does not fit in host memory") != std::string::npos);
+  CHECK(msg.find("micro-batch 32 x seq_len 64") != std::string::npos);
 }
 
 TEST_CASE("run_bench on the CPU: every figure present and consistent", "[bench]") {

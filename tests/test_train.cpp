@@ -501,6 +501,33 @@ TEST_CASE("a run directory that cannot be created is a run.dir error", "[train]"
   fs::remove_all(root);
 }
 
+TEST_CASE("a run whose memory plan exceeds the machine fails before its first step",
+          "[train][memory][errors]") {
+  // The weights and residual stream fit in the pretended 256 MiB (LlamaModel's early check),
+  // the MLP activations (6 x 2048 x 8192 f32, ~600 MiB with the backward scratch) do not. Their
+  // pages are mapped lazily, so the error comes before anything fills them.
+  const std::string root = temp_dir("memplan");
+  write_data(root);
+  Config c = tiny_config(root, root + "/run", "adamw");
+  c.model.d_ff = 8192;
+  c.train.micro_batch = 128;
+  c.train.batch_tokens = 128 * 16;
+  c.train.max_steps = 2;
+  c.schedule.warmup = 1;
+  c.data.val = "";
+  TrainOptions quiet;
+  quiet.quiet = true;
+  setenv("MF_FAULT_HOST_MEMORY", std::to_string(size_t(256) << 20).c_str(), 1);
+  const std::string err = mf::test::error_of([&] { Trainer(c, quiet).run(); });
+  unsetenv("MF_FAULT_HOST_MEMORY");
+  INFO(err);
+  CHECK(err.find("the run does not fit in host memory") != std::string::npos);
+  CHECK(err.find("micro-batch 128 x seq_len 16") != std::string::npos);
+  CHECK(err.find("more than the 256 MiB this machine has") != std::string::npos);
+  CHECK(!fs::exists(root + "/run/metrics.jsonl"));
+  fs::remove_all(root);
+}
+
 TEST_CASE("a corrupted checkpoint gives a clear error on resume", "[train]") {
   const std::string root = temp_dir("corrupt");
   write_data(root);

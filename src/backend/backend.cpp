@@ -7,6 +7,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "core/error.h"
+#include "core/fault.h"
 #include "core/log.h"
 
 #ifdef MF_HAS_CUDA
@@ -48,6 +49,10 @@ MemoryInfo Backend::memory_info() const {
     m.total = size_t(limit);
     const size_t room = used < limit ? size_t(limit - used) : 0;
     if (m.free == 0 || room < m.free) m.free = room;
+  }
+  if (const size_t fake = fault_host_memory()) {  // a testing aid (core/fault.h)
+    m.total = fake;
+    m.free = m.free == 0 ? fake : std::min(m.free, fake);
   }
   return m;
 }

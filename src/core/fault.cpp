@@ -57,4 +57,16 @@ void fault_point(FaultPoint point, int n, int rank) {
   std::raise(SIGKILL);
 }
 
+size_t fault_host_memory() {
+  // Read at every call (memory_info is not called in hot loops), so a test can set it in-process.
+  const char* e = std::getenv("MF_FAULT_HOST_MEMORY");
+  if (!e || !*e) return 0;
+  const std::string v = e;
+  const bool digits = v.size() <= 18 && v.find_first_not_of("0123456789") == std::string::npos;
+  const size_t n = digits ? size_t(std::stoull(v)) : 0;
+  MF_CHECK(n > 0, "MF_FAULT_HOST_MEMORY='", v,
+           "': expected a positive number of bytes (a testing aid; unset it for normal runs)");
+  return n;
+}
+
 }  // namespace mf

@@ -6,7 +6,12 @@
 //   prune:STEP   part-way through deleting a checkpoint that the save of step STEP prunes or
 //                replaces, once that checkpoint's state.json is gone
 // Any other value is an error that names the variable (a typo would otherwise test nothing).
+//
+// MF_FAULT_HOST_MEMORY=BYTES makes the CPU side report a machine of BYTES of memory (MemTotal,
+// and MemAvailable capped by it), so the memory checks can be tested without filling a machine.
 #pragma once
+
+#include <cstddef>
 
 namespace mf {
 
@@ -15,5 +20,9 @@ enum class FaultPoint { Step, Setup, Prune };
 // SIGKILLs the process when MF_FAULT_KILL_AT names this point: `n` is the step (Step, Prune),
 // `rank` this process's rank (Step, Setup).
 void fault_point(FaultPoint point, int n, int rank);
+
+// MF_FAULT_HOST_MEMORY in bytes, or 0 when unset. A value that is not a positive whole number
+// is an error naming the variable.
+size_t fault_host_memory();
 
 }  // namespace mf

@@ -1,5 +1,8 @@
 #include "core/tensor.h"
 
+#include <sys/mman.h>
+
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -71,9 +74,23 @@ Tensor host_tensor(const Shape& s, DType t) {
   x.dtype = t;
   x.device = Device::CPU;
   size_t bytes = std::max<size_t>(x.nbytes(), 1);
+  if (bytes >= kLazyHostBytes) {
+    // Fresh anonymous pages read as zero and take no memory until written, so building a model
+    // and its optimizer touches only what they initialise (the weights); the memory plan can
+    // then refuse a run too large for the machine before its first step fills the rest, where
+    // touching it all here would have let the kernel's OOM killer end the process instead.
+    // Page-aligned, so the 64-byte alignment below holds too.
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    MF_CHECK(p != MAP_FAILED, "out of host memory allocating ", dtype_name(t), " ", shape_str(s),
+             " (", bytes, " bytes): ", std::strerror(errno));
+    x.owner = std::shared_ptr<void>(p, [bytes](void* q) { ::munmap(q, bytes); });
+    x.ptr = p;
+    return x;
+  }
   // 64-byte alignment for vector loads; calloc-like zero fill.
   void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-  MF_CHECK(p, "out of host memory allocating ", bytes, " bytes");
+  MF_CHECK(p, "out of host memory allocating ", dtype_name(t), " ", shape_str(s), " (", bytes,
+           " bytes)");
   std::memset(p, 0, bytes);
   x.owner = std::shared_ptr<void>(p, [](void* q) { std::free(q); });
   x.ptr = p;

@@ -44,7 +44,9 @@ struct Tensor {
   Tensor slice0(int64_t begin, int64_t end) const;
 };
 
-// Host-memory fp32/i32 tensor (zero-initialised), used by the CPU backend, tests and I/O.
+// Host-memory fp32/i32 tensor (zero-initialised), used by the CPU backend, tests and I/O. From
+// kLazyHostBytes up, its pages are mapped fresh and take memory only once written.
+constexpr size_t kLazyHostBytes = size_t(4) << 20;
 Tensor host_tensor(const Shape& s, DType t = DType::F32);
 
 }  // namespace mf

@@ -239,8 +239,7 @@ std::string memory_plan_table(const nlohmann::json& p) {
   return o.str();
 }
 
-void print_memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be) {
-  const nlohmann::json p = memory_plan(model, opt, be);
+void print_memory_plan(const nlohmann::json& p) {
   spdlog::info("{}", memory_plan_table(p));
   // What is still to come after construction: workspace growth (everything else is allocated).
   const int64_t growth =
@@ -250,6 +249,41 @@ void print_memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be) {
     spdlog::warn("memory plan: the workspace is expected to grow by {:.0f} MiB but only {:.0f} MiB "
                  "are free: reduce train.micro_batch or train.seq_len",
                  mib(double(growth)), mib(double(free_b)));
+}
+
+void check_memory_plan(const nlohmann::json& p, int procs_here) {
+  const double machine = p.at("device_total").get<double>();
+  if (p.at("device") == "cuda" || machine <= 0) return;
+  const double procs = std::max(procs_here, 1);
+  const double one = p.at("total").get<double>(), need = one * procs;
+  auto size = [](double b) {
+    return b >= double(1ull << 30) ? fmt("%.1f GiB", b / double(1ull << 30))
+                                   : fmt("%.0f MiB", mib(b));
+  };
+  if (need > machine) {
+    const std::string each =
+        procs > 1 ? fmt::format(" per process, x {} processes on this machine = {}",
+                                procs_here, size(need))
+                  : std::string();
+    MF_FAIL("the run does not fit in host memory: it needs ", size(one), each, " (weights ",
+            size(p.at("weights").get<double>()), ", gradients ", size(p.at("grads").get<double>()),
+            ", optimizer state ",
+            size(p.at("optimizer_state").get<double>() + p.at("muon_scratch").get<double>()),
+            ", activations ", size(p.at("activations").get<double>()), " for micro-batch ",
+            p.at("B").get<int64_t>(), " x seq_len ", p.at("T").get<int64_t>(),
+            " with model.recompute \"", p.value("recompute", std::string("none")),
+            "\"), more than the ", size(machine),
+            " this machine has; lower train.micro_batch or train.seq_len, set model.recompute "
+            "to \"full\", or use a smaller model or an optimizer with less state");
+  }
+  // Constructed so far: the weights are written (initialised or loaded); the rest is touched
+  // by the first step.
+  const double to_come = (one - p.at("weights").get<double>()) * procs;
+  const double free_b = p.at("free").get<double>();
+  if (to_come > free_b)
+    spdlog::warn("memory plan: the first step will need about {} more host memory but only {} "
+                 "is available now; the run may be killed for lack of memory",
+                 size(to_come), size(free_b));
 }
 
 // ---- bench -------------------------------------------------------------------------------------
@@ -276,6 +310,7 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
   const nlohmann::json plan = memory_plan(model, opt, *be);
   mem.sample();
   if (o.verbose) spdlog::info("{}", memory_plan_table(plan));
+  check_memory_plan(plan, 1);
 
   // Synthetic data: a few distinct micro-batches of uniform random tokens, cycled.
   const int nbatches = std::max(1, std::min(accum, 4));

@@ -60,13 +60,20 @@ size_t peak_rss_bytes();
 
 // Memory plan of a built model + optimizer on its backend: bytes of weights (fp32 master plus
 // the compute copy when separate), gradients, optimizer state (+ Muon's scratch), activations
-// (the model's buffers for B x T, by formula; MoE expert buffers are not counted), workspace
-// (held now; and the expected peak after the first step on CUDA), their total, and the device's
-// free / total memory. On CUDA also the bytes held by tensors as measured.
+// (the model's buffers for B x T as allocated, MoE layers included), workspace (held now; and
+// the expected peak after the first step on CUDA), their total, and the device's free / total
+// memory. On CUDA also the bytes held by tensors as measured.
 nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be);
 std::string memory_plan_table(const nlohmann::json& plan);
 // Logs memory_plan_table via spdlog::info and warns when the expected peak exceeds free memory.
 // The trainer calls it right after the optimizer is built.
-void print_memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be);
+void print_memory_plan(const nlohmann::json& plan);
+// Refuses, before the first step, a CPU run whose plan needs more than the machine's memory
+// (every process of the run on this machine, `procs_here`, counted: they share it), naming each
+// part and what to lower. The host pages of large tensors are mapped lazily (host_tensor), so
+// until then little of the plan is resident and the error comes before the OOM killer would.
+// Warns when the part not yet resident exceeds the memory free now. On CUDA an allocation that
+// does not fit fails by itself, so only the warning of print_memory_plan applies.
+void check_memory_plan(const nlohmann::json& plan, int procs_here);
 
 }  // namespace mf

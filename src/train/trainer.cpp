@@ -306,6 +306,7 @@ void Trainer::setup() {
   rank_ = env.rank;
   world_ = env.world_size;
   attempt_ = env.attempt;
+  local_world_ = env.local_world_size;
   MF_CHECK(cfg_.train.world_size == world_, "train.world_size is ", cfg_.train.world_size,
            " but the environment says WORLD_SIZE=", world_);
   if (env.distributed()) setup_logging(rank_);
@@ -614,7 +615,9 @@ void Trainer::setup_distributed() {
     if (owner_[i] == -1 || owner_[i] == rank_) mine.push_back(all[i]);
   for (auto& f : fragments_) mine.push_back(f.get());
   opt_ = std::make_unique<Optimizer>(cfg_, mine, *be_);
-  if (rank_ == 0 && !opts_.quiet) print_memory_plan(*model_, *opt_, *be_);
+  const nlohmann::json plan = memory_plan(*model_, *opt_, *be_);
+  if (rank_ == 0 && !opts_.quiet) print_memory_plan(plan);
+  check_memory_plan(plan, local_world_);
   if (sharded_) {
     int64_t n_mine = 0, n_all = 0;
     for (const OptEntry& e : opt_->entries()) n_mine += e.param->numel();

@@ -75,6 +75,7 @@ class Trainer {
   Config cfg_;
   TrainOptions opts_;
   int rank_ = 0, world_ = 1;
+  int local_world_ = 1;  // ranks on this machine (CPU ranks share its memory)
   int attempt_ = 0;  // DistEnv::attempt: 0, then +1 per launcher restart of the group
   // Rank 0's flock on the run directory's .lock, held for the Trainer's life. A member that
   // closes its descriptor itself: a constructor that throws after taking it releases it too.
