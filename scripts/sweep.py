@@ -246,11 +246,17 @@ def read_status(run_dir):
         return {}
 
 
+def write_atomic(path, text):
+    """Writes text to path through a temporary file and a rename, so a kill never leaves a torn
+    file behind (readers see the old version or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_status(run_dir, st):
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "sweep_status.json.tmp"
-    tmp.write_text(json.dumps(st, indent=1) + "\n")
-    os.replace(tmp, run_dir / "sweep_status.json")
+    write_atomic(run_dir / "sweep_status.json", json.dumps(st, indent=1) + "\n")
 
 
 def lock_holder(run_dir):
@@ -503,13 +509,13 @@ def main(argv=None):
         if st.get("config_sha") and st["config_sha"] != sha:
             conflicts.append(run["name"])
             continue
-        run["config"].write_text(text)
+        write_atomic(run["config"], text)
     if conflicts:
         raise UserError(f"{len(conflicts)} run(s) in {out} were started with a different config "
                         f"(sweep file, --set, --reduced or the base config changed): "
                         f"{', '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}. "
                         f"Use another --out, or delete those run folders to redo them.")
-    (out / "sweep.json").write_text(json.dumps(
+    write_atomic(out / "sweep.json", json.dumps(
         {"name": spec["name"], "sweep_file": str(Path(args.sweep).resolve()), "base": str(base),
          "reduced": args.reduced, "set": {**fixed, **cli}, "keys": keys,
          "runs": [{"name": r["name"], "values": r["values"]} for r in runs]}, indent=1) + "\n")

@@ -233,7 +233,8 @@ std::string memory_plan_table(const nlohmann::json& p) {
         "measured (CudaBackend::bytes_allocated)");
   if (p.at("device_total").get<int64_t>() > 0) {
     row("free now", p.at("free").get<double>(),
-        std::string(cuda ? "cudaMemGetInfo" : "MemAvailable") + ", after the allocations above; of " +
+        std::string(cuda ? "cudaMemGetInfo, after the allocations above"
+                         : "MemAvailable; large tensors take memory once first written") + "; of " +
             fmt("%.0f", mib(p.at("device_total").get<double>())) + " MiB");
   }
   return o.str();
