@@ -143,6 +143,60 @@ TEST_CASE("memory_info: the CPU default reads /proc/meminfo", "[bench]") {
   CHECK(m.tensors == 0);
 }
 
+TEST_CASE("host_memory_info: MemTotal / MemAvailable bounded by the process's cgroup and its "
+          "ancestors (v2 and v1)*", "[bench][memory]") {
+  const fs::path root = fs::temp_directory_path() / ("mf_cgroup_" + std::to_string(getpid()));
+  fs::remove_all(root);
+  auto put = [&](const fs::path& rel, const std::string& text) {
+    fs::create_directories((root / rel).parent_path());
+    std::ofstream(root / rel) << text;
+  };
+  const size_t GiB = size_t(1) << 30;
+  put("meminfo", "MemTotal:       " + std::to_string(64 * GiB / 1024) + " kB\n"
+                 "MemFree:        1000 kB\n"
+                 "MemAvailable:   " + std::to_string(40 * GiB / 1024) + " kB\n");
+  const std::string meminfo = (root / "meminfo").string(), cg = (root / "cg").string();
+
+  // No cgroup file, no limits: the meminfo figures.
+  MemoryInfo m = host_memory_info(meminfo, cg, (root / "none").string());
+  CHECK(m.total == 64 * GiB);
+  CHECK(m.free == 40 * GiB);
+
+  // v2: the job's own cgroup is unlimited ("max"); its parent (a Slurm job's step, say) holds
+  // 8 GiB, 3 GiB of it in use; the grandparent has a looser limit with less room left.
+  put("self_v2", "0::/slurm/job_7/step_0\n");
+  put("cg/slurm/job_7/step_0/memory.max", "max\n");
+  put("cg/slurm/job_7/step_0/memory.current", "1000\n");
+  put("cg/slurm/job_7/memory.max", std::to_string(8 * GiB) + "\n");
+  put("cg/slurm/job_7/memory.current", std::to_string(3 * GiB) + "\n");
+  put("cg/slurm/memory.max", std::to_string(16 * GiB) + "\n");
+  put("cg/slurm/memory.current", std::to_string(14 * GiB) + "\n");
+  m = host_memory_info(meminfo, cg, (root / "self_v2").string());
+  CHECK(m.total == 8 * GiB);
+  CHECK(m.free == 2 * GiB);  // the grandparent's 16 - 14
+  // A container root (cgroup namespace: "0::/") reads the hierarchy's root files.
+  put("cg/memory.max", std::to_string(4 * GiB) + "\n");
+  put("cg/memory.current", std::to_string(1 * GiB) + "\n");
+  put("self_root", "0::/\n");
+  m = host_memory_info(meminfo, cg, (root / "self_root").string());
+  CHECK(m.total == 4 * GiB);
+  CHECK(m.free == 3 * GiB);
+
+  // v1 (hybrid hierarchies list both; v2 files absent there): the memory controller's line,
+  // possibly shared with others ("5:memory,hugetlb:..."); unlimited reads as a huge number.
+  put("self_v1", "0::/\n9:pids:/x\n5:hugetlb,memory:/process_api/abc\n");
+  fs::remove(root / "cg/memory.max");
+  put("cg/memory/memory.limit_in_bytes", "9223372036854771712\n");
+  put("cg/memory/process_api/memory.limit_in_bytes", std::to_string(6 * GiB) + "\n");
+  put("cg/memory/process_api/memory.usage_in_bytes", std::to_string(5 * GiB) + "\n");
+  put("cg/memory/process_api/abc/memory.limit_in_bytes", "9223372036854771712\n");
+  put("cg/memory/process_api/abc/memory.usage_in_bytes", std::to_string(GiB) + "\n");
+  m = host_memory_info(meminfo, cg, (root / "self_v1").string());
+  CHECK(m.total == 6 * GiB);
+  CHECK(m.free == 1 * GiB);
+  fs::remove_all(root);
+}
+
 // Sets an environment variable for one scope.
 struct ScopedEnv {
   std::string name;

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "backend/cpu/cpu_backend.h"
 #include "core/error.h"
@@ -19,9 +21,10 @@ int cuda_device_count();
 
 namespace mf {
 
-MemoryInfo Backend::memory_info() const {
+MemoryInfo host_memory_info(const std::string& meminfo, const std::string& cgroup_root,
+                            const std::string& self_cgroup) {
   MemoryInfo m;
-  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+  if (FILE* f = std::fopen(meminfo.c_str(), "r")) {
     char line[256], key[64];
     unsigned long long kb = 0;
     while (std::fgets(line, sizeof line, f)) {
@@ -31,30 +34,72 @@ MemoryInfo Backend::memory_info() const {
     }
     std::fclose(f);
   }
-  // A container's or Slurm job's memory limit (cgroup v2, then v1) bounds both figures; an
-  // unlimited cgroup reads "max" (v2) or a huge number (v1), which the min leaves alone.
-  auto read_bytes = [](const char* path, unsigned long long& out) {
-    FILE* g = std::fopen(path, "r");
+  // A container's or Slurm job's memory limit bounds both figures. The process's cgroup comes
+  // from self_cgroup (/proc/self/cgroup: "0::PATH" for v2, "N:...memory...:PATH" for v1); a
+  // limit may sit on any ancestor, so every level from there up to the root counts, and the
+  // tightest one wins. An unlimited level reads "max" (v2) or a huge number (v1).
+  std::string v2_path, v1_path;
+  bool v2 = false, v1 = false;
+  if (std::ifstream f{self_cgroup}) {
+    std::string line;
+    while (std::getline(f, line)) {
+      const size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
+      if (b == std::string::npos) continue;
+      const std::string ctrl = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+      if (line.compare(0, a, "0") == 0 && ctrl.empty()) {
+        v2 = true;
+        v2_path = path;
+      }
+      std::stringstream cs(ctrl);
+      for (std::string c; std::getline(cs, c, ',');)
+        if (c == "memory") {
+          v1 = true;
+          v1_path = path;
+        }
+    }
+  }
+  auto read_bytes = [](const std::string& file, unsigned long long& out) {
+    FILE* g = std::fopen(file.c_str(), "r");
     if (!g) return false;
     const bool ok = std::fscanf(g, "%llu", &out) == 1;
     std::fclose(g);
     return ok;
   };
-  unsigned long long limit = 0, used = 0;
-  if (read_bytes("/sys/fs/cgroup/memory.max", limit))
-    read_bytes("/sys/fs/cgroup/memory.current", used);
-  else if (read_bytes("/sys/fs/cgroup/memory/memory.limit_in_bytes", limit))
-    read_bytes("/sys/fs/cgroup/memory/memory.usage_in_bytes", used);
-  if (limit > 0 && (m.total == 0 || limit < m.total)) {
-    m.total = size_t(limit);
-    const size_t room = used < limit ? size_t(limit - used) : 0;
-    if (m.free == 0 || room < m.free) m.free = room;
+  // The cgroup at base + rel, then each ancestor up to base itself.
+  auto bound = [&](const std::string& base, std::string rel, const char* limit_file,
+                   const char* usage_file) {
+    while (!rel.empty() && rel.back() == '/') rel.pop_back();
+    while (true) {
+      const std::string d = base + rel;
+      unsigned long long limit = 0, used = 0;
+      if (read_bytes(d + "/" + limit_file, limit) && limit > 0) {
+        // The tightest limit bounds the total; the least room left at any level bounds what
+        // is free (a parent's limit may be shared with siblings that use it).
+        if (m.total == 0 || limit < m.total) m.total = size_t(limit);
+        read_bytes(d + "/" + usage_file, used);
+        const size_t room = used < limit ? size_t(limit - used) : 0;
+        if (m.free == 0 || room < m.free) m.free = room;
+      }
+      if (rel.empty()) break;
+      const size_t slash = rel.find_last_of('/');
+      rel.resize(slash == std::string::npos ? 0 : slash);
+    }
+  };
+  if (v2) bound(cgroup_root, v2_path, "memory.max", "memory.current");
+  if (v1) bound(cgroup_root + "/memory", v1_path, "memory.limit_in_bytes", "memory.usage_in_bytes");
+  if (!v1 && !v2) {  // no /proc/self/cgroup: the hierarchies' roots only
+    bound(cgroup_root, "", "memory.max", "memory.current");
+    bound(cgroup_root + "/memory", "", "memory.limit_in_bytes", "memory.usage_in_bytes");
   }
   if (const size_t fake = fault_host_memory()) {  // a testing aid (core/fault.h)
     m.total = fake;
     m.free = m.free == 0 ? fake : std::min(m.free, fake);
   }
   return m;
+}
+
+MemoryInfo Backend::memory_info() const {
+  return host_memory_info("/proc/meminfo", "/sys/fs/cgroup", "/proc/self/cgroup");
 }
 
 size_t Backend::record_mark() {

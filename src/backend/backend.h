@@ -30,6 +30,14 @@ struct MemoryInfo {
   size_t workspace = 0;        // scratch + library workspaces held right now (0: none / unknown)
 };
 
+// Host memory from a meminfo file (MemTotal, MemAvailable), bounded by the tightest cgroup
+// memory limit on the process's cgroup (named in self_cgroup, the format of /proc/self/cgroup)
+// or any of its ancestors under cgroup_root: v2 memory.max / memory.current, v1
+// memory/<path>/memory.limit_in_bytes / memory.usage_in_bytes. The CPU backend's memory_info
+// reads "/proc/meminfo", "/sys/fs/cgroup", "/proc/self/cgroup".
+MemoryInfo host_memory_info(const std::string& meminfo, const std::string& cgroup_root,
+                            const std::string& self_cgroup);
+
 struct AttnShape {
   int B = 0, T = 0, H = 0, Hkv = 0, hd = 0;  // batch, sequence, query heads, kv heads, head dim
   float scale = 0.f;                          // softmax scale, usually 1/sqrt(hd)
