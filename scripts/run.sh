@@ -14,4 +14,4 @@ if [ "$CONFIG" = configs/tiny.json ] && ! ls data/default/train_*.bin >/dev/null
   "$PY" scripts/prepare_data.py default
 fi
 echo "== training $CONFIG =="
-exec build/muonforge train "$CONFIG" "$@"
+exec "${MUONFORGE_BUILD_DIR:-build}/muonforge" train "$CONFIG" "$@"
