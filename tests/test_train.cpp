@@ -382,6 +382,49 @@ TEST_CASE("--resume of a checkpoint the branch has since pruned says so", "[trai
   fs::remove_all(root);
 }
 
+TEST_CASE("bare --resume needs a checkpoint and continues from the latest; `latest` names the "
+          "run for eval and export", "[train][cli]") {
+  const std::string root = temp_dir("bareresume");
+  write_data(root);
+  Config c = tiny_config(root, root + "/run", "adamw");  // ckpt_every 2, 8 steps
+  c.train.eval_every = 0;
+  { std::ofstream(root + "/cfg.json") << config_to_string(c) << "\n"; }
+  const std::string bin = MF_BINARY;
+  const std::string train = bin + " train " + root + "/cfg.json --quiet";
+  int rc = 0;
+  // Nothing to resume yet: an error, and no run started.
+  std::string out = mf::test::run_capture(train + " --resume", &rc);
+  INFO(out);
+  CHECK(rc != 0);
+  CHECK(out.find("train --resume: the run directory " + root + "/run holds no checkpoint to "
+                 "resume") != std::string::npos);
+  CHECK_FALSE(fs::exists(root + "/run/ckpt-000002"));
+  // --resume before another option, and against --no-resume.
+  out = mf::test::run_capture(train + " --resume --no-resume", &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("--resume and --no-resume contradict each other") != std::string::npos);
+  out = mf::test::run_capture(train + " --stop-at 4", &rc);
+  REQUIRE(rc == 0);
+  out = mf::test::run_capture(train + " --resume --stop-at 6", &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  CHECK(out.find("ckpt-000004") != std::string::npos);  // resumed from it
+  CHECK(fs::exists(root + "/run/ckpt-000006"));
+  CHECK_FALSE(fs::exists(root + "/run/superseded-1"));
+  // The run directory's `latest` file stands for its newest checkpoint.
+  out = mf::test::run_capture(bin + " eval " + root + "/run/latest --data '" + root +
+                                  "/val_*.bin' --batches 1",
+                              &rc);
+  INFO(out);
+  CHECK(rc == 0);
+  CHECK(out.find("ckpt-000006") != std::string::npos);
+  out = mf::test::run_capture(bin + " export " + root + "/run/latest " + root + "/hf", &rc);
+  INFO(out);
+  CHECK(rc == 0);
+  CHECK(fs::exists(root + "/hf/model.safetensors"));
+  fs::remove_all(root);
+}
+
 TEST_CASE("a non-finite loss stops the run and names the step", "[train]") {
   const std::string root = temp_dir("nan");
   write_data(root);

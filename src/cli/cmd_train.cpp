@@ -21,7 +21,7 @@ namespace mf {
 namespace {
 
 const char* kTrainUsage =
-    "usage: muonforge train CONFIG.json [--set key.path=value]... [--resume CKPT_DIR | --no-resume]\n"
+    "usage: muonforge train CONFIG.json [--set key.path=value]... [--resume [CKPT_DIR] | --no-resume]\n"
     "\n"
     "Trains the model described by CONFIG.json (see docs/config.md). The run directory\n"
     "(run.dir, default runs/{name}) receives config.json, log.txt, metrics.jsonl, mup_table.csv,\n"
@@ -33,6 +33,8 @@ const char* kTrainUsage =
     "  --set k=v      override a config value, e.g. --set optim.lr=0.01 --set train.max_steps=50\n"
     "                 (repeatable; --set=k=v works too)\n"
     "  --resume DIR   resume from this checkpoint directory (or a run directory's latest)\n"
+    "  --resume       (no value) resume from run.dir's latest checkpoint, as without the option,\n"
+    "                 but it is an error when there is none rather than a fresh start\n"
     "  --no-resume    start from scratch even if the run directory has checkpoints; they are\n"
     "                 moved to run.dir/superseded-N/, not deleted (the same for checkpoints\n"
     "                 past the one --resume names). A launcher restart resumes regardless.\n"
@@ -72,7 +74,12 @@ int cmd_train(const Args& args) {
     } else if (a.rfind("--set=", 0) == 0) {
       sets.push_back(a.substr(6));
     } else if (a == "--resume") {
-      opts.resume = option_value(args, i, "train");
+      // Bare (last, or before another option): the run directory's latest checkpoint, which
+      // must exist; with a value: that checkpoint or run directory.
+      if (i + 1 >= args.size() || (!args[i + 1].empty() && args[i + 1][0] == '-'))
+        opts.must_resume = true;
+      else
+        opts.resume = option_value(args, i, "train");
     } else if (a == "--no-resume") {
       opts.no_resume = true;
     } else if (a == "--stop-at") {
@@ -94,7 +101,7 @@ int cmd_train(const Args& args) {
     std::fputs(kTrainUsage, stderr);
     return 2;
   }
-  MF_CHECK(opts.resume.empty() || !opts.no_resume,
+  MF_CHECK((opts.resume.empty() && !opts.must_resume) || !opts.no_resume,
            "train: --resume and --no-resume contradict each other; give one");
   Config cfg = load_config(path, sets);
   // Rank 0 alone: every rank runs the same config (the trainer checks that), and a dump per rank would

@@ -213,7 +213,13 @@ std::string supersede_checkpoints(const std::string& run_dir, int keep_upto) {
   return dest.string();
 }
 
-std::string resolve_checkpoint_dir(const std::string& path, const std::string& who) {
+std::string resolve_checkpoint_dir(const std::string& path_in, const std::string& who) {
+  // A run directory's `latest` file (it names the newest checkpoint) stands for the run.
+  std::string path = path_in;
+  if (fs::path(path).filename() == "latest" && fs::is_regular_file(path)) {
+    path = fs::path(path).parent_path().string();
+    if (path.empty()) path = ".";
+  }
   MF_CHECK(fs::is_directory(path), who, ": ", path, " is not a directory (give a checkpoint "
            "directory runs/NAME/ckpt-NNNNNN or a run directory runs/NAME)");
   fs::path p(path);

@@ -55,7 +55,8 @@ std::string find_latest_checkpoint(const std::string& run_dir);
 std::string supersede_checkpoints(const std::string& run_dir, int keep_upto);
 
 // A checkpoint directory (it has config.json and model.safetensors) as given, or a run
-// directory's newest complete checkpoint; otherwise an error that starts with `who` (the
+// directory's newest complete checkpoint (the run directory's `latest` file stands for it);
+// otherwise an error that starts with `who` (the
 // command and option, e.g. "eval") and says which of the two to give.
 std::string resolve_checkpoint_dir(const std::string& path, const std::string& who);
 

@@ -271,6 +271,9 @@ std::string Trainer::starting_checkpoint() const {
     fresh = false;
   }
   if (ckpt.empty() && !fresh) ckpt = find_latest_checkpoint(run_dir_);
+  MF_CHECK(!ckpt.empty() || !opts_.must_resume, "train --resume: the run directory ", run_dir_,
+           " holds no checkpoint to resume (drop --resume to start the run there, or give "
+           "--resume CKPT_DIR)");
   return ckpt;
 }
 
