@@ -44,7 +44,7 @@ PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 (datasheet), as muonforge uses
 # Schema defaults (src/config/config.h) for the self-contained resolver.
 DEFAULTS = {
     "model": {"arch": "llama", "vocab_size": 50304, "d_model": 768, "n_layers": 12, "n_heads": 12,
-              "n_kv_heads": 12, "d_ff": 2048, "max_seq_len": 1024, "rope_theta": 10000.0,
+              "d_ff": 2048, "max_seq_len": 1024, "rope_theta": 10000.0,
               "norm_eps": 1e-5, "tie_embeddings": False, "init_std": 0.02},
     "mup": {"enabled": False},
     "optim": {"name": "muon", "lr": 0.02, "wd": 0.0, "momentum": 0.95, "nesterov": True,
@@ -117,6 +117,7 @@ def resolve_config(path, sets, binary):
     cfg = deep_merge(DEFAULTS, load_json_with_base(path))
     for s in sets:
         apply_set(cfg, s)
+    cfg["model"].setdefault("n_kv_heads", cfg["model"]["n_heads"])  # left out: n_heads (MHA)
     return cfg, "bench_torch.py (deep merge)"
 
 

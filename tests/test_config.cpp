@@ -197,6 +197,26 @@ TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   CHECK(text.find("\"data\"") < text.find("\"run\""));
 }
 
+TEST_CASE("model.n_kv_heads left out is n_heads, wherever n_heads is set", "[config]") {
+  WorldSize ws(nullptr);
+  TempDir t;
+  // n_heads 8 alone used to fail: "model.n_kv_heads: 12 does not divide model.n_heads = 8".
+  mf::Config a = mf::config_from_json(json::parse(R"({"model": {"n_heads": 8}})"), "a.json");
+  CHECK(a.model.n_kv_heads == 8);
+  mf::Config b = mf::config_from_json(json::object(), "b.json", ".", {"model.n_heads=6"});
+  CHECK(b.model.n_kv_heads == 6);
+  // Set anywhere (a base, the file, an override), it stays as set.
+  mf::Config c = mf::config_from_json(json::parse(R"({"model": {"n_heads": 8}})"), "c.json", ".",
+                                      {"model.n_kv_heads=2"});
+  CHECK(c.model.n_kv_heads == 2);
+  t.write("base.json", R"({"model": {"n_heads": 8, "n_kv_heads": 2}})");
+  const std::string child =
+      t.write("child.json", R"({"base": "base.json", "model": {"n_heads": 16}})");
+  CHECK(mf::load_config(child).model.n_kv_heads == 2);
+  // The resolved config (what a run directory's config.json holds) says it outright.
+  CHECK(mf::config_to_json(a)["model"]["n_kv_heads"] == 8);
+}
+
 TEST_CASE("base inheritance: relative paths, deep merge, chains, cycles", "[config]") {
   WorldSize ws(nullptr);
   TempDir t;

@@ -848,9 +848,15 @@ Config config_from_json(const json& j, const std::string& origin, const std::str
   fs::path self = identity(origin);
   chain.ids.push_back(self);
   chain.names.push_back(origin);
+  // model.n_kv_heads left out (by the file, its bases and the overrides) means n_heads, plain
+  // multi-head attention, as Hugging Face's num_key_value_heads does: a fixed number would not
+  // divide every n_heads a config may set.
+  constexpr int kUnset = -1;
+  c.model.n_kv_heads = kUnset;
   apply_file(j, origin, origin, base_dir.empty() ? fs::path(".") : fs::path(base_dir), chain, s, c);
   c.train.world_size = world_size_from_env();
   for (auto& ov : overrides) apply_override(ov, origin, s, c);
+  if (c.model.n_kv_heads == kUnset) c.model.n_kv_heads = c.model.n_heads;
   validate_config(c);
   return c;
 }

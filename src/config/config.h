@@ -32,7 +32,7 @@ struct ModelConfig {
   int d_model = 768;
   int n_layers = 12;
   int n_heads = 12;
-  int n_kv_heads = 12;
+  int n_kv_heads = 12;  // a JSON config that leaves it out gets n_heads (config_from_json)
   int d_ff = 2048;
   int max_seq_len = 1024;
   double rope_theta = 10000.0;
