@@ -81,8 +81,11 @@ Tensor host_tensor(const Shape& s, DType t) {
     // touching it all here would have let the kernel's OOM killer end the process instead.
     // Page-aligned, so the 64-byte alignment below holds too.
     void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    MF_CHECK(p != MAP_FAILED, "out of host memory allocating ", dtype_name(t), " ", shape_str(s),
-             " (", bytes, " bytes): ", std::strerror(errno));
+    if (p == MAP_FAILED) {
+      const int err = errno;  // before the message's own calls can change it
+      MF_FAIL("out of host memory allocating ", dtype_name(t), " ", shape_str(s), " (", bytes,
+              " bytes): ", std::strerror(err));
+    }
     x.owner = std::shared_ptr<void>(p, [bytes](void* q) { ::munmap(q, bytes); });
     x.ptr = p;
     return x;

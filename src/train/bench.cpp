@@ -277,8 +277,8 @@ void check_memory_plan(const nlohmann::json& p, int procs_here) {
             " this machine has; lower train.micro_batch or train.seq_len, set model.recompute "
             "to \"full\", or use a smaller model or an optimizer with less state");
   }
-  // Constructed so far: the weights are written (initialised or loaded); the rest is touched
-  // by the first step.
+  // Resident before the first step: the weights (written when initialised or loaded, right
+  // after this check in the trainer); the rest is first written by the first step.
   const double to_come = (one - p.at("weights").get<double>()) * procs;
   const double free_b = p.at("free").get<double>();
   if (to_come > free_b)
