@@ -195,7 +195,8 @@ def param_rules(cfg, name, shape):
     o, mup = cfg["optim"], cfg["mup"]
     m = cfg["model"]["d_model"] / mup["base_width"] if mup["enabled"] else 1.0
     independent = o["wd_mode"] == "independent"
-    if kind_of(name) == "hidden":
+    # The main group: hidden matrices, and the router with optim.router "matrix".
+    if kind_of(name) == "hidden" or (kind_of(name) == "router" and o.get("router") == "matrix"):
         if o["name"] in MUON_LIKE:
             lr_mult = 1.0
         elif o["name"] in ("shampoo", "soap", "asgo"):
@@ -214,7 +215,7 @@ def param_rules(cfg, name, shape):
     a = o["adamw"]
     if kind_of(name) == "bias":  # moved by the balancing rule, never by an optimizer
         return dict(opt="none", lr=0.0, wd=0.0)
-    if kind_of(name) == "router":  # AdamW, with the hidden-matrix µP multipliers
+    if kind_of(name) == "router":  # the adamw group, with the hidden-matrix µP multipliers
         return dict(opt="adamw", lr=a["lr"] / m, wd=a["wd"] * (1 / m if mup["enabled"] and
                     independent else 1.0), betas=a["betas"], eps=a["eps"])
     return dict(opt="adamw", lr=a["lr"], wd=0.0 if kind_of(name) == "norm" else a["wd"],

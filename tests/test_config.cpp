@@ -109,7 +109,7 @@ TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   WorldSize ws(nullptr);
   mf::Config c;
   json j = mf::config_to_json(c);
-  CHECK(count_leaves(j) == 98);  // every schema key except train.world_size
+  CHECK(count_leaves(j) == 99);  // every schema key except train.world_size
   CHECK(j["train"]["init_from"].is_null());
   CHECK(!j["train"].contains("world_size"));
   CHECK(j["model"]["moe"].contains("capacity_factor"));
@@ -143,6 +143,7 @@ TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   c.optim.name = "shampoo";
   c.optim.ns = "polar_express";
   c.optim.cautious_wd = true;
+  c.optim.router = "matrix";
   c.optim.normuon_beta2 = 0.5 + 0.4 * rng.uniform();
   c.optim.shampoo.block_size = 96;
   c.optim.shampoo.exp_l = 0.5;

@@ -30,6 +30,7 @@
 #include "io/safetensors.h"
 #include "model/llama.h"
 #include "model/moe.h"
+#include "optim/mup.h"
 #include "optim/optimizer.h"
 #include "op_tolerance.h"
 #include "test_util.h"
@@ -752,6 +753,54 @@ TEST_CASE("moe parameters: HF DeepSeek-V3 names; Muon per expert, router on Adam
   dense.moe.n_experts = 0;
   LlamaModel md(dense, be, 2, 8);
   CHECK(model.flops_per_token() < 6.0 * double(model.num_params()));
+}
+
+TEST_CASE("optim.router \"matrix\" puts the router in the main group, under µP too",
+          "[moe][optim]") {
+  CpuBackend be;
+  Config c;
+  c.model = tiny_moe("bias", "sigmoid");
+  c.optim.name = "muon";
+  c.optim.lr = 0.02;
+  c.optim.wd = 0.1;
+  c.optim.adamw.lr = 3e-3;
+  c.optim.adamw.wd = 0.01;
+  c.optim.scale = "spectral";
+  c.mup.enabled = true;
+  c.mup.base_width = c.model.d_model / 2;  // width_mult 2
+  for (const char* where : {"adamw", "matrix"}) {
+    c.optim.router = where;
+    const bool matrix = std::string(where) == "matrix";
+    LlamaModel model(c.model, be, 2, 8);
+    const MupResult mup = apply_mup(c, model.params());
+    Optimizer opt(c, model.params(), be);
+    Param* router = model.find("model.layers.1.mlp.gate.weight");
+    REQUIRE(router);
+    const OptEntry* re = nullptr;
+    for (const OptEntry& e : opt.entries())
+      if (e.param == router) re = &e;
+    REQUIRE(re);
+    INFO(where);
+    CHECK(re->kind == (matrix ? OptKind::Muon : OptKind::AdamW));
+    // Main group: optim.lr with Muon's µP rule (lr_mult 1) and its scale, optim.wd; else the
+    // adamw group's lr with the hidden-matrix fan-in rule 1/width_mult.
+    CHECK(re->lr == Approx(matrix ? 0.02 : 3e-3 / 2));
+    CHECK(re->wd == Approx(matrix ? 0.1 : 0.01));
+    if (matrix) CHECK(re->scale == Approx(std::sqrt(double(c.model.moe.n_experts) / c.model.d_model)));
+    // The printed table says the same.
+    bool row_seen = false;
+    for (const MupRow& r : mup.rows)
+      if (r.name == router->name) {
+        row_seen = true;
+        CHECK(r.optimizer == (matrix ? "muon" : "adamw"));
+      }
+    CHECK(row_seen);
+    // The bias buffer is never an optimizer's.
+    for (const OptEntry& e : opt.entries()) CHECK(e.param->kind != ParamKind::Bias);
+  }
+  c.optim.router = "muon";
+  const std::string err = mf::test::error_of([&] { validate_config(c); });
+  CHECK(err.find("optim.router") != std::string::npos);
 }
 
 TEST_CASE("moe bias balancing drives a skewed router toward balance", "[moe][balance]") {

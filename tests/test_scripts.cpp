@@ -162,9 +162,10 @@ TEST_CASE("torch_parity.py: a run checked step by step against PyTorch", "[scrip
   INFO(log);
   CHECK(rc == 0);
   CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));
+  // ... with the routers in the main group (optim.router "matrix": Muon steps them).
   log = run_capture(py + " " + script + moe + " --set model.moe.balance=aux_loss --set "
                     "model.moe.score=softmax --set model.moe.capacity_factor=1 --set "
-                    "model.moe.aux_coef=0.05", &rc);
+                    "model.moe.aux_coef=0.05 --set optim.router=matrix", &rc);
   INFO(log);
   CHECK(rc == 0);
   CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));

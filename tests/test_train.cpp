@@ -625,6 +625,37 @@ TEST_CASE("resuming with another optim.name says so, whatever the tensors", "[tr
   fs::remove_all(root);
 }
 
+TEST_CASE("resuming with another optim.router says so; a dense model does not care",
+          "[train][moe]") {
+  const std::string root = temp_dir("router");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  auto moe = [&](const std::string& run, const std::string& router, int steps) {
+    Config c = tiny_config(root, root + "/" + run, "muon");
+    c.model.moe.n_experts = 4;
+    c.model.moe.top_k = 2;
+    c.model.moe.d_expert = 16;
+    c.model.moe.first_dense = 1;
+    c.optim.router = router;
+    c.train.max_steps = steps;
+    return c;
+  };
+  Trainer(moe("run", "adamw", 2), quiet).run();
+  CHECK_THROWS_WITH(Trainer(moe("run", "matrix", 4), quiet),
+                    Catch::Contains("routers were stepped with optim.router=adamw") &&
+                        Catch::Contains("this run uses optim.router=matrix"));
+  CHECK(Trainer(moe("run", "adamw", 4), quiet).run().losses.size() == 2);
+  // Dense: no routers, so the key changes nothing and a resume across it is fine.
+  Config d = tiny_config(root, root + "/dense", "muon");
+  d.train.max_steps = 2;
+  Trainer(d, quiet).run();
+  d.optim.router = "matrix";
+  d.train.max_steps = 4;
+  CHECK(Trainer(d, quiet).run().losses.size() == 2);
+  fs::remove_all(root);
+}
+
 // ---- sampling (`muonforge sample`, src/train/sample.h) ------------------------------------------
 
 TEST_CASE("pick_token: greedy, top-k and the softmax distribution", "[train][sample]") {

@@ -107,6 +107,7 @@ std::vector<Field> schema(Config& c) {
       F("optim.qk_clip_tau", o.qk_clip_tau),
       F("optim.ns", o.ns),
       F("optim.cautious_wd", o.cautious_wd),
+      F("optim.router", o.router),
       F("optim.normuon_beta2", o.normuon_beta2),
       F("optim.shampoo.block_size", o.shampoo.block_size),
       F("optim.shampoo.precond_every", o.shampoo.precond_every),
@@ -697,6 +698,7 @@ void validate_config(const Config& c) {
   k.positive("optim.lr", o.lr);
   k.non_negative("optim.wd", o.wd);
   k.one_of("optim.wd_mode", o.wd_mode, {"coupled", "independent"});
+  k.one_of("optim.router", o.router, {"adamw", "matrix"});
   k.unit_open("optim.momentum", o.momentum);
   k.positive("optim.ns_steps", o.ns_steps);
   k.one_of("optim.scale", o.scale, {"shape", "rms", "spectral"});

@@ -130,6 +130,7 @@ struct OptimConfig {
   // (a,b,c)) | polar_express (Amsel et al., five per-step tuples, X / (1.02 ||X||_F)).
   std::string ns = "quintic";
   bool cautious_wd = false;           // decay only where update and weight agree in sign (CWD)
+  std::string router = "adamw";       // MoE router: "adamw" (optim.adamw group) | "matrix" (as hidden)
   double normuon_beta2 = 0.95;        // NorMuon's per-neuron second-moment EMA
   ShampooConfig shampoo;
   SoapConfig soap;

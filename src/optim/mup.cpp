@@ -88,7 +88,7 @@ MupResult apply_mup(const Config& cfg, const ParamList& params) {
     // Hidden-like: 2-D matrices whose fan-in and fan-out both scale with width (and the MoE
     // router, whose fan-in does; treated the same way until MoE µP is studied).
     const bool hidden = p->kind == ParamKind::Hidden || p->kind == ParamKind::Router;
-    const bool on_muon = optimized && muon && p->kind == ParamKind::Hidden;
+    const bool on_muon = optimized && muon && in_main_group(p->kind, cfg.optim);
 
     p->lr_mult = 1.0;
     p->wd_mult = 1.0;
@@ -127,7 +127,7 @@ MupResult apply_mup(const Config& cfg, const ParamList& params) {
       row.muon_scale = is_muon_like(cfg.optim.name) ? muon_scale(cfg.optim.scale, rows, cols) : 1.0;
     } else {
       row.optimizer = "adamw";
-      const bool main_group = p->kind == ParamKind::Hidden;  // only when optim.name == adamw
+      const bool main_group = in_main_group(p->kind, cfg.optim);  // only when optim.name == adamw
       row.lr = (main_group ? cfg.optim.lr : cfg.optim.adamw.lr) * p->lr_mult;
       row.wd = weight_decayed(p->kind) ? (main_group ? cfg.optim.wd : cfg.optim.adamw.wd) * p->wd_mult : 0.0;
     }

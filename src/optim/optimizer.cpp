@@ -147,7 +147,7 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
     OptEntry e;
     e.param = p;
     e.wd_mult = p->wd_mult;
-    if (p->kind == ParamKind::Hidden && muon) {
+    if (in_main_group(p->kind, ocfg_) && muon) {
       MF_CHECK(p->shape.size() == 2 || p->shape.size() == 3, "optimizer: ", ocfg_.name,
                " parameter \"", p->name, "\" must be a matrix [out,in] or a stack [E,out,in], got ",
                shape_str(p->shape));
@@ -170,7 +170,7 @@ Optimizer::Optimizer(const Config& cfg, const ParamList& params, Backend& be)
       if (e.kind == OptKind::Freon) freon_need = std::max(freon_need, freon_workspace(p->shape));
     } else {
       e.kind = OptKind::AdamW;
-      const bool hidden = p->kind == ParamKind::Hidden;  // only when optim.name == adamw
+      const bool hidden = in_main_group(p->kind, ocfg_);  // only when optim.name == adamw
       e.lr = (hidden ? ocfg_.lr : ocfg_.adamw.lr) * p->lr_mult;
       e.wd = !weight_decayed(p->kind) ? 0.0 : hidden ? ocfg_.wd : ocfg_.adamw.wd;
       e.b1 = hidden ? ocfg_.betas[0] : ocfg_.adamw.betas[0];
@@ -237,7 +237,7 @@ void Optimizer::check_decay(const OptEntry& e) const {
   // The schedule peaks at 1, so this is the largest fraction of the weights one step removes.
   const double decay = decay_factor(e, e.lr, 1.0);
   if (decay < 1) return;
-  const bool hidden = e.param->kind == ParamKind::Hidden;
+  const bool hidden = in_main_group(e.param->kind, ocfg_);
   const std::string lr_key = hidden ? "optim.lr" : "optim.adamw.lr";
   const std::string wd_key = hidden ? "optim.wd" : "optim.adamw.wd";
   const double group_lr = hidden ? ocfg_.lr : ocfg_.adamw.lr;
@@ -488,7 +488,7 @@ std::vector<std::pair<std::string, Tensor>> Optimizer::state_tensors() const {
 }
 
 nlohmann::json Optimizer::state_json() const {
-  return {{"optimizer", ocfg_.name}, {"step_count", t_}};
+  return {{"optimizer", ocfg_.name}, {"router", ocfg_.router}, {"step_count", t_}};
 }
 
 void Optimizer::load_state(const std::vector<std::pair<std::string, Tensor>>& host_tensors,

@@ -46,6 +46,13 @@ double clip_factor(double norm, double clip);
 // Muon update scale s for a [rows, cols] matrix and optim.scale mode.
 double muon_scale(const std::string& mode, int64_t rows, int64_t cols);
 
+// Whether a parameter of this kind is in the main group, the one optim.name, optim.lr and
+// optim.wd govern (the hidden matrices; the MoE router too with optim.router = "matrix"), as
+// opposed to the optim.adamw group (embeddings, lm_head, norms, and the router by default).
+inline bool in_main_group(ParamKind k, const OptimConfig& o) {
+  return k == ParamKind::Hidden || (k == ParamKind::Router && o.router == "matrix");
+}
+
 enum class OptKind { Muon, AdamW, NorMuon, Shampoo, Soap, Asgo, Freon, Kaon };
 const char* opt_kind_name(OptKind k);
 

@@ -428,7 +428,7 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
   if (o.muon_split && cfg.optim.name == "muon") {
     ParamList hidden;
     for (Param* p : params)
-      if (p->kind == ParamKind::Hidden && p->trainable) hidden.push_back(p);
+      if (in_main_group(p->kind, cfg.optim) && p->trainable) hidden.push_back(p);
     muon_params = int(hidden.size());
     if (!hidden.empty()) {
       Optimizer muon(cfg, hidden, *be);

@@ -371,6 +371,15 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
       MF_CHECK(was == now, "checkpoint ", ckpt_dir, ": its optimizer state was saved with optim.name=",
                was, " but this run uses optim.name=", now, " (resume with optim.name=", was,
                ", or start a new run from its weights: muonforge export, then train.init_from)");
+      // Which group stepped the MoE routers (checkpoints before optim.router existed: adamw).
+      const std::string rwas = saved.value("router", std::string("adamw")),
+                        rnow = opt->state_json().value("router", std::string("adamw"));
+      const bool routers = std::any_of(params.begin(), params.end(),
+                                       [](const Param* p) { return p->kind == ParamKind::Router; });
+      MF_CHECK(rwas == rnow || !routers || now == "adamw", "checkpoint ", ckpt_dir,
+               ": its routers were stepped with optim.router=", rwas, " but this run uses "
+               "optim.router=", rnow, " (resume with optim.router=", rwas, ", or start a new run "
+               "from its weights: muonforge export, then train.init_from)");
     }
     const int shards = st.value("optimizer_shards", 0);
     MF_CHECK(shards >= 0, state_path, ": optimizer_shards is ", shards);

@@ -524,7 +524,7 @@ double Trainer::mean_over_ranks(double x) {
 // of a tensor can be updated on its own). Matrices under a matrix optimizer need the whole matrix
 // and are spread over the ranks whole instead (distributed Muon).
 bool Trainer::zero_sliced(const Param& p) const {
-  const bool matrix = cfg_.optim.name != "adamw" && p.kind == ParamKind::Hidden;
+  const bool matrix = cfg_.optim.name != "adamw" && in_main_group(p.kind, cfg_.optim);
   return world_ > 1 && cfg_.train.zero == 1 && p.trainable && p.kind != ParamKind::Bias && !matrix;
 }
 
@@ -568,7 +568,7 @@ void Trainer::setup_distributed() {
     const float* marena = model_->master_arena().f32();
     std::vector<size_t> mats;  // indices into `all`, by arena offset
     for (size_t i = 0; i < all.size(); ++i)
-      if (all[i]->trainable && cfg_.optim.name != "adamw" && all[i]->kind == ParamKind::Hidden)
+      if (all[i]->trainable && cfg_.optim.name != "adamw" && in_main_group(all[i]->kind, cfg_.optim))
         mats.push_back(i);
     std::stable_sort(mats.begin(), mats.end(), [&](size_t a, size_t b) {
       return all[a]->master.f32() < all[b]->master.f32();

@@ -109,10 +109,12 @@ for r in steps:
 print("moe: load_cv_max %s at the last step" % steps[-1]["moe"].get("load_cv_max"))
 PY
 
-echo "== moe with train.precision fp32 on cuda: the cpu run's losses (per-expert f32 GEMMs)"
+echo "== moe with train.precision fp32 on cuda: the cpu run's losses (per-expert f32 GEMMs; the"
+echo "   routers in the main group, so Muon steps them too: optim.router matrix)"
 for dev in cuda cpu; do
   "$bin" train "$root/configs/moe-tiny.json" "${common[@]}" --set train.device=$dev --set train.max_steps=3 \
-    --set train.precision=fp32 --set train.eval_every=0 --set run.dir=moe32$dev > moe32$dev.log 2>&1 ||
+    --set train.precision=fp32 --set train.eval_every=0 --set optim.router=matrix \
+    --set run.dir=moe32$dev > moe32$dev.log 2>&1 ||
     { tail -20 moe32$dev.log; fail "moe fp32 train on $dev"; }
 done
 same_losses "moe cuda fp32 vs cpu" moe32cuda/metrics.jsonl moe32cpu/metrics.jsonl 3 1e-4
