@@ -46,4 +46,9 @@ void log_file_only(const std::string& line) {
   g_log_file->flush();
 }
 
+std::string format_bytes(double bytes) {
+  return bytes >= double(1ull << 30) ? fmt::format("{:.1f} GiB", bytes / double(1ull << 30))
+                                     : fmt::format("{:.0f} MiB", bytes / double(1ull << 20));
+}
+
 }  // namespace mf

@@ -15,4 +15,7 @@ void add_log_file(const std::string& path);
 // ends a run there, so log.txt tells how the run ended.
 void log_file_only(const std::string& line);
 
+// A byte count for messages: "%.1f GiB" from 1 GiB up, else "%.0f MiB".
+std::string format_bytes(double bytes);
+
 }  // namespace mf

@@ -29,10 +29,7 @@ void check_fits_memory(const ModelConfig& cfg, const Backend& be, int B, int T) 
   const double tokens = double(B) * double(T);
   const double acts = tokens * double(cfg.d_model) * act * (double(cfg.n_layers) + 7);
   if (weights + acts <= double(mi.total)) return;
-  auto size = [](double b) {
-    return b >= double(1ull << 30) ? fmt::format("{:.1f} GiB", b / double(1ull << 30))
-                                   : fmt::format("{:.1f} MiB", b / double(1ull << 20));
-  };
+  const auto size = format_bytes;
   const bool gpu = be.device() == Device::CUDA;
   MF_FAIL("the model does not fit in ", gpu ? "GPU" : "host",
           " memory: its weights and gradients need ", size(weights), " (",

@@ -257,10 +257,7 @@ void check_memory_plan(const nlohmann::json& p, int procs_here) {
   if (p.at("device") == "cuda" || machine <= 0) return;
   const double procs = std::max(procs_here, 1);
   const double one = p.at("total").get<double>(), need = one * procs;
-  auto size = [](double b) {
-    return b >= double(1ull << 30) ? fmt("%.1f GiB", b / double(1ull << 30))
-                                   : fmt("%.0f MiB", mib(b));
-  };
+  const auto size = format_bytes;
   if (need > machine) {
     const std::string each =
         procs > 1 ? fmt::format(" per process, x {} processes on this machine = {}",

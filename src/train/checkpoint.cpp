@@ -366,14 +366,15 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
     // missing one would only guess at the cause.
     const nlohmann::json& saved = st["optimizer"];
     if (saved.is_object() && saved.contains("optimizer") && saved["optimizer"].is_string()) {
+      const nlohmann::json mine = opt->state_json();
       const std::string was = saved["optimizer"].get<std::string>(),
-                        now = opt->state_json().value("optimizer", std::string());
+                        now = mine.value("optimizer", std::string());
       MF_CHECK(was == now, "checkpoint ", ckpt_dir, ": its optimizer state was saved with optim.name=",
                was, " but this run uses optim.name=", now, " (resume with optim.name=", was,
                ", or start a new run from its weights: muonforge export, then train.init_from)");
       // Which group stepped the MoE routers (checkpoints before optim.router existed: adamw).
       const std::string rwas = saved.value("router", std::string("adamw")),
-                        rnow = opt->state_json().value("router", std::string("adamw"));
+                        rnow = mine.value("router", std::string("adamw"));
       const bool routers = std::any_of(params.begin(), params.end(),
                                        [](const Param* p) { return p->kind == ParamKind::Router; });
       MF_CHECK(rwas == rnow || !routers || now == "adamw", "checkpoint ", ckpt_dir,
