@@ -252,6 +252,13 @@ TEST_CASE("SP and RMS parametrisations leave the model alone", "[mup]") {
   }
   c.optim.scale = "rms";
   CHECK(apply_mup(c, model.params()).parametrization == "rms");
+  for (const char* name : {"normuon", "freon", "kaon"}) {  // they take optim.scale too
+    c.optim.name = name;
+    CHECK(apply_mup(c, model.params()).parametrization == "rms");
+  }
+  c.optim.name = "shampoo";  // has no optim.scale: its rms setting is ignored
+  CHECK(apply_mup(c, model.params()).parametrization == "sp");
+  c.optim.name = "muon";
   CHECK(row_of(apply_mup(c, model.params()), "model.layers.0.mlp.up_proj.weight").muon_scale ==
         Approx(0.2 * std::sqrt(512.0)));
   // µP with rms scaling works but warns that it breaks transfer.

@@ -40,7 +40,8 @@ bool is_residual_out_proj(const std::string& name) {
 
 std::string parametrization_name(const Config& cfg) {
   if (cfg.mup.enabled) return "mup";
-  if (cfg.optim.name == "muon" && cfg.optim.scale == "rms") return "rms";
+  // Moonlight's rms matching: every optimizer that takes optim.scale (muon, normuon, freon, kaon)
+  if (is_muon_like(cfg.optim.name) && cfg.optim.scale == "rms") return "rms";
   return "sp";
 }
 
