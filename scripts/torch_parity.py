@@ -605,6 +605,8 @@ class Optim:
                         D = self.muon_direction(r, st, g)
                     else:
                         D = getattr(self, r["opt"] + "_direction")(st, g)
+                        if r["opt"] == "soap" and self.t == 1:
+                            continue  # statistics only: no update and no weight decay
                     if decay and o.get("cautious_wd"):  # only where weight and update agree
                         w.mul_(torch.where(w * D >= 0, 1 - decay, 1.0))
                     elif decay:

@@ -249,6 +249,8 @@ class Soap final : public BlockedBase {
     s5_ = be.empty({s1_.numel()}, DType::F32);
   }
 
+  bool updates_at(int64_t t) const override { return t > 1; }
+
   void direction(const Tensor& grad, float grad_scale, int64_t t, Tensor& D) override {
     scaled_grad(grad, grad_scale);
     if (t == 1) {

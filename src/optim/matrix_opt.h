@@ -77,6 +77,9 @@ class MatrixPreconditioner {
   // D (=) the update direction for the gradient grad * grad_scale at update number t (1-based).
   // D has the parameter's shape; grad is left untouched.
   virtual void direction(const Tensor& grad, float grad_scale, int64_t t, Tensor& D) = 0;
+  // False when update number t only gathers statistics: the parameter is then left as it is,
+  // weight decay included (SOAP's first step, as in its reference implementation).
+  virtual bool updates_at(int64_t t) const { (void)t; return true; }
   // The state tensors with their name suffixes (".exp_avg", ".shampoo_L", ...).
   virtual std::vector<std::pair<std::string, Tensor>> state() const = 0;
   // One line: block layout and state size, for Optimizer::describe.

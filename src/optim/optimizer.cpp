@@ -390,6 +390,7 @@ void Optimizer::step_preconditioned(OptEntry& e, double sched, float grad_scale)
   const double lr_eff = e.lr * sched;
   Tensor D = muon_scratch_.slice0(0, p.numel()).view(p.shape);
   e.pre->direction(p.grad, grad_scale, t_ + 1, D);
+  if (!e.pre->updates_at(t_ + 1)) return;  // SOAP's first step: statistics only, no decay
   apply_decay(e, decay_factor(e, lr_eff, sched), D);
   be_.axpy(float(-lr_eff * e.scale), D, p.master);
 }
