@@ -219,6 +219,18 @@ TEST_CASE("metrics.jsonl is fsynced before each checkpoint is renamed into place
   fs::remove_all(root);
 }
 
+TEST_CASE("checkpoint directory names: only checkpoint_dir_name's are steps", "[train]") {
+  CHECK(checkpoint_step_of("ckpt-000000") == 0);
+  CHECK(checkpoint_step_of("ckpt-000123") == 123);
+  CHECK(checkpoint_step_of("ckpt-999999") == 999999);
+  // Past a million steps the name grows (it used to be skipped, so such a run never resumed).
+  CHECK(checkpoint_dir_name(1234567) == "ckpt-1234567");
+  CHECK(checkpoint_step_of("ckpt-1234567") == 1234567);
+  for (const char* bad : {"ckpt-backup", "ckpt-00001x", "ckpt-0000123", "ckpt-12345", "ckpt-",
+                          "ckpt-+00012", "ckpt- 00012", "xckpt-000001", "ckpt-0123456789"})
+    CHECK(checkpoint_step_of(bad) == -1);
+}
+
 TEST_CASE("a resume takes the newest complete checkpoint even when `latest` lags behind",
           "[train]") {
   const std::string root = temp_dir("latest_lag");
@@ -233,10 +245,16 @@ TEST_CASE("a resume takes the newest complete checkpoint even when `latest` lags
   to4.stop_at = 4;
   REQUIRE(Trainer(b, to4).run().steps_done == 4);  // ckpt-000002, ckpt-000004
   { std::ofstream(run + "/latest") << "ckpt-000002\n"; }
+  // The user's copies, named like checkpoints but not by checkpoint_dir_name, are not steps
+  // (ckpt-backup used to stop every later start with a bare "stoi").
+  for (const char* copy : {"ckpt-backup", "ckpt-00009x", "ckpt-0000009"})
+    fs::copy(run + "/ckpt-000002", run + "/" + copy, fs::copy_options::recursive);
+  CHECK(list_checkpoints(run) == std::vector<int>{2, 4});
   CHECK(find_latest_checkpoint(run) == run + "/ckpt-000004");
   TrainResult rb = Trainer(b, quiet).run();
   CHECK(rb.losses.size() == 4);  // steps 5..8: it resumed at step 4
   CHECK_FALSE(fs::exists(run + "/superseded-1"));
+  CHECK(fs::exists(run + "/ckpt-backup/state.json"));  // neither pruned nor moved
   CHECK(file_bytes(ra.last_checkpoint + "/model.safetensors") ==
         file_bytes(rb.last_checkpoint + "/model.safetensors"));
   CHECK(file_bytes(ra.last_checkpoint + "/optimizer.safetensors") ==
@@ -622,6 +640,38 @@ TEST_CASE("resuming with another optim.name says so, whatever the tensors", "[tr
     CHECK_THROWS_WITH(Trainer(o, quiet), Catch::Contains("saved with optim.name=adamw") &&
                                              Catch::Contains(std::string("optim.name=") + other));
   }
+  fs::remove_all(root);
+}
+
+TEST_CASE("resuming with another block size of a blocked optimizer says so", "[train]") {
+  // Blocks of 16 or of 8 give the same flat statistics tensors for these 32-, 16- and 64-wide
+  // matrices, so the shape check alone let such a resume read them in the wrong layout.
+  const std::string root = temp_dir("blocksize");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  for (const char* name : {"shampoo", "soap", "asgo"}) {
+    const std::string n = name, run = root + "/" + n;
+    auto cfg = [&](int block, int steps) {
+      Config c = tiny_config(root, run, n);
+      c.optim.shampoo.block_size = c.optim.soap.block_size = c.optim.asgo.block_size = block;
+      c.train.max_steps = steps;
+      return c;
+    };
+    Trainer(cfg(16, 2), quiet).run();
+    const std::string key = "optim." + n + ".block_size";
+    CHECK_THROWS_WITH(Trainer(cfg(8, 4), quiet),
+                      Catch::Contains("saved with " + key + "=16") &&
+                          Catch::Contains("this run uses " + key + "=8"));
+    CHECK(Trainer(cfg(16, 4), quiet).run().losses.size() == 2);
+  }
+  // Shampoo's grafting adds a state tensor: named as such rather than as a missing tensor.
+  Config g = tiny_config(root, root + "/shampoo", "shampoo");
+  g.optim.shampoo.block_size = 16;
+  g.optim.shampoo.graft = "none";
+  g.train.max_steps = 6;
+  CHECK_THROWS_WITH(Trainer(g, quiet), Catch::Contains("optim.shampoo.graft=\"adam\"") &&
+                                           Catch::Contains("optim.shampoo.graft=\"none\""));
   fs::remove_all(root);
 }
 

@@ -489,7 +489,22 @@ std::vector<std::pair<std::string, Tensor>> Optimizer::state_tensors() const {
 }
 
 nlohmann::json Optimizer::state_json() const {
-  return {{"optimizer", ocfg_.name}, {"router", ocfg_.router}, {"step_count", t_}};
+  nlohmann::json j = {{"optimizer", ocfg_.name}, {"router", ocfg_.router}, {"step_count", t_}};
+  // The settings that decide how a state tensor's elements are laid out. Shampoo, SOAP and ASGO
+  // keep each block's statistics in one flat tensor per matrix, whose size often does not
+  // change with the block size: read under another one, they pass the shape check and are
+  // silently scrambled. load_checkpoint refuses a resume across any of these.
+  nlohmann::json layout = nlohmann::json::object();
+  if (ocfg_.name == "shampoo") {
+    layout["optim.shampoo.block_size"] = ocfg_.shampoo.block_size;
+    layout["optim.shampoo.graft"] = ocfg_.shampoo.graft;
+  } else if (ocfg_.name == "soap") {
+    layout["optim.soap.block_size"] = ocfg_.soap.block_size;
+  } else if (ocfg_.name == "asgo") {
+    layout["optim.asgo.block_size"] = ocfg_.asgo.block_size;
+  }
+  if (!layout.empty()) j["layout"] = layout;
+  return j;
 }
 
 void Optimizer::load_state(const std::vector<std::pair<std::string, Tensor>>& host_tensors,

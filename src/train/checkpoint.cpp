@@ -26,15 +26,25 @@ std::string checkpoint_dir_name(int step) {
   return buf;
 }
 
+int checkpoint_step_of(const std::string& name) {
+  // Only a name checkpoint_dir_name gives: "ckpt-" and 6 to 9 digits, no extra leading zero
+  // (steps past 999999 take more digits). A copy such as ckpt-backup or ckpt-00001x is the
+  // user's, not a step of this run.
+  if (name.size() < 11 || name.size() > 14 || name.rfind("ckpt-", 0) != 0) return -1;
+  if (!std::all_of(name.begin() + 5, name.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+    return -1;
+  const int step = std::stoi(name.substr(5));
+  return checkpoint_dir_name(step) == name ? step : -1;
+}
+
 std::vector<int> list_checkpoints(const std::string& run_dir) {
   std::vector<int> steps;
   std::error_code ec;
   if (!fs::is_directory(run_dir, ec)) return steps;
   for (auto& e : fs::directory_iterator(run_dir, ec)) {
-    const std::string n = e.path().filename().string();
-    if (n.size() == 11 && n.rfind("ckpt-", 0) == 0 && e.is_directory() &&
-        fs::exists(e.path() / "state.json"))
-      steps.push_back(std::stoi(n.substr(5)));
+    const int step = checkpoint_step_of(e.path().filename().string());
+    if (step >= 0 && e.is_directory() && fs::exists(e.path() / "state.json"))
+      steps.push_back(step);
   }
   std::sort(steps.begin(), steps.end());
   return steps;
@@ -381,6 +391,19 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
                ": its routers were stepped with optim.router=", rwas, " but this run uses "
                "optim.router=", rnow, " (resume with optim.router=", rwas, ", or start a new run "
                "from its weights: muonforge export, then train.init_from)");
+      // Block sizes and the like (Optimizer::state_json): checkpoints from before they were
+      // recorded have no "layout" and are not checked.
+      if (saved.contains("layout") && saved["layout"].is_object()) {
+        const nlohmann::json ours = mine.value("layout", nlohmann::json::object());
+        for (const auto& [key, val] : saved["layout"].items()) {
+          const nlohmann::json cur = ours.value(key, nlohmann::json());
+          MF_CHECK(cur == val, "checkpoint ", ckpt_dir, ": its optimizer state was saved with ",
+                   key, "=", val.dump(), " but this run uses ", key, "=", cur.dump(),
+                   "; the statistics are laid out by it (resume with ", key, "=", val.dump(),
+                   ", or start a new run from its weights: muonforge export, then "
+                   "train.init_from)");
+        }
+      }
     }
     const int shards = st.value("optimizer_shards", 0);
     MF_CHECK(shards >= 0, state_path, ": optimizer_shards is ", shards);

@@ -26,6 +26,9 @@ class Optimizer;
 class Communicator;
 
 std::string checkpoint_dir_name(int step);  // "ckpt-000123"
+// The step a checkpoint directory's name stands for, or -1 when checkpoint_dir_name would not
+// give that name ("ckpt-backup", "ckpt-00001x", "ckpt-0000123").
+int checkpoint_step_of(const std::string& name);
 // Steps of the complete checkpoints (ckpt-NNNNNN with a state.json) in run_dir, ascending.
 std::vector<int> list_checkpoints(const std::string& run_dir);
 
