@@ -312,7 +312,10 @@ class Launcher:
         a = self.a
         signal.signal(signal.SIGINT, self.on_signal)
         signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGHUP, self.on_signal)  # workers live in their own sessions: tell them
+        # Workers live in their own sessions: tell them of a SIGHUP, unless it was ignored when
+        # the launcher started (nohup): then it and the workers (who inherit that) run on.
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, self.on_signal)
         world = a.nnodes * a.nproc
         for attempt in range(a.max_restarts + 1):
             port = free_port() if a.standalone else a.master_port

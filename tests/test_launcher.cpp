@@ -185,6 +185,21 @@ TEST_CASE("launcher: SIGTERM and SIGINT are forwarded to the workers", "[launche
   }
 }
 
+TEST_CASE("launcher: under nohup (SIGHUP ignored) a hang-up neither stops nor reaches the workers",
+          "[launcher]") {
+  std::string dir = temp_dir();
+  std::string cmd = "(trap '' HUP; exec " +
+                    launch("--standalone --nproc-per-node 2 --grace-period 5 --log-dir " + dir,
+                           "signal " + dir + "/got") +
+                    ") & pid=$!; for i in $(seq 300); do n=$(cat " + dir +
+                    "/rank_*.log 2>/dev/null | grep -c '^ready'); [ \"$n\" -ge 2 ] && break; sleep 0.1; "
+                    "done; kill -HUP $pid; sleep 1; kill -TERM $pid; wait $pid; echo \"launcher rc=$?\"";
+  Run r = sh(cmd);
+  INFO(r.out);
+  CHECK_THAT(r.out, Contains("launcher rc=143"));  // still running at the SIGTERM, which stopped it
+  for (int k = 0; k < 2; ++k) CHECK(slurp(dir + "/got." + std::to_string(k)) == "SIGTERM\n");
+}
+
 TEST_CASE("launcher: a signal while a failed group is being stopped ends the job, no restart",
           "[launcher]") {
   // Rank 0 fails; rank 1 takes its time to exit after SIGTERM. SIGINT arrives in that window:

@@ -443,6 +443,48 @@ TEST_CASE("bare --resume needs a checkpoint and continues from the latest; `late
   fs::remove_all(root);
 }
 
+TEST_CASE("a signal checkpoints and exits 128 + its number; nohup's ignored SIGHUP is kept",
+          "[train][cli]") {
+  const std::string root = temp_dir("sighup");
+  write_data(root);
+  // One shell line: start the run in the background (SIGHUP ignored first when asked, as nohup
+  // does), wait for its third logged step, send the signal, report the exit status.
+  auto run = [&](const std::string& name, const std::string& sig, bool ignore_hup) {
+    Config c = tiny_config(root, root + "/" + name, "adamw");
+    c.train.max_steps = 300;
+    c.train.ckpt_every = 0;
+    c.train.eval_every = 0;
+    const std::string cfg = root + "/" + name + ".json";
+    { std::ofstream(cfg) << config_to_string(c) << "\n"; }
+    const std::string metrics = root + "/" + name + "/metrics.jsonl";
+    const std::string cmd =
+        std::string("(") + (ignore_hup ? "trap '' HUP; " : "") + "exec " + MF_BINARY + " train " +
+        cfg + " --quiet) > " + root + "/" + name + ".log 2>&1 & p=$!; for i in $(seq 1200); do "
+        "[ \"$(grep -c '\"loss\"' " + metrics + " 2>/dev/null)\" -ge 3 ] 2>/dev/null && break; "
+        "sleep 0.05; done; kill -" + sig + " $p; wait $p; echo \"rc=$?\"";
+    int rc = 0;
+    const std::string out = mf::test::run_capture(cmd, &rc);
+    INFO(out);
+    std::ifstream f(root + "/" + name + ".log");
+    return out + std::string(std::istreambuf_iterator<char>(f), {});
+  };
+  std::string out = run("hup", "HUP", false);
+  INFO(out);
+  CHECK(out.find("rc=129") != std::string::npos);
+  auto steps = list_checkpoints(root + "/hup");
+  REQUIRE(steps.size() == 1);  // written at the stop
+  CHECK(steps[0] >= 3);
+  CHECK(steps[0] < 300);
+  out = run("term", "TERM", false);
+  CHECK(out.find("rc=143") != std::string::npos);
+  CHECK(list_checkpoints(root + "/term").size() == 1);
+  // Under nohup the hang-up is not for the run: it trains to the end.
+  out = run("nohup", "HUP", true);
+  CHECK(out.find("rc=0") != std::string::npos);
+  CHECK(list_checkpoints(root + "/nohup") == std::vector<int>{300});
+  fs::remove_all(root);
+}
+
 TEST_CASE("a non-finite loss stops the run and names the step", "[train]") {
   const std::string root = temp_dir("nan");
   write_data(root);

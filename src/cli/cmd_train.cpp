@@ -43,7 +43,9 @@ const char* kTrainUsage =
     "  --quiet        no per-step lines\n"
     "  --init-only    write the initial weights as ckpt-000000 and exit (a reference to start from)\n"
     "  --dump-batches FILE  write every micro-batch's inputs then targets (int32, B x T each)\n"
-    "Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits.\n";
+    "Ctrl-C (SIGINT), SIGTERM or SIGHUP finishes the current step, writes a checkpoint and\n"
+    "exits with 128 + the signal's number (130, 143, 129); a second one exits at once. SIGHUP\n"
+    "ignored at start (nohup) stays ignored.\n";
 
 const char* kEvalUsage =
     "usage: muonforge eval CKPT_DIR|RUN_DIR [--data GLOB] [--batches N] [--device auto|cpu|cuda]\n"
@@ -109,7 +111,9 @@ int cmd_train(const Args& args) {
   if (read_dist_env().rank == 0) spdlog::info("config {} resolved:\n{}", path, config_to_string(cfg));
   Trainer t(cfg, opts);
   TrainResult r = t.run();
-  return r.interrupted && stop_requested() ? 130 : 0;
+  // Stopped by a signal, with a checkpoint: 128 + its number, as the shell reports a process
+  // the signal ended (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), so schedulers see the interruption.
+  return r.interrupted && stop_requested() ? 128 + stop_signal() : 0;
 }
 
 int cmd_eval(const Args& args) {

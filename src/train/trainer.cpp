@@ -165,10 +165,15 @@ void install_stop_handlers() {
   g_stop_signal = 0;
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
-  std::signal(SIGHUP, on_signal);  // a closed terminal, or the launcher forwarding one: checkpoint
+  // SIGHUP: a closed terminal, or the launcher forwarding one: checkpoint and stop. Unless it
+  // was ignored when the process started (nohup, or a launcher under nohup): that says to run on.
+  struct sigaction was {};
+  if (::sigaction(SIGHUP, nullptr, &was) != 0 || was.sa_handler != SIG_IGN)
+    std::signal(SIGHUP, on_signal);
   watch_launcher();
 }
 bool stop_requested() { return g_stop_signal.load() != 0; }
+int stop_signal() { return g_stop_signal.load(); }
 
 Trainer::Trainer(const Config& cfg, const TrainOptions& opts) : cfg_(cfg), opts_(opts) {
   setup();

@@ -127,5 +127,7 @@ class Trainer {
 // Stop requests from SIGINT/SIGTERM: the loop finishes its step, checkpoints and returns.
 void install_stop_handlers();
 bool stop_requested();
+// The signal that asked for the stop (SIGINT, SIGTERM, SIGHUP), 0 when none.
+int stop_signal();
 
 }  // namespace mf
