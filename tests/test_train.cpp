@@ -19,6 +19,7 @@
 #include "io/safetensors.h"
 #include "model/kv_decoder.h"
 #include "train/checkpoint.h"
+#include "train/export.h"
 #include "train/sample.h"
 #include "train/trainer.h"
 #include "test_util.h"
@@ -662,6 +663,40 @@ TEST_CASE("a corrupted checkpoint gives a clear error on resume", "[train]") {
   // A run directory is taken as its latest checkpoint (here the truncated one: a clear error).
   bad.resume = root + "/run";
   CHECK_THROWS_WITH(Trainer(c, bad), Catch::Contains("model.safetensors"));
+  fs::remove_all(root);
+}
+
+TEST_CASE("non-finite weights in a checkpoint or a Hugging Face folder are refused on load",
+          "[train][cli]") {
+  const std::string root = temp_dir("nanckpt");
+  write_data(root);
+  Config c = tiny_config(root, root + "/run", "adamw");
+  c.train.max_steps = 2;
+  TrainOptions quiet;
+  quiet.quiet = true;
+  const std::string ck = Trainer(c, quiet).run().last_checkpoint;
+  REQUIRE(export_checkpoint(ck, root + "/hf", DType::F32) > 0);
+  // 0xff bytes read as NaN: the file's last 8 bytes are the last tensor's last two floats.
+  auto poison = [](const std::string& file) {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-8, std::ios::end);
+    const char ff[8] = {'\xff', '\xff', '\xff', '\xff', '\xff', '\xff', '\xff', '\xff'};
+    f.write(ff, 8);
+  };
+  poison(ck + "/model.safetensors");
+  c.train.max_steps = 4;
+  CHECK_THROWS_WITH(Trainer(c, quiet), Catch::Contains(ck + "/model.safetensors: tensor ") &&
+                                           Catch::Contains("holds 2 non-finite value(s)"));
+  int rc = 0;
+  std::string out = mf::test::run_capture(std::string(MF_BINARY) + " eval " + ck + " --data '" +
+                                              root + "/val_*.bin' --batches 1", &rc);
+  INFO(out);
+  CHECK(rc != 0);  // it used to print "loss -nan" and exit 0
+  CHECK(out.find("non-finite value(s)") != std::string::npos);
+  poison(root + "/hf/model.safetensors");
+  Config f = tiny_config(root, root + "/from_hf", "adamw");
+  f.train.init_from = root + "/hf";
+  CHECK_THROWS_WITH(Trainer(f, quiet), Catch::Contains("non-finite value(s)"));
   fs::remove_all(root);
 }
 

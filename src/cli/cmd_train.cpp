@@ -1,4 +1,5 @@
 // `muonforge train` and `muonforge eval`.
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 
@@ -177,6 +178,8 @@ int cmd_eval(const Args& args) {
   s /= batches;
   std::printf("eval %s: loss %.6f  perplexity %.3f  (%d x %lld tokens from %s)\n", ckpt.c_str(), s,
               std::exp(s), batches, (long long)N, data.c_str());
+  // Finite weights (load_checkpoint checks) can still overflow: not a loss to report as one.
+  MF_CHECK(std::isfinite(s), "eval: the loss of ", ckpt, " is not finite (", s, ")");
   return 0;
 }
 

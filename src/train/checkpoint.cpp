@@ -1,6 +1,7 @@
 #include "train/checkpoint.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -95,6 +96,20 @@ void save_weights(const std::string& path, const ParamList& params, Backend& be,
   w.write(path);
 }
 
+void check_finite_weights(const Tensor& h, const std::string& name, const std::string& path) {
+  const float* x = h.f32();
+  const int64_t n = h.numel();
+  int64_t bad = 0;
+#pragma omp parallel for reduction(+ : bad) schedule(static)
+  for (int64_t i = 0; i < n; ++i) bad += !std::isfinite(x[i]);
+  if (bad == 0) return;
+  int64_t first = 0;
+  while (std::isfinite(x[first])) ++first;
+  MF_FAIL(path, ": tensor ", name, " holds ", bad, " non-finite value(s) of ", n, " (the first, ",
+          x[first], ", at element ", first, "): the file is damaged or was saved from a run that "
+          "had diverged; load an earlier checkpoint");
+}
+
 void load_weights(const std::string& path, const ParamList& params, Backend& be) {
   SafetensorsReader r(path);
   for (Param* p : params) {
@@ -103,6 +118,7 @@ void load_weights(const std::string& path, const ParamList& params, Backend& be)
     MF_CHECK(e.shape == p->shape, path, ": tensor ", p->name, " has shape ", shape_str(e.shape),
              ", the model expects ", shape_str(p->shape));
     Tensor h = r.read_f32(p->name);
+    check_finite_weights(h, p->name, path);
     be.upload(h, p->master);
   }
 }

@@ -76,6 +76,9 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
 // Loads weights from a safetensors file by name into params (shape-checked). Missing names are
 // an error unless allow_missing lists them.
 void load_weights(const std::string& path, const ParamList& params, Backend& be);
+// Throws, naming the file, the tensor and the first bad element, when the host f32 tensor h
+// holds a NaN or an infinity: weights that no training step could start from.
+void check_finite_weights(const Tensor& h, const std::string& name, const std::string& path);
 
 // Writes params' master weights to a safetensors file (F32 or BF16) under their names.
 void save_weights(const std::string& path, const ParamList& params, Backend& be,

@@ -9,6 +9,7 @@
 #include "io/hf.h"
 #include "io/safetensors.h"
 #include "optim/mup.h"
+#include "train/checkpoint.h"
 
 namespace fs = std::filesystem;
 
@@ -94,6 +95,7 @@ void load_hf_model(const std::string& dir, const ModelConfig& m, const ParamList
   HfWeights w(dir);
   for (Param* p : params) {
     Tensor h = w.read_f32(p->name, p->shape);
+    check_finite_weights(h, p->name, dir);
     apply_factor(h, p->name, unfold, true);
     be.upload(h, p->master);
   }
