@@ -700,6 +700,34 @@ TEST_CASE("non-finite weights in a checkpoint or a Hugging Face folder are refus
   fs::remove_all(root);
 }
 
+TEST_CASE("resuming with a model of another shape names the changed keys", "[train]") {
+  // The load used to fail on the first tensor that differed ("optimizer state tensor
+  // 'model.layers.1...' names no parameter", "tensor ... is missing").
+  const std::string root = temp_dir("reshape");
+  write_data(root);
+  TrainOptions quiet;
+  quiet.quiet = true;
+  Config c = tiny_config(root, root + "/run", "adamw");
+  c.train.max_steps = 2;
+  Trainer(c, quiet).run();
+  Config fewer = c;
+  fewer.model.n_layers = 1;
+  fewer.train.max_steps = 4;
+  CHECK_THROWS_WITH(Trainer(fewer, quiet),
+                    Catch::Contains("another shape than the checkpoint's (model.n_layers 2 -> 1)"));
+  Config moe = fewer;
+  moe.model.n_layers = 2;
+  moe.model.moe.n_experts = 4;
+  moe.model.moe.d_expert = 16;
+  CHECK_THROWS_WITH(Trainer(moe, quiet), Catch::Contains("model.moe.n_experts 0 -> 4"));
+  // A change the model's shape does not see still resumes.
+  Config ok = c;
+  ok.model.recompute = "full";
+  ok.train.max_steps = 4;
+  CHECK(Trainer(ok, quiet).run().losses.size() == 2);
+  fs::remove_all(root);
+}
+
 TEST_CASE("resuming with another optim.name says so, whatever the tensors", "[train]") {
   // The checkpoint's state.json records the optimizer; the differing state tensors used to be
   // found first ("do not hold all of '...momentum_buffer' ...: was it written with another

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <limits>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -192,7 +193,8 @@ Trainer::LockFd::~LockFd() {
 
 // What differs between the config saved in checkpoint `ckpt` and this run's ("" when nothing,
 // or when the saved one cannot be read: an older or hand-made checkpoint).
-std::string Trainer::config_changes(const std::string& ckpt) const {
+std::string Trainer::config_changes(const std::string& ckpt,
+                                    const std::set<std::string>& only) const {
   std::ifstream f(fs::path(ckpt) / "config.json");
   if (!f) return "";
   const nlohmann::json saved = nlohmann::json::parse(f, nullptr, false, /*ignore_comments=*/true);
@@ -200,7 +202,7 @@ std::string Trainer::config_changes(const std::string& ckpt) const {
   const auto was = json_leaves(saved), now = json_leaves(config_to_json(cfg_));
   std::string out;
   auto add = [&](const std::string& key, const std::string& a, const std::string& b) {
-    out += (out.empty() ? "" : "; ") + key + " " + a + " -> " + b;
+    if (only.empty() || only.count(key)) out += (out.empty() ? "" : "; ") + key + " " + a + " -> " + b;
   };
   for (auto& [k, v] : was) {
     auto it = now.find(k);
@@ -425,8 +427,22 @@ void Trainer::setup() {
 
   // Load what starting_checkpoint() chose above.
   if (!ckpt.empty()) {
-    nlohmann::json st =
-        load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_, sharded_);
+    nlohmann::json st;
+    try {
+      st = load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_, sharded_);
+    } catch (const Error& e) {
+      // A model of another shape fails on some tensor; the cause is the changed key.
+      const std::string shape = config_changes(
+          ckpt, {"model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+                 "model.n_kv_heads", "model.d_ff", "model.tie_embeddings", "model.moe.n_experts",
+                 "model.moe.n_shared", "model.moe.d_expert", "model.moe.first_dense",
+                 "model.moe.balance"});
+      if (shape.empty()) throw;
+      MF_FAIL("cannot resume from ", ckpt, ": this run's model has another shape than the "
+              "checkpoint's (", shape, "), and a resume keeps the model; resume with the "
+              "checkpoint's model settings, or start a new run (--no-resume, or another run.name) "
+              "[", e.what(), "]");
+    }
     model_->sync_weights();
     start_step_ = st.at("step").get<int>();
     tokens_seen_ = st.value("tokens", 0LL);

@@ -2,6 +2,7 @@
 // checkpoints, resume, graceful stop on SIGINT/SIGTERM, and a clear stop on a non-finite loss.
 #pragma once
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -67,7 +68,8 @@ class Trainer {
   // or (data parallel) unless every rank holds the same master weights. Cheap: one reduction
   // per parameter.
   void check_weights_agree(int done);
-  std::string config_changes(const std::string& ckpt) const;  // vs the checkpoint's config.json
+  // "key old -> new; ..." vs the checkpoint's config.json (only the keys in `only` when given).
+  std::string config_changes(const std::string& ckpt, const std::set<std::string>& only = {}) const;
   void lock_run_dir();
   std::string starting_checkpoint() const;  // what setup() loads ("": HF model or fresh init)
   void set_aside_later_checkpoints(const std::string& ckpt) const;  // rank 0: supersede-N/  // rank 0: run_dir/.lock, or an error naming the process holding it
