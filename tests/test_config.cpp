@@ -478,7 +478,7 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
        "use e.g. 9223372036854774784 (or"},  // no overflowing "or -9223372036854775808"
 
       {R"({"train": {"seq_len": 256}})", "train.seq_len", "256 exceeds model.max_seq_len = 128"},
-      {R"({"schedule": {"warmup": 301}})", "schedule.warmup", "301 exceeds train.max_steps = 300"},
+      {R"({"schedule": {"warmup": 301}})", "schedule.warmup", "301 exceeds train.max_steps = 300 (lower it too, e.g. --set schedule.warmup=30)"},
   };
   int i = 0;
   for (const auto& c : cases) {

@@ -293,6 +293,11 @@ TEST_CASE("glob expansion: sorted matches, clear error when nothing matches", "[
   const std::string pat = dir / "nothing_*.bin";
   std::string e = error_of([&] { mf::expand_glob(pat, "data.train"); });
   CHECK(contains(e, "data.train: glob '" + pat + "' matched no files"));
+  CHECK_FALSE(contains(e, "working directory"));  // an absolute path
+  // A relative one is read from the working directory: said, as the cause is often a `cd`.
+  e = error_of([&] { mf::expand_glob("no/such/dir/x_*.bin", "data.train"); });
+  CHECK(contains(e, "matched no files (a relative path: read from the working directory, " +
+                        fs::current_path().string() + ")"));
   e = error_of([&] { mf::expand_glob(dir / "absent.bin", "data.val"); });
   CHECK(contains(e, "data.val: file '" + (dir / "absent.bin") + "' does not exist"));
   e = error_of([&] { DataLoader(pat, opts(1, 1, 0, 1, false)); });

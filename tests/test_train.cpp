@@ -437,6 +437,13 @@ TEST_CASE("bare --resume needs a checkpoint and continues from the latest; `late
   INFO(out);
   CHECK(rc == 0);
   CHECK(out.find("ckpt-000006") != std::string::npos);
+  // Without --data it reads the run's data.val, and says so when that no longer matches.
+  fs::rename(root + "/val_000000.bin", root + "/moved.bin");
+  out = mf::test::run_capture(bin + " eval " + root + "/run --batches 1", &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("data.val of " + root + "/run/ckpt-000006/config.json (or pass --data GLOB): "
+                 "glob") != std::string::npos);
+  fs::rename(root + "/moved.bin", root + "/val_000000.bin");
   out = mf::test::run_capture(bin + " export " + root + "/run/latest " + root + "/hf", &rc);
   INFO(out);
   CHECK(rc == 0);

@@ -146,7 +146,8 @@ int cmd_eval(const Args& args) {
   const std::string cpath = (fs::path(ckpt) / "config.json").string();
   Config cfg = load_config(cpath);
   if (!device.empty()) cfg.train.device = device;
-  if (data.empty()) data = cfg.data.val;
+  const bool data_given = !data.empty();
+  if (!data_given) data = cfg.data.val;
   MF_CHECK(!data.empty(), "eval: the run has no data.val; pass --data GLOB");
   if (batches <= 0) batches = cfg.train.eval_batches;
   auto be = make_backend(cfg.train.device);
@@ -159,7 +160,7 @@ int cmd_eval(const Args& args) {
   lo.B = cfg.train.micro_batch;
   lo.T = cfg.train.seq_len;
   lo.vocab_size = cfg.model.vocab_size;
-  lo.label = "--data";
+  lo.label = data_given ? "--data" : "data.val of " + cpath + " (or pass --data GLOB)";
   DataLoader loader(data, lo);
   const int64_t avail = loader.micro_batches_per_pass();
   if (avail < batches) {  // each micro-batch once, as training's val loss

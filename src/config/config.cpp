@@ -838,7 +838,8 @@ void validate_config(const Config& c) {
                                 std::to_string(m.max_seq_len));
   if (s.warmup > t.max_steps)
     k.fail_cross("schedule.warmup", {"train.max_steps"}, std::to_string(s.warmup) + " exceeds train.max_steps = " +
-                                  std::to_string(t.max_steps));
+                                  std::to_string(t.max_steps) + " (lower it too, e.g. --set schedule.warmup=" +
+                                  std::to_string(t.max_steps / 10) + ")");
 }
 
 Config config_from_json(const json& j, const std::string& origin, const std::string& base_dir,

@@ -293,7 +293,14 @@ std::vector<std::string> expand_glob(const std::string& pattern, const std::stri
   if (rc != 0 && rc != GLOB_NOMATCH)
     MF_FAIL(label, ": glob '", pattern, "' failed (", rc == GLOB_ABORTED ? "read error" : "out of memory",
             ")");
-  MF_CHECK(!out.empty(), label, ": glob '", pattern, "' matched no files");
+  if (out.empty()) {
+    std::error_code ec;
+    const std::string cwd = fs::current_path(ec).string();
+    MF_FAIL(label, ": glob '", pattern, "' matched no files",
+            fs::path(pattern).is_relative() && !ec
+                ? " (a relative path: read from the working directory, " + cwd + ")"
+                : std::string());
+  }
   // Byte-wise order, independent of the locale (glob(3) collates by LC_COLLATE).
   std::sort(out.begin(), out.end());
   return out;
