@@ -230,6 +230,20 @@ TEST_CASE("checkpoint directory names: only checkpoint_dir_name's are steps", "[
   for (const char* bad : {"ckpt-backup", "ckpt-00001x", "ckpt-0000123", "ckpt-12345", "ckpt-",
                           "ckpt-+00012", "ckpt- 00012", "xckpt-000001", "ckpt-0123456789"})
     CHECK(checkpoint_step_of(bad) == -1);
+  // Directories find_latest_checkpoint passes over, past a step.
+  const std::string run = temp_dir("damaged");
+  for (const char* d : {"ckpt-000002", "ckpt-000004", "ckpt-000006", "ckpt-000008", "ckpt-x"})
+    fs::create_directories(run + "/" + d);
+  for (const char* f : {"ckpt-000002/state.json", "ckpt-000002/model.safetensors",
+                        "ckpt-000006/state.json", "ckpt-000008/state.json",
+                        "ckpt-000008/model.safetensors"})
+    std::ofstream(run + "/" + f) << "{}";
+  CHECK(damaged_checkpoints_after(run, 2) ==
+        std::vector<std::string>{run + "/ckpt-000004 (no state.json)",
+                                 run + "/ckpt-000006 (no model.safetensors)"});
+  CHECK(damaged_checkpoints_after(run, 4).size() == 1);
+  CHECK(damaged_checkpoints_after(run, 8).empty());
+  fs::remove_all(run);
 }
 
 TEST_CASE("a resume takes the newest complete checkpoint even when `latest` lags behind",
@@ -448,6 +462,14 @@ TEST_CASE("bare --resume needs a checkpoint and continues from the latest; `late
   INFO(out);
   CHECK(rc == 0);
   CHECK(fs::exists(root + "/hf/model.safetensors"));
+  // A newer checkpoint directory that lost its state.json is passed over, but not silently.
+  fs::create_directories(root + "/run/ckpt-000010");
+  out = mf::test::run_capture(train, &rc);
+  INFO(out);
+  CHECK(rc == 0);
+  CHECK(out.find("skipping incomplete checkpoint(s) newer than the one resumed (" + root +
+                 "/run/ckpt-000006): " + root + "/run/ckpt-000010 (no state.json)") !=
+        std::string::npos);
   fs::remove_all(root);
 }
 

@@ -206,6 +206,23 @@ std::string find_latest_checkpoint(const std::string& run_dir) {
   return "";
 }
 
+std::vector<std::string> damaged_checkpoints_after(const std::string& run_dir, int step) {
+  std::vector<std::pair<int, std::string>> found;
+  std::error_code ec;
+  for (auto& e : fs::directory_iterator(run_dir, ec)) {
+    const int st = checkpoint_step_of(e.path().filename().string());
+    if (st <= step || !e.is_directory()) continue;
+    if (!fs::exists(e.path() / "state.json"))
+      found.emplace_back(st, e.path().string() + " (no state.json)");
+    else if (!fs::exists(e.path() / "model.safetensors"))
+      found.emplace_back(st, e.path().string() + " (no model.safetensors)");
+  }
+  std::sort(found.begin(), found.end());
+  std::vector<std::string> out;
+  for (auto& f : found) out.push_back(f.second);
+  return out;
+}
+
 std::string supersede_checkpoints(const std::string& run_dir, int keep_upto) {
   std::vector<int> later;
   for (int st : list_checkpoints(run_dir))

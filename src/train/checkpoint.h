@@ -48,6 +48,10 @@ std::string save_checkpoint(const std::string& run_dir, int step, const ParamLis
 // highest step with a state.json and a model.safetensors. `latest` names it too, except after a
 // crash between a checkpoint's rename into place and the rewrite of `latest`.
 std::string find_latest_checkpoint(const std::string& run_dir);
+// The checkpoint-named directories of run_dir past `step` that find_latest_checkpoint passes
+// over (no state.json or no model.safetensors: damaged by hand or by a failing disk), each as
+// "PATH (what is missing)", oldest first.
+std::vector<std::string> damaged_checkpoints_after(const std::string& run_dir, int step);
 
 // Moves the complete checkpoints of run_dir with a step above `keep_upto` (all of them when it is
 // -1) and the metrics.jsonl beside them into a new folder run_dir/superseded-N (N = 1, 2, ...),

@@ -277,7 +277,18 @@ std::string Trainer::starting_checkpoint() const {
                  "--no-resume", attempt_);
     fresh = false;
   }
-  if (ckpt.empty() && !fresh) ckpt = find_latest_checkpoint(run_dir_);
+  if (ckpt.empty() && !fresh) {
+    ckpt = find_latest_checkpoint(run_dir_);
+    const int from = ckpt.empty() ? -1 : checkpoint_step_of(fs::path(ckpt).filename().string());
+    const auto damaged = damaged_checkpoints_after(run_dir_, from);
+    if (rank_ == 0 && !damaged.empty()) {
+      std::string list;
+      for (const std::string& d : damaged) list += (list.empty() ? "" : ", ") + d;
+      spdlog::warn("skipping incomplete checkpoint(s) newer than the one resumed ({}): {}; left as "
+                   "they are (a save of the same step replaces one)",
+                   ckpt.empty() ? std::string("none: a fresh start") : ckpt, list);
+    }
+  }
   MF_CHECK(!ckpt.empty() || !opts_.must_resume, "train --resume: the run directory ", run_dir_,
            " holds no checkpoint to resume (drop --resume to start the run there, or give "
            "--resume CKPT_DIR)");
