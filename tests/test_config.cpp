@@ -516,6 +516,8 @@ TEST_CASE("file-level errors: unreadable, invalid JSON, not an object", "[config
   // Comments are allowed in config files.
   std::string com = t.write("comments.json", "{\n // a comment\n \"run\": {\"name\": \"c\"} /* x */\n}");
   CHECK(mf::load_config(com).run.name == "c");
+  // A folder (tab completion stops at configs/) used to read as "invalid JSON".
+  CHECK_THROWS_WITH(mf::load_config(t.root.string()), Contains("is a directory; give a .json file"));
 }
 
 TEST_CASE("world size comes from WORLD_SIZE", "[config]") {
@@ -615,6 +617,15 @@ TEST_CASE("muonforge config prints the resolved config or an error", "[config][c
   CHECK_THAT(output(), Contains("missing FILE"));
   CHECK(run("--help") == 0);
   CHECK_THAT(output(), Contains("usage: muonforge config FILE") && Contains("--set=KEY=VALUE works too"));
+  // `train --resume CONFIG`: the config went to --resume; said, where only the usage was printed.
+  int rc = std::system(("cd '" + root + "' && '" + MF_BINARY + "' train --resume configs/tiny.json > '" +
+                        out + "' 2>&1").c_str());
+  CHECK(WEXITSTATUS(rc) == 2);
+  CHECK_THAT(output(), Contains("error: train: no CONFIG given (--resume took 'configs/tiny.json' as "
+                                "the checkpoint to resume)"));
+  rc = std::system(("cd '" + root + "' && '" + MF_BINARY + "' train > '" + out + "' 2>&1").c_str());
+  CHECK(WEXITSTATUS(rc) == 2);
+  CHECK_THAT(output(), Contains("usage: muonforge train") && Contains("error: train: no CONFIG given"));
 }
 
 TEST_CASE("train.precision: bf16 and fp32 are accepted, anything else named", "[config]") {

@@ -102,6 +102,12 @@ int cmd_train(const Args& args) {
   }
   if (path.empty()) {
     std::fputs(kTrainUsage, stderr);
+    if (!opts.resume.empty())  // `train --resume CONFIG`: --resume took the config as its value
+      std::fprintf(stderr, "\nerror: train: no CONFIG given (--resume took '%s' as the checkpoint "
+                   "to resume); give the config first: muonforge train CONFIG --resume [CKPT]\n",
+                   opts.resume.c_str());
+    else
+      std::fputs("\nerror: train: no CONFIG given\n", stderr);
     return 2;
   }
   MF_CHECK((opts.resume.empty() && !opts.must_resume) || !opts.no_resume,

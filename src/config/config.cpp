@@ -413,6 +413,9 @@ void apply_object(const json& obj, const std::string& prefix, const std::string&
 // ---- files and "base" chains -----------------------------------------------------------------
 
 json read_json_file(const fs::path& p, const std::string& who) {
+  std::error_code ec;
+  if (fs::is_directory(p, ec))
+    throw Error(who + "config file '" + p.string() + "' is a directory; give a .json file in it");
   std::ifstream in(p, std::ios::binary);
   if (!in) throw Error(who + "cannot open config file '" + p.string() + "' (" + std::strerror(errno) + ")");
   std::stringstream ss;
