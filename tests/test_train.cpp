@@ -974,6 +974,13 @@ TEST_CASE("sampling: logits_row is causal; a trained model continues its languag
   out = run_capture(bin + " sample " + root + "/run --prompt-ids 1,x", &rc);
   CHECK(rc == 1);
   CHECK_THAT(out, Catch::Contains("'x' is not a token id"));
+  // Contradictions are named rather than settled by the order of the options.
+  out = run_capture(bin + " sample " + root + "/run --greedy --temperature 0.5", &rc);
+  CHECK(rc == 1);
+  CHECK_THAT(out, Catch::Contains("give --greedy or --temperature, not both"));
+  out = run_capture(bin + " sample " + root + "/run --prompt-ids ''", &rc);  // was "\n"
+  CHECK(rc == 1);
+  CHECK_THAT(out, Catch::Contains("--prompt-ids is empty"));
   fs::remove_all(root);
 }
 

@@ -65,7 +65,7 @@ std::vector<int32_t> parse_ids(const std::string& list) {
 
 int cmd_sample(const Args& args) {
   std::string path, prompt_text, prompt_ids, device;
-  bool have_text = false, print_ids = false;
+  bool have_text = false, have_ids = false, print_ids = false, have_temp = false, greedy = false;
   int context = 0;
   SampleOptions o;
   for (size_t i = 0; i < args.size(); ++i) {
@@ -78,12 +78,14 @@ int cmd_sample(const Args& args) {
       have_text = true;
     } else if (a == "--prompt-ids") {
       prompt_ids = option_value(args, i, "sample");
+      have_ids = true;
     } else if (a == "--tokens") {
       o.max_new_tokens = next_int_in(args, i, "sample", 0);
     } else if (a == "--temperature") {
       o.temperature = next_double(args, i, "sample");
+      have_temp = true;
     } else if (a == "--greedy") {
-      o.temperature = 0;
+      greedy = true;
     } else if (a == "--top-k") {
       o.top_k = next_int_in(args, i, "sample", 0);
     } else if (a == "--seed") {
@@ -107,7 +109,12 @@ int cmd_sample(const Args& args) {
     std::fputs(kUsage, stderr);
     return 2;
   }
-  MF_CHECK(!(have_text && !prompt_ids.empty()), "sample: give --prompt or --prompt-ids, not both");
+  MF_CHECK(!(have_text && have_ids), "sample: give --prompt or --prompt-ids, not both");
+  MF_CHECK(!have_ids || !prompt_ids.empty(), "sample: --prompt-ids is empty (give token ids, e.g. "
+           "--prompt-ids 464,2068,7586)");
+  MF_CHECK(!(greedy && have_temp), "sample: give --greedy or --temperature, not both (--greedy "
+           "is --temperature 0)");
+  if (greedy) o.temperature = 0;
   MF_CHECK(o.temperature >= 0, "sample: --temperature ", o.temperature, " must be >= 0");
 
   const std::string ckpt = resolve_checkpoint_dir(path, "sample");
@@ -118,7 +125,7 @@ int cmd_sample(const Args& args) {
   if (!bytes) print_ids = true;
 
   std::vector<int32_t> prompt;
-  if (!prompt_ids.empty()) {
+  if (have_ids) {
     prompt = parse_ids(prompt_ids);
   } else {
     MF_CHECK(bytes || !have_text, "sample: --prompt needs a byte-level model (vocab_size 256); ",
