@@ -101,6 +101,15 @@ TEST_CASE("export then init_from gives identical weights", "[export]") {
       c2.train.init_from = out + "_bf16";
       c2.run.dir += "_bf16";
       CHECK_NOTHROW(Trainer(c2, q));
+      // Our own checkpoint or run directory is named as such, with the two ways to use it
+      // (it read as a Hugging Face config missing every key).
+      for (const std::string& own : {r.last_checkpoint, c.run.dir}) {
+        c2.train.init_from = own;
+        c2.run.dir += "_own";
+        CHECK_THROWS_WITH(Trainer(c2, q), Catch::Contains("is a muonforge checkpoint or run "
+                                                          "directory, not a Hugging Face model") &&
+                                              Catch::Contains("muonforge export " + own));
+      }
     }
   }
   fs::remove_all(root);
