@@ -26,6 +26,13 @@ run directory OUT/runs/RUN/; runs go N at a time (--jobs; default one per GPU th
 lists, else 1), each on its own GPU (CUDA_VISIBLE_DEVICES) or with cores/N OpenMP threads.
 Precedence of values: sweep "set" < "reduced"."set" < grid < --set.
 
+Before any run starts, every config to run is checked with `muonforge config` (one call per
+run, a few at a time), so a typo in a key or value (the sweep file, --set) stops the sweep at once
+with the binary's message instead of failing every run; --dry-run checks every config the same
+way, lists the invalid ones with the binary's message and exits 2 (without a binary it says that
+the configs were not checked). A run that fails is reported with the reason its log gives (the
+last "error:" line and the indented lines that continue it, else the last line of output).
+
 Re-running the same command skips finished runs and resumes interrupted or failed ones (the
 trainer resumes from the run's latest checkpoint). A run whose config changed since it was
 started is an error (use another --out or delete that run). Ctrl-C stops the running trainers
@@ -40,7 +47,7 @@ final_train_loss, final_val_loss, flops (tokens x the model's training FLOPs per
 records the expanded runs for scripts/plot.py.
 
 Standard library only. Exit status: 0 when every run finished, 1 when some failed, 2 on usage
-errors, 130 when interrupted.
+errors and invalid run configs, 130 when interrupted.
 """
 
 import signal
@@ -281,9 +288,112 @@ def lock_holder(run_dir):
         os.close(fd)
 
 
+REASON_WIDTH = 300  # characters of one reported log line
+REASON_LINES = 4    # an error line and up to 3 indented lines that continue it
+
+
+def failure_reason(text):
+    """The lines of a failed command's output `text` that say why, as scripts/launch.py shows a
+    failed rank's last lines: the last line starting with "error:" (muonforge prints one on any
+    error and exits 1) with the indented lines that follow it (hints such as "(make token shards
+    with ...)"), else the last non-empty line (an abort, an uncaught exception); each cut to
+    REASON_WIDTH characters. [] when there was no output."""
+    lines = [l.rstrip() for l in text.splitlines()]
+    at = next((i for i in range(len(lines) - 1, -1, -1)
+               if re.match(r"(\[[^\]]*\]\s*)?error:", lines[i].lstrip())), None)
+    if at is None:
+        out = [l.strip() for l in lines if l.strip()][-1:]
+    else:
+        out = [lines[at].strip()]
+        for l in lines[at + 1:at + REASON_LINES]:
+            if not l.strip() or not l[0].isspace():
+                break
+            out.append(l)  # keeps its indentation under the error line
+    return [l if len(l) <= REASON_WIDTH else l[:REASON_WIDTH - 3] + "..." for l in out]
+
+
+def read_from(path, start, limit=1 << 16):
+    """Text of `path` from byte `start` on (at most its last `limit` bytes): one attempt's part
+    of a run log that the attempts append to."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(start, end - limit))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def rc_text(rc):
+    if rc < 0:
+        try:
+            return f"rc {rc}, {signal.Signals(-rc).name}"
+        except ValueError:
+            pass
+    return f"rc {rc}"
+
+
+def binary_usable(binary):
+    return binary.is_file() and os.access(binary, os.X_OK)
+
+
+def validate_configs(binary, runs, jobs):
+    """{run name: lines of the error} for the runs whose config `muonforge config` refuses (the
+    binary's own validation: unknown keys, bad values, inconsistent settings). `jobs` at a
+    time; each call takes a tenth of a second or so."""
+    bad, pending, active = {}, list(runs), []
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.pop(0)
+                try:
+                    proc = subprocess.Popen([str(binary), "config", str(run["config"]), "--json"],
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE)
+                except OSError as e:
+                    bad[run["name"]] = [f"cannot run {binary}: {e}"]
+                    continue
+                active.append((run, proc))
+            if not active:
+                continue
+            run, proc = active.pop(0)
+            try:
+                _, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                bad[run["name"]] = [f"{binary} config {run['config']} did not answer in 120 s"]
+                continue
+            if proc.returncode != 0:
+                bad[run["name"]] = (failure_reason(err.decode("utf-8", errors="replace"))
+                                    or [f"{binary} config exited with {rc_text(proc.returncode)}"])
+    finally:
+        for _, proc in active:  # interrupted (Ctrl-C): no checker outlives sweep.py
+            proc.kill()
+            proc.wait()
+    return bad
+
+
+def invalid_configs_message(bad, runs, binary):
+    """The report of the runs `validate_configs` refused: runs with the same message (up to the
+    path of their own config file) are listed together, under the first one's message."""
+    groups = {}
+    for run in runs:
+        if run["name"] in bad:
+            key = tuple(l.replace(str(run["config"]), "{config}") for l in bad[run["name"]])
+            groups.setdefault(key, []).append(run["name"])
+    text = (f"{len(bad)} of {len(runs)} run config(s) are invalid; `{binary} config` says:")
+    for names in groups.values():
+        text += f"\n  {', '.join(names)}" + (f" ({len(names)} runs, the same message):" if
+                                               len(names) > 1 else ":")
+        text += "".join(f"\n      {l}" for l in bad[names[0]])
+    return text
+
+
 class Job:
-    def __init__(self, run, slot, proc, logf, t0):
+    def __init__(self, run, slot, proc, logf, t0, start):
         self.run, self.slot, self.proc, self.logf, self.t0 = run, slot, proc, logf, t0
+        self.start = start  # where this attempt's output begins in the (appended) log
 
 
 def run_all(todo, out, binary, jobs, use_gpus, threads):
@@ -340,10 +450,11 @@ def run_all(todo, out, binary, jobs, use_gpus, threads):
                 cmd = [str(binary), "train", str(run["config"])]
                 logf.write(f"$ {' '.join(cmd)}\n")
                 logf.flush()
+                start = logf.tell()
                 log(f"start {run['name']}" + (f" on GPU {slot}" if use_gpus else ""))
                 proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
-                running.append(Job(run, slot, proc, logf, time.time()))
+                running.append(Job(run, slot, proc, logf, time.time(), start))
             if not running and (stop["sig"] or not queue):
                 break
             time.sleep(0.2)
@@ -366,9 +477,15 @@ def run_all(todo, out, binary, jobs, use_gpus, threads):
                     failed.append(j.run["name"])
                 st.update({"status": status, "rc": rc, "wall_s": wall,
                            "attempts": st.get("attempts", 0) + 1})
+                st.pop("error", None)
+                log_path = out / "logs" / (j.run["name"] + ".log")
+                if status == "failed":
+                    why = failure_reason(read_from(log_path, j.start)) or ["(no output)"]
+                    st["error"] = "\n".join(why)
                 write_status(run_dir, st)
-                log(f"{status} {j.run['name']} (rc {rc}, {wall:.1f}s)" +
-                    ("" if status != "failed" else f"; see {out / 'logs' / (j.run['name'] + '.log')}"))
+                log(f"{status} {j.run['name']} ({rc_text(rc)}, {wall:.1f}s)" +
+                    ("" if status != "failed" else f"; see {log_path}" +
+                     "".join(f"\n    {l}" for l in why)))
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -460,7 +577,9 @@ def main(argv=None):
                     help="config value for every run (after the grid), e.g. train.max_steps=30")
     ap.add_argument("--reduced", action="store_true",
                     help="run the sweep file's \"reduced\" grid (the CI form)")
-    ap.add_argument("--dry-run", action="store_true", help="write the configs, list the runs")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="write the configs, list the runs and check each config with "
+                         "`muonforge config` (exit 2 when one is invalid)")
     ap.add_argument("--collect-only", action="store_true", help="only rebuild results.csv")
     args = ap.parse_args(argv)
 
@@ -474,7 +593,7 @@ def main(argv=None):
     (out / "logs").mkdir(parents=True, exist_ok=True)
 
     binary = Path(args.binary or os.environ.get("MUONFORGE_BINARY") or "build/muonforge")
-    if not args.dry_run and not args.collect_only and not (binary.is_file() and os.access(binary, os.X_OK)):
+    if not args.dry_run and not args.collect_only and not binary_usable(binary):
         raise UserError(f"muonforge binary {binary} not found; build it (scripts/setup.sh) or "
                         f"pass --binary PATH")
 
@@ -523,12 +642,30 @@ def main(argv=None):
     done = [r for r in runs if read_status(out / "runs" / r["name"]).get("status") == "done"]
     todo = [r for r in runs if r not in done]
     log(f"{spec['name']}: {len(runs)} runs ({len(done)} finished, {len(todo)} to run) in {out}")
+    checks = max(1, min(8, os.cpu_count() or 1))
     if args.dry_run:
         for r in runs:
-            print(f"  {r['name']:40s} {json.dumps(r['values'])}")
+            print(f"  {r['name']:40s} {json.dumps(r['values'])}", flush=True)
+        if not binary_usable(binary):
+            print(f"sweep: warning: the {len(runs)} run configs were NOT validated: muonforge "
+                  f"binary {binary} not found (build it with scripts/setup.sh, or pass --binary "
+                  f"PATH or set MUONFORGE_BINARY)", file=sys.stderr, flush=True)
+            return 0
+        bad = validate_configs(binary, runs, checks)
+        if bad:
+            raise UserError(invalid_configs_message(bad, runs, binary) +
+                            f"\n(the configs are in {out / 'configs'}; fix the sweep file or --set)")
+        log(f"all {len(runs)} run configs are valid ({binary} config)")
         return 0
     failed, interrupted = [], False
     if todo and not args.collect_only:
+        # One `muonforge config` per run before any starts: a typo fails here, not in every run.
+        log(f"checking {len(todo)} run config(s) with {binary} config")
+        bad = validate_configs(binary, todo, checks)
+        if bad:
+            raise UserError(invalid_configs_message(bad, todo, binary) +
+                            f"\nno run was started (the configs are in {out / 'configs'}; fix "
+                            f"the sweep file or --set)")
         gpus = count_gpus()
         device = str(cli.get("train.device", fixed.get("train.device", "auto")))
         use_gpus = gpus > 0 and device != "cpu"

@@ -15,6 +15,11 @@
    there (which the lock refuses: the run failed, exit 1).
 3c. Ctrl-C within sweep.py's first milliseconds exits 130, with no traceback from sweep.py.
 4. Bad sweep files are refused with a message naming the problem.
+4b. Run configs are checked with `muonforge config`: --dry-run lists every invalid one with the
+   binary's message and exits 2 (a typo in --set, a bad grid key in one grid only), says so when
+   there is no binary to check with; a real sweep with an invalid config starts no run.
+4c. A failed run is reported on the console with its log's reason: the last "error:" line and its
+   indented hint, else the last line of output (cut to a sane length), of this attempt only.
 5. plot.py's speedup measure (interpolated validation crossing, windowed training fallback).
 5d. Every shipped sweep file (configs/sweeps/*.json), full and --reduced, expands, and every
    config it writes passes `muonforge config` (a typo in a key or value fails here, not hours
@@ -256,6 +261,76 @@ def main():
         rc, log = run(SWEEP + [str(bad), "--out", str(tmp / "bad"), "--dry-run"])
         check(rc == 2 and words in log, f"bad sweep refused with '{words}': {log.strip()[-160:]}")
 
+    # 4b. config validation with the binary: --dry-run and before a real sweep starts
+    reduced_cpu = [sweep_file, "--reduced", "--binary", binary]
+    names4 = ["w64-muon-lr0.02", "w128-muon-lr0.02", "w64-adamw-lr0.004", "w128-adamw-lr0.004"]
+    rc, log = run(SWEEP + reduced_cpu + ["--out", str(tmp / "dry-ok"), "--dry-run"])
+    check(rc == 0 and "all 4 run configs are valid" in log, "dry run validates the configs: "
+          + log.strip()[-200:])
+    rc, log = run(SWEEP + reduced_cpu + ["--out", str(tmp / "dry-typo"), "--dry-run",
+                                         "--set", "train.maxsteps=3"])
+    report = log.split("invalid", 1)[-1]
+    check(rc == 2 and "4 of 4 run config(s) are invalid" in log
+          and "train.maxsteps: unknown key" in report and all(n in report for n in names4),
+          "dry run with a --set typo: exit 2, every run named with the binary's message: "
+          + log.strip()[-400:])
+    two = tmp / "two_grids.json"
+    two.write_text(json.dumps({
+        "name": "two", "base": str(REPO / "configs" / "mup-cpu.json"),
+        "grid": [{"optim.name": ["muon"], "optim.lr": [0.01, 0.02]},
+                 {"optim.name": ["adamw"], "optim.lrr": [0.001]}]}))
+    rc, log = run(SWEEP + [str(two), "--out", str(tmp / "dry-two"), "--dry-run", "--binary", binary])
+    report = log.split("invalid", 1)[-1]
+    check(rc == 2 and "1 of 3 run config(s) are invalid" in log and "adamw-lrr0.001" in report
+          and "optim.lrr: unknown key" in report and "muon-lr0.0" not in report,
+          "dry run names only the run with a bad grid key: " + log.strip()[-300:])
+    rc, log = run(SWEEP + [sweep_file, "--reduced", "--out", str(tmp / "dry-nobin"), "--dry-run",
+                           "--binary", str(tmp / "no-such-binary")])
+    check(rc == 0 and "NOT validated" in log and "no-such-binary not found" in log,
+          "dry run without a binary says the configs were not validated: " + log.strip()[-200:])
+    out_typo = tmp / "typo"
+    rc, log = run(SWEEP + reduced_cpu + ["--out", str(out_typo), "--set", "train.maxsteps=3"] + dsets)
+    check(rc == 2 and "train.maxsteps: unknown key" in log and "no run was started" in log
+          and "start " not in log and not list((out_typo / "logs").glob("*.log")),
+          "a sweep with an invalid config starts no run: " + log.strip()[-300:])
+
+    # 4c. a failed run's reason on the console
+    spec = json.loads(sweep2.read_text())
+    spec["name"] = "fails"
+    sweep5 = tmp / "fails.json"
+    sweep5.write_text(json.dumps(spec))
+    out5 = tmp / "fails"
+    nodata = ["--set", f"data.train={tmp}/no-data/train_*.bin", "--set", f"data.val={data}/val_*.bin"]
+    rc, log = run(SWEEP + [str(sweep5), "--out", str(out5), "--binary", binary] + nodata)
+    lines = log.splitlines()
+    at = next((i for i, l in enumerate(lines) if l.startswith("sweep: failed muon-lr0.01")), None)
+    why = lines[at + 1:at + 3] if at is not None else []
+    check(rc == 1 and at is not None and why and why[0].strip().startswith("error: data.train")
+          and "matched no files" in why[0] and "prepare_data.py" in why[1],
+          "a failed run is reported with its error line and hint: " + "\n".join(lines[-6:]))
+    st = json.loads((out5 / "runs" / "muon-lr0.01" / "sweep_status.json").read_text())
+    check(st["status"] == "failed" and "matched no files" in st.get("error", ""),
+          f"sweep_status.json keeps the reason: {st}")
+    # Without an "error:" line: the last line of output, cut short; an earlier attempt's error
+    # line (still in the appended log) is not this attempt's reason.
+    fake = tmp / "fake-muonforge"
+    fake.write_text(f"#!{sys.executable}\nimport sys\n"
+                    "if sys.argv[1] == 'train':\n"
+                    "    print('step 1 loss 5.0')\n"
+                    "    print('it broke: ' + 'x' * 1000)\n"
+                    "    print()\n"
+                    "    sys.exit(3)\n")
+    fake.chmod(0o755)
+    rc, log = run(SWEEP + [str(sweep5), "--out", str(out5), "--binary", str(fake)] + nodata)
+    lines = log.splitlines()
+    at = next((i for i, l in enumerate(lines) if l.startswith("sweep: failed muon-lr0.01")), None)
+    why = lines[at + 1:] if at is not None else []
+    check(rc == 1 and at is not None and "(rc 3," in lines[at] and why
+          and why[0].strip().startswith("it broke: xxx") and why[0].endswith("...")
+          and len(why[0]) < 400 and "matched no files" not in log,
+          "without an error line, the last line of this attempt's output, cut short: "
+          + "\n".join(l[:120] for l in lines[-4:]))
+
     # 5. the speedup measure (pure functions; no matplotlib needed)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import plot as plotmod
@@ -328,8 +403,9 @@ def main():
     for sf in sorted((REPO / "configs" / "sweeps").glob("*.json")):
         for mode in ([], ["--reduced"]):
             dest = tmp / "expand" / (sf.stem + ("-reduced" if mode else ""))
-            rc, log = run(SWEEP + [str(sf), "--dry-run", "--out", str(dest)] + mode)
-            check(rc == 0, f"{sf.name} {' '.join(mode)} expands: {log.strip()[-200:]}")
+            rc, log = run(SWEEP + [str(sf), "--dry-run", "--out", str(dest), "--binary", binary] + mode)
+            check(rc == 0 and "run configs are valid" in log,
+                  f"{sf.name} {' '.join(mode)} expands and validates: {log.strip()[-200:]}")
             cfgs = sorted((dest / "configs").glob("*.json"))
             bad = []
             for c in cfgs:
