@@ -338,10 +338,19 @@ TEST_CASE("run directory: --no-resume and branching set old checkpoints aside; o
   REQUIRE(Trainer(c, quiet).run().steps_done == 8);  // ckpt-000006, ckpt-000008
   const std::vector<char> old8 = file_bytes(run + "/ckpt-000008/model.safetensors");
 
-  // Start over, stopping at step 4: the new run's checkpoints survive pruning, `latest` is its.
   TrainOptions fresh = quiet;
   fresh.no_resume = true;
   fresh.stop_at = 4;
+  // A start that fails on its data sets nothing aside (it used to, once per failed attempt).
+  for (const char* split : {"train", "val"}) {
+    Config bad = c;
+    (split == std::string("train") ? bad.data.train : bad.data.val) = root + "/absent_*.bin";
+    CHECK_THROWS_WITH(Trainer(bad, fresh), Catch::Contains(std::string("data.") + split +
+                                                           ": glob"));
+    CHECK_FALSE(fs::exists(run + "/superseded-1"));
+    CHECK(fs::exists(run + "/ckpt-000008"));
+  }
+  // Start over, stopping at step 4: the new run's checkpoints survive pruning, `latest` is its.
   TrainResult r1 = Trainer(c, fresh).run();
   CHECK(r1.losses.size() == 4);
   CHECK(fs::exists(run + "/ckpt-000004"));

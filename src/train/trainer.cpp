@@ -242,6 +242,21 @@ void Trainer::lock_run_dir() {
 LlamaModel& Trainer::model() { return *model_; }
 Backend& Trainer::backend() { return *be_; }
 
+void Trainer::check_data_files() const {
+  MF_CHECK(!cfg_.data.train.empty(), cfg_.source, ": data.train is empty; point it at token shards "
+           "(see data/README.md, e.g. scripts/prepare_data.py default)");
+  try {
+    expand_glob(cfg_.data.train, "data.train");
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    if (m.find("matched no files") == std::string::npos) throw;
+    throw Error(m + "\n  (" + cfg_.source + " names data.train; make token shards with "
+                "scripts/prepare_data.py — the embedded default corpus: python3 "
+                "scripts/prepare_data.py default)");
+  }
+  if (!cfg_.data.val.empty() && cfg_.train.eval_every > 0) expand_glob(cfg_.data.val, "data.val");
+}
+
 std::string Trainer::starting_checkpoint() const {
   // A checkpoint of this run, a Hugging Face model (train.init_from), or fresh init ("").
   std::string ckpt;
@@ -366,13 +381,16 @@ void Trainer::setup() {
   // anything slow or collective: a group restarted by the launcher after attempt 0 died in setup
   // (a peer that never joined, a kill) must find the run directory as this job left it, not the
   // earlier run's later checkpoints.
+  // First what fails fast on a bad config: the device and the data's files. A --no-resume (or
+  // a branching --resume) that stopped here used to have set the old checkpoints aside already.
+  be_ = make_backend(cfg_.train.device);
+  be_->set_precision(cfg_.train.precision);
+  select_attention(*be_, cfg_.model.attention, cfg_.train.deterministic);
+  check_data_files();
   const std::string ckpt = starting_checkpoint();
   if (rank_ == 0) set_aside_later_checkpoints(ckpt);
   fault_point(FaultPoint::Setup, 0, rank_);
 
-  be_ = make_backend(cfg_.train.device);
-  be_->set_precision(cfg_.train.precision);
-  select_attention(*be_, cfg_.model.attention, cfg_.train.deterministic);
   if (env.distributed()) store_ = TcpStore::from_env(env);
   comm_ = make_communicator(env, store_.get(), be_->device(), compute_stream(*be_));
   if (env.distributed()) check_same_json(*comm_, "config", config_to_json(cfg_));
@@ -399,17 +417,7 @@ void Trainer::setup() {
   lo.seed = cfg_.train.seed;
   lo.vocab_size = cfg_.model.vocab_size;
   lo.label = "data.train";
-  MF_CHECK(!cfg_.data.train.empty(), cfg_.source, ": data.train is empty; point it at token shards "
-           "(see data/README.md, e.g. scripts/prepare_data.py default)");
-  try {
-    train_loader_ = std::make_unique<DataLoader>(cfg_.data.train, lo);
-  } catch (const Error& e) {
-    const std::string m = e.what();
-    if (m.find("matched no files") == std::string::npos) throw;
-    throw Error(m + "\n  (" + cfg_.source + " names data.train; make token shards with "
-                "scripts/prepare_data.py — the embedded default corpus: python3 "
-                "scripts/prepare_data.py default)");
-  }
+  train_loader_ = std::make_unique<DataLoader>(cfg_.data.train, lo);  // check_data_files: there
   if (world_ > 1) {
     std::string fp;
     for (int i = 0; i < train_loader_->num_shards(); ++i)

@@ -69,6 +69,7 @@ class Trainer {
   // per parameter.
   void check_weights_agree(int done);
   // "key old -> new; ..." vs the checkpoint's config.json (only the keys in `only` when given).
+  void check_data_files() const;  // data.train / data.val match files (before the run dir changes)
   std::string config_changes(const std::string& ckpt, const std::set<std::string>& only = {}) const;
   void lock_run_dir();
   std::string starting_checkpoint() const;  // what setup() loads ("": HF model or fresh init)
