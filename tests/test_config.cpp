@@ -623,6 +623,10 @@ TEST_CASE("muonforge config prints the resolved config or an error", "[config][c
   CHECK(WEXITSTATUS(rc) == 2);
   CHECK_THAT(output(), Contains("error: train: no CONFIG given (--resume took 'configs/tiny.json' as "
                                 "the checkpoint to resume)"));
+  // --version: the project version and the commit built from (git is there in a checkout).
+  rc = std::system(("cd '" + root + "' && '" + MF_BINARY + "' --version > '" + out + "' 2>&1").c_str());
+  CHECK(WEXITSTATUS(rc) == 0);
+  CHECK_THAT(output(), Contains("muonforge 0.1.0 (commit ") && Contains("CUDA backend "));
   rc = std::system(("cd '" + root + "' && '" + MF_BINARY + "' train > '" + out + "' 2>&1").c_str());
   CHECK(WEXITSTATUS(rc) == 2);
   CHECK_THAT(output(), Contains("usage: muonforge train") && Contains("error: train: no CONFIG given"));

@@ -18,6 +18,7 @@
 #include "data/shard.h"
 #include "io/safetensors.h"
 #include "model/kv_decoder.h"
+#include "core/version.h"
 #include "train/checkpoint.h"
 #include "train/export.h"
 #include "train/sample.h"
@@ -268,6 +269,12 @@ TEST_CASE("a resume takes the newest complete checkpoint even when `latest` lags
   CHECK(find_latest_checkpoint(run) == run + "/ckpt-000004");
   TrainResult rb = Trainer(b, quiet).run();
   CHECK(rb.losses.size() == 4);  // steps 5..8: it resumed at step 4
+  {  // Each checkpoint names the binary that wrote it.
+    std::ifstream f(rb.last_checkpoint + "/state.json");
+    const auto st = nlohmann::json::parse(f);
+    CHECK(st.at("muonforge").get<std::string>() ==
+          std::string(mf::version()) + " " + mf::build_commit());
+  }
   CHECK_FALSE(fs::exists(run + "/superseded-1"));
   CHECK(fs::exists(run + "/ckpt-backup/state.json"));  // neither pruned nor moved
   CHECK(file_bytes(ra.last_checkpoint + "/model.safetensors") ==

@@ -7,6 +7,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/version.h"
 
 namespace {
 
@@ -35,7 +36,8 @@ void usage() {
       "Pretrain Llama-style dense and Mixture-of-Experts models with Muon and AdamW.\n\n"
       "commands:\n");
   for (auto& [name, c] : commands()) std::printf("  %-9s %s\n", name.c_str(), c.summary);
-  std::printf("\nRun 'muonforge <command> --help' for the options of a command.\n");
+  std::printf("\nRun 'muonforge <command> --help' for the options of a command, 'muonforge "
+              "--version' for the version and commit.\n");
 }
 
 }  // namespace
@@ -46,6 +48,16 @@ int main(int argc, char** argv) {
       !std::strcmp(argv[1], "help")) {
     usage();
     return argc < 2 ? 2 : 0;
+  }
+  if (!std::strcmp(argv[1], "--version") || !std::strcmp(argv[1], "version")) {
+    std::printf("muonforge %s (commit %s, CUDA backend %s)\n", mf::version(), mf::build_commit(),
+#ifdef MF_HAS_CUDA
+                "built in"
+#else
+                "not built"
+#endif
+    );
+    return 0;
   }
   auto it = commands().find(argv[1]);
   if (it == commands().end()) {

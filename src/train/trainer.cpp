@@ -22,6 +22,7 @@
 
 #include "core/fault.h"
 #include "core/log.h"
+#include "core/version.h"
 #include "data/loader.h"
 #include "dist/buckets.h"
 #include "dist/communicator.h"
@@ -401,6 +402,7 @@ void Trainer::setup() {
   const MupResult mup = apply_mup(cfg_, model_->params());
   for (auto& w : mup.warnings) spdlog::warn("{}", w);
   diag_ = std::make_unique<Diagnostics>(cfg_);
+  spdlog::info("muonforge {} (commit {})", version(), build_commit());
   spdlog::info("model: {} parameters ({} layers, d_model {}, {} heads / {} kv heads, d_ff {}, "
                "vocab {}), backend {}",
                model_->num_params(), cfg_.model.n_layers, cfg_.model.d_model, cfg_.model.n_heads,
@@ -782,6 +784,7 @@ nlohmann::json Trainer::state_json(int step) const {
   st["tokens"] = tokens_seen_;
   st["loader"] = train_loader_->state();
   st["world_size"] = world_;
+  st["muonforge"] = std::string(version()) + " " + build_commit();  // which binary wrote it
   return st;
 }
 
