@@ -531,6 +531,40 @@ TEST_CASE("a signal checkpoints and exits 128 + its number; nohup's ignored SIGH
   fs::remove_all(root);
 }
 
+TEST_CASE("Ctrl-C during validation cuts it short: checkpoint at once, no val loss recorded",
+          "[train][cli]") {
+  const std::string root = temp_dir("evalcut");
+  write_data(root);
+  {  // A validation set of ~62k micro-batches of 64 tokens: seconds of evaluation.
+    std::vector<uint32_t> toks(size_t(4) << 20);
+    for (size_t i = 0; i < toks.size(); ++i) toks[i] = uint32_t((i * 7 + i / 5) % 32);
+    write_shard(root + "/val_000000.bin", toks, 2);
+  }
+  Config c = tiny_config(root, root + "/run", "adamw");
+  c.train.max_steps = 50;
+  c.train.eval_every = 1;
+  c.train.eval_batches = 60000;
+  c.train.ckpt_every = 0;
+  const std::string cfg = root + "/cfg.json";
+  { std::ofstream(cfg) << config_to_string(c) << "\n"; }
+  const std::string metrics = root + "/run/metrics.jsonl";
+  int rc = 0;
+  const std::string out = mf::test::run_capture(
+      std::string(MF_BINARY) + " train " + cfg + " > " + root + "/log 2>&1 & p=$!; for i in "
+      "$(seq 1200); do [ \"$(grep -c '\"loss\"' " + metrics + " 2>/dev/null)\" -ge 1 ] "
+      "2>/dev/null && break; sleep 0.05; done; kill -INT $p; wait $p; echo \"rc=$?\"; cat " +
+      root + "/log", &rc);
+  INFO(out);
+  CHECK(out.find("rc=130") != std::string::npos);
+  CHECK(out.find("step 1: validation cut short by the stop; no val loss recorded") !=
+        std::string::npos);
+  CHECK(list_checkpoints(root + "/run") == std::vector<int>{1});
+  std::ifstream f(metrics);
+  const std::string m((std::istreambuf_iterator<char>(f)), {});
+  CHECK(m.find("val_loss") == std::string::npos);
+  fs::remove_all(root);
+}
+
 TEST_CASE("a non-finite loss stops the run and names the step", "[train]") {
   const std::string root = temp_dir("nan");
   write_data(root);

@@ -9,8 +9,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <limits>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -531,19 +531,28 @@ void Trainer::append_metrics(const nlohmann::json& rec) {
   f << rec.dump() << "\n";
 }
 
-double Trainer::evaluate() {
-  if (!val_loader_) return -1;
+std::optional<double> Trainer::evaluate() {
+  if (!val_loader_) return -1.0;
   // eval_batches counts micro-batches over all ranks: batch i is read by rank i % world (the
   // loader's run k*W + r), so the figure does not depend on the number of ranks.
   val_loader_->reset();
   const int64_t N = int64_t(cfg_.train.micro_batch) * cfg_.train.seq_len;
   std::vector<int32_t> in(N), tg(N);
   double s = 0;
+  bool cut = false;
   for (int i = rank_; i < eval_batches_; i += world_) {
+    if (stop_requested()) {  // Ctrl-C: checkpoint now, not after the whole validation set
+      cut = true;
+      break;
+    }
     val_loader_->next(in.data(), tg.data());
     s += model_->forward(in.data(), tg.data());
   }
-  return mean_over_ranks(s) * world_ / eval_batches_;
+  // One all-reduce whatever happened: every rank joins it; a loss over part of the set is none.
+  const double mean = mean_over_ranks(s) * world_ / eval_batches_;
+  if (world_ > 1) cut = mean_over_ranks(cut ? 1.0 : 0.0) > 0;
+  if (cut) return std::nullopt;
+  return mean;
 }
 
 double Trainer::mean_over_ranks(double x) {
@@ -912,14 +921,19 @@ TrainResult Trainer::run() {
     }
     if (diag_step) append_metrics(diag_->after_step(*model_, *be_, done));
     if (val_loader_ && (done % cfg_.train.eval_every == 0 || last)) {
-      const double vl = evaluate();
-      // Before the checkpoint below: weights that give a non-finite loss are not worth keeping.
-      MF_CHECK(std::isfinite(vl), "step ", done, ": non-finite validation loss (", vl,
-               "); not writing a checkpoint. ", last_good_checkpoint(run_dir_, done),
-               blowup_hint(cfg_, true));
-      res.final_val_loss = vl;
-      append_metrics({{"step", done}, {"val_loss", vl}});
-      if (!opts_.quiet) spdlog::info("step {} | val loss {:.4f}", done, vl);
+      const std::optional<double> got = evaluate();
+      if (!got) {
+        spdlog::info("step {}: validation cut short by the stop; no val loss recorded", done);
+      } else {
+        const double vl = *got;
+        // Before the checkpoint below: weights that give a non-finite loss are not worth keeping.
+        MF_CHECK(std::isfinite(vl), "step ", done, ": non-finite validation loss (", vl,
+                 "); not writing a checkpoint. ", last_good_checkpoint(run_dir_, done),
+                 blowup_hint(cfg_, true));
+        res.final_val_loss = vl;
+        append_metrics({{"step", done}, {"val_loss", vl}});
+        if (!opts_.quiet) spdlog::info("step {} | val loss {:.4f}", done, vl);
+      }
     }
     bool stopping = stop_requested() || (opts_.stop_at > 0 && done >= opts_.stop_at && !last);
     // Ranks may see a signal at different steps: agree, so all checkpoint and stop together.

@@ -2,6 +2,7 @@
 // checkpoints, resume, graceful stop on SIGINT/SIGTERM, and a clear stop on a non-finite loss.
 #pragma once
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -53,7 +54,8 @@ class Trainer {
 
  private:
   void setup();
-  double evaluate();
+  // The mean val loss; nullopt when a stop request (on any rank) cut it short.
+  std::optional<double> evaluate();
   nlohmann::json state_json(int step) const;
   void append_metrics(const nlohmann::json& rec);
   void setup_distributed();
