@@ -454,6 +454,7 @@ TEST_CASE("bare --resume needs a checkpoint and continues from the latest; `late
   CHECK(out.find("--resume and --no-resume contradict each other") != std::string::npos);
   out = mf::test::run_capture(train + " --stop-at 4", &rc);
   REQUIRE(rc == 0);
+  CHECK(out.find("resolved:") == std::string::npos);  // --quiet: the config is in config.json
   out = mf::test::run_capture(train + " --resume --stop-at 6", &rc);
   INFO(out);
   REQUIRE(rc == 0);
@@ -556,6 +557,7 @@ TEST_CASE("Ctrl-C during validation cuts it short: checkpoint at once, no val lo
       root + "/log", &rc);
   INFO(out);
   CHECK(out.find("rc=130") != std::string::npos);
+  CHECK(out.find("config " + cfg + " resolved:") != std::string::npos);  // not --quiet
   CHECK(out.find("step 1: validation cut short by the stop; no val loss recorded") !=
         std::string::npos);
   CHECK(list_checkpoints(root + "/run") == std::vector<int>{1});

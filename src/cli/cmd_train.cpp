@@ -41,7 +41,7 @@ const char* kTrainUsage =
     "                 past the one --resume names). A launcher restart resumes regardless.\n"
     "  --stop-at N    checkpoint and exit after step N (continue later with a larger N or\n"
     "                 without it); a run already at step N or past it exits at once\n"
-    "  --quiet        no per-step lines\n"
+    "  --quiet        no per-step lines and no printed config (it is in the run's config.json)\n"
     "  --init-only    write the initial weights as ckpt-000000 and exit (a reference to start from)\n"
     "  --dump-batches FILE  write every micro-batch's inputs then targets (int32, B x T each)\n"
     "Ctrl-C (SIGINT), SIGTERM or SIGHUP finishes the current step, writes a checkpoint and\n"
@@ -115,7 +115,9 @@ int cmd_train(const Args& args) {
   Config cfg = load_config(path, sets);
   // Rank 0 alone: every rank runs the same config (the trainer checks that), and a dump per rank would
   // fill the launcher's tail of a failing rank with config lines instead of its error.
-  if (read_dist_env().rank == 0) spdlog::info("config {} resolved:\n{}", path, config_to_string(cfg));
+  // --quiet leaves it out: it is in the run directory's config.json (and each checkpoint's).
+  if (read_dist_env().rank == 0 && !opts.quiet)
+    spdlog::info("config {} resolved:\n{}", path, config_to_string(cfg));
   Trainer t(cfg, opts);
   TrainResult r = t.run();
   // Stopped by a signal, with a checkpoint: 128 + its number, as the shell reports a process
