@@ -406,13 +406,10 @@ def main():
             rc, log = run(SWEEP + [str(sf), "--dry-run", "--out", str(dest), "--binary", binary] + mode)
             check(rc == 0 and "run configs are valid" in log,
                   f"{sf.name} {' '.join(mode)} expands and validates: {log.strip()[-200:]}")
-            cfgs = sorted((dest / "configs").glob("*.json"))
-            bad = []
-            for c in cfgs:
-                rc, log = run([binary, "config", str(c)])
-                if rc != 0:
-                    bad.append(f"{c.name}: {log.strip()[-200:]}")
-            check(cfgs and not bad, f"{sf.name} {' '.join(mode)}: {len(cfgs)} configs validate {bad[:2]}")
+            # --dry-run ran `muonforge config` on each (4b shows it refusing a bad one).
+            n = len(list((dest / "configs").glob("*.json")))
+            check(n > 0 and f"all {n} run configs are valid" in log,
+                  f"{sf.name} {' '.join(mode)}: {n} configs written and validated")
 
     # 6. plots
     try:

@@ -7,7 +7,8 @@ execute_process(COMMAND git -C "${SRC}" rev-parse --short=12 HEAD
 if(commit STREQUAL "")
   set(commit "unknown")
 else()
-  execute_process(COMMAND git -C "${SRC}" status --porcelain --untracked-files=no
+  # --no-optional-locks: no index.lock taken, so a build never gets in the way of a git command.
+  execute_process(COMMAND git --no-optional-locks -C "${SRC}" status --porcelain --untracked-files=no
                   OUTPUT_VARIABLE dirty ERROR_QUIET)
   if(NOT dirty STREQUAL "")
     set(commit "${commit}-dirty")

@@ -430,13 +430,13 @@ json read_hf_config(const std::string& dir) {
   MF_CHECK(fs::is_directory(dir, ec), "Hugging Face model directory '", dir,
            "' does not exist or is not a directory");
   const fs::path p = fs::path(dir) / "config.json";
-  MF_CHECK(is_file(p), "'", dir, "' has no config.json (is it a Hugging Face model directory?)");
   // A muonforge checkpoint (or run directory) has our own config.json, whose keys would read as
-  // a list of missing Hugging Face ones.
+  // a list of missing Hugging Face ones (and a run directory has none).
   MF_CHECK(!is_file(fs::path(dir) / "state.json") && !is_file(fs::path(dir) / "latest"), "'", dir,
            "' is a muonforge checkpoint or run directory, not a Hugging Face model: continue its "
            "run with `muonforge train CONFIG --resume ", dir, "`, or start a new run from its "
            "weights with `muonforge export ", dir, " OUT_DIR` and train.init_from=OUT_DIR");
+  MF_CHECK(is_file(p), "'", dir, "' has no config.json (is it a Hugging Face model directory?)");
   return read_json_file(p, "Hugging Face config");
 }
 

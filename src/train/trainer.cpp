@@ -300,8 +300,7 @@ std::string Trainer::starting_checkpoint() const {
     if (rank_ == 0 && !damaged.empty()) {
       std::string list;
       for (const std::string& d : damaged) list += (list.empty() ? "" : ", ") + d;
-      spdlog::warn("skipping incomplete checkpoint(s) newer than the one resumed ({}): {}; left as "
-                   "they are (a save of the same step replaces one)",
+      spdlog::warn("skipping incomplete checkpoint(s) newer than the one resumed ({}): {}",
                    ckpt.empty() ? std::string("none: a fresh start") : ckpt, list);
     }
   }
@@ -382,16 +381,17 @@ void Trainer::setup() {
   // anything slow or collective: a group restarted by the launcher after attempt 0 died in setup
   // (a peer that never joined, a kill) must find the run directory as this job left it, not the
   // earlier run's later checkpoints.
-  // First what fails fast on a bad config: the device and the data's files. A --no-resume (or
-  // a branching --resume) that stopped here used to have set the old checkpoints aside already.
-  be_ = make_backend(cfg_.train.device);
-  be_->set_precision(cfg_.train.precision);
-  select_attention(*be_, cfg_.model.attention, cfg_.train.deterministic);
+  // A quick check first: the data's files (globs). A --no-resume (or a branching --resume) that
+  // failed on them used to have set the old checkpoints aside already. The device comes after:
+  // its start-up takes seconds on CUDA, a window in which the set-aside must already be done.
   check_data_files();
   const std::string ckpt = starting_checkpoint();
   if (rank_ == 0) set_aside_later_checkpoints(ckpt);
   fault_point(FaultPoint::Setup, 0, rank_);
 
+  be_ = make_backend(cfg_.train.device);
+  be_->set_precision(cfg_.train.precision);
+  select_attention(*be_, cfg_.model.attention, cfg_.train.deterministic);
   if (env.distributed()) store_ = TcpStore::from_env(env);
   comm_ = make_communicator(env, store_.get(), be_->device(), compute_stream(*be_));
   if (env.distributed()) check_same_json(*comm_, "config", config_to_json(cfg_));
@@ -531,7 +531,7 @@ void Trainer::append_metrics(const nlohmann::json& rec) {
   f << rec.dump() << "\n";
 }
 
-std::optional<double> Trainer::evaluate() {
+std::optional<double> Trainer::evaluate(bool may_cut) {
   if (!val_loader_) return -1.0;
   // eval_batches counts micro-batches over all ranks: batch i is read by rank i % world (the
   // loader's run k*W + r), so the figure does not depend on the number of ranks.
@@ -541,7 +541,7 @@ std::optional<double> Trainer::evaluate() {
   double s = 0;
   bool cut = false;
   for (int i = rank_; i < eval_batches_; i += world_) {
-    if (stop_requested()) {  // Ctrl-C: checkpoint now, not after the whole validation set
+    if (may_cut && stop_requested()) {  // Ctrl-C: checkpoint now, not after the whole set
       cut = true;
       break;
     }
@@ -921,7 +921,9 @@ TrainResult Trainer::run() {
     }
     if (diag_step) append_metrics(diag_->after_step(*model_, *be_, done));
     if (val_loader_ && (done % cfg_.train.eval_every == 0 || last)) {
-      const std::optional<double> got = evaluate();
+      // The last step's is never cut: the run is complete after it, and a later start would
+      // not evaluate again (its final val loss would be missing, an earlier one taken for it).
+      const std::optional<double> got = evaluate(!last);
       if (!got) {
         spdlog::info("step {}: validation cut short by the stop; no val loss recorded", done);
       } else {

@@ -54,8 +54,8 @@ class Trainer {
 
  private:
   void setup();
-  // The mean val loss; nullopt when a stop request (on any rank) cut it short.
-  std::optional<double> evaluate();
+  // The mean val loss; nullopt when may_cut and a stop request (on any rank) cut it short.
+  std::optional<double> evaluate(bool may_cut);
   nlohmann::json state_json(int step) const;
   void append_metrics(const nlohmann::json& rec);
   void setup_distributed();
@@ -70,8 +70,8 @@ class Trainer {
   // or (data parallel) unless every rank holds the same master weights. Cheap: one reduction
   // per parameter.
   void check_weights_agree(int done);
-  // "key old -> new; ..." vs the checkpoint's config.json (only the keys in `only` when given).
   void check_data_files() const;  // data.train / data.val match files (before the run dir changes)
+  // "key old -> new; ..." vs the checkpoint's config.json (only the keys in `only` when given).
   std::string config_changes(const std::string& ckpt, const std::set<std::string>& only = {}) const;
   void lock_run_dir();
   std::string starting_checkpoint() const;  // what setup() loads ("": HF model or fresh init)
