@@ -13,13 +13,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backend/backend.h"
 #include "config/config.h"
 #include "core/rng.h"
 #include "data/loader.h"
 #include "data/shard.h"
 #include "io/safetensors.h"
-#include "model/kv_decoder.h"
 #include "core/version.h"
+#include "model/kv_decoder.h"
 #include "train/checkpoint.h"
 #include "train/export.h"
 #include "train/sample.h"
@@ -357,6 +358,12 @@ TEST_CASE("run directory: --no-resume and branching set old checkpoints aside; o
                                                            ": glob"));
     CHECK_FALSE(fs::exists(run + "/superseded-1"));
     CHECK(fs::exists(run + "/ckpt-000008"));
+  }
+  if (!cuda_available()) {  // nor one asking for a device this machine does not have
+    Config bad = c;
+    bad.train.device = "cuda";
+    CHECK_THROWS_WITH(Trainer(bad, fresh), Catch::Contains("train.device is \"cuda\" but"));
+    CHECK_FALSE(fs::exists(run + "/superseded-1"));
   }
   // Start over, stopping at step 4: the new run's checkpoints survive pruning, `latest` is its.
   TrainResult r1 = Trainer(c, fresh).run();

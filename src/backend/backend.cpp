@@ -265,22 +265,28 @@ bool cuda_available() {
 #endif
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu") return std::make_unique<CpuBackend>();
-  if (device == "cuda" || device == "auto") {
+bool check_device(const std::string& device) {
+  if (device == "cpu") return false;
+  MF_CHECK(device == "cuda" || device == "auto", "unknown device \"", device,
+           "\"; expected one of: auto, cpu, cuda");
+  if (cuda_available()) return true;
+  MF_CHECK(device == "auto", "train.device is \"cuda\" but ",
 #ifdef MF_HAS_CUDA
-    if (cuda_available()) return make_cuda_backend();
-#endif
-    MF_CHECK(device == "auto", "train.device is \"cuda\" but ",
-#ifdef MF_HAS_CUDA
-             "no CUDA device is visible",
+           "no CUDA device is visible",
 #else
-             "this build has no CUDA backend (configure with nvcc present)",
+           "this build has no CUDA backend (configure with nvcc present)",
 #endif
-             "; use \"cpu\" or \"auto\"");
-    return std::make_unique<CpuBackend>();
-  }
-  MF_FAIL("unknown device \"", device, "\"; expected one of: auto, cpu, cuda");
+           "; use \"cpu\" or \"auto\"");
+  return false;
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device) {
+#ifdef MF_HAS_CUDA
+  if (check_device(device)) return make_cuda_backend();
+#else
+  check_device(device);
+#endif
+  return std::make_unique<CpuBackend>();
 }
 
 

@@ -333,5 +333,9 @@ std::unique_ptr<Backend> make_backend(const std::string& device);
 // activations (train.precision "fp32"): cuDNN's attention takes bf16 only.
 void select_attention(Backend& be, const std::string& mode, bool deterministic);
 bool cuda_available();  // built with CUDA and at least one device visible
+// Whether `device` (auto | cpu | cuda) resolves to CUDA here; throws, naming it, when it cannot
+// be had ("cuda" without a device or a CUDA build, or an unknown name). make_backend's check,
+// without the backend's start-up.
+bool check_device(const std::string& device);
 
 }  // namespace mf

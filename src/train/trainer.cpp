@@ -381,9 +381,11 @@ void Trainer::setup() {
   // anything slow or collective: a group restarted by the launcher after attempt 0 died in setup
   // (a peer that never joined, a kill) must find the run directory as this job left it, not the
   // earlier run's later checkpoints.
-  // A quick check first: the data's files (globs). A --no-resume (or a branching --resume) that
-  // failed on them used to have set the old checkpoints aside already. The device comes after:
-  // its start-up takes seconds on CUDA, a window in which the set-aside must already be done.
+  // Quick checks first: the device is there, the data's files exist. A --no-resume (or a
+  // branching --resume) that failed on them used to have set the old checkpoints aside already.
+  // The backend itself comes after: its start-up takes seconds on CUDA, a window in which the
+  // set-aside must already be done.
+  check_device(cfg_.train.device);
   check_data_files();
   const std::string ckpt = starting_checkpoint();
   if (rank_ == 0) set_aside_later_checkpoints(ckpt);
