@@ -770,15 +770,28 @@ TEST_CASE("a corrupted checkpoint gives a clear error on resume", "[train]") {
   fs::remove_all(root);
 }
 
+// The starting point of the resume tests below: 2 steps of AdamW in ROOT/run (checkpoint at
+// step 2); `c` is that run's config, to be changed and resumed.
+struct TwoSteps {
+  std::string root;
+  Config c;
+  TrainOptions quiet;
+  std::string checkpoint;
+};
+TwoSteps two_steps(const std::string& tag) {
+  TwoSteps t;
+  t.root = temp_dir(tag);
+  write_data(t.root);
+  t.c = tiny_config(t.root, t.root + "/run", "adamw");
+  t.c.train.max_steps = 2;
+  t.quiet.quiet = true;
+  t.checkpoint = Trainer(t.c, t.quiet).run().last_checkpoint;
+  return t;
+}
+
 TEST_CASE("non-finite weights in a checkpoint or a Hugging Face folder are refused on load",
           "[train][cli]") {
-  const std::string root = temp_dir("nanckpt");
-  write_data(root);
-  Config c = tiny_config(root, root + "/run", "adamw");
-  c.train.max_steps = 2;
-  TrainOptions quiet;
-  quiet.quiet = true;
-  const std::string ck = Trainer(c, quiet).run().last_checkpoint;
+  auto [root, c, quiet, ck] = two_steps("nanckpt");
   REQUIRE(export_checkpoint(ck, root + "/hf", DType::F32) > 0);
   // 0xff bytes read as NaN: the file's last 8 bytes are the last tensor's last two floats.
   auto poison = [](const std::string& file) {
@@ -807,13 +820,7 @@ TEST_CASE("non-finite weights in a checkpoint or a Hugging Face folder are refus
 TEST_CASE("resuming with a model of another shape names the changed keys", "[train]") {
   // The load used to fail on the first tensor that differed ("optimizer state tensor
   // 'model.layers.1...' names no parameter", "tensor ... is missing").
-  const std::string root = temp_dir("reshape");
-  write_data(root);
-  TrainOptions quiet;
-  quiet.quiet = true;
-  Config c = tiny_config(root, root + "/run", "adamw");
-  c.train.max_steps = 2;
-  Trainer(c, quiet).run();
+  auto [root, c, quiet, ck] = two_steps("reshape");
   Config fewer = c;
   fewer.model.n_layers = 1;
   fewer.train.max_steps = 4;
@@ -836,13 +843,7 @@ TEST_CASE("resuming with another optim.name says so, whatever the tensors", "[tr
   // The checkpoint's state.json records the optimizer; the differing state tensors used to be
   // found first ("do not hold all of '...momentum_buffer' ...: was it written with another
   // optim.name?"), so the check that names both optimizers was never reached.
-  const std::string root = temp_dir("optname");
-  write_data(root);
-  TrainOptions quiet;
-  quiet.quiet = true;
-  Config c = tiny_config(root, root + "/run", "adamw");
-  c.train.max_steps = 2;
-  Trainer(c, quiet).run();
+  auto [root, c, quiet, ck] = two_steps("optname");
   for (const char* other : {"muon", "shampoo"}) {
     Config o = tiny_config(root, root + "/run", other);
     o.train.max_steps = 4;

@@ -639,6 +639,14 @@ std::string ModelConfig::shape_keys() const {
   return s;
 }
 
+const std::vector<std::string>& ModelConfig::shape_key_names() {
+  static const std::vector<std::string> k = {
+      "model.vocab_size", "model.d_model",       "model.n_layers",       "model.n_heads",
+      "model.n_kv_heads", "model.d_ff",          "model.tie_embeddings", "model.moe.n_experts",
+      "model.moe.n_shared", "model.moe.d_expert", "model.moe.first_dense", "model.moe.balance"};
+  return k;
+}
+
 // ---- public API ------------------------------------------------------------------------------
 
 int Config::grad_accum() const {

@@ -49,6 +49,9 @@ struct ModelConfig {
   // "model.d_model 64, model.n_layers 2, model.d_ff 256, model.vocab_size 256" (+ the MoE keys
   // when moe.n_experts > 0): the keys that set the parameter count, for error messages.
   std::string shape_keys() const;
+  // The names of every key that changes a parameter's shape or the set of parameters
+  // ("model.d_model", ..., "model.moe.balance": the bias tensor): what a resume cannot change.
+  static const std::vector<std::string>& shape_key_names();
 };
 
 // µP (DESIGN §4, src/optim/mup.h): off = the standard parametrisation. Moonlight's RMS matching

@@ -455,11 +455,8 @@ void Trainer::setup() {
       st = load_checkpoint(ckpt, model_->params(), *be_, opt_.get(), rank_, world_, sharded_);
     } catch (const Error& e) {
       // A model of another shape fails on some tensor; the cause is the changed key.
-      const std::string shape = config_changes(
-          ckpt, {"model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
-                 "model.n_kv_heads", "model.d_ff", "model.tie_embeddings", "model.moe.n_experts",
-                 "model.moe.n_shared", "model.moe.d_expert", "model.moe.first_dense",
-                 "model.moe.balance"});
+      const auto& keys = ModelConfig::shape_key_names();
+      const std::string shape = config_changes(ckpt, {keys.begin(), keys.end()});
       if (shape.empty()) throw;
       MF_FAIL("cannot resume from ", ckpt, ": this run's model has another shape than the "
               "checkpoint's (", shape, "), and a resume keeps the model; resume with the "
