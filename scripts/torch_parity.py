@@ -26,7 +26,8 @@ optim.name (muon with quintic or Polar Express Newton-Schulz, normuon, freon, ka
 soap, asgo, adamw; the µP rule of each), cautious wd, QK-clip (heads clipped compared per step),
 every schedule, grad clipping, both weight-decay modes, SP / µP / rms scaling, tied or untied
 embeddings. SOAP takes muonforge's eigenbases (from a checkpoint per step) once it has verified
-them against its own statistics (Optim.soap_refresh); shampoo, soap, asgo and freon need an eps
+them against its own statistics (Optim.soap_refresh); MoE routing follows muonforge's choice
+(`train --dump-routing`) where the selection scores nearly tie (Routes); shampoo, soap, asgo and freon need an eps
 above fp32 rounding to agree over several steps (docs/optimizers.md). Anything else stops with
 a message naming the key. Needs PyTorch (Debian's
 python3-torch works: run with /usr/bin/python3). Work files go to --work (default
@@ -257,9 +258,54 @@ def compare_mup_table(cfg, path, names_shapes):
 
 # ---- the model and optimizers in PyTorch ---------------------------------------------------------
 
-def moe_mlp(torch, mc, W, p, x):
+class Routes:
+    """muonforge's expert choices (`train --dump-routing`), one (N, top_k) block per MoE layer
+    per micro-batch. Two correct fp32 implementations compute the selection scores to a few ulps,
+    and among thousands of tokens some have their k-th and (k+1)-th scores that close: there the
+    choice is a coin toss, and one token routed differently changes the expert loads, so the bias
+    update (+/- bias_rate) and every later step. So where the two top-k sets differ this script
+    takes muonforge's choice if it is a near-tie here (each of muonforge's experts scores within
+    `tol` of this side's k-th score), and reports the difference as a mismatch otherwise."""
+
+    def __init__(self, torch, path, blocks, N, K, tol):
+        raw = open(path, "rb").read()
+        if len(raw) != blocks * N * K * 4:
+            raise UserError(f"{path}: {len(raw)} bytes, expected {blocks * N * K * 4} ({blocks} "
+                            f"micro-batch x MoE-layer blocks of {N} tokens x top_k {K}, int32)")
+        self.idx = torch.frombuffer(bytearray(raw), dtype=torch.int32).long().view(blocks, N, K)
+        self.at, self.tol, self.torch = 0, tol, torch
+        self.tokens = self.ties = 0
+        self.worst = 0.0  # the largest score gap of a tie taken
+        self.issues = []
+
+    def choose(self, sel, idx, where):
+        """sel [N, E] selection scores here, idx [N, K] this side's top-k -> the indices to use."""
+        torch = self.torch
+        mine = self.idx[self.at]
+        self.at += 1
+        self.tokens += idx.shape[0]
+        same = (mine.sort(-1).values == idx.sort(-1).values).all(-1)
+        if bool(same.all()):
+            return idx
+        kth = sel.gather(1, idx).min(-1).values  # this side's k-th score
+        gap = (kth - sel.gather(1, mine).min(-1).values).clamp(min=0)  # 0 where mine ranks as high
+        for n in (~same).nonzero().flatten().tolist():
+            g = float(gap[n])
+            if g > self.tol:
+                self.issues.append(
+                    f"{where}, token {n}: muonforge routes to experts {sorted(mine[n].tolist())}, "
+                    f"torch to {sorted(idx[n].tolist())}: a score gap of {g:.2e} here, not a "
+                    f"near-tie (--route-tol {self.tol:g})")
+            else:
+                self.ties += 1
+                self.worst = max(self.worst, g)
+        return mine
+
+
+def moe_mlp(torch, mc, W, p, x, routes=None, where=""):
     """x [N, d] (normed) -> (out [N, d], aux loss, expert counts [E]); semantics of
-    docs/config.md (model.moe) and DeepSeek-V3 / Switch routing."""
+    docs/config.md (model.moe) and DeepSeek-V3 / Switch routing. With routes (Routes), near-ties
+    are resolved as muonforge resolved them."""
     F = torch.nn.functional
     E, K, N = mc["n_experts"], mc["top_k"], x.shape[0]
     logits = x @ W[p + "gate.weight"].T
@@ -268,6 +314,8 @@ def moe_mlp(torch, mc, W, p, x):
     if mc["balance"] == "bias":
         sel = sel + W[p + "gate.e_score_correction_bias"].detach()
     idx = sel.topk(K, dim=-1).indices
+    if routes is not None:
+        idx = routes.choose(sel, idx, where)
     a = probs.gather(1, idx)
     wts = (a / (a.sum(-1, keepdim=True) + 1e-20) if mc["norm_topk"] else a) * mc["route_scale"]
     counts = torch.bincount(idx.reshape(-1), minlength=E)
@@ -295,9 +343,10 @@ def moe_mlp(torch, mc, W, p, x):
     return out, aux, counts
 
 
-def forward_loss(torch, cfg, W, inp, tgt, scalars, loads=None, qk=None):
+def forward_loss(torch, cfg, W, inp, tgt, scalars, loads=None, qk=None, routes=None, where=""):
     """Cross-entropy plus the MoE balance loss; adds each MoE layer's expert counts to loads and
-    puts each layer's rotated q and k of the first sequence into qk (for QK-clip)."""
+    puts each layer's rotated q and k of the first sequence into qk (for QK-clip). routes: see
+    Routes (None: this side's own top-k)."""
     F = torch.nn.functional
     md = cfg["model"]
     d, L, H, Hkv = md["d_model"], md["n_layers"], md["n_heads"], md["n_kv_heads"]
@@ -336,7 +385,8 @@ def forward_loss(torch, cfg, W, inp, tgt, scalars, loads=None, qk=None):
         x = x + rmult * o
         h = rms(x, W[p + "post_attention_layernorm.weight"])
         if mc.get("n_experts", 0) > 0 and i >= mc["first_dense"]:
-            out, a, counts = moe_mlp(torch, mc, W, p + "mlp.", h.reshape(B * T, d))
+            out, a, counts = moe_mlp(torch, mc, W, p + "mlp.", h.reshape(B * T, d), routes,
+                                     f"{where}layer {i}")
             x = x + rmult * out.view(B, T, d)
             aux = aux + a
             if loads is not None:
@@ -641,6 +691,9 @@ def main(argv=None):
     ap.add_argument("--wtol", type=float, help="largest allowed relative weight difference after "
                     "the last step, per tensor (default 1e-3 in fp32; against bf16 CUDA only "
                     "reported)")
+    ap.add_argument("--route-tol", type=float, help="MoE: the largest selection-score gap at "
+                    "which muonforge's choice of experts counts as a near-tie and is followed "
+                    "(default 1e-5 in fp32, 3e-2 against bf16 CUDA; see Routes)")
     ap.add_argument("--work", help="work folder, replaced (default runs/parity-NAME)")
     ap.add_argument("--binary", help="muonforge binary (default: $MF_BINARY, $MUONFORGE_BINARY, "
                     "build/muonforge, else the newest build*/muonforge)")
@@ -683,13 +736,17 @@ def main(argv=None):
     soap = tcfg["optim"]["name"] == "soap"
     if soap:  # every step's optimizer state, for the eigenbases (Optim.soap_refresh)
         quiet += ["--set", "train.ckpt_every=1", "--set", f"train.keep_ckpts={args.steps + 1}"]
-    run([binary, "train", args.config, "--stop-at", str(args.steps), "--dump-batches", batches] + quiet,
-        "muonforge train")
+    mc, tmc = cfg["model"].get("moe", {}), tcfg["model"].get("moe", {})
+    moe = mc.get("n_experts", 0) > 0
+    routes_path = os.path.join(work, "routes.bin")
+    run([binary, "train", args.config, "--stop-at", str(args.steps), "--dump-batches", batches] +
+        (["--dump-routing", routes_path] if moe else []) + quiet, "muonforge train")
     log = open(os.path.join(run_dir, "log.txt")).read()
     on_cuda = "backend cuda" in log
     bf16 = on_cuda and cfg["train"]["precision"] != "fp32"  # CUDA computes in train.precision
     tol = args.tol if args.tol is not None else (2e-2 if bf16 else 1e-4)
     wtol = args.wtol if args.wtol is not None else (math.inf if bf16 else 1e-3)
+    rtol = args.route_tol if args.route_tol is not None else (3e-2 if bf16 else 1e-5)
 
     trainable_names = [n for n in W if kind_of(n) != "bias"]
     trainable = [W[n] for n in trainable_names]
@@ -705,6 +762,12 @@ def main(argv=None):
         raise UserError(f"{batches}: {len(raw)} bytes, expected {need} ({args.steps} steps x "
                         f"{accum} micro-batches x inputs+targets x {B}x{T} int32)")
     toks = torch.frombuffer(bytearray(raw), dtype=torch.int32).long().view(-1, 2, B, T)
+    routes = None
+    # Followed only when both sides have the same experts (a --torch-set what-if may change them).
+    if moe and all(tmc.get(k) == mc.get(k) for k in ("n_experts", "top_k", "first_dense")) and \
+            tcfg["model"]["n_layers"] == cfg["model"]["n_layers"]:
+        n_moe = cfg["model"]["n_layers"] - mc["first_dense"]
+        routes = Routes(torch, routes_path, args.steps * accum * n_moe, B * T, mc["top_k"], rtol)
     scalars = model_scalars(tcfg)
     cache = {}
 
@@ -735,7 +798,8 @@ def main(argv=None):
         loss_sum, loads, qk = 0.0, {}, {}
         for k in range(accum):
             inp, tgt = toks[step * accum + k]
-            loss = forward_loss(torch, tcfg, W, inp, tgt, scalars, loads, qk)
+            loss = forward_loss(torch, tcfg, W, inp, tgt, scalars, loads, qk, routes,
+                                f"step {step + 1}, micro-batch {k + 1}, ")
             g = torch.autograd.grad(loss / accum, trainable)
             for n, gi in zip(trainable_names, g):
                 grads[n] += gi
@@ -774,15 +838,22 @@ def main(argv=None):
     for r, n in sorted(rel, reverse=True)[:5]:
         print(f"  {r:9.2e}  {n}")
     issues += opt.issues
+    n_issues = len(issues) + (len(routes.issues) if routes is not None else 0)
+    if routes is not None:
+        print(f"routing: {routes.ties} of {routes.tokens} token choices were near-ties decided "
+              f"as muonforge decided them (largest score gap {routes.worst:.1e}, --route-tol "
+              f"{routes.tol:g}); {len(routes.issues)} differ beyond that")
+        issues += routes.issues[:20] + ([f"... and {len(routes.issues) - 20} more routing "
+                                         f"differences"] if len(routes.issues) > 20 else [])
     if issues:
-        print("per-parameter hyper-parameters (mup_table.csv), QK-clip counts or SOAP bases differ:")
+        print("per-parameter hyper-parameters (mup_table.csv), QK-clip counts, SOAP bases or MoE routing differ:")
         for i in issues:
             print("  " + i)
     wworst = max(rel)[0]
     ok = worst <= tol and wworst <= wtol and not issues
     print(f"torch_parity: {'PASS' if ok else 'FAIL'}: largest loss difference {worst:.2e} "
           f"(tolerance {tol:g}), largest weight difference {wworst:.2e} (tolerance {wtol:g})"
-          f"{'; ' + str(len(issues)) + ' other mismatch(es)' if issues else ''}")
+          f"{'; ' + str(n_issues) + ' other mismatch(es)' if issues else ''}")
     return 0 if ok else 1
 
 

@@ -162,6 +162,19 @@ TEST_CASE("torch_parity.py: a run checked step by step against PyTorch", "[scrip
   INFO(log);
   CHECK(rc == 0);
   CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));
+  // Routing: near-ties of the selection scores are decided as muonforge decided them (train
+  // --dump-routing), anything further apart is a mismatch: another bias_rate on the PyTorch side
+  // routes differently from step 2 on.
+  CHECK_THAT(log, Catch::Contains("routing: ") && Catch::Contains(" 0 differ beyond that"));
+  log = run_capture(py + " " + std::string(MF_SOURCE_DIR) + "/tests/test_torch_parity_routes.py", &rc);
+  INFO(log);
+  CHECK(rc == 0);
+  CHECK_THAT(log, Catch::Contains("all routing checks passed"));
+  log = run_capture(py + " " + script + moe + " --torch-set model.moe.bias_rate=0.2", &rc);
+  INFO(log);
+  CHECK(rc == 1);
+  CHECK_THAT(log, Catch::Contains("step 2, micro-batch 1, layer 1, token ") &&
+                      Catch::Contains("not a near-tie (--route-tol 1e-05)"));
   // ... with the routers in the main group (optim.router "matrix": Muon steps them).
   log = run_capture(py + " " + script + moe + " --set model.moe.balance=aux_loss --set "
                     "model.moe.score=softmax --set model.moe.capacity_factor=1 --set "

@@ -19,6 +19,7 @@
 #include "data/loader.h"
 #include "data/shard.h"
 #include "io/safetensors.h"
+#include "model/moe.h"
 #include "core/version.h"
 #include "model/kv_decoder.h"
 #include "train/checkpoint.h"
@@ -1147,6 +1148,48 @@ TEST_CASE("KvDecoder: every position's logits match the model's forward; generat
     g.max_new_tokens = 3 * T;
     CHECK(generate(m, {1, 2, 3}, g).size() == size_t(3 * T));
   }
+}
+
+TEST_CASE("--dump-routing records every micro-batch's expert choices, layer by layer",
+          "[train][moe]") {
+  const std::string root = temp_dir("routing");
+  write_data(root);
+  TrainOptions o;
+  o.quiet = true;
+  o.dump_routing = root + "/routes.bin";
+  Config c = tiny_config(root, root + "/run", "muon");
+  c.model.n_layers = 3;
+  c.model.moe.n_experts = 4;
+  c.model.moe.top_k = 2;
+  c.model.moe.d_expert = 16;
+  c.model.moe.first_dense = 1;
+  c.train.max_steps = 3;
+  c.train.eval_every = 0;  // the last forward is then the last micro-batch's
+  Trainer t(c, o);
+  t.run();
+  const int64_t N = int64_t(c.train.micro_batch) * c.train.seq_len, k = 2;
+  const std::vector<char> d = file_bytes(o.dump_routing);
+  // 3 steps x 2 micro-batches x 2 MoE layers (layer 0 is dense) blocks of N x k.
+  REQUIRE(d.size() == size_t(3 * 2 * 2 * N * k) * sizeof(int32_t));
+  std::vector<int32_t> r(d.size() / 4);
+  std::memcpy(r.data(), d.data(), d.size());
+  for (int64_t n = 0; n < int64_t(r.size()) / k; ++n) {  // k distinct experts per token
+    const int32_t a = r[size_t(n * k)], b = r[size_t(n * k + 1)];
+    REQUIRE((a >= 0 && a < 4 && b >= 0 && b < 4 && a != b));
+  }
+  // The last two blocks are the last micro-batch's layers 1 and 2: their loads are the layers'.
+  const std::vector<MoeLayer*> layers = t.model().moe_layers();
+  REQUIRE(layers.size() == 2);
+  for (int l = 0; l < 2; ++l) {
+    std::vector<int32_t> counts(4, 0);
+    const size_t at = r.size() - size_t((2 - l) * N * k);
+    for (size_t j = at; j < at + size_t(N * k); ++j) ++counts[size_t(r[j])];
+    CHECK(counts == layers[size_t(l)]->last_counts());
+  }
+  // A dense model has no routing to record.
+  Config dense = tiny_config(root, root + "/dense", "muon");
+  CHECK_THROWS_WITH(Trainer(dense, o).run(), Catch::Contains("--dump-routing: the model has no MoE"));
+  fs::remove_all(root);
 }
 
 TEST_CASE("--init-only writes the initial weights; --dump-batches records the trained batches",

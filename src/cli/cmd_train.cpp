@@ -44,6 +44,8 @@ const char* kTrainUsage =
     "  --quiet        no per-step lines and no printed config (it is in the run's config.json)\n"
     "  --init-only    write the initial weights as ckpt-000000 and exit (a reference to start from)\n"
     "  --dump-batches FILE  write every micro-batch's inputs then targets (int32, B x T each)\n"
+    "  --dump-routing FILE  MoE: write every micro-batch's expert choices (int32, per MoE layer\n"
+    "                 in order, B x T x top_k each) for a reference to route by\n"
     "Ctrl-C (SIGINT), SIGTERM or SIGHUP finishes the current step, writes a checkpoint and\n"
     "exits with 128 + the signal's number (130, 143, 129); a second one exits at once. SIGHUP\n"
     "ignored at start (nohup) stays ignored.\n";
@@ -93,6 +95,8 @@ int cmd_train(const Args& args) {
       opts.init_only = true;
     } else if (a == "--dump-batches") {
       opts.dump_batches = option_value(args, i, "train");
+    } else if (a == "--dump-routing") {
+      opts.dump_routing = option_value(args, i, "train");
     } else if (!a.empty() && a[0] == '-') {
       MF_FAIL("train: unknown option ", a, " (see muonforge train --help)");
     } else {

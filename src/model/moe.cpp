@@ -143,6 +143,12 @@ int64_t MoeLayer::last_dropped() {
   return N_ * mc_.top_k - int64_t(offsets_h_.back());
 }
 
+std::vector<int32_t> MoeLayer::last_routing() {
+  Tensor h = host_tensor(topk_idx_.shape, DType::I32);
+  be_.download(topk_idx_, h);
+  return std::vector<int32_t>(h.i32(), h.i32() + h.numel());
+}
+
 void MoeLayer::settle() {
   if (!pending_) return;
   const int64_t E = mc_.n_experts, k = mc_.top_k;

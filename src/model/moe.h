@@ -116,6 +116,9 @@ class MoeLayer {
     return offsets_h_;
   }
   int64_t last_dropped();
+  // The last forward's expert choices, (N, k) row-major (top_k per token, dropped pairs
+  // included): what `train --dump-routing` records for a reference to route by.
+  std::vector<int32_t> last_routing();
 
  private:
   struct Expert {

@@ -30,6 +30,7 @@
 #include "dist/store.h"
 #include "io/atomic_file.h"
 #include "model/llama.h"
+#include "model/moe.h"
 #include "optim/mup.h"
 #include "optim/optimizer.h"
 #include "train/checkpoint.h"
@@ -836,6 +837,14 @@ TrainResult Trainer::run() {
     dump.reset(std::fopen(opts_.dump_batches.c_str(), "wb"));
     MF_CHECK(dump, "--dump-batches: cannot open ", opts_.dump_batches, " for writing");
   }
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> routes(nullptr, &std::fclose);
+  if (!opts_.dump_routing.empty()) {
+    MF_CHECK(world_ == 1, "--dump-routing works in a single process (world size ", world_, ")");
+    MF_CHECK(model_->is_moe(), "--dump-routing: the model has no MoE layers (model.moe.n_experts ",
+             cfg_.model.moe.n_experts, ")");
+    routes.reset(std::fopen(opts_.dump_routing.c_str(), "wb"));
+    MF_CHECK(routes, "--dump-routing: cannot open ", opts_.dump_routing, " for writing");
+  }
   auto t_start = Clock::now(), t_log = Clock::now();
   long long tokens_log = 0;
   int step = start_step_;
@@ -856,6 +865,14 @@ TrainResult Trainer::run() {
       // stays on the device until the step's micro-batches are all queued.
       model_->forward_backward_deferred(in.data(), tg.data(), loss_scale,
                                         /*grads_final=*/micro == accum - 1);
+      if (routes) {  // the routing stays until the next forward (backward reads it)
+        for (MoeLayer* m : model_->moe_layers()) {
+          const std::vector<int32_t> r = m->last_routing();
+          MF_CHECK(std::fwrite(r.data(), sizeof(int32_t), r.size(), routes.get()) == r.size() &&
+                       std::fflush(routes.get()) == 0,
+                   "--dump-routing: writing ", opts_.dump_routing, " failed");
+        }
+      }
     }
     allreduce_grads();
     double loss = mean_over_ranks(model_->take_loss());

@@ -32,6 +32,7 @@ struct TrainOptions {
   int stop_at = 0;         // > 0: checkpoint and stop after this step (time-limited sittings)
   bool init_only = false;  // write the initial weights as ckpt-000000 and stop (fresh runs only)
   std::string dump_batches;  // append every micro-batch's inputs and targets (int32) to this file
+  std::string dump_routing;  // MoE: append every micro-batch's expert choices (int32) to this file
 };
 
 struct TrainResult {
