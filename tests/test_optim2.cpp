@@ -296,6 +296,9 @@ struct RefOpt {
   Config cfg;
   struct S {
     Vec w, m, v, mom, nv;                   // weights, Adam / exp_avg, v, Muon momentum, NorMuon v
+    // Cautious decay: elements whose mask decision (w * D >= 0) sat within fp32 rounding of the
+    // boundary at some step; an fp32 implementation may decide them the other way.
+    std::vector<char> unsure;
     std::vector<Vec> L, R, PL, PR, QL, QR;  // per block
   };
   std::vector<S> st;
@@ -515,6 +518,18 @@ struct RefOpt {
         if (o.name == "soap" && t == 1) continue;  // statistics only: no update, no decay
         const int R = int(sp.shape[sp.shape.size() - 2]), C = int(sp.shape.back());
         const double scale = is_muon_like(o.name) ? std::sqrt(std::max(1.0, double(R) / C)) : 1.0;
+        if (o.cautious_wd) {
+          // fp32's D carries errors of ~1e-6 of its largest entry (Newton-Schulz, inverse
+          // roots): a sign within 1e-4 of that is unsure, and so is one of a weight that small.
+          double dmax = 0, wmax = 0;
+          for (size_t k = 0; k < D.size(); ++k) {
+            dmax = std::max(dmax, std::fabs(D[k]));
+            wmax = std::max(wmax, std::fabs(s.w[k]));
+          }
+          s.unsure.resize(D.size(), 0);
+          for (size_t k = 0; k < D.size(); ++k)
+            if (std::fabs(D[k]) <= 1e-4 * dmax || std::fabs(s.w[k]) <= 1e-4 * wmax) s.unsure[k] = 1;
+        }
         for (size_t k = 0; k < D.size(); ++k) {
           if (!o.cautious_wd || s.w[k] * D[k] >= 0) s.w[k] *= 1 - decay;
           s.w[k] -= lr * scale * D[k];
@@ -867,10 +882,18 @@ void compare_with_reference(const Config& cfg, const std::vector<Spec>& specs, d
     for (size_t i = 0; i < specs.size(); ++i) {
       INFO(specs[i].name);
       Vec got = to_vec(model.owned[i]->master), want = ref.st[i].w, dg(got.size()), dw(got.size());
+      const std::vector<char>& unsure = ref.st[i].unsure;
+      int set_aside = 0;
       for (size_t k = 0; k < got.size(); ++k) {
+        if (!unsure.empty() && unsure[k]) {  // a cautious-decay coin toss: not compared
+          ++set_aside;
+          continue;
+        }
         dg[k] = got[k] - w0[i][k];
         dw[k] = want[k] - w0[i][k];
       }
+      INFO(set_aside << " element(s) with an unsure cautious-decay mask set aside");
+      CHECK(set_aside * 100 <= int(got.size()));  // a few at most
       CHECK(fro(dw) > 0);
       CHECK(rel_err(dg, dw) < tol);  // error of the accumulated change
     }

@@ -106,6 +106,11 @@ TEST_CASE("torch_parity.py: a run checked step by step against PyTorch", "[scrip
   CHECK(rc == 0);
   CHECK_THAT(log, Catch::Contains("torch_parity: PASS"));
   CHECK_THAT(log, Catch::Contains("    4 "));  // the step table reached step 4
+  // Cautious decay's mask (w * D >= 0) may be decided the other way on the few of the ~3M
+  // decisions whose D is at fp32 rounding of zero. Such an element differs by one step's decay:
+  // independent decay at most sched x optim.wd / width_mult = 0.2 x 0.01 / 2 = 1e-3 of its weight
+  // (step 4 of a 20-step warmup), below --wtol (1e-3 of the tensor's largest weight) unless it
+  // is itself the largest. Raising optim.wd, --steps or shortening the warmup breaks that bound.
   log = run_capture(py + " " + script + cfg + bin + work + sets +
                         " --set optim.name=normuon --set optim.cautious_wd=true",
                     &rc);
