@@ -1236,3 +1236,25 @@ TEST_CASE("--init-only writes the initial weights; --dump-batches records the tr
   }
   fs::remove_all(root);
 }
+
+TEST_CASE("the ETA counts the evaluations and checkpoints left, before the first is timed",
+          "[train]") {
+  EtaClock c;
+  CHECK(eta_seconds(c, 0, 20, 5, 0, 2.0) == 0);  // nothing timed yet
+  c.step_s = 10;
+  c.steps = 10;  // 1 s a step
+  // Step 10 of 20: 10 steps, the evaluations at 10, 15 and 20 at 2 step-times each (none timed
+  // yet), checkpoints not timed yet.
+  CHECK(eta_seconds(c, 10, 20, 5, 0, 2.0) == Approx(10 + 3 * 2.0));
+  c.eval_s = 4;
+  c.evals = 1;  // one evaluation took 4 s: that figure from now on
+  CHECK(eta_seconds(c, 10, 20, 5, 0, 2.0) == Approx(10 + 3 * 4.0));
+  c.ckpt_s = 1;
+  c.ckpts = 2;  // 0.5 s a checkpoint, every 4 steps: 12, 16, 20
+  CHECK(eta_seconds(c, 10, 20, 5, 4, 2.0) == Approx(10 + 12 + 3 * 0.5));
+  // The last step: only its evaluation and checkpoint; a last step off the cadence has its own.
+  CHECK(eta_seconds(c, 20, 20, 5, 4, 2.0) == Approx(4 + 0.5));
+  CHECK(eta_seconds(c, 21, 22, 5, 0, 2.0) == Approx(1 + 4 + 0.5));
+  // No evaluations (eval_every 0 or no data.val): steps and the last checkpoint only.
+  CHECK(eta_seconds(c, 10, 20, 0, 0, 2.0) == Approx(10 + 0.5));
+}

@@ -531,6 +531,27 @@ void Trainer::append_metrics(const nlohmann::json& rec) {
   f << rec.dump() << "\n";
 }
 
+namespace {
+// Of the steps [from, max_steps], how many are multiples of `every` or the last (only the last
+// when every is 0).
+int events_from(int from, int max_steps, int every) {
+  if (from > max_steps) return 0;
+  if (every <= 0) return 1;
+  return max_steps / every - (from - 1) / every + (max_steps % every != 0 ? 1 : 0);
+}
+}  // namespace
+
+double eta_seconds(const EtaClock& c, int done, int max_steps, int eval_every, int ckpt_every,
+                   double eval_in_steps) {
+  if (c.steps <= 0) return 0;
+  const double step = c.step_s / c.steps;
+  const double eval = c.evals > 0 ? c.eval_s / c.evals : eval_in_steps * step;
+  const double ckpt = c.ckpts > 0 ? c.ckpt_s / c.ckpts : 0;
+  return step * std::max(0, max_steps - done) +
+         (eval_every > 0 ? eval * events_from(done, max_steps, eval_every) : 0) +
+         ckpt * events_from(done, max_steps, ckpt_every);
+}
+
 std::optional<double> Trainer::evaluate(bool may_cut) {
   if (!val_loader_) return -1.0;
   // eval_batches counts micro-batches over all ranks: batch i is read by rank i % world (the
@@ -847,8 +868,15 @@ TrainResult Trainer::run() {
   }
   auto t_start = Clock::now(), t_log = Clock::now();
   long long tokens_log = 0;
+  EtaClock eta_clock;
+  // Until an evaluation has been timed, one is taken to cost its micro-batches' forward passes
+  // (about a third of a forward + backward) relative to a step's.
+  const double eval_in_steps =
+      double(eval_batches_) / world_ / std::max(accum, 1) / 3.0;
+  const int eval_every = val_loader_ ? cfg_.train.eval_every : 0;
   int step = start_step_;
   for (; step < max_steps; ++step) {
+    const auto t_step = Clock::now();
     const bool diag_step = diag_->due(step);
     if (diag_step) diag_->before_step(model_->params(), *be_);
     model_->zero_grads();
@@ -918,7 +946,11 @@ TrainResult Trainer::run() {
       const double dt = seconds_since(t_log);
       const double tps = tokens_log / std::max(dt, 1e-9);
       const double elapsed = seconds_since(t_start);
-      const double eta = elapsed / (done - start_step_) * (max_steps - done);
+      EtaClock now = eta_clock;  // this step's time so far counts as its whole
+      now.step_s += seconds_since(t_step);
+      now.steps += 1;
+      const double eta = eta_seconds(now, done, max_steps, eval_every, cfg_.train.ckpt_every,
+                                     eval_in_steps);
       nlohmann::json rec = {{"step", done},          {"tokens", tokens_seen_},
                             {"loss", loss},          {"lr", opt_->lr(step)},
                             {"grad_norm", gnorm},    {"tok_per_s", tps},
@@ -936,7 +968,10 @@ TrainResult Trainer::run() {
       tokens_log = 0;
     }
     if (diag_step) append_metrics(diag_->after_step(*model_, *be_, done));
+    eta_clock.step_s += seconds_since(t_step);
+    eta_clock.steps += 1;
     if (val_loader_ && (done % cfg_.train.eval_every == 0 || last)) {
+      const auto t_eval = Clock::now();
       // The last step's is never cut: the run is complete after it, and a later start would
       // not evaluate again (its final val loss would be missing, an earlier one taken for it).
       const std::optional<double> got = evaluate(!last);
@@ -951,6 +986,8 @@ TrainResult Trainer::run() {
         res.final_val_loss = vl;
         append_metrics({{"step", done}, {"val_loss", vl}});
         if (!opts_.quiet) spdlog::info("step {} | val loss {:.4f}", done, vl);
+        eta_clock.eval_s += seconds_since(t_eval);
+        eta_clock.evals += 1;
       }
     }
     bool stopping = stop_requested() || (opts_.stop_at > 0 && done >= opts_.stop_at && !last);
@@ -958,9 +995,12 @@ TrainResult Trainer::run() {
     if (world_ > 1) stopping = mean_over_ranks(stopping ? 1.0 : 0.0) > 0;
     if ((cfg_.train.ckpt_every > 0 && done % cfg_.train.ckpt_every == 0) || last || stopping) {
       check_weights_agree(done);
+      const auto t_ckpt = Clock::now();
       res.last_checkpoint =
           save_checkpoint(run_dir_, done, model_->params(), *opt_, *be_, state_json(done), cfg_,
                           cfg_.train.keep_ckpts, *comm_, sharded_);
+      eta_clock.ckpt_s += seconds_since(t_ckpt);
+      eta_clock.ckpts += 1;
       if (!opts_.quiet) spdlog::info("checkpoint {}", res.last_checkpoint);
     }
     fault_point(FaultPoint::Step, done, rank_);

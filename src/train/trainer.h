@@ -74,9 +74,9 @@ class Trainer {
   void check_data_files() const;  // data.train / data.val match files (before the run dir changes)
   // "key old -> new; ..." vs the checkpoint's config.json (only the keys in `only` when given).
   std::string config_changes(const std::string& ckpt, const std::set<std::string>& only = {}) const;
-  void lock_run_dir();
+  void lock_run_dir();  // rank 0: run_dir/.lock, or an error naming the process holding it
   std::string starting_checkpoint() const;  // what setup() loads ("": HF model or fresh init)
-  void set_aside_later_checkpoints(const std::string& ckpt) const;  // rank 0: supersede-N/  // rank 0: run_dir/.lock, or an error naming the process holding it
+  void set_aside_later_checkpoints(const std::string& ckpt) const;  // rank 0: superseded-N/
   double mean_over_ranks(double x);
 
   Config cfg_;
@@ -129,6 +129,20 @@ class Trainer {
   int start_step_ = 0;
   long long tokens_seen_ = 0;
 };
+
+// The training loop's time left. Steps, evaluations and checkpoints are timed apart, so a run
+// that evaluates rarely but at length has its evaluations in the estimate before the first one.
+struct EtaClock {
+  double step_s = 0, eval_s = 0, ckpt_s = 0;  // time spent in each so far (this call)
+  int steps = 0, evals = 0, ckpts = 0;        // how many of each so far (this call)
+};
+// Seconds left once step `done` of `max_steps` has updated the weights: the steps left at the
+// mean step time; the evaluations left, step `done`'s own included (every eval_every steps and
+// at the last; none when eval_every is 0), at the mean evaluation time, or at `eval_in_steps`
+// step times until one has been timed; the checkpoints left (every ckpt_every steps and at the
+// last) at the mean checkpoint time (0 until one has been timed).
+double eta_seconds(const EtaClock& c, int done, int max_steps, int eval_every, int ckpt_every,
+                   double eval_in_steps);
 
 // Stop requests from SIGINT/SIGTERM: the loop finishes its step, checkpoints and returns.
 void install_stop_handlers();
