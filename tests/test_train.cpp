@@ -875,6 +875,19 @@ TEST_CASE("resuming with another block size of a blocked optimizer says so", "[t
                       Catch::Contains("saved with " + key + "=16") &&
                           Catch::Contains("this run uses " + key + "=8"));
     CHECK(Trainer(cfg(16, 4), quiet).run().losses.size() == 2);
+    // Blocks of 64, 128 or 0 (none) all take these matrices whole: the same layout, so such a
+    // resume goes on, and ends where the uninterrupted run does.
+    auto whole = [&](const std::string& dir, int block, int steps) {
+      Config c = cfg(block, steps);
+      c.run.dir = root + "/" + n + dir;
+      return c;
+    };
+    Trainer(whole("-a", 64, 2), quiet).run();
+    CHECK(Trainer(whole("-a", 128, 3), quiet).run().losses.size() == 1);
+    const TrainResult ra = Trainer(whole("-a", 0, 4), quiet).run();
+    const TrainResult rb = Trainer(whole("-b", 64, 4), quiet).run();
+    CHECK(file_bytes(ra.last_checkpoint + "/model.safetensors") ==
+          file_bytes(rb.last_checkpoint + "/model.safetensors"));
   }
   // Shampoo's grafting adds a state tensor: named as such rather than as a missing tensor.
   Config g = tiny_config(root, root + "/shampoo", "shampoo");
