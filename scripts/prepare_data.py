@@ -6,7 +6,7 @@ Recipes (run `prepare_data.py RECIPE --help` for the options of each):
   default          the embedded default corpus: real English text every Debian machine has
                    offline (/usr/share/common-licenses + Python's own pydoc topics), byte-level
                    tokens (vocab 256) -> data/default/{train,val}_000000.bin
-  text PATH...     local text files or folders (recursively: *.txt, *.txt.xz, *.xz)
+  text PATH...     local text files (any name) or folders (recursively: *.txt, *.txt.xz)
   tinyshakespeare  downloads the 1.1 MB char-rnn Shakespeare file, then `text`
   tinystories      downloads TinyStoriesV2-GPT4 train/valid text files, then `text`
   fineweb-edu      downloads N documents of FineWeb-Edu (sample-10BT) through the Hugging Face
@@ -33,6 +33,7 @@ import json
 import lzma
 import os
 import re
+import shutil
 import struct
 import sys
 import time
@@ -70,8 +71,12 @@ class ByteTokenizer:
     vocab_size = 256
     eot = None  # no spare id: documents are separated by a blank line instead
 
+    # Bytes of the input that are not UTF-8 arrive as surrogate escapes (read_text) and are
+    # written back as the very bytes they were.
+    read_errors = "surrogateescape"
+
     def encode(self, text):
-        return text.encode("utf-8")
+        return text.encode("utf-8", "surrogateescape")
 
     def decode_bytes(self, ids):
         return bytes(ids)
@@ -120,13 +125,24 @@ class Gpt2BpeTokenizer:
                 f"GPT-2 tokenizer files not found: {', '.join(missing)}. Install tiktoken "
                 f"(pip install tiktoken), or put encoder.json and vocab.bpe in a folder and pass "
                 f"--gpt2-dir DIR (or set MF_GPT2_DIR)")
-        with open(enc_path, encoding="utf-8") as f:
-            self.encoder = json.load(f)
-        with open(bpe_path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        try:
+            with open(enc_path, encoding="utf-8") as f:
+                self.encoder = json.load(f)
+            with open(bpe_path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except ValueError as e:  # bad JSON, or not UTF-8
+            raise UserError(f"{enc_path} / {bpe_path}: not GPT-2's tokenizer files ({e})")
         merges = [tuple(l.split()) for l in lines[1:] if l.strip()]  # line 0 is "#version"
         self.ranks = {pair: i for i, pair in enumerate(merges)}
         self.byte_map = gpt2_byte_to_unicode()
+        # Every byte and every merge result must have an id, or encoding fails mid-file.
+        if not isinstance(self.encoder, dict) or EOT_TEXT not in self.encoder:
+            raise UserError(f"{enc_path}: no '{EOT_TEXT}' entry: not GPT-2's encoder.json")
+        bad = [c for c in self.byte_map.values() if c not in self.encoder]
+        bad += [a + b for a, b in (m for m in merges if len(m) == 2) if a + b not in self.encoder]
+        if bad or any(len(m) != 2 for m in merges):
+            raise UserError(f"{enc_path} and {bpe_path} do not belong together (e.g. no id for "
+                            f"'{bad[0] if bad else '?'}'): not GPT-2's tokenizer files")
         self.eot = self.encoder[EOT_TEXT]
         self.vocab_size = max(self.encoder.values()) + 1
         self.cache = {}
@@ -279,7 +295,7 @@ def write_shard(path, tokens, token_bytes):
 
 
 def read_shard(path):
-    """Reads a shard back (used by the tests and `--check`): returns (magic, version, tokens)."""
+    """Reads a shard back (used by the tests): returns (magic, version, tokens)."""
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < HEADER_INTS * 4:
@@ -304,8 +320,9 @@ class ShardWriter:
     shard of a split is never a tiny remainder: it holds between shard_tokens/2 and
     1.5*shard_tokens tokens (or everything, when the split is smaller than one shard)."""
 
-    def __init__(self, out_dir, prefix, split, shard_tokens, token_bytes):
+    def __init__(self, out_dir, prefix, split, shard_tokens, token_bytes, shown_dir=None):
         self.out_dir, self.prefix, self.split = Path(out_dir), prefix, split
+        self.shown_dir = Path(shown_dir) if shown_dir else self.out_dir  # for the log
         self.shard_tokens, self.token_bytes = shard_tokens, token_bytes
         self.buf = array.array("H" if token_bytes == 2 else "I")
         self.index = 0
@@ -325,7 +342,7 @@ class ShardWriter:
         write_shard(path, tokens, self.token_bytes)
         self.files.append((path, len(tokens)))
         self.index += 1
-        log(f"  wrote {path} ({len(tokens):,} tokens)")
+        log(f"  wrote {self.shown_dir / path.name} ({len(tokens):,} tokens)")
 
     def close(self):
         # An empty split writes no file: a 0-token shard is one training would only reject.
@@ -339,15 +356,22 @@ class ShardWriter:
 # --------------------------------------------------------------------------------------------
 
 def find_text_files(paths):
-    """Expands files and folders (recursively: *.txt, *.xz) into a sorted, de-duplicated list."""
+    """Expands files and folders (recursively: *.txt, *.txt.xz) into a sorted, de-duplicated
+    list. Other files in a folder are skipped, and counted in the log: an archive or a binary
+    read as text would fill the shards with its bytes. A file named explicitly is read whatever
+    its name (read_text still refuses binary content)."""
     out = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*")
-                           if q.is_file() and (q.name.endswith(".txt") or q.name.endswith(".xz")))
+            files = sorted(q for q in p.rglob("*") if q.is_file())
+            found = [q for q in files if q.name.endswith(".txt") or q.name.endswith(".txt.xz")]
+            other = [q for q in files if q not in found and not q.name.startswith(".")]
+            if other:
+                log(f"  {p}: skipped {len(other)} file(s) that are not *.txt or *.txt.xz (e.g. "
+                    f"{other[0]}); name a file to read it anyway")
             if not found:
-                raise UserError(f"folder '{p}' contains no *.txt or *.xz files")
+                raise UserError(f"folder '{p}' contains no *.txt or *.txt.xz files")
             out.extend(found)
         elif p.exists():
             out.append(p)  # a file, or a stream such as /dev/stdin
@@ -362,18 +386,40 @@ def find_text_files(paths):
     return uniq
 
 
-def read_text(path):
+def read_text(path, errors="replace"):
+    """The UTF-8 text of a file (.xz: decompressed). Bytes that are not UTF-8 are decoded with
+    `errors` ("replace": U+FFFD; "surrogateescape": kept, for the byte tokenizer) and counted in
+    a warning; NUL bytes mean binary content (an archive, a program, UTF-16), refused."""
     path = Path(path)
     try:
         if path.name.endswith(".xz"):
-            with lzma.open(path, "rt", encoding="utf-8", errors="replace") as f:
-                return f.read()
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+            with lzma.open(path, "rb") as f:
+                data = f.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except lzma.LZMAError as e:
         raise UserError(f"'{path}': not a valid .xz file ({e})")
     except OSError as e:
         raise UserError(f"'{path}': cannot read ({e.strerror})")
+    nul = data.find(b"\x00")
+    if nul != -1:
+        raise UserError(f"'{path}' holds a NUL byte (at byte {nul:,}): binary data, not text (an "
+                        f"archive to unpack first? UTF-16 text to convert to UTF-8?)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = data.decode("utf-8", errors)
+        if errors == "surrogateescape":
+            n = sum(1 for c in text if "\udc80" <= c <= "\udcff")
+            what = f"{n:,} byte(s) that are not UTF-8"
+            fate = "kept as they are (the byte tokenizer)"
+        else:
+            n = text.count("\ufffd") - data.count("\ufffd".encode("utf-8"))
+            what = f"{n:,} invalid UTF-8 sequence(s)"
+            fate = "each replaced by U+FFFD"
+        warn(f"'{path}': {what} (the first at byte {e.start:,}), {fate}")
+        return text
 
 
 def split_documents(text):
@@ -399,7 +445,7 @@ def split_tail(doc, val_frac):
 
 def clear_old_shards(out_dir, prefix):
     """Removes shards a previous run left under the same names, so a glob such as
-    train_*.bin never mixes two runs."""
+    train_*.bin never mixes two runs. Called once the new shards are complete (build)."""
     old = sorted(out_dir.glob(f"{prefix}train_*.bin")) + sorted(out_dir.glob(f"{prefix}val_*.bin"))
     for p in old:
         p.unlink()
@@ -420,7 +466,11 @@ def build(docs_train, docs_val, out_dir, tok, shard_tokens, prefix="", workers=1
     if shard_tokens < 1 or shard_tokens + shard_tokens // 2 > INT32_MAX:
         raise UserError(f"--shard-tokens must be in [1, {INT32_MAX * 2 // 3}], got {shard_tokens}")
     token_bytes = 2 if tok.vocab_size <= 65535 else 4
-    clear_old_shards(out_dir, prefix)
+    # The shards are written to a staging folder and moved in at the end, replacing the old
+    # ones: an error, a bad input or Ctrl-C part-way leaves the previous shards as they were.
+    stage = out_dir / f".prepare-{os.getpid()}.tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     log(f"writing {'uint16 (v1)' if token_bytes == 2 else 'uint32 (v7)'} shards of "
         f"{shard_tokens:,} tokens to {out_dir}/ (tokenizer {tok.name}, vocab {tok.vocab_size})")
 
@@ -435,7 +485,7 @@ def build(docs_train, docs_val, out_dir, tok, shard_tokens, prefix="", workers=1
     t0 = time.time()
     try:
         for split, docs in (("train", docs_train), ("val", docs_val)):
-            w = ShardWriter(out_dir, prefix, split, shard_tokens, token_bytes)
+            w = ShardWriter(stage, prefix, split, shard_tokens, token_bytes, shown_dir=out_dir)
             texts = (doc_text(d, tok) for d in docs)
             encoded = pool.imap(_worker_encode, texts, chunksize=4) if pool else map(tok.encode, texts)
             ndocs = 0
@@ -457,11 +507,20 @@ def build(docs_train, docs_val, out_dir, tok, shard_tokens, prefix="", workers=1
                      "--set data.val= (no evaluation), or give the val text with --val FILES")
             summary["splits"][split] = {
                 "documents": ndocs, "tokens": w.total,
-                "files": [{"path": str(p), "tokens": n, "sha256": sha256_file(p)} for p, n in w.files]}
-    finally:
+                "files": [{"path": str(out_dir / p.name), "tokens": n, "sha256": sha256_file(p)}
+                          for p, n in w.files]}
         if pool:
             pool.close()
             pool.join()
+            pool = None
+        clear_old_shards(out_dir, prefix)
+        for p in sorted(stage.iterdir()):
+            os.replace(p, out_dir / p.name)
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+        shutil.rmtree(stage, ignore_errors=True)
     dt = time.time() - t0
     log("summary:")
     for split, s in summary["splits"].items():
@@ -481,9 +540,9 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def iter_docs(files, what):
+def iter_docs(files, what, errors="replace"):
     for p in files:
-        text = read_text(p)
+        text = read_text(p, errors)
         log(f"  reading {p} ({len(text):,} characters) for {what}")
         yield from split_documents(text)
 
@@ -494,17 +553,18 @@ def run_text(files, val_files, out, tokenizer, val_frac, shard_tokens, prefix, w
         raise UserError(f"--val-frac must be in [0, 1), got {val_frac}")
     tok = make_tokenizer(tokenizer, gpt2_dir)
     files = find_text_files(files)
+    errors = getattr(tok, "read_errors", "replace")
     if val_files:
         val_files = find_text_files(val_files)
-        train_docs = iter_docs(files, "train")
-        val_docs = iter_docs(val_files, "val")
+        train_docs = iter_docs(files, "train", errors)
+        val_docs = iter_docs(val_files, "val", errors)
     else:
         # Each document's tail goes to val; documents are read once and the tails kept in memory
         # (val_frac of the data).
         tails = []
 
         def train_docs_gen():
-            for d in iter_docs(files, "train + val"):
+            for d in iter_docs(files, "train + val", errors):
                 head, tail = split_tail(d, val_frac)
                 if tail.strip():
                     tails.append(tail)
@@ -682,7 +742,7 @@ def main(argv=None):
     p.add_argument("--val-frac", type=float, default=DEFAULT_VAL_FRAC,
                    help=f"tail fraction of every document that goes to val (default {DEFAULT_VAL_FRAC})")
 
-    p = sub.add_parser("text", help="local text files or folders (*.txt, *.xz) to shards")
+    p = sub.add_parser("text", help="local text files or folders (*.txt, *.txt.xz) to shards")
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--val", nargs="+", default=None,
@@ -722,8 +782,12 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an output folder that cannot be written, a full disk
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (the shards already in the output folder are as they were)",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -128,6 +128,94 @@ class TextRecipe(unittest.TestCase):
         else:
             self.fail("download from a closed port succeeded")
 
+    def run_script(self, *args):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py")] +
+                              [str(a) for a in args], capture_output=True, text=True)
+
+    def test_folders_skip_archives_and_binaries_are_refused(self):
+        import lzma
+        import tarfile
+        with tempfile.TemporaryDirectory() as d:
+            src = Path(d) / "src"
+            src.mkdir()
+            (src / "book.txt").write_text("a real book\n" * 30, encoding="utf-8")
+            with tarfile.open(src / "books.tar.xz", "w:xz") as t:  # an archive in the folder
+                t.add(src / "book.txt", arcname="inner.txt")
+            (src / "prog").write_bytes(b"\x7fELF\x02\x01\x00\x00binary")
+            out = Path(d) / "out"
+            r = self.run_script("text", src, "--out", out, "--val-frac", "0")
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            self.assertIn("skipped 2 file(s) that are not *.txt or *.txt.xz", r.stdout + r.stderr)
+            toks = bytes(list(pd.read_shard(out / "train_000000.bin")[2]))
+            self.assertEqual(toks, ("a real book\n" * 30 + "\n").encode())
+            # Named explicitly, binary content is refused by what it holds.
+            for f in (src / "books.tar.xz", src / "prog"):
+                r = self.run_script("text", f, "--out", Path(d) / "out2")
+                self.assertNotEqual(r.returncode, 0)
+                self.assertIn("holds a NUL byte", r.stderr)
+                self.assertNotIn("Traceback", r.stderr)
+            # A compressed text named *.xz is still read when named.
+            with lzma.open(src / "notes.xz", "wt", encoding="utf-8") as f:
+                f.write("compressed notes\n" * 10)
+            r = self.run_script("text", src / "notes.xz", "--out", Path(d) / "out3", "--val-frac", "0")
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+
+    def test_invalid_utf8_is_counted_and_bytes_kept_by_the_byte_tokenizer(self):
+        with tempfile.TemporaryDirectory() as d:
+            raw = b"Hello \xff\xfe world caf\xc3 ok\n" * 10
+            (Path(d) / "bad.txt").write_bytes(raw)
+            out = Path(d) / "out"
+            r = self.run_script("text", Path(d) / "bad.txt", "--out", out, "--val-frac", "0")
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            self.assertIn("30 byte(s) that are not UTF-8 (the first at byte 6), kept as they are",
+                          r.stdout + r.stderr)
+            toks = bytes(list(pd.read_shard(out / "train_000000.bin")[2]))
+            self.assertEqual(toks, raw + b"\n")  # the very bytes, and the document's blank line
+            # A reader that replaces says how many sequences it replaced.
+            self.assertEqual(pd.read_text(Path(d) / "bad.txt").count("\ufffd"), 30)
+
+    def test_a_failed_run_keeps_the_old_shards(self):
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "a.txt").write_text("good text\n" * 40, encoding="utf-8")
+            (Path(d) / "empty.txt").write_text("", encoding="utf-8")
+            out = Path(d) / "out"
+            r = self.run_script("text", Path(d) / "a.txt", "--out", out)
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            before = {p.name: p.read_bytes() for p in out.iterdir()}
+            self.assertEqual(sorted(before), ["train_000000.bin", "val_000000.bin"])
+            r = self.run_script("text", Path(d) / "empty.txt", "--out", out)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("the train split is empty", r.stderr)
+            self.assertNotIn("removed", r.stdout + r.stderr)
+            self.assertEqual({p.name: p.read_bytes() for p in out.iterdir()}, before)  # no staging left
+            # A second good run replaces them (an old extra shard included).
+            (out / "train_000001.bin").write_bytes(before["train_000000.bin"])
+            (Path(d) / "b.txt").write_text("other text\n" * 40, encoding="utf-8")
+            r = self.run_script("text", Path(d) / "b.txt", "--out", out)
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            self.assertIn("removed 3 old shard(s)", r.stdout + r.stderr)
+            self.assertEqual(sorted(p.name for p in out.iterdir()), ["train_000000.bin", "val_000000.bin"])
+            self.assertIn(b"other text", bytes(list(pd.read_shard(out / "train_000000.bin")[2])))
+
+    def test_unwritable_output_and_bad_tokenizer_files_are_errors_not_tracebacks(self):
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "a.txt").write_text("text\n" * 40, encoding="utf-8")
+            (Path(d) / "file").write_text("", encoding="utf-8")
+            r = self.run_script("text", Path(d) / "a.txt", "--out", Path(d) / "file" / "out")
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("error: ", r.stderr)
+            self.assertIn("file/out", r.stderr)
+            self.assertNotIn("Traceback", r.stderr)
+            tokdir = Path(d) / "tok"
+            tokdir.mkdir()
+            (tokdir / "encoder.json").write_text('{"h": 0', encoding="utf-8")  # cut short
+            (tokdir / "vocab.bpe").write_text("#version: 0.2\nh i\n", encoding="utf-8")
+            with self.assertRaisesRegex(pd.UserError, "not GPT-2's tokenizer files"):
+                pd.Gpt2BpeTokenizer(tokdir)
+            (tokdir / "encoder.json").write_text('{"h": 0, "<|endoftext|>": 1}', encoding="utf-8")
+            with self.assertRaisesRegex(pd.UserError, "do not belong together"):
+                pd.Gpt2BpeTokenizer(tokdir)
+
     def test_default_corpus_is_large_and_deterministic(self):
         docs = pd.default_corpus()
         total = sum(len(t.encode("utf-8")) for _, t in docs)
