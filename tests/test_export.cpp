@@ -233,6 +233,18 @@ TEST_CASE("muonforge export command line", "[export][cli]") {
   CHECK(out.find("is a muonforge run directory") != std::string::npos);
   CHECK(!fs::exists(run_dir + "/model.safetensors"));
   CHECK(fs::last_write_time(r.last_checkpoint + "/model.safetensors") == before);
+  // The export is a Hugging Face directory: sample, eval and export name it as such and say
+  // what to do, instead of failing on its config.json as one of ours.
+  for (const std::string cmd : {"sample " + root + "/out --tokens 2",
+                                "eval " + root + "/out --batches 1",
+                                "export " + root + "/out " + root + "/again"}) {
+    out = mf::test::run_capture(bin + " " + cmd, &rc);
+    INFO(cmd << "\n" << out);
+    CHECK(rc == 1);
+    CHECK(out.find(root + "/out is a Hugging Face model directory (its config.json has "
+                   "\"model_type\": \"llama\")") != std::string::npos);
+    CHECK(out.find("muonforge import " + root + "/out OUTDIR") != std::string::npos);
+  }
   fs::remove_all(root);
 }
 

@@ -270,7 +270,27 @@ std::string resolve_checkpoint_dir(const std::string& path_in, const std::string
   // directory (a trailing slash made it the checkpoint itself, and --resume of it moved the
   // checkpoint aside as "a later one" before loading it).
   while (!p.has_filename() && p.has_parent_path() && p != p.root_path()) p = p.parent_path();
-  if (fs::exists(p / "config.json") && fs::exists(p / "model.safetensors")) return p.string();
+  if (fs::exists(p / "config.json") && fs::exists(p / "model.safetensors")) {
+    // A Hugging Face model directory has the same two files, with its own config.json: say so
+    // before that config fails to parse as ours ("architectures: unknown key").
+    nlohmann::json c;
+    try {
+      std::ifstream in(p / "config.json");
+      c = nlohmann::json::parse(in);
+    } catch (const std::exception&) {
+      return p.string();  // our reader reports what is wrong with it
+    }
+    if (c.is_object() && !c.contains("model") &&
+        (c.contains("architectures") || c.contains("model_type"))) {
+      MF_FAIL(who, ": ", p.string(), " is a Hugging Face model directory (its config.json has ",
+              c.contains("model_type") ? "\"model_type\": " + c["model_type"].dump()
+                                       : std::string("\"architectures\""),
+              "), not a muonforge checkpoint: convert it with muonforge import ", p.string(),
+              " OUTDIR, then give OUTDIR; or train from it with --set train.init_from=",
+              p.string());
+    }
+    return p.string();
+  }
   const std::string latest = find_latest_checkpoint(p.string());
   MF_CHECK(!latest.empty(), who, ": ", path, " holds no checkpoint (no config.json + "
            "model.safetensors, and no ckpt-NNNNNN directory)");
