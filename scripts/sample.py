@@ -4,8 +4,10 @@
     scripts/sample.py CKPT_OR_RUN_DIR [--prompt TEXT] [--tokenizer auto|byte|gpt2]
                       [--gpt2-dir DIR] [--binary PATH] [muonforge sample options...]
 
-Encodes the prompt with the tokenizer the data was prepared with (scripts/prepare_data.py's:
-tiktoken when installed, else the pure-Python BPE from encoder.json + vocab.bpe), runs
+Encodes the prompt with the tokenizer the model's vocabulary implies (--tokenizer auto: byte for
+256 ids, GPT-2 otherwise; neither the shards nor the checkpoint record the tokenizer, so give
+--tokenizer for anything else) through scripts/prepare_data.py's (GPT-2: tiktoken when
+installed, else the pure-Python BPE from encoder.json + vocab.bpe), runs
 `muonforge sample --prompt-ids ... --ids` and prints the continuation as text while it is
 generated. Every other option (--tokens, --temperature, --greedy, --top-k, --seed, --context,
 --device) goes to `muonforge sample` as it is. --tokenizer auto picks byte for a vocabulary of
@@ -46,6 +48,7 @@ def vocab_size_of(path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
+        allow_abbrev=False,  # the rest goes to muonforge sample: --token 3 is not --tokenizer
         description=__doc__.split("\n\n")[0],
         epilog="Every other option (--tokens, --temperature, --greedy, --top-k, --seed, --context, "
         "--no-kv-cache, --device) goes to `muonforge sample` as it is; --prompt-ids and --ids are "

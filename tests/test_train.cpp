@@ -1054,6 +1054,10 @@ TEST_CASE("sampling: logits_row is causal; a trained model continues its languag
     out = run_capture("(" + script + " --top-k -1 2>/dev/null)", &rc);
     CHECK(rc != 0);
     CHECK(out.empty());
+    // A prefix of one of the script's own options is not taken for it: it goes on to muonforge.
+    out = run_capture("(" + script + " --token 2 2>&1)", &rc);
+    CHECK(rc != 0);
+    CHECK_THAT(out, Catch::Contains("sample: unknown option --token"));
   }
   out = run_capture(bin + " sample " + root + "/run --prompt hello", &rc);
   CHECK(rc == 1);
