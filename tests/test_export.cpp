@@ -233,6 +233,22 @@ TEST_CASE("muonforge export command line", "[export][cli]") {
   CHECK(out.find("is a muonforge run directory") != std::string::npos);
   CHECK(!fs::exists(run_dir + "/model.safetensors"));
   CHECK(fs::last_write_time(r.last_checkpoint + "/model.safetensors") == before);
+  // The tokenizer's special ids, when given (checked against the vocabulary before writing).
+  out = mf::test::run_capture(bin + " export " + r.last_checkpoint + " " + root + "/ids --eos-id " +
+                                  std::to_string(c.model.vocab_size) + " --bos-id 1", &rc);
+  CHECK(rc == 1);
+  CHECK(out.find("--eos-id " + std::to_string(c.model.vocab_size) +
+                 " is not below the model's vocab_size") != std::string::npos);
+  CHECK(!fs::exists(root + "/ids"));
+  CHECK(run(bin + " export " + r.last_checkpoint + " " + root + "/ids --eos-id 3 --bos-id 1") == 0);
+  {
+    std::ifstream in(root + "/ids/config.json");
+    const nlohmann::json j = nlohmann::json::parse(in);
+    CHECK(j["eos_token_id"] == 3);
+    CHECK(j["bos_token_id"] == 1);
+    std::ifstream in0(root + "/out/config.json");
+    CHECK(nlohmann::json::parse(in0)["eos_token_id"].is_null());  // unset by default
+  }
   // The export is a Hugging Face directory: sample, eval and export name it as such and say
   // what to do, instead of failing on its config.json as one of ours.
   for (const std::string cmd : {"sample " + root + "/out --tokens 2",

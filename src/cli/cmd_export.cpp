@@ -2,13 +2,17 @@
 // `muonforge import HF_DIR OUTDIR`: the reverse, a Hugging Face model as a checkpoint of ours.
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "config/config.h"
+#include "io/atomic_file.h"
 #include "train/checkpoint.h"
 #include "train/export.h"
 
@@ -18,7 +22,7 @@ namespace mf {
 
 namespace {
 const char* kUsage =
-    "usage: muonforge export CKPT_DIR OUTDIR [--dtype f32|bf16]\n"
+    "usage: muonforge export CKPT_DIR OUTDIR [--dtype f32|bf16] [--eos-id N] [--bos-id N]\n"
     "\n"
     "Writes OUTDIR/config.json (LlamaForCausalLM) and OUTDIR/model.safetensors from a checkpoint\n"
     "directory (runs/NAME/ckpt-NNNNNN; a run directory runs/NAME: its latest). Load it with\n"
@@ -28,7 +32,11 @@ const char* kUsage =
     "under the DeepSeek-V3 names) that train.init_from reads; transformers has no class for it.\n"
     "\n"
     "options:\n"
-    "  --dtype f32|bf16  dtype of the tensors in model.safetensors (default f32)\n";
+    "  --dtype f32|bf16  dtype of the tensors in model.safetensors (default f32)\n"
+    "  --eos-id N, --bos-id N  the tokenizer's end / start token ids for config.json (default\n"
+    "                    unset: the checkpoint does not know its tokenizer). GPT-2 tokens\n"
+    "                    (scripts/prepare_data.py --tokenizer gpt2): --eos-id 50256 --bos-id\n"
+    "                    50256, so that transformers' generate() stops at <|endoftext|>\n";
 
 const char* kImportUsage =
     "usage: muonforge import HF_DIR OUTDIR [--config BASE.json] [--set KEY=VALUE]...\n"
@@ -49,6 +57,7 @@ const char* kImportUsage =
 int cmd_export(const Args& args) {
   std::vector<std::string> pos;
   DType dt = DType::F32;
+  int64_t eos = -1, bos = -1;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "-h" || a == "--help") {
@@ -59,6 +68,8 @@ int cmd_export(const Args& args) {
       const std::string v = args[++i];
       MF_CHECK(v == "f32" || v == "bf16", "export: --dtype ", v, ": expected f32 or bf16");
       dt = v == "bf16" ? DType::BF16 : DType::F32;
+    } else if (a == "--eos-id" || a == "--bos-id") {
+      (a == "--eos-id" ? eos : bos) = next_int_in(args, i, "export", 0);
     } else if (!a.empty() && a[0] == '-') {
       MF_FAIL("export: unknown option ", a, " (see muonforge export --help)");
     } else {
@@ -83,9 +94,34 @@ int cmd_export(const Args& args) {
   std::vector<std::string> replaced;
   for (const char* f : {"config.json", "model.safetensors"})
     if (fs::exists(out / f)) replaced.push_back(f);
+  // The special ids are checked against the checkpoint's vocabulary before anything is written.
+  int64_t vocab = 0;
+  {
+    std::ifstream in(fs::path(ckpt) / "config.json");
+    const nlohmann::json c = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (c.is_object() && c.contains("model") && c["model"].is_object())
+      vocab = c["model"].value("vocab_size", int64_t(0));
+  }
+  for (auto [name, id] : {std::pair<const char*, int64_t>{"--eos-id", eos}, {"--bos-id", bos}})
+    MF_CHECK(id < 0 || vocab <= 0 || id < vocab, "export: ", name, " ", id,
+             " is not below the model's vocab_size ", vocab);
   int n = export_checkpoint(ckpt, pos[1], dt);
+  if (eos >= 0 || bos >= 0) {
+    const std::string cfg_path = (out / "config.json").string();
+    nlohmann::json hf;
+    {
+      std::ifstream in(cfg_path);
+      hf = nlohmann::json::parse(in);  // just written by export_checkpoint
+    }
+    if (eos >= 0) hf["eos_token_id"] = eos;
+    if (bos >= 0) hf["bos_token_id"] = bos;
+    atomic_write_text(cfg_path, hf.dump(2) + "\n");
+  }
   std::printf("exported %d tensors from %s to %s (config.json + model.safetensors)\n", n,
               ckpt.c_str(), pos[1].c_str());
+  if (eos < 0 && vocab >= 50257)
+    std::printf("config.json has no eos_token_id: for GPT-2 tokens give --eos-id 50256 --bos-id "
+                "50256 (transformers' generate() stops at it)\n");
   if (!replaced.empty())
     std::printf("replaced the %s already in %s\n",
                 replaced.size() == 2 ? "config.json and model.safetensors" : replaced[0].c_str(),
