@@ -233,6 +233,27 @@ TEST_CASE("muonforge export command line", "[export][cli]") {
   CHECK(out.find("is a muonforge run directory") != std::string::npos);
   CHECK(!fs::exists(run_dir + "/model.safetensors"));
   CHECK(fs::last_write_time(r.last_checkpoint + "/model.safetensors") == before);
+  // inspect: a checkpoint (a run directory: its newest), a safetensors file.
+  {
+    const std::string rd = fs::path(r.last_checkpoint).parent_path().string();
+    out = mf::test::run_capture(bin + " inspect " + rd + " --top 2", &rc);
+    INFO(out);
+    CHECK(rc == 0);
+    CHECK(out.find("checkpoint:  " + r.last_checkpoint + "\n") != std::string::npos);
+    CHECK(out.find("step:        " + std::to_string(c.train.max_steps) + " of " +
+                   std::to_string(c.train.max_steps)) != std::string::npos);
+    CHECK(out.find("optimizer:   " + c.optim.name) != std::string::npos);
+    CHECK(out.find("logged:      train loss ") != std::string::npos);
+    CHECK(out.find("optimizer.safetensors") != std::string::npos);
+    SafetensorsReader model(r.last_checkpoint + "/model.safetensors");
+    int64_t values = 0;
+    for (const std::string& n : model.names()) values += model.entry(n).numel();
+    CHECK(out.find("tensors:     " + std::to_string(model.names().size()) + ", " +
+                   std::to_string(values) + " values") != std::string::npos);
+    out = mf::test::run_capture(bin + " inspect " + r.last_checkpoint + "/model.safetensors --top 1", &rc);
+    CHECK(rc == 0);
+    CHECK(out.find("tensors:     " + std::to_string(model.names().size()) + ", ") != std::string::npos);
+  }
   // The tokenizer's special ids, when given (checked against the vocabulary before writing).
   out = mf::test::run_capture(bin + " export " + r.last_checkpoint + " " + root + "/ids --eos-id " +
                                   std::to_string(c.model.vocab_size) + " --bos-id 1", &rc);

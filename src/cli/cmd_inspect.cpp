@@ -1,14 +1,24 @@
-// muonforge inspect FILE.bin [--vocab N] [--top K]: header and token statistics of a shard.
+// muonforge inspect FILE.bin [--vocab N] [--top K]: header and token statistics of a shard;
+// muonforge inspect CKPT_DIR | RUN_DIR | FILE.safetensors: what a checkpoint or a tensor file holds.
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
 #include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "cli/commands.h"
 #include "core/error.h"
 #include "data/shard.h"
+#include "io/safetensors.h"
+#include "train/checkpoint.h"
+
+namespace fs = std::filesystem;
 
 namespace mf {
 
@@ -16,10 +26,15 @@ namespace {
 
 void inspect_usage() {
   std::printf(
-      "usage: muonforge inspect FILE.bin [--vocab N] [--top K] [--preview N]\n\n"
+      "usage: muonforge inspect FILE.bin [--vocab N] [--top K] [--preview N]\n"
+      "       muonforge inspect CKPT_DIR | RUN_DIR | FILE.safetensors [--top K]\n\n"
       "Prints the header (magic, version, token width), token count, file size, smallest and\n"
       "largest id, number of distinct ids and the K most frequent ids of an llm.c token shard.\n"
-      "If every id is < 256 (a byte-level shard) it also shows the first bytes as text.\n\n"
+      "If every id is < 256 (a byte-level shard) it also shows the first bytes as text.\n"
+      "For a checkpoint (a run directory: its newest): the step, tokens seen, the version that\n"
+      "wrote it, the model and optimizer, the parameter count, the files, and the run's logged\n"
+      "losses at that step. For a .safetensors file: tensor count, parameters, dtypes and the K\n"
+      "largest tensors.\n\n"
       "options:\n"
       "  --vocab N    also check that every id is < N (error naming the first offender)\n"
       "  --top K      how many of the most frequent ids to list (default 10, 0 = none)\n"
@@ -65,6 +80,110 @@ std::string render_bytes(const TokenShard& sh, int64_t n) {
 
 }  // namespace
 
+// Parameters and bytes by dtype of a safetensors file, and its K largest tensors.
+void print_safetensors(const std::string& path, int64_t top, const char* indent) {
+  SafetensorsReader r(path);
+  std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;  // dtype -> (tensors, elements)
+  std::vector<std::pair<int64_t, std::string>> sizes;
+  int64_t total = 0;
+  for (const std::string& n : r.names()) {
+    const SafetensorsEntry& e = r.entry(n);
+    by_dtype[e.dtype].first += 1;
+    by_dtype[e.dtype].second += e.numel();
+    total += e.numel();
+    sizes.emplace_back(e.numel(), n);
+  }
+  std::printf("%stensors:     %zu, %lld values (%.2f M)", indent, sizes.size(), (long long)total,
+              double(total) / 1e6);
+  for (const auto& [dt, c] : by_dtype)
+    std::printf("%s %s x %lld", dt == by_dtype.begin()->first ? ";" : ",", dt.c_str(),
+                (long long)c.first);
+  std::printf("\n");
+  const size_t k = std::min(sizes.size(), size_t(std::max<int64_t>(top, 0)));
+  std::partial_sort(sizes.begin(), sizes.begin() + k, sizes.end(), [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  });
+  for (size_t i = 0; i < k; ++i) {
+    const SafetensorsEntry& e = r.entry(sizes[i].second);
+    std::string shape;
+    for (int64_t d : e.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+    std::printf("%s  %-48s %-5s [%s]\n", indent, e.name.c_str(), e.dtype.c_str(), shape.c_str());
+  }
+}
+
+nlohmann::json json_of(const fs::path& p) {
+  std::ifstream in(p);
+  return nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+}
+
+void print_checkpoint(const std::string& path, int64_t top) {
+  const std::string ckpt = resolve_checkpoint_dir(path, "inspect");
+  const fs::path dir(ckpt);
+  const nlohmann::json st = json_of(dir / "state.json"), cfg = json_of(dir / "config.json");
+  std::printf("checkpoint:  %s\n", ckpt.c_str());
+  if (st.is_object()) {
+    std::printf("step:        %lld", (long long)st.value("step", int64_t(-1)));
+    if (cfg.is_object() && cfg.contains("train") && cfg["train"].is_object())
+      std::printf(" of %lld (train.max_steps)",
+                  (long long)cfg["train"].value("max_steps", int64_t(0)));
+    std::printf("\ntokens:      %lld\n", (long long)st.value("tokens", int64_t(0)));
+    std::printf("written by:  muonforge %s, world size %lld\n",
+                st.value("muonforge", std::string("(version not recorded)")).c_str(),
+                (long long)st.value("world_size", int64_t(1)));
+  } else {
+    std::printf("step:        (no state.json: weights only, e.g. made by muonforge import)\n");
+  }
+  if (cfg.is_object() && cfg.contains("model") && cfg["model"].is_object()) {
+    const nlohmann::json& m = cfg["model"];
+    std::printf("model:       %lld layers, d_model %lld, %lld heads / %lld kv heads, d_ff %lld, vocab %lld",
+                (long long)m.value("n_layers", 0), (long long)m.value("d_model", 0),
+                (long long)m.value("n_heads", 0), (long long)m.value("n_kv_heads", 0),
+                (long long)m.value("d_ff", 0), (long long)m.value("vocab_size", 0));
+    if (m.contains("moe") && m["moe"].is_object() && m["moe"].value("n_experts", 0) > 0)
+      std::printf(", MoE %lld experts top-%lld (+%lld shared)",
+                  (long long)m["moe"].value("n_experts", 0), (long long)m["moe"].value("top_k", 0),
+                  (long long)m["moe"].value("n_shared", 0));
+    std::printf("\n");
+  }
+  if (st.is_object() && st.contains("optimizer") && st["optimizer"].is_object()) {
+    const int shards = st.value("optimizer_shards", 0);
+    std::printf("optimizer:   %s, %d step(s) of state%s\n",
+                st["optimizer"].value("optimizer", std::string("?")).c_str(),
+                st["optimizer"].value("step_count", 0),
+                shards > 0 ? (", sharded over " + std::to_string(shards) + " ranks").c_str() : "");
+  }
+  // The run's log at this step (metrics.jsonl beside the checkpoint directories).
+  const fs::path metrics = dir.parent_path() / "metrics.jsonl";
+  if (st.is_object() && fs::exists(metrics)) {
+    const int64_t step = st.value("step", int64_t(-1));
+    std::ifstream in(metrics);
+    std::string line;
+    std::string logged;
+    while (std::getline(in, line)) {
+      const nlohmann::json rec = nlohmann::json::parse(line, nullptr, false);
+      if (!rec.is_object() || rec.value("step", int64_t(-2)) != step) continue;
+      for (const char* k : {"loss", "val_loss"}) {
+        if (!rec.contains(k) || !rec[k].is_number()) continue;
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%s%s %.4f", logged.empty() ? "" : ", ",
+                      k[0] == 'l' ? "train loss" : "val loss", rec[k].get<double>());
+        logged += buf;
+      }
+    }
+    if (!logged.empty()) std::printf("logged:      %s\n", logged.c_str());
+  }
+  std::printf("files:\n");
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.is_regular_file()) files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  for (const fs::path& f : files)
+    std::printf("  %-28s %12lld bytes\n", f.filename().string().c_str(),
+                (long long)fs::file_size(f));
+  std::printf("model.safetensors:\n");
+  print_safetensors((dir / "model.safetensors").string(), top, "  ");
+}
+
 int cmd_inspect(const Args& args) {
   std::string file;
   int64_t vocab = 0, top = 10, preview = 240;
@@ -91,6 +210,15 @@ int cmd_inspect(const Args& args) {
     }
   }
   MF_CHECK(!file.empty(), "inspect: missing FILE.bin (see 'muonforge inspect --help')");
+  if (fs::is_directory(file) || fs::path(file).filename() == "latest") {
+    print_checkpoint(file, top);
+    return 0;
+  }
+  if (file.size() > 12 && file.compare(file.size() - 12, 12, ".safetensors") == 0) {
+    std::printf("file:        %s (%lld bytes)\n", file.c_str(), (long long)fs::file_size(file));
+    print_safetensors(file, top, "");
+    return 0;
+  }
 
   TokenShard sh(file, vocab);
   const ShardInfo& info = sh.info();

@@ -22,7 +22,7 @@ const std::map<std::string, Command>& commands() {
       {"eval", {mf::cmd_eval, "evaluate a checkpoint on the validation shards"}},
       {"export", {mf::cmd_export, "export a checkpoint as a Hugging Face model directory"}},
       {"import", {mf::cmd_import, "turn a Hugging Face model directory into a checkpoint"}},
-      {"inspect", {mf::cmd_inspect, "print header and token statistics of a token shard"}},
+      {"inspect", {mf::cmd_inspect, "what a token shard, a checkpoint or a .safetensors file holds"}},
       {"config", {mf::cmd_config, "resolve, validate and print a config"}},
       {"sample", {mf::cmd_sample, "generate text from a checkpoint (prompt continuation)"}},
       {"bench", {mf::cmd_bench, "time training steps on synthetic tokens: tokens/s, MFU, memory"}},
