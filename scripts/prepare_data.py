@@ -118,6 +118,7 @@ class Gpt2BpeTokenizer:
 
     def __init__(self, gpt2_dir, force_re=False):
         d = Path(gpt2_dir)
+        self.gpt2_dir = d
         enc_path, bpe_path = d / "encoder.json", d / "vocab.bpe"
         missing = [str(p) for p in (enc_path, bpe_path) if not p.is_file()]
         if missing:
@@ -443,6 +444,21 @@ def split_tail(doc, val_frac):
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
+SHARDS_RECORD = "shards.json"  # DIR/[PREFIX_]shards.json: build()'s summary
+
+
+def shards_record_of(glob):
+    """The [PREFIX_]shards.json that describes the shards a glob such as data/x/mini_train_*.bin
+    names (None when the glob does not look like prepare_data.py's names)."""
+    base = os.path.basename(glob)
+    at = base.find("train_")
+    if at < 0:
+        at = base.find("val_")
+    if at < 0:
+        return None
+    return Path(os.path.dirname(glob) or ".") / f"{base[:at]}{SHARDS_RECORD}"
+
+
 def clear_old_shards(out_dir, prefix):
     """Removes shards a previous run left under the same names, so a glob such as
     train_*.bin never mixes two runs. Called once the new shards are complete (build)."""
@@ -480,8 +496,10 @@ def build(docs_train, docs_val, out_dir, tok, shard_tokens, prefix="", workers=1
         pool = mp.get_context("fork" if sys.platform != "win32" else "spawn").Pool(
             workers, initializer=_worker_init, initargs=(tok.name, gpt2_dir))
 
-    summary = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "token_bytes": token_bytes,
-               "source": source, "splits": {}}
+    summary = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot": tok.eot,
+               "token_bytes": token_bytes, "source": source, "splits": {}}
+    if getattr(tok, "gpt2_dir", None):  # the pure-Python BPE's files, for scripts/sample.py
+        summary["gpt2_dir"] = str(Path(tok.gpt2_dir).resolve())
     t0 = time.time()
     try:
         for split, docs in (("train", docs_train), ("val", docs_val)):
@@ -516,6 +534,12 @@ def build(docs_train, docs_val, out_dir, tok, shard_tokens, prefix="", workers=1
         clear_old_shards(out_dir, prefix)
         for p in sorted(stage.iterdir()):
             os.replace(p, out_dir / p.name)
+        # What the shards are (tokenizer, files, checksums), beside them: scripts/sample.py reads
+        # the tokenizer from it through the run's data.train.
+        rec = out_dir / f"{prefix}{SHARDS_RECORD}"
+        tmp = rec.with_name(rec.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, rec)
     finally:
         if pool:
             pool.terminate()

@@ -4,14 +4,14 @@
     scripts/sample.py CKPT_OR_RUN_DIR [--prompt TEXT] [--tokenizer auto|byte|gpt2]
                       [--gpt2-dir DIR] [--binary PATH] [muonforge sample options...]
 
-Encodes the prompt with the tokenizer the model's vocabulary implies (--tokenizer auto: byte for
-256 ids, GPT-2 otherwise; neither the shards nor the checkpoint record the tokenizer, so give
---tokenizer for anything else) through scripts/prepare_data.py's (GPT-2: tiktoken when
-installed, else the pure-Python BPE from encoder.json + vocab.bpe), runs
+Encodes the prompt with the tokenizer of the run's training data (--tokenizer auto: the one
+scripts/prepare_data.py recorded in [PREFIX_]shards.json beside the shards data.train names, with
+its --gpt2-dir; for shards without that record, byte for a vocabulary of 256 ids and GPT-2
+otherwise) through scripts/prepare_data.py's (GPT-2: tiktoken when installed, else the
+pure-Python BPE from encoder.json + vocab.bpe), runs
 `muonforge sample --prompt-ids ... --ids` and prints the continuation as text while it is
 generated. Every other option (--tokens, --temperature, --greedy, --top-k, --seed, --context,
---device) goes to `muonforge sample` as it is. --tokenizer auto picks byte for a vocabulary of
-256 and gpt2 otherwise. Standard library only.
+--device) goes to `muonforge sample` as it is. Standard library only.
 """
 import argparse
 import codecs
@@ -33,8 +33,8 @@ def find_binary(explicit):
     return b
 
 
-def vocab_size_of(path):
-    """model.vocab_size from a checkpoint directory, or from a run directory's newest one."""
+def config_of(path):
+    """The config.json of a checkpoint directory, or of a run directory's newest checkpoint."""
     cfg = os.path.join(path, "config.json")
     latest = os.path.join(path, "latest")
     if not os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(latest):
@@ -43,7 +43,24 @@ def vocab_size_of(path):
         raise pd.UserError(f"{path}: no checkpoint config.json found (give runs/NAME or "
                            f"runs/NAME/ckpt-NNNNNN, or pass --tokenizer)")
     with open(cfg) as f:
-        return json.load(f)["model"]["vocab_size"]
+        return json.load(f)
+
+
+def tokenizer_of(cfg):
+    """(name, gpt2_dir or None, how it was found): the tokenizer of the run's data.train shards
+    as prepare_data.py recorded it ([PREFIX_]shards.json beside them), else by the vocabulary
+    size: byte for 256 ids, GPT-2 otherwise."""
+    glob = cfg.get("data", {}).get("train") or ""
+    rec = pd.shards_record_of(glob) if glob else None
+    if rec is not None and rec.is_file():
+        try:
+            r = json.loads(rec.read_text(encoding="utf-8"))
+            if r.get("tokenizer") in ("byte", "gpt2"):
+                return r["tokenizer"], r.get("gpt2_dir"), f"recorded in {rec}"
+        except (ValueError, OSError):
+            pass
+    v = cfg["model"]["vocab_size"]
+    return ("byte" if v == 256 else "gpt2"), None, f"vocab_size {v}"
 
 
 def main(argv=None):
@@ -56,7 +73,8 @@ def main(argv=None):
     ap.add_argument("path", help="checkpoint directory or run directory")
     ap.add_argument("--prompt", default="\n", help="prompt text (default a newline)")
     ap.add_argument("--tokenizer", choices=["auto", "byte", "gpt2"], default="auto",
-                    help="auto (default): byte for a vocabulary of 256, else gpt2")
+                    help="auto (default): the one recorded beside the run's data.train shards, "
+                    "else byte for a vocabulary of 256 and gpt2 otherwise")
     ap.add_argument("--gpt2-dir", help="folder with encoder.json + vocab.bpe (default: "
                     "$MF_GPT2_DIR or ../shared/data/tokenizers/gpt2)")
     ap.add_argument("--binary", help="muonforge binary (default: $MF_BINARY, $MUONFORGE_BINARY, "
@@ -65,10 +83,12 @@ def main(argv=None):
     for r in rest:
         if r in ("--prompt-ids", "--ids"):
             raise pd.UserError(f"{r} is set by this script; call muonforge sample directly for ids")
-    name = args.tokenizer
+    name, gpt2_dir = args.tokenizer, None
     if name == "auto":
-        name = "byte" if vocab_size_of(args.path) == 256 else "gpt2"
-    tok = pd.make_tokenizer(name, args.gpt2_dir or os.environ.get("MF_GPT2_DIR"), quiet=True)
+        name, gpt2_dir, how = tokenizer_of(config_of(args.path))
+        print(f"tokenizer: {name} ({how})", file=sys.stderr)
+    tok = pd.make_tokenizer(name, args.gpt2_dir or os.environ.get("MF_GPT2_DIR") or gpt2_dir,
+                            quiet=True)
     ids = list(tok.encode(args.prompt))
     if not ids:
         raise pd.UserError("the prompt encodes to no tokens")

@@ -79,7 +79,17 @@ class TextRecipe(unittest.TestCase):
                                capture_output=True, text=True)
             self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
             self.assertEqual(sorted(p.name for p in out.iterdir()),
-                             ["mini_train_000000.bin", "mini_val_000000.bin"])
+                             ["mini_shards.json", "mini_train_000000.bin", "mini_val_000000.bin"])
+            # The record of what the shards are, found from a data.train glob as sample.py does.
+            rec = pd.shards_record_of(str(out / "mini_train_*.bin"))
+            self.assertEqual(rec, out / "mini_shards.json")
+            import json
+            r = json.loads(rec.read_text())
+            self.assertEqual((r["tokenizer"], r["vocab_size"], r["eot"]), ("byte", 256, None))
+            self.assertEqual([f["path"] for f in r["splits"]["train"]["files"]],
+                             [str(out / "mini_train_000000.bin")])
+            self.assertEqual(r["splits"]["val"]["files"][0]["sha256"],
+                             pd.sha256_file(out / "mini_val_000000.bin"))
             tr = bytes(list(pd.read_shard(out / "mini_train_000000.bin")[2])).decode()
             va = bytes(list(pd.read_shard(out / "mini_val_000000.bin")[2])).decode()
             self.assertTrue(tr.startswith("first file\n"))
@@ -99,7 +109,7 @@ class TextRecipe(unittest.TestCase):
             r = subprocess.run([sys.executable, script, "text", str(src), "--out", str(out),
                                 "--val-frac", "0"], capture_output=True, text=True)
             self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
-            self.assertEqual(sorted(p.name for p in out.iterdir()), ["train_000000.bin"])
+            self.assertEqual(sorted(p.name for p in out.iterdir()), ["shards.json", "train_000000.bin"])
             self.assertIn("no val shard was written", r.stdout + r.stderr)
             self.assertIn("--set data.val=", r.stdout + r.stderr)
             r = subprocess.run([sys.executable, script, "text", "/dev/null", "--out", str(out)],
@@ -112,7 +122,7 @@ class TextRecipe(unittest.TestCase):
                                capture_output=True, text=True)
             self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
             self.assertEqual(sorted(p.name for p in out.iterdir()),
-                             ["train_000000.bin", "val_000000.bin"])
+                             ["shards.json", "train_000000.bin", "val_000000.bin"])
             r = subprocess.run([sys.executable, script, "text", str(Path(d) / "missing.txt"),
                                 "--out", str(out)], capture_output=True, text=True)
             self.assertNotEqual(r.returncode, 0)
@@ -182,7 +192,7 @@ class TextRecipe(unittest.TestCase):
             r = self.run_script("text", Path(d) / "a.txt", "--out", out)
             self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
             before = {p.name: p.read_bytes() for p in out.iterdir()}
-            self.assertEqual(sorted(before), ["train_000000.bin", "val_000000.bin"])
+            self.assertEqual(sorted(before), ["shards.json", "train_000000.bin", "val_000000.bin"])
             r = self.run_script("text", Path(d) / "empty.txt", "--out", out)
             self.assertNotEqual(r.returncode, 0)
             self.assertIn("the train split is empty", r.stderr)
@@ -194,7 +204,8 @@ class TextRecipe(unittest.TestCase):
             r = self.run_script("text", Path(d) / "b.txt", "--out", out)
             self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
             self.assertIn("removed 3 old shard(s)", r.stdout + r.stderr)
-            self.assertEqual(sorted(p.name for p in out.iterdir()), ["train_000000.bin", "val_000000.bin"])
+            self.assertEqual(sorted(p.name for p in out.iterdir()),
+                             ["shards.json", "train_000000.bin", "val_000000.bin"])
             self.assertIn(b"other text", bytes(list(pd.read_shard(out / "train_000000.bin")[2])))
 
     def test_unwritable_output_and_bad_tokenizer_files_are_errors_not_tracebacks(self):

@@ -1054,6 +1054,17 @@ TEST_CASE("sampling: logits_row is causal; a trained model continues its languag
     out = run_capture("(" + script + " --top-k -1 2>/dev/null)", &rc);
     CHECK(rc != 0);
     CHECK(out.empty());
+    // --tokenizer auto: the tokenizer prepare_data.py recorded beside the run's data.train
+    // shards (by the vocabulary size alone, 32 ids would mean GPT-2).
+    std::ofstream(root + "/shards.json") << "{\"tokenizer\": \"byte\", \"vocab_size\": 256}\n";
+    out = run_capture("(python3 " + std::string(MF_SOURCE_DIR) + "/scripts/sample.py " + root +
+                          "/run --prompt \"$(printf '\003\006')\" --greedy --tokens 5 --binary " +
+                          bin + " 2>&1)",
+                      &rc);
+    CHECK(rc == 0);
+    CHECK_THAT(out, Catch::Contains("tokenizer: byte (recorded in " + root + "/shards.json)") &&
+                        Catch::EndsWith("\003\006\011\014\017\022\025\n"));
+    fs::remove(root + "/shards.json");
     // A prefix of one of the script's own options is not taken for it: it goes on to muonforge.
     out = run_capture("(" + script + " --token 2 2>&1)", &rc);
     CHECK(rc != 0);
