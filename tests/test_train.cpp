@@ -1286,3 +1286,22 @@ TEST_CASE("the ETA counts the evaluations and checkpoints left, before the first
   // No evaluations (eval_every 0 or no data.val): steps and the last checkpoint only.
   CHECK(eta_seconds(c, 10, 20, 0, 0, 2.0) == Approx(10 + 0.5));
 }
+
+TEST_CASE("a start that fails in a run directory it created leaves none behind", "[train]") {
+  const std::string root = temp_dir("failedstart");
+  write_data(root);  // ids up to 31
+  TrainOptions quiet;
+  quiet.quiet = true;
+  Config c = tiny_config(root, root + "/new", "muon");
+  c.model.vocab_size = 16;  // the shards' ids do not fit: setup fails after making the directory
+  CHECK_THROWS_WITH(Trainer(c, quiet), Catch::Contains("is >= vocab_size 16"));
+  CHECK(!fs::exists(root + "/new"));
+  // A directory that was there is left as it was, with what the failed start wrote.
+  fs::create_directories(root + "/old");
+  std::ofstream(root + "/old/notes.txt") << "mine\n";
+  c.run.dir = root + "/old";
+  CHECK_THROWS(Trainer(c, quiet));
+  CHECK(fs::exists(root + "/old/notes.txt"));
+  CHECK(fs::exists(root + "/old/log.txt"));
+  fs::remove_all(root);
+}

@@ -179,7 +179,23 @@ bool stop_requested() { return g_stop_signal.load() != 0; }
 int stop_signal() { return g_stop_signal.load(); }
 
 Trainer::Trainer(const Config& cfg, const TrainOptions& opts) : cfg_(cfg), opts_(opts) {
-  setup();
+  try {
+    setup();
+  } catch (...) {
+    // A start that failed (bad data, a vocabulary mismatch, a device missing...) in a run
+    // directory it created leaves none behind: runs/ would fill with folders holding only a
+    // lock and a log of the error (which the console has shown).
+    if (created_run_dir_) {
+      std::error_code ec;
+      bool only_ours = true;
+      for (const auto& e : fs::directory_iterator(run_dir_, ec)) {
+        const std::string n = e.path().filename().string();
+        only_ours = only_ours && (n == ".lock" || n == "log.txt");
+      }
+      if (!ec && only_ours) fs::remove_all(run_dir_, ec);
+    }
+    throw;
+  }
 }
 Trainer::~Trainer() {
   // Collectives still in flight (a step that threw) finish before the gradients are freed.
@@ -350,6 +366,7 @@ void Trainer::setup() {
   run_dir_ = cfg_.run_dir();
   if (rank_ == 0) {
     std::error_code ec;
+    created_run_dir_ = !fs::exists(run_dir_, ec);
     fs::create_directories(run_dir_, ec);
     MF_CHECK(!ec, "run.dir: cannot create the run directory ", run_dir_, ": ", ec.message());
     lock_run_dir();

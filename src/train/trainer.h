@@ -126,6 +126,7 @@ class Trainer {
   std::unique_ptr<Diagnostics> diag_;  // train.diag_every records, QK-clip
   Tensor moe_stats_dev_;  // MoE step statistics summed over ranks on the device (NCCL); after be_
   std::string run_dir_;
+  bool created_run_dir_ = false;  // rank 0 made run_dir_ (removed again if setup fails in it)
   int start_step_ = 0;
   long long tokens_seen_ = 0;
 };
