@@ -367,7 +367,8 @@ def find_text_files(paths):
         if p.is_dir():
             files = sorted(q for q in p.rglob("*") if q.is_file())
             found = [q for q in files if q.name.endswith(".txt") or q.name.endswith(".txt.xz")]
-            other = [q for q in files if q not in found and not q.name.startswith(".")]
+            other = [q for q in files if not (q.name.endswith(".txt") or q.name.endswith(".txt.xz"))
+                     and not q.name.startswith(".")]
             if other:
                 log(f"  {p}: skipped {len(other)} file(s) that are not *.txt or *.txt.xz (e.g. "
                     f"{other[0]}); name a file to read it anyway")
@@ -450,13 +451,10 @@ SHARDS_RECORD = "shards.json"  # DIR/[PREFIX_]shards.json: build()'s summary
 def shards_record_of(glob):
     """The [PREFIX_]shards.json that describes the shards a glob such as data/x/mini_train_*.bin
     names (None when the glob does not look like prepare_data.py's names)."""
-    base = os.path.basename(glob)
-    at = base.find("train_")
-    if at < 0:
-        at = base.find("val_")
-    if at < 0:
+    m = re.match(r"^(.*)(train|val)_[^/]*$", os.path.basename(glob))  # the last train_ / val_
+    if not m:
         return None
-    return Path(os.path.dirname(glob) or ".") / f"{base[:at]}{SHARDS_RECORD}"
+    return Path(os.path.dirname(glob) or ".") / f"{m.group(1)}{SHARDS_RECORD}"
 
 
 def clear_old_shards(out_dir, prefix):
@@ -486,7 +484,10 @@ def build(docs_train, docs_val, out_dir, tok, shard_tokens, prefix="", workers=1
     # ones: an error, a bad input or Ctrl-C part-way leaves the previous shards as they were.
     stage = out_dir / f".prepare-{os.getpid()}.tmp"
     shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
+    try:
+        stage.mkdir()
+    except OSError as e:
+        raise UserError(f"--out {out_dir}: cannot write there ({e.strerror})")
     log(f"writing {'uint16 (v1)' if token_bytes == 2 else 'uint32 (v7)'} shards of "
         f"{shard_tokens:,} tokens to {out_dir}/ (tokenizer {tok.name}, vocab {tok.vocab_size})")
 
@@ -810,7 +811,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted (the shards already in the output folder are as they were)",
+        print("interrupted (shards are replaced only once the new ones are complete)",
               file=sys.stderr)
         return 130
     return 0

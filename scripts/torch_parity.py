@@ -830,7 +830,7 @@ def main(argv=None):
             line += f"  {mclip} / {clipped}"
             if mclip is None or abs(mclip - clipped) > near:
                 issues.append(f"step {step + 1}: muonforge clipped {mclip} heads, torch {clipped}"
-                              f" ({near} at the threshold within 1e-4)")
+                              f" ({near} within 1e-4 of tau, relative)")
         print(line)
 
     final = os.path.join(run_dir, f"ckpt-{args.steps:06d}", "model.safetensors")

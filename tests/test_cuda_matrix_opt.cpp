@@ -777,19 +777,21 @@ std::vector<Vec> optimizer_deltas(Backend& be, const Config& cfg, const std::vec
 
 // Cautious weight decay decides each element by the sign of w * D, and the two backends compute
 // D to fp32 rounding: where w * D sits within that of zero they may decide differently, and the
-// element then differs by up to the whole run's decay of it (sum over steps of lr * wd * |w|),
-// several times the tolerance on these small matrices. While `a` and `b` differ by more than
-// `tol`, sets aside up to two such elements (the largest differences, each within that bound)
-// and returns how many it set aside.
-int set_aside_mask_flips(Vec& a, Vec& b, const Vec& w0, const Config& cfg, double tol) {
-  if (!cfg.optim.cautious_wd) return 0;
+// element then differs by up to the whole run's decay of it (sum over steps of lr * lr_mult *
+// wd * wd_mult * |w|), several times the tolerance on these small matrices. For a main-group
+// (hidden) matrix, while `a` and `b` differ by more than `tol`, sets aside up to two such
+// elements (the largest differences, each within that bound) and returns how many it set aside.
+int set_aside_mask_flips(Vec& a, Vec& b, const Vec& w0, const Config& cfg, const Spec& spec,
+                         double tol) {
+  if (!cfg.optim.cautious_wd || spec.kind != ParamKind::Hidden) return 0;  // AdamW: no mask
   int n = 0;
   for (; n < 2 && rel_fro(a, b) > tol; ++n) {
     size_t worst = 0;
     double dmax = -1;
     for (size_t k = 0; k < a.size(); ++k)
       if (std::fabs(a[k] - b[k]) > dmax) dmax = std::fabs(a[k] - b[k]), worst = k;
-    const double bound = 1.5 * kOptSteps * cfg.optim.lr * cfg.optim.wd * std::fabs(w0[worst]);
+    const double bound = 1.5 * kOptSteps * cfg.optim.lr * spec.lr_mult * cfg.optim.wd *
+                         spec.wd_mult * std::fabs(w0[worst]);
     Vec ra = a, rb = b;
     ra[worst] = rb[worst] = 0;
     // A flip only: the element's difference is within its decay, and without it the rest agree
@@ -812,7 +814,7 @@ void compare_optimizers(Backend& a, Backend& b) {
     for (size_t i = 0; i < specs.size(); ++i) {
       INFO(var.label << ": " << specs[i].name << " " << a.name() << " vs " << b.name());
       CHECK(fro(db[i]) > 0);
-      const int flips = set_aside_mask_flips(da[i], db[i], w0[i], cfg, var.tol);
+      const int flips = set_aside_mask_flips(da[i], db[i], w0[i], cfg, specs[i], var.tol);
       if (flips > 0)
         WARN(var.label << ": " << specs[i].name << ": " << flips
                        << " cautious-decay decision(s) at fp32 rounding set aside");

@@ -269,7 +269,7 @@ TEST_CASE("malformed shards give clear errors naming the file", "[data][shard]")
   e = err_open(vocab, 256);
   CHECK(contains(e, vocab));
   CHECK(contains(e, "token id 300 at position 37 is >= vocab_size 256"));
-  CHECK(contains(e, "its largest id is 300: set model.vocab_size to at least 301; GPT-2's"));
+  CHECK(contains(e, "this shard's largest id is 300: set model.vocab_size to at least 301)"));
   CHECK_NOTHROW(TokenShard(vocab, 301));
   CHECK_NOTHROW(TokenShard{vocab});  // no vocab given: no check
 

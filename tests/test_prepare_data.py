@@ -83,6 +83,8 @@ class TextRecipe(unittest.TestCase):
             # The record of what the shards are, found from a data.train glob as sample.py does.
             rec = pd.shards_record_of(str(out / "mini_train_*.bin"))
             self.assertEqual(rec, out / "mini_shards.json")
+            self.assertEqual(pd.shards_record_of("d/pretrain_val_*.bin"), Path("d/pretrain_shards.json"))
+            self.assertIsNone(pd.shards_record_of("d/tokens.bin"))
             import json
             r = json.loads(rec.read_text())
             self.assertEqual((r["tokenizer"], r["vocab_size"], r["eot"]), ("byte", 256, None))

@@ -876,18 +876,40 @@ TEST_CASE("resuming with another block size of a blocked optimizer says so", "[t
                           Catch::Contains("this run uses " + key + "=8"));
     CHECK(Trainer(cfg(16, 4), quiet).run().losses.size() == 2);
     // Blocks of 64, 128 or 0 (none) all take these matrices whole: the same layout, so such a
-    // resume goes on, and ends where the uninterrupted run does.
+    // resume goes on, and ends where the uninterrupted run does. Not for ASGO (nor ungrafted
+    // Shampoo), whose µP lr multiplier counts the blocks of the base-width shapes too.
     auto whole = [&](const std::string& dir, int block, int steps) {
       Config c = cfg(block, steps);
       c.run.dir = root + "/" + n + dir;
       return c;
     };
     Trainer(whole("-a", 64, 2), quiet).run();
+    if (n == "asgo") {
+      CHECK_THROWS_WITH(Trainer(whole("-a", 128, 3), quiet), Catch::Contains("block_size=64"));
+      continue;
+    }
     CHECK(Trainer(whole("-a", 128, 3), quiet).run().losses.size() == 1);
     const TrainResult ra = Trainer(whole("-a", 0, 4), quiet).run();
     const TrainResult rb = Trainer(whole("-b", 64, 4), quiet).run();
     CHECK(file_bytes(ra.last_checkpoint + "/model.safetensors") ==
           file_bytes(rb.last_checkpoint + "/model.safetensors"));
+  }
+  // Ungrafted Shampoo's µP lr multiplier counts the blocks of the base-width shapes (here twice
+  // as wide: 64 and 128 cut those differently, so the run with 128 steps other lrs), so the same
+  // cut of this model is not enough.
+  {
+    auto mup = [&](int block, int steps) {
+      Config c = tiny_config(root, root + "/mup", "shampoo");
+      c.mup.enabled = true;
+      c.mup.base_width = 64;  // width_mult 1/2
+      c.optim.shampoo.graft = "none";
+      c.optim.shampoo.block_size = block;
+      c.train.max_steps = steps;
+      return c;
+    };
+    Trainer(mup(64, 2), quiet).run();
+    CHECK_THROWS_WITH(Trainer(mup(128, 4), quiet),
+                      Catch::Contains("saved with optim.shampoo.block_size=64"));
   }
   // Shampoo's grafting adds a state tensor: named as such rather than as a missing tensor.
   Config g = tiny_config(root, root + "/shampoo", "shampoo");
@@ -1216,7 +1238,8 @@ TEST_CASE("--dump-routing records every micro-batch's expert choices, layer by l
   }
   // A dense model has no routing to record.
   Config dense = tiny_config(root, root + "/dense", "muon");
-  CHECK_THROWS_WITH(Trainer(dense, o).run(), Catch::Contains("--dump-routing: the model has no MoE"));
+  CHECK_THROWS_WITH(Trainer(dense, o), Catch::Contains("--dump-routing: the model has no MoE"));
+  CHECK(!fs::exists(root + "/dense"));  // refused before the run directory was made
   fs::remove_all(root);
 }
 

@@ -78,10 +78,9 @@ std::string render_bytes(const TokenShard& sh, int64_t n) {
   return out;
 }
 
-}  // namespace
-
 // Parameters and bytes by dtype of a safetensors file, and its K largest tensors.
 void print_safetensors(const std::string& path, int64_t top, const char* indent) {
+  MF_CHECK(fs::is_regular_file(path), "inspect: ", path, " is not a file");
   SafetensorsReader r(path);
   std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;  // dtype -> (tensors, elements)
   std::vector<std::pair<int64_t, std::string>> sizes;
@@ -117,6 +116,19 @@ nlohmann::json json_of(const fs::path& p) {
 }
 
 void print_checkpoint(const std::string& path, int64_t top) {
+  // A Hugging Face model directory (an export): its config's key figures and its tensors.
+  const nlohmann::json hf = json_of(fs::path(path) / "config.json");
+  if (hf.is_object() && !hf.contains("model") && hf.contains("model_type") &&
+      fs::is_regular_file(fs::path(path) / "model.safetensors")) {
+    std::printf("Hugging Face model directory: %s\n", path.c_str());
+    std::printf("model:       %s, %lld layers, hidden %lld, %lld heads / %lld kv heads, vocab %lld\n",
+                hf["model_type"].dump().c_str(), (long long)hf.value("num_hidden_layers", 0),
+                (long long)hf.value("hidden_size", 0), (long long)hf.value("num_attention_heads", 0),
+                (long long)hf.value("num_key_value_heads", 0), (long long)hf.value("vocab_size", 0));
+    std::printf("model.safetensors:\n");
+    print_safetensors((fs::path(path) / "model.safetensors").string(), top, "  ");
+    return;
+  }
   const std::string ckpt = resolve_checkpoint_dir(path, "inspect");
   const fs::path dir(ckpt);
   const nlohmann::json st = json_of(dir / "state.json"), cfg = json_of(dir / "config.json");
@@ -158,17 +170,20 @@ void print_checkpoint(const std::string& path, int64_t top) {
     const int64_t step = st.value("step", int64_t(-1));
     std::ifstream in(metrics);
     std::string line;
-    std::string logged;
+    std::map<std::string, double> last;  // the last record of each at this step (a resume from
+                                         // an earlier checkpoint logs the step again)
     while (std::getline(in, line)) {
       const nlohmann::json rec = nlohmann::json::parse(line, nullptr, false);
       if (!rec.is_object() || rec.value("step", int64_t(-2)) != step) continue;
-      for (const char* k : {"loss", "val_loss"}) {
-        if (!rec.contains(k) || !rec[k].is_number()) continue;
-        char buf[64];
-        std::snprintf(buf, sizeof buf, "%s%s %.4f", logged.empty() ? "" : ", ",
-                      k[0] == 'l' ? "train loss" : "val loss", rec[k].get<double>());
-        logged += buf;
-      }
+      for (const char* k : {"loss", "val_loss"})
+        if (rec.contains(k) && rec[k].is_number()) last[k] = rec[k].get<double>();
+    }
+    std::string logged;
+    for (const auto& [k, v] : last) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%s%s %.4f", logged.empty() ? "" : ", ",
+                    k == "loss" ? "train loss" : "val loss", v);
+      logged += buf;
     }
     if (!logged.empty()) std::printf("logged:      %s\n", logged.c_str());
   }
@@ -183,6 +198,8 @@ void print_checkpoint(const std::string& path, int64_t top) {
   std::printf("model.safetensors:\n");
   print_safetensors((dir / "model.safetensors").string(), top, "  ");
 }
+
+}  // namespace
 
 int cmd_inspect(const Args& args) {
   std::string file;
@@ -215,6 +232,7 @@ int cmd_inspect(const Args& args) {
     return 0;
   }
   if (file.size() > 12 && file.compare(file.size() - 12, 12, ".safetensors") == 0) {
+    MF_CHECK(fs::is_regular_file(file), "inspect: ", file, " is not a file");
     std::printf("file:        %s (%lld bytes)\n", file.c_str(), (long long)fs::file_size(file));
     print_safetensors(file, top, "");
     return 0;

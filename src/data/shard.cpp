@@ -192,11 +192,11 @@ void TokenShard::check_vocab(int64_t vocab_size) {
       uint32_t id = (*this)[i];
       MF_CHECK(int64_t(id) < vocab_size, "token shard '", info_.path, "': token id ", id,
                " at position ", i, " is >= vocab_size ", vocab_size,
-               " (was the shard made with another tokenizer? its largest id is ", mx,
+               " (was the shard made with another tokenizer? this shard's largest id is ", mx,
                ": set model.vocab_size to at least ", int64_t(mx) + 1,
-               mx < 50257 && mx >= 256 ? "; GPT-2's tokenizer: 50257, or 50304 padded to a "
-                                         "multiple of 64"
-                                       : "",
+               mx < 50257 && mx >= 50000 ? "; GPT-2's tokenizer: 50257, or 50304 padded to a "
+                                           "multiple of 64"
+                                         : "",
                ")");
     }
   }

@@ -426,6 +426,10 @@ bool same_blocks(const std::string& key, const nlohmann::json& a, const nlohmann
   if (!a.is_number_integer() || !b.is_number_integer()) return false;
   const int64_t ba = a.get<int64_t>(), bb = b.get<int64_t>();
   const auto side = [](int64_t bs, int64_t n) { return bs > 0 ? std::min(bs, n) : n; };
+  // Ungrafted Shampoo's and ASGO's µP lr multiplier counts the blocks of the base-width shapes
+  // too (matrix_mup_lr_mult), which the same cut of this model's matrices does not make equal,
+  // and the width multiplier is not known here: not judged, refused.
+  if (o.name == "asgo" || (o.name == "shampoo" && o.shampoo.graft != "adam")) return false;
   for (const Param* p : params) {
     if (!in_main_group(p->kind, o) || p->shape.size() < 2) continue;
     const int64_t rows = p->shape[p->shape.size() - 2], cols = p->shape.back();

@@ -363,6 +363,12 @@ void Trainer::setup() {
   MF_CHECK(cfg_.train.world_size == world_, "train.world_size is ", cfg_.train.world_size,
            " but the environment says WORLD_SIZE=", world_);
   if (env.distributed()) setup_logging(rank_);
+  // The dump options' own conditions, before the run directory is touched.
+  for (const std::string* o : {&opts_.dump_batches, &opts_.dump_routing})
+    MF_CHECK(o->empty() || world_ == 1, o == &opts_.dump_batches ? "--dump-batches" : "--dump-routing",
+             " works in a single process (world size ", world_, ")");
+  MF_CHECK(opts_.dump_routing.empty() || cfg_.model.moe.n_experts > 0,
+           "--dump-routing: the model has no MoE layers (model.moe.n_experts 0)");
   run_dir_ = cfg_.run_dir();
   if (rank_ == 0) {
     std::error_code ec;
@@ -871,15 +877,11 @@ TrainResult Trainer::run() {
   }
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> dump(nullptr, &std::fclose);
   if (!opts_.dump_batches.empty()) {
-    MF_CHECK(world_ == 1, "--dump-batches works in a single process (world size ", world_, ")");
     dump.reset(std::fopen(opts_.dump_batches.c_str(), "wb"));
     MF_CHECK(dump, "--dump-batches: cannot open ", opts_.dump_batches, " for writing");
   }
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> routes(nullptr, &std::fclose);
   if (!opts_.dump_routing.empty()) {
-    MF_CHECK(world_ == 1, "--dump-routing works in a single process (world size ", world_, ")");
-    MF_CHECK(model_->is_moe(), "--dump-routing: the model has no MoE layers (model.moe.n_experts ",
-             cfg_.model.moe.n_experts, ")");
     routes.reset(std::fopen(opts_.dump_routing.c_str(), "wb"));
     MF_CHECK(routes, "--dump-routing: cannot open ", opts_.dump_routing, " for writing");
   }

@@ -31,8 +31,8 @@ struct TrainOptions {
   bool quiet = false;      // no per-step console lines (tests)
   int stop_at = 0;         // > 0: checkpoint and stop after this step (time-limited sittings)
   bool init_only = false;  // write the initial weights as ckpt-000000 and stop (fresh runs only)
-  std::string dump_batches;  // append every micro-batch's inputs and targets (int32) to this file
-  std::string dump_routing;  // MoE: append every micro-batch's expert choices (int32) to this file
+  std::string dump_batches;  // write every micro-batch's inputs and targets (int32) to this file
+  std::string dump_routing;  // MoE: write every micro-batch's expert choices (int32) to this file
 };
 
 struct TrainResult {
