@@ -507,7 +507,8 @@ TEST_CASE("a signal checkpoints and exits 128 + its number; nohup's ignored SIGH
   // does), wait for its third logged step, send the signal, report the exit status.
   // The test's own SIGHUP may be ignored (ctest under nohup): the shell and the run inherit it.
   std::signal(SIGHUP, SIG_DFL);
-  auto run = [&](const std::string& name, const std::string& sig, bool ignore_hup) {
+  auto run = [&](const std::string& name, const std::string& sig, bool ignore_hup,
+                 bool twice = false) {
     Config c = tiny_config(root, root + "/" + name, "adamw");
     c.train.max_steps = 100000;  // still running when the signal comes, however slow the machine
     c.train.ckpt_every = 0;
@@ -519,7 +520,8 @@ TEST_CASE("a signal checkpoints and exits 128 + its number; nohup's ignored SIGH
         std::string("(") + (ignore_hup ? "trap '' HUP; " : "") + "exec " + MF_BINARY + " train " +
         cfg + " --quiet) > " + root + "/" + name + ".log 2>&1 & p=$!; for i in $(seq 1200); do "
         "[ \"$(grep -c '\"loss\"' " + metrics + " 2>/dev/null)\" -ge 3 ] 2>/dev/null && break; "
-        "sleep 0.05; done; kill -" + sig + " $p; " + (ignore_hup ? "sleep 1; kill -TERM $p; " : "") +
+        "sleep 0.05; done; kill -" + sig + " $p; " + (twice ? "kill -" + sig + " $p; " : "") +
+        (ignore_hup ? "sleep 1; kill -TERM $p; " : "") +
         "wait $p; echo \"rc=$?\"";
     int rc = 0;
     const std::string out = mf::test::run_capture(cmd, &rc);
@@ -537,6 +539,13 @@ TEST_CASE("a signal checkpoints and exits 128 + its number; nohup's ignored SIGH
   out = run("term", "TERM", false);
   CHECK(out.find("rc=143") != std::string::npos);
   CHECK(list_checkpoints(root + "/term").size() == 1);
+  // SIGTERM twice (Slurm signals every process of a step, and the launcher forwards its own):
+  // the same request, still a checkpoint. Ctrl-C twice exits at once.
+  out = run("term2", "TERM", false, true);
+  CHECK(out.find("rc=143") != std::string::npos);
+  CHECK(list_checkpoints(root + "/term2").size() == 1);
+  out = run("int2", "INT", false, true);
+  CHECK(out.find("rc=130") != std::string::npos);
   // Under nohup the hang-up is not for the run: it trains on, until the SIGTERM a second later.
   out = run("nohup", "HUP", true);
   CHECK(out.find("rc=143") != std::string::npos);

@@ -47,7 +47,8 @@ const char* kTrainUsage =
     "  --dump-routing FILE  MoE: write every micro-batch's expert choices (int32, per MoE layer\n"
     "                 in order, B x T x top_k each) for a reference to route by\n"
     "Ctrl-C (SIGINT), SIGTERM or SIGHUP finishes the current step, writes a checkpoint and\n"
-    "exits with 128 + the signal's number (130, 143, 129); a second one exits at once. SIGHUP\n"
+    "exits with 128 + the signal's number (130, 143, 129); a second Ctrl-C exits at once (a\n"
+    "repeated SIGTERM or SIGHUP does not: Slurm and the launcher may both send one). SIGHUP\n"
     "ignored at start (nohup) stays ignored.\n";
 
 const char* kEvalUsage =

@@ -50,8 +50,13 @@ namespace {
 std::atomic<int> g_stop_signal{0};
 
 void on_signal(int sig) {
-  // A second signal aborts at once, as users expect from Ctrl-C twice.
-  if (g_stop_signal.exchange(sig) != 0) std::_Exit(128 + sig);
+  // A second Ctrl-C aborts at once, as users expect. A repeated SIGTERM or SIGHUP is the same
+  // request again: Slurm (scancel, the time limit) signals every process of a step, so a worker
+  // under the launcher gets SIGTERM from Slurm and once more forwarded by the launcher; the
+  // hard stop of process managers is SIGKILL.
+  const int first = g_stop_signal.exchange(sig);
+  if (first != 0 && sig == SIGINT) std::_Exit(128 + sig);
+  if (first != 0) g_stop_signal.store(first);  // the first one names the stop
 }
 
 using Clock = std::chrono::steady_clock;
