@@ -4,15 +4,20 @@
     python3 scripts/launch.py [launcher flags] PROGRAM [ARGS...]
 
 Flags follow torchrun: --nproc-per-node N|gpu|cpu|auto, --nnodes, --node-rank, --master-addr,
---master-port, --standalone, --max-restarts, --log-dir (underscored spellings work too). Run one
-launcher per node. Each worker gets RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK NODE_RANK
-MASTER_ADDR MASTER_PORT, OMP_NUM_THREADS (cpu_count // nproc unless set), MF_RESTART_COUNT
+--master-port (or --rdzv-endpoint HOST:PORT), --standalone, --max-restarts, --log-dir,
+--local-ranks-filter; --rdzv-backend (c10d, static), --rdzv-id, --role and --tee are accepted and
+change nothing (underscored spellings work too). Run one launcher per node. Each worker gets RANK
+LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK NODE_RANK MASTER_ADDR MASTER_PORT,
+OMP_NUM_THREADS (the CPUs this process may use // nproc, unless set), MF_RESTART_COUNT
 (also TORCHELASTIC_RESTART_COUNT) and MF_LAUNCHER_PID (a muonforge worker whose launcher dies,
 killed or lost with its terminal, finishes its step, checkpoints and stops). Rank 0 hosts the
 rendezvous store at MASTER_ADDR:MASTER_PORT.
 
 Every line a worker prints appears on the console as "[rank] line" and in LOGDIR/rank_<rank>.log
-(appended across restarts). SIGINT/SIGTERM/SIGHUP are forwarded to the workers. When a worker exits
+(appended across restarts; without --log-dir a temporary folder, removed when the job succeeds).
+SIGINT/SIGTERM/SIGHUP are forwarded to the workers, which get --stop-timeout seconds to checkpoint
+and exit before SIGKILL; a second SIGINT kills them at once, a repeated SIGTERM (Slurm signals
+every process of a step) changes nothing. When a worker exits
 non-zero the others get SIGTERM (SIGKILL after --grace-period seconds); if restarts remain the group
 starts again (the program resumes from its run directory's latest checkpoint), otherwise the
 launcher prints the failing rank's last lines and exits with its exit code.
@@ -74,6 +79,15 @@ def count_gpus():
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def usable_cpus():
+    """The CPUs this process may run on (Slurm's and taskset's affinity, cgroup cpusets), not the
+    whole machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def resolve_nproc(spec):
     if spec == "gpu":
         n = count_gpus()
@@ -82,9 +96,9 @@ def resolve_nproc(spec):
                  "is empty); give a number or 'cpu'")
         return n
     if spec == "cpu":
-        return os.cpu_count() or 1
+        return usable_cpus()
     if spec == "auto":
-        return count_gpus() or (os.cpu_count() or 1)
+        return count_gpus() or usable_cpus()
     try:
         n = int(spec)
     except ValueError:
@@ -106,6 +120,19 @@ def parse_args(argv):
                    help="host of node 0, where rank 0 hosts the store (default: MASTER_ADDR or 127.0.0.1)")
     p.add_argument("--master-port", "--master_port", type=int, default=None,
                    help="store port (default: MASTER_PORT or 29500)")
+    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default=None, metavar="HOST[:PORT]",
+                   help="torchrun's spelling of --master-addr/--master-port")
+    p.add_argument("--rdzv-backend", "--rdzv_backend", default=None,
+                   help="accepted for torchrun command lines (c10d or static): rank 0 always hosts "
+                   "muonforge's own store at the endpoint")
+    p.add_argument("--rdzv-id", "--rdzv_id", default=None, help="accepted and ignored (torchrun)")
+    p.add_argument("--role", default=None, help="accepted and ignored (torchrun)")
+    p.add_argument("--tee", "-t", default=None,
+                   help="accepted and ignored (torchrun): output always goes to the console and "
+                   "to LOGDIR/rank_<r>.log")
+    p.add_argument("--local-ranks-filter", "--local_ranks_filter", default=None, metavar="LIST",
+                   help="show only these local ranks' output on the console, e.g. 0 or 0,1 (all "
+                   "ranks still log to LOGDIR)")
     p.add_argument("--standalone", action="store_true",
                    help="single node on 127.0.0.1 with a free port (fresh for every restart)")
     p.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
@@ -113,7 +140,11 @@ def parse_args(argv):
     p.add_argument("--log-dir", "--log_dir", default=None,
                    help="directory for rank_<r>.log files (default: a new temporary directory)")
     p.add_argument("--grace-period", type=float, default=10.0,
-                   help="seconds between SIGTERM and SIGKILL when stopping workers")
+                   help="seconds between SIGTERM and SIGKILL when stopping the other workers "
+                   "after one failed")
+    p.add_argument("--stop-timeout", type=float, default=300.0,
+                   help="seconds the workers get to checkpoint and exit after a forwarded "
+                   "SIGINT/SIGTERM/SIGHUP before SIGKILL (default 300; a second Ctrl-C kills at once)")
     p.add_argument("--monitor-interval", "--monitor_interval", type=float, default=0.1,
                    help="seconds between checks of the workers")
     p.add_argument("--no-python", "--no_python", action="store_true",
@@ -135,6 +166,27 @@ def parse_args(argv):
         fail(f"--max-restarts {a.max_restarts} must be >= 0")
     if a.grace_period < 0:
         fail(f"--grace-period {a.grace_period} must be >= 0")
+    if a.stop_timeout < 0:
+        fail(f"--stop-timeout {a.stop_timeout} must be >= 0")
+    if a.rdzv_backend is not None and a.rdzv_backend not in ("c10d", "static"):
+        fail(f"--rdzv-backend {a.rdzv_backend}: only c10d and static are understood (rank 0 hosts "
+             f"muonforge's own store at --rdzv-endpoint / --master-addr)")
+    if a.rdzv_endpoint is not None:
+        host, _, port = a.rdzv_endpoint.rpartition(":") if ":" in a.rdzv_endpoint else (a.rdzv_endpoint, "", "")
+        if a.master_addr is not None and a.master_addr != host:
+            fail(f"--rdzv-endpoint {a.rdzv_endpoint} and --master-addr {a.master_addr} disagree")
+        a.master_addr = host
+        if port:
+            try:
+                a.master_port = int(port)
+            except ValueError:
+                fail(f"--rdzv-endpoint {a.rdzv_endpoint}: port '{port}' is not an integer")
+    a.show_local = None
+    if a.local_ranks_filter is not None:
+        try:
+            a.show_local = {int(x) for x in a.local_ranks_filter.split(",") if x.strip()}
+        except ValueError:
+            fail(f"--local-ranks-filter '{a.local_ranks_filter}': expected local ranks such as 0 or 0,1")
 
     if a.standalone:
         if a.nnodes != 1:
@@ -195,6 +247,7 @@ class Launcher:
         self.print_lock = threading.Lock()
         self.signal = None  # the signal that asked us to stop
         self.workers = []
+        self.temp_logs = a.log_dir is None  # removed again when the job succeeds
         if a.log_dir is None:
             a.log_dir = tempfile.mkdtemp(prefix="mf_launch_")
         os.makedirs(a.log_dir, exist_ok=True)
@@ -205,8 +258,9 @@ class Launcher:
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             with self.print_lock:
                 try:
-                    console.write(f"[{w.rank}] {text}\n")
-                    console.flush()
+                    if self.a.show_local is None or w.local_rank in self.a.show_local:
+                        console.write(f"[{w.rank}] {text}\n")
+                        console.flush()
                 except (OSError, ValueError):
                     pass  # console gone (closed pipe, hung-up terminal): keep draining into the log
                 w.log.write(text + "\n")
@@ -219,7 +273,7 @@ class Launcher:
         a = self.a
         world = a.nnodes * a.nproc
         base_env = dict(os.environ)
-        omp = base_env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // a.nproc))
+        omp = base_env.get("OMP_NUM_THREADS") or str(max(1, usable_cpus() // a.nproc))
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         self.workers = []
         for local in range(a.nproc):
@@ -269,7 +323,10 @@ class Launcher:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(w.proc.poll() is None for w in self.workers):
             time.sleep(0.05)
-        if any(w.proc.poll() is None for w in self.workers):
+        left = [w.rank for w in self.workers if w.proc.poll() is None]
+        if left:
+            note(f"rank(s) {', '.join(map(str, left))} still running {grace:g} s after the stop: "
+                 f"killing them (SIGKILL){' (see --stop-timeout)' if first_sig is None else ''}")
             self.send(signal.SIGKILL)
         for w in self.workers:
             w.proc.wait()
@@ -282,8 +339,12 @@ class Launcher:
             w.log.close()
 
     def on_signal(self, signum, frame):
-        if self.signal is not None:  # second signal: no more patience
-            self.send(signal.SIGKILL)
+        if self.signal is not None:
+            # A second Ctrl-C: no more patience. A repeated SIGTERM/SIGHUP is the same request
+            # (Slurm signals every process of a step); the workers already have it.
+            if signum == signal.SIGINT:
+                note("second SIGINT: killing the workers (SIGKILL)")
+                self.send(signal.SIGKILL)
             return
         self.signal = signum
         note(f"got {signal.Signals(signum).name}; forwarding it to the workers")
@@ -325,8 +386,8 @@ class Launcher:
             self.start_group(attempt, port)
             failed = self.run_group()
             if self.signal is not None:
-                # The workers got the signal; give them the grace period to exit cleanly.
-                self.stop_all(None, a.grace_period)  # on_signal already forwarded it
+                # The workers got the signal: they finish the step, checkpoint and exit.
+                self.stop_all(None, a.stop_timeout)  # on_signal already forwarded it
                 note(f"stopped by {signal.Signals(self.signal).name}")
                 return 128 + self.signal
             if failed is None:
@@ -334,6 +395,8 @@ class Launcher:
                     w.proc.wait()
                 self.finish_output()
                 note(f"all {a.nproc} worker(s) finished successfully")
+                if self.temp_logs:  # nothing to look into: do not leave one folder per job in /tmp
+                    shutil.rmtree(a.log_dir, ignore_errors=True)
                 return 0
             w, rc = failed
             self.stop_all(signal.SIGTERM, a.grace_period)

@@ -7,6 +7,8 @@
     dist_worker.py signal FILE         print "ready", wait for SIGINT/SIGTERM, append it to FILE.R, exit 0
     dist_worker.py slow-stop R CODE F  print "attempt A"; rank R exits CODE after 0.5 s on attempt 0; the
                                        others, on SIGTERM, create F.R and take 5 s to exit
+    dist_worker.py checkpoint S FILE   print "ready"; on SIGINT/SIGTERM (any number of them) take S s
+                                       (a checkpoint), then write "saved" to FILE.R and exit 0
 """
 import os
 import signal
@@ -75,6 +77,19 @@ def main():
 
         signal.signal(signal.SIGTERM, slow_exit)
         time.sleep(60)
+        return 0
+    if mode == "checkpoint":
+        took, out = float(sys.argv[2]), sys.argv[3]
+        got = []
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda signum, frame: got.append(signum))
+        print("ready", flush=True)
+        deadline = time.time() + 60
+        while not got and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(took)
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(f"saved after {len(got)} signal(s)\n")
         return 0
     print(f"unknown mode {mode}", file=sys.stderr)
     return 2

@@ -525,6 +525,20 @@ TEST_CASE("world size comes from WORLD_SIZE", "[config]") {
   TempDir t;
   std::string f = t.write("ws.json", small().dump());
   {
+    // srun starting the ranks itself: Slurm's task count, as the process group reads it.
+    WorldSize ws(nullptr);
+    setenv("SLURM_PROCID", "1", 1);
+    setenv("SLURM_NTASKS", "2", 1);
+    CHECK(mf::load_config(f).train.world_size == 2);
+    setenv("SLURM_NTASKS", "two", 1);
+    CHECK_THROWS_WITH(mf::load_config(f), Contains("SLURM_NTASKS environment variable") &&
+                                              Contains("'two'"));
+    setenv("WORLD_SIZE", "1", 1);  // the launcher's variables come first
+    CHECK(mf::load_config(f).train.world_size == 1);
+    unsetenv("SLURM_PROCID");
+    unsetenv("SLURM_NTASKS");
+  }
+  {
     WorldSize ws("2");
     mf::Config c = mf::load_config(f);
     CHECK(c.train.world_size == 2);

@@ -115,6 +115,13 @@ TEST_CASE("dist env: torchrun variables", "[dist][env]") {
   CHECK(e.distributed());
   CHECK_THAT(e.str(), Contains("rank 5/8") && Contains("node7:31337"));
   CHECK(e.attempt == 0);
+  // Under torchrun itself its agent serves a c10d store on MASTER_PORT: ours goes one up.
+  DistEnv t = parse_dist_env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "node7"},
+                              {"MASTER_PORT", "29500"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"}});
+  CHECK(t.master_port == 29501);
+  CHECK_THAT(t.str(), Contains("MASTER_PORT + 1") && Contains("node7:29501"));
+  CHECK(parse_dist_env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "29500"},
+                        {"TORCHELASTIC_USE_AGENT_STORE", "False"}}).master_port == 29500);
 
   // The restart count: the launcher's MF_RESTART_COUNT. Not torchrun's TORCHELASTIC_RESTART_COUNT,
   // which nodes do not keep in step.
@@ -224,7 +231,7 @@ TEST_CASE("dist env: read from the process environment", "[dist][env]") {
   ::setenv("MF_STORE_TIMEOUT", "soon", 1);
   CHECK_THAT(error_of([] { TcpStore::default_timeout(); }), Contains("MF_STORE_TIMEOUT='soon'"));
   ::unsetenv("MF_STORE_TIMEOUT");
-  CHECK(TcpStore::default_timeout() == ms(60000));
+  CHECK(TcpStore::default_timeout() == ms(300000));
 }
 
 // ---- store -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -118,8 +119,10 @@ TEST_CASE("launcher: variables, prefixes and per-rank logs", "[launcher]") {
   std::string port = r.out.substr(p, r.out.find(' ', p) - p);
   CHECK(count(r.out, port + " ") == 3);
 
-  // Without OMP_NUM_THREADS: cpu_count // nproc, at least 1.
-  long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  // Without OMP_NUM_THREADS: the CPUs this process may use // nproc, at least 1.
+  cpu_set_t set;
+  REQUIRE(::sched_getaffinity(0, sizeof(set), &set) == 0);
+  long cpus = CPU_COUNT(&set);
   Run d = sh("env -u OMP_NUM_THREADS " + launch("--standalone --nproc-per-node 2 --log-dir " + dir, "env"));
   REQUIRE(d.code == 0);
   CHECK(count(d.out, "OMP_NUM_THREADS=" + std::to_string(std::max(1L, cpus / 2)) + " ") == 2);
@@ -183,6 +186,58 @@ TEST_CASE("launcher: SIGTERM and SIGINT are forwarded to the workers", "[launche
     CHECK_THAT(r.out, Contains("got SIG" + sig + "; forwarding it"));
     for (int k = 0; k < 3; ++k) CHECK(slurp(dir + "/got." + std::to_string(k)) == "SIG" + sig + "\n");
   }
+}
+
+TEST_CASE("launcher: a repeated SIGTERM is one stop; workers get --stop-timeout to checkpoint",
+          "[launcher]") {
+  // As under Slurm (scancel, the time limit): SIGTERM to the launcher twice. The workers take 2 s
+  // to "checkpoint", past --grace-period (which is for stopping the others after a failure).
+  auto stop = [](const std::string& dir, const std::string& timeout) {
+    return sh(launch("--standalone --nproc-per-node 2 --grace-period 0.5 --stop-timeout " + timeout +
+                         " --log-dir " + dir, "checkpoint 2 " + dir + "/saved") +
+              " & pid=$!; for i in $(seq 300); do n=$(cat " + dir +
+              "/rank_*.log 2>/dev/null | grep -c '^ready'); [ \"$n\" -ge 2 ] && break; sleep 0.1; "
+              "done; kill -TERM $pid; sleep 0.2; kill -TERM $pid; wait $pid; echo \"launcher rc=$?\"");
+  };
+  std::string dir = temp_dir();
+  Run r = stop(dir, "30");
+  INFO(r.out);
+  CHECK_THAT(r.out, Contains("launcher rc=143"));
+  for (int k = 0; k < 2; ++k)
+    CHECK_THAT(slurp(dir + "/saved." + std::to_string(k)), Contains("saved after"));
+  CHECK_THAT(r.out, !Contains("killing"));
+  // Past --stop-timeout they are killed, and the launcher says so.
+  dir = temp_dir();
+  r = stop(dir, "0.5");
+  INFO(r.out);
+  CHECK_THAT(r.out, Contains("launcher rc=143"));
+  CHECK_THAT(r.out, Contains("rank(s) 0, 1 still running 0.5 s after the stop: killing them"));
+  CHECK(slurp(dir + "/saved.0").empty());
+}
+
+TEST_CASE("launcher: torchrun's rendezvous flags, --local-ranks-filter, temporary logs removed",
+          "[launcher]") {
+  const int port = unused_port();
+  const std::string dir = temp_dir();
+  Run r = sh(launch("--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:" + std::to_string(port) +
+                        " --rdzv-id job7 --nnodes 1 --nproc-per-node 2 --local-ranks-filter 1"
+                        " --log-dir " + dir, "env"));
+  INFO(r.out);
+  REQUIRE(r.code == 0);
+  CHECK_THAT(r.out, Contains("[1] ENV RANK=1 ") && Contains("MASTER_PORT=" + std::to_string(port)));
+  CHECK_THAT(r.out, !Contains("[0] ENV"));  // filtered from the console...
+  CHECK_THAT(slurp(dir + "/rank_0.log"), Contains("ENV RANK=0 "));  // ...not from its log
+  r = sh("python3 " + kLaunch + " --rdzv-backend etcd true");
+  CHECK(r.code == 2);
+  CHECK_THAT(r.out, Contains("only c10d and static"));
+  // Without --log-dir the logs go to a temporary folder, removed again when the job succeeds.
+  r = sh(launch("--standalone --nproc-per-node 1", "env"));
+  REQUIRE(r.code == 0);
+  const size_t at = r.out.find("logs in ");
+  REQUIRE(at != std::string::npos);
+  const std::string tmp = r.out.substr(at + 8, r.out.find('\n', at) - at - 8);
+  CHECK(tmp.rfind("/tmp/mf_launch_", 0) == 0);
+  CHECK(::access(tmp.c_str(), F_OK) != 0);
 }
 
 TEST_CASE("launcher: under nohup (SIGHUP ignored) a hang-up neither stops nor reaches the workers",

@@ -473,14 +473,22 @@ void apply_file(const json& j, const std::string& file, const std::string& where
 }
 
 int world_size_from_env() {
+  // As DistEnv reads it (src/dist/env.cpp): WORLD_SIZE (launch.py, torchrun), else, with
+  // SLURM_PROCID set (srun starting the ranks itself), SLURM_NTASKS or SLURM_NPROCS.
   const char* w = std::getenv("WORLD_SIZE");
+  const char* rank = std::getenv("RANK");
+  const char* var = "WORLD_SIZE";
+  if ((!w || !*w) && !(rank && *rank) && std::getenv("SLURM_PROCID")) {
+    var = std::getenv("SLURM_NTASKS") ? "SLURM_NTASKS" : "SLURM_NPROCS";
+    w = std::getenv(var);
+  }
   if (!w || !*w) return 1;
   char* end = nullptr;
   errno = 0;
   long v = std::strtol(w, &end, 10);
   if (*end || errno || v < 1 || v > INT_MAX)
-    throw Error(std::string("WORLD_SIZE environment variable: expected a positive integer, got '") +
-                w + "'");
+    throw Error(std::string(var) + " environment variable: expected a positive integer, got '" + w +
+                "'");
   return (int)v;
 }
 

@@ -112,6 +112,16 @@ DistEnv from_torchrun(const Vars& v) {
              e.local_world_size, "); set MASTER_ADDR to the host of rank 0");
   }
   e.master_port = get_int(v, "MASTER_PORT", 29500);
+  // Under torchrun (torch.distributed.run) the agent on node 0 serves its own c10d store on
+  // MASTER_PORT, which muonforge's store does not speak: rank 0 hosts ours one port up.
+  if (const std::string* agent = find(v, "TORCHELASTIC_USE_AGENT_STORE")) {
+    if (*agent == "True" || *agent == "true" || *agent == "1") {
+      MF_CHECK(e.master_port < 65535, "MASTER_PORT=", e.master_port, " under torchrun: muonforge's "
+               "store takes MASTER_PORT + 1, out of range");
+      e.master_port += 1;
+      e.source = "torchrun, store on MASTER_PORT + 1 beside torchrun's own";
+    }
+  }
   validate(e, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE");
   read_attempt(v, e);
   return e;

@@ -394,7 +394,9 @@ int try_connect(const std::string& host, int port, ms budget, std::string* err) 
 }  // namespace
 
 TcpStore::ms TcpStore::default_timeout() {
-  return ms(int64_t(env_seconds("MF_STORE_TIMEOUT", 60.0) * 1000.0));
+  // Minutes, not seconds: on several nodes the launchers start when their nodes come up, and a
+  // rank waits at the rendezvous for the last of them (torchrun's default is 900 s).
+  return ms(int64_t(env_seconds("MF_STORE_TIMEOUT", 300.0) * 1000.0));
 }
 
 std::unique_ptr<TcpStore> TcpStore::from_env(const DistEnv& env) {

@@ -4,11 +4,11 @@
 // to it through one TcpStore client. NCCL's unique id and Gloo's connection addresses travel through
 // it; it is not meant for bulk data.
 //
-// Every blocking call is bounded by a timeout (default 60 s, env MF_STORE_TIMEOUT in seconds) and
+// Every blocking call is bounded by a timeout (default 300 s, env MF_STORE_TIMEOUT in seconds) and
 // ends in an mf::Error naming what it waited for, so a dead or missing peer never hangs a rank:
 //   - the server's port is taken          -> "MASTER_PORT 29500 on host is already in use ..."
-//   - no server answers within the timeout -> "cannot reach master host:port after 60 s ..."
-//   - get/wait on keys nobody sets          -> "timed out after 60 s waiting for key(s) ..."
+//   - no server answers within the timeout -> "cannot reach master host:port after 300 s ..."
+//   - get/wait on keys nobody sets          -> "timed out after 300 s waiting for key(s) ..."
 //   - the server goes away mid-call         -> "lost the connection to the store at host:port ..."
 //   - the port holds an earlier attempt's store past the timeout -> "... still belonged to restart N"
 // Thread-safe: calls from several threads on one client are serialised.
@@ -46,7 +46,7 @@ class TcpStore {
 
   // The store for a distributed job: rank 0 hosts, everyone connects to MASTER_ADDR:MASTER_PORT.
   static std::unique_ptr<TcpStore> from_env(const DistEnv& env);
-  // MF_STORE_TIMEOUT (seconds) or 60 s.
+  // MF_STORE_TIMEOUT (seconds) or 300 s.
   static ms default_timeout();
 
   void set(const std::string& key, const std::string& value);
