@@ -165,6 +165,14 @@ part1() {
       echo \"KEY: \$(grep -a '^torch_parity: \(PASS\|FAIL\)' '$WORK/torch_parity_$name.out' | cut -c15-90)\"
       exit \$rc"
   done
+  # MoE in fp32 (configs/moe-tiny.json: sigmoid router, bias balancing): the expert choices read
+  # back from the GPU (train --dump-routing) decide the near-ties of the PyTorch side's top-k.
+  step torch_parity_moe 180 "python3 '$REPO/scripts/torch_parity.py' '$REPO/configs/moe-tiny.json' \
+    --binary '$BIN' --work '$WORK/torch_parity_moe' --steps 10 --threads 8 --set train.device=cuda \
+    --set model.vocab_size=512 --set 'data.train=$WORK/train/data/train_*.bin' --set data.val= \
+    --set train.precision=fp32 2>&1 | tee '$WORK/torch_parity_moe.out'; rc=\${PIPESTATUS[0]}
+    echo \"KEY: \$(grep -a '^torch_parity: \(PASS\|FAIL\)' '$WORK/torch_parity_moe.out' | cut -c15-90)\"
+    exit \$rc"
 
   # The hd-64 attention forward with 1 and 2 m-tiles per warp (MF_ATTN_FWD_MTILES; kernels/
   # attention.cu; the default, 2, is FA2's shape and unmeasured until this step runs): four
