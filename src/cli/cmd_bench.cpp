@@ -42,7 +42,8 @@ const char* kBenchUsage =
     "                     (fwd.qkv, bwd.attention, opt.matrix_batched, ...) on the device's\n"
     "                     own timeline (CUDA events), exclusive of nested regions\n"
     "  --quiet            no per-step lines and no memory plan\n"
-    "  --json             also print the result as one JSON object on the last line\n";
+    "  --json             also print the result as one JSON object on the last line\n"
+    "  -h, --help         show this help\n";
 
 }  // namespace
 

@@ -21,8 +21,9 @@ void config_usage() {
       "                   --set=KEY=VALUE works too)\n"
       "  --json           print only the JSON (no summary lines), for scripts\n"
       "  -h, --help       show this help\n\n"
-      "The world size comes from the WORLD_SIZE environment variable (default 1); preview another\n"
-      "one with --set train.world_size=N. Exit status: 0 valid, 1 error.\n");
+      "The world size comes from the WORLD_SIZE environment variable (under srun without it,\n"
+      "SLURM_NTASKS; default 1); preview another one with --set train.world_size=N.\n"
+      "Exit status: 0 valid, 1 error.\n");
 }
 
 }  // namespace

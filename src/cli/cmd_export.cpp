@@ -36,7 +36,8 @@ const char* kUsage =
     "  --eos-id N, --bos-id N  the tokenizer's end / start token ids for config.json (default\n"
     "                    unset: the checkpoint does not know its tokenizer). GPT-2 tokens\n"
     "                    (scripts/prepare_data.py --tokenizer gpt2): --eos-id 50256 --bos-id\n"
-    "                    50256, so that transformers' generate() stops at <|endoftext|>\n";
+    "                    50256, so that transformers' generate() stops at <|endoftext|>\n"
+    "  -h, --help        show this help\n";
 
 const char* kImportUsage =
     "usage: muonforge import HF_DIR OUTDIR [--config BASE.json] [--set KEY=VALUE]...\n"
@@ -51,7 +52,12 @@ const char* kImportUsage =
     "model's logits. Then, for example:\n"
     "  muonforge eval OUTDIR --data 'data/x/val_*.bin'\n"
     "  muonforge sample OUTDIR --prompt 'Once upon a time'\n"
-    "  muonforge train OUTDIR/config.json   (a fine-tune from HF_DIR's weights in runs/<OUTDIR's name>)\n";
+    "  muonforge train OUTDIR/config.json   (a fine-tune from HF_DIR's weights in runs/<OUTDIR's name>)\n"
+    "\n"
+    "options:\n"
+    "  --config BASE.json  the non-model sections from BASE.json (default: the built-in defaults)\n"
+    "  --set KEY=VALUE     override a key (repeatable; --set=KEY=VALUE works too)\n"
+    "  -h, --help          show this help\n";
 }
 
 int cmd_export(const Args& args) {

@@ -36,9 +36,10 @@ void inspect_usage() {
       "losses at that step. For a .safetensors file: tensor count, parameters, dtypes and the K\n"
       "largest tensors.\n\n"
       "options:\n"
-      "  --vocab N    also check that every id is < N (error naming the first offender)\n"
+      "  --vocab N    shards: also check that every id is < N (error naming the first offender)\n"
       "  --top K      how many of the most frequent ids to list (default 10, 0 = none)\n"
       "  --preview N  bytes of text to preview for byte-level shards (default 240)\n"
+      "  (--vocab and --preview apply to token shards only)\n"
       "  -h, --help   this help\n");
 }
 

@@ -44,6 +44,7 @@ const char* kUsage =
     "  --ids              print token ids (the default when the vocabulary is not bytes)\n"
     "  --device D         auto | cpu | cuda for loading the model (default: the checkpoint's\n"
     "                     train.device); decoding with the cache always runs on the CPU\n"
+    "  -h, --help         show this help\n"
     "The text goes to stdout as it is generated; a header line goes to stderr.\n";
 
 std::vector<int32_t> parse_ids(const std::string& list) {

@@ -46,6 +46,7 @@ const char* kTrainUsage =
     "  --dump-batches FILE  write every micro-batch's inputs then targets (int32, B x T each)\n"
     "  --dump-routing FILE  MoE: write every micro-batch's expert choices (int32, per MoE layer\n"
     "                 in order, B x T x top_k each) for a reference to route by\n"
+    "  -h, --help     show this help\n"
     "Ctrl-C (SIGINT), SIGTERM or SIGHUP finishes the current step, writes a checkpoint and\n"
     "exits with 128 + the signal's number (130, 143, 129); a second Ctrl-C exits at once (a\n"
     "repeated SIGTERM or SIGHUP does not: Slurm and the launcher may both send one). SIGHUP\n"
@@ -61,7 +62,8 @@ const char* kEvalUsage =
     "  --data GLOB    token shards to evaluate on (default: the checkpoint's data.val)\n"
     "  --batches N    micro-batches of train.micro_batch x train.seq_len tokens (default\n"
     "                 train.eval_batches; fewer, each read once, when the shards hold fewer)\n"
-    "  --device D     auto | cpu | cuda (default: the checkpoint's train.device)\n";
+    "  --device D     auto | cpu | cuda (default: the checkpoint's train.device)\n"
+    "  -h, --help     show this help\n";
 
 
 }  // namespace

@@ -398,7 +398,7 @@ void apply_object(const json& obj, const std::string& prefix, const std::string&
       if (!f->in_json)
         fail(where, path,
              "not a config key: the world size comes from the WORLD_SIZE environment variable "
-             "(set by scripts/launch.py)");
+             "(scripts/launch.py, torchrun; SLURM_NTASKS under srun)");
       assign(*f, it.value(), where);
       c.key_source[path] = where;
     } else if (s.is_section(path)) {

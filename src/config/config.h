@@ -201,7 +201,7 @@ struct Config {
 };
 
 // `train.world_size` is not a JSON key: load_config and config_from_json take it from the
-// WORLD_SIZE environment variable (default 1); an override "train.world_size=N" may replace it
+// WORLD_SIZE environment variable (else, under srun, SLURM_NTASKS; default 1); an override "train.world_size=N" may replace it
 // (useful in tests and `muonforge config` to preview another world size).
 //
 // Loads `path` (following "base" chains), applies `overrides` ("a.b=value", type-checked against
