@@ -509,6 +509,17 @@ TEST_CASE("mismatched configs, a taken port and a missing master fail fast", "[d
     CHECK(r.out.find("cannot reach master") != std::string::npos);
     CHECK(r.seconds < 20);
   }
+  SECTION("a node that never comes") {
+    // Node 0 of two: its rank waits for rank 1's address, then names it.
+    Result r = sh("MF_STORE_TIMEOUT=3 python3 " + kLaunch + " --nnodes 2 --node-rank 0 "
+                  "--nproc-per-node 1 --master-addr 127.0.0.1 --master-port " +
+                  std::to_string(20000 + ::getpid() % 20000) + " " + kBin + " train " + kRoot +
+                  "/cfg.json --quiet --set run.name=nonode");
+    INFO(r.out);
+    CHECK(r.rc != 0);
+    CHECK(r.out.find("rank(s) 1 never joined the group") != std::string::npos);
+    CHECK(r.seconds < 30);
+  }
 }
 
 TEST_CASE("ZeRO-1 splits the AdamW state over the ranks and resumes bit-exactly", "[dist][zero]") {

@@ -54,7 +54,22 @@ class GlooStoreAdapter : public gloo::rendezvous::Store {
   void wait(const std::vector<std::string>& keys, const ms& timeout) override {
     std::vector<std::string> full;
     for (auto& k : keys) full.push_back(prefix_ + k);
-    store_.wait(full, timeout);
+    try {
+      store_.wait(full, timeout);
+    } catch (const Error& e) {
+      // Gloo waits for each peer's address under its rank number: name the ranks that never
+      // came, and the usual reasons, before the store's own message.
+      std::string who;
+      bool ranks = true;
+      for (auto& k : keys) {
+        ranks = ranks && !k.empty() && k.find_first_not_of("0123456789") == std::string::npos;
+        who += (who.empty() ? "" : ", ") + k;
+      }
+      if (!ranks) throw;
+      throw Error("rank(s) " + who + " never joined the group: their node's launcher did not "
+                  "start, or started with other --nnodes / --node-rank / --master-addr / "
+                  "--master-port (or came up later than MF_STORE_TIMEOUT allows). " + e.what());
+    }
   }
 
  private:
