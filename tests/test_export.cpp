@@ -282,6 +282,11 @@ TEST_CASE("muonforge export command line", "[export][cli]") {
                    "\"model_type\": \"llama\")") != std::string::npos);
     CHECK(out.find("muonforge import " + root + "/out OUTDIR") != std::string::npos);
   }
+  // inspect reads it as what it is.
+  out = mf::test::run_capture(bin + " inspect " + root + "/out --top 1", &rc);
+  CHECK(rc == 0);
+  CHECK(out.find("Hugging Face model directory: " + root + "/out") != std::string::npos);
+  CHECK(out.find("model:       \"llama\"") != std::string::npos);
   fs::remove_all(root);
 }
 
