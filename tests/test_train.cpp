@@ -1107,6 +1107,10 @@ TEST_CASE("sampling: logits_row is causal; a trained model continues its languag
   out = run_capture(bin + " sample " + root + " --tokens 3", &rc);
   CHECK(rc == 1);
   CHECK_THAT(out, Catch::Contains("holds no checkpoint"));
+  out = run_capture(bin + " sample " + root + "/run --prompt-ids 0,99", &rc);
+  CHECK(rc == 1);  // refused before the model loads or anything is printed
+  CHECK_THAT(out, Catch::Contains("prompt token 1 is 99, outside the vocabulary 0..31") &&
+                      !Catch::Contains("sample: " + root) && !Catch::Contains(" |"));
   out = run_capture(bin + " sample " + root + "/run --prompt-ids 1,x", &rc);
   CHECK(rc == 1);
   CHECK_THAT(out, Catch::Contains("'x' is not a token id"));
