@@ -201,8 +201,9 @@ struct Config {
 };
 
 // `train.world_size` is not a JSON key: load_config and config_from_json take it from the
-// WORLD_SIZE environment variable (else, under srun, SLURM_NTASKS; default 1); an override "train.world_size=N" may replace it
-// (useful in tests and `muonforge config` to preview another world size).
+// WORLD_SIZE environment variable (else, under srun, SLURM_NTASKS; default 1); an override
+// "train.world_size=N" may replace it (useful in tests and `muonforge config` to preview another
+// world size).
 //
 // Loads `path` (following "base" chains), applies `overrides` ("a.b=value", type-checked against
 // the schema), validates, and returns the typed config. Throws mf::Error naming file and key path.
