@@ -366,9 +366,9 @@ def find_text_files(paths):
         p = Path(p)
         if p.is_dir():
             files = sorted(q for q in p.rglob("*") if q.is_file())
-            found = [q for q in files if q.name.endswith(".txt") or q.name.endswith(".txt.xz")]
-            other = [q for q in files if not (q.name.endswith(".txt") or q.name.endswith(".txt.xz"))
-                     and not q.name.startswith(".")]
+            is_text = [q.name.endswith((".txt", ".txt.xz")) for q in files]
+            found = [q for q, t in zip(files, is_text) if t]
+            other = [q for q, t in zip(files, is_text) if not t and not q.name.startswith(".")]
             if other:
                 log(f"  {p}: skipped {len(other)} file(s) that are not *.txt or *.txt.xz (e.g. "
                     f"{other[0]}); name a file to read it anyway")

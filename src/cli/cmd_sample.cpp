@@ -139,9 +139,7 @@ int cmd_sample(const Args& args) {
   }
   MF_CHECK(!prompt.empty(), "sample: the prompt is empty");
   // Before anything is printed (scripts/sample.py starts echoing the prompt at the " |").
-  for (size_t i = 0; i < prompt.size(); ++i)
-    MF_CHECK(prompt[i] >= 0 && prompt[i] < V, "sample: prompt token ", i, " is ", prompt[i],
-             ", outside the vocabulary 0..", V - 1, " (model.vocab_size ", V, ")");
+  check_prompt_ids(prompt, V);
 
   const int max_T = cfg.model.max_seq_len;
   if (context <= 0) context = std::min(cfg.train.seq_len, max_T);

@@ -15,6 +15,7 @@
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
 #include "dist/communicator.h"
+#include "optim/matrix_opt.h"
 #include "optim/optimizer.h"
 
 namespace fs = std::filesystem;
@@ -424,16 +425,19 @@ bool same_blocks(const std::string& key, const nlohmann::json& a, const nlohmann
   if (key.size() < suffix.size() || key.compare(key.size() - suffix.size(), suffix.size(), suffix))
     return false;
   if (!a.is_number_integer() || !b.is_number_integer()) return false;
-  const int64_t ba = a.get<int64_t>(), bb = b.get<int64_t>();
-  const auto side = [](int64_t bs, int64_t n) { return bs > 0 ? std::min(bs, n) : n; };
+  const int ba = a.get<int>(), bb = b.get<int>();
   // Ungrafted Shampoo's and ASGO's µP lr multiplier counts the blocks of the base-width shapes
   // too (matrix_mup_lr_mult), which the same cut of this model's matrices does not make equal,
   // and the width multiplier is not known here: not judged, refused.
   if (o.name == "asgo" || (o.name == "shampoo" && o.shampoo.graft != "adam")) return false;
   for (const Param* p : params) {
     if (!in_main_group(p->kind, o) || p->shape.size() < 2) continue;
-    const int64_t rows = p->shape[p->shape.size() - 2], cols = p->shape.back();
-    if (side(ba, rows) != side(bb, rows) || side(ba, cols) != side(bb, cols)) return false;
+    int64_t l, r;  // make_blocks' own cut under each size (it clamps them to the sides)
+    const std::vector<MatBlock> x = make_blocks(p->shape, ba, l, r), y = make_blocks(p->shape, bb, l, r);
+    if (!std::equal(x.begin(), x.end(), y.begin(), y.end(), [](const MatBlock& u, const MatBlock& v) {
+          return u.r0 == v.r0 && u.c0 == v.c0 && u.rows == v.rows && u.cols == v.cols;
+        }))
+      return false;
   }
   return true;
 }

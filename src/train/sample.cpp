@@ -42,16 +42,20 @@ int32_t pick_token(const std::vector<float>& logits, const SampleOptions& o, Rng
   return ids[size_t(k - 1)];  // rounding left u a hair above the last weight
 }
 
+void check_prompt_ids(const std::vector<int32_t>& prompt, int64_t V) {
+  for (size_t i = 0; i < prompt.size(); ++i)
+    MF_CHECK(prompt[i] >= 0 && prompt[i] < V, "sample: prompt token ", i, " is ", prompt[i],
+             ", outside the vocabulary 0..", V - 1, " (model.vocab_size ", V, ")");
+}
+
 std::vector<int32_t> generate(LlamaModel& model, const std::vector<int32_t>& prompt,
                               const SampleOptions& o,
                               const std::function<void(int32_t)>& on_token) {
   MF_CHECK(model.B() == 1, "sample: the model must be built with micro-batch 1, not ", model.B());
   MF_CHECK(!prompt.empty(), "sample: the prompt is empty (give at least one token)");
   MF_CHECK(o.max_new_tokens >= 0, "sample: --tokens ", o.max_new_tokens, " must be >= 0");
-  const int64_t V = model.config().vocab_size, T = model.T();
-  for (size_t i = 0; i < prompt.size(); ++i)
-    MF_CHECK(prompt[i] >= 0 && prompt[i] < V, "sample: prompt token ", i, " is ", prompt[i],
-             ", outside the vocabulary 0..", V - 1);
+  const int64_t T = model.T();
+  check_prompt_ids(prompt, model.config().vocab_size);
   Rng rng(o.seed, 0x5a4d504cULL);
   std::vector<int32_t> ctx = prompt, out, window(size_t(T), 0);
   if (o.kv_cache) {

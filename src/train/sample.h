@@ -31,6 +31,9 @@ struct SampleOptions {
 // softmax(logits / temperature) restricted to the top_k largest (ties to the lower id).
 int32_t pick_token(const std::vector<float>& logits, const SampleOptions& o, Rng& rng);
 
+// Throws, naming the first one, unless every prompt token is in the vocabulary 0..vocab_size-1.
+void check_prompt_ids(const std::vector<int32_t>& prompt, int64_t vocab_size);
+
 // Appends o.max_new_tokens tokens to `prompt` with a model built for B = 1; on_token sees each
 // new token as it is drawn. Returns the new tokens only.
 std::vector<int32_t> generate(LlamaModel& model, const std::vector<int32_t>& prompt,
