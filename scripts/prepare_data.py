@@ -18,8 +18,11 @@ tokens when the vocabulary has <= 65535 ids, otherwise magic 20240801 / version 
 Documents: input text is split into documents at every literal "<|endoftext|>" (and at file
 boundaries). GPT-2 shards start each document with the <|endoftext|> token (50256), as llm.c
 does; byte-level shards end each document with a blank line instead (bytes have no spare id).
-Validation split: unless --val files are given, the last --val-frac of every document (cut at
-the first newline at or after that point) goes to val, the rest to train. Deterministic.
+Validation split (deterministic), unless --val files are given: with --val-split tail (the
+default, and the only sensible one for a single long text), the last --val-frac of every
+document goes to val, cut after the first newline at or after that point (after a space when no
+newline follows); in GPT-2 shards each tail, like each document, starts with <|endoftext|>. With
+--val-split documents (fineweb-edu's default), every 1/val-frac-th document goes to val whole.
 
 Standard library only; tiktoken is used for GPT-2 when it is installed (and can load its
 tables) and no --gpt2-dir is given, otherwise a pure-Python byte-level BPE reading
@@ -430,15 +433,29 @@ def split_documents(text):
 
 
 def split_tail(doc, val_frac):
-    """(train_part, val_part): the val part starts at the first newline at or after
-    len*(1-val_frac) (or exactly there when no newline follows)."""
+    """(train_part, val_part): the val part starts after the first newline at or after
+    len*(1-val_frac); when no newline follows, after the first whitespace there (so no word is
+    cut in two); when neither follows, exactly there."""
     if val_frac <= 0:
         return doc, ""
     cut = int(len(doc) * (1.0 - val_frac))
     nl = doc.find("\n", cut)
     if nl != -1:
-        cut = nl + 1
+        return doc[: nl + 1], doc[nl + 1:]
+    ws = re.compile(r"\s").search(doc, cut)
+    if ws:
+        cut = ws.end()
     return doc[:cut], doc[cut:]
+
+
+def is_val_document(index, val_frac):
+    """--val-split documents: whether 0-based document `index` goes to val whole. The val
+    documents are spread evenly: one whenever floor(n * val_frac) steps up (with val_frac 0.05,
+    the 20th, 40th, ... document), so the split does not depend on how many documents follow."""
+    if val_frac <= 0:
+        return False
+    # The small epsilon keeps products like 20 * 0.05 = 0.9999... on the right side.
+    return int((index + 1) * val_frac + 1e-9) > int(index * val_frac + 1e-9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,10 +589,15 @@ def iter_docs(files, what, errors="replace"):
         yield from split_documents(text)
 
 
+VAL_SPLITS = ("tail", "documents")
+
+
 def run_text(files, val_files, out, tokenizer, val_frac, shard_tokens, prefix, workers, gpt2_dir,
-             source):
+             source, val_split="tail"):
     if not (0.0 <= val_frac < 1.0):
         raise UserError(f"--val-frac must be in [0, 1), got {val_frac}")
+    if val_split not in VAL_SPLITS:
+        raise UserError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
     tok = make_tokenizer(tokenizer, gpt2_dir)
     files = find_text_files(files)
     errors = getattr(tok, "read_errors", "replace")
@@ -584,20 +606,35 @@ def run_text(files, val_files, out, tokenizer, val_frac, shard_tokens, prefix, w
         train_docs = iter_docs(files, "train", errors)
         val_docs = iter_docs(val_files, "val", errors)
     else:
-        # Each document's tail goes to val; documents are read once and the tails kept in memory
-        # (val_frac of the data).
-        tails = []
+        # Each document's tail (or every 1/val_frac-th document) goes to val; documents are read
+        # once and the val part kept in memory (val_frac of the data).
+        held = []
+        seen = [0]
 
         def train_docs_gen():
-            for d in iter_docs(files, "train + val", errors):
+            for i, d in enumerate(iter_docs(files, "train + val", errors)):
+                seen[0] = i + 1
+                if val_split == "documents":
+                    if is_val_document(i, val_frac):
+                        held.append(d)
+                    else:
+                        yield d
+                    continue
                 head, tail = split_tail(d, val_frac)
                 if tail.strip():
-                    tails.append(tail)
+                    held.append(tail)
                 if head.strip():
                     yield head
 
+        def val_docs_gen():  # runs after the train split is consumed (train is written first)
+            if val_split == "documents" and not held and val_frac > 0:
+                warn(f"--val-split documents: {seen[0]} document(s) are fewer than the "
+                     f"{round(1 / val_frac)} it takes to give one to val at --val-frac {val_frac}; "
+                     f"use --val-split tail (the end of every document) or a larger --val-frac")
+            yield from held
+
         train_docs = train_docs_gen()
-        val_docs = tails  # filled while the train split is consumed (train is written first)
+        val_docs = val_docs_gen()
     return build(train_docs, val_docs, out, tok, shard_tokens, prefix, workers, gpt2_dir, source)
 
 
@@ -735,11 +772,17 @@ def fetch_fineweb(n_docs, dest, timeout=15):
 # Command line
 # --------------------------------------------------------------------------------------------
 
-def add_common(p, tokenizer_default):
+def add_common(p, tokenizer_default, val_split_default="tail", val_given=False):
     p.add_argument("--tokenizer", choices=["byte", "gpt2"], default=tokenizer_default,
                    help=f"byte: vocab 256; gpt2: GPT-2 BPE, vocab 50257 (default {tokenizer_default})")
+    ignored = " (unused: this recipe has its own val text)" if val_given else ""
     p.add_argument("--val-frac", type=float, default=0.05,
-                   help="fraction of every document (its tail) that goes to val (default 0.05)")
+                   help="fraction that goes to val: of every document (its tail) or of the "
+                        "documents, as --val-split says (default 0.05)" + ignored)
+    p.add_argument("--val-split", choices=VAL_SPLITS, default=val_split_default,
+                   help="tail: the end of every document goes to val, cut after a newline (or a "
+                        "space); documents: every 1/val-frac-th document goes to val whole "
+                        f"(default {val_split_default})" + ignored)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,}; the last shard of a "
                         f"split may hold up to 1.5x)")
@@ -771,7 +814,8 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--val", nargs="+", default=None,
-                   help="files or folders used as the val split (then --val-frac is ignored)")
+                   help="files or folders used as the val split (then --val-frac and "
+                        "--val-split are ignored)")
     add_common(p, "byte")
 
     for name, what in (("tinyshakespeare", "the 1.1 MB tiny Shakespeare text (char-rnn)"),
@@ -780,7 +824,9 @@ def main(argv=None):
         p = sub.add_parser(name, help=f"download {what}, then tokenize")
         p.add_argument("--out", default=str(REPO / "data" / name.replace("-", "_")),
                        help=f"output folder (default data/{name.replace('-', '_')})")
-        add_common(p, "gpt2")
+        # FineWeb-Edu's documents are many and independent web pages: whole ones go to val.
+        add_common(p, "gpt2", "documents" if name == "fineweb-edu" else "tail",
+                   val_given=name == "tinystories")
         if name == "fineweb-edu":
             p.add_argument("--docs", type=int, default=20000, help="documents to fetch (default 20000)")
 
@@ -790,11 +836,12 @@ def main(argv=None):
             run_default(a.out, a.val_frac)
         elif a.recipe == "text":
             run_text(a.paths, a.val, a.out, a.tokenizer, a.val_frac, a.shard_tokens,
-                     prefix_of(a.name), a.workers, a.gpt2_dir, "text: " + " ".join(a.paths))
+                     prefix_of(a.name), a.workers, a.gpt2_dir, "text: " + " ".join(a.paths),
+                     a.val_split)
         elif a.recipe == "tinyshakespeare":
             f = download(TINYSHAKESPEARE_URL, CACHE / "tinyshakespeare" / "input.txt")
             run_text([f], None, a.out, a.tokenizer, a.val_frac, a.shard_tokens, prefix_of(a.name),
-                     a.workers, a.gpt2_dir, TINYSHAKESPEARE_URL)
+                     a.workers, a.gpt2_dir, TINYSHAKESPEARE_URL, a.val_split)
         elif a.recipe == "tinystories":
             tr = download(TINYSTORIES_URLS["train"], CACHE / "tinystories" / "train.txt")
             va = download(TINYSTORIES_URLS["val"], CACHE / "tinystories" / "valid.txt")
@@ -803,7 +850,7 @@ def main(argv=None):
         elif a.recipe == "fineweb-edu":
             f = fetch_fineweb(a.docs, CACHE / "fineweb_edu" / f"sample10bt_{a.docs}.txt")
             run_text([f], None, a.out, a.tokenizer, a.val_frac, a.shard_tokens, prefix_of(a.name),
-                     a.workers, a.gpt2_dir, "FineWeb-Edu sample-10BT")
+                     a.workers, a.gpt2_dir, "FineWeb-Edu sample-10BT", a.val_split)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

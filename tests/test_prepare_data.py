@@ -60,6 +60,47 @@ class TextRecipe(unittest.TestCase):
         self.assertEqual(head + tail, "a\nbb\nccc\ndddd\n")
         self.assertEqual(tail, "dddd\n")
         self.assertEqual(pd.split_tail("abc", 0.0), ("abc", ""))
+        # No newline after the cut point: the cut moves to just after the next space, not into a
+        # word ("gamma" would have become "ga" + "mma").
+        self.assertEqual(pd.split_tail("alpha beta gamma delta", 0.5), ("alpha beta gamma ", "delta"))
+        self.assertEqual(pd.split_tail("abcdefgh", 0.5), ("abcd", "efgh"))  # no space either
+
+    def test_val_documents_are_spread_evenly(self):
+        picked = [i for i in range(100) if pd.is_val_document(i, 0.05)]
+        self.assertEqual(picked, [19, 39, 59, 79, 99])
+        self.assertEqual(sum(pd.is_val_document(i, 0.1) for i in range(1000)), 100)
+        self.assertEqual(sum(pd.is_val_document(i, 0.07) for i in range(1000)), 70)
+        self.assertFalse(any(pd.is_val_document(i, 0.0) for i in range(100)))
+
+    def test_val_split_documents_cli(self):
+        script = str(REPO / "scripts" / "prepare_data.py")
+        with tempfile.TemporaryDirectory() as d:
+            src = Path(d) / "docs.txt"
+            src.write_text("\n<|endoftext|>\n".join(f"doc {i:02d} text\nmore of doc {i:02d}"
+                                                    for i in range(30)), encoding="utf-8")
+            out = Path(d) / "out"
+            r = subprocess.run([sys.executable, script, "text", str(src), "--out", str(out),
+                                "--val-frac", "0.1", "--val-split", "documents"],
+                               capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            tr = bytes(list(pd.read_shard(out / "train_000000.bin")[2])).decode()
+            va = bytes(list(pd.read_shard(out / "val_000000.bin")[2])).decode()
+            # Documents 9, 19 and 29 whole, each ending with the byte tokenizer's blank line.
+            self.assertEqual(va, "".join(f"doc {i:02d} text\nmore of doc {i:02d}\n\n" for i in (9, 19, 29)))
+            self.assertEqual(tr.count("more of doc"), 27)
+            self.assertNotIn("doc 19", tr)
+            # Too few documents for one to reach val: a warning that says what to use instead.
+            r = subprocess.run([sys.executable, script, "text", str(src), "--out", str(out),
+                                "--val-frac", "0.01", "--val-split", "documents"],
+                               capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+            self.assertIn("30 document(s) are fewer than the 100", r.stderr)
+            self.assertIn("--val-split tail", r.stderr)
+            self.assertFalse((out / "val_000000.bin").exists())
+            r = subprocess.run([sys.executable, script, "text", str(src), "--out", str(out),
+                                "--val-split", "random"], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 2)
+            self.assertIn("--val-split", r.stderr)
 
     def test_documents(self):
         self.assertEqual(pd.split_documents("one\n<|endoftext|>\ntwo<|endoftext|>\n\n"), ["one", "two"])
