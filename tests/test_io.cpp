@@ -16,6 +16,7 @@
 #include "core/rng.h"
 #include "io/atomic_file.h"
 #include "io/hf.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 #include "test_util.h"
 
@@ -693,4 +694,34 @@ TEST_CASE("HF model directories: single file, sharded index, errors", "[io][hf]"
   CHECK_THAT(error_of([&] { mf::HfWeights hw(std::vector<std::string>{
                                 d1 + "/model.safetensors", d2 + "/" + s2}); }),
              Contains("appears in both"));
+}
+
+TEST_CASE("JSON files: the strict reader names the file, the lenient one never throws", "[io][json]") {
+  TempDir d("json");
+  auto put = [&](const std::string& name, const std::string& text) {
+    std::ofstream(d / name) << text;
+    return d / name;
+  };
+  const std::string good = put("good.json", "{\"a\": [1, 2], \"b\": \"x\"}\n");
+  const std::string bad = put("bad.json", "{\"a\": [1, 2\n");
+  const std::string commented = put("commented.json", "// a note\n{\"a\": 1 /* one */}\n");
+  const std::string missing = d / "missing.json";
+
+  CHECK(mf::read_json_file(good, "state").at("a").size() == 2);
+  const std::string e_bad = error_of([&] { mf::read_json_file(bad, "checkpoint state"); });
+  CHECK_THAT(e_bad, Contains("invalid JSON in checkpoint state '" + bad + "'"));
+  CHECK_THAT(e_bad, Contains("line 2"));                   // where the parser stopped
+  CHECK_THAT(e_bad, !Contains("json.exception"));          // nlohmann's prefix is dropped
+  CHECK_THAT(error_of([&] { mf::read_json_file(missing); }),
+             Contains("cannot open file '" + missing + "'"));
+  CHECK_THAT(error_of([&] { mf::read_json_file(d.path.string(), "index"); }),
+             Contains("is a directory"));
+  CHECK_THAT(error_of([&] { mf::read_json_file(commented); }), Contains("invalid JSON"));
+
+  CHECK(mf::peek_json_file(good).at("b") == "x");
+  CHECK(mf::peek_json_file(bad).is_discarded());
+  CHECK(mf::peek_json_file(missing).is_discarded());
+  CHECK(mf::peek_json_file(d.path.string()).is_discarded());
+  CHECK(mf::peek_json_file(commented).is_discarded());
+  CHECK(mf::peek_json_file(commented, /*comments=*/true).at("a") == 1);
 }

@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "config/config.h"
 #include "io/atomic_file.h"
+#include "io/json_file.h"
 #include "train/checkpoint.h"
 #include "train/export.h"
 
@@ -103,8 +104,7 @@ int cmd_export(const Args& args) {
   // The special ids are checked against the checkpoint's vocabulary before anything is written.
   int64_t vocab = 0;
   {
-    std::ifstream in(fs::path(ckpt) / "config.json");
-    const nlohmann::json c = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    const nlohmann::json c = peek_json_file((fs::path(ckpt) / "config.json").string());
     if (c.is_object() && c.contains("model") && c["model"].is_object())
       vocab = c["model"].value("vocab_size", int64_t(0));
   }
@@ -114,11 +114,7 @@ int cmd_export(const Args& args) {
   int n = export_checkpoint(ckpt, pos[1], dt);
   if (eos >= 0 || bos >= 0) {
     const std::string cfg_path = (out / "config.json").string();
-    nlohmann::json hf;
-    {
-      std::ifstream in(cfg_path);
-      hf = nlohmann::json::parse(in);  // just written by export_checkpoint
-    }
+    nlohmann::json hf = read_json_file(cfg_path, "exported config");  // just written
     if (eos >= 0) hf["eos_token_id"] = eos;
     if (bos >= 0) hf["bos_token_id"] = bos;
     atomic_write_text(cfg_path, hf.dump(2) + "\n");

@@ -15,6 +15,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "data/shard.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 #include "train/checkpoint.h"
 
@@ -111,10 +112,7 @@ void print_safetensors(const std::string& path, int64_t top, const char* indent)
   }
 }
 
-nlohmann::json json_of(const fs::path& p) {
-  std::ifstream in(p);
-  return nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-}
+nlohmann::json json_of(const fs::path& p) { return peek_json_file(p.string()); }
 
 void print_checkpoint(const std::string& path, int64_t top) {
   // A Hugging Face model directory (an export): its config's key figures and its tensors.

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "io/json_file.h"
 
 namespace mf {
 
@@ -152,16 +153,6 @@ bool is_file(const fs::path& p) {
   return fs::is_regular_file(p, ec);
 }
 
-json read_json_file(const fs::path& p, const char* what) {
-  std::ifstream in(p);
-  MF_CHECK(in, "cannot open ", what, " '", p.string(), "'");
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    MF_FAIL("invalid JSON in ", what, " '", p.string(), "': ", e.what());
-  }
-}
-
 // hf_model_files, also returning the index's weight_map when there is one.
 std::vector<std::string> resolve_model_files(const std::string& dir,
                                              std::map<std::string, std::string>* weight_map) {
@@ -182,7 +173,7 @@ std::vector<std::string> resolve_model_files(const std::string& dir,
     MF_FAIL("'", dir, "' has no weights: neither model.safetensors nor ",
             "model.safetensors.index.json", hint);
   }
-  const json j = read_json_file(index, "safetensors index");
+  const json j = read_json_file(fs::path(index).string(), "safetensors index");
   MF_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(),
            "safetensors index '", index.string(), "' has no \"weight_map\" object");
   std::set<std::string> shards;
@@ -437,7 +428,7 @@ json read_hf_config(const std::string& dir) {
            "run with `muonforge train CONFIG --resume ", dir, "`, or start a new run from its "
            "weights with `muonforge export ", dir, " OUT_DIR` and train.init_from=OUT_DIR");
   MF_CHECK(is_file(p), "'", dir, "' has no config.json (is it a Hugging Face model directory?)");
-  return read_json_file(p, "Hugging Face config");
+  return read_json_file(fs::path(p).string(), "Hugging Face config");
 }
 
 std::vector<std::string> hf_model_files(const std::string& dir) {

@@ -13,6 +13,7 @@
 #include "core/fault.h"
 #include "core/log.h"
 #include "io/atomic_file.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 #include "dist/communicator.h"
 #include "optim/matrix_opt.h"
@@ -71,16 +72,6 @@ void remove_checkpoint_dir(const fs::path& dir, int step) {
 
 void write_json(const std::string& path, const nlohmann::json& j) {
   atomic_write_text(path, j.dump(1) + "\n");
-}
-
-nlohmann::json read_json(const std::string& path) {
-  std::ifstream f(path);
-  MF_CHECK(f, "cannot open ", path);
-  try {
-    return nlohmann::json::parse(f);
-  } catch (const std::exception& e) {
-    MF_FAIL(path, ": not valid JSON (", e.what(), ")");
-  }
 }
 
 }  // namespace
@@ -274,13 +265,8 @@ std::string resolve_checkpoint_dir(const std::string& path_in, const std::string
   if (fs::exists(p / "config.json") && fs::exists(p / "model.safetensors")) {
     // A Hugging Face model directory has the same two files, with its own config.json: say so
     // before that config fails to parse as ours ("architectures: unknown key").
-    nlohmann::json c;
-    try {
-      std::ifstream in(p / "config.json");
-      c = nlohmann::json::parse(in);
-    } catch (const std::exception&) {
-      return p.string();  // our reader reports what is wrong with it
-    }
+    const nlohmann::json c = peek_json_file((p / "config.json").string());
+    if (c.is_discarded()) return p.string();  // our reader reports what is wrong with it
     if (c.is_object() && !c.contains("model") &&
         (c.contains("architectures") || c.contains("model_type"))) {
       MF_FAIL(who, ": ", p.string(), " is a Hugging Face model directory (its config.json has ",
@@ -448,7 +434,7 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
   MF_CHECK(fs::is_directory(ckpt_dir), "checkpoint ", ckpt_dir, " is not a directory");
   const std::string state_path = (fs::path(ckpt_dir) / "state.json").string();
   MF_CHECK(fs::exists(state_path), "checkpoint ", ckpt_dir, " has no state.json (incomplete?)");
-  nlohmann::json st = read_json(state_path);
+  nlohmann::json st = read_json_file(state_path, "checkpoint state");
   MF_CHECK(st.contains("step") && st["step"].is_number_integer(), state_path,
            ": missing integer \"step\"");
   load_weights((fs::path(ckpt_dir) / "model.safetensors").string(), params, be);

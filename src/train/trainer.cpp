@@ -29,6 +29,7 @@
 #include "dist/env.h"
 #include "dist/store.h"
 #include "io/atomic_file.h"
+#include "io/json_file.h"
 #include "model/llama.h"
 #include "model/moe.h"
 #include "optim/mup.h"
@@ -218,9 +219,8 @@ Trainer::LockFd::~LockFd() {
 // or when the saved one cannot be read: an older or hand-made checkpoint).
 std::string Trainer::config_changes(const std::string& ckpt,
                                     const std::set<std::string>& only) const {
-  std::ifstream f(fs::path(ckpt) / "config.json");
-  if (!f) return "";
-  const nlohmann::json saved = nlohmann::json::parse(f, nullptr, false, /*ignore_comments=*/true);
+  const nlohmann::json saved =
+      peek_json_file((fs::path(ckpt) / "config.json").string(), /*comments=*/true);
   if (saved.is_discarded()) return "";
   const auto was = json_leaves(saved), now = json_leaves(config_to_json(cfg_));
   std::string out;
@@ -342,8 +342,7 @@ void Trainer::set_aside_later_checkpoints(const std::string& ckpt) const {
   if (ours) {
     // The step from its state.json; one that cannot be read is left to load_checkpoint to
     // report, with nothing moved.
-    std::ifstream f(fs::path(ckpt) / "state.json");
-    const nlohmann::json st = nlohmann::json::parse(f, nullptr, false);
+    const nlohmann::json st = peek_json_file((fs::path(ckpt) / "state.json").string());
     if (st.is_discarded() || !st.is_object() || !st.contains("step") ||
         !st["step"].is_number_integer())
       return;
