@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/ref_ops.h"
 
 extern "C" void openblas_set_num_threads(int);
 
@@ -50,33 +51,12 @@ void CpuBackend::upload(const Tensor& src, Tensor& dst) {
 void CpuBackend::download(const Tensor& src, Tensor& dst) { upload(src, dst); }
 void CpuBackend::copy(const Tensor& src, Tensor& dst) { upload(src, dst); }
 
-namespace {
-// Sum of f(p[i]) in double with a fixed association: fixed-size chunks summed in index order,
-// so the result is bitwise the same for any thread count (exact resume relies on it).
-template <class F>
-double ordered_sum(const float* p, int64_t n, F f) {
-  constexpr int64_t kChunk = 4096;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> part(size_t(std::max<int64_t>(chunks, 1)), 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) {
-    double s = 0;
-    const int64_t end = std::min(n, (c + 1) * kChunk);
-    for (int64_t i = c * kChunk; i < end; ++i) s += f(double(p[i]));
-    part[size_t(c)] = s;
-  }
-  double s = 0;
-  for (double v : part) s += v;
-  return s;
-}
-}  // namespace
-
 double CpuBackend::sum_squares(const Tensor& x) {
-  return ordered_sum(x.f32(), x.numel(), [](double v) { return v * v; });
+  return ref::ordered_sum_squares(x.f32(), x.numel());
 }
 
 double CpuBackend::sum(const Tensor& x) {
-  return ordered_sum(x.f32(), x.numel(), [](double v) { return v; });
+  return ref::ordered_sum(x.f32(), x.numel(), [](double v) { return v; });
 }
 
 void CpuBackend::scale(Tensor& x, float alpha) {

@@ -20,25 +20,6 @@ void check_same_f32(const char* op, const char* what, const Tensor& ref, const T
            ", expected ", shape_str(ref.shape));
 }
 
-// Sum of squares in double with a fixed reduction order (fixed-size chunks summed in order), so
-// the result does not depend on the thread count or on OpenMP's order of combining partials:
-// Muon updates must be bitwise reproducible across a checkpoint resume.
-double sum_squares_fixed_order(const float* p, int64_t n) {
-  constexpr int64_t kChunk = 4096;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> part(size_t(chunks), 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t k = 0; k < chunks; ++k) {
-    double s = 0;
-    const int64_t end = std::min(n, (k + 1) * kChunk);
-    for (int64_t i = k * kChunk; i < end; ++i) s += double(p[i]) * p[i];
-    part[size_t(k)] = s;
-  }
-  double s = 0;
-  for (double x : part) s += x;
-  return s;
-}
-
 }  // namespace
 
 void CpuBackend::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
@@ -117,7 +98,7 @@ void CpuBackend::newton_schulz(const Tensor& U, Tensor& O, int steps, float a, f
   const int64_t m = transposed ? cols : r;
   const int64_t n = transposed ? r : cols;
 
-  const double norm = std::sqrt(sum_squares_fixed_order(U.f32(), U.numel()));
+  const double norm = std::sqrt(ref::ordered_sum_squares(U.f32(), U.numel()));
   const float inv = float(1.0 / (norm + 1e-7));
   std::vector<float> X(size_t(m * n)), Xn(size_t(m * n)), A(size_t(m * m)), B(size_t(m * m));
   const float* up = U.f32();

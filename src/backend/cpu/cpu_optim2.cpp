@@ -33,23 +33,6 @@ void check_square(const char* op, const char* what, const Tensor& t) {
   MF_CHECK(t.dim(0) == t.dim(1), op, ": ", what, " must be square, got shape ", shape_str(t.shape));
 }
 
-// Fixed-order double sum of squares (chunks summed in order).
-double sumsq(const float* p, int64_t n) {
-  constexpr int64_t kChunk = 4096;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> part(size_t(std::max<int64_t>(chunks, 0)), 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t k = 0; k < chunks; ++k) {
-    double s = 0;
-    const int64_t end = std::min(n, (k + 1) * kChunk);
-    for (int64_t i = k * kChunk; i < end; ++i) s += double(p[i]) * p[i];
-    part[size_t(k)] = s;
-  }
-  double s = 0;
-  for (double x : part) s += x;
-  return s;
-}
-
 std::vector<double> to_double(const Tensor& t) {
   const float* p = t.f32();
   return std::vector<double>(p, p + t.numel());
@@ -186,7 +169,7 @@ void CpuBackend::newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vec
   if (r == 0 || cols == 0) return;
   const bool transposed = r > cols;
   const int64_t m = transposed ? cols : r, n = transposed ? r : cols;
-  const double norm = std::sqrt(sumsq(U.f32(), U.numel()));
+  const double norm = std::sqrt(ref::ordered_sum_squares(U.f32(), U.numel()));
   const float inv = float(1.0 / (double(norm_mult) * norm + 1e-7));
   std::vector<float> X(size_t(m * n)), Xn(size_t(m * n)), A(size_t(m * m)), B(size_t(m * m));
   const float* up = U.f32();
@@ -217,7 +200,7 @@ void CpuBackend::normuon_normalize(Tensor& O, Tensor& v, float beta2, float eps)
   if (r == 0 || c == 0) return;
   float* o = O.f32();
   float* vp = v.f32();
-  const double before = sumsq(o, O.numel());
+  const double before = ref::ordered_sum_squares(o, O.numel());
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < r; ++i) {
     double s = 0;
@@ -227,7 +210,7 @@ void CpuBackend::normuon_normalize(Tensor& O, Tensor& v, float beta2, float eps)
     const float inv = 1.0f / (std::sqrt(vi) + eps);
     for (int64_t j = 0; j < c; ++j) o[i * c + j] *= inv;
   }
-  const double after = sumsq(o, O.numel());
+  const double after = ref::ordered_sum_squares(o, O.numel());
   if (after > 0) scale(O, float(std::sqrt(before / after)));
 }
 

@@ -39,6 +39,30 @@ constexpr int64_t kAttnKeyBlock = 64;
 constexpr int64_t kXentChunkElems = int64_t(1) << 22;
 constexpr int64_t kXentMinRows = 64;
 
+// Sum of f(p[i]) in double with a fixed association: chunks of 4096 summed in index order, so
+// the result is bitwise the same for any thread count (an exact resume, and the grad norm and
+// Muon's normalisation matching between runs, rely on it).
+template <class F>
+double ordered_sum(const float* p, int64_t n, F f) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t chunks = n > 0 ? (n + kChunk - 1) / kChunk : 0;
+  std::vector<double> part(size_t(chunks), 0.0);
+#pragma omp parallel for schedule(static) if (n >= kMinParallelWork)
+  for (int64_t c = 0; c < chunks; ++c) {
+    double s = 0;
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+    for (int64_t i = c * kChunk; i < end; ++i) s += f(double(p[i]));
+    part[size_t(c)] = s;
+  }
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
+}
+
+inline double ordered_sum_squares(const float* p, int64_t n) {
+  return ordered_sum(p, n, [](double v) { return v * v; });
+}
+
 // ---- GEMM -------------------------------------------------------------------------------------
 // C[M,N] (=) alpha * op(A) op(B) + beta * C, row-major, op(A) [M,K], op(B) [K,N]. With beta == 0
 // C is not read (it may hold garbage), as in BLAS.
