@@ -173,7 +173,7 @@ std::vector<std::string> resolve_model_files(const std::string& dir,
     MF_FAIL("'", dir, "' has no weights: neither model.safetensors nor ",
             "model.safetensors.index.json", hint);
   }
-  const json j = read_json_file(fs::path(index).string(), "safetensors index");
+  const json j = read_json_file(index.string(), "safetensors index");
   MF_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(),
            "safetensors index '", index.string(), "' has no \"weight_map\" object");
   std::set<std::string> shards;
@@ -428,7 +428,7 @@ json read_hf_config(const std::string& dir) {
            "run with `muonforge train CONFIG --resume ", dir, "`, or start a new run from its "
            "weights with `muonforge export ", dir, " OUT_DIR` and train.init_from=OUT_DIR");
   MF_CHECK(is_file(p), "'", dir, "' has no config.json (is it a Hugging Face model directory?)");
-  return read_json_file(fs::path(p).string(), "Hugging Face config");
+  return read_json_file(p.string(), "Hugging Face config");
 }
 
 std::vector<std::string> hf_model_files(const std::string& dir) {
