@@ -500,7 +500,12 @@ TEST_CASE("moe permutation plan: token order, capacity drops, deterministic", "[
     if (n % 4 != 0) std::swap(perm[0], *std::find(perm.begin(), perm.end(), 0));
     for (int64_t j = 0; j < k; ++j) idx[size_t(n * k + j)] = perm[size_t(j)];
   }
-  for (double cf : {0.0, 0.5, 1.0, 2.0}) {
+  // The capacity formula ceil(cf N k / E), capped at N (an expert sees a token at most once;
+  // 1e300 used to overflow the int64 conversion).
+  CHECK(ref::moe_capacity(0.5, N, k, E) == 13);
+  CHECK(ref::moe_capacity(3.0, N, k, E) == N);
+  CHECK(ref::moe_capacity(1e300, N, k, E) == N);
+  for (double cf : {0.0, 0.5, 1.0, 2.0, 1e30}) {
     INFO("capacity_factor " << cf);
     const int64_t cap = ref::moe_capacity(cf, N, k, E);
     std::vector<int32_t> off(size_t(E + 1)), row_of(size_t(N * k)), row_token(size_t(N * k));

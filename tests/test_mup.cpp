@@ -229,6 +229,26 @@ TEST_CASE("µP table at two widths matches the formulas", "[mup]") {
       }
 }
 
+TEST_CASE("the hyper-parameter table names how non-random parameters start", "[mup]") {
+  Config c = width_config(64, 64, "muon", true);
+  c.model.moe.n_experts = 4;
+  c.model.moe.top_k = 2;
+  c.model.moe.d_expert = 32;
+  c.model.moe.balance = "bias";
+  auto be = make_backend("cpu");
+  LlamaModel model(c.model, *be, 1, 8, mup_model_scales(c));
+  const std::string t = apply_mup(c, model.params()).table();
+  auto line_of = [&](const std::string& name) {
+    const size_t at = t.find(name);
+    REQUIRE(at != std::string::npos);
+    return t.substr(at, t.find('\n', at) - at);
+  };
+  // The router's bias buffer starts at zeros (it used to read "ones", like a norm gain).
+  CHECK_THAT(line_of("model.layers.1.mlp.gate.e_score_correction_bias"), Contains("zeros"));
+  CHECK_THAT(line_of("model.layers.1.mlp.gate.e_score_correction_bias"), !Contains("ones"));
+  CHECK_THAT(line_of("model.layers.1.post_attention_layernorm.weight"), Contains("ones"));
+}
+
 TEST_CASE("SP and RMS parametrisations leave the model alone", "[mup]") {
   Config c = width_config(256, 64, "muon", false);
   c.optim.scale = "shape";

@@ -707,6 +707,7 @@ void validate_config(const Config& c) {
   k.non_negative("model.moe.bias_rate", e.bias_rate);
   k.fp32_finite("model.moe.bias_rate", e.bias_rate);
   k.non_negative("model.moe.capacity_factor", e.capacity_factor);
+  k.fp32_finite("model.moe.capacity_factor", e.capacity_factor);
 
   k.positive("mup.base_width", c.mup.base_width);
   k.positive("mup.base_depth", c.mup.base_depth);
@@ -811,9 +812,14 @@ void validate_config(const Config& c) {
   if (e.n_experts > 0 && e.top_k > e.n_experts)
     k.fail_cross("model.moe.top_k", {"model.moe.n_experts"}, std::to_string(e.top_k) + " exceeds model.moe.n_experts = " +
                                   std::to_string(e.n_experts));
-  if (e.first_dense > m.n_layers)
-    k.fail_cross("model.moe.first_dense", {"model.n_layers"}, std::to_string(e.first_dense) + " exceeds model.n_layers = " +
-                                        std::to_string(m.n_layers));
+  // An MoE model needs an MoE layer: first_dense = n_layers built a dense model that checkpoints,
+  // inspect and export still labelled MoE (an export no loader could read).
+  if (e.n_experts > 0 && e.first_dense >= m.n_layers)
+    k.fail_cross("model.moe.first_dense", {"model.n_layers"},
+                 std::to_string(e.first_dense) + (e.first_dense == m.n_layers ? " equals" : " exceeds") +
+                     " model.n_layers = " + std::to_string(m.n_layers) +
+                     ", which leaves no MoE layer; lower it, or set model.moe.n_experts to 0 for a "
+                     "dense model");
   // The parameter count, in double (the shapes are ints; their products can pass 2^63, where the
   // gradient arena's int64 offsets wrapped: d_model=1e9 failed with "internal: parameter
   // model.embed_tokens.weight in no gradient group").

@@ -14,7 +14,9 @@ int64_t shared_width(const MoeConfig& m) { return int64_t(m.n_shared) * m.d_expe
 // Same rule as ref::moe_capacity (kept here so the model does not include the CPU reference).
 int64_t capacity_of(double factor, int64_t N, int64_t k, int64_t E) {
   if (factor <= 0) return 0;
-  return int64_t(std::ceil(factor * double(N) * double(k) / double(E)));
+  // An expert receives each token at most once, so N is never a limit; capping there also keeps
+  // a huge factor from overflowing the int64 conversion.
+  return int64_t(std::min(double(N), std::ceil(factor * double(N) * double(k) / double(E))));
 }
 }  // namespace
 

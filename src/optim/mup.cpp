@@ -153,7 +153,11 @@ std::string MupResult::table() const {
     o << pad(r.name, wn) << "  " << pad(r.kind, 9) << "  " << pad(r.shape, 14) << "  "
       << pad(r.optimizer, 5) << "  " << pad(g(r.lr), 11) << "  " << pad(g(r.lr_mult), 9) << "  "
       << pad(g(r.wd), 11) << "  " << pad(g(r.wd_mult), 9) << "  "
-      << pad(r.init_std > 0 ? g(r.init_std) : std::string("ones"), 11) << "  "
+      << pad(r.init_std > 0 ? g(r.init_std) : r.kind == param_kind_name(ParamKind::Bias)
+                                                  ? std::string("zeros")
+                                                  : std::string("ones"),
+             11)
+      << "  "
       << (r.optimizer != "adamw" && r.optimizer != "none" ? g(r.muon_scale) : std::string("-"))
       << "\n";
   }

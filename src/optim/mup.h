@@ -66,7 +66,7 @@ struct MupRow {
   double lr_mult = 1;
   double wd = 0;          // group wd x wd_mult (the lambda the optimizer applies)
   double wd_mult = 1;
-  double init_std = 0;    // 0 = ones (norm gains)
+  double init_std = 0;    // 0: not random (norm gains start at ones, Bias buffers at zeros)
   double muon_scale = 0;  // Muon's update scale s (0 for AdamW)
 };
 

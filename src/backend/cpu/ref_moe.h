@@ -179,7 +179,8 @@ void moe_router_bwd(const T* dw, const T* aux_grad, const T* x, const T* Wr, con
 // factor is 0 (dropless).
 inline int64_t moe_capacity(double factor, int64_t N, int64_t k, int64_t E) {
   if (factor <= 0) return 0;
-  return int64_t(std::ceil(factor * double(N) * double(k) / double(E)));
+  // At most N: an expert receives each token at most once (and no int64 overflow).
+  return int64_t(std::min(double(N), std::ceil(factor * double(N) * double(k) / double(E))));
 }
 
 // Permutation plan (Backend::moe_permute). idx [N,k]; offsets [E+1]; row_of [N,k];
