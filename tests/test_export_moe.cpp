@@ -194,6 +194,19 @@ TEST_CASE("MoE export then init_from gives identical weights", "[export][moe]") 
       // bf16 export rounds; init_from still loads it.
       export_checkpoint(r.last_checkpoint, out + "_bf16", DType::BF16);
       CHECK(read_json(out + "_bf16/config.json")["torch_dtype"] == "bfloat16");
+      {
+        // Weights are bf16, the router's bias stays f32 and exact (bf16 would move it by about
+        // bias_rate and change close routing choices).
+        SafetensorsReader hb(out + "_bf16/model.safetensors");
+        CHECK(hb.entry("model.layers.1.mlp.gate.weight").dtype == "BF16");
+        const std::string bias = "model.layers.1.mlp.gate.e_score_correction_bias";
+        CHECK(hb.contains(bias) == (balance == "bias"));
+        if (hb.contains(bias)) {
+          CHECK(hb.entry(bias).dtype == "F32");
+          Tensor a = hb.read_f32(bias), b = ck.read_f32(bias);
+          CHECK(std::equal(a.f32(), a.f32() + a.numel(), b.f32()));
+        }
+      }
       c2.train.init_from = out + "_bf16";
       c2.run.dir += "_bf16";
       CHECK_NOTHROW(Trainer(c2, quiet()));

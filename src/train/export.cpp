@@ -78,7 +78,11 @@ int export_checkpoint(const std::string& ckpt_dir, const std::string& out_dir, D
              ", expected ", shape_str(shape));
     apply_factor(t, name, fold, false);
     keep.push_back(t);
-    w.add(name, t, store_as);
+    // The router's bias stays f32 (as in DeepSeek-V3's own checkpoints): it moves by bias_rate
+    // steps (1e-3 in moe-moonlight-small), about bf16's spacing near 0.2, and bf16 rounding
+    // would change close top-k choices.
+    const bool keep_f32 = name.find("e_score_correction_bias") != std::string::npos;
+    w.add(name, t, keep_f32 ? DType::F32 : store_as);
   }
   fs::create_directories(out_dir);
   nlohmann::json hf = hf_config(cfg.model);  // LlamaForCausalLM, or muonforge_moe for MoE
