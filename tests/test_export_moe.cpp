@@ -214,6 +214,23 @@ TEST_CASE("MoE export then init_from gives identical weights", "[export][moe]") 
   }
 }
 
+TEST_CASE("a resume that drops the router bias is refused, naming model.moe.balance",
+          "[train][moe]") {
+  // The checkpoint's e_score_correction_bias tensors used to be ignored: the run went on with
+  // balance "none" and a "config differs" line, its learned biases gone.
+  TempDir root("moe_rebal");
+  Config c = small_moe(root, "a", "bias", "sigmoid");
+  Trainer(c, quiet()).run();
+  for (const char* other : {"none", "aux_loss"}) {
+    Config o = c;
+    o.model.moe.balance = other;
+    o.train.max_steps += 2;
+    CHECK_THROWS_WITH(Trainer(o, quiet()),
+                      Contains(std::string("model.moe.balance \"bias\" -> \"") + other + "\"") &&
+                          Contains("e_score_correction_bias"));
+  }
+}
+
 TEST_CASE("init_from names every mismatched MoE key", "[export][moe]") {
   TempDir root("moe_chk");
   Config c = small_moe(root, "a", "bias", "sigmoid");

@@ -841,6 +841,12 @@ TEST_CASE("resuming with a model of another shape names the changed keys", "[tra
   moe.model.moe.n_experts = 4;
   moe.model.moe.d_expert = 16;
   CHECK_THROWS_WITH(Trainer(moe, quiet), Catch::Contains("model.moe.n_experts 0 -> 4"));
+  // A model with fewer tensors than the checkpoint (no lm_head) names the key and the tensor.
+  Config tied = c;
+  tied.model.tie_embeddings = true;
+  tied.train.max_steps = 4;
+  CHECK_THROWS_WITH(Trainer(tied, quiet), Catch::Contains("model.tie_embeddings false -> true") &&
+                                              Catch::Contains("lm_head.weight"));
   // A change the model's shape does not see still resumes.
   Config ok = c;
   ok.model.recompute = "full";

@@ -104,6 +104,20 @@ void check_finite_weights(const Tensor& h, const std::string& name, const std::s
 
 void load_weights(const std::string& path, const ParamList& params, Backend& be) {
   SafetensorsReader r(path);
+  // A tensor the model does not have would be dropped without a word: a resume that turned
+  // model.moe.balance from "bias" to "none" lost the learned router biases that way.
+  std::set<std::string> wanted;
+  for (const Param* p : params) wanted.insert(p->name);
+  std::vector<std::string> extra;
+  for (const std::string& n : r.names())
+    if (!wanted.count(n)) extra.push_back(n);
+  if (!extra.empty()) {
+    std::string list;
+    for (size_t i = 0; i < extra.size() && i < 3; ++i) list += (i ? ", " : "") + extra[i];
+    if (extra.size() > 3) list += ", ... (" + std::to_string(extra.size()) + " in all)";
+    MF_FAIL(path, ": holds tensor(s) this model does not have: ", list,
+            "; the checkpoint was written by a model of other settings");
+  }
   for (Param* p : params) {
     MF_CHECK(r.contains(p->name), path, ": tensor ", p->name, " is missing");
     const auto& e = r.entry(p->name);
