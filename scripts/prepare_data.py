@@ -21,7 +21,8 @@ does; byte-level shards end each document with a blank line instead (bytes have 
 Validation split (deterministic), unless --val files are given: with --val-split tail (the
 default, and the only sensible one for a single long text), the last --val-frac of every
 document goes to val, cut after the first newline at or after that point (after a space when no
-newline follows); in GPT-2 shards each tail, like each document, starts with <|endoftext|>. With
+newline follows; the `default` recipe keeps an exact cut there, as its published figures were
+measured); in GPT-2 shards each tail, like each document, starts with <|endoftext|>. With
 --val-split documents (fineweb-edu's default), every 1/val-frac-th document goes to val whole.
 
 Standard library only; tiktoken is used for GPT-2 when it is installed (and can load its
@@ -432,17 +433,18 @@ def split_documents(text):
     return [d for d in (p.strip("\n") for p in text.split(EOT_TEXT)) if d.strip()]
 
 
-def split_tail(doc, val_frac):
+def split_tail(doc, val_frac, at_space=True):
     """(train_part, val_part): the val part starts after the first newline at or after
     len*(1-val_frac); when no newline follows, after the first whitespace there (so no word is
-    cut in two); when neither follows, exactly there."""
+    cut in two; at_space=False cuts exactly there instead, the default corpus's frozen rule);
+    when neither follows, exactly there."""
     if val_frac <= 0:
         return doc, ""
     cut = int(len(doc) * (1.0 - val_frac))
     nl = doc.find("\n", cut)
     if nl != -1:
         return doc[: nl + 1], doc[nl + 1:]
-    ws = re.compile(r"\s").search(doc, cut)
+    ws = re.compile(r"\s").search(doc, cut) if at_space else None
     if ws:
         cut = ws.end()
     return doc[:cut], doc[cut:]
@@ -680,7 +682,10 @@ def run_default(out, val_frac=DEFAULT_VAL_FRAC):
     heads, tails = [], []
     for _, text in docs:
         d = text.strip("\n")
-        head, tail = split_tail(d, val_frac)
+        # The default shards back the CPU figures in docs/ (reproduction.md, optimizers.md,
+        # performance.md): their split keeps the exact cut of the recipe they were measured with
+        # (a space-aligned cut moves 7 of the 93 documents' tails and every figure's last digits).
+        head, tail = split_tail(d, val_frac, at_space=False)
         if head.strip():
             heads.append(head)
         if tail.strip():

@@ -64,6 +64,11 @@ class TextRecipe(unittest.TestCase):
         # word ("gamma" would have become "ga" + "mma").
         self.assertEqual(pd.split_tail("alpha beta gamma delta", 0.5), ("alpha beta gamma ", "delta"))
         self.assertEqual(pd.split_tail("abcdefgh", 0.5), ("abcd", "efgh"))  # no space either
+        # The default corpus keeps the exact cut its published figures were measured with.
+        self.assertEqual(pd.split_tail("alpha beta gamma delta", 0.5, at_space=False),
+                         ("alpha beta ", "gamma delta"))
+        self.assertEqual(pd.split_tail("alpha beta gamma delta", 0.4, at_space=False),
+                         ("alpha beta ga", "mma delta"))
 
     def test_val_documents_are_spread_evenly(self):
         picked = [i for i in range(100) if pd.is_val_document(i, 0.05)]
