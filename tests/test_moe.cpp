@@ -1197,4 +1197,21 @@ TEST_CASE("moe configs: moe-tiny trains, moe-moonlight-small has the Moonlight s
   INFO("total params " << total);
   CHECK(total > 0.45e9);
   CHECK(total < 0.55e9);
+  CHECK(m.param_count() == total);
+  // Active per token: the routed experts a token does not reach (58 of 64) left out.
+  const double unused = (m.n_layers - m.moe.first_dense) * (m.moe.n_experts - m.moe.top_k) * 3 * d *
+                        double(m.moe.d_expert);
+  CHECK(m.active_param_count() == total - unused);
+  CHECK(m.active_param_count() < 0.2 * 1e9);
+  // moe-tiny, counted on the allocated model: every parameter except the unused share of the
+  // expert tensors.
+  double experts = 0;
+  for (Param* p : model.params())
+    if (p->name.find(".mlp.experts.") != std::string::npos) experts += double(p->numel());
+  const MoeConfig& te = tiny.model.moe;
+  CHECK(tiny.model.active_param_count() ==
+        double(model.num_params()) - experts * double(te.n_experts - te.top_k) / te.n_experts);
+  ModelConfig dense_m = tiny.model;
+  dense_m.moe.n_experts = 0;
+  CHECK(dense_m.active_param_count() == dense_m.param_count());
 }

@@ -56,6 +56,12 @@ int cmd_config(const Args& args) {
   Config c = load_config(file, overrides);
   std::printf("%s\n", config_to_string(c).c_str());
   if (!json_only) {
+    const double n = c.model.param_count(), active = c.model.active_param_count();
+    std::printf("# parameters: %.0f (%.2fM)", n, n / 1e6);
+    if (c.model.moe.n_experts > 0)
+      std::printf(", %.0f (%.2fM) active per token (top_k %d of %d routed experts)", active,
+                  active / 1e6, c.model.moe.top_k, c.model.moe.n_experts);
+    std::printf("\n");
     std::printf(
         "# valid: %s\n# world_size %d, grad_accum %d (batch_tokens %lld = micro_batch %d x seq_len %d "
         "x world_size %d x grad_accum %d)\n# run dir: %s\n",

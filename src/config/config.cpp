@@ -637,6 +637,13 @@ double ModelConfig::param_count() const {
          double(vocab_size) * d * (tie_embeddings ? 1 : 2) + d;
 }
 
+double ModelConfig::active_param_count() const {
+  if (moe.n_experts <= 0) return param_count();
+  const double n_moe = double(n_layers) - moe.first_dense;
+  const double unused = double(moe.n_experts - std::min(moe.top_k, moe.n_experts));
+  return param_count() - n_moe * unused * 3 * double(d_model) * double(moe.d_expert);
+}
+
 std::string ModelConfig::shape_keys() const {
   std::string s = "model.d_model " + std::to_string(d_model) + ", model.n_layers " +
                   std::to_string(n_layers) + ", model.d_ff " + std::to_string(d_ff) +

@@ -46,6 +46,10 @@ struct ModelConfig {
   // The number of parameters LlamaModel allocates (LlamaModel::num_params), in double: the shape
   // keys are ints and their products can pass 2^63. Exact below 2^53.
   double param_count() const;
+  // The parameters one token uses, as MoE models are usually quoted ("532M total, 132M active"):
+  // param_count() less the routed experts a token does not reach (all but top_k of n_experts
+  // in every MoE layer). Equal to param_count() for a dense model.
+  double active_param_count() const;
   // "model.d_model 64, model.n_layers 2, model.d_ff 256, model.vocab_size 256" (+ the MoE keys
   // when moe.n_experts > 0): the keys that set the parameter count, for error messages.
   std::string shape_keys() const;

@@ -433,10 +433,17 @@ void Trainer::setup() {
   for (auto& w : mup.warnings) spdlog::warn("{}", w);
   diag_ = std::make_unique<Diagnostics>(cfg_);
   spdlog::info("muonforge {} (commit {})", version(), build_commit());
+  const MoeConfig& moe = cfg_.model.moe;
+  const std::string experts =
+      moe.n_experts > 0
+          ? fmt::format(", MoE {} experts top-{} +{} shared from layer {}: {} active per token",
+                        moe.n_experts, moe.top_k, moe.n_shared, moe.first_dense,
+                        int64_t(cfg_.model.active_param_count()))
+          : std::string();
   spdlog::info("model: {} parameters ({} layers, d_model {}, {} heads / {} kv heads, d_ff {}, "
-               "vocab {}), backend {}",
+               "vocab {}{}), backend {}",
                model_->num_params(), cfg_.model.n_layers, cfg_.model.d_model, cfg_.model.n_heads,
-               cfg_.model.n_kv_heads, cfg_.model.d_ff, cfg_.model.vocab_size, be_->name());
+               cfg_.model.n_kv_heads, cfg_.model.d_ff, cfg_.model.vocab_size, experts, be_->name());
   setup_grad_buckets();  // ZeRO-1 shards follow the buckets: plan them first
   setup_distributed();
 
