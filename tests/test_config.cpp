@@ -467,6 +467,8 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
       {R"({"model": {"moe": {"n_experts": 4, "top_k": 5}}})", "model.moe.top_k",
        "5 exceeds model.moe.n_experts = 4"},
       {R"({"model": {"moe": {"capacity_factor": 1e300}}})", "model.moe.capacity_factor", "3.4e38"},
+      {R"({"optim": {"ns_steps": 101}})", "optim.ns_steps", "must be in [1, 100], got 101"},
+      {R"({"optim": {"ns_steps": 0}})", "optim.ns_steps", "must be in [1, 100], got 0"},
       {R"({"model": {"moe": {"n_experts": 4, "first_dense": 5}}})", "model.moe.first_dense",
        "5 exceeds model.n_layers = 4"},
       {R"({"model": {"moe": {"n_experts": 4, "first_dense": 4}}})", "model.moe.first_dense",

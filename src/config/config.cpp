@@ -727,7 +727,10 @@ void validate_config(const Config& c) {
   k.one_of("optim.wd_mode", o.wd_mode, {"coupled", "independent"});
   k.one_of("optim.router", o.router, {"adamw", "matrix"});
   k.unit_open("optim.momentum", o.momentum);
-  k.positive("optim.ns_steps", o.ns_steps);
+  // The optimizer's own check (optimizer.cpp) allows [1, 100]: here too, so `muonforge config`
+  // and sweep.py --dry-run refuse what train would.
+  if (o.ns_steps < 1 || o.ns_steps > 100)
+    k.fail("optim.ns_steps", "must be in [1, 100], got " + std::to_string(o.ns_steps));
   k.one_of("optim.scale", o.scale, {"shape", "rms", "spectral"});
   k.betas("optim.betas", o.betas);
   k.positive_fp32("optim.eps", o.eps);

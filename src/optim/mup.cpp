@@ -147,11 +147,11 @@ std::string MupResult::table() const {
   size_t wn = 4;
   for (auto& r : rows) wn = std::max(wn, r.name.size());
   o << pad("param", wn) << "  " << pad("kind", 9) << "  " << pad("shape", 14) << "  "
-    << pad("opt", 5) << "  " << pad("lr", 11) << "  " << pad("lr_mult", 9) << "  "
+    << pad("opt", 7) << "  " << pad("lr", 11) << "  " << pad("lr_mult", 9) << "  "
     << pad("wd", 11) << "  " << pad("wd_mult", 9) << "  " << pad("init_std", 11) << "  scale\n";
   for (auto& r : rows) {
     o << pad(r.name, wn) << "  " << pad(r.kind, 9) << "  " << pad(r.shape, 14) << "  "
-      << pad(r.optimizer, 5) << "  " << pad(g(r.lr), 11) << "  " << pad(g(r.lr_mult), 9) << "  "
+      << pad(r.optimizer, 7) << "  " << pad(g(r.lr), 11) << "  " << pad(g(r.lr_mult), 9) << "  "
       << pad(g(r.wd), 11) << "  " << pad(g(r.wd_mult), 9) << "  "
       << pad(r.init_std > 0 ? g(r.init_std) : r.kind == param_kind_name(ParamKind::Bias)
                                                   ? std::string("zeros")

@@ -424,9 +424,7 @@ std::string Optimizer::describe() const {
   if (ocfg_.name == "muon")
     os << "muon: momentum " << ocfg_.momentum << (ocfg_.nesterov ? " nesterov" : "")
        << ", ns_steps " << ocfg_.ns_steps << ", scale " << ocfg_.scale << "\n";
-  if (ocfg_.name == "muon" || ocfg_.name == "normuon") {
-    if (ocfg_.ns != "quintic") os << "ns " << ocfg_.ns << "\n";
-  }
+  if (ocfg_.name == "muon" && ocfg_.ns != "quintic") os << "ns " << ocfg_.ns << "\n";
   if (ocfg_.name == "normuon")
     os << "normuon: momentum " << ocfg_.momentum << (ocfg_.nesterov ? " nesterov" : "")
        << ", ns " << ocfg_.ns << " x" << ocfg_.ns_steps << ", beta2 " << ocfg_.normuon_beta2
@@ -446,7 +444,7 @@ std::string Optimizer::describe() const {
       break;
     }
   char buf[512];
-  std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-5s  %-10s  %-10s  %-7s  %s\n", int(wname),
+  std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-7s  %-10s  %-10s  %-7s  %s\n", int(wname),
                 "param", "kind", "shape", "opt", "lr", "wd", "scale", "betas/eps");
   os << buf;
   for (const OptEntry& e : entries_) {
@@ -461,7 +459,7 @@ std::string Optimizer::describe() const {
       std::snprintf(b, sizeof b, "%.4g", e.scale);
       scale = b;
     }
-    std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-5s  %-10.4g  %-10.4g  %-7s  %s\n",
+    std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-7s  %-10.4g  %-10.4g  %-7s  %s\n",
                   int(wname), p.name.c_str(), param_kind_name(p.kind), shape_str(p.shape).c_str(),
                   opt_kind_name(e.kind), e.lr, e.wd * e.wd_mult, scale.c_str(), extra.c_str());
     os << buf;
