@@ -468,6 +468,10 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
        "5 exceeds model.moe.n_experts = 4"},
       {R"({"model": {"moe": {"capacity_factor": 1e300}}})", "model.moe.capacity_factor", "3.4e38"},
       {R"({"optim": {"ns_steps": 101}})", "optim.ns_steps", "must be in [1, 100], got 101"},
+      // the name exists in another section
+      {R"({"model": {"n_experts": 8}})", "model.n_experts", "did you mean model.moe.n_experts?"},
+      {R"({"optim": {"block_size": 8}})", "optim.block_size",
+       "did you mean optim.shampoo.block_size or optim.soap.block_size or optim.asgo.block_size?"},
       {R"({"optim": {"ns_steps": 0}})", "optim.ns_steps", "must be in [1, 100], got 0"},
       {R"({"model": {"moe": {"n_experts": 4, "first_dense": 5}}})", "model.moe.first_dense",
        "5 exceeds model.n_layers = 4"},

@@ -264,6 +264,16 @@ std::string unknown_key(const Schema& s, const std::string& prefix, const std::s
       if (n.size() >= 2 && name.size() >= 2 && (n.rfind(name, 0) == 0 || name.rfind(n, 0) == 0)) best = n;
   }
   if (!best.empty()) return "unknown key (did you mean " + best + "?)";
+  // The right name in another section ("model.n_experts" for model.moe.n_experts).
+  std::vector<std::string> elsewhere;
+  for (const Field& f : s.fields()) {
+    const std::string path = f.path;
+    const size_t dot = path.rfind('.');
+    if (f.in_json && path.substr(dot == std::string::npos ? 0 : dot + 1) == name)
+      elsewhere.push_back(path);
+  }
+  if (!elsewhere.empty() && elsewhere.size() <= 4)
+    return "unknown key (did you mean " + join(elsewhere, " or ") + "?)";
   return "unknown key (valid keys" + (prefix.empty() ? std::string() : " in " + prefix) + ": " +
          join(names, ", ") + ")";
 }
