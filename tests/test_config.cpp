@@ -633,6 +633,23 @@ TEST_CASE("muonforge config prints the resolved config or an error", "[config][c
 
   CHECK(run("configs/tiny.json") == 0);
   CHECK_THAT(output(), Contains("grad_accum 2") && Contains("runs/tiny"));
+  CHECK_THAT(output(), Contains("# parameters: 853120 (0.85M)"));
+  CHECK(run("configs/moe-tiny.json") == 0);
+  CHECK_THAT(output(), Contains("# parameters: 1409176 (1.41M), 745624 (0.75M) active per token"));
+  // --params: the trainer's per-parameter table (µP at width 256 over base 64 here: the hidden
+  // matrices' wd multiplier 1/4 with Muon), without a run directory.
+  CHECK(run("configs/mup-cpu.json --set model.d_model=256 --set model.n_heads=8 "
+            "--set model.n_kv_heads=8 --set model.d_ff=768 --params") == 0);
+  {
+    const std::string o = output();
+    CHECK_THAT(o, Contains("parametrization mup: width_mult 4"));
+    const size_t at = o.find("model.layers.0.mlp.up_proj.weight");
+    REQUIRE(at != std::string::npos);
+    const std::string row = o.substr(at, o.find('\n', at) - at);
+    CHECK_THAT(row, Contains("hidden") && Contains("muon") && Contains("0.25"));
+  }
+  CHECK(run("configs/tiny.json --params --json") == 1);
+  CHECK_THAT(output(), Contains("--json prints only the JSON"));
 
   CHECK(run("configs/tiny.json --set model.n_headz=2") == 1);
   CHECK_THAT(output(), Contains("configs/tiny.json (--set model.n_headz=2): model.n_headz: unknown key"));

@@ -196,7 +196,10 @@ void LlamaModel::build_params() {
     MF_CHECK(offset[j] >= 0, "internal: parameter ", params_[j]->name, " in no gradient group");
   grad_arena_ = be_.empty({std::max<int64_t>(total, 1)}, DType::F32);
   master_arena_ = be_.empty({std::max<int64_t>(total, 1)}, DType::F32);
-  be_.zero(master_arena_);  // the padding between tensors is copied around by ZeRO-1's all-gather
+  // The padding between tensors is copied around by ZeRO-1's all-gather: zero it. Host tensors
+  // are zero-filled when allocated (large ones as untouched pages, which a memset would make
+  // resident: `muonforge config --params` builds a model only to list its parameters).
+  if (master_arena_.device != Device::CPU) be_.zero(master_arena_);
   for (size_t j = 0; j < params_.size(); ++j) {
     Param& p = *params_[j];
     // Views keep their arena alive (owner).
