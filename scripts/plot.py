@@ -52,6 +52,10 @@ def log(msg):
     print(f"plot: {msg}", flush=True)
 
 
+def warn(msg):
+    print(f"plot: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def fnum(x):
     try:
         v = float(x)
@@ -453,6 +457,18 @@ def main(argv=None):
     ax.grid(alpha=0.3)
     if rows:
         ax.legend(fontsize=8)
+    # An empty figure says why, on itself and in the log.
+    empty_why = ""
+    if not rows:
+        empty_why = ("no speedup to plot: the sweep needs AdamW and another optimizer at the "
+                     "same width")
+    elif not any(math.isfinite(r["speedup"]) for r in rows):
+        empty_why = ("no speedup to plot: no optimizer reached AdamW's final loss at any width "
+                     "(speedup.csv holds NaN); longer runs or a wider lr grid may")
+    if empty_why:
+        ax.text(0.5, 0.5, empty_why.split(":")[0], transform=ax.transAxes, ha="center",
+                va="center", color="gray")
+        warn(f"speedup.png is empty: {empty_why.split(': ', 1)[1]}")
     fig.tight_layout()
     fig.savefig(out / "speedup.png", dpi=110)
     plt.close(fig)

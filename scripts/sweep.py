@@ -108,6 +108,30 @@ def parse_sets(items, what):
     return out
 
 
+def select_runs(runs, fixed, cli, only):
+    """The runs whose resolved values (the sweep's set, the grid's, --set) match every --only
+    KEY=VALUE; `run=NAME` matches the run's name. Raises UserError naming a condition no run
+    meets."""
+    picked = list(runs)
+    for key, want in only.items():
+        if key == "run":
+            keep = [r for r in picked if r["name"] == str(want)]
+        else:
+            def value(r):
+                return {**fixed, **r["values"], **cli}.get(key, None)
+            if all(value(r) is None for r in runs):
+                raise UserError(f"--only {key}: no run of this sweep sets {key} (the sweep's "
+                                f"keys: {', '.join(sorted(set(fixed) | {k for r in runs for k in r['values']}))})")
+            keep = [r for r in picked if value(r) == want or
+                    (isinstance(want, (int, float)) and isinstance(value(r), (int, float))
+                     and not isinstance(want, bool) and float(value(r)) == float(want))]
+        if not keep:
+            raise UserError(f"--only {key}={json.dumps(want)}: no run matches "
+                            f"({len(picked)} run(s) left by the conditions before it)")
+        picked = keep
+    return picked
+
+
 def check_key(key, where):
     if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", key):
         raise UserError(f"{where}: {key!r} is not a config key path like optim.lr")
@@ -581,6 +605,10 @@ def main(argv=None):
                     help="write the configs, list the runs and check each config with "
                          "`muonforge config` (exit 2 when one is invalid)")
     ap.add_argument("--collect-only", action="store_true", help="only rebuild results.csv")
+    ap.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                    help="run (or list, with --dry-run) only the runs with this config value, "
+                         "e.g. --only optim.name=muon --only model.d_model=64; run=NAME picks "
+                         "one run by name (repeatable; every condition must hold)")
     args = ap.parse_args(argv)
 
     spec, base, fixed, runs, keys = load_sweep(args.sweep, args.reduced)
@@ -639,11 +667,14 @@ def main(argv=None):
          "reduced": args.reduced, "set": {**fixed, **cli}, "keys": keys,
          "runs": [{"name": r["name"], "values": r["values"]} for r in runs]}, indent=1) + "\n")
 
+    picked = select_runs(runs, {**fixed}, cli, parse_sets(args.only, "--only"))
     done = [r for r in runs if read_status(out / "runs" / r["name"]).get("status") == "done"]
-    todo = [r for r in runs if r not in done]
-    log(f"{spec['name']}: {len(runs)} runs ({len(done)} finished, {len(todo)} to run) in {out}")
+    todo = [r for r in picked if r not in done]
+    log(f"{spec['name']}: {len(runs)} runs ({len(done)} finished, {len(todo)} to run"
+        + (f"; --only keeps {len(picked)}" if args.only else "") + f") in {out}")
     checks = max(1, min(8, os.cpu_count() or 1))
     if args.dry_run:
+        runs = picked
         for r in runs:
             print(f"  {r['name']:40s} {json.dumps(r['values'])}", flush=True)
         if not binary_usable(binary):

@@ -15,7 +15,8 @@
    there (which the lock refuses: the run failed, exit 1).
 3c. Ctrl-C within sweep.py's first milliseconds exits 130, with no traceback from sweep.py.
 4. Bad sweep files are refused with a message naming the problem.
-4b. Run configs are checked with `muonforge config`: --dry-run lists every invalid one with the
+4b. --only KEY=VALUE picks runs (a bad key or no match is an error). Run configs are checked
+   with `muonforge config`: --dry-run lists every invalid one with the
    binary's message and exits 2 (a typo in --set, a bad grid key in one grid only), says so when
    there is no binary to check with; a real sweep with an invalid config starts no run.
 4c. A failed run is reported on the console with its log's reason: the last "error:" line and its
@@ -24,7 +25,8 @@
 5d. Every shipped sweep file (configs/sweeps/*.json), full and --reduced, expands, and every
    config it writes passes `muonforge config` (a typo in a key or value fails here, not hours
    into a sweep).
-6. plot.py makes the PNGs from the finished sweep (prints SKIP-PLOT when matplotlib is missing);
+6. plot.py makes the PNGs from the finished sweep (prints SKIP-PLOT when matplotlib is missing),
+   warns when the speedup figure is empty;
    --only KEY=VALUE keeps a subset of the runs.
 Standard library only; exits non-zero on the first failure.
 """
@@ -274,6 +276,19 @@ def main():
           and "train.maxsteps: unknown key" in report and all(n in report for n in names4),
           "dry run with a --set typo: exit 2, every run named with the binary's message: "
           + log.strip()[-400:])
+    # --only: the runs with a value (numbers compare as numbers), or one run by name.
+    rc, log = run(SWEEP + reduced_cpu + ["--out", str(tmp / "dry-only"), "--dry-run",
+                                         "--only", "optim.name=muon", "--only", "model.d_model=64.0"])
+    listed = [n for n in names4 if f"  {n}-s" in log or f"  {n} " in log]
+    check(rc == 0 and "--only keeps 1" in log and listed == ["w64-muon-lr0.02"]
+          and "all 1 run configs are valid" in log, "--only keeps the matching run: " + log[-300:])
+    rc, log = run(SWEEP + reduced_cpu + ["--out", str(tmp / "dry-only"), "--dry-run",
+                                         "--only", "optim.lr=7"])
+    check(rc == 2 and "--only optim.lr=7: no run matches" in log, "--only with no match: " + log[-200:])
+    rc, log = run(SWEEP + reduced_cpu + ["--out", str(tmp / "dry-only"), "--dry-run",
+                                         "--only", "model.n_layerz=2"])
+    check(rc == 2 and "no run of this sweep sets model.n_layerz" in log,
+          "--only with a key the sweep does not set: " + log[-200:])
     two = tmp / "two_grids.json"
     two.write_text(json.dumps({
         "name": "two", "base": str(REPO / "configs" / "mup-cpu.json"),
@@ -431,6 +446,10 @@ def main():
     rc, log = run(PLOT + [str(out1), "--out", str(tmp / "plots64"), "--only", "model.d_model=64"])
     sp64 = list(csv.DictReader(open(tmp / "plots64" / "speedup.csv"))) if rc == 0 else []
     check(rc == 0 and [r["width"] for r in sp64] == ["64"], f"plot.py --only model.d_model=64: {sp64}")
+    # AdamW alone: an empty speedup figure, and a warning that says why.
+    rc, log = run(PLOT + [str(out1), "--out", str(tmp / "plots_a"), "--only", "optim.name=adamw"])
+    check(rc == 0 and "warning: speedup.png is empty: the sweep needs AdamW and another optimizer"
+          in log, f"plot.py warns about an empty speedup figure: {log[-300:]}")
     rc, log = run(PLOT + [str(out1), "--out", str(tmp / "plots64"), "--only", "optim.nope=1"])
     check(rc == 2 and "no run's config.json has the key 'optim.nope'" in log,
           "plot.py --only names an unknown key")
