@@ -376,6 +376,11 @@ TEST_CASE("configs/moe-tiny.json trains 2 steps, exports and is read back", "[ex
   CHECK(w.contains("model.layers.3.mlp.gate.e_score_correction_bias"));
   CHECK(w.contains("model.layers.3.mlp.experts.7.up_proj.weight"));
   CHECK(w.contains("model.layers.1.mlp.shared_experts.down_proj.weight"));
+  // inspect on the export shows its MoE layout.
+  const std::string shown = mf::test::run_capture(std::string(MF_BINARY) + " inspect " + out, &rc);
+  INFO(shown);
+  CHECK(rc == 0);
+  CHECK_THAT(shown, Contains("MoE 8 experts top-2 (+1 shared) width 96 from layer 1"));
 
   Config c2 = c;
   c2.run.dir = root / "again";

@@ -120,10 +120,20 @@ void print_checkpoint(const std::string& path, int64_t top) {
   if (hf.is_object() && !hf.contains("model") && hf.contains("model_type") &&
       fs::is_regular_file(fs::path(path) / "model.safetensors")) {
     std::printf("Hugging Face model directory: %s\n", path.c_str());
-    std::printf("model:       %s, %lld layers, hidden %lld, %lld heads / %lld kv heads, vocab %lld\n",
+    std::printf("model:       %s, %lld layers, hidden %lld, %lld heads / %lld kv heads, vocab %lld",
                 hf["model_type"].dump().c_str(), (long long)hf.value("num_hidden_layers", 0),
                 (long long)hf.value("hidden_size", 0), (long long)hf.value("num_attention_heads", 0),
                 (long long)hf.value("num_key_value_heads", 0), (long long)hf.value("vocab_size", 0));
+    // DeepSeek-V3 names (our muonforge_moe exports).
+    auto count = [&](const char* key) {
+      return hf.contains(key) && hf[key].is_number_integer() ? (long long)hf[key].get<int64_t>() : 0LL;
+    };
+    if (count("n_routed_experts") > 0)
+      std::printf(", MoE %lld experts top-%lld (+%lld shared) width %lld from layer %lld",
+                  count("n_routed_experts"), count("num_experts_per_tok"),
+                  count("n_shared_experts"), count("moe_intermediate_size"),
+                  count("first_k_dense_replace"));
+    std::printf("\n");
     std::printf("model.safetensors:\n");
     print_safetensors((fs::path(path) / "model.safetensors").string(), top, "  ");
     return;
