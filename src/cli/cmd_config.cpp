@@ -59,7 +59,8 @@ int cmd_config(const Args& args) {
       file = a;
     }
   }
-  MF_CHECK(!file.empty(), "config: missing FILE (usage: muonforge config FILE [--set KEY=VALUE ...] [--json])");
+  MF_CHECK(!file.empty(),
+           "config: missing FILE (usage: muonforge config FILE [--set KEY=VALUE ...] [--json] [--params])");
 
   MF_CHECK(!(json_only && params), "config: --json prints only the JSON; give --params without it");
   Config c = load_config(file, overrides);
