@@ -159,7 +159,9 @@ def moe_report(records):
     lines = ["", "## MoE beside a dense model of the same active size", "",
              "muonforge only (`bench_compare.py run --moe`; scripts/bench_torch.py has no MoE model). "
              "Active parameters: the weights multiplied per token (routed experts at top_k / "
-             "n_experts, lm head included, embedding lookup not); MFU is computed on them.", "",
+             "n_experts, lm head included, embedding lookup not); MFU is computed on them. (`muonforge "
+             "config` quotes active parameters the usual way instead: every parameter a token "
+             "uses, embeddings included.)", "",
              "| case | config | experts (top-k + shared) | params | active params | mb x accum | tok/s | "
              "MFU (active) | peak mem (MiB) | tok/s vs dense partner |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
