@@ -27,9 +27,11 @@
 #include <string>
 #include <vector>
 
+#include "backend/attention_check.h"
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/ref_ops.h"
+#include "core/bf16.h"
 #include "core/rng.h"
 #include "op_tolerance.h"
 #include "test_util.h"
@@ -864,6 +866,65 @@ TEST_CASE("tiled float attention is bitwise equal to the row-at-a-time loops", "
     }
   }
   omp_set_num_threads(threads0);
+}
+
+TEST_CASE("attention_disagreement: bf16 rounding agrees, real attention bugs do not", "[ops]") {
+  // model.attention = "auto" compares cuDNN's outputs with flash's before using cuDNN
+  // (src/backend/attention_check.h). The tolerances are twice the harness's bf16 ones.
+  CHECK(kAttnAgreeOut == 2 * test::op_tolerance("attention_fwd", DType::BF16));
+  CHECK(kAttnAgreeGrad == 2 * test::op_tolerance("attention_bwd", DType::BF16));
+  const AttnShape s = attn_shape(2, 96, 4, 2, 16);
+  Rng rng(4242);
+  const size_t nq = size_t(s.B * s.T * s.H * s.hd), nk = size_t(s.B * s.T * s.Hkv * s.hd);
+  const size_t nr = size_t(s.B * s.H * s.T);
+  auto fvec = [&](size_t n, double lo, double hi) {
+    std::vector<float> x(n);
+    for (auto& e : x) e = float(lo + (hi - lo) * rng.uniform());
+    return x;
+  };
+  const std::vector<float> q = fvec(nq, -2, 2), k = fvec(nk, -2, 2), v = fvec(nk, -1, 1);
+  // What one path computes at a given softmax scale (q doubles as dout, as in the autotune).
+  auto run = [&](float scale) {
+    AttnOutputs o;
+    o.out.resize(nq), o.lse.resize(nr), o.dq.resize(nq), o.dk.resize(nk), o.dv.resize(nk);
+    ref::attention_fwd_rows(q.data(), k.data(), v.data(), o.out.data(), o.lse.data(), dims(s),
+                            scale);
+    ref::attention_bwd_rows(q.data(), q.data(), k.data(), v.data(), o.out.data(), o.lse.data(),
+                            o.dq.data(), o.dk.data(), o.dv.data(), dims(s), scale);
+    return o;
+  };
+  const AttnOutputs ref_o = run(s.scale);
+  CHECK(attention_disagreement(ref_o, ref_o).empty());
+  // A second implementation that rounds every output to bf16 agrees.
+  AttnOutputs bf = ref_o;
+  for (auto* x : {&bf.out, &bf.dq, &bf.dk, &bf.dv})
+    for (float& e : *x) e = round_to_bf16(e);
+  CHECK(attention_disagreement(ref_o, bf).empty());
+  // The µP scale 1/hd instead of 1/sqrt(hd): caught at the output.
+  CHECK_THAT(attention_disagreement(ref_o, run(1.f / float(s.hd))), Catch::StartsWith("out:"));
+  // Statistics off by a constant (e.g. log2 instead of ln): lse.
+  AttnOutputs bad = ref_o;
+  for (float& e : bad.lse) e *= float(1 / std::log(2.0));
+  CHECK_THAT(attention_disagreement(ref_o, bad), Catch::StartsWith("lse:"));
+  // GQA: the kv-head gradient averaged over its group instead of summed (H / Hkv = 2).
+  bad = ref_o;
+  for (float& e : bad.dk) e *= 0.5f;
+  CHECK_THAT(attention_disagreement(ref_o, bad), Catch::StartsWith("dk:"));
+  // dv of the two kv heads swapped.
+  bad = ref_o;
+  for (size_t i = 0; i < nk; i += size_t(2 * s.hd))
+    std::swap_ranges(bad.dv.begin() + i, bad.dv.begin() + i + s.hd, bad.dv.begin() + i + s.hd);
+  CHECK_THAT(attention_disagreement(ref_o, bad), Catch::StartsWith("dv:"));
+  // One NaN, a missing output, and dq left unwritten (zeros).
+  bad = ref_o;
+  bad.dq[nq / 2] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THAT(attention_disagreement(ref_o, bad), Catch::StartsWith("dq: error inf"));
+  bad = ref_o;
+  bad.dv.clear();
+  CHECK_THAT(attention_disagreement(ref_o, bad), Catch::StartsWith("dv:"));
+  bad = ref_o;
+  std::fill(bad.dq.begin(), bad.dq.end(), 0.f);
+  CHECK_THAT(attention_disagreement(ref_o, bad), Catch::Contains("dq: error 1 > 0.08"));
 }
 
 TEST_CASE("lmhead_xent equals naive logits + log_softmax; loss_scale; chunking", "[ops]") {

@@ -23,7 +23,9 @@
 #include <vector>
 
 #include "attention.cuh"
+#include "backend/attention_check.h"
 #include "common.cuh"
+#include "core/bf16.h"
 #include "core/error.h"
 #include "core/log.h"
 
@@ -666,10 +668,26 @@ Tensor view(void* p, const Shape& s, DType t) {
   return x;
 }
 
+// A device tensor (bf16 or f32) as host floats; the stream is drained first.
+std::vector<float> host_floats(const Tensor& t, cudaStream_t stream) {
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  const size_t n = size_t(t.numel());
+  std::vector<float> f(n);
+  if (t.dtype == DType::F32) {
+    CUDA_CHECK(cudaMemcpy(f.data(), t.ptr, n * 4, cudaMemcpyDeviceToHost));
+  } else {
+    std::vector<uint16_t> h(n);
+    CUDA_CHECK(cudaMemcpy(h.data(), t.ptr, n * 2, cudaMemcpyDeviceToHost));
+    bf16_to_f32(h.data(), f.data(), n);
+  }
+  return f;
+}
+
 }  // namespace
 
-// Times flash and cuDNN (fwd + bwd) on scratch outputs, reading the caller's q, k, v (q doubles
-// as dout). Returns true when cuDNN is faster; any cuDNN failure means flash.
+// Runs flash and cuDNN (fwd + bwd) on scratch outputs, reading the caller's q, k, v (q doubles
+// as dout): once each to compare their outputs, then timed. Returns true when cuDNN agrees with
+// flash and is faster; any cuDNN failure or disagreement means flash.
 bool AttentionDispatch::autotune(const AttnShape& s, const Tensor& q, const Tensor& k,
                                  const Tensor& v) {
   const std::string shape = shape_text(s);
@@ -687,6 +705,37 @@ bool AttentionDispatch::autotune(const AttnShape& s, const Tensor& q, const Tens
   Tensor to = view(out.p, q.shape, DType::BF16), tl = view(lse.p, {s.B, s.H, s.T}, DType::F32);
   Tensor tdq = view(dq.p, q.shape, DType::BF16), tdk = view(dk.p, k.shape, DType::BF16),
          tdv = view(dv.p, k.shape, DType::BF16);
+  // First the same fwd + bwd through both paths, read back and compared: cuDNN is only a
+  // candidate when it computes what flash computes (attention_check.h).
+  auto outputs = [&] {
+    AttnOutputs o;
+    o.out = host_floats(to, ctx_->stream);
+    o.lse = host_floats(tl, ctx_->stream);
+    o.dq = host_floats(tdq, ctx_->stream);
+    o.dk = host_floats(tdk, ctx_->stream);
+    o.dv = host_floats(tdv, ctx_->stream);
+    return o;
+  };
+  std::string disagree;
+  try {
+    op_attention_fwd(*ctx_, q, k, v, to, tl, s);
+    op_attention_bwd(*ctx_, q, q, k, v, to, tl, tdq, tdk, tdv, s);
+    const AttnOutputs flash = outputs();
+    cudnn_->fwd(q, k, v, to, tl, s);
+    cudnn_->bwd(q, q, k, v, to, tl, tdq, tdk, tdv, s);
+    disagree = attention_disagreement(flash, outputs());
+  } catch (const Error& e) {
+    cudaStreamSynchronize(ctx_->stream);
+    spdlog::warn("model.attention = \"auto\": cuDNN attention {} failed; using flash ({})",
+                 shape, e.what());
+    return false;
+  }
+  if (!disagree.empty()) {
+    spdlog::warn("model.attention = \"auto\": cuDNN attention {} disagrees with flash on the same "
+                 "inputs ({}); using flash. Please report it with the cuDNN version ({}).",
+                 shape, disagree, CudnnAttention::runtime_version());
+    return false;
+  }
   cudaEvent_t t0, t1;
   CUDA_CHECK(cudaEventCreate(&t0));
   CUDA_CHECK(cudaEventCreate(&t1));
