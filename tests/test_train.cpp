@@ -15,6 +15,7 @@
 
 #include "backend/backend.h"
 #include "config/config.h"
+#include "core/log.h"
 #include "core/rng.h"
 #include "data/loader.h"
 #include "data/shard.h"
@@ -437,6 +438,37 @@ TEST_CASE("--resume of a checkpoint the branch has since pruned says so", "[trai
   const std::string err = mf::test::error_of([&] { Trainer(c, branch).run(); });
   CHECK(err.find("was probably pruned (train.keep_ckpts)") != std::string::npos);
   CHECK(err.find("ckpt-000008. To continue that run, drop --resume") != std::string::npos);
+  fs::remove_all(root);
+}
+
+TEST_CASE("a resume that moves the learning rate of its next step says by how much",
+          "[train][cli]") {
+  const std::string root = temp_dir("lrjump");
+  write_data(root);
+  Config c = tiny_config(root, root + "/run", "adamw");  // 8 steps
+  c.schedule.warmup = 0;
+  c.schedule.decay = "linear";
+  c.schedule.min_lr_ratio = 0.1;
+  c.train.eval_every = 0;
+  { std::ofstream(root + "/cfg.json") << config_to_string(c) << "\n"; }
+  const std::string train = std::string(MF_BINARY) + " train " + root + "/cfg.json --quiet";
+  int rc = 0;
+  std::string out = mf::test::run_capture(train + " --stop-at 4", &rc);
+  REQUIRE(rc == 0);
+  // Another key changed, the schedule not: the changed keys only.
+  out = mf::test::run_capture(train + " --set train.log_every=2 --stop-at 6", &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  CHECK(out.find("train.log_every 1 -> 2") != std::string::npos);
+  CHECK(out.find("the learning rate of step") == std::string::npos);
+  // A longer run stretches the linear decay: at step 7 (index 6) the multiplier was
+  // 1 - 0.9 * 6/8 = 0.325 and becomes 1 - 0.9 * 6/16 = 0.6625 (2.04x).
+  out = mf::test::run_capture(train + " --set train.max_steps=16 --stop-at 7", &rc);
+  REQUIRE(rc == 0);
+  const double lr = c.optim.lr;
+  CHECK(out.find(fmt::format("the learning rate of step 7 is {:.3g} under this config and would "
+                             "have been {:.3g} under the checkpoint's (2.04x",
+                             lr * 0.6625, lr * 0.325)) != std::string::npos);
   fs::remove_all(root);
 }
 
@@ -864,7 +896,8 @@ TEST_CASE("resuming with another optim.name says so, whatever the tensors", "[tr
     Config o = tiny_config(root, root + "/run", other);
     o.train.max_steps = 4;
     CHECK_THROWS_WITH(Trainer(o, quiet), Catch::Contains("saved with optim.name=adamw") &&
-                                             Catch::Contains(std::string("optim.name=") + other));
+                                             Catch::Contains(std::string("optim.name=") + other) &&
+                                             Catch::Contains("--no-resume, or another run.name"));
   }
   fs::remove_all(root);
 }

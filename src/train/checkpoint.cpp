@@ -55,6 +55,11 @@ std::vector<int> list_checkpoints(const std::string& run_dir) {
 
 namespace {
 
+// The way out of an optimizer mismatch on resume, ending each such error.
+constexpr const char* kFreshRun =
+    "or start a fresh run: --no-resume, or another run.name; or one from its weights: muonforge "
+    "export, then train.init_from";
+
 // Deletes the checkpoint directory `dir` (of the save of step `step`). It is first renamed to a
 // .tmp-ckpt-* name, which the next start clears away as it does half-written ones: removed in
 // place, a crash part-way left a ckpt-NNNNNN directory holding some of its files, and once its
@@ -463,7 +468,7 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
                         now = mine.value("optimizer", std::string());
       MF_CHECK(was == now, "checkpoint ", ckpt_dir, ": its optimizer state was saved with optim.name=",
                was, " but this run uses optim.name=", now, " (resume with optim.name=", was,
-               ", or start a new run from its weights: muonforge export, then train.init_from)");
+               ", ", kFreshRun, ")");
       // Which group stepped the MoE routers (checkpoints before optim.router existed: adamw).
       const std::string rwas = saved.value("router", std::string("adamw")),
                         rnow = mine.value("router", std::string("adamw"));
@@ -471,8 +476,7 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
                                        [](const Param* p) { return p->kind == ParamKind::Router; });
       MF_CHECK(rwas == rnow || !routers || now == "adamw", "checkpoint ", ckpt_dir,
                ": its routers were stepped with optim.router=", rwas, " but this run uses "
-               "optim.router=", rnow, " (resume with optim.router=", rwas, ", or start a new run "
-               "from its weights: muonforge export, then train.init_from)");
+               "optim.router=", rnow, " (resume with optim.router=", rwas, ", ", kFreshRun, ")");
       // Block sizes and the like (Optimizer::state_json): checkpoints from before they were
       // recorded have no "layout" and are not checked.
       if (saved.contains("layout") && saved["layout"].is_object()) {
@@ -487,8 +491,7 @@ nlohmann::json load_checkpoint(const std::string& ckpt_dir, const ParamList& par
           MF_CHECK(cur == val, "checkpoint ", ckpt_dir, ": its optimizer state was saved with ",
                    key, "=", val.dump(), " but this run uses ", key, "=", cur.dump(),
                    "; the statistics are laid out by it (resume with ", key, "=", val.dump(),
-                   ", or start a new run from its weights: muonforge export, then "
-                   "train.init_from)");
+                   ", ", kFreshRun, ")");
         }
       }
     }

@@ -34,6 +34,7 @@
 #include "model/moe.h"
 #include "optim/mup.h"
 #include "optim/optimizer.h"
+#include "optim/schedule.h"
 #include "train/checkpoint.h"
 #include "train/bench.h"
 #include "train/diagnostics.h"
@@ -235,6 +236,28 @@ std::string Trainer::config_changes(const std::string& ckpt,
   for (auto& [k, v] : now)
     if (!was.count(k)) add(k, "(none)", v);
   return out;
+}
+
+// A resume with another train.max_steps, schedule or optim.lr moves the learning rate of the
+// step it continues with: say by how much, since the run's loss may jump with it.
+void Trainer::warn_schedule_jump(const std::string& ckpt) const {
+  const nlohmann::json saved =
+      peek_json_file((fs::path(ckpt) / "config.json").string(), /*comments=*/true);
+  if (saved.is_discarded()) return;
+  Config old;
+  try {
+    old = config_from_json(saved, ckpt + "/config.json");
+  } catch (const Error&) {
+    return;  // a config of an older version: the list of changed keys has to do
+  }
+  const int step = start_step_;  // the 0-based index of the next step
+  const double was = old.optim.lr * lr_multiplier(old.schedule, old.train.max_steps, step);
+  const double now = cfg_.optim.lr * lr_multiplier(cfg_.schedule, cfg_.train.max_steps, step);
+  if (std::abs(now - was) <= 1e-6 * std::max(std::abs(was), std::abs(now))) return;
+  spdlog::warn("the learning rate of step {} is {:.3g} under this config and would have been "
+               "{:.3g} under the checkpoint's ({:.2f}x; optim.lr x the schedule at that step: "
+               "train.max_steps stretches the whole schedule, decay included)",
+               step + 1, now, was, was > 0 ? now / was : 0.0);
 }
 
 // One training process per run directory: two would overwrite each other's checkpoints and
@@ -506,9 +529,11 @@ void Trainer::setup() {
     spdlog::info("resumed from {} at step {}", ckpt, start_step_);
     if (rank_ == 0) {
       const std::string changed = config_changes(ckpt);
-      if (!changed.empty())
+      if (!changed.empty()) {
         spdlog::warn("this run's config differs from the checkpoint's (the run goes on with "
                      "the new values): {}", changed);
+        warn_schedule_jump(ckpt);
+      }
     }
     if (cfg_.train.init_from)
       spdlog::info("train.init_from ({}) is not used: the run continues from its checkpoint",
