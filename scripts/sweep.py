@@ -705,8 +705,12 @@ def main(argv=None):
             raise UserError(f"--jobs {jobs} exceeds the {gpus} GPU(s) nvidia-smi lists")
         jobs = max(1, min(jobs, len(todo)))
         threads = max(1, (os.cpu_count() or 1) // jobs)
+        # The trainers get OMP_NUM_THREADS from the environment when it is set (run_all).
+        given = os.environ.get("OMP_NUM_THREADS")
+        shown = (f"{given} thread(s) each, from OMP_NUM_THREADS" if given
+                 else f"{threads} thread(s) each")
         log(f"running {len(todo)} run(s), {jobs} at a time" +
-            (f" (one GPU each)" if use_gpus else f" on the CPU ({threads} threads each)"))
+            (f" (one GPU each)" if use_gpus else f" on the CPU ({shown})"))
         failed, interrupted = run_all(todo, out, binary, jobs, use_gpus, threads)
     rows = collect(out, runs, keys)
     log(f"results: {out / 'results.csv'} ({sum(r['status'] == 'done' for r in rows)}/{len(rows)} done)")

@@ -76,9 +76,11 @@ def main():
     out1 = tmp / "reduced"
     cmd = SWEEP + [sweep_file, "--reduced", "--out", str(out1), "--jobs", "2", "--binary", binary] + dsets
     t0 = time.time()
-    rc, log = run(cmd)
+    rc, log = run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     print(log)
     check(rc == 0, f"reduced sweep finished (rc {rc}) in {time.time() - t0:.1f}s")
+    check("2 at a time on the CPU (1 thread(s) each, from OMP_NUM_THREADS)" in log,
+          "the log names the trainers' thread count, the one OMP_NUM_THREADS gives them")
     rows = list(csv.DictReader(open(out1 / "results.csv")))
     check(len(rows) == 4, f"4 runs in results.csv (got {len(rows)})")
     want_cols = ["run", "status", "model.d_model", "optim.name", "optim.lr", "steps", "tokens",

@@ -516,6 +516,21 @@ TEST_CASE("bare --resume needs a checkpoint and continues from the latest; `late
   CHECK(out.find("data.val of " + root + "/run/ckpt-000006/config.json (or pass --data GLOB): "
                  "glob") != std::string::npos);
   fs::rename(root + "/moved.bin", root + "/val_000000.bin");
+  // Data from another tokenizer: the checkpoint's vocabulary cannot change, so the error says
+  // so instead of suggesting model.vocab_size.
+  {
+    std::vector<uint32_t> toks(2000);
+    for (size_t i = 0; i < toks.size(); ++i) toks[i] = uint32_t(i % 300);
+    write_shard(root + "/other_000000.bin", toks, 2);
+  }
+  out = mf::test::run_capture(bin + " eval " + root + "/run --data " + root +
+                                  "/other_000000.bin --batches 1",
+                              &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("is >= vocab_size 32 of the checkpoint " + root + "/run/ckpt-000006 (this "
+                 "shard's largest id is 299): it was made with another tokenizer") !=
+        std::string::npos);
+  CHECK(out.find("set model.vocab_size") == std::string::npos);
   out = mf::test::run_capture(bin + " export " + root + "/run/latest " + root + "/hf", &rc);
   INFO(out);
   CHECK(rc == 0);

@@ -175,6 +175,7 @@ int cmd_eval(const Args& args) {
   lo.B = cfg.train.micro_batch;
   lo.T = cfg.train.seq_len;
   lo.vocab_size = cfg.model.vocab_size;
+  lo.vocab_fixed_by = "the checkpoint " + ckpt;
   lo.label = data_given ? "--data" : "data.val of " + cpath + " (or pass --data GLOB)";
   DataLoader loader(data, lo);
   const int64_t avail = loader.micro_batches_per_pass();

@@ -116,7 +116,7 @@ DataLoader::DataLoader(const std::vector<std::string>& files, const DataLoaderOp
     shards_.push_back(std::move(sh));
   }
   if (opt_.vocab_size > 0 && bytes <= kEagerVocabCheckBytes)
-    for (auto& sh : shards_) sh.check_vocab(opt_.vocab_size);
+    for (auto& sh : shards_) sh.check_vocab(opt_.vocab_size, opt_.vocab_fixed_by);
   reset();
 }
 
@@ -163,7 +163,7 @@ RunRef DataLoader::peek() const {
 void DataLoader::next(int32_t* inputs, int32_t* targets) {
   const RunRef r = peek();
   TokenShard& sh = shards_[size_t(r.shard)];
-  if (opt_.vocab_size > 0) sh.check_vocab(opt_.vocab_size);  // no-op once checked
+  if (opt_.vocab_size > 0) sh.check_vocab(opt_.vocab_size, opt_.vocab_fixed_by);  // no-op once checked
   const int64_t BT = opt_.B * opt_.T;
   sh.copy(r.offset, BT, inputs);
   sh.copy(r.offset + 1, BT, targets);

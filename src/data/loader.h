@@ -80,6 +80,7 @@ struct DataLoaderOptions {
   uint64_t seed = 0;
   int64_t vocab_size = 0;     // > 0: every token id must be < vocab_size
   std::string label = "data"; // names the setting in errors, e.g. "data.train"
+  std::string vocab_fixed_by;  // e.g. "checkpoint X" when vocab_size cannot change (eval)
 };
 
 // Where one micro-batch comes from.

@@ -173,7 +173,7 @@ void TokenShard::copy(int64_t begin, int64_t n, int32_t* out) const {
   }
 }
 
-void TokenShard::check_vocab(int64_t vocab_size) {
+void TokenShard::check_vocab(int64_t vocab_size, const std::string& fixed_by) {
   MF_CHECK(vocab_size > 0, "token shard '", info_.path, "': vocab_size must be positive, got ",
            vocab_size);
   if (checked_vocab_ > 0 && checked_vocab_ <= vocab_size) return;
@@ -190,6 +190,11 @@ void TokenShard::check_vocab(int64_t vocab_size) {
   if (n > 0 && int64_t(mx) >= vocab_size) {
     for (int64_t i = 0; i < n; ++i) {
       uint32_t id = (*this)[i];
+      if (!fixed_by.empty())
+        MF_CHECK(int64_t(id) < vocab_size, "token shard '", info_.path, "': token id ", id,
+                 " at position ", i, " is >= vocab_size ", vocab_size, " of ", fixed_by,
+                 " (this shard's largest id is ", mx, "): it was made with another tokenizer "
+                 "than the model's; tokenize the text with the model's tokenizer");
       MF_CHECK(int64_t(id) < vocab_size, "token shard '", info_.path, "': token id ", id,
                " at position ", i, " is >= vocab_size ", vocab_size,
                " (was the shard made with another tokenizer? this shard's largest id is ", mx,

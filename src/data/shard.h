@@ -66,8 +66,9 @@ class TokenShard {
   // Copies tokens [begin, begin + n) into out (as int32; ids are < 2^31 in practice, checked).
   void copy(int64_t begin, int64_t n, int32_t* out) const;
   // Throws unless every id < vocab_size (names file, position, id). Cheap to call twice: the
-  // largest vocab already verified is remembered.
-  void check_vocab(int64_t vocab_size);
+  // largest vocab already verified is remembered. `fixed_by` names what fixes the vocabulary
+  // when it cannot change (eval of a checkpoint); empty: the error suggests model.vocab_size.
+  void check_vocab(int64_t vocab_size, const std::string& fixed_by = "");
   // All tokens as uint32 (copies).
   std::vector<uint32_t> to_vector() const;
 
