@@ -455,6 +455,14 @@ TEST_CASE("muonforge bench CLI: report, --json line, errors", "[bench][cli]") {
   fails_with("bench " + tiny + " --seq-len 0", "bench: --seq-len must be >= 1, got 0");
   fails_with("bench " + tiny + " --micro-batch -2", "bench: --micro-batch must be >= 1, got -2");
   fails_with("bench " + tiny + " --frobnicate", "unknown option --frobnicate");
+  // An option named like a config key points at --set; a --set without '=' is not read on.
+  fails_with("bench " + tiny + " --max-steps 3",
+             "bench: unknown option --max-steps (see muonforge bench --help; config keys are set "
+             "with --set: --set train.max_steps=VALUE)");
+  fails_with("bench " + tiny + " --weight_decay 0.1", "--set optim.wd=VALUE)");
+  fails_with("bench " + tiny + " --set optim.lr 0.01",
+             "bench: --set needs KEY=VALUE, got 'optim.lr' (write --set optim.lr=VALUE)");
+  fails_with("bench " + tiny + " --set", "bench: --set needs KEY=VALUE");
   out = run_capture("'" + bin + "' bench --help", &rc);
   CHECK(rc == 0);
   CHECK(out.find("--warmup") != std::string::npos);

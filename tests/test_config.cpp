@@ -106,6 +106,21 @@ TEST_CASE("defaults follow DESIGN section 5 and validate", "[config]") {
   CHECK(e.key_source.empty());
 }
 
+TEST_CASE("other trainers' key names map onto keys that exist", "[config]") {
+  const auto leaves = mf::json_leaves(mf::config_to_json(mf::Config{}));
+  REQUIRE(mf::config_key_aliases().size() >= 40);
+  for (const auto& [name, ours] : mf::config_key_aliases()) {
+    INFO(name);
+    for (const std::string& k : ours) CHECK(leaves.count(k) == 1);
+    // All of them, and only them: no key of ours has this name (it would come first).
+    CHECK(mf::config_keys_for(name) == ours);
+  }
+  // Our own names, in any section.
+  CHECK(mf::config_keys_for("max_steps") == std::vector<std::string>{"train.max_steps"});
+  CHECK(mf::config_keys_for("lr") == std::vector<std::string>{"optim.lr", "optim.adamw.lr"});
+  CHECK(mf::config_keys_for("frobnicate").empty());
+}
+
 TEST_CASE("config_to_json emits every key and round-trips", "[config]") {
   WorldSize ws(nullptr);
   mf::Config c;
@@ -368,6 +383,15 @@ TEST_CASE("every error class names the file and the key path", "[config]") {
       // unknown keys and wrong types
       {R"({"model": {"n_headz": 4}})", "model.n_headz", "unknown key (did you mean n_heads?)"},
       {R"({"optimizer": {}})", "optimizer", "unknown key (did you mean optim?)"},
+      // other trainers' names for our keys
+      {R"({"optim": {"weight_decay": 0.1}})", "optim.weight_decay",
+       "unknown key (muonforge calls it optim.wd)"},
+      {R"({"model": {"hidden_size": 64}})", "model.hidden_size",
+       "unknown key (muonforge calls it model.d_model)"},
+      {R"({"train": {"batch_size": 8}})", "train.batch_size",
+       "unknown key (muonforge calls it train.micro_batch or train.batch_tokens)"},
+      {R"({"model": {"num_experts_per_tok": 2}})", "model.num_experts_per_tok",
+       "unknown key (muonforge calls it model.moe.top_k)"},
       {R"({"model": {"moe": {"zzz": 1}}})", "model.moe.zzz", "unknown key (valid keys in model.moe: n_experts"},
       {R"({"model": {"d_model": "768"}})", "model.d_model", "expected integer, got string \"768\""},
       {R"({"model": {"d_model": 64.5}})", "model.d_model", "expected integer, got number 64.5"},

@@ -1,12 +1,14 @@
 // Option parsing shared by the subcommands: every error names the subcommand, the option and
 // the value (e.g. "bench: --steps needs an integer, got 'x'").
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <sstream>
 #include <string>
 
 #include "cli/commands.h"
+#include "config/config.h"
 #include "core/error.h"
 
 namespace mf {
@@ -15,6 +17,33 @@ namespace mf {
 inline std::string option_value(const Args& args, size_t& i, const char* cmd) {
   MF_CHECK(i + 1 < args.size(), cmd, ": option ", args[i], " needs a value");
   return args[++i];
+}
+
+// The KEY=VALUE of `--set KEY=VALUE` or `--set=KEY=VALUE` at args[i] (advancing i past the
+// value of the first form). Without '=' it is an error that shows the form, so that
+// `--set optim.lr 0.01` does not go on to read 0.01 as a config file.
+inline std::string set_value(const Args& args, size_t& i, const char* cmd) {
+  const bool joined = args[i].rfind("--set=", 0) == 0;
+  MF_CHECK(joined || i + 1 < args.size(), cmd, ": --set needs KEY=VALUE, e.g. --set optim.lr=3e-3");
+  const std::string kv = joined ? args[i].substr(6) : args[++i];
+  MF_CHECK(kv.find('=') != std::string::npos && kv[0] != '=', cmd, ": --set needs KEY=VALUE, got '",
+           kv, "'", kv.empty() || kv[0] == '-' ? "" : " (write --set " + kv + "=VALUE)");
+  return kv;
+}
+
+// For an unknown option of a command that takes --set: " (a config key: --set train.max_steps=
+// VALUE)" when the option's name is one ("--max-steps", "--weight_decay"), else "".
+inline std::string set_hint(const std::string& opt) {
+  std::string name = opt.substr(opt.find_first_not_of('-') == std::string::npos
+                                    ? opt.size()
+                                    : opt.find_first_not_of('-'));
+  name = name.substr(0, name.find('='));
+  std::replace(name.begin(), name.end(), '-', '_');
+  const std::vector<std::string> keys = config_keys_for(name);
+  if (keys.empty() || keys.size() > 3) return "";
+  std::string out = "; config keys are set with --set: ";
+  for (size_t k = 0; k < keys.size(); ++k) out += (k ? " or --set " : "--set ") + keys[k] + "=VALUE";
+  return out;
 }
 
 // v as a whole integer / number, or an error naming cmd, opt and v.

@@ -57,10 +57,8 @@ int cmd_bench(const Args& args) {
     if (a == "-h" || a == "--help") {
       std::fputs(kBenchUsage, stdout);
       return 0;
-    } else if (a == "--set") {
-      sets.push_back(option_value(args, i, "bench"));
-    } else if (a.rfind("--set=", 0) == 0) {
-      sets.push_back(a.substr(6));
+    } else if (a == "--set" || a.rfind("--set=", 0) == 0) {
+      sets.push_back(set_value(args, i, "bench"));
     } else if (a == "--steps") {
       o.steps = next_int_in(args, i, "bench", 1);
     } else if (a == "--warmup") {
@@ -92,7 +90,7 @@ int cmd_bench(const Args& args) {
     } else if (a == "--json") {
       json = true;
     } else if (!a.empty() && a[0] == '-') {
-      MF_FAIL("bench: unknown option ", a, " (see muonforge bench --help)");
+      MF_FAIL("bench: unknown option ", a, " (see muonforge bench --help", set_hint(a), ")");
     } else {
       MF_CHECK(path.empty(), "bench: more than one config given (", path, ", ", a, ")");
       path = a;

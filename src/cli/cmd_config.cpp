@@ -3,6 +3,7 @@
 #include <string>
 
 #include "backend/backend.h"
+#include "cli/args.h"
 #include "cli/commands.h"
 #include "config/config.h"
 #include "core/error.h"
@@ -47,13 +48,10 @@ int cmd_config(const Args& args) {
       json_only = true;
     } else if (a == "--params") {
       params = true;
-    } else if (a == "--set") {
-      MF_CHECK(i + 1 < args.size(), "config: --set needs KEY=VALUE, e.g. --set optim.lr=3e-3");
-      overrides.push_back(args[++i]);
-    } else if (a.rfind("--set=", 0) == 0) {
-      overrides.push_back(a.substr(6));
+    } else if (a == "--set" || a.rfind("--set=", 0) == 0) {
+      overrides.push_back(set_value(args, i, "config"));
     } else if (!a.empty() && a[0] == '-') {
-      MF_FAIL("config: unknown option '", a, "' (see muonforge config --help)");
+      MF_FAIL("config: unknown option '", a, "' (see muonforge config --help", set_hint(a), ")");
     } else {
       MF_CHECK(file.empty(), "config: more than one FILE given ('", file, "' and '", a, "')");
       file = a;

@@ -142,12 +142,10 @@ int cmd_import(const Args& args) {
       return 0;
     } else if (a == "--config") {
       base = option_value(args, i, "import");
-    } else if (a == "--set") {
-      sets.push_back(option_value(args, i, "import"));
-    } else if (a.rfind("--set=", 0) == 0) {
-      sets.push_back(a.substr(6));
+    } else if (a == "--set" || a.rfind("--set=", 0) == 0) {
+      sets.push_back(set_value(args, i, "import"));
     } else if (!a.empty() && a[0] == '-') {
-      MF_FAIL("import: unknown option ", a, " (see muonforge import --help)");
+      MF_FAIL("import: unknown option ", a, " (see muonforge import --help", set_hint(a), ")");
     } else {
       pos.push_back(a);
     }

@@ -77,10 +77,8 @@ int cmd_train(const Args& args) {
     if (a == "-h" || a == "--help") {
       std::fputs(kTrainUsage, stdout);
       return 0;
-    } else if (a == "--set") {
-      sets.push_back(option_value(args, i, "train"));
-    } else if (a.rfind("--set=", 0) == 0) {
-      sets.push_back(a.substr(6));
+    } else if (a == "--set" || a.rfind("--set=", 0) == 0) {
+      sets.push_back(set_value(args, i, "train"));
     } else if (a == "--resume") {
       // Bare (last, or before another option): the run directory's latest checkpoint, which
       // must exist; with a value: that checkpoint or run directory.
@@ -101,7 +99,7 @@ int cmd_train(const Args& args) {
     } else if (a == "--dump-routing") {
       opts.dump_routing = option_value(args, i, "train");
     } else if (!a.empty() && a[0] == '-') {
-      MF_FAIL("train: unknown option ", a, " (see muonforge train --help)");
+      MF_FAIL("train: unknown option ", a, " (see muonforge train --help", set_hint(a), ")");
     } else {
       MF_CHECK(path.empty(), "train: more than one config given (", path, ", ", a, ")");
       path = a;

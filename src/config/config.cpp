@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -249,8 +250,84 @@ std::string join(const std::vector<std::string>& v, const char* sep) {
   return out;
 }
 
+// What other trainers (nanoGPT, Hugging Face, torchtitan, Megatron) call some of our keys.
+const std::map<std::string, std::vector<std::string>>& key_aliases() {
+  static const std::map<std::string, std::vector<std::string>> a = {
+      {"learning_rate", {"optim.lr"}},
+      {"weight_decay", {"optim.wd"}},
+      {"max_grad_norm", {"optim.grad_clip"}},
+      {"clip_grad", {"optim.grad_clip"}},
+      {"batch_size", {"train.micro_batch", "train.batch_tokens"}},
+      {"micro_batch_size", {"train.micro_batch"}},
+      {"global_batch_size", {"train.batch_tokens"}},
+      {"gradient_accumulation_steps", {"train.batch_tokens"}},
+      {"grad_accum", {"train.batch_tokens"}},
+      {"hidden_size", {"model.d_model"}},
+      {"n_embd", {"model.d_model"}},
+      {"dim", {"model.d_model"}},
+      {"intermediate_size", {"model.d_ff"}},
+      {"ffn_hidden_size", {"model.d_ff"}},
+      {"hidden_dim", {"model.d_ff"}},
+      {"num_hidden_layers", {"model.n_layers"}},
+      {"n_layer", {"model.n_layers"}},
+      {"num_layers", {"model.n_layers"}},
+      {"num_attention_heads", {"model.n_heads"}},
+      {"n_head", {"model.n_heads"}},
+      {"num_key_value_heads", {"model.n_kv_heads"}},
+      {"n_kv_head", {"model.n_kv_heads"}},
+      {"rms_norm_eps", {"model.norm_eps"}},
+      {"tie_word_embeddings", {"model.tie_embeddings"}},
+      {"max_position_embeddings", {"model.max_seq_len"}},
+      {"seq_length", {"train.seq_len"}},
+      {"context_length", {"train.seq_len"}},
+      {"max_iters", {"train.max_steps"}},
+      {"train_iters", {"train.max_steps"}},
+      {"total_steps", {"train.max_steps"}},
+      {"warmup_steps", {"schedule.warmup"}},
+      {"warmup_iters", {"schedule.warmup"}},
+      {"lr_decay_style", {"schedule.decay"}},
+      {"dtype", {"train.precision"}},
+      {"eval_interval", {"train.eval_every"}},
+      {"eval_iters", {"train.eval_batches"}},
+      {"log_interval", {"train.log_every"}},
+      {"save_interval", {"train.ckpt_every"}},
+      {"out_dir", {"run.dir"}},
+      {"num_experts", {"model.moe.n_experts"}},
+      {"n_routed_experts", {"model.moe.n_experts"}},
+      {"num_experts_per_tok", {"model.moe.top_k"}},
+      {"n_shared_experts", {"model.moe.n_shared"}},
+      {"moe_intermediate_size", {"model.moe.d_expert"}},
+      {"first_k_dense_replace", {"model.moe.first_dense"}},
+  };
+  return a;
+}
+
+// The config keys a bare name may mean: every key whose last part is `name`, else the keys
+// another trainer's name for it maps to (key_aliases). Only keys of the schema.
+std::vector<std::string> keys_named(const Schema& s, const std::string& name) {
+  std::vector<std::string> out;
+  for (const Field& f : s.fields()) {
+    const std::string path = f.path;
+    const size_t dot = path.rfind('.');
+    if (f.in_json && path.substr(dot == std::string::npos ? 0 : dot + 1) == name)
+      out.push_back(path);
+  }
+  if (!out.empty()) return out;
+  auto it = key_aliases().find(name);
+  if (it != key_aliases().end())
+    for (const std::string& k : it->second)
+      if (const Field* f = s.field(k); f && f->in_json) out.push_back(k);
+  return out;
+}
+
 // "unknown key (did you mean n_heads?)" or "unknown key (valid keys here: ...)".
 std::string unknown_key(const Schema& s, const std::string& prefix, const std::string& name) {
+  // Another trainer's name for one of ours ("weight_decay" for optim.wd).
+  if (auto it = key_aliases().find(name); it != key_aliases().end()) {
+    const std::vector<std::string> ours = keys_named(s, name);
+    if (!ours.empty())
+      return "unknown key (muonforge calls it " + join(ours, " or ") + ")";
+  }
   auto names = s.children(prefix);
   std::string best;
   size_t best_d = SIZE_MAX;
@@ -925,6 +1002,15 @@ void add_leaves(const json& j, const std::string& path, std::map<std::string, st
   }
 }
 }  // namespace
+
+const std::map<std::string, std::vector<std::string>>& config_key_aliases() {
+  return key_aliases();
+}
+
+std::vector<std::string> config_keys_for(const std::string& name) {
+  Config c;
+  return keys_named(Schema(c), name);
+}
 
 std::map<std::string, std::string> json_leaves(const json& j) {
   std::map<std::string, std::string> out;

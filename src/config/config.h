@@ -225,6 +225,11 @@ nlohmann::json config_to_json(const Config& c);
 // Every leaf of `j` by dotted key path ("model.n_layers", "<root>" for a non-object) -> its
 // JSON text; an empty object counts as a leaf. For naming where two configs differ.
 std::map<std::string, std::string> json_leaves(const nlohmann::json& j);
+// The config keys a bare name may mean ("max_steps" -> train.max_steps; other trainers' names
+// too: "weight_decay" -> optim.wd); empty when none. For hints on unknown CLI options.
+std::vector<std::string> config_keys_for(const std::string& name);
+// Other trainers' names -> our keys, as config_keys_for and the unknown-key errors use them.
+const std::map<std::string, std::vector<std::string>>& config_key_aliases();
 // The same, pretty-printed in schema order (model, mup, optim, ...) for humans and run dirs.
 std::string config_to_string(const Config& c, int indent = 2);
 
