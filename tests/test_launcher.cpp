@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -36,11 +37,32 @@ struct Run {
   double secs = 0;
 };
 
+// Every folder these tests make lives under one root, removed when the test binary exits; the
+// launcher's own temporary log folders too (TMPDIR), which it keeps after a failed job.
+const std::string& temp_root() {
+  static const std::string root = [] {
+    char tmpl[] = "/tmp/mf_launch_test_XXXXXX";
+    if (::mkdtemp(tmpl) == nullptr) {
+      std::perror("mkdtemp");
+      std::abort();
+    }
+    static const struct Cleanup {
+      std::string path;
+      ~Cleanup() {
+        std::error_code ec;
+        std::filesystem::remove_all(path, ec);
+      }
+    } cleanup{tmpl};
+    return cleanup.path;
+  }();
+  return root;
+}
+
 // Runs a shell command, stdout and stderr together.
 Run sh(const std::string& cmd) {
   Run r;
   auto t0 = Clock::now();
-  FILE* f = ::popen(("(" + cmd + ") 2>&1").c_str(), "r");
+  FILE* f = ::popen(("export TMPDIR=" + temp_root() + "; (" + cmd + ") 2>&1").c_str(), "r");
   REQUIRE(f != nullptr);
   char buf[4096];
   size_t n;
@@ -52,8 +74,8 @@ Run sh(const std::string& cmd) {
 }
 
 std::string temp_dir() {
-  char tmpl[] = "/tmp/mf_launch_test_XXXXXX";
-  REQUIRE(::mkdtemp(tmpl) != nullptr);
+  std::string tmpl = temp_root() + "/dXXXXXX";
+  REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
   return tmpl;
 }
 
@@ -236,7 +258,7 @@ TEST_CASE("launcher: torchrun's rendezvous flags, --local-ranks-filter, temporar
   const size_t at = r.out.find("logs in ");
   REQUIRE(at != std::string::npos);
   const std::string tmp = r.out.substr(at + 8, r.out.find('\n', at) - at - 8);
-  CHECK(tmp.rfind("/tmp/mf_launch_", 0) == 0);
+  CHECK(tmp.rfind(temp_root() + "/mf_launch_", 0) == 0);  // tempfile: under TMPDIR
   CHECK(::access(tmp.c_str(), F_OK) != 0);
 }
 

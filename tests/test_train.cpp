@@ -312,7 +312,7 @@ TEST_CASE("a resume clears the temporary files of atomic writes a kill cut short
   fs::remove_all(root);
 }
 
-TEST_CASE("eval_batches past the val set evaluates each micro-batch once", "[train]") {
+TEST_CASE("eval_batches past the val set, or 0, evaluates each micro-batch once", "[train]") {
   const std::string root = temp_dir("evalcap");
   write_data(root);
   TrainOptions quiet;
@@ -329,9 +329,24 @@ TEST_CASE("eval_batches past the val set evaluates each micro-batch once", "[tra
   const double whole = val_loss(avail, "whole");
   const double asked_more = val_loss(avail + 40, "more");  // used to read the first 40 twice
   const double fewer = val_loss(avail - 40, "fewer");
+  const double all = val_loss(0, "all");  // 0: the whole val set
   REQUIRE(whole > 0);
   CHECK(asked_more == whole);
+  CHECK(all == whole);
   CHECK(fewer != whole);  // the figure does depend on the batches read
+  // `eval --batches all` and a checkpoint whose config says 0 read the same micro-batches.
+  const std::string bin = MF_BINARY;
+  int rc = 0;
+  std::string out = mf::test::run_capture(bin + " eval " + root + "/all --batches all", &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  CHECK(out.find(fmt::format("({} x 64 tokens", avail)) != std::string::npos);
+  out = mf::test::run_capture(bin + " eval " + root + "/all", &rc);
+  CHECK(rc == 0);
+  CHECK(out.find(fmt::format("({} x 64 tokens", avail)) != std::string::npos);
+  CHECK(out.find("fewer than") == std::string::npos);
+  out = mf::test::run_capture(bin + " eval " + root + "/whole --batches 3", &rc);
+  CHECK(out.find("(3 x 64 tokens") != std::string::npos);
   fs::remove_all(root);
 }
 

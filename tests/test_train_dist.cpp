@@ -41,6 +41,12 @@ void setup_once() {
   done = true;
   fs::remove_all(kRoot);
   fs::create_directories(kRoot);
+  std::atexit([] {
+    std::error_code ec;
+    fs::remove_all(kRoot, ec);
+  });
+  // The launcher's temporary log folders (kept after a failed or stopped job) go under kRoot.
+  ::setenv("TMPDIR", kRoot.c_str(), 1);
   Rng rng(5);
   for (const char* split : {"train", "val"}) {
     std::vector<uint32_t> toks;

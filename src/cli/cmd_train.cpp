@@ -1,7 +1,9 @@
 // `muonforge train` and `muonforge eval`.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -60,8 +62,9 @@ const char* kEvalUsage =
     "\n"
     "options:\n"
     "  --data GLOB    token shards to evaluate on (default: the checkpoint's data.val)\n"
-    "  --batches N    micro-batches of train.micro_batch x train.seq_len tokens (default\n"
-    "                 train.eval_batches; fewer, each read once, when the shards hold fewer)\n"
+    "  --batches N    micro-batches of train.micro_batch x train.seq_len tokens, or all\n"
+    "                 (default train.eval_batches, where 0 is all; fewer, each read once, when\n"
+    "                 the shards hold fewer)\n"
     "  --device D     auto | cpu | cuda (default: the checkpoint's train.device)\n"
     "  -h, --help     show this help\n";
 
@@ -132,7 +135,8 @@ int cmd_train(const Args& args) {
 
 int cmd_eval(const Args& args) {
   std::string ckpt, data, device;
-  int batches = -1;
+  constexpr int kAllBatches = -1;  // --batches all, or train.eval_batches 0
+  int batches = 0;                 // 0: train.eval_batches
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "-h" || a == "--help") {
@@ -141,7 +145,12 @@ int cmd_eval(const Args& args) {
     } else if (a == "--data") {
       data = option_value(args, i, "eval");
     } else if (a == "--batches") {
-      batches = next_int_in(args, i, "eval", 1);
+      if (i + 1 < args.size() && args[i + 1] == "all") {
+        ++i;
+        batches = kAllBatches;
+      } else {
+        batches = next_int_in(args, i, "eval", 1);
+      }
     } else if (a == "--device") {
       device = option_value(args, i, "eval");
     } else if (!a.empty() && a[0] == '-') {
@@ -162,7 +171,7 @@ int cmd_eval(const Args& args) {
   const bool data_given = !data.empty();
   if (!data_given) data = cfg.data.val;
   MF_CHECK(!data.empty(), "eval: the run has no data.val; pass --data GLOB");
-  if (batches <= 0) batches = cfg.train.eval_batches;
+  if (batches == 0) batches = cfg.train.eval_batches == 0 ? kAllBatches : cfg.train.eval_batches;
   auto be = make_backend(cfg.train.device);
   be->set_precision(cfg.train.precision);  // a fp32 run evaluates in fp32 on CUDA too
   LlamaModel model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
@@ -177,7 +186,9 @@ int cmd_eval(const Args& args) {
   lo.label = data_given ? "--data" : "data.val of " + cpath + " (or pass --data GLOB)";
   DataLoader loader(data, lo);
   const int64_t avail = loader.micro_batches_per_pass();
-  if (avail < batches) {  // each micro-batch once, as training's val loss
+  if (batches == kAllBatches) {
+    batches = int(std::min<int64_t>(avail, std::numeric_limits<int>::max()));
+  } else if (avail < batches) {  // each micro-batch once, as training's val loss
     std::fprintf(stderr, "eval: %s holds %lld micro-batch(es) of %lld x %lld tokens, fewer than "
                  "the %d asked for: the loss is the mean over those, each read once\n",
                  data.c_str(), (long long)avail, (long long)lo.B, (long long)lo.T, batches);

@@ -875,7 +875,7 @@ void validate_config(const Config& c) {
   k.positive("train.batch_tokens", (double)t.batch_tokens);
   k.positive("train.max_steps", t.max_steps);
   k.non_negative("train.eval_every", t.eval_every);
-  k.positive("train.eval_batches", t.eval_batches);
+  k.non_negative("train.eval_batches", t.eval_batches);  // 0: all of data.val
   k.non_negative("train.ckpt_every", t.ckpt_every);
   if (t.keep_ckpts < 1) k.fail("train.keep_ckpts", "must be >= 1, got " + std::to_string(t.keep_ckpts));
   k.positive("train.log_every", t.log_every);

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -495,7 +496,9 @@ void Trainer::setup() {
     // batches weighs the first ones twice: evaluate each once instead, and say so.
     eval_batches_ = cfg_.train.eval_batches;
     const int64_t avail = val_loader_->micro_batches_per_pass();
-    if (avail < eval_batches_) {
+    if (eval_batches_ == 0) {  // the whole val set, each micro-batch once
+      eval_batches_ = int(std::min<int64_t>(avail, std::numeric_limits<int>::max()));
+    } else if (avail < eval_batches_) {
       eval_batches_ = int(avail);
       if (rank_ == 0)
         spdlog::warn("train.eval_batches = {} but data.val holds {} micro-batch(es) of {} x {} "
