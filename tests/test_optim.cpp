@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -770,6 +771,39 @@ TEST_CASE("Optimizer describe() lists every optimized param with its group", "[o
   CHECK(d.find("1.225") != std::string::npos);  // spectral scale sqrt(12/8) of q_proj
   CHECK(opt.lr(0) == Approx(0.02 * 0.5));
   CHECK(opt.lr_multiplier(1) == Approx(1.0));
+  // The console's summary: no parameter names, one row per group, and the groups' tensor and
+  // parameter counts add up to every optimized parameter.
+  const std::string g = opt.describe(/*per_param=*/false);
+  INFO(g);
+  int tensors = 0, shown = 0;
+  int64_t params = 0;
+  for (const Spec& s : kSpecs) {
+    CHECK(g.find(s.name + " ") == std::string::npos);
+    if (s.trainable && s.kind != ParamKind::Bias) {
+      ++shown;
+      int64_t n = 1;
+      for (int64_t x : s.shape) n *= x;
+      params += n;
+    }
+  }
+  std::istringstream rows(g.substr(g.find("tensors  params\n") + 16));
+  std::string line;
+  int nrows = 0;
+  int64_t counted = 0;
+  while (std::getline(rows, line)) {
+    if (line.empty()) continue;
+    std::istringstream f(line);
+    std::vector<std::string> w;
+    for (std::string x; f >> x;) w.push_back(x);
+    REQUIRE(w.size() >= 2);
+    tensors += std::stoi(w[w.size() - 2]);
+    counted += std::stoll(w.back());
+    ++nrows;
+  }
+  CHECK(tensors == shown);
+  CHECK(counted == params);
+  CHECK(nrows < shown);  // grouped
+  CHECK(g.find("1.225") != std::string::npos);  // the q_proj group keeps its scale
 }
 
 // ---- batched Newton-Schulz (a stack [k,r,c]) and the Optimizer's grouping ----------------------

@@ -470,6 +470,20 @@ TEST_CASE("a resume that moves the learning rate of its next step says by how mu
   int rc = 0;
   std::string out = mf::test::run_capture(train + " --stop-at 4", &rc);
   REQUIRE(rc == 0);
+  // --quiet: no step lines or tables on the console, but checkpoints are shown, and log.txt has
+  // it all.
+  {
+    INFO(out);
+    CHECK(out.find("checkpoint " + root + "/run/ckpt-000004") != std::string::npos);
+    CHECK(out.find("step 4/8 |") == std::string::npos);
+    CHECK(out.find("optimizer groups") == std::string::npos);
+    std::ifstream f(root + "/run/log.txt");
+    std::stringstream log;
+    log << f.rdbuf();
+    for (const char* want : {"step 4/8 | loss", "memory plan (cpu", "optimizer, every parameter:",
+                             "model.layers.1.mlp.down_proj.weight", "checkpoint "})
+      CHECK(log.str().find(want) != std::string::npos);
+  }
   // Another key changed, the schedule not: the changed keys only.
   out = mf::test::run_capture(train + " --set train.log_every=2 --stop-at 6", &rc);
   INFO(out);

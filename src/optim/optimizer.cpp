@@ -409,7 +409,7 @@ void Optimizer::zero_grad() {
 
 // ---- description ---------------------------------------------------------------------------
 
-std::string Optimizer::describe() const {
+std::string Optimizer::describe(bool per_param) const {
   size_t wname = 5;
   for (const OptEntry& e : entries_) wname = std::max(wname, e.param->name.size());
   std::ostringstream os;
@@ -443,12 +443,7 @@ std::string Optimizer::describe() const {
       os << e.pre->describe() << " (first matrix: " << e.param->name << ")\n";
       break;
     }
-  char buf[512];
-  std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-7s  %-10s  %-10s  %-7s  %s\n", int(wname),
-                "param", "kind", "shape", "opt", "lr", "wd", "scale", "betas/eps");
-  os << buf;
-  for (const OptEntry& e : entries_) {
-    const Param& p = *e.param;
+  auto scale_extra = [](const OptEntry& e) {
     std::string extra = "-", scale = "-";
     if (e.kind == OptKind::AdamW) {
       char b[96];
@@ -459,6 +454,44 @@ std::string Optimizer::describe() const {
       std::snprintf(b, sizeof b, "%.4g", e.scale);
       scale = b;
     }
+    return std::make_pair(scale, extra);
+  };
+  char buf[512];
+  if (!per_param) {
+    // Groups in order of first appearance; the key is the row as printed.
+    struct Group {
+      std::string row;
+      int tensors = 0;
+      int64_t params = 0;
+    };
+    std::vector<Group> groups;
+    for (const OptEntry& e : entries_) {
+      const auto [scale, extra] = scale_extra(e);
+      std::snprintf(buf, sizeof buf, "%-9s  %-7s  %-10.4g  %-10.4g  %-7s  %-14s", 
+                    param_kind_name(e.param->kind), opt_kind_name(e.kind), e.lr,
+                    e.wd * e.wd_mult, scale.c_str(), extra.c_str());
+      auto it = std::find_if(groups.begin(), groups.end(),
+                             [&](const Group& g) { return g.row == buf; });
+      if (it == groups.end()) it = groups.insert(groups.end(), Group{buf});
+      it->tensors += 1;
+      it->params += e.param->numel();
+    }
+    std::snprintf(buf, sizeof buf, "%-9s  %-7s  %-10s  %-10s  %-7s  %-14s  %7s  %s\n", "kind", "opt",
+                  "lr", "wd", "scale", "betas/eps", "tensors", "params");
+    os << buf;
+    for (const Group& g : groups) {
+      std::snprintf(buf, sizeof buf, "%s  %7d  %lld\n", g.row.c_str(), g.tensors,
+                    (long long)g.params);
+      os << buf;
+    }
+    return os.str();
+  }
+  std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-7s  %-10s  %-10s  %-7s  %s\n", int(wname),
+                "param", "kind", "shape", "opt", "lr", "wd", "scale", "betas/eps");
+  os << buf;
+  for (const OptEntry& e : entries_) {
+    const Param& p = *e.param;
+    const auto [scale, extra] = scale_extra(e);
     std::snprintf(buf, sizeof buf, "%-*s  %-9s  %-14s  %-7s  %-10.4g  %-10.4g  %-7s  %s\n",
                   int(wname), p.name.c_str(), param_kind_name(p.kind), shape_str(p.shape).c_str(),
                   opt_kind_name(e.kind), e.lr, e.wd * e.wd_mult, scale.c_str(), extra.c_str());

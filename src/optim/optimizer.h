@@ -101,7 +101,9 @@ class Optimizer {
   void set_ns_stack_budget(int64_t numel);
 
   // Table of groups: param, kind, shape, optimizer, peak lr, wd, scale.
-  std::string describe() const;
+  // The optimizer's settings, then one row per parameter (per_param) or per group of parameters
+  // that share kind, optimizer, lr, wd, scale and betas (the console's summary).
+  std::string describe(bool per_param = true) const;
 
   // State for checkpoints. Tensors are the live backend tensors (download them before writing;
   // on CPU they are host tensors), named "<param>.exp_avg", "<param>.exp_avg_sq",

@@ -67,7 +67,7 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
 std::string memory_plan_table(const nlohmann::json& plan);
 // Logs memory_plan_table via spdlog::info and warns when the expected peak exceeds free memory.
 // The trainer calls it right after the optimizer is built.
-void print_memory_plan(const nlohmann::json& plan);
+void print_memory_plan(const nlohmann::json& plan, bool console = true);  // false: log.txt only
 // Refuses, before the first step, a CPU run whose plan needs more than the machine's memory
 // (every process of the run on this machine, `procs_here`, counted: they share it), naming each
 // part and what to lower. The host pages of large tensors are mapped lazily (host_tensor), so

@@ -578,10 +578,13 @@ void Trainer::setup() {
                       config_to_string(cfg_) + "\n");
     atomic_write_text((fs::path(run_dir_) / "mup_table.csv").string(), mup.csv());
   }
+  // Every parameter's row goes to log.txt (and mup_table.csv); the console gets one row per group
+  // of parameters that are treated alike.
+  log_file_only("resolved per-parameter hyper-parameters (also in mup_table.csv):\n" + mup.table());
+  log_file_only("optimizer, every parameter:\n" + opt_->describe());
   if (!opts_.quiet)
-    spdlog::info("resolved per-parameter hyper-parameters (also in mup_table.csv):\n{}",
-                 mup.table());
-  if (!opts_.quiet) spdlog::info("optimizer groups:\n{}", opt_->describe());
+    spdlog::info("optimizer groups (every parameter's lr, wd and init std: {} and log.txt):\n{}",
+                 (fs::path(run_dir_) / "mup_table.csv").string(), opt_->describe(false));
   spdlog::info("batch: {} tokens = {} micro-batches x {} x {} x {} rank(s); {} steps; run dir {}",
                cfg_.train.batch_tokens, cfg_.grad_accum(), B, T, world_, cfg_.train.max_steps,
                run_dir_);
@@ -753,7 +756,7 @@ void Trainer::setup_distributed() {
   for (auto& f : fragments_) mine.push_back(f.get());
   opt_ = std::make_unique<Optimizer>(cfg_, mine, *be_);
   const nlohmann::json plan = memory_plan(*model_, *opt_, *be_);
-  if (rank_ == 0 && !opts_.quiet) print_memory_plan(plan);
+  if (rank_ == 0) print_memory_plan(plan, /*console=*/!opts_.quiet);
   check_memory_plan(plan, local_world_);
   if (sharded_) {
     int64_t n_mine = 0, n_all = 0;
@@ -1017,11 +1020,15 @@ TrainResult Trainer::run() {
       if (cfg_.optim.qk_clip_tau > 0) rec["qk_clipped"] = qk_clipped;
       if (model_->is_moe()) rec["moe"] = model_->moe_metrics();  // MoE: loads, aux loss, drops
       append_metrics(rec);
-      if (!opts_.quiet)
-        spdlog::info("step {:>{}}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {} tok/s | "
-                     "ETA {}",
-                     done, int(std::to_string(max_steps).size()), max_steps, loss, opt_->lr(step),
-                     gnorm, fmt_rate(tps), fmt_duration(eta));
+      {
+        // --quiet keeps the step lines off the console, not out of log.txt.
+        const std::string line = fmt::format(
+            "step {:>{}}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {} tok/s | ETA {}", done,
+            int(std::to_string(max_steps).size()), max_steps, loss, opt_->lr(step), gnorm,
+            fmt_rate(tps), fmt_duration(eta));
+        if (opts_.quiet) log_file_only(line);
+        else spdlog::info("{}", line);
+      }
       t_log = Clock::now();
       tokens_log = 0;
     }
@@ -1043,7 +1050,7 @@ TrainResult Trainer::run() {
                  blowup_hint(cfg_, true));
         res.final_val_loss = vl;
         append_metrics({{"step", done}, {"val_loss", vl}});
-        if (!opts_.quiet) spdlog::info("step {} | val loss {:.4f}", done, vl);
+        spdlog::info("step {} | val loss {:.4f}", done, vl);
         eta_clock.eval_s += seconds_since(t_eval);
         eta_clock.evals += 1;
       }
@@ -1059,7 +1066,7 @@ TrainResult Trainer::run() {
                           cfg_.train.keep_ckpts, *comm_, sharded_);
       eta_clock.ckpt_s += seconds_since(t_ckpt);
       eta_clock.ckpts += 1;
-      if (!opts_.quiet) spdlog::info("checkpoint {}", res.last_checkpoint);
+      spdlog::info("checkpoint {}", res.last_checkpoint);
     }
     fault_point(FaultPoint::Step, done, rank_);
     if (stopping) {

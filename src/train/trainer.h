@@ -28,7 +28,7 @@ struct TrainOptions {
   std::string resume;      // checkpoint dir; "" = automatic (latest in the run dir, if any)
   bool no_resume = false;  // start fresh even when the run dir holds checkpoints
   bool must_resume = false;  // bare --resume: like automatic, but the run dir must hold one
-  bool quiet = false;      // no per-step console lines (tests)
+  bool quiet = false;      // no step lines or tables on the console (log.txt keeps them)
   int stop_at = 0;         // > 0: checkpoint and stop after this step (time-limited sittings)
   bool init_only = false;  // write the initial weights as ckpt-000000 and stop (fresh runs only)
   std::string dump_batches;  // write every micro-batch's inputs and targets (int32) to this file
