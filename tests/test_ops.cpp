@@ -367,6 +367,13 @@ AttnShape attn_shape(int B, int T, int H, int Hkv, int hd) {
 }
 ref::AttnDims dims(const AttnShape& s) { return {s.B, s.T, s.H, s.Hkv, s.hd}; }
 
+// n floats uniform in [lo, hi).
+std::vector<float> uniform_floats(Rng& rng, size_t n, double lo, double hi) {
+  std::vector<float> x(n);
+  for (auto& e : x) e = float(lo + (hi - lo) * rng.uniform());
+  return x;
+}
+
 std::vector<AttnShape> attention_shapes() {
   return {attn_shape(1, 1, 1, 1, 8),   attn_shape(2, 7, 6, 2, 16),  attn_shape(1, 33, 6, 6, 8),
           attn_shape(2, 33, 4, 1, 64), attn_shape(1, 127, 6, 2, 16), attn_shape(1, 65, 3, 3, 8),
@@ -831,11 +838,7 @@ TEST_CASE("tiled float attention is bitwise equal to the row-at-a-time loops", "
     Rng rng(303 + s.T + s.hd);
     const size_t nq = size_t(s.B * s.T * s.H * s.hd), nk = size_t(s.B * s.T * s.Hkv * s.hd);
     const size_t nr = size_t(s.B * s.H * s.T);
-    auto fvec = [&](size_t n, double lo, double hi) {
-      std::vector<float> x(n);
-      for (auto& e : x) e = float(lo + (hi - lo) * rng.uniform());
-      return x;
-    };
+    auto fvec = [&](size_t n, double lo, double hi) { return uniform_floats(rng, n, lo, hi); };
     const std::vector<float> q = fvec(nq, -3, 3), k = fvec(nk, -3, 3), v = fvec(nk, -1, 1),
                              dout = fvec(nq, -1, 1);
     std::vector<float> out_r(nq), lse_r(nr), dq_r(nq), dk_r(nk), dv_r(nk);
@@ -877,11 +880,7 @@ TEST_CASE("attention_disagreement: bf16 rounding agrees, real attention bugs do 
   Rng rng(4242);
   const size_t nq = size_t(s.B * s.T * s.H * s.hd), nk = size_t(s.B * s.T * s.Hkv * s.hd);
   const size_t nr = size_t(s.B * s.H * s.T);
-  auto fvec = [&](size_t n, double lo, double hi) {
-    std::vector<float> x(n);
-    for (auto& e : x) e = float(lo + (hi - lo) * rng.uniform());
-    return x;
-  };
+  auto fvec = [&](size_t n, double lo, double hi) { return uniform_floats(rng, n, lo, hi); };
   const std::vector<float> q = fvec(nq, -2, 2), k = fvec(nk, -2, 2), v = fvec(nk, -1, 1);
   // What one path computes at a given softmax scale (q doubles as dout, as in the autotune).
   auto run = [&](float scale) {

@@ -302,9 +302,8 @@ const std::map<std::string, std::vector<std::string>>& key_aliases() {
   return a;
 }
 
-// The config keys a bare name may mean: every key whose last part is `name`, else the keys
-// another trainer's name for it maps to (key_aliases). Only keys of the schema.
-std::vector<std::string> keys_named(const Schema& s, const std::string& name) {
+// The JSON keys whose last part is `name`, in any section.
+std::vector<std::string> keys_ending_in(const Schema& s, const std::string& name) {
   std::vector<std::string> out;
   for (const Field& f : s.fields()) {
     const std::string path = f.path;
@@ -312,6 +311,13 @@ std::vector<std::string> keys_named(const Schema& s, const std::string& name) {
     if (f.in_json && path.substr(dot == std::string::npos ? 0 : dot + 1) == name)
       out.push_back(path);
   }
+  return out;
+}
+
+// The config keys a bare name may mean: every key whose last part is `name`, else the keys
+// another trainer's name for it maps to (key_aliases). Only keys of the schema.
+std::vector<std::string> keys_named(const Schema& s, const std::string& name) {
+  std::vector<std::string> out = keys_ending_in(s, name);
   if (!out.empty()) return out;
   auto it = key_aliases().find(name);
   if (it != key_aliases().end())
@@ -342,13 +348,7 @@ std::string unknown_key(const Schema& s, const std::string& prefix, const std::s
   }
   if (!best.empty()) return "unknown key (did you mean " + best + "?)";
   // The right name in another section ("model.n_experts" for model.moe.n_experts).
-  std::vector<std::string> elsewhere;
-  for (const Field& f : s.fields()) {
-    const std::string path = f.path;
-    const size_t dot = path.rfind('.');
-    if (f.in_json && path.substr(dot == std::string::npos ? 0 : dot + 1) == name)
-      elsewhere.push_back(path);
-  }
+  const std::vector<std::string> elsewhere = keys_ending_in(s, name);
   if (!elsewhere.empty() && elsewhere.size() <= 4)
     return "unknown key (did you mean " + join(elsewhere, " or ") + "?)";
   return "unknown key (valid keys" + (prefix.empty() ? std::string() : " in " + prefix) + ": " +
