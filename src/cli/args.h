@@ -31,8 +31,9 @@ inline std::string set_value(const Args& args, size_t& i, const char* cmd) {
   return kv;
 }
 
-// For an unknown option of a command that takes --set: " (a config key: --set train.max_steps=
-// VALUE)" when the option's name is one ("--max-steps", "--weight_decay"), else "".
+// For an unknown option of a command that takes --set: "; config keys are set with --set: --set
+// train.max_steps=VALUE" when the option's name is a key's ("--max-steps", "--weight_decay"),
+// else "".
 inline std::string set_hint(const std::string& opt) {
   std::string name = opt.substr(opt.find_first_not_of('-') == std::string::npos
                                     ? opt.size()

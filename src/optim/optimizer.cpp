@@ -467,7 +467,7 @@ std::string Optimizer::describe(bool per_param) const {
     std::vector<Group> groups;
     for (const OptEntry& e : entries_) {
       const auto [scale, extra] = scale_extra(e);
-      std::snprintf(buf, sizeof buf, "%-9s  %-7s  %-10.4g  %-10.4g  %-7s  %-14s", 
+      std::snprintf(buf, sizeof buf, "%-9s  %-7s  %-10.4g  %-10.4g  %-7s  %-14s",
                     param_kind_name(e.param->kind), opt_kind_name(e.kind), e.lr,
                     e.wd * e.wd_mult, scale.c_str(), extra.c_str());
       auto it = std::find_if(groups.begin(), groups.end(),

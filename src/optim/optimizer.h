@@ -100,9 +100,9 @@ class Optimizer {
   // default is kNsStackBudget in optimizer.cpp, 64 MiB). For tests of the chunking.
   void set_ns_stack_budget(int64_t numel);
 
-  // Table of groups: param, kind, shape, optimizer, peak lr, wd, scale.
-  // The optimizer's settings, then one row per parameter (per_param) or per group of parameters
-  // that share kind, optimizer, lr, wd, scale and betas (the console's summary).
+  // The optimizer's settings, then a table (kind, optimizer, peak lr, wd, scale, betas) with one
+  // row per parameter, named, with its shape (per_param), or one per group of parameters that
+  // share all of those, with their tensor and parameter counts (the console's summary).
   std::string describe(bool per_param = true) const;
 
   // State for checkpoints. Tensors are the live backend tensors (download them before writing;
