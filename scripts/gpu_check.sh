@@ -96,6 +96,11 @@ finish() {
       "$(( $(date +%s) - T0 ))" "$BUDGET"
     printf '%-22s %-12s %5s  %s\n' STEP STATUS SEC "KEY FIGURE"
     while IFS=$'\t' read -r n s t k; do printf '%-22s %-12s %5s  %s\n' "$n" "$s" "$t" "$k"; done <"$SUMMARY"
+    # model.attention "auto" goes on with flash when cuDNN fails or disagrees with flash (a
+    # warning in some log): the first thing to look into, so the table names it.
+    local cudnn
+    cudnn=$(grep -rahoE 'model.attention = "auto": cuDNN[^;]*' "$WORK" 2>/dev/null | sort | uniq -c | head -5)
+    [ -n "$cudnn" ] && printf 'cuDNN attention fell back to flash:\n%s\n' "$cudnn"
   } >"$OUTDIR/summary.txt"
   tar -C "$WORK" -czf "$OUTDIR/logs.tgz" logs 2>/dev/null
   [ -f "$WORK/bench/results.jsonl" ] && cp "$WORK/bench/results.jsonl" "$OUTDIR/results.jsonl"
