@@ -463,6 +463,17 @@ TEST_CASE("muonforge bench CLI: report, --json line, errors", "[bench][cli]") {
   fails_with("bench " + tiny + " --set optim.lr 0.01",
              "bench: --set needs KEY=VALUE, got 'optim.lr' (write --set optim.lr=VALUE)");
   fails_with("bench " + tiny + " --set", "bench: --set needs KEY=VALUE");
+  // The console shows the message without its source location, unless asked.
+  {
+    int code = 0;
+    std::string o = run_capture("'" + bin + "' bench " + tiny + " --steps x", &code);
+    INFO(o);
+    CHECK(code == 1);
+    CHECK(o.find("--steps needs an integer, got 'x'\n") != std::string::npos);
+    CHECK(o.find("[src/") == std::string::npos);
+    o = run_capture("MF_ERROR_SOURCE=1 '" + bin + "' bench " + tiny + " --steps x", &code);
+    CHECK(o.find("--steps needs an integer, got 'x' [src/cli/args.h:") != std::string::npos);
+  }
   out = run_capture("'" + bin + "' bench --help", &rc);
   CHECK(rc == 0);
   CHECK(out.find("--warmup") != std::string::npos);

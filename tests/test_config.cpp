@@ -106,6 +106,23 @@ TEST_CASE("defaults follow DESIGN section 5 and validate", "[config]") {
   CHECK(e.key_source.empty());
 }
 
+TEST_CASE("without_source drops only MF_CHECK's location suffix", "[config]") {
+  CHECK(mf::without_source("bad value [src/config/config.cpp:123]") == "bad value");
+  CHECK(mf::without_source("bad [kernels/xent.cu:7]") == "bad");
+  CHECK(mf::without_source("must be in [0, 1]") == "must be in [0, 1]");
+  CHECK(mf::without_source("see [a b:1]") == "see [a b:1]");
+  CHECK(mf::without_source("see [src/x.cpp:]") == "see [src/x.cpp:]");
+  CHECK(mf::without_source("see [src/x.cpp:1a]") == "see [src/x.cpp:1a]");
+  CHECK(mf::without_source("plain") == "plain");
+  try {
+    MF_FAIL("oops ", 3);
+  } catch (const mf::Error& e) {
+    CHECK(std::string(e.what()) != "oops 3");  // a location was appended...
+    if (std::string(__FILE__).find(' ') == std::string::npos)
+      CHECK(mf::without_source(e.what()) == "oops 3");  // ...and is taken off again
+  }
+}
+
 TEST_CASE("other trainers' key names map onto keys that exist", "[config]") {
   const auto leaves = mf::json_leaves(mf::config_to_json(mf::Config{}));
   REQUIRE(mf::config_key_aliases().size() >= 40);

@@ -1,8 +1,10 @@
 // muonforge: pretraining Llama-style dense and MoE models with Muon and AdamW.
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
+#include <string>
 
 #include "cli/commands.h"
 #include "core/error.h"
@@ -69,7 +71,11 @@ int main(int argc, char** argv) {
   try {
     return it->second.fn(args);
   } catch (const std::exception& e) {  // mf::Error and the rest: one line, exit 1
-    std::fprintf(stderr, "error: %s\n", e.what());
+    // The source location is for bug reports: log.txt keeps it, the console shows it on request.
+    const char* src = std::getenv("MF_ERROR_SOURCE");
+    const bool with_source = src && std::string(src) == "1";
+    std::fprintf(stderr, "error: %s\n",
+                 (with_source ? std::string(e.what()) : mf::without_source(e.what())).c_str());
     mf::log_file_only(std::string("error: ") + e.what());  // the run's log.txt, if it has one
     return 1;
   }

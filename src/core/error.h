@@ -13,6 +13,10 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& msg) : std::runtime_error(msg) {}
 };
 
+// `what` without the " [src/file.cpp:123]" that MF_CHECK / MF_FAIL append: the CLI prints this
+// on the console (MF_ERROR_SOURCE=1 keeps the location there too) and the whole in log.txt.
+std::string without_source(const std::string& what);
+
 namespace detail {
 [[noreturn]] void throw_error(const char* file, int line, const std::string& msg);
 template <typename... Args>
