@@ -46,6 +46,11 @@ void log_file_only(const std::string& line) {
   g_log_file->flush();
 }
 
+void log_info(const std::string& line, bool console) {
+  if (console) spdlog::info("{}", line);
+  else log_file_only(line);
+}
+
 std::string format_bytes(double bytes) {
   return bytes >= double(1ull << 30) ? fmt::format("{:.1f} GiB", bytes / double(1ull << 30))
                                      : fmt::format("{:.0f} MiB", bytes / double(1ull << 20));

@@ -14,6 +14,9 @@ void add_log_file(const std::string& path);
 // Append `line` to that file alone (no console), if one was added: main() puts the error that
 // ends a run there, so log.txt tells how the run ended.
 void log_file_only(const std::string& line);
+// An info line for the console and the run log when `console`, else for the run log alone
+// (`train --quiet`).
+void log_info(const std::string& line, bool console);
 
 // A byte count for messages: "%.1f GiB" from 1 GiB up, else "%.0f MiB".
 std::string format_bytes(double bytes);

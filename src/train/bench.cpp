@@ -241,8 +241,7 @@ std::string memory_plan_table(const nlohmann::json& p) {
 }
 
 void print_memory_plan(const nlohmann::json& p, bool console) {
-  if (console) spdlog::info("{}", memory_plan_table(p));
-  else log_file_only(memory_plan_table(p));
+  log_info(memory_plan_table(p), console);
   // What is still to come after construction: workspace growth (everything else is allocated).
   const int64_t growth =
       std::max<int64_t>(0, p.at("workspace_expected").get<int64_t>() - p.at("workspace_now").get<int64_t>());

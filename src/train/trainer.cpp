@@ -217,12 +217,15 @@ Trainer::LockFd::~LockFd() {
   if (fd >= 0) ::close(fd);  // releases the flock
 }
 
-// What differs between the config saved in checkpoint `ckpt` and this run's ("" when nothing,
-// or when the saved one cannot be read: an older or hand-made checkpoint).
-std::string Trainer::config_changes(const std::string& ckpt,
+nlohmann::json Trainer::saved_config(const std::string& ckpt) {
+  return peek_json_file((fs::path(ckpt) / "config.json").string(), /*comments=*/true);
+}
+
+// What differs between a checkpoint's saved config and this run's ("" when nothing, or when the
+// saved one could not be read: an older or hand-made checkpoint).
+
+std::string Trainer::config_changes(const nlohmann::json& saved,
                                     const std::set<std::string>& only) const {
-  const nlohmann::json saved =
-      peek_json_file((fs::path(ckpt) / "config.json").string(), /*comments=*/true);
   if (saved.is_discarded()) return "";
   const auto was = json_leaves(saved), now = json_leaves(config_to_json(cfg_));
   std::string out;
@@ -241,9 +244,7 @@ std::string Trainer::config_changes(const std::string& ckpt,
 
 // A resume with another train.max_steps, schedule or optim.lr moves the learning rate of the
 // step it continues with: say by how much, since the run's loss may jump with it.
-void Trainer::warn_schedule_jump(const std::string& ckpt) const {
-  const nlohmann::json saved =
-      peek_json_file((fs::path(ckpt) / "config.json").string(), /*comments=*/true);
+void Trainer::warn_schedule_jump(const nlohmann::json& saved, const std::string& ckpt) const {
   if (saved.is_discarded()) return;
   Config old;
   try {
@@ -517,7 +518,7 @@ void Trainer::setup() {
     } catch (const Error& e) {
       // A model of another shape fails on some tensor; the cause is the changed key.
       const auto& keys = ModelConfig::shape_key_names();
-      const std::string shape = config_changes(ckpt, {keys.begin(), keys.end()});
+      const std::string shape = config_changes(saved_config(ckpt), {keys.begin(), keys.end()});
       if (shape.empty()) throw;
       MF_FAIL("cannot resume from ", ckpt, ": this run's model has another shape than the "
               "checkpoint's (", shape, "), and a resume keeps the model; resume with the "
@@ -531,11 +532,12 @@ void Trainer::setup() {
     const int64_t reread = train_loader_->restore(ls);
     spdlog::info("resumed from {} at step {}", ckpt, start_step_);
     if (rank_ == 0) {
-      const std::string changed = config_changes(ckpt);
+      const nlohmann::json saved = saved_config(ckpt);
+      const std::string changed = config_changes(saved);
       if (!changed.empty()) {
         spdlog::warn("this run's config differs from the checkpoint's (the run goes on with "
                      "the new values): {}", changed);
-        warn_schedule_jump(ckpt);
+        warn_schedule_jump(saved, ckpt);
       }
     }
     if (cfg_.train.init_from)
@@ -1020,15 +1022,12 @@ TrainResult Trainer::run() {
       if (cfg_.optim.qk_clip_tau > 0) rec["qk_clipped"] = qk_clipped;
       if (model_->is_moe()) rec["moe"] = model_->moe_metrics();  // MoE: loads, aux loss, drops
       append_metrics(rec);
-      {
-        // --quiet keeps the step lines off the console, not out of log.txt.
-        const std::string line = fmt::format(
-            "step {:>{}}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {} tok/s | ETA {}", done,
-            int(std::to_string(max_steps).size()), max_steps, loss, opt_->lr(step), gnorm,
-            fmt_rate(tps), fmt_duration(eta));
-        if (opts_.quiet) log_file_only(line);
-        else spdlog::info("{}", line);
-      }
+      // --quiet keeps the step lines off the console, not out of log.txt.
+      log_info(fmt::format("step {:>{}}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {} "
+                           "tok/s | ETA {}",
+                           done, int(std::to_string(max_steps).size()), max_steps, loss,
+                           opt_->lr(step), gnorm, fmt_rate(tps), fmt_duration(eta)),
+               !opts_.quiet);
       t_log = Clock::now();
       tokens_log = 0;
     }

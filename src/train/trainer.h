@@ -72,9 +72,12 @@ class Trainer {
   // per parameter.
   void check_weights_agree(int done);
   void check_data_files() const;  // data.train / data.val match files (before the run dir changes)
-  // "key old -> new; ..." vs the checkpoint's config.json (only the keys in `only` when given).
-  std::string config_changes(const std::string& ckpt, const std::set<std::string>& only = {}) const;
-  void warn_schedule_jump(const std::string& ckpt) const;
+  // The config.json of checkpoint `ckpt`, or a discarded value (older or hand-made checkpoint).
+  static nlohmann::json saved_config(const std::string& ckpt);
+  // "key old -> new; ..." vs a checkpoint's config (only the keys in `only` when given).
+  std::string config_changes(const nlohmann::json& saved, const std::set<std::string>& only = {}) const;
+  // Warns when the next step's lr differs from the one `saved` (ckpt's config) would give.
+  void warn_schedule_jump(const nlohmann::json& saved, const std::string& ckpt) const;
   void lock_run_dir();  // rank 0: run_dir/.lock, or an error naming the process holding it
   std::string starting_checkpoint() const;  // what setup() loads ("": HF model or fresh init)
   void set_aside_later_checkpoints(const std::string& ckpt) const;  // rank 0: superseded-N/
