@@ -1,9 +1,7 @@
 // `muonforge train` and `muonforge eval`.
-#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <limits>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -137,8 +135,7 @@ int cmd_train(const Args& args) {
 
 int cmd_eval(const Args& args) {
   std::string ckpt, data, device;
-  constexpr int kAllBatches = -1;  // --batches all, or train.eval_batches 0
-  int batches = 0;                 // 0: train.eval_batches
+  int batches = -1;  // -1: train.eval_batches; 0 (--batches all): every micro-batch
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "-h" || a == "--help") {
@@ -149,7 +146,7 @@ int cmd_eval(const Args& args) {
     } else if (a == "--batches") {
       if (i + 1 < args.size() && args[i + 1] == "all") {
         ++i;
-        batches = kAllBatches;
+        batches = 0;
       } else {
         batches = next_int_in(args, i, "eval", 1);
       }
@@ -173,7 +170,7 @@ int cmd_eval(const Args& args) {
   const bool data_given = !data.empty();
   if (!data_given) data = cfg.data.val;
   MF_CHECK(!data.empty(), "eval: the run has no data.val; pass --data GLOB");
-  if (batches == 0) batches = cfg.train.eval_batches == 0 ? kAllBatches : cfg.train.eval_batches;
+  if (batches < 0) batches = cfg.train.eval_batches;
   auto be = make_backend(cfg.train.device);
   be->set_precision(cfg.train.precision);  // a fp32 run evaluates in fp32 on CUDA too
   LlamaModel model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
@@ -187,15 +184,12 @@ int cmd_eval(const Args& args) {
   lo.vocab_fixed_by = "the checkpoint " + ckpt;
   lo.label = data_given ? "--data" : "data.val of " + cpath + " (or pass --data GLOB)";
   DataLoader loader(data, lo);
-  const int64_t avail = loader.micro_batches_per_pass();
-  if (batches == kAllBatches) {
-    batches = int(std::min<int64_t>(avail, std::numeric_limits<int>::max()));
-  } else if (avail < batches) {  // each micro-batch once, as training's val loss
-    std::fprintf(stderr, "eval: %s holds %lld micro-batch(es) of %lld x %lld tokens, fewer than "
+  const int reading = loader.eval_batches(batches);  // each micro-batch once, as training's
+  if (batches > reading)
+    std::fprintf(stderr, "eval: %s holds %d micro-batch(es) of %lld x %lld tokens, fewer than "
                  "the %d asked for: the loss is the mean over those, each read once\n",
-                 data.c_str(), (long long)avail, (long long)lo.B, (long long)lo.T, batches);
-    batches = int(avail);
-  }
+                 data.c_str(), reading, (long long)lo.B, (long long)lo.T, batches);
+  batches = reading;
   const int64_t N = lo.B * lo.T;
   std::vector<int32_t> in(N), tg(N);
   double s = 0;

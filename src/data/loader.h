@@ -42,7 +42,9 @@
 // >= vocab_size. Token ids are checked when the loader is built if all shards together are at
 // most 1 GiB, otherwise the first time each shard is read.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -121,6 +123,12 @@ class DataLoader {
   // Distinct micro-batches all ranks together read in that pass (steps_per_epoch * world_size):
   // what a validation pass can cover before the loader starts over.
   int64_t micro_batches_per_pass() const { return steps_per_epoch() * opt_.world_size; }
+  // The micro-batches (over all ranks) an evaluation of `asked` reads: `asked`, or every one of
+  // the pass, each once, when asked is 0 or more than the pass holds.
+  int eval_batches(int asked) const {
+    const int64_t avail = std::min<int64_t>(micro_batches_per_pass(), std::numeric_limits<int>::max());
+    return asked > 0 && asked < avail ? asked : int(avail);
+  }
   int64_t total_tokens() const { return total_tokens_; }
   const DataLoaderOptions& options() const { return opt_; }
 

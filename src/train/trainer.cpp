@@ -495,19 +495,15 @@ void Trainer::setup() {
     val_loader_ = std::make_unique<DataLoader>(cfg_.data.val, lo);
     // Past the val set's last micro-batch the loader starts over, and a mean over re-read
     // batches weighs the first ones twice: evaluate each once instead, and say so.
-    eval_batches_ = cfg_.train.eval_batches;
-    const int64_t avail = val_loader_->micro_batches_per_pass();
-    if (eval_batches_ == 0) {  // the whole val set, each micro-batch once
-      eval_batches_ = int(std::min<int64_t>(avail, std::numeric_limits<int>::max()));
-    } else if (avail < eval_batches_) {
-      eval_batches_ = int(avail);
-      if (rank_ == 0)
-        spdlog::warn("train.eval_batches = {} but data.val holds {} micro-batch(es) of {} x {} "
-                     "tokens{}: the val loss is the mean over those {}, each read once",
-                     cfg_.train.eval_batches, avail, B, T,
-                     world_ > 1 ? fmt::format(" ({} per rank)", avail / world_) : std::string(),
-                     avail);
-    }
+    // train.eval_batches 0: the whole val set.
+    eval_batches_ = val_loader_->eval_batches(cfg_.train.eval_batches);
+    if (cfg_.train.eval_batches > eval_batches_ && rank_ == 0)
+      spdlog::warn("train.eval_batches = {} but data.val holds {} micro-batch(es) of {} x {} "
+                   "tokens{}: the val loss is the mean over those {}, each read once",
+                   cfg_.train.eval_batches, eval_batches_, B, T,
+                   world_ > 1 ? fmt::format(" ({} per rank)", eval_batches_ / world_)
+                              : std::string(),
+                   eval_batches_);
   }
 
   // Load what starting_checkpoint() chose above.
