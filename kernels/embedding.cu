@@ -1,11 +1,14 @@
-// Embedding forward (row gather) and backward (sort-free row ownership, deterministic).
+// Embedding forward (row gather) and backward (tokens sorted stably, one warp per vocabulary row
+// and column group; deterministic).
 #include "embedding.cuh"
+
+#include "sort.cuh"
 
 namespace mf::cuda {
 
 constexpr int kEmbFwdThreads = 128;      // one block per token row, threads over columns
-constexpr int kEmbBwdThreads = 256;      // tokens scanned per step = threads per block
-constexpr int kEmbBwdBlocksPerSm = 8;    // grid size target for the backward
+constexpr int kEmbBwdThreads = 256;      // backward: 8 warps per block, one per sorted token
+constexpr int kEmbBwdUnroll = 8;         // dout rows in flight per warp in the backward
 
 struct EmbeddingParams {
   const int32_t* tokens;
@@ -14,7 +17,6 @@ struct EmbeddingParams {
   const void* dout;  // bwd
   float* dwte;       // bwd
   int64_t N, V, d;
-  int64_t rows_per_block;  // bwd: vocabulary rows owned by one block
 };
 
 template <typename TW, typename TO, int VEC>
@@ -34,44 +36,53 @@ __global__ void __launch_bounds__(kEmbFwdThreads) embedding_fwd_kernel(Embedding
   }
 }
 
-template <typename TD>
-__global__ void __launch_bounds__(kEmbBwdThreads) embedding_bwd_kernel(EmbeddingParams p) {
-  constexpr int kWarps = kEmbBwdThreads / kWarp;
-  __shared__ int list_n[kEmbBwdThreads];
-  __shared__ int list_v[kEmbBwdThreads];
-  __shared__ int wcnt[kWarps];
-  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  const int64_t v0 = int64_t(blockIdx.x) * p.rows_per_block;
-  const int64_t v1 = min(p.V, v0 + p.rows_per_block);
-  const TD* dout = static_cast<const TD*>(p.dout);
-  for (int64_t base = 0; base < p.N; base += kEmbBwdThreads) {
-    const int64_t n = base + tid;
-    const int32_t tok = n < p.N ? p.tokens[n] : -1;
-    const bool mine = tok >= v0 && tok < v1;
-    const unsigned ballot = __ballot_sync(kFullMask, mine);
-    if (lane == 0) wcnt[warp] = __popc(ballot);
-    __syncthreads();
-    int off = 0, total = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const int c = wcnt[w];
-      off += w < warp ? c : 0;
-      total += c;
+// One warp per (sorted entry, column group of 32 * VEC). The warp at the first entry of a token's
+// run owns that vocabulary row's columns: it starts from dwte, adds the run's dout rows in
+// increasing n in f32 registers (the CPU reference's order, so f32 inputs give its exact bits)
+// and stores once. Every other warp leaves at once. kEmbBwdUnroll rows are loaded before they are
+// added, so a long run (" the", ",") is bound by bandwidth, not by one load's latency per token.
+template <typename TD, int VEC>
+__global__ void __launch_bounds__(kEmbBwdThreads) embedding_bwd_kernel(EmbeddingParams p,
+                                                                       const uint64_t* sorted) {
+  const int64_t j = (int64_t(blockIdx.x) * kEmbBwdThreads + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (j >= p.N) return;  // whole warps
+  const uint32_t v = sort_key(sorted[j]);
+  if (v == kSortNoKey || (j > 0 && sort_key(sorted[j - 1]) == v)) return;  // not a run's head
+  int64_t end = j + 1;  // the run is sorted[j, end): 32 entries tested per ballot
+  for (;;) {
+    const int64_t t = end + lane;
+    const unsigned same = __ballot_sync(kFullMask, t < p.N && sort_key(sorted[t]) == v);
+    if (same != kFullMask) {
+      end += __ffs(int(~same)) - 1;
+      break;
     }
-    if (mine) {
-      const int at = off + __popc(ballot & ((1u << lane) - 1u));  // keeps increasing n order
-      list_n[at] = int(n - base);
-      list_v[at] = tok;
-    }
-    __syncthreads();
-    // Column c is always handled by thread c % blockDim: one owner per dwte element, in n order.
-    for (int k = 0; k < total; ++k) {
-      const TD* src = dout + (base + list_n[k]) * p.d;
-      float* row = p.dwte + int64_t(list_v[k]) * p.d;
-      for (int64_t c = tid; c < p.d; c += kEmbBwdThreads) row[c] += to_f(src[c]);
-    }
-    __syncthreads();  // list_* and wcnt are rewritten next step
+    end += kWarp;
   }
+  const int64_t c = (int64_t(blockIdx.y) * kWarp + lane) * VEC;
+  if (c >= p.d) return;  // no warp collectives below
+  const TD* dout = static_cast<const TD*>(p.dout);
+  float* row = p.dwte + int64_t(v) * p.d + c;
+  float acc[VEC];
+  load_f<VEC>(row, acc);
+  int64_t t = j;
+  for (; t + kEmbBwdUnroll <= end; t += kEmbBwdUnroll) {
+    float g[kEmbBwdUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kEmbBwdUnroll; ++u)
+      load_f<VEC>(dout + sort_index(sorted[t + u]) * p.d + c, g[u]);
+#pragma unroll
+    for (int u = 0; u < kEmbBwdUnroll; ++u)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] += g[u][e];
+  }
+  for (; t < end; ++t) {
+    float g[VEC];
+    load_f<VEC>(dout + sort_index(sorted[t]) * p.d + c, g);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] += g[e];
+  }
+  store_f<VEC>(row, acc);
 }
 
 template <typename TW, typename TO>
@@ -87,14 +98,21 @@ void launch_embedding_fwd(const EmbeddingParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
-template <typename TD>
-void launch_embedding_bwd(const EmbeddingParams& p, int sm_count, cudaStream_t stream) {
-  if (p.N == 0 || p.d == 0 || p.V == 0) return;
-  EmbeddingParams q = p;
-  q.rows_per_block = std::max<int64_t>(1, ceil_div(p.V, int64_t(sm_count) * kEmbBwdBlocksPerSm));
-  const int64_t blocks = ceil_div(p.V, q.rows_per_block);
-  embedding_bwd_kernel<TD><<<unsigned(blocks), kEmbBwdThreads, 0, stream>>>(q);
+template <typename TD, int VEC>
+void launch_embedding_bwd_vec(const EmbeddingParams& p, const uint64_t* sorted, cudaStream_t stream) {
+  const dim3 grid(unsigned(ceil_div(p.N * kWarp, kEmbBwdThreads)),
+                  unsigned(ceil_div(p.d, int64_t(kWarp) * VEC)));
+  embedding_bwd_kernel<TD, VEC><<<grid, kEmbBwdThreads, 0, stream>>>(p, sorted);
   CUDA_CHECK_LAUNCH();
+}
+
+template <typename TD>
+void launch_embedding_bwd(const EmbeddingParams& p, const uint64_t* sorted, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(TD);  // 16-byte dout loads; dwte is f32 (VEC floats)
+  if (aligned16(p.dout) && aligned16(p.dwte) && p.d % VEC == 0)
+    launch_embedding_bwd_vec<TD, VEC>(p, sorted, stream);
+  else
+    launch_embedding_bwd_vec<TD, 1>(p, sorted, stream);
 }
 
 void op_embedding_fwd(const Ctx& ctx, const Tensor& tokens, const Tensor& wte, Tensor& out) {
@@ -106,7 +124,7 @@ void op_embedding_fwd(const Ctx& ctx, const Tensor& tokens, const Tensor& wte, T
   const int64_t V = wte.dim(0), d = wte.dim(1), N = tokens.numel();
   MF_CHECK(rows_of(op, "out", out, d) == N, op, ": ", describe("out", out), " must be [N=", N,
            ",", d, "]");
-  EmbeddingParams p{tokens.data<int32_t>(), wte.ptr, out.ptr, nullptr, nullptr, N, V, d, 0};
+  EmbeddingParams p{tokens.data<int32_t>(), wte.ptr, out.ptr, nullptr, nullptr, N, V, d};
   const bool wf = wte.dtype == DType::F32, of = out.dtype == DType::F32;
   if (wf && of) return launch_embedding_fwd<float, float>(p, ctx.stream);
   if (wf && !of) return launch_embedding_fwd<float, bf16>(p, ctx.stream);
@@ -123,11 +141,20 @@ void op_embedding_bwd(const Ctx& ctx, const Tensor& tokens, const Tensor& dout, 
   const int64_t V = dwte.dim(0), d = dwte.dim(1), N = tokens.numel();
   MF_CHECK(rows_of(op, "dout", dout, d) == N, op, ": ", describe("dout", dout), " must be [N=",
            N, ",", d, "]");
-  EmbeddingParams p{tokens.data<int32_t>(), nullptr, nullptr, dout.ptr, dwte.data<float>(), N, V, d, 0};
+  MF_CHECK(N <= 0x7fffffff / kWarp, op, ": ", N, " tokens is too many for one launch");
+  if (N == 0 || d == 0 || V == 0) return;
+  EmbeddingParams p{tokens.data<int32_t>(), nullptr, nullptr, dout.ptr, dwte.data<float>(), N, V, d};
+  Arena sz;
+  sz.take<uint64_t>(size_t(N));
+  sz.take<uint64_t>(size_t(sort_tmp_entries(N)));
+  Arena ar(ctx.scratch->get(sz.used()));
+  uint64_t* sorted = ar.take<uint64_t>(size_t(N));
+  uint64_t* tmp = ar.take<uint64_t>(size_t(sort_tmp_entries(N)));
+  stable_sort_keys(p.tokens, N, V, sorted, tmp, ctx.stream);  // tokens outside [0,V) sort last
   if (dout.dtype == DType::F32)
-    launch_embedding_bwd<float>(p, ctx.sm_count, ctx.stream);
+    launch_embedding_bwd<float>(p, sorted, ctx.stream);
   else
-    launch_embedding_bwd<bf16>(p, ctx.sm_count, ctx.stream);
+    launch_embedding_bwd<bf16>(p, sorted, ctx.stream);
 }
 
 }  // namespace mf::cuda

@@ -6,8 +6,8 @@
 // mask marks taken experts) and writes the renormalised, route-scaled weights. counts is an
 // integer histogram; score_sum is a fixed two-pass column sum in double (chunks of rows, then
 // the chunks in order), independent of the device.
-// Permutation: histogram, capacity-clamped exclusive scan (one thread, E <= 2048), then one block
-// per expert scans the N*k slots in order and compacts its own with warp ballots, so each
+// Permutation: histogram, capacity-clamped exclusive scan (one thread, E <= 2048), then a stable
+// sort of the N*k slots by expert (sort.cuh) and one thread per sorted slot placing it, so each
 // expert's rows keep token order (the CPU's sequential plan exactly).
 // Gather / gather backward / combine: one block per output row, columns over threads (16-byte
 // vectors when aligned), the k slots summed in slot order in f32 registers. Combine backward: one
@@ -18,6 +18,7 @@
 
 #include "backend/cuda/cublaslt.h"
 #include "cast.cuh"
+#include "sort.cuh"
 
 namespace mf::cuda {
 
@@ -26,7 +27,7 @@ constexpr int kMoeSumThreads = 128;        // experts per block of the score-sum
 constexpr int kMoeSumChunks = 128;         // fixed row chunks of the score sum (pass 1 grid.y)
 constexpr int kMoeCountThreads = 256;      // histogram
 constexpr int64_t kMoeCountMaxBlocks = 256;
-constexpr int kMoeScatterThreads = 256;    // slots scanned per step by one expert's block
+constexpr int kMoePlaceThreads = 256;      // permutation plan: one thread per sorted slot
 constexpr int kMoeRowThreads = 256;        // gather / gather_bwd / combine: one block per row
 constexpr int kMoeAddThreads = 256;        // f32 scratch -> dx accumulation
 constexpr int64_t kMoeAddMaxBlocks = 4096;
@@ -298,42 +299,22 @@ __global__ void moe_offsets_kernel(MoePlanParams p) {
   }
 }
 
-// Block e: the slots i with idx[i] == e, in increasing i (= token order, then slot order), get
-// positions 0, 1, ... by an ordered block-wide compaction; position >= capacity is dropped.
-__global__ void __launch_bounds__(kMoeScatterThreads) moe_scatter_kernel(MoePlanParams p) {
-  constexpr int kWarps = kMoeScatterThreads / kWarp;
-  __shared__ int wcnt[kWarps];
-  const int e = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  const int64_t mine_total = p.counts[e];
-  const int64_t row0 = p.offsets[e];
-  int64_t seen = 0;  // slots of expert e before this step (block-uniform)
-  for (int64_t base = 0; base < p.slots && seen < mine_total; base += kMoeScatterThreads) {
-    const int64_t i = base + tid;
-    const bool mine = i < p.slots && p.idx[i] == e;
-    const unsigned ballot = __ballot_sync(kFullMask, mine);
-    if (lane == 0) wcnt[warp] = __popc(ballot);
-    __syncthreads();
-    int off = 0, total = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const int c = wcnt[w];
-      off += w < warp ? c : 0;
-      total += c;
-    }
-    if (mine) {
-      const int64_t pos = seen + off + __popc(ballot & ((1u << lane) - 1u));
-      if (p.capacity > 0 && pos >= p.capacity) {
-        p.row_of[i] = -1;
-      } else {
-        const int64_t r = row0 + pos;
-        p.row_of[i] = int32_t(r);
-        p.row_token[r] = int32_t(i / p.k);
-      }
-    }
-    seen += total;
-    __syncthreads();  // wcnt is rewritten next step
-  }
+// Sorted entry s holds slot i of expert e (sort.cuh: slots sorted stably by expert, so each
+// expert's slots are in increasing i = token order, then slot order). Its position among e's
+// slots is s minus the first sorted position of e; a position >= capacity is dropped (row_of
+// stays -1).
+__global__ void __launch_bounds__(kMoePlaceThreads) moe_place_kernel(MoePlanParams p,
+                                                                     const uint64_t* sorted) {
+  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= p.slots) return;
+  const uint64_t w = sorted[s];
+  const uint32_t e = sort_key(w);
+  if (e == kSortNoKey) return;  // an index outside [0,E): no row
+  const int64_t pos = s - sort_count_less(sorted, 0, s, uint64_t(e) << 32);  // (e, 0) is not less
+  if (p.capacity > 0 && pos >= p.capacity) return;
+  const int64_t i = sort_index(w), r = p.offsets[e] + pos;
+  p.row_of[i] = int32_t(r);
+  p.row_token[r] = int32_t(i / p.k);
 }
 
 // ---- gather / combine -----------------------------------------------------------------------
@@ -493,7 +474,7 @@ void launch_moe_count(const MoePlanParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
-void launch_moe_plan(const MoePlanParams& p, cudaStream_t stream) {
+void launch_moe_plan(const MoePlanParams& p, uint64_t* sorted, uint64_t* tmp, cudaStream_t stream) {
   const size_t bytes = size_t(p.slots) * sizeof(int32_t);
   if (bytes) {
     CUDA_CHECK(cudaMemsetAsync(p.row_of, 0xff, bytes, stream));  // -1: dropped / unused
@@ -503,7 +484,9 @@ void launch_moe_plan(const MoePlanParams& p, cudaStream_t stream) {
   moe_offsets_kernel<<<1, 1, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
   if (p.slots == 0) return;
-  moe_scatter_kernel<<<unsigned(p.E), kMoeScatterThreads, 0, stream>>>(p);
+  stable_sort_keys(p.idx, p.slots, p.E, sorted, tmp, stream);
+  moe_place_kernel<<<unsigned(ceil_div(p.slots, kMoePlaceThreads)), kMoePlaceThreads, 0, stream>>>(
+      p, sorted);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -758,10 +741,14 @@ void op_moe_permute(const Ctx& ctx, const Tensor& topk_idx, int E, int64_t capac
            " must have ", N * k, " elements (N * top_k)");
   Arena sz;
   sz.take<int32_t>(size_t(E));
+  sz.take<uint64_t>(size_t(N * k));
+  sz.take<uint64_t>(size_t(sort_tmp_entries(N * k)));
   Arena ar(ctx.scratch->get(sz.used()));
   MoePlanParams p{topk_idx.data<int32_t>(), ar.take<int32_t>(size_t(E)), offsets.data<int32_t>(),
                   row_of.data<int32_t>(), row_token.data<int32_t>(), N * k, int(k), E, capacity};
-  launch_moe_plan(p, ctx.stream);
+  uint64_t* sorted = ar.take<uint64_t>(size_t(N * k));
+  uint64_t* tmp = ar.take<uint64_t>(size_t(sort_tmp_entries(N * k)));
+  launch_moe_plan(p, sorted, tmp, ctx.stream);
 }
 
 void op_moe_gather(const Ctx& ctx, const Tensor& x, const Tensor& row_token, Tensor& xg) {

@@ -27,7 +27,8 @@ void op_moe_router_bwd(const Ctx& ctx, const Tensor& dtopk_w, const Tensor* aux_
                        const Tensor& topk_idx, const MoeRouterArgs& a, Tensor& dlogits,
                        Tensor& dx, Tensor& dWr);
 // Plan: offsets i32 [E+1], row_of i32 [N,k], row_token i32 [N*k]. Counting sort: histogram,
-// scan with the capacity clamp, then one block per expert scatters its slots in token order.
+// scan with the capacity clamp, then a stable sort of the slots by expert places each slot in
+// token order.
 // A topk_idx entry outside [0,E) is treated as dropped (row_of -1); the kernel cannot throw.
 void op_moe_permute(const Ctx& ctx, const Tensor& topk_idx, int E, int64_t capacity,
                     Tensor& offsets, Tensor& row_of, Tensor& row_token);

@@ -147,7 +147,11 @@ TEST_CASE("cuda moe_permute equals the CPU plan (stable, capacity drops)", "[gpu
   auto gpu = make_backend("cuda");
   CpuBackend cpu;
   Rng rng(101);
-  for (const auto& s : shapes())
+  // Beyond shapes(): more slots than one sort chunk (kSortChunk = 1024 in kernels/sort.cuh), so the
+  // plan's sort runs 1, 2 and 3 merge passes, the last run of each pass shorter than the others.
+  std::vector<Shape3> all = shapes();
+  for (Shape3 big : {Shape3{300, 64, 6}, Shape3{450, 8, 6}, Shape3{900, 100, 6}}) all.push_back(big);
+  for (const auto& s : all)
     for (int cap_mode = 0; cap_mode < 3; ++cap_mode)
       for (bool skew : {false, true}) {
         const int64_t cap = cap_mode == 0 ? 0

@@ -618,20 +618,35 @@ TEST_CASE("cuda: embedding backward is deterministic and in token order", "[gpu]
   MF_SKIP_WITHOUT_GPU();
   auto be = make_backend("cuda");
   Rng rng(83);
-  const int64_t N = 1000, V = 37, d = 33;  // heavy repetition: ~27 uses per row
-  std::vector<int32_t> tok(N);
+  const int64_t V = 37;
+  // Heavy repetition (~27 to ~135 uses per row). The backward sorts the tokens in chunks of 1024
+  // (kernels/sort.cuh): 1000 is one chunk, 1500, 2500 and 5000 need 1, 2 and 3 merge passes. A
+  // few tokens outside [0,V) must be skipped, and so must the last row, which no token uses.
+  // d = 64 takes the 16-byte path (8 columns per lane), d = 33 the scalar one.
+  for (const auto [N, d] : {std::pair<int64_t, int64_t>{1000, 33}, {1500, 64}, {2500, 33}, {5000, 64}}) {
+    INFO("N = " << N << ", d = " << d);
+    std::vector<int32_t> tok(static_cast<size_t>(N));
+    for (auto& t : tok) t = int32_t(rng.below(V - 1));
+    tok[size_t(N / 3)] = -1;
+    tok[size_t(N / 2)] = int32_t(V);
+    const Vec dout = rand_vec(rng, size_t(N * d)), dw0 = rand_vec(rng, size_t(V * d), -1, 1, false);
+    // f32 accumulation in increasing n, exactly what the kernel does: bitwise equal.
+    std::vector<float> want(dw0.begin(), dw0.end());
+    for (int64_t n = 0; n < N; ++n)
+      if (tok[size_t(n)] >= 0 && tok[size_t(n)] < V)
+        for (int64_t c = 0; c < d; ++c) want[size_t(tok[size_t(n)] * d + c)] += float(dout[size_t(n * d + c)]);
+    Tensor tt = be->empty({N}, DType::I32);
+    be->upload(host_ids(tok), tt);
+    Tensor tdo = dev_of(*be, {N, d}, DType::BF16, dout), tdw = dev_of(*be, {V, d}, DType::F32, dw0);
+    be->embedding_bwd(tt, tdo, tdw);
+    const Vec got = fetch(*be, tdw);
+    CHECK(got == Vec(want.begin(), want.end()));
+  }
+  const int64_t N = 1000, d = 33;
+  std::vector<int32_t> tok(static_cast<size_t>(N));
   for (auto& t : tok) t = int32_t(rng.below(V));
-  const Vec dout = rand_vec(rng, size_t(N * d)), dw0 = rand_vec(rng, size_t(V * d), -1, 1, false);
-  // f32 accumulation in increasing n, exactly what the kernel does: bitwise equal.
-  std::vector<float> want(dw0.begin(), dw0.end());
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < d; ++c) want[size_t(tok[n] * d + c)] += float(dout[size_t(n * d + c)]);
   Tensor tt = be->empty({N}, DType::I32);
   be->upload(host_ids(tok), tt);
-  Tensor tdo = dev_of(*be, {N, d}, DType::BF16, dout), tdw = dev_of(*be, {V, d}, DType::F32, dw0);
-  be->embedding_bwd(tt, tdo, tdw);
-  const Vec got = fetch(*be, tdw);
-  CHECK(got == Vec(want.begin(), want.end()));
   // forward gathers exactly
   Tensor wte = dev_of(*be, {V, d}, DType::BF16, rand_vec(rng, size_t(V * d)));
   Tensor out = be->empty({N, d}, DType::BF16);
