@@ -1,15 +1,19 @@
 // RMSNorm: forward one warp per row (two passes over the row: add+store+sum of squares, then
-// normalise); backward one block per strided row set with per-block dw partials in shared
-// memory, then a column pass that adds the partials in block order (deterministic). Both take
-// 16-byte accesses when d and the pointers allow, element by element otherwise.
+// normalise). Backward one warp per row when a lane can hold its share of the dw partial in
+// registers (d <= 256 * VEC), else one block per row; either way a fixed set of kRmsBwdBlocks
+// blocks each writes one dw partial row, and a column pass adds the partials in a fixed order
+// (deterministic). Both take 16-byte accesses when d and the pointers allow, element by element
+// otherwise.
 #include "rmsnorm.cuh"
 
 namespace mf::cuda {
 
 constexpr int kRmsFwdWarps = 4;        // rows per forward block (one warp each)
 constexpr int kRmsBwdThreads = 256;
+constexpr int kRmsBwdWarps = kRmsBwdThreads / kWarp;  // rows in flight per block (warp kernel)
 constexpr int kRmsBwdBlocks = 256;     // fixed: part of dw's summation order
-constexpr int kRmsColThreads = 256;
+constexpr int kRmsBwdMaxIter = 8;      // warp kernel: at most 8 x 32 x VEC columns per row
+constexpr int kRmsColWarps = 8;        // dw column pass: partial rows summed by 8 warps, then in order
 
 struct RmsnormParams {
   const void* resid_in;
@@ -123,12 +127,93 @@ __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormPara
     for (int e = 0; e < VEC; ++e) out[c + e] = part[e * plane + c / VEC];
 }
 
-__global__ void rmsnorm_dw_kernel(RmsnormParams p) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= p.d) return;
+// One warp per row: rows blockIdx.x * kRmsBwdWarps + warp + k * blocks * kRmsBwdWarps. Lane l owns
+// columns (i * 32 + l) * VEC + [0, VEC), i < ITER, and keeps their dw partial in registers over
+// its rows; no block barrier until the end, so every warp has its own row's loads in flight.
+// The warps' partials then meet in shared memory ([kRmsBwdWarps, d]) and are added in warp
+// order into the block's row of p.partials.
+template <typename T, typename TW, int VEC, int ITER>
+__global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_warp_kernel(RmsnormParams p) {
+  extern __shared__ float smem[];  // [kRmsBwdWarps, d]
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* x = static_cast<const T*>(p.x);
+  const TW* w = static_cast<const TW*>(p.w);
+  T* dx = static_cast<T*>(p.dx);
+  float part[ITER][VEC];
+#pragma unroll
+  for (int i = 0; i < ITER; ++i)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) part[i][e] = 0.f;
+  const int64_t step = int64_t(p.blocks) * kRmsBwdWarps;
+  for (int64_t row = int64_t(blockIdx.x) * kRmsBwdWarps + warp; row < p.N; row += step) {
+    const T* g = dy + row * p.d;
+    const T* xr = x + row * p.d;
+    const float r = p.rstd[row];
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITER; ++i) {
+      const int64_t c = (int64_t(i) * kWarp + lane) * VEC;
+      if (c >= p.d) break;
+      float gv[VEC], wv[VEC], xv[VEC];
+      load_f<VEC>(g + c, gv);
+      load_f<VEC>(w + c, wv);
+      load_f<VEC>(xr + c, xv);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dot += gv[e] * wv[e] * xv[e];
+    }
+    dot = warp_sum(dot);
+    const float coef = dot * r * r * r / float(p.d);
+    T* o = dx + row * p.d;
+#pragma unroll
+    for (int i = 0; i < ITER; ++i) {
+      const int64_t c = (int64_t(i) * kWarp + lane) * VEC;
+      if (c >= p.d) break;
+      float gv[VEC], wv[VEC], xv[VEC], ov[VEC];
+      load_f<VEC>(g + c, gv);  // this lane's own loads above: L1 hits
+      load_f<VEC>(w + c, wv);
+      load_f<VEC>(xr + c, xv);
+      load_f<VEC>(o + c, ov);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        ov[e] = ov[e] + r * wv[e] * gv[e] - xv[e] * coef;
+        part[i][e] += gv[e] * xv[e] * r;
+      }
+      store_f<VEC>(o + c, ov);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < ITER; ++i) {
+    const int64_t c = (int64_t(i) * kWarp + lane) * VEC;
+    if (c >= p.d) break;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) smem[int64_t(warp) * p.d + c + e] = part[i][e];
+  }
+  __syncthreads();
+  float* out = p.partials + int64_t(blockIdx.x) * p.d;
+  for (int64_t c = threadIdx.x; c < p.d; c += kRmsBwdThreads) {
+    float sum = 0.f;
+    for (int k = 0; k < kRmsBwdWarps; ++k) sum += smem[int64_t(k) * p.d + c];
+    out[c] = sum;
+  }
+}
+
+// dw[c] += the p.blocks partial rows of column c: warp k adds rows k, k + 8, ... (lane = column,
+// so a warp reads 32 consecutive floats), then warp 0 adds the 8 sums in warp order.
+__global__ void __launch_bounds__(kRmsColWarps * kWarp) rmsnorm_dw_kernel(RmsnormParams p) {
+  __shared__ float red[kRmsColWarps][kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t c = int64_t(blockIdx.x) * kWarp + lane;
   float s = 0.f;
-  for (int b = 0; b < p.blocks; ++b) s += p.partials[int64_t(b) * p.d + c];
-  p.dw[c] += s;
+  if (c < p.d)
+    for (int b = warp; b < p.blocks; b += kRmsColWarps) s += p.partials[int64_t(b) * p.d + c];
+  red[warp][lane] = s;
+  __syncthreads();
+  if (warp != 0 || c >= p.d) return;
+  float t = 0.f;
+#pragma unroll
+  for (int k = 0; k < kRmsColWarps; ++k) t += red[k][lane];
+  p.dw[c] += t;
 }
 
 template <typename T, typename TW>
@@ -145,22 +230,45 @@ void launch_rmsnorm_fwd(const RmsnormParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
-template <typename T, typename TW>
-void launch_rmsnorm_bwd(const RmsnormParams& p, size_t max_smem, cudaStream_t stream) {
-  if (p.N == 0 || p.d == 0) return;
-  const size_t smem = (kWarp + size_t(p.d)) * sizeof(float);
+template <typename T, typename TW, int VEC>
+void launch_rmsnorm_bwd_warp(const RmsnormParams& p, int iters, size_t max_smem, cudaStream_t stream) {
+  const size_t smem = size_t(kRmsBwdWarps) * size_t(p.d) * sizeof(float);
   MF_CHECK(smem <= max_smem, "rmsnorm_bwd: d = ", p.d, " needs ", smem,
            " bytes of shared memory, more than the device's ", max_smem);
-  constexpr int VEC = 16 / sizeof(T);
-  const bool vec = p.d % VEC == 0 && aligned16(p.dy) && aligned16(p.x) && aligned16(p.dx) &&
-                   ((VEC * sizeof(TW)) % 16 != 0 || aligned16(p.w));  // w is read by vector iff that
-                                                                     // is a whole number of 16 bytes
-  auto* kernel = vec ? rmsnorm_bwd_kernel<T, TW, VEC> : rmsnorm_bwd_kernel<T, TW, 1>;
+  auto* kernel = iters <= 1   ? rmsnorm_bwd_warp_kernel<T, TW, VEC, 1>
+                 : iters <= 2 ? rmsnorm_bwd_warp_kernel<T, TW, VEC, 2>
+                 : iters <= 4 ? rmsnorm_bwd_warp_kernel<T, TW, VEC, 4>
+                              : rmsnorm_bwd_warp_kernel<T, TW, VEC, kRmsBwdMaxIter>;
   if (smem > 48 * 1024)
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   kernel<<<p.blocks, kRmsBwdThreads, smem, stream>>>(p);
   CUDA_CHECK_LAUNCH();
-  rmsnorm_dw_kernel<<<unsigned(ceil_div(p.d, kRmsColThreads)), kRmsColThreads, 0, stream>>>(p);
+}
+
+template <typename T, typename TW>
+void launch_rmsnorm_bwd(const RmsnormParams& p, size_t max_smem, cudaStream_t stream) {
+  if (p.N == 0 || p.d == 0) return;
+  constexpr int VEC = 16 / sizeof(T);
+  const bool vec = p.d % VEC == 0 && aligned16(p.dy) && aligned16(p.x) && aligned16(p.dx) &&
+                   ((VEC * sizeof(TW)) % 16 != 0 || aligned16(p.w));  // w is read by vector iff that
+                                                                     // is a whole number of 16 bytes
+  const int64_t iters = ceil_div(p.d, int64_t(kWarp) * (vec ? VEC : 1));
+  if (iters <= kRmsBwdMaxIter) {
+    if (vec)
+      launch_rmsnorm_bwd_warp<T, TW, VEC>(p, int(iters), max_smem, stream);
+    else
+      launch_rmsnorm_bwd_warp<T, TW, 1>(p, int(iters), max_smem, stream);
+  } else {
+    const size_t smem = (kWarp + size_t(p.d)) * sizeof(float);
+    MF_CHECK(smem <= max_smem, "rmsnorm_bwd: d = ", p.d, " needs ", smem,
+             " bytes of shared memory, more than the device's ", max_smem);
+    auto* kernel = vec ? rmsnorm_bwd_kernel<T, TW, VEC> : rmsnorm_bwd_kernel<T, TW, 1>;
+    if (smem > 48 * 1024)
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<p.blocks, kRmsBwdThreads, smem, stream>>>(p);
+    CUDA_CHECK_LAUNCH();
+  }
+  rmsnorm_dw_kernel<<<unsigned(ceil_div(p.d, kWarp)), kRmsColWarps * kWarp, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }
 

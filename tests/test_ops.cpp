@@ -264,7 +264,12 @@ constexpr double kEps = 1e-5;
 
 void add_rmsnorm_cases(std::vector<OpCase>& cs) {
   struct S { int64_t N, d; };
-  for (S s : {S{1, 1}, S{7, 7}, S{33, 33}, S{127, 127}, S{3, 768}, S{256, 512}}) {
+  // The CUDA backward has a warp-per-row kernel for d <= 256 * VEC (VEC = 8 for 16-byte bf16
+  // rows, else 1) and a block-per-row one above it: 2048 is the widest warp case (64 KiB of
+  // shared memory, past the 48 KiB default), 2056 and 300 (unaligned width, scalar) take the
+  // block kernel. 4100 rows is more than the warp kernel's 2048 warps, so warps take two rows.
+  for (S s : {S{1, 1}, S{7, 7}, S{33, 33}, S{127, 127}, S{3, 768}, S{256, 512}, S{4100, 64},
+              S{9, 300}, S{5, 2048}, S{4, 2056}}) {
     for (bool with_branch : {false, true}) {
       OpCase f;
       f.op = "add_rmsnorm_fwd";
