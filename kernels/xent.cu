@@ -3,11 +3,11 @@
 #include "xent.cuh"
 
 #include "backend/cuda/cublaslt.h"
+#include "backend/cuda/sizes.h"
 
 namespace mf::cuda {
 
 constexpr int kXentThreads = 512;                      // one block per row of logits
-constexpr size_t kXentScratchBytes = size_t(256) << 20;  // logits f32 + dlogits (x's dtype) per chunk
 constexpr int64_t kXentRowAlign = 64;                  // chunk rows rounded down to this (GEMM tiles)
 // Row pitch of the logits / dlogits scratch, in elements: V rounded up to a multiple of 8, so
 // every row starts 16-byte aligned in bf16 and f32 whatever V is (GPT-2's 50257 is odd). With a

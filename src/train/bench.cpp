@@ -9,6 +9,7 @@
 #include <sstream>
 #include <vector>
 
+#include "backend/cuda/sizes.h"
 #include "backend/profiler.h"
 #include "core/log.h"
 #include "core/rng.h"
@@ -172,15 +173,15 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   const MemoryInfo mi = be.memory_info();
   const bool cuda = be.device() == Device::CUDA;
   // Expected workspace peak on CUDA (kernels/ Scratch is one grow-only buffer; the largest user
-  // sets it): the fused lm-head xent chunk (f32 logits + bf16 dlogits, capped at 256 MiB), the
-  // Newton-Schulz buffers of one batched chunk (X ping-pong, A, A^2 per matrix: at most 2x the
-  // chunk's f32 bytes in bf16, 4x in f32), plus the 32 MiB cuBLASLt workspace. An estimate from
-  // docs/cuda.md, not a measurement.
+  // sets it): the fused lm-head xent chunk (f32 logits + bf16 dlogits, capped at
+  // cuda::kXentScratchBytes), the Newton-Schulz buffers of one batched chunk (X ping-pong, A,
+  // A^2 per matrix: at most 2x the chunk's f32 bytes in bf16, 4x in f32), plus the cuBLASLt
+  // workspace. An estimate from docs/cuda.md, not a measurement.
   int64_t ws_expected = 0;
   if (cuda) {
-    const int64_t xent = std::min<int64_t>(N * V * 6, int64_t(256) << 20);
+    const int64_t xent = std::min<int64_t>(N * V * 6, int64_t(cuda::kXentScratchBytes));
     const int64_t ns = (ns_f32 ? 4 : 2) * muon_scratch;
-    ws_expected = std::max(xent, ns) + (int64_t(32) << 20);
+    ws_expected = std::max(xent, ns) + int64_t(cuda::kCublasLtWorkspaceBytes);
   }
   const int64_t workspace_now = int64_t(mi.workspace);
   const int64_t total =

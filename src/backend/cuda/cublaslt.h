@@ -26,6 +26,7 @@
 #include <map>
 #include <memory>
 
+#include "backend/cuda/sizes.h"
 #include "core/tensor.h"
 
 namespace mf::cuda {
@@ -58,7 +59,7 @@ GemmArgs resolve_gemm(const GemmArgs& g);
 
 class CublasLt {
  public:
-  static constexpr size_t kWorkspaceBytes = size_t(32) << 20;  // 32 MiB, Hopper's recommendation
+  static constexpr size_t kWorkspaceBytes = kCublasLtWorkspaceBytes;
 
   explicit CublasLt(cudaStream_t stream);
   ~CublasLt();
