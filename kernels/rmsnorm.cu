@@ -73,6 +73,36 @@ __global__ void __launch_bounds__(kRmsFwdWarps * kWarp) rmsnorm_fwd_kernel(Rmsno
   }
 }
 
+// The row math of both backward kernels, for the VEC columns at c of one row (g = dy, x, o = dx
+// rows; r = rstd): the terms of sum(w dy x), then dx += r w dy - x coef with this row's dw terms
+// dy x r added to dwv.
+template <typename T, typename TW, int VEC>
+__device__ __forceinline__ void rms_bwd_dot(const T* g, const TW* w, const T* x, int64_t c,
+                                            float& dot) {
+  float gv[VEC], wv[VEC], xv[VEC];
+  load_f<VEC>(g + c, gv);
+  load_f<VEC>(w + c, wv);
+  load_f<VEC>(x + c, xv);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) dot += gv[e] * wv[e] * xv[e];
+}
+
+template <typename T, typename TW, int VEC>
+__device__ __forceinline__ void rms_bwd_dx(const T* g, const TW* w, const T* x, T* o, int64_t c,
+                                           float r, float coef, float (&dwv)[VEC]) {
+  float gv[VEC], wv[VEC], xv[VEC], ov[VEC];
+  load_f<VEC>(g + c, gv);  // the same thread's loads in rms_bwd_dot: L1 hits
+  load_f<VEC>(w + c, wv);
+  load_f<VEC>(x + c, xv);
+  load_f<VEC>(o + c, ov);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    ov[e] = ov[e] + r * wv[e] * gv[e] - xv[e] * coef;
+    dwv[e] += gv[e] * xv[e] * r;
+  }
+  store_f<VEC>(o + c, ov);
+}
+
 // VEC consecutive columns per thread per step (16-byte accesses when VEC > 1, then d % VEC == 0):
 // thread t owns columns [VEC t, VEC t + VEC) + k VEC blockDim in every loop, so part[] needs no
 // barrier. part[] keeps column c + e (c a multiple of VEC) at e (d / VEC) + c / VEC, so a warp's
@@ -96,29 +126,15 @@ __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormPara
     const T* xr = x + row * p.d;
     const float r = p.rstd[row];
     float dot = 0.f;
-    for (int64_t c = c0; c < p.d; c += step) {
-      float gv[VEC], wv[VEC], xv[VEC];
-      load_f<VEC>(g + c, gv);
-      load_f<VEC>(w + c, wv);
-      load_f<VEC>(xr + c, xv);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) dot += gv[e] * wv[e] * xv[e];
-    }
+    for (int64_t c = c0; c < p.d; c += step) rms_bwd_dot<T, TW, VEC>(g, w, xr, c, dot);
     dot = block_sum(dot, red);
     const float coef = dot * r * r * r / float(p.d);
     T* o = dx + row * p.d;
     for (int64_t c = c0; c < p.d; c += step) {
-      float gv[VEC], wv[VEC], xv[VEC], ov[VEC];
-      load_f<VEC>(g + c, gv);
-      load_f<VEC>(w + c, wv);
-      load_f<VEC>(xr + c, xv);
-      load_f<VEC>(o + c, ov);
+      float dwv[VEC] = {};
+      rms_bwd_dx<T, TW, VEC>(g, w, xr, o, c, r, coef, dwv);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        ov[e] = ov[e] + r * wv[e] * gv[e] - xv[e] * coef;
-        part[e * plane + c / VEC] += gv[e] * xv[e] * r;
-      }
-      store_f<VEC>(o + c, ov);
+      for (int e = 0; e < VEC; ++e) part[e * plane + c / VEC] += dwv[e];
     }
   }
   float* out = p.partials + int64_t(blockIdx.x) * p.d;
@@ -155,12 +171,7 @@ __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_warp_kernel(Rmsnor
     for (int i = 0; i < ITER; ++i) {
       const int64_t c = (int64_t(i) * kWarp + lane) * VEC;
       if (c >= p.d) break;
-      float gv[VEC], wv[VEC], xv[VEC];
-      load_f<VEC>(g + c, gv);
-      load_f<VEC>(w + c, wv);
-      load_f<VEC>(xr + c, xv);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) dot += gv[e] * wv[e] * xv[e];
+      rms_bwd_dot<T, TW, VEC>(g, w, xr, c, dot);
     }
     dot = warp_sum(dot);
     const float coef = dot * r * r * r / float(p.d);
@@ -169,17 +180,7 @@ __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_warp_kernel(Rmsnor
     for (int i = 0; i < ITER; ++i) {
       const int64_t c = (int64_t(i) * kWarp + lane) * VEC;
       if (c >= p.d) break;
-      float gv[VEC], wv[VEC], xv[VEC], ov[VEC];
-      load_f<VEC>(g + c, gv);  // this lane's own loads above: L1 hits
-      load_f<VEC>(w + c, wv);
-      load_f<VEC>(xr + c, xv);
-      load_f<VEC>(o + c, ov);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        ov[e] = ov[e] + r * wv[e] * gv[e] - xv[e] * coef;
-        part[i][e] += gv[e] * xv[e] * r;
-      }
-      store_f<VEC>(o + c, ov);
+      rms_bwd_dx<T, TW, VEC>(g, w, xr, o, c, r, coef, part[i]);
     }
   }
 #pragma unroll
