@@ -56,8 +56,15 @@ __device__ __forceinline__ void stage(bf16* s, const Operand& op, int64_t i0, in
       }
     }
   } else {
+    // Item idx = (k, group of 8 i). Lanes 0-15 take k = 16 kh + 0..15 at group 2 gh, lanes 16-31
+    // the same k at group 2 gh + 1: each k row is read as 32 contiguous bytes (one sector), and
+    // the transposed stores of a warp fall in 8 banks twice (2-way) instead of one bank 8 times
+    // with 4 k by 8 groups per warp.
+    static_assert((BI / 8) % 2 == 0 && kGBK % 16 == 0, "stage: whole half-warp items");
     for (int idx = threadIdx.x; idx < kGBK * (BI / 8); idx += kGThreads) {
-      const int k = idx / (BI / 8), ii = (idx % (BI / 8)) * 8;
+      const int lane = idx % kWarp, q = idx / kWarp;
+      const int k = (q % (kGBK / 16)) * 16 + lane % 16;
+      const int ii = ((q / (kGBK / 16)) * 2 + lane / 16) * 8;
       const int64_t gk = k0 + k, gi = i0 + ii;
       int4 raw;
       bf16* v = reinterpret_cast<bf16*>(&raw);
