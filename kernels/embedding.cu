@@ -39,8 +39,9 @@ __global__ void __launch_bounds__(kEmbFwdThreads) embedding_fwd_kernel(Embedding
 // One warp per (sorted entry, column group of 32 * VEC). The warp at the first entry of a token's
 // run owns that vocabulary row's columns: it starts from dwte, adds the run's dout rows in
 // increasing n in f32 registers (the CPU reference's order, so f32 inputs give its exact bits)
-// and stores once. Every other warp leaves at once. kEmbBwdUnroll rows are loaded before they are
-// added, so a long run (" the", ",") is bound by bandwidth, not by one load's latency per token.
+// and stores once. Every other warp leaves at once. A long run (" the", ",") is read 32 row
+// indices at a time (one coalesced load, handed out by shuffles), then kEmbBwdUnroll dout rows
+// are loaded before they are added: bound by bandwidth more than by one latency per token.
 template <typename TD, int VEC>
 __global__ void __launch_bounds__(kEmbBwdThreads) embedding_bwd_kernel(EmbeddingParams p,
                                                                        const uint64_t* sorted) {
@@ -49,40 +50,41 @@ __global__ void __launch_bounds__(kEmbBwdThreads) embedding_bwd_kernel(Embedding
   if (j >= p.N) return;  // whole warps
   const uint32_t v = sort_key(sorted[j]);
   if (v == kSortNoKey || (j > 0 && sort_key(sorted[j - 1]) == v)) return;  // not a run's head
-  int64_t end = j + 1;  // the run is sorted[j, end): 32 entries tested per ballot
-  for (;;) {
-    const int64_t t = end + lane;
-    const unsigned same = __ballot_sync(kFullMask, t < p.N && sort_key(sorted[t]) == v);
-    if (same != kFullMask) {
-      end += __ffs(int(~same)) - 1;
-      break;
-    }
-    end += kWarp;
-  }
+  // The run is sorted[j, end): the entries below (v + 1, 0).
+  const int64_t end = j + sort_count_less(sorted, j, p.N, (uint64_t(v) + 1) << 32);
   const int64_t c = (int64_t(blockIdx.y) * kWarp + lane) * VEC;
-  if (c >= p.d) return;  // no warp collectives below
+  const bool mine = c < p.d;  // lanes past d still take part in the shuffles
   const TD* dout = static_cast<const TD*>(p.dout);
-  float* row = p.dwte + int64_t(v) * p.d + c;
+  float* row = p.dwte + int64_t(v) * p.d + (mine ? c : 0);
   float acc[VEC];
-  load_f<VEC>(row, acc);
-  int64_t t = j;
-  for (; t + kEmbBwdUnroll <= end; t += kEmbBwdUnroll) {
-    float g[kEmbBwdUnroll][VEC];
+  if (mine) load_f<VEC>(row, acc);
+  for (int64_t t0 = j; t0 < end; t0 += kWarp) {
+    const int32_t n_lane = t0 + lane < end ? int32_t(sort_index(sorted[t0 + lane])) : 0;
+    const int cnt = int(min(int64_t(kWarp), end - t0));  // the same in every lane
+    int u0 = 0;
+    for (; u0 + kEmbBwdUnroll <= cnt; u0 += kEmbBwdUnroll) {
+      int32_t n[kEmbBwdUnroll];
 #pragma unroll
-    for (int u = 0; u < kEmbBwdUnroll; ++u)
-      load_f<VEC>(dout + sort_index(sorted[t + u]) * p.d + c, g[u]);
+      for (int u = 0; u < kEmbBwdUnroll; ++u) n[u] = __shfl_sync(kFullMask, n_lane, u0 + u);
+      if (!mine) continue;
+      float g[kEmbBwdUnroll][VEC];
 #pragma unroll
-    for (int u = 0; u < kEmbBwdUnroll; ++u)
+      for (int u = 0; u < kEmbBwdUnroll; ++u) load_f<VEC>(dout + int64_t(n[u]) * p.d + c, g[u]);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] += g[u][e];
+      for (int u = 0; u < kEmbBwdUnroll; ++u)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] += g[u][e];
+    }
+    for (; u0 < cnt; ++u0) {
+      const int32_t n = __shfl_sync(kFullMask, n_lane, u0);
+      if (!mine) continue;
+      float g[VEC];
+      load_f<VEC>(dout + int64_t(n) * p.d + c, g);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] += g[e];
+    }
   }
-  for (; t < end; ++t) {
-    float g[VEC];
-    load_f<VEC>(dout + sort_index(sorted[t]) * p.d + c, g);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[e] += g[e];
-  }
-  store_f<VEC>(row, acc);
+  if (mine) store_f<VEC>(row, acc);
 }
 
 template <typename TW, typename TO>

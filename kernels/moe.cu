@@ -81,6 +81,7 @@ struct MoePlanParams {
   const int32_t* idx;  // [N*k]
   int32_t* counts;     // [E] histogram (scratch)
   int32_t* offsets;    // [E+1]
+  int32_t* starts;     // [E] scratch: sorted position of each expert's first slot (no capacity)
   int32_t* row_of;     // [N*k], pre-filled with -1
   int32_t* row_token;  // [N*k], pre-filled with -1
   int64_t slots;       // N*k
@@ -287,13 +288,16 @@ __global__ void __launch_bounds__(kMoeCountThreads) moe_count_kernel(MoePlanPara
     if (hist[e]) atomicAdd(&p.counts[e], hist[e]);
 }
 
-// offsets[0] = 0, offsets[e+1] = offsets[e] + min(counts[e], capacity). One thread: E <= 2048.
+// offsets[0] = 0, offsets[e+1] = offsets[e] + min(counts[e], capacity); starts[e] = the sum of
+// counts before e. One thread: E <= 2048.
 __global__ void moe_offsets_kernel(MoePlanParams p) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int64_t o = 0;
+  int64_t o = 0, all = 0;
   p.offsets[0] = 0;
   for (int e = 0; e < p.E; ++e) {
     const int64_t c = p.counts[e];
+    p.starts[e] = int32_t(all);
+    all += c;
     o += p.capacity > 0 ? min(c, p.capacity) : c;
     p.offsets[e + 1] = int32_t(o);
   }
@@ -301,8 +305,8 @@ __global__ void moe_offsets_kernel(MoePlanParams p) {
 
 // Sorted entry s holds slot i of expert e (sort.cuh: slots sorted stably by expert, so each
 // expert's slots are in increasing i = token order, then slot order). Its position among e's
-// slots is s minus the first sorted position of e; a position >= capacity is dropped (row_of
-// stays -1).
+// slots is s minus the sorted position of e's first slot (starts[e]: the histogram counts the
+// same in-range ids as the sort); a position >= capacity is dropped (row_of stays -1).
 __global__ void __launch_bounds__(kMoePlaceThreads) moe_place_kernel(MoePlanParams p,
                                                                      const uint64_t* sorted) {
   const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -310,7 +314,7 @@ __global__ void __launch_bounds__(kMoePlaceThreads) moe_place_kernel(MoePlanPara
   const uint64_t w = sorted[s];
   const uint32_t e = sort_key(w);
   if (e == kSortNoKey) return;  // an index outside [0,E): no row
-  const int64_t pos = s - sort_count_less(sorted, 0, s, uint64_t(e) << 32);  // (e, 0) is not less
+  const int64_t pos = s - p.starts[e];
   if (p.capacity > 0 && pos >= p.capacity) return;
   const int64_t i = sort_index(w), r = p.offsets[e] + pos;
   p.row_of[i] = int32_t(r);
@@ -628,7 +632,7 @@ void op_moe_router_fwd(const Ctx& ctx, const Tensor& x, const Tensor& Wr, const 
   launch_moe_router(rp, a.sigmoid, ctx.stream);
 
   MoePlanParams cp{topk_idx.data<int32_t>(), counts.data<int32_t>(), nullptr, nullptr, nullptr,
-                   N * a.k, a.k, a.E, 0};
+                   nullptr, N * a.k, a.k, a.E, 0};
   launch_moe_count(cp, ctx.stream);
 
   MoeScoreSumParams sp{probs.data<float>(), a.sigmoid ? inv_row : nullptr, partials,
@@ -741,10 +745,13 @@ void op_moe_permute(const Ctx& ctx, const Tensor& topk_idx, int E, int64_t capac
            " must have ", N * k, " elements (N * top_k)");
   Arena sz;
   sz.take<int32_t>(size_t(E));
+  sz.take<int32_t>(size_t(E));
   sz.take<uint64_t>(size_t(N * k));
   sz.take<uint64_t>(size_t(sort_tmp_entries(N * k)));
   Arena ar(ctx.scratch->get(sz.used()));
-  MoePlanParams p{topk_idx.data<int32_t>(), ar.take<int32_t>(size_t(E)), offsets.data<int32_t>(),
+  int32_t* counts = ar.take<int32_t>(size_t(E));
+  int32_t* starts = ar.take<int32_t>(size_t(E));
+  MoePlanParams p{topk_idx.data<int32_t>(), counts, offsets.data<int32_t>(), starts,
                   row_of.data<int32_t>(), row_token.data<int32_t>(), N * k, int(k), E, capacity};
   uint64_t* sorted = ar.take<uint64_t>(size_t(N * k));
   uint64_t* tmp = ar.take<uint64_t>(size_t(sort_tmp_entries(N * k)));

@@ -148,8 +148,10 @@ __global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_kernel(RmsnormPara
 // its rows; no block barrier until the end, so every warp has its own row's loads in flight.
 // The warps' partials then meet in shared memory ([kRmsBwdWarps, d]) and are added in warp
 // order into the block's row of p.partials.
+// Two blocks per SM (at most 128 registers a thread), so the fixed grid of kRmsBwdBlocks fits
+// in one wave on 128 SMs or more.
 template <typename T, typename TW, int VEC, int ITER>
-__global__ void __launch_bounds__(kRmsBwdThreads) rmsnorm_bwd_warp_kernel(RmsnormParams p) {
+__global__ void __launch_bounds__(kRmsBwdThreads, 2) rmsnorm_bwd_warp_kernel(RmsnormParams p) {
   extern __shared__ float smem[];  // [kRmsBwdWarps, d]
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const T* dy = static_cast<const T*>(p.dy);

@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kSortThreads) sort_chunk_kernel(const int32_t*
   const int t = threadIdx.x;
   for (int size = 2; size <= kSortChunk; size <<= 1) {
     for (int stride = size / 2; stride > 0; stride /= 2) {
-      const int lo = 2 * stride * (t / stride) + t % stride, hi = lo + stride;
+      const int lo = ((t & ~(stride - 1)) << 1) | (t & (stride - 1)), hi = lo + stride;  // 2 stride (t / stride) + t % stride
       const bool up = (lo & size) == 0;  // the last stage (size == kSortChunk) is all increasing
       const uint64_t a = s[lo], b = s[hi];
       if ((a > b) == up) {
@@ -43,14 +43,15 @@ __global__ void __launch_bounds__(kSortThreads) sort_chunk_kernel(const int32_t*
 // index in its own run plus the number of smaller entries in the partner run.
 __global__ void __launch_bounds__(kSortMergeThreads) sort_merge_kernel(const uint64_t* in,
                                                                        uint64_t* out, int64_t n,
-                                                                       int64_t width) {
+                                                                       int log2_width) {
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= n) return;
   const uint64_t w = in[j];
-  const int64_t run = j / width;
-  const int64_t other0 = (run ^ 1) * width, other1 = min(n, other0 + width);
+  const int64_t width = int64_t(1) << log2_width;
+  const int64_t other0 = (j ^ width) & ~(width - 1), other1 = min(n, other0 + width);  // partner run
   const int64_t less = other0 < n ? sort_count_less(in, other0, other1, w) : 0;
-  out[(run & ~int64_t(1)) * width + (j - run * width) + less] = w;
+  // the merged pair starts where this run's index has the width bit and below cleared
+  out[(j & ~(2 * width - 1)) + (j & (width - 1)) + less] = w;
 }
 
 void stable_sort_keys(const int32_t* keys, int64_t n, int64_t K, uint64_t* out, uint64_t* tmp,
@@ -64,9 +65,11 @@ void stable_sort_keys(const int32_t* keys, int64_t n, int64_t K, uint64_t* out, 
   uint64_t* b = passes % 2 == 0 ? tmp : out;
   sort_chunk_kernel<<<unsigned(ceil_div(n, kSortChunk)), kSortThreads, 0, stream>>>(keys, n, K, a);
   CUDA_CHECK_LAUNCH();
-  for (int64_t w = kSortChunk; w < n; w *= 2) {
+  int log2_width = 0;
+  while ((int64_t(1) << log2_width) < kSortChunk) ++log2_width;
+  for (int64_t w = kSortChunk; w < n; w *= 2, ++log2_width) {
     sort_merge_kernel<<<unsigned(ceil_div(n, kSortMergeThreads)), kSortMergeThreads, 0, stream>>>(
-        a, b, n, w);
+        a, b, n, log2_width);
     CUDA_CHECK_LAUNCH();
     std::swap(a, b);
   }
