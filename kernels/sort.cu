@@ -25,7 +25,8 @@ __global__ void __launch_bounds__(kSortThreads) sort_chunk_kernel(const int32_t*
   const int t = threadIdx.x;
   for (int size = 2; size <= kSortChunk; size <<= 1) {
     for (int stride = size / 2; stride > 0; stride /= 2) {
-      const int lo = ((t & ~(stride - 1)) << 1) | (t & (stride - 1)), hi = lo + stride;  // 2 stride (t / stride) + t % stride
+      // pair (lo, lo + stride) with lo = 2 stride (t / stride) + t % stride
+      const int lo = ((t & ~(stride - 1)) << 1) | (t & (stride - 1)), hi = lo + stride;
       const bool up = (lo & size) == 0;  // the last stage (size == kSortChunk) is all increasing
       const uint64_t a = s[lo], b = s[hi];
       if ((a > b) == up) {
@@ -48,7 +49,8 @@ __global__ void __launch_bounds__(kSortMergeThreads) sort_merge_kernel(const uin
   if (j >= n) return;
   const uint64_t w = in[j];
   const int64_t width = int64_t(1) << log2_width;
-  const int64_t other0 = (j ^ width) & ~(width - 1), other1 = min(n, other0 + width);  // partner run
+  const int64_t other0 = (j ^ width) & ~(width - 1);  // the partner run: [other0, other1)
+  const int64_t other1 = min(n, other0 + width);
   const int64_t less = other0 < n ? sort_count_less(in, other0, other1, w) : 0;
   // the merged pair starts where this run's index has the width bit and below cleared
   out[(j & ~(2 * width - 1)) + (j & (width - 1)) + less] = w;
