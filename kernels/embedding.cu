@@ -147,16 +147,14 @@ void op_embedding_bwd(const Ctx& ctx, const Tensor& tokens, const Tensor& dout, 
   if (N == 0 || d == 0 || V == 0) return;
   EmbeddingParams p{tokens.data<int32_t>(), nullptr, nullptr, dout.ptr, dwte.data<float>(), N, V, d};
   Arena sz;
-  sz.take<uint64_t>(size_t(N));
-  sz.take<uint64_t>(size_t(sort_tmp_entries(N)));
+  take_sort_buffers(sz, N);
   Arena ar(ctx.scratch->get(sz.used()));
-  uint64_t* sorted = ar.take<uint64_t>(size_t(N));
-  uint64_t* tmp = ar.take<uint64_t>(size_t(sort_tmp_entries(N)));
-  stable_sort_keys(p.tokens, N, V, sorted, tmp, ctx.stream);  // tokens outside [0,V) sort last
+  const SortBuffers sb = take_sort_buffers(ar, N);
+  stable_sort_keys(p.tokens, N, V, sb.sorted, sb.tmp, ctx.stream);  // ids outside [0,V) sort last
   if (dout.dtype == DType::F32)
-    launch_embedding_bwd<float>(p, sorted, ctx.stream);
+    launch_embedding_bwd<float>(p, sb.sorted, ctx.stream);
   else
-    launch_embedding_bwd<bf16>(p, sorted, ctx.stream);
+    launch_embedding_bwd<bf16>(p, sb.sorted, ctx.stream);
 }
 
 }  // namespace mf::cuda

@@ -478,7 +478,7 @@ void launch_moe_count(const MoePlanParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
-void launch_moe_plan(const MoePlanParams& p, uint64_t* sorted, uint64_t* tmp, cudaStream_t stream) {
+void launch_moe_plan(const MoePlanParams& p, const SortBuffers& sb, cudaStream_t stream) {
   const size_t bytes = size_t(p.slots) * sizeof(int32_t);
   if (bytes) {
     CUDA_CHECK(cudaMemsetAsync(p.row_of, 0xff, bytes, stream));  // -1: dropped / unused
@@ -488,9 +488,9 @@ void launch_moe_plan(const MoePlanParams& p, uint64_t* sorted, uint64_t* tmp, cu
   moe_offsets_kernel<<<1, 1, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
   if (p.slots == 0) return;
-  stable_sort_keys(p.idx, p.slots, p.E, sorted, tmp, stream);
+  stable_sort_keys(p.idx, p.slots, p.E, sb.sorted, sb.tmp, stream);
   moe_place_kernel<<<unsigned(ceil_div(p.slots, kMoePlaceThreads)), kMoePlaceThreads, 0, stream>>>(
-      p, sorted);
+      p, sb.sorted);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -746,16 +746,14 @@ void op_moe_permute(const Ctx& ctx, const Tensor& topk_idx, int E, int64_t capac
   Arena sz;
   sz.take<int32_t>(size_t(E));
   sz.take<int32_t>(size_t(E));
-  sz.take<uint64_t>(size_t(N * k));
-  sz.take<uint64_t>(size_t(sort_tmp_entries(N * k)));
+  take_sort_buffers(sz, N * k);
   Arena ar(ctx.scratch->get(sz.used()));
   int32_t* counts = ar.take<int32_t>(size_t(E));
   int32_t* starts = ar.take<int32_t>(size_t(E));
   MoePlanParams p{topk_idx.data<int32_t>(), counts, offsets.data<int32_t>(), starts,
                   row_of.data<int32_t>(), row_token.data<int32_t>(), N * k, int(k), E, capacity};
-  uint64_t* sorted = ar.take<uint64_t>(size_t(N * k));
-  uint64_t* tmp = ar.take<uint64_t>(size_t(sort_tmp_entries(N * k)));
-  launch_moe_plan(p, sorted, tmp, ctx.stream);
+  const SortBuffers sb = take_sort_buffers(ar, N * k);
+  launch_moe_plan(p, sb, ctx.stream);
 }
 
 void op_moe_gather(const Ctx& ctx, const Tensor& x, const Tensor& row_token, Tensor& xg) {

@@ -233,19 +233,15 @@ void launch_rmsnorm_fwd(const RmsnormParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
+using RmsnormKernel = void (*)(RmsnormParams);
+
+// The warp kernel whose ITER covers `iters` column steps of 32 x VEC.
 template <typename T, typename TW, int VEC>
-void launch_rmsnorm_bwd_warp(const RmsnormParams& p, int iters, size_t max_smem, cudaStream_t stream) {
-  const size_t smem = size_t(kRmsBwdWarps) * size_t(p.d) * sizeof(float);
-  MF_CHECK(smem <= max_smem, "rmsnorm_bwd: d = ", p.d, " needs ", smem,
-           " bytes of shared memory, more than the device's ", max_smem);
-  auto* kernel = iters <= 1   ? rmsnorm_bwd_warp_kernel<T, TW, VEC, 1>
-                 : iters <= 2 ? rmsnorm_bwd_warp_kernel<T, TW, VEC, 2>
-                 : iters <= 4 ? rmsnorm_bwd_warp_kernel<T, TW, VEC, 4>
-                              : rmsnorm_bwd_warp_kernel<T, TW, VEC, kRmsBwdMaxIter>;
-  if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<p.blocks, kRmsBwdThreads, smem, stream>>>(p);
-  CUDA_CHECK_LAUNCH();
+RmsnormKernel rmsnorm_bwd_warp_for(int64_t iters) {
+  return iters <= 1   ? rmsnorm_bwd_warp_kernel<T, TW, VEC, 1>
+         : iters <= 2 ? rmsnorm_bwd_warp_kernel<T, TW, VEC, 2>
+         : iters <= 4 ? rmsnorm_bwd_warp_kernel<T, TW, VEC, 4>
+                      : rmsnorm_bwd_warp_kernel<T, TW, VEC, kRmsBwdMaxIter>;
 }
 
 template <typename T, typename TW>
@@ -256,21 +252,21 @@ void launch_rmsnorm_bwd(const RmsnormParams& p, size_t max_smem, cudaStream_t st
                    ((VEC * sizeof(TW)) % 16 != 0 || aligned16(p.w));  // w is read by vector iff that
                                                                      // is a whole number of 16 bytes
   const int64_t iters = ceil_div(p.d, int64_t(kWarp) * (vec ? VEC : 1));
-  if (iters <= kRmsBwdMaxIter) {
-    if (vec)
-      launch_rmsnorm_bwd_warp<T, TW, VEC>(p, int(iters), max_smem, stream);
-    else
-      launch_rmsnorm_bwd_warp<T, TW, 1>(p, int(iters), max_smem, stream);
-  } else {
-    const size_t smem = (kWarp + size_t(p.d)) * sizeof(float);
-    MF_CHECK(smem <= max_smem, "rmsnorm_bwd: d = ", p.d, " needs ", smem,
-             " bytes of shared memory, more than the device's ", max_smem);
-    auto* kernel = vec ? rmsnorm_bwd_kernel<T, TW, VEC> : rmsnorm_bwd_kernel<T, TW, 1>;
-    if (smem > 48 * 1024)
-      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<p.blocks, kRmsBwdThreads, smem, stream>>>(p);
-    CUDA_CHECK_LAUNCH();
+  RmsnormKernel kernel;
+  size_t smem;
+  if (iters <= kRmsBwdMaxIter) {  // warp per row: [kRmsBwdWarps, d] partials
+    kernel = vec ? rmsnorm_bwd_warp_for<T, TW, VEC>(iters) : rmsnorm_bwd_warp_for<T, TW, 1>(iters);
+    smem = size_t(kRmsBwdWarps) * size_t(p.d) * sizeof(float);
+  } else {  // block per row: [kWarp] reduction scratch + [d] partial
+    kernel = vec ? rmsnorm_bwd_kernel<T, TW, VEC> : rmsnorm_bwd_kernel<T, TW, 1>;
+    smem = (kWarp + size_t(p.d)) * sizeof(float);
   }
+  MF_CHECK(smem <= max_smem, "rmsnorm_bwd: d = ", p.d, " needs ", smem,
+           " bytes of shared memory, more than the device's ", max_smem);
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<p.blocks, kRmsBwdThreads, smem, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
   rmsnorm_dw_kernel<<<unsigned(ceil_div(p.d, kWarp)), kRmsColWarps * kWarp, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }

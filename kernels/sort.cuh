@@ -15,8 +15,15 @@ namespace mf::cuda {
 constexpr uint32_t kSortNoKey = 0xffffffffu;
 constexpr int kSortChunk = 1024;  // entries sorted by one block in shared memory
 
-// Scratch entries stable_sort_keys needs besides `out`.
-inline int64_t sort_tmp_entries(int64_t n) { return n; }
+// The output and scratch of a sort of n keys, carved from an Arena (its sizing pass too).
+struct SortBuffers {
+  uint64_t* sorted;
+  uint64_t* tmp;
+};
+inline SortBuffers take_sort_buffers(Arena& a, int64_t n) {
+  uint64_t* sorted = a.take<uint64_t>(size_t(n));
+  return {sorted, a.take<uint64_t>(size_t(n))};
+}
 
 // out[0, n) = the words (key, i) of keys[i], i in [0, n), in increasing order; tmp has n entries
 // of scratch. n < 2^31. Asynchronous on `stream`.

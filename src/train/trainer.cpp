@@ -223,7 +223,6 @@ nlohmann::json Trainer::saved_config(const std::string& ckpt) {
 
 // What differs between a checkpoint's saved config and this run's ("" when nothing, or when the
 // saved one could not be read: an older or hand-made checkpoint).
-
 std::string Trainer::config_changes(const nlohmann::json& saved,
                                     const std::set<std::string>& only) const {
   if (saved.is_discarded()) return "";
