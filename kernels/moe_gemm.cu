@@ -7,11 +7,13 @@
 //   wgrad kernel:  dW_e[m, n] (+=) sum over the rows r of expert e of dy[r, m] x[r, n]
 //
 // One block computes a 64 x 64 tile with 4 warps (2 x 2, 32 x 32 each) on mma.sync m16n8k16
-// (bf16 in, f32 accumulate), stepping K by 32 through shared memory. Both operands are staged
-// k-contiguous (sA[m][k], sB[n][k]); an operand stored the other way round in memory (W_e for
-// dx, dy and x for the weight gradient) is read 8 elements along its contiguous axis and
-// written transposed. Out-of-range rows/columns are staged as zeros, so any shape works; 16-byte
-// loads are used where pointer and leading dimension allow, element loads otherwise.
+// (bf16 in, f32 accumulate), stepping K by 32 through two shared-memory buffers per operand
+// (the next step's loads are in flight during this step's mma). Both operands are staged
+// k-contiguous (sA[m][k], sB[n][k]): one stored that way in memory goes by cp.async; one stored
+// the other way round (W_e for dx, dy and x for the weight gradient) is read 8 elements along
+// its contiguous axis into registers and written transposed after the mma. Out-of-range
+// rows/columns are staged as zeros, so any shape works; 16-byte loads are used where pointer
+// and leading dimension allow, element loads otherwise.
 //
 // Rows kernel schedule: a one-warp plan kernel scans the experts' tile counts
 // (ceil(rows_e / 64)) into tile_start[E+1] in scratch; the grid has ceil(R / 64) + E blocks
@@ -38,9 +40,46 @@ struct Operand {
   bool k_contig, vec;  // vec: p 16-byte aligned and ld % 8 == 0
 };
 
-// s[i][k] (=) op(i0 + i, k0 + k) for i < BI, k < kGBK; zero outside the operand.
+// Staging of one K step, split in two so a step's global loads overlap the previous step's
+// mma: stage_issue starts s[i][k] (=) op(i0 + i, k0 + k) for i < BI, k < kGBK (zero outside
+// the operand), stage_land completes it. A k-contiguous operand goes by cp.async where 16-byte
+// loads are allowed (element stores otherwise, done in stage_issue); the other kind is loaded
+// into registers by stage_issue and stored transposed by stage_land (items at the operand's
+// edge, or unaligned, are stored by stage_issue).
 template <int BI>
-__device__ __forceinline__ void stage(bf16* s, const Operand& op, int64_t i0, int64_t k0) {
+struct StageRegs {
+  static constexpr int kItems = kGBK * (BI / 8) / kGThreads;  // 8-element items per thread
+  static_assert(kItems * kGThreads == kGBK * (BI / 8), "stage: whole items per thread");
+  int4 v[kItems];
+  unsigned in_regs;  // bit j: item j waits in v[j] for stage_land
+};
+
+// The transposed item j of this thread: k row and first i of its 8 elements. Lanes 0-15 take
+// k = 16 kh + 0..15 at group 2 gh, lanes 16-31 the same k at group 2 gh + 1: each k row is read
+// as 32 contiguous bytes (one sector), and the transposed stores of a warp fall in 8 banks twice
+// (2-way) instead of one bank 8 times with 4 k by 8 groups per warp.
+template <int BI>
+__device__ __forceinline__ void trans_item(int j, int& k, int& ii) {
+  static_assert((BI / 8) % 2 == 0 && kGBK % 16 == 0, "stage: whole half-warp items");
+  const int idx = threadIdx.x + j * kGThreads;
+  const int lane = idx % kWarp, q = idx / kWarp;
+  k = (q % (kGBK / 16)) * 16 + lane % 16;
+  ii = ((q / (kGBK / 16)) * 2 + lane / 16) * 8;
+}
+
+// One transposed item at the operand's edge or unaligned: s[u * kGLd] (=) op(gi + u, gk),
+// u < 8, stored at once. Not inlined: inlined, the compiler keeps the 8 element addresses of
+// every item live across the K loop, about 90 registers more in the weight-gradient kernel.
+__device__ __noinline__ void stage_trans_edge(bf16* s, const bf16* p, int64_t ld, int64_t ilim,
+                                              int64_t klim, int64_t gi, int64_t gk) {
+#pragma unroll
+  for (int u = 0; u < 8; ++u)
+    s[u * kGLd] = (gk < klim && gi + u < ilim) ? p[gk * ld + gi + u] : __float2bfloat16(0.f);
+}
+
+template <int BI>
+__device__ __forceinline__ void stage_issue(bf16* s, const Operand& op, int64_t i0, int64_t k0,
+                                            StageRegs<BI>& r) {
   const bf16 zero = __float2bfloat16(0.f);
   if (op.k_contig) {
     for (int idx = threadIdx.x; idx < BI * (kGBK / 8); idx += kGThreads) {
@@ -48,7 +87,7 @@ __device__ __forceinline__ void stage(bf16* s, const Operand& op, int64_t i0, in
       const int64_t gi = i0 + i, gk = k0 + kk;
       bf16* dst = s + i * kGLd + kk;
       if (gi < op.ilim && op.vec && gk + 8 <= op.klim) {
-        *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(op.p + gi * op.ld + gk);
+        cp_async16(dst, op.p + gi * op.ld + gk, true);
       } else {
 #pragma unroll
         for (int u = 0; u < 8; ++u)
@@ -56,28 +95,33 @@ __device__ __forceinline__ void stage(bf16* s, const Operand& op, int64_t i0, in
       }
     }
   } else {
-    // Item idx = (k, group of 8 i). Lanes 0-15 take k = 16 kh + 0..15 at group 2 gh, lanes 16-31
-    // the same k at group 2 gh + 1: each k row is read as 32 contiguous bytes (one sector), and
-    // the transposed stores of a warp fall in 8 banks twice (2-way) instead of one bank 8 times
-    // with 4 k by 8 groups per warp.
-    static_assert((BI / 8) % 2 == 0 && kGBK % 16 == 0, "stage: whole half-warp items");
-    for (int idx = threadIdx.x; idx < kGBK * (BI / 8); idx += kGThreads) {
-      const int lane = idx % kWarp, q = idx / kWarp;
-      const int k = (q % (kGBK / 16)) * 16 + lane % 16;
-      const int ii = ((q / (kGBK / 16)) * 2 + lane / 16) * 8;
+#pragma unroll
+    for (int j = 0; j < StageRegs<BI>::kItems; ++j) {
+      int k, ii;
+      trans_item<BI>(j, k, ii);
       const int64_t gk = k0 + k, gi = i0 + ii;
-      int4 raw;
-      bf16* v = reinterpret_cast<bf16*>(&raw);
       if (gk < op.klim && op.vec && gi + 8 <= op.ilim) {
-        raw = *reinterpret_cast<const int4*>(op.p + gk * op.ld + gi);
+        r.v[j] = *reinterpret_cast<const int4*>(op.p + gk * op.ld + gi);
+        r.in_regs |= 1u << j;
       } else {
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-          v[u] = (gk < op.klim && gi + u < op.ilim) ? op.p[gk * op.ld + gi + u] : zero;
+        r.in_regs &= ~(1u << j);
+        stage_trans_edge(s + ii * kGLd + k, op.p, op.ld, op.ilim, op.klim, gi, gk);
       }
-#pragma unroll
-      for (int u = 0; u < 8; ++u) s[(ii + u) * kGLd + k] = v[u];
     }
+  }
+}
+
+template <int BI>
+__device__ __forceinline__ void stage_land(bf16* s, const Operand& op, const StageRegs<BI>& r) {
+  if (op.k_contig) return;  // in flight as cp.async, or already stored
+#pragma unroll
+  for (int j = 0; j < StageRegs<BI>::kItems; ++j) {
+    if (!(r.in_regs & (1u << j))) continue;
+    int k, ii;
+    trans_item<BI>(j, k, ii);
+    const bf16* v = reinterpret_cast<const bf16*>(&r.v[j]);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) s[(ii + u) * kGLd + k] = v[u];
   }
 }
 
@@ -99,12 +143,15 @@ __device__ __forceinline__ void mma_step(float (&acc)[2][4][4], const bf16* sA, 
   }
 }
 
-// The full K loop of one block tile: acc (=) sum_k A(m0 + m, k) B(n0 + n, k).
+// The full K loop of one block tile: acc (=) sum_k A(m0 + m, k) B(n0 + n, k). Two buffers per
+// operand: while the warps multiply step t from one, step t + 1's loads fill the other, and one
+// barrier per step separates them (the buffer written in step t was last read in step t - 1,
+// which ended at that step's barrier).
 __device__ __forceinline__ void tile_product(float (&acc)[2][4][4], const Operand& A,
                                              const Operand& B, int64_t m0, int64_t n0,
                                              int64_t K) {
-  __shared__ __align__(16) bf16 sA[kGBM * kGLd];
-  __shared__ __align__(16) bf16 sB[kGBN * kGLd];
+  __shared__ __align__(16) bf16 sA[2][kGBM * kGLd];
+  __shared__ __align__(16) bf16 sB[2][kGBN * kGLd];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int wm = warp / 2, wn = warp % 2;
 #pragma unroll
@@ -113,11 +160,32 @@ __device__ __forceinline__ void tile_product(float (&acc)[2][4][4], const Operan
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
-  for (int64_t k0 = 0; k0 < K; k0 += kGBK) {
-    stage<kGBM>(sA, A, m0, k0);
-    stage<kGBN>(sB, B, n0, k0);
-    __syncthreads();
-    mma_step(acc, sA, sB, wm, wn, lane);
+  const int64_t steps = (K + kGBK - 1) / kGBK;
+  if (steps <= 0) return;
+  StageRegs<kGBM> ra;
+  StageRegs<kGBN> rb;
+  stage_issue<kGBM>(sA[0], A, m0, 0, ra);
+  stage_issue<kGBN>(sB[0], B, n0, 0, rb);
+  stage_land<kGBM>(sA[0], A, ra);
+  stage_land<kGBN>(sB[0], B, rb);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll 1
+  for (int64_t t = 0; t < steps; ++t) {
+    const int cur = int(t & 1);
+    const bool more = t + 1 < steps;
+    if (more) {
+      stage_issue<kGBM>(sA[cur ^ 1], A, m0, (t + 1) * kGBK, ra);
+      stage_issue<kGBN>(sB[cur ^ 1], B, n0, (t + 1) * kGBK, rb);
+    }
+    cp_async_commit();
+    mma_step(acc, sA[cur], sB[cur], wm, wn, lane);
+    if (more) {
+      stage_land<kGBM>(sA[cur ^ 1], A, ra);
+      stage_land<kGBN>(sB[cur ^ 1], B, rb);
+    }
+    cp_async_wait<0>();
     __syncthreads();
   }
 }
@@ -223,7 +291,8 @@ struct WgradParams {
   int tiles_n;
 };
 
-__global__ void __launch_bounds__(kGThreads) expert_wgrad_kernel(WgradParams p) {
+// At most 128 registers: 4 blocks (16 warps) per SM.
+__global__ void __launch_bounds__(kGThreads, 4) expert_wgrad_kernel(WgradParams p) {
   const int e = blockIdx.y;
   const int64_t r_begin = clamp_row(p.offsets[e], p.R), r_end = clamp_row(p.offsets[e + 1], p.R);
   if (r_end <= r_begin) return;
