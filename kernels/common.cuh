@@ -74,6 +74,7 @@ struct Ctx {
   Scratch* scratch = nullptr;
   int sm_count = 1;
   size_t max_smem_optin = 48 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  size_t xent_chunk_bytes = 0;        // fused xent: logits + dlogits bytes per chunk (0: default)
 };
 
 // Bump allocator carving one scratch request into 256-byte aligned pieces. Usage:

@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -187,6 +188,28 @@ TEST_CASE("config: train.bucket_mb and train.overlap_comm", "[bucket][config]") 
                config_from_json(nlohmann::json::parse(R"({"train": {"overlap_comm": 1}})"), "mem.json");
              }),
              Contains("train.overlap_comm"));
+}
+
+TEST_CASE("config: train.loss_chunk_mb reaches the backend", "[config]") {
+  Config d = config_from_json(nlohmann::json::object(), "mem.json");
+  CHECK(d.train.loss_chunk_mb == 1024.0);
+  Config c = config_from_json(nlohmann::json::parse(R"({"train": {"loss_chunk_mb": 64}})"), "mem.json");
+  CHECK(c.train.loss_chunk_mb == 64.0);
+  CHECK(config_to_json(c)["train"]["loss_chunk_mb"] == 64.0);
+  for (const char* bad : {R"({"train": {"loss_chunk_mb": 0}})", R"({"train": {"loss_chunk_mb": 0.5}})",
+                          R"({"train": {"loss_chunk_mb": 2e6}})", R"({"train": {"loss_chunk_mb": "big"}})"}) {
+    INFO(bad);
+    const std::string e = error_of([&] { config_from_json(nlohmann::json::parse(bad), "mem.json"); });
+    CHECK_THAT(e, Contains("train.loss_chunk_mb"));
+    CHECK_THAT(e, Contains("mem.json"));
+  }
+  // The backend keeps the byte count the memory plan reads; a non-positive size is refused.
+  CpuBackend be;
+  CHECK(be.loss_chunk_bytes() == size_t(1) << 30);
+  be.set_loss_chunk_mb(c.train.loss_chunk_mb);
+  CHECK(be.loss_chunk_bytes() == size_t(64) << 20);
+  CHECK_THAT(error_of([&] { be.set_loss_chunk_mb(0); }), Contains("train.loss_chunk_mb"));
+  CHECK_THAT(error_of([&] { be.set_loss_chunk_mb(std::nan("")); }), Contains("train.loss_chunk_mb"));
 }
 
 namespace {

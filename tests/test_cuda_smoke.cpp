@@ -573,8 +573,14 @@ TEST_CASE("cuda: fused lm-head cross-entropy matches a double reference", "[gpu]
   auto be = make_backend("cuda");
   Rng rng(71);
   struct S { int64_t N, d, V; };
-  // The last case has GPT-2's odd vocabulary (50257: padded scratch row pitch) and more rows than
-  // one scratch chunk holds (832 rows at V = 50257), so a second chunk starts at row 832.
+  // The last case has GPT-2's odd vocabulary (50257: padded scratch row pitch). Each case runs
+  // with three chunk sizes (train.loss_chunk_mb): 16 MiB holds 55 rows at V = 50257, fewer than
+  // the 64-row rounding, so 17 chunks, the last of 20 rows; 256 MiB holds 832 (a second chunk
+  // starts at row 832); the default 1 GiB holds all 900. The scratch buffer (grow-only, by at
+  // least half when it grows) shows that the size was obeyed: right after each full call at
+  // V = 50257 it holds at most the chunk size for 16 and 256 MiB (the gradient call needs more
+  // than the loss-only call before it), and N x V x 6 bytes or more for 1 GiB (one chunk).
+  auto scratch = [&] { return dynamic_cast<CudaBackend&>(*be).scratch_bytes(); };
   for (S s : {S{1, 8, 1}, S{7, 33, 127}, S{65, 64, 1000}, S{900, 8, 50257}}) {
     INFO("N=" << s.N << " d=" << s.d << " V=" << s.V);
     const Vec x = rand_vec(rng, size_t(s.N * s.d)), W = rand_vec(rng, size_t(s.V * s.d));
@@ -599,18 +605,25 @@ TEST_CASE("cuda: fused lm-head cross-entropy matches a double reference", "[gpu]
     Tensor tx = dev_of(*be, {s.N, s.d}, DType::BF16, x), tW = dev_of(*be, {s.V, s.d}, DType::BF16, W);
     Tensor tt = be->empty({s.N}, DType::I32);
     be->upload(host_ids(tg), tt);
-    Tensor tl = be->empty({s.N}, DType::F32), tdx = be->empty({s.N, s.d}, DType::BF16);
-    Tensor tdW = dev_of(*be, {s.V, s.d}, DType::F32, dW0);
-    be->lmhead_xent(tx, tW, tt, float(ls), tl, &tdx, &tdW, float(lsc));
-    CHECK(norm_err(fetch(*be, tl), loss) < 1e-4);
-    CHECK(norm_err(fetch(*be, tdx), dx) < 3e-2);
-    CHECK(norm_err(fetch(*be, tdW), dW) < 3e-2);
-    // Loss only. Without gradient scratch a chunk holds more rows (at V = 50257 all 900 rows in
-    // one GEMM instead of 832 + 68), and cuBLASLt may pick another algorithm for another M, so the
-    // logits can differ in the last bits: equal to fp32 rounding, not bitwise.
-    Tensor tl2 = be->empty({s.N}, DType::F32);
-    be->lmhead_xent(tx, tW, tt, float(ls), tl2, nullptr, nullptr, 1.f);
-    CHECK(norm_err(fetch(*be, tl2), fetch(*be, tl)) < 1e-6);
+    for (double mb : {16.0, 256.0, 1024.0}) {
+      INFO("train.loss_chunk_mb " << mb);
+      be->set_loss_chunk_mb(mb);
+      Tensor tl = be->empty({s.N}, DType::F32), tdx = be->empty({s.N, s.d}, DType::BF16);
+      Tensor tdW = dev_of(*be, {s.V, s.d}, DType::F32, dW0);
+      be->lmhead_xent(tx, tW, tt, float(ls), tl, &tdx, &tdW, float(lsc));
+      if (s.V == 50257 && mb < 1024) CHECK(scratch() <= size_t(mb) << 20);
+      if (s.V == 50257 && mb == 1024) CHECK(scratch() >= size_t(s.N * s.V * 6));
+      CHECK(norm_err(fetch(*be, tl), loss) < 1e-4);
+      CHECK(norm_err(fetch(*be, tdx), dx) < 3e-2);
+      CHECK(norm_err(fetch(*be, tdW), dW) < 3e-2);
+      // Loss only. Without gradient scratch a chunk holds more rows (at V = 50257 and 256 MiB
+      // all 900 rows in one GEMM instead of 832 + 68), and cuBLASLt may pick another algorithm
+      // for another M, so the logits can differ in the last bits: equal to fp32 rounding, not
+      // bitwise.
+      Tensor tl2 = be->empty({s.N}, DType::F32);
+      be->lmhead_xent(tx, tW, tt, float(ls), tl2, nullptr, nullptr, 1.f);
+      CHECK(norm_err(fetch(*be, tl2), fetch(*be, tl)) < 1e-6);
+    }
   }
 }
 

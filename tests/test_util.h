@@ -16,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backend/attention_check.h"  // normalized_max_error
 #include "config/config.h"
 #include "core/rng.h"
 #include "op_tolerance.h"
@@ -74,18 +75,9 @@ inline std::string error_of(const std::function<void()>& f) {
 using Vec = std::vector<double>;
 
 // The op harness's error measure (op_tolerance.h): max |got - want| / max |want| (the plain max
-// difference when want is all zeros); a size mismatch or a non-finite value -> infinity.
-inline double norm_err(const Vec& got, const Vec& want) {
-  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i]) || !std::isfinite(want[i]))
-      return std::numeric_limits<double>::infinity();
-    num = std::max(num, std::abs(got[i] - want[i]));
-    den = std::max(den, std::abs(want[i]));
-  }
-  return den > 0 ? num / den : num;
-}
+// difference when want is all zeros); a size mismatch or a non-finite value -> infinity. The
+// same function as the cuDNN-vs-flash agreement check (src/backend/attention_check.h).
+inline double norm_err(const Vec& got, const Vec& want) { return normalized_max_error(got, want); }
 
 // Central differences of loss() over every coordinate of p (or max_checks sampled ones) against
 // the analytic gradient. Returns the max error normalized by the largest analytic gradient

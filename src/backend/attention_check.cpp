@@ -8,18 +8,6 @@
 
 namespace mf {
 
-double normalized_max_error(const std::vector<float>& got, const std::vector<float>& want) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  if (got.size() != want.size()) return kInf;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) return kInf;
-    num = std::max(num, std::abs(double(got[i]) - double(want[i])));
-    den = std::max(den, std::abs(double(want[i])));
-  }
-  return den > 0 ? num / den : num;
-}
-
 std::string attention_disagreement(const AttnOutputs& ref, const AttnOutputs& other) {
   struct Part {
     const char* name;

@@ -290,6 +290,11 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
 }
 
 
+void Backend::set_loss_chunk_mb(double mb) {
+  MF_CHECK(std::isfinite(mb) && mb > 0, "train.loss_chunk_mb must be > 0 MiB, got ", mb);
+  loss_chunk_bytes_ = std::max<size_t>(1, size_t(mb * 1024.0 * 1024.0));
+}
+
 void Backend::set_precision(const std::string& precision) {
   MF_CHECK(precision == "bf16" || precision == "fp32", "train.precision \"", precision,
            "\": expected \"bf16\" or \"fp32\"");

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cuda/sizes.h"  // header only, no CUDA
 #include "core/tensor.h"
 
 namespace mf {
@@ -135,6 +136,11 @@ class Backend {
   // model.attention: "flash", "cudnn" or "auto" (docs/config.md). Only the CUDA backend acts on
   // it; the default ignores it (and says so once when "cudnn" is asked for).
   virtual void set_attention_impl(const std::string& mode);
+  // train.loss_chunk_mb: the fused lm-head cross-entropy's logits + dlogits per chunk of rows,
+  // in MiB (> 0). The CUDA backend acts on it; the default only checks it (the CPU reference
+  // chunks by its own small bound, ref_ops.h).
+  virtual void set_loss_chunk_mb(double mb);
+  size_t loss_chunk_bytes() const { return loss_chunk_bytes_; }
 
   // ---- model ops -----------------------------------------------------------------------
   // out[n,:] (=) wte[tokens[n],:].  tokens i32 [N], wte [V,d], out [N,d]
@@ -321,6 +327,7 @@ class Backend {
  private:
   std::vector<std::chrono::steady_clock::time_point> host_marks_;
   OpProfiler* profiler_ = nullptr;
+  size_t loss_chunk_bytes_ = cuda::kXentChunkBytesDefault;
 };
 
 

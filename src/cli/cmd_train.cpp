@@ -173,6 +173,7 @@ int cmd_eval(const Args& args) {
   if (batches < 0) batches = cfg.train.eval_batches;
   auto be = make_backend(cfg.train.device);
   be->set_precision(cfg.train.precision);  // a fp32 run evaluates in fp32 on CUDA too
+  be->set_loss_chunk_mb(cfg.train.loss_chunk_mb);
   LlamaModel model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
                    mup_model_scales(cfg));  // µP logit / attention / residual scalars
   load_checkpoint(ckpt, model.params(), *be, nullptr);

@@ -153,6 +153,7 @@ std::vector<Field> schema(Config& c) {
       F("train.deterministic", t.deterministic),
       F("train.zero", t.zero),
       F("train.bucket_mb", t.bucket_mb),
+      F("train.loss_chunk_mb", t.loss_chunk_mb),
       F("train.overlap_comm", t.overlap_comm),
       world,
       F("data.train", c.data.train),
@@ -889,6 +890,8 @@ void validate_config(const Config& c) {
   if (!(t.bucket_mb >= 0 && t.bucket_mb <= 1e6))
     k.fail("train.bucket_mb", "must be in [0, 1e6] MiB (0: one all-reduce per tensor), got " +
                                   num(t.bucket_mb));
+  if (!(t.loss_chunk_mb >= 1 && t.loss_chunk_mb <= 1e6))
+    k.fail("train.loss_chunk_mb", "must be in [1, 1e6] MiB, got " + num(t.loss_chunk_mb));
   if (t.world_size < 1)
     k.fail("train.world_size", "must be >= 1, got " + std::to_string(t.world_size));
 

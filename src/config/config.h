@@ -171,6 +171,7 @@ struct TrainConfig {
   bool deterministic = false;
   int zero = 0;                       // 0 | 1 (ZeRO-1 optimizer state sharding)
   double bucket_mb = 25;              // gradient all-reduce bucket size in MiB; 0 = one per tensor
+  double loss_chunk_mb = 1024;        // CUDA fused lm-head xent: logits + dlogits MiB per chunk
   bool overlap_comm = true;           // start each bucket's all-reduce during backward
   int world_size = 1;                 // filled from the environment, not from JSON
 };

@@ -174,12 +174,12 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   const bool cuda = be.device() == Device::CUDA;
   // Expected workspace peak on CUDA (kernels/ Scratch is one grow-only buffer; the largest user
   // sets it): the fused lm-head xent chunk (f32 logits + bf16 dlogits, capped at
-  // cuda::kXentScratchBytes), the Newton-Schulz buffers of one batched chunk (X ping-pong, A,
+  // train.loss_chunk_mb, Backend::loss_chunk_bytes), the Newton-Schulz buffers of one batched chunk (X ping-pong, A,
   // A^2 per matrix: at most 2x the chunk's f32 bytes in bf16, 4x in f32), plus the cuBLASLt
   // workspace. An estimate from docs/cuda.md, not a measurement.
   int64_t ws_expected = 0;
   if (cuda) {
-    const int64_t xent = std::min<int64_t>(N * V * 6, int64_t(cuda::kXentScratchBytes));
+    const int64_t xent = std::min<int64_t>(N * V * 6, int64_t(be.loss_chunk_bytes()));
     const int64_t ns = (ns_f32 ? 4 : 2) * muon_scratch;
     ws_expected = std::max(xent, ns) + int64_t(cuda::kCublasLtWorkspaceBytes);
   }
@@ -226,7 +226,7 @@ std::string memory_plan_table(const nlohmann::json& p) {
   if (cuda) {
     row("workspace now", p.at("workspace_now").get<double>(), "scratch + cuBLASLt 32 MiB");
     row("workspace (expected)", p.at("workspace_expected").get<double>(),
-        "after the first step: max(xent chunk, NS buffers) + 32 MiB; estimate");
+        "after the first step: max(xent chunk (train.loss_chunk_mb), NS buffers) + 32 MiB; estimate");
   }
   row("total", p.at("total").get<double>());
   if (cuda && p.at("tensors_measured").get<int64_t>() > 0)
@@ -294,6 +294,7 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
            cfg.train.world_size, ")");
   auto be = make_backend(cfg.train.device);
   be->set_precision(cfg.train.precision);
+  be->set_loss_chunk_mb(cfg.train.loss_chunk_mb);
   select_attention(*be, cfg.model.attention, cfg.train.deterministic);
   const bool cuda = be->device() == Device::CUDA;
   MemTracker mem(*be);

@@ -445,6 +445,7 @@ void Trainer::setup() {
 
   be_ = make_backend(cfg_.train.device);
   be_->set_precision(cfg_.train.precision);
+  be_->set_loss_chunk_mb(cfg_.train.loss_chunk_mb);
   select_attention(*be_, cfg_.model.attention, cfg_.train.deterministic);
   if (env.distributed()) store_ = TcpStore::from_env(env);
   comm_ = make_communicator(env, store_.get(), be_->device(), compute_stream(*be_));

@@ -327,6 +327,10 @@ void CudaBackend::attention_bwd(const Tensor& dout, const Tensor& q, const Tenso
   attn_->bwd(dout, q, k, v, out, lse, dq, dk, dv, s);
 }
 void CudaBackend::set_attention_impl(const std::string& mode) { attn_->set_mode(mode); }
+void CudaBackend::set_loss_chunk_mb(double mb) {
+  Backend::set_loss_chunk_mb(mb);
+  ctx_.xent_chunk_bytes = loss_chunk_bytes();
+}
 void CudaBackend::set_precision(const std::string& precision) {
   Backend::set_precision(precision);
   act_ = precision == "fp32" ? DType::F32 : DType::BF16;

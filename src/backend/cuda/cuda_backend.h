@@ -52,6 +52,8 @@ class CudaBackend final : public Backend {
   MemoryInfo memory_info() const override;
   // "flash" (the default until called), "cudnn" or "auto": see cuda::AttentionDispatch.
   void set_attention_impl(const std::string& mode) override;
+  // Sets ctx_.xent_chunk_bytes (kernels/xent.cuh).
+  void set_loss_chunk_mb(double mb) override;
 
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
