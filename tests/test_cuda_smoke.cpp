@@ -194,6 +194,9 @@ TEST_CASE("cuda: matmul through cuBLASLt matches a double reference", "[gpu][cud
   struct S { int64_t N, in, out; };
   for (S s : {S{1, 1, 1}, S{7, 33, 5}, S{33, 127, 64}, S{127, 7, 33}, S{256, 768, 384}}) {
     INFO("N=" << s.N << " in=" << s.in << " out=" << s.out);
+#ifdef MF_HAS_CUDA
+    const size_t fallbacks_before = dynamic_cast<CudaBackend&>(*be).cublas().fallback_calls();
+#endif
     const Vec x = rand_vec(rng, size_t(s.N * s.in)), W = rand_vec(rng, size_t(s.out * s.in));
     const Vec dy = rand_vec(rng, size_t(s.N * s.out));
     const Vec dx0 = rand_vec(rng, size_t(s.N * s.in)), dW0 = rand_vec(rng, size_t(s.out * s.in), -1, 1, false);
@@ -218,6 +221,11 @@ TEST_CASE("cuda: matmul through cuBLASLt matches a double reference", "[gpu][cud
       CHECK(norm_err(fetch(*be, tdx), dx) < 1e-2);
       CHECK(norm_err(fetch(*be, tdW), dW) < 1e-4);
     }
+#ifdef MF_HAS_CUDA
+    // With 16-byte rows cuBLASLt has algorithms: nothing ran on the slow SIMT fallback.
+    if (s.in % 8 == 0 && s.out % 8 == 0)
+      CHECK(dynamic_cast<CudaBackend&>(*be).cublas().fallback_calls() == fallbacks_before);
+#endif
   }
 #ifdef MF_HAS_CUDA
   // The SIMT fallback GEMM (used when cuBLASLt has no algorithm) computes the same thing.
@@ -625,6 +633,27 @@ TEST_CASE("cuda: fused lm-head cross-entropy matches a double reference", "[gpu]
       CHECK(norm_err(fetch(*be, tl2), fetch(*be, tl)) < 1e-6);
     }
   }
+}
+
+TEST_CASE("cuda: Scratch grows by at least half, keeps its buffer, and release frees it",
+          "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+#ifdef MF_HAS_CUDA
+  auto be = make_backend("cuda");  // selects the device
+  cuda::Scratch s(nullptr);
+  CHECK(s.capacity() == 0);
+  void* p = s.get(1000);
+  REQUIRE(p != nullptr);
+  CHECK(s.capacity() == 1000);
+  CHECK(s.get(600) == p);  // fits: the same buffer
+  s.get(1200);
+  CHECK(s.capacity() == 1500);  // max(1200, 1000 * 1.5)
+  s.release();
+  CHECK(s.capacity() == 0);
+  s.release();  // twice is harmless
+  CHECK(s.get(64) != nullptr);
+  CHECK(s.capacity() == 64);
+#endif
 }
 
 TEST_CASE("cuda: embedding backward is deterministic and in token order", "[gpu][cuda]") {

@@ -13,16 +13,19 @@
 //   one type, C and D of one type; C == D only with identical layouts: INVALID_VALUE;
 // - the algorithm the heuristic returns assumes the minimum alignments the preference declared;
 //   a call whose pointers (or, with a batch, strides) are less aligned than declared gets
-//   NOT_SUPPORTED, as a device algorithm would; a workspace larger than the call passes: the same.
+//   NOT_SUPPORTED, as a device algorithm would; a workspace larger than the call passes: the same;
+// - D sharing memory with A or B: INVALID_VALUE.
 // CUEMU_GEMM=simt makes the heuristic return no algorithm, so the wrapper takes its SIMT fallback
 // kernel (kernels/matmul.cu), as on the device when cuBLASLt has none. CUEMU_GEMM=picky puts
 // first an algorithm that refuses pointers not 256-byte aligned, so the wrapper's step to the
 // next algorithm on NOT_SUPPORTED runs.
 #include <cblas.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cublasLt.h"
@@ -103,6 +106,20 @@ uint32_t alignment_of(const void* p, const cublasLtMatrixLayoutOpaque_t& l) {
   uint32_t al = 256;
   while (al > 1 && (a % al != 0 || s % al != 0)) al /= 2;
   return al;
+}
+
+// Whether the bytes a layout spans from X (all batch entries, ld padding included) and those from Y
+// share any: conservative for interleaved layouts, exact for the separate buffers used today.
+bool overlaps(const void* X, const cublasLtMatrixLayoutOpaque_t& lx, const void* Y,
+              const cublasLtMatrixLayoutOpaque_t& ly) {
+  auto span = [](const void* p, const cublasLtMatrixLayoutOpaque_t& l) {
+    const uint64_t lo = reinterpret_cast<uintptr_t>(p);
+    if (l.rows == 0 || l.cols == 0) return std::pair<uint64_t, uint64_t>{lo, lo};
+    const uint64_t n = uint64_t(l.batch - 1) * uint64_t(l.stride) + (l.cols - 1) * uint64_t(l.ld) + l.rows;
+    return std::pair<uint64_t, uint64_t>{lo, lo + n * esize(l.type)};
+  };
+  const auto x = span(X, lx), y = span(Y, ly);
+  return x.first < y.second && y.first < x.second;
 }
 
 // The dense column-major f32 copy of op(X) for batch entry i: rows x cols.
@@ -191,7 +208,8 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
   return invalid("unknown preference attribute");
 }
 
-// One algorithm: it records the alignments the preference promised and needs no workspace. None
+// One algorithm: it records the alignments the preference promised and the workspace it needs
+// (the preference's maximum, up to 1 MiB, as a real algorithm may use what it was allowed). None
 // with CUEMU_GEMM=simt; with CUEMU_GEMM=picky the picky one comes first.
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
                                               cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
@@ -205,6 +223,8 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
   if (gemm_mode() == GemmMode::Simt) return CUBLAS_STATUS_NOT_SUPPORTED;  // "no algorithm": the wrapper's fallback
   cublasLtMatmulHeuristicResult_t r{};
   for (int i = 0; i < 4; ++i) r.algo.data[i] = pref->align[i];
+  r.algo.data[4] = std::min<uint64_t>(pref->workspace, uint64_t(1) << 20);
+  r.workspaceSize = size_t(r.algo.data[4]);
   r.state = CUBLAS_STATUS_SUCCESS;
   int k = 0;
   if (gemm_mode() == GemmMode::Picky && requested >= 2) {
@@ -220,17 +240,22 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
 cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const void* alpha, const void* A,
                               cublasLtMatrixLayout_t Adesc, const void* B, cublasLtMatrixLayout_t Bdesc,
                               const void* beta, const void* C, cublasLtMatrixLayout_t Cdesc, void* D,
-                              cublasLtMatrixLayout_t Ddesc, const cublasLtMatmulAlgo_t* algo, void*, size_t,
-                              cudaStream_t stream) {
+                              cublasLtMatrixLayout_t Ddesc, const cublasLtMatmulAlgo_t* algo, void* workspace,
+                              size_t workspace_bytes, cudaStream_t stream) {
   const cublasStatus_t st = check(*op, *Adesc, *Bdesc, *Cdesc, *Ddesc);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
   if (!algo || !alpha || !beta) return invalid("matmul: no algorithm, alpha or beta");
   if (C == D && (Cdesc->ld != Ddesc->ld || Cdesc->stride != Ddesc->stride))
     return invalid("in place (C == D) with different C and D layouts");
+  // The device reads A and B tiles while it writes D, so an output over an input is garbage there
+  // (this emulator would compute it correctly from its copies).
+  if (overlaps(D, *Ddesc, A, *Adesc) || overlaps(D, *Ddesc, B, *Bdesc))
+    return invalid("matmul: D overlaps A or B");
   const void* ptrs[4] = {A, B, C, D};
   const cublasLtMatrixLayoutOpaque_t* lays[4] = {Adesc, Bdesc, Cdesc, Ddesc};
   for (int i = 0; i < 4; ++i)
     if (alignment_of(ptrs[i], *lays[i]) < algo->data[i]) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (algo->data[4] > 0 && (!workspace || workspace_bytes < algo->data[4])) return CUBLAS_STATUS_NOT_SUPPORTED;
   cuemu::eager_work(stream);  // the stream's queued collectives come first
   cuemu::count_stat("gemm");
   const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "core/log.h"
 #include "matmul.cuh"
 
 namespace mf::cuda {
@@ -104,27 +105,44 @@ CublasLt::Plan* CublasLt::plan_for(const GemmArgs& g) {
     set_batch(plan->d, g.batch, g.strideD);
   }
 
-  cublasLtMatmulPreference_t pref = nullptr;
-  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  struct Pref {  // destroyed on every path, a throwing check included
+    cublasLtMatmulPreference_t p = nullptr;
+    ~Pref() {
+      if (p) cublasLtMatmulPreferenceDestroy(p);
+    }
+  } pref;
+  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.p));
   const uint64_t ws = kWorkspaceBytes;
   const uint32_t a32 = uint32_t(alB), b32 = uint32_t(alA), c32 = uint32_t(alC), d32 = uint32_t(alD);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a32, sizeof a32);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b32, sizeof b32);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c32, sizeof c32);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d32, sizeof d32);
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a32, sizeof a32));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b32, sizeof b32));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c32, sizeof c32));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d32, sizeof d32));
   constexpr int kCandidates = 8;
   cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
   int found = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-      handle_, plan->op, plan->a, plan->b, plan->c, plan->d, pref, kCandidates, res, &found);
-  cublasLtMatmulPreferenceDestroy(pref);
+      handle_, plan->op, plan->a, plan->b, plan->c, plan->d, pref.p, kCandidates, res, &found);
+  // NOT_SUPPORTED (or no result) means cuBLASLt has no kernel for this GEMM; any other failure
+  // is a descriptor this wrapper built wrong, which the fallback would hide behind a slow kernel.
+  if (st != CUBLAS_STATUS_NOT_SUPPORTED) CUBLAS_CHECK(st);
   if (st == CUBLAS_STATUS_SUCCESS)
     for (int i = 0; i < std::min(found, kCandidates); ++i)
       if (res[i].state == CUBLAS_STATUS_SUCCESS) plan->algos.push_back(res[i].algo);
+  if (plan->algos.empty()) warn_fallback(g, "cuBLASLt offers no algorithm");
   Plan* p = plan.get();
   plans_.emplace(key, std::move(plan));
   return p;
+}
+
+// Once per GEMM plan (shape, layout, types, alignment): the SIMT fallback kernel is correct but
+// far slower than cuBLASLt, so a run that lands there says so.
+void CublasLt::warn_fallback(const GemmArgs& g, const char* why) {
+  spdlog::warn("{} for the GEMM {}{} M={} N={} K={} (lda {}, ldb {}, ldd {}, {} x {} -> {}, batch {}): it "
+               "runs on the slow SIMT fallback kernel (kernels/matmul.cu)",
+               why, g.transA ? "T" : "N", g.transB ? "T" : "N", g.M, g.N, g.K, g.lda, g.ldb, g.ldd,
+               dtype_name(g.ab), dtype_name(g.ab), dtype_name(g.cd), g.batch);
 }
 
 void CublasLt::gemm(const GemmArgs& g) {
@@ -148,6 +166,7 @@ void CublasLt::gemm(const GemmArgs& g) {
     // An algorithm the heuristic offered but that rejects this layout: remember, try the next.
     if (st != CUBLAS_STATUS_NOT_SUPPORTED) CUBLAS_CHECK(st);
     ++p->next;
+    if (!p->ok()) warn_fallback(r, "every algorithm cuBLASLt offered refused the call");
   }
   ++fallback_calls_;
   launch_gemm_fallback(r, stream_);

@@ -79,6 +79,7 @@ class CublasLt {
   using Key = std::array<int64_t, 21>;
   // g with ldc / C / strideC resolved (C = D when nullptr).
   Plan* plan_for(const GemmArgs& g);
+  static void warn_fallback(const GemmArgs& g, const char* why);
 
   cudaStream_t stream_;
   cublasLtHandle_t handle_ = nullptr;
