@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 
 #include "core/error.h"
@@ -73,9 +74,17 @@ class NcclCommunicator final : public Communicator {
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;  // so that a missing peer ends in a timeout instead of a hang
     ncclResult_t r = ncclCommInitRankConfig(&comm_, size_, id, rank_, &config);
-    settle(r, "ncclCommInitRankConfig", init_timeout_);
-    cuda_ok(cudaMalloc(&scratch_, sizeof(float)), "cudaMalloc");
-    start_watchdog();
+    try {
+      settle(r, "ncclCommInitRankConfig", init_timeout_);
+      cuda_ok(cudaMalloc(&scratch_, sizeof(float)), "cudaMalloc");
+      start_watchdog();
+    } catch (...) {  // no destructor runs for a half-built object: release the communicator here
+      if (comm_) ncclCommAbort(comm_);
+      comm_ = nullptr;
+      if (scratch_) cudaFree(scratch_);
+      scratch_ = nullptr;
+      throw;
+    }
   }
 
   ~NcclCommunicator() override {
@@ -92,7 +101,10 @@ class NcclCommunicator final : public Communicator {
       ncclResult_t r = ncclCommFinalize(comm_);
       ncclResult_t state = r;
       auto deadline = Clock::now() + std::chrono::seconds(30);
-      while (state == ncclInProgress && Clock::now() < deadline) ncclCommGetAsyncError(comm_, &state);
+      while (state == ncclInProgress && Clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        ncclCommGetAsyncError(comm_, &state);
+      }
       if (state == ncclSuccess) ncclCommDestroy(comm_);
       else ncclCommAbort(comm_);
     }
@@ -112,8 +124,9 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<CommWork> allreduce_avg_async(float* data, size_t n) override {
     if (n == 0) return Communicator::allreduce_avg_async(data, n);
     begin_async();
-    settle(ncclAllReduce(data, data, n, ncclFloat32, ncclAvg, comm_, comm_stream_),
-           "ncclAllReduce(avg, async)");
+    settle_call(
+        [&] { return ncclAllReduce(data, data, n, ncclFloat32, ncclAvg, comm_, comm_stream_); },
+        "ncclAllReduce(avg, async)");
     queued(comm_stream_, "ncclAllReduce(avg, async)");
     return end_async();
   }
@@ -126,18 +139,24 @@ class NcclCommunicator final : public Communicator {
     const size_t c = shard_stride(n, size_), padded = c * size_t(size_);
     const ShardRange mine = shard_range(n, size_, rank_);
     if (padded == n) {  // in place: recv = send + rank * count
-      settle(ncclReduceScatter(data, data + size_t(rank_) * c, c, ncclFloat32, ncclAvg, comm_,
-                               comm_stream_),
-             "ncclReduceScatter(avg, async)");
+      settle_call(
+          [&] {
+            return ncclReduceScatter(data, data + size_t(rank_) * c, c, ncclFloat32, ncclAvg, comm_,
+                                     comm_stream_);
+          },
+          "ncclReduceScatter(avg, async)");
     } else {
       float* buf = pad_buffer(padded);
       cuda_ok(cudaMemcpyAsync(buf, data, n * sizeof(float), cudaMemcpyDeviceToDevice, comm_stream_),
               "cudaMemcpyAsync (reduce-scatter in)");
       cuda_ok(cudaMemsetAsync(buf + n, 0, (padded - n) * sizeof(float), comm_stream_),
               "cudaMemsetAsync (reduce-scatter padding)");
-      settle(ncclReduceScatter(buf, buf + size_t(rank_) * c, c, ncclFloat32, ncclAvg, comm_,
-                               comm_stream_),
-             "ncclReduceScatter(avg, async)");
+      settle_call(
+          [&] {
+            return ncclReduceScatter(buf, buf + size_t(rank_) * c, c, ncclFloat32, ncclAvg, comm_,
+                                     comm_stream_);
+          },
+          "ncclReduceScatter(avg, async)");
       if (mine.size() > 0)
         cuda_ok(cudaMemcpyAsync(data + mine.lo, buf + size_t(rank_) * c, mine.size() * sizeof(float),
                                 cudaMemcpyDeviceToDevice, comm_stream_),
@@ -153,8 +172,9 @@ class NcclCommunicator final : public Communicator {
     const size_t c = shard_stride(n, size_), padded = c * size_t(size_);
     const ShardRange mine = shard_range(n, size_, rank_);
     if (padded == n) {
-      settle(ncclAllGather(data + size_t(rank_) * c, data, c, ncclFloat32, comm_, stream_),
-             "ncclAllGather(shards)");
+      settle_call(
+          [&] { return ncclAllGather(data + size_t(rank_) * c, data, c, ncclFloat32, comm_, stream_); },
+          "ncclAllGather(shards)");
       queued(stream_, "ncclAllGather(shards)");
       return;
     }
@@ -163,8 +183,9 @@ class NcclCommunicator final : public Communicator {
       cuda_ok(cudaMemcpyAsync(buf + size_t(rank_) * c, data + mine.lo, mine.size() * sizeof(float),
                               cudaMemcpyDeviceToDevice, stream_),
               "cudaMemcpyAsync (all-gather in)");
-    settle(ncclAllGather(buf + size_t(rank_) * c, buf, c, ncclFloat32, comm_, stream_),
-           "ncclAllGather(shards)");
+    settle_call(
+        [&] { return ncclAllGather(buf + size_t(rank_) * c, buf, c, ncclFloat32, comm_, stream_); },
+        "ncclAllGather(shards)");
     queued(stream_, "ncclAllGather(shards)");
     cuda_ok(cudaMemcpyAsync(data, buf, n * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
             "cudaMemcpyAsync (all-gather out)");
@@ -173,33 +194,43 @@ class NcclCommunicator final : public Communicator {
   void allreduce_sum(float* data, size_t n) override {
     if (n == 0) return;
     join_comm_stream();
-    settle(ncclAllReduce(data, data, n, ncclFloat32, ncclSum, comm_, stream_), "ncclAllReduce");
+    settle_call(
+        [&] { return ncclAllReduce(data, data, n, ncclFloat32, ncclSum, comm_, stream_); },
+        "ncclAllReduce");
     queued(stream_, "ncclAllReduce");
   }
   void allreduce_avg(float* data, size_t n) override {
     if (n == 0) return;
     join_comm_stream();
-    settle(ncclAllReduce(data, data, n, ncclFloat32, ncclAvg, comm_, stream_), "ncclAllReduce(avg)");
+    settle_call(
+        [&] { return ncclAllReduce(data, data, n, ncclFloat32, ncclAvg, comm_, stream_); },
+        "ncclAllReduce(avg)");
     queued(stream_, "ncclAllReduce(avg)");
   }
   void reduce_scatter_sum(const float* send, float* recv, size_t n) override {
     if (n == 0) return;
     join_comm_stream();
-    settle(ncclReduceScatter(send, recv, n, ncclFloat32, ncclSum, comm_, stream_), "ncclReduceScatter");
+    settle_call(
+        [&] { return ncclReduceScatter(send, recv, n, ncclFloat32, ncclSum, comm_, stream_); },
+        "ncclReduceScatter");
     queued(stream_, "ncclReduceScatter");
   }
   void allgather(const float* send, float* recv, size_t n) override {
     if (n == 0) return;
     join_comm_stream();
     // NCCL accepts send == recv + rank*n (in place).
-    settle(ncclAllGather(send, recv, n, ncclFloat32, comm_, stream_), "ncclAllGather");
+    settle_call(
+        [&] { return ncclAllGather(send, recv, n, ncclFloat32, comm_, stream_); },
+        "ncclAllGather");
     queued(stream_, "ncclAllGather");
   }
   void broadcast(float* data, size_t n, int root) override {
     MF_CHECK(root >= 0 && root < size_, "broadcast root ", root, " is out of range for ", size_, " ranks");
     if (n == 0) return;
     join_comm_stream();
-    settle(ncclBroadcast(data, data, n, ncclFloat32, root, comm_, stream_), "ncclBroadcast");
+    settle_call(
+        [&] { return ncclBroadcast(data, data, n, ncclFloat32, root, comm_, stream_); },
+        "ncclBroadcast");
     queued(stream_, "ncclBroadcast");
   }
   // One broadcast per rank's range, grouped into a single NCCL launch (an in-place all-gatherv).
@@ -208,6 +239,7 @@ class NcclCommunicator final : public Communicator {
              size_, " ranks");
     if (size_ == 1) return;
     join_comm_stream();
+    std::lock_guard<std::mutex> api(api_mu_);  // settle below, not settle_call
     nccl_ok(ncclGroupStart(), "ncclGroupStart (all-gather of ranges)");
     ncclResult_t first = ncclSuccess;
     for (int r = 0; r < size_; ++r) {
@@ -223,7 +255,9 @@ class NcclCommunicator final : public Communicator {
   }
   void barrier() override {
     join_comm_stream();
-    settle(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_), "barrier");
+    settle_call(
+        [&] { return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_); },
+        "barrier");
     queued(stream_, "barrier");
     cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (barrier)");
   }
@@ -303,6 +337,14 @@ class NcclCommunicator final : public Communicator {
     MF_CHECK(r == ncclSuccess, "NCCL error in ", what, " on rank ", rank_, " (device ", device_, "): ",
              ncclGetErrorString(r), comm_ ? std::string(" ") + ncclGetLastError(comm_) : std::string());
   }
+  // One NCCL call and its settling, holding api_mu_: NCCL calls on one communicator must not run
+  // on two threads at once, and the watchdog thread polls ncclCommGetAsyncError (which may
+  // complete a pending group job, joining and freeing it). The watchdog only try-locks.
+  template <class Call>
+  void settle_call(Call&& call, const char* what, std::chrono::milliseconds timeout = {}) {
+    std::lock_guard<std::mutex> api(api_mu_);
+    settle(call(), what, timeout);
+  }
   // Non-blocking communicators may answer ncclInProgress; wait (bounded) until the call is done.
   // Bounded by MF_COMM_TIMEOUT (a collective stuck at enqueue), or `timeout` when given (init).
   void settle(ncclResult_t r, const char* what, std::chrono::milliseconds timeout = {}) {
@@ -335,6 +377,8 @@ class NcclCommunicator final : public Communicator {
     Watchdog::Hooks h;
     h.thread_start = [dev = device_] { cudaSetDevice(dev); };
     h.async_error = [this]() -> std::string {
+      std::unique_lock<std::mutex> api(api_mu_, std::try_to_lock);
+      if (!api.owns_lock()) return {};  // the main thread is in an NCCL call: poll next time
       ncclResult_t st = ncclSuccess;
       if (ncclCommGetAsyncError(comm_, &st) != ncclSuccess) return "ncclCommGetAsyncError failed";
       if (st == ncclSuccess || st == ncclInProgress) return {};
@@ -371,6 +415,7 @@ class NcclCommunicator final : public Communicator {
   size_t pad_cap_ = 0;
   std::chrono::milliseconds init_timeout_{120000};
   std::chrono::milliseconds comm_timeout_{1800000};  // MF_COMM_TIMEOUT
+  std::mutex api_mu_;  // held around every NCCL call on comm_ after init (settle_call)
   std::unique_ptr<Watchdog> watchdog_;  // declared last: stopped first
 };
 
