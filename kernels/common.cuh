@@ -60,6 +60,8 @@ class Scratch {
   Scratch& operator=(const Scratch&) = delete;
   void* get(size_t bytes);
   size_t capacity() const { return cap_; }
+  // Frees the buffer once the stream's queued work is done (a later get allocates again).
+  void release();
 
  private:
   cudaStream_t stream_;

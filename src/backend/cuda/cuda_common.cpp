@@ -33,6 +33,15 @@ Scratch::~Scratch() {
   if (ptr_) cudaFree(ptr_);  // no throw from a destructor; errors at teardown are moot
 }
 
+void Scratch::release() {
+  if (!ptr_) return;
+  CUDA_CHECK(cudaStreamSynchronize(stream_));  // queued kernels may still use it
+  void* p = ptr_;
+  ptr_ = nullptr;
+  cap_ = 0;
+  CUDA_CHECK(cudaFree(p));
+}
+
 void* Scratch::get(size_t bytes) {
   if (bytes <= cap_) return ptr_;
   // Earlier ops queued on the stream may still read the old buffer.

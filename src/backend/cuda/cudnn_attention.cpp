@@ -225,7 +225,14 @@ class Graph {
       set(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, "ENGINEHEUR_OPERATION_GRAPH",
           CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &graph);
       set(heur, CUDNN_ATTR_ENGINEHEUR_MODE, "ENGINEHEUR_MODE", CUDNN_TYPE_HEUR_MODE, 1, &mode);
-      if (cudnnBackendFinalize(heur) != CUDNN_STATUS_SUCCESS) continue;  // mode not offered
+      st = cudnnBackendFinalize(heur);
+      if (st != CUDNN_STATUS_SUCCESS) {  // mode not offered; its reason ends the error if none is
+        char last[512] = {0};
+        cudnnGetLastErrorString(last, sizeof(last));
+        last_err = ::mf::detail::cat("heuristics mode ", int(mode), ": ", cudnnGetErrorString(st),
+                                     last[0] ? std::string(" (") + last + ")" : std::string());
+        continue;
+      }
       int64_t count = 0;
       MF_CUDNN("cudnnBackendGetAttribute(ENGINEHEUR_RESULTS count)",
                cudnnBackendGetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_RESULTS,
@@ -260,7 +267,9 @@ class Graph {
         return true;
       }
     }
-    *why = tried == 0 ? std::string("the engine heuristics returned no configuration for the graph")
+    *why = tried == 0 ? ::mf::detail::cat("the engine heuristics returned no configuration for the graph",
+                                          last_err.empty() ? "" : " (", last_err,
+                                          last_err.empty() ? "" : ")")
                       : ::mf::detail::cat("none of the ", tried, " engine configurations finalized (last: ",
                                     last_err, ")");
     return false;
@@ -483,6 +492,12 @@ struct CudnnAttention::Impl {
       MF_FAIL("cuDNN attention ", which, " for ", shape_text(s), ": cuDNN ", cudnnGetVersion(),
               " (< 9.16) needs T to be a multiple of 128 without a padding mask; use "
               "model.attention = \"flash\" or \"auto\"");
+    // cudnn-frontend refuses bf16/fp16 SDPA, forward and backward, on these two releases
+    // ("known bugs"), so this graph is not trusted there either.
+    if (cudnnGetVersion() == 91000 || cudnnGetVersion() == 91001)
+      MF_FAIL("cuDNN attention ", which, " for ", shape_text(s), ": cuDNN ", cudnnGetVersion(),
+              " (9.10.0 and 9.10.1) has known bugs in bf16 attention; use another cuDNN, or "
+              "model.attention = \"flash\" or \"auto\"");
     auto p = std::make_unique<Plan>();
     p->graph = std::make_unique<Graph>(handle);
     const Layout L(s);
@@ -495,7 +510,7 @@ struct CudnnAttention::Impl {
       if (!p->graph->build_plan(&why)) MF_FAIL(why);
     } catch (const Error& e) {
       MF_FAIL("cuDNN attention ", which, " for ", shape_text(s), " (cuDNN ", cudnnGetVersion(),
-              "): no engine supports the graph: ", e.what());
+              "): cannot build the graph: ", e.what());
     }
     p->cudnn_ws = size_t(std::max<int64_t>(0, p->graph->workspace()));
     if (bwd) {
@@ -548,11 +563,20 @@ void CudnnAttention::prepare(const AttnShape& s) {
   impl_->plan(s, true);
 }
 
+// The graphs declare 16-byte aligned tensors (TENSOR_BYTE_ALIGNMENT); a less aligned pointer
+// would fault on the device, asynchronously, so it is refused here.
+static void check_cudnn_aligned(const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> ts) {
+  for (const auto& [name, t] : ts)
+    MF_CHECK(aligned16(t->ptr), op, ": ", name, " is not 16-byte aligned (", t->ptr,
+             "), which the cuDNN graph assumes");
+}
+
 void CudnnAttention::fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                          Tensor& lse, const AttnShape& s) {
   const char* op = "attention_fwd (cuDNN)";
   check_attention_fwd_args(op, q, k, v, out, lse, s);
   check_dtype(op, "q", q, DType::BF16);
+  check_cudnn_aligned(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
   auto& p = impl_->plan(s, false);
   float scale = s.scale, neg_inf = std::numeric_limits<float>::lowest();
   impl_->execute(p, {kQ, kK, kV, kO, kStats, kScale, kNegInf},
@@ -565,6 +589,8 @@ void CudnnAttention::bwd(const Tensor& dout, const Tensor& q, const Tensor& k, c
   const char* op = "attention_bwd (cuDNN)";
   check_attention_bwd_args(op, dout, q, k, v, out, lse, dq, dk, dv, s);
   check_dtype(op, "q", q, DType::BF16);
+  check_cudnn_aligned(op, {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out},
+                           {"lse", &lse}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
   auto& p = impl_->plan(s, true);
   float scale = s.scale, neg_inf = std::numeric_limits<float>::lowest(), one = 1.f;
   impl_->execute(p, {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kScale, kNegInf, kOne},
@@ -586,6 +612,7 @@ std::string CudnnAttention::plan_info(const AttnShape& s) const {
 }
 
 size_t CudnnAttention::workspace_bytes() const { return impl_->ws.capacity(); }
+void CudnnAttention::release_workspace() { impl_->ws.release(); }
 
 #undef MF_CUDNN
 
@@ -616,6 +643,7 @@ void CudnnAttention::bwd(const Tensor&, const Tensor&, const Tensor&, const Tens
 }
 std::string CudnnAttention::plan_info(const AttnShape&) const { return "no cuDNN"; }
 size_t CudnnAttention::workspace_bytes() const { return 0; }
+void CudnnAttention::release_workspace() {}
 
 #endif  // MF_HAS_CUDNN
 
@@ -701,10 +729,32 @@ bool AttentionDispatch::autotune(const AttnShape& s, const Tensor& q, const Tens
   }
   const size_t qn = size_t(q.numel()), kn = size_t(k.numel());
   const size_t rows = size_t(s.B) * s.H * s.T;
-  DevBuf out(qn * 2), lse(rows * 4), dq(qn * 2), dk(kn * 2), dv(kn * 2);
-  Tensor to = view(out.p, q.shape, DType::BF16), tl = view(lse.p, {s.B, s.H, s.T}, DType::F32);
-  Tensor tdq = view(dq.p, q.shape, DType::BF16), tdk = view(dk.p, k.shape, DType::BF16),
-         tdv = view(dv.p, k.shape, DType::BF16);
+  // The trial's own outputs, next to the run's activations: memory they cannot get means flash,
+  // not a failed run.
+  struct Bufs {
+    DevBuf out, lse, dq, dk, dv;
+  };
+  std::unique_ptr<Bufs> b;
+  try {
+    b.reset(new Bufs{DevBuf(qn * 2), DevBuf(rows * 4), DevBuf(qn * 2), DevBuf(kn * 2), DevBuf(kn * 2)});
+  } catch (const Error& e) {
+    cudaGetLastError();  // an out-of-memory is not sticky
+    spdlog::warn("model.attention = \"auto\": no memory to try cuDNN attention {}; using flash ({})",
+                 shape, e.what());
+    return false;
+  }
+  Tensor to = view(b->out.p, q.shape, DType::BF16), tl = view(b->lse.p, {s.B, s.H, s.T}, DType::F32);
+  Tensor tdq = view(b->dq.p, q.shape, DType::BF16), tdk = view(b->dk.p, k.shape, DType::BF16),
+         tdv = view(b->dv.p, k.shape, DType::BF16);
+  // After a failed cuDNN call: a fault on the device (a sticky error) leaves the context unusable,
+  // so flash cannot take over; say so instead of reporting a fallback that would fail next.
+  auto context_intact = [&](const std::string& what) {
+    const cudaError_t e = cudaStreamSynchronize(ctx_->stream);
+    if (e != cudaSuccess)
+      MF_FAIL("cuDNN attention ", shape, " broke the CUDA context (", cudaGetErrorString(e),
+              ") after: ", what, "; rerun with model.attention = \"flash\" and please report it "
+              "with the cuDNN version (", CudnnAttention::runtime_version(), ")");
+  };
   // First the same fwd + bwd through both paths, read back and compared: cuDNN is only a
   // candidate when it computes what flash computes (attention_check.h).
   auto outputs = [&] {
@@ -725,7 +775,7 @@ bool AttentionDispatch::autotune(const AttnShape& s, const Tensor& q, const Tens
     cudnn_->bwd(q, q, k, v, to, tl, tdq, tdk, tdv, s);
     disagree = attention_disagreement(flash, outputs());
   } catch (const Error& e) {
-    cudaStreamSynchronize(ctx_->stream);
+    context_intact(e.what());
     spdlog::warn("model.attention = \"auto\": cuDNN attention {} failed; using flash ({})",
                  shape, e.what());
     return false;
@@ -736,9 +786,28 @@ bool AttentionDispatch::autotune(const AttnShape& s, const Tensor& q, const Tens
                  shape, disagree, CudnnAttention::runtime_version());
     return false;
   }
-  cudaEvent_t t0, t1;
-  CUDA_CHECK(cudaEventCreate(&t0));
-  CUDA_CHECK(cudaEventCreate(&t1));
+  struct Events {
+    cudaEvent_t t0 = nullptr, t1 = nullptr;
+    Events() {
+      CUDA_CHECK(cudaEventCreate(&t0));
+      const cudaError_t e = cudaEventCreate(&t1);
+      if (e != cudaSuccess) cudaEventDestroy(t0);  // no destructor for a half-built object
+      CUDA_CHECK(e);
+    }
+    ~Events() {
+      if (t0) cudaEventDestroy(t0);
+      if (t1) cudaEventDestroy(t1);
+    }
+  };
+  std::unique_ptr<Events> ev;
+  try {
+    ev = std::make_unique<Events>();
+  } catch (const Error& e) {
+    spdlog::warn("model.attention = \"auto\": cannot time attention {}; using flash ({})", shape,
+                 e.what());
+    return false;
+  }
+  const cudaEvent_t t0 = ev->t0, t1 = ev->t1;
   constexpr int kWarmup = 2, kIters = 5;
   auto time_ms = [&](bool use_cudnn) {
     auto step = [&] {
@@ -769,16 +838,13 @@ bool AttentionDispatch::autotune(const AttnShape& s, const Tensor& q, const Tens
     } catch (const Error& e) {
       cudnn_ok = false;
       err = e.what();
+      context_intact(err);
     }
   } catch (...) {
-    cudaStreamSynchronize(ctx_->stream);
-    cudaEventDestroy(t0);
-    cudaEventDestroy(t1);
+    cudaStreamSynchronize(ctx_->stream);  // the scratch buffers and events go away at return
     throw;
   }
-  cudaStreamSynchronize(ctx_->stream);  // the scratch buffers go away at return
-  cudaEventDestroy(t0);
-  cudaEventDestroy(t1);
+  cudaStreamSynchronize(ctx_->stream);
   if (!cudnn_ok) {
     spdlog::warn("model.attention = \"auto\": cuDNN attention {} failed while timing; using flash "
                  "({})",
@@ -812,6 +878,9 @@ bool AttentionDispatch::use_cudnn(const AttnShape& s, const Tensor& q, const Ten
       pick = autotune(s, q, k, v);
     }
     cudnn_for_[key_of(s)] = pick;
+    if (!pick && cudnn_ && std::none_of(cudnn_for_.begin(), cudnn_for_.end(),
+                                        [](const auto& kv) { return kv.second; }))
+      cudnn_->release_workspace();  // the trial's workspace, on a run that uses flash only
   }
   return pick;
 }

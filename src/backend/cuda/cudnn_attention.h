@@ -50,6 +50,9 @@ class CudnnAttention {
   // "fwd engine 7 (ws 0 MiB), bwd engine 5 (ws 12 MiB)" for a prepared shape.
   std::string plan_info(const AttnShape& s) const;
   size_t workspace_bytes() const;
+  // Frees the workspace (the plans stay): "auto" calls it when no shape uses cuDNN, so the
+  // backward's fp32 intermediates (B*H*T*(hd+1)*4 bytes) are not held for a run on flash.
+  void release_workspace();
 
   struct Impl;
 
