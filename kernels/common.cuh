@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <string>
 
+#include "backend/cuda/sizes.h"
 #include "core/error.h"
 #include "core/tensor.h"
 
@@ -76,7 +77,8 @@ struct Ctx {
   Scratch* scratch = nullptr;
   int sm_count = 1;
   size_t max_smem_optin = 48 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
-  size_t xent_chunk_bytes = 0;        // fused xent: logits + dlogits bytes per chunk (0: default)
+  // Fused xent: logits + dlogits bytes per chunk (CudaBackend::set_loss_chunk_mb sets it).
+  size_t xent_chunk_bytes = kXentChunkBytesDefault;
 };
 
 // Bump allocator carving one scratch request into 256-byte aligned pieces. Usage:

@@ -120,8 +120,7 @@ void lmhead_xent_t(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tenso
   const bool grads = dx || dW;
   const int64_t ld = ceil_div(V, kXentLdAlign) * kXentLdAlign;
   const size_t row_bytes = size_t(ld) * (sizeof(float) + (grads ? sizeof(T) : 0));
-  const size_t chunk = ctx.xent_chunk_bytes ? ctx.xent_chunk_bytes : kXentChunkBytesDefault;
-  int64_t R = std::max<int64_t>(1, int64_t(chunk / row_bytes));
+  int64_t R = std::max<int64_t>(1, int64_t(ctx.xent_chunk_bytes / row_bytes));
   if (R >= kXentRowAlign) R = R / kXentRowAlign * kXentRowAlign;
   R = std::min(R, N);
 

@@ -6,8 +6,7 @@ namespace mf::cuda {
 
 // Contract of Backend::lmhead_xent. x [N,d], W [V,d] and dx [N,d] (=) share one dtype: bf16, or
 // f32 for train.precision "fp32"; targets i32 [N], losses f32 [N], dW f32 [V,d] (+=). Per chunk
-// of rows (at most ctx.xent_chunk_bytes of logits and dlogits, by default kXentChunkBytesDefault,
-// backend/cuda/sizes.h):
+// of rows (at most ctx.xent_chunk_bytes of logits and dlogits, train.loss_chunk_mb):
 //   logits f32 [rows,V] = logit_scale * x W^T           (cuBLASLt, fp32 accumulation)
 //   one block per row: online max/sum-exp, loss, dlogits (x's dtype) = loss_scale * logit_scale *
 //     (softmax - onehot)
