@@ -11,6 +11,14 @@
 // different order or with different sizes: a hang or garbage on the device) becomes an error on
 // every rank, reported through ncclCommGetAsyncError with a message naming both calls. A rank that
 // dies closes its socket: the others get ncclRemoteError, as from NCCL, and their watchdog ends them.
+//
+// A non-blocking communicator (config.blocking = 0) answers as NCCL's may: ncclCommInitRankConfig
+// returns ncclInProgress at once and connects on a thread; a collective outside a group, ncclGroupEnd
+// and ncclCommFinalize return ncclInProgress, and ncclCommGetAsyncError says ncclInProgress for the
+// next CUEMU_NCCL_INPROGRESS_POLLS polls (default 2) before it says how the call ended. The caller
+// must settle a call (poll until it is not ncclInProgress) before the next one: a call made earlier
+// is refused with ncclInvalidUsage, naming both. So is a call on a communicator another thread is
+// inside of (NCCL's calls on one communicator are not thread-safe; ncclCommAbort is exempt).
 #include "nccl.h"
 
 #include "dist/sockio.h"
@@ -87,14 +95,28 @@ struct State {
   std::condition_variable cv;
   int pending = 0;
   std::string last;
+  // Non-blocking mode (config.blocking = 0).
+  bool nonblocking = false;
+  std::atomic<bool> ready{true};       // the init thread has finished (false while it connects)
+  std::atomic<int> polls_left{0};      // ncclInProgress answers left for the last unsettled call
+  std::atomic<const char*> unsettled{nullptr};  // that call's name
+  std::thread init_thread;
+  std::atomic<int> in_api{0};          // threads inside a call on this communicator
+  std::atomic<const char*> in_api_what{nullptr};
 
+  ~State() {
+    if (init_thread.joinable()) init_thread.detach();  // not reached: abort and destroy join it
+  }
+  void join_init() {
+    if (init_thread.joinable() && init_thread.get_id() != std::this_thread::get_id()) init_thread.join();
+  }
+
+  // fd changes under m (and op_m): at the end of the init and in ncclCommDestroy.
   void fail(ncclResult_t code, const std::string& why) {
-    {
-      std::lock_guard<std::mutex> l(m);
-      if (err.load() == ncclSuccess) {
-        last = "cuemu NCCL rank " + std::to_string(rank) + ": " + why;
-        err = code;
-      }
+    std::lock_guard<std::mutex> l(m);
+    if (err.load() == ncclSuccess) {
+      last = "cuemu NCCL rank " + std::to_string(rank) + ": " + why;
+      err = code;
     }
     for (int f : fd)
       if (f >= 0) ::shutdown(f, SHUT_RDWR);  // the peers' collectives fail rather than hang
@@ -292,43 +314,42 @@ ncclResult_t ncclGetUniqueId(ncclUniqueId* out) {
   return ncclSuccess;
 }
 
-ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId uid, int rank, ncclConfig_t*) {
-  Id id;
-  std::memcpy(&id, uid.internal, sizeof id);
-  if (std::memcmp(id.magic, kMagic, sizeof kMagic) != 0 || nranks < 1 || rank < 0 || rank >= nranks)
-    return ncclInvalidArgument;
-  auto st = std::make_shared<State>();
-  st->rank = rank;
-  st->n = nranks;
+namespace {
+// The connection of this rank to the others: rank 0 accepts every other rank on the id's listening
+// socket `lfd`, the others connect to it. Gives up after kInitTimeout, or soon after st.aborted.
+ncclResult_t handshake(State& st, const Id& id, int lfd, std::string& why) {
+  const int nranks = st.n, rank = st.rank;
   const auto deadline = Clock::now() + kInitTimeout;
+  std::vector<int> fds;
+  auto close_all = [&] {
+    for (int f : fds)
+      if (f >= 0) ::close(f);
+    if (lfd >= 0) ::close(lfd);
+  };
   if (rank == 0) {
-    int lfd = -1;
-    {
-      std::lock_guard<std::mutex> l(g_listen_m);
-      auto it = listeners().find(id.nonce);
-      if (it == listeners().end()) return ncclInvalidUsage;  // rank 0 must make the id itself
-      lfd = it->second;
-      listeners().erase(it);
-    }
-    st->fd.assign(size_t(nranks), -1);
+    fds.assign(size_t(nranks), -1);
     for (int got = 1; got < nranks;) {
-      pollfd p{lfd, POLLIN, 0};
-      const int left = int(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count());
-      if (left <= 0 || ::poll(&p, 1, left) <= 0) {
-        t_last = "cuemu NCCL: rank 0 waited " + std::to_string(kInitTimeout.count()) + " s for " +
-                 std::to_string(nranks - got) + " more rank(s)";
-        ::close(lfd);
-        for (int f : st->fd)
-          if (f >= 0) ::close(f);
+      if (st.aborted) {
+        why = "cuemu NCCL: rank 0's init was aborted";
+        close_all();
         return ncclSystemError;
       }
+      pollfd p{lfd, POLLIN, 0};
+      const int left = int(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count());
+      if (left <= 0) {
+        why = "cuemu NCCL: rank 0 waited " + std::to_string(kInitTimeout.count()) + " s for " +
+              std::to_string(nranks - got) + " more rank(s)";
+        close_all();
+        return ncclSystemError;
+      }
+      if (::poll(&p, 1, std::min(left, 100)) <= 0) continue;  // wakes to see an abort
       const int c = ::accept(lfd, nullptr, nullptr);
       if (c < 0) continue;
       timeval tv{10, 0};  // a connection that never says hello must not hold up the others
       ::setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
       Hello h{};
       if (!recv_all(c, &h, sizeof h) || h.wire != kWire || h.nonce != id.nonce || h.nranks != nranks ||
-          h.rank <= 0 || h.rank >= nranks || st->fd[size_t(h.rank)] >= 0) {
+          h.rank <= 0 || h.rank >= nranks || fds[size_t(h.rank)] >= 0) {
         ::close(c);  // a stranger, or a rank of another job
         continue;
       }
@@ -336,10 +357,11 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId u
       ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       tv = timeval{0, 0};  // collectives wait as long as the watchdog allows
       ::setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-      st->fd[size_t(h.rank)] = c;
+      fds[size_t(h.rank)] = c;
       ++got;
     }
     ::close(lfd);
+    lfd = -1;
   } else {
     int c = -1;
     for (;;) {
@@ -350,8 +372,12 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId u
       a.sin_port = htons(id.port);
       if (c >= 0 && ::connect(c, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) break;
       if (c >= 0) ::close(c);
+      if (st.aborted) {
+        why = "cuemu NCCL: rank " + std::to_string(rank) + "'s init was aborted";
+        return ncclSystemError;
+      }
       if (Clock::now() > deadline) {
-        t_last = "cuemu NCCL: rank " + std::to_string(rank) + " could not reach rank 0 on port " + std::to_string(id.port);
+        why = "cuemu NCCL: rank " + std::to_string(rank) + " could not reach rank 0 on port " + std::to_string(id.port);
         return ncclSystemError;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -361,12 +387,116 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId u
     const Hello h{kWire, rank, nranks, 0, id.nonce};
     if (!send_all(c, &h, sizeof h)) {
       ::close(c);
+      why = "cuemu NCCL: rank " + std::to_string(rank) + " could not greet rank 0";
       return ncclSystemError;
     }
-    st->fd.assign(1, c);
+    fds.assign(1, c);
   }
-  *comm = new cuemuNcclComm{std::move(st)};
+  std::lock_guard<std::mutex> l(st.op_m);
+  std::lock_guard<std::mutex> l2(st.m);
+  if (st.aborted) {  // the abort's shutdown did not see these sockets
+    close_all();
+    why = "cuemu NCCL: rank " + std::to_string(rank) + "'s init was aborted";
+    return ncclSystemError;
+  }
+  st.fd = std::move(fds);
   return ncclSuccess;
+}
+
+int inprogress_polls() {
+  static const int n = [] {
+    const char* e = std::getenv("CUEMU_NCCL_INPROGRESS_POLLS");
+    return e && *e ? std::max(1, std::atoi(e)) : 2;
+  }();
+  return n;
+}
+
+// Every call on a communicator but ncclCommAbort holds one: it reports a second thread inside a
+// call on the same communicator, and (non-blocking) a call made before the last one was settled.
+class Api {
+ public:
+  Api(State& st, const char* what, bool settling_call = false) : st_(st) {
+    owner_ = st.in_api.fetch_add(1) == 0;
+    if (!owner_) {
+      const char* other = st.in_api_what.load();
+      fail_ = std::string("two threads called NCCL on one communicator at once (") + what + " while " +
+              (other ? other : "another call") + " had not returned): NCCL calls on a communicator "
+              "are not thread-safe";
+    } else {
+      st.in_api_what = what;
+    }
+    if (fail_.empty() && !settling_call && st.nonblocking) {
+      if (!st.ready)
+        fail_ = std::string(what) + " called while ncclCommInitRankConfig is still in progress: poll "
+                "ncclCommGetAsyncError until it is not ncclInProgress first";
+      else if (st.polls_left > 0)
+        fail_ = std::string(what) + " called while " + st.unsettled.load() + " is still in progress: poll "
+                "ncclCommGetAsyncError until it is not ncclInProgress first";
+    }
+    if (!fail_.empty()) st.fail(ncclInvalidUsage, fail_);
+    // Widen the window in which a second thread's call is seen (the watchdog polls every 100 ms).
+    if (st.nonblocking) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  ~Api() {
+    if (owner_) st_.in_api_what = nullptr;
+    st_.in_api.fetch_sub(1);
+  }
+  bool refused() const { return !fail_.empty(); }
+  // A non-blocking communicator answers ncclInProgress; the state settles after a few polls.
+  ncclResult_t in_progress(const char* what) {
+    if (!st_.nonblocking) return ncclSuccess;
+    st_.unsettled = what;
+    st_.polls_left = inprogress_polls();
+    return ncclInProgress;
+  }
+
+ private:
+  State& st_;
+  bool owner_ = false;  // the only thread inside a call when this one began
+  std::string fail_;
+};
+
+// Collectives between ncclGroupStart and ncclGroupEnd, by thread: their communicators.
+thread_local int t_group_depth = 0;
+thread_local std::vector<std::shared_ptr<State>> t_group;
+}  // namespace
+
+ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId uid, int rank, ncclConfig_t* config) {
+  Id id;
+  std::memcpy(&id, uid.internal, sizeof id);
+  if (std::memcmp(id.magic, kMagic, sizeof kMagic) != 0 || nranks < 1 || rank < 0 || rank >= nranks)
+    return ncclInvalidArgument;
+  auto st = std::make_shared<State>();
+  st->rank = rank;
+  st->n = nranks;
+  st->nonblocking = config && config->blocking == 0;
+  int lfd = -1;
+  if (rank == 0) {
+    std::lock_guard<std::mutex> l(g_listen_m);
+    auto it = listeners().find(id.nonce);
+    if (it == listeners().end()) return ncclInvalidUsage;  // rank 0 must make the id itself
+    lfd = it->second;
+    listeners().erase(it);
+  }
+  if (!st->nonblocking) {
+    std::string why;
+    const ncclResult_t r = handshake(*st, id, lfd, why);
+    if (r != ncclSuccess) {
+      t_last = why;
+      return r;
+    }
+    *comm = new cuemuNcclComm{std::move(st)};
+    return ncclSuccess;
+  }
+  st->ready = false;
+  st->init_thread = std::thread([st = st.get(), id, lfd] {
+    std::string why;
+    const ncclResult_t r = handshake(*st, id, lfd, why);
+    if (r != ncclSuccess) st->fail(r, why.substr(std::min(why.size(), std::strlen("cuemu NCCL: "))));
+    st->ready = true;
+  });
+  *comm = new cuemuNcclComm{std::move(st)};
+  return ncclInProgress;
 }
 
 namespace {
@@ -375,13 +505,15 @@ namespace {
 // issued to other streams: on the device the collective could then run before that work.
 ncclResult_t submit(ncclComm_t comm, cudaStream_t stream, Op o) {
   if (!comm) return ncclInvalidArgument;
+  std::shared_ptr<State> st = comm->st;
+  Api api(*st, kind_name(o.kind));
+  if (api.refused()) return ncclInvalidUsage;
   const std::string unordered = cuemu::ordered_after_all(stream);
   if (!unordered.empty()) {
     t_last = std::string("cuemu NCCL: ") + kind_name(o.kind) + " queued on a stream that is not ordered after "
              "earlier work (record an event after it and cudaStreamWaitEvent on this stream): " + unordered;
     return ncclInvalidUsage;
   }
-  std::shared_ptr<State> st = comm->st;
   {
     std::lock_guard<std::mutex> l(st->m);
     o.seq = st->next_seq++;
@@ -402,7 +534,11 @@ ncclResult_t submit(ncclComm_t comm, cudaStream_t stream, Op o) {
         --st->pending;
         st->cv.notify_all();
       });
-  return ncclSuccess;
+  if (t_group_depth > 0) {  // in a group: ncclGroupEnd answers for it
+    if (std::find(t_group.begin(), t_group.end(), st) == t_group.end()) t_group.push_back(st);
+    return ncclSuccess;
+  }
+  return api.in_progress(kind_name(o.kind));
 }
 ncclResult_t check(ncclDataType_t t, ncclRedOp_t op) {
   if (t != ncclFloat32) {
@@ -442,40 +578,88 @@ ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, ncclDataT
                                ncclSum, 0});
 }
 // Calls inside a group are queued one by one, in the same order on every rank: the same result.
-ncclResult_t ncclGroupStart() { return ncclSuccess; }
-ncclResult_t ncclGroupEnd() { return ncclSuccess; }
+// ncclGroupEnd answers ncclInProgress when a non-blocking communicator took part.
+ncclResult_t ncclGroupStart() {
+  ++t_group_depth;
+  return ncclSuccess;
+}
+ncclResult_t ncclGroupEnd() {
+  if (t_group_depth == 0) {
+    t_last = "cuemu NCCL: ncclGroupEnd without ncclGroupStart";
+    return ncclInvalidUsage;
+  }
+  if (--t_group_depth > 0) return ncclSuccess;
+  std::vector<std::shared_ptr<State>> group;
+  group.swap(t_group);
+  ncclResult_t r = ncclSuccess;
+  for (const auto& st : group) {
+    Api api(*st, "ncclGroupEnd", /*settling_call=*/true);
+    if (api.refused()) return ncclInvalidUsage;
+    if (api.in_progress("ncclGroupEnd") == ncclInProgress) r = ncclInProgress;
+  }
+  return r;
+}
 
 // Waits (bounded) for the queued collectives; they run by then, asked for or not (streams.cpp).
 ncclResult_t ncclCommFinalize(ncclComm_t comm) {
   if (!comm) return ncclInvalidArgument;
   State& st = *comm->st;
+  Api api(st, "ncclCommFinalize");
+  if (api.refused()) return ncclInvalidUsage;
   std::unique_lock<std::mutex> l(st.m);
   st.cv.wait_for(l, std::chrono::seconds(60), [&] { return st.pending == 0; });
-  return st.pending == 0 ? ncclSuccess : ncclInternalError;
+  if (st.pending != 0) return ncclInternalError;
+  l.unlock();
+  return api.in_progress("ncclCommFinalize");
 }
 ncclResult_t ncclCommDestroy(ncclComm_t comm) {
   if (!comm) return ncclInvalidArgument;
+  std::shared_ptr<State> st = comm->st;
   {
-    std::lock_guard<std::mutex> l(comm->st->op_m);
-    for (int& f : comm->st->fd)
+    Api api(*st, "ncclCommDestroy");
+    if (api.refused()) return ncclInvalidUsage;
+  }
+  st->join_init();
+  {
+    std::lock_guard<std::mutex> l(st->op_m);
+    std::lock_guard<std::mutex> l2(st->m);
+    for (int& f : st->fd)
       if (f >= 0) ::close(f), f = -1;
-    comm->st->aborted = true;
+    st->aborted = true;
   }
   delete comm;
   return ncclSuccess;
 }
-// Unblocks a collective in flight (its sockets are shut down) and drops the queued ones.
+// Unblocks a collective in flight (its sockets are shut down) and drops the queued ones; an init
+// still connecting gives up within 100 ms. May be called from any thread, at any time.
 ncclResult_t ncclCommAbort(ncclComm_t comm) {
   if (!comm) return ncclInvalidArgument;
-  comm->st->aborted = true;
-  for (int f : comm->st->fd)
-    if (f >= 0) ::shutdown(f, SHUT_RDWR);
+  std::shared_ptr<State> st = comm->st;
+  st->aborted = true;
+  st->join_init();
+  {
+    std::lock_guard<std::mutex> l(st->m);
+    for (int f : st->fd)
+      if (f >= 0) ::shutdown(f, SHUT_RDWR);
+  }
   delete comm;  // the queued collectives keep the state alive; its sockets leak until exit
   return ncclSuccess;
 }
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* state) {
   if (!comm) return ncclInvalidArgument;
-  *state = ncclResult_t(comm->st->err.load());
+  State& st = *comm->st;
+  Api api(st, "ncclCommGetAsyncError", /*settling_call=*/true);
+  const int err = st.err.load();
+  if (err != ncclSuccess) {
+    *state = ncclResult_t(err);
+  } else if (!st.ready) {
+    *state = ncclInProgress;
+  } else if (st.polls_left > 0) {
+    *state = --st.polls_left > 0 ? ncclInProgress : ncclSuccess;
+  } else {
+    *state = ncclSuccess;
+  }
+  if (*state != ncclInProgress) st.polls_left = 0;
   return ncclSuccess;
 }
 const char* ncclGetErrorString(ncclResult_t r) {

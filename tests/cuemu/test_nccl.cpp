@@ -39,6 +39,17 @@ ncclResult_t state_after(ncclComm_t comm, cudaStream_t s) {
   return st;
 }
 
+// Settles a call on a non-blocking communicator: polls while the state is ncclInProgress (at
+// most 10 s), as src/dist/nccl_comm.cpp does. Returns the state it settled on.
+ncclResult_t settled(ncclComm_t comm, ncclResult_t r) {
+  const auto t0 = std::chrono::steady_clock::now();
+  while (r == ncclInProgress && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (ncclCommGetAsyncError(comm, &r) != ncclSuccess) return ncclInternalError;
+  }
+  return r;
+}
+
 // A one-rank communicator (no sockets).
 ncclComm_t one_rank() {
   ncclUniqueId id;
@@ -125,22 +136,24 @@ TEST_CASE("cuemu NCCL: two processes, every collective", "[cuemu][nccl]") {
     ncclComm_t comm = nullptr;
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
-    if (ncclCommInitRankConfig(&comm, 2, id, rank, &cfg) != ncclSuccess) return 50;
+    const ncclResult_t init = ncclCommInitRankConfig(&comm, 2, id, rank, &cfg);
+    expect(init == ncclInProgress);  // non-blocking: it connects in the background
+    if (settled(comm, init) != ncclSuccess) return 50;
     std::vector<float> x(n), x2(2 * n);
     for (size_t i = 0; i < n; ++i) x[i] = float(i) + 100.f * float(rank);
     for (size_t i = 0; i < 2 * n; ++i) x2[i] = float(i) + 100.f * float(rank);
     float* d = up(x);
     float* r = up(std::vector<float>(2 * n, -7.f));
     float* d2 = up(x2);
-    ncclAllReduce(d, r, n, ncclFloat32, ncclSum, comm, s);  // out of place
-    ncclAllReduce(d, d, n, ncclFloat32, ncclAvg, comm, s);  // in place
+    expect(settled(comm, ncclAllReduce(d, r, n, ncclFloat32, ncclSum, comm, s)) == ncclSuccess);  // out of place
+    expect(settled(comm, ncclAllReduce(d, d, n, ncclFloat32, ncclAvg, comm, s)) == ncclSuccess);  // in place
     cudaStreamSynchronize(s);
     std::vector<float> sum = down(r, n), avg = down(d, n);
     for (size_t i = 0; i < n; ++i) {
       expect(sum[i] == 2.f * float(i) + 100.f);
       expect(avg[i] == float(i) + 50.f);
     }
-    ncclReduceScatter(d2, r, n, ncclFloat32, ncclSum, comm, s);  // rank k gets chunk k, summed
+    expect(settled(comm, ncclReduceScatter(d2, r, n, ncclFloat32, ncclSum, comm, s)) == ncclSuccess);  // rank k: chunk k
     cudaStreamSynchronize(s);
     std::vector<float> rs = down(r, n);
     for (size_t i = 0; i < n; ++i) expect(rs[i] == 2.f * float(i + size_t(rank) * n) + 100.f);
@@ -148,15 +161,22 @@ TEST_CASE("cuemu NCCL: two processes, every collective", "[cuemu][nccl]") {
     std::vector<float> g(2 * n, -1.f);
     for (size_t i = 0; i < n; ++i) g[size_t(rank) * n + i] = float(i) + 1000.f * float(rank);
     float* dg = up(g);
-    ncclAllGather(dg + size_t(rank) * n, dg, n, ncclFloat32, comm, s);
-    ncclBroadcast(d2, d2, 2 * n, ncclFloat32, 1, comm, s);  // rank 1's x2 everywhere
+    expect(settled(comm, ncclAllGather(dg + size_t(rank) * n, dg, n, ncclFloat32, comm, s)) == ncclSuccess);
+    // In a group the calls answer ncclSuccess and ncclGroupEnd answers for them.
+    expect(ncclGroupStart() == ncclSuccess);
+    expect(ncclBroadcast(d2, d2, 2 * n, ncclFloat32, 1, comm, s) == ncclSuccess);  // rank 1's x2 everywhere
+    const ncclResult_t end = ncclGroupEnd();
+    expect(end == ncclInProgress);
+    expect(settled(comm, end) == ncclSuccess);
     cudaStreamSynchronize(s);
     std::vector<float> ag = down(dg, 2 * n), bc = down(d2, 2 * n);
     for (size_t k = 0; k < 2; ++k)
       for (size_t i = 0; i < n; ++i) expect(ag[k * n + i] == float(i) + 1000.f * float(k));
     for (size_t i = 0; i < 2 * n; ++i) expect(bc[i] == float(i) + 100.f);
     expect(state_after(comm, s) == ncclSuccess);
-    expect(ncclCommFinalize(comm) == ncclSuccess);
+    const ncclResult_t fin = ncclCommFinalize(comm);
+    expect(fin == ncclInProgress);
+    expect(settled(comm, fin) == ncclSuccess);
     expect(ncclCommDestroy(comm) == ncclSuccess);
     return bad;
   });
@@ -244,4 +264,86 @@ TEST_CASE("cuemu NCCL: an input written while its collective is in flight is an 
   CHECK(std::string(ncclGetLastError(comm)).find("changed while the collective was in flight") != std::string::npos);
   ncclCommAbort(comm);
   cudaStreamDestroy(s);
+}
+
+TEST_CASE("cuemu NCCL: a non-blocking call made before the last one settled is refused", "[cuemu][nccl]") {
+  cudaStream_t s;
+  cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  ncclUniqueId id;
+  REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+  ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+  cfg.blocking = 0;
+  ncclComm_t comm = nullptr;
+  REQUIRE(ncclCommInitRankConfig(&comm, 1, id, 0, &cfg) == ncclInProgress);
+  REQUIRE(settled(comm, ncclInProgress) == ncclSuccess);
+  float* d = up(std::vector<float>(8, 3.f));
+  const ncclResult_t first = ncclAllReduce(d, d, 8, ncclFloat32, ncclSum, comm, s);
+  CHECK(first == ncclInProgress);
+  // Not settled: the next call is refused, and the communicator's state says why.
+  CHECK(ncclAllReduce(d, d, 8, ncclFloat32, ncclSum, comm, s) == ncclInvalidUsage);
+  ncclResult_t st = ncclSuccess;
+  ncclCommGetAsyncError(comm, &st);
+  CHECK(st == ncclInvalidUsage);
+  const std::string why = ncclGetLastError(comm);
+  INFO(why);
+  CHECK(why.find("ncclAllReduce called while ncclAllReduce is still in progress") != std::string::npos);
+  ncclCommAbort(comm);
+  cudaStreamDestroy(s);
+}
+
+TEST_CASE("cuemu NCCL: an init whose peer never comes can be aborted while in progress", "[cuemu][nccl]") {
+  ncclUniqueId id;
+  REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+  ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+  cfg.blocking = 0;
+  ncclComm_t comm = nullptr;
+  REQUIRE(ncclCommInitRankConfig(&comm, 2, id, 0, &cfg) == ncclInProgress);  // rank 1 never calls
+  ncclResult_t st = ncclSuccess;
+  for (int i = 0; i < 50; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    ncclCommGetAsyncError(comm, &st);
+  }
+  CHECK(st == ncclInProgress);
+  // A collective on a communicator still connecting is refused.
+  cudaStream_t s;
+  cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  float* d = up(std::vector<float>(4, 1.f));
+  CHECK(ncclAllReduce(d, d, 4, ncclFloat32, ncclSum, comm, s) == ncclInvalidUsage);
+  CHECK(std::string(ncclGetLastError(comm)).find("while ncclCommInitRankConfig is still in progress") !=
+        std::string::npos);
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK(ncclCommAbort(comm) == ncclSuccess);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(2));
+  cudaStreamDestroy(s);
+}
+
+TEST_CASE("cuemu NCCL: two threads inside calls on one communicator are reported", "[cuemu][nccl]") {
+  ncclComm_t comm = nullptr;
+  {
+    ncclUniqueId id;
+    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    cfg.blocking = 0;
+    REQUIRE(settled(comm, ncclCommInitRankConfig(&comm, 1, id, 0, &cfg)) == ncclSuccess);
+  }
+  // Each poll stays inside the call for a while: two threads polling for 300 ms overlap.
+  std::atomic<bool> stop{false};
+  auto poll = [&] {
+    while (!stop) {
+      ncclResult_t st;
+      ncclCommGetAsyncError(comm, &st);
+    }
+  };
+  std::thread other(poll);
+  const auto t0 = std::chrono::steady_clock::now();
+  ncclResult_t st = ncclSuccess;
+  while (st == ncclSuccess && std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(300))
+    ncclCommGetAsyncError(comm, &st);
+  stop = true;
+  other.join();
+  ncclCommGetAsyncError(comm, &st);
+  CHECK(st == ncclInvalidUsage);
+  CHECK(std::string(ncclGetLastError(comm)).find("two threads called NCCL on one communicator at once") !=
+        std::string::npos);
+  ncclCommAbort(comm);
 }
