@@ -324,6 +324,39 @@ TEST_CASE("cuda sym_func matches the CPU backend for every caller's arguments", 
   }
 }
 
+#ifdef MF_CUEMU_TEST
+// syevd's failure (info != 0) cannot be provoked on purpose on a device; the emulator reports any
+// info asked for (CUEMU_SYEVD_INFO). The error names the call and the size, and the outputs, S
+// included when out aliases it, are left as they were.
+TEST_CASE("cuda sym_eig / sym_func: a failed syevd is an error that leaves the outputs alone", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = gpu_backend();
+  Dev g{*gpu};
+  Rng rng(106);
+  const Tensor S = gram(6, 8, rng);
+  Tensor dS = g.up(S), dQ = g.up(S);
+  struct Env {
+    Env() { setenv("CUEMU_SYEVD_INFO", "4", 1); }
+    ~Env() { unsetenv("CUEMU_SYEVD_INFO"); }
+  };
+  {
+    Env env;
+    CHECK_THROWS_WITH(gpu->sym_eig(dS, dQ),
+                      Catch::Contains("sym_eig: cuSOLVER syevd failed on a 6x6 matrix (info = 4: the iteration "
+                                      "did not converge)"));
+    SymFuncArgs a;
+    a.power = -0.25;
+    a.eps = 1e-4;
+    CHECK_THROWS_WITH(gpu->sym_func(dS, a, dS), Catch::Contains("sym_func: cuSOLVER syevd failed"));
+  }
+  CHECK(to_vec(g.down(dQ)) == to_vec(S));
+  CHECK(to_vec(g.down(dS)) == to_vec(S));
+  // Without the failure the same calls work (the backend is still usable).
+  gpu->sym_eig(dS, dQ);
+  CHECK(to_vec(g.down(dQ)) != to_vec(S));
+}
+#endif
+
 TEST_CASE("cuda newton_schulz_coeffs matches the CPU backend (quintic, Polar Express, Kaon)", "[gpu][cuda]") {
   MF_SKIP_WITHOUT_GPU();
   auto gpu = gpu_backend();

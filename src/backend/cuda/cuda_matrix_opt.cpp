@@ -70,8 +70,9 @@ struct MatOptLibs {
     CUSOLVER_CHECK(cusolverDnDsyevd_bufferSize(solver, CUSOLVER_EIG_MODE_VECTOR,
                                                CUBLAS_FILL_MODE_UPPER, int(n), A, int(n), W,
                                                &lw));
-    // The workspace (about 1 + 6n + 2n^2 doubles) is an int: it wraps from n ~ 32k on.
-    MF_CHECK(lw > 0, "cuSOLVER syevd: the workspace size for n = ", n,
+    // The workspace (about 1 + 6n + 2n^2 doubles) is an int: it wraps from n ~ 32k on. Zero is
+    // not documented as impossible (a 1x1 matrix may need none).
+    MF_CHECK(lw >= 0, "cuSOLVER syevd: the workspace size for n = ", n,
              " does not fit its 32-bit count (", lw, ")");
     lwork.emplace(n, lw);
     return lw;
@@ -225,8 +226,8 @@ void CudaBackend::sym_eig(const Tensor& S, Tensor& Q) {
   cuda::MatOptLibs& libs = mo_libs();
   cuda::EigBuffers b = cuda::eig_buffers(ctx_, libs, n, false);
   cuda::decompose(op, ctx_, libs, S, n, b);
+  cuda::finish_eig(op, ctx_, libs, n, b);  // before Q is written: a failure leaves it as it was
   cuda::launch_eig_to_q(b.A, Q.data<float>(), b.aux, n, stream_);
-  cuda::finish_eig(op, ctx_, libs, n, b);
 }
 
 void CudaBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
@@ -241,6 +242,7 @@ void CudaBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
   cuda::MatOptLibs& libs = mo_libs();
   cuda::EigBuffers b = cuda::eig_buffers(ctx_, libs, n, true);
   cuda::decompose(op, ctx_, libs, S, n, b);  // out may alias S: S is consumed here
+  cuda::finish_eig(op, ctx_, libs, n, b);    // before out is written: a failure leaves it (and S)
   cuda::launch_spectral_f(b.W, b.aux, n, a, stream_);
   cuda::launch_scale_cols(b.A, b.aux, b.EF, n, stream_);
   // Column-major R = (E diag f) E^T, symmetric; the cast below symmetrises the rounding.
@@ -248,7 +250,6 @@ void CudaBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
   CUBLAS_CHECK(cublasDgemm(libs.blas, CUBLAS_OP_N, CUBLAS_OP_T, int(n), int(n), int(n), &one,
                            b.EF, int(n), b.A, int(n), &zero, b.R, int(n)));
   cuda::launch_sym_cast(b.R, out.data<float>(), n, stream_);
-  cuda::finish_eig(op, ctx_, libs, n, b);
 }
 
 void CudaBackend::newton_schulz_coeffs(const Tensor& U, Tensor& O,
