@@ -185,6 +185,17 @@ TEST_CASE("cuda: an asynchronous read-back sees the sources as queued, not as la
   }
   Tensor bad = be->empty({4}, DType::BF16);
   CHECK_THROWS_WITH(be->make_readback({&bad}), Catch::Contains("f32 or i32"));
+  // A larger source (8 KiB: past CUEMU_PINNED_MAX=4096 in cuemu_test_cuda_smoke_unpinned, where
+  // cudaHostAlloc fails and the read-back goes through pageable memory) reads back the same.
+  Tensor hl = host_tensor({2048}, DType::F32);
+  for (int64_t i = 0; i < 2048; ++i) hl.f32()[i] = 0.25f * float(i) - 7.f;
+  Tensor tl = be->empty({2048}, DType::F32);
+  be->upload(hl, tl);
+  auto rbl = be->make_readback({&tl});
+  rbl->start();
+  be->zero(tl);  // queued after start()
+  rbl->wait();
+  CHECK(std::equal(hl.f32(), hl.f32() + 2048, rbl->host(0).f32()));
 }
 
 TEST_CASE("cuda: matmul through cuBLASLt matches a double reference", "[gpu][cuda]") {
@@ -653,6 +664,40 @@ TEST_CASE("cuda: Scratch grows by at least half, keeps its buffer, and release f
   s.release();  // twice is harmless
   CHECK(s.get(64) != nullptr);
   CHECK(s.capacity() == 64);
+  // More than the device has: an error naming the size and what to lower; the old buffer is gone.
+  try {
+    s.get(size_t(200) << 30);
+    FAIL_CHECK("a 200 GiB workspace was granted");
+  } catch (const std::exception& e) {
+    const std::string why = e.what();
+    INFO(why);
+    CHECK(why.find("out of GPU memory for the ops' workspace: 214748364800 bytes (204800 MiB) wanted") !=
+          std::string::npos);
+    CHECK(why.find("reduce train.loss_chunk_mb") != std::string::npos);
+  }
+  CHECK(s.capacity() == 0);
+  CHECK(s.get(64) != nullptr);
+#endif
+}
+
+TEST_CASE("cuda: an error a faulting kernel leaves says so, and how to find the kernel", "[gpu][cuda]") {
+  MF_SKIP_WITHOUT_GPU();
+#ifdef MF_HAS_CUDA
+  auto message = [](cudaError_t e) {
+    try {
+      cuda::detail::cuda_fail(e, "cudaStreamSynchronize(s)", __FILE__, __LINE__);
+    } catch (const std::exception& x) {
+      return std::string(x.what());
+    }
+    return std::string();
+  };
+  const std::string fault = message(cudaErrorIllegalAddress), other = message(cudaErrorInvalidValue);
+  INFO(fault);
+  CHECK(fault.find("cudaErrorIllegalAddress") != std::string::npos);
+  CHECK(fault.find("a kernel queued earlier faulted") != std::string::npos);
+  CHECK(fault.find("CUDA_LAUNCH_BLOCKING=1") != std::string::npos);
+  CHECK(other.find("cudaStreamSynchronize(s)") != std::string::npos);
+  CHECK(other.find("faulted") == std::string::npos);
 #endif
 }
 

@@ -64,7 +64,14 @@ class ProfRegion {
     if (p_) p_->enter(name);
     open_ = p_ != nullptr;
   }
-  ~ProfRegion() { end(); }
+  // Never throws: a destructor that threw while a CUDA error unwinds the stack would terminate
+  // the process before the error is printed.
+  ~ProfRegion() {
+    try {
+      end();
+    } catch (...) {
+    }
+  }
   // Closes this region (if open) and opens `name` in its place.
   void next(const char* name) {
     end();

@@ -53,6 +53,25 @@ if MF_ATTN_FWD_MTILES=3 "$bin" train "$root/configs/tiny.json" "${common[@]}" --
     --set run.dir=badenv > badenv.log 2>&1; then fail "MF_ATTN_FWD_MTILES=3 was accepted"; fi
 grep -q "MF_ATTN_FWD_MTILES='3': expected 1 or 2" badenv.log || { cat badenv.log; fail "no clear error for MF_ATTN_FWD_MTILES=3"; }
 
+echo "== no GPU, no driver, an old driver, more local ranks than GPUs (CUEMU_DEVICES)"
+one=(--set train.max_steps=1 --set schedule.warmup=0 --set train.eval_every=0 --set train.ckpt_every=0)
+CUEMU_DEVICES=0 "$bin" train "$root/configs/tiny.json" "${common[@]}" "${one[@]}" --set train.device=auto \
+    --set run.dir=nodev > nodev.log 2>&1 || { tail -20 nodev.log; fail "auto without a GPU did not train on the CPU"; }
+grep -q "memory plan (cpu" nodev.log || { cat nodev.log; fail "auto without a GPU: no CPU memory plan"; }
+CUEMU_DEVICES=no-driver "$bin" train "$root/configs/tiny.json" "${common[@]}" "${one[@]}" --set train.device=auto \
+    --set run.dir=nodrv > nodrv.log 2>&1 || { tail -20 nodrv.log; fail "auto without a driver did not train on the CPU"; }
+if CUEMU_DEVICES=0 "$bin" train "$root/configs/tiny.json" "${common[@]}" "${one[@]}" --set train.device=cuda \
+    --set run.dir=nodev2 > nodev2.log 2>&1; then fail "train.device cuda ran without a GPU"; fi
+grep -q 'train.device is "cuda" but no CUDA device is visible' nodev2.log || { cat nodev2.log; fail "no clear error for cuda without a GPU"; }
+if CUEMU_DEVICES=old-driver "$bin" train "$root/configs/tiny.json" "${common[@]}" "${one[@]}" --set train.device=auto \
+    --set run.dir=olddrv > olddrv.log 2>&1; then fail "auto with a driver too old trained (on the CPU?)"; fi
+grep -q "cudaErrorInsufficientDriver.*the driver supports CUDA 12.0, this build needs 13.0" olddrv.log ||
+  { cat olddrv.log; fail "no clear error for a driver too old"; }
+if CUEMU_DEVICES=2 RANK=2 LOCAL_RANK=2 WORLD_SIZE=3 LOCAL_WORLD_SIZE=3 "$bin" train "$root/configs/tiny.json" \
+    "${common[@]}" "${one[@]}" --set train.world_size=3 --set train.batch_tokens=384 --set train.device=cuda --set run.dir=ranks > ranks.log 2>&1; then
+  fail "LOCAL_RANK 2 with 2 GPUs was accepted"; fi
+grep -q "LOCAL_RANK 2 has no GPU of its own: 2 are visible" ranks.log || { cat ranks.log; fail "no clear error for LOCAL_RANK 2 of 2 GPUs"; }
+
 echo "== train on cuda, stopped at 3 and resumed"
 "$bin" train "$root/configs/tiny.json" "${common[@]}" --set train.device=cuda --set run.dir=split --stop-at 3 > split1.log 2>&1 ||
   { tail -20 split1.log; fail "train --stop-at 3"; }

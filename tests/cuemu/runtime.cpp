@@ -671,6 +671,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorNotReady: return "device not ready";
     case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
     default: return "cuemu error";
   }
 }
@@ -681,6 +683,10 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
     case cudaErrorNotReady: return "cudaErrorNotReady";
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
     default: return "cudaError";
   }
 }
@@ -865,7 +871,30 @@ void cp_async_wait(int pending) {
 }  // namespace cuemu
 
 // ---- device, host memory (streams and events: streams.cpp) -------------------------------------
-cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+namespace {
+const char* devices_env() {
+  const char* e = std::getenv("CUEMU_DEVICES");
+  return e && *e ? e : "1";
+}
+}  // namespace
+cudaError_t cudaGetDeviceCount(int* n) {
+  const std::string e = devices_env();
+  if (e == "no-driver" || e == "old-driver") return cudaErrorInsufficientDriver;
+  char* end = nullptr;
+  const long v = std::strtol(e.c_str(), &end, 10);
+  if (*end || v < 0 || v > 64) {
+    std::fprintf(stderr, "cuemu: CUEMU_DEVICES='%s': expected a count, no-driver or old-driver\n", e.c_str());
+    std::abort();
+  }
+  if (v == 0) return cudaErrorNoDevice;
+  *n = int(v);
+  return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int* v) {
+  const std::string e = devices_env();
+  *v = e == "no-driver" ? 0 : e == "old-driver" ? 12000 : 13000;
+  return cudaSuccess;
+}
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
   *t = kDeviceBytes;

@@ -11,6 +11,7 @@
 #include "attention.cuh"
 #include "cast.cuh"
 #include "core/bf16.h"
+#include "core/log.h"
 #include "dist/env.h"
 #include "embedding.cuh"
 #include "matmul.cuh"
@@ -24,14 +25,21 @@
 
 namespace mf {
 
+// No device (cudaErrorNoDevice) and no driver at all (cudaErrorInsufficientDriver with driver
+// version 0) count as zero devices; any other failure (a driver too old for this build, a broken
+// installation) is an error, so that train.device "auto" does not quietly train on the CPU.
 int cuda_device_count() {
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error (no driver / no device)
-    return 0;
-  }
-  return n;
+  if (e == cudaSuccess) return n;
+  cudaGetLastError();  // not sticky: nothing was initialised
+  int driver = 0;
+  cudaDriverGetVersion(&driver);
+  if (e == cudaErrorNoDevice || (e == cudaErrorInsufficientDriver && driver == 0)) return 0;
+  MF_FAIL("CUDA cannot list the GPUs: cudaGetDeviceCount gave ", cudaGetErrorName(e), " (",
+          cudaGetErrorString(e), "); the driver supports CUDA ", driver / 1000, ".", driver % 1000 / 10,
+          ", this build needs ", CUDART_VERSION / 1000, ".", CUDART_VERSION % 1000 / 10,
+          " (update the driver, or run with train.device \"cpu\")");
 }
 
 std::unique_ptr<Backend> make_cuda_backend() {
@@ -42,6 +50,15 @@ std::unique_ptr<Backend> make_cuda_backend() {
   const DistEnv env = read_dist_env();
   if (env.source != "single") {
     const int n = cuda_device_count();
+    // More local ranks than GPUs would put two ranks on one GPU (NCCL refuses that at init with
+    // a less clear message). One visible GPU per process (CUDA_VISIBLE_DEVICES set per rank)
+    // is the one exception: every rank takes its device 0.
+    if (n > 1) {
+      const char* vis = std::getenv("CUDA_VISIBLE_DEVICES");
+      MF_CHECK(env.local_rank < n, "LOCAL_RANK ", env.local_rank, " has no GPU of its own: ", n,
+               " are visible (CUDA_VISIBLE_DEVICES=", vis ? vis : "<unset>", "); start at most ", n,
+               " processes per node, or give each process one GPU");
+    }
     if (n > 0) dev = env.local_rank % n;
   }
   return std::make_unique<CudaBackend>(dev);
@@ -95,6 +112,9 @@ Tensor CudaBackend::empty(const Shape& s, DType t) {
   const size_t bytes = std::max<size_t>(x.nbytes(), 256);
   void* p = nullptr;
   const cudaError_t e = cudaMalloc(&p, bytes);
+  // Anything but out-of-memory (a kernel queued earlier that faulted, a lost device) is not
+  // about the size asked for: report it as it is.
+  if (e != cudaSuccess && e != cudaErrorMemoryAllocation) cuda::detail::cuda_fail(e, "cudaMalloc", __FILE__, __LINE__);
   if (e != cudaSuccess) {
     cudaGetLastError();
     size_t free_b = 0, total_b = 0;
@@ -209,14 +229,28 @@ class CudaReadback final : public Backend::Readback {
       cuda::check_dev("make_readback", "source", *t);
       MF_CHECK(t->dtype == DType::F32 || t->dtype == DType::I32, "make_readback: ",
                cuda::describe("source", *t), " must be f32 or i32");
+      const size_t bytes = std::max<size_t>(t->nbytes(), 16);
       void* p = nullptr;
-      CUDA_CHECK(cudaHostAlloc(&p, std::max<size_t>(t->nbytes(), 16), cudaHostAllocDefault));
       Tensor h;
+      const cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
+      if (e == cudaSuccess) {
+        h.owner = std::shared_ptr<void>(p, [](void* q) { cudaFreeHost(q); });
+      } else if (e == cudaErrorMemoryAllocation) {
+        // Page-locked memory ran out: a pageable buffer works too, but its copy is synchronous
+        // (start() then waits for the stream), so the read-back no longer overlaps the device.
+        cudaGetLastError();
+        h.owner = std::shared_ptr<void>(::operator new(bytes), [](void* q) { ::operator delete(q); });
+        p = h.owner.get();
+        if (!warned_unpinned_.exchange(true))
+          spdlog::warn("make_readback: no page-locked host memory left for {} bytes; reading back "
+                       "through pageable memory (synchronous)", bytes);
+      } else {
+        cuda::detail::cuda_fail(e, "cudaHostAlloc (read-back buffer)", __FILE__, __LINE__);
+      }
       h.ptr = p;
       h.shape = t->shape;
       h.dtype = t->dtype;
       h.device = Device::CPU;
-      h.owner = std::shared_ptr<void>(p, [](void* q) { cudaFreeHost(q); });
       host_.push_back(h);
     }
     CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
@@ -243,6 +277,7 @@ class CudaReadback final : public Backend::Readback {
   std::vector<const Tensor*> src_;
   cudaEvent_t done_ = nullptr;
   bool pending_ = false;
+  static inline std::atomic<bool> warned_unpinned_{false};  // warn once per process
 };
 }  // namespace
 

@@ -9,13 +9,34 @@ namespace mf::cuda {
 
 namespace detail {
 
+// Errors a faulting kernel leaves behind. They are sticky (every later call returns them) and
+// show up at whatever call comes next, so the statement named is usually not the culprit.
+bool is_kernel_fault(cudaError_t e) {
+  switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorInvalidPc:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorHardwareStackError:
+    case cudaErrorAssert:
+    case cudaErrorLaunchTimeout:
+      return true;
+    default:
+      return false;
+  }
+}
+
 [[noreturn]] void cuda_fail(cudaError_t e, const char* stmt, const char* file, int line) {
   int dev = -1;
   cudaGetDevice(&dev);
-  ::mf::detail::throw_error(file, line,
-                            ::mf::detail::cat("CUDA error ", cudaGetErrorName(e), " (",
-                                              cudaGetErrorString(e), ") in `", stmt,
-                                              "` on device ", dev));
+  std::string msg = ::mf::detail::cat("CUDA error ", cudaGetErrorName(e), " (", cudaGetErrorString(e),
+                                      ") in `", stmt, "` on device ", dev);
+  if (is_kernel_fault(e))
+    msg += "; a kernel queued earlier faulted (this call only reported it) and the CUDA context is "
+           "unusable: rerun with CUDA_LAUNCH_BLOCKING=1, or under compute-sanitizer, to find the kernel";
+  ::mf::detail::throw_error(file, line, msg);
 }
 
 [[noreturn]] void cublas_fail(cublasStatus_t s, const char* stmt, const char* file, int line) {
@@ -46,19 +67,29 @@ void* Scratch::get(size_t bytes) {
   if (bytes <= cap_) return ptr_;
   // Earlier ops queued on the stream may still read the old buffer.
   CUDA_CHECK(cudaStreamSynchronize(stream_));
-  const size_t want = std::max(bytes, cap_ + cap_ / 2);  // grow geometrically
+  size_t want = std::max(bytes, cap_ + cap_ / 2);  // grow geometrically
   if (ptr_) CUDA_CHECK(cudaFree(ptr_));
   ptr_ = nullptr;
   cap_ = 0;
   cudaError_t e = cudaMalloc(&ptr_, want);
-  if (e != cudaSuccess) {
+  if (e == cudaErrorMemoryAllocation && want > bytes) {  // the exact size may still fit
     cudaGetLastError();
     ptr_ = nullptr;
-    CUDA_CHECK(cudaMalloc(&ptr_, bytes));
-    cap_ = bytes;
-  } else {
-    cap_ = want;
+    e = cudaMalloc(&ptr_, bytes);
+    want = bytes;
   }
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    ptr_ = nullptr;
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    MF_FAIL("out of GPU memory for the ops' workspace: ", bytes, " bytes (", bytes >> 20, " MiB) wanted, ",
+            free_b >> 20, " MiB free of ", total_b >> 20, " MiB. The largest users are the fused loss "
+            "(train.loss_chunk_mb), attention and the matrix optimizer; reduce train.loss_chunk_mb, "
+            "train.micro_batch or train.seq_len");
+  }
+  if (e != cudaSuccess) detail::cuda_fail(e, "cudaMalloc (workspace)", __FILE__, __LINE__);
+  cap_ = want;
   return ptr_;
 }
 

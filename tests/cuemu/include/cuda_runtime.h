@@ -80,6 +80,7 @@ extern Coords g_coords;
 #define cudaGetErrorString cuemu_cudaGetErrorString
 #define cudaGetErrorName cuemu_cudaGetErrorName
 #define cudaGetDeviceCount cuemu_cudaGetDeviceCount
+#define cudaDriverGetVersion cuemu_cudaDriverGetVersion
 #define cudaSetDevice cuemu_cudaSetDevice
 #define cudaMemGetInfo cuemu_cudaMemGetInfo
 #define cudaStreamCreateWithFlags cuemu_cudaStreamCreateWithFlags
@@ -99,8 +100,13 @@ extern Coords g_coords;
 #define cudaFreeHost cuemu_cudaFreeHost
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
-                   cudaErrorInvalidResourceHandle = 400, cudaErrorLaunchFailure = 719,
-                   cudaErrorNotReady = 600 };
+                   cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100,
+                   cudaErrorInvalidResourceHandle = 400, cudaErrorNotReady = 600,
+                   cudaErrorIllegalAddress = 700, cudaErrorLaunchTimeout = 702, cudaErrorAssert = 710,
+                   cudaErrorHardwareStackError = 714, cudaErrorIllegalInstruction = 715,
+                   cudaErrorMisalignedAddress = 716, cudaErrorInvalidAddressSpace = 717,
+                   cudaErrorInvalidPc = 718, cudaErrorLaunchFailure = 719 };
+#define CUDART_VERSION 13000
 using cudaError = cudaError_t;
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
                       cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
@@ -138,7 +144,11 @@ cudaError_t cudaFuncSetAttribute(void (*f)(P...), cudaFuncAttribute a, int v) {
   return cuemu::set_max_dynamic_smem(reinterpret_cast<const void*>(f), v);
 }
 constexpr unsigned cudaStreamNonBlocking = 1, cudaEventDisableTiming = 2, cudaHostAllocDefault = 0;
+// CUEMU_DEVICES: the devices cudaGetDeviceCount reports: a count (default 1; 0 is
+// cudaErrorNoDevice), "no-driver" (cudaErrorInsufficientDriver, driver version 0) or "old-driver"
+// (cudaErrorInsufficientDriver with a CUDA 12.0 driver). Only device 0 does any work.
 cudaError_t cudaGetDeviceCount(int* n);
+cudaError_t cudaDriverGetVersion(int* v);
 cudaError_t cudaSetDevice(int d);
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags);
