@@ -25,9 +25,10 @@
 
 namespace mf {
 
-// No device (cudaErrorNoDevice) and no driver at all (cudaErrorInsufficientDriver with driver
-// version 0) count as zero devices; any other failure (a driver too old for this build, a broken
-// installation) is an error, so that train.device "auto" does not quietly train on the CPU.
+// No device (cudaErrorNoDevice), no driver at all (cudaErrorInsufficientDriver with driver
+// version 0) and the toolkit's stub libcuda in place of a driver (cudaErrorStubLibrary) count as
+// zero devices; any other failure (a driver too old for this build, a broken installation) is an
+// error, so that train.device "auto" does not quietly train on the CPU.
 int cuda_device_count() {
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
@@ -35,7 +36,8 @@ int cuda_device_count() {
   cudaGetLastError();  // not sticky: nothing was initialised
   int driver = 0;
   cudaDriverGetVersion(&driver);
-  if (e == cudaErrorNoDevice || (e == cudaErrorInsufficientDriver && driver == 0)) return 0;
+  if (e == cudaErrorNoDevice || e == cudaErrorStubLibrary || (e == cudaErrorInsufficientDriver && driver == 0))
+    return 0;
   MF_FAIL("CUDA cannot list the GPUs: cudaGetDeviceCount gave ", cudaGetErrorName(e), " (",
           cudaGetErrorString(e), "); the driver supports CUDA ", driver / 1000, ".", driver % 1000 / 10,
           ", this build needs ", CUDART_VERSION / 1000, ".", CUDART_VERSION % 1000 / 10,

@@ -100,7 +100,7 @@ extern Coords g_coords;
 #define cudaFreeHost cuemu_cudaFreeHost
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
-                   cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100,
+                   cudaErrorStubLibrary = 34, cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100,
                    cudaErrorInvalidResourceHandle = 400, cudaErrorNotReady = 600,
                    cudaErrorIllegalAddress = 700, cudaErrorLaunchTimeout = 702, cudaErrorAssert = 710,
                    cudaErrorHardwareStackError = 714, cudaErrorIllegalInstruction = 715,
