@@ -25,6 +25,13 @@
 namespace mf::cuda::detail {
 [[noreturn]] void cuda_fail(cudaError_t e, const char* stmt, const char* file, int line);
 [[noreturn]] void cublas_fail(cublasStatus_t s, const char* stmt, const char* file, int line);
+// cudaMalloc / cudaHostAlloc that answer nullptr when the memory is not there (the error is
+// cleared); any other failure (a fault left by an earlier kernel, a lost device) throws, naming
+// `what`.
+void* device_alloc_or_null(size_t bytes, const char* what);
+void* pinned_alloc_or_null(size_t bytes, const char* what);
+// "F MiB free of T MiB" on the current device, for out-of-memory messages.
+std::string free_memory();
 }  // namespace mf::cuda::detail
 
 // CUDA_CHECK(stmt): throws mf::Error naming the CUDA error, the statement, file:line and device.

@@ -112,20 +112,10 @@ Tensor CudaBackend::empty(const Shape& s, DType t) {
   x.dtype = t;
   x.device = Device::CUDA;
   const size_t bytes = std::max<size_t>(x.nbytes(), 256);
-  void* p = nullptr;
-  const cudaError_t e = cudaMalloc(&p, bytes);
-  // Anything but out-of-memory (a kernel queued earlier that faulted, a lost device) is not
-  // about the size asked for: report it as it is.
-  if (e != cudaSuccess && e != cudaErrorMemoryAllocation) cuda::detail::cuda_fail(e, "cudaMalloc", __FILE__, __LINE__);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
-    MF_FAIL("out of GPU memory allocating ", dtype_name(t), " ", shape_str(s), " (", bytes,
-            " bytes; ", free_b >> 20, " MiB free of ", total_b >> 20, " MiB, ",
-            allocated_->load() >> 20, " MiB held by tensors): reduce train.micro_batch or "
-            "train.seq_len");
-  }
+  void* p = cuda::detail::device_alloc_or_null(bytes, "cudaMalloc");
+  MF_CHECK(p, "out of GPU memory allocating ", dtype_name(t), " ", shape_str(s), " (", bytes,
+           " bytes; ", cuda::detail::free_memory(), ", ", allocated_->load() >> 20,
+           " MiB held by tensors): reduce train.micro_batch or train.seq_len");
   CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
   *allocated_ += bytes;
   auto counter = allocated_;
@@ -166,12 +156,9 @@ void CudaBackend::upload(const Tensor& src, Tensor& dst) {
       u.host = nullptr;
       u.cap = 0;
       const size_t cap = std::max<size_t>(bytes, 64 << 10);
-      if (cudaHostAlloc(&u.host, cap, cudaHostAllocDefault) == cudaSuccess) {
-        u.cap = cap;
-      } else {  // no pinned memory to spare: this upload takes the synchronous path
-        (void)cudaGetLastError();
-        u.host = nullptr;
-      }
+      // No pinned memory to spare (nullptr): this upload takes the synchronous path.
+      u.host = cuda::detail::pinned_alloc_or_null(cap, "cudaHostAlloc (upload ring)");
+      if (u.host) u.cap = cap;
     }
     if (u.host) slot = &u;
   }
@@ -232,24 +219,18 @@ class CudaReadback final : public Backend::Readback {
       MF_CHECK(t->dtype == DType::F32 || t->dtype == DType::I32, "make_readback: ",
                cuda::describe("source", *t), " must be f32 or i32");
       const size_t bytes = std::max<size_t>(t->nbytes(), 16);
-      void* p = nullptr;
       Tensor h;
-      const cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
-      if (e == cudaSuccess) {
+      if (void* p = cuda::detail::pinned_alloc_or_null(bytes, "cudaHostAlloc (read-back buffer)")) {
         h.owner = std::shared_ptr<void>(p, [](void* q) { cudaFreeHost(q); });
-      } else if (e == cudaErrorMemoryAllocation) {
+      } else {
         // Page-locked memory ran out: a pageable buffer works too, but its copy is synchronous
         // (start() then waits for the stream), so the read-back no longer overlaps the device.
-        cudaGetLastError();
         h.owner = std::shared_ptr<void>(::operator new(bytes), [](void* q) { ::operator delete(q); });
-        p = h.owner.get();
         if (!warned_unpinned_.exchange(true))
           spdlog::warn("make_readback: no page-locked host memory left for {} bytes; reading back "
                        "through pageable memory (synchronous)", bytes);
-      } else {
-        cuda::detail::cuda_fail(e, "cudaHostAlloc (read-back buffer)", __FILE__, __LINE__);
       }
-      h.ptr = p;
+      h.ptr = h.owner.get();
       h.shape = t->shape;
       h.dtype = t->dtype;
       h.device = Device::CPU;

@@ -39,6 +39,30 @@ bool is_kernel_fault(cudaError_t e) {
   ::mf::detail::throw_error(file, line, msg);
 }
 
+void* device_alloc_or_null(size_t bytes, const char* what) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, bytes);
+  if (e == cudaSuccess) return p;
+  if (e != cudaErrorMemoryAllocation) cuda_fail(e, what, __FILE__, __LINE__);
+  cudaGetLastError();
+  return nullptr;
+}
+
+void* pinned_alloc_or_null(size_t bytes, const char* what) {
+  void* p = nullptr;
+  const cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
+  if (e == cudaSuccess) return p;
+  if (e != cudaErrorMemoryAllocation) cuda_fail(e, what, __FILE__, __LINE__);
+  cudaGetLastError();
+  return nullptr;
+}
+
+std::string free_memory() {
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
+  return ::mf::detail::cat(free_b >> 20, " MiB free of ", total_b >> 20, " MiB");
+}
+
 [[noreturn]] void cublas_fail(cublasStatus_t s, const char* stmt, const char* file, int line) {
   int dev = -1;
   cudaGetDevice(&dev);
@@ -71,24 +95,15 @@ void* Scratch::get(size_t bytes) {
   if (ptr_) CUDA_CHECK(cudaFree(ptr_));
   ptr_ = nullptr;
   cap_ = 0;
-  cudaError_t e = cudaMalloc(&ptr_, want);
-  if (e == cudaErrorMemoryAllocation && want > bytes) {  // the exact size may still fit
-    cudaGetLastError();
-    ptr_ = nullptr;
-    e = cudaMalloc(&ptr_, bytes);
+  ptr_ = detail::device_alloc_or_null(want, "cudaMalloc (workspace)");
+  if (!ptr_ && want > bytes) {  // the exact size may still fit
     want = bytes;
+    ptr_ = detail::device_alloc_or_null(want, "cudaMalloc (workspace)");
   }
-  if (e == cudaErrorMemoryAllocation) {
-    cudaGetLastError();
-    ptr_ = nullptr;
-    size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
-    MF_FAIL("out of GPU memory for the ops' workspace: ", bytes, " bytes (", bytes >> 20, " MiB) wanted, ",
-            free_b >> 20, " MiB free of ", total_b >> 20, " MiB. The largest users are the fused loss "
-            "(train.loss_chunk_mb), attention and the matrix optimizer; reduce train.loss_chunk_mb, "
-            "train.micro_batch or train.seq_len");
-  }
-  if (e != cudaSuccess) detail::cuda_fail(e, "cudaMalloc (workspace)", __FILE__, __LINE__);
+  MF_CHECK(ptr_, "out of GPU memory for the ops' workspace: ", bytes, " bytes (", bytes >> 20,
+           " MiB) wanted, ", detail::free_memory(), ". The largest users are the fused loss "
+           "(train.loss_chunk_mb), attention and the matrix optimizer; reduce train.loss_chunk_mb, "
+           "train.micro_batch or train.seq_len");
   cap_ = want;
   return ptr_;
 }
