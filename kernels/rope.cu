@@ -55,7 +55,77 @@ void launch_rope(const RopeParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
+// The packed projections: one thread per (position, head, i < half) pair of a qkv row of
+// H + 2 Hkv heads. Split reads the packed row and writes q, k (rotated) and v (copied); merge
+// reads dq, dk, dv and writes the packed row (the table then holds the inverse rotation).
+struct QkvParams {
+  void* packed;       // qkv (split: read) or dqkv (merge: written), [B*T, H+2Hkv, hd]
+  void* q;            // [B*T, H, hd]   split: written; merge: read
+  void* k;            // [B*T, Hkv, hd]
+  void* v;            // [B*T, Hkv, hd]
+  const float* cs;
+  const float* sn;
+  int64_t positions;  // B*T
+  int T, H, Hkv, half;
+};
+
+template <typename T, bool MERGE>
+__global__ void qkv_rope_kernel(QkvParams p) {
+  const int heads = p.H + 2 * p.Hkv, hd = 2 * p.half;
+  const int64_t per_pos = int64_t(heads) * p.half;
+  const int64_t n = p.positions * per_pos;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t pos = idx / per_pos;
+    const int rem = int(idx - pos * per_pos);
+    const int h = rem / p.half, i = rem - h * p.half;
+    T* sep;
+    if (h < p.H)
+      sep = static_cast<T*>(p.q) + (pos * p.H + h) * hd;
+    else if (h < p.H + p.Hkv)
+      sep = static_cast<T*>(p.k) + (pos * p.Hkv + (h - p.H)) * hd;
+    else
+      sep = static_cast<T*>(p.v) + (pos * p.Hkv + (h - p.H - p.Hkv)) * hd;
+    T* packed = static_cast<T*>(p.packed) + (pos * heads + h) * hd;
+    const T* src = MERGE ? sep : packed;
+    T* dst = MERGE ? packed : sep;
+    const float a = to_f(src[i]), b = to_f(src[i + p.half]);
+    if (h < p.H + p.Hkv) {
+      const int t = int(pos % p.T);
+      const float c = p.cs[int64_t(t) * p.half + i], s = p.sn[int64_t(t) * p.half + i];
+      dst[i] = from_f<T>(a * c - b * s);
+      dst[i + p.half] = from_f<T>(b * c + a * s);
+    } else {
+      dst[i] = from_f<T>(a);
+      dst[i + p.half] = from_f<T>(b);
+    }
+  }
+}
+
+template <typename T, bool MERGE>
+void launch_qkv_rope(const QkvParams& p, cudaStream_t stream) {
+  const int64_t n = p.positions * (p.H + 2 * p.Hkv) * int64_t(p.half);
+  if (n == 0) return;
+  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(n, kRopeThreads), kRopeMaxBlocks));
+  qkv_rope_kernel<T, MERGE><<<blocks, kRopeThreads, 0, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
 namespace {
+// cos and sin [T, half] in the context's scratch (sin negated for the inverse rotation).
+void rope_table(const Ctx& ctx, int T, int half, float theta, bool inverse, float*& cs, float*& sn) {
+  Arena sz;
+  sz.take<float>(size_t(T) * half);
+  sz.take<float>(size_t(T) * half);
+  Arena a(ctx.scratch->get(sz.used()));
+  cs = a.take<float>(size_t(T) * half);
+  sn = a.take<float>(size_t(T) * half);
+  const int64_t tn = int64_t(T) * half;
+  rope_table_kernel<<<unsigned(std::min<int64_t>(ceil_div(tn, kRopeThreads), kRopeMaxBlocks)),
+                      kRopeThreads, 0, ctx.stream>>>(cs, sn, T, half, double(theta), inverse);
+  CUDA_CHECK_LAUNCH();
+}
+
 void rope_entry(const Ctx& ctx, const char* op, const char* xn, const Tensor& x, const char* yn,
                 Tensor& y, float theta, bool inverse) {
   check_float(op, xn, x);
@@ -69,16 +139,8 @@ void rope_entry(const Ctx& ctx, const char* op, const char* xn, const Tensor& x,
            ": ", describe(xn, x), " is too large");
   const int T = int(x.dim(1)), H = int(x.dim(2)), half = int(x.dim(3) / 2);
   if (x.numel() == 0) return;
-  Arena sz;
-  sz.take<float>(size_t(T) * half);
-  sz.take<float>(size_t(T) * half);
-  Arena a(ctx.scratch->get(sz.used()));
-  float* cs = a.take<float>(size_t(T) * half);
-  float* sn = a.take<float>(size_t(T) * half);
-  const int64_t tn = int64_t(T) * half;
-  rope_table_kernel<<<unsigned(std::min<int64_t>(ceil_div(tn, kRopeThreads), kRopeMaxBlocks)),
-                      kRopeThreads, 0, ctx.stream>>>(cs, sn, T, half, double(theta), inverse);
-  CUDA_CHECK_LAUNCH();
+  float *cs, *sn;
+  rope_table(ctx, T, half, theta, inverse, cs, sn);
   RopeParams p{x.ptr, y.ptr, cs, sn, x.dim(0) * T * int64_t(H), T, H, half};
   if (x.dtype == DType::F32)
     launch_rope<float>(p, ctx.stream);
@@ -92,6 +154,48 @@ void op_rope_fwd(const Ctx& ctx, const Tensor& x, Tensor& y, float theta) {
 }
 void op_rope_bwd(const Ctx& ctx, const Tensor& dy, Tensor& dx, float theta) {
   rope_entry(ctx, "rope_bwd", "dy", dy, "dx", dx, theta, true);
+}
+
+namespace {
+// packed [B,T,H+2Hkv,hd] against q [B,T,H,hd], k and v [B,T,Hkv,hd]; then the launch.
+template <bool MERGE>
+void qkv_entry(const Ctx& ctx, const char* op, const char* pn, const Tensor& packed,
+               const char* qn, const Tensor& q, const char* kn, const Tensor& k, const char* vn,
+               const Tensor& v, float theta) {
+  for (auto [n, t] : {std::pair<const char*, const Tensor*>{pn, &packed}, {qn, &q}, {kn, &k}, {vn, &v}}) {
+    check_float(op, n, *t);
+    MF_CHECK(t->ndim() == 4 && t->dtype == q.dtype, op, ": ", describe(n, *t),
+             " must be [B,T,heads,hd] of the dtype of ", describe(qn, q));
+  }
+  MF_CHECK(v.shape == k.shape, op, ": ", describe(vn, v), " must match ", describe(kn, k));
+  MF_CHECK(q.dim(0) == k.dim(0) && q.dim(1) == k.dim(1) && q.dim(3) == k.dim(3), op, ": ",
+           describe(kn, k), " must match ", describe(qn, q), " in B, T and hd");
+  MF_CHECK(packed.shape == Shape({q.dim(0), q.dim(1), q.dim(2) + 2 * k.dim(2), q.dim(3)}), op, ": ",
+           describe(pn, packed), " must be [B,T,H+2Hkv,hd] for ", describe(qn, q), " and ",
+           describe(kn, k));
+  MF_CHECK(q.dim(3) % 2 == 0, op, ": head_dim ", q.dim(3), " must be even for rotary embedding");
+  MF_CHECK(theta > 0.f, op, ": rope_theta ", theta, " must be positive (model.rope_theta)");
+  MF_CHECK(q.dim(1) <= 0x7fffffff && q.dim(2) + 2 * k.dim(2) <= 0x7fffffff && q.dim(3) <= 0x7fffffff,
+           op, ": ", describe(pn, packed), " is too large");
+  if (packed.numel() == 0) return;
+  const int T = int(q.dim(1)), half = int(q.dim(3) / 2);
+  float *cs, *sn;
+  rope_table(ctx, T, half, theta, MERGE, cs, sn);
+  QkvParams p{packed.ptr, q.ptr, k.ptr, v.ptr, cs, sn, q.dim(0) * T, T, int(q.dim(2)),
+              int(k.dim(2)), half};
+  if (q.dtype == DType::F32)
+    launch_qkv_rope<float, MERGE>(p, ctx.stream);
+  else
+    launch_qkv_rope<bf16, MERGE>(p, ctx.stream);
+}
+}  // namespace
+
+void op_qkv_rope_split(const Ctx& ctx, const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, float theta) {
+  qkv_entry<false>(ctx, "qkv_rope_split", "qkv", qkv, "q", q, "k", k, "v", v, theta);
+}
+void op_qkv_rope_merge_bwd(const Ctx& ctx, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                           Tensor& dqkv, float theta) {
+  qkv_entry<true>(ctx, "qkv_rope_merge_bwd", "dqkv", dqkv, "dq", dq, "dk", dk, "dv", dv, theta);
 }
 
 }  // namespace mf::cuda

@@ -1,4 +1,7 @@
-// SwiGLU forward/backward: elementwise, 16-byte vectors when every pointer is aligned.
+// SwiGLU forward/backward: elementwise over [rows, f], 16-byte vectors when every row start is
+// aligned. Gate and up are either two [rows, f] tensors or the two halves of one packed
+// [rows, 2f] tensor (what one GEMM against the stacked [W_gate; W_up] writes); the row strides
+// say which.
 #include "swiglu.cuh"
 
 namespace mf::cuda {
@@ -13,73 +16,89 @@ struct SwigluParams {
   void* h;         // forward output
   void* dgate;     // backward outputs
   void* dup;
-  int64_t n;
+  int64_t rows, f;
+  int64_t ld_in;   // row stride of gate and up (f, or 2f packed)
+  int64_t ld_h;    // row stride of h and dh (f)
+  int64_t ld_d;    // row stride of dgate and dup (f, or 2f packed)
 };
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
-// Element range [i*VEC, i*VEC+VEC) per step; the tail (n % VEC) is done element by element.
+// Block (tx, ty): threadIdx.y picks one of ty rows, threadIdx.x strides over the row's VEC-wide
+// vectors (VEC divides f on the vector path). Rows stride over the grid.
 template <typename T, int VEC, bool BWD>
 __global__ void swiglu_kernel(SwigluParams p) {
-  const T* gate = static_cast<const T*>(p.gate);
-  const T* up = static_cast<const T*>(p.up);
-  const int64_t nvec = p.n / VEC;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t i = first; i < nvec; i += stride) {
-    float g[VEC], u[VEC];
-    load_f<VEC>(gate + i * VEC, g);
-    load_f<VEC>(up + i * VEC, u);
-    if constexpr (!BWD) {
-      float h[VEC];
+  const int64_t fv = p.f / VEC;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < p.rows;
+       r += int64_t(gridDim.x) * blockDim.y) {
+    const T* gate = static_cast<const T*>(p.gate) + r * p.ld_in;
+    const T* up = static_cast<const T*>(p.up) + r * p.ld_in;
+    for (int64_t c = threadIdx.x; c < fv; c += blockDim.x) {
+      float g[VEC], u[VEC];
+      load_f<VEC>(gate + c * VEC, g);
+      load_f<VEC>(up + c * VEC, u);
+      if constexpr (!BWD) {
+        float h[VEC];
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) h[e] = g[e] * sigmoidf_(g[e]) * u[e];
-      store_f<VEC>(static_cast<T*>(p.h) + i * VEC, h);
-    } else {
-      float d[VEC], dg[VEC], du[VEC];
-      load_f<VEC>(static_cast<const T*>(p.dh) + i * VEC, d);
+        for (int e = 0; e < VEC; ++e) h[e] = g[e] * sigmoidf_(g[e]) * u[e];
+        store_f<VEC>(static_cast<T*>(p.h) + r * p.ld_h + c * VEC, h);
+      } else {
+        float d[VEC], dg[VEC], du[VEC];
+        load_f<VEC>(static_cast<const T*>(p.dh) + r * p.ld_h + c * VEC, d);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const float s = sigmoidf_(g[e]);
-        dg[e] = d[e] * u[e] * s * (1.f + g[e] * (1.f - s));
-        du[e] = d[e] * g[e] * s;
+        for (int e = 0; e < VEC; ++e) {
+          const float s = sigmoidf_(g[e]);
+          dg[e] = d[e] * u[e] * s * (1.f + g[e] * (1.f - s));
+          du[e] = d[e] * g[e] * s;
+        }
+        store_f<VEC>(static_cast<T*>(p.dgate) + r * p.ld_d + c * VEC, dg);
+        store_f<VEC>(static_cast<T*>(p.dup) + r * p.ld_d + c * VEC, du);
       }
-      store_f<VEC>(static_cast<T*>(p.dgate) + i * VEC, dg);
-      store_f<VEC>(static_cast<T*>(p.dup) + i * VEC, du);
-    }
-  }
-  for (int64_t i = nvec * VEC + first; i < p.n; i += stride) {
-    const float g = to_f(gate[i]), u = to_f(up[i]), s = sigmoidf_(g);
-    if constexpr (!BWD) {
-      static_cast<T*>(p.h)[i] = from_f<T>(g * s * u);
-    } else {
-      const float d = to_f(static_cast<const T*>(p.dh)[i]);
-      static_cast<T*>(p.dgate)[i] = from_f<T>(d * u * s * (1.f + g * (1.f - s)));
-      static_cast<T*>(p.dup)[i] = from_f<T>(d * g * s);
     }
   }
 }
 
 template <typename T, bool BWD>
 void launch_swiglu(const SwigluParams& p, cudaStream_t stream) {
-  if (p.n == 0) return;
+  if (p.rows == 0 || p.f == 0) return;
   constexpr int VEC = 16 / sizeof(T);
-  const bool vec = aligned16(p.gate) && aligned16(p.up) &&
-                   (BWD ? aligned16(p.dh) && aligned16(p.dgate) && aligned16(p.dup) : aligned16(p.h));
-  const int64_t work = vec ? ceil_div(p.n, VEC) : p.n;
-  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(work, kSwigluThreads), kSwigluMaxBlocks));
+  // Every row start is aligned when the base pointers are and every row stride is a whole
+  // number of vectors.
+  auto ok = [](const void* ptr, int64_t ld) { return aligned16(ptr) && ld % VEC == 0; };
+  const bool vec = p.f % VEC == 0 && ok(p.gate, p.ld_in) && ok(p.up, p.ld_in) &&
+                   (BWD ? ok(p.dh, p.ld_h) && ok(p.dgate, p.ld_d) && ok(p.dup, p.ld_d)
+                        : ok(p.h, p.ld_h));
+  const int64_t fv = vec ? p.f / VEC : p.f;
+  int tx = 1;  // a power of two covering the row's vectors, at most a whole block
+  while (tx < fv && tx < kSwigluThreads) tx *= 2;
+  const dim3 block(unsigned(tx), unsigned(kSwigluThreads / tx));
+  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(p.rows, int64_t(block.y)), kSwigluMaxBlocks));
   if (vec)
-    swiglu_kernel<T, VEC, BWD><<<blocks, kSwigluThreads, 0, stream>>>(p);
+    swiglu_kernel<T, VEC, BWD><<<blocks, block, 0, stream>>>(p);
   else
-    swiglu_kernel<T, 1, BWD><<<blocks, kSwigluThreads, 0, stream>>>(p);
+    swiglu_kernel<T, 1, BWD><<<blocks, block, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
+}
+
+template <bool BWD>
+void run_swiglu(const SwigluParams& p, DType dtype, cudaStream_t stream) {
+  if (dtype == DType::F32)
+    launch_swiglu<float, BWD>(p, stream);
+  else
+    launch_swiglu<bf16, BWD>(p, stream);
 }
 
 namespace {
 void check_like(const char* op, const char* name, const Tensor& t, const Tensor& gate) {
   check_float(op, name, t);
-  MF_CHECK(t.dtype == gate.dtype && t.numel() == gate.numel(), op, ": ", describe(name, t),
+  MF_CHECK(t.dtype == gate.dtype && t.shape == gate.shape, op, ": ", describe(name, t),
            " must match ", describe("gate", gate));
+}
+// [rows, f] from a 2-D (or wider: leading dims are rows) tensor.
+void rows_cols(const char* op, const char* name, const Tensor& t, int64_t& rows, int64_t& f) {
+  MF_CHECK(t.ndim() >= 1, op, ": ", describe(name, t), " needs at least one dimension");
+  f = t.dim(-1);
+  rows = f == 0 ? 0 : t.numel() / f;
 }
 }  // namespace
 
@@ -88,11 +107,10 @@ void op_swiglu_fwd(const Ctx& ctx, const Tensor& gate, const Tensor& up, Tensor&
   check_float(op, "gate", gate);
   check_like(op, "up", up, gate);
   check_like(op, "h", h, gate);
-  SwigluParams p{gate.ptr, up.ptr, nullptr, h.ptr, nullptr, nullptr, gate.numel()};
-  if (gate.dtype == DType::F32)
-    launch_swiglu<float, false>(p, ctx.stream);
-  else
-    launch_swiglu<bf16, false>(p, ctx.stream);
+  int64_t rows, f;
+  rows_cols(op, "gate", gate, rows, f);
+  SwigluParams p{gate.ptr, up.ptr, nullptr, h.ptr, nullptr, nullptr, rows, f, f, f, f};
+  run_swiglu<false>(p, gate.dtype, ctx.stream);
 }
 
 void op_swiglu_bwd(const Ctx& ctx, const Tensor& dh, const Tensor& gate, const Tensor& up,
@@ -104,11 +122,45 @@ void op_swiglu_bwd(const Ctx& ctx, const Tensor& dh, const Tensor& gate, const T
   check_like(op, "dgate", dgate, gate);
   check_like(op, "dup", dup, gate);
   MF_CHECK(dgate.ptr != dup.ptr, op, ": dgate and dup must be different tensors");
-  SwigluParams p{gate.ptr, up.ptr, dh.ptr, nullptr, dgate.ptr, dup.ptr, gate.numel()};
-  if (gate.dtype == DType::F32)
-    launch_swiglu<float, true>(p, ctx.stream);
-  else
-    launch_swiglu<bf16, true>(p, ctx.stream);
+  int64_t rows, f;
+  rows_cols(op, "gate", gate, rows, f);
+  SwigluParams p{gate.ptr, up.ptr, dh.ptr, nullptr, dgate.ptr, dup.ptr, rows, f, f, f, f};
+  run_swiglu<true>(p, gate.dtype, ctx.stream);
+}
+
+namespace {
+// gu [rows, 2f] and its companion [rows, f] (h or dh); returns f.
+int64_t check_packed(const char* op, const Tensor& gu, const char* name, const Tensor& t) {
+  check_float(op, "gu", gu);
+  check_float(op, name, t);
+  MF_CHECK(gu.ndim() == 2 && gu.dim(1) % 2 == 0, op, ": ", describe("gu", gu),
+           " must be [N, 2f] (gate in columns [0,f), up in [f,2f))");
+  MF_CHECK(t.dtype == gu.dtype && t.ndim() == 2 && t.dim(0) == gu.dim(0) && t.dim(1) * 2 == gu.dim(1),
+           op, ": ", describe(name, t), " must be [N, f] of ", describe("gu", gu));
+  return t.dim(1);
+}
+}  // namespace
+
+void op_swiglu_packed_fwd(const Ctx& ctx, const Tensor& gu, Tensor& h) {
+  const char* op = "swiglu_packed_fwd";
+  const int64_t f = check_packed(op, gu, "h", h);
+  const size_t half = size_t(f) * dtype_size(gu.dtype);
+  const char* base = static_cast<const char*>(gu.ptr);
+  SwigluParams p{base, base + half, nullptr, h.ptr, nullptr, nullptr, gu.dim(0), f, 2 * f, f, 0};
+  run_swiglu<false>(p, gu.dtype, ctx.stream);
+}
+
+void op_swiglu_packed_bwd(const Ctx& ctx, const Tensor& dh, const Tensor& gu, Tensor& dgu) {
+  const char* op = "swiglu_packed_bwd";
+  const int64_t f = check_packed(op, gu, "dh", dh);
+  MF_CHECK(dgu.dtype == gu.dtype && dgu.shape == gu.shape, op, ": ", describe("dgu", dgu),
+           " must match ", describe("gu", gu));
+  MF_CHECK(dgu.ptr != gu.ptr, op, ": dgu must not alias gu");
+  const size_t half = size_t(f) * dtype_size(gu.dtype);
+  const char* base = static_cast<const char*>(gu.ptr);
+  char* dbase = static_cast<char*>(dgu.ptr);
+  SwigluParams p{base, base + half, dh.ptr, nullptr, dbase, dbase + half, gu.dim(0), f, 2 * f, f, 2 * f};
+  run_swiglu<true>(p, gu.dtype, ctx.stream);
 }
 
 }  // namespace mf::cuda

@@ -16,6 +16,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -364,6 +365,44 @@ void add_rope_cases(std::vector<OpCase>& cs) {
   }
 }
 
+// The packed projections: split qkv into rotated q, k and copied v; merge is its backward.
+void add_qkv_cases(std::vector<OpCase>& cs) {
+  struct S { int64_t B, T, H, Hkv, hd; double theta; };
+  for (S s : {S{1, 1, 1, 1, 2, 10000}, S{2, 7, 3, 1, 8, 10000}, S{1, 33, 6, 2, 16, 500000},
+              S{2, 128, 4, 4, 64, 10000}}) {
+    const std::string lab = shape_label({{"B", s.B}, {"T", s.T}, {"H", s.H}, {"Hkv", s.Hkv},
+                                         {"hd", s.hd}, {"theta", int64_t(s.theta)}});
+    const Shape packed = {s.B, s.T, s.H + 2 * s.Hkv, s.hd}, qs = {s.B, s.T, s.H, s.hd},
+                kvs = {s.B, s.T, s.Hkv, s.hd};
+    OpCase f;
+    f.op = "qkv_rope_split";
+    f.label = lab;
+    f.in = {act("qkv", packed)};
+    f.out = {act("q", qs), act("k", kvs), act("v", kvs)};
+    f.reference = [s](const Bufs& in, Bufs& out) {
+      ref::qkv_rope_split(F(in, 0), F(out, 0), F(out, 1), F(out, 2), s.B, s.T, s.H, s.Hkv, s.hd,
+                          s.theta);
+    };
+    f.run = [s](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.qkv_rope_split(in[0], out[0], out[1], out[2], float(s.theta));
+    };
+    cs.push_back(f);
+    OpCase b;
+    b.op = "qkv_rope_merge_bwd";
+    b.label = lab;
+    b.in = {act("dq", qs), act("dk", kvs), act("dv", kvs)};
+    b.out = {act("dqkv", packed)};
+    b.reference = [s](const Bufs& in, Bufs& out) {
+      ref::qkv_rope_merge_bwd(F(in, 0), F(in, 1), F(in, 2), F(out, 0), s.B, s.T, s.H, s.Hkv,
+                              s.hd, s.theta);
+    };
+    b.run = [s](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.qkv_rope_merge_bwd(in[0], in[1], in[2], out[0], float(s.theta));
+    };
+    cs.push_back(b);
+  }
+}
+
 AttnShape attn_shape(int B, int T, int H, int Hkv, int hd) {
   AttnShape s;
   s.B = B, s.T = T, s.H = H, s.Hkv = Hkv, s.hd = hd;
@@ -453,6 +492,35 @@ void add_swiglu_cases(std::vector<OpCase>& cs) {
     };
     cs.push_back(b);
   }
+  // The packed form: gu [N,2f] = [gate | up] per row. f = 7 and 33 leave the up half's rows off
+  // the 16-byte grid (scalar path), f = 1024 and 24 keep them on it.
+  for (S s : {S{1, 1}, S{7, 33}, S{33, 7}, S{5, 24}, S{256, 1024}}) {
+    const std::string lab = shape_label({{"N", s.N}, {"f", s.f}});
+    OpCase f;
+    f.op = "swiglu_packed_fwd";
+    f.label = lab;
+    f.in = {act("gu", {s.N, 2 * s.f})};
+    f.out = {act("h", {s.N, s.f})};
+    f.reference = [s](const Bufs& in, Bufs& out) {
+      ref::swiglu_packed_fwd(F(in, 0), s.N, s.f, F(out, 0));
+    };
+    f.run = [](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.swiglu_packed_fwd(in[0], out[0]);
+    };
+    cs.push_back(f);
+    OpCase b;
+    b.op = "swiglu_packed_bwd";
+    b.label = lab;
+    b.in = {act("dh", {s.N, s.f}), act("gu", {s.N, 2 * s.f})};
+    b.out = {act("dgu", {s.N, 2 * s.f})};
+    b.reference = [s](const Bufs& in, Bufs& out) {
+      ref::swiglu_packed_bwd(F(in, 0), F(in, 1), s.N, s.f, F(out, 0));
+    };
+    b.run = [](Backend& be, std::vector<Tensor>& in, std::vector<Tensor>& out) {
+      be.swiglu_packed_bwd(in[0], in[1], out[0]);
+    };
+    cs.push_back(b);
+  }
 }
 
 void add_lmhead_cases(std::vector<OpCase>& cs) {
@@ -492,6 +560,7 @@ const std::vector<OpCase>& op_cases() {
     add_rmsnorm_cases(cs);
     add_matmul_cases(cs);
     add_rope_cases(cs);
+    add_qkv_cases(cs);
     add_attention_cases(cs);
     add_swiglu_cases(cs);
     add_lmhead_cases(cs);
@@ -626,6 +695,36 @@ TEST_CASE("rope_bwd is the gradient of rope_fwd (double, finite differences)", "
   }
 }
 
+// Split is rope_fwd on the q and k parts and a copy of the v part; merge is its transpose, so
+// <merge(G), x> = <G, split(x)> for every x and G (the adjoint identity of a linear map).
+TEST_CASE("qkv_rope_split is rope on the parts; merge is its adjoint (double)", "[ops][fd]") {
+  for (auto [B, T, H, Hkv, hd] : {std::array<int64_t, 5>{1, 1, 1, 1, 2}, {2, 7, 3, 1, 8},
+                                  {1, 9, 4, 2, 16}}) {
+    Rng rng(uint64_t(43 + T * H));
+    const int64_t W = (H + 2 * Hkv) * hd, N = B * T;
+    Vec qkv = uniform_vec(rng, size_t(N * W));
+    Vec q(size_t(N * H * hd)), k(size_t(N * Hkv * hd)), v(k.size());
+    ref::qkv_rope_split(qkv.data(), q.data(), k.data(), v.data(), B, T, H, Hkv, hd, 10000.0);
+    Vec qp(q.size()), kp(k.size()), vp(v.size()), rq(q.size()), rk(k.size());
+    for (int64_t n = 0; n < N; ++n) {
+      std::copy_n(&qkv[size_t(n * W)], H * hd, &qp[size_t(n * H * hd)]);
+      std::copy_n(&qkv[size_t(n * W + H * hd)], Hkv * hd, &kp[size_t(n * Hkv * hd)]);
+      std::copy_n(&qkv[size_t(n * W + (H + Hkv) * hd)], Hkv * hd, &vp[size_t(n * Hkv * hd)]);
+    }
+    ref::rope(qp.data(), rq.data(), B, T, H, hd, 10000.0, false);
+    ref::rope(kp.data(), rk.data(), B, T, Hkv, hd, 10000.0, false);
+    INFO("B=" << B << " T=" << T << " H=" << H << " Hkv=" << Hkv << " hd=" << hd);
+    CHECK(q == rq);
+    CHECK(k == rk);
+    CHECK(v == vp);
+    Vec Gq = uniform_vec(rng, q.size()), Gk = uniform_vec(rng, k.size()), Gv = uniform_vec(rng, v.size());
+    Vec dqkv(qkv.size());
+    ref::qkv_rope_merge_bwd(Gq.data(), Gk.data(), Gv.data(), dqkv.data(), B, T, H, Hkv, hd, 10000.0);
+    const double lhs = dot_all(dqkv, qkv), rhs = dot_all(Gq, q) + dot_all(Gk, k) + dot_all(Gv, v);
+    CHECK(std::abs(lhs - rhs) <= mf::test::kDoubleTol * (std::abs(rhs) + 1));
+  }
+}
+
 TEST_CASE("attention_bwd is the gradient of attention_fwd (double, finite differences)", "[ops][fd]") {
   for (AttnShape s : {attn_shape(1, 1, 1, 1, 8), attn_shape(2, 7, 6, 2, 8),
                       attn_shape(1, 33, 2, 2, 16), attn_shape(1, 7, 3, 1, 64),
@@ -667,6 +766,33 @@ TEST_CASE("swiglu_bwd is the gradient of swiglu_fwd (double, finite differences)
     INFO("n=" << n);
     CHECK(fd_error(g, dg, loss, 10) <= mf::test::kFdTol);
     CHECK(fd_error(u, du, loss, 11) <= mf::test::kFdTol);
+  }
+}
+
+// The packed form is the flat form applied row by row to the two halves: the same numbers.
+TEST_CASE("swiglu packed matches swiglu on the split halves (double)", "[ops]") {
+  for (auto [N, f] : {std::pair<int64_t, int64_t>{1, 1}, {3, 5}, {17, 64}}) {
+    Rng rng(uint64_t(71 + N * f));
+    Vec gu = uniform_vec(rng, size_t(N * 2 * f), -6, 6), dh = uniform_vec(rng, size_t(N * f));
+    Vec g(size_t(N * f)), u(size_t(N * f));
+    for (int64_t r = 0; r < N; ++r)
+      for (int64_t j = 0; j < f; ++j) {
+        g[size_t(r * f + j)] = gu[size_t(r * 2 * f + j)];
+        u[size_t(r * f + j)] = gu[size_t(r * 2 * f + f + j)];
+      }
+    Vec h(size_t(N * f)), hp(size_t(N * f)), dg(size_t(N * f)), du(size_t(N * f));
+    Vec dgu(size_t(N * 2 * f));
+    ref::swiglu_fwd(g.data(), u.data(), N * f, h.data());
+    ref::swiglu_bwd(dh.data(), g.data(), u.data(), N * f, dg.data(), du.data());
+    ref::swiglu_packed_fwd(gu.data(), N, f, hp.data());
+    ref::swiglu_packed_bwd(dh.data(), gu.data(), N, f, dgu.data());
+    INFO("N=" << N << " f=" << f);
+    CHECK(hp == h);
+    for (int64_t r = 0; r < N; ++r)
+      for (int64_t j = 0; j < f; ++j) {
+        CHECK(dgu[size_t(r * 2 * f + j)] == dg[size_t(r * f + j)]);
+        CHECK(dgu[size_t(r * 2 * f + f + j)] == du[size_t(r * f + j)]);
+      }
   }
 }
 

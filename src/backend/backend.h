@@ -169,6 +169,15 @@ class Backend {
   virtual void rope_fwd(const Tensor& x, Tensor& y, float theta) = 0;
   // dx (=) the transpose rotation of dy (dx may alias dy).
   virtual void rope_bwd(const Tensor& dy, Tensor& dx, float theta) = 0;
+  // The packed projections (one GEMM against the stacked [Wq; Wk; Wv]): qkv [B,T,H+2Hkv,hd] holds
+  // per position H query heads, then Hkv key heads, then Hkv value heads. q [B,T,H,hd] (=)
+  // rope_fwd of the q part, k [B,T,Hkv,hd] (=) rope_fwd of the k part, v [B,T,Hkv,hd] (=) the v
+  // part.
+  virtual void qkv_rope_split(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v,
+                              float theta) = 0;
+  // Its backward: dqkv [B,T,H+2Hkv,hd] (=) rope_bwd(dq) | rope_bwd(dk) | dv per position.
+  virtual void qkv_rope_merge_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                                  Tensor& dqkv, float theta) = 0;
 
   // Causal grouped-query attention; query head h uses kv head h / (H/Hkv).
   // q [B,T,H,hd], k,v [B,T,Hkv,hd], out [B,T,H,hd] (=), lse f32 [B,H,T] (=) log-sum-exp of the
@@ -185,6 +194,11 @@ class Backend {
   // dgate (=), dup (=).
   virtual void swiglu_bwd(const Tensor& dh, const Tensor& gate, const Tensor& up, Tensor& dgate,
                           Tensor& dup) = 0;
+  // The packed form the dense MLP uses: gu [N,2f] holds gate in columns [0,f) and up in [f,2f)
+  // (one GEMM against the stacked [W_gate; W_up] writes it). h [N,f] (=).
+  virtual void swiglu_packed_fwd(const Tensor& gu, Tensor& h) = 0;
+  // dgu [N,2f] (=): dgate in columns [0,f), dup in [f,2f).
+  virtual void swiglu_packed_bwd(const Tensor& dh, const Tensor& gu, Tensor& dgu) = 0;
 
   // Fused lm-head + softmax cross-entropy, never holding all B*T*V fp32 logits at once.
   // logits = logit_scale * x W^T;  losses f32 [N] (=) -log softmax(logits)[n, targets[n]].

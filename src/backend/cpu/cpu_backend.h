@@ -30,6 +30,9 @@ class CpuBackend : public Backend {
                   bool accumulate_dx) override;
   void rope_fwd(const Tensor& x, Tensor& y, float theta) override;
   void rope_bwd(const Tensor& dy, Tensor& dx, float theta) override;
+  void qkv_rope_split(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, float theta) override;
+  void qkv_rope_merge_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, Tensor& dqkv,
+                          float theta) override;
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                      Tensor& lse, const AttnShape& s) override;
   void attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -38,6 +41,8 @@ class CpuBackend : public Backend {
   void swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) override;
   void swiglu_bwd(const Tensor& dh, const Tensor& gate, const Tensor& up, Tensor& dgate,
                   Tensor& dup) override;
+  void swiglu_packed_fwd(const Tensor& gu, Tensor& h) override;
+  void swiglu_packed_bwd(const Tensor& dh, const Tensor& gu, Tensor& dgu) override;
   void lmhead_xent(const Tensor& x, const Tensor& W, const Tensor& targets, float logit_scale,
                    Tensor& losses, Tensor* dx, Tensor* dW, float loss_scale) override;
 

@@ -208,6 +208,37 @@ void CpuBackend::rope_bwd(const Tensor& dy, Tensor& dx, float theta) {
   rope_checked("rope_bwd", "dy", dy, "dx", dx, theta, true);
 }
 
+namespace {
+// qkv [B,T,H+2Hkv,hd] against q [B,T,H,hd], k and v [B,T,Hkv,hd] (names as the op calls them).
+void check_qkv(const char* op, const char* pn, const Tensor& p, const char* qn, const Tensor& q,
+               const char* kn, const Tensor& k, const char* vn, const Tensor& v, float theta) {
+  for (auto [n, t] : {std::pair<const char*, const Tensor*>{pn, &p}, {qn, &q}, {kn, &k}, {vn, &v}}) {
+    check_f32(op, n, *t);
+    MF_CHECK(t->ndim() == 4, op, ": ", desc(n, *t), " must be [B,T,heads,hd]");
+  }
+  check_same_shape(op, vn, v, kn, k);
+  MF_CHECK(q.dim(0) == k.dim(0) && q.dim(1) == k.dim(1) && q.dim(3) == k.dim(3), op, ": ",
+           desc(kn, k), " must match ", desc(qn, q), " in B, T and hd");
+  MF_CHECK(p.shape == Shape({q.dim(0), q.dim(1), q.dim(2) + 2 * k.dim(2), q.dim(3)}), op, ": ",
+           desc(pn, p), " must be [B,T,H+2Hkv,hd] for ", desc(qn, q), " and ", desc(kn, k));
+  MF_CHECK(q.dim(3) % 2 == 0, op, ": head_dim ", q.dim(3), " must be even for rotary embedding");
+  MF_CHECK(theta > 0.f, op, ": rope_theta ", theta, " must be positive (model.rope_theta)");
+}
+}  // namespace
+
+void CpuBackend::qkv_rope_split(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, float theta) {
+  check_qkv("qkv_rope_split", "qkv", qkv, "q", q, "k", k, "v", v, theta);
+  ref::qkv_rope_split(qkv.f32(), q.f32(), k.f32(), v.f32(), q.dim(0), q.dim(1), q.dim(2),
+                      k.dim(2), q.dim(3), double(theta));
+}
+
+void CpuBackend::qkv_rope_merge_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                                    Tensor& dqkv, float theta) {
+  check_qkv("qkv_rope_merge_bwd", "dqkv", dqkv, "dq", dq, "dk", dk, "dv", dv, theta);
+  ref::qkv_rope_merge_bwd(dq.f32(), dk.f32(), dv.f32(), dqkv.f32(), dq.dim(0), dq.dim(1),
+                          dq.dim(2), dk.dim(2), dq.dim(3), double(theta));
+}
+
 // ---- attention ---------------------------------------------------------------------------------
 
 void CpuBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
@@ -261,6 +292,33 @@ void CpuBackend::swiglu_bwd(const Tensor& dh, const Tensor& gate, const Tensor& 
     check_same_shape(op, name, *t, "gate", gate);
   }
   ref::swiglu_bwd(dh.f32(), gate.f32(), up.f32(), gate.numel(), dgate.f32(), dup.f32());
+}
+
+namespace {
+// gu [N,2f] and its [N,f] companion (h or dh); returns f.
+int64_t check_packed(const char* op, const Tensor& gu, const char* name, const Tensor& t) {
+  check_f32(op, "gu", gu);
+  check_f32(op, name, t);
+  MF_CHECK(gu.ndim() == 2 && gu.dim(1) % 2 == 0, op, ": ", desc("gu", gu),
+           " must be [N, 2f] (gate in columns [0,f), up in [f,2f))");
+  MF_CHECK(t.ndim() == 2 && t.dim(0) == gu.dim(0) && t.dim(1) * 2 == gu.dim(1), op, ": ",
+           desc(name, t), " must be [N, f] of ", desc("gu", gu));
+  return t.dim(1);
+}
+}  // namespace
+
+void CpuBackend::swiglu_packed_fwd(const Tensor& gu, Tensor& h) {
+  const int64_t f = check_packed("swiglu_packed_fwd", gu, "h", h);
+  ref::swiglu_packed_fwd(gu.f32(), gu.dim(0), f, h.f32());
+}
+
+void CpuBackend::swiglu_packed_bwd(const Tensor& dh, const Tensor& gu, Tensor& dgu) {
+  const char* op = "swiglu_packed_bwd";
+  const int64_t f = check_packed(op, gu, "dh", dh);
+  check_f32(op, "dgu", dgu);
+  check_same_shape(op, "dgu", dgu, "gu", gu);
+  MF_CHECK(dgu.ptr != gu.ptr, op, ": dgu must not alias gu");
+  ref::swiglu_packed_bwd(dh.f32(), gu.f32(), gu.dim(0), f, dgu.f32());
 }
 
 // ---- lm-head + cross-entropy -------------------------------------------------------------------

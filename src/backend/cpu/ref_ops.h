@@ -233,10 +233,12 @@ void matmul_bwd(const T* dy, const T* x, const T* W, int64_t N, int64_t in, int6
 // Hugging Face rotate-half RoPE at positions t = 0..T-1 over x [B,T,H,hd] (y may alias x).
 // inv_freq_i = theta^(-2i/hd) is computed in double and rounded to T (as HF keeps it in the
 // model's dtype); the angle and its cos/sin are computed in double. inverse = true applies the
-// transposed (inverse) rotation, which is the backward.
+// transposed (inverse) rotation, which is the backward. ldx, ldy: elements from one position
+// (b,t) to the next (H*hd when contiguous; the row width of a packed qkv when x or y is a part
+// of one).
 template <class T>
-void rope(const T* x, T* y, int64_t B, int64_t Tn, int64_t H, int64_t hd, double theta,
-          bool inverse) {
+void rope_strided(const T* x, int64_t ldx, T* y, int64_t ldy, int64_t B, int64_t Tn, int64_t H,
+                  int64_t hd, double theta, bool inverse) {
   const int64_t half = hd / 2;
   std::vector<T> cs(size_t(Tn * half)), sn(size_t(Tn * half));
   for (int64_t i = 0; i < half; ++i) {
@@ -250,17 +252,45 @@ void rope(const T* x, T* y, int64_t B, int64_t Tn, int64_t H, int64_t hd, double
   const int64_t rows = B * Tn * H;
 #pragma omp parallel for schedule(static) if (rows * hd >= kMinParallelWork)
   for (int64_t row = 0; row < rows; ++row) {
-    const int64_t t = (row / H) % Tn;
+    const int64_t bt = row / H, h = row % H, t = bt % Tn;
     const T* c = cs.data() + t * half;
     const T* s = sn.data() + t * half;
-    const T* xr = x + row * hd;
-    T* yr = y + row * hd;
+    const T* xr = x + bt * ldx + h * hd;
+    T* yr = y + bt * ldy + h * hd;
     for (int64_t i = 0; i < half; ++i) {
       const T a = xr[i], b = xr[i + half];
       yr[i] = a * c[i] - b * s[i];
       yr[i + half] = b * c[i] + a * s[i];
     }
   }
+}
+template <class T>
+void rope(const T* x, T* y, int64_t B, int64_t Tn, int64_t H, int64_t hd, double theta,
+          bool inverse) {
+  rope_strided(x, H * hd, y, H * hd, B, Tn, H, hd, theta, inverse);
+}
+
+// The packed projections: qkv [B,T,H+2Hkv,hd] (one GEMM against [Wq; Wk; Wv]) holds per position
+// H query heads, then Hkv key heads, then Hkv value heads. Split: q [B,T,H,hd] (=) rope(q part),
+// k [B,T,Hkv,hd] (=) rope(k part), v (=) v part. Merge (the backward): dqkv (=) [rope^T(dq) |
+// rope^T(dk) | dv] per position.
+template <class T>
+void qkv_rope_split(const T* qkv, T* q, T* k, T* v, int64_t B, int64_t Tn, int64_t H,
+                    int64_t Hkv, int64_t hd, double theta) {
+  const int64_t W = (H + 2 * Hkv) * hd, kvd = Hkv * hd;
+  rope_strided(qkv, W, q, H * hd, B, Tn, H, hd, theta, false);
+  rope_strided(qkv + H * hd, W, k, kvd, B, Tn, Hkv, hd, theta, false);
+  for (int64_t bt = 0; bt < B * Tn; ++bt)
+    std::copy(qkv + bt * W + (H + Hkv) * hd, qkv + bt * W + W, v + bt * kvd);
+}
+template <class T>
+void qkv_rope_merge_bwd(const T* dq, const T* dk, const T* dv, T* dqkv, int64_t B, int64_t Tn,
+                        int64_t H, int64_t Hkv, int64_t hd, double theta) {
+  const int64_t W = (H + 2 * Hkv) * hd, kvd = Hkv * hd;
+  rope_strided(dq, H * hd, dqkv, W, B, Tn, H, hd, theta, true);
+  rope_strided(dk, kvd, dqkv + H * hd, W, B, Tn, Hkv, hd, theta, true);
+  for (int64_t bt = 0; bt < B * Tn; ++bt)
+    std::copy(dv + bt * kvd, dv + bt * kvd + kvd, dqkv + bt * W + (H + Hkv) * hd);
 }
 
 // ---- causal grouped-query attention -----------------------------------------------------------
@@ -419,25 +449,56 @@ void attention_bwd(const T* dout, const T* q, const T* k, const T* v, const T* o
 }
 
 // ---- SwiGLU -----------------------------------------------------------------------------------
-// h (=) silu(gate) * up, silu(x) = x * sigmoid(x).
+// h = silu(g) * u, silu(x) = x * sigmoid(x); its gradients dg = dh * u * sig * (1 + g (1 - sig)),
+// du = dh * silu(g). One element each, so the flat and the packed forms share the formulas.
+template <class T>
+inline T swiglu_elem(T g, T u) {
+  return g / (T(1) + std::exp(-g)) * u;
+}
+template <class T>
+inline void swiglu_elem_bwd(T d, T g, T u, T& dg, T& du) {
+  const T sig = T(1) / (T(1) + std::exp(-g));
+  dg = d * u * sig * (T(1) + g * (T(1) - sig));
+  du = d * g * sig;
+}
+
+// h (=) silu(gate) * up over n elements.
 template <class T>
 void swiglu_fwd(const T* gate, const T* up, int64_t n, T* h) {
 #pragma omp parallel for schedule(static) if (n >= kMinParallelWork)
-  for (int64_t i = 0; i < n; ++i) {
-    const T g = gate[i];
-    h[i] = g / (T(1) + std::exp(-g)) * up[i];
-  }
+  for (int64_t i = 0; i < n; ++i) h[i] = swiglu_elem(gate[i], up[i]);
 }
 
-// dgate (=) dh * up * sig * (1 + g (1 - sig));  dup (=) dh * silu(g).  Outputs may alias dh.
+// dgate (=), dup (=).  Outputs may alias dh.
 template <class T>
 void swiglu_bwd(const T* dh, const T* gate, const T* up, int64_t n, T* dgate, T* dup) {
 #pragma omp parallel for schedule(static) if (n >= kMinParallelWork)
   for (int64_t i = 0; i < n; ++i) {
-    const T g = gate[i], u = up[i], d = dh[i];
-    const T sig = T(1) / (T(1) + std::exp(-g));
-    dgate[i] = d * u * sig * (T(1) + g * (T(1) - sig));
-    dup[i] = d * g * sig;
+    T dg, du;
+    swiglu_elem_bwd(dh[i], gate[i], up[i], dg, du);
+    dgate[i] = dg;
+    dup[i] = du;
+  }
+}
+
+// Packed: gu [N,2f] holds gate in columns [0,f) and up in [f,2f); h [N,f] (=).
+template <class T>
+void swiglu_packed_fwd(const T* gu, int64_t N, int64_t f, T* h) {
+#pragma omp parallel for schedule(static) if (N * f >= kMinParallelWork)
+  for (int64_t r = 0; r < N; ++r) {
+    const T* g = gu + r * 2 * f;
+    for (int64_t j = 0; j < f; ++j) h[r * f + j] = swiglu_elem(g[j], g[f + j]);
+  }
+}
+
+// dgu [N,2f] (=): dgate in columns [0,f), dup in [f,2f). dh [N,f].
+template <class T>
+void swiglu_packed_bwd(const T* dh, const T* gu, int64_t N, int64_t f, T* dgu) {
+#pragma omp parallel for schedule(static) if (N * f >= kMinParallelWork)
+  for (int64_t r = 0; r < N; ++r) {
+    const T* g = gu + r * 2 * f;
+    T* dg = dgu + r * 2 * f;
+    for (int64_t j = 0; j < f; ++j) swiglu_elem_bwd(dh[r * f + j], g[j], g[f + j], dg[j], dg[f + j]);
   }
 }
 

@@ -335,6 +335,13 @@ void CudaBackend::rope_fwd(const Tensor& x, Tensor& y, float theta) {
 void CudaBackend::rope_bwd(const Tensor& dy, Tensor& dx, float theta) {
   cuda::op_rope_bwd(ctx_, dy, dx, theta);
 }
+void CudaBackend::qkv_rope_split(const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, float theta) {
+  cuda::op_qkv_rope_split(ctx_, qkv, q, k, v, theta);
+}
+void CudaBackend::qkv_rope_merge_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                                     Tensor& dqkv, float theta) {
+  cuda::op_qkv_rope_merge_bwd(ctx_, dq, dk, dv, dqkv, theta);
+}
 void CudaBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                                 Tensor& lse, const AttnShape& s) {
   attn_->fwd(q, k, v, out, lse, s);
@@ -359,6 +366,12 @@ void CudaBackend::swiglu_fwd(const Tensor& gate, const Tensor& up, Tensor& h) {
 void CudaBackend::swiglu_bwd(const Tensor& dh, const Tensor& gate, const Tensor& up,
                              Tensor& dgate, Tensor& dup) {
   cuda::op_swiglu_bwd(ctx_, dh, gate, up, dgate, dup);
+}
+void CudaBackend::swiglu_packed_fwd(const Tensor& gu, Tensor& h) {
+  cuda::op_swiglu_packed_fwd(ctx_, gu, h);
+}
+void CudaBackend::swiglu_packed_bwd(const Tensor& dh, const Tensor& gu, Tensor& dgu) {
+  cuda::op_swiglu_packed_bwd(ctx_, dh, gu, dgu);
 }
 void CudaBackend::lmhead_xent(const Tensor& x, const Tensor& W, const Tensor& targets,
                               float logit_scale, Tensor& losses, Tensor* dx, Tensor* dW,
