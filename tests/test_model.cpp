@@ -182,6 +182,64 @@ TEST_CASE("activation recompute gives bitwise-identical losses and gradients", "
   CHECK(none.q[0] != none.q[1]);
 }
 
+TEST_CASE("q/k/v and gate/up as stacked GEMMs: the losses and gradients of separate GEMMs",
+          "[model]") {
+  auto m = fixture_meta();
+  SafetensorsReader r(kFixture + ".safetensors");
+  Tensor tok = r.read_f32("tokens");
+  std::vector<int32_t> in, tg;
+  Config c = fixture_config(m);
+  const int B = c.train.micro_batch, T = c.train.seq_len;
+  split_tokens(tok.f32(), B, T, in, tg);
+  auto run = [&](bool stack, const std::string& rc, std::vector<std::vector<float>>& grads) {
+    Config cc = c;
+    cc.model.stack_projections = stack;
+    cc.model.recompute = rc;
+    CpuBackend be;
+    LlamaModel model(cc.model, be, B, T);
+    CHECK(model.qkv_stacked() == stack);
+    CHECK(model.gate_up_stacked() == stack);
+    load_init(model, r);
+    model.zero_grads();
+    const double loss = model.forward_backward(in.data(), tg.data(), 1.0f / float(B * T));
+    for (Param* p : model.params()) grads.emplace_back(p->grad.f32(), p->grad.f32() + p->numel());
+    return loss;
+  };
+  std::vector<std::vector<float>> g2;
+  const double loss2 = run(false, "none", g2);
+  for (const char* rc : {"none", "mlp", "full"}) {
+    INFO("recompute " << rc);
+    std::vector<std::vector<float>> g1;
+    const double loss1 = run(true, rc, g1);
+    CHECK(std::abs(loss1 - loss2) <= 1e-6 * std::abs(loss2));
+    REQUIRE(g1.size() == g2.size());
+    for (size_t k = 0; k < g1.size(); ++k) {
+      float scale = 0, diff = 0;
+      for (size_t i = 0; i < g1[k].size(); ++i) {
+        scale = std::max(scale, std::abs(g2[k][i]));
+        diff = std::max(diff, std::abs(g1[k][i] - g2[k][i]));
+      }
+      INFO("parameter " << k);
+      CHECK(diff <= 1e-5f * scale);
+    }
+  }
+}
+
+TEST_CASE("projections stay separate GEMMs when the arenas cannot hold them side by side",
+          "[model]") {
+  auto m = fixture_meta();
+  Config c = fixture_config(m);
+  c.model.d_model = 40;  // k: 20 x 40 = 800 floats, padded to 832 in the gradient arena
+  c.model.d_ff = 49;     // gate: 49 x 40 = 1960 floats, padded to 1984
+  CpuBackend be;
+  LlamaModel model(c.model, be, c.train.micro_batch, c.train.seq_len);
+  CHECK_FALSE(model.qkv_stacked());
+  CHECK_FALSE(model.gate_up_stacked());
+  model.init_weights(1);
+  std::vector<int32_t> in(size_t(c.train.micro_batch) * c.train.seq_len, 3), tg = in;
+  CHECK(std::isfinite(model.forward_backward(in.data(), tg.data(), 1.0f / float(in.size()))));
+}
+
 TEST_CASE("deferred micro-batch losses: one readback gives the mean of the micro-batch losses",
           "[model]") {
   auto m = fixture_meta();

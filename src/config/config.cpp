@@ -74,6 +74,7 @@ std::vector<Field> schema(Config& c) {
       F("model.init_std", m.init_std),
       F("model.attention", m.attention),
       F("model.recompute", m.recompute),
+      F("model.stack_projections", m.stack_projections),
       F("model.moe.n_experts", e.n_experts),
       F("model.moe.top_k", e.top_k),
       F("model.moe.n_shared", e.n_shared),

@@ -41,6 +41,11 @@ struct ModelConfig {
   double init_std = 0.02;
   std::string attention = "auto";     // flash | cudnn | auto (CUDA only)
   std::string recompute = "none";     // none | mlp | full (both backends)
+  // q, k and v as one GEMM against the stacked [Wq; Wk; Wv], and the dense MLP's gate and up as
+  // one against [W_gate; W_up], when the weights sit next to each other in the arenas (each
+  // one's size a multiple of 64 elements, which d_model a multiple of 64 guarantees). false: the
+  // separate GEMMs (the same model; for comparing speed, and tests).
+  bool stack_projections = true;
   MoeConfig moe;
   int head_dim() const { return d_model / n_heads; }
   // The number of parameters LlamaModel allocates (LlamaModel::num_params), in double: the shape

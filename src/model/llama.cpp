@@ -12,6 +12,16 @@
 namespace mf {
 
 namespace {
+// [a; b] as one [rows_a + rows_b, cols] view when b starts where a ends; undefined otherwise.
+Tensor stacked(const Tensor& a, const Tensor& b) {
+  if (a.ndim() != 2 || b.ndim() != 2 || a.dim(1) != b.dim(1) || a.dtype != b.dtype ||
+      a.device != b.device || static_cast<const char*>(a.ptr) + a.nbytes() != b.ptr)
+    return Tensor{};
+  Tensor t = a;
+  t.shape = {a.dim(0) + b.dim(0), a.dim(1)};
+  return t;
+}
+
 // Before anything is allocated: a model whose weights, gradients and residual stream alone exceed
 // the device's memory fails here with the shape keys named, not later with "out of host memory"
 // or std::bad_alloc from whichever allocation came first. A lower bound on what the model needs
@@ -43,6 +53,9 @@ void check_fits_memory(const ModelConfig& cfg, const Backend& be, int B, int T) 
 struct LlamaModel::Layer {
   Param *ln1, *wq, *wk, *wv, *wo, *ln2, *wgate, *wup, *wdown;
   MoeLayer* moe = nullptr;  // MoE: the MLP is an MoE block (wgate/wup/wdown are null)
+  // [Wq; Wk; Wv] [qd+2kvd, d] and [W_gate; W_up] [2f,d] as views of the weight and of the
+  // gradient arena (when LlamaModel::qkv_stacked_ / gate_up_stacked_; undefined otherwise).
+  Tensor qkv_weight, qkv_grad, gu_weight, gu_grad;
 };
 
 // Activations kept for backward, and scratch for the gradient pass. Shapes in comments.
@@ -53,6 +66,8 @@ struct LlamaModel::Acts {
     Tensor q, k, v, ao, lse;            // (N,H*hd) (N,Hkv*hd) x2 (N,H*hd) (B,H,T)
     Tensor r_mlp, rstd2, xn2;           // residual entering the MLP, its norm
     Tensor gate, up, h;                 // (N,f) x3 (dense MLP layers only)
+    Tensor gu;                          // (N,2f) gate | up per row, replacing gate and up when
+                                        // the layer's gate and up run as one GEMM
   };
   std::vector<PerLayer> L;
   Tensor branch;                        // (N,d) output of o_proj / down_proj before the add
@@ -62,6 +77,9 @@ struct LlamaModel::Acts {
   // backward scratch
   Tensor dresid, dbranch, dxf, dxn;     // (N,d)
   Tensor dh, dgate, dup;                // (N,f)
+  Tensor dgu;                           // (N,2f) (stacked gate/up)
+  Tensor qkv;                           // (N,qd+2kvd) stacked q/k/v: the GEMM's output before
+                                        // the split, and dqkv in backward
   Tensor dao, dq, dk, dv;               // (N,H*hd) (N,Hkv*hd)
 };
 
@@ -107,7 +125,9 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelS
     if (layers_[i].moe) continue;  // MoE: the block keeps its own activations
     any_dense = true;
     if (rc_mlp && i > 0) {
-      l.gate = a.L[0].gate; l.up = a.L[0].up; l.h = a.L[0].h;
+      l.gate = a.L[0].gate; l.up = a.L[0].up; l.gu = a.L[0].gu; l.h = a.L[0].h;
+    } else if (gate_up_stacked_) {
+      l.gu = A({N, 2 * f}); l.h = A({N, f});
     } else {
       l.gate = A({N, f}); l.up = A({N, f}); l.h = A({N, f});
     }
@@ -118,9 +138,15 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, Backend& be, int B, int T, ModelS
   a.loss_sum = F({N});
   a.dresid = A({N, d}); a.dbranch = A({N, d}); a.dxf = A({N, d}); a.dxn = A({N, d});
   if (any_dense) {
-    a.dh = A({N, f}); a.dgate = A({N, f}); a.dup = A({N, f});
+    a.dh = A({N, f});
+    if (gate_up_stacked_) {
+      a.dgu = A({N, 2 * f});
+    } else {
+      a.dgate = A({N, f}); a.dup = A({N, f});
+    }
   }
   a.dao = A({N, qd}); a.dq = A({N, qd}); a.dk = A({N, kvd}); a.dv = A({N, kvd});
+  if (qkv_stacked_) a.qkv = A({N, qd + 2 * kvd});
 }
 
 LlamaModel::~LlamaModel() = default;
@@ -196,6 +222,9 @@ void LlamaModel::build_params() {
     MF_CHECK(offset[j] >= 0, "internal: parameter ", params_[j]->name, " in no gradient group");
   grad_arena_ = be_.empty({std::max<int64_t>(total, 1)}, DType::F32);
   master_arena_ = be_.empty({std::max<int64_t>(total, 1)}, DType::F32);
+  // The compute copies (bf16 on CUDA) in a third arena with the same layout.
+  if (be_.act_dtype() != DType::F32)
+    weight_arena_ = be_.empty({std::max<int64_t>(total, 1)}, be_.act_dtype());
   // The padding between tensors is copied around by ZeRO-1's all-gather: zero it. Host tensors
   // are zero-filled when allocated (large ones as untouched pages, which a memset would make
   // resident: `muonforge config --params` builds a model only to list its parameters).
@@ -205,7 +234,21 @@ void LlamaModel::build_params() {
     // Views keep their arena alive (owner).
     p.grad = grad_arena_.slice0(offset[j], offset[j] + p.numel()).view(p.shape);
     p.master = master_arena_.slice0(offset[j], offset[j] + p.numel()).view(p.shape);
-    p.weight = be_.act_dtype() == DType::F32 ? p.master : be_.empty(p.shape, be_.act_dtype());
+    p.weight = be_.act_dtype() == DType::F32
+                   ? p.master
+                   : weight_arena_.slice0(offset[j], offset[j] + p.numel()).view(p.shape);
+  }
+  // q, k, v as one [qd+2kvd, d] matrix and the dense MLP's gate and up as one [2f, d]: each
+  // follows the other in the table, so in the arenas too when no alignment gap comes between.
+  qkv_stacked_ = gate_up_stacked_ = cfg_.stack_projections;
+  for (Layer& l : layers_) {
+    l.qkv_weight = stacked(stacked(l.wq->weight, l.wk->weight), l.wv->weight);
+    l.qkv_grad = stacked(stacked(l.wq->grad, l.wk->grad), l.wv->grad);
+    qkv_stacked_ = qkv_stacked_ && l.qkv_weight.defined() && l.qkv_grad.defined();
+    if (l.moe) continue;
+    l.gu_weight = stacked(l.wgate->weight, l.wup->weight);
+    l.gu_grad = stacked(l.wgate->grad, l.wup->grad);
+    gate_up_stacked_ = gate_up_stacked_ && l.gu_weight.defined() && l.gu_grad.defined();
   }
 }
 
@@ -270,22 +313,40 @@ AttnShape LlamaModel::attn_shape() const {
   return AttnShape{B_, T_, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim(), float(attn_scale())};
 }
 
+// Layer i's q, k (rotated) and v from its normed input xn1; `r` (if given) moves on to
+// "fwd.rope" after the GEMMs.
+void LlamaModel::project_qkv(int i, ProfRegion* r) {
+  Acts& a = *acts_;
+  Layer& w = layers_[i];
+  Acts::PerLayer& l = a.L[i];
+  const float theta = float(cfg_.rope_theta);
+  Tensor q4 = heads(l.q, cfg_.n_heads), k4 = heads(l.k, cfg_.n_kv_heads);
+  if (qkv_stacked_) {
+    be_.matmul_fwd(l.xn1, w.qkv_weight, a.qkv);  // (N,(H+2Hkv)*hd)
+    if (r) r->next("fwd.rope");
+    Tensor v4 = heads(l.v, cfg_.n_kv_heads);
+    be_.qkv_rope_split(heads(a.qkv, cfg_.n_heads + 2 * cfg_.n_kv_heads), q4, k4, v4, theta);
+    return;
+  }
+  be_.matmul_fwd(l.xn1, w.wq->weight, l.q);  // (N,H*hd)
+  be_.matmul_fwd(l.xn1, w.wk->weight, l.k);  // (N,Hkv*hd)
+  be_.matmul_fwd(l.xn1, w.wv->weight, l.v);
+  if (r) r->next("fwd.rope");
+  be_.rope_fwd(q4, q4, theta);
+  be_.rope_fwd(k4, k4, theta);
+}
+
 // Layer i from its normed input xn1 to the normed MLP input xn2 (and r_mlp): the attention
 // branch and the second residual add.
 void LlamaModel::attention_block(int i) {
   Acts& a = *acts_;
   Layer& w = layers_[i];
   Acts::PerLayer& l = a.L[i];
-  const float theta = float(cfg_.rope_theta), rmult = float(scales_.residual_mult);
+  const float rmult = float(scales_.residual_mult);
   ProfRegion r(be_, "fwd.qkv");
-  be_.matmul_fwd(l.xn1, w.wq->weight, l.q);  // (N,H*hd)
-  be_.matmul_fwd(l.xn1, w.wk->weight, l.k);  // (N,Hkv*hd)
-  be_.matmul_fwd(l.xn1, w.wv->weight, l.v);
+  project_qkv(i, &r);
   Tensor q4 = heads(l.q, cfg_.n_heads), k4 = heads(l.k, cfg_.n_kv_heads);
   Tensor v4 = heads(l.v, cfg_.n_kv_heads), ao4 = heads(l.ao, cfg_.n_heads);
-  r.next("fwd.rope");
-  be_.rope_fwd(q4, q4, theta);
-  be_.rope_fwd(k4, k4, theta);
   r.next("fwd.attention");
   be_.attention_fwd(q4, k4, v4, ao4, l.lse, attn_shape());
   r.next("fwd.o_proj");
@@ -301,6 +362,12 @@ void LlamaModel::mlp_hidden(int i) {
   Layer& w = layers_[i];
   Acts::PerLayer& l = acts_->L[i];
   ProfRegion r(be_, "fwd.mlp_up");
+  if (gate_up_stacked_) {
+    be_.matmul_fwd(l.xn2, w.gu_weight, l.gu);  // (N,2f)
+    r.next("fwd.swiglu");
+    be_.swiglu_packed_fwd(l.gu, l.h);
+    return;
+  }
   be_.matmul_fwd(l.xn2, w.wgate->weight, l.gate);  // (N,f)
   be_.matmul_fwd(l.xn2, w.wup->weight, l.up);
   r.next("fwd.swiglu");
@@ -454,10 +521,16 @@ void LlamaModel::forward_backward_deferred(const int32_t* inputs, const int32_t*
       r.next("bwd.mlp_down");
       be_.matmul_bwd(dmlp, l.h, w.wdown->weight, &a.dh, &w.wdown->grad, false);
       r.next("bwd.swiglu");
-      be_.swiglu_bwd(a.dh, l.gate, l.up, a.dgate, a.dup);
-      r.next("bwd.mlp_up");
-      be_.matmul_bwd(a.dgate, l.xn2, w.wgate->weight, &a.dxn, &w.wgate->grad, false);
-      be_.matmul_bwd(a.dup, l.xn2, w.wup->weight, &a.dxn, &w.wup->grad, true);
+      if (gate_up_stacked_) {
+        be_.swiglu_packed_bwd(a.dh, l.gu, a.dgu);
+        r.next("bwd.mlp_up");
+        be_.matmul_bwd(a.dgu, l.xn2, w.gu_weight, &a.dxn, &w.gu_grad, false);
+      } else {
+        be_.swiglu_bwd(a.dh, l.gate, l.up, a.dgate, a.dup);
+        r.next("bwd.mlp_up");
+        be_.matmul_bwd(a.dgate, l.xn2, w.wgate->weight, &a.dxn, &w.wgate->grad, false);
+        be_.matmul_bwd(a.dup, l.xn2, w.wup->weight, &a.dxn, &w.wup->grad, true);
+      }
     }
     r.next("bwd.norm");
     be_.rmsnorm_bwd(a.dxn, l.r_mlp, w.ln2->weight, l.rstd2, a.dresid, w.ln2->grad);
@@ -472,12 +545,19 @@ void LlamaModel::forward_backward_deferred(const int32_t* inputs, const int32_t*
                       heads(l.k, cfg_.n_kv_heads), heads(l.v, cfg_.n_kv_heads),
                       heads(l.ao, cfg_.n_heads), l.lse, dq4, dk4, dv4, s);
     r.next("bwd.rope");
-    be_.rope_bwd(dq4, dq4, theta);
-    be_.rope_bwd(dk4, dk4, theta);
-    r.next("bwd.qkv");
-    be_.matmul_bwd(a.dq, l.xn1, w.wq->weight, &a.dxn, &w.wq->grad, false);
-    be_.matmul_bwd(a.dk, l.xn1, w.wk->weight, &a.dxn, &w.wk->grad, true);
-    be_.matmul_bwd(a.dv, l.xn1, w.wv->weight, &a.dxn, &w.wv->grad, true);
+    if (qkv_stacked_) {
+      Tensor dqkv4 = heads(a.qkv, cfg_.n_heads + 2 * cfg_.n_kv_heads);
+      be_.qkv_rope_merge_bwd(dq4, dk4, dv4, dqkv4, theta);
+      r.next("bwd.qkv");
+      be_.matmul_bwd(a.qkv, l.xn1, w.qkv_weight, &a.dxn, &w.qkv_grad, false);
+    } else {
+      be_.rope_bwd(dq4, dq4, theta);
+      be_.rope_bwd(dk4, dk4, theta);
+      r.next("bwd.qkv");
+      be_.matmul_bwd(a.dq, l.xn1, w.wq->weight, &a.dxn, &w.wq->grad, false);
+      be_.matmul_bwd(a.dk, l.xn1, w.wk->weight, &a.dxn, &w.wk->grad, true);
+      be_.matmul_bwd(a.dv, l.xn1, w.wv->weight, &a.dxn, &w.wv->grad, true);
+    }
     r.next("bwd.norm");
     be_.rmsnorm_bwd(a.dxn, l.r_attn, w.ln1->weight, l.rstd1, a.dresid, w.ln1->grad);
     r.next("bwd.grads_ready");
@@ -570,14 +650,9 @@ void LlamaModel::rebuild_qk(int layer) {
   if (cfg_.recompute != "full") return;
   Layer& w = layers_[layer];
   Acts::PerLayer& l = acts_->L[layer];
-  const float theta = float(cfg_.rope_theta);
   be_.add_rmsnorm_fwd(l.r_attn, nullptr, l.r_attn, w.ln1->weight, float(cfg_.norm_eps), l.xn1,
                       l.rstd1);
-  be_.matmul_fwd(l.xn1, w.wq->weight, l.q);
-  be_.matmul_fwd(l.xn1, w.wk->weight, l.k);
-  Tensor q4 = heads(l.q, cfg_.n_heads), k4 = heads(l.k, cfg_.n_kv_heads);
-  be_.rope_fwd(q4, q4, theta);
-  be_.rope_fwd(k4, k4, theta);
+  project_qkv(layer, nullptr);  // as the forward did, so q and k come out the same
 }
 
 Tensor LlamaModel::attn_q(int layer) {
@@ -594,11 +669,11 @@ int64_t LlamaModel::activation_bytes() const {
   const Acts& a = *acts_;
   std::vector<const Tensor*> all = {&a.tokens, &a.targets, &a.branch, &a.r_final, &a.rstd_f,
                                     &a.xf,     &a.losses,  &a.dresid, &a.dbranch, &a.dxf,
-                                    &a.dxn,    &a.dh,      &a.dgate,  &a.dup,     &a.dao,
-                                    &a.dq,     &a.dk,      &a.dv};
+                                    &a.dxn,    &a.dh,      &a.dgate,  &a.dup,     &a.dgu,
+                                    &a.dao,    &a.dq,      &a.dk,     &a.dv,      &a.qkv};
   for (auto& l : a.L)
     for (const Tensor* t : {&l.r_attn, &l.rstd1, &l.xn1, &l.q, &l.k, &l.v, &l.ao, &l.lse,
-                            &l.r_mlp, &l.rstd2, &l.xn2, &l.gate, &l.up, &l.h})
+                            &l.r_mlp, &l.rstd2, &l.xn2, &l.gate, &l.up, &l.gu, &l.h})
       all.push_back(t);
   if (moe_scratch_)
     for (const Tensor* t : moe_scratch_->buffers()) all.push_back(t);

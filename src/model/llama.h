@@ -16,6 +16,7 @@ namespace mf {
 
 class MoeLayer;
 struct MoeScratch;
+class ProfRegion;
 
 // Scalars the µP section (or the standard parametrisation) decides; all 1 when µP is off.
 struct ModelScales {
@@ -116,6 +117,10 @@ class LlamaModel {
   // Bytes of the activation and gradient-scratch buffers this model allocated (shared buffers
   // counted once; MoE layers' buffers and their shared scratch included).
   int64_t activation_bytes() const;
+  // Whether the layers run q, k and v as one GEMM, and the dense layers gate and up as one
+  // (ModelConfig::stack_projections, and the weights adjacent in the arenas).
+  bool qkv_stacked() const { return qkv_stacked_; }
+  bool gate_up_stacked() const { return gate_up_stacked_; }
   int B() const { return B_; }
   int T() const { return T_; }
 
@@ -130,6 +135,7 @@ class LlamaModel {
   double deferred_aux_ = 0;   // their MoE balance losses (host values)
   Tensor heads(const Tensor& x, int h) const;
   AttnShape attn_shape() const;
+  void project_qkv(int i, ProfRegion* r);
   void attention_block(int i);
   void mlp_hidden(int i);
   void rebuild_qk(int layer);
@@ -148,6 +154,9 @@ class LlamaModel {
   std::unique_ptr<Acts> acts_;
   // Gradient arena and the groups of grad_groups() as indices into params_.
   Tensor grad_arena_, master_arena_;
+  Tensor weight_arena_;  // the compute copies when act_dtype is not f32 (same layout)
+  bool gate_up_stacked_ = false;  // every dense layer runs gate and up as one GEMM
+  bool qkv_stacked_ = false;      // every layer runs q, k and v as one GEMM
   std::vector<std::vector<size_t>> grad_groups_;
   GradReadyHook grad_hook_;
   void grads_ready(int group, bool grads_final) {
