@@ -55,9 +55,10 @@ void launch_rope(const RopeParams& p, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
-// The packed projections: one thread per (position, head, i < half) pair of a qkv row of
-// H + 2 Hkv heads. Split reads the packed row and writes q, k (rotated) and v (copied); merge
-// reads dq, dk, dv and writes the packed row (the table then holds the inverse rotation).
+// The packed projections: blocks stride over positions; a block's threads take the position's
+// (head, i < half) pairs of its H + 2 Hkv heads (no 64-bit division per element). Split reads
+// the packed row and writes q, k (rotated) and v (copied); merge reads dq, dk, dv and writes the
+// packed row (the table then holds the inverse rotation).
 struct QkvParams {
   void* packed;       // qkv (split: read) or dqkv (merge: written), [B*T, H+2Hkv, hd]
   void* q;            // [B*T, H, hd]   split: written; merge: read
@@ -71,42 +72,39 @@ struct QkvParams {
 
 template <typename T, bool MERGE>
 __global__ void qkv_rope_kernel(QkvParams p) {
-  const int heads = p.H + 2 * p.Hkv, hd = 2 * p.half;
-  const int64_t per_pos = int64_t(heads) * p.half;
-  const int64_t n = p.positions * per_pos;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t pos = idx / per_pos;
-    const int rem = int(idx - pos * per_pos);
-    const int h = rem / p.half, i = rem - h * p.half;
-    T* sep;
-    if (h < p.H)
-      sep = static_cast<T*>(p.q) + (pos * p.H + h) * hd;
-    else if (h < p.H + p.Hkv)
-      sep = static_cast<T*>(p.k) + (pos * p.Hkv + (h - p.H)) * hd;
-    else
-      sep = static_cast<T*>(p.v) + (pos * p.Hkv + (h - p.H - p.Hkv)) * hd;
-    T* packed = static_cast<T*>(p.packed) + (pos * heads + h) * hd;
-    const T* src = MERGE ? sep : packed;
-    T* dst = MERGE ? packed : sep;
-    const float a = to_f(src[i]), b = to_f(src[i + p.half]);
-    if (h < p.H + p.Hkv) {
-      const int t = int(pos % p.T);
-      const float c = p.cs[int64_t(t) * p.half + i], s = p.sn[int64_t(t) * p.half + i];
-      dst[i] = from_f<T>(a * c - b * s);
-      dst[i + p.half] = from_f<T>(b * c + a * s);
-    } else {
-      dst[i] = from_f<T>(a);
-      dst[i + p.half] = from_f<T>(b);
+  const int heads = p.H + 2 * p.Hkv, hd = 2 * p.half, pairs = heads * p.half;
+  for (int64_t pos = blockIdx.x; pos < p.positions; pos += gridDim.x) {
+    const int t = int(pos % p.T);
+    T* packed_row = static_cast<T*>(p.packed) + pos * heads * hd;
+    for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+      const int h = j / p.half, i = j - h * p.half;
+      T* sep;
+      if (h < p.H)
+        sep = static_cast<T*>(p.q) + (pos * p.H + h) * hd;
+      else if (h < p.H + p.Hkv)
+        sep = static_cast<T*>(p.k) + (pos * p.Hkv + (h - p.H)) * hd;
+      else
+        sep = static_cast<T*>(p.v) + (pos * p.Hkv + (h - p.H - p.Hkv)) * hd;
+      T* packed = packed_row + int64_t(h) * hd;
+      const T* src = MERGE ? sep : packed;
+      T* dst = MERGE ? packed : sep;
+      const float a = to_f(src[i]), b = to_f(src[i + p.half]);
+      if (h < p.H + p.Hkv) {
+        const float c = p.cs[int64_t(t) * p.half + i], s = p.sn[int64_t(t) * p.half + i];
+        dst[i] = from_f<T>(a * c - b * s);
+        dst[i + p.half] = from_f<T>(b * c + a * s);
+      } else {
+        dst[i] = from_f<T>(a);
+        dst[i + p.half] = from_f<T>(b);
+      }
     }
   }
 }
 
 template <typename T, bool MERGE>
 void launch_qkv_rope(const QkvParams& p, cudaStream_t stream) {
-  const int64_t n = p.positions * (p.H + 2 * p.Hkv) * int64_t(p.half);
-  if (n == 0) return;
-  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(n, kRopeThreads), kRopeMaxBlocks));
+  if (p.positions == 0 || p.half == 0) return;
+  const unsigned blocks = unsigned(std::min<int64_t>(p.positions, kRopeMaxBlocks));
   qkv_rope_kernel<T, MERGE><<<blocks, kRopeThreads, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }
@@ -175,8 +173,8 @@ void qkv_entry(const Ctx& ctx, const char* op, const char* pn, const Tensor& pac
            describe(kn, k));
   MF_CHECK(q.dim(3) % 2 == 0, op, ": head_dim ", q.dim(3), " must be even for rotary embedding");
   MF_CHECK(theta > 0.f, op, ": rope_theta ", theta, " must be positive (model.rope_theta)");
-  MF_CHECK(q.dim(1) <= 0x7fffffff && q.dim(2) + 2 * k.dim(2) <= 0x7fffffff && q.dim(3) <= 0x7fffffff,
-           op, ": ", describe(pn, packed), " is too large");
+  MF_CHECK(q.dim(1) <= 0x7fffffff && (q.dim(2) + 2 * k.dim(2)) * q.dim(3) <= 0x7fffffff, op, ": ",
+           describe(pn, packed), " is too large (a row must have fewer than 2^31 elements)");
   if (packed.numel() == 0) return;
   const int T = int(q.dim(1)), half = int(q.dim(3) / 2);
   float *cs, *sn;
