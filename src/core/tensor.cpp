@@ -68,6 +68,24 @@ Tensor Tensor::slice0(int64_t begin, int64_t end) const {
   return t;
 }
 
+Tensor stacked(const Tensor& a, const Tensor& b) {
+  if (a.ndim() != 2 || b.ndim() != 2 || a.dim(1) != b.dim(1) || a.dtype != b.dtype ||
+      a.device != b.device || static_cast<const char*>(a.ptr) + a.nbytes() != b.ptr)
+    return Tensor{};
+  Tensor t = a;
+  t.shape = {a.dim(0) + b.dim(0), a.dim(1)};
+  return t;
+}
+
+void split_storage(const Tensor& t, Tensor& first, Tensor& second) {
+  MF_CHECK(t.ndim() == 2 && t.dim(1) % 2 == 0, "split_storage of ", shape_str(t.shape),
+           ": needs a 2-D tensor with an even number of columns");
+  const int64_t rows = t.dim(0), half = t.numel() / 2;
+  const Tensor flat = t.view({2, half});
+  first = flat.slice0(0, 1).view({rows, t.dim(1) / 2});
+  second = flat.slice0(1, 2).view({rows, t.dim(1) / 2});
+}
+
 Tensor host_tensor(const Shape& s, DType t) {
   Tensor x;
   x.shape = s;

@@ -44,6 +44,13 @@ struct Tensor {
   Tensor slice0(int64_t begin, int64_t end) const;
 };
 
+// [a; b] as one [rows_a + rows_b, cols] view when a and b are 2-D with the same columns, dtype
+// and device and b starts where a ends in memory; undefined otherwise.
+Tensor stacked(const Tensor& a, const Tensor& b);
+// The two halves of t's storage, each as a contiguous [rows, cols/2] tensor: the separate-GEMM
+// layout of a buffer whose stacked layout is [rows, cols] (t 2-D, cols even).
+void split_storage(const Tensor& t, Tensor& first, Tensor& second);
+
 // Host-memory fp32/i32 tensor (zero-initialised), used by the CPU backend, tests and I/O. From
 // kLazyHostBytes up, its pages are mapped fresh and take memory only once written.
 constexpr size_t kLazyHostBytes = size_t(4) << 20;

@@ -12,16 +12,6 @@
 namespace mf {
 
 namespace {
-// [a; b] as one [rows_a + rows_b, cols] view when b starts where a ends; undefined otherwise.
-Tensor stacked(const Tensor& a, const Tensor& b) {
-  if (a.ndim() != 2 || b.ndim() != 2 || a.dim(1) != b.dim(1) || a.dtype != b.dtype ||
-      a.device != b.device || static_cast<const char*>(a.ptr) + a.nbytes() != b.ptr)
-    return Tensor{};
-  Tensor t = a;
-  t.shape = {a.dim(0) + b.dim(0), a.dim(1)};
-  return t;
-}
-
 // Before anything is allocated: a model whose weights, gradients and residual stream alone exceed
 // the device's memory fails here with the shape keys named, not later with "out of host memory"
 // or std::bad_alloc from whichever allocation came first. A lower bound on what the model needs
@@ -250,6 +240,7 @@ void LlamaModel::build_params() {
     l.gu_grad = stacked(l.wgate->grad, l.wup->grad);
     gate_up_stacked_ = gate_up_stacked_ && l.gu_weight.defined() && l.gu_grad.defined();
   }
+  for (auto& m : moe_layers_) m->stack_projections(cfg_.stack_projections);
 }
 
 std::vector<ParamList> LlamaModel::grad_groups() {

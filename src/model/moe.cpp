@@ -29,15 +29,15 @@ MoeScratch::MoeScratch(const ModelConfig& cfg, Backend& be, int64_t N) {
   dxg = be.empty({N * k, d}, act);
   dyg = be.empty({N * k, d}, act);
   dh = be.empty({N * k, de}, act);
-  dgate = be.empty({N * k, de}, act);
-  dup = be.empty({N * k, de}, act);
+  dgu = be.empty({N * k, 2 * de}, act);
+  split_storage(dgu, dgate, dup);
   dtopk_w = be.empty({N, k}, DType::F32);
   dlogits = be.empty({N, E}, DType::F32);
   aux_grad = be.empty({E}, DType::F32);
   if (fs > 0) {
     sdh = be.empty({N, fs}, act);
-    sdgate = be.empty({N, fs}, act);
-    sdup = be.empty({N, fs}, act);
+    sdgu = be.empty({N, 2 * fs}, act);
+    split_storage(sdgu, sdgate, sdup);
   }
   if (cfg.recompute != "none") acts = MoeExpertActs(cfg, be, N);
 }
@@ -46,20 +46,20 @@ MoeExpertActs::MoeExpertActs(const ModelConfig& cfg, Backend& be, int64_t N) {
   const MoeConfig& m = cfg.moe;
   const int64_t d = cfg.d_model, de = m.d_expert, k = m.top_k, fs = shared_width(m);
   const DType act = be.act_dtype();
-  gate = be.empty({N * k, de}, act);
-  up = be.empty({N * k, de}, act);
+  gu = be.empty({N * k, 2 * de}, act);
+  split_storage(gu, gate, up);
   h = be.empty({N * k, de}, act);
   yg = be.empty({N * k, d}, act);
   if (fs > 0) {
-    sgate = be.empty({N, fs}, act);
-    sup = be.empty({N, fs}, act);
+    sgu = be.empty({N, 2 * fs}, act);
+    split_storage(sgu, sgate, sup);
     sh = be.empty({N, fs}, act);
   }
 }
 
 std::vector<const Tensor*> MoeScratch::buffers() const {
-  std::vector<const Tensor*> out = {&xg, &dxg, &dyg, &dh, &dgate, &dup, &dtopk_w, &dlogits,
-                                    &aux_grad, &sdh, &sdgate, &sdup};
+  std::vector<const Tensor*> out = {&xg,       &dxg,      &dyg, &dh,  &dgu, &dtopk_w,
+                                    &dlogits,  &aux_grad, &sdh, &sdgu};
   for (const Tensor* t : acts.buffers()) out.push_back(t);
   return out;
 }
@@ -67,7 +67,7 @@ std::vector<const Tensor*> MoeScratch::buffers() const {
 std::vector<const Tensor*> MoeLayer::own_buffers() const {
   std::vector<const Tensor*> out = {&probs_, &topk_w_, &score_sum_, &topk_idx_, &counts_,
                                     &offsets_, &row_of_, &row_token_, &bias_step_};
-  if (!s_.acts.gate.defined())
+  if (!s_.acts.gu.defined())
     for (const Tensor* t : x_.buffers()) out.push_back(t);
   return out;
 }
@@ -120,7 +120,7 @@ MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, Mo
   row_of_ = be.empty({N, k}, DType::I32);
   row_token_ = be.empty({N * k}, DType::I32);
   // Activation recompute: shared by every MoE layer, rebuilt before each one's backward.
-  x_ = scratch.acts.gate.defined() ? scratch.acts : MoeExpertActs(cfg, be, N);
+  x_ = scratch.acts.gu.defined() ? scratch.acts : MoeExpertActs(cfg, be, N);
   counts_h_.assign(size_t(E), 0);
   offsets_h_.assign(size_t(E + 1), 0);
   score_sum_h_.assign(size_t(E), 0.f);
@@ -129,6 +129,35 @@ MoeLayer::MoeLayer(const ModelConfig& cfg, Backend& be, int layer, int64_t N, Mo
 }
 
 MoeLayer::~MoeLayer() = default;
+
+void MoeLayer::stack_projections(bool allow) {
+  const int64_t E = mc_.n_experts;
+  gu_w_.clear();
+  gu_g_.clear();
+  gu_ = ExpertGroup{};
+  routed_stacked_ = allow;
+  for (int64_t e = 0; routed_stacked_ && e < E; ++e) {
+    gu_w_.push_back(stacked(*gate_.w[size_t(e)], *up_.w[size_t(e)]));
+    gu_g_.push_back(stacked(*gate_.g[size_t(e)], *up_.g[size_t(e)]));
+    routed_stacked_ = gu_w_.back().defined() && gu_g_.back().defined();
+  }
+  if (routed_stacked_) {
+    for (int64_t e = 0; e < E; ++e) {  // pointers taken once the vectors are full
+      gu_.w.push_back(&gu_w_[size_t(e)]);
+      gu_.g.push_back(&gu_g_[size_t(e)]);
+    }
+  } else {
+    gu_w_.clear();
+    gu_g_.clear();
+  }
+  shared_stacked_ = false;
+  shared_gu_w_ = shared_gu_g_ = Tensor{};
+  if (allow && fs_ > 0) {
+    shared_gu_w_ = stacked(shared_.gate->weight, shared_.up->weight);
+    shared_gu_g_ = stacked(shared_.gate->grad, shared_.up->grad);
+    shared_stacked_ = shared_gu_w_.defined() && shared_gu_g_.defined();
+  }
+}
 
 MoeRouterArgs MoeLayer::route_args() const {
   MoeRouterArgs a;
@@ -216,15 +245,25 @@ void MoeLayer::expert_activations(const Tensor& x) {
   ProfRegion r(be_, "gather");
   be_.moe_gather(x, row_token_, s_.xg);  // (N*k,d)
   r.next("experts");
-  be_.moe_expert_fwd(s_.xg, gate_.w, offsets_, x_.gate);  // (N*k,de)
-  be_.moe_expert_fwd(s_.xg, up_.w, offsets_, x_.up);
-  be_.swiglu_fwd(x_.gate, x_.up, x_.h);
+  if (routed_stacked_) {
+    be_.moe_expert_fwd(s_.xg, gu_.w, offsets_, x_.gu);  // (N*k,2de)
+    be_.swiglu_packed_fwd(x_.gu, x_.h);
+  } else {
+    be_.moe_expert_fwd(s_.xg, gate_.w, offsets_, x_.gate);  // (N*k,de)
+    be_.moe_expert_fwd(s_.xg, up_.w, offsets_, x_.up);
+    be_.swiglu_fwd(x_.gate, x_.up, x_.h);
+  }
   be_.moe_expert_fwd(x_.h, down_.w, offsets_, x_.yg);  // (N*k,d)
   if (fs_ > 0) {
     r.next("shared");
-    be_.matmul_fwd(x, shared_.gate->weight, x_.sgate);  // (N,fs)
-    be_.matmul_fwd(x, shared_.up->weight, x_.sup);
-    be_.swiglu_fwd(x_.sgate, x_.sup, x_.sh);
+    if (shared_stacked_) {
+      be_.matmul_fwd(x, shared_gu_w_, x_.sgu);  // (N,2fs)
+      be_.swiglu_packed_fwd(x_.sgu, x_.sh);
+    } else {
+      be_.matmul_fwd(x, shared_.gate->weight, x_.sgate);  // (N,fs)
+      be_.matmul_fwd(x, shared_.up->weight, x_.sup);
+      be_.swiglu_fwd(x_.sgate, x_.sup, x_.sh);
+    }
   }
 }
 
@@ -234,9 +273,14 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
   ProfRegion r(be_, "shared");
   if (fs_ > 0) {
     be_.matmul_bwd(dout, x_.sh, shared_.down->weight, &s_.sdh, &shared_.down->grad, false);
-    be_.swiglu_bwd(s_.sdh, x_.sgate, x_.sup, s_.sdgate, s_.sdup);
-    be_.matmul_bwd(s_.sdgate, x, shared_.gate->weight, &dx, &shared_.gate->grad, false);
-    be_.matmul_bwd(s_.sdup, x, shared_.up->weight, &dx, &shared_.up->grad, true);
+    if (shared_stacked_) {
+      be_.swiglu_packed_bwd(s_.sdh, x_.sgu, s_.sdgu);
+      be_.matmul_bwd(s_.sdgu, x, shared_gu_w_, &dx, &shared_gu_g_, false);
+    } else {
+      be_.swiglu_bwd(s_.sdh, x_.sgate, x_.sup, s_.sdgate, s_.sdup);
+      be_.matmul_bwd(s_.sdgate, x, shared_.gate->weight, &dx, &shared_.gate->grad, false);
+      be_.matmul_bwd(s_.sdup, x, shared_.up->weight, &dx, &shared_.up->grad, true);
+    }
   } else {
     be_.zero(dx);
   }
@@ -247,9 +291,14 @@ void MoeLayer::backward(const Tensor& dout, const Tensor& x, Tensor& dx, float a
   be_.moe_gather(x, row_token_, s_.xg);  // recomputed rather than kept per layer
   r.next("experts");
   be_.moe_expert_bwd(s_.dyg, x_.h, down_.w, offsets_, &s_.dh, &down_.g, false);
-  be_.swiglu_bwd(s_.dh, x_.gate, x_.up, s_.dgate, s_.dup);
-  be_.moe_expert_bwd(s_.dgate, s_.xg, gate_.w, offsets_, &s_.dxg, &gate_.g, false);
-  be_.moe_expert_bwd(s_.dup, s_.xg, up_.w, offsets_, &s_.dxg, &up_.g, true);
+  if (routed_stacked_) {
+    be_.swiglu_packed_bwd(s_.dh, x_.gu, s_.dgu);
+    be_.moe_expert_bwd(s_.dgu, s_.xg, gu_.w, offsets_, &s_.dxg, &gu_.g, false);
+  } else {
+    be_.swiglu_bwd(s_.dh, x_.gate, x_.up, s_.dgate, s_.dup);
+    be_.moe_expert_bwd(s_.dgate, s_.xg, gate_.w, offsets_, &s_.dxg, &gate_.g, false);
+    be_.moe_expert_bwd(s_.dup, s_.xg, up_.w, offsets_, &s_.dxg, &up_.g, true);
+  }
   r.next("gather");
   be_.moe_gather_bwd(s_.dxg, row_of_, dx);  // dx (+=)
   // Router: combine-weight gradients, plus the balance loss's gradient on the scores:

@@ -40,12 +40,18 @@ using AddParamFn = std::function<Param*(const std::string&, ParamKind, Shape, do
 // What an MoE layer's backward needs of its experts' forward: routed rows gate, up, h = silu(gate)
 // * up (N*k, de) and their outputs yg (N*k, d); the shared experts' sgate, sup, sh (N, n_shared*de;
 // undefined without shared experts). Default-constructed: nothing allocated.
+// gate and up live in one buffer gu (N*k, 2de), which holds either layout: gate | up per row,
+// written by one grouped GEMM against the stacked [W_gate_e; W_up_e] (MoeLayer::routed_stacked),
+// or the two (N*k, de) halves of its storage, `gate` and `up`, for separate GEMMs. Likewise sgu
+// for the shared experts.
 struct MoeExpertActs {
   MoeExpertActs() = default;
   MoeExpertActs(const ModelConfig& cfg, Backend& be, int64_t N);
-  Tensor gate, up, h, yg;
-  Tensor sgate, sup, sh;
-  std::vector<const Tensor*> buffers() const { return {&gate, &up, &h, &yg, &sgate, &sup, &sh}; }
+  Tensor gu, h, yg;
+  Tensor gate, up;  // views of gu's storage
+  Tensor sgu, sh;
+  Tensor sgate, sup;  // views of sgu's storage
+  std::vector<const Tensor*> buffers() const { return {&gu, &h, &yg, &sgu, &sh}; }
 };
 
 // Scratch shared by every MoE layer of a model (used within one layer's forward or backward).
@@ -53,11 +59,13 @@ struct MoeScratch {
   MoeScratch(const ModelConfig& cfg, Backend& be, int64_t N);
   Tensor xg;                 // (N*k, d)   tokens gathered by expert
   Tensor dxg, dyg;           // (N*k, d)
-  Tensor dh, dgate, dup;     // (N*k, de)
+  Tensor dh;                 // (N*k, de)
+  Tensor dgu, dgate, dup;    // (N*k, 2de), and the halves of its storage (as MoeExpertActs::gu)
   Tensor dtopk_w;            // (N, k) f32
   Tensor dlogits;            // (N, E) f32
   Tensor aux_grad;           // (E) f32
-  Tensor sdh, sdgate, sdup;  // (N, n_shared*de) shared experts
+  Tensor sdh;                // (N, n_shared*de) shared experts
+  Tensor sdgu, sdgate, sdup;  // (N, 2 n_shared*de), and the halves of its storage
   // model.recompute != "none": the expert activations backward needs, shared by every MoE layer
   // (each layer but the last rebuilds its own with MoeLayer::rebuild before its backward).
   MoeExpertActs acts;
@@ -86,6 +94,13 @@ class MoeLayer {
   // This layer's own buffers (what forward keeps for backward), for the memory plan; tensors
   // shared with MoeScratch (activation recompute) are not included.
   std::vector<const Tensor*> own_buffers() const;
+  // Once the parameters sit in their arenas: with `allow` (model.stack_projections), each
+  // expert's gate and up, and the shared experts' gate and up, run as one GEMM against the
+  // stacked [W_gate; W_up] view when the two are adjacent in the weight and gradient arenas.
+  // Before this call (or without `allow`) they run as separate GEMMs.
+  void stack_projections(bool allow);
+  bool routed_stacked() const { return routed_stacked_; }
+  bool shared_stacked() const { return shared_stacked_; }
 
   // Balance loss of the last forward (0 unless balance == "aux_loss").
   double aux_loss() {
@@ -154,6 +169,12 @@ class MoeLayer {
   };
   ExpertGroup gate_, up_, down_;
   Expert shared_{nullptr, nullptr, nullptr};
+  // stack_projections: [W_gate_e; W_up_e] per expert (views; gu_ points into them) and the
+  // shared experts' [gate; up] (weight and gradient views).
+  std::vector<Tensor> gu_w_, gu_g_;
+  ExpertGroup gu_;
+  Tensor shared_gu_w_, shared_gu_g_;
+  bool routed_stacked_ = false, shared_stacked_ = false;
 
   // Kept from forward for backward.
   Tensor probs_, topk_w_, score_sum_;                  // (N,E) (N,k) (E) f32
