@@ -1,5 +1,6 @@
-// RoPE: one kernel builds the cos/sin table in scratch, one applies the rotation
-// (one thread per (row, i < hd/2) pair: reads x[i], x[i+hd/2], writes both, so y may alias x).
+// RoPE: one kernel builds the cos/sin table in scratch, one applies the rotation (blocks stride
+// over positions, a block's threads over the position's (head, i < hd/2) pairs: each reads x[i],
+// x[i+hd/2] and writes both, so y may alias x).
 #include "rope.cuh"
 
 namespace mf::cuda {
@@ -12,7 +13,7 @@ struct RopeParams {
   void* y;
   const float* cs;  // [T, half] cos
   const float* sn;  // [T, half] sin (negated for the inverse rotation)
-  int64_t rows;     // B*T*H
+  int64_t positions;  // B*T
   int T, H, half;
 };
 
@@ -30,27 +31,28 @@ __global__ void rope_table_kernel(float* cs, float* sn, int T, int half, double 
 
 template <typename T>
 __global__ void rope_kernel(RopeParams p) {
-  const T* x = static_cast<const T*>(p.x);
-  T* y = static_cast<T*>(p.y);
-  const int64_t n = p.rows * p.half;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = idx / p.half;
-    const int i = int(idx % p.half);
-    const int t = int((row / p.H) % p.T);
-    const float c = p.cs[int64_t(t) * p.half + i], s = p.sn[int64_t(t) * p.half + i];
-    const int64_t base = row * 2 * p.half;
-    const float a = to_f(x[base + i]), b = to_f(x[base + i + p.half]);
-    y[base + i] = from_f<T>(a * c - b * s);
-    y[base + i + p.half] = from_f<T>(b * c + a * s);
+  const int pairs = p.H * p.half;
+  for (int64_t pos = blockIdx.x; pos < p.positions; pos += gridDim.x) {
+    const int t = int(pos % p.T);
+    const float* cs = p.cs + int64_t(t) * p.half;
+    const float* sn = p.sn + int64_t(t) * p.half;
+    const T* x = static_cast<const T*>(p.x) + pos * p.H * 2 * p.half;
+    T* y = static_cast<T*>(p.y) + pos * p.H * 2 * p.half;
+    for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+      const int h = j / p.half, i = j - h * p.half;
+      const int base = 2 * h * p.half;  // < H * hd, checked to fit an int
+      const float c = cs[i], s = sn[i];
+      const float a = to_f(x[base + i]), b = to_f(x[base + i + p.half]);
+      y[base + i] = from_f<T>(a * c - b * s);
+      y[base + i + p.half] = from_f<T>(b * c + a * s);
+    }
   }
 }
 
 template <typename T>
 void launch_rope(const RopeParams& p, cudaStream_t stream) {
-  const int64_t n = p.rows * p.half;
-  if (n == 0) return;
-  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(n, kRopeThreads), kRopeMaxBlocks));
+  if (p.positions == 0 || p.H == 0 || p.half == 0) return;
+  const unsigned blocks = unsigned(std::min<int64_t>(p.positions, kRopeMaxBlocks));
   rope_kernel<T><<<blocks, kRopeThreads, 0, stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }
@@ -133,13 +135,13 @@ void rope_entry(const Ctx& ctx, const char* op, const char* xn, const Tensor& x,
            describe(xn, x));
   MF_CHECK(x.dim(3) % 2 == 0, op, ": head_dim ", x.dim(3), " must be even for rotary embedding");
   MF_CHECK(theta > 0.f, op, ": rope_theta ", theta, " must be positive (model.rope_theta)");
-  MF_CHECK(x.dim(1) <= 0x7fffffff && x.dim(2) <= 0x7fffffff && x.dim(3) <= 0x7fffffff, op,
-           ": ", describe(xn, x), " is too large");
+  MF_CHECK(x.dim(1) <= 0x7fffffff && x.dim(2) * x.dim(3) <= 0x7fffffff, op, ": ",
+           describe(xn, x), " is too large (a position's heads must hold fewer than 2^31 elements)");
   const int T = int(x.dim(1)), H = int(x.dim(2)), half = int(x.dim(3) / 2);
   if (x.numel() == 0) return;
   float *cs, *sn;
   rope_table(ctx, T, half, theta, inverse, cs, sn);
-  RopeParams p{x.ptr, y.ptr, cs, sn, x.dim(0) * T * int64_t(H), T, H, half};
+  RopeParams p{x.ptr, y.ptr, cs, sn, x.dim(0) * T, T, H, half};
   if (x.dtype == DType::F32)
     launch_rope<float>(p, ctx.stream);
   else
