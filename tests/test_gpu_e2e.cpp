@@ -24,6 +24,7 @@
 #include "model/llama.h"
 #include "optim/mup.h"
 #include "optim/optimizer.h"
+#include "train/bench.h"
 #ifdef MF_HAS_CUDA
 #include "backend/cuda/cuda_backend.h"
 #endif
@@ -108,11 +109,22 @@ std::vector<int32_t> synthetic_stream(size_t n, uint32_t V, uint64_t seed) {
 struct RunOut {
   std::vector<double> losses, gnorms;
   size_t gemm_fallbacks = 0;  // CUDA: GEMMs that ran on the SIMT fallback instead of cuBLASLt
+  // CUDA: the scratch the memory plan expects, what the backend held once it was reserved, and
+  // after the last step (0 on the CPU).
+  size_t scratch_expected = 0, scratch_reserved = 0, scratch_after = 0;
 };
 
 size_t gemm_fallback_calls(Backend* be) {
 #ifdef MF_HAS_CUDA
   if (auto* cb = dynamic_cast<CudaBackend*>(be)) return cb->cublas().fallback_calls();
+#endif
+  (void)be;
+  return 0;
+}
+
+size_t scratch_bytes(Backend* be) {
+#ifdef MF_HAS_CUDA
+  if (auto* cb = dynamic_cast<CudaBackend*>(be)) return cb->scratch_bytes();
 #endif
   (void)be;
   return 0;
@@ -134,10 +146,17 @@ RunOut train_run(const Config& cfg, const std::string& device, Communicator* com
   apply_mup(cfg, model.params());
   model.init_weights(cfg.train.seed);
   Optimizer opt(cfg, model.params(), *be);
+  // As the trainer does: one cast over the weight arena after each step, and the scratch the
+  // memory plan expects reserved before the first.
+  opt.set_weight_refresh([&model] { model.sync_weights(); });
+  const nlohmann::json plan = memory_plan(model, opt, *be);
+  reserve_memory_plan(plan, *be);
+  RunOut out;
+  out.scratch_expected = plan.at("scratch_expected").get<size_t>();
+  out.scratch_reserved = scratch_bytes(be);
   const std::vector<int32_t> stream =
       synthetic_stream(size_t(kSteps * accum) * size_t(N) + 1, uint32_t(cfg.model.vocab_size), 99);
   const float loss_scale = float(1.0 / (double(N) * accum));
-  RunOut out;
   const size_t fallbacks_before = gemm_fallback_calls(be);
   size_t pos = 0;
   for (int s = 0; s < kSteps; ++s) {
@@ -155,6 +174,8 @@ RunOut train_run(const Config& cfg, const std::string& device, Communicator* com
     out.gnorms.push_back(g);
   }
   out.gemm_fallbacks = gemm_fallback_calls(be) - fallbacks_before;
+  be->synchronize();
+  out.scratch_after = scratch_bytes(be);
   return out;
 }
 
@@ -200,6 +221,12 @@ void check_cuda_vs_cpu(const std::string& optim, const std::string& precision = 
   // Every GEMM of the model, the loss and the optimizer (all widths multiples of 8) found a
   // cuBLASLt algorithm: none fell back to the SIMT kernel, which is correct but far slower.
   CHECK(gpu.gemm_fallbacks == 0);
+  // The memory plan's scratch was reserved before the first step, at its size, and no op
+  // outgrew it (an op missing from the estimate would grow it by half or more).
+  CHECK(gpu.scratch_expected > 0);
+  CHECK(gpu.scratch_reserved >= gpu.scratch_expected);
+  CHECK(gpu.scratch_reserved < gpu.scratch_expected + gpu.scratch_expected / 2);
+  CHECK(gpu.scratch_after == gpu.scratch_reserved);
 }
 
 }  // namespace

@@ -133,6 +133,9 @@ class Backend {
   void set_profiler(OpProfiler* p) { profiler_ = p; }
   // Not pure: the default reads /proc/meminfo (host RAM) and tracks no tensors.
   virtual MemoryInfo memory_info() const;
+  // Grows the ops' scratch buffer to at least `bytes` now, so that the first steps need not
+  // allocate (and a shortfall shows at start). CUDA acts on it; the default does nothing.
+  virtual void reserve_scratch(size_t bytes) { (void)bytes; }
   // model.attention: "flash", "cudnn" or "auto" (docs/config.md). Only the CUDA backend acts on
   // it; the default ignores it (and says so once when "cudnn" is asked for).
   virtual void set_attention_impl(const std::string& mode);

@@ -289,8 +289,9 @@ void LlamaModel::init_weights(uint64_t seed) {
 }
 
 void LlamaModel::sync_weights() {
-  for (auto& p : params_)
-    if (p->weight.ptr != p->master.ptr) be_.copy(p->master, p->weight);
+  // One cast over the whole arena (both have the same layout, padding included), not one launch
+  // per parameter. On f32 backends the weights are the masters.
+  if (weight_arena_.defined()) be_.copy(master_arena_, weight_arena_);
 }
 
 void LlamaModel::zero_grads() { be_.zero(grad_arena_); }

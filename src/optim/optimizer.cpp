@@ -286,6 +286,10 @@ void Optimizer::step(int step, float grad_scale) {
   ++t_;
   in_region("opt.weight_cast");
   // CUDA: refresh the bf16 compute copy from the fp32 master.
+  if (refresh_weights_) {
+    refresh_weights_();
+    return;
+  }
   for (OptEntry& e : entries_) {
     Param& p = *e.param;
     if (p.weight.defined() && p.weight.ptr != p.master.ptr) be_.copy(p.master, p.weight);

@@ -22,6 +22,7 @@
 // gets its NorMuon normalisation, decay and axpy as before. On the CPU every update is bitwise
 // the per-matrix one. Freon (eigen path) stays per matrix. See kNsStackBudget for the scratch cap.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -81,6 +82,11 @@ class Optimizer {
   void step(int step, float grad_scale);
   // Zeroes the gradients of every optimized parameter.
   void zero_grad();
+  // What step() does last to refresh the compute copies (bf16 on CUDA) from the updated masters.
+  // By default one cast per optimized parameter; a model whose copies live in one arena passes
+  // its one whole-arena cast (LlamaModel::sync_weights), and a data-parallel trainer that
+  // refreshes after its all-gathers passes a no-op.
+  void set_weight_refresh(std::function<void()> fn) { refresh_weights_ = std::move(fn); }
 
   double lr_multiplier(int step) const;  // schedule value at `step`
   double lr(int step) const;             // optim.lr * schedule (for logging)
@@ -146,6 +152,7 @@ class Optimizer {
   std::vector<NsChunk> ns_chunks_;  // the batched groups (every Muon-like entry except Freon)
   int64_t largest_matrix_param_ = 0;  // elements of the largest matrix-optimizer param
   bool batch_ns_ = true;
+  std::function<void()> refresh_weights_;  // set_weight_refresh; empty: per-parameter casts
   Tensor freon_work_;    // Freon's temporaries (freon_workspace), sized for the largest matrix
   int64_t t_ = 0;
 };

@@ -177,11 +177,12 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   // train.loss_chunk_mb, Backend::loss_chunk_bytes), the Newton-Schulz buffers of one batched chunk (X ping-pong, A,
   // A^2 per matrix: at most 2x the chunk's f32 bytes in bf16, 4x in f32), plus the cuBLASLt
   // workspace. An estimate from docs/cuda.md, not a measurement.
-  int64_t ws_expected = 0;
+  int64_t ws_expected = 0, scratch_expected = 0;
   if (cuda) {
     const int64_t xent = std::min<int64_t>(N * V * 6, int64_t(be.loss_chunk_bytes()));
     const int64_t ns = (ns_f32 ? 4 : 2) * muon_scratch;
-    ws_expected = std::max(xent, ns) + int64_t(cuda::kCublasLtWorkspaceBytes);
+    scratch_expected = std::max(xent, ns);
+    ws_expected = scratch_expected + int64_t(cuda::kCublasLtWorkspaceBytes);
   }
   const int64_t workspace_now = int64_t(mi.workspace);
   const int64_t total =
@@ -199,6 +200,7 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   j["recompute"] = c.recompute;
   j["workspace_now"] = workspace_now;
   j["workspace_expected"] = ws_expected;
+  j["scratch_expected"] = scratch_expected;  // its scratch part (reserve_memory_plan)
   j["total"] = total;
   j["free"] = int64_t(mi.free);
   j["device_total"] = int64_t(mi.total);
@@ -226,7 +228,7 @@ std::string memory_plan_table(const nlohmann::json& p) {
   if (cuda) {
     row("workspace now", p.at("workspace_now").get<double>(), "scratch + cuBLASLt 32 MiB");
     row("workspace (expected)", p.at("workspace_expected").get<double>(),
-        "after the first step: max(xent chunk (train.loss_chunk_mb), NS buffers) + 32 MiB; estimate");
+        "max(xent chunk (train.loss_chunk_mb), NS buffers), reserved before the first step, + 32 MiB; estimate");
   }
   row("total", p.at("total").get<double>());
   if (cuda && p.at("tensors_measured").get<int64_t>() > 0)
@@ -251,6 +253,10 @@ void print_memory_plan(const nlohmann::json& p, bool console) {
     spdlog::warn("memory plan: the workspace is expected to grow by {:.0f} MiB but only {:.0f} MiB "
                  "are free: reduce train.micro_batch or train.seq_len",
                  mib(double(growth)), mib(double(free_b)));
+}
+
+void reserve_memory_plan(const nlohmann::json& p, Backend& be) {
+  be.reserve_scratch(size_t(p.value("scratch_expected", int64_t(0))));
 }
 
 void check_memory_plan(const nlohmann::json& p, int procs_here) {
@@ -307,10 +313,12 @@ nlohmann::json run_bench(const Config& cfg, const BenchOptions& o) {
   apply_mup(cfg, model.params());
   model.init_weights(cfg.train.seed);
   Optimizer opt(cfg, model.params(), *be);
+  opt.set_weight_refresh([&model] { model.sync_weights(); });
   const nlohmann::json plan = memory_plan(model, opt, *be);
   mem.sample();
   if (o.verbose) spdlog::info("{}", memory_plan_table(plan));
   check_memory_plan(plan, 1);
+  reserve_memory_plan(plan, *be);
 
   // Synthetic data: a few distinct micro-batches of uniform random tokens, cycled.
   const int nbatches = std::max(1, std::min(accum, 4));

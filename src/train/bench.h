@@ -75,5 +75,8 @@ void print_memory_plan(const nlohmann::json& plan, bool console = true);  // fal
 // Warns when the part not yet resident exceeds the memory free now. On CUDA an allocation that
 // does not fit fails by itself, so only the warning of print_memory_plan applies.
 void check_memory_plan(const nlohmann::json& plan, int procs_here);
+// Allocates the scratch part of the plan's expected workspace now (CUDA; Backend::reserve_scratch),
+// so the first step does not grow it and the plan's total is what the run holds.
+void reserve_memory_plan(const nlohmann::json& plan, Backend& be);
 
 }  // namespace mf

@@ -753,9 +753,16 @@ void Trainer::setup_distributed() {
     if (owner_[i] == -1 || owner_[i] == rank_) mine.push_back(all[i]);
   for (auto& f : fragments_) mine.push_back(f.get());
   opt_ = std::make_unique<Optimizer>(cfg_, mine, *be_);
+  // One cast over the weight arena after each step; with several ranks, gather_params does it
+  // once the all-gathers have made the masters whole.
+  if (world_ == 1)
+    opt_->set_weight_refresh([this] { model_->sync_weights(); });
+  else
+    opt_->set_weight_refresh([] {});
   const nlohmann::json plan = memory_plan(*model_, *opt_, *be_);
   if (rank_ == 0) print_memory_plan(plan, /*console=*/!opts_.quiet);
   check_memory_plan(plan, local_world_);
+  reserve_memory_plan(plan, *be_);
   if (sharded_) {
     int64_t n_mine = 0, n_all = 0;
     for (const OptEntry& e : opt_->entries()) n_mine += e.param->numel();

@@ -271,6 +271,10 @@ std::unique_ptr<Backend::Readback> CudaBackend::make_readback(
 
 void CudaBackend::copy(const Tensor& src, Tensor& dst) { cuda::op_cast(ctx_, src, dst); }
 
+void CudaBackend::reserve_scratch(size_t bytes) {
+  if (bytes > scratch_->capacity()) scratch_->get(bytes);
+}
+
 void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
 size_t CudaBackend::record_mark() {

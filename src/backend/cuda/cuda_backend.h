@@ -50,6 +50,7 @@ class CudaBackend final : public Backend {
   void clear_marks() override;
   // cudaMemGetInfo of this device; tensors = bytes_allocated(); workspace = scratch + cuBLASLt's.
   MemoryInfo memory_info() const override;
+  void reserve_scratch(size_t bytes) override;
   // "flash" (the default until called), "cudnn" or "auto": see cuda::AttentionDispatch.
   void set_attention_impl(const std::string& mode) override;
   // Sets ctx_.xent_chunk_bytes (kernels/xent.cuh).
