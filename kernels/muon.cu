@@ -43,6 +43,12 @@ constexpr int64_t kNsMaxGridY = 65535;   // slices beyond this are looped over
 // every slice of a strided-batched GEMM keeps the alignment of the first one.
 constexpr int64_t kNsStrideAlign = 8;
 
+static_assert((kNsSsMaxBlocks + 1) * sizeof(double) + 4 * (kNsStrideAlign - 1) * sizeof(float) <=
+                  kNsScratchPerSliceBytes,
+              "the memory plan's Newton-Schulz scratch bound (backend/cuda/sizes.h)");
+static_assert(6 * Arena::kAlign <= kNsScratchFixedBytes,
+              "the memory plan's Newton-Schulz scratch bound (backend/cuda/sizes.h)");
+
 static int64_t ns_ss_blocks(int64_t per) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(per, kNsSsElemsPerBlock), kNsSsMaxBlocks));
 }

@@ -7,14 +7,10 @@
 
 namespace mf::cuda {
 
-constexpr int kXentThreads = 512;                      // one block per row of logits
-constexpr int64_t kXentRowAlign = 64;                  // chunk rows rounded down to this (GEMM tiles)
-// Row pitch of the logits / dlogits scratch, in elements: V rounded up to a multiple of 8, so
-// every row starts 16-byte aligned in bf16 and f32 whatever V is (GPT-2's 50257 is odd). With a
-// pitch of V the bf16 dlogits rows would only be 2-byte aligned, which keeps cuBLASLt off its
-// 16-byte-aligned tensor-core kernels (or sends the GEMMs to the SIMT fallback). The pad columns
-// [V, ld) are never read: every GEMM and the row kernel use only the first V columns.
-constexpr int64_t kXentLdAlign = 8;
+constexpr int kXentThreads = 512;  // one block per row of logits
+// kXentRowAlign, kXentLdAlign and the chunk's rows: backend/cuda/sizes.h (the memory plan uses
+// the same functions).
+static_assert(Arena::kAlign == 256, "sizes.h's xent_scratch_bytes cuts 256-byte pieces");
 constexpr int kXentVec = 8;  // columns per vector step of the row kernel (kXentLdAlign keeps rows aligned)
 static_assert(kXentLdAlign % kXentVec == 0, "xent rows must stay 32-byte aligned for the vector loads");
 
@@ -118,11 +114,8 @@ void lmhead_xent_t(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tenso
                    float logit_scale, Tensor& losses, Tensor* dx, Tensor* dW, float loss_scale) {
   const int64_t V = W.dim(0), d = W.dim(1), N = x.numel() / d;
   const bool grads = dx || dW;
-  const int64_t ld = ceil_div(V, kXentLdAlign) * kXentLdAlign;
-  const size_t row_bytes = size_t(ld) * (sizeof(float) + (grads ? sizeof(T) : 0));
-  int64_t R = std::max<int64_t>(1, int64_t(ctx.xent_chunk_bytes / row_bytes));
-  if (R >= kXentRowAlign) R = R / kXentRowAlign * kXentRowAlign;
-  R = std::min(R, N);
+  const int64_t ld = xent_ld(V);
+  const int64_t R = xent_chunk_rows(N, V, ctx.xent_chunk_bytes, sizeof(T), grads);
 
   Arena sz;
   sz.take<float>(size_t(R * ld));

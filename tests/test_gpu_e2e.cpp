@@ -291,6 +291,9 @@ TEST_CASE("e2e recompute on CUDA: mlp and full train like none, dense and MoE, i
       base.model.moe.first_dense = 1;
     }
     const RunOut none = train_run(base, "cuda");
+    // The memory plan's scratch, reserved before the first step, was not outgrown (the MoE
+    // router's f32 copies and the permutation's sort buffers included).
+    CHECK(none.scratch_after == none.scratch_reserved);
     int64_t bytes_none = 0;
     {
       auto be = make_backend("cuda");

@@ -160,7 +160,9 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   // The optimizer's U / NS stack (f32): one chunk of same-shape matrices orthogonalised in one
   // batched call, capped at max(largest matrix, 64 MiB).
   const int64_t muon_scratch = opt.muon_scratch_numel() * 4;
-  bool ns_f32 = false;  // newton_schulz_coeffs (Polar Express, Kaon) runs in f32, the quintic in bf16
+  // newton_schulz_coeffs (Polar Express, Kaon) runs in f32, the quintic in the act dtype (bf16,
+  // or f32 in fp32 runs).
+  bool ns_f32 = be.act_dtype() == DType::F32;
   for (const OptEntry& e : opt.entries())
     ns_f32 = ns_f32 || e.kind == OptKind::Kaon ||
              ((e.kind == OptKind::Muon || e.kind == OptKind::NorMuon) &&
@@ -173,15 +175,28 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   const MemoryInfo mi = be.memory_info();
   const bool cuda = be.device() == Device::CUDA;
   // Expected workspace peak on CUDA (kernels/ Scratch is one grow-only buffer; the largest user
-  // sets it): the fused lm-head xent chunk (f32 logits + bf16 dlogits, capped at
-  // train.loss_chunk_mb, Backend::loss_chunk_bytes), the Newton-Schulz buffers of one batched chunk (X ping-pong, A,
-  // A^2 per matrix: at most 2x the chunk's f32 bytes in bf16, 4x in f32), plus the cuBLASLt
-  // workspace. An estimate from docs/cuda.md, not a measurement.
+  // sets it): the fused lm-head xent chunk (f32 logits + dlogits in the act dtype, within
+  // train.loss_chunk_mb: the kernel's own sizing, backend/cuda/sizes.h), the Newton-Schulz
+  // buffers of one batched chunk (X ping-pong, A, A^2 per matrix: at most 2x the chunk's f32
+  // bytes in bf16, 4x in f32, plus the norm partials), the MoE router's f32 copies, plus the
+  // cuBLASLt workspace. The trainer reserves the scratch part before the first step
+  // (reserve_memory_plan); the other matrix optimizers' temporaries are not counted.
   int64_t ws_expected = 0, scratch_expected = 0;
   if (cuda) {
-    const int64_t xent = std::min<int64_t>(N * V * 6, int64_t(be.loss_chunk_bytes()));
-    const int64_t ns = (ns_f32 ? 4 : 2) * muon_scratch;
-    scratch_expected = std::max(xent, ns);
+    const size_t act_bytes = be.act_dtype() == DType::BF16 ? 2 : 4;
+    const int64_t xent =
+        int64_t(cuda::xent_scratch_bytes(N, V, be.loss_chunk_bytes(), act_bytes, true));
+    const int64_t ns =
+        muon_scratch == 0
+            ? 0
+            : (ns_f32 ? 4 : 2) * muon_scratch +
+                  opt.max_ns_batch() * int64_t(cuda::kNsScratchPerSliceBytes) +
+                  int64_t(cuda::kNsScratchFixedBytes);
+    // MoE router backward (kernels/moe.cu): x widened to f32, and dx's GEMM through an f32
+    // temporary when dx is bf16.
+    const int64_t router =
+        c.moe.n_experts > 0 && be.act_dtype() == DType::BF16 ? 2 * N * c.d_model * 4 : 0;
+    scratch_expected = std::max({xent, ns, router});
     ws_expected = scratch_expected + int64_t(cuda::kCublasLtWorkspaceBytes);
   }
   const int64_t workspace_now = int64_t(mi.workspace);
@@ -228,7 +243,7 @@ std::string memory_plan_table(const nlohmann::json& p) {
   if (cuda) {
     row("workspace now", p.at("workspace_now").get<double>(), "scratch + cuBLASLt 32 MiB");
     row("workspace (expected)", p.at("workspace_expected").get<double>(),
-        "max(xent chunk (train.loss_chunk_mb), NS buffers), reserved before the first step, + 32 MiB; estimate");
+        "max(xent chunk (train.loss_chunk_mb), NS buffers, MoE router), reserved before the first step, + 32 MiB; estimate");
   }
   row("total", p.at("total").get<double>());
   if (cuda && p.at("tensors_measured").get<int64_t>() > 0)

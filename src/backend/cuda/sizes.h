@@ -2,7 +2,9 @@
 // expected workspace, src/train/bench.cpp). Header only and free of CUDA includes, so builds
 // without CUDA read it too.
 #pragma once
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 
 namespace mf::cuda {
 
@@ -12,6 +14,36 @@ namespace mf::cuda {
 // passes over them and more memory held: at V = 50304, d = 768 and 16K rows, 1 GiB is 5 chunks
 // (about 2.3 GB of that traffic), 256 MiB was 20 (about 9 GB).
 constexpr size_t kXentChunkBytesDefault = size_t(1) << 30;
+constexpr int64_t kXentRowAlign = 64;  // chunk rows rounded down to this (GEMM tiles)
+// Row pitch of the logits / dlogits scratch, in elements: V rounded up to a multiple of 8, so
+// every row starts 16-byte aligned in bf16 and f32 whatever V is (GPT-2's 50257 is odd). With a
+// pitch of V the bf16 dlogits rows would only be 2-byte aligned, which keeps cuBLASLt off its
+// 16-byte-aligned tensor-core kernels (or sends the GEMMs to the SIMT fallback). The pad columns
+// [V, ld) are never read: every GEMM and the row kernel use only the first V columns.
+constexpr int64_t kXentLdAlign = 8;
+inline int64_t xent_ld(int64_t V) { return (V + kXentLdAlign - 1) / kXentLdAlign * kXentLdAlign; }
+// Rows of one chunk for N rows of vocabulary V within chunk_bytes of f32 logits plus (with
+// gradients) dlogits of act_bytes per element; at least 1 and at most N.
+inline int64_t xent_chunk_rows(int64_t N, int64_t V, size_t chunk_bytes, size_t act_bytes,
+                               bool grads) {
+  const size_t row_bytes = size_t(xent_ld(V)) * (sizeof(float) + (grads ? act_bytes : 0));
+  int64_t R = std::max<int64_t>(1, int64_t(chunk_bytes / row_bytes));
+  if (R >= kXentRowAlign) R = R / kXentRowAlign * kXentRowAlign;
+  return std::min(R, N);
+}
+// The scratch one call takes (256-byte aligned pieces, as kernels/common.cuh's Arena cuts them).
+inline size_t xent_scratch_bytes(int64_t N, int64_t V, size_t chunk_bytes, size_t act_bytes,
+                                 bool grads) {
+  auto piece = [](size_t b) { return (b + 255) / 256 * 256; };
+  const size_t cells = size_t(xent_chunk_rows(N, V, chunk_bytes, act_bytes, grads)) * size_t(xent_ld(V));
+  return piece(cells * sizeof(float)) + (grads ? piece(cells * act_bytes) : 0);
+}
+// Newton-Schulz (kernels/muon.cu): besides its X ping-pong and A, B buffers (at most 2x the f32
+// stack's bytes in bf16, 4x in f32), at most this many bytes per slice (the f64 norm partials
+// and the slice strides' rounding) and kNsScratchFixedBytes in all (alignment); muon.cu checks
+// that its constants stay within them.
+constexpr size_t kNsScratchPerSliceBytes = 2304;
+constexpr size_t kNsScratchFixedBytes = 2048;
 // cuBLASLt workspace (src/backend/cuda/cublaslt.cpp): 32 MiB, Hopper's recommendation.
 constexpr size_t kCublasLtWorkspaceBytes = size_t(32) << 20;
 
