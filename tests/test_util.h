@@ -131,6 +131,20 @@ inline double rel_err(const float* a, const float* b, int64_t n) {
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
+// One run's loss and parameter gradients against a reference run's: the loss within loss_rel
+// (relative), each gradient within grad_tol (normalized_max_error); a failure names the
+// parameter's index.
+inline void check_same_run(double loss, const std::vector<std::vector<float>>& grads,
+                           double want_loss, const std::vector<std::vector<float>>& want,
+                           double loss_rel, double grad_tol) {
+  CHECK(std::abs(loss - want_loss) <= loss_rel * std::abs(want_loss));
+  REQUIRE(grads.size() == want.size());
+  for (size_t k = 0; k < grads.size(); ++k) {
+    INFO("parameter " << k);
+    CHECK(normalized_max_error(grads[k], want[k]) <= grad_tol);
+  }
+}
+
 // The model and run settings a PyTorch fixture's JSON records (tests/reference/*_ref.py):
 // "config" (the dense Llama shape), B, T, steps, clip; constant lr, no warmup, coupled decay.
 inline Config fixture_config(const nlohmann::json& m) {
