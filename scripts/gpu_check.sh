@@ -212,18 +212,27 @@ part1() {
   elif [ "$QUICK" = 0 ]; then
     printf 'compute-sanitizer\tSKIP\t0\tnot installed\n' >>"$SUMMARY"
   fi
-  # q/k/v and gate/up as stacked GEMMs (model.stack_projections, session 29; docs/cuda.md
-  # "Stacked projections"), unmeasured until this step runs: two short benches of the 124M model
-  # at seq 1024, stacked and separate, one after the other; the key figure is each one's tokens/s.
-  # Last in part 1: it is skipped when the budget is spent.
-  step stacked_projections 150 "keys=''; for st in true false; do
-      out=\"$WORK/stack_\$st.out\"
-      '$BIN' bench '$REPO/configs/llama-124m.json' --seq-len 1024 --micro-batch 16 --batch-tokens 16384 \
+  # q/k/v and gate/up as stacked GEMMs (model.stack_projections, sessions 29-30; docs/cuda.md
+  # "Stacked projections"), unmeasured until these steps run: two short benches at seq 1024,
+  # stacked and separate, one after the other; the key figure is each one's tokens/s. The dense
+  # 124M model, then the MoE one (experts' and shared experts' gate/up). Last in part 1: skipped
+  # when the budget is spent.
+  step stacked_projections 150 "$(stack_pair llama-124m 16)"
+  step stacked_projections_moe 150 "$(stack_pair moe-moonlight-small 8)"
+}
+
+# The command of a stacked_projections step: CONFIG (configs/CONFIG.json) benched with
+# model.stack_projections true, then false, at micro-batch MB x 1024.
+stack_pair() {
+  local cfg="$1" mb="$2"
+  echo "keys=''; for st in true false; do
+      out=\"$WORK/stack_${cfg}_\$st.out\"
+      '$BIN' bench '$REPO/configs/$cfg.json' --seq-len 1024 --micro-batch $mb --batch-tokens $((mb * 1024)) \
         --set model.stack_projections=\$st --steps 3 --warmup 1 --no-gemm --no-muon-split >\"\$out\" 2>&1
       grep -a 'throughput' \"\$out\" || tail -5 \"\$out\"
       keys=\"\$keys stack=\$st \$(grep -a -o '[0-9]* tokens/s' \"\$out\" | head -1);\"
     done
-    echo \"KEY:\$keys\"; grep -q 'throughput' '$WORK/stack_true.out' && grep -q 'throughput' '$WORK/stack_false.out'"
+    echo \"KEY:\$keys\"; grep -q 'throughput' '$WORK/stack_${cfg}_true.out' && grep -q 'throughput' '$WORK/stack_${cfg}_false.out'"
 }
 
 # ---- parts 2 and 3: benchmarks -----------------------------------------------------------------
