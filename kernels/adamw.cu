@@ -76,15 +76,7 @@ void launch_adamw(const AdamWParams& a, cudaStream_t stream) {
 void op_adamw_update(const Ctx& ctx, Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
                      const AdamWArgs& args, Tensor* weight_out) {
   const char* op = "adamw_update";
-  check_dtype(op, "param", p, DType::F32);
-  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"grad", &g}, {"exp_avg", &m},
-                         {"exp_avg_sq", &v}}) {
-    check_dtype(op, name, *t, DType::F32);
-    MF_CHECK(t->shape == p.shape, op, ": ", describe(name, *t), " must have the shape of ",
-             describe("param", p));
-  }
-  MF_CHECK(args.bc1 > 0.f && args.bc2 > 0.f, op, ": bias corrections bc1=", args.bc1,
-           " bc2=", args.bc2, " must be positive (step >= 1)");
+  contract::adamw_update(contract::kCuda, p, g, m, v, args);
   AdamWParams a{p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), nullptr,
                 p.numel(), args.lr, args.b1, args.b2, args.eps, 1.f - args.decay,
                 1.f / args.bc1, 1.f / args.bc2, args.grad_scale, args.cautious};

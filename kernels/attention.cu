@@ -778,25 +778,6 @@ bool use_tensor_cores(const AttnShape& s, std::initializer_list<const void*> ptr
 }  // namespace
 
 namespace {
-
-// Every activation has q's dtype (bf16, or f32 for train.precision "fp32").
-void check_act(const char* op, const char* name, const Tensor& t, const AttnShape& s, int heads,
-               DType dt) {
-  check_dev(op, name, t);
-  check_dtype(op, name, t, dt);
-  MF_CHECK(t.numel() == int64_t(s.B) * s.T * heads * s.hd, op, ": ", describe(name, t),
-           " must have B*T*", heads, "*hd = ", int64_t(s.B) * s.T * heads * s.hd, " elements");
-}
-
-void check_lse(const char* op, const Tensor& lse, const AttnShape& s) {
-  check_dev(op, "lse", lse);
-  check_dtype(op, "lse", lse, DType::F32);
-  check_numel(op, "lse", lse, int64_t(s.B) * s.H * s.T, "B*H*T");
-}
-
-}  // namespace
-
-namespace {
 // 0 until first asked: then MF_ATTN_FWD_MTILES, or the default.
 std::atomic<int> g_fwd_mtiles{0};
 }  // namespace
@@ -821,39 +802,10 @@ void set_attention_fwd_mtiles(int mt) {
   g_fwd_mtiles = mt;
 }
 
-void check_attention_shape(const char* op, const AttnShape& s) {
-  MF_CHECK(s.B > 0 && s.T > 0 && s.H > 0 && s.Hkv > 0 && s.hd > 0, op, ": bad shape B=", s.B,
-           " T=", s.T, " H=", s.H, " Hkv=", s.Hkv, " hd=", s.hd);
-  MF_CHECK(s.H % s.Hkv == 0, op, ": n_heads ", s.H, " is not a multiple of n_kv_heads ", s.Hkv);
-  MF_CHECK(s.scale > 0.f, op, ": softmax scale ", s.scale, " must be positive");
-}
-
-void check_attention_fwd_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                              const Tensor& out, const Tensor& lse, const AttnShape& s) {
-  check_attention_shape(op, s);
-  check_float(op, "q", q);
-  check_act(op, "q", q, s, s.H, q.dtype);
-  check_act(op, "k", k, s, s.Hkv, q.dtype);
-  check_act(op, "v", v, s, s.Hkv, q.dtype);
-  check_act(op, "out", out, s, s.H, q.dtype);
-  check_lse(op, lse, s);
-}
-
-void check_attention_bwd_args(const char* op, const Tensor& dout, const Tensor& q,
-                              const Tensor& k, const Tensor& v, const Tensor& out,
-                              const Tensor& lse, const Tensor& dq, const Tensor& dk,
-                              const Tensor& dv, const AttnShape& s) {
-  check_attention_fwd_args(op, q, k, v, out, lse, s);
-  check_act(op, "dout", dout, s, s.H, q.dtype);
-  check_act(op, "dq", dq, s, s.H, q.dtype);
-  check_act(op, "dk", dk, s, s.Hkv, q.dtype);
-  check_act(op, "dv", dv, s, s.Hkv, q.dtype);
-}
-
 void op_attention_fwd(const Ctx& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                       Tensor& out, Tensor& lse, const AttnShape& s) {
   const char* op = "attention_fwd";
-  check_attention_fwd_args(op, q, k, v, out, lse, s);
+  contract::attention_fwd(contract::kCuda, op, q, k, v, out, lse, s);
   check_kernel_limits(op, s);
   if (q.dtype == DType::F32) {  // train.precision "fp32": the SIMT kernels in f32
     AttnParamsT<float> p = make_params<float>(s, q, k, v, out, lse);
@@ -877,7 +829,7 @@ void op_attention_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& q, const
                       const Tensor& v, const Tensor& out, const Tensor& lse, Tensor& dq,
                       Tensor& dk, Tensor& dv, const AttnShape& s) {
   const char* op = "attention_bwd";
-  check_attention_bwd_args(op, dout, q, k, v, out, lse, dq, dk, dv, s);
+  contract::attention_bwd(contract::kCuda, op, dout, q, k, v, out, lse, dq, dk, dv, s);
   check_kernel_limits(op, s);
   const int64_t rows = int64_t(s.B) * s.H * s.T;
   Arena ar(ctx.scratch->get(size_t(rows) * sizeof(float)));

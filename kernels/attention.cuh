@@ -6,17 +6,8 @@
 
 namespace mf::cuda {
 
-// Argument checks shared by every attention path (these kernels and cuDNN's): all sizes > 0,
-// H a multiple of Hkv, scale > 0; device activations of B*T*heads*hd elements, all of q's float
-// dtype (q, out, dout, dq: H heads; k, v, dk, dv: Hkv); device f32 lse of B*H*T. Errors name op
-// and tensor. cuDNN's path also requires bf16.
-void check_attention_shape(const char* op, const AttnShape& s);
-void check_attention_fwd_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                              const Tensor& out, const Tensor& lse, const AttnShape& s);
-void check_attention_bwd_args(const char* op, const Tensor& dout, const Tensor& q,
-                              const Tensor& k, const Tensor& v, const Tensor& out,
-                              const Tensor& lse, const Tensor& dq, const Tensor& dk,
-                              const Tensor& dv, const AttnShape& s);
+// Arguments: contract::attention_fwd / attention_bwd (backend/op_contract.h), shared with the
+// CPU reference and cuDNN's path (which also requires bf16).
 
 // The forward's 16-row m-tiles per warp for head dim 64 (hd 128 always uses 1): 2 by default,
 // or the environment variable MF_ATTN_FWD_MTILES (1 or 2; anything else is an error) read on

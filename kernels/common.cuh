@@ -18,6 +18,7 @@
 #include <string>
 
 #include "backend/cuda/sizes.h"
+#include "backend/op_contract.h"
 #include "core/error.h"
 #include "core/tensor.h"
 

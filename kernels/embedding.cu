@@ -118,14 +118,7 @@ void launch_embedding_bwd(const EmbeddingParams& p, const uint64_t* sorted, cuda
 }
 
 void op_embedding_fwd(const Ctx& ctx, const Tensor& tokens, const Tensor& wte, Tensor& out) {
-  const char* op = "embedding_fwd";
-  check_dtype(op, "tokens", tokens, DType::I32);
-  check_float(op, "wte", wte);
-  check_float(op, "out", out);
-  MF_CHECK(wte.ndim() == 2, op, ": ", describe("wte", wte), " must be [V,d]");
-  const int64_t V = wte.dim(0), d = wte.dim(1), N = tokens.numel();
-  MF_CHECK(rows_of(op, "out", out, d) == N, op, ": ", describe("out", out), " must be [N=", N,
-           ",", d, "]");
+  const auto [N, V, d] = contract::embedding_fwd(contract::kCuda, tokens, wte, out);
   EmbeddingParams p{tokens.data<int32_t>(), wte.ptr, out.ptr, nullptr, nullptr, N, V, d};
   const bool wf = wte.dtype == DType::F32, of = out.dtype == DType::F32;
   if (wf && of) return launch_embedding_fwd<float, float>(p, ctx.stream);
@@ -135,15 +128,8 @@ void op_embedding_fwd(const Ctx& ctx, const Tensor& tokens, const Tensor& wte, T
 }
 
 void op_embedding_bwd(const Ctx& ctx, const Tensor& tokens, const Tensor& dout, Tensor& dwte) {
-  const char* op = "embedding_bwd";
-  check_dtype(op, "tokens", tokens, DType::I32);
-  check_float(op, "dout", dout);
-  check_dtype(op, "dwte", dwte, DType::F32);
-  MF_CHECK(dwte.ndim() == 2, op, ": ", describe("dwte", dwte), " must be [V,d]");
-  const int64_t V = dwte.dim(0), d = dwte.dim(1), N = tokens.numel();
-  MF_CHECK(rows_of(op, "dout", dout, d) == N, op, ": ", describe("dout", dout), " must be [N=",
-           N, ",", d, "]");
-  MF_CHECK(N <= 0x7fffffff / kWarp, op, ": ", N, " tokens is too many for one launch");
+  const auto [N, V, d] = contract::embedding_bwd(contract::kCuda, tokens, dout, dwte);
+  MF_CHECK(N <= 0x7fffffff / kWarp, "embedding_bwd: ", N, " tokens is too many for one launch");
   if (N == 0 || d == 0 || V == 0) return;
   EmbeddingParams p{tokens.data<int32_t>(), nullptr, nullptr, dout.ptr, dwte.data<float>(), N, V, d};
   Arena sz;

@@ -111,16 +111,7 @@ void launch_gemm_fallback(const GemmArgs& g, cudaStream_t stream) {
 
 // ---- linear entries ---------------------------------------------------------------------------
 void op_matmul_fwd(const Ctx& ctx, const Tensor& x, const Tensor& W, Tensor& y) {
-  const char* op = "matmul_fwd";
-  check_float(op, "x", x);
-  check_float(op, "W", W);
-  check_float(op, "y", y);
-  MF_CHECK(W.ndim() == 2, op, ": ", describe("W", W), " must be [out,in]");
-  MF_CHECK(x.dtype == W.dtype, op, ": ", describe("x", x), " and ", describe("W", W),
-           " must share a dtype (the compute weight is Param::weight)");
-  const int64_t out = W.dim(0), in = W.dim(1);
-  const int64_t N = rows_of(op, "x", x, in);
-  MF_CHECK(rows_of(op, "y", y, out) == N, op, ": ", describe("y", y), " must be [", N, ",", out, "]");
+  const auto [N, in, out] = contract::matmul_fwd(contract::kCuda, x, W, y);
   GemmArgs g;
   g.transA = false; g.transB = true;
   g.M = N; g.N = out; g.K = in;
@@ -134,21 +125,8 @@ void op_matmul_fwd(const Ctx& ctx, const Tensor& x, const Tensor& W, Tensor& y) 
 
 void op_matmul_bwd(const Ctx& ctx, const Tensor& dy, const Tensor& x, const Tensor& W, Tensor* dx,
                    Tensor* dW, bool accumulate_dx) {
-  const char* op = "matmul_bwd";
-  check_float(op, "dy", dy);
-  check_float(op, "x", x);
-  check_float(op, "W", W);
-  MF_CHECK(W.ndim() == 2, op, ": ", describe("W", W), " must be [out,in]");
-  MF_CHECK(dy.dtype == W.dtype && x.dtype == W.dtype, op, ": ", describe("dy", dy), ", ",
-           describe("x", x), " and ", describe("W", W), " must share a dtype");
-  const int64_t out = W.dim(0), in = W.dim(1);
-  const int64_t N = rows_of(op, "x", x, in);
-  MF_CHECK(rows_of(op, "dy", dy, out) == N, op, ": ", describe("dy", dy), " must be [", N, ",",
-           out, "]");
+  const auto [N, in, out] = contract::matmul_bwd(contract::kCuda, dy, x, W, dx, dW);
   if (dx) {
-    check_float(op, "dx", *dx);
-    MF_CHECK(rows_of(op, "dx", *dx, in) == N, op, ": ", describe("dx", *dx), " must be [", N, ",",
-             in, "]");
     GemmArgs g;  // dx[N,in] = dy[N,out] W[out,in]
     g.M = N; g.N = in; g.K = out;
     g.A = dy.ptr; g.lda = out;
@@ -159,9 +137,6 @@ void op_matmul_bwd(const Ctx& ctx, const Tensor& dy, const Tensor& x, const Tens
     ctx.lt->gemm(g);
   }
   if (dW) {
-    check_float(op, "dW", *dW);
-    MF_CHECK(dW->shape == W.shape, op, ": ", describe("dW", *dW), " must have the shape of ",
-             describe("W", W));
     GemmArgs g;  // dW[out,in] += dy^T[out,N] x[N,in]
     g.transA = true;
     g.M = out; g.N = in; g.K = N;

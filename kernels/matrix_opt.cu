@@ -25,10 +25,6 @@ unsigned mo_blocks(int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);               \
        i += int64_t(gridDim.x) * blockDim.x)
 
-void check_f32_matrix(const char* op, const char* name, const Tensor& t) {
-  check_dtype(op, name, t, DType::F32);
-  MF_CHECK(t.ndim() == 2, op, ": ", describe(name, t), " must be a matrix");
-}
 
 // ---- NorMuon ---------------------------------------------------------------------------------
 
@@ -193,14 +189,7 @@ __global__ void sym_cast_kernel(const double* R, float* out, int64_t n) {
 
 void op_block_copy(const Ctx& ctx, const Tensor& src, int64_t sr, int64_t sc, Tensor& dst,
                    int64_t dr, int64_t dc, int64_t rows, int64_t cols) {
-  const char* op = "block_copy";
-  check_f32_matrix(op, "src", src);
-  check_f32_matrix(op, "dst", dst);
-  MF_CHECK(rows >= 0 && cols >= 0 && sr >= 0 && sc >= 0 && dr >= 0 && dc >= 0 &&
-               sr + rows <= src.dim(0) && sc + cols <= src.dim(1) && dr + rows <= dst.dim(0) &&
-               dc + cols <= dst.dim(1),
-           op, ": window ", rows, "x", cols, " at (", sr, ",", sc, ") of ", shape_str(src.shape),
-           " -> (", dr, ",", dc, ") of ", shape_str(dst.shape), " is out of range");
+  contract::block_copy(contract::kCuda, src, sr, sc, dst, dr, dc, rows, cols);
   if (rows == 0 || cols == 0) return;
   const int64_t ls = src.dim(1), ld = dst.dim(1);
   const float* s = src.data<float>() + sr * ls + sc;
@@ -228,20 +217,14 @@ void op_block_copy(const Ctx& ctx, const Tensor& src, int64_t sr, int64_t sc, Te
 // both run kernels/muon.cu's run_newton_schulz (batched over a stack [k,r,c]).
 void op_newton_schulz_coeffs(const Ctx& ctx, const Tensor& U, Tensor& O,
                              const std::vector<float>& coeffs, float norm_mult) {
-  const char* op = "newton_schulz_coeffs";
-  check_ns_stack(op, U, O);  // [r,c] or a stack [k,r,c], each slice on its own
-  MF_CHECK(coeffs.size() % 3 == 0, op, ": coeffs must hold (a,b,c) triples, got ", coeffs.size(),
-           " values");
-  MF_CHECK(norm_mult > 0, op, ": norm_mult must be > 0, got ", norm_mult);
+  contract::newton_schulz_coeffs(contract::kCuda, U, O, coeffs, norm_mult);
+  check_ns_slices("newton_schulz_coeffs", U);
   run_newton_schulz(ctx, DType::F32, U, O, coeffs, double(norm_mult));
 }
 
 void op_normuon_normalize(const Ctx& ctx, Tensor& O, Tensor& v, float beta2, float eps) {
   const char* op = "normuon_normalize";
-  check_f32_matrix(op, "O", O);
-  check_dtype(op, "v", v, DType::F32);
-  MF_CHECK(v.numel() == O.dim(0), op, ": ", describe("v", v), " must have ", O.dim(0),
-           " entries (one per row of ", describe("O", O), ")");
+  contract::normuon_normalize(contract::kCuda, O, v);
   const int64_t r = O.dim(0), c = O.dim(1);
   if (r == 0 || c == 0) return;
   MF_CHECK(r <= int64_t(0x7fffffff), op, ": ", r, " rows are too many for one launch");
@@ -264,11 +247,7 @@ void op_normuon_normalize(const Ctx& ctx, Tensor& O, Tensor& v, float beta2, flo
 }
 
 void op_cautious_decay(const Ctx& ctx, Tensor& p, const Tensor& u, float decay) {
-  const char* op = "cautious_decay";
-  check_dtype(op, "param", p, DType::F32);
-  check_dtype(op, "update", u, DType::F32);
-  MF_CHECK(u.shape == p.shape, op, ": ", describe("update", u), " must have the shape of ",
-           describe("param", p));
+  contract::cautious_decay(contract::kCuda, p, u);
   const int64_t n = p.numel();
   if (n == 0) return;
   cautious_decay_kernel<<<mo_blocks(n), kMoThreads, 0, ctx.stream>>>(p.data<float>(),
@@ -279,14 +258,7 @@ void op_cautious_decay(const Ctx& ctx, Tensor& p, const Tensor& u, float decay) 
 
 void op_adam_precond(const Ctx& ctx, const Tensor& num, const Tensor& g, Tensor& v, Tensor& out,
                      float b2, float eps, float bc1, float bc2) {
-  const char* op = "adam_precond";
-  check_dtype(op, "num", num, DType::F32);
-  check_dtype(op, "g", g, DType::F32);
-  check_dtype(op, "v", v, DType::F32);
-  check_dtype(op, "out", out, DType::F32);
-  MF_CHECK(g.shape == num.shape && v.shape == num.shape && out.shape == num.shape, op,
-           ": shapes differ: ", describe("num", num), ", ", describe("g", g), ", ",
-           describe("v", v), ", ", describe("out", out));
+  contract::adam_precond(contract::kCuda, num, g, v, out);
   const int64_t n = num.numel();
   if (n == 0) return;
   AdamPrecondParams p{num.data<float>(), g.data<float>(), v.data<float>(), out.data<float>(),

@@ -528,32 +528,10 @@ void launch_moe_rows(const MoeRowsParams& p, int64_t blocks, cudaStream_t stream
 
 namespace {
 
-// t must be [rows, cols], or [cols] when rows == 1 (as the CPU backend accepts).
-void check_mat(const char* op, const char* name, const Tensor& t, int64_t rows, int64_t cols,
-               const char* what) {
-  const bool ok = (t.ndim() == 2 && t.dim(0) == rows && t.dim(1) == cols) ||
-                  (t.ndim() == 1 && rows == 1 && t.dim(0) == cols);
-  MF_CHECK(ok, op, ": ", describe(name, t), " must be [", rows, ",", cols, "] (", what, ")");
-}
-
-void check_args(const char* op, const MoeRouterArgs& a) {
-  MF_CHECK(a.E > 0 && a.k > 0 && a.k <= a.E, op, ": top_k ", a.k, " and n_experts ", a.E,
-           " must satisfy 0 < top_k <= n_experts (model.moe)");
-  MF_CHECK(a.E <= kMoeMaxExperts, op, ": n_experts ", a.E, " exceeds the CUDA router's limit of ",
+// The router kernels' own limit (the contract is contract::moe_route_args).
+void check_expert_limit(const char* op, int E) {
+  MF_CHECK(E <= kMoeMaxExperts, op, ": n_experts ", E, " exceeds the CUDA limit of ",
            kMoeMaxExperts, " (model.moe.n_experts)");
-  MF_CHECK(a.route_scale > 0.f, op, ": route_scale ", a.route_scale,
-           " must be positive (model.moe.route_scale)");
-}
-
-// Matrices of the same row dtype (act dtype) and width.
-void check_rows_pair(const char* op, const char* an, const Tensor& A, const char* bn,
-                     const Tensor& B) {
-  check_float(op, an, A);
-  check_float(op, bn, B);
-  MF_CHECK(A.dtype == B.dtype, op, ": ", describe(an, A), " and ", describe(bn, B),
-           " must have the same dtype");
-  MF_CHECK(A.ndim() == 2 && B.ndim() == 2 && A.dim(1) == B.dim(1), op, ": ", describe(an, A),
-           " and ", describe(bn, B), " must be matrices of the same width");
 }
 
 template <MoeRowOp OP>
@@ -570,27 +548,9 @@ void op_moe_router_fwd(const Ctx& ctx, const Tensor& x, const Tensor& Wr, const 
                        const MoeRouterArgs& a, Tensor& probs, Tensor& topk_idx, Tensor& topk_w,
                        Tensor& counts, Tensor& score_sum) {
   const char* op = "moe_router_fwd";
-  check_args(op, a);
-  check_float(op, "x", x);
-  check_dtype(op, "Wr", Wr, DType::F32);
-  MF_CHECK(Wr.ndim() == 2 && Wr.dim(0) == a.E && Wr.dim(1) > 0, op, ": ", describe("Wr", Wr),
-           " must be [", a.E, ",d] (n_experts x d_model)");
-  const int64_t d = Wr.dim(1);
-  const int64_t N = rows_of(op, "x", x, d);
-  if (bias) {
-    check_dtype(op, "bias", *bias, DType::F32);
-    check_mat(op, "bias", *bias, 1, a.E, "one per expert");
-  }
-  check_dtype(op, "probs", probs, DType::F32);
-  check_mat(op, "probs", probs, N, a.E, "tokens x experts");
-  check_dtype(op, "topk_idx", topk_idx, DType::I32);
-  check_mat(op, "topk_idx", topk_idx, N, a.k, "tokens x top_k");
-  check_dtype(op, "topk_w", topk_w, DType::F32);
-  check_mat(op, "topk_w", topk_w, N, a.k, "tokens x top_k");
-  check_dtype(op, "counts", counts, DType::I32);
-  check_mat(op, "counts", counts, 1, a.E, "one per expert");
-  check_dtype(op, "score_sum", score_sum, DType::F32);
-  check_mat(op, "score_sum", score_sum, 1, a.E, "one per expert");
+  const auto [N, d] = contract::moe_router_fwd(contract::kCuda, x, Wr, bias, a, probs, topk_idx,
+                                               topk_w, counts, score_sum);
+  check_expert_limit(op, a.E);
   MF_CHECK(N * a.k <= 0x7fffffff, op, ": ", N, " tokens x top_k ", a.k, " is too many slots");
 
   const bool widen = x.dtype == DType::BF16;
@@ -644,32 +604,9 @@ void op_moe_router_bwd(const Ctx& ctx, const Tensor& dtopk_w, const Tensor* aux_
                        const Tensor& x, const Tensor& Wr, const Tensor& probs,
                        const Tensor& topk_idx, const MoeRouterArgs& a, Tensor& dlogits,
                        Tensor& dx, Tensor& dWr) {
-  const char* op = "moe_router_bwd";
-  check_args(op, a);
-  check_float(op, "x", x);
-  check_dtype(op, "Wr", Wr, DType::F32);
-  MF_CHECK(Wr.ndim() == 2 && Wr.dim(0) == a.E && Wr.dim(1) > 0, op, ": ", describe("Wr", Wr),
-           " must be [", a.E, ",d] (n_experts x d_model)");
-  const int64_t d = Wr.dim(1);
-  const int64_t N = rows_of(op, "x", x, d);
-  check_dtype(op, "dtopk_w", dtopk_w, DType::F32);
-  check_mat(op, "dtopk_w", dtopk_w, N, a.k, "tokens x top_k");
-  if (aux_grad) {
-    check_dtype(op, "aux_grad", *aux_grad, DType::F32);
-    check_mat(op, "aux_grad", *aux_grad, 1, a.E, "one per expert");
-  }
-  check_dtype(op, "probs", probs, DType::F32);
-  check_mat(op, "probs", probs, N, a.E, "tokens x experts");
-  check_dtype(op, "topk_idx", topk_idx, DType::I32);
-  check_mat(op, "topk_idx", topk_idx, N, a.k, "tokens x top_k");
-  check_dtype(op, "dlogits", dlogits, DType::F32);
-  check_mat(op, "dlogits", dlogits, N, a.E, "tokens x experts");
-  check_float(op, "dx", dx);
-  MF_CHECK(dx.shape == x.shape, op, ": ", describe("dx", dx), " must have the shape of ",
-           describe("x", x));
-  check_dtype(op, "dWr", dWr, DType::F32);
-  MF_CHECK(dWr.shape == Wr.shape, op, ": ", describe("dWr", dWr), " must have the shape of ",
-           describe("Wr", Wr));
+  const auto [N, d] = contract::moe_router_bwd(contract::kCuda, dtopk_w, aux_grad, x, Wr, probs,
+                                               topk_idx, a, dlogits, dx, dWr);
+  check_expert_limit("moe_router_bwd", a.E);
   if (N == 0) return;
 
   MoeRouteBwdParams bp{dtopk_w.data<float>(), aux_grad ? aux_grad->data<float>() : nullptr,
@@ -728,21 +665,10 @@ void op_moe_router_bwd(const Ctx& ctx, const Tensor& dtopk_w, const Tensor* aux_
 void op_moe_permute(const Ctx& ctx, const Tensor& topk_idx, int E, int64_t capacity,
                     Tensor& offsets, Tensor& row_of, Tensor& row_token) {
   const char* op = "moe_permute";
-  MF_CHECK(E > 0, op, ": n_experts ", E, " must be positive (model.moe.n_experts)");
-  MF_CHECK(E <= kMoeMaxExperts, op, ": n_experts ", E, " exceeds the CUDA limit of ",
-           kMoeMaxExperts, " (model.moe.n_experts)");
-  check_dtype(op, "topk_idx", topk_idx, DType::I32);
-  MF_CHECK(topk_idx.ndim() == 2, op, ": ", describe("topk_idx", topk_idx), " must be [N,k]");
-  const int64_t N = topk_idx.dim(0), k = topk_idx.dim(1);
+  const auto [N, k] = contract::moe_permute(contract::kCuda, topk_idx, E, offsets, row_of,
+                                            row_token);
+  check_expert_limit(op, E);
   MF_CHECK(N * k <= 0x7fffffff, op, ": ", describe("topk_idx", topk_idx), " has too many slots");
-  check_dtype(op, "offsets", offsets, DType::I32);
-  check_mat(op, "offsets", offsets, 1, E + 1, "n_experts + 1");
-  check_dtype(op, "row_of", row_of, DType::I32);
-  MF_CHECK(row_of.shape == topk_idx.shape, op, ": ", describe("row_of", row_of),
-           " must have the shape of ", describe("topk_idx", topk_idx));
-  check_dtype(op, "row_token", row_token, DType::I32);
-  MF_CHECK(row_token.numel() == N * k, op, ": ", describe("row_token", row_token),
-           " must have ", N * k, " elements (N * top_k)");
   Arena sz;
   sz.take<int32_t>(size_t(E));
   sz.take<int32_t>(size_t(E));
@@ -757,23 +683,15 @@ void op_moe_permute(const Ctx& ctx, const Tensor& topk_idx, int E, int64_t capac
 }
 
 void op_moe_gather(const Ctx& ctx, const Tensor& x, const Tensor& row_token, Tensor& xg) {
-  const char* op = "moe_gather";
-  check_rows_pair(op, "x", x, "xg", xg);
-  check_dtype(op, "row_token", row_token, DType::I32);
+  contract::moe_gather(contract::kCuda, x, row_token, xg);
   const int64_t M = xg.dim(0);
-  MF_CHECK(row_token.numel() >= M, op, ": ", describe("row_token", row_token),
-           " has fewer entries than the ", M, " rows of xg");
   MoeRowsParams p{x.ptr, xg.ptr, nullptr, row_token.data<int32_t>(), nullptr, nullptr,
                   x.dim(0), x.dim(1), 1, false};
   dispatch_rows<MoeRowOp::Gather>(x.dtype, p, M, ctx.stream);
 }
 
 void op_moe_gather_bwd(const Ctx& ctx, const Tensor& dxg, const Tensor& row_of, Tensor& dx) {
-  const char* op = "moe_gather_bwd";
-  check_rows_pair(op, "dxg", dxg, "dx", dx);
-  check_dtype(op, "row_of", row_of, DType::I32);
-  MF_CHECK(row_of.ndim() == 2 && row_of.dim(0) == dx.dim(0), op, ": ", describe("row_of", row_of),
-           " must be [N,k] with N = ", dx.dim(0), " (rows of dx)");
+  contract::moe_gather_bwd(contract::kCuda, dxg, row_of, dx);
   MoeRowsParams p{dxg.ptr, dx.ptr, nullptr, row_of.data<int32_t>(), nullptr, nullptr,
                   dxg.dim(0), dx.dim(1), int(row_of.dim(1)), false};
   dispatch_rows<MoeRowOp::GatherBwd>(dx.dtype, p, dx.dim(0), ctx.stream);
@@ -781,14 +699,7 @@ void op_moe_gather_bwd(const Ctx& ctx, const Tensor& dxg, const Tensor& row_of, 
 
 void op_moe_combine_fwd(const Ctx& ctx, const Tensor& yg, const Tensor& topk_w,
                         const Tensor& row_of, Tensor& out, bool accumulate) {
-  const char* op = "moe_combine_fwd";
-  check_rows_pair(op, "yg", yg, "out", out);
-  check_dtype(op, "topk_w", topk_w, DType::F32);
-  check_dtype(op, "row_of", row_of, DType::I32);
-  MF_CHECK(row_of.ndim() == 2 && row_of.dim(0) == out.dim(0), op, ": ", describe("row_of", row_of),
-           " must be [N,k] with N = ", out.dim(0), " (rows of out)");
-  MF_CHECK(topk_w.shape == row_of.shape, op, ": ", describe("topk_w", topk_w),
-           " must have the shape of ", describe("row_of", row_of));
+  contract::moe_combine_fwd(contract::kCuda, yg, topk_w, row_of, out);
   MoeRowsParams p{yg.ptr, out.ptr, nullptr, row_of.data<int32_t>(), topk_w.data<float>(), nullptr,
                   yg.dim(0), out.dim(1), int(row_of.dim(1)), accumulate};
   dispatch_rows<MoeRowOp::CombineFwd>(out.dtype, p, out.dim(0), ctx.stream);
@@ -797,19 +708,7 @@ void op_moe_combine_fwd(const Ctx& ctx, const Tensor& yg, const Tensor& topk_w,
 void op_moe_combine_bwd(const Ctx& ctx, const Tensor& dout, const Tensor& yg,
                         const Tensor& topk_w, const Tensor& row_of, Tensor& dyg,
                         Tensor& dtopk_w) {
-  const char* op = "moe_combine_bwd";
-  check_rows_pair(op, "yg", yg, "dout", dout);
-  check_rows_pair(op, "dyg", dyg, "yg", yg);
-  MF_CHECK(dyg.shape == yg.shape, op, ": ", describe("dyg", dyg), " must have the shape of ",
-           describe("yg", yg));
-  check_dtype(op, "topk_w", topk_w, DType::F32);
-  check_dtype(op, "dtopk_w", dtopk_w, DType::F32);
-  check_dtype(op, "row_of", row_of, DType::I32);
-  MF_CHECK(row_of.ndim() == 2 && row_of.dim(0) == dout.dim(0), op, ": ",
-           describe("row_of", row_of), " must be [N,k] with N = ", dout.dim(0), " (rows of dout)");
-  MF_CHECK(topk_w.shape == row_of.shape && dtopk_w.shape == row_of.shape, op, ": ",
-           describe("topk_w", topk_w), " and ", describe("dtopk_w", dtopk_w),
-           " must have the shape of ", describe("row_of", row_of));
+  contract::moe_combine_bwd(contract::kCuda, dout, yg, topk_w, row_of, dyg, dtopk_w);
   MoeRowsParams p{yg.ptr, dyg.ptr, dout.ptr, row_of.data<int32_t>(), topk_w.data<float>(),
                   dtopk_w.data<float>(), yg.dim(0), dout.dim(1), int(row_of.dim(1)), false};
   if (dout.dim(1) == 0) {  // nothing to write into dyg; the dots are 0

@@ -176,12 +176,7 @@ static dim3 slice_grid(int64_t per, int64_t k) {
 
 void op_muon_momentum(const Ctx& ctx, const Tensor& g, Tensor& M, Tensor& U, float mu,
                       bool nesterov, float grad_scale) {
-  const char* op = "muon_momentum";
-  check_dtype(op, "grad", g, DType::F32);
-  check_dtype(op, "momentum_buffer", M, DType::F32);
-  check_dtype(op, "output U", U, DType::F32);
-  MF_CHECK(M.shape == g.shape && U.shape == g.shape, op, ": ", describe("momentum_buffer", M),
-           " and ", describe("output U", U), " must have the shape of ", describe("grad", g));
+  contract::muon_momentum(contract::kCuda, g, M, U);
   MomentumParams p{g.data<float>(), M.data<float>(), U.data<float>(), g.numel(), mu, grad_scale,
                    nesterov};
   if (p.n == 0) return;
@@ -271,13 +266,7 @@ void run_newton_schulz_t(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
 
 }  // namespace
 
-void check_ns_stack(const char* op, const Tensor& U, const Tensor& O) {
-  check_dtype(op, "input", U, DType::F32);
-  check_dtype(op, "output", O, DType::F32);
-  MF_CHECK(U.ndim() == 2 || U.ndim() == 3, op, ": input must be a matrix [r,c] or a stack [k,r,c], got ",
-           describe("U", U));
-  MF_CHECK(O.shape == U.shape, op, ": ", describe("output", O), " must have the shape of ",
-           describe("input", U));
+void check_ns_slices(const char* op, const Tensor& U) {
   MF_CHECK(U.ndim() == 2 || U.dim(0) <= int64_t(0x7fffffff), op, ": ", U.dim(0),
            " slices are too many for one call");
 }
@@ -291,9 +280,8 @@ void run_newton_schulz(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
 
 void op_newton_schulz(const Ctx& ctx, const Tensor& U, Tensor& O, int steps, float a, float b,
                       float c, DType dt) {
-  const char* op = "newton_schulz";
-  check_ns_stack(op, U, O);
-  MF_CHECK(steps >= 0, op, ": steps must be >= 0, got ", steps);
+  contract::newton_schulz(contract::kCuda, U, O, steps);
+  check_ns_slices("newton_schulz", U);
   std::vector<float> coeffs;
   for (int i = 0; i < steps; ++i) coeffs.insert(coeffs.end(), {a, b, c});
   run_newton_schulz(ctx, dt, U, O, coeffs, 1.0);

@@ -21,13 +21,14 @@ void op_newton_schulz(const Ctx& ctx, const Tensor& U, Tensor& O, int steps, flo
 
 // The shared implementation of op_newton_schulz (dt = BF16, one (a,b,c) repeated) and
 // op_newton_schulz_coeffs (dt = F32, kernels/matrix_opt.cu): U, O f32 [r,c] or [k,r,c], already
-// checked (check_ns_stack); coeffs holds (a,b,c) triples, one per iteration; X_s = U_s /
+// checked (the op's contract and check_ns_slices); coeffs holds (a,b,c) triples, one per iteration; X_s = U_s /
 // (norm_mult ||U_s||_F + 1e-7) in dtype dt. Per-slice norms by a deterministic two-pass
 // reduction (grid P x k, then one block per slice), batched prepare / finish kernels.
 void run_newton_schulz(const Ctx& ctx, DType dt, const Tensor& U, Tensor& O,
                        const std::vector<float>& coeffs, double norm_mult);
-// f32 U and O of one shape, [r,c] or [k,r,c]; mf::Error naming op otherwise.
-void check_ns_stack(const char* op, const Tensor& U, const Tensor& O);
+// A stack's slice count fits the kernels' grid (the rest of the contract:
+// contract::newton_schulz / newton_schulz_coeffs); mf::Error naming op otherwise.
+void check_ns_slices(const char* op, const Tensor& U);
 
 // One Newton-Schulz iteration on k slices X_s [m,n] (dtype dt, row-major, slice stride xs
 // elements) with scratch A, B (k slices [m,m], stride as) and the output Xn (like X):

@@ -273,25 +273,9 @@ void launch_rmsnorm_bwd(const RmsnormParams& p, size_t max_smem, cudaStream_t st
 
 void op_add_rmsnorm_fwd(const Ctx& ctx, const Tensor& resid_in, const Tensor* branch,
                         Tensor& resid_out, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
-  const char* op = "add_rmsnorm_fwd";
-  check_float(op, "resid_in", resid_in);
-  check_float(op, "resid_out", resid_out);
-  check_float(op, "w", w);
-  check_float(op, "y", y);
-  check_dtype(op, "rstd", rstd, DType::F32);
-  MF_CHECK(w.ndim() == 1, op, ": ", describe("w", w), " must be [d]");
-  const int64_t d = w.dim(0);
-  const int64_t N = rows_of(op, "resid_in", resid_in, d);
+  const auto [N, d] =
+      contract::add_rmsnorm_fwd(contract::kCuda, resid_in, branch, resid_out, w, eps, y, rstd);
   const DType T = resid_in.dtype;
-  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"resid_out", &resid_out}, {"y", &y},
-                         {"branch", branch}}) {
-    if (!t) continue;
-    check_float(op, name, *t);
-    MF_CHECK(t->dtype == T && rows_of(op, name, *t, d) == N, op, ": ", describe(name, *t),
-             " must match ", describe("resid_in", resid_in));
-  }
-  check_numel(op, "rstd", rstd, N, "one per row");
-  MF_CHECK(eps >= 0.f, op, ": eps ", eps, " must be >= 0 (model.norm_eps)");
   RmsnormParams p{};
   p.resid_in = resid_in.ptr;
   p.branch = branch ? branch->ptr : nullptr;
@@ -311,21 +295,7 @@ void op_add_rmsnorm_fwd(const Ctx& ctx, const Tensor& resid_in, const Tensor* br
 
 void op_rmsnorm_bwd(const Ctx& ctx, const Tensor& dy, const Tensor& x, const Tensor& w,
                     const Tensor& rstd, Tensor& dx, Tensor& dw) {
-  const char* op = "rmsnorm_bwd";
-  check_float(op, "dy", dy);
-  check_float(op, "x", x);
-  check_float(op, "w", w);
-  check_float(op, "dx", dx);
-  check_dtype(op, "rstd", rstd, DType::F32);
-  check_dtype(op, "dw", dw, DType::F32);
-  MF_CHECK(w.ndim() == 1, op, ": ", describe("w", w), " must be [d]");
-  const int64_t d = w.dim(0);
-  const int64_t N = rows_of(op, "x", x, d);
-  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"dy", &dy}, {"dx", &dx}})
-    MF_CHECK(t->dtype == x.dtype && rows_of(op, name, *t, d) == N, op, ": ", describe(name, *t),
-             " must match ", describe("x", x));
-  check_numel(op, "rstd", rstd, N, "one per row");
-  check_numel(op, "dw", dw, d, "one per column");
+  const auto [N, d] = contract::rmsnorm_bwd(contract::kCuda, dy, x, w, rstd, dx, dw);
   RmsnormParams p{};
   p.dy = dy.ptr;
   p.x = x.ptr;

@@ -128,13 +128,7 @@ void rope_table(const Ctx& ctx, int T, int half, float theta, bool inverse, floa
 
 void rope_entry(const Ctx& ctx, const char* op, const char* xn, const Tensor& x, const char* yn,
                 Tensor& y, float theta, bool inverse) {
-  check_float(op, xn, x);
-  check_float(op, yn, y);
-  MF_CHECK(x.ndim() == 4, op, ": ", describe(xn, x), " must be [B,T,H,hd]");
-  MF_CHECK(y.shape == x.shape && y.dtype == x.dtype, op, ": ", describe(yn, y), " must match ",
-           describe(xn, x));
-  MF_CHECK(x.dim(3) % 2 == 0, op, ": head_dim ", x.dim(3), " must be even for rotary embedding");
-  MF_CHECK(theta > 0.f, op, ": rope_theta ", theta, " must be positive (model.rope_theta)");
+  contract::rope(contract::kCuda, op, xn, x, yn, y, theta);
   MF_CHECK(x.dim(1) <= 0x7fffffff && x.dim(2) * x.dim(3) <= 0x7fffffff, op, ": ",
            describe(xn, x), " is too large (a position's heads must hold fewer than 2^31 elements)");
   const int T = int(x.dim(1)), H = int(x.dim(2)), half = int(x.dim(3) / 2);
@@ -162,19 +156,7 @@ template <bool MERGE>
 void qkv_entry(const Ctx& ctx, const char* op, const char* pn, const Tensor& packed,
                const char* qn, const Tensor& q, const char* kn, const Tensor& k, const char* vn,
                const Tensor& v, float theta) {
-  for (auto [n, t] : {std::pair<const char*, const Tensor*>{pn, &packed}, {qn, &q}, {kn, &k}, {vn, &v}}) {
-    check_float(op, n, *t);
-    MF_CHECK(t->ndim() == 4 && t->dtype == q.dtype, op, ": ", describe(n, *t),
-             " must be [B,T,heads,hd] of the dtype of ", describe(qn, q));
-  }
-  MF_CHECK(v.shape == k.shape, op, ": ", describe(vn, v), " must match ", describe(kn, k));
-  MF_CHECK(q.dim(0) == k.dim(0) && q.dim(1) == k.dim(1) && q.dim(3) == k.dim(3), op, ": ",
-           describe(kn, k), " must match ", describe(qn, q), " in B, T and hd");
-  MF_CHECK(packed.shape == Shape({q.dim(0), q.dim(1), q.dim(2) + 2 * k.dim(2), q.dim(3)}), op, ": ",
-           describe(pn, packed), " must be [B,T,H+2Hkv,hd] for ", describe(qn, q), " and ",
-           describe(kn, k));
-  MF_CHECK(q.dim(3) % 2 == 0, op, ": head_dim ", q.dim(3), " must be even for rotary embedding");
-  MF_CHECK(theta > 0.f, op, ": rope_theta ", theta, " must be positive (model.rope_theta)");
+  contract::qkv_rope(contract::kCuda, op, pn, packed, qn, q, kn, k, vn, v, theta);
   MF_CHECK(q.dim(1) <= 0x7fffffff && (q.dim(2) + 2 * k.dim(2)) * q.dim(3) <= 0x7fffffff, op, ": ",
            describe(pn, packed), " is too large (a row must have fewer than 2^31 elements)");
   if (packed.numel() == 0) return;

@@ -88,62 +88,21 @@ void run_swiglu(const SwigluParams& p, DType dtype, cudaStream_t stream) {
     launch_swiglu<bf16, BWD>(p, stream);
 }
 
-namespace {
-void check_like(const char* op, const char* name, const Tensor& t, const Tensor& gate) {
-  check_float(op, name, t);
-  MF_CHECK(t.dtype == gate.dtype && t.shape == gate.shape, op, ": ", describe(name, t),
-           " must match ", describe("gate", gate));
-}
-// [rows, f] from a 2-D (or wider: leading dims are rows) tensor.
-void rows_cols(const char* op, const char* name, const Tensor& t, int64_t& rows, int64_t& f) {
-  MF_CHECK(t.ndim() >= 1, op, ": ", describe(name, t), " needs at least one dimension");
-  f = t.dim(-1);
-  rows = f == 0 ? 0 : t.numel() / f;
-}
-}  // namespace
-
 void op_swiglu_fwd(const Ctx& ctx, const Tensor& gate, const Tensor& up, Tensor& h) {
-  const char* op = "swiglu_fwd";
-  check_float(op, "gate", gate);
-  check_like(op, "up", up, gate);
-  check_like(op, "h", h, gate);
-  int64_t rows, f;
-  rows_cols(op, "gate", gate, rows, f);
+  const auto [rows, f] = contract::swiglu_fwd(contract::kCuda, gate, up, h);
   SwigluParams p{gate.ptr, up.ptr, nullptr, h.ptr, nullptr, nullptr, rows, f, f, f, f};
   run_swiglu<false>(p, gate.dtype, ctx.stream);
 }
 
 void op_swiglu_bwd(const Ctx& ctx, const Tensor& dh, const Tensor& gate, const Tensor& up,
                    Tensor& dgate, Tensor& dup) {
-  const char* op = "swiglu_bwd";
-  check_float(op, "gate", gate);
-  check_like(op, "up", up, gate);
-  check_like(op, "dh", dh, gate);
-  check_like(op, "dgate", dgate, gate);
-  check_like(op, "dup", dup, gate);
-  MF_CHECK(dgate.ptr != dup.ptr, op, ": dgate and dup must be different tensors");
-  int64_t rows, f;
-  rows_cols(op, "gate", gate, rows, f);
+  const auto [rows, f] = contract::swiglu_bwd(contract::kCuda, dh, gate, up, dgate, dup);
   SwigluParams p{gate.ptr, up.ptr, dh.ptr, nullptr, dgate.ptr, dup.ptr, rows, f, f, f, f};
   run_swiglu<true>(p, gate.dtype, ctx.stream);
 }
 
-namespace {
-// gu [rows, 2f] and its companion [rows, f] (h or dh); returns f.
-int64_t check_packed(const char* op, const Tensor& gu, const char* name, const Tensor& t) {
-  check_float(op, "gu", gu);
-  check_float(op, name, t);
-  MF_CHECK(gu.ndim() == 2 && gu.dim(1) % 2 == 0, op, ": ", describe("gu", gu),
-           " must be [N, 2f] (gate in columns [0,f), up in [f,2f))");
-  MF_CHECK(t.dtype == gu.dtype && t.ndim() == 2 && t.dim(0) == gu.dim(0) && t.dim(1) * 2 == gu.dim(1),
-           op, ": ", describe(name, t), " must be [N, f] of ", describe("gu", gu));
-  return t.dim(1);
-}
-}  // namespace
-
 void op_swiglu_packed_fwd(const Ctx& ctx, const Tensor& gu, Tensor& h) {
-  const char* op = "swiglu_packed_fwd";
-  const int64_t f = check_packed(op, gu, "h", h);
+  const int64_t f = contract::swiglu_packed_fwd(contract::kCuda, gu, h).f;
   const size_t half = size_t(f) * dtype_size(gu.dtype);
   const char* base = static_cast<const char*>(gu.ptr);
   SwigluParams p{base, base + half, nullptr, h.ptr, nullptr, nullptr, gu.dim(0), f, 2 * f, f, 0};
@@ -151,11 +110,7 @@ void op_swiglu_packed_fwd(const Ctx& ctx, const Tensor& gu, Tensor& h) {
 }
 
 void op_swiglu_packed_bwd(const Ctx& ctx, const Tensor& dh, const Tensor& gu, Tensor& dgu) {
-  const char* op = "swiglu_packed_bwd";
-  const int64_t f = check_packed(op, gu, "dh", dh);
-  MF_CHECK(dgu.dtype == gu.dtype && dgu.shape == gu.shape, op, ": ", describe("dgu", dgu),
-           " must match ", describe("gu", gu));
-  MF_CHECK(dgu.ptr != gu.ptr, op, ": dgu must not alias gu");
+  const int64_t f = contract::swiglu_packed_bwd(contract::kCuda, dh, gu, dgu).f;
   const size_t half = size_t(f) * dtype_size(gu.dtype);
   const char* base = static_cast<const char*>(gu.ptr);
   char* dbase = static_cast<char*>(dgu.ptr);

@@ -160,26 +160,7 @@ void lmhead_xent_t(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tenso
 
 void op_lmhead_xent(const Ctx& ctx, const Tensor& x, const Tensor& W, const Tensor& targets,
                     float logit_scale, Tensor& losses, Tensor* dx, Tensor* dW, float loss_scale) {
-  const char* op = "lmhead_xent";
-  check_float(op, "x", x);  // bf16, or f32 for train.precision "fp32"
-  check_dtype(op, "W", W, x.dtype);
-  check_dtype(op, "targets", targets, DType::I32);
-  check_dtype(op, "losses", losses, DType::F32);
-  MF_CHECK(W.ndim() == 2, op, ": ", describe("W", W), " must be [V,d]");
-  const int64_t V = W.dim(0), d = W.dim(1);
-  MF_CHECK(V > 0, op, ": ", describe("W", W), " has no rows (vocab_size)");
-  const int64_t N = rows_of(op, "x", x, d);
-  check_numel(op, "targets", targets, N, "one per row of x");
-  check_numel(op, "losses", losses, N, "one per row of x");
-  if (dx) {
-    check_dtype(op, "dx", *dx, x.dtype);
-    MF_CHECK(dx->numel() == x.numel(), op, ": ", describe("dx", *dx), " must match ",
-             describe("x", x));
-  }
-  if (dW) {
-    check_float(op, "dW", *dW);
-    MF_CHECK(dW->shape == W.shape, op, ": ", describe("dW", *dW), " must match ", describe("W", W));
-  }
+  const int64_t N = contract::lmhead_xent(contract::kCuda, x, W, targets, losses, dx, dW).N;
   if (N == 0) return;
   if (x.dtype == DType::F32)
     return lmhead_xent_t<float>(ctx, x, W, targets, logit_scale, losses, dx, dW, loss_scale);

@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -819,5 +821,132 @@ TEST_CASE("cuda: mixed-dtype ops (bf16 with f32 weights and the reverse) match t
         CHECK(norm_err(fetch(*gpu, gy), fetch(*cpu, cy)) <= tol(act));
       }
     }
+  }
+}
+
+TEST_CASE("cuda and cpu backends reject bad arguments with the same message", "[gpu]") {
+  // Both backends' entries check their arguments with the op's contract (op_contract.h): for
+  // f32 tensors of the same shapes the two must fail with the same text.
+  MF_SKIP_WITHOUT_GPU();
+  auto gpu = make_backend("cuda");
+  auto cpu = make_backend("cpu");
+  using Call = std::function<void(Backend&)>;
+  const std::vector<std::pair<const char*, Call>> calls = {
+      {"matmul_fwd", [](Backend& b) {
+         Tensor x = b.empty({7, 33}, DType::F32), W = b.empty({5, 32}, DType::F32),
+                y = b.empty({7, 5}, DType::F32);
+         b.matmul_fwd(x, W, y);
+       }},
+      {"matmul_bwd", [](Backend& b) {
+         Tensor dy = b.empty({7, 5}, DType::F32), x = b.empty({7, 32}, DType::F32),
+                W = b.empty({5, 32}, DType::F32), dx = b.empty({6, 32}, DType::F32);
+         b.matmul_bwd(dy, x, W, &dx, nullptr, false);
+       }},
+      {"add_rmsnorm_fwd", [](Backend& b) {
+         Tensor x = b.empty({4, 16}, DType::F32), w = b.empty({16}, DType::F32),
+                y = b.empty({4, 16}, DType::F32), o = b.empty({4, 16}, DType::F32),
+                rstd = b.empty({5}, DType::F32);
+         b.add_rmsnorm_fwd(x, nullptr, o, w, 1e-5f, y, rstd);
+       }},
+      {"rmsnorm_bwd", [](Backend& b) {
+         Tensor x = b.empty({4, 16}, DType::F32), w = b.empty({16}, DType::F32),
+                dy = b.empty({4, 15}, DType::F32), dx = b.empty({4, 16}, DType::F32),
+                rstd = b.empty({4}, DType::F32), dw = b.empty({16}, DType::F32);
+         b.rmsnorm_bwd(dy, x, w, rstd, dx, dw);
+       }},
+      {"embedding_fwd", [](Backend& b) {
+         Tensor t = b.empty({6}, DType::I32), wte = b.empty({10, 8}, DType::F32),
+                out = b.empty({6, 9}, DType::F32);
+         b.embedding_fwd(t, wte, out);
+       }},
+      {"rope_fwd", [](Backend& b) {
+         Tensor x = b.empty({1, 2, 2, 5}, DType::F32);
+         b.rope_fwd(x, x, 1e4f);
+       }},
+      {"qkv_rope_split", [](Backend& b) {
+         Tensor p = b.empty({1, 2, 5, 4}, DType::F32), q = b.empty({1, 2, 4, 4}, DType::F32),
+                k = b.empty({1, 2, 1, 4}, DType::F32), v = b.empty({1, 2, 1, 4}, DType::F32);
+         b.qkv_rope_split(p, q, k, v, 1e4f);
+       }},
+      {"swiglu_packed_bwd", [](Backend& b) {
+         Tensor dh = b.empty({5, 7}, DType::F32), gu = b.empty({5, 16}, DType::F32),
+                dgu = b.empty({5, 16}, DType::F32);
+         b.swiglu_packed_bwd(dh, gu, dgu);
+       }},
+      {"swiglu_bwd", [](Backend& b) {
+         Tensor g = b.empty({5, 8}, DType::F32), u = b.empty({5, 8}, DType::F32),
+                dh = b.empty({5, 8}, DType::F32), dg = b.empty({5, 8}, DType::F32),
+                du = b.empty({4, 8}, DType::F32);
+         b.swiglu_bwd(dh, g, u, dg, du);
+       }},
+      {"lmhead_xent", [](Backend& b) {
+         Tensor x = b.empty({6, 8}, DType::F32), W = b.empty({11, 8}, DType::F32),
+                t = b.empty({5}, DType::I32), l = b.empty({6}, DType::F32);
+         b.lmhead_xent(x, W, t, 1.f, l, nullptr, nullptr, 1.f);
+       }},
+      {"attention_fwd", [](Backend& b) {
+         AttnShape s{1, 4, 3, 2, 8, 0.35f};
+         Tensor q = b.empty({1, 4, 3, 8}, DType::F32), k = b.empty({1, 4, 2, 8}, DType::F32),
+                o = b.empty({1, 4, 3, 8}, DType::F32), lse = b.empty({12}, DType::F32);
+         b.attention_fwd(q, k, k, o, lse, s);
+       }},
+      {"attention_bwd", [](Backend& b) {
+         AttnShape s{1, 4, 2, 1, 8, 0.35f};
+         Tensor q = b.empty({1, 4, 2, 8}, DType::F32), k = b.empty({1, 4, 1, 8}, DType::F32),
+                lse = b.empty({8}, DType::F32), dk = b.empty({1, 4, 2, 8}, DType::F32);
+         b.attention_bwd(q, q, k, k, q, lse, q, dk, k, s);
+       }},
+      {"moe_router_fwd", [](Backend& b) {
+         MoeRouterArgs a;
+         a.E = 4;
+         a.k = 2;
+         Tensor x = b.empty({6, 8}, DType::F32), Wr = b.empty({4, 8}, DType::F32),
+                p = b.empty({6, 4}, DType::F32), i = b.empty({6, 2}, DType::I32),
+                w = b.empty({6, 3}, DType::F32), c = b.empty({4}, DType::I32),
+                ss = b.empty({4}, DType::F32);
+         b.moe_router_fwd(x, Wr, nullptr, a, p, i, w, c, ss);
+       }},
+      {"moe_combine_bwd", [](Backend& b) {
+         Tensor dout = b.empty({3, 8}, DType::F32), yg = b.empty({6, 8}, DType::F32),
+                w = b.empty({3, 2}, DType::F32), r = b.empty({3, 2}, DType::I32),
+                dyg = b.empty({6, 8}, DType::F32), dw = b.empty({2, 3}, DType::F32);
+         b.moe_combine_bwd(dout, yg, w, r, dyg, dw);
+       }},
+      {"adamw_update", [](Backend& b) {
+         Tensor p = b.empty({3, 4}, DType::F32), g = b.empty({3, 4}, DType::F32),
+                m = b.empty({3, 4}, DType::F32), v = b.empty({4, 3}, DType::F32);
+         b.adamw_update(p, g, m, v, AdamWArgs{});
+       }},
+      {"newton_schulz", [](Backend& b) {
+         Tensor u = b.empty({3, 4, 5}, DType::F32), o = b.empty({3, 5, 4}, DType::F32);
+         b.newton_schulz(u, o, 5, 3.4445f, -4.775f, 2.0315f);
+       }},
+      {"gemm", [](Backend& b) {
+         Tensor A = b.empty({4, 3}, DType::F32), B = b.empty({4, 5}, DType::F32),
+                C = b.empty({4, 5}, DType::F32);
+         b.gemm(A, false, B, false, C, 1.f, 0.f);
+       }},
+      {"sym_eig", [](Backend& b) {
+         Tensor S = b.empty({3, 4}, DType::F32), Q = b.empty({3, 4}, DType::F32);
+         b.sym_eig(S, Q);
+       }},
+      {"normuon_normalize", [](Backend& b) {
+         Tensor O = b.empty({3, 4}, DType::F32), v = b.empty({4}, DType::F32);
+         b.normuon_normalize(O, v, 0.95f, 1e-8f);
+       }},
+  };
+  auto message = [](Backend& b, const Call& call) -> std::string {
+    try {
+      call(b);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  };
+  for (const auto& [op, call] : calls) {
+    INFO(op);
+    const std::string on_cpu = message(*cpu, call), on_gpu = message(*gpu, call);
+    CHECK(on_cpu.find(op) != std::string::npos);
+    CHECK(on_gpu == on_cpu);
   }
 }

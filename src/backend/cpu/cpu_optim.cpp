@@ -9,25 +9,13 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/ref_ops.h"
+#include "backend/op_contract.h"
 
 namespace mf {
 
-namespace {
-
-void check_same_f32(const char* op, const char* what, const Tensor& ref, const Tensor& t) {
-  MF_CHECK(t.dtype == DType::F32, op, ": ", what, " is ", dtype_name(t.dtype), ", expected f32");
-  MF_CHECK(t.shape == ref.shape, op, ": ", what, " has shape ", shape_str(t.shape),
-           ", expected ", shape_str(ref.shape));
-}
-
-}  // namespace
-
 void CpuBackend::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
                               const AdamWArgs& a) {
-  MF_CHECK(p.dtype == DType::F32, "adamw_update: param is ", dtype_name(p.dtype), ", expected f32");
-  check_same_f32("adamw_update", "grad", p, g);
-  check_same_f32("adamw_update", "exp_avg", p, m);
-  check_same_f32("adamw_update", "exp_avg_sq", p, v);
+  contract::adamw_update(contract::kCpu, p, g, m, v, a);
   float* pp = p.f32();
   const float* gp = g.f32();
   float* mp = m.f32();
@@ -52,9 +40,7 @@ void CpuBackend::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
 
 void CpuBackend::muon_momentum(const Tensor& g, Tensor& M, Tensor& U, float mu, bool nesterov,
                                float grad_scale) {
-  MF_CHECK(g.dtype == DType::F32, "muon_momentum: grad is ", dtype_name(g.dtype), ", expected f32");
-  check_same_f32("muon_momentum", "momentum_buffer", g, M);
-  check_same_f32("muon_momentum", "output U", g, U);
+  contract::muon_momentum(contract::kCpu, g, M, U);
   const float* gp = g.f32();
   float* mp = M.f32();
   float* up = U.f32();
@@ -71,13 +57,7 @@ void CpuBackend::muon_momentum(const Tensor& g, Tensor& M, Tensor& U, float mu, 
 
 void CpuBackend::newton_schulz(const Tensor& U, Tensor& O, int steps, float a, float b,
                                float c) {
-  MF_CHECK(U.ndim() == 2 || U.ndim() == 3,
-           "newton_schulz: input must be a matrix [r,c] or a stack [k,r,c], got shape ",
-           shape_str(U.shape));
-  MF_CHECK(U.dtype == DType::F32, "newton_schulz: input is ", dtype_name(U.dtype),
-           ", expected f32");
-  check_same_f32("newton_schulz", "output", U, O);
-  MF_CHECK(steps >= 0, "newton_schulz: steps must be >= 0, got ", steps);
+  contract::newton_schulz(contract::kCpu, U, O, steps);
   if (U.ndim() == 3) {
     // A stack: each slice on its own with exactly the per-matrix code below (bitwise equal to
     // one call per slice; the slices of O alias those of U when O aliases U).

@@ -11,27 +11,13 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/ref_ops.h"
+#include "backend/op_contract.h"
 #include "core/error.h"
 #include "optim/linalg.h"
 
 namespace mf {
 
 namespace {
-
-void check_f32(const char* op, const char* what, const Tensor& t) {
-  MF_CHECK(t.defined() && t.dtype == DType::F32, op, ": ", what, " must be a defined f32 tensor, got ",
-           dtype_name(t.dtype));
-}
-
-void check_matrix(const char* op, const char* what, const Tensor& t) {
-  check_f32(op, what, t);
-  MF_CHECK(t.ndim() == 2, op, ": ", what, " must be a matrix, got shape ", shape_str(t.shape));
-}
-
-void check_square(const char* op, const char* what, const Tensor& t) {
-  check_matrix(op, what, t);
-  MF_CHECK(t.dim(0) == t.dim(1), op, ": ", what, " must be square, got shape ", shape_str(t.shape));
-}
 
 std::vector<double> to_double(const Tensor& t) {
   const float* p = t.f32();
@@ -42,15 +28,7 @@ std::vector<double> to_double(const Tensor& t) {
 
 void CpuBackend::gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, Tensor& C, float alpha,
                       float beta) {
-  check_matrix("gemm", "A", A);
-  check_matrix("gemm", "B", B);
-  check_matrix("gemm", "C", C);
-  const int64_t m = ta ? A.dim(1) : A.dim(0), k = ta ? A.dim(0) : A.dim(1);
-  const int64_t kb = tb ? B.dim(1) : B.dim(0), n = tb ? B.dim(0) : B.dim(1);
-  MF_CHECK(k == kb, "gemm: inner dimensions differ: op(A) is ", m, "x", k, ", op(B) is ", kb, "x", n);
-  MF_CHECK(C.dim(0) == m && C.dim(1) == n, "gemm: C has shape ", shape_str(C.shape), ", expected [",
-           m, ", ", n, "]");
-  MF_CHECK(C.ptr != A.ptr && C.ptr != B.ptr, "gemm: C must not alias A or B");
+  const auto [m, n, k] = contract::gemm(contract::kCpu, A, ta, B, tb, C);
   if (m == 0 || n == 0) return;
   if (beta == 0) std::memset(C.ptr, 0, C.nbytes());  // BLAS may read C even when beta = 0
   if (k == 0) {
@@ -63,14 +41,7 @@ void CpuBackend::gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, Tensor
 
 void CpuBackend::block_copy(const Tensor& src, int64_t sr, int64_t sc, Tensor& dst, int64_t dr,
                             int64_t dc, int64_t rows, int64_t cols) {
-  check_matrix("block_copy", "src", src);
-  check_matrix("block_copy", "dst", dst);
-  MF_CHECK(rows >= 0 && cols >= 0 && sr >= 0 && sc >= 0 && dr >= 0 && dc >= 0 &&
-               sr + rows <= src.dim(0) && sc + cols <= src.dim(1) && dr + rows <= dst.dim(0) &&
-               dc + cols <= dst.dim(1),
-           "block_copy: window ", rows, "x", cols, " at (", sr, ",", sc, ") of ",
-           shape_str(src.shape), " -> (", dr, ",", dc, ") of ", shape_str(dst.shape),
-           " is out of range");
+  contract::block_copy(contract::kCpu, src, sr, sc, dst, dr, dc, rows, cols);
   const float* s = src.f32();
   float* d = dst.f32();
   int64_t ls = src.dim(1);
@@ -92,10 +63,7 @@ void CpuBackend::block_copy(const Tensor& src, int64_t sr, int64_t sc, Tensor& d
 }
 
 void CpuBackend::sym_eig(const Tensor& S, Tensor& Q) {
-  check_square("sym_eig", "S", S);
-  check_square("sym_eig", "Q", Q);
-  MF_CHECK(Q.dim(0) == S.dim(0), "sym_eig: Q has shape ", shape_str(Q.shape), ", expected ",
-           shape_str(S.shape));
+  contract::sym_square(contract::kCpu, "sym_eig", S, "Q", Q);
   const int n = int(S.dim(0));
   std::vector<double> w, v;
   mf::sym_eig(to_double(S), n, w, v);
@@ -104,10 +72,7 @@ void CpuBackend::sym_eig(const Tensor& S, Tensor& Q) {
 }
 
 void CpuBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
-  check_square("sym_func", "S", S);
-  check_square("sym_func", "out", out);
-  MF_CHECK(out.dim(0) == S.dim(0), "sym_func: out has shape ", shape_str(out.shape), ", expected ",
-           shape_str(S.shape));
+  contract::sym_square(contract::kCpu, "sym_func", S, "out", out);
   const int n = int(S.dim(0));
   if (n == 0) return;
   std::vector<double> w, v;
@@ -144,16 +109,7 @@ void CpuBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
 
 void CpuBackend::newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vector<float>& coeffs,
                                       float norm_mult) {
-  check_f32("newton_schulz_coeffs", "input", U);
-  check_f32("newton_schulz_coeffs", "output", O);
-  MF_CHECK(U.ndim() == 2 || U.ndim() == 3,
-           "newton_schulz_coeffs: input must be a matrix [r,c] or a stack [k,r,c], got shape ",
-           shape_str(U.shape));
-  MF_CHECK(O.shape == U.shape, "newton_schulz_coeffs: output has shape ", shape_str(O.shape),
-           ", expected ", shape_str(U.shape));
-  MF_CHECK(coeffs.size() % 3 == 0, "newton_schulz_coeffs: coeffs must hold (a,b,c) triples, got ",
-           coeffs.size(), " values");
-  MF_CHECK(norm_mult > 0, "newton_schulz_coeffs: norm_mult must be > 0, got ", norm_mult);
+  contract::newton_schulz_coeffs(contract::kCpu, U, O, coeffs, norm_mult);
   if (U.ndim() == 3) {  // a stack: the per-matrix code on each slice (bitwise the same results)
     const Shape ms{U.dim(1), U.dim(2)};
     // One slice per thread (its GEMMs and loops then run on that thread: nested regions are
@@ -192,10 +148,7 @@ void CpuBackend::newton_schulz_coeffs(const Tensor& U, Tensor& O, const std::vec
 }
 
 void CpuBackend::normuon_normalize(Tensor& O, Tensor& v, float beta2, float eps) {
-  check_matrix("normuon_normalize", "O", O);
-  check_f32("normuon_normalize", "v", v);
-  MF_CHECK(v.numel() == O.dim(0), "normuon_normalize: v has ", v.numel(), " entries, expected ",
-           O.dim(0), " (one per row of O ", shape_str(O.shape), ")");
+  contract::normuon_normalize(contract::kCpu, O, v);
   const int64_t r = O.dim(0), c = O.dim(1);
   if (r == 0 || c == 0) return;
   float* o = O.f32();
@@ -215,10 +168,7 @@ void CpuBackend::normuon_normalize(Tensor& O, Tensor& v, float beta2, float eps)
 }
 
 void CpuBackend::cautious_decay(Tensor& p, const Tensor& u, float decay) {
-  check_f32("cautious_decay", "param", p);
-  check_f32("cautious_decay", "update", u);
-  MF_CHECK(u.shape == p.shape, "cautious_decay: update has shape ", shape_str(u.shape),
-           ", expected ", shape_str(p.shape));
+  contract::cautious_decay(contract::kCpu, p, u);
   float* pp = p.f32();
   const float* up = u.f32();
   const float keep = 1.0f - decay;
@@ -230,13 +180,7 @@ void CpuBackend::cautious_decay(Tensor& p, const Tensor& u, float decay) {
 
 void CpuBackend::adam_precond(const Tensor& num, const Tensor& g, Tensor& v, Tensor& out, float b2,
                               float eps, float bc1, float bc2) {
-  check_f32("adam_precond", "num", num);
-  check_f32("adam_precond", "g", g);
-  check_f32("adam_precond", "v", v);
-  check_f32("adam_precond", "out", out);
-  MF_CHECK(g.shape == num.shape && v.shape == num.shape && out.shape == num.shape,
-           "adam_precond: shapes differ: num ", shape_str(num.shape), ", g ", shape_str(g.shape),
-           ", v ", shape_str(v.shape), ", out ", shape_str(out.shape));
+  contract::adam_precond(contract::kCpu, num, g, v, out);
   const float* np = num.f32();
   const float* gp = g.f32();
   float* vp = v.f32();

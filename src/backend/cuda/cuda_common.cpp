@@ -108,37 +108,28 @@ void* Scratch::get(size_t bytes) {
   return ptr_;
 }
 
-std::string describe(const char* name, const Tensor& t) {
-  return std::string(name) + " " + shape_str(t.shape) + " " + dtype_name(t.dtype);
-}
+// The contract's checks (backend/op_contract.h) on the CUDA backend, for the entries that have
+// no shared contract function (casts, reductions, optimizer and GEMM ops).
+std::string describe(const char* name, const Tensor& t) { return contract::desc(name, t); }
 
 void check_dev(const char* op, const char* name, const Tensor& t) {
-  MF_CHECK(t.defined(), op, ": ", name, " is not allocated");
-  MF_CHECK(t.device == Device::CUDA, op, ": ", describe(name, t),
-           " is a host tensor but the backend is cuda (upload it first)");
+  contract::Check(contract::kCuda, op).placed(name, t);
 }
 
 void check_dtype(const char* op, const char* name, const Tensor& t, DType want) {
-  check_dev(op, name, t);
-  MF_CHECK(t.dtype == want, op, ": ", describe(name, t), " has the wrong dtype, expected ",
-           dtype_name(want));
+  contract::Check(contract::kCuda, op).dtype(name, t, want);
 }
 
 void check_float(const char* op, const char* name, const Tensor& t) {
-  check_dev(op, name, t);
-  MF_CHECK(t.dtype == DType::F32 || t.dtype == DType::BF16, op, ": ", describe(name, t),
-           " must be f32 or bf16");
+  contract::Check(contract::kCuda, op).floating(name, t);
 }
 
 void check_numel(const char* op, const char* name, const Tensor& t, int64_t n, const char* what) {
-  MF_CHECK(t.numel() == n, op, ": ", describe(name, t), " must have ", n, " elements (", what,
-           ")");
+  contract::Check(contract::kCuda, op).numel(name, t, n, what);
 }
 
 int64_t rows_of(const char* op, const char* name, const Tensor& t, int64_t width) {
-  MF_CHECK(t.ndim() >= 1 && t.dim(-1) == width, op, ": ", describe(name, t),
-           " must have last dim ", width);
-  return width ? t.numel() / width : 0;
+  return contract::Check(contract::kCuda, op).rows(name, t, width);
 }
 
 }  // namespace mf::cuda

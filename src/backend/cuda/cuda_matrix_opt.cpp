@@ -81,17 +81,6 @@ struct MatOptLibs {
 
 namespace {
 
-void check_square_f32(const char* op, const char* name, const Tensor& t) {
-  check_dtype(op, name, t, DType::F32);
-  MF_CHECK(t.ndim() == 2 && t.dim(0) == t.dim(1), op, ": ", describe(name, t),
-           " must be a square matrix");
-}
-
-bool storage_overlaps(const Tensor& a, const Tensor& b) {
-  const char *pa = static_cast<const char*>(a.ptr), *pb = static_cast<const char*>(b.ptr);
-  return pa < pb + b.nbytes() && pb < pa + a.nbytes();
-}
-
 // Device buffers of one decomposition, carved from the backend's scratch.
 struct EigBuffers {
   double* A = nullptr;   // [n,n] symmetrised input, then syevd's eigenvectors (column-major)
@@ -174,18 +163,7 @@ cuda::MatOptLibs& CudaBackend::mo_libs() {
 void CudaBackend::gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, Tensor& C, float alpha,
                        float beta) {
   const char* op = "gemm";
-  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"A", &A}, {"B", &B}, {"C", &C}}) {
-    cuda::check_dtype(op, name, *t, DType::F32);
-    MF_CHECK(t->ndim() == 2, op, ": ", cuda::describe(name, *t), " must be a matrix");
-  }
-  const int64_t m = ta ? A.dim(1) : A.dim(0), k = ta ? A.dim(0) : A.dim(1);
-  const int64_t kb = tb ? B.dim(1) : B.dim(0), n = tb ? B.dim(0) : B.dim(1);
-  MF_CHECK(k == kb, op, ": inner dimensions differ: op(A) is ", m, "x", k, ", op(B) is ", kb, "x",
-           n);
-  MF_CHECK(C.dim(0) == m && C.dim(1) == n, op, ": ", cuda::describe("C", C), ", expected [", m,
-           ", ", n, "]");
-  MF_CHECK(!cuda::storage_overlaps(C, A) && !cuda::storage_overlaps(C, B), op,
-           ": C must not alias A or B");
+  const auto [m, n, k] = contract::gemm(contract::kCuda, A, ta, B, tb, C);
   if (m == 0 || n == 0) return;
   // beta = 0: C is not read. cuBLAS promises this too; clearing it first also covers the
   // fallback kernel and costs one pass over C against the GEMM's k passes.
@@ -216,10 +194,7 @@ void CudaBackend::block_copy(const Tensor& src, int64_t sr, int64_t sc, Tensor& 
 
 void CudaBackend::sym_eig(const Tensor& S, Tensor& Q) {
   const char* op = "sym_eig";
-  cuda::check_square_f32(op, "S", S);
-  cuda::check_square_f32(op, "Q", Q);
-  MF_CHECK(Q.shape == S.shape, op, ": ", cuda::describe("Q", Q), " must have the shape of ",
-           cuda::describe("S", S));
+  contract::sym_square(contract::kCuda, op, S, "Q", Q);
   const int64_t n = S.dim(0);
   if (n == 0) return;
   MF_CHECK(n <= 32000, op, ": n = ", n, " is beyond cuSOLVER's 32-bit syevd (its 2n^2 workspace < 2^31)");
@@ -232,10 +207,7 @@ void CudaBackend::sym_eig(const Tensor& S, Tensor& Q) {
 
 void CudaBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
   const char* op = "sym_func";
-  cuda::check_square_f32(op, "S", S);
-  cuda::check_square_f32(op, "out", out);
-  MF_CHECK(out.shape == S.shape, op, ": ", cuda::describe("out", out), " must have the shape of ",
-           cuda::describe("S", S));
+  contract::sym_square(contract::kCuda, op, S, "out", out);
   const int64_t n = S.dim(0);
   if (n == 0) return;
   MF_CHECK(n <= 32000, op, ": n = ", n, " is beyond cuSOLVER's 32-bit syevd (its 2n^2 workspace < 2^31)");

@@ -558,7 +558,7 @@ bool CudnnAttention::compiled() { return true; }
 int64_t CudnnAttention::runtime_version() { return int64_t(cudnnGetVersion()); }
 
 void CudnnAttention::prepare(const AttnShape& s) {
-  check_attention_shape("cudnn attention", s);
+  contract::attention_shape("cudnn attention", s);
   impl_->plan(s, false);
   impl_->plan(s, true);
 }
@@ -574,7 +574,7 @@ static void check_cudnn_aligned(const char* op, std::initializer_list<std::pair<
 void CudnnAttention::fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                          Tensor& lse, const AttnShape& s) {
   const char* op = "attention_fwd (cuDNN)";
-  check_attention_fwd_args(op, q, k, v, out, lse, s);
+  contract::attention_fwd(contract::kCuda, op, q, k, v, out, lse, s);
   check_dtype(op, "q", q, DType::BF16);
   check_cudnn_aligned(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
   auto& p = impl_->plan(s, false);
@@ -587,7 +587,7 @@ void CudnnAttention::bwd(const Tensor& dout, const Tensor& q, const Tensor& k, c
                          const Tensor& out, const Tensor& lse, Tensor& dq, Tensor& dk, Tensor& dv,
                          const AttnShape& s) {
   const char* op = "attention_bwd (cuDNN)";
-  check_attention_bwd_args(op, dout, q, k, v, out, lse, dq, dk, dv, s);
+  contract::attention_bwd(contract::kCuda, op, dout, q, k, v, out, lse, dq, dk, dv, s);
   check_dtype(op, "q", q, DType::BF16);
   check_cudnn_aligned(op, {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out},
                            {"lse", &lse}, {"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
@@ -874,7 +874,7 @@ bool AttentionDispatch::use_cudnn(const AttnShape& s, const Tensor& q, const Ten
       spdlog::info("attention {}: cuDNN ({})", shape_text(s), cudnn_->plan_info(s));
       pick = true;
     } else {
-      check_attention_shape("attention", s);
+      contract::attention_shape("attention", s);
       pick = autotune(s, q, k, v);
     }
     cudnn_for_[key_of(s)] = pick;
