@@ -17,6 +17,7 @@
 #include "moe.cuh"
 
 #include "backend/cuda/cublaslt.h"
+#include "backend/cuda/sizes.h"
 #include "cast.cuh"
 #include "sort.cuh"
 
@@ -33,6 +34,7 @@ constexpr int kMoeAddThreads = 256;        // f32 scratch -> dx accumulation
 constexpr int64_t kMoeAddMaxBlocks = 4096;
 constexpr double kMoeRenormEps = 1e-20;    // = ref::kMoeNormEps (top-k renormalisation guard)
 
+static_assert(Arena::kAlign == 256, "sizes.h's moe_router_bwd_scratch_bytes cuts 256-byte pieces");
 static_assert(kMoeMaxExperts <= kWarp * 64, "router: one 64-bit taken mask per lane");
 
 // ---- params -------------------------------------------------------------------------------------
@@ -615,10 +617,8 @@ void op_moe_router_bwd(const Ctx& ctx, const Tensor& dtopk_w, const Tensor* aux_
   launch_moe_route_bwd(bp, a.sigmoid, ctx.stream);
 
   const bool widen = x.dtype == DType::BF16, via_tmp = dx.dtype == DType::BF16;
-  Arena sz;
-  sz.take<float>(widen ? size_t(N * d) : 0);
-  sz.take<float>(via_tmp ? size_t(N * d) : 0);
-  Arena ar(ctx.scratch->get(sz.used()));
+  // Sized by sizes.h, which the memory plan reads too.
+  Arena ar(ctx.scratch->get(std::max<size_t>(moe_router_bwd_scratch_bytes(N, d, widen, via_tmp), 1)));
   float* xw = ar.take<float>(widen ? size_t(N * d) : 0);
   float* tmp = ar.take<float>(via_tmp ? size_t(N * d) : 0);
 

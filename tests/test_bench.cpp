@@ -134,6 +134,43 @@ TEST_CASE("memory plan: exact byte counts of weights, grads and optimizer state 
   }
 }
 
+TEST_CASE("memory plan: the matrix optimizers' work buffers are counted in the total",
+          "[bench]") {
+  // tiny: every hidden matrix is at most 384 wide, one block under the 1024 default (ASGO
+  // unblocked by default), so each preconditioner holds a scaled gradient of the parameter's
+  // size and block buffers of one [rows, cols] matrix each: Shampoo four plus Adam's direction
+  // (graft adam), SOAP five, ASGO four. Freon holds one workspace for its largest matrix:
+  // S and P on the smaller side and the product.
+  for (const char* optim : {"shampoo", "soap", "asgo", "freon", "muon"}) {
+    const Config cfg = tiny_config({std::string("optim.name=") + optim});
+    auto be = make_backend("cpu");
+    LlamaModel model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
+                     mup_model_scales(cfg));
+    Optimizer opt(cfg, model.params(), *be);
+    const nlohmann::json p = memory_plan(model, opt, *be);
+    const std::string name = optim;
+    int64_t want = 0, freon = 0;
+    for (Param* q : model.params()) {
+      if (q->kind != ParamKind::Hidden) continue;
+      const int64_t r = q->shape[q->shape.size() - 2], c = q->shape.back(), n = q->numel();
+      REQUIRE(std::max(r, c) <= 1024);
+      if (name == "shampoo") want += 4 * (2 * n + 4 * r * c);
+      if (name == "soap") want += 4 * (n + 5 * r * c);
+      if (name == "asgo") want += 4 * (n + 4 * r * c);
+      freon = std::max(freon, 4 * (2 * std::min(r, c) * std::min(r, c) + r * c));
+    }
+    if (name == "freon") want = freon;
+    INFO(optim << "\n" << memory_plan_table(p));
+    CHECK(p.at("optimizer_work").get<int64_t>() == want);
+    CHECK(p.at("sym_scratch").get<int64_t>() == 0);  // the CPU decomposes on the heap
+    CHECK(p.at("total").get<int64_t>() ==
+          p.at("weights").get<int64_t>() + p.at("grads").get<int64_t>() +
+              p.at("optimizer_state").get<int64_t>() + p.at("muon_scratch").get<int64_t>() +
+              want + p.at("activations").get<int64_t>());
+    CHECK((memory_plan_table(p).find("optimizer work") != std::string::npos) == (want > 0));
+  }
+}
+
 TEST_CASE("memory_info: the CPU default reads /proc/meminfo", "[bench]") {
   auto be = make_backend("cpu");
   const MemoryInfo m = be->memory_info();

@@ -112,11 +112,21 @@ struct RunOut {
   // CUDA: the scratch the memory plan expects, what the backend held once it was reserved, and
   // after the last step (0 on the CPU).
   size_t scratch_expected = 0, scratch_reserved = 0, scratch_after = 0;
+  nlohmann::json plan;  // memory_plan before the first step
+  size_t tensors_after = 0;  // CUDA: bytes held by tensors after the last step
 };
 
 size_t gemm_fallback_calls(Backend* be) {
 #ifdef MF_HAS_CUDA
   if (auto* cb = dynamic_cast<CudaBackend*>(be)) return cb->cublas().fallback_calls();
+#endif
+  (void)be;
+  return 0;
+}
+
+size_t tensor_bytes(Backend* be) {
+#ifdef MF_HAS_CUDA
+  if (auto* cb = dynamic_cast<CudaBackend*>(be)) return cb->bytes_allocated();
 #endif
   (void)be;
   return 0;
@@ -154,12 +164,14 @@ RunOut train_run(const Config& cfg, const std::string& device, Communicator* com
   RunOut out;
   out.scratch_expected = plan.at("scratch_expected").get<size_t>();
   out.scratch_reserved = scratch_bytes(be);
+  out.plan = plan;
+  const int steps = cfg.train.max_steps;
   const std::vector<int32_t> stream =
-      synthetic_stream(size_t(kSteps * accum) * size_t(N) + 1, uint32_t(cfg.model.vocab_size), 99);
+      synthetic_stream(size_t(steps * accum) * size_t(N) + 1, uint32_t(cfg.model.vocab_size), 99);
   const float loss_scale = float(1.0 / (double(N) * accum));
   const size_t fallbacks_before = gemm_fallback_calls(be);
   size_t pos = 0;
-  for (int s = 0; s < kSteps; ++s) {
+  for (int s = 0; s < steps; ++s) {
     model.zero_grads();
     double loss = 0;
     for (int m = 0; m < accum; ++m) {
@@ -176,6 +188,7 @@ RunOut train_run(const Config& cfg, const std::string& device, Communicator* com
   out.gemm_fallbacks = gemm_fallback_calls(be) - fallbacks_before;
   be->synchronize();
   out.scratch_after = scratch_bytes(be);
+  out.tensors_after = tensor_bytes(be);
   return out;
 }
 
@@ -186,6 +199,30 @@ void print_table(const char* title, const RunOut& a, const char* an, const RunOu
     std::printf("  %4zu  %.6f   %.6f   %.2e   %.4f / %.4f\n", i + 1, a.losses[i], b.losses[i],
                 std::fabs(a.losses[i] - b.losses[i]), a.gnorms[i], b.gnorms[i]);
   std::fflush(stdout);
+}
+
+// The memory plan of a CUDA run: the scratch it expects was reserved before the first step, at
+// that size, and no op outgrew it (an op missing from the estimate grows it by half or more);
+// its tensor terms add up to what the backend's tensors held before the first step, and the
+// steps left no tensor behind.
+void check_memory_plan_held(const RunOut& r) {
+  const nlohmann::json& p = r.plan;
+  INFO(memory_plan_table(p));
+  CHECK(r.scratch_expected > 0);
+  CHECK(r.scratch_reserved >= r.scratch_expected);
+  CHECK(r.scratch_reserved < r.scratch_expected + r.scratch_expected / 2);
+  CHECK(r.scratch_after == r.scratch_reserved);
+  const int64_t counted = p.at("weights").get<int64_t>() + p.at("grads").get<int64_t>() +
+                          p.at("optimizer_state").get<int64_t>() +
+                          p.at("muon_scratch").get<int64_t>() +
+                          p.at("optimizer_work").get<int64_t>() +
+                          p.at("activations").get<int64_t>();
+  CHECK(p.at("tensors_measured").get<int64_t>() == counted);
+  CHECK(int64_t(r.tensors_after) == counted);
+  // One line per row, however long its note (the CUDA workspace note is the longest).
+  const std::string table = memory_plan_table(p);
+  for (const char* row : {"\n  workspace (expected) ", "\n  total ", "\n  held by tensors "})
+    CHECK(table.find(row) != std::string::npos);
 }
 
 // precision "bf16": losses within kLossTol. "fp32" (train.precision): both sides compute in
@@ -221,12 +258,7 @@ void check_cuda_vs_cpu(const std::string& optim, const std::string& precision = 
   // Every GEMM of the model, the loss and the optimizer (all widths multiples of 8) found a
   // cuBLASLt algorithm: none fell back to the SIMT kernel, which is correct but far slower.
   CHECK(gpu.gemm_fallbacks == 0);
-  // The memory plan's scratch was reserved before the first step, at its size, and no op
-  // outgrew it (an op missing from the estimate would grow it by half or more).
-  CHECK(gpu.scratch_expected > 0);
-  CHECK(gpu.scratch_reserved >= gpu.scratch_expected);
-  CHECK(gpu.scratch_reserved < gpu.scratch_expected + gpu.scratch_expected / 2);
-  CHECK(gpu.scratch_after == gpu.scratch_reserved);
+  check_memory_plan_held(gpu);
 }
 
 }  // namespace
@@ -261,6 +293,29 @@ TEST_CASE("e2e fp32: 20 steps CUDA fp32 vs CPU fp32, AdamW and Muon, close enoug
   check_cuda_vs_cpu("muon", "fp32");
 }
 
+TEST_CASE("e2e memory plan of the matrix optimizers on CUDA: the eigendecompositions' scratch "
+          "is reserved, the work buffers counted", "[gpu][e2e]") {
+  MF_SKIP_WITHOUT_GPU();
+  // Three steps: SOAP's bases, Shampoo's and ASGO's roots and Freon's polar factors are all
+  // decomposed in the first (unblocked at these widths: the largest matrix is 344 x 128).
+  for (const char* optim : {"normuon", "kaon", "freon", "shampoo", "soap", "asgo"}) {
+    Config cfg = e2e_config(optim);
+    cfg.train.max_steps = 3;
+    const std::string name = optim;
+    const bool decomposes = name != "normuon" && name != "kaon";
+    if (name == "shampoo" || name == "soap" || name == "asgo") cfg.optim.lr = 3e-3;
+    const RunOut r = train_run(cfg, "cuda");
+    INFO(optim);
+    for (double l : r.losses) CHECK(std::isfinite(l));
+    CHECK((r.plan.at("sym_scratch").get<int64_t>() > 0) == decomposes);
+    CHECK((r.plan.at("optimizer_work").get<int64_t>() > 0) == decomposes);
+    // Only the eigendecomposition needs that much: it sets the expected scratch.
+    if (decomposes)
+      CHECK(r.plan.at("scratch_expected").get<int64_t>() == r.plan.at("sym_scratch").get<int64_t>());
+    check_memory_plan_held(r);
+  }
+}
+
 TEST_CASE("e2e determinism: two CUDA runs give identical losses", "[gpu][e2e]") {
   MF_SKIP_WITHOUT_GPU();
   for (const char* optim : {"adamw", "muon"}) {
@@ -291,9 +346,10 @@ TEST_CASE("e2e recompute on CUDA: mlp and full train like none, dense and MoE, i
       base.model.moe.first_dense = 1;
     }
     const RunOut none = train_run(base, "cuda");
-    // The memory plan's scratch, reserved before the first step, was not outgrown (the MoE
-    // router's f32 copies and the permutation's sort buffers included).
-    CHECK(none.scratch_after == none.scratch_reserved);
+    // The memory plan holds for MoE too: its scratch, reserved before the first step, was not
+    // outgrown (the router's f32 copies and the permutation's sort buffers included), and its
+    // activations count the MoE layers' buffers.
+    check_memory_plan_held(none);
     int64_t bytes_none = 0;
     {
       auto be = make_backend("cuda");

@@ -136,6 +136,19 @@ class Backend {
   // Grows the ops' scratch buffer to at least `bytes` now, so that the first steps need not
   // allocate (and a shortfall shows at start). CUDA acts on it; the default does nothing.
   virtual void reserve_scratch(size_t bytes) { (void)bytes; }
+  // Bytes the allocation behind a tensor from empty() holds (0 for an undefined one): nbytes by
+  // default; CUDA rounds small allocations up. Memory plans sum it, so that their tensor lines
+  // add up to what the backend holds.
+  virtual size_t held_bytes(const Tensor& t) const { return t.defined() ? t.nbytes() : 0; }
+  // Scratch bytes one sym_eig (func false) or sym_func (func true) of an n x n matrix takes
+  // from that buffer, for memory plans (the matrix optimizers' decompositions). CUDA: the
+  // double copies plus cuSOLVER's syevd workspace (queried); refuses an n beyond syevd's 32-bit
+  // workspace as the op would. The default (CPU: temporaries on the heap) is 0.
+  virtual size_t sym_scratch_bytes(int64_t n, bool func) {
+    (void)n;
+    (void)func;
+    return 0;
+  }
   // model.attention: "flash", "cudnn" or "auto" (docs/config.md). Only the CUDA backend acts on
   // it; the default ignores it (and says so once when "cudnn" is asked for).
   virtual void set_attention_impl(const std::string& mode);

@@ -660,7 +660,7 @@ Tensor LlamaModel::attn_k(int layer) {
 int64_t LlamaModel::activation_bytes() const {
   const Acts& a = *acts_;
   std::vector<const Tensor*> all = {&a.tokens, &a.targets, &a.branch, &a.r_final, &a.rstd_f,
-                                    &a.xf,     &a.losses,  &a.dresid, &a.dbranch, &a.dxf,
+                                    &a.xf,     &a.losses,  &a.loss_sum, &a.dresid, &a.dbranch, &a.dxf,
                                     &a.dxn,    &a.dh,      &a.dgate,  &a.dup,     &a.dgu,
                                     &a.dao,    &a.dq,      &a.dk,     &a.dv,      &a.qkv};
   for (auto& l : a.L)
@@ -676,10 +676,16 @@ int64_t LlamaModel::activation_bytes() const {
   for (const Tensor* t : all) {
     if (!t->defined() || std::find(seen.begin(), seen.end(), t->ptr) != seen.end()) continue;
     seen.push_back(t->ptr);
-    bytes += int64_t(t->nbytes());
+    bytes += int64_t(be_.held_bytes(*t));
   }
   return bytes;
 }
+
+int64_t LlamaModel::weight_bytes() const {
+  return int64_t(be_.held_bytes(master_arena_) + be_.held_bytes(weight_arena_));
+}
+
+int64_t LlamaModel::grad_bytes() const { return int64_t(be_.held_bytes(grad_arena_)); }
 
 double LlamaModel::active_matmul_params() const {
   // Weights multiplied per token: embedding lookup excluded, lm head included (twice the

@@ -117,6 +117,11 @@ class LlamaModel {
   // Bytes of the activation and gradient-scratch buffers this model allocated (shared buffers
   // counted once; MoE layers' buffers and their shared scratch included).
   int64_t activation_bytes() const;
+  // Bytes of the parameter arenas as allocated (every tensor starts 256-byte aligned in them):
+  // the f32 masters plus the compute copies when those are another dtype (bf16 on CUDA), and
+  // the f32 gradients.
+  int64_t weight_bytes() const;
+  int64_t grad_bytes() const;
   // Whether the layers run q, k and v as one GEMM, and the dense layers gate and up as one
   // (ModelConfig::stack_projections, and the weights adjacent in the arenas).
   bool qkv_stacked() const { return qkv_stacked_; }

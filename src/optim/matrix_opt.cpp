@@ -114,14 +114,16 @@ class BlockedBase : public MatrixPreconditioner {
     blocks_ = make_blocks(shape, block_size, total_l_, total_r_);
     int64_t most = 1;
     for (const MatBlock& b : blocks_) most = std::max(most, b.rows * b.cols);
-    int64_t side = 1;
-    for (const MatBlock& b : blocks_) side = std::max({side, b.rows, b.cols});
+    for (const MatBlock& b : blocks_) block_side_ = std::max({block_side_, b.rows, b.cols});
     G_ = be.empty(shape, DType::F32);
     s1_ = be.empty({most}, DType::F32);
     s2_ = be.empty({most}, DType::F32);
     s3_ = be.empty({most}, DType::F32);
     s4_ = be.empty({most}, DType::F32);
-    block_side_ = side;
+  }
+
+  int64_t work_bytes() const override {
+    return held(G_) + held(s1_) + held(s2_) + held(s3_) + held(s4_);
   }
 
   // G_ (=) grad * grad_scale.
@@ -136,6 +138,7 @@ class BlockedBase : public MatrixPreconditioner {
     be_.scale(M, float(b));
     be_.axpy(float(1.0 - b), X, M);
   }
+  int64_t held(const Tensor& t) const { return int64_t(be_.held_bytes(t)); }
   // dst [rows, cols] (=) block b of the parameter-shaped tensor src.
   void cut(const Tensor& src, const MatBlock& b, Tensor& dst) {
     Tensor m = as_matrix(src);
@@ -155,7 +158,8 @@ class BlockedBase : public MatrixPreconditioner {
   Backend& be_;
   Shape shape_;
   std::vector<MatBlock> blocks_;
-  int64_t total_l_ = 0, total_r_ = 0, block_side_ = 1;
+  int64_t total_l_ = 0, total_r_ = 0;
+  int64_t block_side_ = 0;      // the largest block's larger side
   Tensor G_;                    // scaled gradient (parameter shape)
   Tensor s1_, s2_, s3_, s4_;    // block scratch
 };
@@ -229,6 +233,10 @@ class Shampoo final : public BlockedBase {
        << c_.precond_every << ", graft " << c_.graft;
     return os.str();
   }
+  int64_t work_bytes() const override {
+    return BlockedBase::work_bytes() + held(A_);  // A_: Adam's direction, per step
+  }
+  SymSizes sym_sizes() const override { return {0, block_side_}; }  // L and R roots
 
  private:
   ShampooConfig c_;
@@ -312,6 +320,8 @@ class Soap final : public BlockedBase {
     os << "soap " << layout() << ", basis every " << c_.precond_every;
     return os.str();
   }
+  int64_t work_bytes() const override { return BlockedBase::work_bytes() + held(s5_); }
+  SymSizes sym_sizes() const override { return {block_side_, 0}; }  // the L and R bases
 
  private:
   void update_stats(const Tensor& g, Tensor& L, Tensor& R) {
@@ -383,6 +393,11 @@ class Asgo final : public BlockedBase {
     os << "asgo " << layout() << (c_.beta2 >= 1.0 ? ", V accumulated" : ", V EMA") << ", every "
        << c_.precond_every;
     return os.str();
+  }
+  SymSizes sym_sizes() const override {  // one statistic per block, on its smaller side
+    int64_t n = 0;
+    for (const MatBlock& b : blocks_) n = std::max(n, std::min(b.rows, b.cols));
+    return {0, n};
   }
 
  private:

@@ -70,6 +70,13 @@ struct MatBlock {
 std::vector<MatBlock> make_blocks(const Shape& shape, int block_size, int64_t& total_l,
                                   int64_t& total_r);
 
+// The largest n x n matrix one optimizer step decomposes with Backend::sym_eig (SOAP's bases)
+// and with Backend::sym_func (Shampoo's and ASGO's roots, Freon's polar factor); 0: none. Memory
+// plans size the CUDA scratch from them (Backend::sym_scratch_bytes).
+struct SymSizes {
+  int64_t eig_n = 0, func_n = 0;
+};
+
 // Stateful direction of Shampoo, SOAP or ASGO for one parameter (f32 state on the backend).
 class MatrixPreconditioner {
  public:
@@ -84,6 +91,10 @@ class MatrixPreconditioner {
   virtual std::vector<std::pair<std::string, Tensor>> state() const = 0;
   // One line: block layout and state size, for Optimizer::describe.
   virtual std::string describe() const = 0;
+  // Bytes of the tensors it holds besides state() (the scaled gradient, the block buffers):
+  // allocated once, at construction.
+  virtual int64_t work_bytes() const = 0;
+  virtual SymSizes sym_sizes() const = 0;
 };
 
 // optim.name = shampoo | soap | asgo. Throws mf::Error for other names or non-matrix shapes.

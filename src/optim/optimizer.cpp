@@ -320,6 +320,34 @@ int64_t Optimizer::max_ns_batch() const {
   return k;
 }
 
+bool Optimizer::runs_newton_schulz() const {
+  for (const OptEntry& e : entries_)
+    if (!e.pre && muon_like(e.kind) && e.kind != OptKind::Freon) return true;
+  return false;
+}
+
+int64_t Optimizer::work_bytes() const {
+  int64_t b = int64_t(be_.held_bytes(freon_work_));
+  for (const OptEntry& e : entries_)
+    if (e.pre) b += e.pre->work_bytes();
+  return b;
+}
+
+SymSizes Optimizer::sym_sizes() const {
+  SymSizes s;
+  for (const OptEntry& e : entries_) {
+    if (e.pre) {
+      const SymSizes p = e.pre->sym_sizes();
+      s.eig_n = std::max(s.eig_n, p.eig_n);
+      s.func_n = std::max(s.func_n, p.func_n);
+    } else if (e.kind == OptKind::Freon) {  // the Gram matrix of the smaller side
+      const Shape& sh = e.param->shape;
+      s.func_n = std::max(s.func_n, std::min(sh[sh.size() - 2], sh.back()));
+    }
+  }
+  return s;
+}
+
 void Optimizer::orthogonalize(OptKind kind, Tensor& U) {
   if (kind == OptKind::Kaon) {
     be_.newton_schulz_coeffs(U, U, kaon_coefficients(ocfg_.kaon.steps), 1.0f);

@@ -99,8 +99,17 @@ class Optimizer {
   // f32 elements of the U / NS-output scratch (the largest matrix param, or the largest stacked
   // group chunk when batching), for memory plans.
   int64_t muon_scratch_numel() const { return muon_scratch_.defined() ? muon_scratch_.numel() : 0; }
+  int64_t muon_scratch_bytes() const { return int64_t(be_.held_bytes(muon_scratch_)); }
   // Largest number of [out, in] slices in one batched NS call (1 when nothing is batched).
   int64_t max_ns_batch() const;
+  // Whether a step runs Newton-Schulz (muon, normuon, kaon entries; not Freon or the
+  // preconditioners, which use the U scratch only for their direction).
+  bool runs_newton_schulz() const;
+  // Bytes of the tensors held besides state_tensors() and the U scratch: the preconditioners'
+  // scaled gradients and block buffers, Freon's temporaries. For memory plans.
+  int64_t work_bytes() const;
+  // The largest matrices a step decomposes (SOAP's bases, Shampoo's / ASGO's roots, Freon).
+  SymSizes sym_sizes() const;
   const OptimConfig& config() const { return ocfg_; }
   // Re-plans the batched groups with another cap on one call's stack (f32 elements; the
   // default is kNsStackBudget in optimizer.cpp, 64 MiB). For tests of the chunking.

@@ -60,7 +60,6 @@ struct MemTracker {
   }
 };
 
-int64_t sum_bytes(const Tensor& t) { return t.defined() ? int64_t(t.nbytes()) : 0; }
 
 }  // namespace
 
@@ -147,19 +146,17 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   const int64_t B = model.B(), T = model.T(), N = B * T;
   const int64_t V = c.vocab_size;
 
-  int64_t weights = 0, grads = 0;
-  for (Param* p : model.params()) {
-    weights += sum_bytes(p->master);
-    if (p->weight.defined() && p->weight.ptr != p->master.ptr) weights += sum_bytes(p->weight);
-    grads += sum_bytes(p->grad);
-  }
+  // The parameter arenas as allocated (each tensor padded to 256 bytes).
+  const int64_t weights = model.weight_bytes(), grads = model.grad_bytes();
   int64_t state = 0;
   // Every optimizer's state as it checkpoints it (AdamW m/v, Muon momentum, Shampoo/SOAP/ASGO
   // statistics and roots...).
-  for (auto& [name, t] : opt.state_tensors()) state += sum_bytes(t);
+  for (auto& [name, t] : opt.state_tensors()) state += int64_t(be.held_bytes(t));
   // The optimizer's U / NS stack (f32): one chunk of same-shape matrices orthogonalised in one
   // batched call, capped at max(largest matrix, 64 MiB).
-  const int64_t muon_scratch = opt.muon_scratch_numel() * 4;
+  const int64_t muon_scratch = opt.muon_scratch_bytes();
+  // The matrix preconditioners' scaled gradients and block buffers, Freon's temporaries.
+  const int64_t opt_work = opt.work_bytes();
   // newton_schulz_coeffs (Polar Express, Kaon) runs in f32, the quintic in the act dtype (bf16,
   // or f32 in fp32 runs).
   bool ns_f32 = be.act_dtype() == DType::F32;
@@ -171,6 +168,11 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   // The model's activation buffers for one micro-batch B x T, as allocated (activation
   // recompute shares buffers across layers; MoE layers and their shared scratch included).
   const int64_t acts = model.activation_bytes();
+  // One decomposition's scratch for the largest matrix each kind decomposes (CUDA: double
+  // copies and cuSOLVER's workspace; the query may grow the scratch, so before memory_info).
+  const SymSizes sym = opt.sym_sizes();
+  const int64_t sym_scratch = int64_t(std::max(be.sym_scratch_bytes(sym.eig_n, false),
+                                               be.sym_scratch_bytes(sym.func_n, true)));
 
   const MemoryInfo mi = be.memory_info();
   const bool cuda = be.device() == Device::CUDA;
@@ -178,30 +180,32 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   // sets it): the fused lm-head xent chunk (f32 logits + dlogits in the act dtype, within
   // train.loss_chunk_mb: the kernel's own sizing, backend/cuda/sizes.h), the Newton-Schulz
   // buffers of one batched chunk (X ping-pong, A, A^2 per matrix: at most 2x the chunk's f32
-  // bytes in bf16, 4x in f32, plus the norm partials), the MoE router's f32 copies, plus the
-  // cuBLASLt workspace. The trainer reserves the scratch part before the first step
-  // (reserve_memory_plan); the other matrix optimizers' temporaries are not counted.
+  // bytes in bf16, 4x in f32, plus the norm partials), the MoE router's f32 copies, the
+  // largest eigendecomposition of the matrix preconditioners or Freon, plus the cuBLASLt
+  // workspace. The trainer reserves the scratch part before the first step (reserve_memory_plan).
   int64_t ws_expected = 0, scratch_expected = 0;
   if (cuda) {
     const size_t act_bytes = be.act_dtype() == DType::BF16 ? 2 : 4;
     const int64_t xent =
         int64_t(cuda::xent_scratch_bytes(N, V, be.loss_chunk_bytes(), act_bytes, true));
     const int64_t ns =
-        muon_scratch == 0
+        !opt.runs_newton_schulz()
             ? 0
-            : (ns_f32 ? 4 : 2) * muon_scratch +
+            : (ns_f32 ? 4 : 2) * opt.muon_scratch_numel() * 4 +
                   opt.max_ns_batch() * int64_t(cuda::kNsScratchPerSliceBytes) +
                   int64_t(cuda::kNsScratchFixedBytes);
     // MoE router backward (kernels/moe.cu): x widened to f32, and dx's GEMM through an f32
     // temporary when dx is bf16.
+    const bool bf16 = be.act_dtype() == DType::BF16;
     const int64_t router =
-        c.moe.n_experts > 0 && be.act_dtype() == DType::BF16 ? 2 * N * c.d_model * 4 : 0;
-    scratch_expected = std::max({xent, ns, router});
+        c.moe.n_experts > 0 ? int64_t(cuda::moe_router_bwd_scratch_bytes(N, c.d_model, bf16, bf16)) : 0;
+    scratch_expected = std::max({xent, ns, router, sym_scratch});
     ws_expected = scratch_expected + int64_t(cuda::kCublasLtWorkspaceBytes);
   }
   const int64_t workspace_now = int64_t(mi.workspace);
   const int64_t total =
-      weights + grads + state + muon_scratch + acts + std::max(workspace_now, ws_expected);
+      weights + grads + state + muon_scratch + opt_work + acts +
+      std::max(workspace_now, ws_expected);
 
   nlohmann::json j;
   j["device"] = be.name();
@@ -211,6 +215,8 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
   j["grads"] = grads;
   j["optimizer_state"] = state;
   j["muon_scratch"] = muon_scratch;
+  j["optimizer_work"] = opt_work;
+  j["sym_scratch"] = sym_scratch;  // part of scratch_expected on CUDA (0 on the CPU)
   j["activations"] = acts;
   j["recompute"] = c.recompute;
   j["workspace_now"] = workspace_now;
@@ -226,10 +232,9 @@ nlohmann::json memory_plan(LlamaModel& model, const Optimizer& opt, Backend& be)
 std::string memory_plan_table(const nlohmann::json& p) {
   std::ostringstream o;
   auto row = [&](const char* name, double bytes, const std::string& note = "") {
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "  %-22s %12.1f MiB%s%s\n", name, mib(bytes),
-                  note.empty() ? "" : "  ", note.c_str());
-    o << buf;
+    char buf[64];  // the name and figure; the note, of any length, after them
+    std::snprintf(buf, sizeof buf, "  %-22s %12.1f MiB", name, mib(bytes));
+    o << buf << (note.empty() ? "" : "  ") << note << "\n";
   };
   const bool cuda = p.at("device") == "cuda";
   o << "memory plan (" << p.at("device").get<std::string>() << ", micro-batch "
@@ -238,12 +243,16 @@ std::string memory_plan_table(const nlohmann::json& p) {
   row("gradients", p.at("grads").get<double>(), "f32");
   row("optimizer state", p.at("optimizer_state").get<double>(), "every state tensor (f32)");
   row("muon scratch", p.at("muon_scratch").get<double>(), "batched Newton-Schulz chunk, f32");
+  if (p.value("optimizer_work", int64_t(0)) > 0)
+    row("optimizer work", p.at("optimizer_work").get<double>(),
+        "preconditioner block buffers / Freon temporaries, f32");
   row("activations", p.at("activations").get<double>(),
       "as allocated (model.recompute = " + p.value("recompute", std::string("none")) + ")");
   if (cuda) {
     row("workspace now", p.at("workspace_now").get<double>(), "scratch + cuBLASLt 32 MiB");
     row("workspace (expected)", p.at("workspace_expected").get<double>(),
-        "max(xent chunk (train.loss_chunk_mb), NS buffers, MoE router), reserved before the first step, + 32 MiB; estimate");
+        "max(xent chunk (train.loss_chunk_mb), NS buffers, MoE router, eigendecomposition), "
+        "reserved before the first step, + 32 MiB; estimate");
   }
   row("total", p.at("total").get<double>());
   if (cuda && p.at("tensors_measured").get<int64_t>() > 0)
@@ -288,7 +297,8 @@ void check_memory_plan(const nlohmann::json& p, int procs_here) {
     MF_FAIL("the run does not fit in host memory: it needs ", size(one), each, " (weights ",
             size(p.at("weights").get<double>()), ", gradients ", size(p.at("grads").get<double>()),
             ", optimizer state ",
-            size(p.at("optimizer_state").get<double>() + p.at("muon_scratch").get<double>()),
+            size(p.at("optimizer_state").get<double>() + p.at("muon_scratch").get<double>() +
+                 p.value("optimizer_work", 0.0)),
             ", activations ", size(p.at("activations").get<double>()), " for micro-batch ",
             p.at("B").get<int64_t>(), " x seq_len ", p.at("T").get<int64_t>(),
             " with model.recompute \"", p.value("recompute", std::string("none")),

@@ -105,13 +105,22 @@ CudaBackend::~CudaBackend() {
 
 // ---- memory ------------------------------------------------------------------------------------
 
+namespace {
+// Every tensor allocation holds at least this much (and a 0-element tensor gets a real pointer).
+constexpr size_t kMinTensorBytes = 256;
+}  // namespace
+
+size_t CudaBackend::held_bytes(const Tensor& t) const {
+  return t.defined() ? std::max(t.nbytes(), kMinTensorBytes) : 0;
+}
+
 Tensor CudaBackend::empty(const Shape& s, DType t) {
   for (auto d : s) MF_CHECK(d >= 0, "empty: negative dimension in shape ", shape_str(s));
   Tensor x;
   x.shape = s;
   x.dtype = t;
   x.device = Device::CUDA;
-  const size_t bytes = std::max<size_t>(x.nbytes(), 256);
+  const size_t bytes = std::max(x.nbytes(), kMinTensorBytes);
   void* p = cuda::detail::device_alloc_or_null(bytes, "cudaMalloc");
   MF_CHECK(p, "out of GPU memory allocating ", dtype_name(t), " ", shape_str(s), " (", bytes,
            " bytes; ", cuda::detail::free_memory(), ", ", allocated_->load() >> 20,

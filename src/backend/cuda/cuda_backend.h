@@ -51,6 +51,8 @@ class CudaBackend final : public Backend {
   // cudaMemGetInfo of this device; tensors = bytes_allocated(); workspace = scratch + cuBLASLt's.
   MemoryInfo memory_info() const override;
   void reserve_scratch(size_t bytes) override;
+  size_t sym_scratch_bytes(int64_t n, bool func) override;
+  size_t held_bytes(const Tensor& t) const override;
   // "flash" (the default until called), "cudnn" or "auto": see cuda::AttentionDispatch.
   void set_attention_impl(const std::string& mode) override;
   // Sets ctx_.xent_chunk_bytes (kernels/xent.cuh).

@@ -93,31 +93,33 @@ struct EigBuffers {
   int lwork = 0;
 };
 
-EigBuffers eig_buffers(const Ctx& ctx, MatOptLibs& libs, int64_t n, bool func) {
-  EigBuffers b;
+// syevd keeps its workspace size in an int (about 1 + 6n + 2n^2 doubles).
+void check_syevd_size(const char* op, int64_t n) {
+  MF_CHECK(n <= 32000, op, ": n = ", n,
+           " is beyond cuSOLVER's 32-bit syevd (its 2n^2 workspace < 2^31)");
+}
+
+// syevd's workspace for n (queried once per n). The query gets real device buffers of the
+// call's size: the scratch grows to (n^2 + n) doubles, less than the decomposition then takes.
+int syevd_lwork(const Ctx& ctx, MatOptLibs& libs, int64_t n) {
   const size_t nn = size_t(n) * size_t(n);
-  {
-    Arena pre;
-    pre.take<double>(nn);
-    pre.take<double>(size_t(n));
-    Arena pa(ctx.scratch->get(pre.used()));
-    const double* A0 = pa.take<double>(nn);
-    b.lwork = libs.syevd_lwork(n, A0, pa.take<double>(size_t(n)));
-  }
-  Arena sz;
-  sz.take<double>(nn);
-  sz.take<double>(size_t(n));
-  sz.take<double>(size_t(std::max(b.lwork, 1)));
-  sz.take<double>(size_t(n));
-  if (func) {
-    sz.take<double>(nn);
-    sz.take<double>(nn);
-  }
-  sz.take<int>(2);
-  Arena ar(ctx.scratch->get(sz.used()));
+  Arena pre;
+  pre.take<double>(nn);
+  pre.take<double>(size_t(n));
+  Arena pa(ctx.scratch->get(pre.used()));
+  const double* A0 = pa.take<double>(nn);
+  return libs.syevd_lwork(n, A0, pa.take<double>(size_t(n)));
+}
+
+// The buffers of one decomposition in the order eig_buffers carves them; on a sizing arena
+// (base null) only `used()` counts.
+EigBuffers carve_eig(Arena& ar, int64_t n, int lwork, bool func) {
+  const size_t nn = size_t(n) * size_t(n);
+  EigBuffers b;
+  b.lwork = lwork;
   b.A = ar.take<double>(nn);
   b.W = ar.take<double>(size_t(n));
-  b.work = ar.take<double>(size_t(std::max(b.lwork, 1)));
+  b.work = ar.take<double>(size_t(std::max(lwork, 1)));
   b.aux = ar.take<double>(size_t(n));
   if (func) {
     b.EF = ar.take<double>(nn);
@@ -125,6 +127,18 @@ EigBuffers eig_buffers(const Ctx& ctx, MatOptLibs& libs, int64_t n, bool func) {
   }
   b.flags = ar.take<int>(2);
   return b;
+}
+
+size_t eig_scratch_bytes(int64_t n, int lwork, bool func) {
+  Arena sz;
+  carve_eig(sz, n, lwork, func);
+  return sz.used();
+}
+
+EigBuffers eig_buffers(const Ctx& ctx, MatOptLibs& libs, int64_t n, bool func) {
+  const int lwork = syevd_lwork(ctx, libs, n);
+  Arena ar(ctx.scratch->get(eig_scratch_bytes(n, lwork, func)));
+  return carve_eig(ar, n, lwork, func);
 }
 
 // Symmetrise S into b.A (double), refuse non-finite input, run syevd (eigenvectors in b.A,
@@ -162,7 +176,6 @@ cuda::MatOptLibs& CudaBackend::mo_libs() {
 
 void CudaBackend::gemm(const Tensor& A, bool ta, const Tensor& B, bool tb, Tensor& C, float alpha,
                        float beta) {
-  const char* op = "gemm";
   const auto [m, n, k] = contract::gemm(contract::kCuda, A, ta, B, tb, C);
   if (m == 0 || n == 0) return;
   // beta = 0: C is not read. cuBLAS promises this too; clearing it first also covers the
@@ -197,7 +210,7 @@ void CudaBackend::sym_eig(const Tensor& S, Tensor& Q) {
   contract::sym_square(contract::kCuda, op, S, "Q", Q);
   const int64_t n = S.dim(0);
   if (n == 0) return;
-  MF_CHECK(n <= 32000, op, ": n = ", n, " is beyond cuSOLVER's 32-bit syevd (its 2n^2 workspace < 2^31)");
+  cuda::check_syevd_size(op, n);
   cuda::MatOptLibs& libs = mo_libs();
   cuda::EigBuffers b = cuda::eig_buffers(ctx_, libs, n, false);
   cuda::decompose(op, ctx_, libs, S, n, b);
@@ -205,12 +218,19 @@ void CudaBackend::sym_eig(const Tensor& S, Tensor& Q) {
   cuda::launch_eig_to_q(b.A, Q.data<float>(), b.aux, n, stream_);
 }
 
+size_t CudaBackend::sym_scratch_bytes(int64_t n, bool func) {
+  MF_CHECK(n >= 0, "sym_scratch_bytes: n must be >= 0, got ", n);
+  if (n == 0) return 0;
+  cuda::check_syevd_size(func ? "sym_func" : "sym_eig", n);
+  return cuda::eig_scratch_bytes(n, cuda::syevd_lwork(ctx_, mo_libs(), n), func);
+}
+
 void CudaBackend::sym_func(const Tensor& S, const SymFuncArgs& a, Tensor& out) {
   const char* op = "sym_func";
   contract::sym_square(contract::kCuda, op, S, "out", out);
   const int64_t n = S.dim(0);
   if (n == 0) return;
-  MF_CHECK(n <= 32000, op, ": n = ", n, " is beyond cuSOLVER's 32-bit syevd (its 2n^2 workspace < 2^31)");
+  cuda::check_syevd_size(op, n);
   cuda::MatOptLibs& libs = mo_libs();
   cuda::EigBuffers b = cuda::eig_buffers(ctx_, libs, n, true);
   cuda::decompose(op, ctx_, libs, S, n, b);  // out may alias S: S is consumed here

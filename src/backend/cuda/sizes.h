@@ -13,6 +13,10 @@ namespace mf::cuda {
 // rereads and rewrites the f32 lm-head gradient and rereads W, so a larger chunk means fewer
 // passes over them and more memory held: at V = 50304, d = 768 and 16K rows, 1 GiB is 5 chunks
 // (about 2.3 GB of that traffic), 256 MiB was 20 (about 9 GB).
+// One piece of an op's scratch request: kernels/common.cuh's Arena cuts 256-byte aligned pieces
+// (the kernels static_assert that it still does).
+inline size_t scratch_piece(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
 constexpr size_t kXentChunkBytesDefault = size_t(1) << 30;
 constexpr int64_t kXentRowAlign = 64;  // chunk rows rounded down to this (GEMM tiles)
 // Row pitch of the logits / dlogits scratch, in elements: V rounded up to a multiple of 8, so
@@ -34,9 +38,14 @@ inline int64_t xent_chunk_rows(int64_t N, int64_t V, size_t chunk_bytes, size_t 
 // The scratch one call takes (256-byte aligned pieces, as kernels/common.cuh's Arena cuts them).
 inline size_t xent_scratch_bytes(int64_t N, int64_t V, size_t chunk_bytes, size_t act_bytes,
                                  bool grads) {
-  auto piece = [](size_t b) { return (b + 255) / 256 * 256; };
   const size_t cells = size_t(xent_chunk_rows(N, V, chunk_bytes, act_bytes, grads)) * size_t(xent_ld(V));
-  return piece(cells * sizeof(float)) + (grads ? piece(cells * act_bytes) : 0);
+  return scratch_piece(cells * sizeof(float)) + (grads ? scratch_piece(cells * act_bytes) : 0);
+}
+// The MoE router's backward (kernels/moe.cu), its largest scratch user: x widened to f32 when
+// it is bf16, and dx's GEMM through an f32 temporary when dx is bf16, N x d floats each.
+inline size_t moe_router_bwd_scratch_bytes(int64_t N, int64_t d, bool widen_x, bool dx_via_tmp) {
+  const size_t one = scratch_piece(size_t(N) * size_t(d) * sizeof(float));
+  return (widen_x ? one : 0) + (dx_via_tmp ? one : 0);
 }
 // Newton-Schulz (kernels/muon.cu): besides its X ping-pong and A, B buffers (at most 2x the f32
 // stack's bytes in bf16, 4x in f32), at most this many bytes per slice (the f64 norm partials
