@@ -313,36 +313,13 @@ __global__ void __launch_bounds__(kGThreads, 4) expert_wgrad_kernel(WgradParams 
 
 bool vec_ok(const void* p, int64_t ld) { return aligned16(p) && ld % 8 == 0; }
 
-// Checks the expert list: E >= 1 matrices of one shape [rows, cols] and dtype `t`, on the device.
-void check_experts(const char* op, const char* what, const std::vector<const Tensor*>& W,
-                   int64_t rows, int64_t cols, DType t) {
-  MF_CHECK(!W.empty(), op, ": no expert ", what, " given");
-  for (size_t e = 0; e < W.size(); ++e) {
-    const Tensor& w = *W[e];
-    check_dev(op, what, w);
-    check_dtype(op, what, w, t);
-    MF_CHECK(w.ndim() == 2 && w.shape[0] == rows && w.shape[1] == cols, op, ": expert ", e, " ",
-             describe(what, w), ", expected [", rows, ",", cols, "]");
-  }
-}
-
-// The checks both entries share: bf16 experts of one shape, two bf16 row operands on the
-// device, and an i32 plan of E + 1 offsets.
-void check_operands(const char* op, const std::vector<const Tensor*>& W, const char* an,
-                    const Tensor& a, const char* bn, const Tensor& b, const Tensor& offsets) {
-  MF_CHECK(!W.empty(), op, ": no expert weights given");
-  // The weight-gradient grid has one y per expert; an empty matrix would leave y unwritten.
+// What the grouped kernels take beyond the contract (contract::moe_expert_fwd / _bwd): bf16
+// operands (CudaBackend sends f32 ones to the per-expert fallback) and one weight-gradient grid
+// row per expert.
+void check_grouped(const char* op, const std::vector<const Tensor*>& W) {
+  MF_CHECK(W[0]->dtype == DType::BF16, op, ": the grouped kernels take bf16 operands, got ",
+           describe("W[0]", *W[0]));
   MF_CHECK(W.size() <= 65535, op, ": ", W.size(), " experts is more than one launch takes (65535)");
-  MF_CHECK(W[0]->numel() > 0, op, ": the expert matrices are empty (", W[0]->dim(0), " x ",
-           W[0]->dim(-1), ")");
-  check_experts(op, "W", W, W[0]->dim(0), W[0]->dim(-1), DType::BF16);
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{an, &a}, {bn, &b}}) {
-    check_dev(op, name, *t);
-    check_dtype(op, name, *t, DType::BF16);
-  }
-  check_dev(op, "offsets", offsets);
-  check_dtype(op, "offsets", offsets, DType::I32);
-  check_numel(op, "offsets", offsets, int64_t(W.size()) + 1, "experts + 1");
 }
 
 bool all_vec(const std::vector<const Tensor*>& W, int64_t ld) {
@@ -390,10 +367,8 @@ void launch_rows(const Ctx& ctx, const Tensor& a, const std::vector<const Tensor
 
 void op_moe_expert_fwd(const Ctx& ctx, const Tensor& x, const std::vector<const Tensor*>& W,
                        const void* const* w_table, const Tensor& offsets, Tensor& y) {
-  const char* op = "moe_expert_fwd";
-  check_operands(op, W, "x", x, "y", y, offsets);
-  const int64_t out = W[0]->dim(0), in = W[0]->dim(-1);
-  const int64_t R = std::min(rows_of(op, "x", x, in), rows_of(op, "y", y, out));
+  const auto [E, R, out, in] = contract::moe_expert_fwd(contract::kCuda, x, W, offsets, y);
+  check_grouped("moe_expert_fwd", W);
   if (R == 0) return;
   launch_rows(ctx, x, W, w_table, /*w_k_contig=*/true, offsets, y, false, R, out, in);
 }
@@ -403,22 +378,13 @@ void op_moe_expert_bwd(const Ctx& ctx, const Tensor& dy, const Tensor& x,
                        const Tensor& offsets, Tensor* dx, const std::vector<Tensor*>* dW,
                        void* const* dw_table, bool accumulate_dx) {
   const char* op = "moe_expert_bwd";
-  check_operands(op, W, "dy", dy, "x", x, offsets);
-  const int64_t out = W[0]->dim(0), in = W[0]->dim(-1);
-  const int E = int(W.size());
-  int64_t R = std::min(rows_of(op, "dy", dy, out), rows_of(op, "x", x, in));
-  if (dx) {
-    check_dev(op, "dx", *dx);
-    check_dtype(op, "dx", *dx, DType::BF16);
-    R = std::min(R, rows_of(op, "dx", *dx, in));
-  }
+  const auto [E, R, out, in] =
+      contract::moe_expert_bwd(contract::kCuda, dy, x, W, offsets, dx, dW);
+  check_grouped(op, W);
   if (R == 0) return;
   if (dx) launch_rows(ctx, dy, W, w_table, /*w_k_contig=*/false, offsets, *dx, accumulate_dx, R,
                       in, out);
   if (dW) {
-    MF_CHECK(int(dW->size()) == E, op, ": ", dW->size(), " weight gradients for ", E, " experts");
-    std::vector<const Tensor*> g(dW->begin(), dW->end());
-    check_experts(op, "dW", g, out, in, DType::F32);
     WgradParams p{};
     p.dy = dy.data<bf16>();
     p.x = x.data<bf16>();

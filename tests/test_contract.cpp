@@ -92,6 +92,72 @@ TEST_CASE("contract: sizes returned to the backends", "[contract]") {
   CHECK((gm.m == 3 && gm.n == 5 && gm.k == 4));
 }
 
+TEST_CASE("contract: the grouped expert GEMMs", "[contract]") {
+  // Three experts [5,4]; 7 rows of x, 6 of y: the op covers the fewer.
+  const Tensor w0 = fake({5, 4}, DType::BF16), w1 = fake({5, 4}, DType::BF16),
+               w2 = fake({5, 4}, DType::BF16), off = fake({4}, DType::I32);
+  const std::vector<const Tensor*> W = {&w0, &w1, &w2};
+  const c::ExpertDims d =
+      c::moe_expert_fwd(c::kCuda, fake({7, 4}, DType::BF16), W, off, fake({6, 5}, DType::BF16));
+  CHECK(d.E == 3);
+  CHECK(d.R == 6);
+  CHECK(d.out == 5);
+  CHECK(d.in == 4);
+  // Any leading dims are rows.
+  CHECK(c::moe_expert_fwd(c::kCuda, fake({2, 3, 4}, DType::BF16), W, off,
+                          fake({2, 4, 5}, DType::BF16)).R == 6);
+  // One shape and one dtype for all experts; the operands share it.
+  const Tensor w_tall = fake({6, 4}, DType::BF16), w_f32 = fake({5, 4});
+  CHECK_THROWS_WITH(c::moe_expert_fwd(c::kCuda, fake({7, 4}, DType::BF16), {&w0, &w_tall}, fake({3}, DType::I32),
+                                      fake({7, 5}, DType::BF16)),
+                    Contains("moe_expert_fwd") && Contains("W[1] [6,4] bf16 must have the shape of W[0]"));
+  CHECK_THROWS_WITH(c::moe_expert_fwd(c::kCuda, fake({7, 4}, DType::BF16), {&w0, &w_f32}, fake({3}, DType::I32),
+                                      fake({7, 5}, DType::BF16)),
+                    Contains("W[1] [5,4] f32 must have the dtype of W[0]"));
+  CHECK_THROWS_WITH(c::moe_expert_fwd(c::kCuda, fake({7, 4}), W, off, fake({7, 5}, DType::BF16)),
+                    Contains("x [7,4] f32 must have the dtype of W[0]"));
+  // The CPU reference is f32 only.
+  const Tensor c0 = cpu({5, 4}, DType::BF16);
+  CHECK_THROWS_WITH(c::moe_expert_fwd(c::kCpu, cpu({7, 4}, DType::BF16), {&c0}, cpu({2}, DType::I32),
+                                      cpu({7, 5}, DType::BF16)),
+                    Contains("W[0] [5,4] bf16 has the wrong dtype, expected f32"));
+  // Widths, the plan's length, no experts, an empty expert.
+  CHECK_THROWS_WITH(c::moe_expert_fwd(c::kCuda, fake({7, 5}, DType::BF16), W, off, fake({7, 5}, DType::BF16)),
+                    Contains("x [7,5] bf16 must have last dim 4"));
+  CHECK_THROWS_WITH(c::moe_expert_fwd(c::kCuda, fake({7, 4}, DType::BF16), W, fake({3}, DType::I32),
+                                      fake({7, 5}, DType::BF16)),
+                    Contains("offsets [3] i32 must have 4 elements (experts + 1)"));
+  CHECK_THROWS_WITH(c::moe_expert_fwd(c::kCuda, fake({7, 4}, DType::BF16), {}, off, fake({7, 5}, DType::BF16)),
+                    Contains("moe_expert_fwd: no expert weights given"));
+  const Tensor w_empty = fake({0, 4}, DType::BF16);
+  CHECK_THROWS_WITH(c::moe_expert_fwd(c::kCuda, fake({7, 4}, DType::BF16), {&w_empty}, fake({2}, DType::I32),
+                                      fake({7, 0}, DType::BF16)),
+                    Contains("must be a non-empty [out,in] matrix"));
+  // Backward: dx like x's width, R the fewest rows; dW one f32 gradient per expert of W's shape.
+  Tensor g0 = fake({5, 4}), g1 = fake({5, 4}), g2 = fake({5, 4}), g_bf = fake({5, 4}, DType::BF16);
+  const std::vector<Tensor*> dW = {&g0, &g1, &g2};
+  const Tensor dx = fake({5, 4}, DType::BF16);
+  CHECK(c::moe_expert_bwd(c::kCuda, fake({7, 5}, DType::BF16), fake({7, 4}, DType::BF16), W, off,
+                          &dx, &dW).R == 5);
+  const std::vector<Tensor*> dW2 = {&g0, &g1};
+  CHECK_THROWS_WITH(c::moe_expert_bwd(c::kCuda, fake({7, 5}, DType::BF16), fake({7, 4}, DType::BF16), W,
+                                      off, nullptr, &dW2),
+                    Contains("moe_expert_bwd: 2 weight gradients for 3 experts"));
+  const std::vector<Tensor*> dW_bf = {&g0, &g_bf, &g2};
+  CHECK_THROWS_WITH(c::moe_expert_bwd(c::kCuda, fake({7, 5}, DType::BF16), fake({7, 4}, DType::BF16), W,
+                                      off, nullptr, &dW_bf),
+                    Contains("dW[1] [5,4] bf16 has the wrong dtype, expected f32"));
+  Tensor g_t = fake({4, 5});
+  const std::vector<Tensor*> dW_t = {&g0, &g1, &g_t};
+  CHECK_THROWS_WITH(c::moe_expert_bwd(c::kCuda, fake({7, 5}, DType::BF16), fake({7, 4}, DType::BF16), W,
+                                      off, nullptr, &dW_t),
+                    Contains("dW[2] [4,5] f32 must have the shape of W[0] [5,4] bf16"));
+  const Tensor dx_wide = fake({7, 5}, DType::BF16);
+  CHECK_THROWS_WITH(c::moe_expert_bwd(c::kCuda, fake({7, 5}, DType::BF16), fake({7, 4}, DType::BF16), W,
+                                      off, &dx_wide, nullptr),
+                    Contains("dx [7,5] bf16 must have last dim 4"));
+}
+
 TEST_CASE("contract: shape errors name the op, the tensor and the shapes", "[contract]") {
   // rstd: one per row.
   CHECK_THROWS_WITH(c::add_rmsnorm_fwd(c::kCpu, cpu({4, 16}), nullptr, cpu({4, 16}), cpu({16}),

@@ -912,6 +912,19 @@ TEST_CASE("cuda and cpu backends reject bad arguments with the same message", "[
                 dyg = b.empty({6, 8}, DType::F32), dw = b.empty({2, 3}, DType::F32);
          b.moe_combine_bwd(dout, yg, w, r, dyg, dw);
        }},
+      {"moe_expert_fwd", [](Backend& b) {  // f32: CUDA's per-expert fallback, same contract
+         Tensor x = b.empty({6, 8}, DType::F32), w0 = b.empty({4, 8}, DType::F32),
+                w1 = b.empty({4, 7}, DType::F32), off = b.empty({3}, DType::I32),
+                y = b.empty({6, 4}, DType::F32);
+         b.moe_expert_fwd(x, {&w0, &w1}, off, y);
+       }},
+      {"moe_expert_bwd", [](Backend& b) {
+         Tensor dy = b.empty({6, 4}, DType::F32), x = b.empty({6, 8}, DType::F32),
+                w0 = b.empty({4, 8}, DType::F32), off = b.empty({3}, DType::I32),
+                g0 = b.empty({4, 8}, DType::F32);
+         std::vector<Tensor*> dW = {&g0};
+         b.moe_expert_bwd(dy, x, {&w0, &w0}, off, nullptr, &dW, false);
+       }},
       {"adamw_update", [](Backend& b) {
          Tensor p = b.empty({3, 4}, DType::F32), g = b.empty({3, 4}, DType::F32),
                 m = b.empty({3, 4}, DType::F32), v = b.empty({4, 3}, DType::F32);

@@ -485,7 +485,7 @@ TEST_CASE("moe grouped expert GEMMs on CpuBackend match a double loop over the r
   CHECK_THROWS_WITH(be.moe_expert_fwd(x, W2, off, y), Contains("offsets[E] = 5") && Contains("4"));
   Tensor off_short = host_tensor({2}, DType::I32);
   CHECK_THROWS_WITH(be.moe_expert_fwd(x, W2, off_short, y),
-                    Contains("offsets must be i32 [3]"));
+                    Contains("offsets [2] i32 must have 3 elements (experts + 1)"));
   CHECK_THROWS_WITH(be.moe_expert_fwd(x, {}, off, y), Contains("no expert weights"));
 }
 

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_contract.h"
 #include "core/error.h"
 #include "core/fault.h"
 #include "core/log.h"
@@ -182,12 +183,16 @@ void Backend::moe_combine_bwd(const Tensor&, const Tensor&, const Tensor&, const
 #undef MF_MOE_UNIMPLEMENTED
 
 namespace {
-// The expert row blocks of a moe_permute plan, on the host, checked against the operands.
+// The contract of a backend that runs these defaults: the CPU reference, or CUDA's fallback
+// for operands its grouped kernel does not take (f32).
+contract::Where where_of(const Backend& be) {
+  return be.device() == Device::CUDA ? contract::kCuda : contract::kCpu;
+}
+
+// The expert row blocks of a moe_permute plan (shape checked by the contract), on the host,
+// checked against the rows the operands cover.
 std::vector<int32_t> expert_offsets(Backend& be, const char* op, const Tensor& offsets,
                                     size_t E, int64_t rows) {
-  MF_CHECK(E > 0, op, ": no expert weights given");
-  MF_CHECK(offsets.dtype == DType::I32 && offsets.numel() == int64_t(E) + 1, op,
-           ": offsets must be i32 [", E + 1, "] (one more than the ", E, " expert weights)");
   Tensor h = host_tensor({int64_t(E) + 1}, DType::I32);
   be.download(offsets, h);
   std::vector<int32_t> off(h.i32(), h.i32() + E + 1);
@@ -198,32 +203,35 @@ std::vector<int32_t> expert_offsets(Backend& be, const char* op, const Tensor& o
   MF_CHECK(off[E] <= rows, op, ": offsets[E] = ", off[E], " rows but the operands have ", rows);
   return off;
 }
+
+// A [..., width] operand as the [rows, width] matrix the per-expert matmuls slice.
+Tensor rows_view(const Tensor& t, int64_t width) { return t.view({t.numel() / width, width}); }
 }  // namespace
 
 void Backend::moe_expert_fwd(const Tensor& x, const std::vector<const Tensor*>& W,
                              const Tensor& offsets, Tensor& y) {
-  const auto off = expert_offsets(*this, "moe_expert_fwd", offsets, W.size(),
-                                  std::min(x.shape[0], y.shape[0]));
+  const auto d = contract::moe_expert_fwd(where_of(*this), x, W, offsets, y);
+  const auto off = expert_offsets(*this, "moe_expert_fwd", offsets, W.size(), d.R);
+  const Tensor xm = rows_view(x, d.in), ym = rows_view(y, d.out);
   for (size_t e = 0; e < W.size(); ++e) {
     if (off[e + 1] == off[e]) continue;
-    Tensor ye = y.slice0(off[e], off[e + 1]);
-    matmul_fwd(x.slice0(off[e], off[e + 1]), *W[e], ye);
+    Tensor ye = ym.slice0(off[e], off[e + 1]);
+    matmul_fwd(xm.slice0(off[e], off[e + 1]), *W[e], ye);
   }
 }
 
 void Backend::moe_expert_bwd(const Tensor& dy, const Tensor& x,
                              const std::vector<const Tensor*>& W, const Tensor& offsets,
                              Tensor* dx, const std::vector<Tensor*>* dW, bool accumulate_dx) {
-  const int64_t rows = std::min(dy.shape[0], x.shape[0]);
-  const auto off = expert_offsets(*this, "moe_expert_bwd", offsets, W.size(),
-                                  dx ? std::min(rows, dx->shape[0]) : rows);
-  MF_CHECK(!dW || dW->size() == W.size(), "moe_expert_bwd: ", dW ? dW->size() : 0,
-           " weight gradients for ", W.size(), " experts");
+  const auto d = contract::moe_expert_bwd(where_of(*this), dy, x, W, offsets, dx, dW);
+  const auto off = expert_offsets(*this, "moe_expert_bwd", offsets, W.size(), d.R);
+  const Tensor dym = rows_view(dy, d.out), xm = rows_view(x, d.in);
+  const Tensor dxm = dx ? rows_view(*dx, d.in) : Tensor();
   for (size_t e = 0; e < W.size(); ++e) {
     if (off[e + 1] == off[e]) continue;
     Tensor dxe;
-    if (dx) dxe = dx->slice0(off[e], off[e + 1]);
-    matmul_bwd(dy.slice0(off[e], off[e + 1]), x.slice0(off[e], off[e + 1]), *W[e],
+    if (dx) dxe = dxm.slice0(off[e], off[e + 1]);
+    matmul_bwd(dym.slice0(off[e], off[e + 1]), xm.slice0(off[e], off[e + 1]), *W[e],
                dx ? &dxe : nullptr, dW ? (*dW)[e] : nullptr, accumulate_dx);
   }
 }

@@ -1,5 +1,6 @@
 #include "backend/op_contract.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace mf::contract {
@@ -483,6 +484,63 @@ void f32_like(const Check& c, const char* name, const Tensor& t, const char* ref
            desc(ref_name, ref));
 }
 }  // namespace
+
+namespace {
+// The expert weights and the plan both grouped GEMMs take.
+ExpertDims expert_inputs(const Check& c, const std::vector<const Tensor*>& W,
+                         const Tensor& offsets) {
+  MF_CHECK(!W.empty(), c.op(), ": no expert weights given");
+  const Tensor& w0 = *W[0];
+  c.floating("W[0]", w0);
+  MF_CHECK(w0.ndim() == 2 && w0.numel() > 0, c.op(), ": ", desc("W[0]", w0),
+           " must be a non-empty [out,in] matrix");
+  for (size_t e = 1; e < W.size(); ++e) {
+    const std::string name = "W[" + std::to_string(e) + "]";
+    c.same_dtype(name.c_str(), *W[e], "W[0]", w0);
+    MF_CHECK(W[e]->shape == w0.shape, c.op(), ": ", desc(name.c_str(), *W[e]),
+             " must have the shape of ", desc("W[0]", w0), " (one shape for all experts)");
+  }
+  const int64_t E = int64_t(W.size());
+  c.dtype("offsets", offsets, DType::I32);
+  c.numel("offsets", offsets, E + 1, "experts + 1");
+  return {E, 0, w0.dim(0), w0.dim(1)};
+}
+}  // namespace
+
+ExpertDims moe_expert_fwd(const Where& w, const Tensor& x, const std::vector<const Tensor*>& W,
+                          const Tensor& offsets, const Tensor& y) {
+  const Check c(w, "moe_expert_fwd");
+  ExpertDims d = expert_inputs(c, W, offsets);
+  c.same_dtype("x", x, "W[0]", *W[0]);
+  c.same_dtype("y", y, "W[0]", *W[0]);
+  d.R = std::min(c.rows("x", x, d.in), c.rows("y", y, d.out));
+  return d;
+}
+
+ExpertDims moe_expert_bwd(const Where& w, const Tensor& dy, const Tensor& x,
+                          const std::vector<const Tensor*>& W, const Tensor& offsets,
+                          const Tensor* dx, const std::vector<Tensor*>* dW) {
+  const Check c(w, "moe_expert_bwd");
+  ExpertDims d = expert_inputs(c, W, offsets);
+  c.same_dtype("dy", dy, "W[0]", *W[0]);
+  c.same_dtype("x", x, "W[0]", *W[0]);
+  d.R = std::min(c.rows("dy", dy, d.out), c.rows("x", x, d.in));
+  if (dx) {
+    c.same_dtype("dx", *dx, "W[0]", *W[0]);
+    d.R = std::min(d.R, c.rows("dx", *dx, d.in));
+  }
+  if (dW) {
+    MF_CHECK(int64_t(dW->size()) == d.E, c.op(), ": ", dW->size(), " weight gradients for ",
+             d.E, " experts");
+    for (size_t e = 0; e < dW->size(); ++e) {
+      const std::string name = "dW[" + std::to_string(e) + "]";
+      c.dtype(name.c_str(), *(*dW)[e], DType::F32);
+      MF_CHECK((*dW)[e]->shape == W[0]->shape, c.op(), ": ", desc(name.c_str(), *(*dW)[e]),
+               " must have the shape of ", desc("W[0]", *W[0]));
+    }
+  }
+  return d;
+}
 
 void adamw_update(const Where& w, const Tensor& p, const Tensor& g, const Tensor& m,
                   const Tensor& v, const AdamWArgs& a) {

@@ -172,6 +172,20 @@ void moe_combine_fwd(const Where& w, const Tensor& yg, const Tensor& topk_w, con
 void moe_combine_bwd(const Where& w, const Tensor& dout, const Tensor& yg, const Tensor& topk_w,
                      const Tensor& row_of, const Tensor& dyg, const Tensor& dtopk_w);
 
+struct ExpertDims {
+  int64_t E, R, out, in;  // experts, rows the operands cover, each expert's W [out, in]
+};
+// The grouped expert GEMMs. W: E >= 1 experts, non-empty [out,in] matrices of one shape and one
+// float dtype; offsets i32 [E+1] (its values, a moe_permute plan, are checked where they are
+// read). fwd: x [R_x,in] and y [R_y,out] of W's dtype, R = min(R_x, R_y).
+ExpertDims moe_expert_fwd(const Where& w, const Tensor& x, const std::vector<const Tensor*>& W,
+                          const Tensor& offsets, const Tensor& y);
+// bwd: dy [*,out], x [*,in] and dx (when given) [*,in] of W's dtype, R = their fewest rows; dW
+// (when given) E f32 tensors of W's shape.
+ExpertDims moe_expert_bwd(const Where& w, const Tensor& dy, const Tensor& x,
+                          const std::vector<const Tensor*>& W, const Tensor& offsets,
+                          const Tensor* dx, const std::vector<Tensor*>* dW);
+
 // ---- optimizer ops (f32 master weights, gradients and state on both backends) ------------------
 
 // param, grad, exp_avg, exp_avg_sq f32 of one shape; bias corrections > 0 (step >= 1).
