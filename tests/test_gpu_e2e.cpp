@@ -116,28 +116,22 @@ struct RunOut {
   size_t tensors_after = 0;  // CUDA: bytes held by tensors after the last step
 };
 
-size_t gemm_fallback_calls(Backend* be) {
+// The CUDA backend's counters (0 on the CPU): GEMMs that ran on the SIMT fallback, bytes held
+// by tensors, bytes of the ops' scratch.
+struct CudaCounters {
+  size_t gemm_fallbacks = 0, tensors = 0, scratch = 0;
+};
+CudaCounters cuda_counters(Backend* be) {
+  CudaCounters c;
 #ifdef MF_HAS_CUDA
-  if (auto* cb = dynamic_cast<CudaBackend*>(be)) return cb->cublas().fallback_calls();
+  if (auto* cb = dynamic_cast<CudaBackend*>(be)) {
+    c.gemm_fallbacks = cb->cublas().fallback_calls();
+    c.tensors = cb->bytes_allocated();
+    c.scratch = cb->scratch_bytes();
+  }
 #endif
   (void)be;
-  return 0;
-}
-
-size_t tensor_bytes(Backend* be) {
-#ifdef MF_HAS_CUDA
-  if (auto* cb = dynamic_cast<CudaBackend*>(be)) return cb->bytes_allocated();
-#endif
-  (void)be;
-  return 0;
-}
-
-size_t scratch_bytes(Backend* be) {
-#ifdef MF_HAS_CUDA
-  if (auto* cb = dynamic_cast<CudaBackend*>(be)) return cb->scratch_bytes();
-#endif
-  (void)be;
-  return 0;
+  return c;
 }
 
 // comm != nullptr: gradients go through comm->allreduce_avg after accumulation (a one-rank
@@ -163,13 +157,13 @@ RunOut train_run(const Config& cfg, const std::string& device, Communicator* com
   reserve_memory_plan(plan, *be);
   RunOut out;
   out.scratch_expected = plan.at("scratch_expected").get<size_t>();
-  out.scratch_reserved = scratch_bytes(be);
+  out.scratch_reserved = cuda_counters(be).scratch;
   out.plan = plan;
   const int steps = cfg.train.max_steps;
   const std::vector<int32_t> stream =
       synthetic_stream(size_t(steps * accum) * size_t(N) + 1, uint32_t(cfg.model.vocab_size), 99);
   const float loss_scale = float(1.0 / (double(N) * accum));
-  const size_t fallbacks_before = gemm_fallback_calls(be);
+  const size_t fallbacks_before = cuda_counters(be).gemm_fallbacks;
   size_t pos = 0;
   for (int s = 0; s < steps; ++s) {
     model.zero_grads();
@@ -185,10 +179,11 @@ RunOut train_run(const Config& cfg, const std::string& device, Communicator* com
     out.losses.push_back(loss);
     out.gnorms.push_back(g);
   }
-  out.gemm_fallbacks = gemm_fallback_calls(be) - fallbacks_before;
   be->synchronize();
-  out.scratch_after = scratch_bytes(be);
-  out.tensors_after = tensor_bytes(be);
+  const CudaCounters after = cuda_counters(be);
+  out.gemm_fallbacks = after.gemm_fallbacks - fallbacks_before;
+  out.scratch_after = after.scratch;
+  out.tensors_after = after.tensors;
   return out;
 }
 
