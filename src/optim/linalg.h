@@ -2,8 +2,11 @@
 // symmetric eigendecomposition and spectral functions of symmetric matrices. Host only; the
 // CPU backend's sym_eig / sym_func call these, and the tests use them as references.
 //
-// Method: Householder reduction to tridiagonal form followed by the implicit-shift QL algorithm
-// (the EISPACK tred2 / tql2 pair, O(n^3), accurate to a few ulps of ||S|| for every eigenpair).
+// Method: LAPACK's dsyevd (Householder tridiagonalisation in blocked BLAS-3 steps, then divide
+// and conquer; backward stable, eigenvalues to a few ulps of ||S||), the algorithm cuSOLVER's
+// Dsyevd runs for the CUDA backend. It replaced a hand-written EISPACK tred2 / tql2 pair that
+// was 13x slower at n = 384 and 80x at n = 1024 (unblocked, column-strided), which made the
+// decompositions the whole of a CPU Shampoo / SOAP / ASGO step.
 #pragma once
 #include <vector>
 
@@ -13,7 +16,7 @@ namespace mf {
 // symmetry is assumed). On return `w` holds the eigenvalues in DESCENDING order and `v`
 // (row-major n x n) the matching orthonormal eigenvectors as COLUMNS: S = V diag(w) V^T. Each
 // column's largest-magnitude entry is made positive (a deterministic sign convention).
-// Throws mf::Error if `a` holds a non-finite value or the iteration does not converge.
+// Throws mf::Error if `a` holds a non-finite value or LAPACK reports a failure.
 void sym_eig(const std::vector<double>& a, int n, std::vector<double>& w, std::vector<double>& v);
 
 // out = V diag(f_i) V^T given the eigenvectors (columns of v) and the values f (n x n, row-major).

@@ -30,8 +30,11 @@ bool stream_missing(bool set, const char* call, const char* setter) {
 }
 }  // namespace
 
+// LAPACK's Fortran convention: the trailing hidden lengths of the character arguments (as
+// src/optim/linalg.cpp declares it).
 extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w,
-                        double* work, const int* lwork, int* iwork, const int* liwork, int* info);
+                        double* work, const int* lwork, int* iwork, const int* liwork, int* info,
+                        size_t jobz_len, size_t uplo_len);
 
 cublasStatus_t cublasCreate(cublasHandle_t* h) { *h = new cublasContext; return CUBLAS_STATUS_SUCCESS; }
 cublasStatus_t cublasDestroy(cublasHandle_t h) { delete h; return CUBLAS_STATUS_SUCCESS; }
@@ -70,7 +73,7 @@ cusolverStatus_t cusolverDnDsyevd(cusolverDnHandle_t h, cusolverEigMode_t jobz, 
   const char jz = jobz == CUSOLVER_EIG_MODE_VECTOR ? 'V' : 'N', ul = uplo == CUBLAS_FILL_MODE_UPPER ? 'U' : 'L';
   int liwork = 3 + 5 * n;
   std::vector<int> iwork(static_cast<size_t>(liwork));
-  dsyevd_(&jz, &ul, &n, A, &lda, W, work, &lwork, iwork.data(), &liwork, info);
+  dsyevd_(&jz, &ul, &n, A, &lda, W, work, &lwork, iwork.data(), &liwork, info, 1, 1);
   if (const char* k = std::getenv("CUEMU_SYEVD_INFO"); k && *k) *info = std::atoi(k);
   return CUSOLVER_STATUS_SUCCESS;
 }
