@@ -60,7 +60,6 @@ struct MemTracker {
   }
 };
 
-
 }  // namespace
 
 double bench_peak_flops(const Backend& be) {
