@@ -171,6 +171,27 @@ TEST_CASE("memory plan: the matrix optimizers' work buffers are counted in the t
   }
 }
 
+TEST_CASE("memory plan: weights and gradients as the padded arenas hold them", "[bench]") {
+  // Widths that are not multiples of 64 floats: every parameter starts 256-byte aligned in the
+  // arenas, so each takes its element count rounded up to 64 (the norms' 72 take 128).
+  const Config cfg = tiny_config({"model.d_model=72", "model.n_heads=2", "model.n_kv_heads=1",
+                                  "model.d_ff=200", "model.vocab_size=250",
+                                  "mup.base_width=72"});
+  auto be = make_backend("cpu");
+  LlamaModel model(cfg.model, *be, cfg.train.micro_batch, cfg.train.seq_len,
+                   mup_model_scales(cfg));
+  Optimizer opt(cfg, model.params(), *be);
+  const nlohmann::json p = memory_plan(model, opt, *be);
+  int64_t exact = 0, padded = 0;
+  for (Param* q : model.params()) {
+    exact += q->numel();
+    padded += (q->numel() + 63) / 64 * 64;
+  }
+  REQUIRE(padded > exact);
+  CHECK(p.at("weights").get<int64_t>() == 4 * padded);  // CPU: the compute copy is the master
+  CHECK(p.at("grads").get<int64_t>() == 4 * padded);
+}
+
 TEST_CASE("memory_info: the CPU default reads /proc/meminfo", "[bench]") {
   auto be = make_backend("cpu");
   const MemoryInfo m = be->memory_info();
